@@ -1,0 +1,21 @@
+"""softprompt.engine: serve many soft prompts over one frozen decoder-only LM."""
+
+from .api import Engine
+from .errors import (
+    CheckpointError,
+    PromptError,
+    RequestError,
+    SamplingParamsError,
+    SoftPromptError,
+    UnknownPromptError,
+    UnsupportedModelError,
+)
+from .prompts import SoftPrompt
+from .request import Request, RequestOutput
+from .sampling import SamplingParams, TokenLogprob
+
+__all__ = [
+    "CheckpointError", "Engine", "PromptError", "Request", "RequestError", "RequestOutput", "SamplingParams",
+    "SamplingParamsError", "SoftPrompt", "SoftPromptError", "TokenLogprob", "UnknownPromptError",
+    "UnsupportedModelError",
+]

@@ -1,0 +1,3 @@
+from softprompt.engine.cli import main
+
+raise SystemExit(main())

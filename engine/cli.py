@@ -1,0 +1,116 @@
+"""The `softprompt` command (also `python -m softprompt`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from .errors import SoftPromptError
+
+PLANNED = {
+    "bench": "throughput benchmarks against HF and PEFT",
+    "serve": "the OpenAI-compatible HTTP server",
+    "train": "training soft prompts",
+    "eval": "batched evaluation of many prompts",
+}
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
+    p.add_argument("--backend", default="auto", help="auto, reference")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="softprompt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="serve several soft prompts in one batch on a tiny random model (CPU)")
+    demo.add_argument("--workdir", default=None, help="where to build the tiny checkpoint (default: a temp dir)")
+    demo.add_argument("--tasks", type=int, default=4)
+    demo.add_argument("--requests", type=int, default=16)
+    demo.add_argument("--max-new-tokens", type=int, default=16)
+    _add_engine_args(demo)
+
+    gen = sub.add_parser("generate", help="generate from a checkpoint with optional soft prompts")
+    gen.add_argument("model_dir")
+    gen.add_argument("--prompt", action="append", default=[], metavar="NAME=SOURCE",
+                     help="register a prompt: NAME=ADAPTER_DIR or NAME=FILE.safetensors (repeatable)")
+    gen.add_argument("--text-prompt", action="append", default=[], metavar="NAME=TEXT",
+                     help="register a text (hard) prompt (repeatable)")
+    gen.add_argument("--task", default=None, help="prompt name to use (default: none)")
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="input text (needs the checkpoint's tokenizer)")
+    src.add_argument("--ids", help="input token ids, comma-separated")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_engine_args(gen)
+
+    for name, what in PLANNED.items():
+        sub.add_parser(name, help=f"{what} (not available yet)")
+    return parser
+
+
+def _split_pair(value: str, flag: str) -> tuple[str, str]:
+    name, sep, rest = value.partition("=")
+    if not sep or not name or not rest:
+        raise SoftPromptError(f"{flag} expects NAME=VALUE, got {value!r}")
+    return name, rest
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .api import Engine
+    from .request import Request
+    from .sampling import SamplingParams
+
+    engine = Engine(args.model_dir, device=args.device, dtype=args.dtype, backend=args.backend)
+    for item in args.prompt:
+        name, source = _split_pair(item, "--prompt")
+        engine.add_prompt(name, source)
+    for item in args.text_prompt:
+        name, text = _split_pair(item, "--text-prompt")
+        engine.add_prompt(name, text=text)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    if args.ids is not None:
+        try:
+            ids = [int(x) for x in args.ids.split(",") if x.strip()]
+        except ValueError as exc:
+            raise SoftPromptError(f"--ids must be comma-separated integers ({exc})") from exc
+        request = Request(prompt=args.task, input_ids=ids, sampling=params)
+    else:
+        request = Request(prompt=args.task, text=args.text, sampling=params)
+    out = engine.generate([request])[0]
+    if args.json:
+        print(json.dumps({"prompt": out.prompt, "prompt_version": out.prompt_version, "token_ids": out.token_ids,
+                          "text": out.text, "finish_reason": out.finish_reason}))
+    else:
+        print(out.text if out.text is not None else " ".join(map(str, out.token_ids)))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo(args)
+        if args.command == "generate":
+            return cmd_generate(args)
+        print(f"softprompt {args.command}: {PLANNED[args.command]} is not available in this version yet",
+              file=sys.stderr)
+        return 2
+    except SoftPromptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

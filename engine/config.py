@@ -1,0 +1,204 @@
+"""Normalised model configuration, read from a Hugging Face `config.json`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError, UnsupportedModelError
+
+# model_type -> our architecture family
+ARCH_FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "gpt2": "gpt2", "bloom": "bloom"}
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
+SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "bloom_gelu")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What our model implementations need, independent of the HF config class."""
+
+    family: str  # "llama" | "gpt2" | "bloom"
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_positions: int
+    norm_eps: float
+    hidden_act: str
+    position_encoding: str  # "rope" | "learned" | "alibi"
+    tie_word_embeddings: bool
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    attention_scale: float = 0.0
+    residual_post_norm: bool = False  # BLOOM's apply_residual_connection_post_layernorm
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    hf_config: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def rope_type(self) -> str:
+        params = getattr(self.hf_config, "rope_parameters", None) or {}
+        return params.get("rope_type", "default")
+
+
+def _eos_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def read_config_json(model_dir: Path) -> dict:
+    path = model_dir / "config.json"
+    if not model_dir.is_dir():
+        raise CheckpointError(f"model directory {str(model_dir)!r} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{str(model_dir)!r} has no config.json: not a Hugging Face checkpoint directory")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: config.json is not valid JSON ({exc})") from exc
+
+
+def load_model_config(model_dir: str | Path) -> ModelConfig:
+    """Read `config.json`, check the architecture is supported and normalise it."""
+    model_dir = Path(model_dir)
+    raw = read_config_json(model_dir)
+    model_type = raw.get("model_type")
+    if model_type not in ARCH_FAMILIES:
+        archs = raw.get("architectures")
+        raise UnsupportedModelError(
+            f"unsupported architecture: model_type={model_type!r} (architectures={archs}); "
+            f"supported model types: {', '.join(sorted(ARCH_FAMILIES))}"
+        )
+    from transformers import AutoConfig
+
+    try:
+        hf = AutoConfig.from_pretrained(str(model_dir))
+    except Exception as exc:  # transformers raises many types for a malformed config
+        raise CheckpointError(f"{model_dir}/config.json could not be parsed as a {model_type} config: {exc}") from exc
+    family = ARCH_FAMILIES[model_type]
+    try:
+        cfg = {"llama": _llama_config, "gpt2": _gpt2_config, "bloom": _bloom_config}[family](hf, model_type)
+    except (AttributeError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"{model_dir}/config.json lacks a field the {model_type} model needs: {exc}") from exc
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: ModelConfig) -> None:
+    if cfg.hidden_act not in SUPPORTED_ACTIVATIONS:
+        raise UnsupportedModelError(f"unsupported activation {cfg.hidden_act!r}; supported: {SUPPORTED_ACTIVATIONS}")
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise CheckpointError(f"num_heads={cfg.num_heads} is not a multiple of num_kv_heads={cfg.num_kv_heads}")
+    if cfg.position_encoding == "rope" and cfg.rope_type not in STATIC_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"unsupported rope_type {cfg.rope_type!r} (its frequencies depend on the sequence length); "
+            f"supported: {STATIC_ROPE_TYPES}"
+        )
+
+
+def _llama_config(hf: Any, model_type: str) -> ModelConfig:
+    heads = hf.num_attention_heads
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+    max_positions = hf.max_position_embeddings
+    # Sliding-window layers behave like full attention while the whole sequence fits in the window,
+    # so we cap the sequence length at the window instead of implementing the window.
+    window = getattr(hf, "sliding_window", None)
+    layer_types = getattr(hf, "layer_types", None)
+    uses_window = window is not None and (
+        model_type == "mistral" or (layer_types is not None and "sliding_attention" in layer_types)
+    )
+    if uses_window:
+        max_positions = min(max_positions, int(window))
+    attention_bias = bool(getattr(hf, "attention_bias", False))
+    return ModelConfig(
+        family="llama",
+        model_type=model_type,
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        num_layers=hf.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        intermediate_size=hf.intermediate_size,
+        max_positions=max_positions,
+        norm_eps=hf.rms_norm_eps,
+        hidden_act=hf.hidden_act,
+        position_encoding="rope",
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        qkv_bias=True if model_type == "qwen2" else attention_bias,
+        o_bias=attention_bias,
+        mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+        attention_scale=head_dim**-0.5,
+        bos_token_id=hf.bos_token_id,
+        eos_token_ids=_eos_ids(hf.eos_token_id),
+        hf_config=hf,
+    )
+
+
+def _gpt2_config(hf: Any, model_type: str) -> ModelConfig:
+    if getattr(hf, "scale_attn_by_inverse_layer_idx", False):
+        raise UnsupportedModelError("GPT-2 option scale_attn_by_inverse_layer_idx=True is not supported")
+    head_dim = hf.n_embd // hf.n_head
+    return ModelConfig(
+        family="gpt2",
+        model_type=model_type,
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.n_embd,
+        num_layers=hf.n_layer,
+        num_heads=hf.n_head,
+        num_kv_heads=hf.n_head,
+        head_dim=head_dim,
+        intermediate_size=hf.n_inner or 4 * hf.n_embd,
+        max_positions=hf.n_positions,
+        norm_eps=hf.layer_norm_epsilon,
+        hidden_act=hf.activation_function,
+        position_encoding="learned",
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        attention_scale=head_dim**-0.5 if getattr(hf, "scale_attn_weights", True) else 1.0,
+        bos_token_id=hf.bos_token_id,
+        eos_token_ids=_eos_ids(hf.eos_token_id),
+        hf_config=hf,
+    )
+
+
+def _bloom_config(hf: Any, model_type: str) -> ModelConfig:
+    head_dim = hf.hidden_size // hf.n_head
+    # ALiBi has no learned position limit; use the training length the config records, if any.
+    max_positions = getattr(hf, "seq_length", None) or getattr(hf, "max_position_embeddings", None) or 2048
+    return ModelConfig(
+        family="bloom",
+        model_type=model_type,
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        num_layers=hf.n_layer,
+        num_heads=hf.n_head,
+        num_kv_heads=hf.n_head,
+        head_dim=head_dim,
+        intermediate_size=4 * hf.hidden_size,
+        max_positions=int(max_positions),
+        norm_eps=hf.layer_norm_epsilon,
+        hidden_act="bloom_gelu",
+        position_encoding="alibi",
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        attention_scale=head_dim**-0.5,
+        residual_post_norm=bool(getattr(hf, "apply_residual_connection_post_layernorm", False)),
+        bos_token_id=hf.bos_token_id,
+        eos_token_ids=_eos_ids(hf.eos_token_id),
+        hf_config=hf,
+    )

@@ -1,0 +1,15 @@
+"""Our own PyTorch implementations of the supported model families, loaded from HF weights."""
+
+from .base import CausalLM
+from .bloom import BloomForCausalLM
+from .common import Attention
+from .gpt2 import GPT2LMHeadModel
+from .llama import LlamaForCausalLM
+
+MODEL_CLASSES: dict[str, type[CausalLM]] = {
+    "llama": LlamaForCausalLM,
+    "gpt2": GPT2LMHeadModel,
+    "bloom": BloomForCausalLM,
+}
+
+__all__ = ["Attention", "CausalLM", "MODEL_CLASSES", "BloomForCausalLM", "GPT2LMHeadModel", "LlamaForCausalLM"]

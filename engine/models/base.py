@@ -1,0 +1,55 @@
+"""What every model family provides to the runtime."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .common import Attention
+
+
+class CausalLM(nn.Module):
+    """A decoder-only LM over a packed batch of tokens.
+
+    `embed_tokens` gives the raw word embeddings (what PEFT concatenates soft prompts with);
+    `forward` takes input embeddings [T, hidden] (soft-prompt rows and/or token rows) with their absolute
+    positions [T], applies the family's embedding step (GPT-2 position embeddings, BLOOM's embedding
+    LayerNorm), runs every layer through `attention`, and returns the final normed hidden states.
+    """
+
+    # checkpoint key prefix our parameter names carry ("model." for Llama, "transformer." for GPT-2/BLOOM)
+    key_prefix: str = ""
+    # HF Conv1D weights stored [in, out] that we keep as nn.Linear [out, in]
+    transposed_weight_suffixes: tuple[str, ...] = ()
+    # checkpoint entries that are buffers, not weights
+    ignored_key_suffixes: tuple[str, ...] = ()
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        raise NotImplementedError
+
+    @property
+    def lm_head_module(self) -> nn.Linear:
+        return self.lm_head
+
+    def embed_tokens(self, ids: Tensor) -> Tensor:
+        return self.word_embeddings(ids)
+
+    def forward(self, embeds: Tensor, positions: Tensor, attention: Attention) -> Tensor:
+        raise NotImplementedError
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """LM head in the model dtype, logits returned in fp32."""
+        return self.lm_head_module(hidden).float()
+
+    def init_buffers(self, device: torch.device) -> None:
+        """Create non-persistent buffers (RoPE frequencies, ALiBi slopes) after the weights are loaded."""
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head_module.weight = self.word_embeddings.weight

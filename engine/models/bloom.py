@@ -1,0 +1,76 @@
+"""BLOOM: ALiBi, embedding LayerNorm, fused qkv laid out per head as [q, k, v]."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .base import CausalLM
+from .common import Attention, activation, alibi_slopes
+
+
+class BloomAttention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.query_key_value = nn.Linear(c.hidden_size, 3 * c.hidden_size)
+        self.dense = nn.Linear(c.hidden_size, c.hidden_size)
+
+
+class BloomMLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.dense_4h_to_h = nn.Linear(c.intermediate_size, c.hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dense_4h_to_h(activation("bloom_gelu", self.dense_h_to_4h(x)))
+
+
+class BloomBlock(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
+        self.self_attention = BloomAttention(c)
+        self.post_attention_layernorm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
+        self.mlp = BloomMLP(c)
+
+
+class BloomBackbone(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.word_embeddings_layernorm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
+        self.h = nn.ModuleList(BloomBlock(c) for _ in range(c.num_layers))
+        self.ln_f = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
+
+
+class BloomForCausalLM(CausalLM):
+    key_prefix = "transformer."
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.transformer = BloomBackbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.transformer.word_embeddings
+
+    def init_buffers(self, device: torch.device) -> None:
+        self.register_buffer("alibi_slopes", alibi_slopes(self.config.num_heads).to(device), persistent=False)
+
+    def forward(self, embeds: Tensor, positions: Tensor, attention: Attention) -> Tensor:
+        c = self.config
+        t = embeds.shape[0]
+        h = self.transformer.word_embeddings_layernorm(embeds)  # applied to soft-prompt rows too (as in PEFT)
+        for i, block in enumerate(self.transformer.h):
+            x = block.input_layernorm(h)
+            residual = x if c.residual_post_norm else h
+            qkv = block.self_attention.query_key_value(x).view(t, c.num_heads, 3, c.head_dim)
+            out = attention(i, qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+            h = residual + block.self_attention.dense(out.reshape(t, c.hidden_size))
+            x = block.post_attention_layernorm(h)
+            residual = x if c.residual_post_norm else h
+            h = residual + block.mlp(x)
+        return self.transformer.ln_f(h)

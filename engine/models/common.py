@@ -1,0 +1,94 @@
+"""Pieces shared by the model families: the attention interface, norms, activations, RoPE, ALiBi."""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+
+
+class Attention(Protocol):
+    """Attention over a packed batch of T new tokens: q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D].
+
+    The implementation owns the KV history (none for the reference path, the paged pool for the engine)
+    and the mask (causal, with or without a task prefix); models only hand over the new tokens' q/k/v.
+    """
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor: ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Same op order as HF Llama: normalise in fp32, cast back, then scale.
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def activation(name: str, x: Tensor) -> Tensor:
+    if name == "silu":
+        return F.silu(x)
+    if name == "gelu":
+        return F.gelu(x)
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        return F.gelu(x, approximate="tanh")
+    if name == "bloom_gelu":  # BLOOM's own tanh approximation, kept bit-for-bit
+        return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+    if name == "relu":
+        return F.relu(x)
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+def rope_inv_freq(config: ModelConfig, device: torch.device | str) -> tuple[Tensor, float]:
+    """Inverse frequencies and cos/sin scaling, as HF computes them (llama3, linear, yarn via transformers)."""
+    hf = config.hf_config
+    rope_type = config.rope_type
+    if rope_type == "default":
+        base = hf.rope_parameters["rope_theta"]
+        dim = config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        return inv_freq.to(device), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, device)
+    return inv_freq.float().to(device), float(scaling)
+
+
+def rotary_cos_sin(inv_freq: Tensor, scaling: float, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin [T, D] for the given positions, computed in fp32 and cast like HF does."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [T, H, D] rotated with cos/sin [T, D] (rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def alibi_slopes(num_heads: int) -> Tensor:
+    """BLOOM's ALiBi slopes (also for head counts that are not powers of two)."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2 ** (-(2 ** -(math.log2(closest) - 3)))
+    slopes = torch.pow(torch.tensor(base, dtype=torch.float32), torch.arange(1, 1 + closest, dtype=torch.int32))
+    if closest != num_heads:
+        extra_base = 2 ** (-(2 ** -(math.log2(2 * closest) - 3)))
+        remaining = min(closest, num_heads - closest)
+        extra = torch.pow(
+            torch.tensor(extra_base, dtype=torch.float32), torch.arange(1, 1 + 2 * remaining, 2, dtype=torch.int32)
+        )
+        slopes = torch.cat([slopes, extra])
+    return slopes

@@ -1,0 +1,72 @@
+"""GPT-2: learned positions, LayerNorm, GELU, Conv1D weights (transposed to Linear at load)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .base import CausalLM
+from .common import Attention, activation
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.c_attn = nn.Linear(c.hidden_size, 3 * c.hidden_size)
+        self.c_proj = nn.Linear(c.hidden_size, c.hidden_size)
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.c_proj = nn.Linear(c.intermediate_size, c.hidden_size)
+        self.act = c.hidden_act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(activation(self.act, self.c_fc(x)))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
+        self.attn = GPT2Attention(c)
+        self.ln_2 = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
+        self.mlp = GPT2MLP(c)
+
+
+class GPT2Backbone(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.wte = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.wpe = nn.Embedding(c.max_positions, c.hidden_size)
+        self.h = nn.ModuleList(GPT2Block(c) for _ in range(c.num_layers))
+        self.ln_f = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
+
+
+class GPT2LMHeadModel(CausalLM):
+    key_prefix = "transformer."
+    transposed_weight_suffixes = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    ignored_key_suffixes = ("attn.bias", "attn.masked_bias")
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.transformer = GPT2Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
+
+    def forward(self, embeds: Tensor, positions: Tensor, attention: Attention) -> Tensor:
+        c = self.config
+        t = embeds.shape[0]
+        h = embeds + self.transformer.wpe(positions)  # soft-prompt rows get position embeddings too (as in PEFT)
+        for i, block in enumerate(self.transformer.h):
+            q, k, v = block.attn.c_attn(block.ln_1(h)).split(c.hidden_size, dim=-1)
+            shape = (t, c.num_heads, c.head_dim)
+            out = attention(i, q.reshape(shape), k.reshape(shape), v.reshape(shape))
+            h = h + block.attn.c_proj(out.reshape(t, c.hidden_size))
+            h = h + block.mlp(block.ln_2(h))
+        return self.transformer.ln_f(h)

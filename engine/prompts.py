@@ -1,0 +1,249 @@
+"""The soft-prompt store: load, validate and version the prefixes that define tasks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .errors import PromptError, UnknownPromptError
+
+PROMPT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+RESERVED_NAMES = frozenset({"base"})  # "base" addresses the model without a prompt
+PEFT_WEIGHTS_KEY = "prompt_embeddings"
+
+
+@dataclass(frozen=True)
+class SoftPrompt:
+    """A task's prefix: P rows of input embeddings, cast to the model dtype once, on the model device."""
+
+    name: str
+    embeds: torch.Tensor  # [P, hidden]
+    version: str  # content hash: changes whenever the rows change
+    kind: str  # "peft" | "tensor" | "text"
+    token_ids: tuple[int, ...] | None = None  # for text (hard) prompts: the rows are these tokens' embeddings
+    source: str | None = None
+
+    @property
+    def length(self) -> int:
+        return int(self.embeds.shape[0])
+
+    @property
+    def key(self) -> str:
+        """Cache key: name and version."""
+        return f"{self.name}@{self.version}"
+
+
+def content_version(embeds: torch.Tensor) -> str:
+    data = embeds.detach().to("cpu").contiguous()
+    h = hashlib.sha256(f"{data.dtype}:{tuple(data.shape)}:".encode())
+    h.update(data.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def check_prompt_name(name: object) -> str:
+    if not isinstance(name, str) or not PROMPT_NAME_RE.match(name):
+        raise PromptError(
+            f"invalid prompt name {name!r}: use 1-128 characters from letters, digits, '.', '_', '-', "
+            "starting with a letter or digit"
+        )
+    if name in RESERVED_NAMES:
+        raise PromptError(f"prompt name {name!r} is reserved (it means 'no prompt')")
+    return name
+
+
+def read_peft_adapter(adapter_dir: Path) -> torch.Tensor:
+    """Prompt rows from a PEFT prompt-tuning adapter directory, after checking its config."""
+    config_path = adapter_dir / "adapter_config.json"
+    if not config_path.is_file():
+        raise PromptError(f"{adapter_dir} is not a PEFT adapter directory: adapter_config.json is missing")
+    try:
+        cfg = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PromptError(f"{config_path} is not valid JSON ({exc})") from exc
+    if not isinstance(cfg, dict):
+        raise PromptError(f"{config_path} must hold a JSON object")
+    peft_type = cfg.get("peft_type")
+    if peft_type != "PROMPT_TUNING":
+        raise PromptError(f"{adapter_dir}: peft_type is {peft_type!r}; only PROMPT_TUNING adapters are soft prompts")
+    task_type = cfg.get("task_type")
+    if task_type not in (None, "CAUSAL_LM"):
+        raise PromptError(f"{adapter_dir}: task_type is {task_type!r}; this engine serves CAUSAL_LM prompts")
+    submodules = cfg.get("num_transformer_submodules") or 1
+    if submodules != 1:
+        raise PromptError(f"{adapter_dir}: num_transformer_submodules={submodules}; a decoder-only model has 1")
+
+    safetensors_path = adapter_dir / "adapter_model.safetensors"
+    bin_path = adapter_dir / "adapter_model.bin"
+    if safetensors_path.is_file():
+        try:
+            weights = load_file(str(safetensors_path))
+        except (SafetensorError, OSError) as exc:
+            raise PromptError(f"cannot read {safetensors_path}: {exc}") from exc
+    elif bin_path.is_file():
+        # torch's weights_only loader refuses any object that is not a tensor or plain container:
+        # nothing arbitrary is ever unpickled.
+        try:
+            weights = torch.load(str(bin_path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # the restricted unpickler raises UnpicklingError, RuntimeError, ...
+            raise PromptError(f"refusing {bin_path}: it cannot be read as plain tensors ({exc})") from exc
+    else:
+        raise PromptError(f"{adapter_dir} has no adapter_model.safetensors (or adapter_model.bin)")
+    if not isinstance(weights, dict) or PEFT_WEIGHTS_KEY not in weights:
+        keys = list(weights)[:5] if isinstance(weights, dict) else type(weights).__name__
+        raise PromptError(f"{adapter_dir}: adapter weights have no {PEFT_WEIGHTS_KEY!r} entry (found {keys})")
+    embeds = weights[PEFT_WEIGHTS_KEY]
+    if not isinstance(embeds, torch.Tensor):
+        raise PromptError(f"{adapter_dir}: {PEFT_WEIGHTS_KEY!r} is not a tensor")
+    expected_rows = cfg.get("num_virtual_tokens")
+    if embeds.dim() == 2 and expected_rows is not None and embeds.shape[0] != expected_rows * submodules:
+        raise PromptError(
+            f"{adapter_dir}: num_virtual_tokens={expected_rows} in adapter_config.json but the weights have "
+            f"{embeds.shape[0]} rows"
+        )
+    token_dim = cfg.get("token_dim")
+    if embeds.dim() == 2 and token_dim is not None and embeds.shape[1] != token_dim:
+        raise PromptError(f"{adapter_dir}: token_dim={token_dim} but the weights have width {embeds.shape[1]}")
+    return embeds
+
+
+def read_tensor_file(path: Path) -> torch.Tensor:
+    if path.suffix != ".safetensors":
+        raise PromptError(f"{path}: prompt files must be .safetensors (pickle formats are never loaded)")
+    try:
+        weights = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise PromptError(f"cannot read {path}: {exc}") from exc
+    if PEFT_WEIGHTS_KEY in weights:
+        return weights[PEFT_WEIGHTS_KEY]
+    if len(weights) != 1:
+        raise PromptError(f"{path} holds {len(weights)} tensors; store one, or name it {PEFT_WEIGHTS_KEY!r}")
+    return next(iter(weights.values()))
+
+
+class PromptStore:
+    """Named soft prompts for one model. A rejected prompt leaves the store unchanged."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_length: int,
+        vocab_size: int,
+        embed_tokens: Callable[[torch.Tensor], torch.Tensor],
+        tokenize: Callable[[str], list[int]] | None = None,
+    ):
+        self.hidden_size = hidden_size
+        self.dtype = dtype
+        self.device = device
+        self.max_length = max_length
+        self.vocab_size = vocab_size
+        self._embed_tokens = embed_tokens
+        self._tokenize = tokenize
+        self._prompts: dict[str, SoftPrompt] = {}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._prompts
+
+    def __len__(self) -> int:
+        return len(self._prompts)
+
+    def names(self) -> list[str]:
+        return list(self._prompts)
+
+    def get(self, name: str) -> SoftPrompt:
+        try:
+            return self._prompts[name]
+        except (KeyError, TypeError):
+            known = ", ".join(sorted(self._prompts)) or "none registered"
+            raise UnknownPromptError(f"unknown prompt {name!r} (known: {known})") from None
+
+    def remove(self, name: str) -> SoftPrompt:
+        prompt = self.get(name)
+        del self._prompts[name]
+        return prompt
+
+    def add(
+        self,
+        name: str,
+        source: str | Path | torch.Tensor | None = None,
+        *,
+        text: str | None = None,
+        token_ids: list[int] | None = None,
+        replace: bool = False,
+    ) -> SoftPrompt:
+        """Register a prompt from a PEFT adapter dir, a .safetensors file, a [P, hidden] tensor, text or token ids."""
+        check_prompt_name(name)
+        if name in self._prompts and not replace:
+            raise PromptError(f"prompt name {name!r} is already taken (pass replace=True to register a new version)")
+        given = [x is not None for x in (source, text, token_ids)]
+        if sum(given) != 1:
+            raise PromptError("give exactly one of: source (adapter dir, .safetensors file or tensor), text, token_ids")
+        if text is not None or token_ids is not None:
+            prompt = self._from_tokens(name, text, token_ids)
+        else:
+            kind, embeds, origin = self._read_source(source)
+            embeds = self._validate(name, embeds)
+            prompt = SoftPrompt(name, embeds, content_version(embeds), kind, None, origin)
+        self._prompts[name] = prompt
+        return prompt
+
+    def _read_source(self, source: str | Path | torch.Tensor) -> tuple[str, torch.Tensor, str | None]:
+        if isinstance(source, torch.Tensor):
+            return "tensor", source, None
+        if not isinstance(source, (str, Path)):
+            raise PromptError(f"unsupported prompt source of type {type(source).__name__}")
+        path = Path(source)
+        if path.is_dir():
+            return "peft", read_peft_adapter(path), str(path)
+        if path.is_file():
+            return "tensor", read_tensor_file(path), str(path)
+        raise PromptError(f"prompt source {str(path)!r} does not exist (for a text prompt pass text=...)")
+
+    def _from_tokens(self, name: str, text: str | None, token_ids: list[int] | None) -> SoftPrompt:
+        if text is not None:
+            if not isinstance(text, str) or not text:
+                raise PromptError(f"text prompt {name!r} is empty")
+            if self._tokenize is None:
+                raise PromptError(f"text prompt {name!r} needs a tokenizer; the model directory has none")
+            token_ids = self._tokenize(text)
+        ids = list(token_ids or [])
+        if not ids:
+            raise PromptError(f"prompt {name!r} has no tokens")
+        if any(not isinstance(i, int) or not 0 <= i < self.vocab_size for i in ids):
+            raise PromptError(f"prompt {name!r} has token ids outside the vocabulary")
+        with torch.no_grad():
+            embeds = self._embed_tokens(torch.tensor(ids, device=self.device))
+        embeds = self._validate(name, embeds)
+        return SoftPrompt(name, embeds, content_version(embeds), "text", tuple(ids), text)
+
+    def _validate(self, name: str, embeds: torch.Tensor) -> torch.Tensor:
+        if embeds.dim() == 3 and embeds.shape[0] == 1:
+            embeds = embeds[0]
+        if embeds.dim() != 2:
+            raise PromptError(f"prompt {name!r} must be a [num_virtual_tokens, hidden] matrix, got {tuple(embeds.shape)}")
+        if not embeds.is_floating_point():
+            raise PromptError(f"prompt {name!r} has non-float dtype {embeds.dtype}")
+        rows, width = embeds.shape
+        if rows == 0:
+            raise PromptError(f"prompt {name!r} is empty (0 virtual tokens)")
+        if width != self.hidden_size:
+            raise PromptError(f"prompt {name!r} has hidden size {width}, the model's is {self.hidden_size}")
+        if rows >= self.max_length:
+            raise PromptError(
+                f"prompt {name!r} has {rows} virtual tokens, leaving no room in the model's {self.max_length} positions"
+            )
+        if not torch.isfinite(embeds).all():
+            raise PromptError(f"prompt {name!r} contains NaN or Inf")
+        cast = embeds.detach().to(device=self.device, dtype=self.dtype).contiguous()
+        if not torch.isfinite(cast).all():
+            raise PromptError(f"prompt {name!r} overflows {self.dtype} (values too large)")
+        return cast
