@@ -1,0 +1,187 @@
+"""Tiny random-weight Hugging Face checkpoints, tokenizers and PEFT prompt-tuning adapters for tests and demos."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SUPPORTED_TINY_ARCHS: tuple[str, ...] = ("llama", "mistral", "qwen2", "gpt2", "bloom")
+
+SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+_WORDS = (
+    "the a an one some every this that my your our their cat dog bird fish horse mouse child teacher farmer "
+    "king queen river mountain city house garden tree flower stone road ship star moon sun rain wind "
+    "sat ran jumped saw found made took gave liked wanted built watched painted opened carried followed "
+    "on in under over near behind beside into from with without through across and but or so because "
+    "big small red blue green old young quiet loud happy sad bright dark warm cold fast slow "
+    "mat table window door hill lake forest field book letter song story morning evening night day"
+).split()
+
+
+def _corpus(num_sentences: int = 400) -> list[str]:
+    """Deterministic English-like sentences from a fixed word list."""
+    rng = random.Random(0)
+    lines = []
+    for _ in range(num_sentences):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 12))]
+        if rng.random() < 0.3:
+            words[0] = words[0].capitalize()
+        end = rng.choice((".", ".", ".", "!", "?", ","))
+        lines.append(" ".join(words) + end)
+    lines.append("the cat sat on the mat.")
+    lines.append("0 1 2 3 4 5 6 7 8 9 10 42 100 2024")
+    return lines
+
+
+def build_tokenizer(out_dir: str | Path, vocab_size: int = 512) -> Path:
+    """Train a deterministic byte-level BPE tokenizer (<unk>=0, <s>=1, </s>=2, <pad>=3) and save it to `out_dir`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    min_size = len(SPECIAL_TOKENS) + 256
+    if vocab_size < min_size:
+        raise ValueError(f"vocab_size must be >= {min_size} (4 special tokens + 256 bytes), got {vocab_size}")
+    out_dir = Path(out_dir)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)])
+    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [UNK_ID, BOS_ID, EOS_ID, PAD_ID]
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        clean_up_tokenization_spaces=False,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out_dir)
+    return out_dir
+
+
+def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int | None,
+               intermediate_size: int | None, max_positions: int, tie_word_embeddings: bool | None, **overrides: Any):
+    """The transformers config object for one of SUPPORTED_TINY_ARCHS."""
+    import transformers
+
+    ids = dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    tie = arch not in ("llama", "mistral") if tie_word_embeddings is None else tie_word_embeddings
+    inter = intermediate_size or 4 * hidden_size
+    if arch in ("llama", "mistral", "qwen2"):
+        cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config}[arch]
+        kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                  num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,
+                  max_position_embeddings=max_positions)
+    elif arch == "gpt2":
+        cls = transformers.GPT2Config
+        kw = dict(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=max_positions, n_inner=inter,
+                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0)
+    elif arch == "bloom":
+        cls = transformers.BloomConfig
+        kw = dict(hidden_size=hidden_size, n_layer=num_layers, n_head=num_heads)
+    else:
+        raise ValueError(f"unknown tiny arch {arch!r}; expected one of {SUPPORTED_TINY_ARCHS}")
+    return cls(vocab_size=vocab_size, tie_word_embeddings=tie, **ids, **{**kw, **overrides})
+
+
+@torch.no_grad()
+def _reinit_(model: torch.nn.Module, seed: int) -> None:
+    """Re-draw every parameter at a scale that gives tiny models well-separated logits."""
+    from transformers.pytorch_utils import Conv1D
+
+    gen = torch.Generator().manual_seed(seed)
+    seen: set[int] = set()
+
+    def draw(p: torch.Tensor, std: float, mean: float = 0.0) -> None:
+        p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std + mean)
+
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if isinstance(module, torch.nn.Embedding):
+                draw(p, 1.0)
+            elif "norm" in type(module).__name__.lower():
+                draw(p, 0.1, 1.0 if name == "weight" else 0.0)
+            elif p.dim() == 1:
+                draw(p, 0.02)
+            else:
+                fan_in = p.shape[0] if isinstance(module, Conv1D) else p[0].numel()
+                draw(p, 1.0 / math.sqrt(fan_in))
+
+
+def build_tiny_checkpoint(arch: str, out_dir: str | Path, *, dtype: torch.dtype = torch.float32, seed: int = 0,
+                          vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
+                          num_kv_heads: int | None = None, intermediate_size: int | None = None, max_positions: int = 256,
+                          tie_word_embeddings: bool | None = None, with_tokenizer: bool = True,
+                          shard_size: str | None = None, **config_overrides: Any) -> Path:
+    """Save a tiny random-weight `arch` causal LM (safetensors, optionally sharded) plus tokenizer to `out_dir`."""
+    from transformers import AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    config = _hf_config(arch, vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                        num_kv_heads=num_kv_heads, intermediate_size=intermediate_size, max_positions=max_positions,
+                        tie_word_embeddings=tie_word_embeddings, **config_overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _reinit_(model, seed)
+    model = model.to(dtype).eval()
+    if shard_size:
+        model.save_pretrained(out_dir, max_shard_size=shard_size)
+    else:
+        model.save_pretrained(out_dir)
+    if with_tokenizer:
+        build_tokenizer(out_dir, vocab_size)
+    return out_dir
+
+
+def build_prompt_tuning_adapter(model_dir: str | Path, out_dir: str | Path, *, num_virtual_tokens: int = 8,
+                                init: str = "random", init_text: str | None = None, seed: int = 0,
+                                scale: float = 1.0) -> Path:
+    """Create and save a PEFT prompt-tuning adapter for `model_dir` the way a user would."""
+    from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    if init not in ("random", "text"):
+        raise ValueError(f"init must be 'random' or 'text', got {init!r}")
+    out_dir = Path(out_dir)
+    cfg = PromptTuningConfig(
+        task_type=TaskType.CAUSAL_LM,
+        num_virtual_tokens=num_virtual_tokens,
+        prompt_tuning_init=PromptTuningInit.RANDOM if init == "random" else PromptTuningInit.TEXT,
+        prompt_tuning_init_text=(init_text or "the cat sat on the mat") if init == "text" else None,
+        tokenizer_name_or_path=str(model_dir),
+    )
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), cfg)
+    if init == "random":
+        weight = peft_model.prompt_encoder["default"].embedding.weight
+        with torch.no_grad():
+            weight.copy_(build_prompt_tensor(weight.shape[1], weight.shape[0], seed=seed, scale=scale, dtype=weight.dtype))
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_prompt_tensor(hidden_size: int, num_virtual_tokens: int, *, seed: int = 0, scale: float = 1.0,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A deterministic random [num_virtual_tokens, hidden_size] soft prompt."""
+    gen = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(num_virtual_tokens, hidden_size, generator=gen)).to(dtype)
