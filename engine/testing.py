@@ -103,11 +103,16 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
 
 
 @torch.no_grad()
-def _reinit_(model: torch.nn.Module, seed: int) -> None:
-    """Re-draw every parameter at a scale that gives tiny models well-separated logits."""
+def _reinit_(model: torch.nn.Module, seed: int, logit_std: float = 2.0) -> None:
+    """Re-draw every parameter at a scale that gives tiny models well-separated, non-degenerate logits."""
     from transformers.pytorch_utils import Conv1D
 
     gen = torch.Generator().manual_seed(seed)
+    norms = [m for m in model.modules() if "norm" in type(m).__name__.lower()]
+    final_norm = norms[-1] if norms else None
+    # a zero-mean final-norm gain keeps tied heads from predicting the current token again (e.e >> e.e')
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    final_std = logit_std / math.sqrt(model.config.hidden_size) if tied else logit_std
     seen: set[int] = set()
 
     def draw(p: torch.Tensor, std: float, mean: float = 0.0) -> None:
@@ -120,7 +125,9 @@ def _reinit_(model: torch.nn.Module, seed: int) -> None:
             seen.add(id(p))
             if isinstance(module, torch.nn.Embedding):
                 draw(p, 1.0)
-            elif "norm" in type(module).__name__.lower():
+            elif module is final_norm:
+                draw(p, final_std if name == "weight" else 0.02)
+            elif module in norms:
                 draw(p, 0.1, 1.0 if name == "weight" else 0.0)
             elif p.dim() == 1:
                 draw(p, 0.02)

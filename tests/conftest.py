@@ -1,0 +1,68 @@
+"""Session-wide tiny checkpoints (one per architecture), tokenizers and PEFT adapters, built on the fly."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from softprompt.testing import build_prompt_tuning_adapter, build_tiny_checkpoint
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# name -> (arch, build options); several Llama-family variants cover the options users' checkpoints use.
+MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
+    "llama": ("llama", {}),
+    "llama3_rope": ("llama", {"rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
+    "llama_bias_tied": ("llama", {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True}),
+    "mistral": ("mistral", {}),
+    "qwen2": ("qwen2", {}),
+    "gpt2": ("gpt2", {}),
+    "bloom": ("bloom", {}),
+}
+ARCH_VARIANTS = ("llama", "qwen2", "gpt2", "bloom")  # one per family (+ Qwen2 bias), for the slower tests
+
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+_cache: dict[str, Path] = {}
+
+
+def tiny_model(root: Path, variant: str) -> Path:
+    if variant not in _cache:
+        arch, options = MODEL_VARIANTS[variant]
+        _cache[variant] = build_tiny_checkpoint(arch, root / variant, seed=len(_cache), **options)
+    return _cache[variant]
+
+
+@pytest.fixture(scope="session")
+def model_dir_for(model_root):
+    return lambda variant: tiny_model(model_root, variant)
+
+
+_adapters: dict[tuple, Path] = {}
+
+
+@pytest.fixture(scope="session")
+def adapter_for(model_root):
+    """adapter_for(variant, seed=0, num_virtual_tokens=8, init="random") -> PEFT adapter dir."""
+
+    def make(variant: str, seed: int = 0, num_virtual_tokens: int = 8, init: str = "random") -> Path:
+        key = (variant, seed, num_virtual_tokens, init)
+        if key not in _adapters:
+            model_dir = tiny_model(model_root, variant)
+            out = model_root / "adapters" / f"{variant}-{seed}-{num_virtual_tokens}-{init}"
+            init_text = "the cat sat on the mat" if init == "text" else None
+            _adapters[key] = build_prompt_tuning_adapter(
+                model_dir, out, num_virtual_tokens=num_virtual_tokens, init=init, init_text=init_text, seed=seed
+            )
+        return _adapters[key]
+
+    return make

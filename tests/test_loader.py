@@ -1,0 +1,144 @@
+"""Loading checkpoints: sharded, half precision, and clear errors for broken or unsupported ones."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from softprompt import Engine
+from softprompt.engine.errors import CheckpointError, UnsupportedModelError
+from softprompt.engine.loader import load_model
+from softprompt.engine.reference import ReferencePath
+from softprompt.testing import build_tiny_checkpoint
+
+
+def test_sharded_checkpoint_loads_identically(tmp_path, model_dir_for):
+    sharded = build_tiny_checkpoint("llama", tmp_path / "sharded", seed=0, shard_size="20KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    single = build_tiny_checkpoint("llama", tmp_path / "single", seed=0)
+    a, b = load_model(sharded, "cpu", "float32"), load_model(single, "cpu", "float32")
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(pa, pb), name
+
+
+@pytest.mark.parametrize("saved", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("wanted", ["float32", "bfloat16"])
+def test_half_precision_checkpoints_cast_on_load(tmp_path, saved, wanted):
+    d = build_tiny_checkpoint("gpt2", tmp_path / "m", dtype=saved)
+    model = load_model(d, "cpu", wanted)
+    assert model.word_embeddings.weight.dtype == getattr(torch, wanted)
+    assert torch.isfinite(ReferencePath(model).logits(None, [5, 6, 7])).all()
+
+
+def test_auto_dtype_is_fp32_on_cpu(tmp_path):
+    d = build_tiny_checkpoint("bloom", tmp_path / "m", dtype=torch.bfloat16)
+    assert load_model(d, "cpu", None).word_embeddings.weight.dtype == torch.float32
+
+
+def test_tied_embeddings_share_storage(model_dir_for):
+    model = load_model(model_dir_for("qwen2"), "cpu", "float32")
+    assert model.lm_head.weight.data_ptr() == model.word_embeddings.weight.data_ptr()
+
+
+def test_unsupported_architecture(tmp_path, model_dir_for):
+    d = tmp_path / "m"
+    shutil.copytree(model_dir_for("llama"), d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"], cfg["architectures"] = "mamba", ["MambaForCausalLM"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="mamba"):
+        load_model(d, "cpu")
+
+
+def test_missing_directory_and_config(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "nope", "cpu")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_model(tmp_path / "empty", "cpu")
+
+
+def _copy(model_dir_for, tmp_path, variant="llama"):
+    d = tmp_path / "m"
+    shutil.copytree(model_dir_for(variant), d)
+    return d
+
+
+def test_missing_weights_named(tmp_path, model_dir_for):
+    d = _copy(model_dir_for, tmp_path)
+    from safetensors.torch import load_file
+
+    weights = load_file(d / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, d / "model.safetensors")
+    with pytest.raises(CheckpointError, match="layers.1.mlp.up_proj"):
+        load_model(d, "cpu")
+
+
+def test_wrong_shape_named(tmp_path, model_dir_for):
+    d = _copy(model_dir_for, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] += 8
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="shape"):
+        load_model(d, "cpu")
+
+
+def test_truncated_safetensors(tmp_path, model_dir_for):
+    d = _copy(model_dir_for, tmp_path)
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_model(d, "cpu")
+
+
+def test_pickle_weights_are_refused(tmp_path, model_dir_for):
+    d = _copy(model_dir_for, tmp_path)
+    (d / "model.safetensors").unlink()
+    (d / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(CheckpointError, match="safetensors"):
+        load_model(d, "cpu")
+
+
+def test_shard_index_cannot_escape_directory(tmp_path, model_dir_for):
+    d = _copy(model_dir_for, tmp_path)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "../evil.safetensors"}}))
+    with pytest.raises(CheckpointError, match="outside"):
+        load_model(d, "cpu")
+
+
+def test_nan_weights_rejected(tmp_path, model_dir_for):
+    d = _copy(model_dir_for, tmp_path, "gpt2")
+    from safetensors.torch import load_file
+
+    weights = load_file(d / "model.safetensors")
+    key = next(k for k in weights if k.endswith("ln_f.weight"))
+    weights[key][0] = float("nan")
+    save_file(weights, d / "model.safetensors")
+    with pytest.raises(CheckpointError, match="NaN"):
+        load_model(d, "cpu")
+
+
+def test_bad_device_and_dtype(model_dir_for):
+    with pytest.raises(CheckpointError, match="dtype"):
+        Engine(model_dir_for("llama"), device="cpu", dtype="int8")
+    if not torch.cuda.is_available():
+        with pytest.raises(CheckpointError, match="CUDA"):
+            Engine(model_dir_for("llama"), device="cuda")
+
+
+def test_engine_without_tokenizer_works_on_ids(tmp_path):
+    d = build_tiny_checkpoint("llama", tmp_path / "m", with_tokenizer=False)
+    engine = Engine(d, device="cpu")
+    assert engine.tokenizer is None
+    from softprompt import Request, SamplingParams
+    from softprompt.engine.errors import RequestError
+
+    out = engine.generate([Request(input_ids=[5, 6, 7], sampling=SamplingParams(max_new_tokens=3))])[0]
+    assert len(out.token_ids) == 3 and out.text is None
+    with pytest.raises(RequestError, match="tokenizer"):
+        engine.generate([Request(text="hello")])

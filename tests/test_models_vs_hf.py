@@ -1,0 +1,106 @@
+"""Our models + reference path against HF transformers + PEFT, on tiny random checkpoints.
+
+Tolerances: fp32 logits within 1e-4 absolute (observed ~5e-6 on logits of scale ~7: only summation order
+differs). bf16/fp16: HF's own half-precision logits differ from its fp32 ones by up to ~1% of the logit scale
+(bf16) / ~0.15% (fp16); ours must stay within twice that distance (+0.01) of both, and greedy tokens must agree
+wherever the fp32 top-2 margin exceeds that noise.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from softprompt import Engine, Request, SamplingParams
+
+from .conftest import MODEL_VARIANTS
+
+peft = pytest.importorskip("peft")
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+FP32_ATOL = 1e-4
+HALF_ATOL = {torch.bfloat16: 0.05, torch.float16: 0.01}  # relative to the logit scale
+
+
+def hf_peft_model(model_dir, adapter_dir, dtype=torch.float32):
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    if adapter_dir is None:
+        return base
+    return peft.PeftModel.from_pretrained(base, adapter_dir).eval()
+
+
+def random_ids(n: int, seed: int, vocab: int = 512) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, vocab, (n,), generator=g).tolist()
+
+
+@pytest.mark.parametrize("variant", list(MODEL_VARIANTS))
+@pytest.mark.parametrize("init", ["random", "text"])
+def test_logits_match_hf_peft_fp32(variant, init, model_dir_for, adapter_for):
+    model_dir, adapter = model_dir_for(variant), adapter_for(variant, init=init)
+    hf = hf_peft_model(model_dir, adapter)
+    engine = Engine(model_dir, device="cpu", dtype="float32", backend="reference")
+    prompt = engine.add_prompt("task", adapter)
+    for n, seed in [(1, 0), (7, 1), (23, 2)]:
+        ids = random_ids(n, seed)
+        with torch.no_grad():
+            expected = hf(input_ids=torch.tensor([ids])).logits[0, -n:].float()
+        got = engine.reference.logits(prompt.embeds, ids)
+        torch.testing.assert_close(got, expected, atol=FP32_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("variant", list(MODEL_VARIANTS))
+def test_base_model_logits_match_hf(variant, model_dir_for):
+    model_dir = model_dir_for(variant)
+    hf = hf_peft_model(model_dir, None)
+    engine = Engine(model_dir, device="cpu", dtype="float32", backend="reference")
+    ids = random_ids(17, 5)
+    with torch.no_grad():
+        expected = hf(input_ids=torch.tensor([ids])).logits[0].float()
+    torch.testing.assert_close(engine.reference.logits(None, ids), expected, atol=FP32_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("variant", list(MODEL_VARIANTS))
+def test_greedy_tokens_match_peft_generate(variant, model_dir_for, adapter_for):
+    model_dir = model_dir_for(variant)
+    engine = Engine(model_dir, device="cpu", dtype="float32", backend="reference")
+    outputs = []
+    for seed in (0, 1):
+        adapter = adapter_for(variant, seed=seed)
+        hf = hf_peft_model(model_dir, adapter)
+        engine.add_prompt(f"task{seed}", adapter)
+        ids = random_ids(9, seed + 10)
+        with torch.no_grad():
+            out = hf.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              max_new_tokens=12, do_sample=False, pad_token_id=3)
+        expected = out[0, len(ids):].tolist()
+        got = engine.generate([Request(prompt=f"task{seed}", input_ids=ids,
+                                       sampling=SamplingParams(max_new_tokens=12))])[0]
+        assert got.token_ids == expected
+        outputs.append(got.token_ids)
+    assert outputs[0] != outputs[1], "degenerate test: two prompts and inputs gave the same tokens"
+
+
+@pytest.mark.parametrize("variant", ["llama", "gpt2", "bloom"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_close_to_hf(variant, dtype, model_dir_for, adapter_for):
+    """In half precision, we must be about as close to HF-half as HF-half is to the fp32 truth."""
+    model_dir, adapter = model_dir_for(variant), adapter_for(variant)
+    engine = Engine(model_dir, device="cpu", dtype=dtype, backend="reference")
+    prompt = engine.add_prompt("task", adapter)
+    assert prompt.embeds.dtype == dtype
+    ids = random_ids(16, 3)
+    with torch.no_grad():
+        hf_half = hf_peft_model(model_dir, adapter, dtype=dtype)(input_ids=torch.tensor([ids])).logits[0, -16:].float()
+        truth = hf_peft_model(model_dir, adapter)(input_ids=torch.tensor([ids])).logits[0, -16:].float()
+    got = engine.reference.logits(prompt.embeds, ids)
+    hf_error = (hf_half - truth).abs().max().item()
+    assert hf_error < HALF_ATOL[dtype] * truth.abs().max().item()  # the test itself is meaningful
+    tolerance = 2 * hf_error + 1e-2
+    torch.testing.assert_close(got, hf_half, atol=tolerance, rtol=0)
+    torch.testing.assert_close(got, truth, atol=tolerance, rtol=0)
+    # greedy agreement wherever the fp32 top-2 margin is larger than the rounding noise (not a near-tie)
+    top2 = truth.topk(2, dim=-1).values
+    decisive = (top2[:, 0] - top2[:, 1]) > 2 * tolerance
+    assert decisive.sum() >= 8
+    assert torch.equal(got.argmax(-1)[decisive], truth.argmax(-1)[decisive])
