@@ -1,38 +1,47 @@
-"""The public API: Engine, add/remove prompts, generate."""
+"""The public API: Engine (prompts, generate, stream, score, and the step-level add_request/step/abort)."""
 
 from __future__ import annotations
 
+import itertools
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from .errors import RequestError, SoftPromptError
+from .kv_pool import KVPool
 from .loader import load_model
+from .model_runner import ModelRunner
+from .prefix_cache import PrefixCache
 from .prompts import PromptStore, SoftPrompt
 from .reference import ReferencePath
 from .request import Request, RequestOutput, RequestTiming
-from .sampling import SamplingParams
+from .sampling import SamplingParams, make_generator, sample_next
+from .scheduler import Scheduler, SchedulerConfig
+from .sequence import Sequence, Status
+from .stopping import check_finish
 from .tokenizer import Tokenizer, load_tokenizer, require_tokenizer
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "torch", "reference")
 
 
 @dataclass(frozen=True)
 class PreparedRequest:
-    """A request that passed validation: its prompt resolved, its input tokenized."""
+    """A request that passed validation: its prompt resolved, its input tokenized, its output length capped."""
 
     request: Request
     prompt: SoftPrompt | None
     input_ids: list[int]
-    max_new_tokens: int  # capped so prefix + input + output fits the model's positions
+    params: SamplingParams  # max_new_tokens capped so prefix + input + output fits the model's positions
 
 
 class Engine:
-    """One frozen model serving many soft prompts.
+    """One frozen model serving many soft prompts in one continuous batch.
 
-    `backend="reference"` runs the pure-PyTorch ground truth: one request at a time, plain concat, no cache.
+    backend="torch" (the default, "auto"): paged KV with per-task prefix reuse, in plain PyTorch.
+    backend="reference": the ground truth, one request at a time, plain concat, no cache.
     """
 
     def __init__(
@@ -41,9 +50,16 @@ class Engine:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         backend: str = "auto",
+        kv_cache_bytes: int | None = None,
+        kv_cache_fraction: float | None = None,
+        block_size: int = 16,
+        max_num_seqs: int = 256,
+        max_batched_tokens: int = 2048,
     ):
         if backend not in BACKENDS:
             raise SoftPromptError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        if block_size < 1 or max_num_seqs < 1 or max_batched_tokens < 1:
+            raise SoftPromptError("block_size, max_num_seqs and max_batched_tokens must be >= 1")
         self.model_dir = Path(model_dir)
         self.model = load_model(model_dir, device=device, dtype=dtype)
         self.config = self.model.config
@@ -60,8 +76,14 @@ class Engine:
             embed_tokens=self.model.embed_tokens,
             tokenize=(lambda text: self.tokenizer.encode(text, add_special_tokens=False)) if self.tokenizer else None,
         )
-        self.backend = "reference"
+        self.backend = "torch" if backend == "auto" else backend
         self.reference = ReferencePath(self.model)
+        self.pool = KVPool.sized(self.config, block_size, self.dtype, self.device, kv_cache_bytes, kv_cache_fraction)
+        self.runner = ModelRunner(self.model, self.pool)
+        self.prefix_cache = PrefixCache(self.pool, self.runner.compute_prefix)
+        self.scheduler = Scheduler(self.prefix_cache, SchedulerConfig(max_num_seqs, max_batched_tokens))
+        self._sequences: dict[str, Sequence] = {}
+        self._order = itertools.count()
 
     def _eos_ids(self) -> tuple[int, ...]:
         ids = set(self.config.eos_token_ids)
@@ -78,39 +100,34 @@ class Engine:
         text: str | None = None,
         token_ids: list[int] | None = None,
         replace: bool = False,
+        precompute: bool = False,
     ) -> SoftPrompt:
-        """Register a task: a PEFT prompt-tuning adapter dir, a .safetensors file, a [P, hidden] tensor, or text."""
-        return self.prompts.add(name, source, text=text, token_ids=token_ids, replace=replace)
+        """Register a task: a PEFT prompt-tuning adapter dir, a .safetensors file, a [P, hidden] tensor, or text.
+
+        `replace=True` registers a new version (running requests finish on the old one). `precompute=True`
+        computes the prefix K/V now instead of on first use.
+        """
+        prompt = self.prompts.add(name, source, text=text, token_ids=token_ids, replace=replace)
+        self.prefix_cache.invalidate(name, keep_version=prompt.version)
+        if precompute and self.backend != "reference":
+            self.prefix_cache.precompute(prompt)
+        return prompt
 
     def remove_prompt(self, name: str) -> SoftPrompt:
-        return self.prompts.remove(name)
+        """Unregister a task. Requests already running on it finish; new ones are refused."""
+        prompt = self.prompts.remove(name)
+        self.prefix_cache.invalidate(name)
+        return prompt
 
-    # ---- requests ------------------------------------------------------------------------------------
+    # ---- validation ----------------------------------------------------------------------------------
     def prepare(self, request: Request) -> PreparedRequest:
-        """Validate a request; raises a SoftPromptError (a ValueError) naming the problem."""
+        """Validate a request; raises a SoftPromptError (a ValueError) naming the problem. Changes nothing."""
         if not isinstance(request, Request):
             raise RequestError(f"expected a Request, got {type(request).__name__}")
         if not isinstance(request.sampling, SamplingParams):
             raise RequestError(f"request.sampling must be SamplingParams, got {type(request.sampling).__name__}")
         prompt = None if request.prompt is None else self.prompts.get(request.prompt)
-        if (request.input_ids is None) == (request.text is None):
-            raise RequestError("give exactly one of input_ids or text")
-        if request.text is not None:
-            if not isinstance(request.text, str):
-                raise RequestError(f"text must be a string, got {type(request.text).__name__}")
-            ids = require_tokenizer(self.tokenizer, "text input").encode(request.text)
-        else:
-            ids = request.input_ids
-            if isinstance(ids, torch.Tensor):
-                ids = ids.flatten().tolist()
-            if not isinstance(ids, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
-                raise RequestError("input_ids must be a list of integers")
-            ids = list(ids)
-        if not ids:
-            raise RequestError("input is empty: give at least one token")
-        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
-        if bad:
-            raise RequestError(f"token id {bad[0]} is out of range for vocabulary size {self.config.vocab_size}")
+        ids = self._input_ids(request.input_ids, request.text)
         if request.sampling.stop:
             require_tokenizer(self.tokenizer, "stop strings")
         p = 0 if prompt is None else prompt.length
@@ -120,50 +137,212 @@ class Engine:
                 f"input of {len(ids)} tokens after a {p}-token prompt leaves no room in the model's "
                 f"{self.config.max_positions} positions"
             )
-        return PreparedRequest(request, prompt, ids, min(request.sampling.max_new_tokens, room))
+        params = request.sampling
+        if params.max_new_tokens > room:
+            params = replace(params, max_new_tokens=room)
+        if self.backend != "reference":
+            need = self.pool.blocks_for(p) + self.pool.blocks_for(len(ids) + params.max_new_tokens)
+            if need > self.pool.num_blocks:
+                raise RequestError(
+                    f"request needs {need} KV blocks but the whole pool has {self.pool.num_blocks}: "
+                    "raise kv_cache_bytes or shorten the input"
+                )
+        return PreparedRequest(request, prompt, ids, params)
 
-    def decode(self, ids: list[int]) -> str:
-        return require_tokenizer(self.tokenizer, "decoding text").decode(ids)
+    def _input_ids(self, input_ids, text, what: str = "input") -> list[int]:
+        if (input_ids is None) == (text is None):
+            raise RequestError(f"give exactly one of {what} ids or text")
+        if text is not None:
+            if not isinstance(text, str):
+                raise RequestError(f"{what} text must be a string, got {type(text).__name__}")
+            ids = require_tokenizer(self.tokenizer, f"text {what}").encode(text)
+        else:
+            ids = input_ids.flatten().tolist() if isinstance(input_ids, torch.Tensor) else input_ids
+            if not isinstance(ids, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+                raise RequestError(f"{what} ids must be a list of integers")
+            ids = list(ids)
+        if not ids:
+            raise RequestError(f"{what} is empty: give at least one token")
+        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is out of range for vocabulary size {self.config.vocab_size}")
+        return ids
 
-    def generate(self, requests: Request | list[Request]) -> list[RequestOutput]:
-        """Run requests to completion; results in request order. All are validated before any runs."""
-        if isinstance(requests, Request):
-            requests = [requests]
-        prepared = [self.prepare(r) for r in requests]
-        return [self._generate_reference(p) for p in prepared]
+    # ---- step-level API (what a server loop drives) ---------------------------------------------------
+    def add_request(self, request: Request) -> str:
+        """Validate and queue a request; returns its id. A bad request raises and leaves the engine unchanged."""
+        prep = self.prepare(request)
+        if request.request_id in self._sequences:
+            raise RequestError(f"request id {request.request_id!r} is already in use")
+        seq = Sequence(
+            request=request,
+            prompt=prep.prompt,
+            input_ids=prep.input_ids,
+            params=prep.params,
+            generator=make_generator(prep.params, self.device),
+            timing=RequestTiming(arrival=time.perf_counter()),
+            arrival_order=next(self._order),
+        )
+        self._sequences[request.request_id] = seq
+        self.scheduler.add(seq)
+        return request.request_id
 
-    def _generate_reference(self, prep: PreparedRequest) -> RequestOutput:
-        timing = RequestTiming(arrival=time.perf_counter())
-        params = prep.request.sampling
-        if prep.max_new_tokens != params.max_new_tokens:
-            params = _with_max_new_tokens(params, prep.max_new_tokens)
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request wherever it is and free its KV; returns its final output (finish_reason "abort")."""
+        seq = self._sequences.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq)
+        seq.finish_reason = "abort"
+        seq.timing.finished = time.perf_counter()
+        return self._output(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        """One engine iteration; returns an output for every request that got a token or finished."""
+        if self.backend == "reference":
+            return self._reference_step()
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        logits = self.runner.run(batch.seqs, batch.num_tokens)
+        sampled = []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
+            seq.num_computed += n
+            if seq.num_computed == seq.num_tokens:  # reached the end of its tokens: sample the next one
+                sampled.append(i)
+        if not sampled:
+            return []
+        seqs = [batch.seqs[i] for i in sampled]
+        tokens, logprobs = sample_next(logits[sampled], [s.params for s in seqs], [s.generator for s in seqs])
+        now = time.perf_counter()
+        outputs = []
+        for seq, token, lp in zip(seqs, tokens, logprobs):
+            self._append_token(seq, token, lp, now)
+            outputs.append(self._output(seq))
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprob, now: float) -> None:
+        seq.generated.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        if seq.timing.first_token is None:
+            seq.timing.first_token = now
         decode = self.tokenizer.decode if self.tokenizer is not None else None
-        prefix = None if prep.prompt is None else prep.prompt.embeds
-        tokens, logprobs, finish = self.reference.generate(prefix, prep.input_ids, params, self.eos_token_ids, decode)
-        timing.finished = time.perf_counter()
-        return self._output(prep, tokens, logprobs, finish.reason, finish.stop_reason, finish.text_end, timing)
+        finish = check_finish(seq.generated, seq.params, self.eos_token_ids, decode)
+        if finish is not None:
+            seq.finish_reason, seq.stop_reason, seq.text_end = finish.reason, finish.stop_reason, finish.text_end
+            seq.timing.finished = now
+            self.scheduler.finish(seq)
+            self._sequences.pop(seq.request_id, None)
 
-    def _output(self, prep, tokens, logprobs, reason, stop_reason, text_end, timing) -> RequestOutput:
+    def _reference_step(self) -> list[RequestOutput]:
+        """Reference backend: run the oldest waiting request to completion, alone."""
+        if not self.scheduler.waiting:
+            return []
+        seq = self.scheduler.waiting.popleft()
+        decode = self.tokenizer.decode if self.tokenizer is not None else None
+        prefix = None if seq.prompt is None else seq.prompt.embeds
+        tokens, logprobs, finish = self.reference.generate(prefix, seq.input_ids, seq.params, self.eos_token_ids, decode)
+        seq.generated, seq.logprobs = tokens, logprobs or []
+        seq.finish_reason, seq.stop_reason, seq.text_end = finish.reason, finish.stop_reason, finish.text_end
+        seq.timing.first_token = seq.timing.finished = time.perf_counter()
+        seq.status = Status.FINISHED
+        self._sequences.pop(seq.request_id, None)
+        return [self._output(seq)]
+
+    def _output(self, seq: Sequence) -> RequestOutput:
         text = None
         if self.tokenizer is not None:
-            text = self.tokenizer.decode(tokens)
-            if text_end is not None:
-                text = text[:text_end]
+            text = self.tokenizer.decode(seq.generated)
+            if seq.text_end is not None:
+                text = text[: seq.text_end]
         return RequestOutput(
-            request_id=prep.request.request_id,
-            prompt=None if prep.prompt is None else prep.prompt.name,
-            prompt_version=None if prep.prompt is None else prep.prompt.version,
-            input_ids=prep.input_ids,
-            token_ids=tokens,
+            request_id=seq.request_id,
+            prompt=None if seq.prompt is None else seq.prompt.name,
+            prompt_version=None if seq.prompt is None else seq.prompt.version,
+            input_ids=seq.input_ids,
+            token_ids=list(seq.generated),
             text=text,
-            finish_reason=reason,
-            stop_reason=stop_reason,
-            logprobs=logprobs,
-            timing=timing,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+            timing=seq.timing,
         )
 
+    # ---- convenience ---------------------------------------------------------------------------------
+    def generate(self, requests: Request | list[Request]) -> list[RequestOutput]:
+        """Run requests to completion in one continuous batch; results in request order.
+        All requests are validated before any is queued."""
+        final: dict[str, RequestOutput] = {}
+        ids = self._add_all(requests)
+        wanted = set(ids)
+        while wanted - final.keys():
+            for out in self.step():
+                if out.finished and out.request_id in wanted:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]
 
-def _with_max_new_tokens(params: SamplingParams, n: int) -> SamplingParams:
-    from dataclasses import replace
+    def stream(self, requests: Request | list[Request]) -> Iterator[RequestOutput]:
+        """Yield each request's output (cumulative tokens so far) every time it gets a token.
+        Closing the iterator early aborts the requests still running."""
+        ids = self._add_all(requests)
+        pending = set(ids)
+        try:
+            while pending:
+                for out in self.step():
+                    if out.request_id in pending:
+                        if out.finished:
+                            pending.discard(out.request_id)
+                        yield out
+        finally:
+            for request_id in pending:
+                self.abort(request_id)
 
-    return replace(params, max_new_tokens=n)
+    def _add_all(self, requests: Request | list[Request]) -> list[str]:
+        if isinstance(requests, Request):
+            requests = [requests]
+        for r in requests:
+            self.prepare(r)
+        if len({r.request_id for r in requests}) != len(requests):
+            raise RequestError("request ids in one call must be distinct")
+        return [self.add_request(r) for r in requests]
+
+    def score(
+        self, prompt: str | None, context: str | list[int], continuations: list[str] | list[list[int]]
+    ) -> list[float]:
+        """Log-likelihood (sum of token log-probs) of each continuation after `context`, under `prompt`."""
+        soft = None if prompt is None else self.prompts.get(prompt)
+        ctx = self._input_ids(*((None, context) if isinstance(context, str) else (context, None)), what="context")
+        conts = []
+        for c in continuations:
+            if isinstance(c, str):
+                conts.append(self._input_ids(require_tokenizer(self.tokenizer, "text continuation").encode(
+                    c, add_special_tokens=False), None, what="continuation"))
+            else:
+                conts.append(self._input_ids(c, None, what="continuation"))
+        p = 0 if soft is None else soft.length
+        for c in conts:
+            if p + len(ctx) + len(c) > self.config.max_positions:
+                raise RequestError(f"context + continuation of {len(ctx) + len(c)} tokens after a {p}-token prompt "
+                                   f"exceeds the model's {self.config.max_positions} positions")
+        return [self._score_one(soft, ctx, c) for c in conts]
+
+    def _score_one(self, prompt: SoftPrompt | None, ctx: list[int], cont: list[int]) -> float:
+        ids = ctx + cont
+        if self.backend == "reference":
+            logits = self.reference.logits(None if prompt is None else prompt.embeds, ids)
+        else:
+            seq = Sequence(Request(prompt=None if prompt is None else prompt.name, input_ids=ids), prompt, ids,
+                           SamplingParams(), None, RequestTiming(time.perf_counter()), -1)
+            try:
+                if prompt is not None:
+                    seq.prefix = self.prefix_cache.acquire(prompt)
+                seq.blocks = self.prefix_cache.allocate(self.pool.blocks_for(len(ids)))
+                logits = self.runner.run([seq], [len(ids)], all_logits=True)
+            finally:
+                self.scheduler.release(seq)
+        logprobs = torch.log_softmax(logits[len(ctx) - 1: len(ids) - 1], dim=-1)
+        return float(logprobs.gather(1, torch.tensor(cont, device=logits.device)[:, None]).sum())

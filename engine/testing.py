@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,22 @@ _WORDS = (
     "big small red blue green old young quiet loud happy sad bright dark warm cold fast slow "
     "mat table window door hill lake forest field book letter song story morning evening night day"
 ).split()
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence transformers' progress bars and PEFT's deprecation chatter while building fixtures."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*is_gradient_checkpointing.*")
+            yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _corpus(num_sentences: int = 400) -> list[str]:
@@ -62,7 +81,9 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 512) -> Path:
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
+    )
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [UNK_ID, BOS_ID, EOS_ID, PAD_ID]
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -77,8 +98,9 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 512) -> Path:
     return out_dir
 
 
-def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int | None,
-               intermediate_size: int | None, max_positions: int, tie_word_embeddings: bool | None, **overrides: Any):
+def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,
+               num_kv_heads: int | None, intermediate_size: int | None, max_positions: int,
+               tie_word_embeddings: bool | None, **overrides: Any) -> Any:
     """The transformers config object for one of SUPPORTED_TINY_ARCHS."""
     import transformers
 
@@ -86,7 +108,8 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
     tie = arch not in ("llama", "mistral") if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "qwen2"):
-        cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config}[arch]
+        cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+               "qwen2": transformers.Qwen2Config}[arch]
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                   num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,
                   max_position_embeddings=max_positions)
@@ -104,13 +127,12 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
 
 @torch.no_grad()
 def _reinit_(model: torch.nn.Module, seed: int, logit_std: float = 2.0) -> None:
-    """Re-draw every parameter at a scale that gives tiny models well-separated, non-degenerate logits."""
+    """Re-draw every parameter at a scale that gives tiny models well-separated, non-repetitive greedy logits."""
     from transformers.pytorch_utils import Conv1D
 
     gen = torch.Generator().manual_seed(seed)
     norms = [m for m in model.modules() if "norm" in type(m).__name__.lower()]
     final_norm = norms[-1] if norms else None
-    # a zero-mean final-norm gain keeps tied heads from predicting the current token again (e.e >> e.e')
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     final_std = logit_std / math.sqrt(model.config.hidden_size) if tied else logit_std
     seen: set[int] = set()
@@ -124,10 +146,14 @@ def _reinit_(model: torch.nn.Module, seed: int, logit_std: float = 2.0) -> None:
                 continue
             seen.add(id(p))
             if isinstance(module, torch.nn.Embedding):
-                draw(p, 1.0)
+                # +-1 entries: every token has the same per-channel energy, so no "hub" token wins under a tied head
+                p.copy_(torch.randint(0, 2, p.shape, generator=gen).to(p.dtype) * 2 - 1)
             elif module is final_norm:
+                # zero-mean gain: with tied embeddings e.(g*e) would otherwise make the current token the argmax
                 draw(p, final_std if name == "weight" else 0.02)
-            elif module in norms:
+                if name == "weight":
+                    p.sub_(p.mean())
+            elif any(module is m for m in norms):
                 draw(p, 0.1, 1.0 if name == "weight" else 0.0)
             elif p.dim() == 1:
                 draw(p, 0.02)
@@ -138,24 +164,26 @@ def _reinit_(model: torch.nn.Module, seed: int, logit_std: float = 2.0) -> None:
 
 def build_tiny_checkpoint(arch: str, out_dir: str | Path, *, dtype: torch.dtype = torch.float32, seed: int = 0,
                           vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
-                          num_kv_heads: int | None = None, intermediate_size: int | None = None, max_positions: int = 256,
-                          tie_word_embeddings: bool | None = None, with_tokenizer: bool = True,
-                          shard_size: str | None = None, **config_overrides: Any) -> Path:
-    """Save a tiny random-weight `arch` causal LM (safetensors, optionally sharded) plus tokenizer to `out_dir`."""
+                          num_kv_heads: int | None = None, intermediate_size: int | None = None,
+                          max_positions: int = 256, tie_word_embeddings: bool | None = None,
+                          with_tokenizer: bool = True, shard_size: str | None = None,
+                          **config_overrides: Any) -> Path:
+    """Save a tiny `arch` causal LM with seed-determined random weights (+ tokenizer) as safetensors in `out_dir`."""
     from transformers import AutoModelForCausalLM
 
     out_dir = Path(out_dir)
-    config = _hf_config(arch, vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-                        num_kv_heads=num_kv_heads, intermediate_size=intermediate_size, max_positions=max_positions,
-                        tie_word_embeddings=tie_word_embeddings, **config_overrides)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    config = _hf_config(arch, vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
+                        num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
+                        max_positions=max_positions, tie_word_embeddings=tie_word_embeddings, **config_overrides)
+    with torch.random.fork_rng(devices=[]):  # HF's own init would otherwise advance the caller's global RNG
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _reinit_(model, seed)
     model = model.to(dtype).eval()
-    if shard_size:
-        model.save_pretrained(out_dir, max_shard_size=shard_size)
-    else:
-        model.save_pretrained(out_dir)
+    with _quiet():
+        if shard_size:
+            model.save_pretrained(out_dir, max_shard_size=shard_size)
+        else:
+            model.save_pretrained(out_dir)
     if with_tokenizer:
         build_tokenizer(out_dir, vocab_size)
     return out_dir
@@ -178,12 +206,13 @@ def build_prompt_tuning_adapter(model_dir: str | Path, out_dir: str | Path, *, n
         prompt_tuning_init_text=(init_text or "the cat sat on the mat") if init == "text" else None,
         tokenizer_name_or_path=str(model_dir),
     )
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), cfg)
-    if init == "random":
-        weight = peft_model.prompt_encoder["default"].embedding.weight
-        with torch.no_grad():
-            weight.copy_(build_prompt_tensor(weight.shape[1], weight.shape[0], seed=seed, scale=scale, dtype=weight.dtype))
-    peft_model.save_pretrained(out_dir)
+    with _quiet():
+        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), cfg)
+        if init == "random":
+            weight = peft_model.prompt_encoder["default"].embedding.weight
+            with torch.no_grad():
+                weight.copy_(build_prompt_tensor(weight.shape[1], weight.shape[0], seed=seed, scale=scale))
+        peft_model.save_pretrained(out_dir)
     return out_dir
 
 

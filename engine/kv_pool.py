@@ -1,0 +1,79 @@
+"""The paged KV pool: fixed-size blocks of keys and values for every layer, and a free list."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .config import ModelConfig
+from .errors import SoftPromptError
+
+
+class OutOfBlocks(Exception):
+    """Raised internally when the pool cannot satisfy an allocation; the scheduler evicts or preempts."""
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 1 << 30
+
+
+class KVPool:
+    """K and V of all layers: [layers, 2, num_blocks, block_size, kv_heads, head_dim]. Block ids index dim 2."""
+
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+        if num_blocks < 1:
+            raise SoftPromptError("the KV pool needs at least one block: raise kv_cache_bytes")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        shape = (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        self.kv = torch.zeros(shape, dtype=dtype, device=device)
+        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return config.num_layers * 2 * block_size * config.num_kv_heads * config.head_dim * itemsize
+
+    @classmethod
+    def sized(
+        cls,
+        config: ModelConfig,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        kv_cache_bytes: int | None,
+        kv_cache_fraction: float | None,
+    ) -> KVPool:
+        """A pool of `kv_cache_bytes`, or of `kv_cache_fraction` of the device's free memory."""
+        if kv_cache_bytes is None:
+            fraction = 0.5 if kv_cache_fraction is None else kv_cache_fraction
+            if not 0 < fraction <= 1:
+                raise SoftPromptError(f"kv_cache_fraction must be in (0, 1], got {fraction}")
+            kv_cache_bytes = int(available_memory_bytes(device) * fraction)
+            if device.type == "cpu":  # a CPU pool never needs more than a few thousand blocks for tiny models
+                kv_cache_bytes = min(kv_cache_bytes, 1 << 30)
+        if kv_cache_bytes <= 0:
+            raise SoftPromptError(f"kv_cache_bytes must be positive, got {kv_cache_bytes}")
+        return cls(config, kv_cache_bytes // cls.bytes_per_block(config, block_size, dtype), block_size, dtype, device)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise OutOfBlocks(n)
+        return [self._free.pop() for _ in range(n)]
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)

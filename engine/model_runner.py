@@ -1,0 +1,52 @@
+"""Packs a scheduled batch (token ids, positions, two-segment block tables) and runs the model on it."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .attention_torch import BatchMetadata, SeqSlice, TorchPagedAttention
+from .kv_pool import KVPool
+from .models import CausalLM
+from .prompts import SoftPrompt
+from .sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, pool: KVPool):
+        self.model = model
+        self.pool = pool
+        self.device = model.word_embeddings.weight.device
+        c = model.config
+        self.alibi = getattr(model, "alibi_slopes", None) if c.position_encoding == "alibi" else None
+
+    def _attention(self, slices: list[SeqSlice]) -> TorchPagedAttention:
+        meta = BatchMetadata.build(slices, self.pool.block_size, self.device)
+        return TorchPagedAttention(self.pool, meta, self.model.config.attention_scale, self.alibi)
+
+    @torch.no_grad()
+    def compute_prefix(self, prompt: SoftPrompt, blocks: list[int]) -> None:
+        """Run the model over a prompt's P rows (positions 0..P-1) and keep every layer's K/V in `blocks`."""
+        p = prompt.length
+        attention = self._attention([SeqSlice(p, [], 0, blocks, 0)])
+        self.model(prompt.embeds, torch.arange(p, device=self.device), attention)
+
+    @torch.no_grad()
+    def run(self, seqs: list[Sequence], num_tokens: list[int], all_logits: bool = False) -> Tensor:
+        """Compute `num_tokens[i]` new own tokens of each sequence; return fp32 logits of each one's last new
+        token [B, V] (or of every new token, [T, V], with `all_logits`)."""
+        ids, positions, slices = [], [], []
+        for seq, n in zip(seqs, num_tokens):
+            start = seq.num_computed
+            ids.extend(seq.tokens[start:start + n])
+            p = seq.prefix_length
+            positions.append(torch.arange(p + start, p + start + n))
+            prefix_blocks = seq.prefix.blocks if seq.prefix is not None else []
+            slices.append(SeqSlice(n, prefix_blocks, p, seq.blocks, start))
+        ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
+        pos_t = torch.cat(positions).to(self.device)
+        hidden = self.model(self.model.embed_tokens(ids_t), pos_t, self._attention(slices))
+        if not all_logits:
+            last = torch.tensor(num_tokens, device=self.device).cumsum(0) - 1
+            hidden = hidden[last]
+        return self.model.compute_logits(hidden)

@@ -1,0 +1,118 @@
+"""Continuous batching across tasks: admission by KV budget, chunked prefill beside decode, preemption."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from .kv_pool import OutOfBlocks
+from .prefix_cache import PrefixCache
+from .sequence import Sequence, Status
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256  # running sequences at most
+    max_batched_tokens: int = 2048  # new tokens per step at most (longer inputs are prefilled in chunks)
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence]
+    num_tokens: list[int]
+
+
+class Scheduler:
+    """Each step: every running sequence gets its next token(s) (decode first, then prefill chunks), then
+    waiting sequences are admitted while the token budget and the KV pool allow. When blocks run out,
+    unreferenced prefixes are evicted first, then the newest running sequence is preempted (recomputed later)."""
+
+    def __init__(self, prefix_cache: PrefixCache, config: SchedulerConfig):
+        self.prefix_cache = prefix_cache
+        self.pool = prefix_cache.pool
+        self.config = config
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _ensure_blocks(self, seq: Sequence, num_own_tokens: int) -> None:
+        need = self.pool.blocks_for(num_own_tokens) - len(seq.blocks)
+        if need > 0:
+            seq.blocks.extend(self.prefix_cache.allocate(need))
+
+    def release(self, seq: Sequence) -> None:
+        """Give back a sequence's own blocks and its prefix reference."""
+        self.pool.free(seq.blocks)
+        seq.blocks = []
+        seq.num_computed = 0
+        if seq.prefix is not None:
+            self.prefix_cache.release(seq.prefix)
+            seq.prefix = None
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.release(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.release(seq)
+        seq.status = Status.FINISHED
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.config.max_batched_tokens
+        preemptions_before = self.num_preemptions
+        batch: list[Sequence] = []
+        counts: list[int] = []
+        # running sequences, oldest first; decode (1 token) before prefill chunks
+        for seq in sorted(self.running, key=lambda s: (s.remaining_prefill > 1, s.arrival_order)):
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:  # preempted while making room for an older one
+                continue
+            n = min(seq.remaining_prefill, budget)
+            while True:
+                try:
+                    self._ensure_blocks(seq, seq.num_computed + n)
+                    break
+                except OutOfBlocks:
+                    victim = max((s for s in self.running if s not in batch), key=lambda s: s.arrival_order)
+                    self._preempt(victim)
+                    if victim is seq:
+                        break
+            if seq.status is Status.RUNNING:
+                batch.append(seq)
+                counts.append(n)
+                budget -= n
+        # admit waiting sequences in arrival order while there is room (not in a step that had to preempt)
+        while (
+            self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
+            and self.num_preemptions == preemptions_before
+        ):
+            seq = self.waiting[0]
+            n = min(seq.remaining_prefill, budget)
+            try:
+                if seq.prompt is not None and seq.prefix is None:
+                    seq.prefix = self.prefix_cache.acquire(seq.prompt)
+                self._ensure_blocks(seq, n)
+            except OutOfBlocks:
+                self.release(seq)
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            batch.append(seq)
+            counts.append(n)
+            budget -= n
+        return ScheduledBatch(batch, counts)

@@ -1,0 +1,65 @@
+"""A request's state inside the runtime."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from .prompts import SoftPrompt
+from .request import Request, RequestTiming
+from .sampling import SamplingParams, TokenLogprob
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Own tokens (input + generated) live in own blocks; the task prefix is the prompt's shared blocks.
+
+    `num_computed` counts own tokens whose K/V are in the pool. Preemption frees the own blocks and resets it:
+    the sequence is recomputed from its tokens (input and those generated so far) when it runs again.
+    """
+
+    request: Request
+    prompt: SoftPrompt | None
+    input_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    timing: RequestTiming
+    arrival_order: int
+    generated: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    text_end: int | None = None
+    prefix: object | None = None  # the PrefixEntry held while running
+    num_emitted: int = 0  # generated tokens already handed to the caller (streaming)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.input_ids + self.generated
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids) + len(self.generated)
+
+    @property
+    def prefix_length(self) -> int:
+        return 0 if self.prompt is None else self.prompt.length
+
+    @property
+    def remaining_prefill(self) -> int:
+        return self.num_tokens - self.num_computed
