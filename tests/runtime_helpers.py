@@ -1,0 +1,46 @@
+"""Shared helpers for runtime tests: request builders and pool-accounting checks."""
+
+from __future__ import annotations
+
+import torch
+
+from softprompt import Engine, Request, SamplingParams
+from softprompt.testing import build_prompt_tensor
+
+
+def register_tasks(engines: list[Engine], num_tasks: int, hidden: int = 64, base_len: int = 3) -> list[str]:
+    """The same tasks (random soft prompts of varied lengths, one text prompt) in every engine."""
+    names = []
+    for t in range(num_tasks):
+        name = f"task{t}"
+        for e in engines:
+            if t == 1 and e.tokenizer is not None:
+                e.add_prompt(name, text="the quick dog sat on the mat")
+            else:
+                e.add_prompt(name, build_prompt_tensor(hidden, base_len + (t * 5) % 19, seed=t))
+        names.append(name)
+    return names
+
+
+def make_requests(names: list[str | None], n: int, seed: int = 0, max_new_tokens: int = 8, **sampling) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = int(torch.randint(1, 40, (1,), generator=g))
+        ids = torch.randint(4, 512, (length,), generator=g).tolist()
+        params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, **sampling)
+        out.append({"prompt": names[i % len(names)], "input_ids": ids, "sampling": params})
+    return out
+
+
+def run(engine: Engine, specs: list[dict]) -> list[list[int]]:
+    return [o.token_ids for o in engine.generate([Request(**s) for s in specs])]
+
+
+def assert_no_leaks(engine: Engine) -> None:
+    """Every block is free or held by an idle cached prefix; no request holds anything."""
+    assert not engine.has_unfinished_requests()
+    held = sum(len(e.blocks) for e in engine.prefix_cache.entries)
+    assert engine.pool.num_free + held == engine.pool.num_blocks
+    assert all(e.refcount == 0 for e in engine.prefix_cache.entries)
+    assert len(set(engine.pool._free)) == len(engine.pool._free)  # no block freed twice

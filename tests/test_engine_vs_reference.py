@@ -1,0 +1,186 @@
+"""The batched runtime (backend="torch") against the reference path: identical greedy tokens in fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from softprompt import Engine, Request, SamplingParams
+
+from .runtime_helpers import assert_no_leaks, make_requests, register_tasks, run
+
+ARCHS = ["llama", "qwen2", "gpt2", "bloom"]
+LOGIT_ATOL = 1e-4  # fp32: only summation order differs (padded SDPA vs per-request matmul)
+
+
+@pytest.fixture(scope="module")
+def engines(model_dir_for):
+    cache = {}
+
+    def get(variant: str, **kwargs):
+        key = (variant, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            d = model_dir_for(variant)
+            cache[key] = (Engine(d, device="cpu", dtype="float32", backend="reference"),
+                          Engine(d, device="cpu", dtype="float32", backend="torch", **kwargs))
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("variant", ARCHS)
+def test_mixed_batch_of_many_tasks(variant, model_dir_for):
+    d = model_dir_for(variant)
+    ref = Engine(d, device="cpu", dtype="float32", backend="reference")
+    eng = Engine(d, device="cpu", dtype="float32", backend="torch")
+    names = register_tasks([ref, eng], 8) + [None]  # None: requests without a prompt in the same batch
+    specs = make_requests(names, 27, seed=1)
+    assert run(eng, specs) == run(ref, specs)
+    assert eng.prefix_cache.stats.misses == 8 and all(v == 1 for v in eng.prefix_cache.stats.computations.values())
+    assert_no_leaks(eng)
+
+
+@pytest.mark.parametrize("variant", ["llama", "bloom"])
+def test_alone_equals_in_batch_of_32_other_tasks(variant, model_dir_for):
+    d = model_dir_for(variant)
+    eng = Engine(d, device="cpu", dtype="float32", backend="torch")
+    names = register_tasks([eng], 33)
+    specs = make_requests(names, 33, seed=2)
+    alone = run(eng, specs[:1])
+    in_batch = run(eng, specs)
+    assert in_batch[0] == alone[0]
+    assert_no_leaks(eng)
+
+
+def test_prefix_cache_hit_equals_miss_and_precompute(engines):
+    ref, eng = engines("llama")
+    register = lambda e, n: e.add_prompt(n, torch.randn(11, 64, generator=torch.Generator().manual_seed(7)))  # noqa: E731
+    register(ref, "p"), register(eng, "p")
+    specs = make_requests(["p"], 3, seed=3)
+    misses = eng.prefix_cache.stats.misses
+    cold = run(eng, specs[:1])
+    assert eng.prefix_cache.stats.misses == misses + 1
+    warm = run(eng, specs[:1])
+    assert eng.prefix_cache.stats.misses == misses + 1 and cold == warm == run(ref, specs[:1])
+    eng.add_prompt("q", torch.randn(5, 64), precompute=True)
+    assert eng.prefix_cache.stats.computations[eng.prompts.get("q").key] == 1
+    assert_no_leaks(eng)
+
+
+def test_replacing_a_prompt_invalidates_its_prefix(engines):
+    ref, eng = engines("gpt2")
+    t1, t2 = torch.randn(6, 64), torch.randn(6, 64)
+    eng.add_prompt("r", t1)
+    ref.add_prompt("r", t2)
+    specs = make_requests(["r"], 2, seed=4)
+    run(eng, specs)
+    old_key = eng.prompts.get("r").key
+    eng.add_prompt("r", t2, replace=True)
+    assert run(eng, specs) == run(ref, specs)
+    assert old_key not in {e.prompt.key for e in eng.prefix_cache.entries}
+    assert_no_leaks(eng)
+
+
+def test_eviction_and_recompute(model_dir_for):
+    d = model_dir_for("llama")
+    ref = Engine(d, device="cpu", dtype="float32", backend="reference")
+    # 2 layers * 2 * 16 tokens * 2 kv heads * 16 dims * 4 bytes = 8 KiB per block; 24 blocks
+    eng = Engine(d, device="cpu", dtype="float32", backend="torch", kv_cache_bytes=24 * 8192)
+    names = register_tasks([ref, eng], 10, base_len=17)
+    specs = make_requests(names, 20, seed=5, max_new_tokens=4)
+    assert run(eng, specs) == run(ref, specs)
+    assert eng.prefix_cache.stats.evictions > 0
+    assert any(v > 1 for v in eng.prefix_cache.stats.computations.values())  # recomputed after eviction
+    assert_no_leaks(eng)
+
+
+def test_chunked_prefill(model_dir_for):
+    d = model_dir_for("qwen2")
+    ref = Engine(d, device="cpu", dtype="float32", backend="reference")
+    eng = Engine(d, device="cpu", dtype="float32", backend="torch", max_batched_tokens=7)
+    names = register_tasks([ref, eng], 3)
+    specs = make_requests(names, 6, seed=6)
+    assert max(len(s["input_ids"]) for s in specs) > 7  # inputs really are split into chunks
+    assert run(eng, specs) == run(ref, specs)
+    assert_no_leaks(eng)
+
+
+@pytest.mark.parametrize("variant", ["llama", "bloom"])
+def test_preemption_by_recompute(variant, model_dir_for):
+    d = model_dir_for(variant)
+    ref = Engine(d, device="cpu", dtype="float32", backend="reference")
+    bpb = __import__("softprompt.engine.kv_pool", fromlist=["KVPool"]).KVPool.bytes_per_block(
+        ref.config, 4, torch.float32)
+    eng = Engine(d, device="cpu", dtype="float32", backend="torch", block_size=4, kv_cache_bytes=40 * bpb)
+    names = register_tasks([ref, eng], 2)
+    specs = make_requests(names, 10, seed=7, max_new_tokens=12)
+    assert run(eng, specs) == run(ref, specs)
+    assert eng.scheduler.num_preemptions > 0
+    assert_no_leaks(eng)
+
+
+@pytest.mark.parametrize("variant", ARCHS)
+def test_scores_and_logprobs_close_to_reference(variant, engines):
+    ref, eng = engines(variant)
+    prompt = torch.randn(9, 64, generator=torch.Generator().manual_seed(8))
+    ref.add_prompt("s", prompt, replace=True), eng.add_prompt("s", prompt, replace=True)
+    conts = [[10, 11, 12], [13], [400, 401]]
+    torch.testing.assert_close(torch.tensor(eng.score("s", [5, 6, 7, 8], conts)),
+                               torch.tensor(ref.score("s", [5, 6, 7, 8], conts)), atol=LOGIT_ATOL, rtol=0)
+    spec = make_requests(["s"], 1, seed=9, logprobs=3)[0]
+    a, b = eng.generate([Request(**spec)])[0], ref.generate([Request(**spec)])[0]
+    assert a.token_ids == b.token_ids
+    for x, y in zip(a.logprobs, b.logprobs):
+        assert x.token_id == y.token_id and abs(x.logprob - y.logprob) < LOGIT_ATOL
+        assert x.top.keys() == y.top.keys() and len(x.top) == 3
+    assert_no_leaks(eng)
+
+
+def test_seeded_sampling_independent_of_batch(engines):
+    ref, eng = engines("llama")
+    names = register_tasks([eng], 4) if "task0" not in eng.prompts else ["task0", "task1", "task2", "task3"]
+    specs = make_requests(names, 12, seed=10, temperature=0.9, top_p=0.9, top_k=50)
+    specs = [dict(s, sampling=SamplingParams(**{**s["sampling"].__dict__, "seed": i})) for i, s in enumerate(specs)]
+    together = run(eng, specs)
+    alone = [run(eng, [s])[0] for s in specs[:4]]
+    assert together[:4] == alone
+    assert len({tuple(t) for t in together}) > 1
+    assert_no_leaks(eng)
+
+
+def test_abort_frees_and_others_unaffected(engines):
+    ref, eng = engines("gpt2")
+    names = register_tasks([ref, eng], 3) if "task0" not in eng.prompts else ["task0", "task1", "task2"]
+    specs = make_requests(names, 6, seed=11, max_new_tokens=10)
+    expected = run(ref, specs)
+    ids = [eng.add_request(Request(**s)) for s in specs]
+    outs = {}
+    for _ in range(3):
+        for o in eng.step():
+            outs[o.request_id] = o
+    aborted = eng.abort(ids[2])
+    assert aborted.finish_reason == "abort"
+    assert eng.abort("no-such-request") is None
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            outs[o.request_id] = o
+    for i, rid in enumerate(ids):
+        if i != 2:
+            assert outs[rid].token_ids == expected[i]
+    assert_no_leaks(eng)
+
+
+def test_stream_yields_growing_outputs_and_close_aborts(engines):
+    ref, eng = engines("llama")
+    names = register_tasks([eng], 2) if "task0" not in eng.prompts else ["task0", "task1"]
+    specs = make_requests(names, 2, seed=12, max_new_tokens=6)
+    seen: dict[str, list[int]] = {}
+    for out in eng.stream([Request(**s) for s in specs]):
+        prev = seen.get(out.request_id, [])
+        assert out.token_ids[: len(prev)] == prev and len(out.token_ids) == len(prev) + 1
+        seen[out.request_id] = out.token_ids
+    assert sorted(len(v) for v in seen.values()) == [6, 6]
+    gen = eng.stream([Request(**s) for s in specs])
+    next(gen)
+    gen.close()
+    assert_no_leaks(eng)
