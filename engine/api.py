@@ -155,6 +155,8 @@ class Engine:
         if text is not None:
             if not isinstance(text, str):
                 raise RequestError(f"{what} text must be a string, got {type(text).__name__}")
+            if not text:
+                raise RequestError(f"{what} is empty: give at least one token")
             ids = require_tokenizer(self.tokenizer, f"text {what}").encode(text)
         else:
             ids = input_ids.flatten().tolist() if isinstance(input_ids, torch.Tensor) else input_ids

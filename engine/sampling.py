@@ -92,6 +92,7 @@ def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of strictly better tokens
         sorted_probs = sorted_probs.masked_fill(before >= params.top_p, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        probs = probs / probs.sum()
     return probs
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks.c1` (workload C1, CPU fp32)."""

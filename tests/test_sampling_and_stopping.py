@@ -1,0 +1,72 @@
+"""Sampling filters, stop conditions and text I/O through the engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from softprompt import Engine, Request, SamplingParams
+from softprompt.engine.sampling import _filtered_probs, sample_next
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0])
+    probs = _filtered_probs(logits, SamplingParams(temperature=1.0, top_k=2))
+    assert (probs[2:] == 0).all() and torch.isclose(probs.sum(), torch.tensor(1.0))
+    full = torch.softmax(logits, -1)
+    probs = _filtered_probs(logits, SamplingParams(temperature=1.0, top_p=full[0].item() + 1e-3))
+    assert (probs[:2] > 0).all() and (probs[2:] == 0).all()
+    probs = _filtered_probs(logits, SamplingParams(temperature=1.0, top_p=0.01))
+    assert probs[0] == 1.0
+
+
+def test_seeded_sampling_reproducible_and_greedy_is_argmax():
+    logits = torch.randn(3, 50)
+    params = [SamplingParams(temperature=1.0, seed=s) for s in (1, 1, 2)]
+    gens = [torch.Generator().manual_seed(p.seed) for p in params]
+    a, _ = sample_next(logits[[0, 0, 0]], params, gens)
+    assert a[0] == a[1]
+    greedy, lps = sample_next(logits, [SamplingParams(logprobs=2)] * 3, [None] * 3)
+    assert greedy == logits.argmax(-1).tolist()
+    assert all(len(lp.top) == 2 and lp.token_id in lp.top for lp in lps)
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir_for):
+    return Engine(model_dir_for("llama"), device="cpu", dtype="float32", backend="torch")
+
+
+def test_stop_token_ids_and_eos(engine):
+    free = engine.generate([Request(input_ids=[5, 6, 7], sampling=SamplingParams(max_new_tokens=8, ignore_eos=True))])
+    tokens = free[0].token_ids
+    stop_at = tokens[3]
+    out = engine.generate([Request(input_ids=[5, 6, 7],
+                                   sampling=SamplingParams(max_new_tokens=8, stop_token_ids=[stop_at]))])[0]
+    assert out.token_ids == tokens[: tokens.index(stop_at) + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_at
+    # EOS ends generation unless ignore_eos; make the model's EOS be the greedy next token by registering it
+    eos = engine.eos_token_ids[0]
+    e_out = engine.generate([Request(input_ids=[5, 6, 7], sampling=SamplingParams(max_new_tokens=8,
+                                                                                  stop_token_ids=[eos]))])[0]
+    assert e_out.finish_reason in ("stop", "length")
+
+
+def test_stop_strings_cut_text(engine):
+    base = engine.generate([Request(text="the cat", sampling=SamplingParams(max_new_tokens=12, ignore_eos=True))])[0]
+    assert base.text and base.finish_reason == "length"
+    stop = base.text[len(base.text) // 2: len(base.text) // 2 + 2]
+    if not stop.strip():
+        pytest.skip("generated text has no usable stop substring")
+    out = engine.generate([Request(text="the cat", sampling=SamplingParams(max_new_tokens=12, stop=[stop],
+                                                                          ignore_eos=True))])[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert stop not in out.text and base.text.startswith(out.text)
+
+
+def test_text_input_equals_token_ids(engine):
+    ids = engine.tokenizer.encode("the dog ran")
+    a = engine.generate([Request(text="the dog ran", sampling=SamplingParams(max_new_tokens=5))])[0]
+    b = engine.generate([Request(input_ids=ids, sampling=SamplingParams(max_new_tokens=5))])[0]
+    assert a.token_ids == b.token_ids and a.input_ids == ids
+    assert a.text == engine.tokenizer.decode(a.token_ids)
+    assert a.timing.ttft is not None and a.timing.latency >= a.timing.ttft
