@@ -1,0 +1,44 @@
+"""The `softprompt` command: demo, generate, clear errors, planned subcommands."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from softprompt import Engine, Request, SamplingParams
+from softprompt.engine.cli import main
+
+
+def test_generate_with_adapter_matches_api(model_dir_for, adapter_for, capsys):
+    d, adapter = model_dir_for("gpt2"), adapter_for("gpt2")
+    assert main(["generate", str(d), "--prompt", f"t={adapter}", "--task", "t", "--ids", "5,6,7",
+                 "--max-new-tokens", "6", "--json", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    engine = Engine(d, device="cpu")
+    engine.add_prompt("t", adapter)
+    expected = engine.generate([Request(prompt="t", input_ids=[5, 6, 7], sampling=SamplingParams(max_new_tokens=6))])
+    assert result["token_ids"] == expected[0].token_ids and result["prompt_version"] == expected[0].prompt_version
+
+
+def test_generate_text_and_text_prompt(model_dir_for, capsys):
+    d = model_dir_for("llama")
+    assert main(["generate", str(d), "--text-prompt", "h=be brief:", "--task", "h", "--text", "the cat",
+                 "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_clear_errors_exit_2(model_dir_for, tmp_path, capsys):
+    d = model_dir_for("llama")
+    assert main(["generate", str(d), "--task", "missing", "--ids", "5", "--device", "cpu"]) == 2
+    assert "unknown prompt 'missing'" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "nope"), "--ids", "5"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["serve"]) == 2
+
+
+def test_python_dash_m_demo_runs():
+    proc = subprocess.run([sys.executable, "-m", "softprompt", "demo", "--tasks", "2", "--requests", "4",
+                           "--max-new-tokens", "3"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "output tokens/s" in proc.stdout and "computed once per task" in proc.stdout
