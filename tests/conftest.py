@@ -38,7 +38,7 @@ _cache: dict[str, Path] = {}
 def tiny_model(root: Path, variant: str) -> Path:
     if variant not in _cache:
         arch, options = MODEL_VARIANTS[variant]
-        _cache[variant] = build_tiny_checkpoint(arch, root / variant, seed=len(_cache), **options)
+        _cache[variant] = build_tiny_checkpoint(arch, root / variant, seed=list(MODEL_VARIANTS).index(variant), **options)
     return _cache[variant]
 
 

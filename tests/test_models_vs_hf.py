@@ -89,10 +89,10 @@ def test_half_precision_close_to_hf(variant, dtype, model_dir_for, adapter_for):
     engine = Engine(model_dir, device="cpu", dtype=dtype, backend="reference")
     prompt = engine.add_prompt("task", adapter)
     assert prompt.embeds.dtype == dtype
-    ids = random_ids(16, 3)
+    ids = random_ids(48, 3)
     with torch.no_grad():
-        hf_half = hf_peft_model(model_dir, adapter, dtype=dtype)(input_ids=torch.tensor([ids])).logits[0, -16:].float()
-        truth = hf_peft_model(model_dir, adapter)(input_ids=torch.tensor([ids])).logits[0, -16:].float()
+        hf_half = hf_peft_model(model_dir, adapter, dtype=dtype)(input_ids=torch.tensor([ids])).logits[0, -48:].float()
+        truth = hf_peft_model(model_dir, adapter)(input_ids=torch.tensor([ids])).logits[0, -48:].float()
     got = engine.reference.logits(prompt.embeds, ids)
     hf_error = (hf_half - truth).abs().max().item()
     assert hf_error < HALF_ATOL[dtype] * truth.abs().max().item()  # the test itself is meaningful
@@ -102,5 +102,5 @@ def test_half_precision_close_to_hf(variant, dtype, model_dir_for, adapter_for):
     # greedy agreement wherever the fp32 top-2 margin is larger than the rounding noise (not a near-tie)
     top2 = truth.topk(2, dim=-1).values
     decisive = (top2[:, 0] - top2[:, 1]) > 2 * tolerance
-    assert decisive.sum() >= 8
+    assert decisive.sum() >= 12  # enough positions for the agreement check to mean something
     assert torch.equal(got.argmax(-1)[decisive], truth.argmax(-1)[decisive])
