@@ -27,8 +27,15 @@ class SeqSlice:
     own_start: int  # own index of the first new token (= tokens already in the pool)
 
 
+def _pad_tables(tables: list[list[int]]) -> Tensor:
+    width = max(1, max(len(t) for t in tables))
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+
+
 @dataclass
 class BatchMetadata:
+    """Everything attention needs for one step, built with a fixed number of tensor ops whatever the batch size."""
+
     seqs: list[SeqSlice]
     slot_mapping: Tensor  # [T] flat pool slot of each new token's K/V
     query_rows: Tensor  # [B, maxQ] packed row of each (seq, query) or T (padding)
@@ -38,56 +45,70 @@ class BatchMetadata:
 
     @classmethod
     def build(cls, seqs: list[SeqSlice], block_size: int, device: torch.device) -> BatchMetadata:
-        slots, rows, key_slots, key_pos, masks = [], [], [], [], []
-        max_q = max(s.num_queries for s in seqs)
-        max_k = max(s.prefix_len + s.own_start + s.num_queries for s in seqs)
-        t = sum(s.num_queries for s in seqs)
-        row = 0
-        for s in seqs:
-            own_len = s.own_start + s.num_queries
-            own = torch.arange(own_len)
-            own_slots = torch.tensor(s.own_blocks, dtype=torch.long)[own // block_size] * block_size + own % block_size
-            pre = torch.arange(s.prefix_len)
-            pre_slots = torch.tensor(s.prefix_blocks, dtype=torch.long)[pre // block_size] * block_size + pre % block_size
-            slots.append(own_slots[s.own_start:])
-            r = torch.full((max_q,), t, dtype=torch.long)
-            r[: s.num_queries] = torch.arange(row, row + s.num_queries)
-            rows.append(r)
-            row += s.num_queries
-            k = torch.zeros(max_k, dtype=torch.long)
-            k[: s.prefix_len] = pre_slots
-            k[s.prefix_len: s.prefix_len + own_len] = own_slots
-            key_slots.append(k)
-            key_pos.append(torch.arange(max_k))
-            q_own = s.own_start + torch.arange(max_q)  # own index of each query
-            k_idx = torch.arange(max_k)
-            visible = (k_idx[None, :] < s.prefix_len) | (
-                (k_idx[None, :] >= s.prefix_len) & (k_idx[None, :] - s.prefix_len <= q_own[:, None])
-            )
-            visible &= (k_idx < s.prefix_len + own_len)[None, :]
-            visible[s.num_queries:] = True  # padding queries: any finite row, discarded afterwards
-            masks.append(visible)
+        nq = torch.tensor([s.num_queries for s in seqs])
+        plen = torch.tensor([s.prefix_len for s in seqs])
+        start = torch.tensor([s.own_start for s in seqs])
+        prefix_tab = _pad_tables([s.prefix_blocks for s in seqs])
+        own_tab = _pad_tables([s.own_blocks for s in seqs])
+        own_len = start + nq
+        max_q, max_k = int(nq.max()), int((plen + own_len).max())
+        cu = torch.cumsum(nq, 0) - nq
+        t = int(nq.sum())
+
+        def slots(table: Tensor, idx: Tensor) -> Tensor:  # idx [B, N] token index within a segment (>= 0)
+            blocks = table.gather(1, (idx // block_size).clamp(max=table.shape[1] - 1))
+            return blocks * block_size + idx % block_size
+
+        k = torch.arange(max_k)[None, :]
+        own_idx = (k - plen[:, None]).clamp(min=0)
+        is_prefix = k < plen[:, None]
+        key_valid = k < (plen + own_len)[:, None]
+        key_slots = torch.where(is_prefix, slots(prefix_tab, k.clamp(max=max(0, prefix_tab.shape[1] * block_size - 1))
+                                                 .expand(len(seqs), -1)), slots(own_tab, own_idx))
+        key_slots = key_slots.masked_fill(~key_valid, 0)
+
+        qi = torch.arange(max_q)[None, :]
+        q_valid = qi < nq[:, None]
+        query_rows = torch.where(q_valid, cu[:, None] + qi, torch.full_like(qi, t))
+        q_own = start[:, None] + qi  # own index of each query
+        visible = is_prefix[:, None, :] | (
+            (~is_prefix)[:, None, :] & (own_idx[:, None, :] <= q_own[:, :, None])
+        )
+        visible = (visible & key_valid[:, None, :]) | ~q_valid[:, :, None]  # padding queries: any finite row
+
+        new_slots = slots(own_tab, q_own.clamp(max=own_tab.shape[1] * block_size - 1))[q_valid]
         return cls(
             seqs=seqs,
-            slot_mapping=torch.cat(slots).to(device),
-            query_rows=torch.stack(rows).to(device),
-            key_slots=torch.stack(key_slots).to(device),
-            key_positions=torch.stack(key_pos).to(device),
-            mask=torch.stack(masks)[:, None].to(device),
+            slot_mapping=new_slots.to(device),
+            query_rows=query_rows.to(device),
+            key_slots=key_slots.to(device),
+            key_positions=k.expand(len(seqs), -1).to(device),
+            mask=visible[:, None].to(device),
         )
 
 
 class TorchPagedAttention:
-    """Writes the new tokens' K/V into the pool, then attends over [prefix ; own] per sequence."""
+    """Writes the new tokens' K/V into the pool, then attends over [prefix ; own] per sequence.
 
-    def __init__(self, pool: KVPool, meta: BatchMetadata, scale: float, alibi_slopes: Tensor | None):
+    Grouped-query attention folds the query heads that share a KV head into the query axis, so K/V are
+    never repeated."""
+
+    def __init__(self, pool: KVPool, meta: BatchMetadata, scale: float, alibi_slopes: Tensor | None, num_heads: int):
         self.pool = pool
         self.meta = meta
         self.scale = scale
-        self.bias = None
+        hkv = pool.kv.shape[4]
+        self.rep = num_heads // hkv
+        b, _, max_q, max_k = meta.mask.shape
+        valid = meta.query_rows < meta.slot_mapping.shape[0]
+        self.valid_rows = meta.query_rows[valid]
+        self.valid = valid
         if alibi_slopes is not None:
             bias = alibi_slopes.float()[None, :, None, None] * meta.key_positions.float()[:, None, None, :]
-            self.bias = bias.masked_fill(~meta.mask, float("-inf"))  # [B, H, maxQ, maxK]
+            bias = bias.masked_fill(~meta.mask, float("-inf"))  # [B, Hq, maxQ, maxK]
+            self.mask = bias.view(b, hkv, self.rep * max_q, max_k)
+        else:
+            self.mask = meta.mask.expand(b, 1, max_q, max_k).repeat(1, 1, self.rep, 1) if self.rep > 1 else meta.mask
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         kv = self.pool.kv[layer]
@@ -97,14 +118,13 @@ class TorchPagedAttention:
         flat_v[self.meta.slot_mapping] = v
         keys = flat_k[self.meta.key_slots].transpose(1, 2)  # [B, Hkv, maxK, D]
         values = flat_v[self.meta.key_slots].transpose(1, 2)
-        padded_q = torch.cat([q, q.new_zeros(1, *q.shape[1:])])[self.meta.query_rows].transpose(1, 2)  # [B,Hq,maxQ,D]
-        rep = q.shape[1] // hkv
-        if rep > 1:
-            keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
-        mask = self.bias.to(q.dtype) if self.bias is not None else self.meta.mask
-        out = F.scaled_dot_product_attention(padded_q, keys, values, attn_mask=mask, scale=self.scale)
-        out = out.transpose(1, 2)  # [B, maxQ, Hq, D]
-        valid = self.meta.query_rows < q.shape[0]
+        b, max_q = self.meta.query_rows.shape
+        padded_q = torch.cat([q, q.new_zeros(1, *q.shape[1:])])[self.meta.query_rows]  # [B, maxQ, Hq, D]
+        # [B, maxQ, Hkv, rep, D] -> [B, Hkv, rep * maxQ, D]: the queries of one KV head side by side
+        grouped = padded_q.view(b, max_q, hkv, self.rep, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, self.rep * max_q, d)
+        mask = self.mask.to(q.dtype) if self.mask.dtype != torch.bool else self.mask
+        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=self.scale)
+        out = out.view(b, hkv, self.rep, max_q, d).permute(0, 3, 1, 2, 4).reshape(b, max_q, hkv * self.rep, d)
         result = torch.empty_like(q)
-        result[self.meta.query_rows[valid]] = out[valid]
+        result[self.valid_rows] = out[self.valid]
         return result

@@ -22,7 +22,8 @@ class ModelRunner:
 
     def _attention(self, slices: list[SeqSlice]) -> TorchPagedAttention:
         meta = BatchMetadata.build(slices, self.pool.block_size, self.device)
-        return TorchPagedAttention(self.pool, meta, self.model.config.attention_scale, self.alibi)
+        return TorchPagedAttention(self.pool, meta, self.model.config.attention_scale, self.alibi,
+                                   self.model.config.num_heads)
 
     @torch.no_grad()
     def compute_prefix(self, prompt: SoftPrompt, blocks: list[int]) -> None:
