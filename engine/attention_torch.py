@@ -41,6 +41,7 @@ class BatchMetadata:
     query_rows: Tensor  # [B, maxQ] packed row of each (seq, query) or T (padding)
     key_slots: Tensor  # [B, maxK] flat pool slot of each key (padding: 0)
     key_positions: Tensor  # [B, maxK] absolute position of each key (for ALiBi)
+    query_positions: Tensor  # [B, maxQ] absolute position of each query
     mask: Tensor  # [B, 1, maxQ, maxK] True where the query may attend
 
     @classmethod
@@ -83,6 +84,7 @@ class BatchMetadata:
             query_rows=query_rows.to(device),
             key_slots=key_slots.to(device),
             key_positions=k.expand(len(seqs), -1).to(device),
+            query_positions=(plen[:, None] + q_own).to(device),
             mask=visible[:, None].to(device),
         )
 
@@ -104,7 +106,10 @@ class TorchPagedAttention:
         self.valid_rows = meta.query_rows[valid]
         self.valid = valid
         if alibi_slopes is not None:
-            bias = alibi_slopes.float()[None, :, None, None] * meta.key_positions.float()[:, None, None, :]
+            # slope * (key - query position): softmax ignores the per-query shift, and the values that matter
+            # (recent keys) stay near 0, so the bias keeps its precision when cast to fp16/bf16
+            distance = meta.key_positions[:, None, :] - meta.query_positions[:, :, None]  # [B, maxQ, maxK]
+            bias = alibi_slopes.float()[None, :, None, None] * distance.float()[:, None]
             bias = bias.masked_fill(~meta.mask, float("-inf"))  # [B, Hq, maxQ, maxK]
             self.mask = bias.view(b, hkv, self.rep * max_q, max_k)
         else:
