@@ -80,7 +80,7 @@ class Engine:
         self.reference = ReferencePath(self.model)
         self.pool = KVPool.sized(self.config, block_size, self.dtype, self.device, kv_cache_bytes, kv_cache_fraction)
         self.runner = ModelRunner(self.model, self.pool)
-        self.prefix_cache = PrefixCache(self.pool, self.runner.compute_prefix)
+        self.prefix_cache = PrefixCache(self.pool, self.runner.compute_prefixes)
         self.scheduler = Scheduler(self.prefix_cache, SchedulerConfig(max_num_seqs, max_batched_tokens))
         self._sequences: dict[str, Sequence] = {}
         self._order = itertools.count()

@@ -102,9 +102,11 @@ class TorchPagedAttention:
         hkv = pool.kv.shape[4]
         self.rep = num_heads // hkv
         b, _, max_q, max_k = meta.mask.shape
-        valid = meta.query_rows < meta.slot_mapping.shape[0]
-        self.valid_rows = meta.query_rows[valid]
-        self.valid = valid
+        t = meta.slot_mapping.shape[0]
+        # packed rows are numbered in (sequence, query) order, so the valid padded positions, in order, are rows 0..T-1
+        self.padded_rows = meta.query_rows.flatten()
+        self.valid_positions = torch.nonzero(self.padded_rows < t).flatten()
+        self.key_slots = meta.key_slots.flatten()
         if alibi_slopes is not None:
             # slope * (key - query position): softmax ignores the per-query shift, and the values that matter
             # (recent keys) stay near 0, so the bias keeps its precision when cast to fp16/bf16
@@ -119,17 +121,16 @@ class TorchPagedAttention:
         kv = self.pool.kv[layer]
         nb, bs, hkv, d = kv.shape[1:]
         flat_k, flat_v = kv[0].view(nb * bs, hkv, d), kv[1].view(nb * bs, hkv, d)
-        flat_k[self.meta.slot_mapping] = k
-        flat_v[self.meta.slot_mapping] = v
-        keys = flat_k[self.meta.key_slots].transpose(1, 2)  # [B, Hkv, maxK, D]
-        values = flat_v[self.meta.key_slots].transpose(1, 2)
+        flat_k.index_copy_(0, self.meta.slot_mapping, k)
+        flat_v.index_copy_(0, self.meta.slot_mapping, v)
         b, max_q = self.meta.query_rows.shape
-        padded_q = torch.cat([q, q.new_zeros(1, *q.shape[1:])])[self.meta.query_rows]  # [B, maxQ, Hq, D]
+        max_k = self.meta.key_slots.shape[1]
+        keys = flat_k.index_select(0, self.key_slots).view(b, max_k, hkv, d).transpose(1, 2)  # [B, Hkv, maxK, D]
+        values = flat_v.index_select(0, self.key_slots).view(b, max_k, hkv, d).transpose(1, 2)
+        padded_q = torch.cat([q, q.new_zeros(1, *q.shape[1:])]).index_select(0, self.padded_rows)
         # [B, maxQ, Hkv, rep, D] -> [B, Hkv, rep * maxQ, D]: the queries of one KV head side by side
         grouped = padded_q.view(b, max_q, hkv, self.rep, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, self.rep * max_q, d)
         mask = self.mask.to(q.dtype) if self.mask.dtype != torch.bool else self.mask
         out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=self.scale)
-        out = out.view(b, hkv, self.rep, max_q, d).permute(0, 3, 1, 2, 4).reshape(b, max_q, hkv * self.rep, d)
-        result = torch.empty_like(q)
-        result[self.valid_rows] = out[self.valid]
-        return result
+        out = out.view(b, hkv, self.rep, max_q, d).permute(0, 3, 1, 2, 4).reshape(b * max_q, hkv * self.rep, d)
+        return out.index_select(0, self.valid_positions)

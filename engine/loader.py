@@ -137,7 +137,9 @@ def load_model(
         if not torch.isfinite(tensor).all():
             raise CheckpointError(f"{model_dir}: weight {name} contains NaN or Inf")
     model.load_state_dict({k: v.to(device=dev, dtype=dt) for k, v in state.items()}, strict=False, assign=True)
+    model.requires_grad_(False)
     model.tie_weights()
-    model.init_buffers(dev)
-    model.eval().requires_grad_(False)
+    with torch.no_grad():
+        model.init_buffers(dev)
+    model.eval()
     return model

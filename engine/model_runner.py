@@ -26,11 +26,13 @@ class ModelRunner:
                                    self.model.config.num_heads)
 
     @torch.no_grad()
-    def compute_prefix(self, prompt: SoftPrompt, blocks: list[int]) -> None:
-        """Run the model over a prompt's P rows (positions 0..P-1) and keep every layer's K/V in `blocks`."""
-        p = prompt.length
-        attention = self._attention([SeqSlice(p, [], 0, blocks, 0)])
-        self.model(prompt.embeds, torch.arange(p, device=self.device), attention)
+    def compute_prefixes(self, items: list[tuple[SoftPrompt, list[int]]]) -> None:
+        """Run the model over prompts' rows (positions 0..P-1 each), in one batch, keeping every layer's K/V
+        in the given blocks."""
+        slices = [SeqSlice(prompt.length, [], 0, blocks, 0) for prompt, blocks in items]
+        embeds = torch.cat([prompt.embeds for prompt, _ in items])
+        positions = torch.cat([torch.arange(prompt.length, device=self.device) for prompt, _ in items])
+        self.model(embeds, positions, self._attention(slices))
 
     @torch.no_grad()
     def run(self, seqs: list[Sequence], num_tokens: list[int], all_logits: bool = False) -> Tensor:

@@ -34,7 +34,7 @@ class PrefixCacheStats:
 class PrefixCache:
     """Maps `name@version` to the blocks holding that prefix's K/V for every layer."""
 
-    def __init__(self, pool: KVPool, compute: Callable[[SoftPrompt, list[int]], None]):
+    def __init__(self, pool: KVPool, compute: Callable[[list[tuple[SoftPrompt, list[int]]]], None]):
         self.pool = pool
         self._compute = compute
         self._entries: dict[str, PrefixEntry] = {}
@@ -52,18 +52,50 @@ class PrefixCache:
         """The prompt's prefix entry with one more reference, computing its K/V on a miss (may raise OutOfBlocks)."""
         entry = self._entries.get(prompt.key)
         if entry is None:
-            blocks = self.allocate(self.pool.blocks_for(prompt.length))
-            try:
-                self._compute(prompt, blocks)
-            except BaseException:
-                self.pool.free(blocks)
-                raise
-            entry = PrefixEntry(prompt, blocks)
-            self._entries[prompt.key] = entry
-            self.stats.misses += 1
-            self.stats.computations[prompt.key] = self.stats.computations.get(prompt.key, 0) + 1
+            entry = self.acquire_many([prompt])[0]
         else:
             self.stats.hits += 1
+            self._hold(entry)
+        return entry
+
+    def acquire_many(self, prompts: list[SoftPrompt]) -> list[PrefixEntry]:
+        """Acquire several prompts, computing all the missing ones in a single model call. Stops at the first
+        prompt that does not fit in the pool (fewer entries are returned than prompts given)."""
+        acquired: list[PrefixEntry] = []
+        missing: list[tuple[SoftPrompt, list[int]]] = []
+        for prompt in dict.fromkeys(prompts):  # distinct, in order
+            entry = self._entries.get(prompt.key)
+            if entry is not None:
+                self.stats.hits += 1
+                acquired.append(self._hold(entry))
+                continue
+            try:
+                blocks = self.allocate(self.pool.blocks_for(prompt.length))
+            except OutOfBlocks:
+                if not acquired and not missing:
+                    raise
+                break
+            missing.append((prompt, blocks))
+            # registered now (held), so that allocating the next prompt's blocks cannot evict it
+            acquired.append(self._hold(self._register(prompt, blocks)))
+        if missing:
+            try:
+                self._compute(missing)
+            except BaseException:
+                for entry in acquired[-len(missing):]:
+                    entry.refcount = 0
+                    self._drop(entry)
+                raise
+        return acquired
+
+    def _register(self, prompt: SoftPrompt, blocks: list[int]) -> PrefixEntry:
+        entry = PrefixEntry(prompt, blocks)
+        self._entries[prompt.key] = entry
+        self.stats.misses += 1
+        self.stats.computations[prompt.key] = self.stats.computations.get(prompt.key, 0) + 1
+        return entry
+
+    def _hold(self, entry: PrefixEntry) -> PrefixEntry:
         entry.refcount += 1
         entry.last_used = next(self._clock)
         return entry

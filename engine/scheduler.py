@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass
 
@@ -95,7 +96,9 @@ class Scheduler:
                 batch.append(seq)
                 counts.append(n)
                 budget -= n
-        # admit waiting sequences in arrival order while there is room (not in a step that had to preempt)
+        # admit waiting sequences in arrival order while there is room (not in a step that had to preempt);
+        # the prefixes they need are computed together, in one model call
+        prefetched = self._prefetch_prefixes(budget) if self.num_preemptions == preemptions_before else []
         while (
             self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
             and self.num_preemptions == preemptions_before
@@ -115,4 +118,23 @@ class Scheduler:
             batch.append(seq)
             counts.append(n)
             budget -= n
+        for entry in prefetched:
+            self.prefix_cache.release(entry)
         return ScheduledBatch(batch, counts)
+
+    def _prefetch_prefixes(self, budget: int) -> list:
+        """Acquire (computing if needed, all at once) the prefixes of the waiting sequences likely admitted now."""
+        prompts = []
+        room = self.config.max_num_seqs - len(self.running)
+        for seq in itertools.islice(self.waiting, room):
+            if budget <= 0:
+                break
+            if seq.prompt is not None and seq.prefix is None:
+                prompts.append(seq.prompt)
+            budget -= seq.remaining_prefill
+        if not prompts:
+            return []
+        try:
+            return self.prefix_cache.acquire_many(prompts)
+        except OutOfBlocks:
+            return []

@@ -3,11 +3,27 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .base import CausalLM
 from .common import Attention, RMSNorm, activation, apply_rotary, rope_inv_freq, rotary_cos_sin
+
+
+def _fuse(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
+    """Stack several projections of the same input into one weight (one GEMM instead of several); the original
+    parameters become views of the fused storage, so no memory is duplicated."""
+    weight = torch.cat([m.weight for m in linears])
+    bias = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
+    row = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight = nn.Parameter(weight[row:row + n], requires_grad=False)
+        if bias is not None:
+            m.bias = nn.Parameter(bias[row:row + n], requires_grad=False)
+        row += n
+    return weight, bias
 
 
 class LlamaAttention(nn.Module):
@@ -17,6 +33,11 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
+        self.qkv_weight: Tensor | None = None
+        self.qkv_bias: Tensor | None = None
+
+    def fuse(self) -> None:
+        self.qkv_weight, self.qkv_bias = _fuse([self.q_proj, self.k_proj, self.v_proj])
 
 
 class LlamaMLP(nn.Module):
@@ -26,9 +47,15 @@ class LlamaMLP(nn.Module):
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
         self.act = c.hidden_act
+        self.gate_up_weight: Tensor | None = None
+        self.gate_up_bias: Tensor | None = None
+
+    def fuse(self) -> None:
+        self.gate_up_weight, self.gate_up_bias = _fuse([self.gate_proj, self.up_proj])
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(activation(self.act, self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
+        return self.down_proj(activation(self.act, gate) * up)
 
 
 class LlamaLayer(nn.Module):
@@ -65,18 +92,28 @@ class LlamaForCausalLM(CausalLM):
     def init_buffers(self, device: torch.device) -> None:
         inv_freq, self.rope_scaling = rope_inv_freq(self.config, device)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # cos/sin of every position, computed once with the same ops as per step (so bit-identical)
+        positions = torch.arange(self.config.max_positions, device=device)
+        cos, sin = rotary_cos_sin(inv_freq, self.rope_scaling, positions, self.model.embed_tokens.weight.dtype)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     def forward(self, embeds: Tensor, positions: Tensor, attention: Attention) -> Tensor:
         c = self.config
         t = embeds.shape[0]
-        cos, sin = rotary_cos_sin(self.inv_freq, self.rope_scaling, positions, embeds.dtype)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        qk_width = (c.num_heads + c.num_kv_heads) * c.head_dim
         h = embeds
         for i, layer in enumerate(self.model.layers):
             x = layer.input_layernorm(h)
             a = layer.self_attn
-            q = apply_rotary(a.q_proj(x).view(t, c.num_heads, c.head_dim), cos, sin)
-            k = apply_rotary(a.k_proj(x).view(t, c.num_kv_heads, c.head_dim), cos, sin)
-            v = a.v_proj(x).view(t, c.num_kv_heads, c.head_dim)
+            qkv = F.linear(x, a.qkv_weight, a.qkv_bias)
+            qk = apply_rotary(qkv[:, : qk_width].view(t, c.num_heads + c.num_kv_heads, c.head_dim), cos, sin)
+            q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
+            v = qkv[:, qk_width:].view(t, c.num_kv_heads, c.head_dim)
             h = h + a.o_proj(attention(i, q, k, v).reshape(t, c.num_heads * c.head_dim))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.model.norm(h)
