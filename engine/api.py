@@ -173,7 +173,10 @@ class Engine:
     # ---- step-level API (what a server loop drives) ---------------------------------------------------
     def add_request(self, request: Request) -> str:
         """Validate and queue a request; returns its id. A bad request raises and leaves the engine unchanged."""
-        prep = self.prepare(request)
+        return self._queue(self.prepare(request))
+
+    def _queue(self, prep: PreparedRequest) -> str:
+        request = prep.request
         if request.request_id in self._sequences:
             raise RequestError(f"request id {request.request_id!r} is already in use")
         seq = Sequence(
@@ -209,16 +212,15 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
-        logits = self.runner.run(batch.seqs, batch.num_tokens)
-        sampled = []
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
+        # sequences that reach the end of their tokens this step sample their next one
+        sampled = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_tokens)) if s.num_computed + n == s.num_tokens]
+        logits = self.runner.run(batch.seqs, batch.num_tokens, logits_for=sampled)
+        for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed += n
-            if seq.num_computed == seq.num_tokens:  # reached the end of its tokens: sample the next one
-                sampled.append(i)
         if not sampled:
             return []
         seqs = [batch.seqs[i] for i in sampled]
-        tokens, logprobs = sample_next(logits[sampled], [s.params for s in seqs], [s.generator for s in seqs])
+        tokens, logprobs = sample_next(logits, [s.params for s in seqs], [s.generator for s in seqs])
         now = time.perf_counter()
         outputs = []
         for seq, token, lp in zip(seqs, tokens, logprobs):
@@ -306,11 +308,14 @@ class Engine:
     def _add_all(self, requests: Request | list[Request]) -> list[str]:
         if isinstance(requests, Request):
             requests = [requests]
-        for r in requests:
-            self.prepare(r)
-        if len({r.request_id for r in requests}) != len(requests):
+        prepared = [self.prepare(r) for r in requests]
+        ids = [r.request_id for r in requests]
+        if len(set(ids)) != len(ids):
             raise RequestError("request ids in one call must be distinct")
-        return [self.add_request(r) for r in requests]
+        taken = [i for i in ids if i in self._sequences]
+        if taken:
+            raise RequestError(f"request id {taken[0]!r} is already in use")
+        return [self._queue(p) for p in prepared]
 
     def score(
         self, prompt: str | None, context: str | list[int], continuations: list[str] | list[list[int]]

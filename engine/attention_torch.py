@@ -46,6 +46,7 @@ class BatchMetadata:
 
     @classmethod
     def build(cls, seqs: list[SeqSlice], block_size: int, device: torch.device) -> BatchMetadata:
+        """Metadata for sequences whose new tokens are packed contiguously, in order, from row 0."""
         nq = torch.tensor([s.num_queries for s in seqs])
         plen = torch.tensor([s.prefix_len for s in seqs])
         start = torch.tensor([s.own_start for s in seqs])
@@ -89,8 +90,59 @@ class BatchMetadata:
         )
 
 
+def group_for_padding(num_queries: list[int], max_waste: float = 2.0) -> list[list[int]]:
+    """Split sequences (by index) into groups attended as one padded batch each: all single-query (decode)
+    sequences together, prefill sequences by similar length so that padding at most doubles the work."""
+    decode = [i for i, n in enumerate(num_queries) if n == 1]
+    prefill = sorted((i for i, n in enumerate(num_queries) if n > 1), key=lambda i: num_queries[i])
+    groups = [decode] if decode else []
+    current: list[int] = []
+    for i in prefill:
+        if current and num_queries[i] * (len(current) + 1) > max_waste * sum(num_queries[j] for j in current + [i]):
+            groups.append(current)
+            current = []
+        current.append(i)
+    if current:
+        groups.append(current)
+    return groups
+
+
 class TorchPagedAttention:
-    """Writes the new tokens' K/V into the pool, then attends over [prefix ; own] per sequence.
+    """Writes the new tokens' K/V into the pool, then attends over [prefix ; own] per sequence, one padded SDPA
+    call per group of similar sequences (see `group_for_padding`)."""
+
+    def __init__(self, pool: KVPool, seqs: list[SeqSlice], scale: float, alibi_slopes: Tensor | None,
+                 num_heads: int, device: torch.device):
+        block_size = pool.block_size
+        offsets = torch.tensor([0] + [s.num_queries for s in seqs]).cumsum(0).tolist()
+        self.groups: list[tuple[Tensor, _PaddedGroup]] = []
+        slot_parts = []
+        for members in group_for_padding([s.num_queries for s in seqs]):
+            meta = BatchMetadata.build([seqs[i] for i in members], block_size, device)
+            rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in members]).to(device)
+            self.groups.append((rows, _PaddedGroup(pool, meta, scale, alibi_slopes, num_heads)))
+            slot_parts.append((rows, meta.slot_mapping))
+        self.pool = pool
+        rows = torch.cat([r for r, _ in slot_parts])
+        slots = torch.cat([m for _, m in slot_parts])
+        self.slot_mapping = torch.empty_like(slots).index_copy_(0, rows, slots)  # in packed-row order
+        self.single = len(self.groups) == 1 and bool((rows == torch.arange(len(rows), device=device)).all())
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        kv = self.pool.kv[layer]
+        nb, bs, hkv, d = kv.shape[1:]
+        kv[0].view(nb * bs, hkv, d).index_copy_(0, self.slot_mapping, k)
+        kv[1].view(nb * bs, hkv, d).index_copy_(0, self.slot_mapping, v)
+        if self.single:
+            return self.groups[0][1](layer, q)
+        out = torch.empty_like(q)
+        for rows, group in self.groups:
+            out.index_copy_(0, rows, group(layer, q.index_select(0, rows)))
+        return out
+
+
+class _PaddedGroup:
+    """One padded SDPA call over a group of sequences whose queries are packed contiguously.
 
     Grouped-query attention folds the query heads that share a KV head into the query axis, so K/V are
     never repeated."""
@@ -117,20 +169,21 @@ class TorchPagedAttention:
         else:
             self.mask = meta.mask.expand(b, 1, max_q, max_k).repeat(1, 1, self.rep, 1) if self.rep > 1 else meta.mask
 
-    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def __call__(self, layer: int, q: Tensor) -> Tensor:
         kv = self.pool.kv[layer]
         nb, bs, hkv, d = kv.shape[1:]
         flat_k, flat_v = kv[0].view(nb * bs, hkv, d), kv[1].view(nb * bs, hkv, d)
-        flat_k.index_copy_(0, self.meta.slot_mapping, k)
-        flat_v.index_copy_(0, self.meta.slot_mapping, v)
         b, max_q = self.meta.query_rows.shape
         max_k = self.meta.key_slots.shape[1]
         keys = flat_k.index_select(0, self.key_slots).view(b, max_k, hkv, d).transpose(1, 2)  # [B, Hkv, maxK, D]
         values = flat_v.index_select(0, self.key_slots).view(b, max_k, hkv, d).transpose(1, 2)
-        padded_q = torch.cat([q, q.new_zeros(1, *q.shape[1:])]).index_select(0, self.padded_rows)
+        if max_q == 1:  # decode: one query per sequence, nothing to pad
+            padded_q = q
+        else:
+            padded_q = torch.cat([q, q.new_zeros(1, *q.shape[1:])]).index_select(0, self.padded_rows)
         # [B, maxQ, Hkv, rep, D] -> [B, Hkv, rep * maxQ, D]: the queries of one KV head side by side
         grouped = padded_q.view(b, max_q, hkv, self.rep, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, self.rep * max_q, d)
         mask = self.mask.to(q.dtype) if self.mask.dtype != torch.bool else self.mask
         out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=self.scale)
         out = out.view(b, hkv, self.rep, max_q, d).permute(0, 3, 1, 2, 4).reshape(b * max_q, hkv * self.rep, d)
-        return out.index_select(0, self.valid_positions)
+        return out if max_q == 1 else out.index_select(0, self.valid_positions)

@@ -141,5 +141,6 @@ def load_model(
     model.tie_weights()
     with torch.no_grad():
         model.init_buffers(dev)
+        model.prepare_for_inference(dev)
     model.eval()
     return model

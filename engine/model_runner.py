@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .attention_torch import BatchMetadata, SeqSlice, TorchPagedAttention
+from .attention_torch import SeqSlice, TorchPagedAttention
 from .kv_pool import KVPool
 from .models import CausalLM
 from .prompts import SoftPrompt
@@ -21,9 +21,8 @@ class ModelRunner:
         self.alibi = getattr(model, "alibi_slopes", None) if c.position_encoding == "alibi" else None
 
     def _attention(self, slices: list[SeqSlice]) -> TorchPagedAttention:
-        meta = BatchMetadata.build(slices, self.pool.block_size, self.device)
-        return TorchPagedAttention(self.pool, meta, self.model.config.attention_scale, self.alibi,
-                                   self.model.config.num_heads)
+        c = self.model.config
+        return TorchPagedAttention(self.pool, slices, c.attention_scale, self.alibi, c.num_heads, self.device)
 
     @torch.no_grad()
     def compute_prefixes(self, items: list[tuple[SoftPrompt, list[int]]]) -> None:
@@ -35,9 +34,11 @@ class ModelRunner:
         self.model(embeds, positions, self._attention(slices))
 
     @torch.no_grad()
-    def run(self, seqs: list[Sequence], num_tokens: list[int], all_logits: bool = False) -> Tensor:
-        """Compute `num_tokens[i]` new own tokens of each sequence; return fp32 logits of each one's last new
-        token [B, V] (or of every new token, [T, V], with `all_logits`)."""
+    def run(
+        self, seqs: list[Sequence], num_tokens: list[int], logits_for: list[int] | None = None, all_logits: bool = False
+    ) -> Tensor:
+        """Compute `num_tokens[i]` new own tokens of each sequence; return fp32 logits of the last new token of
+        the sequences `logits_for` (default: all) [len, V], or of every new token [T, V] with `all_logits`."""
         ids, positions, slices = [], [], []
         for seq, n in zip(seqs, num_tokens):
             start = seq.num_computed
@@ -51,5 +52,7 @@ class ModelRunner:
         hidden = self.model(self.model.embed_tokens(ids_t), pos_t, self._attention(slices))
         if not all_logits:
             last = torch.tensor(num_tokens, device=self.device).cumsum(0) - 1
-            hidden = hidden[last]
+            if logits_for is not None:
+                last = last[torch.tensor(logits_for, dtype=torch.long, device=self.device)]
+            hidden = hidden.index_select(0, last)
         return self.model.compute_logits(hidden)

@@ -50,6 +50,13 @@ class CausalLM(nn.Module):
     def init_buffers(self, device: torch.device) -> None:
         """Create non-persistent buffers (RoPE frequencies, ALiBi slopes) after the weights are loaded."""
 
+    def prepare_for_inference(self, device: torch.device) -> None:
+        """On the CPU, keep an untied LM head's weight in [hidden, vocab] storage (a transposed view with the same
+        values): oneDNN's GEMM for the decode shapes (few rows, a wide vocabulary) runs ~20% faster that way."""
+        head = self.lm_head_module
+        if device.type == "cpu" and not self.config.tie_word_embeddings:
+            head.weight = nn.Parameter(head.weight.t().contiguous().t(), requires_grad=False)
+
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head_module.weight = self.word_embeddings.weight

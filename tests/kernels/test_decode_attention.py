@@ -157,7 +157,7 @@ def test_reference_matches_torch_backend(alibi):
     meta = BatchMetadata.build(seqs, bs, DEVICE)
     flat_k, flat_v = pool.kv[1, 0].flatten(0, 1), pool.kv[1, 1].flatten(0, 1)
     new_k, new_v = flat_k[meta.slot_mapping].clone(), flat_v[meta.slot_mapping].clone()  # rewrites what is there
-    backend = TorchPagedAttention(pool, meta, case["scale"], case["alibi_slopes"], num_heads=hq)
+    backend = TorchPagedAttention(pool, seqs, case["scale"], case["alibi_slopes"], hq, torch.device(DEVICE))
     torch_out = backend(1, case["q"], new_k, new_v)
     case["k_cache"], case["v_cache"] = pool.kv[1, 0], pool.kv[1, 1]
     ref = decode_attention_reference(**case)

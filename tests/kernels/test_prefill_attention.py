@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from softprompt.engine.attention_torch import BatchMetadata, SeqSlice, TorchPagedAttention
+from softprompt.engine.attention_torch import SeqSlice, TorchPagedAttention
 from softprompt.kernels.prefill_attention import prefill_attention, prefill_attention_reference
 
 CUDA = torch.cuda.is_available()
@@ -81,15 +81,15 @@ def _build(hq, hkv, head_dim, block_size, task_prefix, seqs, alibi, dtype):
         scale=head_dim ** -0.5,
         alibi_slopes=_alibi_slopes(hq).to(DEVICE) if alibi else None,
     )
-    meta = BatchMetadata.build(slices, block_size, DEVICE)
-    return kv, meta, (q, k, v), args
+    return kv, slices, (q, k, v), args
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hq, hkv, head_dim, block_size, task_prefix, seqs, alibi", CASES)
 def test_kernel_matches_reference_and_torch_backend(hq, hkv, head_dim, block_size, task_prefix, seqs, alibi, dtype):
-    kv, meta, (q, k, v), args = _build(hq, hkv, head_dim, block_size, task_prefix, seqs, alibi, dtype)
-    backend = TorchPagedAttention(SimpleNamespace(kv=kv), meta, args["scale"], args["alibi_slopes"], num_heads=hq)
+    kv, slices, (q, k, v), args = _build(hq, hkv, head_dim, block_size, task_prefix, seqs, alibi, dtype)
+    pool = SimpleNamespace(kv=kv, block_size=block_size)
+    backend = TorchPagedAttention(pool, slices, args["scale"], args["alibi_slopes"], hq, torch.device(DEVICE))
     expected = backend(0, q, k, v)  # also writes the new tokens' K/V into the pool
 
     reference = prefill_attention_reference(q, kv[0, 0], kv[0, 1], **args)
