@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,8 @@ def _quiet_transformers() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", message="Position ids are not supported.*")
 
 
 def _gen_kwargs(new_tokens: int) -> dict:
@@ -101,6 +104,16 @@ class PeftPerTask:
             mask[i, width - len(it.input_ids):] = 1
         out = self.model.generate(input_ids=ids, attention_mask=mask, **_gen_kwargs(new_tokens))
         return out[:, -new_tokens:].tolist()
+
+    def generate_unpadded(self, items: list[WorkItem]) -> list[list[int]]:
+        """One request at a time. PEFT prompt tuning drops `position_ids` and puts the virtual tokens before the
+        left padding, so in a padded batch the shorter inputs see shifted positions (huggingface/peft#1093);
+        unpadded is PEFT's exact answer, the one to check our tokens against."""
+        result = []
+        for it in items:
+            self.model.set_adapter(Workload.task_name(it.task))
+            result.extend(self._batch([it], self.workload.config.new_tokens))
+        return result
 
     def generate(self, items: list[WorkItem]) -> list[list[int]]:
         """Token ids per item, in the order of `items`."""

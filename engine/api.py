@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .attention_triton import check_triton_device
 from .errors import RequestError, SoftPromptError
 from .kv_pool import KVPool
 from .loader import load_model
@@ -24,7 +25,7 @@ from .sequence import Sequence, Status
 from .stopping import check_finish
 from .tokenizer import Tokenizer, load_tokenizer, require_tokenizer
 
-BACKENDS = ("auto", "torch", "reference")
+BACKENDS = ("auto", "torch", "triton", "reference")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class Engine:
     """One frozen model serving many soft prompts in one continuous batch.
 
     backend="torch" (the default, "auto"): paged KV with per-task prefix reuse, in plain PyTorch.
+    backend="triton": the same runtime with the Triton attention and RoPE/KV-write kernels (CUDA; on the CPU
+    only under TRITON_INTERPRET=1, for tests).
     backend="reference": the ground truth, one request at a time, plain concat, no cache.
     """
 
@@ -77,9 +80,13 @@ class Engine:
             tokenize=(lambda text: self.tokenizer.encode(text, add_special_tokens=False)) if self.tokenizer else None,
         )
         self.backend = "torch" if backend == "auto" else backend
+        if self.backend == "triton":
+            check_triton_device(self.device)
+            if block_size & (block_size - 1):
+                raise SoftPromptError(f"backend='triton' needs a power-of-two block_size, got {block_size}")
         self.reference = ReferencePath(self.model)
         self.pool = KVPool.sized(self.config, block_size, self.dtype, self.device, kv_cache_bytes, kv_cache_fraction)
-        self.runner = ModelRunner(self.model, self.pool)
+        self.runner = ModelRunner(self.model, self.pool, self.backend)
         self.prefix_cache = PrefixCache(self.pool, self.runner.compute_prefixes)
         self.scheduler = Scheduler(self.prefix_cache, SchedulerConfig(max_num_seqs, max_batched_tokens))
         self._sequences: dict[str, Sequence] = {}

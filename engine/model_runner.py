@@ -6,22 +6,27 @@ import torch
 from torch import Tensor
 
 from .attention_torch import SeqSlice, TorchPagedAttention
+from .attention_triton import TritonPagedAttention
 from .kv_pool import KVPool
-from .models import CausalLM
+from .models import Attention, CausalLM
 from .prompts import SoftPrompt
 from .sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, pool: KVPool):
+    def __init__(self, model: CausalLM, pool: KVPool, backend: str = "torch"):
         self.model = model
         self.pool = pool
+        self.backend = backend
         self.device = model.word_embeddings.weight.device
         c = model.config
         self.alibi = getattr(model, "alibi_slopes", None) if c.position_encoding == "alibi" else None
 
-    def _attention(self, slices: list[SeqSlice]) -> TorchPagedAttention:
+    def _attention(self, slices: list[SeqSlice], positions: Tensor) -> Attention:
         c = self.model.config
+        if self.backend == "triton":
+            rope = getattr(self.model, "rope_tables", None)
+            return TritonPagedAttention(self.pool, slices, c.attention_scale, self.alibi, positions, rope, self.device)
         return TorchPagedAttention(self.pool, slices, c.attention_scale, self.alibi, c.num_heads, self.device)
 
     @torch.no_grad()
@@ -31,7 +36,7 @@ class ModelRunner:
         slices = [SeqSlice(prompt.length, [], 0, blocks, 0) for prompt, blocks in items]
         embeds = torch.cat([prompt.embeds for prompt, _ in items])
         positions = torch.cat([torch.arange(prompt.length, device=self.device) for prompt, _ in items])
-        self.model(embeds, positions, self._attention(slices))
+        self.model(embeds, positions, self._attention(slices, positions))
 
     @torch.no_grad()
     def run(
@@ -49,7 +54,7 @@ class ModelRunner:
             slices.append(SeqSlice(n, prefix_blocks, p, seq.blocks, start))
         ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos_t = torch.cat(positions).to(self.device)
-        hidden = self.model(self.model.embed_tokens(ids_t), pos_t, self._attention(slices))
+        hidden = self.model(self.model.embed_tokens(ids_t), pos_t, self._attention(slices, pos_t))
         if not all_logits:
             last = torch.tensor(num_tokens, device=self.device).cumsum(0) - 1
             if logits_for is not None:

@@ -89,6 +89,11 @@ class LlamaForCausalLM(CausalLM):
     def word_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
+    @property
+    def rope_tables(self) -> tuple[Tensor, Tensor]:
+        """cos/sin [max_positions, head_dim] in the model dtype, for kernels that apply RoPE themselves."""
+        return self.rope_cos, self.rope_sin
+
     def init_buffers(self, device: torch.device) -> None:
         inv_freq, self.rope_scaling = rope_inv_freq(self.config, device)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -104,14 +109,18 @@ class LlamaForCausalLM(CausalLM):
     def forward(self, embeds: Tensor, positions: Tensor, attention: Attention) -> Tensor:
         c = self.config
         t = embeds.shape[0]
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        fused_rope = getattr(attention, "applies_rope", False)  # the attention kernel rotates q/k itself
+        if not fused_rope:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         qk_width = (c.num_heads + c.num_kv_heads) * c.head_dim
         h = embeds
         for i, layer in enumerate(self.model.layers):
             x = layer.input_layernorm(h)
             a = layer.self_attn
             qkv = F.linear(x, a.qkv_weight, a.qkv_bias)
-            qk = apply_rotary(qkv[:, : qk_width].view(t, c.num_heads + c.num_kv_heads, c.head_dim), cos, sin)
+            qk = qkv[:, :qk_width].view(t, c.num_heads + c.num_kv_heads, c.head_dim)
+            if not fused_rope:
+                qk = apply_rotary(qk, cos, sin)
             q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
             v = qkv[:, qk_width:].view(t, c.num_kv_heads, c.head_dim)
             h = h + a.o_proj(attention(i, q, k, v).reshape(t, c.num_heads * c.head_dim))

@@ -1,0 +1,96 @@
+"""Paged two-segment attention with the Triton kernels (`backend="triton"`).
+
+Same metadata as the torch backend (`SeqSlice` per sequence); K/V are read in place from the pool:
+- RoPE (Llama family) and the K/V write into the pool: one fused kernel (`kernels/rope_kv_write.py`);
+- steps where every sequence decodes one token: the shared-prefix cascade kernel, each task's prefix read once
+  per group of its sequences (`kernels/decode_attention.py`);
+- any other step: varlen prefill attention over [prefix ; own] (`kernels/prefill_attention.py`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from .attention_torch import SeqSlice
+from .errors import SoftPromptError
+from .kv_pool import KVPool
+
+
+def import_kernels():
+    """The kernel modules; on the CPU only under the Triton interpreter (TRITON_INTERPRET=1, slow: for tests)."""
+    try:
+        from softprompt.kernels import decode_attention, prefill_attention, rope_kv_write
+    except ImportError as exc:
+        raise SoftPromptError(f"backend='triton' needs the triton package: {exc}") from exc
+    return decode_attention, prefill_attention, rope_kv_write
+
+
+def check_triton_device(device: torch.device) -> None:
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SoftPromptError(
+            "backend='triton' runs on CUDA; on the CPU it needs the Triton interpreter (set TRITON_INTERPRET=1 "
+            "before starting Python; slow, meant for tests) — use backend='torch' on the CPU"
+        )
+    import_kernels()
+
+
+def _table(rows: list[list[int]], device: torch.device) -> Tensor:
+    width = max(1, max(len(r) for r in rows))
+    return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32, device=device)
+
+
+class TritonPagedAttention:
+    """Callable per layer, like TorchPagedAttention; `applies_rope` tells the model to hand over q/k unrotated."""
+
+    def __init__(self, pool: KVPool, seqs: list[SeqSlice], scale: float, alibi_slopes: Tensor | None,
+                 positions: Tensor, rope_tables: tuple[Tensor, Tensor] | None, device: torch.device):
+        self.decode_mod, self.prefill_mod, self.rope_mod = import_kernels()
+        self.pool = pool
+        self.scale = scale
+        self.alibi = None if alibi_slopes is None else alibi_slopes.float().contiguous()
+        self.positions = positions
+        self.rope_tables = rope_tables
+        self.applies_rope = rope_tables is not None
+        bs = pool.block_size
+        own_slots = []
+        for s in seqs:
+            idx = torch.arange(s.own_start, s.own_start + s.num_queries)
+            blocks = torch.tensor(s.own_blocks, dtype=torch.long)[idx // bs]
+            own_slots.append(blocks * bs + idx % bs)
+        self.slot_mapping = torch.cat(own_slots).to(device)
+        self.decode = all(s.num_queries == 1 for s in seqs)
+        if self.decode:
+            perm, starts = self.decode_mod.group_by_prefix([tuple(s.prefix_blocks) for s in seqs])
+            firsts = [seqs[perm[g]] for g in starts[:-1]]
+            self.perm = torch.tensor(perm, dtype=torch.long, device=device)
+            self.inverse = torch.argsort(self.perm)
+            self.decode_args = dict(
+                group_starts=torch.tensor(starts, dtype=torch.int32, device=device),
+                group_prefix_block_tables=_table([s.prefix_blocks for s in firsts], device),
+                group_prefix_lens=torch.tensor([s.prefix_len for s in firsts], dtype=torch.int32, device=device),
+                own_block_tables=_table([seqs[i].own_blocks for i in perm], device),
+                own_lens=torch.tensor([seqs[i].own_start + 1 for i in perm], dtype=torch.int32, device=device),
+            )
+        else:
+            counts = torch.tensor([0] + [s.num_queries for s in seqs])
+            self.prefill_args = dict(
+                cu_seqlens_q=counts.cumsum(0).to(device=device, dtype=torch.int32),
+                prefix_block_tables=_table([s.prefix_blocks for s in seqs], device),
+                prefix_lens=torch.tensor([s.prefix_len for s in seqs], dtype=torch.int32, device=device),
+                own_block_tables=_table([s.own_blocks for s in seqs], device),
+                own_starts=torch.tensor([s.own_start for s in seqs], dtype=torch.int32, device=device),
+            )
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        k_cache, v_cache = self.pool.kv[layer, 0], self.pool.kv[layer, 1]
+        q = self.rope_mod.rope_kv_write(q, k, v, self.positions, self.rope_tables, k_cache, v_cache,
+                                        self.slot_mapping)
+        if self.decode:
+            out = self.decode_mod.decode_attention(q.index_select(0, self.perm), k_cache, v_cache,
+                                                   scale=self.scale, alibi_slopes=self.alibi, **self.decode_args)
+            return out.index_select(0, self.inverse)
+        return self.prefill_mod.prefill_attention(q, k_cache, v_cache, scale=self.scale, alibi_slopes=self.alibi,
+                                                  **self.prefill_args)
