@@ -85,6 +85,8 @@ class Engine:
             if block_size & (block_size - 1):
                 raise SoftPromptError(f"backend='triton' needs a power-of-two block_size, got {block_size}")
         self.reference = ReferencePath(self.model)
+        if self.backend == "reference":  # no KV cache: the pool only exists to keep one code path (one block)
+            kv_cache_bytes = KVPool.bytes_per_block(self.config, block_size, self.dtype)
         self.pool = KVPool.sized(self.config, block_size, self.dtype, self.device, kv_cache_bytes, kv_cache_fraction)
         self.runner = ModelRunner(self.model, self.pool, self.backend)
         self.prefix_cache = PrefixCache(self.pool, self.runner.compute_prefixes)
