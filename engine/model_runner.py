@@ -9,6 +9,7 @@ from .attention_torch import SeqSlice, TorchPagedAttention
 from .attention_triton import TritonPagedAttention
 from .kv_pool import KVPool
 from .models import Attention, CausalLM
+from .models.base import Layer0Input
 from .prompts import SoftPrompt
 from .sequence import Sequence
 
@@ -29,14 +30,40 @@ class ModelRunner:
             return TritonPagedAttention(self.pool, slices, c.attention_scale, self.alibi, positions, rope, self.device)
         return TorchPagedAttention(self.pool, slices, c.attention_scale, self.alibi, c.num_heads, self.device)
 
+    def _fused_layer0(self, token_ids: Tensor | None, prompt_rows: Tensor | None, positions: Tensor) -> Layer0Input:
+        """Layer 0's residual and normed input straight from the token-embedding or soft-prompt rows, in one
+        kernel (the rows are gathered by the kernel, never concatenated with anything)."""
+        from softprompt.kernels.prompt_input import fused_prompt_input
+
+        t = positions.shape[0]
+        table = self.model.word_embeddings.weight
+        is_prompt = torch.full((t,), prompt_rows is not None, dtype=torch.bool, device=self.device)
+        index = torch.arange(t, device=self.device)
+        norms = self.model.layer0_norms()
+        return fused_prompt_input(
+            token_ids if token_ids is not None else index,
+            index,
+            is_prompt,
+            table,
+            prompt_rows if prompt_rows is not None else table[:0],
+            positions if norms.pos_table is not None else None,
+            norms.pos_table,
+            norms.embed_norm,
+            norms.input_norm,
+        )
+
     @torch.no_grad()
     def compute_prefixes(self, items: list[tuple[SoftPrompt, list[int]]]) -> None:
         """Run the model over prompts' rows (positions 0..P-1 each), in one batch, keeping every layer's K/V
         in the given blocks."""
         slices = [SeqSlice(prompt.length, [], 0, blocks, 0) for prompt, blocks in items]
-        embeds = torch.cat([prompt.embeds for prompt, _ in items])
+        rows = items[0][0].embeds if len(items) == 1 else torch.cat([prompt.embeds for prompt, _ in items])
         positions = torch.cat([torch.arange(prompt.length, device=self.device) for prompt, _ in items])
-        self.model(embeds, positions, self._attention(slices, positions))
+        attention = self._attention(slices, positions)
+        if self.backend == "triton":
+            self.model(None, positions, attention, self._fused_layer0(None, rows, positions))
+        else:
+            self.model(rows, positions, attention)
 
     @torch.no_grad()
     def run(
@@ -54,7 +81,11 @@ class ModelRunner:
             slices.append(SeqSlice(n, prefix_blocks, p, seq.blocks, start))
         ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos_t = torch.cat(positions).to(self.device)
-        hidden = self.model(self.model.embed_tokens(ids_t), pos_t, self._attention(slices, pos_t))
+        attention = self._attention(slices, pos_t)
+        if self.backend == "triton":
+            hidden = self.model(None, pos_t, attention, self._fused_layer0(ids_t, None, pos_t))
+        else:
+            hidden = self.model(self.model.embed_tokens(ids_t), pos_t, attention)
         if not all_logits:
             last = torch.tensor(num_tokens, device=self.device).cumsum(0) - 1
             if logits_for is not None:

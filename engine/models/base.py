@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .common import Attention
+
+Layer0Input = tuple[Tensor, Tensor]  # (residual after the embedding step, layer 0's normed input)
+
+
+@dataclass(frozen=True)
+class Layer0Norms:
+    pos_table: Tensor | None  # GPT-2 learned positions
+    embed_norm: tuple[Tensor, Tensor, float] | None  # BLOOM's embedding LayerNorm
+    input_norm: tuple[Tensor, Tensor | None, float, str]  # layer 0's input norm: weight, bias, eps, "rms"|"layer"
 
 
 class CausalLM(nn.Module):
@@ -40,7 +51,15 @@ class CausalLM(nn.Module):
     def embed_tokens(self, ids: Tensor) -> Tensor:
         return self.word_embeddings(ids)
 
-    def forward(self, embeds: Tensor, positions: Tensor, attention: Attention) -> Tensor:
+    def forward(
+        self, embeds: Tensor | None, positions: Tensor, attention: Attention, layer0: Layer0Input | None = None
+    ) -> Tensor:
+        """`layer0` (residual, normed) replaces the embedding step and layer 0's input norm when a fused kernel
+        has computed them (then `embeds` is None)."""
+        raise NotImplementedError
+
+    def layer0_norms(self) -> Layer0Norms:
+        """The parameters a fused first-layer-input kernel needs (see kernels/prompt_input.py)."""
         raise NotImplementedError
 
     def compute_logits(self, hidden: Tensor) -> Tensor:

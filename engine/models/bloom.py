@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .base import CausalLM
+from .base import CausalLM, Layer0Input, Layer0Norms
 from .common import Attention, activation, alibi_slopes
 
 
@@ -60,12 +60,21 @@ class BloomForCausalLM(CausalLM):
     def init_buffers(self, device: torch.device) -> None:
         self.register_buffer("alibi_slopes", alibi_slopes(self.config.num_heads).to(device), persistent=False)
 
-    def forward(self, embeds: Tensor, positions: Tensor, attention: Attention) -> Tensor:
+    def layer0_norms(self) -> Layer0Norms:
+        emb, ln = self.transformer.word_embeddings_layernorm, self.transformer.h[0].input_layernorm
+        return Layer0Norms(None, (emb.weight, emb.bias, emb.eps), (ln.weight, ln.bias, ln.eps, "layer"))
+
+    def forward(
+        self, embeds: Tensor | None, positions: Tensor, attention: Attention, layer0: Layer0Input | None = None
+    ) -> Tensor:
         c = self.config
-        t = embeds.shape[0]
-        h = self.transformer.word_embeddings_layernorm(embeds)  # applied to soft-prompt rows too (as in PEFT)
+        t = positions.shape[0]
+        if layer0 is None:
+            h = self.transformer.word_embeddings_layernorm(embeds)  # applied to soft-prompt rows too (as in PEFT)
+        else:
+            h = layer0[0]
         for i, block in enumerate(self.transformer.h):
-            x = block.input_layernorm(h)
+            x = layer0[1] if (i == 0 and layer0 is not None) else block.input_layernorm(h)
             residual = x if c.residual_post_norm else h
             qkv = block.self_attention.query_key_value(x).view(t, c.num_heads, 3, c.head_dim)
             out = attention(i, qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .base import CausalLM
+from .base import CausalLM, Layer0Input, Layer0Norms
 from .common import Attention, activation
 
 
@@ -59,12 +59,22 @@ class GPT2LMHeadModel(CausalLM):
     def word_embeddings(self) -> nn.Embedding:
         return self.transformer.wte
 
-    def forward(self, embeds: Tensor, positions: Tensor, attention: Attention) -> Tensor:
+    def layer0_norms(self) -> Layer0Norms:
+        ln = self.transformer.h[0].ln_1
+        return Layer0Norms(self.transformer.wpe.weight, None, (ln.weight, ln.bias, ln.eps, "layer"))
+
+    def forward(
+        self, embeds: Tensor | None, positions: Tensor, attention: Attention, layer0: Layer0Input | None = None
+    ) -> Tensor:
         c = self.config
-        t = embeds.shape[0]
-        h = embeds + self.transformer.wpe(positions)  # soft-prompt rows get position embeddings too (as in PEFT)
+        t = positions.shape[0]
+        if layer0 is None:
+            h = embeds + self.transformer.wpe(positions)  # soft-prompt rows get position embeddings too (as in PEFT)
+        else:
+            h = layer0[0]
         for i, block in enumerate(self.transformer.h):
-            q, k, v = block.attn.c_attn(block.ln_1(h)).split(c.hidden_size, dim=-1)
+            x = layer0[1] if (i == 0 and layer0 is not None) else block.ln_1(h)
+            q, k, v = block.attn.c_attn(x).split(c.hidden_size, dim=-1)
             shape = (t, c.num_heads, c.head_dim)
             out = attention(i, q.reshape(shape), k.reshape(shape), v.reshape(shape))
             h = h + block.attn.c_proj(out.reshape(t, c.hidden_size))

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .base import CausalLM
+from .base import CausalLM, Layer0Input, Layer0Norms
 from .common import Attention, RMSNorm, activation, apply_rotary, rope_inv_freq, rotary_cos_sin
 
 
@@ -106,16 +106,22 @@ class LlamaForCausalLM(CausalLM):
             layer.self_attn.fuse()
             layer.mlp.fuse()
 
-    def forward(self, embeds: Tensor, positions: Tensor, attention: Attention) -> Tensor:
+    def layer0_norms(self) -> Layer0Norms:
+        norm = self.model.layers[0].input_layernorm
+        return Layer0Norms(None, None, (norm.weight, None, norm.eps, "rms"))
+
+    def forward(
+        self, embeds: Tensor | None, positions: Tensor, attention: Attention, layer0: Layer0Input | None = None
+    ) -> Tensor:
         c = self.config
-        t = embeds.shape[0]
+        t = positions.shape[0]
         fused_rope = getattr(attention, "applies_rope", False)  # the attention kernel rotates q/k itself
         if not fused_rope:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         qk_width = (c.num_heads + c.num_kv_heads) * c.head_dim
-        h = embeds
+        h = embeds if layer0 is None else layer0[0]
         for i, layer in enumerate(self.model.layers):
-            x = layer.input_layernorm(h)
+            x = layer0[1] if (i == 0 and layer0 is not None) else layer.input_layernorm(h)
             a = layer.self_attn
             qkv = F.linear(x, a.qkv_weight, a.qkv_bias)
             qk = qkv[:, :qk_width].view(t, c.num_heads + c.num_kv_heads, c.head_dim)
