@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from .attention_triton import check_triton_device
-from .errors import RequestError, SoftPromptError
-from .kv_pool import KVPool
+from .errors import PromptError, RequestError, SoftPromptError
+from .kv_pool import KVPool, OutOfBlocks
 from .loader import load_model
 from .model_runner import ModelRunner
 from .prefix_cache import PrefixCache
@@ -116,10 +116,20 @@ class Engine:
         `replace=True` registers a new version (running requests finish on the old one). `precompute=True`
         computes the prefix K/V now instead of on first use.
         """
+        previous = self.prompts.get(name) if name in self.prompts else None
         prompt = self.prompts.add(name, source, text=text, token_ids=token_ids, replace=replace)
+        if self.backend != "reference" and self.pool.blocks_for(prompt.length) >= self.pool.num_blocks:
+            self.prompts.restore(name, previous)  # a rejected prompt leaves the store as it was
+            raise PromptError(
+                f"prompt {name!r} ({prompt.length} rows) does not fit the KV pool of {self.pool.num_blocks} blocks "
+                "next to a request: raise kv_cache_bytes"
+            )
         self.prefix_cache.invalidate(name, keep_version=prompt.version)
         if precompute and self.backend != "reference":
-            self.prefix_cache.precompute(prompt)
+            try:
+                self.prefix_cache.precompute(prompt)
+            except OutOfBlocks:  # every block is busy right now: computed on first use instead
+                pass
         return prompt
 
     def remove_prompt(self, name: str) -> SoftPrompt:

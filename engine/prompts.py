@@ -166,6 +166,13 @@ class PromptStore:
             known = ", ".join(sorted(self._prompts)) or "none registered"
             raise UnknownPromptError(f"unknown prompt {name!r} (known: {known})") from None
 
+    def restore(self, name: str, prompt: SoftPrompt | None) -> None:
+        """Put back what `name` was before a registration that must be undone (None: it did not exist)."""
+        if prompt is None:
+            self._prompts.pop(name, None)
+        else:
+            self._prompts[name] = prompt
+
     def remove(self, name: str) -> SoftPrompt:
         prompt = self.get(name)
         del self._prompts[name]

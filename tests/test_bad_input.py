@@ -79,6 +79,19 @@ def test_too_long_for_pool(model_dir_for):
     assert not e.has_unfinished_requests()
 
 
+def test_prompt_too_big_for_pool_rejected(model_dir_for):
+    from softprompt.engine.errors import PromptError
+
+    e = Engine(model_dir_for("gpt2"), device="cpu", dtype="float32", backend="torch", kv_cache_bytes=4 * 16384)
+    e.add_prompt("small", torch.randn(3, 64), precompute=True)
+    with pytest.raises(PromptError, match="does not fit the KV pool"):
+        e.add_prompt("small", torch.randn(60, 64), replace=True)
+    assert e.prompts.get("small").length == 3  # the old version is still registered
+    with pytest.raises(PromptError, match="does not fit"):
+        e.add_prompt("big", torch.randn(60, 64))
+    assert "big" not in e.prompts
+
+
 def test_output_capped_at_max_positions(engine):
     p = engine.prompts.get("task0").length
     n = engine.config.max_positions - p - 3
