@@ -17,6 +17,7 @@ class PrefixEntry:
     refcount: int = 0
     last_used: int = 0
     stale: bool = False  # the prompt was removed or replaced: drop when the last user lets go
+    fresh: bool = True  # computed but not yet used by a request (its first use is the miss, not a hit)
 
     @property
     def length(self) -> int:
@@ -54,19 +55,22 @@ class PrefixCache:
         if entry is None:
             entry = self.acquire_many([prompt])[0]
         else:
-            self.stats.hits += 1
             self._hold(entry)
+        if entry.fresh:
+            entry.fresh = False
+        else:
+            self.stats.hits += 1
         return entry
 
     def acquire_many(self, prompts: list[SoftPrompt]) -> list[PrefixEntry]:
-        """Acquire several prompts, computing all the missing ones in a single model call. Stops at the first
-        prompt that does not fit in the pool (fewer entries are returned than prompts given)."""
+        """Acquire several prompts, computing all the missing ones in a single model call (counted as misses;
+        hits are counted by `acquire`, once per request). Stops at the first prompt that does not fit in the pool
+        (fewer entries are returned than prompts given)."""
         acquired: list[PrefixEntry] = []
         missing: list[tuple[SoftPrompt, list[int]]] = []
         for prompt in dict.fromkeys(prompts):  # distinct, in order
             entry = self._entries.get(prompt.key)
             if entry is not None:
-                self.stats.hits += 1
                 acquired.append(self._hold(entry))
                 continue
             try:
@@ -107,7 +111,8 @@ class PrefixCache:
             self._drop(entry)
 
     def precompute(self, prompt: SoftPrompt) -> None:
-        self.release(self.acquire(prompt))
+        if prompt.key not in self._entries:
+            self.release(self.acquire_many([prompt])[0])
 
     def invalidate(self, name: str, keep_version: str | None = None) -> None:
         """Forget the cached versions of a prompt (after it is removed, or replaced by `keep_version`)."""

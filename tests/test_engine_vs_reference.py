@@ -36,7 +36,9 @@ def test_mixed_batch_of_many_tasks(variant, model_dir_for):
     names = register_tasks([ref, eng], 8) + [None]  # None: requests without a prompt in the same batch
     specs = make_requests(names, 27, seed=1)
     assert run(eng, specs) == run(ref, specs)
-    assert eng.prefix_cache.stats.misses == 8 and all(v == 1 for v in eng.prefix_cache.stats.computations.values())
+    stats = eng.prefix_cache.stats
+    assert stats.misses == 8 and all(v == 1 for v in stats.computations.values())
+    assert stats.hits + stats.misses == sum(s["prompt"] is not None for s in specs)  # one or the other per request
     assert_no_leaks(eng)
 
 
@@ -60,8 +62,10 @@ def test_prefix_cache_hit_equals_miss_and_precompute(engines):
     misses = eng.prefix_cache.stats.misses
     cold = run(eng, specs[:1])
     assert eng.prefix_cache.stats.misses == misses + 1
+    hits = eng.prefix_cache.stats.hits
     warm = run(eng, specs[:1])
-    assert eng.prefix_cache.stats.misses == misses + 1 and cold == warm == run(ref, specs[:1])
+    assert eng.prefix_cache.stats.misses == misses + 1 and eng.prefix_cache.stats.hits == hits + 1
+    assert cold == warm == run(ref, specs[:1])
     eng.add_prompt("q", torch.randn(5, 64), precompute=True)
     assert eng.prefix_cache.stats.computations[eng.prompts.get("q").key] == 1
     assert_no_leaks(eng)
