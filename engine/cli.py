@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_engine_args(gen)
 
+    from .verify import add_verify_arguments
+
+    add_verify_arguments(sub.add_parser(
+        "verify", help="check every backend against HF transformers + PEFT on your checkpoint and adapters"))
+
     for name, what in PLANNED.items():
         sub.add_parser(name, help=f"{what} (not available yet)")
     return parser
@@ -104,6 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(args)
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "verify":
+            from .verify import run_verify
+
+            return run_verify(args)
         print(f"softprompt {args.command}: {PLANNED[args.command]} is not available in this version yet",
               file=sys.stderr)
         return 2

@@ -1,16 +1,23 @@
-"""Tiny random-weight Hugging Face checkpoints, tokenizers and PEFT prompt-tuning adapters for tests and demos."""
+"""Tiny random-weight Hugging Face checkpoints, tokenizers and PEFT prompt-tuning adapters for tests and demos,
+and `assert_generation_matches` for checking an engine against a reference in your own test suite."""
 
 from __future__ import annotations
 
 import math
 import random
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+
+__all__ = [
+    "BOS_ID", "CHAT_TEMPLATE", "EOS_ID", "PAD_ID", "SPECIAL_TOKENS", "SUPPORTED_TINY_ARCHS", "UNK_ID",
+    "assert_generation_matches", "build_prompt_tensor", "build_prompt_tuning_adapter", "build_tiny_checkpoint",
+    "build_tokenizer", "hf_peft_reference", "tiny_model_with_adapters",
+]
 
 SUPPORTED_TINY_ARCHS: tuple[str, ...] = ("llama", "mistral", "qwen2", "gpt2", "bloom")
 
@@ -221,3 +228,61 @@ def build_prompt_tensor(hidden_size: int, num_virtual_tokens: int, *, seed: int 
     """A deterministic random [num_virtual_tokens, hidden_size] soft prompt."""
     gen = torch.Generator().manual_seed(seed)
     return (scale * torch.randn(num_virtual_tokens, hidden_size, generator=gen)).to(dtype)
+
+
+def tiny_model_with_adapters(tmp_dir: str | Path, arch: str = "llama", num_adapters: int = 2, *,
+                             num_virtual_tokens: int | Sequence[int] = 8, init: str = "random", seed: int = 0,
+                             **checkpoint_options: Any) -> tuple[Path, dict[str, Path]]:
+    """A tiny random `arch` checkpoint (with tokenizer) in `tmp_dir/arch` and `num_adapters` PEFT prompt-tuning
+    adapters for it in `tmp_dir/arch-adapters/task<i>`. Returns (model_dir, {"task0": adapter_dir, ...}).
+
+    `arch` is one of SUPPORTED_TINY_ARCHS; `checkpoint_options` go to build_tiny_checkpoint (e.g. rope_parameters,
+    attention_bias). `num_virtual_tokens` is one length for all adapters or one per adapter.
+    """
+    tmp_dir = Path(tmp_dir)
+    lengths = [num_virtual_tokens] * num_adapters if isinstance(num_virtual_tokens, int) else list(num_virtual_tokens)
+    if len(lengths) != num_adapters:
+        raise ValueError(f"num_virtual_tokens gives {len(lengths)} lengths for {num_adapters} adapters")
+    model_dir = build_tiny_checkpoint(arch, tmp_dir / arch, seed=seed, **checkpoint_options)
+    adapters = {
+        f"task{i}": build_prompt_tuning_adapter(model_dir, tmp_dir / f"{arch}-adapters" / f"task{i}",
+                                                num_virtual_tokens=n, init=init, seed=seed + i)
+        for i, n in enumerate(lengths)
+    }
+    return model_dir, adapters
+
+
+def hf_peft_reference(model_dir: str | Path, adapters: dict[str, str | Path], dtype: torch.dtype = torch.float32,
+                      device: str | torch.device = "cpu"):
+    """HF transformers + PEFT (one adapter per task name) as the `reference` of assert_generation_matches."""
+    from .verify import HFPeftOracle
+
+    return HFPeftOracle(model_dir, {k: Path(v) for k, v in adapters.items()}, dtype, torch.device(device))
+
+
+def assert_generation_matches(engine: Any, reference: Any, requests: Sequence[Any], dtype: torch.dtype | None = None,
+                              tolerance: Any = None, batch: bool = True) -> Any:
+    """Assert that `engine` gives `reference`'s greedy tokens and logits for `requests`, alone and in one batch.
+
+    `reference`: another Engine (e.g. backend="reference") with the same prompt names, or `hf_peft_reference(...)`.
+    `requests`: greedy `softprompt.Request`s (text or ids; max_new_tokens from their sampling params).
+    Tolerances are `softprompt verify`'s defaults for `dtype` (default: the engine's), or a given
+    `softprompt.engine.verify.Tolerance`. Raises AssertionError listing every broken tolerance; returns the
+    detailed result (a `softprompt.engine.verify.BackendResult`) otherwise.
+    """
+    from .verify import DEFAULT_TOLERANCES, VerifyRequest, _EngineOracle, _oracle_outputs, run_backend
+
+    verify_requests = []
+    for request in requests:
+        prepared = engine.prepare(request)
+        if not prepared.params.greedy:
+            raise ValueError("assert_generation_matches compares greedy generation: use temperature=0 requests")
+        verify_requests.append(VerifyRequest(request.prompt, prepared.input_ids, prepared.params.max_new_tokens))
+    oracle = _EngineOracle(reference) if hasattr(reference, "prefix_cache") else reference
+    expected = _oracle_outputs(oracle, verify_requests)
+    tol = tolerance or DEFAULT_TOLERANCES[dtype or engine.dtype]
+    modes = ("single", "batch") if batch else ("single",)
+    result = run_backend(engine, engine.backend, verify_requests, expected, tol, modes=modes)
+    if result.failures:
+        raise AssertionError(f"{engine.backend} does not match the reference:\n  " + "\n  ".join(result.failures))
+    return result
