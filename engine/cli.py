@@ -11,7 +11,6 @@ from .errors import SoftPromptError
 
 PLANNED = {
     "bench": "throughput benchmarks against HF and PEFT",
-    "serve": "the OpenAI-compatible HTTP server",
     "train": "training soft prompts",
     "eval": "batched evaluation of many prompts",
 }
@@ -51,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_engine_args(gen)
+
+    from .server.cli import add_serve_arguments  # no fastapi/uvicorn import until it runs
+
+    add_serve_arguments(sub.add_parser("serve", help="the OpenAI-compatible HTTP server (needs the server extra)"))
 
     from .verify import add_verify_arguments
 
@@ -109,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(args)
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "serve":
+            from .server.cli import run_serve
+
+            return run_serve(args)
         if args.command == "verify":
             from .verify import run_verify
 

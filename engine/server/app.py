@@ -1,0 +1,469 @@
+"""The FastAPI app: OpenAI-compatible completions and chat, the prompt registry, health and metrics."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from starlette.background import BackgroundTask
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..api import Engine
+from ..errors import PromptError, SamplingParamsError, UnknownPromptError
+from ..request import Request as EngineRequest
+from ..request import RequestOutput
+from ..sampling import SamplingParams
+from .engine_loop import EngineFailure, EngineLoop, RequestStream, ServerStopping
+from .formatting import ChatFormat, CompletionFormat, TokenStrings, _Format
+from .metrics import METHODS, ServerMetrics, endpoint_label
+from .registry import BASE_MODEL, PromptRegistry, check_public_name
+from .schemas import (
+    MAX_CHOICES,
+    SEED_MAX,
+    ChatCompletionRequest,
+    CompletionRequest,
+    TextPromptUpload,
+    _SamplingFields,
+    error_body,
+)
+
+
+@dataclass
+class ServerConfig:
+    max_queue: int = 256  # requests waiting beyond the engine's max_num_seqs running ones; more get 429
+    admin_token: str | None = None  # bearer token for /v1/prompts (None: open)
+    max_body_bytes: int = 8 << 20  # request bodies (413 beyond)
+    max_upload_bytes: int = 256 << 20  # POST /v1/prompts bodies (adapter files)
+    retry_after_s: int = 1
+    disconnect_poll_s: float = 0.25  # how often a waiting handler checks whether its client is still there
+
+
+class APIError(Exception):
+    """An HTTP error with an OpenAI-style body."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(error_body(self.message, self.type, self.param, self.code), self.status,
+                            headers=self.headers)
+
+
+def to_api_error(exc: BaseException) -> APIError:
+    """Engine errors as HTTP errors: unknown prompt 404, other bad input 400, engine trouble 5xx."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, StarletteHTTPException):  # e.g. 413 from the framework's body size limit
+        return APIError(exc.status_code, str(exc.detail), headers=exc.headers)
+    if isinstance(exc, UnknownPromptError):
+        return APIError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, SamplingParamsError):
+        return APIError(400, str(exc), code="invalid_sampling_params")
+    if isinstance(exc, PromptError):
+        return APIError(400, str(exc), code="invalid_prompt")
+    if isinstance(exc, ValueError):
+        return APIError(400, str(exc), code="invalid_request")
+    if isinstance(exc, ServerStopping):
+        return APIError(503, str(exc), type_="server_error", code="unavailable")
+    if isinstance(exc, EngineFailure):
+        return APIError(500, str(exc), type_="server_error", code="engine_failure")
+    return APIError(500, f"internal error: {type(exc).__name__}", type_="server_error")
+
+
+class Admission:
+    """The bounded queue: at most `limit` engine requests in the server at once (event-loop thread only)."""
+
+    def __init__(self, limit: int, metrics: ServerMetrics):
+        self.limit = limit
+        self.in_flight = 0
+        self._metrics = metrics
+
+    def acquire(self, n: int, retry_after_s: int) -> None:
+        if n > self.limit:
+            raise APIError(400, f"this request makes {n} generations but the server runs at most {self.limit} "
+                           "at once: lower n or send fewer prompts", param="n")
+        if self.in_flight + n > self.limit:
+            self._metrics.rejected.labels("queue_full").inc()
+            raise APIError(429, f"the server is at capacity ({self.in_flight} of {self.limit} requests in flight): "
+                           "retry later", type_="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(retry_after_s)})
+        self.in_flight += n
+        self._metrics.in_flight.set(self.in_flight)
+
+    def release(self, n: int) -> None:
+        self.in_flight -= n
+        self._metrics.in_flight.set(self.in_flight)
+
+
+class _Cleanup:
+    """Abort what is still running and give back the admission slots; safe to call more than once."""
+
+    def __init__(self, loop: EngineLoop, stream: RequestStream, admission: Admission):
+        self._loop, self._stream, self._admission = loop, stream, admission
+        self._done = False
+
+    def __call__(self) -> None:
+        if not self._done:
+            self._done = True
+            self._loop.abort(sorted(self._stream.unfinished))
+            self._admission.release(len(self._stream.requests))
+
+
+class _HTTPMetrics:
+    """Pure ASGI middleware (streaming and disconnects pass through untouched): counts responses by code."""
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {"code": 500}
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            self.metrics.http_requests.labels(endpoint_label(scope["path"]), method, str(status["code"])).inc()
+
+
+def _sampling(body: _SamplingFields, index: int, max_new_tokens: int, logprobs: int | None) -> SamplingParams:
+    """The engine's sampling parameters for choice `index` (seed + index); its validation errors become 400s."""
+    seed = None if body.seed is None else body.seed + index
+    if seed is not None and seed > SEED_MAX:
+        raise APIError(400, f"seed + n - 1 must be at most {SEED_MAX}", param="seed")
+    try:
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=1.0 if body.temperature is None else float(body.temperature),
+            top_p=1.0 if body.top_p is None else float(body.top_p),
+            top_k=0 if body.top_k is None else body.top_k,
+            seed=seed, stop=body.stop_list(), stop_token_ids=tuple(body.stop_token_ids or ()),
+            ignore_eos=body.ignore_eos, logprobs=logprobs,
+        )
+    except ValueError as exc:
+        raise to_api_error(exc) from exc
+
+
+def _render_chat(engine: Engine, messages: list[dict]) -> list[int]:
+    """Runs on the loop thread (the tokenizer is the engine's)."""
+    hf = engine.tokenizer.hf
+    text = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(hf(text, add_special_tokens=False)["input_ids"])  # the template places any special tokens
+
+
+def create_app(engine: Engine, registry: PromptRegistry | None = None, config: ServerConfig | None = None) -> FastAPI:
+    """The server for one engine. The engine loop starts with the app (lifespan) and stops with it; from then
+    on every engine call goes through it: do not use `engine` directly while the app runs."""
+    config = config or ServerConfig()
+    registry = registry or PromptRegistry()
+    metrics_holder: dict = {}
+    loop = EngineLoop(engine, on_output=lambda s, o, t: metrics_holder["m"].observe_output(s, o, t),
+                      on_abort=lambda s, rid: metrics_holder["m"].observe_abort(s, rid))
+    metrics = metrics_holder["m"] = ServerMetrics(lambda: loop.snapshot)
+    admission = Admission(engine.scheduler.config.max_num_seqs + config.max_queue, metrics)
+    token_str = TokenStrings(engine.tokenizer)
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loop.start()
+        try:
+            yield
+        finally:
+            loop.stop()
+
+    app = FastAPI(title="softprompt", lifespan=lifespan, max_body_size=config.max_body_bytes)
+    app.state.loop, app.state.registry, app.state.metrics, app.state.config = loop, registry, metrics, config
+    app.state.admission = admission
+    app.add_middleware(_HTTPMetrics, metrics=metrics)
+
+    # ---- errors ---------------------------------------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return APIError(400, "the request body is not valid JSON", code="invalid_json").response()
+        return _schema_error(errors).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return APIError(exc.status_code, str(exc.detail), type_=kind, headers=exc.headers).response()
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception):
+        return to_api_error(exc).response()
+
+    def require_admin(request: Request) -> None:
+        if config.admin_token is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.admin_token.encode()):
+            raise APIError(401, "this endpoint needs the admin bearer token (Authorization: Bearer ...)",
+                           type_="authentication_error", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    # ---- health, metrics, models ---------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        s = loop.snapshot
+        body = {"status": "ok" if loop.alive else "stopped", "running": s.running, "waiting": s.waiting,
+                "in_flight": admission.in_flight, "kv_blocks_free": s.kv_blocks_free,
+                "kv_blocks_total": s.kv_blocks_total}
+        return JSONResponse(body, 200 if loop.alive else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def list_models():
+        data = [{"id": BASE_MODEL, "object": "model", "created": started, "owned_by": "softprompt",
+                 "root": str(engine.model_dir), "parent": None, "length": 0}]
+        for pv in registry.latest():
+            data.append({"id": pv.name, "object": "model", "created": pv.created, "owned_by": "softprompt",
+                         "root": str(engine.model_dir), "parent": BASE_MODEL, "version": pv.version,
+                         "content_hash": pv.content_hash, "length": pv.length, "kind": pv.kind,
+                         "versions": [v.version for v in registry.versions(pv.name)]})
+        return {"object": "list", "data": data}
+
+    # ---- generation ----------------------------------------------------------------------------------
+    def resolve(body: _SamplingFields) -> str | None:
+        unsupported = body.unsupported()
+        if unsupported is not None:
+            raise APIError(400, unsupported[1], param=unsupported[0], code="unsupported")
+        try:
+            return registry.resolve(body.model)
+        except UnknownPromptError as exc:
+            raise to_api_error(exc) from exc
+
+    async def generate(http: Request, body: _SamplingFields, requests: list[EngineRequest], fmt: _Format):
+        admission.acquire(len(requests), config.retry_after_s)
+        task = body.model.partition("@")[0]
+        stream = loop.submit(requests, task)
+        cleanup = _Cleanup(loop, stream, admission)
+        try:
+            await stream.accepted()
+        except BaseException as exc:
+            cleanup()
+            if not isinstance(exc, Exception):  # cancellation: let it through
+                raise
+            raise to_api_error(exc) from exc
+        if body.stream:
+            return StreamingResponse(_sse(http, stream, fmt, cleanup), media_type="text/event-stream",
+                                     background=BackgroundTask(cleanup))
+        try:
+            finals: dict[int, RequestOutput] = {}
+            async for index, out in stream.outputs(http.is_disconnected, config.disconnect_poll_s):
+                if out.finished:
+                    finals[index] = out
+            if len(finals) < len(requests):  # the client went away; nobody reads this
+                return Response(status_code=499)
+            return JSONResponse(fmt.response([finals[i] for i in range(len(requests))]))
+        except Exception as exc:
+            raise to_api_error(exc) from exc
+        finally:
+            cleanup()
+
+    async def _sse(http: Request, stream: RequestStream, fmt: _Format, cleanup: _Cleanup) -> AsyncIterator[str]:
+        try:
+            async for index, out in stream.outputs(http.is_disconnected, config.disconnect_poll_s):
+                for chunk in fmt.chunks(index, out):
+                    yield f"data: {json.dumps(chunk)}\n\n"
+            if not stream.unfinished:
+                for chunk in fmt.final_chunks():
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                yield "data: [DONE]\n\n"
+        except (EngineFailure, ServerStopping) as exc:
+            err = to_api_error(exc)
+            yield f"data: {json.dumps(error_body(err.message, err.type, code=err.code))}\n\n"
+        finally:
+            cleanup()
+
+    def _ids(kind: str) -> tuple[str, int]:
+        return f"{kind}-{uuid.uuid4().hex}", int(time.time())
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: Request):
+        prompt = resolve(body)
+        inputs = body.prompts()
+        if len(inputs) * body.n > MAX_CHOICES:
+            raise APIError(400, f"n x number of prompts must be at most {MAX_CHOICES}", param="n")
+        max_new = 16 if body.max_tokens is None else body.max_tokens
+        cid, created = _ids("cmpl")
+        requests = []
+        for inp in inputs:
+            for j in range(body.n):
+                params = _sampling(body, j, max_new, body.logprobs)
+                source = {"text": inp} if isinstance(inp, str) else {"input_ids": inp}
+                requests.append(EngineRequest(prompt=prompt, sampling=params, request_id=f"{cid}-{len(requests)}",
+                                              **source))
+        fmt = CompletionFormat(cid, created, body.model, token_str, body.stop_list(), body.return_token_ids,
+                               bool(body.stream_options and body.stream_options.include_usage))
+        return await generate(http, body, requests, fmt)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, http: Request):
+        prompt = resolve(body)
+        if engine.tokenizer is None or not getattr(engine.tokenizer.hf, "chat_template", None):
+            raise APIError(400, "the model's tokenizer has no chat template: use /v1/completions",
+                           param="messages", code="no_chat_template")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            ids = await loop.run(lambda e: _render_chat(e, messages))
+        except (ServerStopping, EngineFailure) as exc:
+            raise to_api_error(exc) from exc
+        except Exception as exc:  # jinja errors raised by the template
+            raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from exc
+        max_new = next((m for m in (body.max_completion_tokens, body.max_tokens) if m is not None),
+                       engine.config.max_positions)  # None: as many as fit (the engine caps it)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        cid, created = _ids("chatcmpl")
+        requests = [EngineRequest(prompt=prompt, input_ids=ids, sampling=_sampling(body, j, max_new, logprobs),
+                                  request_id=f"{cid}-{j}") for j in range(body.n)]
+        fmt = ChatFormat(cid, created, body.model, token_str, body.stop_list(), body.return_token_ids,
+                         bool(body.stream_options and body.stream_options.include_usage))
+        return await generate(http, body, requests, fmt)
+
+    # ---- prompt registry -----------------------------------------------------------------------------
+    def describe(name: str) -> dict:
+        versions = registry.versions(name)
+        return {**versions[-1].describe(), "versions": [v.describe() for v in versions]}
+
+    @app.get("/v1/prompts", dependencies=[Depends(require_admin)])
+    async def list_prompts():
+        return {"object": "list", "data": [describe(pv.name) for pv in registry.latest()]}
+
+    @app.get("/v1/prompts/{ref}", dependencies=[Depends(require_admin)])
+    async def get_prompt(ref: str):
+        try:
+            pv = registry.get(ref)
+        except UnknownPromptError as exc:
+            raise APIError(404, str(exc), param="name", code="prompt_not_found") from exc
+        return pv.describe() if "@" in ref else describe(pv.name)
+
+    @app.delete("/v1/prompts/{ref}", dependencies=[Depends(require_admin)])
+    async def delete_prompt(ref: str):
+        try:
+            removed = await registry.remove(loop, ref)
+        except UnknownPromptError as exc:
+            raise APIError(404, str(exc), param="name", code="prompt_not_found") from exc
+        return {"object": "prompt.deleted", "id": ref, "deleted": True,
+                "versions": [pv.version for pv in removed]}
+
+    @app.post("/v1/prompts", status_code=201, dependencies=[Depends(require_admin)],
+              max_body_size=config.max_upload_bytes)
+    async def upload_prompt(http: Request):
+        ctype = http.headers.get("content-type", "")
+        try:
+            if ctype.startswith("multipart/form-data"):
+                name, text, files = await _read_form(http)
+                token_ids = None
+            elif ctype.startswith("application/json"):
+                name, text, files, token_ids = _read_json(await http.body())
+            else:
+                raise APIError(415, "send multipart/form-data (adapter files) or application/json "
+                               "({name, text} / {name, token_ids} / {name, files})", code="unsupported_media_type")
+            if not isinstance(name, str):
+                raise APIError(422, "the prompt 'name' field is missing", param="name")
+            if files and (text is not None or token_ids is not None):
+                raise APIError(400, "give files, text or token_ids, not several", param="name")
+            if files:
+                check_public_name(name)
+                source, staged = registry.stage_files(files)
+                pv = await registry.add(loop, name, source, staged=staged)
+            else:
+                pv = await registry.add(loop, name, text=text, token_ids=token_ids)
+        except Exception as exc:
+            raise to_api_error(exc) from exc
+        return JSONResponse({**pv.describe(), "versions": [v.describe() for v in registry.versions(pv.name)]}, 201)
+
+    return app
+
+
+def _schema_error(errors: list[dict]) -> APIError:
+    """One message naming the offending fields (first few of pydantic's errors)."""
+    messages: dict[str, str] = {}
+    for e in errors:
+        # drop "body" and pydantic's union-member tags ("float", "list[int]", ...) from the location
+        loc = ".".join(str(x) for x in e.get("loc", ())[1:] if isinstance(x, int) or _is_field(x)) or "body"
+        msg = e.get("msg", "invalid")
+        if loc == "body" and e.get("type") in ("model_attributes_type", "dict_type"):
+            msg = "the request body must be a JSON object (Content-Type: application/json)"
+        messages.setdefault(loc, msg)
+    parts = [f"{loc}: {msg}" for loc, msg in list(messages.items())[:3]]
+    return APIError(422, "invalid request: " + "; ".join(parts), param=next(iter(messages), None),
+                    code="invalid_request_body")
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "literal", "model"})
+
+
+def _is_field(part: object) -> bool:
+    return isinstance(part, str) and part.isidentifier() and part not in _TYPE_TAGS and "[" not in part
+
+
+async def _read_form(http: Request) -> tuple[object, object, list[tuple[str, bytes]]]:
+    try:
+        form = await http.form(max_files=8, max_fields=16)
+    except StarletteHTTPException:
+        raise
+    except AssertionError as exc:  # starlette's message when python-multipart is missing
+        raise APIError(415, "multipart uploads need the python-multipart package on the server; "
+                       "send JSON with base64 'files' instead", code="unsupported_media_type") from exc
+    except Exception as exc:
+        raise APIError(400, f"cannot parse the multipart form: {exc}") from exc
+    try:
+        name, text = form.get("name"), form.get("text")
+        files = []
+        for _, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                files.append((value.filename or "", await value.read()))
+        if text is not None and not isinstance(text, str):
+            raise APIError(400, "the 'text' field must be a string", param="text")
+        return name, text, files
+    finally:
+        await form.close()
+
+
+def _read_json(raw: bytes) -> tuple[str, str | None, list[tuple[str, bytes]], list[int] | None]:
+    try:
+        body = TextPromptUpload.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            raise APIError(400, "the request body is not valid JSON", code="invalid_json") from exc
+        raise _schema_error([{**e, "loc": ("body", *e.get("loc", ()))} for e in errors]) from exc
+    files = []
+    for filename, data in (body.files or {}).items():
+        try:
+            files.append((filename, base64.b64decode(data, validate=True)))
+        except (binascii.Error, ValueError) as exc:
+            raise APIError(400, f"file {filename!r} is not valid base64", param="files") from exc
+    return body.name, body.text, files, body.token_ids

@@ -1,0 +1,200 @@
+"""Engine outputs as OpenAI JSON: whole responses, and the stream chunks sent as text arrives."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..request import RequestOutput
+from ..sampling import TokenLogprob
+from ..tokenizer import Tokenizer
+
+
+def finite(x: float) -> float:
+    """JSON has no -inf: a token the model rules out gets a very low finite log-prob instead."""
+    return x if math.isfinite(x) else -9999.0
+
+
+class TokenStrings:
+    """Token id -> its text (special tokens included), cached; `token_id:N` without a tokenizer."""
+
+    def __init__(self, tokenizer: Tokenizer | None, max_cache: int = 1 << 16):
+        self._tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+        self._max_cache = max_cache
+
+    def __call__(self, token_id: int) -> str:
+        s = self._cache.get(token_id)
+        if s is None:
+            s = (f"token_id:{token_id}" if self._tokenizer is None
+                 else self._tokenizer.hf.decode([token_id], skip_special_tokens=False))
+            if len(self._cache) < self._max_cache:
+                self._cache[token_id] = s
+        return s
+
+
+def stop_holdback(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters could start a stop string (kept back until it is clear they do not)."""
+    held = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), held, -1):
+            if text.endswith(stop[:k]):
+                held = k
+                break
+    return held
+
+
+@dataclass
+class ChoiceProgress:
+    """What one choice has sent so far in a stream."""
+
+    chars: int = 0
+    tokens: int = 0
+    text_offset: int = 0  # for completions logprobs
+    started: bool = False  # chat: the role delta was sent
+    last: RequestOutput | None = None
+
+
+def new_text(progress: ChoiceProgress, out: RequestOutput, stops: tuple[str, ...]) -> str:
+    """The text to send now: all of it once finished, else up to a possible stop string or partial character."""
+    text = out.text or ""
+    end = len(text)
+    if not out.finished:
+        end -= stop_holdback(text, stops)
+        while end > 0 and text[end - 1] == "\ufffd":  # an incomplete UTF-8 sequence may still change
+            end -= 1
+    piece = text[progress.chars:end] if end > progress.chars else ""
+    progress.chars = max(progress.chars, end)
+    return piece
+
+
+def usage(outputs: list[RequestOutput]) -> dict:
+    prompt = sum(len(o.input_ids) for o in outputs)
+    completion = sum(len(o.token_ids) for o in outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+@dataclass
+class _Format:
+    """Shared state of one HTTP call's response: ids, choice progress, what each choice ended with."""
+
+    id: str
+    created: int
+    model: str
+    token_str: TokenStrings
+    stops: tuple[str, ...] = ()
+    return_token_ids: bool = False
+    include_usage: bool = False
+    progress: dict[int, ChoiceProgress] = field(default_factory=dict)
+
+    def _progress(self, index: int) -> ChoiceProgress:
+        return self.progress.setdefault(index, ChoiceProgress())
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def usage_chunks(self, obj: str) -> list[dict]:
+        if not self.include_usage:
+            return []
+        outs = [p.last for p in self.progress.values() if p.last is not None]
+        return [{**self._head(obj), "choices": [], "usage": usage(outs)}]
+
+
+class CompletionFormat(_Format):
+    def logprobs(self, lps: list[TokenLogprob] | None, offset: int) -> dict | None:
+        if lps is None:
+            return None
+        tokens, values, tops, offsets = [], [], [], []
+        for lp in lps:
+            s = self.token_str(lp.token_id)
+            tokens.append(s)
+            values.append(finite(lp.logprob))
+            top: dict[str, float] = {}
+            for t, v in sorted(lp.top.items(), key=lambda kv: -kv[1]):
+                top.setdefault(self.token_str(t), finite(v))  # tokens that print alike: keep the likeliest
+            tops.append(top)
+            offsets.append(offset)
+            offset += len(s)
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+    def response(self, finals: list[RequestOutput]) -> dict:
+        choices = []
+        for i, out in enumerate(finals):
+            choice = {"index": i, "text": out.text or "", "logprobs": self.logprobs(out.logprobs, 0),
+                      "finish_reason": out.finish_reason}
+            if self.return_token_ids:
+                choice["token_ids"] = out.token_ids
+                choice["prompt_token_ids"] = out.input_ids
+            choices.append(choice)
+        return {**self._head("text_completion"), "choices": choices, "usage": usage(finals)}
+
+    def chunks(self, index: int, out: RequestOutput) -> list[dict]:
+        p = self._progress(index)
+        p.last = out
+        text = new_text(p, out, self.stops)
+        if not text and not out.finished:
+            return []  # tokens and their logprobs ride with the next chunk that has text
+        new_ids = out.token_ids[p.tokens:]
+        lps = None if out.logprobs is None else out.logprobs[p.tokens:]
+        p.tokens = len(out.token_ids)
+        logprobs = self.logprobs(lps, p.text_offset)
+        if lps:
+            p.text_offset += sum(len(self.token_str(lp.token_id)) for lp in lps)
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
+        if self.return_token_ids:
+            choice["token_ids"] = new_ids
+        return [{**self._head("text_completion"), "choices": [choice]}]
+
+    def final_chunks(self) -> list[dict]:
+        return self.usage_chunks("text_completion")
+
+
+class ChatFormat(_Format):
+    def _entry(self, token_id: int, logprob: float) -> dict:
+        s = self.token_str(token_id)
+        return {"token": s, "logprob": finite(logprob), "bytes": list(s.encode("utf-8"))}
+
+    def logprobs(self, lps: list[TokenLogprob] | None) -> dict | None:
+        if lps is None:
+            return None
+        content = []
+        for lp in lps:
+            top = sorted(lp.top.items(), key=lambda kv: -kv[1])
+            content.append({**self._entry(lp.token_id, lp.logprob),
+                            "top_logprobs": [self._entry(t, v) for t, v in top]})
+        return {"content": content}
+
+    def response(self, finals: list[RequestOutput]) -> dict:
+        choices = []
+        for i, out in enumerate(finals):
+            choice = {"index": i, "message": {"role": "assistant", "content": out.text or ""},
+                      "logprobs": self.logprobs(out.logprobs), "finish_reason": out.finish_reason}
+            if self.return_token_ids:
+                choice["token_ids"] = out.token_ids
+                choice["prompt_token_ids"] = out.input_ids
+            choices.append(choice)
+        return {**self._head("chat.completion"), "choices": choices, "usage": usage(finals)}
+
+    def chunks(self, index: int, out: RequestOutput) -> list[dict]:
+        p = self._progress(index)
+        p.last = out
+        chunks = []
+        if not p.started:
+            p.started = True
+            chunks.append({**self._head("chat.completion.chunk"), "choices": [
+                {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                 "finish_reason": None}]})
+        text = new_text(p, out, self.stops)
+        if text or out.finished:
+            new_ids = out.token_ids[p.tokens:]
+            lps = None if out.logprobs is None else out.logprobs[p.tokens:]
+            p.tokens = len(out.token_ids)
+            choice = {"index": index, "delta": {"content": text} if text else {},
+                      "logprobs": self.logprobs(lps), "finish_reason": out.finish_reason}
+            if self.return_token_ids:
+                choice["token_ids"] = new_ids
+            chunks.append({**self._head("chat.completion.chunk"), "choices": [choice]})
+        return chunks
+
+    def final_chunks(self) -> list[dict]:
+        return self.usage_chunks("chat.completion.chunk")

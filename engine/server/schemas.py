@@ -1,0 +1,140 @@
+"""Request bodies (OpenAI's schema, strictly typed) and the OpenAI-style error body."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+MAX_CHOICES = 128  # n x number of prompts in one request
+MAX_STOP = 16
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+Number = StrictFloat | StrictInt
+TokenIds = list[StrictInt]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: StrictBool = False
+
+
+class _SamplingFields(BaseModel):
+    """Fields shared by /v1/completions and /v1/chat/completions (OpenAI names, plus vLLM-style extras)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr
+    temperature: Number | None = 1.0  # OpenAI's default: sampling
+    top_p: Number | None = 1.0
+    n: StrictInt = Field(1, ge=1, le=MAX_CHOICES)
+    stop: StrictStr | list[StrictStr] | None = Field(None)
+    seed: StrictInt | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: Number | None = 0.0
+    frequency_penalty: Number | None = 0.0
+    logit_bias: dict[str, Any] | None = None
+    user: StrictStr | None = None
+    # extensions (as vLLM names them; the openai client sends them through extra_body)
+    top_k: StrictInt | None = None
+    ignore_eos: StrictBool = False
+    stop_token_ids: list[StrictInt] | None = None
+    return_token_ids: StrictBool = False
+
+    def stop_list(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(param, message) for an OpenAI option this server does not implement, given a non-default value."""
+        if self.presence_penalty not in (None, 0):
+            return "presence_penalty", "presence_penalty is not supported (use 0)"
+        if self.frequency_penalty not in (None, 0):
+            return "frequency_penalty", "frequency_penalty is not supported (use 0)"
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported"
+        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
+            return "stop", f"at most {MAX_STOP} stop strings are supported, got {len(self.stop)}"
+        return None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
+    max_tokens: StrictInt | None = 16  # OpenAI's default for completions
+    logprobs: StrictInt | None = None  # top-N
+    echo: StrictBool = False
+    best_of: StrictInt | None = None
+    suffix: StrictStr | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt field as a list of inputs (text or token ids)."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            return [[]]  # an empty list: rejected by the engine as an empty input
+        if isinstance(p[0], int):
+            return [list(p)]
+        return list(p)
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.echo:
+            return "echo", "echo is not supported"
+        if self.suffix:
+            return "suffix", "suffix is not supported"
+        if self.best_of not in (None, self.n):
+            return "best_of", "best_of other than n is not supported"
+        return super().unsupported()
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: StrictStr
+    content: StrictStr | list[TextPart] | None = None
+    name: StrictStr | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: StrictInt | None = None  # None: as many as fit
+    max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = None
+    tools: list[Any] | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.tools:
+            return "tools", "tools are not supported"
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs=true"
+        return super().unsupported()
+
+
+class TextPromptUpload(BaseModel):
+    """JSON body of POST /v1/prompts: a text prompt, token ids, or base64-encoded adapter / tensor files."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: StrictStr
+    text: StrictStr | None = None
+    token_ids: list[StrictInt] | None = None
+    files: dict[StrictStr, StrictStr] | None = None  # file name -> base64 content
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | int | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -1,0 +1,200 @@
+"""The official openai client against a real server: results equal Engine.generate for the same requests."""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from softprompt import Request, SamplingParams
+
+
+
+
+def sp(**kw) -> SamplingParams:
+    return SamplingParams(**kw)
+
+
+def test_models_list_names_prompts_with_version_and_length(served):
+    models = {m.id: m for m in served.server.openai().models.list().data}
+    assert set(models) == {"base", "a", "b", "polite"}
+    assert models["a"].length == 8 and models["b"].length == 5 and models["base"].length == 0
+    assert models["a"].version == 1 and models["a"].kind == "peft" and models["polite"].kind == "text"
+    assert models["a"].content_hash == served.reference.prompts.get("a").version
+
+
+def test_completion_greedy_with_logprobs_equals_engine_generate(served):
+    client = served.server.openai()
+    got = client.completions.create(model="a", prompt="the cat sat on", max_tokens=10, temperature=0, logprobs=3,
+                                    extra_body={"return_token_ids": True})
+    [want] = served.expected(Request(prompt="a", text="the cat sat on",
+                                     sampling=sp(max_new_tokens=10, logprobs=3)))
+    choice = got.choices[0]
+    assert choice.model_extra["token_ids"] == want.token_ids
+    assert choice.text == want.text and choice.finish_reason == want.finish_reason
+    assert got.model == "a" and got.object == "text_completion"
+    assert got.usage.prompt_tokens == len(want.input_ids) and got.usage.completion_tokens == len(want.token_ids)
+    lp = choice.logprobs
+    assert len(lp.token_logprobs) == len(want.token_ids)
+    for value, top, expected in zip(lp.token_logprobs, lp.top_logprobs, want.logprobs):
+        assert math.isclose(value, expected.logprob, abs_tol=1e-4)
+        assert len(top) <= 3 and max(top.values()) == pytest.approx(max(expected.top.values()), abs=1e-4)
+    assert "".join(lp.tokens) == choice.text  # no special tokens here: the pieces spell the text
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+
+
+def test_streaming_matches_non_streaming_and_engine(served):
+    client = served.server.openai()
+    kw = dict(model="b", prompt=[5, 9, 33, 70], max_tokens=12, temperature=0.7, top_p=0.9, seed=11)
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True},
+                                            extra_body={"return_token_ids": True, "ignore_eos": True}, **kw))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    ids = [t for c in chunks if c.choices for t in c.choices[0].model_extra["token_ids"]]
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    usage = chunks[-1].usage
+    [want] = served.expected(Request(prompt="b", input_ids=[5, 9, 33, 70], sampling=sp(
+        max_new_tokens=12, temperature=0.7, top_p=0.9, seed=11, ignore_eos=True)))
+    assert ids == want.token_ids and text == want.text and finish == ["length"]
+    assert len(chunks) > 3  # token by token, not one blob
+    assert usage.completion_tokens == 12 and usage.prompt_tokens == 4
+    whole = client.completions.create(extra_body={"ignore_eos": True}, **kw)
+    assert whole.choices[0].text == text
+
+
+def test_streamed_logprobs_and_choices_equal_the_whole_response(served):
+    client = served.server.openai()
+    kw = dict(model="polite", prompt="the old farmer", max_tokens=8, temperature=0.8, seed=3, n=2, logprobs=2)
+    whole = client.completions.create(**kw)
+    tokens: dict[int, list] = {0: [], 1: []}
+    values: dict[int, list] = {0: [], 1: []}
+    for chunk in client.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            tokens[c.index] += c.logprobs.tokens
+            values[c.index] += c.logprobs.token_logprobs
+    for c in whole.choices:
+        assert tokens[c.index] == c.logprobs.tokens
+        assert values[c.index] == pytest.approx(c.logprobs.token_logprobs, abs=1e-5)
+    assert whole.choices[0].text != whole.choices[1].text  # seeds 3 and 4
+
+
+def test_stream_never_sends_text_that_a_stop_string_later_cuts(served):
+    client = served.server.openai()
+    [free] = served.expected(Request(prompt="a", text="a small red bird", sampling=sp(max_new_tokens=12)))
+    stop = free.text[3:6]  # a stop string that really occurs in the free-running text
+    assert len(stop) == 3
+    chunks = list(client.completions.create(model="a", prompt="a small red bird", max_tokens=12, temperature=0,
+                                            stop=stop, stream=True))
+    streamed = "".join(c.choices[0].text for c in chunks)
+    [want] = served.expected(Request(prompt="a", text="a small red bird", sampling=sp(max_new_tokens=12, stop=(stop,))))
+    assert streamed == want.text == free.text[: free.text.find(stop)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_n_choices_use_consecutive_seeds_and_several_prompts(served):
+    client = served.server.openai()
+    got = client.completions.create(model="polite", prompt=["the dog", "my teacher"], n=3, max_tokens=6,
+                                    temperature=1.0, seed=100, extra_body={"return_token_ids": True,
+                                                                           "ignore_eos": True})
+    assert [c.index for c in got.choices] == list(range(6))
+    want = served.expected([Request(prompt="polite", text=t, sampling=sp(max_new_tokens=6, temperature=1.0,
+                                                                         seed=100 + j, ignore_eos=True))
+                            for t in ("the dog", "my teacher") for j in range(3)])
+    assert [c.model_extra["token_ids"] for c in got.choices] == [w.token_ids for w in want]
+    assert len({tuple(w.token_ids) for w in want}) > 1  # different seeds really differ
+
+
+def test_several_tasks_at_once_equal_engine_generate(served):
+    client = served.server.openai()
+    jobs = [(task, text) for task in ("a", "b", "polite", "base")
+            for text in ("the cat sat on the", "one bird", "the king built a big")]
+
+    def call(job):
+        task, text = job
+        r = client.completions.create(model=task, prompt=text, max_tokens=8, temperature=0,
+                                      extra_body={"return_token_ids": True, "ignore_eos": True})
+        return r.choices[0].model_extra["token_ids"], r.choices[0].text
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        got = list(pool.map(call, jobs))
+    want = served.expected([Request(prompt=None if t == "base" else t, text=x,
+                                    sampling=sp(max_new_tokens=8, ignore_eos=True)) for t, x in jobs])
+    assert got == [(w.token_ids, w.text) for w in want]
+    assert len({tuple(ids) for ids, _ in got}) > len(jobs) // 2  # tasks really differ
+    served.server.assert_pool_empty()
+
+
+def test_chat_completion_equals_engine_on_the_templated_ids(served):
+    client = served.server.openai()
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the cat?"}]
+    got = client.chat.completions.create(model="a", messages=messages, max_tokens=7, temperature=0, logprobs=True,
+                                         top_logprobs=2, extra_body={"return_token_ids": True})
+    hf = served.reference.tokenizer.hf
+    ids = hf(hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+             add_special_tokens=False)["input_ids"]
+    [want] = served.expected(Request(prompt="a", input_ids=ids, sampling=sp(max_new_tokens=7, logprobs=2)))
+    choice = got.choices[0]
+    assert choice.model_extra["token_ids"] == want.token_ids and choice.message.content == want.text
+    assert choice.message.role == "assistant" and got.usage.prompt_tokens == len(ids)
+    assert [round(c.logprob, 4) for c in choice.logprobs.content] == [round(x.logprob, 4) for x in want.logprobs]
+    assert all(len(c.top_logprobs) == 2 for c in choice.logprobs.content)
+    stream = client.chat.completions.create(model="a", messages=messages, max_tokens=7, temperature=0, stream=True)
+    deltas = list(stream)
+    assert deltas[0].choices[0].delta.role == "assistant"
+    assert "".join(d.choices[0].delta.content or "" for d in deltas) == want.text
+
+
+def test_errors_are_openai_shaped_and_named(served):
+    client = served.server.openai()
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="missing", prompt="x", max_tokens=2)
+    assert "missing" in e.value.message and e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="a", prompt=[1, 600], max_tokens=2)
+    assert "600" in e.value.message and "vocabulary" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="a", prompt="x", top_p=0, max_tokens=2)
+    assert "top_p" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:  # errors come before any stream starts
+        client.completions.create(model="a", prompt="", max_tokens=2, stream=True)
+    assert "empty" in e.value.message
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        client.completions.create(model="a", prompt="x", max_tokens="ten")
+    assert e.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="a", prompt="x", presence_penalty=0.5)
+    assert "presence_penalty" in e.value.message
+    http = served.server.client()
+    r = http.post("/v1/completions", content=b'{"model": "a", "prompt": ', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    assert http.get("/v1/nothing").status_code == 404 and "error" in http.get("/v1/nothing").json()
+    # still serving
+    assert client.completions.create(model="a", prompt="x", max_tokens=2, temperature=0).choices[0].text is not None
+
+
+def test_health_and_metrics(served):
+    http = served.server.client()
+    served.server.openai().completions.create(model="b", prompt="the sun", max_tokens=3, temperature=0)
+    health = http.get("/health").json()
+    assert health["status"] == "ok" and health["kv_blocks_total"] > 0
+    text = http.get("/metrics").text
+    for name in ("softprompt_requests_total", "softprompt_generation_tokens_total", "softprompt_queue_depth",
+                 "softprompt_running_batch_size", "softprompt_prefix_cache_hits_total",
+                 "softprompt_prefix_cache_misses_total", "softprompt_prefix_cache_evictions_total",
+                 "softprompt_time_to_first_token_seconds_bucket", "softprompt_inter_token_latency_seconds_bucket",
+                 "softprompt_http_requests_total"):
+        assert name in text, name
+    samples = _samples(text)
+    assert samples['softprompt_requests_total{finish_reason="length",task="b"}'] >= 1
+    assert samples['softprompt_generation_tokens_total{task="b"}'] >= 3
+    assert samples["softprompt_prefix_cache_misses_total"] >= 1
+
+
+def _samples(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out

@@ -1,0 +1,91 @@
+"""`softprompt serve`: argument parsing, prompt discovery, and a real server process on loopback."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from safetensors.torch import save_file
+
+from softprompt import Engine, Request, SamplingParams
+from softprompt.engine.errors import SoftPromptError
+from softprompt.engine.server.cli import add_serve_arguments, discover_prompts
+from softprompt.testing import build_prompt_tensor
+
+SERVE = ("import sys, argparse; from softprompt.engine.server.cli import add_serve_arguments, run_serve; "
+         "p = argparse.ArgumentParser(); add_serve_arguments(p); sys.exit(run_serve(p.parse_args(sys.argv[1:])))")
+
+
+def test_discover_prompts(tmp_path, adapter_for):
+    adapters = tmp_path / "prompts"
+    shutil.copytree(adapter_for("llama", seed=0), adapters / "sentiment")
+    save_file({"p": build_prompt_tensor(64, 3)}, str(adapters / "summary.safetensors"))
+    (adapters / "notes.txt").write_text("ignored")
+    found = discover_prompts([str(adapters), f"other={adapters / 'summary.safetensors'}",
+                              str(adapters / "sentiment")])
+    assert [(n, p.name) for n, p in found] == [("sentiment", "sentiment"), ("summary", "summary.safetensors"),
+                                              ("other", "summary.safetensors"), ("sentiment", "sentiment")]
+    with pytest.raises(SoftPromptError, match="does not exist"):
+        discover_prompts([str(tmp_path / "missing")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SoftPromptError, match="no PEFT adapter"):
+        discover_prompts([str(tmp_path / "empty")])
+
+
+def test_serve_arguments_defaults_to_loopback():
+    p = argparse.ArgumentParser()
+    add_serve_arguments(p)
+    args = p.parse_args(["model", "--prompts", "x", "y", "--port", "9"])
+    assert args.host == "127.0.0.1" and args.port == 9 and args.prompts == ["x", "y"] and args.max_queue == 256
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_process_answers_and_stops_on_sigint(model_dir_for, adapter_for, tmp_path):
+    model, adapter = model_dir_for("llama"), adapter_for("llama", seed=0)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVE, str(model), "--prompts", f"sent={adapter}", "--text-prompt", "h=be brief:",
+         "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--kv-cache-bytes", str(4 << 20),
+         "--prompt-dir", str(tmp_path / "store"), "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, trust_env=False) as http:
+            deadline = time.monotonic() + 90
+            while True:
+                try:
+                    if http.get("/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert proc.poll() is None, proc.communicate()[1]
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.2)
+            assert {m["id"] for m in http.get("/v1/models").json()["data"]} == {"base", "sent", "h"}
+            r = http.post("/v1/completions", json={"model": "sent", "prompt": [5, 6, 7], "max_tokens": 5,
+                                                   "temperature": 0, "return_token_ids": True})
+            got = r.json()["choices"][0]["token_ids"]
+        engine = Engine(model, device="cpu", kv_cache_bytes=4 << 20)
+        engine.add_prompt("sent", adapter)
+        [want] = engine.generate(Request(prompt="sent", input_ids=[5, 6, 7], sampling=SamplingParams(max_new_tokens=5)))
+        assert got == want.token_ids
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0, proc.stderr.read()
+    assert (tmp_path / "store").is_dir()  # a given prompt dir is kept
