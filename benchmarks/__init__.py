@@ -1,1 +1,1 @@
-"""Benchmarks: `python -m benchmarks.c1` (workload C1, CPU fp32)."""
+"""Benchmarks: `python -m benchmarks.run --workload NAME` (or `softprompt bench`); `--list` names the workloads."""

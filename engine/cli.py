@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from .errors import SoftPromptError
 
 PLANNED = {
-    "bench": "throughput benchmarks against HF and PEFT",
     "train": "training soft prompts",
     "eval": "batched evaluation of many prompts",
 }
@@ -54,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .server.cli import add_serve_arguments  # no fastapi/uvicorn import until it runs
 
     add_serve_arguments(sub.add_parser("serve", help="the OpenAI-compatible HTTP server (needs the server extra)"))
+
+    from .bench_cli import add_bench_arguments
+
+    add_bench_arguments(sub.add_parser("bench", help="throughput/serving benchmarks vs HF and PEFT (from a clone)"))
 
     from .verify import add_verify_arguments
 
@@ -112,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(args)
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "bench":
+            from .bench_cli import run_bench
+
+            return run_bench(args)
         if args.command == "serve":
             from .server.cli import run_serve
 

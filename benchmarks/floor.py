@@ -1,0 +1,78 @@
+"""A measured CPU floor: the workload's unavoidable matmuls (and attention at mean lengths), timed at its shapes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .workloads import Workload, WorkloadConfig
+
+
+def best_time(fn: Callable[[], Any], repeats: int = 7) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def layer_linears_time(cfg: WorkloadConfig, rows: int) -> float:
+    """q/k/v/o, gate/up/down of every layer for `rows` tokens (random weights of the model's shapes), separate or
+    fused (qkv, gate+up), whichever is faster."""
+    m = cfg.model
+    h, q, kv, inter = m.hidden_size, m.num_heads * m.head_dim, m.kv_heads * m.head_dim, m.ffn_size
+    mlp = [(h, inter), (h, inter), (inter, h)] if m.gated_mlp else [(h, inter), (inter, h)]
+    fused_mlp = [(h, 2 * inter), (inter, h)] if m.gated_mlp else mlp
+    layouts = [[(h, q), (h, kv), (h, kv), (q, h), *mlp],  # (in, out)
+               [(h, q + 2 * kv), (q, h), *fused_mlp]]
+    inputs = {k: torch.randn(rows, k) for k in (h, q, inter)}
+
+    def layout_time(shapes: list[tuple[int, int]]) -> float:
+        weights = [torch.randn(n, k) for _ in range(m.num_layers) for k, n in shapes]
+        return best_time(lambda: [F.linear(inputs[w.shape[1]], w) for w in weights])
+
+    return min(layout_time(shapes) for shapes in layouts)
+
+
+def attention_time(cfg: WorkloadConfig, batch: int, queries: int, prefix: int, own_keys: int) -> float:
+    """SDPA (GQA) for `batch` sequences of `queries` new tokens over `prefix` visible + `own_keys` causal keys,
+    every layer."""
+    m = cfg.model
+    q = torch.randn(batch, m.num_heads, queries, m.head_dim)
+    k = torch.randn(batch, m.kv_heads, prefix + own_keys, m.head_dim)
+    own_q = torch.arange(own_keys - queries, own_keys)
+    mask = torch.cat([torch.ones(queries, prefix, dtype=torch.bool),
+                      torch.arange(own_keys)[None, :] <= own_q[:, None]], dim=1)
+
+    def run() -> None:
+        for _ in range(m.num_layers):
+            F.scaled_dot_product_attention(q, k, k, attn_mask=mask, enable_gqa=True)
+
+    return best_time(run)
+
+
+def cpu_floor(workload: Workload) -> dict[str, float]:
+    """Seconds of the unavoidable matmuls (+ attention at mean lengths): each prefix once, each input token,
+    each output token (LM head on the last prefill row and on every decode row)."""
+    cfg, m = workload.config, workload.config.model
+    reqs, steps = cfg.num_requests, cfg.new_tokens - 1  # the last output token is never fed back
+    mean_in = round(sum(workload.input_lengths) / reqs)
+    lm_head = torch.randn(m.vocab_size, m.hidden_size)
+    last_rows = torch.randn(reqs, m.hidden_size)
+    parts = {
+        "prefix_linears": layer_linears_time(cfg, cfg.num_tasks * cfg.prompt_len),
+        "input_linears": layer_linears_time(cfg, sum(workload.input_lengths)),
+        "decode_linears": steps * layer_linears_time(cfg, reqs),
+        "lm_head": cfg.new_tokens * best_time(lambda: F.linear(last_rows, lm_head)),
+        "prefix_attention": attention_time(cfg, cfg.num_tasks, cfg.prompt_len, 0, cfg.prompt_len),
+        "input_attention": attention_time(cfg, reqs, mean_in, cfg.prompt_len, mean_in),
+        "decode_attention": sum(attention_time(cfg, reqs, 1, cfg.prompt_len, mean_in + s + 1) for s in range(steps)),
+    }
+    parts["total"] = sum(parts.values())
+    return parts

@@ -1,0 +1,149 @@
+"""Benchmarks: `--quick` C1 and SERVE-CPU write complete JSON (+ PNG), GPU workloads refuse to run without CUDA, the
+roofline's weight count matches real models, Poisson arrivals and the SLO rule. No timings are asserted."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import c1, run, table
+from benchmarks.roofline import layer_linear_params, peak_for
+from benchmarks.serving import max_rate_held
+from benchmarks.workloads import WORKLOADS, ModelShape, get_workload, poisson_arrivals
+from softprompt.engine import bench_cli
+from softprompt.engine.bench_cli import add_bench_arguments, run_bench
+
+HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+
+
+def _run(tmp_path: Path, *args: str) -> dict:
+    assert run.main(["--quick", "--out", str(tmp_path), *args]) == 0
+    (path,) = tmp_path.glob("*.json")
+    report = json.loads(path.read_text())
+    env = report["environment"]
+    assert report["quick"] is True
+    assert env["device"] and env["torch"] == torch.__version__ and env["transformers"] and env["peft"]
+    assert "--quick" in env["command"] and "git_commit" in env and env["contention_cpu_s"] is not None
+    png = path.with_suffix(".png")
+    if HAS_MPL:
+        assert report["plot"] == png.name and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert report["plot"] is None and "matplotlib" in report["plot_skipped"]
+    return report
+
+
+def test_quick_c1(tmp_path):
+    r = _run(tmp_path, "--workload", "c1")
+    w = r["workload"]
+    assert (w["name"], w["dtype"], w["device"], r["repeats"]) == ("C1", "float32", "cpu", 1)
+    assert set(r["systems"]) == {"engine", "hf_mixed", "peft"} and "hf_static" in r["skipped"]
+    counts = r["token_counts"]
+    assert counts["output"] == w["num_requests"] * w["new_tokens"]
+    for s in r["systems"].values():
+        assert s["output_tok_s"] == pytest.approx(counts["output"] / s["seconds"])
+        assert s["total_tok_s"] == pytest.approx(counts["total"] / s["seconds"])
+    engine_s = r["systems"]["engine"]["seconds"]
+    assert r["ratios"] == pytest.approx({f"engine/{n}": r["systems"][n]["seconds"] / engine_s
+                                         for n in ("hf_mixed", "peft")})
+    assert r["engine_prefix_computations_per_run"] == [w["num_tasks"]]  # cold prefixes, each computed once
+    assert r["floor"]["total"] > 0 and set(r["targets"]) == {"engine/hf_mixed", "engine/peft", "floor_fraction"}
+    assert r["roofline"]["flops"] > 0 and r["roofline"]["fraction"] is None  # no peaks assumed for a CPU
+    assert r["kv_memory"]["with_sharing"] < r["kv_memory"]["without_sharing"]
+    a = r["agreement"]
+    assert a["pass"] and a["pairs"]["engine~hf_mixed"]["exact"] == 1.0 and a["pairs"]["engine~peft"]["exact"] == 1.0
+    row = table.throughput_row(r, "results")
+    assert row.startswith("| C1 |")
+    assert f"`{r['environment']['command']}`" in row and f"**{r['ratios']['engine/peft']:.2f}×**" in row
+
+
+def test_quick_serve_cpu(tmp_path):
+    r = _run(tmp_path, "--workload", "SERVE-CPU")
+    serving = get_workload("SERVE-CPU").resolved(True)[1]
+    rates = list(serving.rates)
+    assert r["workload"]["kind"] == "serving" and r["serving"]["rates"] == rates
+    for name in ("engine", "hf_mixed"):
+        sysrep = r["systems"][name]
+        assert [p["rate"] for p in sysrep["per_rate"]] == rates
+        for p in sysrep["per_rate"]:
+            assert p["requests"] == serving.requests_at(p["rate"])
+            assert 0 < p["ttft_s"]["p50"] <= p["ttft_s"]["p99"] and 0 < p["itl_s"]["p50"] <= p["itl_s"]["p99"]
+            assert p["held"] == (p["ttft_s"]["p99"] < r["serving"]["ttft_slo_s"])
+            assert p["contention_cpu_s"] is not None
+        assert sysrep["max_rate_held"] == max_rate_held(sysrep["per_rate"])
+    assert r["agreement"]["pass"]
+    assert r["agreement"]["engine~hf_mixed (first rate, all requests)"]["exact"] == 1.0  # fp32: same greedy tokens
+    assert "| SERVE-CPU |" in table.serving_row(r, "results")
+
+
+def test_table_marks_missing_results(tmp_path):
+    text = table.tables(tmp_path)
+    for name, spec in WORKLOADS.items():
+        assert f"| {name} | {'CUDA GPU' if spec.needs_cuda else 'CPU'}: **not yet measured** |" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("name", [n for n, s in WORKLOADS.items() if s.needs_cuda])
+def test_gpu_workloads_refuse_without_cuda(name, tmp_path, capsys):
+    assert run.main(["--workload", name, "--out", str(tmp_path)]) == 2
+    assert "CUDA" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_usage_errors(tmp_path, capsys):
+    assert run.main(["--workload", "nope"]) == 2
+    assert "unknown workload 'nope'" in capsys.readouterr().err
+    assert run.main(["--workload", "C1", "--rates", "1,2", "--out", str(tmp_path)]) == 2
+    assert "serving workloads" in capsys.readouterr().err
+
+
+def test_bench_cli_and_c1_alias(monkeypatch, capsys):
+    args = add_bench_arguments(argparse.ArgumentParser()).parse_args(["--list"])
+    assert run_bench(args) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in WORKLOADS)
+    seen = []
+    monkeypatch.setattr(c1, "run_main", lambda argv: seen.append(argv) or 0)
+    assert c1.main(["--quick"]) == 0 and seen == [["--workload", "C1", "--quick"]]
+    monkeypatch.setattr(bench_cli, "_has_benchmarks", lambda root: False)  # an installed engine, outside a clone
+    assert run_bench(args) == 2
+    assert "not part of the installed package" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant", ["llama", "bloom"])
+def test_roofline_counts_the_models_matmul_weights(model_dir_for, variant):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir_for(variant))
+    hf = model.config
+    shape = ModelShape(variant, hidden_size=hf.hidden_size, num_layers=hf.num_hidden_layers,
+                       num_heads=hf.num_attention_heads, num_kv_heads=getattr(hf, "num_key_value_heads", 0),
+                       intermediate_size=getattr(hf, "intermediate_size", 0), vocab_size=hf.vocab_size)
+    layer_weights = sum(p.numel() for n, p in model.named_parameters()
+                        if p.dim() == 2 and (".layers." in n or ".h." in n))
+    assert shape.num_layers * layer_linear_params(shape) == layer_weights
+
+
+def test_peaks_by_device_name():
+    assert peak_for("NVIDIA H100 80GB HBM3").bytes_per_s == 3.35e12
+    assert peak_for("NVIDIA H200").bytes_per_s == 4.8e12 and peak_for("NVIDIA H100 PCIe").flops == 756e12
+    assert peak_for("AMD EPYC") is None
+
+
+def test_poisson_arrivals_scale_with_rate():
+    slow, fast = poisson_arrivals(2000, 5.0, seed=1), poisson_arrivals(2000, 50.0, seed=1)
+    assert slow[0] == 0 and all(b >= a for a, b in zip(slow, slow[1:]))
+    assert fast == pytest.approx([t / 10 for t in slow])
+    assert slow[-1] / (len(slow) - 1) == pytest.approx(1 / 5.0, rel=0.1)
+
+
+def test_max_rate_held_stops_at_the_first_miss():
+    def stats(rate, held):
+        return {"rate": rate, "held": held}
+
+    assert max_rate_held([stats(4, True), stats(1, True), stats(2, False)]) == 1
+    assert max_rate_held([stats(1, False), stats(2, True)]) is None
+    assert max_rate_held([stats(1, True), stats(2, True)]) == 2
