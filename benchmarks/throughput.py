@@ -272,6 +272,6 @@ def print_report(report: dict[str, Any], out: Callable[[str], None] = print) -> 
     a = report["agreement"]
     out(f"Greedy agreement on a sample of {len(a['sample'])} (exact / first token / common prefix): "
         + "; ".join(f"{k} {v['exact']:.3f}/{v['first_token']:.3f}/{v['prefix']:.3f}" for k, v in a["pairs"].items()))
-    out(f"  all requests: " + "; ".join(f"{k} exact {v['exact']:.3f}" for k, v in a["all_requests"].items())
+    out("  all requests: " + "; ".join(f"{k} exact {v['exact']:.3f}" for k, v in a["all_requests"].items())
         + f"  [{a['note']}]")
     out(f"  rule: {a['rule']}: {'PASS' if a['pass'] else 'FAIL'}")

@@ -354,21 +354,40 @@ class Engine:
             if p + len(ctx) + len(c) > self.config.max_positions:
                 raise RequestError(f"context + continuation of {len(ctx) + len(c)} tokens after a {p}-token prompt "
                                    f"exceeds the model's {self.config.max_positions} positions")
-        return [self._score_one(soft, ctx, c) for c in conts]
+        logits = self.sequence_logits([(prompt, ctx + c) for c in conts])
+        scores = []
+        for c, rows in zip(conts, logits):
+            logprobs = torch.log_softmax(rows[len(ctx) - 1: len(ctx) + len(c) - 1], dim=-1)
+            scores.append(float(logprobs.gather(1, torch.tensor(c, device=rows.device)[:, None]).sum()))
+        return scores
 
-    def _score_one(self, prompt: SoftPrompt | None, ctx: list[int], cont: list[int]) -> float:
-        ids = ctx + cont
+    @torch.no_grad()
+    def sequence_logits(self, items: list[tuple[str | None, list[int]]]) -> list[torch.Tensor]:
+        """fp32 logits [len(ids), vocab] at every token of each (prompt name or None, token ids): one packed pass
+        with the missing prefixes computed together (one at a time when the pool cannot hold them all at once;
+        the reference backend: one request at a time, no cache)."""
+        prompts = [None if name is None else self.prompts.get(name) for name, _ in items]
         if self.backend == "reference":
-            logits = self.reference.logits(None if prompt is None else prompt.embeds, ids)
-        else:
-            seq = Sequence(Request(prompt=None if prompt is None else prompt.name, input_ids=ids), prompt, ids,
-                           SamplingParams(), None, RequestTiming(time.perf_counter()), -1)
-            try:
-                if prompt is not None:
-                    seq.prefix = self.prefix_cache.acquire(prompt)
-                seq.blocks = self.prefix_cache.allocate(self.pool.blocks_for(len(ids)))
-                logits = self.runner.run([seq], [len(ids)], all_logits=True)
-            finally:
+            return [self.reference.logits(None if p is None else p.embeds, ids) for p, (_, ids) in zip(prompts, items)]
+        seqs = [Sequence(Request(prompt=name, input_ids=ids), p, ids, SamplingParams(), None,
+                         RequestTiming(time.perf_counter()), -1) for p, (name, ids) in zip(prompts, items)]
+        held = []
+        try:
+            held = self.prefix_cache.acquire_many([p for p in prompts if p is not None])
+            for seq in seqs:
+                if seq.prompt is not None:
+                    seq.prefix = self.prefix_cache.acquire(seq.prompt)
+                seq.blocks = self.prefix_cache.allocate(self.pool.blocks_for(seq.num_tokens))
+            logits = self.runner.run(seqs, [s.num_tokens for s in seqs], all_logits=True)
+        except OutOfBlocks:
+            if len(items) == 1:
+                raise RequestError("the KV pool is too busy or too small for this sequence right now") from None
+            logits = None
+        finally:
+            for seq in seqs:
                 self.scheduler.release(seq)
-        logprobs = torch.log_softmax(logits[len(ctx) - 1: len(ids) - 1], dim=-1)
-        return float(logprobs.gather(1, torch.tensor(cont, device=logits.device)[:, None]).sum())
+            for entry in held:
+                self.prefix_cache.release(entry)
+        if logits is None:
+            return [self.sequence_logits([item])[0] for item in items]
+        return list(logits.split([s.num_tokens for s in seqs]))

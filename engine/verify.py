@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .errors import SoftPromptError
-from .prompts import SoftPrompt, check_prompt_name, read_peft_adapter
+from .prompts import check_prompt_name, read_peft_adapter
 
 BASE_TASK = "base"  # how requests without a prompt are labelled in reports
 
@@ -232,15 +232,6 @@ class HFPeftOracle:
         _free_memory()
 
 
-def _sequence(prompt: SoftPrompt | None, ids: list[int]):
-    from .request import Request, RequestTiming
-    from .sampling import SamplingParams
-    from .sequence import Sequence
-
-    return Sequence(Request(prompt=None if prompt is None else prompt.name, input_ids=ids), prompt, ids,
-                    SamplingParams(), None, RequestTiming(time.perf_counter()), -1)
-
-
 def drop_prefixes(engine, names: Sequence[str] | None = None) -> None:
     """Forget cached prefix K/V (of `names`, default all) so the next use is a cache miss."""
     for name in set(names) if names is not None else {e.prompt.name for e in engine.prefix_cache.entries}:
@@ -252,27 +243,9 @@ def engine_logits(engine, items: Sequence[tuple[str | None, list[int]]], batch: 
     """fp32 CPU logits [len(ids), vocab] of every token of each (prompt, ids), like `Engine.score` computes them:
     alone (one runner pass per item), or all in one packed pass with the missing prefixes computed together
     (as the scheduler admits a batch)."""
-    prompts = [None if name is None else engine.prompts.get(name) for name, _ in items]
-    if engine.backend == "reference":
-        return [engine.reference.logits(None if p is None else p.embeds, ids).float().cpu()
-                for p, (_, ids) in zip(prompts, items)]
     if not batch:
-        return [engine_logits(engine, [item], batch=True)[0] for item in items]
-    seqs = [_sequence(p, ids) for p, (_, ids) in zip(prompts, items)]
-    prefetched = []
-    try:
-        prefetched = engine.prefix_cache.acquire_many([p for p in prompts if p is not None])
-        for seq in seqs:
-            if seq.prompt is not None:
-                seq.prefix = engine.prefix_cache.acquire(seq.prompt)
-            seq.blocks = engine.prefix_cache.allocate(engine.pool.blocks_for(len(seq.input_ids)))
-        logits = engine.runner.run(seqs, [len(s.input_ids) for s in seqs], all_logits=True)
-    finally:
-        for seq in seqs:
-            engine.scheduler.release(seq)
-        for entry in prefetched:
-            engine.prefix_cache.release(entry)
-    return [x.float().cpu() for x in logits.split([len(s.input_ids) for s in seqs])]
+        return [engine.sequence_logits([item])[0].float().cpu() for item in items]
+    return [x.float().cpu() for x in engine.sequence_logits(list(items))]
 
 
 def engine_greedy(engine, requests: Sequence[VerifyRequest], batch: bool = False) -> list[list[int]]:

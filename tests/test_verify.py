@@ -16,7 +16,6 @@ from softprompt import Request, SamplingParams
 from softprompt.engine import verify as v
 from softprompt.testing import (
     assert_generation_matches,
-    build_prompt_tuning_adapter,
     hf_peft_reference,
     tiny_model_with_adapters,
 )
