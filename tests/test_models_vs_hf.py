@@ -104,3 +104,19 @@ def test_half_precision_close_to_hf(variant, dtype, model_dir_for, adapter_for):
     decisive = (top2[:, 0] - top2[:, 1]) > 2 * tolerance
     assert decisive.sum() >= 12  # enough positions for the agreement check to mean something
     assert torch.equal(got.argmax(-1)[decisive], truth.argmax(-1)[decisive])
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64},
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+])
+def test_rope_scaling_types_match_hf(rope, tmp_path):
+    """Positions past the original context, where the scaled frequencies matter."""
+    from softprompt.testing import build_tiny_checkpoint
+
+    d = build_tiny_checkpoint("llama", tmp_path / rope["rope_type"], rope_parameters=rope, with_tokenizer=False)
+    ids = random_ids(120, 7)
+    with torch.no_grad():
+        expected = hf_peft_model(d, None)(input_ids=torch.tensor([ids])).logits[0].float()
+    engine = Engine(d, device="cpu", dtype="float32", backend="reference")
+    torch.testing.assert_close(engine.reference.logits(None, ids), expected, atol=FP32_ATOL, rtol=0)
