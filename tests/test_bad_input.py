@@ -132,3 +132,17 @@ def test_remove_prompt_lets_running_requests_finish(model_dir_for):
 def test_unknown_backend(model_dir_for):
     with pytest.raises(SoftPromptError, match="backend"):
         Engine(model_dir_for("llama"), backend="vllm")
+
+
+def test_pool_sized_by_bytes_or_fraction(model_dir_for):
+    from softprompt.engine.kv_pool import KVPool, available_memory_bytes
+
+    d = model_dir_for("llama")
+    by_bytes = Engine(d, device="cpu", backend="torch", kv_cache_bytes=10 * 8192)
+    assert by_bytes.pool.num_blocks == 10 * 8192 // KVPool.bytes_per_block(by_bytes.config, 16, torch.float32)
+    by_fraction = Engine(d, device="cpu", backend="torch", kv_cache_fraction=0.0001)
+    per_block = KVPool.bytes_per_block(by_fraction.config, 16, torch.float32)
+    expected = available_memory_bytes(torch.device("cpu")) * 0.0001 / per_block
+    assert 0.5 * expected <= by_fraction.pool.num_blocks <= 2 * expected
+    with pytest.raises(SoftPromptError, match="kv_cache_fraction"):
+        Engine(d, device="cpu", backend="torch", kv_cache_fraction=1.5)
