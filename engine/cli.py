@@ -11,7 +11,6 @@ from .errors import SoftPromptError
 
 PLANNED = {
     "train": "training soft prompts",
-    "eval": "batched evaluation of many prompts",
 }
 
 
@@ -57,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench_cli import add_bench_arguments
 
     add_bench_arguments(sub.add_parser("bench", help="throughput/serving benchmarks vs HF and PEFT (from a clone)"))
+
+    from .evaluate import add_eval_arguments
+
+    add_eval_arguments(sub.add_parser(
+        "eval", help="evaluate many prompts (soft, text or none) on one dataset in one batched run"))
 
     from .verify import add_verify_arguments
 
@@ -123,6 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .server.cli import run_serve
 
             return run_serve(args)
+        if args.command == "eval":
+            from .evaluate import run_eval
+
+            return run_eval(args)
         if args.command == "verify":
             from .verify import run_verify
 
