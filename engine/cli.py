@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Sequence
 
 from .errors import SoftPromptError
 
-PLANNED = {
-    "train": "training soft prompts",
-}
+EXTERNAL_COMMANDS = (
+    ("serve", "server.cli", "the OpenAI-compatible HTTP server (needs the server extra)"),
+    ("bench", "bench_cli", "throughput/serving benchmarks vs HF and PEFT (from a clone)"),
+    ("train", "train", "train a soft prompt (PEFT prompt-tuning adapter) on a JSONL dataset over a frozen model"),
+    ("eval", "evaluate", "evaluate many prompts (soft, text or none) on one dataset in one batched run"),
+    ("verify", "verify", "check every backend against HF transformers + PEFT on your checkpoint and adapters"),
+)
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
-    p.add_argument("--backend", default="auto", help="auto, reference")
+    p.add_argument("--backend", default="auto", help="auto, torch, triton, reference")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,26 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_engine_args(gen)
 
-    from .server.cli import add_serve_arguments  # no fastapi/uvicorn import until it runs
-
-    add_serve_arguments(sub.add_parser("serve", help="the OpenAI-compatible HTTP server (needs the server extra)"))
-
-    from .bench_cli import add_bench_arguments
-
-    add_bench_arguments(sub.add_parser("bench", help="throughput/serving benchmarks vs HF and PEFT (from a clone)"))
-
-    from .evaluate import add_eval_arguments
-
-    add_eval_arguments(sub.add_parser(
-        "eval", help="evaluate many prompts (soft, text or none) on one dataset in one batched run"))
-
-    from .verify import add_verify_arguments
-
-    add_verify_arguments(sub.add_parser(
-        "verify", help="check every backend against HF transformers + PEFT on your checkpoint and adapters"))
-
-    for name, what in PLANNED.items():
-        sub.add_parser(name, help=f"{what} (not available yet)")
+    # subcommands living in their own modules: (name, module, help); each module has add_<x>_arguments/run_<x>
+    for name, module, help_text in EXTERNAL_COMMANDS:
+        mod = importlib.import_module(f"{__package__}.{module}")
+        getattr(mod, f"add_{name}_arguments")(sub.add_parser(name, help=help_text))
     return parser
 
 
@@ -119,25 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(args)
         if args.command == "generate":
             return cmd_generate(args)
-        if args.command == "bench":
-            from .bench_cli import run_bench
-
-            return run_bench(args)
-        if args.command == "serve":
-            from .server.cli import run_serve
-
-            return run_serve(args)
-        if args.command == "eval":
-            from .evaluate import run_eval
-
-            return run_eval(args)
-        if args.command == "verify":
-            from .verify import run_verify
-
-            return run_verify(args)
-        print(f"softprompt {args.command}: {PLANNED[args.command]} is not available in this version yet",
-              file=sys.stderr)
-        return 2
+        module = dict((name, module) for name, module, _ in EXTERNAL_COMMANDS)[args.command]
+        return getattr(importlib.import_module(f"{__package__}.{module}"), f"run_{args.command}")(args)
     except SoftPromptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -344,7 +344,7 @@ def parse_ensembles(items: list[str]) -> dict[str, list[str]]:
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", help="the Hugging Face checkpoint directory")
     parser.add_argument("--data", required=True, metavar="FILE.jsonl", help='one {"input": ..., "target": ...} a line')
-    parser.add_argument("--prompts", nargs="+", required=True, metavar="SPEC",
+    parser.add_argument("--prompts", nargs="+", default=[], metavar="SPEC",
                         help="NAME=ADAPTER_DIR, NAME=FILE.safetensors, NAME=text:TEXT, NAME=none or none")
     parser.add_argument("--mode", choices=MODES, default="generate",
                         help="generate: greedy text vs target; score: highest log-likelihood label (needs --labels)")
@@ -353,24 +353,56 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ensemble", action="append", default=[], metavar="NAME=P1,P2",
                         help="majority vote over these prompts' predictions (repeatable)")
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--sweep-length", default=None, metavar="P1,P2,...",
+                        help="train one prompt per length on --train-data (softprompt train's defaults, --epochs) "
+                             "and evaluate them with the other prompts in the same batched run")
+    parser.add_argument("--train-data", default=None, metavar="FILE.jsonl", help="training set for --sweep-length")
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs for --sweep-length")
     parser.add_argument("--out", required=True, metavar="DIR", help="writes eval.json and eval.png here")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
     parser.add_argument("--backend", default="auto", help="auto, torch, triton, reference")
 
 
+def sweep_lengths(args: argparse.Namespace, root: Path) -> dict[str, str]:
+    """Train one soft prompt per length of --sweep-length; returns their specs (name -> adapter dir)."""
+    from .train import TrainConfig, train_prompt
+
+    if not args.train_data:
+        raise EvalError("--sweep-length needs --train-data FILE.jsonl")
+    try:
+        lengths = [int(x) for x in _csv(args.sweep_length)]
+    except ValueError as exc:
+        raise EvalError(f"--sweep-length must be comma-separated integers, got {args.sweep_length!r}") from exc
+    if not lengths or min(lengths) < 1:
+        raise EvalError(f"--sweep-length needs lengths >= 1, got {args.sweep_length!r}")
+    train = load_pairs(args.train_data)
+    specs = {}
+    for p in lengths:
+        out_dir = root / f"P{p}"
+        config = TrainConfig(num_virtual_tokens=p, epochs=args.epochs, device=args.device, dtype=args.dtype)
+        train_prompt(args.model_dir, train, None, out_dir, config, log=lambda *a, **k: None)
+        specs[f"sweep-P{p}"] = str(out_dir)
+        print(f"trained a {p}-token prompt into {out_dir}")
+    return specs
+
+
 def run_eval(args: argparse.Namespace) -> int:
     """`softprompt eval`: prints the ranking, writes DIR/eval.json and DIR/eval.png; 0 on success."""
     from .api import Engine
 
-    prompts = parse_prompt_specs(args.prompts)
+    prompts = parse_prompt_specs(args.prompts) if args.prompts else {}
     ensembles = parse_ensembles(args.ensemble)
     examples = load_pairs(args.data)
+    out = Path(args.out)
+    if args.sweep_length:
+        prompts |= sweep_lengths(args, out / "sweep")
+    if not prompts:
+        raise EvalError("nothing to evaluate: give --prompts and/or --sweep-length")
     engine = Engine(args.model_dir, device=args.device, dtype=args.dtype, backend=args.backend)
     report = evaluate_prompts(engine, prompts, examples, mode=args.mode, labels=_csv(args.labels),
                               max_new_tokens=args.max_new_tokens, metrics=tuple(_csv(args.metrics) or ()),
                               ensembles=ensembles)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = report.to_dict() | {"model_dir": str(args.model_dir), "data": str(args.data)}
     (out / "eval.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -10,6 +10,7 @@ import sacrebleu
 from rouge_score import rouge_scorer
 
 from softprompt.engine import Engine
+from softprompt.engine.errors import SoftPromptError
 from softprompt.engine.datasets import Example, make_category_task, save_pairs
 from softprompt.engine.evaluate import (
     EvalError,
@@ -219,3 +220,20 @@ def test_bad_specs_give_clear_errors(setup, tmp_path):
         evaluate_prompts(engine, {"none": None, "h": "text:hi"}, examples, ensembles={"e": ["none", "zzz"]})
     with pytest.raises(ValueError):  # every eval error is a ValueError, as the CLI expects
         run_eval(_args(model, tmp_path / "nope.jsonl", tmp_path / "o", "--prompts", "none"))
+
+
+def test_sweep_length_trains_and_evaluates_each_length_in_one_run(setup, tmp_path):
+    model, _, _, examples = setup
+    data = save_pairs(examples, tmp_path / "data.jsonl")
+    args = _args(model, data, tmp_path / "out", "--prompts", "none", "--sweep-length", "2,5",
+                 "--train-data", str(data), "--epochs", "1", "--labels", "fruit,animal,color,tool",
+                 "--mode", "score", "--metrics", "accuracy")
+    assert run_eval(args) == 0
+    report = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert {e["name"] for e in report["entries"]} == {"none", "sweep-P2", "sweep-P5"}
+    for p in (2, 5):
+        meta = json.loads((tmp_path / "out" / "sweep" / f"P{p}" / "softprompt_train.json").read_text())
+        entry = next(e for e in report["entries"] if e["name"] == f"sweep-P{p}")
+        assert entry["version"] == meta["version"]  # the eval names the trained prompt's version
+    with pytest.raises(SoftPromptError, match="--train-data"):
+        run_eval(_args(model, data, tmp_path / "o2", "--sweep-length", "3"))
