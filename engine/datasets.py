@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SoftPromptError
 
-__all__ = ["CATEGORIES", "Example", "dataset_hash", "load_pairs", "make_category_task", "save_pairs", "split"]
+__all__ = ["CATEGORIES", "Example", "dataset_hash", "jsonl_objects", "load_pairs", "make_category_task", "save_pairs", "split"]
 
 
 @dataclass(frozen=True)
@@ -23,32 +24,41 @@ def _canonical_line(example: Example) -> str:
     return json.dumps({"input": example.input, "target": example.target}, ensure_ascii=False, sort_keys=True)
 
 
+def jsonl_objects(path: Path, error: type[SoftPromptError] = SoftPromptError) -> Iterator[tuple[str, dict]]:
+    """("file:line", object) for each non-blank line of a JSONL file; a line that is not a JSON object raises
+    `error` naming its file and line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"cannot read {path}: {exc}") from exc
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise error(f"{where}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise error(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield where, record
+
+
 def load_pairs(path: str | Path) -> list[Example]:
     """Read a JSONL file whose non-blank lines are {"input": str, "target": str} (extra keys are ignored)."""
     path = Path(path)
     if not path.is_file():
         raise SoftPromptError(f"dataset {str(path)!r} does not exist or is not a file")
     examples = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SoftPromptError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise SoftPromptError(f"{where}: expected a JSON object with 'input' and 'target', "
-                                      f"got {type(record).__name__}")
-            for key in ("input", "target"):
-                if key not in record:
-                    raise SoftPromptError(f"{where}: missing key {key!r}")
-                if not isinstance(record[key], str):
-                    raise SoftPromptError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__}")
-            if not record["target"]:
-                raise SoftPromptError(f"{where}: 'target' is empty")
-            examples.append(Example(record["input"], record["target"]))
+    for where, record in jsonl_objects(path):
+        for key in ("input", "target"):
+            if key not in record:
+                raise SoftPromptError(f"{where}: missing key {key!r}")
+            if not isinstance(record[key], str):
+                raise SoftPromptError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__}")
+        if not record["target"]:
+            raise SoftPromptError(f"{where}: 'target' is empty")
+        examples.append(Example(record["input"], record["target"]))
     if not examples:
         raise SoftPromptError(f"dataset {str(path)!r} has no examples")
     return examples

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .datasets import jsonl_objects
 from .errors import SoftPromptError
 from .prompts import check_prompt_name, read_peft_adapter
 
@@ -113,21 +114,9 @@ def load_requests_jsonl(path: str | Path, encode: Callable[[str], list[int]] | N
                         max_new_tokens: int = 16) -> list[VerifyRequest]:
     """Lines `{"prompt": name|null, "text": ...}` or `{"prompt": ..., "input_ids": [...]}` (optional
     "max_new_tokens"). Text is tokenized as `tokenizer(text)` (with BOS), what a PEFT user feeds."""
-    path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise VerifyError(f"cannot read inputs file {path}: {exc}") from exc
     out = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise VerifyError(f"{where}: not valid JSON ({exc})") from exc
-        if not isinstance(item, dict) or ("text" in item) == ("input_ids" in item):
+    for where, item in jsonl_objects(Path(path), VerifyError):
+        if ("text" in item) == ("input_ids" in item):
             raise VerifyError(f'{where}: expected an object with "prompt" and exactly one of "text", "input_ids"')
         prompt = item.get("prompt")
         if prompt is not None and not isinstance(prompt, str):
