@@ -19,7 +19,7 @@ from .baselines import HFMixedTask, StepTimes, sync
 from .environment import CONTENTION_WARNING, PeakMemory, contention, cpu_seconds
 from .progress import ProgressCounter
 from .systems import EngineSystem
-from .throughput import agreement, kv_bytes_per_request, release_memory
+from .throughput import agreement, kv_bytes_per_request, kv_memory_line, release_memory
 from .workloads import ServingConfig, WorkItem, WorkloadConfig, WorkloadSpec, build_workload, poisson_arrivals
 
 
@@ -217,9 +217,7 @@ def print_report(report: dict[str, Any], out: Callable[[str], None] = print) -> 
         out(f"{name:<10} highest rate held: {text}")
     for key, value in report["ratios"].items():
         out(f"{key}: {'n/a' if value is None else f'{value:.2f}'}")
-    kv = report["kv_memory"]
-    out(f"KV bytes/request: {kv['with_sharing'] / 1024:.1f} KiB with prefix sharing, "
-        f"{kv['without_sharing'] / 1024:.1f} KiB without ({kv['saving']:.0%} less)")
+    out(kv_memory_line(report["kv_memory"]))
     a = report["agreement"]
     for key, v in a.items():
         if isinstance(v, dict) and v:

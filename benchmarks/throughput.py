@@ -99,6 +99,11 @@ def agreement_report(results: dict[str, SystemResult], sample: list[int], peft_u
 
 
 # ---- KV memory --------------------------------------------------------------------------------------------
+def kv_memory_line(kv: dict[str, float]) -> str:
+    return (f"KV bytes/request: {kv['with_sharing'] / 1024:.1f} KiB with prefix sharing, "
+            f"{kv['without_sharing'] / 1024:.1f} KiB without ({kv['saving']:.0%} less)")
+
+
 def kv_bytes_per_request(workload: Workload, engine: Engine) -> dict[str, float]:
     """Mean KV bytes a request holds at its end, in whole pool blocks: with prefix sharing (own blocks + its task's
     prefix blocks divided among the task's requests) and without (P + input + output tokens each)."""
@@ -266,9 +271,7 @@ def print_report(report: dict[str, Any], out: Callable[[str], None] = print) -> 
         out(f"Roofline: {work}; no peaks assumed for this device (fraction not computed)")
     for key, t in report["targets"].items():
         out(f"{key + ':':<24}{verdict(t['value'], t['target'])}")
-    kv = report["kv_memory"]
-    out(f"KV bytes/request: {kv['with_sharing'] / 1024:.1f} KiB with prefix sharing, "
-        f"{kv['without_sharing'] / 1024:.1f} KiB without ({kv['saving']:.0%} less)")
+    out(kv_memory_line(report["kv_memory"]))
     a = report["agreement"]
     out(f"Greedy agreement on a sample of {len(a['sample'])} (exact / first token / common prefix): "
         + "; ".join(f"{k} {v['exact']:.3f}/{v['first_token']:.3f}/{v['prefix']:.3f}" for k, v in a["pairs"].items()))
