@@ -341,7 +341,8 @@ class Engine:
     ) -> list[float]:
         """Log-likelihood (sum of token log-probs) of each continuation after `context`, under `prompt`."""
         soft = None if prompt is None else self.prompts.get(prompt)
-        ctx = self._input_ids(*((None, context) if isinstance(context, str) else (context, None)), what="context")
+        text, ids = (context, None) if isinstance(context, str) else (None, context)
+        ctx = self._input_ids(ids, text, what="context")
         conts = []
         for c in continuations:
             if isinstance(c, str):

@@ -27,16 +27,33 @@ class SeqSlice:
     own_start: int  # own index of the first new token (= tokens already in the pool)
 
 
-def _pad_tables(tables: list[list[int]]) -> Tensor:
+def pad_block_tables(tables: list[list[int]], dtype: torch.dtype = torch.long,
+                     device: torch.device | None = None) -> Tensor:
+    """Block tables as one [B, max blocks] tensor, padded with block 0 (never read past a sequence's length)."""
     width = max(1, max(len(t) for t in tables))
-    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=dtype, device=device)
+
+
+def _slots(table: Tensor, idx: Tensor, block_size: int) -> Tensor:
+    """Flat pool slots of token indices idx [B, N] (>= 0) within the segments addressed by table [B, blocks]."""
+    blocks = table.gather(1, (idx // block_size).clamp(max=table.shape[1] - 1))
+    return blocks * block_size + idx % block_size
+
+
+def new_token_slots(seqs: list[SeqSlice], block_size: int) -> Tensor:
+    """Flat pool slot [T] of each new token, in packed order: own index own_start + i in its own blocks."""
+    nq = torch.tensor([s.num_queries for s in seqs])
+    start = torch.tensor([s.own_start for s in seqs])
+    own_tab = pad_block_tables([s.own_blocks for s in seqs])
+    qi = torch.arange(int(nq.max()))[None, :]
+    q_own = (start[:, None] + qi).clamp(max=own_tab.shape[1] * block_size - 1)
+    return _slots(own_tab, q_own, block_size)[qi < nq[:, None]]
 
 
 @dataclass
 class BatchMetadata:
     """Everything attention needs for one step, built with a fixed number of tensor ops whatever the batch size."""
 
-    seqs: list[SeqSlice]
     slot_mapping: Tensor  # [T] flat pool slot of each new token's K/V
     query_rows: Tensor  # [B, maxQ] packed row of each (seq, query) or T (padding)
     key_slots: Tensor  # [B, maxK] flat pool slot of each key (padding: 0)
@@ -50,23 +67,19 @@ class BatchMetadata:
         nq = torch.tensor([s.num_queries for s in seqs])
         plen = torch.tensor([s.prefix_len for s in seqs])
         start = torch.tensor([s.own_start for s in seqs])
-        prefix_tab = _pad_tables([s.prefix_blocks for s in seqs])
-        own_tab = _pad_tables([s.own_blocks for s in seqs])
+        prefix_tab = pad_block_tables([s.prefix_blocks for s in seqs])
+        own_tab = pad_block_tables([s.own_blocks for s in seqs])
         own_len = start + nq
         max_q, max_k = int(nq.max()), int((plen + own_len).max())
         cu = torch.cumsum(nq, 0) - nq
         t = int(nq.sum())
 
-        def slots(table: Tensor, idx: Tensor) -> Tensor:  # idx [B, N] token index within a segment (>= 0)
-            blocks = table.gather(1, (idx // block_size).clamp(max=table.shape[1] - 1))
-            return blocks * block_size + idx % block_size
-
         k = torch.arange(max_k)[None, :]
         own_idx = (k - plen[:, None]).clamp(min=0)
         is_prefix = k < plen[:, None]
         key_valid = k < (plen + own_len)[:, None]
-        key_slots = torch.where(is_prefix, slots(prefix_tab, k.clamp(max=max(0, prefix_tab.shape[1] * block_size - 1))
-                                                 .expand(len(seqs), -1)), slots(own_tab, own_idx))
+        prefix_k = k.clamp(max=max(0, prefix_tab.shape[1] * block_size - 1)).expand(len(seqs), -1)
+        key_slots = torch.where(is_prefix, _slots(prefix_tab, prefix_k, block_size), _slots(own_tab, own_idx, block_size))
         key_slots = key_slots.masked_fill(~key_valid, 0)
 
         qi = torch.arange(max_q)[None, :]
@@ -78,10 +91,8 @@ class BatchMetadata:
         )
         visible = (visible & key_valid[:, None, :]) | ~q_valid[:, :, None]  # padding queries: any finite row
 
-        new_slots = slots(own_tab, q_own.clamp(max=own_tab.shape[1] * block_size - 1))[q_valid]
         return cls(
-            seqs=seqs,
-            slot_mapping=new_slots.to(device),
+            slot_mapping=new_token_slots(seqs, block_size).to(device),
             query_rows=query_rows.to(device),
             key_slots=key_slots.to(device),
             key_positions=k.expand(len(seqs), -1).to(device),
@@ -113,20 +124,16 @@ class TorchPagedAttention:
 
     def __init__(self, pool: KVPool, seqs: list[SeqSlice], scale: float, alibi_slopes: Tensor | None,
                  num_heads: int, device: torch.device):
-        block_size = pool.block_size
         offsets = torch.tensor([0] + [s.num_queries for s in seqs]).cumsum(0).tolist()
         self.groups: list[tuple[Tensor, _PaddedGroup]] = []
-        slot_parts = []
-        for members in group_for_padding([s.num_queries for s in seqs]):
-            meta = BatchMetadata.build([seqs[i] for i in members], block_size, device)
+        members_of = group_for_padding([s.num_queries for s in seqs])
+        for members in members_of:
+            meta = BatchMetadata.build([seqs[i] for i in members], pool.block_size, device)
             rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in members]).to(device)
             self.groups.append((rows, _PaddedGroup(pool, meta, scale, alibi_slopes, num_heads)))
-            slot_parts.append((rows, meta.slot_mapping))
         self.pool = pool
-        rows = torch.cat([r for r, _ in slot_parts])
-        slots = torch.cat([m for _, m in slot_parts])
-        self.slot_mapping = torch.empty_like(slots).index_copy_(0, rows, slots)  # in packed-row order
-        self.single = len(self.groups) == 1 and bool((rows == torch.arange(len(rows), device=device)).all())
+        self.slot_mapping = new_token_slots(seqs, pool.block_size).to(device)
+        self.single = len(members_of) == 1 and members_of[0] == list(range(len(seqs)))  # already in packed order
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         kv = self.pool.kv[layer]

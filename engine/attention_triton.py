@@ -14,7 +14,7 @@ import os
 import torch
 from torch import Tensor
 
-from .attention_torch import SeqSlice
+from .attention_torch import SeqSlice, new_token_slots, pad_block_tables
 from .errors import SoftPromptError
 from .kv_pool import KVPool
 
@@ -37,9 +37,8 @@ def check_triton_device(device: torch.device) -> None:
     import_kernels()
 
 
-def _table(rows: list[list[int]], device: torch.device) -> Tensor:
-    width = max(1, max(len(r) for r in rows))
-    return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32, device=device)
+def _int32_table(rows: list[list[int]], device: torch.device) -> Tensor:
+    return pad_block_tables(rows, torch.int32, device)
 
 
 class TritonPagedAttention:
@@ -54,13 +53,7 @@ class TritonPagedAttention:
         self.positions = positions
         self.rope_tables = rope_tables
         self.applies_rope = rope_tables is not None
-        bs = pool.block_size
-        own_slots = []
-        for s in seqs:
-            idx = torch.arange(s.own_start, s.own_start + s.num_queries)
-            blocks = torch.tensor(s.own_blocks, dtype=torch.long)[idx // bs]
-            own_slots.append(blocks * bs + idx % bs)
-        self.slot_mapping = torch.cat(own_slots).to(device)
+        self.slot_mapping = new_token_slots(seqs, pool.block_size).to(device)
         self.decode = all(s.num_queries == 1 for s in seqs)
         if self.decode:
             perm, starts = self.decode_mod.group_by_prefix([tuple(s.prefix_blocks) for s in seqs])
@@ -69,18 +62,18 @@ class TritonPagedAttention:
             self.inverse = torch.argsort(self.perm)
             self.decode_args = dict(
                 group_starts=torch.tensor(starts, dtype=torch.int32, device=device),
-                group_prefix_block_tables=_table([s.prefix_blocks for s in firsts], device),
+                group_prefix_block_tables=_int32_table([s.prefix_blocks for s in firsts], device),
                 group_prefix_lens=torch.tensor([s.prefix_len for s in firsts], dtype=torch.int32, device=device),
-                own_block_tables=_table([seqs[i].own_blocks for i in perm], device),
+                own_block_tables=_int32_table([seqs[i].own_blocks for i in perm], device),
                 own_lens=torch.tensor([seqs[i].own_start + 1 for i in perm], dtype=torch.int32, device=device),
             )
         else:
             counts = torch.tensor([0] + [s.num_queries for s in seqs])
             self.prefill_args = dict(
                 cu_seqlens_q=counts.cumsum(0).to(device=device, dtype=torch.int32),
-                prefix_block_tables=_table([s.prefix_blocks for s in seqs], device),
+                prefix_block_tables=_int32_table([s.prefix_blocks for s in seqs], device),
                 prefix_lens=torch.tensor([s.prefix_len for s in seqs], dtype=torch.int32, device=device),
-                own_block_tables=_table([s.own_blocks for s in seqs], device),
+                own_block_tables=_int32_table([s.own_blocks for s in seqs], device),
                 own_starts=torch.tensor([s.own_start for s in seqs], dtype=torch.int32, device=device),
             )
 

@@ -20,8 +20,7 @@ class ModelRunner:
         self.pool = pool
         self.backend = backend
         self.device = model.word_embeddings.weight.device
-        c = model.config
-        self.alibi = getattr(model, "alibi_slopes", None) if c.position_encoding == "alibi" else None
+        self.alibi = model.alibi
 
     def _attention(self, slices: list[SeqSlice], positions: Tensor) -> Attention:
         c = self.model.config

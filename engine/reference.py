@@ -43,8 +43,7 @@ class ReferencePath:
 
     def __init__(self, model: CausalLM):
         self.model = model
-        c = model.config
-        self.alibi = getattr(model, "alibi_slopes", None) if c.position_encoding == "alibi" else None
+        self.alibi = model.alibi
 
     @torch.no_grad()
     def hidden(self, prefix: Tensor | None, ids: list[int]) -> Tensor:

@@ -42,7 +42,6 @@ class Sequence:
     stop_reason: int | str | None = None
     text_end: int | None = None
     prefix: object | None = None  # the PrefixEntry held while running
-    num_emitted: int = 0  # generated tokens already handed to the caller (streaming)
 
     @property
     def request_id(self) -> str:

@@ -48,6 +48,11 @@ class CausalLM(nn.Module):
     def lm_head_module(self) -> nn.Linear:
         return self.lm_head
 
+    @property
+    def alibi(self) -> Tensor | None:
+        """Per-head ALiBi slopes for the attention implementations (None: positions are not ALiBi)."""
+        return getattr(self, "alibi_slopes", None)
+
     def embed_tokens(self, ids: Tensor) -> Tensor:
         return self.word_embeddings(ids)
 
