@@ -25,7 +25,6 @@ import random
 import re
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -203,12 +202,16 @@ class HFPeftOracle:
 
     @torch.no_grad()
     def greedy(self, prompt: str | None, ids: list[int], n: int) -> list[int]:
-        x = torch.tensor([ids], device=self.device)
-        with warnings.catch_warnings():  # PEFT's generate says it ignores position ids (prompt tuning has none)
-            warnings.filterwarnings("ignore", message="Position ids are not supported")
-            out = self._model(prompt).generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n,
-                                               do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=0)
-        return out[0, len(ids):].tolist()
+        """Greedy tokens from full forward passes (no KV cache), one per new token: exactly what the PEFT model
+        computes, whatever the generate/cache glue of the installed peft and transformers versions does (peft
+        0.21.2's prompt-tuning generate re-feeds the whole input at every decode step under transformers 5.24)."""
+        model = self._model(prompt)
+        tokens = list(ids)
+        for _ in range(n):
+            x = torch.tensor([tokens], device=self.device)
+            logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits
+            tokens.append(int(logits[0, -1].argmax()))
+        return tokens[len(ids):]
 
     @torch.no_grad()
     def logits(self, prompt: str | None, ids: list[int]) -> Tensor:

@@ -25,7 +25,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--prompt-dir", default=None,
-                   help="where uploaded prompts are stored (default: a temporary dir removed at exit)")
+                   help="where uploaded prompts are stored (default: a temporary dir removed at exit); with --ray, "
+                        "the shared directory every replica loads prompts from on demand, by name")
     p.add_argument("--admin-token", default=None,
                    help=f"bearer token for /v1/prompts (default: ${ADMIN_TOKEN_ENV}; unset: open)")
     p.add_argument("--max-queue", type=int, default=256,
@@ -38,6 +39,20 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
     p.add_argument("--backend", default="auto", help="auto, torch, triton, reference")
     p.add_argument("--log-level", default="info")
+    ray = p.add_argument_group("Ray Serve (needs the ray extra): several engine replicas with task-affinity routing")
+    ray.add_argument("--ray", action="store_true", help="serve with Ray Serve instead of one process")
+    ray.add_argument("--replicas", type=int, default=2, help="engine replicas (one per GPU, or per CPU process)")
+    ray.add_argument("--ray-address", default=None,
+                     help="an existing Ray cluster ('auto', or ray://HOST:10001); default: start a local one")
+    ray.add_argument("--routing", choices=("affinity", "round-robin"), default="affinity",
+                     help="affinity: a task's requests go preferably to replicas that hold its prefix K/V")
+    ray.add_argument("--max-prompts-per-replica", type=int, default=64,
+                     help="prompts a replica keeps loaded (least recently used ones are unloaded)")
+    ray.add_argument("--replica-cpus", type=float, default=1.0,
+                     help="CPUs per replica (Ray resources; on the CPU also its torch threads)")
+    ray.add_argument("--replica-gpus", type=float, default=None,
+                     help="GPUs per replica (default: 1 with --device cuda, or when the cluster has GPUs and "
+                          "--device is not cpu)")
 
 
 def discover_prompts(items: list[str]) -> list[tuple[str, Path]]:
@@ -62,6 +77,17 @@ def discover_prompts(items: list[str]) -> list[tuple[str, Path]]:
     return found
 
 
+def parse_text_prompts(items: list[str]) -> dict[str, str]:
+    """{name: text} from --text-prompt NAME=TEXT items."""
+    texts = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name or not text:
+            raise SoftPromptError(f"--text-prompt expects NAME=TEXT, got {item!r}")
+        texts[name] = text
+    return texts
+
+
 def _name_of(path: Path) -> str:
     return path.stem if path.is_file() else path.name
 
@@ -78,16 +104,17 @@ def build_server(args: argparse.Namespace):
     registry = PromptRegistry(args.prompt_dir, max_versions=args.max_versions)
     for name, source in discover_prompts(args.prompts):
         registry.register(engine, name, source)
-    for item in args.text_prompt:
-        name, sep, text = item.partition("=")
-        if not sep or not name or not text:
-            raise SoftPromptError(f"--text-prompt expects NAME=TEXT, got {item!r}")
+    for name, text in parse_text_prompts(args.text_prompt).items():
         registry.register(engine, name, text=text)
     config = ServerConfig(max_queue=args.max_queue, admin_token=args.admin_token or os.environ.get(ADMIN_TOKEN_ENV))
     return create_app(engine, registry, config), registry
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    if args.ray:
+        from .ray_cli import run_ray_serve
+
+        return run_ray_serve(args)
     try:
         import uvicorn
     except ImportError:

@@ -1,0 +1,157 @@
+"""The Ray Serve deployment's parts that need no cluster: the in-process ASGI call, the shared prompt directory,
+the routing key, and the `serve run` argument parsing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+
+import pytest
+from safetensors.torch import save_file
+
+from softprompt import Request, SamplingParams
+from softprompt.engine.errors import PromptError, UnknownPromptError
+from softprompt.engine.server.app import create_app
+from softprompt.engine.server.asgi_call import ForwardedRequest, ResponseHead, call_asgi
+from softprompt.engine.server.ray_serve import RayServeSettings, app_builder, public_name, routed_prompt
+from softprompt.engine.server.registry import PromptRegistry
+from softprompt.engine.server.shared_prompts import SharedPrompts
+from softprompt.testing import build_prompt_tensor
+
+from .support import make_engine
+
+
+def post(path: str, body: dict) -> ForwardedRequest:
+    return ForwardedRequest("POST", path, json.dumps(body).encode(), b"",
+                            ((b"content-type", b"application/json"),))
+
+
+async def collect(app, request: ForwardedRequest, stop_after: int | None = None) -> tuple[ResponseHead, list[bytes]]:
+    head, chunks = None, []
+    parts = call_asgi(app, request)
+    try:
+        async for part in parts:
+            if isinstance(part, ResponseHead):
+                head = part
+                chunks.append(part.body)
+            else:
+                chunks.append(part)
+            if stop_after is not None and len(chunks) >= stop_after:
+                break
+    finally:
+        await parts.aclose()
+    return head, chunks
+
+
+@pytest.fixture
+def app_and_engines(model_dir_for, adapter_for):
+    model, adapter = model_dir_for("llama"), adapter_for("llama", seed=0)
+    engine, reference = make_engine(model), make_engine(model)
+    registry = PromptRegistry()
+    registry.register(engine, "a", adapter)
+    reference.add_prompt("a", adapter)
+    app = create_app(engine, registry)
+    app.state.loop.start()
+    yield app, engine, reference
+    app.state.loop.stop()
+    registry.close()
+
+
+def test_call_asgi_serves_the_single_process_app(app_and_engines):
+    app, engine, reference = app_and_engines
+    [want] = reference.generate(Request(prompt="a", input_ids=[5, 6, 7], sampling=SamplingParams(max_new_tokens=6)))
+
+    async def run():
+        plain = await collect(app, post("/v1/completions", {"model": "a", "prompt": [5, 6, 7], "max_tokens": 6,
+                                                            "temperature": 0, "return_token_ids": True}))
+        streamed = await collect(app, post("/v1/completions", {"model": "a", "prompt": [5, 6, 7], "max_tokens": 6,
+                                                               "temperature": 0, "stream": True,
+                                                               "return_token_ids": True}))
+        missing = await collect(app, post("/v1/completions", {"model": "zzz", "prompt": "x"}))
+        return plain, streamed, missing
+
+    (head, chunks), (shead, schunks), (mhead, mchunks) = asyncio.run(run())
+    assert head.status == 200 and not head.more and len(chunks) == 1
+    assert json.loads(head.body)["choices"][0]["token_ids"] == want.token_ids
+    assert shead.status == 200 and shead.more and shead.header(b"content-type").startswith(b"text/event-stream")
+    events = [line[6:] for line in b"".join(schunks).decode().split("\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert [t for e in events[:-1] for t in json.loads(e)["choices"][0]["token_ids"]] == want.token_ids
+    assert mhead.status == 404 and json.loads(mhead.body)["error"]["code"] == "model_not_found"
+
+
+def test_closing_the_call_early_aborts_the_request(app_and_engines):
+    """A caller that goes away (the ingress cancelled: its client left) frees the request's KV."""
+    app, engine, _ = app_and_engines
+    body = {"model": "a", "prompt": [5, 6, 7], "max_tokens": 200, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+
+    async def run():
+        return await collect(app, post("/v1/completions", body), stop_after=2)
+
+    head, chunks = asyncio.run(run())
+    assert head.status == 200 and len(chunks) == 2
+    loop = app.state.loop
+    assert loop.call(lambda e: e.has_unfinished_requests()).result(10) is False
+    free, total, held = loop.call(lambda e: (e.pool.num_free, e.pool.num_blocks,
+                                             sum(len(x.blocks) for x in e.prefix_cache.entries))).result(10)
+    assert free + held == total and app.state.admission.in_flight == 0
+
+
+def test_shared_prompts_find_sources_and_refuse_what_is_not_a_prompt(tmp_path, adapter_for):
+    root = tmp_path / "prompts"
+    shutil.copytree(adapter_for("llama", seed=0), root / "sentiment")
+    save_file({"p": build_prompt_tensor(64, 3)}, str(root / "summary.safetensors"))
+    (root / "notes.txt").write_text("not a prompt")
+    pickled = root / "old"
+    pickled.mkdir()
+    shutil.copy(adapter_for("llama", seed=0) / "adapter_config.json", pickled)
+    (pickled / "adapter_model.bin").write_bytes(b"never unpickled")
+    outside = tmp_path / "outside"
+    shutil.copytree(adapter_for("llama", seed=1), outside)
+    os.symlink(outside, root / "escape")
+    extra = tmp_path / "extra.safetensors"
+    save_file({"p": build_prompt_tensor(64, 2)}, str(extra))
+    prompts = SharedPrompts(root, sources={"extra": extra}, texts={"polite": "be polite:"})
+
+    assert prompts.find("sentiment").path == (root / "sentiment").resolve()
+    assert prompts.find("sentiment").length == 8
+    assert prompts.find("summary").path == (root / "summary.safetensors").resolve()
+    assert prompts.find("extra").path == extra.resolve() and prompts.find("polite").text == "be polite:"
+    assert prompts.names() == ["extra", "polite", "sentiment", "summary"]
+    for name in ("notes", "escape", "../outside", "base", "a/b", "", "missing", "summary.safetensors"):
+        with pytest.raises(UnknownPromptError):
+            prompts.find(name)
+    with pytest.raises(PromptError, match="adapter_model.safetensors"):
+        prompts.find("old")
+
+    source = prompts.find("summary")
+    before = source.signature()
+    save_file({"p": build_prompt_tensor(64, 4)}, str(root / "summary.safetensors"))
+    assert source.signature() != before
+    (root / "summary.safetensors").unlink()
+    with pytest.raises(UnknownPromptError):
+        source.signature()
+
+
+def test_routing_key_is_the_task_of_a_valid_body():
+    assert routed_prompt(b'{"model": "sentiment", "prompt": "x"}') == "sentiment"
+    assert routed_prompt(b'{"model": "sentiment@3"}') == "sentiment"
+    assert routed_prompt(b'{"model": "base"}') == ""
+    for body in (b"not json", b"[1, 2]", b'{"model": 5}', b'{"model": "../etc"}', b"\xff\xfe"):
+        assert routed_prompt(body) == ""
+    assert public_name("sentiment.v12") == "sentiment" and public_name("a.v1.v2") == "a.v1"
+
+
+def test_serve_run_arguments_are_parsed_and_checked(tmp_path):
+    app = app_builder({"model_dir": str(tmp_path), "replicas": "3", "replica_cpus": "0.5",
+                       "prompts": '{"a": "x.safetensors"}', "routing": "round-robin"})
+    assert app is not None
+    with pytest.raises(ValueError, match="unknown argument"):
+        app_builder({"model_dir": str(tmp_path), "replica": "3"})
+    with pytest.raises(ValueError, match="routing"):
+        RayServeSettings(model_dir=str(tmp_path), routing="random")
+    s = RayServeSettings(model_dir="rel", prompt_dir="p", prompts={"a": "b"})
+    assert os.path.isabs(s.model_dir) and os.path.isabs(s.prompt_dir) and os.path.isabs(s.prompts["a"])
