@@ -55,6 +55,24 @@ def _serving(ax_pair, report: dict[str, Any]) -> None:
         ax.legend(fontsize=7)
 
 
+def _replicas(ax_pair, report: dict[str, Any]) -> None:
+    labels = list(report["setups"])
+    names = [label.replace(", ", "\n") for label in labels]
+    colors = ["tab:green" if s["routing"] == "affinity" and s["replicas"] > 1 else "tab:gray"
+              for s in report["setups"].values()]
+    metrics = (("output_tok_s", "output tok/s (HTTP, end to end)"),
+               ("prefix_computations_per_task_mean", "prefix K/V computations per task"))
+    for ax, (key, label) in zip(ax_pair, metrics):
+        values = [report["setups"][k][key] for k in labels]
+        bars = ax.bar(names, values, color=colors)
+        for bar, value in zip(bars, values):
+            ax.annotate(f"{value:.2f}" if value < 10 else f"{value:.0f}",
+                        (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+        ax.set_ylabel(label)
+        ax.set_ylim(0, max(values) * 1.25)
+        ax.grid(axis="y", alpha=0.3)
+
+
 def write_plot(report: dict[str, Any], path: Path) -> str | None:
     """Save the report's plot to `path`; returns why not (None when written)."""
     try:
@@ -65,10 +83,7 @@ def write_plot(report: dict[str, Any], path: Path) -> str | None:
     except ImportError:
         return "matplotlib is not installed (pip install matplotlib, or the `bench` extra)"
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    if report["workload"]["kind"] == "serving":
-        _serving(axes, report)
-    else:
-        _throughput(axes, report)
+    {"serving": _serving, "replicas": _replicas}.get(report["workload"]["kind"], _throughput)(axes, report)
     fig.suptitle(_title(report), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

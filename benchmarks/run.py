@@ -19,6 +19,7 @@ import torch
 
 from softprompt.engine.bench_cli import add_bench_arguments
 
+from . import replicas as replicas_mod
 from . import serving as serving_mod
 from . import throughput
 from .environment import contention, contention_warning, cpu_seconds, device_slug, environment, peak_rss_bytes
@@ -82,6 +83,8 @@ def measure(spec: WorkloadSpec, args: argparse.Namespace) -> dict[str, Any]:
     repeats = args.repeats or (1 if args.quick else 3)
     if repeats < 1:
         raise ValueError("--repeats must be >= 1")
+    if spec.replicas is not None:
+        return replicas_mod.measure_replicas(spec, config, spec.replicas, repeats, workdir=args.workdir)
     m = throughput.measure_all(spec, config, repeats, backend=args.backend, workdir=args.workdir,
                                profile=args.profile, hf_static=False if args.skip_hf_static else None)
     return throughput.build_report(spec, m, repeats, _peak(args))
@@ -117,7 +120,8 @@ def run_args(args: argparse.Namespace, command: str) -> int:
     report["plot_skipped"] = skipped
     json_path.write_text(json.dumps(report, indent=2) + "\n")
 
-    (serving_mod.print_report if spec.kind == "serving" else throughput.print_report)(report)
+    printers = {"serving": serving_mod.print_report, "replicas": replicas_mod.print_report}
+    printers.get(spec.kind, throughput.print_report)(report)
     env = report["environment"]
     print(f"{env['device']}, {env['threads']} threads, torch {env['torch']}, transformers {env['transformers']}, "
           f"peft {env['peft']}; commit {env['git_commit']}{' (modified tree)' if env['git_dirty'] else ''}; "

@@ -17,6 +17,8 @@ THROUGHPUT_HEAD = ("| workload | device | command | engine output tok/s | engine
                    "|---|---|---|---|---|---|---|---|---|---|---|")
 SERVING_HEAD = ("| workload | device | command | rates (req/s) | engine TTFT p50 / p99 | engine ITL p50 / p99 "
                 "| highest rate held (p99 TTFT < SLO): engine / HF | plot |\n|---|---|---|---|---|---|---|---|")
+REPLICAS_HEAD = ("| workload | device | command | output tok/s per setup | 2 replicas vs 1 "
+                 "| prefix K/V computations per task: round-robin / affinity | plot |\n|---|---|---|---|---|---|---|")
 
 
 def _device(r: dict[str, Any]) -> str:
@@ -70,6 +72,18 @@ def serving_row(r: dict[str, Any], rel: str) -> str:
             f"| {_plot(r, rel)} |")
 
 
+def replicas_row(r: dict[str, Any], rel: str) -> str:
+    setups = r["setups"]
+    tok = ", ".join(f"{label}: {s['output_tok_s']:.0f}" for label, s in setups.items())
+    two = [s for s in setups.values() if s["replicas"] == 2 and s["routing"] == "affinity"]
+    rr = [s for s in setups.values() if s["routing"] == "round-robin"]
+    scale = f"**{two[0]['speedup_vs_first']:.2f}×**" if two else "—"
+    comp = (f"{rr[0]['prefix_computations_per_task_mean']:.2f} / **{two[0]['prefix_computations_per_task_mean']:.2f}**"
+            if rr and two else "—")
+    return (f"| {r['workload']['name']} | {_device(r)}, {r['workload']['replica_cpus']:g} CPU per replica "
+            f"| `{r['environment']['command']}` | {tok} | {scale} | {comp} | {_plot(r, rel)} |")
+
+
 def tables(results: Path = RESULTS, rel: str = "benchmarks/results") -> str:
     found: dict[str, dict[str, Any]] = {}
     for path in sorted(results.glob("*.json")):
@@ -79,17 +93,18 @@ def tables(results: Path = RESULTS, rel: str = "benchmarks/results") -> str:
             continue
         if report.get("quick") is False and "environment" in report:
             found[report["workload"]["name"]] = report
-    lines = {"throughput": [THROUGHPUT_HEAD], "serving": [SERVING_HEAD]}
+    lines = {"throughput": [THROUGHPUT_HEAD], "serving": [SERVING_HEAD], "replicas": [REPLICAS_HEAD]}
+    rows = {"throughput": throughput_row, "serving": serving_row, "replicas": replicas_row}
+    cols = {"throughput": 11, "serving": 8, "replicas": 7}
     for name, spec in WORKLOADS.items():
         r = found.get(name)
         if r is None:
-            cols = 11 if spec.kind == "throughput" else 8
             where = "CUDA GPU" if spec.needs_cuda else "CPU"
             row = f"| {name} | {where}: **not yet measured** | `python -m benchmarks.run --workload {name}` |"
-            lines[spec.kind].append(row + " — |" * (cols - 3))
+            lines[spec.kind].append(row + " — |" * (cols[spec.kind] - 3))
         else:
-            lines[spec.kind].append((serving_row if spec.kind == "serving" else throughput_row)(r, rel))
-    return "\n".join(lines["throughput"]) + "\n\n" + "\n".join(lines["serving"])
+            lines[spec.kind].append(rows[spec.kind](r, rel))
+    return "\n\n".join("\n".join(lines[kind]) for kind in ("throughput", "serving", "replicas"))
 
 
 if __name__ == "__main__":

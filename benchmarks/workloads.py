@@ -1,5 +1,5 @@
 """Benchmark workloads: a random-weight model, its tasks' soft prompts and a seeded request stream, and the registry
-of named workloads (C1, SERVE-CPU on the CPU; W1, W2, B560, SERVE-W1 on CUDA)."""
+of named workloads (C1, SERVE-CPU, RAY-CPU on the CPU; W1, W2, B560, SERVE-W1 on CUDA)."""
 
 from __future__ import annotations
 
@@ -88,6 +88,24 @@ class ServingConfig:
 
 
 @dataclass(frozen=True)
+class ReplicaSetup:
+    label: str
+    replicas: int
+    routing: str  # affinity | round-robin
+
+
+@dataclass(frozen=True)
+class ReplicaBenchConfig:
+    setups: tuple[ReplicaSetup, ...] = (
+        ReplicaSetup("1 replica", 1, "affinity"),
+        ReplicaSetup("2 replicas, round-robin", 2, "round-robin"),
+        ReplicaSetup("2 replicas, affinity", 2, "affinity"),
+    )
+    clients: int = 32  # concurrent HTTP clients
+    replica_cpus: float = 1.0  # per replica: its Ray CPUs and torch threads
+
+
+@dataclass(frozen=True)
 class WorkloadSpec:
     """A named workload: what it runs, where, and its --quick variant."""
 
@@ -98,6 +116,7 @@ class WorkloadSpec:
     quick_model: dict[str, Any] = field(default_factory=dict)  # ModelShape overrides for --quick
     serving: ServingConfig | None = None
     quick_serving: dict[str, Any] = field(default_factory=dict)
+    replicas: ReplicaBenchConfig | None = None  # Ray Serve replicas through the HTTP ingress
     targets: dict[str, float] = field(default_factory=dict)  # e.g. {"engine/hf_mixed": 3.5}
     cpu_floor: bool = False  # measure a CPU floor from matmul timings (CPU workloads)
 
@@ -107,7 +126,7 @@ class WorkloadSpec:
 
     @property
     def kind(self) -> str:
-        return "serving" if self.serving is not None else "throughput"
+        return "serving" if self.serving is not None else "replicas" if self.replicas is not None else "throughput"
 
     def resolved(self, quick: bool) -> tuple[WorkloadConfig, ServingConfig | None]:
         """The workload's config (and serving config) with the --quick overrides applied if `quick`."""
@@ -144,6 +163,12 @@ WORKLOADS: dict[str, WorkloadSpec] = {spec.name: spec for spec in [
         quick=dict(num_tasks=4, num_requests=8, new_tokens=4, batch_size=4), quick_model=dict(vocab_size=2048),
         serving=ServingConfig(rates=(10.0, 20.0, 40.0, 60.0, 80.0, 120.0), duration_s=4.0),
         quick_serving=dict(rates=(20.0, 80.0), duration_s=0.0)),
+    WorkloadSpec(
+        "RAY-CPU", "CPU fp32 on Ray Serve: C1's model and tasks, 128 requests over HTTP from 32 clients, 1 vs 2 "
+        "replicas (1 CPU each), task-affinity vs round-robin routing",
+        dataclasses.replace(C1, name="RAY-CPU", num_requests=128),
+        quick=dict(num_tasks=4, num_requests=16, new_tokens=4), quick_model=dict(vocab_size=2048),
+        replicas=ReplicaBenchConfig()),
     WorkloadSpec("W1", "GPU bf16: Llama-3.2-1B shape, 32 tasks x P=20, 256 requests (inputs 64-256), 64 new tokens",
                  W1, quick=GPU_QUICK),
     WorkloadSpec("W2", "GPU bf16: Llama-3.2-1B shape, 64 tasks x P=256, 256 requests (inputs 16-64), 32 new tokens",

@@ -61,6 +61,24 @@ def test_quick_c1(tmp_path):
     assert f"`{r['environment']['command']}`" in row and f"**{r['ratios']['engine/peft']:.2f}×**" in row
 
 
+
+def test_quick_ray_replicas(tmp_path):
+    """1 replica, 2 round-robin, 2 with affinity on a local Ray cluster: every setup's greedy tokens equal the
+    engine's; round-robin computes tasks' prefixes on both replicas, affinity once, even for a cold burst."""
+    r = _run(tmp_path, "--workload", "ray-cpu", "--repeats", "2")
+    w, setups = r["workload"], r["setups"]
+    assert w["name"] == "RAY-CPU" and w["kind"] == "replicas" and r["repeats"] == 2
+    assert list(setups) == ["1 replica", "2 replicas, round-robin", "2 replicas, affinity"]
+    assert r["agreement"]["pass"]
+    for s in setups.values():
+        assert len(s["runs"]) == 2 and s["seconds"] == min(s["runs"]) and s["cold_seconds"] == s["runs"][0]
+        assert sum(s["requests_per_replica_cold"].values()) == w["num_requests"]
+        assert len(s["requests_per_replica_cold"]) == s["replicas"]
+    assert setups["1 replica"]["prefix_computations_per_task_max"] == 1
+    assert setups["2 replicas, round-robin"]["prefix_computations_per_task_mean"] > 1  # a task on both replicas
+    assert setups["2 replicas, affinity"]["prefix_computations_per_task_max"] == 1
+    assert table.replicas_row(r, "results").startswith("| RAY-CPU |")
+
 def test_quick_serve_cpu(tmp_path):
     r = _run(tmp_path, "--workload", "SERVE-CPU")
     serving = get_workload("SERVE-CPU").resolved(True)[1]

@@ -6,11 +6,13 @@
 - **One app, two transports.** Each replica runs the engine loop and the very app `softprompt serve` runs
   (`create_app`); the ingress forwards the raw HTTP request to a replica, which runs it through that app in
   process (`asgi_call`). Completions, chat, streaming, validation and error bodies are the same code.
-- **Task affinity** is Serve model multiplexing: the ingress reads `model` from the body and sets it as the
-  request's multiplexed model id, so Serve prefers replicas that already hold that task (its prompt loaded and
-  its prefix K/V computed). A replica loads a prompt on demand from the shared prompt directory (or the start-up
-  sources) the first time it serves the task, keeps the `max_prompts_per_replica` most recent ones (LRU, Serve's
-  multiplex cache), and reloads a prompt whose files changed.
+- **Task affinity** rides on Serve model multiplexing: the ingress reads `model` from the body and sets it as
+  the request's multiplexed model id; `ray_routing.TaskAffinityRouter` sends it to a replica that holds the task
+  (its prompt loaded, its prefix K/V computed) or, before any does, to the task's rendezvous-hash home, so a
+  task's prefix is computed once per replica that serves it, not once per request, even for a burst of first
+  requests. A replica loads a prompt on demand from the shared prompt directory (or the start-up sources) the
+  first time it serves the task, keeps the `max_prompts_per_replica` most recent ones (LRU, Serve's multiplex
+  cache), and reloads a prompt whose files changed.
 - **Replica loss.** Serve replaces a dead replica. A request whose replica died before the client got anything
   is retried on another replica; a stream that already sent tokens ends with an error event, never with
   tokens from somebody else.
@@ -32,6 +34,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
+from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
@@ -386,11 +389,9 @@ def build_app(settings: RayServeSettings):
         ray_actor_options={"num_cpus": settings.replica_cpus, "num_gpus": settings.replica_gpus},
         health_check_period_s=2, health_check_timeout_s=30, graceful_shutdown_timeout_s=5,
     )
-    if settings.routing == "round-robin":
-        from ray.serve.config import RequestRouterConfig
-
-        replica_options["request_router_config"] = RequestRouterConfig(
-            request_router_class="softprompt.engine.server.ray_routing:RoundRobinRouter")
+    router = {"affinity": "TaskAffinityRouter", "round-robin": "RoundRobinRouter"}[settings.routing]
+    replica_options["request_router_config"] = RequestRouterConfig(
+        request_router_class=f"softprompt.engine.server.ray_routing:{router}")
     board = serve.deployment(ReplicaBoard, name="ReplicaBoard", num_replicas=1,
                              ray_actor_options={"num_cpus": 0}).bind()
     replicas = serve.deployment(SoftPromptReplica, **replica_options).bind(settings, board)
