@@ -50,14 +50,45 @@ def cpu_seconds() -> tuple[float, float, float, float] | None:
     return time.perf_counter(), (user + nice + system + irq + softirq) / hz, steal / hz, own.user + own.system
 
 
-def contention(start: tuple[float, float, float, float] | None) -> dict[str, float] | None:
+def contention(start: tuple[float, float, float, float] | None, own_children: float = 0.0) -> dict[str, float] | None:
     """CPU-seconds other processes (`others`) and the hypervisor (`steal`) took since `start`, and their share of
-    the CPU capacity (`share`: wall time x cores)."""
+    the CPU capacity (`share`: wall time x cores). `own_children`: CPU-seconds of processes the benchmark itself
+    started (a local Ray cluster), which are not others."""
     end = cpu_seconds()
     if start is None or end is None:
         return None
-    others, steal = (end[1] - start[1]) - (end[3] - start[3]), end[2] - start[2]
+    others, steal = (end[1] - start[1]) - (end[3] - start[3]) - own_children, end[2] - start[2]
     return {"others": others, "steal": steal, "share": (others + steal) / ((end[0] - start[0]) * (os.cpu_count() or 1))}
+
+
+class DescendantCPU:
+    """CPU-seconds used by this process's descendants (e.g. a local Ray cluster's processes), read from /proc each
+    time `sample()` is called while they live (a process's last sample counts)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, int] = {}
+
+    def sample(self) -> None:
+        parent: dict[int, int] = {}
+        ticks: dict[int, int] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            pid = int(stat.parent.name)
+            parent[pid], ticks[pid] = int(fields[1]), int(fields[11]) + int(fields[12])  # ppid, utime + stime
+        me = os.getpid()
+        for pid, t in ticks.items():
+            p, hops = parent.get(pid), 0
+            while p not in (None, 0, 1, me) and hops < 64:
+                p, hops = parent.get(p), hops + 1
+            if p == me and pid != me:
+                self._seen[pid] = max(self._seen.get(pid, 0), t)
+
+    @property
+    def seconds(self) -> float:
+        return sum(self._seen.values()) / os.sysconf("SC_CLK_TCK")
 
 
 def contention_warning(busy: dict[str, float] | None) -> str | None:

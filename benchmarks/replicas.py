@@ -18,9 +18,11 @@ from safetensors.torch import save_file
 
 from softprompt import Engine, Request, SamplingParams
 
+from .environment import DescendantCPU
 from .progress import ProgressCounter
 from .throughput import agreement
-from .workloads import ReplicaBenchConfig, ReplicaSetup, WorkItem, Workload, WorkloadConfig, WorkloadSpec, build_workload
+from .workloads import (ReplicaBenchConfig, ReplicaSetup, WorkItem, Workload, WorkloadConfig, WorkloadSpec,
+                        build_workload)
 
 APP = "softprompt-bench"
 
@@ -111,6 +113,7 @@ def measure_replicas(spec: WorkloadSpec, config: WorkloadConfig, bench: ReplicaB
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         setups: dict[str, dict[str, Any]] = {}
+        cluster_cpu = DescendantCPU()  # the Ray cluster's processes are the benchmark's own, not contention
         try:
             for setup in bench.setups:
                 setups[setup.label] = _run_setup(setup, f"http://127.0.0.1:{port}", bodies, config, bench,
@@ -120,18 +123,21 @@ def measure_replicas(spec: WorkloadSpec, config: WorkloadConfig, bench: ReplicaB
                                                      dtype=config.dtype, device="cpu",
                                                      max_batched_tokens=config.max_batched_tokens,
                                                      replica_cpus=bench.replica_cpus, stats_interval_s=0.2),
-                                                 repeats)
+                                                 repeats, cluster_cpu)
         finally:
+            cluster_cpu.sample()
             serve.shutdown()
             ray.shutdown()
     finally:
         if tmp is not None:
             tmp.cleanup()
-    return build_report(spec, config, bench, setups, expected, repeats)
+    report = build_report(spec, config, bench, setups, expected, repeats)
+    report["own_children_cpu_s"] = cluster_cpu.seconds
+    return report
 
 
 def _run_setup(setup: ReplicaSetup, url: str, bodies: list[dict], config: WorkloadConfig, bench: ReplicaBenchConfig,
-               settings, repeats: int) -> dict[str, Any]:
+               settings, repeats: int, cluster_cpu: DescendantCPU) -> dict[str, Any]:
     """A cold run (prefixes computed on first use: the computations per task are counted in it), then warm runs
     (prefixes cached); throughput is the best run."""
     deployment = _Deployment(url, settings, setup.replicas)
@@ -143,7 +149,7 @@ def _run_setup(setup: ReplicaSetup, url: str, bodies: list[dict], config: Worklo
         for run in range(repeats):
             bar = ProgressCounter(len(bodies), f"{setup.label} ({'cold' if run == 0 else 'warm'})")
 
-            def one(body: dict) -> list[int]:
+            def one(body: dict, bar: ProgressCounter = bar) -> list[int]:
                 tokens = deployment.post(body)
                 bar.update()
                 return tokens
@@ -158,6 +164,7 @@ def _run_setup(setup: ReplicaSetup, url: str, bodies: list[dict], config: Worklo
                 first_tokens = tokens
             runs_agree = runs_agree and tokens == first_tokens
     finally:
+        cluster_cpu.sample()  # before its replicas go
         deployment.close()
     tasks = sorted({b["model"] for b in bodies})
     computations = {t: sum(r["prefix_computations"].get(t, 0) for r in reports.values()) for t in tasks}
@@ -194,7 +201,8 @@ def build_report(spec: WorkloadSpec, config: WorkloadConfig, bench: ReplicaBench
         "setups": setups,
         "token_counts": {"output": config.num_requests * config.new_tokens},
         "agreement": {"pairs": {f"{label}~single-process engine": p for label, p in pairs.items()},
-                      "rule": "every setup's greedy tokens equal the single-process engine's on every request, in every run",
+                      "rule": "every setup's greedy tokens equal the single-process engine's on every request, "
+                              "in every run",
                       "pass": ok},
     }
 

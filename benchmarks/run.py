@@ -112,7 +112,8 @@ def run_args(args: argparse.Namespace, command: str) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     report["quick"] = args.quick
-    report["environment"] = {**environment(spec.config.device, command), "contention_cpu_s": contention(start),
+    busy = contention(start, report.pop("own_children_cpu_s", 0.0))  # a local Ray cluster's processes are ours
+    report["environment"] = {**environment(spec.config.device, command), "contention_cpu_s": busy,
                              "peak_rss_bytes": peak_rss_bytes()}
     json_path.parent.mkdir(parents=True, exist_ok=True)
     skipped = write_plot(report, png_path)

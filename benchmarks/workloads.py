@@ -164,9 +164,9 @@ WORKLOADS: dict[str, WorkloadSpec] = {spec.name: spec for spec in [
         serving=ServingConfig(rates=(10.0, 20.0, 40.0, 60.0, 80.0, 120.0), duration_s=4.0),
         quick_serving=dict(rates=(20.0, 80.0), duration_s=0.0)),
     WorkloadSpec(
-        "RAY-CPU", "CPU fp32 on Ray Serve: C1's model and tasks, 128 requests over HTTP from 32 clients, 1 vs 2 "
-        "replicas (1 CPU each), task-affinity vs round-robin routing",
-        dataclasses.replace(C1, name="RAY-CPU", num_requests=128),
+        "RAY-CPU", "CPU fp32 on Ray Serve: C1's model and tasks, 128 requests (32 new tokens) over HTTP from 32 "
+        "clients, 1 vs 2 replicas (1 CPU each), task-affinity vs round-robin routing",
+        dataclasses.replace(C1, name="RAY-CPU", num_requests=128, new_tokens=32),
         quick=dict(num_tasks=4, num_requests=16, new_tokens=4), quick_model=dict(vocab_size=2048),
         replicas=ReplicaBenchConfig()),
     WorkloadSpec("W1", "GPU bf16: Llama-3.2-1B shape, 32 tasks x P=20, 256 requests (inputs 64-256), 64 new tokens",

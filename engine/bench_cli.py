@@ -20,7 +20,8 @@ class BenchmarksUnavailable(SoftPromptError):
 def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The benchmark's options (shared by `softprompt bench` and `python -m benchmarks.run`)."""
     parser.add_argument("--workload", default="C1", metavar="NAME",
-                        help="C1, SERVE-CPU, RAY-CPU (CPU); W1, W2, B560, SERVE-W1 (CUDA); --list describes them (default C1)")
+                        help="C1, SERVE-CPU, RAY-CPU (CPU); W1, W2, B560, SERVE-W1 (CUDA); --list describes them "
+                             "(default C1)")
     parser.add_argument("--list", action="store_true", help="list the workloads and exit")
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run of the workload")
     parser.add_argument("--repeats", type=int, default=None,

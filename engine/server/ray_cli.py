@@ -39,8 +39,9 @@ def run_ray_serve(args: argparse.Namespace) -> int:
     try:
         import ray
         from ray import serve
-    except ImportError:
-        raise SoftPromptError("softprompt serve --ray needs the ray extra: pip install 'softprompt-engine[ray]'")
+    except ImportError as exc:
+        raise SoftPromptError("softprompt serve --ray needs the ray extra: "
+                              "pip install 'softprompt-engine[ray]'") from exc
     from .ray_serve import build_app
 
     local = args.ray_address is None
