@@ -19,7 +19,7 @@ from .prefix_cache import PrefixCache
 from .prompts import PromptStore, SoftPrompt
 from .reference import ReferencePath
 from .request import Request, RequestOutput, RequestTiming
-from .sampling import SamplingParams, make_generator, sample_next
+from .sampling import SamplingParams, make_generator
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence, Status
 from .stopping import check_finish
@@ -233,13 +233,13 @@ class Engine:
             return []
         # sequences that reach the end of their tokens this step sample their next one
         sampled = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_tokens)) if s.num_computed + n == s.num_tokens]
-        logits = self.runner.run(batch.seqs, batch.num_tokens, logits_for=sampled)
+        hidden = self.runner.hidden(batch.seqs, batch.num_tokens, rows_for=sampled)
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed += n
         if not sampled:
             return []
         seqs = [batch.seqs[i] for i in sampled]
-        tokens, logprobs = sample_next(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        tokens, logprobs = self.runner.sample(hidden, [s.params for s in seqs], [s.generator for s in seqs])
         now = time.perf_counter()
         outputs = []
         for seq, token, lp in zip(seqs, tokens, logprobs):

@@ -129,7 +129,7 @@ class TorchPagedAttention:
         members_of = group_for_padding([s.num_queries for s in seqs])
         for members in members_of:
             meta = BatchMetadata.build([seqs[i] for i in members], pool.block_size, device)
-            rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in members]).to(device)
+            rows = torch.tensor([r for i in members for r in range(offsets[i], offsets[i + 1])], device=device)
             self.groups.append((rows, _PaddedGroup(pool, meta, scale, alibi_slopes, num_heads)))
         self.pool = pool
         self.slot_mapping = new_token_slots(seqs, pool.block_size).to(device)

@@ -7,10 +7,12 @@ from torch import Tensor
 
 from .attention_torch import SeqSlice, TorchPagedAttention
 from .attention_triton import TritonPagedAttention
+from .greedy_head import ScreenedGreedyHead
 from .kv_pool import KVPool
 from .models import Attention, CausalLM
 from .models.base import Layer0Input
 from .prompts import SoftPrompt
+from .sampling import SamplingParams, TokenLogprob, sample_next
 from .sequence import Sequence
 
 
@@ -21,6 +23,10 @@ class ModelRunner:
         self.backend = backend
         self.device = model.word_embeddings.weight.device
         self.alibi = model.alibi
+        head = model.lm_head_module
+        # greedy rows without logprobs take the exact bf16-screened argmax (None: every row gets fp32 logits)
+        self.greedy_head = (ScreenedGreedyHead(head.weight) if ScreenedGreedyHead.applies(head.weight, head.bias)
+                            else None)
 
     def _attention(self, slices: list[SeqSlice], positions: Tensor) -> Attention:
         c = self.model.config
@@ -70,24 +76,54 @@ class ModelRunner:
     ) -> Tensor:
         """Compute `num_tokens[i]` new own tokens of each sequence; return fp32 logits of the last new token of
         the sequences `logits_for` (default: all) [len, V], or of every new token [T, V] with `all_logits`."""
+        return self.model.compute_logits(self.hidden(seqs, num_tokens, logits_for, all_logits))
+
+    @torch.no_grad()
+    def sample(self, hidden: Tensor, params: list[SamplingParams],
+               generators: list[torch.Generator | None]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """The next token of each row of final hidden states (see sample_next); greedy rows that want no
+        logprobs skip the fp32 logits (ScreenedGreedyHead gives their exact argmax)."""
+        fast = ([i for i, p in enumerate(params) if p.greedy and p.logprobs is None]
+                if self.greedy_head is not None else [])
+        if not fast:
+            return sample_next(self.model.compute_logits(hidden), params, generators)
+        tokens: list[int] = [0] * len(params)
+        logprobs: list[TokenLogprob | None] = [None] * len(params)
+        picked = self.greedy_head(hidden.index_select(0, torch.tensor(fast, device=self.device)))
+        for i, token in zip(fast, picked.tolist()):
+            tokens[i] = token
+        rest = sorted(set(range(len(params))) - set(fast))
+        if rest:
+            logits = self.model.compute_logits(hidden.index_select(0, torch.tensor(rest, device=self.device)))
+            rest_tokens, rest_logprobs = sample_next(logits, [params[i] for i in rest], [generators[i] for i in rest])
+            for i, token, lp in zip(rest, rest_tokens, rest_logprobs):
+                tokens[i], logprobs[i] = token, lp
+        return tokens, logprobs
+
+    @torch.no_grad()
+    def hidden(
+        self, seqs: list[Sequence], num_tokens: list[int], rows_for: list[int] | None = None, all_rows: bool = False
+    ) -> Tensor:
+        """Final hidden states (after the last norm) of the last new token of the sequences `rows_for` (default:
+        all), or of every new token with `all_rows`."""
         ids, positions, slices = [], [], []
         for seq, n in zip(seqs, num_tokens):
             start = seq.num_computed
             ids.extend(seq.tokens[start:start + n])
             p = seq.prefix_length
-            positions.append(torch.arange(p + start, p + start + n))
+            positions.extend(range(p + start, p + start + n))
             prefix_blocks = seq.prefix.blocks if seq.prefix is not None else []
             slices.append(SeqSlice(n, prefix_blocks, p, seq.blocks, start))
         ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
-        pos_t = torch.cat(positions).to(self.device)
+        pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)
         attention = self._attention(slices, pos_t)
         if self.backend == "triton":
             hidden = self.model(None, pos_t, attention, self._fused_layer0(ids_t, None, pos_t))
         else:
             hidden = self.model(self.model.embed_tokens(ids_t), pos_t, attention)
-        if not all_logits:
+        if not all_rows:
             last = torch.tensor(num_tokens, device=self.device).cumsum(0) - 1
-            if logits_for is not None:
-                last = last[torch.tensor(logits_for, dtype=torch.long, device=self.device)]
+            if rows_for is not None:
+                last = last[torch.tensor(rows_for, dtype=torch.long, device=self.device)]
             hidden = hidden.index_select(0, last)
-        return self.model.compute_logits(hidden)
+        return hidden
