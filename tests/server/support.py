@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -86,6 +88,22 @@ class RunningServer:
         self._sock.close()
         self.registry.close()
         assert not self._thread.is_alive(), "the test server did not stop"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def interrupt(proc: subprocess.Popen, timeout: float) -> None:
+    """Ctrl-C a server process and wait for it to exit (killed if it does not within `timeout`)."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
 
 
 def make_engine(model_dir: Path, **kw) -> Engine:

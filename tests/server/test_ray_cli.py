@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import httpx
 
 from softprompt import Engine, Request, SamplingParams
 
-from .test_ray_serve import free_port
+from .support import free_port, interrupt
 
 
 def test_serve_ray_process_answers_and_stops_on_sigint(model_dir_for, adapter_for, tmp_path):
@@ -54,10 +53,5 @@ def test_serve_ray_process_answers_and_stops_on_sigint(model_dir_for, adapter_fo
                                              sampling=SamplingParams(max_new_tokens=5)))
             assert tokens == want.token_ids, name
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        interrupt(proc, 90)
     assert proc.returncode == 0, proc.stdout.read()[-3000:]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,15 +21,11 @@ from ray import serve
 from softprompt import Engine, Request, SamplingParams
 from softprompt.engine.server.ray_serve import RayServeSettings, build_app
 
+from .support import free_port
+
 TASKS = tuple(f"t{i}" for i in range(10))  # all on one replica by chance: 2 in 1024
 TEXT = {"polite": "answer politely:"}
 KV_BYTES = 4 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Cluster:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +16,8 @@ from softprompt import Engine, Request, SamplingParams
 from softprompt.engine.errors import SoftPromptError
 from softprompt.engine.server.cli import add_serve_arguments, discover_prompts
 from softprompt.testing import build_prompt_tensor
+
+from .support import free_port, interrupt
 
 SERVE = ("import sys, argparse; from softprompt.engine.server.cli import add_serve_arguments, run_serve; "
          "p = argparse.ArgumentParser(); add_serve_arguments(p); sys.exit(run_serve(p.parse_args(sys.argv[1:])))")
@@ -44,12 +44,6 @@ def test_serve_arguments_defaults_to_loopback():
     add_serve_arguments(p)
     args = p.parse_args(["model", "--prompts", "x", "y", "--port", "9"])
     assert args.host == "127.0.0.1" and args.port == 9 and args.prompts == ["x", "y"] and args.max_queue == 256
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_serve_process_answers_and_stops_on_sigint(model_dir_for, adapter_for, tmp_path):
@@ -81,11 +75,6 @@ def test_serve_process_answers_and_stops_on_sigint(model_dir_for, adapter_for, t
         [want] = engine.generate(Request(prompt="sent", input_ids=[5, 6, 7], sampling=SamplingParams(max_new_tokens=5)))
         assert got == want.token_ids
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        interrupt(proc, 30)
     assert proc.returncode == 0, proc.stderr.read()
     assert (tmp_path / "store").is_dir()  # a given prompt dir is kept
