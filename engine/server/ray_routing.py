@@ -17,7 +17,7 @@ import hashlib
 import itertools
 from collections import Counter
 
-from ray.serve.request_router import FIFOMixin, MultiplexMixin, PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import MultiplexMixin, PendingRequest, RequestRouter, RunningReplica
 
 
 def rendezvous_order(task: str, replica_ids: list[str]) -> list[str]:
@@ -28,7 +28,7 @@ def rendezvous_order(task: str, replica_ids: list[str]) -> list[str]:
     return sorted(replica_ids, key=weight, reverse=True)
 
 
-class TaskAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
+class TaskAffinityRouter(MultiplexMixin, RequestRouter):
     def initialize_state(self, imbalance: int = 8, **kwargs) -> None:
         self.imbalance = imbalance
         self._in_flight: Counter = Counter()  # replica id -> requests this router sent that have not completed
