@@ -46,6 +46,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                      help="an existing Ray cluster ('auto', or ray://HOST:10001); default: start a local one")
     ray.add_argument("--routing", choices=("affinity", "round-robin"), default="affinity",
                      help="affinity: a task's requests go preferably to replicas that hold its prefix K/V")
+    ray.add_argument("--affinity-imbalance", type=int, default=16,
+                     help="affinity routing sends a request to the least loaded replica instead once the task's "
+                          "replicas have this many more requests in flight")
     ray.add_argument("--max-prompts-per-replica", type=int, default=64,
                      help="prompts a replica keeps loaded (least recently used ones are unloaded)")
     ray.add_argument("--replica-cpus", type=float, default=1.0,

@@ -29,7 +29,7 @@ def rendezvous_order(task: str, replica_ids: list[str]) -> list[str]:
 
 
 class TaskAffinityRouter(MultiplexMixin, RequestRouter):
-    def initialize_state(self, imbalance: int = 8, **kwargs) -> None:
+    def initialize_state(self, imbalance: int = 16, **kwargs) -> None:
         self.imbalance = imbalance
         self._in_flight: Counter = Counter()  # replica id -> requests this router sent that have not completed
         self._routed: dict[str, object] = {}  # internal request id -> replica id

@@ -64,6 +64,7 @@ class RayServeSettings:
     replicas: int = 1
     routing: str = "affinity"  # or "round-robin" (no affinity: each request to the next replica)
     max_prompts_per_replica: int = 64
+    affinity_imbalance: int = 16  # affinity yields to the least loaded replica past this many more requests
     device: str | None = None
     dtype: str | None = None
     backend: str = "auto"
@@ -82,6 +83,8 @@ class RayServeSettings:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
         if self.replicas < 1 or self.max_prompts_per_replica < 1 or self.max_retries < 0:
             raise ValueError("replicas and max_prompts_per_replica must be >= 1, max_retries >= 0")
+        if self.affinity_imbalance < 0:
+            raise ValueError("affinity_imbalance must be >= 0")
         self.model_dir = str(Path(self.model_dir).resolve())
         if self.prompt_dir is not None:
             self.prompt_dir = str(Path(self.prompt_dir).resolve())
@@ -391,7 +394,8 @@ def build_app(settings: RayServeSettings):
     )
     router = {"affinity": "TaskAffinityRouter", "round-robin": "RoundRobinRouter"}[settings.routing]
     replica_options["request_router_config"] = RequestRouterConfig(
-        request_router_class=f"softprompt.engine.server.ray_routing:{router}")
+        request_router_class=f"softprompt.engine.server.ray_routing:{router}",
+        request_router_kwargs={"imbalance": settings.affinity_imbalance} if settings.routing == "affinity" else {})
     board = serve.deployment(ReplicaBoard, name="ReplicaBoard", num_replicas=1,
                              ray_actor_options={"num_cpus": 0}).bind()
     replicas = serve.deployment(SoftPromptReplica, **replica_options).bind(settings, board)

@@ -4,9 +4,11 @@ the routing key, and the `serve run` argument parsing."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 from safetensors.torch import save_file
@@ -15,6 +17,7 @@ from softprompt import Request, SamplingParams
 from softprompt.engine.errors import PromptError, UnknownPromptError
 from softprompt.engine.server.app import create_app
 from softprompt.engine.server.asgi_call import ForwardedRequest, ResponseHead, call_asgi
+from softprompt.engine.server.ray_routing import RoundRobinRouter, TaskAffinityRouter, rendezvous_order
 from softprompt.engine.server.ray_serve import RayServeSettings, app_builder, public_name, routed_prompt
 from softprompt.engine.server.registry import PromptRegistry
 from softprompt.engine.server.shared_prompts import SharedPrompts
@@ -155,3 +158,56 @@ def test_serve_run_arguments_are_parsed_and_checked(tmp_path):
         RayServeSettings(model_dir=str(tmp_path), routing="random")
     s = RayServeSettings(model_dir="rel", prompt_dir="p", prompts={"a": "b"})
     assert os.path.isabs(s.model_dir) and os.path.isabs(s.prompt_dir) and os.path.isabs(s.prompts["a"])
+
+
+@dataclasses.dataclass(frozen=True)
+class _ReplicaId:  # hashable, like Serve's ReplicaID
+    unique_id: str
+
+
+def _replicas(*ids: str) -> list[SimpleNamespace]:
+    return [SimpleNamespace(replica_id=_ReplicaId(i)) for i in ids]
+
+
+def _router(cls, **state):
+    router = cls.__new__(cls)  # the routing decision only: no Serve machinery behind it
+    router._multiplexed_model_id_to_replica_ids = {}
+    router.initialize_state(**state)
+    return router
+
+
+def _pending(task: str):
+    return SimpleNamespace(metadata=SimpleNamespace(multiplexed_model_id=task, internal_request_id=task))
+
+
+def test_task_affinity_router_prefers_holders_then_the_home_and_yields_to_load():
+    replicas = _replicas("r0", "r1", "r2")
+    router = _router(TaskAffinityRouter, imbalance=4)
+    choose = lambda task: asyncio.run(router.choose_replicas(replicas, _pending(task)))  # noqa: E731
+
+    homes = {}
+    for task in (f"task{i}" for i in range(12)):
+        first, rest = choose(task)
+        assert len(first) == 1 and first[0].replica_id.unique_id == rendezvous_order(task, ["r0", "r1", "r2"])[0]
+        assert choose(task)[0] == first and sorted(r.replica_id.unique_id for r in rest) == ["r0", "r1", "r2"]
+        homes[task] = first[0]
+    assert len({h.replica_id.unique_id for h in homes.values()}) > 1  # tasks spread over replicas
+    task, home = "task0", homes["task0"]
+    others = [r for r in replicas if r is not home]
+    router._multiplexed_model_id_to_replica_ids[task] = {others[0].replica_id, others[1].replica_id}
+    assert set(map(id, choose(task)[0])) == {id(others[0]), id(others[1])}  # holders first, the home after
+    for _ in range(5):  # both holders 5 requests busier than the idle home: past the imbalance of 4
+        for r in others:
+            router.on_request_routed(_pending(f"x{id(r)}{_}"), r.replica_id, None)
+    assert choose(task) == [replicas]  # the least loaded of all
+    router.on_request_completed(others[0].replica_id, f"x{id(others[0])}0")
+    router.on_request_completed(others[1].replica_id, f"x{id(others[1])}0")
+    assert set(map(id, choose(task)[0])) == {id(others[0]), id(others[1])}  # 4 more: affinity again
+    assert choose("") == [replicas]  # the bare model: the least loaded
+
+
+def test_round_robin_router_takes_turns():
+    replicas = _replicas("r2", "r0", "r1")
+    router = _router(RoundRobinRouter)
+    picks = [asyncio.run(router.choose_replicas(replicas, _pending("t")))[0][0].replica_id.unique_id for _ in range(6)]
+    assert picks == ["r0", "r1", "r2", "r0", "r1", "r2"]
