@@ -205,12 +205,9 @@ class HFPeftOracle:
         """Greedy tokens from full forward passes (no KV cache), one per new token: exactly what the PEFT model
         computes, whatever the generate/cache glue of the installed peft and transformers versions does (peft
         0.21.2's prompt-tuning generate re-feeds the whole input at every decode step under transformers 5.24)."""
-        model = self._model(prompt)
         tokens = list(ids)
         for _ in range(n):
-            x = torch.tensor([tokens], device=self.device)
-            logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits
-            tokens.append(int(logits[0, -1].argmax()))
+            tokens.append(int(self.logits(prompt, tokens)[-1].argmax()))
         return tokens[len(ids):]
 
     @torch.no_grad()

@@ -31,7 +31,6 @@ class ResponseHead:
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     body: bytes = b""
     more: bool = False
-    replica: str = ""  # which server answered (set by the replica)
 
     def header(self, name: bytes) -> bytes | None:
         return next((v for k, v in self.headers if k.lower() == name), None)

@@ -30,17 +30,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from ..api import Engine
 from ..errors import PromptError, UnknownPromptError
+from .app import APIError, ServerConfig, create_app, to_api_error
 from .asgi_call import ForwardedRequest, ResponseHead, call_asgi
-from .registry import _VERSION_SUFFIX, BASE_MODEL, check_public_name
+from .registry import _VERSION_SUFFIX, BASE_MODEL, PromptRegistry, check_public_name
 from .schemas import error_body
 from .shared_prompts import SharedPrompts
 
@@ -160,12 +163,6 @@ class SoftPromptReplica:
     """One engine, its loop thread and the single-process app, serving forwarded requests."""
 
     async def __init__(self, settings: RayServeSettings, board: DeploymentHandle):
-        import torch
-
-        from ..api import Engine
-        from .app import ServerConfig, create_app
-        from .registry import PromptRegistry
-
         self.settings = settings
         if settings.device is None or settings.device == "cpu" or not torch.cuda.is_available():
             torch.set_num_threads(max(1, int(settings.replica_cpus)))
@@ -205,17 +202,13 @@ class SoftPromptReplica:
             self.requests[BASE_MODEL] += 1
         async for part in call_asgi(self.app, request):
             if isinstance(part, ResponseHead):
-                part.replica = self.replica_id
                 part.headers.append((REPLICA_HEADER, self.replica_id.encode()))
             yield part
 
     def _error(self, exc: Exception) -> ResponseHead:
-        from .app import to_api_error
-
         response = to_api_error(exc).response()
         head = ResponseHead(response.status_code, list(response.raw_headers), bytes(response.body))
         head.headers.append((REPLICA_HEADER, self.replica_id.encode()))
-        head.replica = self.replica_id
         return head
 
     async def stats(self) -> dict[str, Any]:
@@ -276,11 +269,6 @@ class ReplicaBoard:
 # ---- the ingress ----------------------------------------------------------------------------------------------
 ingress_app = FastAPI(title="softprompt on Ray Serve")
 # everything the ingress class uses is defined above it: Serve captures the class when it is decorated
-
-
-def _api_error(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-               headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, type_, code=code), status, headers=headers)
 
 
 async def _rest(first: bytes, chunks):
@@ -344,7 +332,7 @@ class OpenAIIngress:
         async for chunk in request.stream():
             body += chunk
             if len(body) > self.settings.max_body_bytes:
-                return _api_error(413, f"the request body is larger than {self.settings.max_body_bytes} bytes")
+                return APIError(413, f"the request body is larger than {self.settings.max_body_bytes} bytes").response()
         forwarded = ForwardedRequest(request.method, request.url.path, body, request.url.query.encode(),
                                      tuple(request.headers.raw),
                                      (request.client.host, request.client.port) if request.client else None)
@@ -372,8 +360,8 @@ class OpenAIIngress:
                 error = RuntimeError(head.body.decode(errors="replace"))
                 continue
             return self._response(head, chunks)
-        return _api_error(503, f"no replica could serve this request after {self.settings.max_retries + 1} "
-                          f"attempts: {error}", "server_error", "unavailable", {"Retry-After": "1"})
+        return APIError(503, f"no replica could serve this request after {self.settings.max_retries + 1} attempts: "
+                        f"{error}", "server_error", code="unavailable", headers={"Retry-After": "1"}).response()
 
     def _response(self, head: ResponseHead, chunks) -> Response:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in head.headers

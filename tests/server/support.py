@@ -96,6 +96,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_healthy(http: httpx.Client, proc: subprocess.Popen, timeout: float,
+                       ready=lambda body: True) -> dict:
+    """Poll GET /health until it answers 200 and `ready(body)`; the server process must stay alive meanwhile."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            health = http.get("/health")
+            if health.status_code == 200 and ready(health.json()):
+                return health.json()
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the server did not come up"
+        time.sleep(0.2)
+
+
 def interrupt(proc: subprocess.Popen, timeout: float) -> None:
     """Ctrl-C a server process and wait for it to exit (killed if it does not within `timeout`)."""
     proc.send_signal(signal.SIGINT)

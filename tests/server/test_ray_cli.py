@@ -5,13 +5,12 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
 
 import httpx
 
 from softprompt import Engine, Request, SamplingParams
 
-from .support import free_port, interrupt
+from .support import free_port, interrupt, wait_until_healthy
 
 
 def test_serve_ray_process_answers_and_stops_on_sigint(model_dir_for, adapter_for, tmp_path):
@@ -26,18 +25,8 @@ def test_serve_ray_process_answers_and_stops_on_sigint(model_dir_for, adapter_fo
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, trust_env=False) as http:
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    health = http.get("/health")
-                    if health.status_code == 200 and len(health.json()["replicas"]) == 2:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert proc.poll() is None, proc.communicate()[0][-3000:]
-                assert time.monotonic() < deadline, "the Ray server did not come up"
-                time.sleep(0.5)
-            assert health.json()["routing"] == "affinity" and health.json()["replicas_configured"] == 2
+            health = wait_until_healthy(http, proc, 180, ready=lambda body: len(body["replicas"]) == 2)
+            assert health["routing"] == "affinity" and health["replicas_configured"] == 2
             assert {m["id"] for m in http.get("/v1/models").json()["data"]} == {"base", "sent", "h"}
             got = {}
             for name in ("sent", "h", "base"):

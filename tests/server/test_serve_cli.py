@@ -6,7 +6,6 @@ import argparse
 import shutil
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -17,7 +16,7 @@ from softprompt.engine.errors import SoftPromptError
 from softprompt.engine.server.cli import add_serve_arguments, discover_prompts
 from softprompt.testing import build_prompt_tensor
 
-from .support import free_port, interrupt
+from .support import free_port, interrupt, wait_until_healthy
 
 SERVE = ("import sys, argparse; from softprompt.engine.server.cli import add_serve_arguments, run_serve; "
          "p = argparse.ArgumentParser(); add_serve_arguments(p); sys.exit(run_serve(p.parse_args(sys.argv[1:])))")
@@ -56,16 +55,7 @@ def test_serve_process_answers_and_stops_on_sigint(model_dir_for, adapter_for, t
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, trust_env=False) as http:
-            deadline = time.monotonic() + 90
-            while True:
-                try:
-                    if http.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert proc.poll() is None, proc.communicate()[1]
-                assert time.monotonic() < deadline, "the server did not come up"
-                time.sleep(0.2)
+            wait_until_healthy(http, proc, 90)
             assert {m["id"] for m in http.get("/v1/models").json()["data"]} == {"base", "sent", "h"}
             r = http.post("/v1/completions", json={"model": "sent", "prompt": [5, 6, 7], "max_tokens": 5,
                                                    "temperature": 0, "return_token_ids": True})
