@@ -186,24 +186,23 @@ def test_a_replica_killed_mid_load_loses_no_request(cluster):
     """Non-streaming requests on the killed replica are retried elsewhere; streams that already had tokens end
     with an error event after correct tokens; nothing is answered wrongly; Serve brings the replica back."""
     jobs = [(TASKS[k % len(TASKS)], k) for k in range(16)]
+    plain_tokens, stream_tokens = 100, 230  # long enough to be still running when the replica dies
     results: dict[int, httpx.Response] = {}
     streams: dict[int, tuple[str, list[int], bool]] = {}
     started = threading.Barrier(3)
-    victim: list[str] = []
+    replica_of: dict[int, str] = {}  # stream -> the replica serving it
 
     def plain(job):
         task, k = job
-        results[k] = cluster.complete(task, ids_for(k), max_tokens=40, ignore_eos=True)
+        results[k] = cluster.complete(task, ids_for(k), max_tokens=plain_tokens, ignore_eos=True)
 
     def stream(k: int) -> None:
         task = TASKS[k]
-        body = {"model": task, "prompt": ids_for(k), "max_tokens": 120, "temperature": 0, "stream": True,
+        body = {"model": task, "prompt": ids_for(k), "max_tokens": stream_tokens, "temperature": 0, "stream": True,
                 "return_token_ids": True, "ignore_eos": True}
         tokens, errored = [], False
         with cluster.http() as http, http.stream("POST", "/v1/completions", json=body) as r:
-            replica = r.headers["x-softprompt-replica"]
-            if k == 0:
-                victim.append(replica)
+            replica = replica_of[k] = r.headers["x-softprompt-replica"]
             first = True
             for line in r.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -224,8 +223,18 @@ def test_a_replica_killed_mid_load_loses_no_request(cluster):
     started.wait(60)  # both streams have tokens: now load the replicas and kill the one serving stream 0
     with ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(plain, job) for job in jobs]
-        time.sleep(0.3)
-        ray.kill(ray.get_actor(Cluster.replica_actors()[victim[0]], namespace="serve"), no_restart=True)
+        # kill only once the victim runs a plain request besides its streams (its task t0 lives there): on a
+        # busy machine the ingress may take a while to route the burst
+        victim = replica_of[0]
+        streams_on_victim = sum(replica == victim for replica in replica_of.values())
+        deadline = time.monotonic() + 60
+        while True:
+            report = cluster.health()["replicas"].get(victim, {})
+            if report.get("running", 0) + report.get("waiting", 0) > streams_on_victim:
+                break
+            assert time.monotonic() < deadline, f"no plain request reached the victim: {report}"
+            time.sleep(0.05)
+        ray.kill(ray.get_actor(Cluster.replica_actors()[victim], namespace="serve"), no_restart=True)
         for f in futures:
             f.result()
     for t in threads:
@@ -234,11 +243,11 @@ def test_a_replica_killed_mid_load_loses_no_request(cluster):
     for task, k in jobs:
         r = results[k]
         assert r.status_code == 200, r.text
-        assert r.json()["choices"][0]["token_ids"] == cluster.expected(task, ids_for(k), 40, ignore_eos=True)
+        assert r.json()["choices"][0]["token_ids"] == cluster.expected(task, ids_for(k), plain_tokens, ignore_eos=True)
     assert cluster.health()["retries"] >= 1  # some requests were on the killed replica
     for k, (replica, tokens, errored) in streams.items():
-        want = cluster.expected(TASKS[k], ids_for(k), 120, ignore_eos=True)
-        if replica == victim[0]:
+        want = cluster.expected(TASKS[k], ids_for(k), stream_tokens, ignore_eos=True)
+        if replica == victim:
             assert errored and tokens == want[:len(tokens)] and len(tokens) < len(want)
         else:
             assert not errored and tokens == want
@@ -247,7 +256,7 @@ def test_a_replica_killed_mid_load_loses_no_request(cluster):
     while True:
         state = serve.status().applications["softprompt"].deployments["SoftPromptReplica"]
         running = state.replica_states.get("RUNNING", 0)
-        if running == 2 and victim[0] not in cluster.replica_ids():
+        if running == 2 and victim not in cluster.replica_ids():
             break
         assert time.monotonic() < deadline, f"the replica was not replaced: {state}"
         time.sleep(0.5)
