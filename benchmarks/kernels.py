@@ -33,7 +33,8 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from softprompt.engine.attention_torch import SeqSlice, TorchPagedAttention  # noqa: E402
+from softprompt.engine.attention_padded import PaddedSDPAAttention  # noqa: E402
+from softprompt.engine.attention_torch import SeqSlice  # noqa: E402
 from softprompt.kernels.decode_attention import (  # noqa: E402
     decode_attention, decode_attention_reference, group_by_prefix)
 from softprompt.kernels.prefill_attention import prefill_attention, prefill_attention_reference  # noqa: E402
@@ -141,7 +142,7 @@ def prefill_cases(s: AttnShape, dtype: torch.dtype, device: torch.device) -> lis
     t = s.batch * s.own
     q = torch.randn(t, s.hq, s.d, device=device, dtype=dtype)
     k, v = (torch.randn(t, s.hkv, s.d, device=device, dtype=dtype) for _ in range(2))
-    backend = TorchPagedAttention(pool, slices, s.d ** -0.5, None, s.hq, device)
+    backend = PaddedSDPAAttention(pool, slices, s.d ** -0.5, None, s.hq, device)
     expected = backend(0, q, k, v)  # writes the new tokens' K/V, which the kernel then reads in place
     caches = (pool.kv[0, 0], pool.kv[0, 1])
     args = dict(cu_seqlens_q=_i32(list(range(0, t + 1, s.own)), device),
@@ -155,12 +156,12 @@ def prefill_cases(s: AttnShape, dtype: torch.dtype, device: torch.device) -> lis
         _close("prefill_attention vs fp32 reference", prefill_attention(q, *caches, **args), ref,
                ATTN_TOL[dtype], ATTN_TOL[dtype])
         tol = ATTN_TOL[dtype] * (1 if dtype == torch.float32 else 3)
-        _close("TorchPagedAttention vs fp32 reference", expected, ref, tol, tol)
+        _close("PaddedSDPAAttention vs fp32 reference", expected, ref, tol, tol)
 
     item = q.element_size()
     floor = _kv_bytes(s.tasks * s.prefix + t, s, item) + 2 * q.numel() * item  # unique K/V, q, out
     return [Case(f"prefill B={s.batch} L={s.own} P={s.prefix} tasks={s.tasks}", "prefill_attention",
-                 "TorchPagedAttention (K/V write + gather + cat + SDPA)",
+                 "PaddedSDPAAttention (K/V write + gather + cat + SDPA)",
                  lambda: prefill_attention(q, *caches, **args), lambda: backend(0, q, k, v), check, floor,
                  min_speedup=1.3)]
 
@@ -169,7 +170,7 @@ def decode_cases(s: AttnShape, dtype: torch.dtype, device: torch.device) -> list
     pool, slices, task_of = _paged_batch(s, 1, dtype, device)
     q = torch.randn(s.batch, s.hq, s.d, device=device, dtype=dtype)
     k, v = (torch.randn(s.batch, s.hkv, s.d, device=device, dtype=dtype) for _ in range(2))
-    backend = TorchPagedAttention(pool, slices, s.d ** -0.5, None, s.hq, device)
+    backend = PaddedSDPAAttention(pool, slices, s.d ** -0.5, None, s.hq, device)
     perm, starts = group_by_prefix(task_of)  # the kernel's inputs are gathered by task once, outside the timing
     perm_t = torch.tensor(perm, device=device)
     expected = backend(0, q, k, v).index_select(0, perm_t)  # writes the new token's K/V
@@ -190,12 +191,12 @@ def decode_cases(s: AttnShape, dtype: torch.dtype, device: torch.device) -> list
         _close("decode_attention (shared) vs fp32 reference", decode_attention(**shared), ref, tol, tol)
         _close("decode_attention (unshared) vs fp32 reference", decode_attention(**unshared), ref, tol, tol)
         tol *= 1 if dtype == torch.float32 else 3
-        _close("TorchPagedAttention vs fp32 reference", expected, ref, tol, tol)
+        _close("PaddedSDPAAttention vs fp32 reference", expected, ref, tol, tol)
 
     item = q.element_size()
     floor = _kv_bytes(s.tasks * s.prefix + s.batch * s.own, s, item) + 2 * q.numel() * item  # prefix K/V read once
     name = f"decode B={s.batch} P={s.prefix} own={s.own} tasks={s.tasks}"
-    torch_impl = "TorchPagedAttention (K/V write + gather + cat + SDPA)"
+    torch_impl = "PaddedSDPAAttention (K/V write + gather + cat + SDPA)"
     return [Case(f"{name} shared", "decode_attention", torch_impl, lambda: decode_attention(**shared),
                  lambda: backend(0, q, k, v), check, floor, min_speedup=5.0, max_over_floor=1.5),
             Case(f"{name} prefix-unaware", "decode_attention", torch_impl, lambda: decode_attention(**unshared),

@@ -1,13 +1,13 @@
 """Paged two-segment attention in plain PyTorch (the `torch` backend, CPU and CUDA).
 
 Each sequence's keys are its task prefix (shared blocks, length P, fully visible) followed by its own tokens
-(own blocks, causal). This backend gathers both segments into a padded batch and calls SDPA; the Triton
-backend reads the same metadata in place.
+(own blocks, causal). This backend attends the sequences that share a prefix together, reading the prefix once
+for all of them (see `TorchPagedAttention`); the Triton backend reads the same metadata (`SeqSlice`) in place.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ def pad_block_tables(tables: list[list[int]], dtype: torch.dtype = torch.long,
     return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=dtype, device=device)
 
 
-def _slots(table: Tensor, idx: Tensor, block_size: int) -> Tensor:
+def block_slots(table: Tensor, idx: Tensor, block_size: int) -> Tensor:
     """Flat pool slots of token indices idx [B, N] (>= 0) within the segments addressed by table [B, blocks]."""
     blocks = table.gather(1, (idx // block_size).clamp(max=table.shape[1] - 1))
     return blocks * block_size + idx % block_size
@@ -47,150 +47,167 @@ def new_token_slots(seqs: list[SeqSlice], block_size: int) -> Tensor:
     own_tab = pad_block_tables([s.own_blocks for s in seqs])
     qi = torch.arange(int(nq.max()))[None, :]
     q_own = (start[:, None] + qi).clamp(max=own_tab.shape[1] * block_size - 1)
-    return _slots(own_tab, q_own, block_size)[qi < nq[:, None]]
+    return block_slots(own_tab, q_own, block_size)[qi < nq[:, None]]
+
+
+MAX_WASTE = 2.5  # an item's padded work (query rows x keys) is at most this multiple of its members' own work
+PACKING_SLACK = 4096  # a member joins an item even if that costs up to this much more work than a call of its own
+                      # (rows x keys: about the fixed cost of one more small attention on a CPU)
 
 
 @dataclass
-class BatchMetadata:
-    """Everything attention needs for one step, built with a fixed number of tensor ops whatever the batch size."""
+class _Item:
+    """Sequences sharing one prefix, attended as one padded row of a batched SDPA call: their queries against the
+    keys [prefix blocks | 1st member's own blocks | 2nd member's own blocks | ...], each member seeing the prefix
+    and, causally, only its own tokens."""
 
-    slot_mapping: Tensor  # [T] flat pool slot of each new token's K/V
-    query_rows: Tensor  # [B, maxQ] packed row of each (seq, query) or T (padding)
-    key_slots: Tensor  # [B, maxK] flat pool slot of each key (padding: 0)
-    key_positions: Tensor  # [B, maxK] absolute position of each key (for ALiBi)
-    query_positions: Tensor  # [B, maxQ] absolute position of each query
-    mask: Tensor  # [B, 1, maxQ, maxK] True where the query may attend
+    prefix_len: int
+    blocks: list[int]
+    rows: list[int] = field(default_factory=list)  # packed query rows of all members
+    own_offsets: list[int] = field(default_factory=list)  # per row: its member's first own key in the item
+    own_limits: list[int] = field(default_factory=list)  # per row: the last own key it sees (own index)
+    work: int = 0  # what the members need: their query rows x (prefix + own keys)
 
-    @classmethod
-    def build(cls, seqs: list[SeqSlice], block_size: int, device: torch.device) -> BatchMetadata:
-        """Metadata for sequences whose new tokens are packed contiguously, in order, from row 0."""
-        nq = torch.tensor([s.num_queries for s in seqs])
-        plen = torch.tensor([s.prefix_len for s in seqs])
-        start = torch.tensor([s.own_start for s in seqs])
-        prefix_tab = pad_block_tables([s.prefix_blocks for s in seqs])
-        own_tab = pad_block_tables([s.own_blocks for s in seqs])
-        own_len = start + nq
-        max_q, max_k = int(nq.max()), int((plen + own_len).max())
-        cu = torch.cumsum(nq, 0) - nq
-        t = int(nq.sum())
+    def add(self, s: SeqSlice, first_row: int, block_size: int) -> None:
+        offset = len(self.blocks) * block_size
+        self.blocks = self.blocks + s.own_blocks[:_own_blocks(s, block_size)]
+        self.rows += range(first_row, first_row + s.num_queries)
+        self.own_offsets += [offset] * s.num_queries
+        self.own_limits += range(s.own_start, s.own_start + s.num_queries)
+        self.work += s.num_queries * (s.prefix_len + s.own_start + s.num_queries)
 
-        k = torch.arange(max_k)[None, :]
-        own_idx = (k - plen[:, None]).clamp(min=0)
-        is_prefix = k < plen[:, None]
-        key_valid = k < (plen + own_len)[:, None]
-        prefix_k = k.clamp(max=max(0, prefix_tab.shape[1] * block_size - 1)).expand(len(seqs), -1)
-        key_slots = torch.where(is_prefix, _slots(prefix_tab, prefix_k, block_size), _slots(own_tab, own_idx, block_size))
-        key_slots = key_slots.masked_fill(~key_valid, 0)
-
-        qi = torch.arange(max_q)[None, :]
-        q_valid = qi < nq[:, None]
-        query_rows = torch.where(q_valid, cu[:, None] + qi, torch.full_like(qi, t))
-        q_own = start[:, None] + qi  # own index of each query
-        visible = is_prefix[:, None, :] | (
-            (~is_prefix)[:, None, :] & (own_idx[:, None, :] <= q_own[:, :, None])
-        )
-        visible = (visible & key_valid[:, None, :]) | ~q_valid[:, :, None]  # padding queries: any finite row
-
-        return cls(
-            slot_mapping=new_token_slots(seqs, block_size).to(device),
-            query_rows=query_rows.to(device),
-            key_slots=key_slots.to(device),
-            key_positions=k.expand(len(seqs), -1).to(device),
-            query_positions=(plen[:, None] + q_own).to(device),
-            mask=visible[:, None].to(device),
-        )
+    def takes(self, s: SeqSlice, prefix_blocks: int, block_size: int) -> bool:
+        """Whether `s` should join: packing bounded by MAX_WASTE, and hardly more work than a call of its own."""
+        own_blocks = _own_blocks(s, block_size)
+        packed = (len(self.rows) + s.num_queries) * (len(self.blocks) + own_blocks) * block_size
+        apart = (len(self.rows) * len(self.blocks) + s.num_queries * (prefix_blocks + own_blocks)) * block_size
+        need = self.work + s.num_queries * (s.prefix_len + s.own_start + s.num_queries)
+        return packed <= MAX_WASTE * need and packed <= apart + PACKING_SLACK
 
 
-def group_for_padding(num_queries: list[int], max_waste: float = 2.0) -> list[list[int]]:
-    """Split sequences (by index) into groups attended as one padded batch each: all single-query (decode)
-    sequences together, prefill sequences by similar length so that padding at most doubles the work."""
-    decode = [i for i, n in enumerate(num_queries) if n == 1]
-    prefill = sorted((i for i, n in enumerate(num_queries) if n > 1), key=lambda i: num_queries[i])
-    groups = [decode] if decode else []
-    current: list[int] = []
-    for i in prefill:
-        if current and num_queries[i] * (len(current) + 1) > max_waste * sum(num_queries[j] for j in current + [i]):
-            groups.append(current)
-            current = []
-        current.append(i)
-    if current:
-        groups.append(current)
-    return groups
+def _own_blocks(s: SeqSlice, block_size: int) -> int:
+    return -(-(s.own_start + s.num_queries) // block_size)
+
+
+def _items(seqs: list[SeqSlice], block_size: int) -> list[_Item]:
+    """Sequences grouped by prefix (those without one form a group too), each group cut greedily into items (see
+    `_Item.takes`): a prefix read once for several sequences, and fewer, larger attention calls."""
+    groups: dict[tuple, list[tuple[SeqSlice, int]]] = {}
+    row = 0
+    for s in seqs:
+        if s.num_queries:
+            key = (tuple(s.prefix_blocks[:-(-s.prefix_len // block_size)]), s.prefix_len)
+            groups.setdefault(key, []).append((s, row))
+        row += s.num_queries
+    items = []
+    for (prefix_blocks, prefix_len), members in groups.items():
+        item = None
+        for s, first_row in members:
+            if item is None or not item.takes(s, len(prefix_blocks), block_size):
+                item = _Item(prefix_len, list(prefix_blocks))
+                items.append(item)
+            item.add(s, first_row, block_size)
+    return items
+
+
+def _calls(items: list[_Item], block_size: int) -> list[list[_Item]]:
+    """Items cut into batched calls, in order of size, each padded to its largest item's rows and keys: a call
+    grows while its padded work stays within MAX_WASTE x its items' (plus PACKING_SLACK per item)."""
+    calls: list[list[_Item]] = []
+    rows = keys = work = 0
+    for item in sorted(items, key=lambda it: (len(it.rows), len(it.blocks))):
+        own = len(item.rows) * len(item.blocks) * block_size + PACKING_SLACK
+        r, k = max(rows, len(item.rows)), max(keys, len(item.blocks) * block_size)
+        w = work + own
+        if calls and (len(calls[-1]) + 1) * r * k <= MAX_WASTE * w:
+            calls[-1].append(item)
+            rows, keys, work = r, k, w
+        else:
+            calls.append([item])
+            rows, keys, work = len(item.rows), len(item.blocks) * block_size, own
+    return calls
+
+
+class _PaddedCall:
+    """One SDPA call over items padded to the most rows and the most keys among them."""
+
+    def __init__(self, items: list[_Item], block_size: int, num_rows: int, rep: int, slopes: Tensor | None,
+                 dtype: torch.dtype, device: torch.device):
+        n, m = len(items), max(len(it.rows) for it in items)
+        width = max(len(it.blocks) for it in items)
+        self.shape, self.rep = (n, m), rep
+        pad = lambda values, fill, size: values + [fill] * (size - len(values))  # noqa: E731
+        # padding rows read row num_rows (zeros) and see key 0 only (a prefix key, or the first member's first key)
+        self.query_rows = torch.tensor([pad(it.rows, num_rows, m) for it in items], device=device).flatten()
+        self.block_table = torch.tensor([pad(it.blocks, 0, width) for it in items], device=device).flatten()
+        prefix = torch.tensor([it.prefix_len for it in items], device=device)[:, None, None]
+        offset = torch.tensor([pad(it.own_offsets, 0, m) for it in items], device=device)[:, :, None]
+        limit = torch.tensor([pad(it.own_limits, 0, m) for it in items], device=device)[:, :, None]
+        key = torch.arange(width * block_size, device=device)
+        own = key - offset  # own index of each key in the row's member segment
+        visible = (key < prefix) | ((own >= 0) & (own <= limit))  # [N, M, L]
+        bias = torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf"))
+        if slopes is None:  # [N, 1, rep * M, L]: a KV head's query rows ordered (rep, M)
+            bias = bias[:, None, None].expand(-1, 1, rep, -1, -1)
+        else:  # slope * (key position - query position): softmax ignores the per-row shift
+            distance = torch.where(key < prefix, key - prefix, own) - limit  # [N, M, L]
+            bias = slopes[None, :, :, None, None] * distance[:, None, None].float() + bias[:, None, None]
+        self.bias = bias.reshape(n, -1, rep * m, width * block_size).to(dtype)
+        self.rows = [r for it in items for r in it.rows]
+        self.valid = (None if all(len(it.rows) == m for it in items) else
+                      torch.tensor([i * m + j for i, it in enumerate(items) for j in range(len(it.rows))],
+                                   device=device))
+
+    def __call__(self, k_cache: Tensor, v_cache: Tensor, q_padded: Tensor, scale: float) -> Tensor:
+        """The outputs [rows, Hq, D] of the call's query rows, in `self.rows` order."""
+        (n, m), rep = self.shape, self.rep
+        hkv, d = k_cache.shape[2:]
+        q = q_padded.index_select(0, self.query_rows).view(n, m, hkv, rep, d).permute(0, 2, 3, 1, 4)
+        keys = k_cache.index_select(0, self.block_table).view(n, -1, hkv, d).transpose(1, 2)
+        values = v_cache.index_select(0, self.block_table).view(n, -1, hkv, d).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q.reshape(n, hkv, rep * m, d), keys, values, attn_mask=self.bias,
+                                             scale=scale)
+        out = out.view(n, hkv, rep, m, d).permute(0, 3, 1, 2, 4).reshape(n * m, hkv * rep, d)
+        return out if self.valid is None else out.index_select(0, self.valid)
 
 
 class TorchPagedAttention:
-    """Writes the new tokens' K/V into the pool, then attends over [prefix ; own] per sequence, one padded SDPA
-    call per group of similar sequences (see `group_for_padding`)."""
+    """The torch backend: writes the new tokens' K/V into the pool, then attends with few, dense SDPA calls.
+
+    Sequences that share a task prefix are attended together (`_items`): one row of the batched call holds the
+    prefix once and each member's own tokens after it, under a mask that shows every member the prefix and,
+    causally, only its own tokens. So a task's prefix K/V is gathered once per item, not once per sequence, and
+    the many small per-sequence attentions of a decode step become a few larger ones. K/V are gathered by whole
+    blocks (contiguous in the pool). Items of similar size share a call (`_calls`). All metadata is
+    built once per step and shared by every layer."""
 
     def __init__(self, pool: KVPool, seqs: list[SeqSlice], scale: float, alibi_slopes: Tensor | None,
                  num_heads: int, device: torch.device):
-        offsets = torch.tensor([0] + [s.num_queries for s in seqs]).cumsum(0).tolist()
-        self.groups: list[tuple[Tensor, _PaddedGroup]] = []
-        members_of = group_for_padding([s.num_queries for s in seqs])
-        for members in members_of:
-            meta = BatchMetadata.build([seqs[i] for i in members], pool.block_size, device)
-            rows = torch.tensor([r for i in members for r in range(offsets[i], offsets[i + 1])], device=device)
-            self.groups.append((rows, _PaddedGroup(pool, meta, scale, alibi_slopes, num_heads)))
         self.pool = pool
-        self.slot_mapping = new_token_slots(seqs, pool.block_size).to(device)
-        self.single = len(members_of) == 1 and members_of[0] == list(range(len(seqs)))  # already in packed order
+        self.scale = scale
+        bs, hkv = pool.block_size, pool.kv.shape[4]
+        rep = num_heads // hkv
+        slopes = None if alibi_slopes is None else alibi_slopes.float().to(device).view(hkv, rep)
+        num_rows = sum(s.num_queries for s in seqs)
+        self.slot_mapping = new_token_slots(seqs, bs).to(device)
+        self.calls = [_PaddedCall(items, bs, num_rows, rep, slopes, pool.kv.dtype, device)
+                      for items in _calls(_items(seqs, bs), bs)]
+        produced = [r for call in self.calls for r in call.rows]
+        self.order = None
+        if produced != list(range(num_rows)):
+            where = [0] * num_rows
+            for i, r in enumerate(produced):
+                where[r] = i
+            self.order = torch.tensor(where, device=device)
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         kv = self.pool.kv[layer]
         nb, bs, hkv, d = kv.shape[1:]
         kv[0].view(nb * bs, hkv, d).index_copy_(0, self.slot_mapping, k)
         kv[1].view(nb * bs, hkv, d).index_copy_(0, self.slot_mapping, v)
-        if self.single:
-            return self.groups[0][1](layer, q)
-        out = torch.empty_like(q)
-        for rows, group in self.groups:
-            out.index_copy_(0, rows, group(layer, q.index_select(0, rows)))
-        return out
-
-
-class _PaddedGroup:
-    """One padded SDPA call over a group of sequences whose queries are packed contiguously.
-
-    Grouped-query attention folds the query heads that share a KV head into the query axis, so K/V are
-    never repeated."""
-
-    def __init__(self, pool: KVPool, meta: BatchMetadata, scale: float, alibi_slopes: Tensor | None, num_heads: int):
-        self.pool = pool
-        self.meta = meta
-        self.scale = scale
-        hkv = pool.kv.shape[4]
-        self.rep = num_heads // hkv
-        b, _, max_q, max_k = meta.mask.shape
-        t = meta.slot_mapping.shape[0]
-        # packed rows are numbered in (sequence, query) order, so the valid padded positions, in order, are rows 0..T-1
-        self.padded_rows = meta.query_rows.flatten()
-        self.valid_positions = torch.nonzero(self.padded_rows < t).flatten()
-        self.key_slots = meta.key_slots.flatten()
-        if alibi_slopes is not None:
-            # slope * (key - query position): softmax ignores the per-query shift, and the values that matter
-            # (recent keys) stay near 0, so the bias keeps its precision when cast to fp16/bf16
-            distance = meta.key_positions[:, None, :] - meta.query_positions[:, :, None]  # [B, maxQ, maxK]
-            bias = alibi_slopes.float()[None, :, None, None] * distance.float()[:, None]
-            bias = bias.masked_fill(~meta.mask, float("-inf"))  # [B, Hq, maxQ, maxK]
-            self.mask = bias.view(b, hkv, self.rep * max_q, max_k)
-        else:
-            self.mask = meta.mask.expand(b, 1, max_q, max_k).repeat(1, 1, self.rep, 1) if self.rep > 1 else meta.mask
-
-    def __call__(self, layer: int, q: Tensor) -> Tensor:
-        kv = self.pool.kv[layer]
-        nb, bs, hkv, d = kv.shape[1:]
-        flat_k, flat_v = kv[0].view(nb * bs, hkv, d), kv[1].view(nb * bs, hkv, d)
-        b, max_q = self.meta.query_rows.shape
-        max_k = self.meta.key_slots.shape[1]
-        keys = flat_k.index_select(0, self.key_slots).view(b, max_k, hkv, d).transpose(1, 2)  # [B, Hkv, maxK, D]
-        values = flat_v.index_select(0, self.key_slots).view(b, max_k, hkv, d).transpose(1, 2)
-        if max_q == 1:  # decode: one query per sequence, nothing to pad
-            padded_q = q
-        else:
-            padded_q = torch.cat([q, q.new_zeros(1, *q.shape[1:])]).index_select(0, self.padded_rows)
-        # [B, maxQ, Hkv, rep, D] -> [B, Hkv, rep * maxQ, D]: the queries of one KV head side by side
-        grouped = padded_q.view(b, max_q, hkv, self.rep, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, self.rep * max_q, d)
-        mask = self.mask.to(q.dtype) if self.mask.dtype != torch.bool else self.mask
-        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=self.scale)
-        out = out.view(b, hkv, self.rep, max_q, d).permute(0, 3, 1, 2, 4).reshape(b * max_q, hkv * self.rep, d)
-        return out if max_q == 1 else out.index_select(0, self.valid_positions)
+        if not self.calls:
+            return torch.empty_like(q)
+        q_padded = torch.cat([q, q.new_zeros(1, *q.shape[1:])])
+        parts = [call(kv[0], kv[1], q_padded, self.scale) for call in self.calls]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return out if self.order is None else out.index_select(0, self.order)

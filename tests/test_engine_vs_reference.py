@@ -10,7 +10,7 @@ from softprompt import Engine, Request, SamplingParams
 from .runtime_helpers import assert_no_leaks, make_requests, register_tasks, run
 
 ARCHS = ["llama", "qwen2", "gpt2", "bloom"]
-LOGIT_ATOL = 1e-4  # fp32: only summation order differs (padded SDPA vs per-request matmul)
+LOGIT_ATOL = 1e-4  # fp32: only summation order differs (batched SDPA over packed items vs per-request matmul)
 
 
 @pytest.fixture(scope="module")

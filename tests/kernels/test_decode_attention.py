@@ -14,7 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from softprompt.engine.attention_torch import BatchMetadata, SeqSlice, TorchPagedAttention
+from softprompt.engine.attention_padded import BatchMetadata
+from softprompt.engine.attention_torch import SeqSlice, TorchPagedAttention
 from softprompt.engine.kv_pool import KVPool
 from softprompt.kernels.decode_attention import decode_attention, decode_attention_reference, group_by_prefix
 
