@@ -70,7 +70,7 @@ class _Item:
 
     def add(self, s: SeqSlice, first_row: int, block_size: int) -> None:
         offset = len(self.blocks) * block_size
-        self.blocks = self.blocks + s.own_blocks[:_own_blocks(s, block_size)]
+        self.blocks += s.own_blocks[:_own_blocks(s, block_size)]
         self.rows += range(first_row, first_row + s.num_queries)
         self.own_offsets += [offset] * s.num_queries
         self.own_limits += range(s.own_start, s.own_start + s.num_queries)
@@ -137,7 +137,7 @@ class _PaddedCall:
         width = max(len(it.blocks) for it in items)
         self.shape, self.rep = (n, m), rep
         pad = lambda values, fill, size: values + [fill] * (size - len(values))  # noqa: E731
-        # padding rows read row num_rows (zeros) and see key 0 only (a prefix key, or the first member's first key)
+        # padding rows read row num_rows (zeros) and see key 0 at least (a prefix key, or the first member's first)
         self.query_rows = torch.tensor([pad(it.rows, num_rows, m) for it in items], device=device).flatten()
         self.block_table = torch.tensor([pad(it.blocks, 0, width) for it in items], device=device).flatten()
         prefix = torch.tensor([it.prefix_len for it in items], device=device)[:, None, None]
