@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention_torch import SeqSlice, block_slots, new_token_slots, pad_block_tables
+from .attention_torch import SeqSlice, block_slots, new_token_slots, pad_block_tables, write_new_kv
 from .kv_pool import KVPool
 
 
@@ -104,10 +104,7 @@ class PaddedSDPAAttention:
         self.single = len(members_of) == 1 and members_of[0] == list(range(len(seqs)))  # already in packed order
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        kv = self.pool.kv[layer]
-        nb, bs, hkv, d = kv.shape[1:]
-        kv[0].view(nb * bs, hkv, d).index_copy_(0, self.slot_mapping, k)
-        kv[1].view(nb * bs, hkv, d).index_copy_(0, self.slot_mapping, v)
+        write_new_kv(self.pool, layer, self.slot_mapping, k, v)
         if self.single:
             return self.groups[0][1](layer, q)
         out = torch.empty_like(q)

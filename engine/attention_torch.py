@@ -40,6 +40,14 @@ def block_slots(table: Tensor, idx: Tensor, block_size: int) -> Tensor:
     return blocks * block_size + idx % block_size
 
 
+def write_new_kv(pool: KVPool, layer: int, slot_mapping: Tensor, k: Tensor, v: Tensor) -> None:
+    """The new tokens' K/V [T, Hkv, D] into their pool slots (`new_token_slots`) of `layer`."""
+    kv = pool.kv[layer]
+    nb, bs, hkv, d = kv.shape[1:]
+    kv[0].view(nb * bs, hkv, d).index_copy_(0, slot_mapping, k)
+    kv[1].view(nb * bs, hkv, d).index_copy_(0, slot_mapping, v)
+
+
 def new_token_slots(seqs: list[SeqSlice], block_size: int) -> Tensor:
     """Flat pool slot [T] of each new token, in packed order: own index own_start + i in its own blocks."""
     nq = torch.tensor([s.num_queries for s in seqs])
@@ -70,23 +78,27 @@ class _Item:
 
     def add(self, s: SeqSlice, first_row: int, block_size: int) -> None:
         offset = len(self.blocks) * block_size
-        self.blocks += s.own_blocks[:_own_blocks(s, block_size)]
+        self.blocks += s.own_blocks[:_blocks(s.own_start + s.num_queries, block_size)]
         self.rows += range(first_row, first_row + s.num_queries)
         self.own_offsets += [offset] * s.num_queries
         self.own_limits += range(s.own_start, s.own_start + s.num_queries)
-        self.work += s.num_queries * (s.prefix_len + s.own_start + s.num_queries)
+        self.work += _need(s)
 
     def takes(self, s: SeqSlice, prefix_blocks: int, block_size: int) -> bool:
         """Whether `s` should join: packing bounded by MAX_WASTE, and hardly more work than a call of its own."""
-        own_blocks = _own_blocks(s, block_size)
+        own_blocks = _blocks(s.own_start + s.num_queries, block_size)
         packed = (len(self.rows) + s.num_queries) * (len(self.blocks) + own_blocks) * block_size
         apart = (len(self.rows) * len(self.blocks) + s.num_queries * (prefix_blocks + own_blocks)) * block_size
-        need = self.work + s.num_queries * (s.prefix_len + s.own_start + s.num_queries)
-        return packed <= MAX_WASTE * need and packed <= apart + PACKING_SLACK
+        return packed <= MAX_WASTE * (self.work + _need(s)) and packed <= apart + PACKING_SLACK
 
 
-def _own_blocks(s: SeqSlice, block_size: int) -> int:
-    return -(-(s.own_start + s.num_queries) // block_size)
+def _blocks(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+def _need(s: SeqSlice) -> int:
+    """The attention work a sequence needs: its query rows x (prefix + own keys)."""
+    return s.num_queries * (s.prefix_len + s.own_start + s.num_queries)
 
 
 def _items(seqs: list[SeqSlice], block_size: int) -> list[_Item]:
@@ -96,7 +108,7 @@ def _items(seqs: list[SeqSlice], block_size: int) -> list[_Item]:
     row = 0
     for s in seqs:
         if s.num_queries:
-            key = (tuple(s.prefix_blocks[:-(-s.prefix_len // block_size)]), s.prefix_len)
+            key = (tuple(s.prefix_blocks[:_blocks(s.prefix_len, block_size)]), s.prefix_len)
             groups.setdefault(key, []).append((s, row))
         row += s.num_queries
     items = []
@@ -201,10 +213,8 @@ class TorchPagedAttention:
             self.order = torch.tensor(where, device=device)
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        write_new_kv(self.pool, layer, self.slot_mapping, k, v)
         kv = self.pool.kv[layer]
-        nb, bs, hkv, d = kv.shape[1:]
-        kv[0].view(nb * bs, hkv, d).index_copy_(0, self.slot_mapping, k)
-        kv[1].view(nb * bs, hkv, d).index_copy_(0, self.slot_mapping, v)
         if not self.calls:
             return torch.empty_like(q)
         q_padded = torch.cat([q, q.new_zeros(1, *q.shape[1:])])
