@@ -9,7 +9,26 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from softprompt.engine.models.linear import linear, transposed_storage
+
 from .workloads import Workload, WorkloadConfig
+
+# the ways an fp32 projection can run here: the floor takes the fastest (oneDNN on [in, out] storage is the
+# engine's; MKL's sgemm through F.linear is what HF and PEFT get)
+GEMMS: list[tuple[Callable[[torch.Tensor], torch.Tensor], Callable]] = [
+    (lambda w: w, F.linear),
+    (transposed_storage, linear),
+]
+
+
+def gemm_time(rows: int, weights: list[torch.Tensor]) -> float:
+    """`rows` random inputs through each [out, in] weight in turn, with the fastest of GEMMS."""
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
+    times = []
+    for layout, gemm in GEMMS:
+        stored = [layout(w) for w in weights]
+        times.append(best_time(lambda: [gemm(inputs[w.shape[1]], w) for w in stored]))  # noqa: B023
+    return min(times)
 
 
 def best_time(fn: Callable[[], Any], repeats: int = 7) -> float:
@@ -31,11 +50,8 @@ def layer_linears_time(cfg: WorkloadConfig, rows: int) -> float:
     fused_mlp = [(h, 2 * inter), (inter, h)] if m.gated_mlp else mlp
     layouts = [[(h, q), (h, kv), (h, kv), (q, h), *mlp],  # (in, out)
                [(h, q + 2 * kv), (q, h), *fused_mlp]]
-    inputs = {k: torch.randn(rows, k) for k in (h, q, inter)}
-
     def layout_time(shapes: list[tuple[int, int]]) -> float:
-        weights = [torch.randn(n, k) for _ in range(m.num_layers) for k, n in shapes]
-        return best_time(lambda: [F.linear(inputs[w.shape[1]], w) for w in weights])
+        return gemm_time(rows, [torch.randn(n, k) for _ in range(m.num_layers) for k, n in shapes])
 
     return min(layout_time(shapes) for shapes in layouts)
 
@@ -64,12 +80,11 @@ def cpu_floor(workload: Workload) -> dict[str, float]:
     reqs, steps = cfg.num_requests, cfg.new_tokens - 1  # the last output token is never fed back
     mean_in = round(sum(workload.input_lengths) / reqs)
     lm_head = torch.randn(m.vocab_size, m.hidden_size)
-    last_rows = torch.randn(reqs, m.hidden_size)
     parts = {
         "prefix_linears": layer_linears_time(cfg, cfg.num_tasks * cfg.prompt_len),
         "input_linears": layer_linears_time(cfg, sum(workload.input_lengths)),
         "decode_linears": steps * layer_linears_time(cfg, reqs),
-        "lm_head": cfg.new_tokens * best_time(lambda: F.linear(last_rows, lm_head)),
+        "lm_head": cfg.new_tokens * gemm_time(reqs, [lm_head]),
         "prefix_attention": attention_time(cfg, cfg.num_tasks, cfg.prompt_len, 0, cfg.prompt_len),
         "input_attention": attention_time(cfg, reqs, mean_in, cfg.prompt_len, mean_in),
         "decode_attention": sum(attention_time(cfg, reqs, 1, cfg.prompt_len, mean_in + s + 1) for s in range(steps)),

@@ -24,7 +24,7 @@ class ModelRunner:
         self.device = model.word_embeddings.weight.device
         self.alibi = model.alibi
         head = model.lm_head_module
-        # greedy rows without logprobs take the exact bf16-screened argmax (None: every row gets fp32 logits)
+        # greedy rows without logprobs take the exact int8-screened argmax (None: every row gets fp32 logits)
         self.greedy_head = (ScreenedGreedyHead(head.weight) if ScreenedGreedyHead.applies(head.weight, head.bias)
                             else None)
 

@@ -8,20 +8,21 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from .base import CausalLM, Layer0Input, Layer0Norms
 from .common import Attention, activation, alibi_slopes
+from .linear import Linear
 
 
 class BloomAttention(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
-        self.query_key_value = nn.Linear(c.hidden_size, 3 * c.hidden_size)
-        self.dense = nn.Linear(c.hidden_size, c.hidden_size)
+        self.query_key_value = Linear(c.hidden_size, 3 * c.hidden_size)
+        self.dense = Linear(c.hidden_size, c.hidden_size)
 
 
 class BloomMLP(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(c.hidden_size, c.intermediate_size)
-        self.dense_4h_to_h = nn.Linear(c.intermediate_size, c.hidden_size)
+        self.dense_h_to_4h = Linear(c.hidden_size, c.intermediate_size)
+        self.dense_4h_to_h = Linear(c.intermediate_size, c.hidden_size)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.dense_4h_to_h(activation("bloom_gelu", self.dense_h_to_4h(x)))
@@ -51,7 +52,7 @@ class BloomForCausalLM(CausalLM):
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         self.transformer = BloomBackbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     @property
     def word_embeddings(self) -> nn.Embedding:

@@ -7,20 +7,21 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from .base import CausalLM, Layer0Input, Layer0Norms
 from .common import Attention, activation
+from .linear import Linear
 
 
 class GPT2Attention(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
-        self.c_attn = nn.Linear(c.hidden_size, 3 * c.hidden_size)
-        self.c_proj = nn.Linear(c.hidden_size, c.hidden_size)
+        self.c_attn = Linear(c.hidden_size, 3 * c.hidden_size)
+        self.c_proj = Linear(c.hidden_size, c.hidden_size)
 
 
 class GPT2MLP(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(c.hidden_size, c.intermediate_size)
-        self.c_proj = nn.Linear(c.intermediate_size, c.hidden_size)
+        self.c_fc = Linear(c.hidden_size, c.intermediate_size)
+        self.c_proj = Linear(c.intermediate_size, c.hidden_size)
         self.act = c.hidden_act
 
     def forward(self, x: Tensor) -> Tensor:
@@ -53,7 +54,7 @@ class GPT2LMHeadModel(CausalLM):
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         self.transformer = GPT2Backbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     @property
     def word_embeddings(self) -> nn.Embedding:

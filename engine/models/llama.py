@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .base import CausalLM, Layer0Input, Layer0Norms
 from .common import Attention, RMSNorm, activation, apply_rotary, rope_inv_freq, rotary_cos_sin
+from .linear import Linear, linear, transposed_storage
 
 
-def _fuse(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
+def _fuse(linears: list[nn.Linear], transposed: bool) -> tuple[Tensor, Tensor | None]:
     """Stack several projections of the same input into one weight (one GEMM instead of several); the original
-    parameters become views of the fused storage, so no memory is duplicated."""
+    parameters become views of the fused storage, so no memory is duplicated. `transposed`: hold it [in, out]."""
     weight = torch.cat([m.weight for m in linears])
+    if transposed:
+        weight = transposed_storage(weight)
     bias = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
     row = 0
     for m in linears:
@@ -29,32 +31,32 @@ def _fuse(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
 class LlamaAttention(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
-        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias)
-        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
-        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
-        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
+        self.q_proj = Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias)
+        self.k_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.v_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
         self.qkv_weight: Tensor | None = None
         self.qkv_bias: Tensor | None = None
 
-    def fuse(self) -> None:
-        self.qkv_weight, self.qkv_bias = _fuse([self.q_proj, self.k_proj, self.v_proj])
+    def fuse(self, transposed: bool) -> None:
+        self.qkv_weight, self.qkv_bias = _fuse([self.q_proj, self.k_proj, self.v_proj], transposed)
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
         self.act = c.hidden_act
         self.gate_up_weight: Tensor | None = None
         self.gate_up_bias: Tensor | None = None
 
-    def fuse(self) -> None:
-        self.gate_up_weight, self.gate_up_bias = _fuse([self.gate_proj, self.up_proj])
+    def fuse(self, transposed: bool) -> None:
+        self.gate_up_weight, self.gate_up_bias = _fuse([self.gate_proj, self.up_proj], transposed)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
+        gate, up = linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
         return self.down_proj(activation(self.act, gate) * up)
 
 
@@ -82,7 +84,7 @@ class LlamaForCausalLM(CausalLM):
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         self.model = LlamaBackbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rope_scaling = 1.0
 
     @property
@@ -102,9 +104,13 @@ class LlamaForCausalLM(CausalLM):
         cos, sin = rotary_cos_sin(inv_freq, self.rope_scaling, positions, self.model.embed_tokens.weight.dtype)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    def prepare_for_inference(self, device: torch.device) -> None:
+        super().prepare_for_inference(device)  # q/k/v and gate/up are fused below, into the chosen layout
+        transposed = self.fp32_on_cpu(device)
         for layer in self.model.layers:
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
+            layer.self_attn.fuse(transposed)
+            layer.mlp.fuse(transposed)
 
     def layer0_norms(self) -> Layer0Norms:
         norm = self.model.layers[0].input_layernorm
@@ -123,7 +129,7 @@ class LlamaForCausalLM(CausalLM):
         for i, layer in enumerate(self.model.layers):
             x = layer0[1] if (i == 0 and layer0 is not None) else layer.input_layernorm(h)
             a = layer.self_attn
-            qkv = F.linear(x, a.qkv_weight, a.qkv_bias)
+            qkv = linear(x, a.qkv_weight, a.qkv_bias)
             qk = qkv[:, :qk_width].view(t, c.num_heads + c.num_kv_heads, c.head_dim)
             if not fused_rope:
                 qk = apply_rotary(qk, cos, sin)
