@@ -52,6 +52,8 @@ def test_cpu_fp32_models_hold_projections_transposed(model_dir_for, arch):
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and module.weight is not embed:
             assert module.weight.stride(0) == 1, name  # [in, out] memory (fused q/k/v are slices of one)
-    half = load_model(model_dir_for(arch), "cpu", "bfloat16")
+    if arch == "gpt2":
+        return  # its Conv1D weights arrive [in, out] in every dtype
+    half = load_model(model_dir_for(arch), "cpu", "bfloat16")  # kept as loaded
     assert all(m.weight.stride(1) == 1 for m in half.modules()
                if isinstance(m, torch.nn.Linear) and m is not half.lm_head_module)
