@@ -120,3 +120,20 @@ def test_rope_scaling_types_match_hf(rope, tmp_path):
         expected = hf_peft_model(d, None)(input_ids=torch.tensor([ids])).logits[0].float()
     engine = Engine(d, device="cpu", dtype="float32", backend="reference")
     torch.testing.assert_close(engine.reference.logits(None, ids), expected, atol=FP32_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_apply_rotary_is_hf_rotate_half_bit_for_bit(dtype):
+    """Our half-by-half RoPE gives exactly HF's `q * cos + rotate_half(q) * sin`, rounding included."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from softprompt.engine.models.common import apply_rotary, rotary_cos_sin
+
+    gen = torch.Generator().manual_seed(0)
+    t, heads, dim = 37, 6, 64
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+    cos, sin = rotary_cos_sin(inv_freq, 1.0, torch.arange(100, 100 + t), dtype)
+    qkv = torch.randn(t, heads + 2, dim, generator=gen).to(dtype)
+    x = qkv[:, :heads]  # a strided view, as the model hands it over
+    want, _ = apply_rotary_pos_emb(x.transpose(0, 1)[None], x.transpose(0, 1)[None], cos[None], sin[None])
+    assert torch.equal(apply_rotary(x, cos, sin), want[0].transpose(0, 1))

@@ -73,10 +73,18 @@ def rotary_cos_sin(inv_freq: Tensor, scaling: float, positions: Tensor, dtype: t
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [T, H, D] rotated with cos/sin [T, D] (rotate-half convention)."""
+    """x [T, H, D] rotated with cos/sin [T, D] (rotate-half convention): `x * cos + rotate_half(x) * sin`.
+
+    cos/sin repeat their first half (`rotary_cos_sin` builds them from cat(freqs, freqs)), so each output half is
+    x1 * c - x2 * s or x2 * c + x1 * s: the same products and sums, rounded the same way, written straight into
+    the output (fewer passes over memory than negating, concatenating and broadcasting whole rows)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    c, s = cos[:, None, :half], sin[:, None, :half]
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    torch.mul(x1, c, out=out[..., :half]).sub_(x2 * s)
+    torch.mul(x2, c, out=out[..., half:]).add_(x1 * s)
+    return out
 
 
 def alibi_slopes(num_heads: int) -> Tensor:

@@ -57,6 +57,8 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
+        if self.act == "silu" and not torch.is_grad_enabled():  # in place: no new [T, ffn] buffers
+            return self.down_proj(torch.nn.functional.silu(gate, inplace=True).mul_(up))
         return self.down_proj(activation(self.act, gate) * up)
 
 
@@ -135,6 +137,7 @@ class LlamaForCausalLM(CausalLM):
                 qk = apply_rotary(qk, cos, sin)
             q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
             v = qkv[:, qk_width:].view(t, c.num_kv_heads, c.head_dim)
-            h = h + a.o_proj(attention(i, q, k, v).reshape(t, c.num_heads * c.head_dim))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            # residual sums land in the projections' fresh outputs (o + h == h + o, bit for bit)
+            h = a.o_proj(attention(i, q, k, v).reshape(t, c.num_heads * c.head_dim)).add_(h)
+            h = layer.mlp(layer.post_attention_layernorm(h)).add_(h)
         return self.model.norm(h)
