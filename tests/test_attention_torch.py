@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from softprompt.engine.attention_padded import PaddedSDPAAttention
-from softprompt.engine.attention_torch import MAX_WASTE, SeqSlice, TorchPagedAttention, _items
+from softprompt.engine.attention_torch import (DECODE_PACKING, PREFILL_PACKING, SeqSlice, TorchPagedAttention, _calls,
+                                              _items)
 
 
 def _slopes(num_heads: int) -> torch.Tensor:
@@ -97,19 +98,38 @@ def test_matches_per_sequence_attention_and_the_padded_baseline(hq, hkv, d, bs, 
 
 def test_a_prefix_is_read_once_per_item_and_padding_is_bounded():
     """64 decoding sequences of 16 tasks: far fewer items than sequences, each item's members share its prefix,
-    every sequence is in exactly one item, and no item pads beyond MAX_WASTE x its members' work."""
+    every sequence is in exactly one item, and no item pads beyond max_waste x its members' work."""
     rng = random.Random(5)
     bs = 16
     prefixes = [[100 + 4 * task + j for j in range(4)] for task in range(16)]
     seqs = [SeqSlice(1, prefixes[i % 16], 64, [1000 + 10 * i + j for j in range(5)], rng.randint(16, 79))
             for i in range(64)]
     items = _items(seqs, bs)
-    assert len(items) <= 32
+    assert len(items) <= 24
     assert sorted(r for it in items for r in it.rows) == list(range(64))
     for it in items:
         assert it.blocks[:4] in prefixes
         assert all(seqs[r].prefix_blocks == it.blocks[:4] for r in it.rows)
-        assert len(it.rows) * len(it.blocks) * bs <= MAX_WASTE * it.work
+        assert it.packing is DECODE_PACKING
+        assert len(it.rows) * len(it.blocks) * bs <= DECODE_PACKING.max_waste * it.work
+
+
+def test_decode_and_prefill_rows_are_packed_apart():
+    """Decode and prefill sequences of the same tasks in one step: no item or call mixes them, and prefill items
+    take only members that cost no more work together than apart (PREFILL_PACKING's slack is 0)."""
+    bs = 16
+    prefixes = [[100 + 4 * task + j for j in range(4)] for task in range(4)]
+    seqs = [SeqSlice(1 if i % 2 else 20 + i, prefixes[i % 4], 64, [1000 + 10 * i + j for j in range(6)],
+                     40 if i % 2 else 0) for i in range(32)]
+    seq_of_row = [j for j, s in enumerate(seqs) for _ in range(s.num_queries)]
+    items = _items(seqs, bs)
+    for it in items:
+        kinds = {seqs[seq_of_row[r]].num_queries == 1 for r in it.rows}
+        assert len(kinds) == 1
+        assert it.packing is (DECODE_PACKING if kinds == {True} else PREFILL_PACKING)
+    for call in _calls(items, bs):
+        assert len({it.packing for it in call}) == 1
+    assert PREFILL_PACKING.slack == 0 and PREFILL_PACKING.max_waste < DECODE_PACKING.max_waste
 
 
 def test_long_members_are_not_packed_together():
