@@ -70,7 +70,7 @@ class Packing:
 # cost little next to a call's fixed cost, so they pack more. Prefill rows are work, so they pack only where the
 # shared prefix saves some. One setting for both, (2.5, 4096), was about 1.4x slower on each.
 DECODE_PACKING = Packing(4.0, 8192)
-PREFILL_PACKING = Packing(1.5, 0)
+PREFILL_PACKING = Packing(1.25, 0)
 
 
 @dataclass
