@@ -32,8 +32,10 @@ class RMSNorm(nn.Module):
         # Same op order as HF Llama: normalise in fp32, cast back, then scale.
         dtype = x.dtype
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
+        if torch.is_grad_enabled():
+            return self.weight * normed
+        return normed.mul_(self.weight)  # a fresh tensor: scaled in place, the same products
 
 
 def activation(name: str, x: Tensor) -> Tensor:
