@@ -258,8 +258,14 @@ def print_report(report: dict[str, Any], out: Callable[[str], None] = print) -> 
         out(f"{name:<10} skipped: {why}")
     floor = report["floor"]
     if floor is not None:
-        out(f"CPU floor: {floor['total']:.3f} s ("
-            + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in floor.items() if k != "total") + ")")
+        parts = {k: v for k, v in floor.items() if k not in ("total", "fastest_gemm")}
+        out(f"CPU floor: {floor['total']:.3f} s (" + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in parts.items())
+            + "); GEMMs timed with F.linear (MKL), as the issue's floor")
+        fastest = floor.get("fastest_gemm")
+        if fastest is not None:
+            out(f"  with the faster GEMM per part (oneDNN on [in, out] weights where faster): {fastest['total']:.3f} s"
+                f" (lm_head {fastest['lm_head'] * 1e3:.0f} ms); the engine runs at "
+                f"{fastest['total'] / engine_s:.0%} of it")
     roof = report["roofline"]
     work = f"{roof['flops'] / 1e12:.3f} TFLOP, {roof['bytes'] / 1e9:.3f} GB moved (ideal work)"
     if roof["peak"] is not None:
