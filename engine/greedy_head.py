@@ -74,12 +74,16 @@ class ScreenedGreedyHead:
             return False
         return _int8_gemm_works()
 
+    def fp32_argmax(self, hidden: Tensor) -> Tensor:
+        """The plain way: every logit in fp32 (rows the screen cannot serve)."""
+        return (hidden @ self.weight.t()).argmax(dim=-1)
+
     @torch.no_grad()
     def __call__(self, hidden: Tensor) -> Tensor:
         """The fp32 greedy token [n] of each row of `hidden` [n, K] (float32)."""
         n = hidden.shape[0]
         if not bool(torch.isfinite(hidden).all()):  # NaN/inf rows: their argmax as torch computes it
-            return (hidden @ self.weight.t()).argmax(dim=-1)
+            return self.fp32_argmax(hidden)
         q, h_scale = _quantize_rows(hidden)
         h_error = (hidden - q * h_scale[:, None]).norm(dim=1) + self.hidden_slack * h_scale
         acc = torch._int_mm(q.to(torch.int8), self.screen).view(n, -1, CHUNK)  # [n, chunks, CHUNK], exact
@@ -89,7 +93,7 @@ class ScreenedGreedyHead:
         lower = (chunk_best - bound).amax(dim=1)  # <= the best fp32 logit of the row
         chunk_rows, chunk_ids = (chunk_best + bound >= lower[:, None]).nonzero(as_tuple=True)
         if chunk_rows.numel() > n * MAX_CHUNKS_PER_ROW:
-            return (hidden @ self.weight.t()).argmax(dim=-1)
+            return self.fp32_argmax(hidden)
         screened = acc[chunk_rows, chunk_ids].float() * unit[chunk_rows, chunk_ids, None]  # [candidate chunks, CHUNK]
         inside = screened + bound[chunk_rows, chunk_ids, None] >= lower[chunk_rows, None]
         which, offset = inside.nonzero(as_tuple=True)

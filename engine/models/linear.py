@@ -34,7 +34,9 @@ class Linear(nn.Linear):
 
 def transposed_storage(weight: Tensor) -> Tensor:
     """The same [out, in] values held in [in, out] memory (a transposed view): what oneDNN's fp32 GEMM reads
-    fastest."""
+    fastest. A weight already held that way (a slice of a fused one included) is returned as it is."""
+    if weight.stride(0) == 1 and weight.shape[0] > 1:
+        return weight
     return weight.t().contiguous().t()
 
 

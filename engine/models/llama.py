@@ -108,11 +108,11 @@ class LlamaForCausalLM(CausalLM):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def prepare_for_inference(self, device: torch.device) -> None:
-        super().prepare_for_inference(device)  # q/k/v and gate/up are fused below, into the chosen layout
         transposed = self.fp32_on_cpu(device)
-        for layer in self.model.layers:
+        for layer in self.model.layers:  # fused first, into the chosen layout: the base then leaves their views be
             layer.self_attn.fuse(transposed)
             layer.mlp.fuse(transposed)
+        super().prepare_for_inference(device)
 
     def layer0_norms(self) -> Layer0Norms:
         norm = self.model.layers[0].input_layernorm
