@@ -93,6 +93,9 @@ def test_engine_greedy_tokens_equal_with_and_without_the_screen(model_dir_for, a
     engine = Engine(model_dir_for("llama"), device="cpu", kv_cache_bytes=4 << 20)
     engine.add_prompt("a", adapter_for("llama", seed=0))
     assert engine.runner.greedy_head is not None
+    model = engine.runner.model
+    if model.lm_head_module.weight is not model.word_embeddings.weight:  # an untied head is held row-major for the
+        assert model.lm_head_module.weight.stride(1) == 1  # screen's rescoring (not [in, out] as other projections)
     requests = [Request(prompt="a" if i % 2 else None, input_ids=[5 + i, 9, 33 + i],
                         sampling=SamplingParams(max_new_tokens=12, ignore_eos=True,
                                                 logprobs=2 if i == 3 else None, temperature=0.8 if i == 5 else 0,

@@ -78,7 +78,8 @@ class CausalLM(nn.Module):
     def prepare_for_inference(self, device: torch.device) -> None:
         """On the CPU, keep weights in [in, out] storage (a transposed view with the same values), which oneDNN's
         GEMM reads fastest: every float32 projection (see linear.py), and an untied LM head in any dtype (~20%
-        faster for decode shapes: few rows, a wide vocabulary). A tied head stays the embedding table."""
+        faster for decode shapes: few rows, a wide vocabulary). A tied head stays the embedding table. (The model
+        runner takes an untied fp32 head back to row-major where its int8 greedy screen applies.)"""
         if device.type != "cpu":
             return
         head = self.lm_head_module
