@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .indices import index_tensor
 from .kv_pool import KVPool
 
 
@@ -31,7 +32,10 @@ def pad_block_tables(tables: list[list[int]], dtype: torch.dtype = torch.long,
                      device: torch.device | None = None) -> Tensor:
     """Block tables as one [B, max blocks] tensor, padded with block 0 (never read past a sequence's length)."""
     width = max(1, max(len(t) for t in tables))
-    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=dtype, device=device)
+    flat: list[int] = []
+    for t in tables:
+        flat += t + [0] * (width - len(t))
+    return index_tensor(flat, device, dtype).view(len(tables), width)
 
 
 def block_slots(table: Tensor, idx: Tensor, block_size: int) -> Tensor:
@@ -50,12 +54,8 @@ def write_new_kv(pool: KVPool, layer: int, slot_mapping: Tensor, k: Tensor, v: T
 
 def new_token_slots(seqs: list[SeqSlice], block_size: int) -> Tensor:
     """Flat pool slot [T] of each new token, in packed order: own index own_start + i in its own blocks."""
-    nq = torch.tensor([s.num_queries for s in seqs])
-    start = torch.tensor([s.own_start for s in seqs])
-    own_tab = pad_block_tables([s.own_blocks for s in seqs])
-    qi = torch.arange(int(nq.max()))[None, :]
-    q_own = (start[:, None] + qi).clamp(max=own_tab.shape[1] * block_size - 1)
-    return block_slots(own_tab, q_own, block_size)[qi < nq[:, None]]
+    return index_tensor([s.own_blocks[i // block_size] * block_size + i % block_size
+                         for s in seqs for i in range(s.own_start, s.own_start + s.num_queries)])
 
 
 @dataclass(frozen=True)
@@ -163,13 +163,22 @@ class _PaddedCall:
         n, m = len(items), max(len(it.rows) for it in items)
         width = max(len(it.blocks) for it in items)
         self.shape, self.rep = (n, m), rep
-        pad = lambda values, fill, size: values + [fill] * (size - len(values))  # noqa: E731
-        # padding rows read row num_rows (zeros) and see key 0 at least (a prefix key, or the first member's first)
-        self.query_rows = torch.tensor([pad(it.rows, num_rows, m) for it in items], device=device).flatten()
-        self.block_table = torch.tensor([pad(it.blocks, 0, width) for it in items], device=device).flatten()
-        prefix = torch.tensor([it.prefix_len for it in items], device=device)[:, None, None]
-        offset = torch.tensor([pad(it.own_offsets, 0, m) for it in items], device=device)[:, :, None]
-        limit = torch.tensor([pad(it.own_limits, 0, m) for it in items], device=device)[:, :, None]
+        # one host-to-tensor copy of all the call's indices, cut into views. Padding rows read row num_rows (zeros)
+        # and see key 0 at least (a prefix key, or the first member's first).
+        flat: list[int] = []
+        for it in items:
+            flat += it.rows + [num_rows] * (m - len(it.rows))
+        for it in items:
+            flat += it.blocks + [0] * (width - len(it.blocks))
+        for it in items:
+            flat += it.own_offsets + [0] * (m - len(it.own_offsets))
+        for it in items:
+            flat += it.own_limits + [0] * (m - len(it.own_limits))
+        flat += [it.prefix_len for it in items]
+        query_rows, block_table, offset, limit, prefix = index_tensor(flat, device).split(
+            [n * m, n * width, n * m, n * m, n])
+        self.query_rows, self.block_table = query_rows, block_table
+        prefix, offset, limit = prefix[:, None, None], offset.view(n, m, 1), limit.view(n, m, 1)
         key = torch.arange(width * block_size, device=device)
         own = key - offset  # own index of each key in the row's member segment
         visible = (key < prefix) | ((own >= 0) & (own <= limit))  # [N, M, L]
@@ -182,8 +191,7 @@ class _PaddedCall:
         self.bias = bias.reshape(n, -1, rep * m, width * block_size).to(dtype)
         self.rows = [r for it in items for r in it.rows]
         self.valid = (None if all(len(it.rows) == m for it in items) else
-                      torch.tensor([i * m + j for i, it in enumerate(items) for j in range(len(it.rows))],
-                                   device=device))
+                      index_tensor([i * m + j for i, it in enumerate(items) for j in range(len(it.rows))], device))
 
     def __call__(self, k_cache: Tensor, v_cache: Tensor, q_padded: Tensor, scale: float) -> Tensor:
         """The outputs [rows, Hq, D] of the call's query rows, in `self.rows` order."""
@@ -225,7 +233,7 @@ class TorchPagedAttention:
             where = [0] * num_rows
             for i, r in enumerate(produced):
                 where[r] = i
-            self.order = torch.tensor(where, device=device)
+            self.order = index_tensor(where, device)
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         write_new_kv(self.pool, layer, self.slot_mapping, k, v)

@@ -8,6 +8,7 @@ from torch import Tensor
 from .attention_torch import SeqSlice, TorchPagedAttention
 from .attention_triton import TritonPagedAttention
 from .greedy_head import ScreenedGreedyHead
+from .indices import index_tensor
 from .kv_pool import KVPool
 from .models import Attention, CausalLM
 from .models.base import Layer0Input
@@ -94,12 +95,12 @@ class ModelRunner:
             return sample_next(self.model.compute_logits(hidden), params, generators)
         tokens: list[int] = [0] * len(params)
         logprobs: list[TokenLogprob | None] = [None] * len(params)
-        picked = self.greedy_head(hidden.index_select(0, torch.tensor(fast, device=self.device)))
+        picked = self.greedy_head(hidden.index_select(0, index_tensor(fast, self.device)))
         for i, token in zip(fast, picked.tolist()):
             tokens[i] = token
         rest = sorted(set(range(len(params))) - set(fast))
         if rest:
-            logits = self.model.compute_logits(hidden.index_select(0, torch.tensor(rest, device=self.device)))
+            logits = self.model.compute_logits(hidden.index_select(0, index_tensor(rest, self.device)))
             rest_tokens, rest_logprobs = sample_next(logits, [params[i] for i in rest], [generators[i] for i in rest])
             for i, token, lp in zip(rest, rest_tokens, rest_logprobs):
                 tokens[i], logprobs[i] = token, lp
@@ -119,16 +120,16 @@ class ModelRunner:
             positions.extend(range(p + start, p + start + n))
             prefix_blocks = seq.prefix.blocks if seq.prefix is not None else []
             slices.append(SeqSlice(n, prefix_blocks, p, seq.blocks, start))
-        ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
-        pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)
+        ids_t = index_tensor(ids, self.device)
+        pos_t = index_tensor(positions, self.device)
         attention = self._attention(slices, pos_t)
         if self.backend == "triton":
             hidden = self.model(None, pos_t, attention, self._fused_layer0(ids_t, None, pos_t))
         else:
             hidden = self.model(self.model.embed_tokens(ids_t), pos_t, attention)
         if not all_rows:
-            last = torch.tensor(num_tokens, device=self.device).cumsum(0) - 1
+            last = index_tensor(num_tokens, self.device).cumsum(0) - 1
             if rows_for is not None:
-                last = last[torch.tensor(rows_for, dtype=torch.long, device=self.device)]
+                last = last[index_tensor(rows_for, self.device)]
             hidden = hidden.index_select(0, last)
         return hidden
