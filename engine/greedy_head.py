@@ -24,6 +24,8 @@ sums, as between any two GEMM shapes).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -82,13 +84,16 @@ class ScreenedGreedyHead:
     def __call__(self, hidden: Tensor) -> Tensor:
         """The fp32 greedy token [n] of each row of `hidden` [n, K] (float32)."""
         n = hidden.shape[0]
-        if not bool(torch.isfinite(hidden).all()):  # NaN/inf rows: their argmax as torch computes it
+        h_norm = hidden.norm(dim=1)
+        # NaN/inf rows (or norms too large for fp32): their argmax as torch computes it. One sum read back is
+        # cheaper than isfinite().all().
+        if not math.isfinite(float(h_norm.sum())):
             return self.fp32_argmax(hidden)
         q, h_scale = _quantize_rows(hidden)
         h_error = (hidden - q * h_scale[:, None]).norm(dim=1) + self.hidden_slack * h_scale
         acc = torch._int_mm(q.to(torch.int8), self.screen).view(n, -1, CHUNK)  # [n, chunks, CHUNK], exact
         unit = h_scale[:, None] * self.scale[None, :]  # [n, chunks]: one int32 step in logit units
-        bound = SAFETY * (hidden.norm(dim=1)[:, None] * self.weight_error + h_error[:, None] * self.dequantized_norm)
+        bound = SAFETY * (h_norm[:, None] * self.weight_error + h_error[:, None] * self.dequantized_norm)
         chunk_best = acc.amax(dim=-1).float() * unit
         lower = (chunk_best - bound).amax(dim=1)  # <= the best fp32 logit of the row
         chunk_rows, chunk_ids = (chunk_best + bound >= lower[:, None]).nonzero(as_tuple=True)
