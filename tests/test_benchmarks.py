@@ -168,3 +168,26 @@ def test_max_rate_held_stops_at_the_first_miss():
     assert max_rate_held([stats(4, True), stats(1, True), stats(2, False)]) == 1
     assert max_rate_held([stats(1, False), stats(2, True)]) is None
     assert max_rate_held([stats(1, True), stats(2, True)]) == 2
+
+
+def test_gpu_session_script_runs_its_steps_within_the_deadline(tmp_path):
+    """benchmarks/gpu_session.sh (the one device call of a GPU session): the package imports through its shim from
+    any directory, each step's outcome lands in summary.txt and the tarball. Here a CUDA workload refuses at once."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), "BUDGET_S": "60", "ONLY": "W1"}
+    done = subprocess.run(["bash", str(root / "benchmarks/gpu_session.sh")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    summary = (tmp_path / "summary.txt").read_text()
+    imported = next(line for line in summary.splitlines() if line.startswith("softprompt imports from"))
+    assert imported.endswith("/softprompt/__init__.py") and "_root" not in imported  # the shim, not an install
+    assert "tests:" not in summary  # not in ONLY
+    if not torch.cuda.is_available():
+        assert "W1: rc=2" in summary and "runs on a CUDA GPU" in summary
+    with tarfile.open(tmp_path / "gpu-results.tgz") as tar:
+        assert {"./W1.log", "./environment.txt"} <= set(tar.getnames())

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Every GPU check of this project in one device call, for a session that is lent a GPU (15 minutes of device time
+# in all, 10 a call). Nothing is downloaded: the package is put on PYTHONPATH as it stands and the image's torch,
+# triton, transformers and peft are used. Steps run in order of importance, each under its own time limit, all
+# inside one deadline that ends before the call's limit, so what ran always comes back:
+#   1. CUDA tests: tests/kernels and tests/test_cuda.py at full size (bf16 included)
+#   2. kernel microbenchmark (python -m benchmarks.kernels)
+#   3. workloads W1, W2, B560, then SERVE-W1 (python -m benchmarks.run)
+# Results: $OUT/summary.txt (one line a step) and $OUT/gpu-results.tgz (logs and result JSON/PNG), remade after
+# every step. Commit the result files to benchmarks/results/ and the figures to the README.
+#
+# Device tool:  run(command="bash benchmarks/gpu_session.sh", timeout_s=590)
+# Here (orchestration only; CUDA steps fail or skip):  PYTHON=.venv/bin/python BUDGET_S=120 bash benchmarks/gpu_session.sh
+# ONLY="tests kernels" runs a subset; LIMIT_<STEP>=seconds overrides one step's limit (e.g. LIMIT_W1=200).
+set -u
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-$ROOT/benchmarks/results/gpu-session}
+BUDGET_S=${BUDGET_S:-540}
+ONLY=${ONLY:-"tests kernels W1 W2 B560 SERVE-W1"}
+STAGE=$(mktemp -d)
+DEADLINE=$((SECONDS + BUDGET_S))
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+mkdir -p "$OUT"
+: > "$OUT/summary.txt"
+
+# softprompt.engine is engine/ and softprompt.kernels is kernels/ (pyproject's package-dir), without pip
+SHIM=$(mktemp -d)
+mkdir -p "$SHIM/softprompt"
+cp "$ROOT"/engine/_root/*.py "$SHIM/softprompt/"
+ln -s "$ROOT/engine" "$SHIM/softprompt/engine"
+ln -s "$ROOT/kernels" "$SHIM/softprompt/kernels"
+export PYTHONPATH="$SHIM:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+note() { echo "$*" | tee -a "$OUT/summary.txt"; }
+pack() { tar czf "$OUT/gpu-results.tgz" -C "$STAGE" . 2>/dev/null; }
+
+# step NAME LIMIT_S COMMAND...: run it for at most LIMIT_S (or what is left before the deadline)
+step() {
+    local name=$1 limit=$2 var start rc left
+    shift 2
+    case " $ONLY " in *" $name "*) ;; *) return 0 ;; esac
+    var="LIMIT_${name//-/_}"
+    limit=${!var:-$limit}
+    left=$((DEADLINE - SECONDS))
+    if ((left < 20)); then
+        note "$name: skipped, out of time"
+        return 0
+    fi
+    ((limit > left)) && limit=$left
+    start=$SECONDS
+    timeout --signal=INT --kill-after=10 "$limit" "$@" >"$STAGE/$name.log" 2>&1
+    rc=$?
+    local how="rc=$rc"
+    ((rc == 124 || rc == 130 || rc == 137)) && how="stopped at its ${limit}s limit"
+    note "$name: $how, $((SECONDS - start)) s; last line: $(tail -n 1 "$STAGE/$name.log" | cut -c1-200)"
+    pack
+}
+
+{
+    echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (uncommitted changes)')"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || echo "no nvidia-smi"
+    "$PYTHON" -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), '| triton', triton.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)" 2>&1
+    "$PYTHON" -c "import softprompt, softprompt.engine, softprompt.kernels; print('softprompt imports from', softprompt.__file__)" 2>&1
+} | tee "$STAGE/environment.txt" | tee -a "$OUT/summary.txt"
+
+step tests 170 "$PYTHON" -m pytest -q -p no:cacheprovider -rfEs tests/kernels tests/test_cuda.py
+step kernels 100 "$PYTHON" -m benchmarks.kernels --out "$STAGE/kernels.json"
+for workload in W1 W2 B560 SERVE-W1; do
+    step "$workload" 150 "$PYTHON" -m benchmarks.run --workload "$workload" --out "$STAGE"
+done
+pack
+note "done in $SECONDS s; files: $(cd "$STAGE" && ls | tr '\n' ' ')"
