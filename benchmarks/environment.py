@@ -107,8 +107,11 @@ def _git(*args: str) -> subprocess.CompletedProcess | None:
 
 
 def git_commit() -> str | None:
+    """HEAD, or $SOFTPROMPT_GIT_COMMIT where the tree has no .git (a copy sent to a device machine)."""
     proc = _git("rev-parse", "HEAD")
-    return proc.stdout.strip() if proc is not None and proc.returncode == 0 else None
+    if proc is not None and proc.returncode == 0:
+        return proc.stdout.strip()
+    return os.environ.get("SOFTPROMPT_GIT_COMMIT") or None
 
 
 def git_dirty() -> bool | None:

@@ -9,7 +9,8 @@
 # Results: $OUT/summary.txt (one line a step) and $OUT/gpu-results.tgz (logs and result JSON/PNG), remade after
 # every step. Commit the result files to benchmarks/results/ and the figures to the README.
 #
-# Device tool:  run(command="bash benchmarks/gpu_session.sh", timeout_s=590)
+# Device tool:  run(command="SOFTPROMPT_GIT_COMMIT=<hash of HEAD> bash benchmarks/gpu_session.sh", timeout_s=590)
+#   (the tree sent there has no .git: the hash, written into the command here, names the commit in every result)
 # Here (orchestration only; CUDA steps fail or skip):  PYTHON=.venv/bin/python BUDGET_S=120 bash benchmarks/gpu_session.sh
 # ONLY="tests kernels" runs a subset; LIMIT_<STEP>=seconds overrides one step's limit (e.g. LIMIT_W1=200).
 set -u
@@ -59,7 +60,11 @@ step() {
 }
 
 {
-    echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (uncommitted changes)')"
+    if git rev-parse HEAD >/dev/null 2>&1; then
+        echo "commit $(git rev-parse HEAD)$(git diff --quiet HEAD -- || echo ' (uncommitted changes)')"
+    else
+        echo "commit ${SOFTPROMPT_GIT_COMMIT:-unknown} (no .git here: as given by SOFTPROMPT_GIT_COMMIT)"
+    fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || echo "no nvidia-smi"
     "$PYTHON" -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), '| triton', triton.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)" 2>&1
     "$PYTHON" -c "import softprompt, softprompt.engine, softprompt.kernels; print('softprompt imports from', softprompt.__file__)" 2>&1
