@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .attention_torch import SeqSlice, new_token_slots, pad_block_tables
+from .indices import index_tensor
 from .errors import SoftPromptError
 from .kv_pool import KVPool
 
@@ -58,23 +59,23 @@ class TritonPagedAttention:
         if self.decode:
             perm, starts = self.decode_mod.group_by_prefix([tuple(s.prefix_blocks) for s in seqs])
             firsts = [seqs[perm[g]] for g in starts[:-1]]
-            self.perm = torch.tensor(perm, dtype=torch.long, device=device)
+            self.perm = index_tensor(perm, device)
             self.inverse = torch.argsort(self.perm)
             self.decode_args = dict(
-                group_starts=torch.tensor(starts, dtype=torch.int32, device=device),
+                group_starts=index_tensor(starts, device, torch.int32),
                 group_prefix_block_tables=_int32_table([s.prefix_blocks for s in firsts], device),
-                group_prefix_lens=torch.tensor([s.prefix_len for s in firsts], dtype=torch.int32, device=device),
+                group_prefix_lens=index_tensor([s.prefix_len for s in firsts], device, torch.int32),
                 own_block_tables=_int32_table([seqs[i].own_blocks for i in perm], device),
-                own_lens=torch.tensor([seqs[i].own_start + 1 for i in perm], dtype=torch.int32, device=device),
+                own_lens=index_tensor([seqs[i].own_start + 1 for i in perm], device, torch.int32),
             )
         else:
-            counts = torch.tensor([0] + [s.num_queries for s in seqs])
+            counts = index_tensor([0] + [s.num_queries for s in seqs])
             self.prefill_args = dict(
                 cu_seqlens_q=counts.cumsum(0).to(device=device, dtype=torch.int32),
                 prefix_block_tables=_int32_table([s.prefix_blocks for s in seqs], device),
-                prefix_lens=torch.tensor([s.prefix_len for s in seqs], dtype=torch.int32, device=device),
+                prefix_lens=index_tensor([s.prefix_len for s in seqs], device, torch.int32),
                 own_block_tables=_int32_table([s.own_blocks for s in seqs], device),
-                own_starts=torch.tensor([s.own_start for s in seqs], dtype=torch.int32, device=device),
+                own_starts=index_tensor([s.own_start for s in seqs], device, torch.int32),
             )
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
