@@ -6,6 +6,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -173,11 +177,6 @@ def test_max_rate_held_stops_at_the_first_miss():
 def test_gpu_session_script_runs_its_steps_within_the_deadline(tmp_path):
     """benchmarks/gpu_session.sh (the one device call of a GPU session): the package imports through its shim from
     any directory, each step's outcome lands in summary.txt and the tarball. Here a CUDA workload refuses at once."""
-    import os
-    import subprocess
-    import sys
-    import tarfile
-
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), "BUDGET_S": "60", "ONLY": "W1"}
     done = subprocess.run(["bash", str(root / "benchmarks/gpu_session.sh")], cwd=tmp_path, env=env,
