@@ -12,7 +12,8 @@
 # Device tool:  run(command="SOFTPROMPT_GIT_COMMIT=<hash of HEAD> bash benchmarks/gpu_session.sh", timeout_s=590)
 #   (the tree sent there has no .git: the hash, written into the command here, names the commit in every result)
 # Here (orchestration only; CUDA steps fail or skip):  PYTHON=.venv/bin/python BUDGET_S=120 bash benchmarks/gpu_session.sh
-# ONLY="tests kernels" runs a subset; LIMIT_<STEP>=seconds overrides one step's limit (e.g. LIMIT_W1=200).
+# ONLY="tests kernels" runs a subset; LIMIT_<STEP>=seconds overrides one step's limit (e.g. LIMIT_W1=200);
+# BACKEND=triton runs the workloads on the Triton backend (its decode steps from CUDA graphs; default torch).
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -20,6 +21,7 @@ PYTHON=${PYTHON:-python3}
 OUT=${OUT:-$ROOT/benchmarks/results/gpu-session}
 BUDGET_S=${BUDGET_S:-540}
 ONLY=${ONLY:-"tests kernels W1 W2 B560 SERVE-W1"}
+BACKEND=${BACKEND:-torch}
 STAGE=$(mktemp -d)
 DEADLINE=$((SECONDS + BUDGET_S))
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -73,7 +75,7 @@ step() {
 step tests 170 "$PYTHON" -m pytest -q -p no:cacheprovider -rfEs tests/kernels tests/test_cuda.py
 step kernels 100 "$PYTHON" -m benchmarks.kernels --out "$STAGE/kernels.json"
 for workload in W1 W2 B560 SERVE-W1; do
-    step "$workload" 150 "$PYTHON" -m benchmarks.run --workload "$workload" --out "$STAGE"
+    step "$workload" 150 "$PYTHON" -m benchmarks.run --workload "$workload" --backend "$BACKEND" --out "$STAGE"
 done
 pack
 note "done in $SECONDS s; files: $(cd "$STAGE" && ls | tr '\n' ' ')"

@@ -37,6 +37,7 @@ from softprompt.engine.attention_padded import PaddedSDPAAttention  # noqa: E402
 from softprompt.engine.attention_torch import SeqSlice  # noqa: E402
 from softprompt.kernels.decode_attention import (  # noqa: E402
     decode_attention, decode_attention_reference, group_by_prefix)
+from softprompt.kernels.input_qkv import fused_input_qkv  # noqa: E402
 from softprompt.kernels.prefill_attention import prefill_attention, prefill_attention_reference  # noqa: E402
 from softprompt.kernels.prompt_input import fused_prompt_input, fused_prompt_input_reference  # noqa: E402
 from softprompt.kernels.rope_kv_write import rope_kv_write, rope_kv_write_reference  # noqa: E402
@@ -47,6 +48,7 @@ from .environment import REPO, device_name, device_slug, git_commit  # noqa: E40
 # dtype: 3x that in bf16); prompt input and RoPE vs torch (atol, rtol).
 ATTN_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 ELEMENTWISE_TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (5e-2, 2e-2)}
+PROJECTION_TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (6e-2, 6e-2)}  # as tests/kernels/test_input_qkv.py
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ SMOKE = Shapes(prefill=AttnShape(4, 2, 32, 8, tasks=2, prefix=20, batch=3, own=1
 @dataclass
 class Case:
     name: str
-    kernel: str  # prefill_attention, decode_attention, prompt_input or rope_kv_write
+    kernel: str  # prefill_attention, decode_attention, prompt_input, input_qkv or rope_kv_write
     torch_impl: str
     run_kernel: Callable[[], object]
     run_torch: Callable[[], object]
@@ -211,7 +213,8 @@ def _torch_layer0(prompt_idx, token_ids, token_table, prompt_table, norm_w, eps)
 
 
 def prompt_input_cases(s: Shapes, t: int, dtype: torch.dtype, device: torch.device) -> list[Case]:
-    """T rows, the first half soft-prompt rows of random tasks, the rest token rows; then the QKV projection."""
+    """T rows, the first half soft-prompt rows of random tasks, the rest token rows; then the QKV projection:
+    the input kernel + F.linear, and the input as the prologue of the QKV GEMM (one kernel)."""
     h, a = s.hidden, s.prefill
     token_table = torch.randn(s.vocab, h, device=device, dtype=dtype)
     prompt_table = torch.randn(s.prompt_rows, h, device=device, dtype=dtype)
@@ -235,10 +238,24 @@ def prompt_input_cases(s: Shapes, t: int, dtype: torch.dtype, device: torch.devi
             _close(f"fused_prompt_input residual vs {label}", res, want_res, 0.0, 0.0)  # a plain row copy
             _close(f"fused_prompt_input normed vs {label}", normed, want_normed, *ELEMENTWISE_TOL[dtype])
 
-    floor = 3 * t * h * token_table.element_size()  # rows read, residual and normed written
+    fused = lambda: fused_input_qkv(*args, w_qkv, None)  # noqa: E731
+
+    def check_fused() -> None:
+        res, qkv = fused()
+        want_res, want_normed = baseline()
+        _close("fused_input_qkv residual vs torch", res, want_res, 0.0, 0.0)
+        _close("fused_input_qkv qkv vs torch", qkv, F.linear(want_normed, w_qkv), *PROJECTION_TOL[dtype])
+
+    size = token_table.element_size()
+    floor = 3 * t * h * size  # rows read, residual and normed written
+    n = w_qkv.shape[0]
+    fused_floor = (2 * t * h + n * h + t * n) * size  # rows read, weight read, residual and qkv written
     return [Case(f"input T={t} H={h} + QKV linear", "prompt_input",
                  "embedding + index_select + cat + RMSNorm, + F.linear", lambda: F.linear(kernel()[1], w_qkv),
                  lambda: F.linear(baseline()[1], w_qkv), check),
+            Case(f"input T={t} H={h} as the QKV GEMM's prologue", "input_qkv",
+                 "embedding + index_select + cat + RMSNorm, + F.linear", fused,
+                 lambda: F.linear(baseline()[1], w_qkv), check_fused, fused_floor),
             Case(f"input T={t} H={h} alone", "prompt_input", "fused_prompt_input_reference", kernel,
                  reference, check, floor)]
 

@@ -45,6 +45,10 @@ class Engine:
     backend="triton": the same runtime with the Triton attention and RoPE/KV-write kernels (CUDA; on the CPU
     only under TRITON_INTERPRET=1, for tests).
     backend="reference": the ground truth, one request at a time, plain concat, no cache.
+
+    cuda_graphs (triton backend only; None: on where the device is CUDA): decode steps run at padded static
+    shapes, replayed from one CUDA graph per batch-size bucket (engine/decode_graphs.py). True on the CPU runs the
+    same padded steps without capture (that is how the tests check them).
     """
 
     def __init__(
@@ -58,6 +62,7 @@ class Engine:
         block_size: int = 16,
         max_num_seqs: int = 256,
         max_batched_tokens: int = 2048,
+        cuda_graphs: bool | None = None,
     ):
         if backend not in BACKENDS:
             raise SoftPromptError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
@@ -88,7 +93,12 @@ class Engine:
         if self.backend == "reference":  # no KV cache: the pool only exists to keep one code path (one block)
             kv_cache_bytes = KVPool.bytes_per_block(self.config, block_size, self.dtype)
         self.pool = KVPool.sized(self.config, block_size, self.dtype, self.device, kv_cache_bytes, kv_cache_fraction)
-        self.runner = ModelRunner(self.model, self.pool, self.backend)
+        if cuda_graphs and self.backend != "triton":
+            raise SoftPromptError(f"cuda_graphs=True needs backend='triton', not {self.backend!r}")
+        if cuda_graphs is None:
+            cuda_graphs = self.backend == "triton" and self.device.type == "cuda"
+        self.runner = ModelRunner(self.model, self.pool, self.backend,
+                                  decode_graphs_for=max_num_seqs if cuda_graphs else None)
         self.prefix_cache = PrefixCache(self.pool, self.runner.compute_prefixes)
         self.scheduler = Scheduler(self.prefix_cache, SchedulerConfig(max_num_seqs, max_batched_tokens))
         self._sequences: dict[str, Sequence] = {}

@@ -47,15 +47,10 @@ class TritonPagedAttention:
 
     def __init__(self, pool: KVPool, seqs: list[SeqSlice], scale: float, alibi_slopes: Tensor | None,
                  positions: Tensor, rope_tables: tuple[Tensor, Tensor] | None, device: torch.device):
-        self.decode_mod, self.prefill_mod, self.rope_mod = import_kernels()
-        self.pool = pool
-        self.scale = scale
-        self.alibi = None if alibi_slopes is None else alibi_slopes.float().contiguous()
-        self.positions = positions
-        self.rope_tables = rope_tables
-        self.applies_rope = rope_tables is not None
+        self._common(pool, scale, alibi_slopes, positions, rope_tables)
         self.slot_mapping = new_token_slots(seqs, pool.block_size).to(device)
         self.decode = all(s.num_queries == 1 for s in seqs)
+        self.prefix_block_m: int | None = None
         if self.decode:
             perm, starts = self.decode_mod.group_by_prefix([tuple(s.prefix_blocks) for s in seqs])
             firsts = [seqs[perm[g]] for g in starts[:-1]]
@@ -78,13 +73,38 @@ class TritonPagedAttention:
                 own_starts=index_tensor([s.own_start for s in seqs], device, torch.int32),
             )
 
+    def _common(self, pool: KVPool, scale: float, alibi_slopes: Tensor | None, positions: Tensor,
+                rope_tables: tuple[Tensor, Tensor] | None) -> None:
+        self.decode_mod, self.prefill_mod, self.rope_mod = import_kernels()
+        self.pool = pool
+        self.scale = scale
+        self.alibi = None if alibi_slopes is None else alibi_slopes.float().contiguous()
+        self.positions = positions
+        self.rope_tables = rope_tables
+        self.applies_rope = rope_tables is not None
+
+    @classmethod
+    def static_decode(cls, pool: KVPool, scale: float, alibi_slopes: Tensor | None, positions: Tensor,
+                      rope_tables: tuple[Tensor, Tensor] | None, slot_mapping: Tensor, perm: Tensor, inverse: Tensor,
+                      decode_args: dict[str, Tensor]) -> TritonPagedAttention:
+        """A decode step over metadata already on the device, in tensors whose shapes do not change from step to
+        step (see decode_graphs.py): nothing is built from Python values, so the step can be captured in a CUDA
+        graph. The groups may include empty ones, so prefix programs use full 64-row query tiles."""
+        self = cls.__new__(cls)
+        self._common(pool, scale, alibi_slopes, positions, rope_tables)
+        self.slot_mapping, self.perm, self.inverse, self.decode_args = slot_mapping, perm, inverse, decode_args
+        self.decode = True
+        self.prefix_block_m = 64
+        return self
+
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         k_cache, v_cache = self.pool.kv[layer, 0], self.pool.kv[layer, 1]
         q = self.rope_mod.rope_kv_write(q, k, v, self.positions, self.rope_tables, k_cache, v_cache,
                                         self.slot_mapping)
         if self.decode:
             out = self.decode_mod.decode_attention(q.index_select(0, self.perm), k_cache, v_cache,
-                                                   scale=self.scale, alibi_slopes=self.alibi, **self.decode_args)
+                                                   scale=self.scale, alibi_slopes=self.alibi,
+                                                   prefix_block_m=self.prefix_block_m, **self.decode_args)
             return out.index_select(0, self.inverse)
         return self.prefill_mod.prefill_attention(q, k_cache, v_cache, scale=self.scale, alibi_slopes=self.alibi,
                                                   **self.prefill_args)

@@ -23,6 +23,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
     p.add_argument("--backend", default="auto", help="auto, torch, triton, reference")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="triton backend: launch decode steps eagerly instead of replaying CUDA graphs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +75,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .request import Request
     from .sampling import SamplingParams
 
-    engine = Engine(args.model_dir, device=args.device, dtype=args.dtype, backend=args.backend)
+    engine = Engine(args.model_dir, device=args.device, dtype=args.dtype, backend=args.backend,
+                    cuda_graphs=False if args.enforce_eager else None)
     for item in args.prompt:
         name, source = _split_pair(item, "--prompt")
         engine.add_prompt(name, source)

@@ -22,7 +22,8 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"building a tiny random Llama checkpoint and {args.tasks} PEFT prompt-tuning adapters in {root} ...")
         model_dir = build_tiny_checkpoint("llama", root / "tiny-llama", hidden_size=128, num_layers=4,
                                           num_heads=4, num_kv_heads=2, vocab_size=1024, max_positions=512)
-        engine = Engine(model_dir, device=args.device or "cpu", dtype=args.dtype, backend=args.backend)
+        engine = Engine(model_dir, device=args.device or "cpu", dtype=args.dtype, backend=args.backend,
+                        cuda_graphs=False if args.enforce_eager else None)
         names = []
         for t in range(args.tasks):
             adapter = build_prompt_tuning_adapter(model_dir, root / f"adapter-{t}", num_virtual_tokens=8 + 4 * t,

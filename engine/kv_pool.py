@@ -63,6 +63,14 @@ class KVPool:
             raise SoftPromptError(f"kv_cache_bytes must be positive, got {kv_cache_bytes}")
         return cls(config, kv_cache_bytes // cls.bytes_per_block(config, block_size, dtype), block_size, dtype, device)
 
+    def reserve_scratch_block(self) -> int:
+        """Take one block out of use for good (`num_blocks` counts the usable ones): the padding rows of a
+        static-shape step (a CUDA-graph decode step) write their K/V there. Call before anything is allocated."""
+        if self.num_blocks < 2 or len(self._free) != self.num_blocks:
+            raise SoftPromptError("the scratch block needs a pool of >= 2 blocks with none allocated yet")
+        self.num_blocks -= 1
+        return self._free.pop(0)  # the highest id: low ids keep being handed out first
+
     @property
     def num_free(self) -> int:
         return len(self._free)

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from .attention_torch import SeqSlice, TorchPagedAttention
 from .attention_triton import TritonPagedAttention
+from .decode_graphs import DecodeGraphs
 from .greedy_head import ScreenedGreedyHead
 from .indices import index_tensor
 from .kv_pool import KVPool
@@ -18,7 +19,8 @@ from .sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, pool: KVPool, backend: str = "torch"):
+    def __init__(self, model: CausalLM, pool: KVPool, backend: str = "torch", decode_graphs_for: int | None = None):
+        """decode_graphs_for: the most sequences a step holds, to run decode steps from CUDA graphs (triton)."""
         self.model = model
         self.pool = pool
         self.backend = backend
@@ -33,6 +35,10 @@ class ModelRunner:
                 # than from [in, out] storage, which makes the fp32 head GEMM of other rows ~20% faster only
                 head.weight = torch.nn.Parameter(head.weight.contiguous(), requires_grad=False)
             self.greedy_head = ScreenedGreedyHead(head.weight)
+        self.decode_graphs = None
+        if decode_graphs_for is not None:
+            layer0 = lambda ids, positions: self._fused_layer0(ids, None, positions)  # noqa: E731
+            self.decode_graphs = DecodeGraphs(model, pool, layer0, decode_graphs_for, self.device)
 
     def _attention(self, slices: list[SeqSlice], positions: Tensor) -> Attention:
         c = self.model.config
@@ -42,16 +48,16 @@ class ModelRunner:
         return TorchPagedAttention(self.pool, slices, c.attention_scale, self.alibi, c.num_heads, self.device)
 
     def _fused_layer0(self, token_ids: Tensor | None, prompt_rows: Tensor | None, positions: Tensor) -> Layer0Input:
-        """Layer 0's residual and normed input straight from the token-embedding or soft-prompt rows, in one
-        kernel (the rows are gathered by the kernel, never concatenated with anything)."""
-        from softprompt.kernels.prompt_input import fused_prompt_input
+        """Layer 0's residual and QKV projection in one kernel whose GEMM prologue gathers the token-embedding or
+        soft-prompt rows and norms them (the rows are never concatenated, the normed input never stored)."""
+        from softprompt.kernels.input_qkv import fused_input_qkv
 
         t = positions.shape[0]
         table = self.model.word_embeddings.weight
         is_prompt = torch.full((t,), prompt_rows is not None, dtype=torch.bool, device=self.device)
         index = torch.arange(t, device=self.device)
         norms = self.model.layer0_norms()
-        return fused_prompt_input(
+        residual, qkv = fused_input_qkv(
             token_ids if token_ids is not None else index,
             index,
             is_prompt,
@@ -61,7 +67,10 @@ class ModelRunner:
             norms.pos_table,
             norms.embed_norm,
             norms.input_norm,
+            *norms.qkv,
+            residual_is_normed=norms.residual_is_normed,
         )
+        return Layer0Input(residual, qkv=qkv)
 
     @torch.no_grad()
     def compute_prefixes(self, items: list[tuple[SoftPrompt, list[int]]]) -> None:
@@ -120,6 +129,11 @@ class ModelRunner:
             positions.extend(range(p + start, p + start + n))
             prefix_blocks = seq.prefix.blocks if seq.prefix is not None else []
             slices.append(SeqSlice(n, prefix_blocks, p, seq.blocks, start))
+        if self.decode_graphs is not None and self.decode_graphs.applies(slices):
+            hidden = self.decode_graphs.run(ids, positions, slices).clone()  # the graph's buffer is reused
+            if all_rows or rows_for is None:
+                return hidden
+            return hidden.index_select(0, index_tensor(rows_for, self.device))
         ids_t = index_tensor(ids, self.device)
         pos_t = index_tensor(positions, self.device)
         attention = self._attention(slices, pos_t)

@@ -184,6 +184,7 @@ def decode_attention(
     scale: float,
     alibi_slopes: Tensor | None = None,
     num_splits: int | None = None,
+    prefix_block_m: int | None = None,
 ) -> Tensor:
     """Attention of one query per sequence over [group prefix ; own tokens] -> [B, Hq, D] in q's dtype.
 
@@ -191,8 +192,12 @@ def decode_attention(
     group_starts[g]..group_starts[g+1]-1 share the prefix group_prefix_block_tables[g][:group_prefix_lens[g]].
     own_lens (>= 1, counting the current token) are all visible. ALiBi adds slope[h] * absolute key position.
     num_splits splits both key segments (None: per segment, from the SM count and the tables' widths; no host sync).
+    prefix_block_m: query rows per tile of a prefix program (a power of two in 16..64; None: from the mean group
+    size B/G, which a padded batch with empty groups understates, as in a CUDA-graph decode step).
     Metadata values (lens within the tables, valid block ids, group_starts covering 0..B) are not checked.
     """
+    if prefix_block_m is not None and prefix_block_m not in (16, 32, 64):
+        raise ValueError(f"prefix_block_m must be 16, 32 or 64, got {prefix_block_m!r}")
     _check_inputs(q, k_cache, v_cache, group_starts, group_prefix_block_tables, group_prefix_lens,
                   own_block_tables, own_lens, alibi_slopes, num_splits)
     b, hq, d = q.shape
@@ -230,7 +235,7 @@ def decode_attention(
         _partial_attention_kernel[(g, hkv, prefix_splits)](
             q, k_cache, v_cache, part_out, part_lse, alibi, group_starts.contiguous(), group_prefix_lens.contiguous(),
             tables, pos0, stride_table=tables.stride(0), OWN=False, SPLITS=prefix_splits, SLOT_OFFSET=0,
-            BLOCK_M=min(64, max(16, triton.next_power_of_2(rows_per_group))), **common,
+            BLOCK_M=prefix_block_m or min(64, max(16, triton.next_power_of_2(rows_per_group))), **common,
         )
     tables = own_block_tables.contiguous()
     _partial_attention_kernel[(b, hkv, own_splits)](
@@ -257,8 +262,9 @@ def decode_attention_reference(
     scale: float,
     alibi_slopes: Tensor | None = None,
     num_splits: int | None = None,
+    prefix_block_m: int | None = None,
 ) -> Tensor:
-    """Plain-PyTorch `decode_attention`, one sequence at a time in fp32 (num_splits is ignored)."""
+    """Plain-PyTorch `decode_attention`, one sequence at a time in fp32 (num_splits, prefix_block_m ignored)."""
     _check_inputs(q, k_cache, v_cache, group_starts, group_prefix_block_tables, group_prefix_lens,
                   own_block_tables, own_lens, alibi_slopes, num_splits)
     block_size, hkv = k_cache.shape[1], k_cache.shape[2]

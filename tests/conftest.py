@@ -23,6 +23,7 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "qwen2": ("qwen2", {}),
     "gpt2": ("gpt2", {}),
     "bloom": ("bloom", {}),
+    "bloom_post_norm": ("bloom", {"apply_residual_connection_post_layernorm": True}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "gpt2", "bloom")  # one per family (+ Qwen2 bias), for the slower tests
 

@@ -11,7 +11,20 @@ from ..config import ModelConfig
 from .common import Attention
 from .linear import transposed_storage
 
-Layer0Input = tuple[Tensor, Tensor]  # (residual after the embedding step, layer 0's normed input)
+
+
+@dataclass(frozen=True)
+class Layer0Input:
+    """What a fused first-layer-input kernel computed in place of the embedding step and layer 0's input norm.
+
+    `residual`: the residual stream after the embedding step (layer 0's normed input for a model that adds the
+    residual after the norm). Then either `normed`, layer 0's normed input, or `qkv`, layer 0's QKV projection
+    of it [T, qkv width] (kernels/input_qkv.py: the normed input never exists).
+    """
+
+    residual: Tensor
+    normed: Tensor | None = None
+    qkv: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -19,6 +32,8 @@ class Layer0Norms:
     pos_table: Tensor | None  # GPT-2 learned positions
     embed_norm: tuple[Tensor, Tensor, float] | None  # BLOOM's embedding LayerNorm
     input_norm: tuple[Tensor, Tensor | None, float, str]  # layer 0's input norm: weight, bias, eps, "rms"|"layer"
+    qkv: tuple[Tensor, Tensor | None]  # layer 0's QKV projection: weight [qkv width, hidden], bias
+    residual_is_normed: bool = False  # layer 0's residual is its normed input (BLOOM's post-norm residual option)
 
 
 class CausalLM(nn.Module):
@@ -60,8 +75,8 @@ class CausalLM(nn.Module):
     def forward(
         self, embeds: Tensor | None, positions: Tensor, attention: Attention, layer0: Layer0Input | None = None
     ) -> Tensor:
-        """`layer0` (residual, normed) replaces the embedding step and layer 0's input norm when a fused kernel
-        has computed them (then `embeds` is None)."""
+        """`layer0` replaces the embedding step and layer 0's input norm (and its QKV projection, where given)
+        when a fused kernel has computed them (then `embeds` is None)."""
         raise NotImplementedError
 
     def layer0_norms(self) -> Layer0Norms:

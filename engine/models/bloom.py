@@ -62,8 +62,11 @@ class BloomForCausalLM(CausalLM):
         self.register_buffer("alibi_slopes", alibi_slopes(self.config.num_heads).to(device), persistent=False)
 
     def layer0_norms(self) -> Layer0Norms:
-        emb, ln = self.transformer.word_embeddings_layernorm, self.transformer.h[0].input_layernorm
-        return Layer0Norms(None, (emb.weight, emb.bias, emb.eps), (ln.weight, ln.bias, ln.eps, "layer"))
+        block = self.transformer.h[0]
+        emb, ln = self.transformer.word_embeddings_layernorm, block.input_layernorm
+        qkv = block.self_attention.query_key_value
+        return Layer0Norms(None, (emb.weight, emb.bias, emb.eps), (ln.weight, ln.bias, ln.eps, "layer"),
+                           (qkv.weight, qkv.bias), self.config.residual_post_norm)
 
     def forward(
         self, embeds: Tensor | None, positions: Tensor, attention: Attention, layer0: Layer0Input | None = None
@@ -73,11 +76,15 @@ class BloomForCausalLM(CausalLM):
         if layer0 is None:
             h = self.transformer.word_embeddings_layernorm(embeds)  # applied to soft-prompt rows too (as in PEFT)
         else:
-            h = layer0[0]
+            h = layer0.residual  # with layer0.qkv: the normed input where c.residual_post_norm (residual_is_normed)
         for i, block in enumerate(self.transformer.h):
-            x = layer0[1] if (i == 0 and layer0 is not None) else block.input_layernorm(h)
-            residual = x if c.residual_post_norm else h
-            qkv = block.self_attention.query_key_value(x).view(t, c.num_heads, 3, c.head_dim)
+            if i == 0 and layer0 is not None and layer0.qkv is not None:
+                residual, qkv = h, layer0.qkv
+            else:
+                x = layer0.normed if (i == 0 and layer0 is not None) else block.input_layernorm(h)
+                residual = x if c.residual_post_norm else h
+                qkv = block.self_attention.query_key_value(x)
+            qkv = qkv.view(t, c.num_heads, 3, c.head_dim)
             out = attention(i, qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
             h = residual + block.self_attention.dense(out.reshape(t, c.hidden_size))
             x = block.post_attention_layernorm(h)

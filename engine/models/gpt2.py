@@ -61,8 +61,10 @@ class GPT2LMHeadModel(CausalLM):
         return self.transformer.wte
 
     def layer0_norms(self) -> Layer0Norms:
-        ln = self.transformer.h[0].ln_1
-        return Layer0Norms(self.transformer.wpe.weight, None, (ln.weight, ln.bias, ln.eps, "layer"))
+        block = self.transformer.h[0]
+        ln, qkv = block.ln_1, block.attn.c_attn
+        return Layer0Norms(self.transformer.wpe.weight, None, (ln.weight, ln.bias, ln.eps, "layer"),
+                           (qkv.weight, qkv.bias))
 
     def forward(
         self, embeds: Tensor | None, positions: Tensor, attention: Attention, layer0: Layer0Input | None = None
@@ -72,10 +74,13 @@ class GPT2LMHeadModel(CausalLM):
         if layer0 is None:
             h = embeds + self.transformer.wpe(positions)  # soft-prompt rows get position embeddings too (as in PEFT)
         else:
-            h = layer0[0]
+            h = layer0.residual
         for i, block in enumerate(self.transformer.h):
-            x = layer0[1] if (i == 0 and layer0 is not None) else block.ln_1(h)
-            q, k, v = block.attn.c_attn(x).split(c.hidden_size, dim=-1)
+            if i == 0 and layer0 is not None and layer0.qkv is not None:
+                qkv = layer0.qkv
+            else:
+                qkv = block.attn.c_attn(layer0.normed if (i == 0 and layer0 is not None) else block.ln_1(h))
+            q, k, v = qkv.split(c.hidden_size, dim=-1)
             shape = (t, c.num_heads, c.head_dim)
             out = attention(i, q.reshape(shape), k.reshape(shape), v.reshape(shape))
             h = h + block.attn.c_proj(out.reshape(t, c.hidden_size))

@@ -115,8 +115,9 @@ class LlamaForCausalLM(CausalLM):
         super().prepare_for_inference(device)
 
     def layer0_norms(self) -> Layer0Norms:
-        norm = self.model.layers[0].input_layernorm
-        return Layer0Norms(None, None, (norm.weight, None, norm.eps, "rms"))
+        layer = self.model.layers[0]
+        norm, attn = layer.input_layernorm, layer.self_attn
+        return Layer0Norms(None, None, (norm.weight, None, norm.eps, "rms"), (attn.qkv_weight, attn.qkv_bias))
 
     def forward(
         self, embeds: Tensor | None, positions: Tensor, attention: Attention, layer0: Layer0Input | None = None
@@ -127,11 +128,14 @@ class LlamaForCausalLM(CausalLM):
         if not fused_rope:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         qk_width = (c.num_heads + c.num_kv_heads) * c.head_dim
-        h = embeds if layer0 is None else layer0[0]
+        h = embeds if layer0 is None else layer0.residual
         for i, layer in enumerate(self.model.layers):
-            x = layer0[1] if (i == 0 and layer0 is not None) else layer.input_layernorm(h)
             a = layer.self_attn
-            qkv = linear(x, a.qkv_weight, a.qkv_bias)
+            if i == 0 and layer0 is not None and layer0.qkv is not None:
+                qkv = layer0.qkv
+            else:
+                x = layer0.normed if (i == 0 and layer0 is not None) else layer.input_layernorm(h)
+                qkv = linear(x, a.qkv_weight, a.qkv_bias)
             qk = qkv[:, :qk_width].view(t, c.num_heads + c.num_kv_heads, c.head_dim)
             if not fused_rope:
                 qk = apply_rotary(qk, cos, sin)

@@ -38,6 +38,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
     p.add_argument("--backend", default="auto", help="auto, torch, triton, reference")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="triton backend: launch decode steps eagerly instead of replaying CUDA graphs")
     p.add_argument("--log-level", default="info")
     ray = p.add_argument_group("Ray Serve (needs the ray extra): several engine replicas with task-affinity routing")
     ray.add_argument("--ray", action="store_true", help="serve with Ray Serve instead of one process")
@@ -103,7 +105,8 @@ def build_server(args: argparse.Namespace):
 
     engine = Engine(args.model_dir, device=args.device, dtype=args.dtype, backend=args.backend,
                     kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs,
-                    max_batched_tokens=args.max_batched_tokens)
+                    max_batched_tokens=args.max_batched_tokens,
+                    cuda_graphs=False if args.enforce_eager else None)
     registry = PromptRegistry(args.prompt_dir, max_versions=args.max_versions)
     for name, source in discover_prompts(args.prompts):
         registry.register(engine, name, source)

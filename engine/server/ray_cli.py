@@ -22,7 +22,8 @@ def settings_from_args(args: argparse.Namespace, replica_gpus: float):
         text_prompts=parse_text_prompts(args.text_prompt), replicas=args.replicas, routing=args.routing,
         max_prompts_per_replica=args.max_prompts_per_replica, affinity_imbalance=args.affinity_imbalance,
         device=args.device, dtype=args.dtype,
-        backend=args.backend, kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs,
+        backend=args.backend, cuda_graphs=False if args.enforce_eager else None,
+        kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs,
         max_batched_tokens=args.max_batched_tokens, max_queue=args.max_queue, replica_cpus=args.replica_cpus,
         replica_gpus=replica_gpus,
     )

@@ -71,6 +71,7 @@ class RayServeSettings:
     device: str | None = None
     dtype: str | None = None
     backend: str = "auto"
+    cuda_graphs: bool | None = None  # triton backend: decode steps from CUDA graphs (None: on CUDA)
     kv_cache_bytes: int | None = None
     max_num_seqs: int = 256
     max_batched_tokens: int = 2048
@@ -168,7 +169,7 @@ class SoftPromptReplica:
             torch.set_num_threads(max(1, int(settings.replica_cpus)))
         self.engine = Engine(settings.model_dir, device=settings.device, dtype=settings.dtype, backend=settings.backend,
                              kv_cache_bytes=settings.kv_cache_bytes, max_num_seqs=settings.max_num_seqs,
-                             max_batched_tokens=settings.max_batched_tokens)
+                             max_batched_tokens=settings.max_batched_tokens, cuda_graphs=settings.cuda_graphs)
         self.registry = PromptRegistry(max_versions=2)
         self.app = create_app(self.engine, self.registry, ServerConfig(max_queue=settings.max_queue,
                                                                        max_body_bytes=settings.max_body_bytes))

@@ -23,7 +23,8 @@ def test_kernel_benchmark_smoke(tmp_path):
     report = json.loads(out.read_text())
     assert report["smoke"] is True and report["torch"] and report["triton"] and "--smoke" in report["command"]
     cases = report["cases"]
-    assert {c["kernel"] for c in cases} == {"prefill_attention", "decode_attention", "prompt_input", "rope_kv_write"}
+    assert {c["kernel"] for c in cases} == {"prefill_attention", "decode_attention", "prompt_input", "input_qkv",
+                                                "rope_kv_write"}
     assert all(c["correctness"] == "OK" for c in cases), [(c["name"], c["correctness"]) for c in cases]
     assert all(c["kernel_ms"] is not None and c["torch_ms"] is not None for c in cases)
 

@@ -16,7 +16,7 @@ from ..runtime_helpers import assert_no_leaks, make_requests, register_tasks, ru
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("variant", ["llama", "qwen2", "gpt2", "bloom"])
+@pytest.mark.parametrize("variant", ["llama", "qwen2", "gpt2", "bloom", "bloom_post_norm"])
 def test_triton_backend_matches_reference(variant, model_dir_for):
     d = model_dir_for(variant)
     ref = Engine(d, device=DEVICE, dtype="float32", backend="reference")

@@ -1,0 +1,160 @@
+"""Decode steps of the Triton backend at static shapes, replayed from CUDA graphs (one per batch-size bucket).
+
+A decode step of B sequences is launch-bound at small B: a few dozen small kernels per layer. So a step whose
+sequences all decode one token runs at the smallest bucket size Bp >= B, over device buffers whose shapes never
+change:
+- rows B..Bp-1 are padding: token 0 at position 0, writing its K/V into the pool's scratch block (never handed
+  out), attending only to that one key; their outputs are dropped;
+- the groups of sequences that share a prefix (see kernels/decode_attention.py) are the step's G real groups, then
+  one group of the padding rows, then empty groups up to Bp;
+- block tables are as wide as the longest possible sequence (the model's positions), and a step writes only the
+  part it uses (the lengths bound every read).
+Each step's metadata is copied into the buffers, then the bucket's graph is replayed. On CUDA a bucket's graph is
+captured on first use (after a warm-up run that compiles the kernels); elsewhere (the CPU under the Triton
+interpreter, for the tests) the same padded step runs eagerly, so the padding is tested without a GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .attention_torch import SeqSlice
+from .attention_triton import TritonPagedAttention, import_kernels
+from .indices import index_tensor
+from .kv_pool import KVPool
+from .models import CausalLM
+from .models.base import Layer0Input
+
+Layer0Fn = Callable[[Tensor, Tensor], Layer0Input]  # (token ids, positions) -> layer 0's input
+
+
+def bucket_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 8 up to max_num_seqs (vLLM's scheme): at most 7 padding rows above 8."""
+    sizes = [b for b in (1, 2, 4) if b < max_num_seqs] + list(range(8, max_num_seqs + 8, 8))
+    return [b for b in sizes if b < max_num_seqs] + [max_num_seqs]
+
+
+@dataclass
+class _StaticStep:
+    """Device buffers of the largest bucket; a bucket of size b uses their first b rows (views)."""
+
+    ids: Tensor  # [B] int64
+    positions: Tensor  # [B] int64
+    slots: Tensor  # [B] int64, in the sequences' order
+    perm: Tensor  # [B] int64: row i of the grouped order is sequence perm[i]
+    inverse: Tensor  # [B] int64
+    group_starts: Tensor  # [B + 1] int32
+    group_tables: Tensor  # [B, W] int32
+    group_lens: Tensor  # [B] int32
+    own_tables: Tensor  # [B, W] int32, in the grouped order
+    own_lens: Tensor  # [B] int32
+
+
+class DecodeGraphs:
+    def __init__(self, model: CausalLM, pool: KVPool, layer0: Layer0Fn, max_num_seqs: int, device: torch.device):
+        self.model = model
+        self.pool = pool
+        self.layer0 = layer0
+        self.device = device
+        self.capture = device.type == "cuda"
+        self.group_by_prefix = import_kernels()[0].group_by_prefix
+        self.buckets = bucket_sizes(max_num_seqs)
+        self.scratch_block = pool.reserve_scratch_block()
+        c = model.config
+        self.width = pool.blocks_for(c.max_positions)
+        b, w = self.buckets[-1], self.width
+
+        def buf(*shape: int, dtype: torch.dtype = torch.long) -> Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        i32 = torch.int32
+        self.buffers = _StaticStep(buf(b), buf(b), buf(b), buf(b), buf(b), buf(b + 1, dtype=i32),
+                                   buf(b, w, dtype=i32), buf(b, dtype=i32), buf(b, w, dtype=i32), buf(b, dtype=i32))
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self.mempool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.replays = 0  # steps served by a graph (or, without CUDA, by the padded eager step)
+
+    def applies(self, slices: list[SeqSlice]) -> bool:
+        return 0 < len(slices) <= self.buckets[-1] and all(s.num_queries == 1 for s in slices)
+
+    def bucket_for(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    def run(self, ids: list[int], positions: list[int], slices: list[SeqSlice]) -> Tensor:
+        """Final hidden states [len(slices), hidden] of a decode step (one new token per sequence)."""
+        n = len(slices)
+        size = self.bucket_for(n)
+        self._fill(ids, positions, slices, size)
+        if not self.capture:
+            out = self._step(size)
+        else:
+            if size not in self.graphs:
+                self._capture(size)
+            graph, out = self.graphs[size]
+            graph.replay()
+        self.replays += 1
+        return out[:n]
+
+    def _fill(self, ids: list[int], positions: list[int], slices: list[SeqSlice], size: int) -> None:
+        """Copy one step's metadata into the first `size` rows of the buffers (padding rows and groups included)."""
+        n, pad = len(slices), size - len(slices)
+        perm, starts = self.group_by_prefix([tuple(s.prefix_blocks) for s in slices])
+        num_groups = len(starts) - 1
+        firsts = [slices[perm[g]] for g in starts[:-1]]
+        perm = perm + list(range(n, size))
+        inverse = [0] * size
+        for row, seq in enumerate(perm):
+            inverse[seq] = row
+        starts = starts + [size] * (size + 1 - len(starts))  # the padding group [n, size), then empty groups
+        scratch_slot = self.scratch_block * self.pool.block_size
+        b, dev = self.buffers, self.device
+        b.ids[:size].copy_(index_tensor(ids + [0] * pad, dev))
+        b.positions[:size].copy_(index_tensor(positions + [0] * pad, dev))
+        bs = self.pool.block_size
+        slots = [s.own_blocks[s.own_start // bs] * bs + s.own_start % bs for s in slices]
+        b.slots[:size].copy_(index_tensor(slots + [scratch_slot] * pad, dev))
+        b.perm[:size].copy_(index_tensor(perm, dev))
+        b.inverse[:size].copy_(index_tensor(inverse, dev))
+        b.group_starts[:size + 1].copy_(index_tensor(starts, dev, torch.int32))
+        b.group_lens[:size].copy_(index_tensor([s.prefix_len for s in firsts] + [0] * (size - num_groups), dev,
+                                               torch.int32))
+        b.own_lens[:size].copy_(index_tensor([slices[i].own_start + 1 for i in perm[:n]] + [1] * pad, dev,
+                                             torch.int32))
+        _write_rows(b.group_tables, [s.prefix_blocks for s in firsts])
+        _write_rows(b.own_tables, [slices[i].own_blocks for i in perm[:n]] + [[self.scratch_block]] * pad)
+
+    def _step(self, size: int) -> Tensor:
+        """The model over the first `size` rows of the buffers: only device work, no value read back."""
+        b, c = self.buffers, self.model.config
+        decode_args = dict(group_starts=b.group_starts[:size + 1], group_prefix_block_tables=b.group_tables[:size],
+                           group_prefix_lens=b.group_lens[:size], own_block_tables=b.own_tables[:size],
+                           own_lens=b.own_lens[:size])
+        positions = b.positions[:size]
+        attention = TritonPagedAttention.static_decode(
+            self.pool, c.attention_scale, self.model.alibi, positions, getattr(self.model, "rope_tables", None),
+            b.slots[:size], b.perm[:size], b.inverse[:size], decode_args)
+        return self.model(None, positions, attention, self.layer0(b.ids[:size], positions))
+
+    def _capture(self, size: int) -> None:
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):  # warm-up: compiles the kernels (the K/V it writes are the step's own)
+            self._step(size)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.mempool):
+            out = self._step(size)
+        self.graphs[size] = (graph, out)
+
+
+def _write_rows(table: Tensor, rows: list[list[int]]) -> None:
+    """rows[i] into table[i, :len(rows[i])] in one copy (entries past a row's length are left as they were)."""
+    width = max((len(r) for r in rows), default=0)
+    if not rows or not width:
+        return
+    flat = [v for r in rows for v in r + [0] * (width - len(r))]
+    table[:len(rows), :width].copy_(index_tensor(flat, table.device, torch.int32).view(len(rows), width))
