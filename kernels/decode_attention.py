@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .tiles import gpu_tiles
+
 _MIN_KEYS_PER_SPLIT = 256  # the auto heuristic never gives a split fewer keys than this (per the tables' width)
 _MAX_SPLITS = 16
 _LOG2E = 1.4426950408889634
@@ -221,7 +223,7 @@ def decode_attention(
     block_d = triton.next_power_of_2(d)
     # CUDA: 64 keys per tile while a K/V tile row is <= 256 bytes (shared memory for pipelined K/V tiles), else 32.
     # The interpreter (CPU) uses 16 so that the tiny test shapes span several key tiles.
-    block_n = (64 if q.element_size() * block_d <= 256 else 32) if q.is_cuda else 16
+    block_n = (64 if q.element_size() * block_d <= 256 else 32) if gpu_tiles(q) else 16
     common = dict(
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_kb=k_cache.stride(0), stride_kt=k_cache.stride(1),
         stride_kh=k_cache.stride(2), stride_vb=v_cache.stride(0), stride_vt=v_cache.stride(1),

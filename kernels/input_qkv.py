@@ -19,8 +19,6 @@ the weight, and come from L2. fp32 products use IEEE fp32 (no TF32), so fp32 sta
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
@@ -28,6 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .prompt_input import fused_prompt_input_reference
+from .tiles import gpu_tiles
 
 
 @triton.jit
@@ -156,9 +155,9 @@ def _input_qkv_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-def _tiles(t: int, n: int, h: int) -> tuple[int, int, int, int]:
+def _tiles(t: int, on_gpu: bool) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): small tiles under the interpreter (tests), GEMM tiles on a GPU."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if not on_gpu:
         return 16, 32, 32, 1
     block_m = 16 if t <= 16 else 32 if t <= 32 else 64
     return block_m, 128, 64, 4
@@ -223,7 +222,7 @@ def fused_input_qkv(
     if t == 0 or n == 0:
         return residual, out
     dummy = token_table  # stands in for absent optional tensors (never read)
-    block_m, block_n, block_k, warps = _tiles(t, n, h)
+    block_m, block_n, block_k, warps = _tiles(t, gpu_tiles(token_table))
     grid = (triton.cdiv(t, block_m), triton.cdiv(n, block_n))
     _input_qkv_kernel[grid](
         token_ids.contiguous(), prompt_rows.contiguous(), is_prompt.contiguous(), token_table,

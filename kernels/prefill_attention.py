@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .tiles import gpu_tiles
+
 _LOG2E = 1.4426950408889634
 
 
@@ -210,7 +212,7 @@ def prefill_attention(
     out = torch.empty_like(q)
     if t == 0:
         return out
-    block_m, block_n, num_warps, num_stages = _launch_config(d, q.dtype, q.is_cuda)
+    block_m, block_n, num_warps, num_stages = _launch_config(d, q.dtype, gpu_tiles(q))
     block_d = max(16, triton.next_power_of_2(d))
     # Sequence b's tiles are numbered from cu[b] // BLOCK_M + b, so T // BLOCK_M + B tiles cover every sequence.
     grid = (t // block_m + b, hq)

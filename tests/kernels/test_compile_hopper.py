@@ -1,0 +1,64 @@
+"""Every kernel launch the triton backend makes, compiled for Hopper (sm_90) with the installed triton, no GPU.
+
+Engines on test models with the head dims of real ones (64 and 128; GQA, ALiBi, GPT-2 positions, BLOOM's embedding
+LayerNorm) run a few requests under the interpreter with the GPU's tile choices forced (kernels/tiles.py), in fp32
+and fp16, with and without the CUDA-graph decode path. Each distinct launch is recorded, fp16 ones also as bf16
+(the tile choices do not depend on which half type), and compiled in a subprocess without the interpreter
+(tests/kernels/hopper_compile.py). On a GPU the other tests compile the kernels for real, so this one is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from softprompt import Engine
+from softprompt.kernels.prompt_input import fused_prompt_input
+from softprompt.kernels.tiles import gpu_tiles_forced
+from softprompt.testing import build_tiny_checkpoint
+
+from ..runtime_helpers import make_requests, register_tasks, run
+from .hopper_compile import record_launches, unique
+
+REPO = Path(__file__).resolve().parents[2]
+KERNELS = {"_partial_attention_kernel", "_merge_kernel", "_prefill_attention_kernel", "_rope_kv_write_kernel",
+           "_prompt_input_kernel", "_input_qkv_kernel"}
+# arch -> (head dim, build options): Llama GQA at 64, GPT-2 at 64, BLOOM (ALiBi) at 128
+MODELS = {"llama": (64, dict(hidden_size=256, num_heads=4, num_kv_heads=2)),
+          "gpt2": (64, dict(hidden_size=256, num_heads=4)),
+          "bloom": (128, dict(hidden_size=512, num_heads=4))}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernel tests compile and run the kernels")
+def test_every_launch_compiles_for_hopper(tmp_path):
+    with record_launches() as launches, gpu_tiles_forced():
+        for arch, (_, options) in MODELS.items():
+            model_dir = build_tiny_checkpoint(arch, tmp_path / arch, num_layers=1, vocab_size=512, **options)
+            for dtype, graphs in (("float32", False), ("float16", True)):
+                eng = Engine(model_dir, device="cpu", dtype=dtype, backend="triton", cuda_graphs=graphs)
+                names = register_tasks([eng], 2, hidden=options["hidden_size"]) + [None]
+                run(eng, make_requests(names, 3, seed=5, max_new_tokens=2))
+                norms = eng.model.layer0_norms()  # the two-output input kernel (the benchmark's, not the backend's)
+                ids = torch.arange(4)
+                fused_prompt_input(ids, ids, ids < 2, eng.model.word_embeddings.weight,
+                                   eng.model.word_embeddings.weight, ids if norms.pos_table is not None else None,
+                                   norms.pos_table, norms.embed_norm, norms.input_norm)
+    recorded = unique(launches)
+    assert {launch["kernel"] for launch in recorded} >= KERNELS, "a kernel the backend uses was not launched"
+    assert {launch["constexprs"].get("BLOCK_D") for launch in recorded} >= {64, 128}
+    as_bf16 = [json.loads(json.dumps(launch).replace('"*fp16"', '"*bf16"')) for launch in recorded]
+    path = tmp_path / "launches.json"
+    path.write_text(json.dumps(unique(recorded + as_bf16)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "tests.kernels.hopper_compile", str(path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=1500)
+    failed = [line for line in proc.stdout.splitlines() if line.startswith("FAILED")]
+    assert proc.returncode == 0 and not failed, "\n".join(failed) or proc.stderr[-3000:]
+    assert proc.stdout.count("\nok ") + proc.stdout.startswith("ok ") == len(unique(recorded + as_bf16))
