@@ -55,6 +55,8 @@ def test_every_launch_compiles_for_hopper(tmp_path):
     as_bf16 = [json.loads(json.dumps(launch).replace('"*fp16"', '"*bf16"')) for launch in recorded]
     path = tmp_path / "launches.json"
     path.write_text(json.dumps(unique(recorded + as_bf16)))
+    if os.environ.get("SOFTPROMPT_SAVE_LAUNCHES"):  # to compile them with another triton (see the README)
+        Path(os.environ["SOFTPROMPT_SAVE_LAUNCHES"]).write_text(path.read_text())
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, "-m", "tests.kernels.hopper_compile", str(path)], cwd=REPO, env=env,
