@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .prompt_input import fused_prompt_input_reference
+from .prompt_input import check_input_args, fused_prompt_input_reference
 from .tiles import gpu_tiles
 
 
@@ -59,6 +59,29 @@ def _embedded_chunk(
 
 
 @triton.jit
+def _centered_sum_sq(
+    token_table_ptr, prompt_table_ptr, pos_table_ptr, embed_w_ptr, embed_b_ptr, tok, pr, pos, use_prompt, row_mask,
+    H, token_stride, prompt_stride, pos_stride, e_mean, e_rstd, center,
+    HAS_POS: tl.constexpr, HAS_EMBED_NORM: tl.constexpr, EMBEDDED: tl.constexpr, PLAIN_SUM: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Per row, over the hidden dim, of the rows as `_embedded_chunk` gives them: sum(x) if PLAIN_SUM, else
+    sum((x - center)^2)."""
+    acc = center * 0.0
+    for k0 in range(0, H, BLOCK_K):
+        k_offs = k0 + tl.arange(0, BLOCK_K)
+        x = _embedded_chunk(token_table_ptr, prompt_table_ptr, pos_table_ptr, embed_w_ptr, embed_b_ptr, tok, pr, pos,
+                            use_prompt, row_mask, k_offs, H, token_stride, prompt_stride, pos_stride, e_mean, e_rstd,
+                            HAS_POS, HAS_EMBED_NORM, EMBEDDED)
+        if PLAIN_SUM:
+            acc += tl.sum(x, axis=1)
+        else:
+            xc = tl.where((k_offs < H)[None, :], x - center[:, None], 0.0)
+            acc += tl.sum(xc * xc, axis=1)
+    return acc
+
+
+@triton.jit
 def _input_qkv_kernel(
     token_ids_ptr, prompt_rows_ptr, is_prompt_ptr, token_table_ptr, prompt_table_ptr, positions_ptr, pos_table_ptr,
     embed_w_ptr, embed_b_ptr, norm_w_ptr, norm_b_ptr, weight_ptr, bias_ptr, residual_ptr, out_ptr,
@@ -80,46 +103,31 @@ def _input_qkv_kernel(
         pos = tl.load(positions_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     zero = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    # BLOOM's embedding LayerNorm: mean, then variance around it, of the raw rows
+    # BLOOM's embedding LayerNorm over the raw rows, then layer 0's input norm over the rounded residual (as the
+    # model computes them): each a pass for the mean (LayerNorm) and one for the variance around it
     e_mean = zero
     e_rstd = zero
     if HAS_EMBED_NORM:
-        acc_s = zero
-        for k0 in range(0, H, BLOCK_K):
-            x = _embedded_chunk(token_table_ptr, prompt_table_ptr, pos_table_ptr, embed_w_ptr, embed_b_ptr,
-                                tok, pr, pos, use_prompt, row_mask, k0 + tl.arange(0, BLOCK_K), H, token_stride,
-                                prompt_stride, pos_stride, zero, zero, HAS_POS, HAS_EMBED_NORM, False)
-            acc_s += tl.sum(x, axis=1)
-        e_mean = acc_s / H
-        acc_v = zero
-        for k0 in range(0, H, BLOCK_K):
-            k_offs = k0 + tl.arange(0, BLOCK_K)
-            x = _embedded_chunk(token_table_ptr, prompt_table_ptr, pos_table_ptr, embed_w_ptr, embed_b_ptr,
-                                tok, pr, pos, use_prompt, row_mask, k_offs, H, token_stride,
-                                prompt_stride, pos_stride, zero, zero, HAS_POS, HAS_EMBED_NORM, False)
-            xc = tl.where((k_offs < H)[None, :], x - e_mean[:, None], 0.0)
-            acc_v += tl.sum(xc * xc, axis=1)
-        e_rstd = 1.0 / tl.sqrt(acc_v / H + embed_eps)
-
-    # layer 0's input norm, over the rounded residual (as the model computes it)
+        e_mean = _centered_sum_sq(token_table_ptr, prompt_table_ptr, pos_table_ptr, embed_w_ptr, embed_b_ptr,
+                                  tok, pr, pos, use_prompt, row_mask, H, token_stride, prompt_stride, pos_stride,
+                                  zero, zero, zero,
+                                  HAS_POS, HAS_EMBED_NORM, False, True, BLOCK_K) / H
+        e_var = _centered_sum_sq(token_table_ptr, prompt_table_ptr, pos_table_ptr, embed_w_ptr, embed_b_ptr,
+                                 tok, pr, pos, use_prompt, row_mask, H, token_stride, prompt_stride, pos_stride,
+                                 zero, zero, e_mean,
+                                 HAS_POS, HAS_EMBED_NORM, False, False, BLOCK_K) / H
+        e_rstd = 1.0 / tl.sqrt(e_var + embed_eps)
     mean = zero
     if not RMS:
-        acc_s = zero
-        for k0 in range(0, H, BLOCK_K):
-            h = _embedded_chunk(token_table_ptr, prompt_table_ptr, pos_table_ptr, embed_w_ptr, embed_b_ptr,
-                                tok, pr, pos, use_prompt, row_mask, k0 + tl.arange(0, BLOCK_K), H, token_stride,
-                                prompt_stride, pos_stride, e_mean, e_rstd, HAS_POS, HAS_EMBED_NORM, True)
-            acc_s += tl.sum(h, axis=1)
-        mean = acc_s / H
-    acc_v = zero
-    for k0 in range(0, H, BLOCK_K):
-        k_offs = k0 + tl.arange(0, BLOCK_K)
-        h = _embedded_chunk(token_table_ptr, prompt_table_ptr, pos_table_ptr, embed_w_ptr, embed_b_ptr,
-                            tok, pr, pos, use_prompt, row_mask, k_offs, H, token_stride,
-                            prompt_stride, pos_stride, e_mean, e_rstd, HAS_POS, HAS_EMBED_NORM, True)
-        hc = tl.where((k_offs < H)[None, :], h - mean[:, None], 0.0)
-        acc_v += tl.sum(hc * hc, axis=1)
-    rstd = 1.0 / tl.sqrt(acc_v / H + norm_eps)
+        mean = _centered_sum_sq(token_table_ptr, prompt_table_ptr, pos_table_ptr, embed_w_ptr, embed_b_ptr,
+                                tok, pr, pos, use_prompt, row_mask, H, token_stride, prompt_stride, pos_stride,
+                                e_mean, e_rstd, zero,
+                                HAS_POS, HAS_EMBED_NORM, True, True, BLOCK_K) / H
+    var = _centered_sum_sq(token_table_ptr, prompt_table_ptr, pos_table_ptr, embed_w_ptr, embed_b_ptr,
+                           tok, pr, pos, use_prompt, row_mask, H, token_stride, prompt_stride, pos_stride,
+                           e_mean, e_rstd, mean,
+                           HAS_POS, HAS_EMBED_NORM, True, False, BLOCK_K) / H
+    rstd = 1.0 / tl.sqrt(var + norm_eps)
 
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
@@ -181,33 +189,11 @@ def fused_input_qkv(
     x is row t of [prompt rows ; token rows] after the embedding step (see the module docstring). `weight` is
     [N, H] in any strides ([in, out] storage too). With `residual_is_normed` the first output is the normed input
     (layer 0's residual when the model adds the residual after the norm). Indices are not bounds-checked."""
+    check_input_args(token_ids, prompt_rows, is_prompt, token_table, prompt_table, positions, pos_table, embed_norm,
+                     input_norm)
     t = token_ids.shape[0]
     h = token_table.shape[1]
-    if not (token_ids.dim() == prompt_rows.dim() == is_prompt.dim() == 1
-            and prompt_rows.shape[0] == is_prompt.shape[0] == t):
-        raise ValueError("token_ids, prompt_rows and is_prompt must be 1-D of the same length")
-    if is_prompt.dtype != torch.bool:
-        raise ValueError(f"is_prompt must be bool, got {is_prompt.dtype}")
-    if token_table.dim() != 2 or prompt_table.dim() != 2 or prompt_table.shape[1] != h:
-        raise ValueError(f"tables must be [*, {h}], got {tuple(token_table.shape)} and {tuple(prompt_table.shape)}")
-    if prompt_table.dtype != token_table.dtype:
-        raise ValueError(f"table dtypes differ: {token_table.dtype} vs {prompt_table.dtype}")
-    if token_table.stride(1) != 1 or prompt_table.stride(1) != 1:
-        raise ValueError("tables must have unit stride on the hidden dim")
-    if (positions is None) != (pos_table is None):
-        raise ValueError("positions and pos_table go together")
-    if pos_table is not None and (pos_table.dim() != 2 or pos_table.shape[1] != h or pos_table.stride(1) != 1):
-        raise ValueError(f"pos_table must be [max_pos, {h}] with unit stride on the hidden dim")
-    if positions is not None and positions.shape != (t,):
-        raise ValueError(f"positions must be [{t}]")
     norm_w, norm_b, norm_eps, kind = input_norm
-    if kind not in ("rms", "layer"):
-        raise ValueError(f"input norm kind must be 'rms' or 'layer', got {kind!r}")
-    if kind == "rms" and norm_b is not None:
-        raise ValueError("RMSNorm takes no bias")
-    vectors = [norm_w, norm_b] + (list(embed_norm[:2]) if embed_norm is not None else [])
-    if any(v is not None and v.shape != (h,) for v in vectors):
-        raise ValueError(f"norm weights and biases must be [{h}]")
     if norm_w.dtype != token_table.dtype:
         raise ValueError(f"the input norm's weight must be in the tables' dtype {token_table.dtype}, "
                          f"got {norm_w.dtype}")

@@ -70,7 +70,7 @@ def _num_warps(block: int) -> int:
     return 16 if block >= 8192 else 8 if block >= 2048 else 4
 
 
-def fused_prompt_input(
+def check_input_args(
     token_ids: Tensor,
     prompt_rows: Tensor,
     is_prompt: Tensor,
@@ -80,8 +80,8 @@ def fused_prompt_input(
     pos_table: Tensor | None,
     embed_norm: tuple[Tensor, Tensor, float] | None,
     input_norm: tuple[Tensor, Tensor | None, float, str],
-) -> tuple[Tensor, Tensor]:
-    """(residual [T, H], normed [T, H]) of layer 0, in the tables' dtype. Indices are not bounds-checked."""
+) -> None:
+    """ValueError naming the problem with a first-layer-input kernel's arguments (shared with input_qkv.py)."""
     t = token_ids.shape[0]
     h = token_table.shape[1]
     if not (token_ids.dim() == prompt_rows.dim() == is_prompt.dim() == 1
@@ -109,6 +109,25 @@ def fused_prompt_input(
     vectors = [norm_w, norm_b] + (list(embed_norm[:2]) if embed_norm is not None else [])
     if any(v is not None and v.shape != (h,) for v in vectors):
         raise ValueError(f"norm weights and biases must be [{h}]")
+
+
+def fused_prompt_input(
+    token_ids: Tensor,
+    prompt_rows: Tensor,
+    is_prompt: Tensor,
+    token_table: Tensor,
+    prompt_table: Tensor,
+    positions: Tensor | None,
+    pos_table: Tensor | None,
+    embed_norm: tuple[Tensor, Tensor, float] | None,
+    input_norm: tuple[Tensor, Tensor | None, float, str],
+) -> tuple[Tensor, Tensor]:
+    """(residual [T, H], normed [T, H]) of layer 0, in the tables' dtype. Indices are not bounds-checked."""
+    check_input_args(token_ids, prompt_rows, is_prompt, token_table, prompt_table, positions, pos_table, embed_norm,
+                     input_norm)
+    t = token_ids.shape[0]
+    h = token_table.shape[1]
+    norm_w, norm_b, norm_eps, kind = input_norm
 
     residual = token_table.new_empty(t, h)
     normed = token_table.new_empty(t, h)
