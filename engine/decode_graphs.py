@@ -110,20 +110,20 @@ class DecodeGraphs:
         for row, seq in enumerate(perm):
             inverse[seq] = row
         starts = starts + [size] * (size + 1 - len(starts))  # the padding group [n, size), then empty groups
-        scratch_slot = self.scratch_block * self.pool.block_size
-        b, dev = self.buffers, self.device
-        b.ids[:size].copy_(index_tensor(ids + [0] * pad, dev))
-        b.positions[:size].copy_(index_tensor(positions + [0] * pad, dev))
         bs = self.pool.block_size
+        scratch_slot = self.scratch_block * bs
+        b = self.buffers  # each copy_ below is one host-to-device copy from a host tensor
+        b.ids[:size].copy_(index_tensor(ids + [0] * pad))
+        b.positions[:size].copy_(index_tensor(positions + [0] * pad))
         slots = [s.own_blocks[s.own_start // bs] * bs + s.own_start % bs for s in slices]
-        b.slots[:size].copy_(index_tensor(slots + [scratch_slot] * pad, dev))
-        b.perm[:size].copy_(index_tensor(perm, dev))
-        b.inverse[:size].copy_(index_tensor(inverse, dev))
-        b.group_starts[:size + 1].copy_(index_tensor(starts, dev, torch.int32))
-        b.group_lens[:size].copy_(index_tensor([s.prefix_len for s in firsts] + [0] * (size - num_groups), dev,
-                                               torch.int32))
-        b.own_lens[:size].copy_(index_tensor([slices[i].own_start + 1 for i in perm[:n]] + [1] * pad, dev,
-                                             torch.int32))
+        b.slots[:size].copy_(index_tensor(slots + [scratch_slot] * pad))
+        b.perm[:size].copy_(index_tensor(perm))
+        b.inverse[:size].copy_(index_tensor(inverse))
+        b.group_starts[:size + 1].copy_(index_tensor(starts, dtype=torch.int32))
+        b.group_lens[:size].copy_(index_tensor([s.prefix_len for s in firsts] + [0] * (size - num_groups),
+                                               dtype=torch.int32))
+        b.own_lens[:size].copy_(index_tensor([slices[i].own_start + 1 for i in perm[:n]] + [1] * pad,
+                                             dtype=torch.int32))
         _write_rows(b.group_tables, [s.prefix_blocks for s in firsts])
         _write_rows(b.own_tables, [slices[i].own_blocks for i in perm[:n]] + [[self.scratch_block]] * pad)
 
@@ -157,4 +157,4 @@ def _write_rows(table: Tensor, rows: list[list[int]]) -> None:
     if not rows or not width:
         return
     flat = [v for r in rows for v in r + [0] * (width - len(r))]
-    table[:len(rows), :width].copy_(index_tensor(flat, table.device, torch.int32).view(len(rows), width))
+    table[:len(rows), :width].copy_(index_tensor(flat, dtype=torch.int32).view(len(rows), width))
