@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .attention_torch import SeqSlice
+from .attention_torch import SeqSlice, new_token_slots
 from .attention_triton import TritonPagedAttention, import_kernels
 from .indices import index_tensor
 from .kv_pool import KVPool
@@ -110,13 +110,11 @@ class DecodeGraphs:
         for row, seq in enumerate(perm):
             inverse[seq] = row
         starts = starts + [size] * (size + 1 - len(starts))  # the padding group [n, size), then empty groups
-        bs = self.pool.block_size
-        scratch_slot = self.scratch_block * bs
         b = self.buffers  # each copy_ below is one host-to-device copy from a host tensor
         b.ids[:size].copy_(index_tensor(ids + [0] * pad))
         b.positions[:size].copy_(index_tensor(positions + [0] * pad))
-        slots = [s.own_blocks[s.own_start // bs] * bs + s.own_start % bs for s in slices]
-        b.slots[:size].copy_(index_tensor(slots + [scratch_slot] * pad))
+        b.slots[:n].copy_(new_token_slots(slices, self.pool.block_size))
+        b.slots[n:size].fill_(self.scratch_block * self.pool.block_size)
         b.perm[:size].copy_(index_tensor(perm))
         b.inverse[:size].copy_(index_tensor(inverse))
         b.group_starts[:size + 1].copy_(index_tensor(starts, dtype=torch.int32))

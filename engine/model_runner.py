@@ -130,10 +130,10 @@ class ModelRunner:
             prefix_blocks = seq.prefix.blocks if seq.prefix is not None else []
             slices.append(SeqSlice(n, prefix_blocks, p, seq.blocks, start))
         if self.decode_graphs is not None and self.decode_graphs.applies(slices):
-            hidden = self.decode_graphs.run(ids, positions, slices).clone()  # the graph's buffer is reused
+            hidden = self.decode_graphs.run(ids, positions, slices)  # one row per sequence, in a reused buffer
             if all_rows or rows_for is None:
-                return hidden
-            return hidden.index_select(0, index_tensor(rows_for, self.device))
+                return hidden.clone()
+            return hidden.index_select(0, index_tensor(rows_for, self.device))  # a copy too
         ids_t = index_tensor(ids, self.device)
         pos_t = index_tensor(positions, self.device)
         attention = self._attention(slices, pos_t)

@@ -12,7 +12,6 @@ from .common import Attention
 from .linear import transposed_storage
 
 
-
 @dataclass(frozen=True)
 class Layer0Input:
     """What a fused first-layer-input kernel computed in place of the embedding step and layer 0's input norm.
