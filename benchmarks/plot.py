@@ -23,7 +23,7 @@ def _title(report: dict[str, Any]) -> str:
 def _throughput(ax_pair, report: dict[str, Any]) -> None:
     names = list(report["systems"])
     engine_s = report["systems"]["engine"]["seconds"]
-    colors = ["tab:green" if n == "engine" else "tab:gray" for n in names]
+    colors = ["tab:green" if n == "engine" else "tab:olive" if n.startswith("engine_") else "tab:gray" for n in names]
     metrics = (("output_tok_s", "output tok/s"), ("total_tok_s", "total tok/s (P + input + output)"))
     for ax, (key, label) in zip(ax_pair, metrics):
         values = [report["systems"][n][key] for n in names]

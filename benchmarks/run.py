@@ -12,6 +12,7 @@ import dataclasses
 import json
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,10 @@ def _rates(text: str) -> tuple[float, ...]:
     return rates
 
 
-def measure(spec: WorkloadSpec, args: argparse.Namespace) -> dict[str, Any]:
+def measure(spec: WorkloadSpec, args: argparse.Namespace,
+            on_partial: Callable[[dict[str, Any]], None] = lambda report: None) -> dict[str, Any]:
+    """The workload's report; throughput workloads also hand `on_partial` the report so far before each optional
+    system (another backend, HF static + compile), so a run stopped during one keeps the rest."""
     config, serving = spec.resolved(args.quick)
     if args.rates is not None or args.duration is not None:
         if serving is None:
@@ -78,16 +82,38 @@ def measure(spec: WorkloadSpec, args: argparse.Namespace) -> dict[str, Any]:
             if args.duration <= 0:
                 raise ValueError("--duration must be positive")
             serving = dataclasses.replace(serving, duration_s=args.duration)
+    if args.compare_backend is not None and spec.kind != "throughput":
+        raise ValueError(f"--compare-backend applies to throughput workloads, not {spec.name} ({spec.kind})")
     if serving is not None:
         return serving_mod.measure_serving(spec, config, serving, backend=args.backend, workdir=args.workdir)
     repeats = args.repeats or (1 if args.quick else 3)
     if repeats < 1:
         raise ValueError("--repeats must be >= 1")
+    if args.repeat_budget <= 0:
+        raise ValueError("--repeat-budget must be positive")
+    if args.compare_backend is not None and args.compare_backend == args.backend:
+        raise ValueError(f"--compare-backend {args.compare_backend} is already the engine's --backend")
     if spec.replicas is not None:
         return replicas_mod.measure_replicas(spec, config, spec.replicas, repeats, workdir=args.workdir)
+    peak = _peak(args)
+
+    def report(m: throughput.Measurements) -> dict[str, Any]:
+        return throughput.build_report(spec, m, repeats, peak, args.repeat_budget)
+
     m = throughput.measure_all(spec, config, repeats, backend=args.backend, workdir=args.workdir,
-                               profile=args.profile, hf_static=False if args.skip_hf_static else None)
-    return throughput.build_report(spec, m, repeats, _peak(args))
+                               profile=args.profile, hf_static=False if args.skip_hf_static else None,
+                               repeat_budget_s=args.repeat_budget, compare_backend=args.compare_backend,
+                               on_partial=lambda m: on_partial(report(m)))
+    return report(m)
+
+
+def finish_report(report: dict[str, Any], quick: bool, command: str,
+                  start: tuple[float, float, float, float] | None) -> None:
+    """Add the run's environment (device, versions, command, commit, contention since `start`) to `report`."""
+    report["quick"] = quick
+    busy = contention(start, report.pop("own_children_cpu_s", 0.0))  # a local Ray cluster's processes are ours
+    report["environment"] = {**environment(report["workload"]["device"], command), "contention_cpu_s": busy,
+                             "peak_rss_bytes": peak_rss_bytes()}
 
 
 def run_args(args: argparse.Namespace, command: str) -> int:
@@ -107,15 +133,21 @@ def run_args(args: argparse.Namespace, command: str) -> int:
         if spec.config.device == "cpu":
             torch.set_num_threads(args.threads or 2)  # the published CPU figures use 2 (the project's CPU machines)
         start = cpu_seconds()
-        report = measure(spec, args)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+
+        def write_partial(partial: dict[str, Any]) -> None:
+            finish_report(partial, args.quick, command, start)
+            partial["partial"] = True
+            json_path.write_text(json.dumps(partial, indent=2) + "\n")
+            throughput.print_report(partial)
+            pending = ", ".join(n for n, why in partial["skipped"].items() if why.startswith("pending"))
+            print(f"wrote {json_path} (partial: {pending} still to run)", flush=True)
+
+        report = measure(spec, args, write_partial)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    report["quick"] = args.quick
-    busy = contention(start, report.pop("own_children_cpu_s", 0.0))  # a local Ray cluster's processes are ours
-    report["environment"] = {**environment(spec.config.device, command), "contention_cpu_s": busy,
-                             "peak_rss_bytes": peak_rss_bytes()}
-    json_path.parent.mkdir(parents=True, exist_ok=True)
+    finish_report(report, args.quick, command, start)
     skipped = write_plot(report, png_path)
     report["plot"] = None if skipped else png_path.name
     report["plot_skipped"] = skipped

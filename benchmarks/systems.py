@@ -24,10 +24,9 @@ class EngineSystem:
     """Our engine; `reset` re-registers every prompt so the next run computes prefixes cold. On the CPU the KV pool
     keeps the engine's default size; on CUDA it is sized to the workload (see `kv_pool_bytes`)."""
 
-    name = "engine"
-
-    def __init__(self, workload: Workload, backend: str = "torch", precompute: bool = False):
+    def __init__(self, workload: Workload, backend: str = "torch", precompute: bool = False, name: str = "engine"):
         cfg = workload.config
+        self.name = name
         self.workload = workload
         self.backend = backend
         self.label = f'engine (backend="{backend}")'

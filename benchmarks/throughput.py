@@ -6,6 +6,7 @@ from __future__ import annotations
 import cProfile
 import dataclasses
 import gc
+import math
 import pstats
 import random
 import tempfile
@@ -46,8 +47,9 @@ class SystemResult:
         return min(self.runs)
 
 
-def measure(system: Any, workload: Workload, repeats: int) -> SystemResult:
-    """Warm up, then time `repeats` full runs of the workload (`reset` outside the timed region)."""
+def measure(system: Any, workload: Workload, repeats: int, budget_s: float = math.inf) -> SystemResult:
+    """Warm up, then time up to `repeats` full runs of the workload (`reset` outside the timed region), stopping
+    early once the timed runs add up to `budget_s`: a run that long varies little, and the GPU lease is short."""
     device = workload.config.device
     system.warmup()
     runs, tokens = [], []
@@ -59,6 +61,9 @@ def measure(system: Any, workload: Workload, repeats: int) -> SystemResult:
             tokens = system.generate(workload.items)
             sync(device)
             runs.append(time.perf_counter() - start)
+            if sum(runs) >= budget_s:
+                break
+    print(f"{system.name}: {min(runs):.3f} s (best of {len(runs)})", flush=True)
     return SystemResult(system.name, system.label, runs, tokens, system.info(), mem.result)
 
 
@@ -156,11 +161,16 @@ class Measurements:
 
 
 def measure_all(spec: WorkloadSpec, config: WorkloadConfig, repeats: int, *, backend: str = "torch",
-                workdir: Path | None = None, profile: bool = False, hf_static: bool | None = None) -> Measurements:
+                workdir: Path | None = None, profile: bool = False, hf_static: bool | None = None,
+                repeat_budget_s: float = math.inf, compare_backend: str | None = None,
+                on_partial: Callable[[Measurements], None] | None = None) -> Measurements:
     """Every system in turn on one generated workload, each built just before it is timed and freed after.
-    `hf_static`: run the static-cache + torch.compile baseline (None: on CUDA only)."""
+
+    First the engine, HF mixed-task, PEFT and (half precision) the fp32 answer; then the optional systems, whose
+    failure is reported rather than fatal: the engine on `compare_backend` (system `engine_<backend>`) and the
+    static-cache + torch.compile baseline (`hf_static`; None: on CUDA only). Before each optional system
+    `on_partial` receives the measurements so far, so a run stopped during a compile keeps the rest."""
     on_cuda = config.device == "cuda"
-    why_not_static = "CUDA only (static cache + torch.compile)" if not on_cuda else "not requested (--skip-hf-static)"
     hf_static = on_cuda if hf_static is None else hf_static
     with tempfile.TemporaryDirectory() as tmp:
         workload = build_workload(config, workdir or Path(tmp))
@@ -168,10 +178,9 @@ def measure_all(spec: WorkloadSpec, config: WorkloadConfig, repeats: int, *, bac
         sample = sorted(random.Random(config.seed).sample(range(config.num_requests),
                                                           min(config.agreement_sample, config.num_requests)))
         results: dict[str, SystemResult] = {}
-        skipped: dict[str, str] = {}
 
         engine = EngineSystem(workload, backend=backend)
-        results["engine"] = measure(engine, workload, repeats)
+        results["engine"] = measure(engine, workload, repeats, repeat_budget_s)
         kv = kv_bytes_per_request(workload, engine.engine)
         misses = engine.prefix_misses[1:]  # [0] is the warm-up
         if profile:
@@ -180,38 +189,54 @@ def measure_all(spec: WorkloadSpec, config: WorkloadConfig, repeats: int, *, bac
         release_memory(config.device)
 
         hf = HFMixedTask(workload)
-        results["hf_mixed"] = measure(hf, workload, repeats)
+        results["hf_mixed"] = measure(hf, workload, repeats, repeat_budget_s)
         del hf
         release_memory(config.device)
 
         peft_system = PeftPerTask(workload, adapter_dirs)  # every adapter loaded before timing
-        results["peft"] = measure(peft_system, workload, repeats)
+        results["peft"] = measure(peft_system, workload, repeats, repeat_budget_s)
         peft_unpadded = peft_system.generate_unpadded([workload.items[i] for i in sample])
         del peft_system
         release_memory(config.device)
-
-        if hf_static:
-            static = None
-            try:
-                static = HFStaticCompiled(workload, compile_on_cpu=not on_cuda)
-                results["hf_static"] = measure(static, workload, repeats)
-            except Exception as exc:  # noqa: BLE001 - "where it runs": a compile failure is reported, not fatal
-                first_line = str(exc).splitlines()[0] if str(exc) else ""
-                skipped["hf_static"] = f"failed: {type(exc).__name__}: {first_line}"[:300]
-            del static
-            release_memory(config.device)
-        else:
-            skipped["hf_static"] = why_not_static
 
         fp32 = None
         if config.dtype != "float32":
             fp32 = fp32_reference(workload, [workload.items[i] for i in sample])
             release_memory(config.device)
         floor = cpu_floor(workload) if spec.cpu_floor else None
-        return Measurements(workload, results, skipped, sample, peft_unpadded, misses, kv, floor, fp32)
+
+        optional: dict[str, Callable[[], Any]] = {}
+        if compare_backend is not None:
+            optional[f"engine_{compare_backend}"] = lambda: EngineSystem(workload, backend=compare_backend,
+                                                                         name=f"engine_{compare_backend}")
+        if hf_static:
+            optional["hf_static"] = lambda: HFStaticCompiled(workload, compile_on_cpu=not on_cuda)
+        skipped = {"hf_static": "CUDA only (static cache + torch.compile)" if not on_cuda
+                   else "not requested (--skip-hf-static)"} if not hf_static else {}
+        m = Measurements(workload, results, skipped, sample, peft_unpadded, misses, kv, floor, fp32)
+        for name, build in optional.items():
+            if on_partial is not None:
+                pending = {n: "pending: runs after the others" for n in optional if n not in results and n not in skipped}
+                on_partial(dataclasses.replace(m, results=dict(results), skipped={**skipped, **pending}))
+            system = None
+            try:
+                system = build()
+                results[name] = measure(system, workload, repeats, repeat_budget_s)
+            except Exception as exc:  # noqa: BLE001 - optional: the other figures stand without it
+                skipped[name] = _failure(exc)
+                print(f"{name}: {skipped[name]}", flush=True)
+            del system
+            release_memory(config.device)
+        return m
 
 
-def build_report(spec: WorkloadSpec, m: Measurements, repeats: int, peak: DevicePeak | None = None) -> dict[str, Any]:
+def _failure(exc: Exception) -> str:
+    first_line = str(exc).splitlines()[0] if str(exc) else ""
+    return f"failed: {type(exc).__name__}: {first_line}"[:300]
+
+
+def build_report(spec: WorkloadSpec, m: Measurements, repeats: int, peak: DevicePeak | None = None,
+                 repeat_budget_s: float = math.inf) -> dict[str, Any]:
     cfg = m.workload.config
     counts = token_counts(m.workload)
     eng = m.results["engine"]
@@ -223,6 +248,7 @@ def build_report(spec: WorkloadSpec, m: Measurements, repeats: int, peak: Device
     return {
         "workload": {"description": spec.description, "kind": "throughput", **dataclasses.asdict(cfg)},
         "repeats": repeats,
+        "repeat_budget_s": None if math.isinf(repeat_budget_s) else repeat_budget_s,
         "token_counts": counts,
         "systems": {r.name: {"label": r.label, "seconds": r.seconds, "runs": r.runs,
                              "output_tok_s": counts["output"] / r.seconds, "total_tok_s": counts["total"] / r.seconds,
@@ -247,12 +273,15 @@ def print_report(report: dict[str, Any], out: Callable[[str], None] = print) -> 
     w = report["workload"]
     engine_s = report["systems"]["engine"]["seconds"]
     out(f"\nWorkload {w['name']} ({w['device']}, {w['dtype']}): {w['num_tasks']} tasks x P={w['prompt_len']}, "
-        f"{w['num_requests']} requests, {w['new_tokens']} new tokens each (best of {report['repeats']})")
-    out(f"{'system':<10} {'seconds':>9} {'out tok/s':>10} {'total tok/s':>12} {'engine speedup':>15} {'peak mem':>10}")
+        f"{w['num_requests']} requests, {w['new_tokens']} new tokens each (best of up to {report['repeats']}"
+        + (f", fewer once a system's runs add up to {budget:g} s" if (budget := report.get("repeat_budget_s")) else "")
+        + ")")
+    out(f"{'system':<10} {'seconds':>9} {'runs':>4} {'out tok/s':>10} {'total tok/s':>12} {'engine speedup':>15} "
+        f"{'peak mem':>10}")
     for name, s in report["systems"].items():
         mem = s["memory"]
         mem_text = f"{mem['peak_allocated_bytes'] / 2**30:.2f} GiB" if mem else "n/a"
-        out(f"{name:<10} {s['seconds']:>9.3f} {s['output_tok_s']:>10.0f} {s['total_tok_s']:>12.0f} "
+        out(f"{name:<10} {s['seconds']:>9.3f} {len(s['runs']):>4} {s['output_tok_s']:>10.0f} {s['total_tok_s']:>12.0f} "
             f"{s['seconds'] / engine_s:>14.2f}x {mem_text:>10}")
     for name, why in report["skipped"].items():
         out(f"{name:<10} skipped: {why}")

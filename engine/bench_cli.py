@@ -26,10 +26,16 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run of the workload")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed runs per system, best reported (default 3, 1 with --quick)")
+    parser.add_argument("--repeat-budget", type=float, default=20.0, metavar="SECONDS",
+                        help="a system stops repeating once its timed runs add up to this, so slow baselines on a "
+                             "short GPU lease run once (default 20)")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR|FILE.json",
                         help="results directory (default benchmarks/results/), or the JSON file to write; "
                              "the PNG plot goes beside it")
     parser.add_argument("--backend", default="torch", choices=("torch", "triton"), help="engine backend")
+    parser.add_argument("--compare-backend", default=None, choices=("torch", "triton"),
+                        help="throughput workloads: also time the engine on this backend, as system "
+                             "engine_<backend> in the same run (after the baselines; a failure is reported)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep the generated checkpoint here and reuse it on later runs (default: a temp dir)")
     parser.add_argument("--rates", default=None, metavar="R1,R2,...", help="serving workloads: arrival rates (req/s)")

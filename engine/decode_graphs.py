@@ -9,9 +9,10 @@ change:
   one group of the padding rows, then empty groups up to Bp;
 - block tables are as wide as the longest possible sequence (the model's positions), and a step writes only the
   part it uses (the lengths bound every read).
-Each step's metadata is copied into the buffers, then the bucket's graph is replayed. On CUDA a bucket's graph is
-captured on first use (after a warm-up run that compiles the kernels); elsewhere (the CPU under the Triton
-interpreter, for the tests) the same padded step runs eagerly, so the padding is tested without a GPU.
+Each step's metadata is copied into the buffers, then the bucket's graph is replayed. On CUDA every bucket's graph
+is captured when the engine starts (`capture_all`, as vLLM does: no request waits for a capture or a kernel
+compile), each over a step of padding rows alone; elsewhere (the CPU under the Triton interpreter, for the tests)
+the same padded step runs eagerly, so the padding is tested without a GPU.
 """
 
 from __future__ import annotations
@@ -92,12 +93,26 @@ class DecodeGraphs:
         if not self.capture:
             out = self._step(size)
         else:
-            if size not in self.graphs:
+            if size not in self.graphs:  # only if capture_all was not called
                 self._capture(size)
             graph, out = self.graphs[size]
             graph.replay()
         self.replays += 1
         return out[:n]
+
+    def capture_all(self) -> None:
+        """Capture every bucket's graph now (CUDA only), largest first so the smaller ones reuse its memory."""
+        if not self.capture:
+            return
+        for size in reversed(self.buckets):
+            if size not in self.graphs:
+                self.fill_padding(size)
+                self._capture(size)
+
+    def fill_padding(self, size: int) -> None:
+        """Metadata of a step of `size` padding rows and no sequence: what a capture runs (its K/V go to the
+        scratch block alone)."""
+        self._fill([], [], [], size)
 
     def _fill(self, ids: list[int], positions: list[int], slices: list[SeqSlice], size: int) -> None:
         """Copy one step's metadata into the first `size` rows of the buffers (padding rows and groups included)."""

@@ -39,6 +39,7 @@ class ModelRunner:
         if decode_graphs_for is not None:
             layer0 = lambda ids, positions: self._fused_layer0(ids, None, positions)  # noqa: E731
             self.decode_graphs = DecodeGraphs(model, pool, layer0, decode_graphs_for, self.device)
+            self.decode_graphs.capture_all()
 
     def _attention(self, slices: list[SeqSlice], positions: Tensor) -> Attention:
         c = self.model.config

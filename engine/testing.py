@@ -169,6 +169,25 @@ def _reinit_(model: torch.nn.Module, seed: int, logit_std: float = 2.0) -> None:
                 draw(p, 1.0 / math.sqrt(fan_in))
 
 
+def _uninitialised_model(config: Any) -> torch.nn.Module:
+    """The model with its parameters left as allocated, tied as `config` says: `_reinit_` draws every one of them,
+    and HF's own init (half a minute for a 1B model on a CPU) would only be overwritten."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    with torch.random.fork_rng(devices=[]), no_init_weights():  # nor may HF touch the caller's global RNG
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.tie_weights()  # skipped with the init
+    if getattr(config, "tie_word_embeddings", False):
+        head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+        if head is not None and head.weight is not embed.weight:
+            raise RuntimeError("tie_weights() did not tie the LM head to the embeddings")
+    return model
+
+
 def build_tiny_checkpoint(arch: str, out_dir: str | Path, *, dtype: torch.dtype = torch.float32, seed: int = 0,
                           vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
                           num_kv_heads: int | None = None, intermediate_size: int | None = None,
@@ -176,14 +195,11 @@ def build_tiny_checkpoint(arch: str, out_dir: str | Path, *, dtype: torch.dtype 
                           with_tokenizer: bool = True, shard_size: str | None = None,
                           **config_overrides: Any) -> Path:
     """Save a tiny `arch` causal LM with seed-determined random weights (+ tokenizer) as safetensors in `out_dir`."""
-    from transformers import AutoModelForCausalLM
-
     out_dir = Path(out_dir)
     config = _hf_config(arch, vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
                         num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
                         max_positions=max_positions, tie_word_embeddings=tie_word_embeddings, **config_overrides)
-    with torch.random.fork_rng(devices=[]):  # HF's own init would otherwise advance the caller's global RNG
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = _uninitialised_model(config)
     _reinit_(model, seed)
     model = model.to(dtype).eval()
     with _quiet():

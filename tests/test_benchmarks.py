@@ -11,11 +11,12 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from benchmarks import c1, run, table
+from benchmarks import c1, run, table, throughput
 from benchmarks.roofline import layer_linear_params, peak_for
 from benchmarks.serving import max_rate_held
 from benchmarks.workloads import WORKLOADS, ModelShape, get_workload, poisson_arrivals
@@ -64,6 +65,82 @@ def test_quick_c1(tmp_path):
     assert row.startswith("| C1 |")
     assert f"`{r['environment']['command']}`" in row and f"**{r['ratios']['engine/peft']:.2f}×**" in row
 
+
+
+def _engine_on_torch_whatever_backend(monkeypatch) -> None:
+    """`--compare-backend` engines run on the torch backend (the same tokens), so these tests need no Triton."""
+    real = throughput.EngineSystem
+    monkeypatch.setattr(throughput, "EngineSystem", lambda workload, backend="torch", **kw: real(workload, **kw))
+
+
+def test_a_stop_during_an_optional_system_leaves_a_complete_report_of_the_rest(tmp_path, monkeypatch, capsys):
+    """The optional systems (another backend, HF static + compile) run after the others, each after the report so
+    far is written: a GPU step stopped at its time limit during the compile (SIGINT: KeyboardInterrupt) still
+    leaves the engine, HF, PEFT and the other backend's figures."""
+    _engine_on_torch_whatever_backend(monkeypatch)
+    real = throughput.measure_all
+    monkeypatch.setattr(throughput, "measure_all", lambda *a, **k: real(*a, **{**k, "hf_static": True}))
+
+    class StoppedDuringCompile:
+        def __init__(self, *args, **kwargs):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(throughput, "HFStaticCompiled", StoppedDuringCompile)
+    with pytest.raises(KeyboardInterrupt):
+        run.main(["--quick", "--workload", "C1", "--compare-backend", "triton", "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("*.json")
+    report = json.loads(path.read_text())
+    assert report["partial"] is True and report["skipped"] == {"hf_static": "pending: runs after the others"}
+    assert set(report["systems"]) == {"engine", "engine_triton", "hf_mixed", "peft"} and report["agreement"]["pass"]
+    assert report["agreement"]["pairs"]["engine~engine_triton"]["exact"] == 1.0
+    assert report["environment"]["command"].endswith("--out " + str(tmp_path))
+    out = capsys.readouterr().out
+    assert f"wrote {path} (partial: engine_triton, hf_static still to run)" in out
+    assert f"wrote {path} (partial: hf_static still to run)" in out and "Workload C1" in out
+
+
+def test_a_failing_comparison_backend_is_reported_not_fatal(tmp_path, monkeypatch):
+    real = throughput.EngineSystem
+
+    def engine_system(workload, backend="torch", **kw):
+        if backend != "torch":
+            raise RuntimeError("no such backend here\nsecond line")
+        return real(workload, backend=backend, **kw)
+
+    monkeypatch.setattr(throughput, "EngineSystem", engine_system)
+    r = _run(tmp_path, "--workload", "C1", "--compare-backend", "triton")
+    assert set(r["systems"]) == {"engine", "hf_mixed", "peft"} and "partial" not in r
+    assert r["skipped"]["engine_triton"] == "failed: RuntimeError: no such backend here"
+    assert r["skipped"]["hf_static"].startswith("CUDA only")
+
+
+def test_repeats_stop_once_the_runs_add_up_to_the_budget(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(throughput, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    class TwoSecondRuns:
+        name, label = "slow", "a system whose runs take 2 s"
+        calls = 0
+
+        def warmup(self):
+            pass
+
+        def reset(self):
+            pass
+
+        def generate(self, items):
+            TwoSecondRuns.calls += 1
+            clock[0] += 2.0
+            return [[1]]
+
+        def info(self):
+            return {}
+
+    workload = SimpleNamespace(config=SimpleNamespace(device="cpu"), items=[None])
+    assert throughput.measure(TwoSecondRuns(), workload, repeats=3).runs == [2.0, 2.0, 2.0]
+    assert len(throughput.measure(TwoSecondRuns(), workload, repeats=3, budget_s=3.0).runs) == 2
+    assert len(throughput.measure(TwoSecondRuns(), workload, repeats=3, budget_s=1.0).runs) == 1
+    assert TwoSecondRuns.calls == 6
 
 
 def test_quick_ray_replicas(tmp_path):
@@ -123,6 +200,12 @@ def test_usage_errors(tmp_path, capsys):
     assert "unknown workload 'nope'" in capsys.readouterr().err
     assert run.main(["--workload", "C1", "--rates", "1,2", "--out", str(tmp_path)]) == 2
     assert "serving workloads" in capsys.readouterr().err
+    assert run.main(["--workload", "SERVE-CPU", "--compare-backend", "triton", "--out", str(tmp_path)]) == 2
+    assert "--compare-backend applies to throughput workloads" in capsys.readouterr().err
+    assert run.main(["--workload", "C1", "--compare-backend", "torch", "--out", str(tmp_path)]) == 2
+    assert "already the engine's --backend" in capsys.readouterr().err
+    assert run.main(["--workload", "C1", "--repeat-budget", "0", "--out", str(tmp_path)]) == 2
+    assert "--repeat-budget must be positive" in capsys.readouterr().err
 
 
 def test_bench_cli_and_c1_alias(monkeypatch, capsys):

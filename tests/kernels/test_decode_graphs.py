@@ -14,6 +14,7 @@ from softprompt import Engine
 from softprompt.engine.decode_graphs import bucket_sizes
 from softprompt.engine.errors import SoftPromptError
 from softprompt.engine.kv_pool import KVPool
+from softprompt.engine.testing import build_prompt_tensor
 
 from ..runtime_helpers import assert_no_leaks, make_requests, register_tasks, run
 
@@ -56,3 +57,30 @@ def test_padded_decode_steps_match_reference(variant, model_dir_for):
 def test_cuda_graphs_need_the_triton_backend(model_dir_for):
     with pytest.raises(SoftPromptError, match="cuda_graphs"):
         Engine(model_dir_for("llama"), device=DEVICE, backend="torch", cuda_graphs=True)
+
+
+@pytest.mark.parametrize("variant", ["llama", "bloom"])
+def test_a_step_of_padding_rows_alone_touches_only_the_scratch_block(variant, model_dir_for):
+    """What capture_all captures for every bucket at start-up, before any request: finite outputs, and of the whole
+    pool only the scratch block's first slot written (requests' K/V, here a prefix's, are left as they were)."""
+    eng = Engine(model_dir_for(variant), device=DEVICE, dtype="float32", backend="triton", cuda_graphs=True,
+                 max_num_seqs=5)
+    eng.add_prompt("task", build_prompt_tensor(eng.config.hidden_size, 20, seed=3), precompute=True)  # in the pool
+    graphs, pool = eng.runner.decode_graphs, eng.pool
+    assert graphs.buckets == [1, 2, 4, 5]
+    scratch = pool.kv[:, :, graphs.scratch_block]
+    for size in graphs.buckets:
+        scratch.fill_(7.0)  # poison: the step must write slot 0 before it reads it
+        before = pool.kv.clone()
+        graphs.fill_padding(size)
+        out = graphs._step(size)
+        assert out.shape[0] == size and torch.isfinite(out).all()
+        changed = (pool.kv != before).flatten(4).any(-1)  # [layers, 2, blocks, slots]
+        assert changed[:, :, graphs.scratch_block, 0].all()
+        changed[:, :, graphs.scratch_block, 0] = False
+        assert not changed.any()
+    kept = pool.kv.clone()
+    kept[:, :, graphs.scratch_block] = 0
+    assert kept.any()  # the prefix's K/V were there to be left alone
+    if DEVICE == "cuda":
+        assert set(graphs.graphs) == set(graphs.buckets)  # all captured when the engine started
