@@ -216,7 +216,8 @@ def measure_all(spec: WorkloadSpec, config: WorkloadConfig, repeats: int, *, bac
         m = Measurements(workload, results, skipped, sample, peft_unpadded, misses, kv, floor, fp32)
         for name, build in optional.items():
             if on_partial is not None:
-                pending = {n: "pending: runs after the others" for n in optional if n not in results and n not in skipped}
+                pending = {n: "pending: runs after the others" for n in optional
+                           if n not in results and n not in skipped}
                 on_partial(dataclasses.replace(m, results=dict(results), skipped={**skipped, **pending}))
             system = None
             try:
