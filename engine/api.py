@@ -236,6 +236,11 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """One engine iteration; returns an output for every request that got a token or finished."""
+        return self._step(every_output=True)
+
+    def _step(self, every_output: bool) -> list[RequestOutput]:
+        """step(); with every_output=False only the requests that finished get an output (`generate` needs no
+        other: building every running request's output each step is a fair part of a decode step's host time)."""
         if self.backend == "reference":
             return self._reference_step()
         batch = self.scheduler.schedule()
@@ -243,7 +248,8 @@ class Engine:
             return []
         # sequences that reach the end of their tokens this step sample their next one
         sampled = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_tokens)) if s.num_computed + n == s.num_tokens]
-        hidden = self.runner.hidden(batch.seqs, batch.num_tokens, rows_for=sampled)
+        every = len(sampled) == len(batch.seqs)  # (decode steps): no row to pick out
+        hidden = self.runner.hidden(batch.seqs, batch.num_tokens, rows_for=None if every else sampled)
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed += n
         if not sampled:
@@ -254,7 +260,8 @@ class Engine:
         outputs = []
         for seq, token, lp in zip(seqs, tokens, logprobs):
             self._append_token(seq, token, lp, now)
-            outputs.append(self._output(seq))
+            if every_output or seq.finish_reason is not None:
+                outputs.append(self._output(seq))
         return outputs
 
     def _append_token(self, seq: Sequence, token: int, logprob, now: float) -> None:
@@ -313,7 +320,7 @@ class Engine:
         ids = self._add_all(requests)
         wanted = set(ids)
         while wanted - final.keys():
-            for out in self.step():
+            for out in self._step(every_output=False):
                 if out.finished and out.request_id in wanted:
                     final[out.request_id] = out
         return [final[i] for i in ids]

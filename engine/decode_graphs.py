@@ -17,6 +17,7 @@ the same padded step runs eagerly, so the padding is tested without a GPU.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -169,5 +170,6 @@ def _write_rows(table: Tensor, rows: list[list[int]]) -> None:
     width = max((len(r) for r in rows), default=0)
     if not rows or not width:
         return
-    flat = [v for r in rows for v in r + [0] * (width - len(r))]
+    zeros = [0] * width
+    flat = list(itertools.chain.from_iterable(r + zeros[len(r):] for r in rows))
     table[:len(rows), :width].copy_(index_tensor(flat, dtype=torch.int32).view(len(rows), width))

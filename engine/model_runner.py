@@ -125,7 +125,7 @@ class ModelRunner:
         ids, positions, slices = [], [], []
         for seq, n in zip(seqs, num_tokens):
             start = seq.num_computed
-            ids.extend(seq.tokens[start:start + n])
+            ids.extend(seq.token_slice(start, n))
             p = seq.prefix_length
             positions.extend(range(p + start, p + start + n))
             prefix_blocks = seq.prefix.blocks if seq.prefix is not None else []

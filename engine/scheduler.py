@@ -77,12 +77,13 @@ class Scheduler:
         batch: list[Sequence] = []
         counts: list[int] = []
         # running sequences, oldest first; decode (1 token) before prefill chunks
-        for seq in sorted(self.running, key=lambda s: (s.remaining_prefill > 1, s.arrival_order)):
+        remaining = {seq: seq.remaining_prefill for seq in self.running}
+        for seq in sorted(self.running, key=lambda s: (remaining[s] > 1, s.arrival_order)):
             if budget == 0:
                 break
             if seq.status is not Status.RUNNING:  # preempted while making room for an older one
                 continue
-            n = min(seq.remaining_prefill, budget)
+            n = min(remaining[seq], budget)
             while True:
                 try:
                     self._ensure_blocks(seq, seq.num_computed + n)

@@ -51,6 +51,15 @@ class Sequence:
     def tokens(self) -> list[int]:
         return self.input_ids + self.generated
 
+    def token_slice(self, start: int, n: int) -> list[int]:
+        """tokens[start:start + n] without building `tokens` (a decode step takes one token of each sequence)."""
+        cut = len(self.input_ids)
+        if start >= cut:
+            return self.generated[start - cut:start - cut + n]
+        if start + n <= cut:
+            return self.input_ids[start:start + n]
+        return self.input_ids[start:] + self.generated[:start + n - cut]
+
     @property
     def num_tokens(self) -> int:
         return len(self.input_ids) + len(self.generated)

@@ -273,3 +273,15 @@ def test_gpu_session_script_runs_its_steps_within_the_deadline(tmp_path):
         assert "W1: rc=2" in summary and "runs on a CUDA GPU" in summary
     with tarfile.open(tmp_path / "gpu-results.tgz") as tar:
         assert {"./W1.log", "./environment.txt"} <= set(tar.getnames())
+
+
+def test_host_overhead_benchmark_runs(tmp_path):
+    from benchmarks import host_overhead
+
+    out = tmp_path / "host.json"
+    assert host_overhead.main(["--batch", "16", "--steps", "5", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["batch"] == 16 and r["steps"] == 5 and r["step_s_mean"] > 0 and "--batch" in r["command"]
+    assert set(r["parts_s"]) == {"schedule", "model inputs", "  of which graph-step metadata", "sample",
+                                 "outputs and the rest"}
+    assert host_overhead.main(["--steps", "0"]) == 2
