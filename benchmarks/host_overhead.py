@@ -5,7 +5,12 @@ this is measured here, on the CPU, with the model's device work stubbed out: the
 engine/decode_graphs.py returns a fixed tensor and the model is a 1-layer toy (its greedy head is the only
 compute left, a 512-word head).
 
-    python -m benchmarks.host_overhead [--batch 256] [--steps 40] [--out FILE.json]
+Two variants alternate in the same run, on the same sequences: the engine as it is (a step that continues the last
+one updates the graph step's metadata in place) and the baseline that fills every step's metadata anew (and packs
+every sequence's slice). `--outputs every` goes through `Engine.step` (an output for every request each step, as a
+server streams); `--outputs finished` through what `Engine.generate` runs (outputs of finished requests only).
+
+    python -m benchmarks.host_overhead [--batch 256] [--steps 40] [--outputs every|finished] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -29,20 +34,27 @@ from softprompt.engine.testing import build_prompt_tensor, build_tiny_checkpoint
 from .environment import device_name, git_commit
 
 HIDDEN, TASKS, PROMPT_LEN = 64, 32, 20  # W1's traffic: 32 tasks x P=20, inputs 64-256, 64 new tokens
+MAX_POSITIONS = 512
 
 
-def _timed(totals: dict[str, float], key: str, fn: Callable) -> Callable:
+PARTS = ("schedule", "model inputs", "  of which graph-step metadata", "sample")
+VARIANTS = ("in-place metadata", "metadata filled anew")
+
+
+def _timed(totals: list[dict[str, float]], key: str, fn: Callable) -> Callable:
+    """fn, its time added to totals[0][key] (totals[0] is the variant being timed)."""
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
         result = fn(*args, **kwargs)
-        totals[key] += time.perf_counter() - start
+        totals[0][key] += time.perf_counter() - start
         return result
     return wrapper
 
 
-def measure(batch: int, steps: int, workdir: Path) -> dict[str, Any]:
+def measure(batch: int, steps: int, workdir: Path, every_output: bool = True, rounds: int = 4) -> dict[str, Any]:
+    """`steps` timed decode steps of each variant, alternating in `rounds` runs of steps // rounds."""
     build_tiny_checkpoint("llama", workdir, hidden_size=HIDDEN, num_layers=1, num_heads=4, num_kv_heads=2,
-                          vocab_size=512, max_positions=512, with_tokenizer=False)
+                          vocab_size=512, max_positions=MAX_POSITIONS, with_tokenizer=False)
     engine = Engine(workdir, device="cpu", dtype="float32", backend="torch", max_num_seqs=batch,
                     kv_cache_bytes=64 << 20)
     runner = engine.runner
@@ -54,36 +66,51 @@ def measure(batch: int, steps: int, workdir: Path) -> dict[str, Any]:
     for t in range(TASKS):
         engine.add_prompt(f"task{t}", build_prompt_tensor(HIDDEN, PROMPT_LEN, seed=t))
     gen = torch.Generator().manual_seed(0)
+    rounds = max(1, min(rounds, steps))
     for i in range(batch):
         n = int(torch.randint(64, 257, (1,), generator=gen))
         ids = torch.randint(4, 512, (n,), generator=gen).tolist()
-        params = SamplingParams(max_new_tokens=200, ignore_eos=True)
+        params = SamplingParams(max_new_tokens=MAX_POSITIONS - PROMPT_LEN - 256, ignore_eos=True)  # never ends
         engine.add_request(Request(prompt=f"task{i % TASKS}", input_ids=ids, sampling=params))
     while engine.scheduler.waiting or any(s.num_computed < s.num_tokens - 1 for s in engine.scheduler.running):
         engine.step()  # prefill (eager, the toy model's real compute) until every sequence decodes
-    totals: dict[str, float] = defaultdict(float)
-    engine.scheduler.schedule = _timed(totals, "schedule", engine.scheduler.schedule)
-    runner.hidden = _timed(totals, "model inputs", runner.hidden)
-    graphs._fill = _timed(totals, "  of which graph-step metadata", graphs._fill)
-    runner.sample = _timed(totals, "sample", runner.sample)
-    graphs.replays, step_times = 0, []
-    for _ in range(steps):
-        start = time.perf_counter()
-        engine.step()
-        step_times.append(time.perf_counter() - start)
-    assert graphs.replays == steps and len(engine.scheduler.running) == batch
-    total = sum(step_times)
-    parts = {k: totals[k] / steps for k in ("schedule", "model inputs", "  of which graph-step metadata", "sample")}
-    parts["outputs and the rest"] = (total - totals["schedule"] - totals["model inputs"] - totals["sample"]) / steps
-    step_times.sort()
-    return {"batch": batch, "steps": steps, "step_s_mean": total / steps, "step_s_median": step_times[steps // 2],
-            "parts_s": parts}
+    step = engine.step if every_output else (lambda: engine._step(every_output=False))
+    totals = {name: defaultdict(float) for name in VARIANTS}
+    current = [totals[VARIANTS[0]]]
+    engine.scheduler.schedule = _timed(current, "schedule", engine.scheduler.schedule)
+    runner.hidden = _timed(current, "model inputs", runner.hidden)
+    for name in ("_fill", "_fill_next", "continues"):
+        setattr(graphs, name, _timed(current, PARTS[2], getattr(graphs, name)))
+    runner.sample = _timed(current, "sample", runner.sample)
+    continues = graphs.continues
+    step_times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for r in range(rounds):
+        for name in VARIANTS:
+            graphs.continues = continues if name == VARIANTS[0] else (lambda seqs, num_tokens: False)
+            current[0] = defaultdict(float)
+            step()  # untimed: the first step after a switch fills anew in both variants
+            current[0] = totals[name]
+            for _ in range(steps // rounds + (r < steps % rounds)):
+                start = time.perf_counter()
+                step()
+                step_times[name].append(time.perf_counter() - start)
+    assert len(engine.scheduler.running) == batch and graphs.incremental_fills >= steps
+    result: dict[str, Any] = {"batch": batch, "steps": steps, "outputs": "every" if every_output else "finished"}
+    for name in VARIANTS:
+        times = sorted(step_times[name])
+        total = sum(times)
+        parts = {k: totals[name][k] / steps for k in PARTS}
+        parts["outputs and the rest"] = (total - sum(totals[name][k] for k in PARTS if k != PARTS[2])) / steps
+        result[name] = {"step_s_mean": total / steps, "step_s_median": times[steps // 2], "parts_s": parts}
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.host_overhead", description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=256, help="sequences decoding at once (default 256)")
     parser.add_argument("--steps", type=int, default=40, help="decode steps timed (default 40)")
+    parser.add_argument("--outputs", choices=("every", "finished"), default="every",
+                        help="every: Engine.step (the default); finished: what Engine.generate runs")
     parser.add_argument("--out", type=Path, default=None, help="write the figures to this JSON file")
     args = parser.parse_args(argv)
     if args.batch < 1 or not 1 <= args.steps <= 100:
@@ -91,11 +118,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        result = measure(args.batch, args.steps, Path(tmp))
-    print(f"host time per decode step, {args.batch} sequences: mean {result['step_s_mean'] * 1e3:.2f} ms, "
-          f"median {result['step_s_median'] * 1e3:.2f} ms ({device_name('cpu')}, 1 thread)")
-    for key, value in result["parts_s"].items():
-        print(f"  {key:<40} {value * 1e3:6.2f} ms")
+        result = measure(args.batch, args.steps, Path(tmp), every_output=args.outputs == "every")
+    print(f"host time per decode step, {args.batch} sequences, outputs of {args.outputs} request "
+          f"({device_name('cpu')}, 1 thread; the variants alternate in this run):")
+    for name in VARIANTS:
+        r = result[name]
+        print(f"{name}: mean {r['step_s_mean'] * 1e3:.2f} ms, median {r['step_s_median'] * 1e3:.2f} ms")
+        for key, value in r["parts_s"].items():
+            print(f"  {key:<40} {value * 1e3:6.2f} ms")
+    ratio = result[VARIANTS[1]]["step_s_median"] / result[VARIANTS[0]]["step_s_median"]
+    print(f"{VARIANTS[0]} vs {VARIANTS[1]}: {ratio:.2f}x less host time per step (medians)")
     if args.out is not None:
         result.update(device=device_name("cpu"), git_commit=git_commit(),
                       command=" ".join(["python -m benchmarks.host_overhead", *(argv or sys.argv[1:])]))

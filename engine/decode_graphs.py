@@ -9,7 +9,10 @@ change:
   one group of the padding rows, then empty groups up to Bp;
 - block tables are as wide as the longest possible sequence (the model's positions), and a step writes only the
   part it uses (the lengths bound every read).
-Each step's metadata is copied into the buffers, then the bucket's graph is replayed. On CUDA every bucket's graph
+Each step's metadata is copied into the buffers, then the bucket's graph is replayed. A step that continues the
+previous one (the same sequences, in the same order, each one token further) only updates what moved: the new
+token ids and slots, positions and own lengths one up, and the own-table entries of sequences that entered a new
+block; the grouping and the prefix tables stay. On CUDA every bucket's graph
 is captured when the engine starts (`capture_all`, as vLLM does: no request waits for a capture or a kernel
 compile), each over a step of padding rows alone; elsewhere (the CPU under the Triton interpreter, for the tests)
 the same padded step runs eagerly, so the padding is tested without a GPU.
@@ -18,6 +21,7 @@ the same padded step runs eagerly, so the padding is tested without a GPU.
 from __future__ import annotations
 
 import itertools
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,6 +34,7 @@ from .indices import index_tensor
 from .kv_pool import KVPool
 from .models import CausalLM
 from .models.base import Layer0Input
+from .sequence import Sequence
 
 Layer0Fn = Callable[[Tensor, Tensor], Layer0Input]  # (token ids, positions) -> layer 0's input
 
@@ -56,6 +61,16 @@ class _StaticStep:
     own_lens: Tensor  # [B] int32
 
 
+@dataclass
+class _LastStep:
+    """What the buffers hold for the sequences of the last filled step (checked by `continues`)."""
+
+    seqs: list[Sequence]
+    blocks: list[list[int]]  # each sequence's own block list (a preempted sequence gets a new one)
+    next_computed: list[int]  # each sequence's num_computed once that step's token is in the pool
+    rows: list[int]  # each sequence's row in the grouped order (own tables, own lengths)
+
+
 class DecodeGraphs:
     def __init__(self, model: CausalLM, pool: KVPool, layer0: Layer0Fn, max_num_seqs: int, device: torch.device):
         self.model = model
@@ -79,6 +94,8 @@ class DecodeGraphs:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.mempool = torch.cuda.graph_pool_handle() if self.capture else None
         self.replays = 0  # steps served by a graph (or, without CUDA, by the padded eager step)
+        self.incremental_fills = 0  # of which the metadata was updated from the step before
+        self._last: _LastStep | None = None
 
     def applies(self, slices: list[SeqSlice]) -> bool:
         return 0 < len(slices) <= self.buckets[-1] and all(s.num_queries == 1 for s in slices)
@@ -86,11 +103,35 @@ class DecodeGraphs:
     def bucket_for(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
-    def run(self, ids: list[int], positions: list[int], slices: list[SeqSlice]) -> Tensor:
-        """Final hidden states [len(slices), hidden] of a decode step (one new token per sequence)."""
-        n = len(slices)
-        size = self.bucket_for(n)
-        self._fill(ids, positions, slices, size)
+    def continues(self, seqs: list[Sequence], num_tokens: list[int]) -> bool:
+        """Whether this step is the last filled one's sequences, in its order, each one token further (only its
+        own K/V since written, no preemption in between): then `run_next` updates the buffers in place."""
+        last = self._last
+        return (
+            last is not None
+            and seqs == last.seqs  # identity (a Sequence compares by identity)
+            and num_tokens.count(1) == len(num_tokens)
+            and [s.num_computed for s in seqs] == last.next_computed
+            and all(map(operator.is_, [s.blocks for s in seqs], last.blocks))
+        )
+
+    def run(self, ids: list[int], positions: list[int], slices: list[SeqSlice],
+            seqs: list[Sequence] | None = None) -> Tensor:
+        """Final hidden states [len(slices), hidden] of a decode step (one new token per sequence); `seqs`, the
+        sequences of the slices, lets the next step update the metadata in place (see `continues`)."""
+        size = self.bucket_for(len(slices))
+        rows = self._fill(ids, positions, slices, size)
+        self._last = None
+        if seqs is not None:
+            self._last = _LastStep(list(seqs), [s.blocks for s in seqs], [s.num_computed + 1 for s in seqs], rows)
+        return self._replay(size, len(slices))
+
+    def run_next(self, seqs: list[Sequence]) -> Tensor:
+        """`run` for a step that `continues` the last one."""
+        self._fill_next(seqs)
+        return self._replay(self.bucket_for(len(seqs)), len(seqs))
+
+    def _replay(self, size: int, n: int) -> Tensor:
         if not self.capture:
             out = self._step(size)
         else:
@@ -114,9 +155,29 @@ class DecodeGraphs:
         """Metadata of a step of `size` padding rows and no sequence: what a capture runs (its K/V go to the
         scratch block alone)."""
         self._fill([], [], [], size)
+        self._last = None
 
-    def _fill(self, ids: list[int], positions: list[int], slices: list[SeqSlice], size: int) -> None:
-        """Copy one step's metadata into the first `size` rows of the buffers (padding rows and groups included)."""
+    def _fill_next(self, seqs: list[Sequence]) -> None:
+        """The buffers one token further for the last step's sequences (what `_fill` would write, for the entries
+        a step reads: block-table entries past a sequence's length may differ)."""
+        last, b, bs = self._last, self.buffers, self.pool.block_size
+        n, computed = len(seqs), last.next_computed
+        b.ids[:n].copy_(index_tensor([s.token_slice(i, 1)[0] for s, i in zip(seqs, computed)]))
+        b.slots[:n].copy_(index_tensor([blocks[i // bs] * bs + i % bs for blocks, i in zip(last.blocks, computed)]))
+        b.positions[:n] += 1  # the padding rows after them stay at position 0, length 1
+        b.own_lens[:n] += 1  # (the grouped order puts the n sequences first too)
+        entering = [j for j, i in enumerate(computed) if i % bs == 0]  # their new token starts an own block
+        if entering:
+            rows = index_tensor([last.rows[j] for j in entering])
+            cols = index_tensor([computed[j] // bs for j in entering])
+            blocks = index_tensor([last.blocks[j][computed[j] // bs] for j in entering], dtype=torch.int32)
+            b.own_tables.index_put_((rows.to(self.device), cols.to(self.device)), blocks.to(self.device))
+        last.next_computed = [i + 1 for i in computed]
+        self.incremental_fills += 1
+
+    def _fill(self, ids: list[int], positions: list[int], slices: list[SeqSlice], size: int) -> list[int]:
+        """Copy one step's metadata into the first `size` rows of the buffers (padding rows and groups included);
+        returns each sequence's row in the grouped order."""
         n, pad = len(slices), size - len(slices)
         perm, starts = self.group_by_prefix([tuple(s.prefix_blocks) for s in slices])
         num_groups = len(starts) - 1
@@ -140,6 +201,7 @@ class DecodeGraphs:
                                              dtype=torch.int32))
         _write_rows(b.group_tables, [s.prefix_blocks for s in firsts])
         _write_rows(b.own_tables, [slices[i].own_blocks for i in perm[:n]] + [[self.scratch_block]] * pad)
+        return inverse[:n]
 
     def _step(self, size: int) -> Tensor:
         """The model over the first `size` rows of the buffers: only device work, no value read back."""

@@ -122,19 +122,12 @@ class ModelRunner:
     ) -> Tensor:
         """Final hidden states (after the last norm) of the last new token of the sequences `rows_for` (default:
         all), or of every new token with `all_rows`."""
-        ids, positions, slices = [], [], []
-        for seq, n in zip(seqs, num_tokens):
-            start = seq.num_computed
-            ids.extend(seq.token_slice(start, n))
-            p = seq.prefix_length
-            positions.extend(range(p + start, p + start + n))
-            prefix_blocks = seq.prefix.blocks if seq.prefix is not None else []
-            slices.append(SeqSlice(n, prefix_blocks, p, seq.blocks, start))
-        if self.decode_graphs is not None and self.decode_graphs.applies(slices):
-            hidden = self.decode_graphs.run(ids, positions, slices)  # one row per sequence, in a reused buffer
-            if all_rows or rows_for is None:
-                return hidden.clone()
-            return hidden.index_select(0, index_tensor(rows_for, self.device))  # a copy too
+        graphs = self.decode_graphs
+        if graphs is not None and graphs.continues(seqs, num_tokens):
+            return self._graph_rows(graphs.run_next(seqs), rows_for, all_rows)
+        ids, positions, slices = self.pack(seqs, num_tokens)
+        if graphs is not None and graphs.applies(slices):
+            return self._graph_rows(graphs.run(ids, positions, slices, seqs), rows_for, all_rows)
         ids_t = index_tensor(ids, self.device)
         pos_t = index_tensor(positions, self.device)
         attention = self._attention(slices, pos_t)
@@ -148,3 +141,22 @@ class ModelRunner:
                 last = last[index_tensor(rows_for, self.device)]
             hidden = hidden.index_select(0, last)
         return hidden
+
+    @staticmethod
+    def pack(seqs: list[Sequence], num_tokens: list[int]) -> tuple[list[int], list[int], list[SeqSlice]]:
+        """The new tokens' ids and positions, packed, and each sequence's slice of the batch."""
+        ids, positions, slices = [], [], []
+        for seq, n in zip(seqs, num_tokens):
+            start = seq.num_computed
+            ids.extend(seq.token_slice(start, n))
+            p = seq.prefix_length
+            positions.extend(range(p + start, p + start + n))
+            prefix_blocks = seq.prefix.blocks if seq.prefix is not None else []
+            slices.append(SeqSlice(n, prefix_blocks, p, seq.blocks, start))
+        return ids, positions, slices
+
+    def _graph_rows(self, hidden: Tensor, rows_for: list[int] | None, all_rows: bool) -> Tensor:
+        """The rows wanted of a graph step's output (one row per sequence, in a buffer the next step reuses)."""
+        if all_rows or rows_for is None:
+            return hidden.clone()
+        return hidden.index_select(0, index_tensor(rows_for, self.device))  # a copy too

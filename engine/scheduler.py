@@ -76,27 +76,33 @@ class Scheduler:
         preemptions_before = self.num_preemptions
         batch: list[Sequence] = []
         counts: list[int] = []
-        # running sequences, oldest first; decode (1 token) before prefill chunks
-        remaining = {seq: seq.remaining_prefill for seq in self.running}
-        for seq in sorted(self.running, key=lambda s: (remaining[s] > 1, s.arrival_order)):
+        # running sequences, oldest first; decode (1 token) before prefill chunks (arrival orders are distinct)
+        block_size = self.pool.block_size
+        running = list(self.running)
+        left = [len(s.input_ids) + len(s.generated) - s.num_computed for s in running]
+        order = sorted(zip([r > 1 for r in left], [s.arrival_order for s in running], range(len(running))))
+        for _, _, i in order:
+            seq, remaining = running[i], left[i]
             if budget == 0:
                 break
             if seq.status is not Status.RUNNING:  # preempted while making room for an older one
                 continue
-            n = min(remaining[seq], budget)
-            while True:
-                try:
-                    self._ensure_blocks(seq, seq.num_computed + n)
-                    break
-                except OutOfBlocks:
-                    victim = max((s for s in self.running if s not in batch), key=lambda s: s.arrival_order)
-                    self._preempt(victim)
-                    if victim is seq:
+            n = remaining if remaining < budget else budget
+            if seq.num_computed + n > len(seq.blocks) * block_size:  # new blocks (a decode step: 1 in block_size)
+                while True:
+                    try:
+                        self._ensure_blocks(seq, seq.num_computed + n)
                         break
-            if seq.status is Status.RUNNING:
-                batch.append(seq)
-                counts.append(n)
-                budget -= n
+                    except OutOfBlocks:
+                        victim = max((s for s in self.running if s not in batch), key=lambda s: s.arrival_order)
+                        self._preempt(victim)
+                        if victim is seq:
+                            break
+                if seq.status is not Status.RUNNING:
+                    continue
+            batch.append(seq)
+            counts.append(n)
+            budget -= n
         # admit waiting sequences in arrival order while there is room (not in a step that had to preempt);
         # the prefixes they need are computed together, in one model call
         prefetched = self._prefetch_prefixes(budget) if self.num_preemptions == preemptions_before else []

@@ -279,9 +279,12 @@ def test_host_overhead_benchmark_runs(tmp_path):
     from benchmarks import host_overhead
 
     out = tmp_path / "host.json"
-    assert host_overhead.main(["--batch", "16", "--steps", "5", "--out", str(out)]) == 0
-    r = json.loads(out.read_text())
-    assert r["batch"] == 16 and r["steps"] == 5 and r["step_s_mean"] > 0 and "--batch" in r["command"]
-    assert set(r["parts_s"]) == {"schedule", "model inputs", "  of which graph-step metadata", "sample",
-                                 "outputs and the rest"}
+    for outputs in ("every", "finished"):
+        assert host_overhead.main(["--batch", "16", "--steps", "5", "--outputs", outputs, "--out", str(out)]) == 0
+        r = json.loads(out.read_text())
+        assert r["batch"] == 16 and r["steps"] == 5 and r["outputs"] == outputs and "--batch" in r["command"]
+        for variant in host_overhead.VARIANTS:
+            assert r[variant]["step_s_mean"] > 0
+            assert set(r[variant]["parts_s"]) == {"schedule", "model inputs", "  of which graph-step metadata",
+                                                  "sample", "outputs and the rest"}
     assert host_overhead.main(["--steps", "0"]) == 2
