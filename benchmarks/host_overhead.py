@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         result = measure(args.batch, args.steps, Path(tmp), every_output=args.outputs == "every")
-    print(f"host time per decode step, {args.batch} sequences, outputs of {args.outputs} request "
+    what = "every request's output each step" if args.outputs == "every" else "outputs of finished requests only"
+    print(f"host time per decode step, {args.batch} sequences, {what} "
           f"({device_name('cpu')}, 1 thread; the variants alternate in this run):")
     for name in VARIANTS:
         r = result[name]
