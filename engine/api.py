@@ -18,7 +18,7 @@ from .model_runner import ModelRunner
 from .prefix_cache import PrefixCache
 from .prompts import PromptStore, SoftPrompt
 from .reference import ReferencePath
-from .request import Request, RequestOutput, RequestTiming
+from .request import PendingText, Request, RequestOutput, RequestTiming
 from .sampling import SamplingParams, make_generator
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence, Status
@@ -294,11 +294,7 @@ class Engine:
         return [self._output(seq)]
 
     def _output(self, seq: Sequence) -> RequestOutput:
-        text = None
-        if self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.generated)
-            if seq.text_end is not None:
-                text = text[: seq.text_end]
+        text = None if self.tokenizer is None else PendingText(self.tokenizer.decode, list(seq.generated), seq.text_end)
         return RequestOutput(
             request_id=seq.request_id,
             prompt=None if seq.prompt is None else seq.prompt.name,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .sampling import SamplingParams, TokenLogprob
@@ -41,15 +42,50 @@ class RequestTiming:
         return None if self.finished is None else self.finished - self.arrival
 
 
+class _ReadOnce:
+    """A dataclass field that may be given a `PendingText`, computed when the field is first read (then kept)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = f"_{name}"
+
+    def __get__(self, obj: object, owner: type | None = None) -> str | None:
+        if obj is None:
+            return None  # the field's default
+        value = obj.__dict__[self.slot]
+        if isinstance(value, PendingText):
+            value = obj.__dict__[self.slot] = value()
+        return value
+
+    def __set__(self, obj: object, value: object) -> None:
+        obj.__dict__[self.slot] = value
+
+
+class PendingText:
+    """The text of some tokens, decoded when first read: an output's text costs a decode of every token generated
+    so far, and most outputs of a step are never read for their text (a server's non-streaming requests read only
+    their last one)."""
+
+    __slots__ = ("decode", "token_ids", "end")
+
+    def __init__(self, decode: Callable[[list[int]], str], token_ids: list[int], end: int | None = None):
+        self.decode, self.token_ids, self.end = decode, token_ids, end
+
+    def __call__(self) -> str:
+        text = self.decode(self.token_ids)
+        return text if self.end is None else text[:self.end]
+
+
 @dataclass
 class RequestOutput:
+    """A request's tokens (and text) so far; `finish_reason` is None while it runs."""
+
     request_id: str
     prompt: str | None
     prompt_version: str | None
     input_ids: list[int]
     token_ids: list[int]
-    text: str | None
-    finish_reason: str | None  # "stop" | "length" | "abort"; None while running
+    text: str | None = _ReadOnce()  # None without a tokenizer; decoded when first read
+    finish_reason: str | None = None  # "stop" | "length" | "abort"; None while running
     stop_reason: int | str | None = None
     logprobs: list[TokenLogprob] | None = None
     timing: RequestTiming | None = None
@@ -57,3 +93,7 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def __getstate__(self) -> dict:  # pickled (e.g. between processes) with its text decoded
+        self.text  # noqa: B018
+        return self.__dict__
