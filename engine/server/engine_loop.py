@@ -1,7 +1,9 @@
 """The one thread that drives the Engine: every engine call happens here, HTTP handlers talk to it by queues.
 
 Handlers (on the asyncio event loop) put commands on a thread-safe queue; the loop thread runs them between
-engine steps and pushes each RequestOutput back to the handler's asyncio queue with call_soon_threadsafe.
+engine steps and pushes each step's RequestOutputs back to the handlers' asyncio queues, with one
+call_soon_threadsafe per step and event loop (one per output costs the loop thread ~10 µs each: 2.5 ms a step at
+256 streams).
 """
 
 from __future__ import annotations
@@ -66,10 +68,7 @@ class RequestStream:
 
     def put(self, kind: str, value: Any) -> None:
         """Called on the loop thread."""
-        try:
-            self._aloop.call_soon_threadsafe(self._queue.put_nowait, (kind, value))
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass
+        deliver([(self, kind, value)])
 
     async def accepted(self) -> None:
         """Wait until the loop queued the requests; raises the engine's error if it refused them."""
@@ -98,6 +97,23 @@ class RequestStream:
             if out.finished:
                 self._unfinished.discard(out.request_id)
             yield self.index[out.request_id], out
+
+
+def deliver(items: list[tuple[RequestStream, str, Any]]) -> None:
+    """Put (kind, value) on each stream's queue, in order, waking each event loop once (called on the loop thread)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, tuple[str, Any]]]] = {}
+    for stream, kind, value in items:
+        by_loop.setdefault(stream._aloop, []).append((stream._queue, (kind, value)))
+    for aloop, puts in by_loop.items():
+        try:
+            aloop.call_soon_threadsafe(_put_all, puts)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+
+def _put_all(puts: list[tuple[asyncio.Queue, tuple[str, Any]]]) -> None:
+    for q, item in puts:
+        q.put_nowait(item)
 
 
 class EngineLoop:
@@ -241,6 +257,7 @@ class EngineLoop:
             return
         self._steps += 1
         now = time.perf_counter()
+        delivered = []
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
@@ -252,7 +269,8 @@ class EngineLoop:
                     self._on_output(stream, out, now)
                 except Exception:  # metrics must never break serving
                     log.exception("metrics callback failed")
-            stream.put("output", out)
+            delivered.append((stream, "output", out))
+        deliver(delivered)
 
     def _fail_all(self, exc: BaseException) -> None:
         for request_id, stream in list(self._streams.items()):
