@@ -288,3 +288,11 @@ def test_host_overhead_benchmark_runs(tmp_path):
             assert set(r[variant]["parts_s"]) == {"schedule", "model inputs", "  of which graph-step metadata",
                                                   "sample", "outputs and the rest"}
     assert host_overhead.main(["--steps", "0"]) == 2
+
+
+def test_server_handoff_benchmark_runs(capsys):
+    from benchmarks import server_handoff
+
+    assert server_handoff.main(["--streams", "8", "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "per output" in out and "one per step" in out
