@@ -80,7 +80,9 @@ class RequestStream:
     async def outputs(self, disconnected: Callable[[], Any] | None = None,
                       poll_s: float = 0.5) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(choice index, cumulative output) until every request finished. Stops early (returns) when
-        `disconnected()` (an async callable) says the client has gone."""
+        `disconnected()` (an async callable) says the client has gone. Outputs are cumulative, so when several of
+        one request wait (the handler fell behind the engine), only the newest is yielded: a slow client gets
+        fewer, larger chunks instead of a growing backlog."""
         next_check = time.monotonic() + poll_s
         while self._unfinished:
             if disconnected is not None and time.monotonic() >= next_check:
@@ -88,15 +90,26 @@ class RequestStream:
                     return
                 next_check = time.monotonic() + poll_s
             try:
-                kind, value = await asyncio.wait_for(self._queue.get(), timeout=poll_s)
+                item = await asyncio.wait_for(self._queue.get(), timeout=poll_s)
             except asyncio.TimeoutError:
                 continue
-            if kind == "error":
-                raise value
-            out: RequestOutput = value
-            if out.finished:
-                self._unfinished.discard(out.request_id)
-            yield self.index[out.request_id], out
+            newest: dict[str, RequestOutput] = {}
+            error = None
+            while True:
+                kind, value = item
+                if kind == "error":
+                    error = value
+                    break
+                newest[value.request_id] = value  # (a dict keeps the order requests first came in)
+                if self._queue.empty():
+                    break
+                item = self._queue.get_nowait()
+            for out in newest.values():
+                if out.finished:
+                    self._unfinished.discard(out.request_id)
+                yield self.index[out.request_id], out
+            if error is not None:
+                raise error
 
 
 def deliver(items: list[tuple[RequestStream, str, Any]]) -> None:
