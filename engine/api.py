@@ -270,13 +270,20 @@ class Engine:
             seq.logprobs.append(logprob)
         if seq.timing.first_token is None:
             seq.timing.first_token = now
-        decode = self.tokenizer.decode if self.tokenizer is not None else None
+        decode = (lambda ids: self._generated_text(seq)) if self.tokenizer is not None else None
         finish = check_finish(seq.generated, seq.params, self.eos_token_ids, decode)
         if finish is not None:
             seq.finish_reason, seq.stop_reason, seq.text_end = finish.reason, finish.stop_reason, finish.text_end
             seq.timing.finished = now
             self.scheduler.finish(seq)
             self._sequences.pop(seq.request_id, None)
+
+    def _generated_text(self, seq: Sequence) -> str:
+        """The text of seq.generated, decoded once per length (a stop-string check, then the step's output)."""
+        n = len(seq.generated)
+        if seq.decoded is None or seq.decoded[0] != n:
+            seq.decoded = (n, self.tokenizer.decode(seq.generated))
+        return seq.decoded[1]
 
     def _reference_step(self) -> list[RequestOutput]:
         """Reference backend: run the oldest waiting request to completion, alone."""
@@ -294,7 +301,13 @@ class Engine:
         return [self._output(seq)]
 
     def _output(self, seq: Sequence) -> RequestOutput:
-        text = None if self.tokenizer is None else PendingText(self.tokenizer.decode, list(seq.generated), seq.text_end)
+        text = None
+        if self.tokenizer is not None:
+            n = len(seq.generated)
+            if seq.decoded is not None and seq.decoded[0] == n:  # decoded this step already (stop strings)
+                text = seq.decoded[1][:seq.text_end]
+            else:
+                text = PendingText(self.tokenizer.decode, list(seq.generated), seq.text_end)
         return RequestOutput(
             request_id=seq.request_id,
             prompt=None if seq.prompt is None else seq.prompt.name,

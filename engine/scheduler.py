@@ -79,7 +79,7 @@ class Scheduler:
         # running sequences, oldest first; decode (1 token) before prefill chunks (arrival orders are distinct)
         block_size = self.pool.block_size
         running = list(self.running)
-        left = [len(s.input_ids) + len(s.generated) - s.num_computed for s in running]
+        left = [s.remaining_prefill for s in running]
         order = sorted(zip([r > 1 for r in left], [s.arrival_order for s in running], range(len(running))))
         for _, _, i in order:
             seq, remaining = running[i], left[i]

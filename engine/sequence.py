@@ -41,6 +41,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     text_end: int | None = None
+    decoded: tuple[int, str] | None = None  # (n, the text of generated[:n]) last decoded, for stop strings
     prefix: object | None = None  # the PrefixEntry held while running
 
     @property

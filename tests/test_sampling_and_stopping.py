@@ -87,5 +87,9 @@ def test_an_outputs_text_is_decoded_when_first_read(engine):
         cut = engine.generate([Request(input_ids=[5, 6, 7], sampling=SamplingParams(max_new_tokens=4, stop=[stop],
                                                                                    ignore_eos=True))])[0]
         assert cut.text == outs[-1].text[:outs[-1].text.find(stop)]  # cut before the stop string, once read
+        calls.clear()
+        streamed = [o.text for o in engine.stream(Request(input_ids=[5, 6, 7], sampling=SamplingParams(
+            max_new_tokens=4, stop=["never in this text"], ignore_eos=True)))]
+        assert streamed == [o.text for o in outs] and calls == [1, 2, 3, 4]  # the stop check's decode is reused
     finally:
         engine.tokenizer.decode = decode
