@@ -280,10 +280,11 @@ class Engine:
 
     def _generated_text(self, seq: Sequence) -> str:
         """The text of seq.generated, decoded once per length (a stop-string check, then the step's output)."""
-        n = len(seq.generated)
-        if seq.decoded is None or seq.decoded[0] != n:
-            seq.decoded = (n, self.tokenizer.decode(seq.generated))
-        return seq.decoded[1]
+        text = seq.decoded_text()
+        if text is None:
+            text = self.tokenizer.decode(seq.generated)
+            seq.decoded = (len(seq.generated), text)
+        return text
 
     def _reference_step(self) -> list[RequestOutput]:
         """Reference backend: run the oldest waiting request to completion, alone."""
@@ -303,9 +304,9 @@ class Engine:
     def _output(self, seq: Sequence) -> RequestOutput:
         text = None
         if self.tokenizer is not None:
-            n = len(seq.generated)
-            if seq.decoded is not None and seq.decoded[0] == n:  # decoded this step already (stop strings)
-                text = seq.decoded[1][:seq.text_end]
+            done = seq.decoded_text()  # decoded this step already (stop strings)
+            if done is not None:
+                text = done[:seq.text_end]
             else:
                 text = PendingText(self.tokenizer.decode, list(seq.generated), seq.text_end)
         return RequestOutput(

@@ -61,6 +61,12 @@ class Sequence:
             return self.input_ids[start:start + n]
         return self.input_ids[start:] + self.generated[:start + n - cut]
 
+    def decoded_text(self) -> str | None:
+        """The text of every generated token if this length was decoded already (by a stop-string check)."""
+        if self.decoded is not None and self.decoded[0] == len(self.generated):
+            return self.decoded[1]
+        return None
+
     @property
     def num_tokens(self) -> int:
         return len(self.input_ids) + len(self.generated)
