@@ -83,6 +83,7 @@ class Engine:
             vocab_size=self.config.vocab_size,
             embed_tokens=self.model.embed_tokens,
             tokenize=(lambda text: self.tokenizer.encode(text, add_special_tokens=False)) if self.tokenizer else None,
+            kv_layout=(self.config.num_layers, self.config.num_kv_heads, self.config.head_dim),
         )
         self.backend = "torch" if backend == "auto" else backend
         if self.backend == "triton":
@@ -121,7 +122,8 @@ class Engine:
         replace: bool = False,
         precompute: bool = False,
     ) -> SoftPrompt:
-        """Register a task: a PEFT prompt-tuning adapter dir, a .safetensors file, a [P, hidden] tensor, or text.
+        """Register a task: a PEFT adapter dir (prompt tuning, P-tuning or prefix tuning), a .safetensors file, a
+        [P, hidden] tensor, or text.
 
         `replace=True` registers a new version (running requests finish on the old one). `precompute=True`
         computes the prefix K/V now instead of on first use.
@@ -292,7 +294,7 @@ class Engine:
             return []
         seq = self.scheduler.waiting.popleft()
         decode = self.tokenizer.decode if self.tokenizer is not None else None
-        prefix = None if seq.prompt is None else seq.prompt.embeds
+        prefix = None if seq.prompt is None else seq.prompt.reference_input
         tokens, logprobs, finish = self.reference.generate(prefix, seq.input_ids, seq.params, self.eos_token_ids, decode)
         seq.generated, seq.logprobs = tokens, logprobs or []
         seq.finish_reason, seq.stop_reason, seq.text_end = finish.reason, finish.stop_reason, finish.text_end
@@ -396,7 +398,8 @@ class Engine:
         the reference backend: one request at a time, no cache)."""
         prompts = [None if name is None else self.prompts.get(name) for name, _ in items]
         if self.backend == "reference":
-            return [self.reference.logits(None if p is None else p.embeds, ids) for p, (_, ids) in zip(prompts, items)]
+            return [self.reference.logits(None if p is None else p.reference_input, ids)
+                    for p, (_, ids) in zip(prompts, items)]
         seqs = [Sequence(Request(prompt=name, input_ids=ids), p, ids, SamplingParams(), None,
                          RequestTiming(time.perf_counter()), -1) for p, (name, ids) in zip(prompts, items)]
         held = []

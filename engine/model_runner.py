@@ -76,7 +76,24 @@ class ModelRunner:
     @torch.no_grad()
     def compute_prefixes(self, items: list[tuple[SoftPrompt, list[int]]]) -> None:
         """Run the model over prompts' rows (positions 0..P-1 each), in one batch, keeping every layer's K/V
-        in the given blocks."""
+        in the given blocks. A prefix-tuning adapter's K/V are stored as they are."""
+        for prompt, blocks in items:
+            if prompt.kv is not None:
+                self._store_kv(prompt.kv, blocks)
+        items = [(prompt, blocks) for prompt, blocks in items if prompt.kv is None]
+        if items:
+            self._run_prefixes(items)
+
+    def _store_kv(self, kv: Tensor, blocks: list[int]) -> None:
+        """Write K/V [layers, 2, P, kv_heads, head_dim] into the first P slots of `blocks`."""
+        layers, _, p, heads, head_dim = kv.shape
+        size = self.pool.block_size
+        padded = kv.new_zeros(layers, 2, len(blocks) * size, heads, head_dim)
+        padded[:, :, :p] = kv
+        ids = index_tensor(blocks, self.device)
+        self.pool.kv.index_copy_(2, ids, padded.view(layers, 2, len(blocks), size, heads, head_dim))
+
+    def _run_prefixes(self, items: list[tuple[SoftPrompt, list[int]]]) -> None:
         slices = [SeqSlice(prompt.length, [], 0, blocks, 0) for prompt, blocks in items]
         rows = items[0][0].embeds if len(items) == 1 else torch.cat([prompt.embeds for prompt, _ in items])
         positions = torch.cat([torch.arange(prompt.length, device=self.device) for prompt, _ in items])

@@ -18,22 +18,33 @@ from .errors import PromptError, UnknownPromptError
 PROMPT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 RESERVED_NAMES = frozenset({"base"})  # "base" addresses the model without a prompt
 PEFT_WEIGHTS_KEY = "prompt_embeddings"
+# PEFT prompt-learning methods whose saved weights are input-embedding rows, used as-is at inference (P-tuning
+# saves its prompt encoder's output), and the one whose weights are every layer's K/V of the virtual tokens
+ROW_PEFT_TYPES = ("PROMPT_TUNING", "P_TUNING")
+KV_PEFT_TYPE = "PREFIX_TUNING"
 
 
 @dataclass(frozen=True)
 class SoftPrompt:
-    """A task's prefix: P rows of input embeddings, cast to the model dtype once, on the model device."""
+    """A task's prefix, cast to the model dtype once, on the model device: P rows of input embeddings, or (a PEFT
+    prefix-tuning adapter) the K/V of P virtual tokens at every layer, which the engine stores as they are."""
 
     name: str
-    embeds: torch.Tensor  # [P, hidden]
-    version: str  # content hash: changes whenever the rows change
-    kind: str  # "peft" | "tensor" | "text"
+    embeds: torch.Tensor | None  # [P, hidden]; None for a prefix-tuning adapter
+    version: str  # content hash: changes whenever the rows (or K/V) change
+    kind: str  # "peft" | "tensor" | "text" | "prefix" (PEFT prefix tuning)
     token_ids: tuple[int, ...] | None = None  # for text (hard) prompts: the rows are these tokens' embeddings
     source: str | None = None
+    kv: torch.Tensor | None = None  # [layers, 2, P, kv_heads, head_dim] (keys not rotated), prefix tuning only
 
     @property
     def length(self) -> int:
-        return int(self.embeds.shape[0])
+        return int(self.embeds.shape[0] if self.embeds is not None else self.kv.shape[2])
+
+    @property
+    def reference_input(self) -> torch.Tensor:
+        """What the reference path prepends: the rows [P, hidden], or the per-layer K/V [L, 2, P, H, D]."""
+        return self.embeds if self.embeds is not None else self.kv
 
     @property
     def key(self) -> str:
@@ -59,8 +70,26 @@ def check_prompt_name(name: object) -> str:
     return name
 
 
-def read_peft_adapter(adapter_dir: Path) -> torch.Tensor:
-    """Prompt rows from a PEFT prompt-tuning adapter directory, after checking its config."""
+@dataclass(frozen=True)
+class PeftPromptWeights:
+    """What a PEFT prompt-learning adapter holds: `weights` [P, hidden] rows (prompt tuning, P-tuning), or for
+    prefix tuning [P, layers * 2 * kv_heads * head_dim] (per virtual token: layer 0's K then V, layer 1's, ...)."""
+
+    peft_type: str
+    weights: torch.Tensor
+    config: dict
+
+    @property
+    def is_kv(self) -> bool:
+        return self.peft_type == KV_PEFT_TYPE
+
+    @property
+    def length(self) -> int:
+        return int(self.weights.shape[-2])
+
+
+def read_peft_adapter(adapter_dir: Path) -> PeftPromptWeights:
+    """The weights of a PEFT prompt-learning adapter directory, after checking its config."""
     config_path = adapter_dir / "adapter_config.json"
     if not config_path.is_file():
         raise PromptError(f"{adapter_dir} is not a PEFT adapter directory: adapter_config.json is missing")
@@ -71,8 +100,11 @@ def read_peft_adapter(adapter_dir: Path) -> torch.Tensor:
     if not isinstance(cfg, dict):
         raise PromptError(f"{config_path} must hold a JSON object")
     peft_type = cfg.get("peft_type")
-    if peft_type != "PROMPT_TUNING":
-        raise PromptError(f"{adapter_dir}: peft_type is {peft_type!r}; only PROMPT_TUNING adapters are soft prompts")
+    if peft_type not in (*ROW_PEFT_TYPES, KV_PEFT_TYPE):
+        raise PromptError(
+            f"{adapter_dir}: peft_type is {peft_type!r}; this engine serves PEFT prompt-learning adapters of "
+            f"types {', '.join((*ROW_PEFT_TYPES, KV_PEFT_TYPE))}"
+        )
     task_type = cfg.get("task_type")
     if task_type not in (None, "CAUSAL_LM"):
         raise PromptError(f"{adapter_dir}: task_type is {task_type!r}; this engine serves CAUSAL_LM prompts")
@@ -109,9 +141,17 @@ def read_peft_adapter(adapter_dir: Path) -> torch.Tensor:
             f"{embeds.shape[0]} rows"
         )
     token_dim = cfg.get("token_dim")
-    if embeds.dim() == 2 and token_dim is not None and embeds.shape[1] != token_dim:
+    if peft_type == KV_PEFT_TYPE:
+        layers = cfg.get("num_layers")
+        width = None if token_dim is None or layers is None else 2 * layers * token_dim
+        if embeds.dim() == 2 and width is not None and embeds.shape[1] != width:
+            raise PromptError(
+                f"{adapter_dir}: num_layers={layers} and token_dim={token_dim} give rows of width {width} (K and V "
+                f"of every layer), but the weights have width {embeds.shape[1]}"
+            )
+    elif embeds.dim() == 2 and token_dim is not None and embeds.shape[1] != token_dim:
         raise PromptError(f"{adapter_dir}: token_dim={token_dim} but the weights have width {embeds.shape[1]}")
-    return embeds
+    return PeftPromptWeights(peft_type, embeds, cfg)
 
 
 def read_tensor_file(path: Path) -> torch.Tensor:
@@ -140,8 +180,11 @@ class PromptStore:
         vocab_size: int,
         embed_tokens: Callable[[torch.Tensor], torch.Tensor],
         tokenize: Callable[[str], list[int]] | None = None,
+        kv_layout: tuple[int, int, int] | None = None,
     ):
+        """kv_layout: the model's (layers, kv_heads, head_dim), what a prefix-tuning adapter's K/V must match."""
         self.hidden_size = hidden_size
+        self.kv_layout = kv_layout
         self.dtype = dtype
         self.device = device
         self.max_length = max_length
@@ -197,13 +240,21 @@ class PromptStore:
         if text is not None or token_ids is not None:
             prompt = self._from_tokens(name, text, token_ids)
         else:
-            kind, embeds, origin = self._read_source(source)
-            embeds = self._validate(name, embeds)
-            prompt = SoftPrompt(name, embeds, content_version(embeds), kind, None, origin)
+            kind, weights, origin = self._read_source(source)
+            if isinstance(weights, PeftPromptWeights) and weights.is_kv:
+                kv = self._validate_kv(name, weights)
+                prompt = SoftPrompt(name, None, content_version(kv), "prefix", None, origin, kv)
+            else:
+                if isinstance(weights, PeftPromptWeights):
+                    weights = weights.weights
+                embeds = self._validate(name, weights)
+                prompt = SoftPrompt(name, embeds, content_version(embeds), kind, None, origin)
         self._prompts[name] = prompt
         return prompt
 
-    def _read_source(self, source: str | Path | torch.Tensor) -> tuple[str, torch.Tensor, str | None]:
+    def _read_source(
+        self, source: str | Path | torch.Tensor
+    ) -> tuple[str, torch.Tensor | PeftPromptWeights, str | None]:
         if isinstance(source, torch.Tensor):
             return "tensor", source, None
         if not isinstance(source, (str, Path)):
@@ -248,9 +299,46 @@ class PromptStore:
             raise PromptError(
                 f"prompt {name!r} has {rows} virtual tokens, leaving no room in the model's {self.max_length} positions"
             )
-        if not torch.isfinite(embeds).all():
+        return self._cast(name, embeds)
+
+    def _cast(self, name: str, weights: torch.Tensor) -> torch.Tensor:
+        if not torch.isfinite(weights).all():
             raise PromptError(f"prompt {name!r} contains NaN or Inf")
-        cast = embeds.detach().to(device=self.device, dtype=self.dtype).contiguous()
+        cast = weights.detach().to(device=self.device, dtype=self.dtype).contiguous()
         if not torch.isfinite(cast).all():
             raise PromptError(f"prompt {name!r} overflows {self.dtype} (values too large)")
         return cast
+
+    def _validate_kv(self, name: str, adapter: PeftPromptWeights) -> torch.Tensor:
+        """A prefix-tuning adapter's rows as K/V [layers, 2, P, kv_heads, head_dim] in the model dtype, after
+        checking they fit the model (PEFT stores each virtual token's K and V of layer 0, then layer 1, ...)."""
+        if self.kv_layout is None:
+            raise PromptError(f"prompt {name!r} is a prefix-tuning adapter, which this prompt store cannot hold")
+        layers, heads, head_dim = self.kv_layout
+        flat = adapter.weights
+        if flat.dim() == 3 and flat.shape[0] == 1:
+            flat = flat[0]
+        if flat.dim() != 2 or not flat.is_floating_point():
+            raise PromptError(f"prompt {name!r}: prefix-tuning weights must be a float [num_virtual_tokens, "
+                              f"layers * 2 * kv_heads * head_dim] matrix, got {flat.dtype} {tuple(flat.shape)}")
+        cfg = adapter.config
+        if cfg.get("num_layers") not in (None, layers):
+            raise PromptError(f"prompt {name!r} is a prefix-tuning adapter for a model of {cfg['num_layers']} "
+                              f"layers; this model has {layers}")
+        if cfg.get("num_attention_heads") not in (None, heads):
+            raise PromptError(f"prompt {name!r} is a prefix-tuning adapter with {cfg['num_attention_heads']} key/"
+                              f"value heads; this model has {heads}")
+        rows, width = flat.shape
+        if width != layers * 2 * heads * head_dim:
+            raise PromptError(
+                f"prompt {name!r}: prefix-tuning rows of width {width}, but this model's K and V at every layer "
+                f"take {layers} * 2 * {heads} * {head_dim} = {layers * 2 * heads * head_dim}"
+            )
+        if rows == 0:
+            raise PromptError(f"prompt {name!r} is empty (0 virtual tokens)")
+        if rows >= self.max_length:
+            raise PromptError(
+                f"prompt {name!r} has {rows} virtual tokens, leaving no room in the model's {self.max_length} positions"
+            )
+        cast = self._cast(name, flat)
+        return cast.view(rows, layers, 2, heads, head_dim).permute(1, 2, 0, 3, 4).contiguous()

@@ -16,30 +16,48 @@ from .stopping import Finish, check_finish
 
 
 class DenseCausalAttention:
-    """Causal attention over one whole sequence, in fp32, with optional ALiBi. No KV cache."""
+    """Causal attention over one whole sequence, in fp32, with optional ALiBi. No KV cache.
 
-    def __init__(self, positions: Tensor, scale: float, alibi_slopes: Tensor | None):
-        self.positions = positions
+    `positions` are the queries' [T]. `prefix_kv` [layers, 2, P, kv_heads, head_dim] (a prefix-tuning adapter's
+    virtual tokens, at positions 0..P-1) is prepended to every layer's keys and values and seen by every query.
+    """
+
+    def __init__(self, positions: Tensor, scale: float, alibi_slopes: Tensor | None, prefix_kv: Tensor | None = None):
         self.scale = scale
         self.alibi_slopes = alibi_slopes
+        self.prefix_kv = prefix_kv
         t = positions.shape[0]
-        self.mask = torch.ones(t, t, dtype=torch.bool, device=positions.device).tril()
+        p = 0 if prefix_kv is None else prefix_kv.shape[2]
+        self.key_positions = positions if p == 0 else torch.cat([torch.arange(p, device=positions.device), positions])
+        self.mask = torch.ones(t, p + t, dtype=torch.bool, device=positions.device).tril(diagonal=p)
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if self.prefix_kv is not None:
+            k = torch.cat([self.prefix_kv[layer, 0].to(k.dtype), k])
+            v = torch.cat([self.prefix_kv[layer, 1].to(v.dtype), v])
         rep = q.shape[1] // k.shape[1]
         q32 = q.float().transpose(0, 1)  # [H, T, D]
         k32 = k.float().repeat_interleave(rep, dim=1).transpose(0, 1)
         v32 = v.float().repeat_interleave(rep, dim=1).transpose(0, 1)
         scores = (q32 @ k32.transpose(1, 2)) * self.scale
         if self.alibi_slopes is not None:
-            scores = scores + self.alibi_slopes[:, None, None] * self.positions.float()[None, None, :]
+            scores = scores + self.alibi_slopes[:, None, None] * self.key_positions.float()[None, None, :]
         scores = scores.masked_fill(~self.mask, float("-inf"))
         out = torch.softmax(scores, dim=-1) @ v32
         return out.transpose(0, 1).to(q.dtype)
 
 
+def is_prefix_kv(prefix: Tensor | None) -> bool:
+    """A prompt's reference input is rows [P, hidden] or, for prefix tuning, K/V [L, 2, P, H, D]."""
+    return prefix is not None and prefix.dim() == 5
+
+
 class ReferencePath:
-    """Plain concat, full recompute each step: slow and obviously right."""
+    """Plain concat, full recompute each step: slow and obviously right.
+
+    `prefix` is a prompt's `reference_input`: rows [P, hidden] concatenated before the tokens' embeddings, or a
+    prefix-tuning adapter's K/V [L, 2, P, H, D] prepended to every layer's keys and values (the tokens then take
+    positions P.., as they do after rows)."""
 
     def __init__(self, model: CausalLM):
         self.model = model
@@ -47,18 +65,20 @@ class ReferencePath:
 
     @torch.no_grad()
     def hidden(self, prefix: Tensor | None, ids: list[int]) -> Tensor:
-        """Final hidden states [P + n, hidden] of the prefix rows followed by the tokens."""
+        """Final hidden states [P + n, hidden] of the prefix rows followed by the tokens ([n, hidden] after K/V)."""
         device = self.model.word_embeddings.weight.device
         embeds = self.model.embed_tokens(torch.tensor(ids, dtype=torch.long, device=device))
-        if prefix is not None:
+        prefix_kv = prefix if is_prefix_kv(prefix) else None
+        if prefix is not None and prefix_kv is None:
             embeds = torch.cat([prefix.to(embeds.dtype), embeds], dim=0)
-        positions = torch.arange(embeds.shape[0], device=device)
-        attention = DenseCausalAttention(positions, self.model.config.attention_scale, self.alibi)
+        start = 0 if prefix_kv is None else prefix_kv.shape[2]
+        positions = torch.arange(start, start + embeds.shape[0], device=device)
+        attention = DenseCausalAttention(positions, self.model.config.attention_scale, self.alibi, prefix_kv)
         return self.model(embeds, positions, attention)
 
     def logits(self, prefix: Tensor | None, ids: list[int]) -> Tensor:
         """fp32 logits [n, vocab] at the token positions (the prefix rows are dropped)."""
-        p = 0 if prefix is None else prefix.shape[0]
+        p = 0 if prefix is None or is_prefix_kv(prefix) else prefix.shape[0]
         return self.model.compute_logits(self.hidden(prefix, ids)[p:])
 
     def generate(

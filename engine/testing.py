@@ -15,7 +15,8 @@ import torch
 
 __all__ = [
     "BOS_ID", "CHAT_TEMPLATE", "EOS_ID", "PAD_ID", "SPECIAL_TOKENS", "SUPPORTED_TINY_ARCHS", "UNK_ID",
-    "assert_generation_matches", "build_prompt_tensor", "build_prompt_tuning_adapter", "build_tiny_checkpoint",
+    "assert_generation_matches", "build_p_tuning_adapter", "build_prefix_tuning_adapter", "build_prompt_tensor",
+    "build_prompt_tuning_adapter", "build_tiny_checkpoint",
     "build_tokenizer", "hf_peft_reference", "tiny_model_with_adapters",
 ]
 
@@ -237,6 +238,39 @@ def build_prompt_tuning_adapter(model_dir: str | Path, out_dir: str | Path, *, n
                 weight.copy_(build_prompt_tensor(weight.shape[1], weight.shape[0], seed=seed, scale=scale))
         peft_model.save_pretrained(out_dir)
     return out_dir
+
+
+def build_p_tuning_adapter(model_dir: str | Path, out_dir: str | Path, *, num_virtual_tokens: int = 8,
+                           encoder: str = "MLP", seed: int = 0) -> Path:
+    """Create and save a PEFT P-tuning adapter (`PromptEncoderConfig`) with a seed-determined random prompt
+    encoder: PEFT saves the encoder's output rows, which inference prepends like a soft prompt's."""
+    from peft import PromptEncoderConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    cfg = PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=num_virtual_tokens,
+                              encoder_hidden_size=32, encoder_reparameterization_type=encoder)
+    with _quiet():
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), cfg)
+        peft_model.save_pretrained(Path(out_dir))
+    return Path(out_dir)
+
+
+def build_prefix_tuning_adapter(model_dir: str | Path, out_dir: str | Path, *, num_virtual_tokens: int = 8,
+                                projection: bool = False, seed: int = 0) -> Path:
+    """Create and save a PEFT prefix-tuning adapter (`PrefixTuningConfig`: every layer's K/V of the virtual
+    tokens) with seed-determined random weights; `projection` trains through PEFT's prefix MLP, whose output
+    PEFT saves."""
+    from peft import PrefixTuningConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    cfg = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=num_virtual_tokens,
+                             prefix_projection=projection, encoder_hidden_size=32)
+    with _quiet():
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), cfg)
+        peft_model.save_pretrained(Path(out_dir))
+    return Path(out_dir)
 
 
 def build_prompt_tensor(hidden_size: int, num_virtual_tokens: int, *, seed: int = 0, scale: float = 1.0,

@@ -170,7 +170,9 @@ def _free_memory() -> None:
 
 
 class HFPeftOracle:
-    """HF transformers + PEFT: one base model, one PEFT prompt-tuning adapter per task (switched per request)."""
+    """HF transformers + PEFT: one PEFT prompt-learning adapter per task (switched per request). PEFT holds
+    adapters of one type per model, so each type (prompt tuning, P-tuning, prefix tuning) gets its own copy of
+    the base model."""
 
     name = "hf+peft"
 
@@ -180,25 +182,41 @@ class HFPeftOracle:
 
         from .testing import _quiet
 
+        def base_model():
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
+            # plain greedy decoding: a checkpoint's generation_config.json may add sampling, penalties...
+            model.generation_config = GenerationConfig()
+            return model
+
+        by_type: dict[str, dict[str, Path]] = {}
+        for name, adapter_dir in adapters.items():
+            by_type.setdefault(read_peft_adapter(Path(adapter_dir)).peft_type, {})[name] = Path(adapter_dir)
+        self.peft_models: dict[str, object] = {}  # one per type
+        self._model_of: dict[str, object] = {}  # task name -> its type's PEFT model
+        self._peft_names: dict[str, str] = {}  # task name -> adapter name in that model
         with _quiet():
-            self.base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
-            self.peft = None
-            for i, (name, adapter_dir) in enumerate(adapters.items()):
-                if i == 0:
-                    self.peft = PeftModel.from_pretrained(self.base, str(adapter_dir), adapter_name=name).eval()
-                else:
-                    self.peft.load_adapter(str(adapter_dir), adapter_name=name)
-        # plain greedy decoding: a checkpoint's generation_config.json may add sampling, repetition penalties...
-        self.base.generation_config = GenerationConfig()
-        if self.peft is not None:
-            self.peft.generation_config = self.base.generation_config
+            self.base = base_model()
+            for i, (peft_type, group) in enumerate(by_type.items()):
+                model = None
+                for name, adapter_dir in group.items():
+                    # PEFT's own adapter names: a task name such as "prefix" would clash with its tuner prefixes
+                    peft_name = self._peft_names[name] = f"task{len(self._peft_names)}"
+                    if model is None:
+                        base = self.base if i == 0 else base_model()
+                        model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=peft_name).eval()
+                        model.generation_config = base.generation_config
+                    else:
+                        model.load_adapter(str(adapter_dir), adapter_name=peft_name)
+                    self._model_of[name] = model
+                self.peft_models[peft_type] = model
         self.device = device
 
     def _model(self, prompt: str | None):
         if prompt is None:
             return self.base
-        self.peft.set_adapter(prompt)
-        return self.peft
+        model = self._model_of[prompt]
+        model.set_adapter(self._peft_names[prompt])
+        return model
 
     @torch.no_grad()
     def greedy(self, prompt: str | None, ids: list[int], n: int) -> list[int]:
@@ -217,7 +235,8 @@ class HFPeftOracle:
         return out[0, -len(ids):].float().cpu()  # PEFT prepends the virtual tokens' rows: drop them
 
     def close(self) -> None:
-        self.base = self.peft = None
+        self.base = None
+        self.peft_models, self._model_of = {}, {}
         _free_memory()
 
 
@@ -621,7 +640,7 @@ def verify(model_dir: str | Path, prompts: dict[str, str | Path], backends: Sequ
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, config, dev)
     adapters = {check_prompt_name(name): Path(path) for name, path in prompts.items()}
-    lengths = {name: int(read_peft_adapter(path).shape[-2]) for name, path in adapters.items()}
+    lengths = {name: read_peft_adapter(path).length for name, path in adapters.items()}
     if requests is None:
         requests = random_requests(lengths, random_per_task, config.vocab_size, config.max_positions, max_new_tokens,
                                    seed=seed)

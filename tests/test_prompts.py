@@ -101,7 +101,8 @@ def _edit_adapter(adapter_for, tmp_path, **changes):
     "changes, message",
     [
         ({"peft_type": "LORA"}, "LORA"),
-        ({"peft_type": "PREFIX_TUNING"}, "PREFIX_TUNING"),
+        ({"peft_type": "IA3"}, "IA3"),
+        ({"peft_type": "PREFIX_TUNING", "num_layers": 2}, "num_layers=2 and token_dim=64 give rows of width 256"),
         ({"task_type": "SEQ_2_SEQ_LM"}, "SEQ_2_SEQ_LM"),
         ({"num_virtual_tokens": 9}, "num_virtual_tokens=9"),
         ({"token_dim": 128}, "token_dim=128"),

@@ -318,7 +318,7 @@ class OpenAIIngress:
             source = self.prompts.find(name)
             data.append({"id": name, "object": "model", "created": self.started, "owned_by": "softprompt",
                          "root": self.settings.model_dir, "parent": BASE_MODEL,
-                         "kind": "text" if source.text is not None else "peft" if source.path.is_dir() else "tensor",
+                         "kind": source.kind,
                          "length": source.length})
         return {"object": "list", "data": data}
 

@@ -220,8 +220,9 @@ class PromptRegistry:
             layout = {names[0]: "prompt.safetensors"}
         else:
             raise PromptError(
-                "upload a PEFT prompt-tuning adapter (adapter_config.json + adapter_model.safetensors) or one "
-                f".safetensors tensor file; got {names or 'no files'} (pickle files are never loaded)"
+                "upload a PEFT prompt-learning adapter (adapter_config.json + adapter_model.safetensors: prompt "
+                "tuning, P-tuning or prefix tuning) or one .safetensors tensor file; "
+                f"got {names or 'no files'} (pickle files are never loaded)"
             )
         staged = self.prompt_dir / ".staging" / uuid.uuid4().hex
         staged.mkdir(parents=True)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PromptError, UnknownPromptError
+from ..prompts import KV_PEFT_TYPE
 from .registry import ADAPTER_FILES, check_public_name
 
 
@@ -33,16 +34,29 @@ class PromptSource:
         except FileNotFoundError as exc:
             raise UnknownPromptError(f"prompt {self.name!r} is no longer in the prompt directory") from exc
 
+    def _adapter_config(self) -> dict:
+        try:
+            cfg = json.loads((self.path / "adapter_config.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return cfg if isinstance(cfg, dict) else {}
+
     @property
     def length(self) -> int | None:
         """The number of virtual tokens a PEFT adapter declares (None when not cheaply known)."""
         if self.path is None or not self.path.is_dir():
             return None
-        try:
-            n = json.loads((self.path / "adapter_config.json").read_text()).get("num_virtual_tokens")
-        except (OSError, ValueError, AttributeError):
-            return None
+        n = self._adapter_config().get("num_virtual_tokens")
         return n if isinstance(n, int) else None
+
+    @property
+    def kind(self) -> str:
+        """As `SoftPrompt.kind`: "text", "tensor", "peft" or "prefix" (a PEFT prefix-tuning adapter)."""
+        if self.text is not None:
+            return "text"
+        if not self.path.is_dir():
+            return "tensor"
+        return "prefix" if self._adapter_config().get("peft_type") == KV_PEFT_TYPE else "peft"
 
 
 class SharedPrompts:

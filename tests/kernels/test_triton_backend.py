@@ -10,6 +10,7 @@ import torch
 
 from softprompt import Engine
 from softprompt.engine.errors import SoftPromptError
+from softprompt.testing import build_p_tuning_adapter, build_prefix_tuning_adapter
 
 from ..runtime_helpers import assert_no_leaks, make_requests, register_tasks, run
 
@@ -25,6 +26,23 @@ def test_triton_backend_matches_reference(variant, model_dir_for):
     n = 5 if DEVICE == "cpu" else 40
     specs = make_requests(names, n, seed=30, max_new_tokens=4 if DEVICE == "cpu" else 12)
     assert run(eng, specs) == run(ref, specs)  # prefill kernel (incl. chunks), cascade decode kernel
+    assert_no_leaks(eng)
+
+
+@pytest.mark.parametrize("variant", ["llama", "bloom"])
+def test_triton_backend_serves_p_tuning_and_prefix_tuning_adapters(variant, model_dir_for, tmp_path):
+    """A prefix-tuning adapter's K/V go into the pool as they are and the kernels read them like computed ones."""
+    pytest.importorskip("peft")
+    d = model_dir_for(variant)
+    adapters = {"ptune": build_p_tuning_adapter(d, tmp_path / "ptune", num_virtual_tokens=5),
+                "kv": build_prefix_tuning_adapter(d, tmp_path / "kv", num_virtual_tokens=7, seed=1)}
+    ref = Engine(d, device=DEVICE, dtype="float32", backend="reference")
+    eng = Engine(d, device=DEVICE, dtype="float32", backend="triton", block_size=4)
+    for e in (ref, eng):
+        for name, path in adapters.items():
+            e.add_prompt(name, path)
+    specs = make_requests(["kv", "ptune", None, "kv"], 4, seed=31, max_new_tokens=4)
+    assert run(eng, specs) == run(ref, specs)
     assert_no_leaks(eng)
 
 

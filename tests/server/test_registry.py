@@ -108,6 +108,24 @@ def test_json_uploads_text_token_ids_and_base64_tensor(served):
         assert http.delete(f"/v1/prompts/{name}").status_code == 200
 
 
+def test_upload_p_tuning_and_prefix_tuning_adapters(served, tmp_path):
+    """PEFT writes them like a prompt-tuning adapter (config + safetensors): the same upload serves them."""
+    pytest.importorskip("peft")
+    from softprompt.testing import build_p_tuning_adapter, build_prefix_tuning_adapter
+
+    http = served.server.client()
+    for name, adapter, kind, length in [
+        ("ptune", build_p_tuning_adapter(served.model_dir, tmp_path / "ptune", num_virtual_tokens=5), "peft", 5),
+        ("kv", build_prefix_tuning_adapter(served.model_dir, tmp_path / "kv", num_virtual_tokens=7), "prefix", 7),
+    ]:
+        r = http.post("/v1/prompts", data={"name": name}, files=adapter_files(adapter))
+        assert r.status_code == 201, r.text
+        assert (r.json()["kind"], r.json()["length"]) == (kind, length)
+        assert complete(http, name) == reference_ids(served, adapter)
+        assert http.delete(f"/v1/prompts/{name}").status_code == 200
+    served.server.assert_pool_empty()
+
+
 def test_bad_uploads_are_refused_and_leave_nothing(served, adapter_for, tmp_path):
     http = served.server.client()
     root = served.server.registry.prompt_dir

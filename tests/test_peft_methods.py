@@ -1,0 +1,193 @@
+"""PEFT prompt-learning adapters beyond prompt tuning, against HF transformers + PEFT on every architecture family.
+
+- P-tuning (`PromptEncoderConfig`): PEFT saves its prompt encoder's output rows, and inference prepends them as a
+  soft prompt's rows.
+- Prefix tuning (`PrefixTuningConfig`): the adapter holds every layer's K/V of the virtual tokens; the engine
+  stores them in the pool as they are (no prefix compute) and the input takes positions P.. after them.
+Both kinds share batches with prompt-tuning tasks and the bare model.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from softprompt import Engine, Request, SamplingParams
+from softprompt.engine.errors import PromptError
+from softprompt.engine.kv_pool import KVPool
+from softprompt.engine.verify import verify
+from softprompt.testing import (
+    assert_generation_matches,
+    build_p_tuning_adapter,
+    build_prefix_tuning_adapter,
+    build_tiny_checkpoint,
+    hf_peft_reference,
+)
+
+from .conftest import ARCH_VARIANTS
+from .runtime_helpers import assert_no_leaks
+
+pytest.importorskip("peft")
+
+_built: dict[str, dict] = {}
+
+
+@pytest.fixture
+def adapters(model_dir_for, adapter_for, model_root):
+    """adapters(variant) -> {task: adapter dir}: P-tuning (MLP and LSTM encoders), prefix tuning (plain and
+    through PEFT's prefix projection), and prompt tuning."""
+
+    def make(variant: str) -> dict:
+        if variant not in _built:
+            d, out = model_dir_for(variant), model_root / "methods" / variant
+            _built[variant] = {
+                "ptune": build_p_tuning_adapter(d, out / "ptune", num_virtual_tokens=5, seed=1),
+                "ptune_lstm": build_p_tuning_adapter(d, out / "ptune_lstm", num_virtual_tokens=3, encoder="LSTM",
+                                                     seed=2),
+                "kv": build_prefix_tuning_adapter(d, out / "kv", num_virtual_tokens=7, seed=3),
+                "kv_proj": build_prefix_tuning_adapter(d, out / "kv_proj", num_virtual_tokens=4,
+                                                           projection=True, seed=4),
+                "soft": adapter_for(variant, seed=5, num_virtual_tokens=6),
+            }
+        return _built[variant]
+
+    return make
+
+
+def requests(tasks, seed: int = 0, max_new_tokens: int = 6) -> list[Request]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = [5, 9, 1, 12, 3, 6, 4]
+    return [Request(prompt=task, input_ids=torch.randint(4, 500, (lengths[i % len(lengths)],), generator=g).tolist(),
+                    sampling=SamplingParams(max_new_tokens=max_new_tokens))
+            for i, task in enumerate([*tasks, None, "kv", "ptune"])]
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("variant", [*ARCH_VARIANTS, "mistral", "bloom_post_norm"])
+def test_p_tuning_and_prefix_tuning_match_hf_peft(variant, backend, adapters, model_dir_for):
+    tasks = adapters(variant)
+    engine = Engine(model_dir_for(variant), device="cpu", dtype="float32", backend=backend, block_size=4)
+    for name, path in tasks.items():
+        engine.add_prompt(name, path)
+    kinds = {name: engine.prompts.get(name).kind for name in tasks}
+    assert kinds == {"ptune": "peft", "ptune_lstm": "peft", "kv": "prefix", "kv_proj": "prefix", "soft": "peft"}
+    c = engine.config
+    assert engine.prompts.get("kv").kv.shape == (c.num_layers, 2, 7, c.num_kv_heads, c.head_dim)
+    assert engine.prompts.get("kv").length == 7 and engine.prompts.get("kv").embeds is None
+    # greedy tokens and fp32 logits (1e-4 / 1e-3) at every position, each request alone and all in one batch
+    assert_generation_matches(engine, hf_peft_reference(model_dir_for(variant), tasks), requests(tasks))
+    if backend == "torch":
+        assert_no_leaks(engine)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("variant", ["llama", "bloom"])
+def test_half_precision_matches_hf_peft(variant, dtype, adapters, model_dir_for):
+    """`softprompt verify`'s tolerances for the dtype, and the same greedy tokens as HF + PEFT in that dtype."""
+    tasks = {k: v for k, v in adapters(variant).items() if k in ("ptune", "kv", "soft")}
+    engine = Engine(model_dir_for(variant), device="cpu", dtype=dtype, block_size=4)
+    for name, path in tasks.items():
+        engine.add_prompt(name, path)
+    assert engine.prompts.get("kv").kv.dtype == dtype
+    assert_generation_matches(engine, hf_peft_reference(model_dir_for(variant), tasks, dtype=dtype), requests(tasks))
+
+
+def test_prefix_kv_is_what_peft_puts_in_the_cache(adapters, model_dir_for):
+    """The stored K/V of layer l are PEFT's past key/values of layer l (keys not rotated)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    d = model_dir_for("llama")
+    path = adapters("llama")["kv"]
+    engine = Engine(d, device="cpu", dtype="float32")
+    kv = engine.add_prompt("kv", path).kv
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(d), str(path)).eval()
+    cache = peft_model.get_prompt(batch_size=1)
+    for layer in range(engine.config.num_layers):
+        keys, values = cache.layers[layer].keys[0], cache.layers[layer].values[0]  # [kv_heads, P, head_dim]
+        torch.testing.assert_close(kv[layer, 0], keys.transpose(0, 1), rtol=0, atol=0)
+        torch.testing.assert_close(kv[layer, 1], values.transpose(0, 1), rtol=0, atol=0)
+
+
+def test_prefix_tuning_prompts_survive_eviction_and_replacement(adapters, model_dir_for):
+    """A pool too small for every task's prefix at once: prefix-tuning K/V are evicted and written again on the
+    next use, and a new version replaces the old one; tokens stay the reference path's."""
+    d = model_dir_for("llama")
+    tasks = adapters("llama")
+    kw = dict(device="cpu", dtype="float32", block_size=4)
+    ref = Engine(d, backend="reference", **kw)
+    bytes_per_block = KVPool.bytes_per_block(ref.config, 4, torch.float32)
+    engine = Engine(d, kv_cache_bytes=12 * bytes_per_block, max_num_seqs=2, **kw)
+    for e in (ref, engine):
+        for name, path in tasks.items():
+            e.add_prompt(name, path)
+    reqs = requests(list(tasks) * 2, seed=3, max_new_tokens=4)
+    assert [o.token_ids for o in engine.generate(reqs)] == [o.token_ids for o in ref.generate(reqs)]
+    assert engine.prefix_cache.stats.evictions > 0
+    other = build_prefix_tuning_adapter(d, tasks["kv"].parent / "kv_v2", num_virtual_tokens=7, seed=9)
+    for e in (ref, engine):
+        e.add_prompt("kv", other, replace=True)
+    reqs = requests(["kv", "kv_proj"], seed=4, max_new_tokens=4)
+    assert [o.token_ids for o in engine.generate(reqs)] == [o.token_ids for o in ref.generate(reqs)]
+    assert_no_leaks(engine)
+
+
+def _edited(adapter_dir, tmp_path, config=None, weights=None):
+    out = tmp_path / "edited"
+    out.mkdir()
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    cfg.update(config or {})
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    if weights is not None:
+        tensors["prompt_embeddings"] = weights(tensors["prompt_embeddings"]).contiguous()
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    return out
+
+
+def _nan_row(w):
+    w = w.clone()
+    w[1, 3] = float("nan")
+    return w
+
+
+@pytest.mark.parametrize(
+    "config, weights, message",
+    [
+        ({"num_layers": 3}, lambda w: torch.cat([w, w[:, :64]], 1), "for a model of 3 layers; this model has 2"),
+        ({"num_attention_heads": 4, "token_dim": 64}, lambda w: w.repeat(1, 2), "with 4 key/value heads"),
+        ({"token_dim": 16}, None, "num_layers=2 and token_dim=16 give rows of width 64"),
+        ({"token_dim": None, "num_layers": None}, lambda w: w[:, :-8], "prefix-tuning rows of width 120"),
+        ({}, _nan_row, "contains NaN or Inf"),
+        ({"num_virtual_tokens": 4}, None, "num_virtual_tokens=4"),
+        ({"peft_type": "MULTITASK_PROMPT_TUNING"}, None, "MULTITASK_PROMPT_TUNING"),
+    ],
+)
+def test_bad_prefix_adapters_are_refused_and_change_nothing(config, weights, message, adapters, model_dir_for,
+                                                            tmp_path):
+    engine = Engine(model_dir_for("llama"), device="cpu", dtype="float32")
+    engine.add_prompt("t", adapters("llama")["kv"])
+    before = engine.prompts.get("t")
+    with pytest.raises(PromptError, match=message):
+        engine.add_prompt("t", _edited(adapters("llama")["kv"], tmp_path, config, weights), replace=True)
+    assert engine.prompts.get("t") is before
+
+
+def test_prefix_adapter_of_another_model_is_refused(tmp_path, model_dir_for):
+    deeper = build_tiny_checkpoint("llama", tmp_path / "deeper", num_layers=3, with_tokenizer=False)
+    adapter = build_prefix_tuning_adapter(deeper, tmp_path / "adapter", num_virtual_tokens=4)
+    engine = Engine(model_dir_for("llama"), device="cpu", dtype="float32")
+    with pytest.raises(PromptError, match="3 layers; this model has 2"):
+        engine.add_prompt("t", adapter)
+    assert "t" not in engine.prompts
+
+
+def test_verify_checks_p_tuning_and_prefix_tuning_tasks(adapters, model_dir_for):
+    tasks = {k: v for k, v in adapters("gpt2").items() if k in ("ptune", "kv", "soft")}
+    report = verify(model_dir_for("gpt2"), tasks, backends=["torch"], dtype="float32", device="cpu",
+                    random_per_task=2, max_new_tokens=4)
+    assert report.oracle == "hf+peft" and report.exit_code() == 0, report.summary()
+    assert set(report.backends["torch"].tasks) == {"ptune", "kv", "soft", "base"}
