@@ -169,8 +169,12 @@ class Engine:
                 f"{self.config.max_positions} positions"
             )
         params = request.sampling
+        bad = [t for t, _ in params.logit_bias if t >= self.config.vocab_size]
+        if bad:
+            raise RequestError(f"logit_bias token id {bad[0]} is out of range for vocabulary size "
+                               f"{self.config.vocab_size}")
         if params.max_new_tokens > room:
-            params = replace(params, max_new_tokens=room)
+            params = replace(params, max_new_tokens=room, min_tokens=min(params.min_tokens, room))
         if self.backend != "reference":
             need = self.pool.blocks_for(p) + self.pool.blocks_for(len(ids) + params.max_new_tokens)
             if need > self.pool.num_blocks:
@@ -257,7 +261,11 @@ class Engine:
         if not sampled:
             return []
         seqs = [batch.seqs[i] for i in sampled]
-        tokens, logprobs = self.runner.sample(hidden, [s.params for s in seqs], [s.generator for s in seqs])
+        params = [s.params for s in seqs]
+        histories = ([(s.input_ids, s.generated) for s in seqs]
+                     if any(p.processes_logits for p in params) else None)
+        tokens, logprobs = self.runner.sample(hidden, params, [s.generator for s in seqs], histories,
+                                              self.eos_token_ids)
         now = time.perf_counter()
         outputs = []
         for seq, token, lp in zip(seqs, tokens, logprobs):

@@ -112,14 +112,16 @@ class ModelRunner:
         return self.model.compute_logits(self.hidden(seqs, num_tokens, logits_for, all_logits))
 
     @torch.no_grad()
-    def sample(self, hidden: Tensor, params: list[SamplingParams],
-               generators: list[torch.Generator | None]) -> tuple[list[int], list[TokenLogprob | None]]:
-        """The next token of each row of final hidden states (see sample_next); greedy rows that want no
-        logprobs skip the fp32 logits (ScreenedGreedyHead gives their exact argmax)."""
-        fast = ([i for i, p in enumerate(params) if p.greedy and p.logprobs is None]
+    def sample(self, hidden: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+               histories: list[tuple[list[int], list[int]]] | None = None,
+               eos_token_ids: tuple[int, ...] = ()) -> tuple[list[int], list[TokenLogprob | None]]:
+        """The next token of each row of final hidden states (see sample_next: `histories` are the rows' (input
+        ids, generated tokens), for logit processors); greedy rows that want no logprobs and process no logits
+        skip the fp32 logits (ScreenedGreedyHead gives their exact argmax)."""
+        fast = ([i for i, p in enumerate(params) if p.greedy and p.logprobs is None and not p.processes_logits]
                 if self.greedy_head is not None else [])
         if not fast:
-            return sample_next(self.model.compute_logits(hidden), params, generators)
+            return sample_next(self.model.compute_logits(hidden), params, generators, histories, eos_token_ids)
         tokens: list[int] = [0] * len(params)
         logprobs: list[TokenLogprob | None] = [None] * len(params)
         picked = self.greedy_head(hidden.index_select(0, index_tensor(fast, self.device)))
@@ -128,7 +130,9 @@ class ModelRunner:
         rest = sorted(set(range(len(params))) - set(fast))
         if rest:
             logits = self.model.compute_logits(hidden.index_select(0, index_tensor(rest, self.device)))
-            rest_tokens, rest_logprobs = sample_next(logits, [params[i] for i in rest], [generators[i] for i in rest])
+            rest_tokens, rest_logprobs = sample_next(logits, [params[i] for i in rest], [generators[i] for i in rest],
+                                                     None if histories is None else [histories[i] for i in rest],
+                                                     eos_token_ids)
             for i, token, lp in zip(rest, rest_tokens, rest_logprobs):
                 tokens[i], logprobs[i] = token, lp
         return tokens, logprobs

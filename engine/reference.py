@@ -94,7 +94,7 @@ class ReferencePath:
         logprobs: list[TokenLogprob] = []
         while True:
             last = self.model.compute_logits(self.hidden(prefix, ids + generated)[-1:])
-            tokens, lps = sample_next(last, [params], [generator])
+            tokens, lps = sample_next(last, [params], [generator], [(ids, generated)], eos_token_ids)
             generated.append(tokens[0])
             if lps[0] is not None:
                 logprobs.append(lps[0])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -11,11 +12,20 @@ import torch
 from .errors import SamplingParamsError
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 (ban) to 100 (force)
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. `temperature=0` is greedy (the default)."""
+    """How to pick tokens. `temperature=0` is greedy (the default).
+
+    The logit processors run in vLLM's order, before greedy or sampled picking: `logit_bias`, the `min_tokens`
+    mask (EOS and `stop_token_ids` banned until that many tokens exist; stop strings are not checked before
+    either), `repetition_penalty` (HF/vLLM: over the request's input ids and generated tokens, a positive logit
+    is divided by it, a negative one multiplied), then `frequency_penalty` x count and `presence_penalty` (OpenAI:
+    over generated tokens). Sampling then scales by `temperature` and applies `min_p`, `top_k`, `top_p`. Logprobs
+    stay those of the raw model distribution.
+    """
 
     max_new_tokens: int = 16
     temperature: float = 0.0
@@ -26,6 +36,12 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; N: the sampled token's and the top-N
+    presence_penalty: float = 0.0  # in [-2, 2]
+    frequency_penalty: float = 0.0  # in [-2, 2]
+    repetition_penalty: float = 1.0  # > 0; 1 is none
+    min_p: float = 0.0  # in [0, 1]: drop tokens less likely than min_p x the most likely one
+    min_tokens: int = 0  # <= max_new_tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]); a dict is accepted
 
     def __post_init__(self) -> None:
         # normalise lists given by users into tuples (the dataclass is frozen)
@@ -33,11 +49,26 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        try:
+            bias = tuple((k, v) for k, v in bias)
+        except (TypeError, ValueError):
+            raise SamplingParamsError(
+                f"invalid sampling params: logit_bias must map token ids to biases, got {self.logit_bias!r}"
+            ) from None
+        object.__setattr__(self, "logit_bias", bias)
         self.validate()
+        object.__setattr__(self, "logit_bias", tuple(sorted(bias)))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether any logit processor applies (then the row needs its token history and full logits)."""
+        return bool(self.logit_bias or self.min_tokens or self.repetition_penalty != 1.0
+                    or self.frequency_penalty or self.presence_penalty)
 
     def validate(self) -> None:
         def bad(msg: str) -> SamplingParamsError:
@@ -62,6 +93,32 @@ class SamplingParams:
         ):
             raise bad(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
+        def number(name: str, low: float, high: float) -> None:
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or not low <= value <= high):
+                raise bad(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
+
+        number("presence_penalty", -2.0, 2.0)
+        number("frequency_penalty", -2.0, 2.0)
+        number("min_p", 0.0, 1.0)
+        rp = self.repetition_penalty
+        if isinstance(rp, bool) or not isinstance(rp, (int, float)) or not math.isfinite(rp) or rp <= 0:
+            raise bad(f"repetition_penalty must be a finite number > 0 (1: none), got {rp!r}")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise bad(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if self.min_tokens > self.max_new_tokens:
+            raise bad(f"min_tokens ({self.min_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})")
+        for token, value in self.logit_bias:
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise bad(f"logit_bias keys must be non-negative token ids, got {token!r}")
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or abs(value) > MAX_LOGIT_BIAS):
+                raise bad(f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                          f"got {value!r} for token {token}")
+        if len({token for token, _ in self.logit_bias}) != len(self.logit_bias):
+            raise bad("logit_bias gives a token id twice")
+
 
 @dataclass(frozen=True)
 class TokenLogprob:
@@ -81,8 +138,36 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return gen
 
 
+def process_logits(logits: torch.Tensor, params: SamplingParams, input_ids: Sequence[int], generated: Sequence[int],
+                   eos_token_ids: Sequence[int]) -> torch.Tensor:
+    """One row of fp32 logits [V] after the request's logit processors (see SamplingParams), as a new tensor."""
+    out = logits.clone()
+    vocab = out.shape[0]
+    device = out.device
+    if params.logit_bias:
+        ids = torch.tensor([t for t, _ in params.logit_bias if t < vocab], dtype=torch.long, device=device)
+        bias = torch.tensor([b for t, b in params.logit_bias if t < vocab], dtype=out.dtype, device=device)
+        out.index_add_(0, ids, bias)
+    if len(generated) < params.min_tokens:
+        banned = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
+        banned_ids = sorted(t for t in banned if t < vocab)
+        if banned_ids:
+            out[torch.tensor(banned_ids, dtype=torch.long, device=device)] = float("-inf")
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(input_ids) | set(generated)), dtype=torch.long, device=device)
+        values = out[seen]
+        out[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+    if (params.frequency_penalty or params.presence_penalty) and generated:
+        counts = torch.bincount(torch.tensor(generated, dtype=torch.long, device=device), minlength=vocab)[:vocab]
+        out -= params.frequency_penalty * counts.to(out.dtype) + params.presence_penalty * (counts > 0).to(out.dtype)
+    return out
+
+
 def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     scaled = logits / params.temperature
+    if params.min_p > 0.0:
+        probs = torch.softmax(scaled, dim=-1)
+        scaled = scaled.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
     if params.top_k > 0 and params.top_k < scaled.shape[-1]:
         kth = torch.topk(scaled, params.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
@@ -97,13 +182,26 @@ def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
 
 
 def sample_next(
-    logits: torch.Tensor, params_list: list[SamplingParams], generators: list[torch.Generator | None]
+    logits: torch.Tensor,
+    params_list: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    histories: list[tuple[Sequence[int], Sequence[int]]] | None = None,
+    eos_token_ids: Sequence[int] = (),
 ) -> tuple[list[int], list[TokenLogprob | None]]:
-    """Pick one token per row of fp32 logits [B, V]; each row uses only its own params and generator."""
+    """Pick one token per row of fp32 logits [B, V]; each row uses only its own params and generator.
+
+    `histories[i]`: row i's (input ids, generated tokens), needed where its params process logits."""
     tokens = torch.argmax(logits, dim=-1).tolist()
     for row, (params, gen) in enumerate(zip(params_list, generators)):
+        row_logits = logits[row]
+        if params.processes_logits:
+            if histories is None:
+                raise ValueError("sample_next needs the token histories of rows whose params process logits")
+            row_logits = process_logits(row_logits, params, *histories[row], eos_token_ids)
+            if params.greedy:
+                tokens[row] = int(torch.argmax(row_logits))
         if not params.greedy:
-            probs = _filtered_probs(logits[row], params)
+            probs = _filtered_probs(row_logits, params)
             tokens[row] = int(torch.multinomial(probs, 1, generator=gen).item())
     need_logprobs = [p.logprobs is not None for p in params_list]
     logprobs: list[TokenLogprob | None] = [None] * len(params_list)

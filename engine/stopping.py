@@ -21,7 +21,9 @@ def check_finish(
     eos_token_ids: tuple[int, ...],
     decode: Callable[[list[int]], str] | None,
 ) -> Finish | None:
-    """Called after each new token; None while the sequence should go on."""
+    """Called after each new token; None while the sequence should go on (always, before `min_tokens`)."""
+    if len(generated) < params.min_tokens:  # min_tokens <= max_new_tokens
+        return None
     last = generated[-1]
     if last in params.stop_token_ids:
         return Finish("stop", last)

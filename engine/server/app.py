@@ -154,6 +154,10 @@ def _sampling(body: _SamplingFields, index: int, max_new_tokens: int, logprobs: 
     if seed is not None and seed > SEED_MAX:
         raise APIError(400, f"seed + n - 1 must be at most {SEED_MAX}", param="seed")
     try:
+        logit_bias = body.logit_bias_ids()
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="logit_bias") from exc
+    try:
         return SamplingParams(
             max_new_tokens=max_new_tokens,
             temperature=1.0 if body.temperature is None else float(body.temperature),
@@ -161,6 +165,12 @@ def _sampling(body: _SamplingFields, index: int, max_new_tokens: int, logprobs: 
             top_k=0 if body.top_k is None else body.top_k,
             seed=seed, stop=body.stop_list(), stop_token_ids=tuple(body.stop_token_ids or ()),
             ignore_eos=body.ignore_eos, logprobs=logprobs,
+            presence_penalty=0.0 if body.presence_penalty is None else body.presence_penalty,
+            frequency_penalty=0.0 if body.frequency_penalty is None else body.frequency_penalty,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            min_p=0.0 if body.min_p is None else body.min_p,
+            min_tokens=body.min_tokens or 0,
+            logit_bias=logit_bias,
         )
     except ValueError as exc:
         raise to_api_error(exc) from exc

@@ -38,6 +38,9 @@ class _SamplingFields(BaseModel):
     user: StrictStr | None = None
     # extensions (as vLLM names them; the openai client sends them through extra_body)
     top_k: StrictInt | None = None
+    min_p: Number | None = None
+    repetition_penalty: Number | None = None
+    min_tokens: StrictInt | None = None
     ignore_eos: StrictBool = False
     stop_token_ids: list[StrictInt] | None = None
     return_token_ids: StrictBool = False
@@ -47,14 +50,18 @@ class _SamplingFields(BaseModel):
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
+    def logit_bias_ids(self) -> dict[int, Any]:
+        """logit_bias with its keys (OpenAI sends token ids as strings) as ints; the values are checked by
+        SamplingParams. Raises ValueError naming a bad key."""
+        out = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            out[int(key)] = value
+        return out
+
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for an OpenAI option this server does not implement, given a non-default value."""
-        if self.presence_penalty not in (None, 0):
-            return "presence_penalty", "presence_penalty is not supported (use 0)"
-        if self.frequency_penalty not in (None, 0):
-            return "frequency_penalty", "frequency_penalty is not supported (use 0)"
-        if self.logit_bias:
-            return "logit_bias", "logit_bias is not supported"
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
             return "stop", f"at most {MAX_STOP} stop strings are supported, got {len(self.stop)}"
         return None

@@ -34,8 +34,13 @@ SAMPLING = {
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
     "ignore_eos": st.booleans(),
     "stop_token_ids": st.lists(st.integers(-2, 2**64), max_size=3),
-    "presence_penalty": st.sampled_from([0, 0.0, 1]),
-    "logit_bias": st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    "presence_penalty": st.sampled_from([0, 0.0, 1, -2.5, float("nan")]) | st.floats(-3, 3),
+    "frequency_penalty": st.floats(-3, 3) | st.sampled_from([float("inf")]),
+    "repetition_penalty": st.floats(-1, 3) | st.sampled_from([0, float("nan")]),
+    "min_p": st.floats(-0.5, 1.5),
+    "min_tokens": st.integers(-2, 8),
+    "logit_bias": st.dictionaries(st.text(max_size=3) | st.integers(-2, 700).map(str),
+                                  st.integers(-150, 150) | st.floats(allow_nan=True), max_size=3),
     "return_token_ids": st.booleans(),
 }
 COMPLETION = {

@@ -105,6 +105,23 @@ def test_n_choices_use_consecutive_seeds_and_several_prompts(served):
     assert len({tuple(w.token_ids) for w in want}) > 1  # different seeds really differ
 
 
+def test_penalties_logit_bias_min_p_and_min_tokens_pass_through(served):
+    """OpenAI's presence/frequency penalties and logit_bias (string token ids), and vLLM's repetition_penalty,
+    min_p and min_tokens (extra_body), reach the engine as SamplingParams."""
+    client = served.server.openai()
+    got = client.completions.create(model="a", prompt="the cat sat on", max_tokens=8, temperature=0.8, seed=5,
+                                    presence_penalty=0.7, frequency_penalty=1.1, logit_bias={"17": 6, "40": -100},
+                                    extra_body={"return_token_ids": True, "repetition_penalty": 1.3, "min_p": 0.05,
+                                                "min_tokens": 3})
+    [want] = served.expected(Request(prompt="a", text="the cat sat on", sampling=sp(
+        max_new_tokens=8, temperature=0.8, seed=5, presence_penalty=0.7, frequency_penalty=1.1,
+        logit_bias={17: 6, 40: -100}, repetition_penalty=1.3, min_p=0.05, min_tokens=3)))
+    assert got.choices[0].model_extra["token_ids"] == want.token_ids and 40 not in want.token_ids
+    plain = served.expected(Request(prompt="a", text="the cat sat on", sampling=sp(max_new_tokens=8,
+                                                                                   temperature=0.8, seed=5)))
+    assert plain[0].token_ids != want.token_ids  # the parameters changed something
+
+
 def test_several_tasks_at_once_equal_engine_generate(served):
     client = served.server.openai()
     jobs = [(task, text) for task in ("a", "b", "polite", "base")
@@ -163,8 +180,14 @@ def test_errors_are_openai_shaped_and_named(served):
         client.completions.create(model="a", prompt="x", max_tokens="ten")
     assert e.value.body["param"] == "max_tokens"
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model="a", prompt="x", presence_penalty=0.5)
+        client.completions.create(model="a", prompt="x", presence_penalty=2.5)
     assert "presence_penalty" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="a", prompt="x", logit_bias={"600": 5})
+    assert "logit_bias token id 600" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="a", prompt="x", logit_bias={"x": 5})
+    assert "logit_bias keys must be token ids" in e.value.message
     http = served.server.client()
     r = http.post("/v1/completions", content=b'{"model": "a", "prompt": ', headers={"content-type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
