@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--frequency-penalty", type=float, default=0.0)
+    gen.add_argument("--presence-penalty", type=float, default=0.0)
+    gen.add_argument("--min-tokens", type=int, default=0)
     gen.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_engine_args(gen)
 
@@ -84,7 +89,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         name, text = _split_pair(item, "--text-prompt")
         engine.add_prompt(name, text=text)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed, min_p=args.min_p,
+                            repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+                            presence_penalty=args.presence_penalty, min_tokens=args.min_tokens)
     if args.ids is not None:
         try:
             ids = [int(x) for x in args.ids.split(",") if x.strip()]

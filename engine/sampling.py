@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -138,28 +139,58 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return gen
 
 
-def process_logits(logits: torch.Tensor, params: SamplingParams, input_ids: Sequence[int], generated: Sequence[int],
-                   eos_token_ids: Sequence[int]) -> torch.Tensor:
-    """One row of fp32 logits [V] after the request's logit processors (see SamplingParams), as a new tensor."""
+def process_logits(logits: torch.Tensor, params_list: list[SamplingParams],
+                   histories: list[tuple[Sequence[int], Sequence[int]]], eos_token_ids: Sequence[int]) -> torch.Tensor:
+    """Rows of fp32 logits [B, V] after each row's logit processors (see SamplingParams), as a new tensor.
+
+    `histories[i]`: row i's (input ids, generated tokens). One scatter per processor for the whole batch, from
+    (row, token) pairs: no dense [B, V] count matrix (a 128k vocabulary at 256 rows would be 128 MB)."""
     out = logits.clone()
-    vocab = out.shape[0]
+    vocab = out.shape[1]
     device = out.device
-    if params.logit_bias:
-        ids = torch.tensor([t for t, _ in params.logit_bias if t < vocab], dtype=torch.long, device=device)
-        bias = torch.tensor([b for t, b in params.logit_bias if t < vocab], dtype=out.dtype, device=device)
-        out.index_add_(0, ids, bias)
-    if len(generated) < params.min_tokens:
-        banned = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
-        banned_ids = sorted(t for t in banned if t < vocab)
-        if banned_ids:
-            out[torch.tensor(banned_ids, dtype=torch.long, device=device)] = float("-inf")
-    if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(input_ids) | set(generated)), dtype=torch.long, device=device)
-        values = out[seen]
-        out[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
-    if (params.frequency_penalty or params.presence_penalty) and generated:
-        counts = torch.bincount(torch.tensor(generated, dtype=torch.long, device=device), minlength=vocab)[:vocab]
-        out -= params.frequency_penalty * counts.to(out.dtype) + params.presence_penalty * (counts > 0).to(out.dtype)
+    bias_rows, bias_ids, biases = [], [], []
+    ban_rows, ban_ids = [], []
+    rep_rows, rep_ids, rep_values = [], [], []
+    pen_rows, pen_ids, pen_counts, pen_freq, pen_pres = [], [], [], [], []
+    eos = frozenset(eos_token_ids)
+    for row, (params, (input_ids, generated)) in enumerate(zip(params_list, histories)):
+        for token, bias in params.logit_bias:
+            if token < vocab:
+                bias_rows.append(row), bias_ids.append(token), biases.append(bias)
+        if len(generated) < params.min_tokens:
+            banned = set(params.stop_token_ids) | (set() if params.ignore_eos else eos)
+            for token in sorted(t for t in banned if t < vocab):
+                ban_rows.append(row), ban_ids.append(token)
+        if params.repetition_penalty != 1.0:
+            seen = sorted(set(input_ids).union(generated))
+            rep_rows += [row] * len(seen)
+            rep_ids += seen
+            rep_values += [params.repetition_penalty] * len(seen)
+        if (params.frequency_penalty or params.presence_penalty) and generated:
+            counts = Counter(generated)
+            pen_rows += [row] * len(counts)
+            pen_ids += list(counts)
+            pen_counts += list(counts.values())
+            pen_freq += [params.frequency_penalty] * len(counts)
+            pen_pres += [params.presence_penalty] * len(counts)
+
+    def index(rows: list[int], ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(ids, dtype=torch.long, device=device))
+
+    def values(xs: list[float]) -> torch.Tensor:
+        return torch.tensor(xs, dtype=out.dtype, device=device)
+
+    if bias_rows:
+        out.index_put_(index(bias_rows, bias_ids), values(biases), accumulate=True)
+    if ban_rows:
+        out.index_put_(index(ban_rows, ban_ids), values([float("-inf")]))
+    if rep_rows:
+        at = index(rep_rows, rep_ids)
+        logit, penalty = out[at], values(rep_values)
+        out.index_put_(at, torch.where(logit > 0, logit / penalty, logit * penalty))
+    if pen_rows:
+        at = index(pen_rows, pen_ids)
+        out.index_put_(at, out[at] - (values(pen_freq) * values(pen_counts) + values(pen_pres)))
     return out
 
 
@@ -192,16 +223,20 @@ def sample_next(
 
     `histories[i]`: row i's (input ids, generated tokens), needed where its params process logits."""
     tokens = torch.argmax(logits, dim=-1).tolist()
+    processed = [i for i, params in enumerate(params_list) if params.processes_logits]
+    where = {}  # row -> its row in `sub`, the processed logits
+    if processed:
+        if histories is None:
+            raise ValueError("sample_next needs the token histories of rows whose params process logits")
+        rows = torch.tensor(processed, dtype=torch.long, device=logits.device)
+        sub = process_logits(logits[rows], [params_list[i] for i in processed], [histories[i] for i in processed],
+                             eos_token_ids)
+        where = {row: j for j, row in enumerate(processed)}
+        for row, token in zip(processed, torch.argmax(sub, dim=-1).tolist()):
+            tokens[row] = token
     for row, (params, gen) in enumerate(zip(params_list, generators)):
-        row_logits = logits[row]
-        if params.processes_logits:
-            if histories is None:
-                raise ValueError("sample_next needs the token histories of rows whose params process logits")
-            row_logits = process_logits(row_logits, params, *histories[row], eos_token_ids)
-            if params.greedy:
-                tokens[row] = int(torch.argmax(row_logits))
         if not params.greedy:
-            probs = _filtered_probs(row_logits, params)
+            probs = _filtered_probs(sub[where[row]] if row in where else logits[row], params)
             tokens[row] = int(torch.multinomial(probs, 1, generator=gen).item())
     need_logprobs = [p.logprobs is not None for p in params_list]
     logprobs: list[TokenLogprob | None] = [None] * len(params_list)

@@ -23,6 +23,23 @@ def test_generate_with_adapter_matches_api(model_dir_for, adapter_for, capsys):
     assert result["token_ids"] == expected[0].token_ids and result["prompt_version"] == expected[0].prompt_version
 
 
+def test_generate_with_a_prefix_tuning_adapter_and_penalties(model_dir_for, tmp_path, capsys):
+    pytest.importorskip("peft")
+    from softprompt.testing import build_prefix_tuning_adapter
+
+    d = model_dir_for("llama")
+    adapter = build_prefix_tuning_adapter(d, tmp_path / "kv", num_virtual_tokens=5)
+    assert main(["generate", str(d), "--prompt", f"kv={adapter}", "--task", "kv", "--ids", "5,6,7,5,6",
+                 "--max-new-tokens", "6", "--repetition-penalty", "1.5", "--frequency-penalty", "0.5",
+                 "--min-tokens", "6", "--json", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    engine = Engine(d, device="cpu")
+    engine.add_prompt("kv", adapter)
+    params = SamplingParams(max_new_tokens=6, repetition_penalty=1.5, frequency_penalty=0.5, min_tokens=6)
+    [expected] = engine.generate([Request(prompt="kv", input_ids=[5, 6, 7, 5, 6], sampling=params)])
+    assert result["token_ids"] == expected.token_ids and len(expected.token_ids) == 6
+
+
 def test_generate_text_and_text_prompt(model_dir_for, capsys):
     d = model_dir_for("llama")
     assert main(["generate", str(d), "--text-prompt", "h=be brief:", "--task", "h", "--text", "the cat",

@@ -14,6 +14,10 @@ from softprompt.engine.sampling import _filtered_probs, process_logits, sample_n
 from .runtime_helpers import assert_no_leaks, register_tasks
 
 
+def process(logits, params, inputs, generated, eos=()):
+    return process_logits(logits[None], [params], [(inputs, generated)], eos)[0]
+
+
 def test_repetition_penalty_is_hfs():
     from transformers import RepetitionPenaltyLogitsProcessor
 
@@ -21,14 +25,14 @@ def test_repetition_penalty_is_hfs():
     logits = torch.randn(100, generator=g) * 3
     inputs, generated = [3, 7, 7, 50], [7, 99, 0]
     want = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([inputs + generated]), logits[None].clone())[0]
-    got = process_logits(logits, SamplingParams(repetition_penalty=1.7), inputs, generated, ())
+    got = process(logits, SamplingParams(repetition_penalty=1.7), inputs, generated)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_frequency_presence_penalties_and_logit_bias_by_hand():
     logits = torch.zeros(10)
     params = SamplingParams(frequency_penalty=0.5, presence_penalty=0.25, logit_bias={2: 3.0, 9: -100})
-    got = process_logits(logits, params, [4, 4, 4], [1, 1, 5], ())
+    got = process(logits, params, [4, 4, 4], [1, 1, 5])
     want = torch.zeros(10)
     want[1] -= 2 * 0.5 + 0.25  # generated twice
     want[5] -= 0.5 + 0.25
@@ -41,10 +45,10 @@ def test_frequency_presence_penalties_and_logit_bias_by_hand():
 def test_min_tokens_bans_eos_and_stop_ids_until_reached():
     logits = torch.zeros(10)
     params = SamplingParams(min_tokens=2, stop_token_ids=[3], max_new_tokens=4)
-    early = process_logits(logits, params, [1], [5], eos_token_ids=(2,))
+    early = process(logits, params, [1], [5], eos=(2,))
     assert early[2] == float("-inf") and early[3] == float("-inf") and torch.isfinite(early[[0, 1, 4]]).all()
-    assert torch.isfinite(process_logits(logits, params, [1], [5, 6], (2,))).all()
-    ignoring = process_logits(logits, SamplingParams(min_tokens=2, ignore_eos=True), [1], [], (2,))
+    assert torch.isfinite(process(logits, params, [1], [5, 6], eos=(2,))).all()
+    ignoring = process(logits, SamplingParams(min_tokens=2, ignore_eos=True), [1], [], eos=(2,))
     assert torch.isfinite(ignoring[2])  # EOS is not a stop for this request anyway
 
 
@@ -56,6 +60,22 @@ def test_min_p_keeps_what_hfs_min_p_keeps():
     kept_hf = torch.isfinite(MinPLogitsWarper(0.1)(None, logits[None].clone())[0])
     probs = _filtered_probs(logits, SamplingParams(temperature=1.0, min_p=0.1))
     assert torch.equal(probs > 0, kept_hf) and 1 < int(kept_hf.sum()) < 200
+
+
+def test_a_batch_is_processed_as_each_row_alone():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, 60, generator=g)
+    params = [SamplingParams(repetition_penalty=1.3, frequency_penalty=0.4, logit_bias={3: 2.0}),
+              SamplingParams(presence_penalty=-1.0, min_tokens=2, stop_token_ids=[9]),
+              SamplingParams(repetition_penalty=0.7, logit_bias={3: -1.0, 59: 5.0}),
+              SamplingParams(frequency_penalty=2.0, presence_penalty=2.0),
+              SamplingParams(min_tokens=1)]
+    histories = [([1, 2, 3], [3, 3, 4]), ([5], [9]), ([1, 1], []), ([0], [0, 0, 7, 0]), ([2], [4])]
+    batch = process_logits(logits, params, histories, (8,))
+    for row in range(5):
+        assert torch.equal(batch[row], process(logits[row], params[row], *histories[row], eos=(8,)))
+    assert torch.equal(batch[4], logits[4])  # min_tokens reached: nothing applies
+    assert batch[1, 9] == batch[1, 8] == float("-inf")
 
 
 def test_sample_next_needs_histories_for_processing_rows():
