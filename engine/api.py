@@ -19,7 +19,7 @@ from .prefix_cache import PrefixCache
 from .prompts import PromptStore, SoftPrompt
 from .reference import ReferencePath
 from .request import PendingText, Request, RequestOutput, RequestTiming
-from .sampling import SamplingParams, make_generator
+from .sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob, make_generator
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence, Status
 from .stopping import check_finish
@@ -398,6 +398,31 @@ class Engine:
             logprobs = torch.log_softmax(rows[len(ctx) - 1: len(ctx) + len(c) - 1], dim=-1)
             scores.append(float(logprobs.gather(1, torch.tensor(c, device=rows.device)[:, None]).sum()))
         return scores
+
+    @torch.no_grad()
+    def prompt_logprobs(self, prompt: str | None, input_ids: list[int], top_n: int = 0) -> list[TokenLogprob | None]:
+        """vLLM's prompt logprobs: each input token's log-prob given the prompt and the tokens before it, with the
+        `top_n` likeliest tokens there (the raw model distribution, as `logprobs`). The first token gets None, as
+        in vLLM and OpenAI's `echo` (no input token precedes it)."""
+        ids = self._input_ids(input_ids, None)
+        if isinstance(top_n, bool) or not isinstance(top_n, int) or not 0 <= top_n <= MAX_LOGPROBS:
+            raise RequestError(f"top_n must be an integer in [0, {MAX_LOGPROBS}], got {top_n!r}")
+        p = 0 if prompt is None else self.prompts.get(prompt).length
+        if p + len(ids) > self.config.max_positions:
+            raise RequestError(f"input of {len(ids)} tokens after a {p}-token prompt exceeds the model's "
+                               f"{self.config.max_positions} positions")
+        [logits] = self.sequence_logits([(prompt, ids)])
+        out: list[TokenLogprob | None] = [None]
+        chunk = 256  # rows of log-softmax at a time: [len, vocab] twice over would be large for long inputs
+        for start in range(0, len(ids) - 1, chunk):
+            lp = torch.log_softmax(logits[start:min(start + chunk, len(ids) - 1)], dim=-1)
+            targets = ids[start + 1:start + 1 + lp.shape[0]]
+            values = lp.gather(1, torch.tensor(targets, device=lp.device)[:, None])[:, 0].tolist()
+            tops = torch.topk(lp, top_n) if top_n else None
+            for j, (token, value) in enumerate(zip(targets, values)):
+                top = dict(zip(tops.indices[j].tolist(), tops.values[j].tolist())) if tops is not None else {}
+                out.append(TokenLogprob(token, value, top))
+        return out
 
     @torch.no_grad()
     def sequence_logits(self, items: list[tuple[str | None, list[int]]]) -> list[torch.Tensor]:

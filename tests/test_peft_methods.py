@@ -4,7 +4,8 @@
   soft prompt's rows.
 - Prefix tuning (`PrefixTuningConfig`): the adapter holds every layer's K/V of the virtual tokens; the engine
   stores them in the pool as they are (no prefix compute) and the input takes positions P.. after them.
-Both kinds share batches with prompt-tuning tasks and the bare model.
+Both kinds share batches with prompt-tuning tasks and the bare model. `Engine.prompt_logprobs` (the server's `echo`) is
+checked here against HF + PEFT too.
 """
 
 from __future__ import annotations
@@ -191,3 +192,22 @@ def test_verify_checks_p_tuning_and_prefix_tuning_tasks(adapters, model_dir_for)
                     random_per_task=2, max_new_tokens=4)
     assert report.oracle == "hf+peft" and report.exit_code() == 0, report.summary()
     assert set(report.backends["torch"].tasks) == {"ptune", "kv", "soft", "base"}
+
+
+def test_prompt_logprobs_equal_hf_peft(adapters, model_dir_for):
+    """Engine.prompt_logprobs (what the server's echo returns) against HF + PEFT's log-softmax, for a soft
+    prompt and a prefix-tuning adapter."""
+    d = model_dir_for("llama")
+    tasks = {k: v for k, v in adapters("llama").items() if k in ("soft", "kv")}
+    engine = Engine(d, device="cpu", dtype="float32")
+    for name, path in tasks.items():
+        engine.add_prompt(name, path)
+    hf = hf_peft_reference(d, tasks)
+    ids = [1, 40, 41, 42, 7, 300]
+    for task in (*tasks, None):
+        got = engine.prompt_logprobs(task, ids, top_n=3)
+        want = torch.log_softmax(hf.logits(task, ids), -1)
+        assert got[0] is None and len(got) == len(ids)
+        for i, lp in enumerate(got[1:]):
+            assert lp.token_id == ids[i + 1] and abs(lp.logprob - float(want[i, ids[i + 1]])) < 1e-4
+            assert list(lp.top) == want[i].topk(3).indices.tolist()

@@ -27,7 +27,7 @@ from ..request import Request as EngineRequest
 from ..request import RequestOutput
 from ..sampling import SamplingParams
 from .engine_loop import EngineFailure, EngineLoop, RequestStream, ServerStopping
-from .formatting import ChatFormat, CompletionFormat, TokenStrings, _Format
+from .formatting import ChatFormat, CompletionFormat, EchoedPrompt, TokenStrings, _Format
 from .metrics import METHODS, ServerMetrics, endpoint_label
 from .registry import BASE_MODEL, PromptRegistry, check_public_name
 from .schemas import (
@@ -174,6 +174,15 @@ def _sampling(body: _SamplingFields, index: int, max_new_tokens: int, logprobs: 
         )
     except ValueError as exc:
         raise to_api_error(exc) from exc
+
+
+def _echo(engine: Engine, request: EngineRequest, logprobs: int | None) -> EchoedPrompt:
+    """The prompt of a completion request as `echo` returns it (runs on the loop thread): its text as given (or
+    its token ids decoded), its tokens as the engine reads them, and their logprobs if asked for."""
+    ids = engine.prepare(request).input_ids
+    text = request.text if request.text is not None else (engine.tokenizer.decode(ids) if engine.tokenizer else "")
+    lps = None if logprobs is None else engine.prompt_logprobs(request.prompt, ids, logprobs)
+    return EchoedPrompt(text, ids, lps)
 
 
 def _render_chat(engine: Engine, messages: list[dict]) -> list[int]:
@@ -326,16 +335,28 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
         if len(inputs) * body.n > MAX_CHOICES:
             raise APIError(400, f"n x number of prompts must be at most {MAX_CHOICES}", param="n")
         max_new = 16 if body.max_tokens is None else body.max_tokens
+        echo_only = body.echo and max_new == 0  # scoring a prompt (lm-eval-harness style): nothing to generate
         cid, created = _ids("cmpl")
         requests = []
         for inp in inputs:
             for j in range(body.n):
-                params = _sampling(body, j, max_new, body.logprobs)
+                params = _sampling(body, j, 1 if echo_only else max_new, body.logprobs)
                 source = {"text": inp} if isinstance(inp, str) else {"input_ids": inp}
                 requests.append(EngineRequest(prompt=prompt, sampling=params, request_id=f"{cid}-{len(requests)}",
                                               **source))
         fmt = CompletionFormat(cid, created, body.model, token_str, body.stop_list(), body.return_token_ids,
                                bool(body.stream_options and body.stream_options.include_usage))
+        if body.echo:
+            try:
+                echoed = await loop.run(lambda e: [_echo(e, r, body.logprobs) for r in requests[::body.n]])
+            except Exception as exc:
+                raise to_api_error(exc) from exc
+            fmt.echo = [e for e in echoed for _ in range(body.n)]
+            if echo_only:
+                return JSONResponse(fmt.response([
+                    RequestOutput(r.request_id, prompt, None, e.token_ids, [], text="", finish_reason="length",
+                                  logprobs=None if body.logprobs is None else [])
+                    for r, e in zip(requests, fmt.echo)]))
         return await generate(http, body, requests, fmt)
 
     @app.post("/v1/chat/completions")

@@ -100,27 +100,48 @@ class _Format:
         return [{**self._head(obj), "choices": [], "usage": usage(outs)}]
 
 
+@dataclass(frozen=True)
+class EchoedPrompt:
+    """What `echo` puts before a choice's completion: the prompt's text and tokens, with their logprobs (None for
+    the first token) when the request asked for logprobs."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None] | None
+
+
+@dataclass
 class CompletionFormat(_Format):
-    def logprobs(self, lps: list[TokenLogprob] | None, offset: int) -> dict | None:
+    echo: list[EchoedPrompt] | None = None  # one per choice
+
+    def logprobs(self, lps: list[TokenLogprob] | None, offset: int,
+                 echoed: EchoedPrompt | None = None) -> dict | None:
         if lps is None:
             return None
         tokens, values, tops, offsets = [], [], [], []
-        for lp in lps:
-            s = self.token_str(lp.token_id)
+        pairs = [] if echoed is None else list(zip(echoed.token_ids, echoed.logprobs or []))
+        for token_id, lp in pairs + [(lp.token_id, lp) for lp in lps]:
+            s = self.token_str(token_id)
             tokens.append(s)
+            offsets.append(offset)
+            offset += len(s)
+            if lp is None:  # the prompt's first token: nothing before it predicts it
+                values.append(None)
+                tops.append(None)
+                continue
             values.append(finite(lp.logprob))
             top: dict[str, float] = {}
             for t, v in sorted(lp.top.items(), key=lambda kv: -kv[1]):
                 top.setdefault(self.token_str(t), finite(v))  # tokens that print alike: keep the likeliest
             tops.append(top)
-            offsets.append(offset)
-            offset += len(s)
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
     def response(self, finals: list[RequestOutput]) -> dict:
         choices = []
         for i, out in enumerate(finals):
-            choice = {"index": i, "text": out.text or "", "logprobs": self.logprobs(out.logprobs, 0),
+            echoed = None if self.echo is None else self.echo[i]
+            text = (echoed.text if echoed is not None else "") + (out.text or "")
+            choice = {"index": i, "text": text, "logprobs": self.logprobs(out.logprobs, 0, echoed),
                       "finish_reason": out.finish_reason}
             if self.return_token_ids:
                 choice["token_ids"] = out.token_ids

@@ -87,8 +87,8 @@ class CompletionRequest(_SamplingFields):
         return list(p)
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.echo:
-            return "echo", "echo is not supported"
+        if self.echo and self.stream:
+            return "echo", "echo is supported without stream only"
         if self.suffix:
             return "suffix", "suffix is not supported"
         if self.best_of not in (None, self.n):

@@ -221,3 +221,44 @@ def _samples(text: str) -> dict[str, float]:
             key, _, value = line.rpartition(" ")
             out[key] = float(value)
     return out
+
+
+def test_echo_scores_the_prompt_as_lm_eval_harness_asks(served):
+    """lm-eval-harness's loglikelihood request: token-id prompts, echo, logprobs=1, max_tokens 0 or 1."""
+    client = served.server.openai()
+    context, continuation = [1, 40, 41, 42], [43, 44, 45]
+    ids = context + continuation
+    for max_tokens in (0, 1):
+        got = client.completions.create(model="a", prompt=[ids, ids[:5]], echo=True, logprobs=1, max_tokens=max_tokens,
+                                        temperature=0)
+        assert len(got.choices) == 2
+        lp = got.choices[0].logprobs
+        assert len(lp.tokens) == len(ids) + max_tokens and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        want = served.reference.score("a", context, [continuation])[0]
+        assert math.isclose(sum(lp.token_logprobs[len(context):len(ids)]), want, abs_tol=1e-4)
+        assert all(len(top) == 1 for top in lp.top_logprobs[1:])
+        for top, value in zip(lp.top_logprobs[1:len(ids)], lp.token_logprobs[1:len(ids)]):
+            assert max(top.values()) >= value - 1e-6  # the top-1 token is at least as likely as the prompt's
+        assert got.choices[0].text.startswith(served.reference.tokenizer.decode(ids))
+        assert len(got.choices[1].logprobs.tokens) == 5 + max_tokens
+        assert got.usage.prompt_tokens == len(ids) + 5 and got.usage.completion_tokens == 2 * max_tokens
+
+
+def test_echo_puts_the_prompt_before_the_completion(served):
+    client = served.server.openai()
+    plain = client.completions.create(model="b", prompt="the cat sat", max_tokens=5, temperature=0, logprobs=2)
+    echoed = client.completions.create(model="b", prompt="the cat sat", max_tokens=5, temperature=0, logprobs=2,
+                                       echo=True)
+    assert echoed.choices[0].text == "the cat sat" + plain.choices[0].text
+    n_prompt = echoed.usage.prompt_tokens
+    lp, plain_lp = echoed.choices[0].logprobs, plain.choices[0].logprobs
+    assert lp.tokens[n_prompt:] == plain_lp.tokens and lp.token_logprobs[n_prompt:] == plain_lp.token_logprobs
+    ids = served.reference.tokenizer.encode("the cat sat")
+    want = served.reference.prompt_logprobs("b", ids, 2)
+    assert [None if w is None else pytest.approx(w.logprob, abs=1e-4) for w in want] == lp.token_logprobs[:n_prompt]
+    assert lp.text_offset == sorted(lp.text_offset)
+    no_lp = client.completions.create(model="b", prompt="the cat sat", max_tokens=5, temperature=0, echo=True)
+    assert no_lp.choices[0].text == echoed.choices[0].text and no_lp.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="b", prompt="x", max_tokens=2, echo=True, stream=True)
+    assert "echo" in e.value.message
