@@ -325,6 +325,15 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
         finally:
             cleanup()
 
+    async def _sse_outputs(fmt: _Format, finals: list[RequestOutput]) -> AsyncIterator[str]:
+        """A stream of outputs known already (echo with max_tokens=0)."""
+        for index, out in enumerate(finals):
+            for chunk in fmt.chunks(index, out):
+                yield f"data: {json.dumps(chunk)}\n\n"
+        for chunk in fmt.final_chunks():
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+
     def _ids(kind: str) -> tuple[str, int]:
         return f"{kind}-{uuid.uuid4().hex}", int(time.time())
 
@@ -353,10 +362,12 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
                 raise to_api_error(exc) from exc
             fmt.echo = [e for e in echoed for _ in range(body.n)]
             if echo_only:
-                return JSONResponse(fmt.response([
-                    RequestOutput(r.request_id, prompt, None, e.token_ids, [], text="", finish_reason="length",
-                                  logprobs=None if body.logprobs is None else [])
-                    for r, e in zip(requests, fmt.echo)]))
+                finals = [RequestOutput(r.request_id, prompt, None, e.token_ids, [], text="", finish_reason="length",
+                                        logprobs=None if body.logprobs is None else [])
+                          for r, e in zip(requests, fmt.echo)]
+                if body.stream:
+                    return StreamingResponse(_sse_outputs(fmt, finals), media_type="text/event-stream")
+                return JSONResponse(fmt.response(finals))
         return await generate(http, body, requests, fmt)
 
     @app.post("/v1/chat/completions")

@@ -158,9 +158,13 @@ class CompletionFormat(_Format):
         new_ids = out.token_ids[p.tokens:]
         lps = None if out.logprobs is None else out.logprobs[p.tokens:]
         p.tokens = len(out.token_ids)
-        logprobs = self.logprobs(lps, p.text_offset)
-        if lps:
-            p.text_offset += sum(len(self.token_str(lp.token_id)) for lp in lps)
+        echoed = None
+        if self.echo is not None and not p.started:  # the first chunk of a choice starts with its prompt
+            p.started, echoed = True, self.echo[index]
+            text = echoed.text + text
+        logprobs = self.logprobs(lps, p.text_offset, echoed)
+        if logprobs is not None and logprobs["tokens"]:
+            p.text_offset = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
         if self.return_token_ids:
             choice["token_ids"] = new_ids

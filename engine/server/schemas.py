@@ -87,8 +87,6 @@ class CompletionRequest(_SamplingFields):
         return list(p)
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.echo and self.stream:
-            return "echo", "echo is supported without stream only"
         if self.suffix:
             return "suffix", "suffix is not supported"
         if self.best_of not in (None, self.n):

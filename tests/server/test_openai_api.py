@@ -259,6 +259,17 @@ def test_echo_puts_the_prompt_before_the_completion(served):
     assert lp.text_offset == sorted(lp.text_offset)
     no_lp = client.completions.create(model="b", prompt="the cat sat", max_tokens=5, temperature=0, echo=True)
     assert no_lp.choices[0].text == echoed.choices[0].text and no_lp.choices[0].logprobs is None
-    with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model="b", prompt="x", max_tokens=2, echo=True, stream=True)
-    assert "echo" in e.value.message
+    for max_tokens in (5, 0):  # streamed: the first chunk of each choice starts with the prompt
+        chunks = list(client.completions.create(model="b", prompt="the cat sat", max_tokens=max_tokens,
+                                                temperature=0, logprobs=2, echo=True, stream=True))
+        streamed = {"text": "", "tokens": [], "token_logprobs": [], "text_offset": []}
+        for chunk in chunks:
+            choice = chunk.choices[0]
+            streamed["text"] += choice.text
+            for key in ("tokens", "token_logprobs", "text_offset"):
+                streamed[key] += getattr(choice.logprobs, key)
+        whole = echoed if max_tokens else client.completions.create(
+            model="b", prompt="the cat sat", max_tokens=0, temperature=0, logprobs=2, echo=True)
+        assert streamed["text"] == whole.choices[0].text
+        for key in ("tokens", "token_logprobs", "text_offset"):
+            assert streamed[key] == getattr(whole.choices[0].logprobs, key), key
