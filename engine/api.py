@@ -19,7 +19,7 @@ from .prefix_cache import PrefixCache
 from .prompts import PromptStore, SoftPrompt
 from .reference import ReferencePath
 from .request import PendingText, Request, RequestOutput, RequestTiming
-from .sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob, make_generator
+from .sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob, make_generator, token_logprobs
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence, Status
 from .stopping import check_finish
@@ -223,6 +223,8 @@ class Engine:
             timing=RequestTiming(arrival=time.perf_counter()),
             arrival_order=next(self._order),
         )
+        if prep.params.prompt_logprobs is not None:
+            seq.prompt_logprobs.append(None)  # nothing before the first input token predicts it
         self._sequences[request.request_id] = seq
         self.scheduler.add(seq)
         return request.request_id
@@ -255,7 +257,13 @@ class Engine:
         # sequences that reach the end of their tokens this step sample their next one
         sampled = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_tokens)) if s.num_computed + n == s.num_tokens]
         every = len(sampled) == len(batch.seqs)  # (decode steps): no row to pick out
-        hidden = self.runner.hidden(batch.seqs, batch.num_tokens, rows_for=None if every else sampled)
+        decode_only = every and batch.num_tokens.count(1) == len(batch.num_tokens)  # no input row to score
+        scoring = [] if decode_only else [i for i, s in enumerate(batch.seqs) if s.params.prompt_logprobs is not None
+                                          and len(s.prompt_logprobs) < len(s.input_ids)]
+        if scoring:
+            hidden = self._prompt_logprobs_step(batch.seqs, batch.num_tokens, scoring, sampled)
+        else:
+            hidden = self.runner.hidden(batch.seqs, batch.num_tokens, rows_for=None if every else sampled)
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed += n
         if not sampled:
@@ -273,6 +281,25 @@ class Engine:
             if every_output or seq.finish_reason is not None:
                 outputs.append(self._output(seq))
         return outputs
+
+    def _prompt_logprobs_step(self, seqs: list[Sequence], num_tokens: list[int], scoring: list[int],
+                              sampled: list[int]) -> torch.Tensor:
+        """A step in which `scoring` sequences prefill input tokens whose logprobs they want: every row's hidden
+        state, scored where a row predicts the next input token (once: a recomputed sequence scores nothing
+        twice); returns the rows of the `sampled` sequences' last tokens."""
+        hidden = self.runner.hidden(seqs, num_tokens, all_rows=True)
+        ends = torch.tensor(num_tokens).cumsum(0).tolist()
+        for i in scoring:
+            seq, n = seqs[i], num_tokens[i]
+            first = ends[i] - n  # this sequence's first row; row j holds own token num_computed + j
+            lo = max(len(seq.prompt_logprobs) - 1, seq.num_computed)  # own position whose row predicts next
+            hi = min(len(seq.input_ids) - 1, seq.num_computed + n)
+            if lo < hi:
+                rows = hidden[first + lo - seq.num_computed:first + hi - seq.num_computed]
+                seq.prompt_logprobs += token_logprobs(self.model.compute_logits(rows), seq.input_ids[lo + 1:hi + 1],
+                                                      seq.params.prompt_logprobs)
+        last = torch.tensor([ends[i] - 1 for i in sampled], dtype=torch.long, device=hidden.device)
+        return hidden.index_select(0, last)
 
     def _append_token(self, seq: Sequence, token: int, logprob, now: float) -> None:
         seq.generated.append(token)
@@ -305,6 +332,9 @@ class Engine:
         prefix = None if seq.prompt is None else seq.prompt.reference_input
         tokens, logprobs, finish = self.reference.generate(prefix, seq.input_ids, seq.params, self.eos_token_ids, decode)
         seq.generated, seq.logprobs = tokens, logprobs or []
+        if seq.params.prompt_logprobs is not None:
+            logits = self.reference.logits(prefix, seq.input_ids)[:-1]
+            seq.prompt_logprobs = [None, *token_logprobs(logits, seq.input_ids[1:], seq.params.prompt_logprobs)]
         seq.finish_reason, seq.stop_reason, seq.text_end = finish.reason, finish.stop_reason, finish.text_end
         seq.timing.first_token = seq.timing.finished = time.perf_counter()
         seq.status = Status.FINISHED
@@ -330,6 +360,7 @@ class Engine:
             stop_reason=seq.stop_reason,
             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
             timing=seq.timing,
+            prompt_logprobs=list(seq.prompt_logprobs) if seq.params.prompt_logprobs is not None else None,
         )
 
     # ---- convenience ---------------------------------------------------------------------------------
@@ -403,7 +434,8 @@ class Engine:
     def prompt_logprobs(self, prompt: str | None, input_ids: list[int], top_n: int = 0) -> list[TokenLogprob | None]:
         """vLLM's prompt logprobs: each input token's log-prob given the prompt and the tokens before it, with the
         `top_n` likeliest tokens there (the raw model distribution, as `logprobs`). The first token gets None, as
-        in vLLM and OpenAI's `echo` (no input token precedes it)."""
+        in vLLM and OpenAI's `echo` (no input token precedes it). One packed pass outside the scheduler (for
+        offline use; `SamplingParams(prompt_logprobs=N)` has a request's prefill compute them)."""
         ids = self._input_ids(input_ids, None)
         if isinstance(top_n, bool) or not isinstance(top_n, int) or not 0 <= top_n <= MAX_LOGPROBS:
             raise RequestError(f"top_n must be an integer in [0, {MAX_LOGPROBS}], got {top_n!r}")
@@ -412,17 +444,7 @@ class Engine:
             raise RequestError(f"input of {len(ids)} tokens after a {p}-token prompt exceeds the model's "
                                f"{self.config.max_positions} positions")
         [logits] = self.sequence_logits([(prompt, ids)])
-        out: list[TokenLogprob | None] = [None]
-        chunk = 256  # rows of log-softmax at a time: [len, vocab] twice over would be large for long inputs
-        for start in range(0, len(ids) - 1, chunk):
-            lp = torch.log_softmax(logits[start:min(start + chunk, len(ids) - 1)], dim=-1)
-            targets = ids[start + 1:start + 1 + lp.shape[0]]
-            values = lp.gather(1, torch.tensor(targets, device=lp.device)[:, None])[:, 0].tolist()
-            tops = torch.topk(lp, top_n) if top_n else None
-            for j, (token, value) in enumerate(zip(targets, values)):
-                top = dict(zip(tops.indices[j].tolist(), tops.values[j].tolist())) if tops is not None else {}
-                out.append(TokenLogprob(token, value, top))
-        return out
+        return [None, *token_logprobs(logits[:-1], ids[1:], top_n)]
 
     @torch.no_grad()
     def sequence_logits(self, items: list[tuple[str | None, list[int]]]) -> list[torch.Tensor]:

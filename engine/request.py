@@ -89,6 +89,7 @@ class RequestOutput:
     stop_reason: int | str | None = None
     logprobs: list[TokenLogprob] | None = None
     timing: RequestTiming | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with SamplingParams.prompt_logprobs; first None
 
     @property
     def finished(self) -> bool:

@@ -43,6 +43,7 @@ class SamplingParams:
     min_p: float = 0.0  # in [0, 1]: drop tokens less likely than min_p x the most likely one
     min_tokens: int = 0  # <= max_new_tokens
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]); a dict is accepted
+    prompt_logprobs: int | None = None  # N: each input token's logprob and the top-N there (the first: None)
 
     def __post_init__(self) -> None:
         # normalise lists given by users into tuples (the dataclass is frozen)
@@ -94,6 +95,13 @@ class SamplingParams:
         ):
             raise bad(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
+        if self.prompt_logprobs is not None and (
+            isinstance(self.prompt_logprobs, bool) or not isinstance(self.prompt_logprobs, int)
+            or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS
+        ):
+            raise bad(f"prompt_logprobs must be None or an integer in [0, {MAX_LOGPROBS}], "
+                      f"got {self.prompt_logprobs!r}")
+
         def number(name: str, low: float, high: float) -> None:
             value = getattr(self, name)
             if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
@@ -128,6 +136,21 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: dict[int, float] = field(default_factory=dict)
+
+
+def token_logprobs(logits: torch.Tensor, targets: Sequence[int], top_n: int) -> list[TokenLogprob]:
+    """Row i of fp32 logits [T, V] scored at targets[i]: its log-prob and the top_n there (raw distribution)."""
+    out = []
+    chunk = 256  # rows of log-softmax at a time: long inputs times a large vocabulary add up
+    for start in range(0, len(targets), chunk):
+        lp = torch.log_softmax(logits[start:start + chunk].float(), dim=-1)
+        part = list(targets[start:start + lp.shape[0]])
+        values = lp.gather(1, torch.tensor(part, device=lp.device)[:, None])[:, 0].tolist()
+        tops = torch.topk(lp, top_n) if top_n else None
+        for j, (token, value) in enumerate(zip(part, values)):
+            top = dict(zip(tops.indices[j].tolist(), tops.values[j].tolist())) if tops is not None else {}
+            out.append(TokenLogprob(token, value, top))
+    return out
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:

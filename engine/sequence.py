@@ -35,6 +35,7 @@ class Sequence:
     arrival_order: int
     generated: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # filled as prefill computes them
     blocks: list[int] = field(default_factory=list)
     num_computed: int = 0
     status: Status = Status.WAITING

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -187,4 +189,37 @@ def test_stream_yields_growing_outputs_and_close_aborts(engines):
     gen = eng.stream([Request(**s) for s in specs])
     next(gen)
     gen.close()
+    assert_no_leaks(eng)
+
+
+@pytest.mark.parametrize("pool_blocks, batched_tokens", [(None, 16), (40, 64)], ids=["chunked", "preempted"])
+def test_prompt_logprobs_in_prefill_equal_the_reference(pool_blocks, batched_tokens, model_dir_for):
+    """SamplingParams(prompt_logprobs=N): the prefill's rows score the input, across prefill chunks and after
+    preemption (recomputed rows score nothing twice); equal to the reference path and to Engine.prompt_logprobs."""
+    from softprompt.engine.kv_pool import KVPool
+
+    d = model_dir_for("llama")
+    ref = Engine(d, device="cpu", dtype="float32", backend="reference")
+    kv = None if pool_blocks is None else pool_blocks * KVPool.bytes_per_block(ref.config, 4, torch.float32)
+    eng = Engine(d, device="cpu", dtype="float32", block_size=4, kv_cache_bytes=kv, max_batched_tokens=batched_tokens)
+    names = register_tasks([ref, eng], 2)
+    specs = make_requests(names, 10, seed=8, max_new_tokens=12)
+    for i, spec in enumerate(specs):
+        spec["sampling"] = replace(spec["sampling"], prompt_logprobs=[None, 0, 3][i % 3])
+    got, want = eng.generate([Request(**s) for s in specs]), ref.generate([Request(**s) for s in specs])
+    if pool_blocks is not None:
+        assert eng.scheduler.num_preemptions > 0
+    else:
+        assert max(len(s["input_ids"]) for s in specs) > batched_tokens  # inputs really are split into chunks
+    for spec, g, w in zip(specs, got, want):
+        assert g.token_ids == w.token_ids
+        if spec["sampling"].prompt_logprobs is None:
+            assert g.prompt_logprobs is None and w.prompt_logprobs is None
+            continue
+        direct = eng.prompt_logprobs(spec["prompt"], spec["input_ids"], spec["sampling"].prompt_logprobs)
+        assert len(g.prompt_logprobs) == len(spec["input_ids"]) and g.prompt_logprobs[0] is None
+        for a, b, c in zip(g.prompt_logprobs[1:], w.prompt_logprobs[1:], direct[1:]):
+            assert a.token_id == b.token_id == c.token_id
+            assert abs(a.logprob - b.logprob) < 1e-4 and abs(a.logprob - c.logprob) < 1e-4
+            assert list(a.top) == list(b.top) and len(a.top) == spec["sampling"].prompt_logprobs
     assert_no_leaks(eng)

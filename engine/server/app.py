@@ -27,7 +27,7 @@ from ..request import Request as EngineRequest
 from ..request import RequestOutput
 from ..sampling import SamplingParams
 from .engine_loop import EngineFailure, EngineLoop, RequestStream, ServerStopping
-from .formatting import ChatFormat, CompletionFormat, EchoedPrompt, TokenStrings, _Format
+from .formatting import ChatFormat, CompletionFormat, TokenStrings, _Format
 from .metrics import METHODS, ServerMetrics, endpoint_label
 from .registry import BASE_MODEL, PromptRegistry, check_public_name
 from .schemas import (
@@ -148,7 +148,8 @@ class _HTTPMetrics:
             self.metrics.http_requests.labels(endpoint_label(scope["path"]), method, str(status["code"])).inc()
 
 
-def _sampling(body: _SamplingFields, index: int, max_new_tokens: int, logprobs: int | None) -> SamplingParams:
+def _sampling(body: _SamplingFields, index: int, max_new_tokens: int, logprobs: int | None,
+              prompt_logprobs: int | None = None) -> SamplingParams:
     """The engine's sampling parameters for choice `index` (seed + index); its validation errors become 400s."""
     seed = None if body.seed is None else body.seed + index
     if seed is not None and seed > SEED_MAX:
@@ -170,19 +171,10 @@ def _sampling(body: _SamplingFields, index: int, max_new_tokens: int, logprobs: 
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
             min_p=0.0 if body.min_p is None else body.min_p,
             min_tokens=body.min_tokens or 0,
-            logit_bias=logit_bias,
+            logit_bias=logit_bias, prompt_logprobs=prompt_logprobs,
         )
     except ValueError as exc:
         raise to_api_error(exc) from exc
-
-
-def _echo(engine: Engine, request: EngineRequest, logprobs: int | None) -> EchoedPrompt:
-    """The prompt of a completion request as `echo` returns it (runs on the loop thread): its text as given (or
-    its token ids decoded), its tokens as the engine reads them, and their logprobs if asked for."""
-    ids = engine.prepare(request).input_ids
-    text = request.text if request.text is not None else (engine.tokenizer.decode(ids) if engine.tokenizer else "")
-    lps = None if logprobs is None else engine.prompt_logprobs(request.prompt, ids, logprobs)
-    return EchoedPrompt(text, ids, lps)
 
 
 def _render_chat(engine: Engine, messages: list[dict]) -> list[int]:
@@ -325,15 +317,6 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
         finally:
             cleanup()
 
-    async def _sse_outputs(fmt: _Format, finals: list[RequestOutput]) -> AsyncIterator[str]:
-        """A stream of outputs known already (echo with max_tokens=0)."""
-        for index, out in enumerate(finals):
-            for chunk in fmt.chunks(index, out):
-                yield f"data: {json.dumps(chunk)}\n\n"
-        for chunk in fmt.final_chunks():
-            yield f"data: {json.dumps(chunk)}\n\n"
-        yield "data: [DONE]\n\n"
-
     def _ids(kind: str) -> tuple[str, int]:
         return f"{kind}-{uuid.uuid4().hex}", int(time.time())
 
@@ -349,25 +332,17 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
         requests = []
         for inp in inputs:
             for j in range(body.n):
-                params = _sampling(body, j, 1 if echo_only else max_new, body.logprobs)
+                params = _sampling(body, j, 1 if echo_only else max_new, body.logprobs,
+                                   body.logprobs if body.echo else None)
                 source = {"text": inp} if isinstance(inp, str) else {"input_ids": inp}
                 requests.append(EngineRequest(prompt=prompt, sampling=params, request_id=f"{cid}-{len(requests)}",
                                               **source))
         fmt = CompletionFormat(cid, created, body.model, token_str, body.stop_list(), body.return_token_ids,
                                bool(body.stream_options and body.stream_options.include_usage))
-        if body.echo:
-            try:
-                echoed = await loop.run(lambda e: [_echo(e, r, body.logprobs) for r in requests[::body.n]])
-            except Exception as exc:
-                raise to_api_error(exc) from exc
-            fmt.echo = [e for e in echoed for _ in range(body.n)]
-            if echo_only:
-                finals = [RequestOutput(r.request_id, prompt, None, e.token_ids, [], text="", finish_reason="length",
-                                        logprobs=None if body.logprobs is None else [])
-                          for r, e in zip(requests, fmt.echo)]
-                if body.stream:
-                    return StreamingResponse(_sse_outputs(fmt, finals), media_type="text/event-stream")
-                return JSONResponse(fmt.response(finals))
+        if body.echo:  # the prompt's text as given; token-id prompts decoded when their output comes
+            fmt.echo = [inp if isinstance(inp, str) else None for inp in inputs for _ in range(body.n)]
+            fmt.echo_decode = engine.tokenizer.decode if engine.tokenizer is not None else (lambda ids: "")
+            fmt.echo_only = echo_only
         return await generate(http, body, requests, fmt)
 
     @app.post("/v1/chat/completions")

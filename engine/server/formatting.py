@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 from ..request import RequestOutput
 from ..sampling import TokenLogprob
@@ -112,7 +113,23 @@ class EchoedPrompt:
 
 @dataclass
 class CompletionFormat(_Format):
-    echo: list[EchoedPrompt] | None = None  # one per choice
+    echo: list[str | None] | None = None  # per choice: the prompt text to echo (None: decode its token ids)
+    echo_decode: Callable[[list[int]], str] | None = None
+    echo_only: bool = False  # max_tokens=0: the one token generated is not part of the response
+
+    def _echoed(self, index: int, out: RequestOutput) -> EchoedPrompt | None:
+        if self.echo is None:
+            return None
+        text = self.echo[index]
+        return EchoedPrompt(self.echo_decode(out.input_ids) if text is None else text, out.input_ids,
+                            out.prompt_logprobs)
+
+    def _visible(self, out: RequestOutput) -> RequestOutput:
+        """The output as the response shows it (with echo and max_tokens=0: no generated token)."""
+        if not self.echo_only:
+            return out
+        return replace(out, token_ids=[], text="", logprobs=None if out.logprobs is None else [],
+                       finish_reason=None if out.finish_reason is None else "length", stop_reason=None)
 
     def logprobs(self, lps: list[TokenLogprob] | None, offset: int,
                  echoed: EchoedPrompt | None = None) -> dict | None:
@@ -138,8 +155,9 @@ class CompletionFormat(_Format):
 
     def response(self, finals: list[RequestOutput]) -> dict:
         choices = []
+        finals = [self._visible(out) for out in finals]
         for i, out in enumerate(finals):
-            echoed = None if self.echo is None else self.echo[i]
+            echoed = self._echoed(i, out)
             text = (echoed.text if echoed is not None else "") + (out.text or "")
             choice = {"index": i, "text": text, "logprobs": self.logprobs(out.logprobs, 0, echoed),
                       "finish_reason": out.finish_reason}
@@ -150,17 +168,18 @@ class CompletionFormat(_Format):
         return {**self._head("text_completion"), "choices": choices, "usage": usage(finals)}
 
     def chunks(self, index: int, out: RequestOutput) -> list[dict]:
+        out = self._visible(out)
         p = self._progress(index)
         p.last = out
         text = new_text(p, out, self.stops)
-        if not text and not out.finished:
+        if not text and not out.finished and (self.echo is None or p.started):
             return []  # tokens and their logprobs ride with the next chunk that has text
         new_ids = out.token_ids[p.tokens:]
         lps = None if out.logprobs is None else out.logprobs[p.tokens:]
         p.tokens = len(out.token_ids)
         echoed = None
         if self.echo is not None and not p.started:  # the first chunk of a choice starts with its prompt
-            p.started, echoed = True, self.echo[index]
+            p.started, echoed = True, self._echoed(index, out)
             text = echoed.text + text
         logprobs = self.logprobs(lps, p.text_offset, echoed)
         if logprobs is not None and logprobs["tokens"]:
