@@ -360,7 +360,8 @@ class Engine:
             stop_reason=seq.stop_reason,
             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
             timing=seq.timing,
-            prompt_logprobs=list(seq.prompt_logprobs) if seq.params.prompt_logprobs is not None else None,
+            # complete before the first token is sampled and never changed after: shared, not copied each step
+            prompt_logprobs=seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None,
         )
 
     # ---- convenience ---------------------------------------------------------------------------------
