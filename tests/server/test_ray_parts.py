@@ -124,6 +124,7 @@ def test_shared_prompts_find_sources_and_refuse_what_is_not_a_prompt(tmp_path, a
     assert prompts.find("summary").path == (root / "summary.safetensors").resolve()
     assert prompts.find("extra").path == extra.resolve() and prompts.find("polite").text == "be polite:"
     assert prompts.names() == ["extra", "polite", "sentiment", "summary"]
+    assert [prompts.find(n).kind for n in prompts.names()] == ["tensor", "text", "peft", "tensor"]
     for name in ("notes", "escape", "../outside", "base", "a/b", "", "missing", "summary.safetensors"):
         with pytest.raises(UnknownPromptError):
             prompts.find(name)
@@ -137,6 +138,16 @@ def test_shared_prompts_find_sources_and_refuse_what_is_not_a_prompt(tmp_path, a
     (root / "summary.safetensors").unlink()
     with pytest.raises(UnknownPromptError):
         source.signature()
+
+
+def test_shared_prompts_tell_a_prefix_tuning_adapter_by_its_config(tmp_path, model_dir_for):
+    pytest.importorskip("peft")
+    from softprompt.testing import build_prefix_tuning_adapter
+
+    root = tmp_path / "prompts"
+    build_prefix_tuning_adapter(model_dir_for("llama"), root / "kv", num_virtual_tokens=5)
+    source = SharedPrompts(root).find("kv")
+    assert (source.kind, source.length) == ("prefix", 5)
 
 
 def test_routing_key_is_the_task_of_a_valid_body():
