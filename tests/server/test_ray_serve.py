@@ -156,8 +156,8 @@ def test_bad_requests_get_the_single_process_errors(cluster):
         assert r.status_code == 404
         r = http.post("/v1/completions", json={"model": "t0", "prompt": [5], "temperature": -1})
         assert r.status_code in (400, 422) and "temperature" in r.text
-        r = http.post("/v1/completions", json={"model": "t0", "prompt": [5], "echo": True})
-        assert r.status_code == 400 and "echo" in r.json()["error"]["message"]
+        r = http.post("/v1/completions", json={"model": "t0", "prompt": [5], "suffix": "x"})
+        assert r.status_code == 400 and "suffix" in r.json()["error"]["message"]
         r = http.post("/v1/completions", content=b"x" * (9 << 20), headers={"content-type": "application/json"})
         assert r.status_code == 413
     assert cluster.complete("t0", [5, 6]).status_code == 200  # still serving
