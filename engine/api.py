@@ -6,6 +6,7 @@ import itertools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from operator import attrgetter
 from pathlib import Path
 
 import torch
@@ -24,6 +25,8 @@ from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence, Status
 from .stopping import check_finish
 from .tokenizer import Tokenizer, load_tokenizer, require_tokenizer
+
+_PROCESSES_LOGITS, _SCREENABLE = attrgetter("processes_logits"), attrgetter("screenable")
 
 BACKENDS = ("auto", "torch", "triton", "reference")
 
@@ -269,11 +272,10 @@ class Engine:
         if not sampled:
             return []
         seqs = [batch.seqs[i] for i in sampled]
-        params = [s.params for s in seqs]
         histories = ([(s.input_ids, s.generated) for s in seqs]
-                     if any(p.processes_logits for p in params) else None)
-        tokens, logprobs = self.runner.sample(hidden, params, [s.generator for s in seqs], histories,
-                                              self.eos_token_ids)
+                     if any(map(_PROCESSES_LOGITS, seqs)) else None)
+        tokens, logprobs = self.runner.sample(hidden, [s.params for s in seqs], [s.generator for s in seqs],
+                                              histories, self.eos_token_ids, list(map(_SCREENABLE, seqs)))
         now = time.perf_counter()
         outputs = []
         for seq, token, lp in zip(seqs, tokens, logprobs):

@@ -113,13 +113,16 @@ class ModelRunner:
 
     @torch.no_grad()
     def sample(self, hidden: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-               histories: list[tuple[list[int], list[int]]] | None = None,
-               eos_token_ids: tuple[int, ...] = ()) -> tuple[list[int], list[TokenLogprob | None]]:
+               histories: list[tuple[list[int], list[int]]] | None = None, eos_token_ids: tuple[int, ...] = (),
+               screenable: list[bool] | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
         """The next token of each row of final hidden states (see sample_next: `histories` are the rows' (input
         ids, generated tokens), for logit processors); greedy rows that want no logprobs and process no logits
-        skip the fp32 logits (ScreenedGreedyHead gives their exact argmax)."""
-        fast = ([i for i, p in enumerate(params) if p.greedy and p.logprobs is None and not p.processes_logits]
-                if self.greedy_head is not None else [])
+        skip the fp32 logits (ScreenedGreedyHead gives their exact argmax); `screenable` says which, if known."""
+        fast = []
+        if self.greedy_head is not None:
+            if screenable is None:
+                screenable = [p.greedy and p.logprobs is None and not p.processes_logits for p in params]
+            fast = [i for i, ok in enumerate(screenable) if ok]
         if not fast:
             return sample_next(self.model.compute_logits(hidden), params, generators, histories, eos_token_ids)
         tokens: list[int] = [0] * len(params)

@@ -44,6 +44,14 @@ class Sequence:
     text_end: int | None = None
     decoded: tuple[int, str] | None = None  # (n, the text of generated[:n]) last decoded, for stop strings
     prefix: object | None = None  # the PrefixEntry held while running
+    # derived from params once (asked of every sequence each step): logit processors apply / the int8 greedy
+    # screen may pick its token (greedy, no logprobs, no processors)
+    processes_logits: bool = field(init=False, default=False)
+    screenable: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        self.processes_logits = self.params.processes_logits
+        self.screenable = self.params.greedy and self.params.logprobs is None and not self.processes_logits
 
     @property
     def request_id(self) -> str:
