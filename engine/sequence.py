@@ -50,6 +50,8 @@ class Sequence:
     screenable: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
+        if self.params is None:  # a sequence built for its tokens alone (tests, tools)
+            return
         self.processes_logits = self.params.processes_logits
         self.screenable = self.params.greedy and self.params.logprobs is None and not self.processes_logits
 
