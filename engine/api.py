@@ -272,10 +272,10 @@ class Engine:
         if not sampled:
             return []
         seqs = [batch.seqs[i] for i in sampled]
-        histories = ([(s.input_ids, s.generated) for s in seqs]
-                     if any(map(_PROCESSES_LOGITS, seqs)) else None)
+        processes = list(map(_PROCESSES_LOGITS, seqs))
+        histories = [(s.input_ids, s.generated) for s in seqs] if any(processes) else None
         tokens, logprobs = self.runner.sample(hidden, [s.params for s in seqs], [s.generator for s in seqs],
-                                              histories, self.eos_token_ids, list(map(_SCREENABLE, seqs)))
+                                              histories, self.eos_token_ids, list(map(_SCREENABLE, seqs)), processes)
         now = time.perf_counter()
         outputs = []
         for seq, token, lp in zip(seqs, tokens, logprobs):

@@ -114,17 +114,20 @@ class ModelRunner:
     @torch.no_grad()
     def sample(self, hidden: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
                histories: list[tuple[list[int], list[int]]] | None = None, eos_token_ids: tuple[int, ...] = (),
-               screenable: list[bool] | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
+               screenable: list[bool] | None = None,
+               processes: list[bool] | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
         """The next token of each row of final hidden states (see sample_next: `histories` are the rows' (input
         ids, generated tokens), for logit processors); greedy rows that want no logprobs and process no logits
-        skip the fp32 logits (ScreenedGreedyHead gives their exact argmax); `screenable` says which, if known."""
+        skip the fp32 logits (ScreenedGreedyHead gives their exact argmax). `screenable` and `processes`: the
+        rows' `params.screenable` and `params.processes_logits`, if the caller has them already."""
         fast = []
         if self.greedy_head is not None:
             if screenable is None:
-                screenable = [p.greedy and p.logprobs is None and not p.processes_logits for p in params]
+                screenable = [p.screenable for p in params]
             fast = [i for i, ok in enumerate(screenable) if ok]
         if not fast:
-            return sample_next(self.model.compute_logits(hidden), params, generators, histories, eos_token_ids)
+            return sample_next(self.model.compute_logits(hidden), params, generators, histories, eos_token_ids,
+                               processes)
         tokens: list[int] = [0] * len(params)
         logprobs: list[TokenLogprob | None] = [None] * len(params)
         picked = self.greedy_head(hidden.index_select(0, index_tensor(fast, self.device)))
@@ -135,7 +138,8 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden.index_select(0, index_tensor(rest, self.device)))
             rest_tokens, rest_logprobs = sample_next(logits, [params[i] for i in rest], [generators[i] for i in rest],
                                                      None if histories is None else [histories[i] for i in rest],
-                                                     eos_token_ids)
+                                                     eos_token_ids,
+                                                     None if processes is None else [processes[i] for i in rest])
             for i, token, lp in zip(rest, rest_tokens, rest_logprobs):
                 tokens[i], logprobs[i] = token, lp
         return tokens, logprobs

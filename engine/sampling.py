@@ -72,6 +72,11 @@ class SamplingParams:
         return bool(self.logit_bias or self.min_tokens or self.repetition_penalty != 1.0
                     or self.frequency_penalty or self.presence_penalty)
 
+    @property
+    def screenable(self) -> bool:
+        """Whether the exact int8 greedy screen may pick the token: greedy, no logprobs, no logit processor."""
+        return self.greedy and self.logprobs is None and not self.processes_logits
+
     def validate(self) -> None:
         def bad(msg: str) -> SamplingParamsError:
             return SamplingParamsError(f"invalid sampling params: {msg}")
@@ -241,12 +246,16 @@ def sample_next(
     generators: list[torch.Generator | None],
     histories: list[tuple[Sequence[int], Sequence[int]]] | None = None,
     eos_token_ids: Sequence[int] = (),
+    processes: list[bool] | None = None,
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """Pick one token per row of fp32 logits [B, V]; each row uses only its own params and generator.
 
-    `histories[i]`: row i's (input ids, generated tokens), needed where its params process logits."""
+    `histories[i]`: row i's (input ids, generated tokens), needed where its params process logits.
+    `processes[i]`: row i's `params.processes_logits`, if the caller has it already (the engine, every step)."""
     tokens = torch.argmax(logits, dim=-1).tolist()
-    processed = [i for i, params in enumerate(params_list) if params.processes_logits]
+    if processes is None:
+        processes = [params.processes_logits for params in params_list]
+    processed = [i for i, p in enumerate(processes) if p]
     where = {}  # row -> its row in `sub`, the processed logits
     if processed:
         if histories is None:

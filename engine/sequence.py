@@ -53,7 +53,7 @@ class Sequence:
         if self.params is None:  # a sequence built for its tokens alone (tests, tools)
             return
         self.processes_logits = self.params.processes_logits
-        self.screenable = self.params.greedy and self.params.logprobs is None and not self.processes_logits
+        self.screenable = self.params.screenable
 
     @property
     def request_id(self) -> str:
