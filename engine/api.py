@@ -124,15 +124,17 @@ class Engine:
         token_ids: list[int] | None = None,
         replace: bool = False,
         precompute: bool = False,
+        task_id: int | None = None,
     ) -> SoftPrompt:
-        """Register a task: a PEFT adapter dir (prompt tuning, P-tuning or prefix tuning), a .safetensors file, a
-        [P, hidden] tensor, or text.
+        """Register a task: a PEFT adapter dir (prompt tuning, P-tuning, CPT, multitask prompt tuning, prefix
+        tuning or a cartridge), a .safetensors file, a [P, hidden] tensor, or text.
 
         `replace=True` registers a new version (running requests finish on the old one). `precompute=True`
-        computes the prefix K/V now instead of on first use.
+        computes the prefix K/V now instead of on first use. `task_id` (or a source written `DIR#N`) picks the
+        task of a multitask prompt-tuning adapter.
         """
         previous = self.prompts.get(name) if name in self.prompts else None
-        prompt = self.prompts.add(name, source, text=text, token_ids=token_ids, replace=replace)
+        prompt = self.prompts.add(name, source, text=text, token_ids=token_ids, replace=replace, task_id=task_id)
         if self.backend != "reference" and self.pool.blocks_for(prompt.length) >= self.pool.num_blocks:
             self.prompts.restore(name, previous)  # a rejected prompt leaves the store as it was
             raise PromptError(

@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate from a checkpoint with optional soft prompts")
     gen.add_argument("model_dir")
     gen.add_argument("--prompt", action="append", default=[], metavar="NAME=SOURCE",
-                     help="register a prompt: NAME=ADAPTER_DIR or NAME=FILE.safetensors (repeatable)")
+                     help="register a prompt: NAME=ADAPTER_DIR or NAME=FILE.safetensors (repeatable); "
+                     "NAME=ADAPTER_DIR#N is task N of a multitask prompt-tuning adapter")
     gen.add_argument("--text-prompt", action="append", default=[], metavar="NAME=TEXT",
                      help="register a text (hard) prompt (repeatable)")
     gen.add_argument("--task", default=None, help="prompt name to use (default: none)")

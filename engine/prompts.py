@@ -19,9 +19,14 @@ PROMPT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 RESERVED_NAMES = frozenset({"base"})  # "base" addresses the model without a prompt
 PEFT_WEIGHTS_KEY = "prompt_embeddings"
 # PEFT prompt-learning methods whose saved weights are input-embedding rows, used as-is at inference (P-tuning
-# saves its prompt encoder's output), and the one whose weights are every layer's K/V of the virtual tokens
-ROW_PEFT_TYPES = ("PROMPT_TUNING", "P_TUNING")
-KV_PEFT_TYPE = "PREFIX_TUNING"
+# saves its prompt encoder's output, CPT its embedding plus projected delta), multitask prompt tuning, whose rows
+# are scaled per task by a low-rank matrix, and the methods whose weights are every layer's K/V of the virtual
+# tokens (prefix tuning; cartridges, in the same layout)
+ROW_PEFT_TYPES = ("PROMPT_TUNING", "P_TUNING", "CPT")
+MULTITASK_PEFT_TYPE = "MULTITASK_PROMPT_TUNING"
+KV_PEFT_TYPES = ("PREFIX_TUNING", "CARTRIDGE")
+SUPPORTED_PEFT_TYPES = (*ROW_PEFT_TYPES, MULTITASK_PEFT_TYPE, *KV_PEFT_TYPES)
+TASK_SUFFIX_RE = re.compile(r"^(?P<path>.+)#(?P<task>\d{1,6})$")
 
 
 @dataclass(frozen=True)
@@ -32,7 +37,7 @@ class SoftPrompt:
     name: str
     embeds: torch.Tensor | None  # [P, hidden]; None for a prefix-tuning adapter
     version: str  # content hash: changes whenever the rows (or K/V) change
-    kind: str  # "peft" | "tensor" | "text" | "prefix" (PEFT prefix tuning)
+    kind: str  # "peft" | "tensor" | "text" | "prefix" (PEFT prefix tuning or cartridge: K/V)
     token_ids: tuple[int, ...] | None = None  # for text (hard) prompts: the rows are these tokens' embeddings
     source: str | None = None
     kv: torch.Tensor | None = None  # [layers, 2, P, kv_heads, head_dim] (keys not rotated), prefix tuning only
@@ -72,8 +77,9 @@ def check_prompt_name(name: object) -> str:
 
 @dataclass(frozen=True)
 class PeftPromptWeights:
-    """What a PEFT prompt-learning adapter holds: `weights` [P, hidden] rows (prompt tuning, P-tuning), or for
-    prefix tuning [P, layers * 2 * kv_heads * head_dim] (per virtual token: layer 0's K then V, layer 1's, ...)."""
+    """What a PEFT prompt-learning adapter holds: `weights` [P, hidden] rows (prompt tuning, P-tuning, CPT, one
+    task of multitask prompt tuning), or for prefix tuning and cartridges [P, layers * 2 * kv_heads * head_dim]
+    (per virtual token: layer 0's K then V, layer 1's, ...)."""
 
     peft_type: str
     weights: torch.Tensor
@@ -81,16 +87,26 @@ class PeftPromptWeights:
 
     @property
     def is_kv(self) -> bool:
-        return self.peft_type == KV_PEFT_TYPE
+        return self.peft_type in KV_PEFT_TYPES
 
     @property
     def length(self) -> int:
         return int(self.weights.shape[-2])
 
 
-def read_peft_adapter(adapter_dir: Path) -> PeftPromptWeights:
-    """The weights of a PEFT prompt-learning adapter directory, after checking its config."""
-    config_path = adapter_dir / "adapter_config.json"
+def split_task_suffix(source: str | Path) -> tuple[Path, int | None]:
+    """`DIR#N` -> (DIR, N): task N of a multitask prompt-tuning adapter; anything else -> (path, None). A path
+    that exists as written is never split."""
+    path = Path(source)
+    match = TASK_SUFFIX_RE.match(str(source))
+    if match is None or path.exists():
+        return path, None
+    return Path(match["path"]), int(match["task"])
+
+
+def read_peft_config(adapter_dir: Path) -> dict:
+    """A PEFT adapter directory's adapter_config.json."""
+    config_path = Path(adapter_dir) / "adapter_config.json"
     if not config_path.is_file():
         raise PromptError(f"{adapter_dir} is not a PEFT adapter directory: adapter_config.json is missing")
     try:
@@ -99,12 +115,22 @@ def read_peft_adapter(adapter_dir: Path) -> PeftPromptWeights:
         raise PromptError(f"{config_path} is not valid JSON ({exc})") from exc
     if not isinstance(cfg, dict):
         raise PromptError(f"{config_path} must hold a JSON object")
+    return cfg
+
+
+def read_peft_adapter(adapter_dir: Path, task_id: int | None = None) -> PeftPromptWeights:
+    """The weights of a PEFT prompt-learning adapter directory, after checking its config. `task_id` picks the
+    task of a multitask prompt-tuning adapter (default 0 when it holds one task)."""
+    cfg = read_peft_config(adapter_dir)
     peft_type = cfg.get("peft_type")
-    if peft_type not in (*ROW_PEFT_TYPES, KV_PEFT_TYPE):
+    if peft_type not in SUPPORTED_PEFT_TYPES:
         raise PromptError(
             f"{adapter_dir}: peft_type is {peft_type!r}; this engine serves PEFT prompt-learning adapters of "
-            f"types {', '.join((*ROW_PEFT_TYPES, KV_PEFT_TYPE))}"
+            f"types {', '.join(SUPPORTED_PEFT_TYPES)}"
         )
+    if task_id is not None and peft_type != MULTITASK_PEFT_TYPE:
+        raise PromptError(f"{adapter_dir}: a task id (#{task_id}) selects a task of a {MULTITASK_PEFT_TYPE} adapter; "
+                          f"this one is {peft_type}")
     task_type = cfg.get("task_type")
     if task_type not in (None, "CAUSAL_LM"):
         raise PromptError(f"{adapter_dir}: task_type is {task_type!r}; this engine serves CAUSAL_LM prompts")
@@ -141,7 +167,9 @@ def read_peft_adapter(adapter_dir: Path) -> PeftPromptWeights:
             f"{embeds.shape[0]} rows"
         )
     token_dim = cfg.get("token_dim")
-    if peft_type == KV_PEFT_TYPE:
+    if peft_type == MULTITASK_PEFT_TYPE:
+        embeds = _multitask_rows(adapter_dir, cfg, weights, embeds, task_id)
+    if peft_type in KV_PEFT_TYPES:
         layers = cfg.get("num_layers")
         width = None if token_dim is None or layers is None else 2 * layers * token_dim
         if embeds.dim() == 2 and width is not None and embeds.shape[1] != width:
@@ -152,6 +180,35 @@ def read_peft_adapter(adapter_dir: Path) -> PeftPromptWeights:
     elif embeds.dim() == 2 and token_dim is not None and embeds.shape[1] != token_dim:
         raise PromptError(f"{adapter_dir}: token_dim={token_dim} but the weights have width {embeds.shape[1]}")
     return PeftPromptWeights(peft_type, embeds, cfg)
+
+
+def _multitask_rows(adapter_dir: Path, cfg: dict, weights: dict, shared: torch.Tensor,
+                    task_id: int | None) -> torch.Tensor:
+    """Task `task_id`'s rows of a multitask prompt-tuning adapter, as PEFT computes them at inference: the shared
+    rows [P, hidden] times the task's rank-r matrix cols[t] @ rows[t] ([P, r] @ [r, hidden]), in float32."""
+    cols, rows = weights.get("prefix_task_cols"), weights.get("prefix_task_rows")
+    if not isinstance(cols, torch.Tensor) or not isinstance(rows, torch.Tensor):
+        raise PromptError(f"{adapter_dir}: a {MULTITASK_PEFT_TYPE} adapter needs prefix_task_cols and "
+                          "prefix_task_rows tensors")
+    if shared.dim() != 2 or cols.dim() != 3 or rows.dim() != 3 or cols.shape[0] != rows.shape[0] \
+            or cols.shape[1:] != (shared.shape[0], rows.shape[1]) or rows.shape[2] != shared.shape[1]:
+        raise PromptError(
+            f"{adapter_dir}: {MULTITASK_PEFT_TYPE} shapes do not fit: prompt_embeddings {tuple(shared.shape)}, "
+            f"prefix_task_cols {tuple(cols.shape)} (tasks, P, rank), prefix_task_rows {tuple(rows.shape)} "
+            "(tasks, rank, hidden)"
+        )
+    num_tasks = int(cols.shape[0])
+    if task_id is None:
+        if num_tasks != 1:
+            raise PromptError(f"{adapter_dir} is a {MULTITASK_PEFT_TYPE} adapter of {num_tasks} tasks: pick one "
+                              f"with task_id (0..{num_tasks - 1}), or DIR#N in a path")
+        task_id = 0
+    if not isinstance(task_id, int) or isinstance(task_id, bool) or not 0 <= task_id < num_tasks:
+        raise PromptError(f"{adapter_dir}: task_id {task_id!r} is not one of the adapter's {num_tasks} tasks "
+                          f"(0..{num_tasks - 1})")
+    if not (shared.is_floating_point() and cols.is_floating_point() and rows.is_floating_point()):
+        raise PromptError(f"{adapter_dir}: {MULTITASK_PEFT_TYPE} weights must be floating point")
+    return shared.float() * (cols[task_id].float() @ rows[task_id].float())
 
 
 def read_tensor_file(path: Path) -> torch.Tensor:
@@ -229,18 +286,22 @@ class PromptStore:
         text: str | None = None,
         token_ids: list[int] | None = None,
         replace: bool = False,
+        task_id: int | None = None,
     ) -> SoftPrompt:
-        """Register a prompt from a PEFT adapter dir, a .safetensors file, a [P, hidden] tensor, text or token ids."""
+        """Register a prompt from a PEFT adapter dir, a .safetensors file, a [P, hidden] tensor, text or token ids.
+        `task_id` (or a path written `DIR#N`) picks the task of a multitask prompt-tuning adapter."""
         check_prompt_name(name)
         if name in self._prompts and not replace:
             raise PromptError(f"prompt name {name!r} is already taken (pass replace=True to register a new version)")
         given = [x is not None for x in (source, text, token_ids)]
         if sum(given) != 1:
             raise PromptError("give exactly one of: source (adapter dir, .safetensors file or tensor), text, token_ids")
+        if task_id is not None and source is None:
+            raise PromptError("task_id selects a task of a multitask prompt-tuning adapter: give its directory")
         if text is not None or token_ids is not None:
             prompt = self._from_tokens(name, text, token_ids)
         else:
-            kind, weights, origin = self._read_source(source)
+            kind, weights, origin = self._read_source(source, task_id)
             if isinstance(weights, PeftPromptWeights) and weights.is_kv:
                 kv = self._validate_kv(name, weights)
                 prompt = SoftPrompt(name, None, content_version(kv), "prefix", None, origin, kv)
@@ -253,15 +314,24 @@ class PromptStore:
         return prompt
 
     def _read_source(
-        self, source: str | Path | torch.Tensor
+        self, source: str | Path | torch.Tensor, task_id: int | None = None
     ) -> tuple[str, torch.Tensor | PeftPromptWeights, str | None]:
         if isinstance(source, torch.Tensor):
+            if task_id is not None:
+                raise PromptError("task_id selects a task of a multitask prompt-tuning adapter, not of a tensor")
             return "tensor", source, None
         if not isinstance(source, (str, Path)):
             raise PromptError(f"unsupported prompt source of type {type(source).__name__}")
-        path = Path(source)
+        path, suffix_task = split_task_suffix(source)
+        if suffix_task is not None:
+            if task_id is not None and task_id != suffix_task:
+                raise PromptError(f"prompt source {str(source)!r} names task {suffix_task} but task_id={task_id}")
+            task_id = suffix_task
         if path.is_dir():
-            return "peft", read_peft_adapter(path), str(path)
+            origin = str(path) if task_id is None else f"{path}#{task_id}"
+            return "peft", read_peft_adapter(path, task_id), origin
+        if task_id is not None and path.exists():
+            raise PromptError(f"{path}: a task id selects a task of a multitask prompt-tuning adapter directory")
         if path.is_file():
             return "tensor", read_tensor_file(path), str(path)
         raise PromptError(f"prompt source {str(path)!r} does not exist (for a text prompt pass text=...)")
@@ -313,7 +383,7 @@ class PromptStore:
         """A prefix-tuning adapter's rows as K/V [layers, 2, P, kv_heads, head_dim] in the model dtype, after
         checking they fit the model (PEFT stores each virtual token's K and V of layer 0, then layer 1, ...)."""
         if self.kv_layout is None:
-            raise PromptError(f"prompt {name!r} is a prefix-tuning adapter, which this prompt store cannot hold")
+            raise PromptError(f"prompt {name!r} is a prefix-tuning (K/V) adapter, which this prompt store cannot hold")
         layers, heads, head_dim = self.kv_layout
         flat = adapter.weights
         if flat.dim() == 3 and flat.shape[0] == 1:

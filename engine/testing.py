@@ -15,8 +15,9 @@ import torch
 
 __all__ = [
     "BOS_ID", "CHAT_TEMPLATE", "EOS_ID", "PAD_ID", "SPECIAL_TOKENS", "SUPPORTED_TINY_ARCHS", "UNK_ID",
-    "assert_generation_matches", "build_p_tuning_adapter", "build_prefix_tuning_adapter", "build_prompt_tensor",
-    "build_prompt_tuning_adapter", "build_tiny_checkpoint",
+    "assert_generation_matches", "build_cartridge_adapter", "build_cpt_adapter", "build_multitask_prompt_tuning_adapter",
+    "build_p_tuning_adapter", "build_prefix_tuning_adapter", "build_prompt_tensor", "build_prompt_tuning_adapter",
+    "build_tiny_checkpoint",
     "build_tokenizer", "hf_peft_reference", "tiny_model_with_adapters",
 ]
 
@@ -266,6 +267,65 @@ def build_prefix_tuning_adapter(model_dir: str | Path, out_dir: str | Path, *, n
 
     cfg = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=num_virtual_tokens,
                              prefix_projection=projection, encoder_hidden_size=32)
+    with _quiet():
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), cfg)
+        peft_model.save_pretrained(Path(out_dir))
+    return Path(out_dir)
+
+
+def build_multitask_prompt_tuning_adapter(model_dir: str | Path, out_dir: str | Path, *, num_virtual_tokens: int = 8,
+                                          num_tasks: int = 3, num_ranks: int = 1, seed: int = 0) -> Path:
+    """Create and save a PEFT multitask prompt-tuning adapter (`MultitaskPromptTuningConfig`): shared rows and, per
+    task, a rank-`num_ranks` matrix that scales them; seed-determined, with tasks that differ clearly."""
+    from peft import MultitaskPromptTuningConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    cfg = MultitaskPromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=num_virtual_tokens,
+                                      num_tasks=num_tasks, num_ranks=num_ranks)
+    gen = torch.Generator().manual_seed(seed)
+    with _quiet():
+        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), cfg)
+        encoder = peft_model.prompt_encoder["default"]
+        with torch.no_grad():
+            weight = encoder.embedding.weight
+            weight.copy_(build_prompt_tensor(weight.shape[1], weight.shape[0], seed=seed))
+            for param in (encoder.prefix_task_cols, encoder.prefix_task_rows):
+                param.copy_(1 + 0.5 * torch.randn(param.shape, generator=gen))
+        peft_model.save_pretrained(Path(out_dir))
+    return Path(out_dir)
+
+
+def build_cpt_adapter(model_dir: str | Path, out_dir: str | Path, *, token_ids: Sequence[int] = (5, 6, 7, 8, 9),
+                      seed: int = 0) -> Path:
+    """Create and save a PEFT context-aware prompt tuning adapter (`CPTConfig`) over the context `token_ids`,
+    with a seed-determined random delta (PEFT saves the token embeddings plus the delta after its projection)."""
+    from peft import CPTConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    ids = list(token_ids)
+    types = [1] + [2] * (len(ids) - 2) + [3] if len(ids) > 1 else [2]  # template, inputs..., output template
+    cfg = CPTConfig(task_type=TaskType.CAUSAL_LM, cpt_token_ids=ids, cpt_mask=[1] * len(ids),
+                    cpt_tokens_type_mask=types)
+    gen = torch.Generator().manual_seed(seed)
+    with _quiet():
+        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), cfg)
+        delta = peft_model.prompt_encoder["default"].delta_embedding.weight
+        with torch.no_grad():
+            delta.copy_(torch.randn(delta.shape, generator=gen))
+        peft_model.save_pretrained(Path(out_dir))
+    return Path(out_dir)
+
+
+def build_cartridge_adapter(model_dir: str | Path, out_dir: str | Path, *, num_virtual_tokens: int = 8,
+                            num_frozen_tokens: int = 1, seed: int = 0) -> Path:
+    """Create and save a PEFT cartridge (`CartridgeConfig`: a trained prefix K/V cache, prefix tuning's layout)
+    with seed-determined random K/V."""
+    from peft import CartridgeConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    cfg = CartridgeConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=num_virtual_tokens,
+                          num_frozen_tokens=num_frozen_tokens)
     with _quiet():
         torch.manual_seed(seed)
         peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), cfg)

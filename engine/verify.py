@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .datasets import jsonl_objects
 from .errors import SoftPromptError
-from .prompts import check_prompt_name, read_peft_adapter
+from .prompts import MULTITASK_PEFT_TYPE, check_prompt_name, read_peft_adapter, read_peft_config, split_task_suffix
 
 BASE_TASK = "base"  # how requests without a prompt are labelled in reports
 
@@ -189,8 +189,13 @@ class HFPeftOracle:
             return model
 
         by_type: dict[str, dict[str, Path]] = {}
-        for name, adapter_dir in adapters.items():
-            by_type.setdefault(read_peft_adapter(Path(adapter_dir)).peft_type, {})[name] = Path(adapter_dir)
+        self._task_ids: dict[str, int] = {}  # task name -> its task id in a multitask prompt-tuning adapter
+        for name, spec in adapters.items():
+            adapter_dir, task_id = split_task_suffix(spec)
+            peft_type = read_peft_config(adapter_dir).get("peft_type")
+            if peft_type == MULTITASK_PEFT_TYPE:
+                self._task_ids[name] = task_id or 0
+            by_type.setdefault(peft_type, {})[name] = adapter_dir
         self.peft_models: dict[str, object] = {}  # one per type
         self._model_of: dict[str, object] = {}  # task name -> its type's PEFT model
         self._peft_names: dict[str, str] = {}  # task name -> adapter name in that model
@@ -231,7 +236,10 @@ class HFPeftOracle:
     @torch.no_grad()
     def logits(self, prompt: str | None, ids: list[int]) -> Tensor:
         x = torch.tensor([ids], device=self.device)
-        out = self._model(prompt)(input_ids=x, attention_mask=torch.ones_like(x)).logits
+        extra = {}
+        if prompt in self._task_ids:  # PEFT's multitask prompt tuning takes the task per batch row
+            extra["task_ids"] = torch.tensor([self._task_ids[prompt]], device=self.device)
+        out = self._model(prompt)(input_ids=x, attention_mask=torch.ones_like(x), **extra).logits
         return out[0, -len(ids):].float().cpu()  # PEFT prepends the virtual tokens' rows: drop them
 
     def close(self) -> None:
@@ -640,7 +648,7 @@ def verify(model_dir: str | Path, prompts: dict[str, str | Path], backends: Sequ
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, config, dev)
     adapters = {check_prompt_name(name): Path(path) for name, path in prompts.items()}
-    lengths = {name: read_peft_adapter(path).length for name, path in adapters.items()}
+    lengths = {name: read_peft_adapter(*split_task_suffix(path)).length for name, path in adapters.items()}
     if requests is None:
         requests = random_requests(lengths, random_per_task, config.vocab_size, config.max_positions, max_new_tokens,
                                    seed=seed)
@@ -722,8 +730,9 @@ def parse_prompt_args(values: Sequence[str]) -> dict[str, Path]:
                 name, k = f"{base}-{k}", k + 1
         elif name in out:
             raise VerifyError(f"--prompts names {name!r} twice")
-        if not Path(path).is_dir():
-            raise VerifyError(f"--prompts: {path!r} is not a PEFT adapter directory")
+        if not split_task_suffix(path)[0].is_dir():
+            raise VerifyError(f"--prompts: {path!r} is not a PEFT adapter directory (DIR, or DIR#N: task N of a "
+                              "multitask prompt-tuning adapter)")
         out[check_prompt_name(name)] = Path(path)
     return out
 
@@ -731,7 +740,8 @@ def parse_prompt_args(values: Sequence[str]) -> dict[str, Path]:
 def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", help="the Hugging Face checkpoint directory (config.json + safetensors)")
     parser.add_argument("--prompts", nargs="+", default=[], metavar="[NAME=]ADAPTER_DIR",
-                        help="PEFT prompt-tuning adapters, one task each (named after the directory unless NAME=)")
+                        help="PEFT prompt-learning adapters, one task each (named after the directory unless "
+                        "NAME=); DIR#N is task N of a multitask prompt-tuning adapter")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (the checkpoint's)")
     parser.add_argument("--backends", default=None,

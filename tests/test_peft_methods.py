@@ -4,13 +4,18 @@
   soft prompt's rows.
 - Prefix tuning (`PrefixTuningConfig`): the adapter holds every layer's K/V of the virtual tokens; the engine
   stores them in the pool as they are (no prefix compute) and the input takes positions P.. after them.
-Both kinds share batches with prompt-tuning tasks and the bare model. `Engine.prompt_logprobs` (the server's `echo`) is
+- Cartridges (`CartridgeConfig`): a trained prefix K/V cache in prefix tuning's layout.
+- CPT (`CPTConfig`): PEFT saves the context tokens' embeddings plus the projected delta, prepended as rows.
+- Multitask prompt tuning (`MultitaskPromptTuningConfig`): task t's rows are the shared rows times a rank-r matrix;
+  the engine serves one task per registered prompt (`task_id=`, or `DIR#N`).
+All of them share batches with prompt-tuning tasks and the bare model. `Engine.prompt_logprobs` (the server's `echo`) is
 checked here against HF + PEFT too.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +27,9 @@ from softprompt.engine.kv_pool import KVPool
 from softprompt.engine.verify import verify
 from softprompt.testing import (
     assert_generation_matches,
+    build_cartridge_adapter,
+    build_cpt_adapter,
+    build_multitask_prompt_tuning_adapter,
     build_p_tuning_adapter,
     build_prefix_tuning_adapter,
     build_tiny_checkpoint,
@@ -39,12 +47,18 @@ _built: dict[str, dict] = {}
 @pytest.fixture
 def adapters(model_dir_for, adapter_for, model_root):
     """adapters(variant) -> {task: adapter dir}: P-tuning (MLP and LSTM encoders), prefix tuning (plain and
-    through PEFT's prefix projection), and prompt tuning."""
+    through PEFT's prefix projection), a cartridge, CPT, two tasks of one multitask prompt-tuning adapter (`DIR#N`)
+    and prompt tuning."""
 
     def make(variant: str) -> dict:
         if variant not in _built:
             d, out = model_dir_for(variant), model_root / "methods" / variant
+            mpt = build_multitask_prompt_tuning_adapter(d, out / "mpt", num_virtual_tokens=4, num_tasks=3, seed=6)
             _built[variant] = {
+                "cart": build_cartridge_adapter(d, out / "cart", num_virtual_tokens=5, seed=7),
+                "cpt": build_cpt_adapter(d, out / "cpt", token_ids=[11, 12, 13, 14, 15, 16], seed=8),
+                "mpt0": f"{mpt}#0",
+                "mpt2": f"{mpt}#2",
                 "ptune": build_p_tuning_adapter(d, out / "ptune", num_virtual_tokens=5, seed=1),
                 "ptune_lstm": build_p_tuning_adapter(d, out / "ptune_lstm", num_virtual_tokens=3, encoder="LSTM",
                                                      seed=2),
@@ -68,13 +82,14 @@ def requests(tasks, seed: int = 0, max_new_tokens: int = 6) -> list[Request]:
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 @pytest.mark.parametrize("variant", [*ARCH_VARIANTS, "mistral", "bloom_post_norm"])
-def test_p_tuning_and_prefix_tuning_match_hf_peft(variant, backend, adapters, model_dir_for):
+def test_prompt_learning_adapters_match_hf_peft(variant, backend, adapters, model_dir_for):
     tasks = adapters(variant)
     engine = Engine(model_dir_for(variant), device="cpu", dtype="float32", backend=backend, block_size=4)
     for name, path in tasks.items():
         engine.add_prompt(name, path)
     kinds = {name: engine.prompts.get(name).kind for name in tasks}
-    assert kinds == {"ptune": "peft", "ptune_lstm": "peft", "kv": "prefix", "kv_proj": "prefix", "soft": "peft"}
+    assert kinds == {"ptune": "peft", "ptune_lstm": "peft", "kv": "prefix", "kv_proj": "prefix", "soft": "peft",
+                     "cart": "prefix", "cpt": "peft", "mpt0": "peft", "mpt2": "peft"}
     c = engine.config
     assert engine.prompts.get("kv").kv.shape == (c.num_layers, 2, 7, c.num_kv_heads, c.head_dim)
     assert engine.prompts.get("kv").length == 7 and engine.prompts.get("kv").embeds is None
@@ -88,7 +103,7 @@ def test_p_tuning_and_prefix_tuning_match_hf_peft(variant, backend, adapters, mo
 @pytest.mark.parametrize("variant", ["llama", "bloom"])
 def test_half_precision_matches_hf_peft(variant, dtype, adapters, model_dir_for):
     """`softprompt verify`'s tolerances for the dtype, and the same greedy tokens as HF + PEFT in that dtype."""
-    tasks = {k: v for k, v in adapters(variant).items() if k in ("ptune", "kv", "soft")}
+    tasks = {k: v for k, v in adapters(variant).items() if k in ("ptune", "kv", "soft", "cart", "mpt2")}
     engine = Engine(model_dir_for(variant), device="cpu", dtype=dtype, block_size=4)
     for name, path in tasks.items():
         engine.add_prompt(name, path)
@@ -96,13 +111,14 @@ def test_half_precision_matches_hf_peft(variant, dtype, adapters, model_dir_for)
     assert_generation_matches(engine, hf_peft_reference(model_dir_for(variant), tasks, dtype=dtype), requests(tasks))
 
 
-def test_prefix_kv_is_what_peft_puts_in_the_cache(adapters, model_dir_for):
+@pytest.mark.parametrize("task", ["kv", "cart"])
+def test_prefix_kv_is_what_peft_puts_in_the_cache(task, adapters, model_dir_for):
     """The stored K/V of layer l are PEFT's past key/values of layer l (keys not rotated)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     d = model_dir_for("llama")
-    path = adapters("llama")["kv"]
+    path = adapters("llama")[task]
     engine = Engine(d, device="cpu", dtype="float32")
     kv = engine.add_prompt("kv", path).kv
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(d), str(path)).eval()
@@ -111,6 +127,61 @@ def test_prefix_kv_is_what_peft_puts_in_the_cache(adapters, model_dir_for):
         keys, values = cache.layers[layer].keys[0], cache.layers[layer].values[0]  # [kv_heads, P, head_dim]
         torch.testing.assert_close(kv[layer, 0], keys.transpose(0, 1), rtol=0, atol=0)
         torch.testing.assert_close(kv[layer, 1], values.transpose(0, 1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("task, task_id", [("cpt", None), ("mpt0", 0), ("mpt2", 2)])
+def test_prompt_rows_are_what_peft_prepends(task, task_id, adapters, model_dir_for):
+    """CPT's rows, and a multitask adapter's task rows (shared rows x the task's low-rank matrix), are PEFT's
+    `get_prompt` for that task, to float32 rounding."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    d = model_dir_for("llama")
+    spec = adapters("llama")[task]
+    engine = Engine(d, device="cpu", dtype="float32")
+    rows = engine.add_prompt(task, spec).embeds
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(d), str(spec).partition("#")[0]).eval()
+    extra = {} if task_id is None else {"task_ids": torch.tensor([task_id])}
+    with torch.no_grad():
+        want = peft_model.get_prompt(batch_size=1, **extra)[0]
+    torch.testing.assert_close(rows, want, rtol=1e-6, atol=1e-6)
+
+
+def test_multitask_adapter_tasks_are_picked_by_task_id_or_suffix(adapters, model_dir_for, tmp_path):
+    d = model_dir_for("llama")
+    mpt = adapters("llama")["mpt2"].partition("#")[0]
+    engine = Engine(d, device="cpu", dtype="float32")
+    by_kwarg = engine.add_prompt("a", mpt, task_id=2)
+    by_suffix = engine.add_prompt("b", f"{mpt}#2")
+    other = engine.add_prompt("c", mpt, task_id=1)
+    assert by_kwarg.version == by_suffix.version != other.version
+    assert by_suffix.source == f"{mpt}#2" and torch.equal(by_kwarg.embeds, by_suffix.embeds)
+    for source, kwargs, message in [
+        (mpt, {}, "of 3 tasks: pick one with task_id"),
+        (mpt, {"task_id": 3}, "task_id 3 is not one of the adapter's 3 tasks"),
+        (f"{mpt}#7", {}, "task_id 7 is not one of"),
+        (f"{mpt}#1", {"task_id": 2}, "names task 1 but task_id=2"),
+        (adapters("llama")["kv"], {"task_id": 0}, "this one is PREFIX_TUNING"),
+        (f"{adapters('llama')['soft']}#0", {}, "this one is PROMPT_TUNING"),
+        (torch.zeros(2, 64), {"task_id": 0}, "not of a tensor"),
+    ]:
+        with pytest.raises(PromptError, match=message):
+            engine.add_prompt("a", source, replace=True, **kwargs)
+        assert engine.prompts.get("a") is by_kwarg
+    with pytest.raises(PromptError, match="give its directory"):
+        engine.add_prompt("t", text="hello", task_id=0)
+    one = build_multitask_prompt_tuning_adapter(d, tmp_path / "one", num_virtual_tokens=3, num_tasks=1)
+    assert engine.add_prompt("one", one).length == 3  # a single task needs no id
+    cfg_cols = load_file(str(Path(mpt) / "adapter_model.safetensors"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((Path(mpt) / "adapter_config.json").read_text())
+    save_file({"prompt_embeddings": cfg_cols["prompt_embeddings"],
+               "prefix_task_cols": cfg_cols["prefix_task_cols"][:, :2].contiguous(),
+               "prefix_task_rows": cfg_cols["prefix_task_rows"]}, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(PromptError, match="shapes do not fit"):
+        engine.add_prompt("bad", bad, task_id=0)
+    assert "bad" not in engine.prompts
 
 
 def test_prefix_tuning_prompts_survive_eviction_and_replacement(adapters, model_dir_for):
@@ -164,7 +235,8 @@ def _nan_row(w):
         ({"token_dim": None, "num_layers": None}, lambda w: w[:, :-8], "prefix-tuning rows of width 120"),
         ({}, _nan_row, "contains NaN or Inf"),
         ({"num_virtual_tokens": 4}, None, "num_virtual_tokens=4"),
-        ({"peft_type": "MULTITASK_PROMPT_TUNING"}, None, "MULTITASK_PROMPT_TUNING"),
+        ({"peft_type": "MULTITASK_PROMPT_TUNING"}, None, "needs prefix_task_cols and prefix_task_rows"),
+        ({"peft_type": "ADAPTION_PROMPT"}, None, "types PROMPT_TUNING, P_TUNING, CPT"),
     ],
 )
 def test_bad_prefix_adapters_are_refused_and_change_nothing(config, weights, message, adapters, model_dir_for,
@@ -186,12 +258,12 @@ def test_prefix_adapter_of_another_model_is_refused(tmp_path, model_dir_for):
     assert "t" not in engine.prompts
 
 
-def test_verify_checks_p_tuning_and_prefix_tuning_tasks(adapters, model_dir_for):
-    tasks = {k: v for k, v in adapters("gpt2").items() if k in ("ptune", "kv", "soft")}
+def test_verify_checks_every_prompt_learning_type(adapters, model_dir_for):
+    tasks = {k: v for k, v in adapters("gpt2").items() if k in ("ptune", "kv", "soft", "cart", "mpt2")}
     report = verify(model_dir_for("gpt2"), tasks, backends=["torch"], dtype="float32", device="cpu",
                     random_per_task=2, max_new_tokens=4)
     assert report.oracle == "hf+peft" and report.exit_code() == 0, report.summary()
-    assert set(report.backends["torch"].tasks) == {"ptune", "kv", "soft", "base"}
+    assert set(report.backends["torch"].tasks) == {"ptune", "kv", "soft", "cart", "mpt2", "base"}
 
 
 def test_prompt_logprobs_equal_hf_peft(adapters, model_dir_for):

@@ -400,10 +400,10 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
         ctype = http.headers.get("content-type", "")
         try:
             if ctype.startswith("multipart/form-data"):
-                name, text, files = await _read_form(http)
+                name, text, files, task_id = await _read_form(http)
                 token_ids = None
             elif ctype.startswith("application/json"):
-                name, text, files, token_ids = _read_json(await http.body())
+                name, text, files, token_ids, task_id = _read_json(await http.body())
             else:
                 raise APIError(415, "send multipart/form-data (adapter files) or application/json "
                                "({name, text} / {name, token_ids} / {name, files})", code="unsupported_media_type")
@@ -411,10 +411,13 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
                 raise APIError(422, "the prompt 'name' field is missing", param="name")
             if files and (text is not None or token_ids is not None):
                 raise APIError(400, "give files, text or token_ids, not several", param="name")
+            if task_id is not None and not files:
+                raise APIError(400, "task_id picks a task of an uploaded multitask prompt-tuning adapter: "
+                               "send its files", param="task_id")
             if files:
                 check_public_name(name)
                 source, staged = registry.stage_files(files)
-                pv = await registry.add(loop, name, source, staged=staged)
+                pv = await registry.add(loop, name, source, staged=staged, task_id=task_id)
             else:
                 pv = await registry.add(loop, name, text=text, token_ids=token_ids)
         except Exception as exc:
@@ -446,7 +449,7 @@ def _is_field(part: object) -> bool:
     return isinstance(part, str) and part.isidentifier() and part not in _TYPE_TAGS and "[" not in part
 
 
-async def _read_form(http: Request) -> tuple[object, object, list[tuple[str, bytes]]]:
+async def _read_form(http: Request) -> tuple[object, object, list[tuple[str, bytes]], int | None]:
     try:
         form = await http.form(max_files=8, max_fields=16)
     except StarletteHTTPException:
@@ -464,12 +467,17 @@ async def _read_form(http: Request) -> tuple[object, object, list[tuple[str, byt
                 files.append((value.filename or "", await value.read()))
         if text is not None and not isinstance(text, str):
             raise APIError(400, "the 'text' field must be a string", param="text")
-        return name, text, files
+        task_id = form.get("task_id")
+        if task_id is not None:
+            if not isinstance(task_id, str) or not task_id.isdecimal() or len(task_id) > 6:
+                raise APIError(400, "the 'task_id' field must be a non-negative integer", param="task_id")
+            task_id = int(task_id)
+        return name, text, files, task_id
     finally:
         await form.close()
 
 
-def _read_json(raw: bytes) -> tuple[str, str | None, list[tuple[str, bytes]], list[int] | None]:
+def _read_json(raw: bytes) -> tuple[str, str | None, list[tuple[str, bytes]], list[int] | None, int | None]:
     try:
         body = TextPromptUpload.model_validate_json(raw)
     except ValidationError as exc:
@@ -483,4 +491,4 @@ def _read_json(raw: bytes) -> tuple[str, str | None, list[tuple[str, bytes]], li
             files.append((filename, base64.b64decode(data, validate=True)))
         except (binascii.Error, ValueError) as exc:
             raise APIError(400, f"file {filename!r} is not valid base64", param="files") from exc
-    return body.name, body.text, files, body.token_ids
+    return body.name, body.text, files, body.token_ids, body.task_id

@@ -19,7 +19,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir")
     p.add_argument("--prompts", nargs="*", default=[], metavar="DIR_OR_FILE",
                    help="prompts to serve: a PEFT adapter dir (named after the dir), a .safetensors file (named "
-                        "after the file), a dir holding several of those, or NAME=PATH")
+                        "after the file), a dir holding several of those, or NAME=PATH; DIR#N is task N of a "
+                        "multitask prompt-tuning adapter")
     p.add_argument("--text-prompt", action="append", default=[], metavar="NAME=TEXT",
                    help="serve a text (hard) prompt (repeatable)")
     p.add_argument("--host", default="127.0.0.1")
@@ -62,6 +63,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 def discover_prompts(items: list[str]) -> list[tuple[str, Path]]:
     """(name, source) for each --prompts item; a directory without adapter_config.json is scanned one level."""
+    from ..prompts import split_task_suffix
+
     found: list[tuple[str, Path]] = []
     for item in items:
         name, sep, rest = item.partition("=")
@@ -77,6 +80,8 @@ def discover_prompts(items: list[str]) -> list[tuple[str, Path]]:
             found.extend((_name_of(c), c) for c in children)
         elif path.exists():
             found.append((_name_of(path), path))
+        elif (task := split_task_suffix(item))[1] is not None and task[0].is_dir():
+            found.append((f"{task[0].name}-task{task[1]}", path))  # DIR#N: a multitask adapter's task N
         else:
             raise SoftPromptError(f"prompt source {item!r} does not exist")
     return found

@@ -143,7 +143,8 @@ class _LoadedPrompt:
                 await self._unload()
                 raise
             if signature != self._signature:
-                pv = await self._replica.registry.add(self._replica.loop, self.name, source.path, text=source.text)
+                pv = await self._replica.registry.add(self._replica.loop, self.name, source.path,
+                                                                text=source.text, task_id=source.task_id)
                 self._versions.append(pv.version)
                 self._signature = signature
 

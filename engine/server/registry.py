@@ -129,11 +129,12 @@ class PromptRegistry:
             dropped = [versions.pop(v) for v in old]
         return pv, dropped
 
-    def register(self, engine: Engine, name: str, source=None, *, text: str | None = None) -> PromptVersion:
+    def register(self, engine: Engine, name: str, source=None, *, text: str | None = None,
+                 task_id: int | None = None) -> PromptVersion:
         """Register directly on the engine: only before the engine loop starts (startup prompts)."""
         version = self._reserve(name)
         try:
-            prompt = engine.add_prompt(f"{name}.v{version}", source, text=text)
+            prompt = engine.add_prompt(f"{name}.v{version}", source, text=text, task_id=task_id)
         except PromptError as exc:
             raise _as_public(exc, f"{name}.v{version}", name) from exc
         pv, dropped = self._record(name, version, prompt, None)
@@ -142,14 +143,17 @@ class PromptRegistry:
         return pv
 
     async def add(self, loop: EngineLoop, name: str, source: Path | None = None, *, text: str | None = None,
-                  token_ids: list[int] | None = None, staged: Path | None = None) -> PromptVersion:
+                  token_ids: list[int] | None = None, staged: Path | None = None,
+                  task_id: int | None = None) -> PromptVersion:
         """Validate and register a new version through the engine loop. `staged`: uploaded files to keep
-        (moved under prompt_dir/name/vN-<id> on success, deleted on failure)."""
+        (moved under prompt_dir/name/vN-<id> on success, deleted on failure). `task_id`: the task of a multitask
+        prompt-tuning adapter."""
         version, engine_name = None, None
         try:
             version = self._reserve(name)
             engine_name = f"{name}.v{version}"
-            prompt = await loop.run(lambda e: e.add_prompt(engine_name, source, text=text, token_ids=token_ids))
+            prompt = await loop.run(lambda e: e.add_prompt(engine_name, source, text=text, token_ids=token_ids,
+                                                           task_id=task_id))
         except BaseException as exc:
             if staged is not None:
                 shutil.rmtree(staged, ignore_errors=True)
@@ -221,7 +225,8 @@ class PromptRegistry:
         else:
             raise PromptError(
                 "upload a PEFT prompt-learning adapter (adapter_config.json + adapter_model.safetensors: prompt "
-                "tuning, P-tuning or prefix tuning) or one .safetensors tensor file; "
+                "tuning, P-tuning, CPT, multitask prompt tuning, prefix tuning or a cartridge) or one .safetensors "
+                "tensor file; "
                 f"got {names or 'no files'} (pickle files are never loaded)"
             )
         staged = self.prompt_dir / ".staging" / uuid.uuid4().hex

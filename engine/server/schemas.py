@@ -138,6 +138,7 @@ class TextPromptUpload(BaseModel):
     text: StrictStr | None = None
     token_ids: list[StrictInt] | None = None
     files: dict[StrictStr, StrictStr] | None = None  # file name -> base64 content
+    task_id: StrictInt | None = None  # the task of an uploaded multitask prompt-tuning adapter
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,

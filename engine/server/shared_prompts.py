@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PromptError, UnknownPromptError
-from ..prompts import KV_PEFT_TYPE
+from ..prompts import KV_PEFT_TYPES, split_task_suffix
 from .registry import ADAPTER_FILES, check_public_name
 
 
@@ -23,6 +23,7 @@ class PromptSource:
     name: str
     path: Path | None = None
     text: str | None = None
+    task_id: int | None = None  # the task of a multitask prompt-tuning adapter (a start-up source DIR#N)
 
     def signature(self) -> tuple:
         """Changes when the content may have changed (files rewritten or replaced): (file, size, mtime) each."""
@@ -51,12 +52,12 @@ class PromptSource:
 
     @property
     def kind(self) -> str:
-        """As `SoftPrompt.kind`: "text", "tensor", "peft" or "prefix" (a PEFT prefix-tuning adapter)."""
+        """As `SoftPrompt.kind`: "text", "tensor", "peft" or "prefix" (a PEFT prefix-tuning or cartridge adapter)."""
         if self.text is not None:
             return "text"
         if not self.path.is_dir():
             return "tensor"
-        return "prefix" if self._adapter_config().get("peft_type") == KV_PEFT_TYPE else "peft"
+        return "prefix" if self._adapter_config().get("peft_type") in KV_PEFT_TYPES else "peft"
 
 
 class SharedPrompts:
@@ -66,7 +67,10 @@ class SharedPrompts:
     def __init__(self, prompt_dir: str | Path | None = None, sources: dict[str, str | Path] | None = None,
                  texts: dict[str, str] | None = None):
         self.prompt_dir = Path(prompt_dir).resolve() if prompt_dir is not None else None
-        self.sources = {check_public_name(n): Path(p).resolve() for n, p in (sources or {}).items()}
+        self.sources: dict[str, tuple[Path, int | None]] = {}
+        for n, spec in (sources or {}).items():
+            path, task_id = split_task_suffix(spec)
+            self.sources[check_public_name(n)] = (path.resolve(), task_id)
         self.texts = {check_public_name(n): t for n, t in (texts or {}).items()}
 
     def find(self, name: str) -> PromptSource:
@@ -78,7 +82,8 @@ class SharedPrompts:
         if name in self.texts:
             return PromptSource(name, text=self.texts[name])
         if name in self.sources:
-            return PromptSource(name, path=self.sources[name])
+            path, task_id = self.sources[name]
+            return PromptSource(name, path=path, task_id=task_id)
         if self.prompt_dir is not None:
             adapter_dir = self._inside(self.prompt_dir / name)
             if adapter_dir is not None and adapter_dir.is_dir() and (adapter_dir / "adapter_config.json").is_file():
