@@ -40,6 +40,23 @@ def test_generate_with_a_prefix_tuning_adapter_and_penalties(model_dir_for, tmp_
     assert result["token_ids"] == expected.token_ids and len(expected.token_ids) == 6
 
 
+def test_generate_with_a_task_of_a_multitask_adapter(model_dir_for, tmp_path, capsys):
+    pytest.importorskip("peft")
+    from softprompt.testing import build_multitask_prompt_tuning_adapter
+
+    d = model_dir_for("llama")
+    mpt = build_multitask_prompt_tuning_adapter(d, tmp_path / "mpt", num_virtual_tokens=4, seed=2)
+    assert main(["generate", str(d), "--prompt", f"m={mpt}#1", "--task", "m", "--ids", "5,6,7",
+                 "--max-new-tokens", "5", "--json", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    engine = Engine(d, device="cpu")
+    engine.add_prompt("m", mpt, task_id=1)
+    [expected] = engine.generate([Request(prompt="m", input_ids=[5, 6, 7], sampling=SamplingParams(max_new_tokens=5))])
+    assert result["token_ids"] == expected.token_ids
+    assert main(["generate", str(d), "--prompt", f"m={mpt}", "--task", "m", "--ids", "5", "--device", "cpu"]) == 2
+    assert "pick one with task_id" in capsys.readouterr().err
+
+
 def test_generate_text_and_text_prompt(model_dir_for, capsys):
     d = model_dir_for("llama")
     assert main(["generate", str(d), "--text-prompt", "h=be brief:", "--task", "h", "--text", "the cat",

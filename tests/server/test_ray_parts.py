@@ -142,12 +142,26 @@ def test_shared_prompts_find_sources_and_refuse_what_is_not_a_prompt(tmp_path, a
 
 def test_shared_prompts_tell_a_prefix_tuning_adapter_by_its_config(tmp_path, model_dir_for):
     pytest.importorskip("peft")
-    from softprompt.testing import build_prefix_tuning_adapter
+    from softprompt.testing import build_cartridge_adapter, build_prefix_tuning_adapter
 
     root = tmp_path / "prompts"
     build_prefix_tuning_adapter(model_dir_for("llama"), root / "kv", num_virtual_tokens=5)
+    build_cartridge_adapter(model_dir_for("llama"), root / "cart", num_virtual_tokens=3)
     source = SharedPrompts(root).find("kv")
     assert (source.kind, source.length) == ("prefix", 5)
+    assert (SharedPrompts(root).find("cart").kind, SharedPrompts(root).find("cart").length) == ("prefix", 3)
+
+
+def test_a_start_up_source_names_a_task_of_a_multitask_adapter(tmp_path, model_dir_for):
+    pytest.importorskip("peft")
+    from softprompt.testing import build_multitask_prompt_tuning_adapter
+
+    mpt = build_multitask_prompt_tuning_adapter(model_dir_for("llama"), tmp_path / "mpt", num_virtual_tokens=4)
+    shared = SharedPrompts(sources={"t2": f"{mpt}#2", "plain": mpt})
+    source = shared.find("t2")
+    assert (source.path, source.task_id, source.kind, source.length) == (mpt.resolve(), 2, "peft", 4)
+    assert shared.find("plain").task_id is None
+    assert source.signature() == shared.find("plain").signature()
 
 
 def test_routing_key_is_the_task_of_a_valid_body():

@@ -31,9 +31,9 @@ def complete(http, model: str, ids=(5, 6, 7), max_tokens: int = 6) -> list[int]:
     return r.json()["choices"][0]["token_ids"]
 
 
-def reference_ids(served, source, ids=(5, 6, 7), max_tokens: int = 6) -> list[int]:
+def reference_ids(served, source, ids=(5, 6, 7), max_tokens: int = 6, task_id: int | None = None) -> list[int]:
     name = f"ref{time.monotonic_ns()}"
-    served.reference.add_prompt(name, source)
+    served.reference.add_prompt(name, source, task_id=task_id)
     try:
         [out] = served.expected(Request(prompt=name, input_ids=list(ids),
                                         sampling=SamplingParams(max_new_tokens=max_tokens, ignore_eos=True)))
@@ -108,20 +108,54 @@ def test_json_uploads_text_token_ids_and_base64_tensor(served):
         assert http.delete(f"/v1/prompts/{name}").status_code == 200
 
 
-def test_upload_p_tuning_and_prefix_tuning_adapters(served, tmp_path):
+def test_upload_other_prompt_learning_adapters(served, tmp_path):
     """PEFT writes them like a prompt-tuning adapter (config + safetensors): the same upload serves them."""
     pytest.importorskip("peft")
-    from softprompt.testing import build_p_tuning_adapter, build_prefix_tuning_adapter
+    from softprompt.testing import (
+        build_cartridge_adapter,
+        build_cpt_adapter,
+        build_p_tuning_adapter,
+        build_prefix_tuning_adapter,
+    )
 
     http = served.server.client()
     for name, adapter, kind, length in [
         ("ptune", build_p_tuning_adapter(served.model_dir, tmp_path / "ptune", num_virtual_tokens=5), "peft", 5),
         ("kv", build_prefix_tuning_adapter(served.model_dir, tmp_path / "kv", num_virtual_tokens=7), "prefix", 7),
+        ("cart", build_cartridge_adapter(served.model_dir, tmp_path / "cart", num_virtual_tokens=3), "prefix", 3),
+        ("cpt", build_cpt_adapter(served.model_dir, tmp_path / "cpt", token_ids=[9, 10, 11, 12]), "peft", 4),
     ]:
         r = http.post("/v1/prompts", data={"name": name}, files=adapter_files(adapter))
         assert r.status_code == 201, r.text
         assert (r.json()["kind"], r.json()["length"]) == (kind, length)
         assert complete(http, name) == reference_ids(served, adapter)
+        assert http.delete(f"/v1/prompts/{name}").status_code == 200
+    served.server.assert_pool_empty()
+
+
+def test_upload_a_task_of_a_multitask_adapter(served, tmp_path):
+    """`task_id` (a multipart field or a JSON member) picks the task; without it a multi-task adapter is refused."""
+    pytest.importorskip("peft")
+    from softprompt.testing import build_multitask_prompt_tuning_adapter
+
+    mpt = build_multitask_prompt_tuning_adapter(served.model_dir, tmp_path / "mpt", num_virtual_tokens=4, seed=4)
+    http = served.server.client()
+    r = http.post("/v1/prompts", data={"name": "m1", "task_id": "1"}, files=adapter_files(mpt))
+    assert r.status_code == 201, r.text
+    assert complete(http, "m1") == reference_ids(served, f"{mpt}#1")
+    blobs = {p.name: base64.b64encode(p.read_bytes()).decode() for p in mpt.iterdir() if p.is_file()}
+    r = http.post("/v1/prompts", json={"name": "m2", "files": blobs, "task_id": 2})
+    assert r.status_code == 201, r.text
+    assert complete(http, "m2") == reference_ids(served, mpt, task_id=2) != complete(http, "m1")
+    for data, status, words in [({"name": "m"}, 400, "of 3 tasks: pick one with task_id"),
+                                ({"name": "m", "task_id": "3"}, 400, "not one of the adapter's 3 tasks"),
+                                ({"name": "m", "task_id": "-1"}, 400, "non-negative integer")]:
+        r = http.post("/v1/prompts", data=data, files=adapter_files(mpt))
+        assert r.status_code == status and words in r.json()["error"]["message"], (data, r.text)
+    r = http.post("/v1/prompts", json={"name": "m", "text": "hi", "task_id": 0})
+    assert r.status_code == 400 and "send its files" in r.json()["error"]["message"]
+    assert "m" not in {m["id"] for m in http.get("/v1/models").json()["data"]}
+    for name in ("m1", "m2"):
         assert http.delete(f"/v1/prompts/{name}").status_code == 200
     served.server.assert_pool_empty()
 
