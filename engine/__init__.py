@@ -1,6 +1,7 @@
 """softprompt.engine: serve many soft prompts over one frozen decoder-only LM."""
 
 from .api import Engine
+from .async_engine import AsyncEngine, EngineStopped
 from .errors import (
     CheckpointError,
     PromptError,
@@ -15,7 +16,7 @@ from .request import Request, RequestOutput
 from .sampling import SamplingParams, TokenLogprob
 
 __all__ = [
-    "CheckpointError", "Engine", "PromptError", "Request", "RequestError", "RequestOutput", "SamplingParams",
-    "SamplingParamsError", "SoftPrompt", "SoftPromptError", "TokenLogprob", "UnknownPromptError",
-    "UnsupportedModelError",
+    "AsyncEngine", "CheckpointError", "Engine", "EngineStopped", "PromptError", "Request", "RequestError",
+    "RequestOutput", "SamplingParams", "SamplingParamsError", "SoftPrompt", "SoftPromptError", "TokenLogprob",
+    "UnknownPromptError", "UnsupportedModelError",
 ]

@@ -174,9 +174,11 @@ class EngineLoop:
             stream.put("error", ServerStopping("the engine loop is not running"))
         return stream
 
-    def abort(self, request_ids: list[str]) -> None:
+    def abort(self, request_ids: list[str], deliver_final: bool = False) -> None:
+        """Abort requests between steps. `deliver_final`: their streams get the final output (finish_reason
+        "abort"), for a caller still reading them; a client that has gone needs none."""
         if request_ids:
-            self._put(("abort", list(request_ids)))
+            self._put(("abort", list(request_ids), deliver_final))
 
     def call(self, fn: Callable[[Engine], Any]) -> concurrent.futures.Future:
         """Run fn(engine) on the loop thread, between steps."""
@@ -229,7 +231,7 @@ class EngineLoop:
             self._add(command[1])
         elif kind == "abort":
             for request_id in command[1]:
-                self._abort(request_id)
+                self._abort(request_id, deliver_final=command[2])
         elif kind == "call":
             _, fn, future = command
             if future.set_running_or_notify_cancel():
@@ -253,12 +255,14 @@ class EngineLoop:
             return
         stream.put("accepted", None)
 
-    def _abort(self, request_id: str) -> None:
+    def _abort(self, request_id: str, deliver_final: bool = False) -> None:
         stream = self._streams.pop(request_id, None)
         if stream is not None:
-            self.engine.abort(request_id)
+            final = self.engine.abort(request_id)
             if self._on_abort is not None:
                 self._on_abort(stream, request_id)
+            if deliver_final and final is not None:
+                stream.put("output", final)
 
     def _step(self) -> None:
         try:
