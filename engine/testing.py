@@ -17,7 +17,8 @@ __all__ = [
     "BOS_ID", "CHAT_TEMPLATE", "EOS_ID", "PAD_ID", "SPECIAL_TOKENS", "SUPPORTED_TINY_ARCHS", "UNK_ID",
     "assert_generation_matches", "build_cartridge_adapter", "build_cpt_adapter",
     "build_multitask_prompt_tuning_adapter", "build_p_tuning_adapter", "build_prefix_tuning_adapter",
-    "build_prompt_tensor", "build_prompt_tuning_adapter", "build_tiny_checkpoint", "build_tokenizer", "hf_peft_reference", "tiny_model_with_adapters",
+    "build_prompt_tensor", "build_prompt_tuning_adapter", "build_tiny_checkpoint", "build_tokenizer",
+    "hf_peft_reference", "tiny_model_with_adapters",
 ]
 
 SUPPORTED_TINY_ARCHS: tuple[str, ...] = ("llama", "mistral", "qwen2", "gpt2", "bloom")
