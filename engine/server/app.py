@@ -35,7 +35,9 @@ from .schemas import (
     SEED_MAX,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     TextPromptUpload,
+    TokenizeRequest,
     _SamplingFields,
     error_body,
 )
@@ -177,11 +179,15 @@ def _sampling(body: _SamplingFields, index: int, max_new_tokens: int, logprobs: 
         raise to_api_error(exc) from exc
 
 
-def _render_chat(engine: Engine, messages: list[dict]) -> list[int]:
+def _render_chat(engine: Engine, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
     """Runs on the loop thread (the tokenizer is the engine's)."""
     hf = engine.tokenizer.hf
-    text = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
     return list(hf(text, add_special_tokens=False)["input_ids"])  # the template places any special tokens
+
+
+def _has_chat_template(engine: Engine) -> bool:
+    return engine.tokenizer is not None and bool(getattr(engine.tokenizer.hf, "chat_template", None))
 
 
 def create_app(engine: Engine, registry: PromptRegistry | None = None, config: ServerConfig | None = None) -> FastAPI:
@@ -348,7 +354,7 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: Request):
         prompt = resolve(body)
-        if engine.tokenizer is None or not getattr(engine.tokenizer.hf, "chat_template", None):
+        if not _has_chat_template(engine):
             raise APIError(400, "the model's tokenizer has no chat template: use /v1/completions",
                            param="messages", code="no_chat_template")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
@@ -367,6 +373,66 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
         fmt = ChatFormat(cid, created, body.model, token_str, body.stop_list(), body.return_token_ids,
                          bool(body.stream_options and body.stream_options.include_usage))
         return await generate(http, body, requests, fmt)
+
+    # ---- tokenizer (vLLM's /tokenize and /detokenize) ------------------------------------------------
+    def virtual_tokens(model: str) -> int:
+        """The number of positions `model`'s prompt takes before the input (0 for the base model)."""
+        if model == BASE_MODEL:
+            return 0
+        try:
+            return registry.get(model).length
+        except UnknownPromptError as exc:
+            raise to_api_error(exc) from exc
+
+    def need_tokenizer() -> None:
+        if engine.tokenizer is None:
+            raise APIError(400, "the model directory has no tokenizer: token ids only", code="no_tokenizer")
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        """The ids a completion (`prompt`) or chat (`messages`) request would feed, their count, and the room
+        left: `max_model_len` is the model's positions minus those the task's prompt takes (`virtual_tokens`)."""
+        p = virtual_tokens(body.model)
+        need_tokenizer()
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+        if body.messages is not None:
+            if not _has_chat_template(engine):
+                raise APIError(400, "the model's tokenizer has no chat template", param="messages",
+                               code="no_chat_template")
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+
+        def render(e: Engine) -> list[int]:  # on the loop thread, like every use of the engine's tokenizer
+            if body.messages is not None:
+                return _render_chat(e, messages, body.add_generation_prompt)
+            return e.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+
+        try:
+            ids = await loop.run(render)
+        except (ServerStopping, EngineFailure) as exc:
+            raise to_api_error(exc) from exc
+        except Exception as exc:  # jinja errors raised by a chat template
+            raise APIError(400, f"cannot tokenize: {exc}", param="messages" if body.messages else "prompt") from exc
+        out = {"count": len(ids), "max_model_len": engine.config.max_positions - p, "tokens": ids,
+               "virtual_tokens": p}
+        if body.return_token_strs:
+            out["token_strs"] = [token_str(i) for i in ids]
+        return out
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        virtual_tokens(body.model)  # an unknown model is a 404, as for generation
+        need_tokenizer()
+        bad = [i for i in body.tokens if not 0 <= i < engine.config.vocab_size]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is out of range for vocabulary size "
+                           f"{engine.config.vocab_size}", param="tokens")
+        tokens = list(body.tokens)
+        try:
+            text = await loop.run(lambda e: e.tokenizer.decode(tokens))
+        except (ServerStopping, EngineFailure) as exc:
+            raise to_api_error(exc) from exc
+        return {"prompt": text}
 
     # ---- prompt registry -----------------------------------------------------------------------------
     def describe(name: str) -> dict:

@@ -130,6 +130,26 @@ class ChatCompletionRequest(_SamplingFields):
         return super().unsupported()
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's POST /tokenize: a completion prompt (text) or chat messages, tokenized as generation would."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr = "base"
+    prompt: StrictStr | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: StrictBool = True  # text prompts only (a chat template places its own)
+    add_generation_prompt: StrictBool = True
+    return_token_strs: StrictBool = False
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's POST /detokenize."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr = "base"
+    tokens: list[StrictInt]
+
+
 class TextPromptUpload(BaseModel):
     """JSON body of POST /v1/prompts: a text prompt, token ids, or base64-encoded adapter / tensor files."""
 

@@ -162,6 +162,38 @@ def test_chat_completion_equals_engine_on_the_templated_ids(served):
     assert "".join(d.choices[0].delta.content or "" for d in deltas) == want.text
 
 
+def test_tokenize_and_detokenize_as_vllm(served):
+    """The ids a request would feed, its room left after the task's prompt, and back to text."""
+    http = served.server.client()
+    hf = served.reference.tokenizer.hf
+    r = http.post("/tokenize", json={"model": "a", "prompt": "the cat sat on", "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    [want] = served.expected(Request(prompt="a", text="the cat sat on", sampling=sp(max_new_tokens=1)))
+    assert body["tokens"] == want.input_ids and body["count"] == len(want.input_ids)
+    assert body["virtual_tokens"] == 8 and body["max_model_len"] == served.reference.config.max_positions - 8
+    assert body["token_strs"] == [hf.decode([i], skip_special_tokens=False) for i in body["tokens"]]
+    plain = http.post("/tokenize", json={"prompt": "the cat sat on", "add_special_tokens": False}).json()
+    assert plain["tokens"] == hf("the cat sat on", add_special_tokens=False)["input_ids"]
+    assert plain["virtual_tokens"] == 0 and "token_strs" not in plain
+    messages = [{"role": "user", "content": "the cat?"}]
+    chat = http.post("/tokenize", json={"model": "b", "messages": messages}).json()
+    assert chat["tokens"] == hf(hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                                add_special_tokens=False)["input_ids"]
+    assert chat["virtual_tokens"] == 5
+    back = http.post("/detokenize", json={"model": "a", "tokens": plain["tokens"]})
+    assert back.status_code == 200 and back.json() == {"prompt": hf.decode(plain["tokens"], skip_special_tokens=True)}
+    for path, body, status, words in [
+        ("/tokenize", {"model": "nope", "prompt": "x"}, 404, "nope"),
+        ("/tokenize", {"prompt": "x", "messages": messages}, 400, "exactly one of prompt or messages"),
+        ("/tokenize", {}, 400, "exactly one of prompt or messages"),
+        ("/detokenize", {"tokens": [1, 10**9]}, 400, "out of range"),
+        ("/detokenize", {"tokens": "abc"}, 422, "tokens"),
+    ]:
+        r = http.post(path, json=body)
+        assert r.status_code == status and words in r.json()["error"]["message"], (path, body, r.text)
+
+
 def test_errors_are_openai_shaped_and_named(served):
     client = served.server.openai()
     with pytest.raises(openai.NotFoundError) as e:
