@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -429,11 +430,8 @@ class Engine:
                 raise RequestError(f"context + continuation of {len(ctx) + len(c)} tokens after a {p}-token prompt "
                                    f"exceeds the model's {self.config.max_positions} positions")
         logits = self.sequence_logits([(prompt, ctx + c) for c in conts])
-        scores = []
-        for c, rows in zip(conts, logits):
-            logprobs = torch.log_softmax(rows[len(ctx) - 1: len(ctx) + len(c) - 1], dim=-1)
-            scores.append(float(logprobs.gather(1, torch.tensor(c, device=rows.device)[:, None]).sum()))
-        return scores
+        return [math.fsum(lp.logprob for lp in token_logprobs(rows[len(ctx) - 1: len(ctx) + len(c) - 1], c, 0))
+                for c, rows in zip(conts, logits)]
 
     @torch.no_grad()
     def prompt_logprobs(self, prompt: str | None, input_ids: list[int], top_n: int = 0) -> list[TokenLogprob | None]:

@@ -334,7 +334,7 @@ class PromptStore:
             raise PromptError(f"{path}: a task id selects a task of a multitask prompt-tuning adapter directory")
         if path.is_file():
             return "tensor", read_tensor_file(path), str(path)
-        raise PromptError(f"prompt source {str(path)!r} does not exist (for a text prompt pass text=...)")
+        raise PromptError(f"prompt source {str(source)!r} does not exist (for a text prompt pass text=...)")
 
     def _from_tokens(self, name: str, text: str | None, token_ids: list[int] | None) -> SoftPrompt:
         if text is not None:
