@@ -1,7 +1,8 @@
-"""`softprompt train`: prompt tuning over a frozen causal LM with HF transformers + PEFT and a plain torch loop.
+"""`softprompt train`: prompt tuning (or P-tuning, or prefix tuning) over a frozen causal LM with HF transformers +
+PEFT and a plain torch loop.
 
 Loss: cross-entropy on the target tokens only; the input is `tokenizer(input)` (with BOS, as PEFT users do), the
-target `tokenizer(target, add_special_tokens=False)` + EOS. Output: a PEFT prompt-tuning adapter directory
+target `tokenizer(target, add_special_tokens=False)` + EOS. Output: a PEFT adapter directory of the method
 (`PeftModel.from_pretrained` and `Engine.add_prompt` both load it) plus `softprompt_train.json`.
 """
 
@@ -22,10 +23,15 @@ from .datasets import Example, dataset_hash, load_pairs, make_category_task, sav
 from .errors import SoftPromptError
 from .testing import _quiet  # silences HF progress bars and PEFT deprecation chatter
 
-__all__ = ["INITS", "METADATA_FILE", "TrainConfig", "TrainResult", "add_train_arguments", "run_train",
+__all__ = ["DEFAULT_LR", "ENCODERS", "INITS", "METADATA_FILE", "METHODS", "TrainConfig", "TrainResult", "add_train_arguments", "run_train",
            "train_prompt"]
 
 INITS = ("random", "vocab", "text")
+METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")  # PEFT PromptTuning, PromptEncoder, PrefixTuning
+ENCODERS = ("MLP", "LSTM")  # P-tuning's prompt encoder
+# AdamW learning rates that train each method well (prompt tuning moves raw embedding rows; the others train
+# through an encoder, or the K/V themselves, and diverge at that rate)
+DEFAULT_LR = {"prompt_tuning": 0.3, "p_tuning": 0.01, "prefix_tuning": 0.01}
 METADATA_FILE = "softprompt_train.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IGNORE = -100
@@ -33,8 +39,9 @@ IGNORE = -100
 
 @dataclass
 class TrainConfig:
+    method: str = "prompt_tuning"  # | "p_tuning" | "prefix_tuning"
     num_virtual_tokens: int = 20
-    lr: float = 0.3
+    lr: float | None = None  # default: DEFAULT_LR[method]
     epochs: int = 10
     batch_size: int = 8
     weight_decay: float = 0.0
@@ -45,8 +52,22 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None  # default: cuda if available, else cpu
     dtype: str | None = None  # the frozen model's dtype; default float32
+    encoder: str = "MLP"  # p_tuning: the prompt encoder (MLP or LSTM)
+    encoder_hidden_size: int = 128  # p_tuning's encoder, and prefix_tuning's projection when prefix_projection
+    prefix_projection: bool = False  # prefix_tuning: train the K/V through PEFT's MLP (saved as its output)
 
     def validate(self) -> None:
+        if self.method not in METHODS:
+            raise SoftPromptError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.method]
+        if self.method != "prompt_tuning" and (self.init != "random" or self.l2_to_init):
+            raise SoftPromptError(f"init and l2_to_init apply to prompt_tuning; {self.method} starts from PEFT's "
+                                  "random init")
+        if self.encoder not in ENCODERS:
+            raise SoftPromptError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        if self.encoder_hidden_size < 1:
+            raise SoftPromptError("encoder_hidden_size must be >= 1")
         if self.init not in INITS:
             raise SoftPromptError(f"init must be one of {INITS}, got {self.init!r}")
         if self.init == "text" and not self.init_text:
@@ -62,7 +83,7 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     out_dir: Path
-    version: str  # softprompt.engine.prompts.content_version of the prompt rows in the model dtype
+    version: str  # the version the engine gives the saved adapter in the model dtype (its content hash)
     train_losses: list[float]  # per epoch (mean over batches, without the L2-to-init term)
     val_losses: list[float]  # per epoch; empty without a validation set
     best_epoch: int  # 1-based epoch whose prompt was saved (lowest validation loss; the last without validation)
@@ -97,10 +118,15 @@ def _collate(encoded: list[tuple[list[int], list[int]]], pad_id: int, device) ->
 def _target_loss_and_hits(peft_model, batch: dict[str, torch.Tensor], num_virtual_tokens: int,
                           exclude_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example mean target cross-entropy [B] and greedy exact-match flags [B] (teacher-forced argmax over the
-    target tokens, EOS excluded when `exclude_last`: equal to greedy generation reproducing the target tokens)."""
+    target tokens, EOS excluded when `exclude_last`: equal to greedy generation reproducing the target tokens).
+    `num_virtual_tokens`: the rows the prompt adds before the input's in the logits (0 for prefix tuning, whose
+    virtual tokens are K/V only)."""
     out = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = out.logits[:, num_virtual_tokens - 1:-1].float()  # the row before input token t predicts it
     labels = batch["labels"]
+    if num_virtual_tokens:
+        logits = out.logits[:, num_virtual_tokens - 1:-1].float()  # the row before input token t predicts it
+    else:  # no row predicts the first input token (never a target)
+        logits, labels = out.logits[:, :-1].float(), labels[:, 1:]
     valid = labels != IGNORE
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
     loss = (ce * valid).sum(1) / valid.sum(1)
@@ -117,7 +143,14 @@ def _resolve_device(device: str | None) -> torch.device:
 
 
 def _load_peft_model(model_dir: str | Path, config: TrainConfig, device: torch.device):
-    from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+    from peft import (
+        PrefixTuningConfig,
+        PromptEncoderConfig,
+        PromptTuningConfig,
+        PromptTuningInit,
+        TaskType,
+        get_peft_model,
+    )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -129,16 +162,28 @@ def _load_peft_model(model_dir: str | Path, config: TrainConfig, device: torch.d
     model.to(device).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    peft_config = PromptTuningConfig(
-        task_type=TaskType.CAUSAL_LM,
-        num_virtual_tokens=config.num_virtual_tokens,
-        prompt_tuning_init=PromptTuningInit.TEXT if config.init == "text" else PromptTuningInit.RANDOM,
-        prompt_tuning_init_text=config.init_text if config.init == "text" else None,
-        tokenizer_name_or_path=str(model_dir) if config.init == "text" else None,
-    )
-    torch.manual_seed(config.seed)  # PEFT RANDOM init draws from the global generator
+    if config.method == "p_tuning":
+        peft_config = PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.num_virtual_tokens,
+                                          encoder_reparameterization_type=config.encoder,
+                                          encoder_hidden_size=config.encoder_hidden_size)
+    elif config.method == "prefix_tuning":
+        peft_config = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.num_virtual_tokens,
+                                         prefix_projection=config.prefix_projection,
+                                         encoder_hidden_size=config.encoder_hidden_size)
+    else:
+        peft_config = PromptTuningConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=config.num_virtual_tokens,
+            prompt_tuning_init=PromptTuningInit.TEXT if config.init == "text" else PromptTuningInit.RANDOM,
+            prompt_tuning_init_text=config.init_text if config.init == "text" else None,
+            tokenizer_name_or_path=str(model_dir) if config.init == "text" else None,
+        )
+    torch.manual_seed(config.seed)  # PEFT's random inits draw from the global generator
     with _quiet():
         peft_model = get_peft_model(model, peft_config)
+    if config.method != "prompt_tuning":
+        peft_model.train(False)
+        return peft_model, tokenizer
     weight = peft_model.prompt_encoder["default"].embedding.weight
     if config.init == "vocab":
         vocab = model.get_input_embeddings().weight
@@ -154,10 +199,8 @@ def _load_peft_model(model_dir: str | Path, config: TrainConfig, device: torch.d
 
 def train_prompt(model_dir: str | Path, train_examples: list[Example], val_examples: list[Example] | None,
                  out_dir: str | Path, config: TrainConfig | None = None, log=print) -> TrainResult:
-    """Train a soft prompt on `train_examples` (early stopping on `val_examples` when given); save the best prompt
-    as a PEFT adapter + METADATA_FILE in `out_dir`."""
-    from .prompts import content_version
-
+    """Train a soft prompt (`config.method`: prompt tuning, P-tuning or prefix tuning) on `train_examples` (early
+    stopping on `val_examples` when given); save the best one as a PEFT adapter + METADATA_FILE in `out_dir`."""
     config = config or TrainConfig()
     config.validate()
     if not train_examples:
@@ -167,18 +210,23 @@ def train_prompt(model_dir: str | Path, train_examples: list[Example], val_examp
     started = time.perf_counter()
     random.seed(config.seed)
     peft_model, tokenizer = _load_peft_model(model_dir, config, device)
-    P = config.num_virtual_tokens
-    weight = peft_model.prompt_encoder["default"].embedding.weight
+    encoder = peft_model.prompt_encoder["default"]
+    weight = encoder.embedding.weight  # prompt tuning: the rows themselves
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    if len(trainable) != 1 or trainable[0] is not weight:
-        raise SoftPromptError("internal error: the prompt embedding must be the only trainable parameter")
+    if not trainable or not {id(p) for p in trainable} <= {id(p) for p in encoder.parameters()}:
+        raise SoftPromptError("internal error: only the prompt encoder may be trainable")
     init_weight = weight.detach().clone()
+    P = 0 if config.method == "prefix_tuning" else config.num_virtual_tokens  # rows before the input's in the logits
 
     pad_id = tokenizer.pad_token_id
     train_enc = [_encode(tokenizer, e) for e in train_examples]
     val_enc = [_encode(tokenizer, e) for e in val_examples]
     exclude_eos = tokenizer.eos_token_id is not None
-    optimizer = torch.optim.AdamW([weight], lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+
     order_rng = random.Random(config.seed)
 
     @torch.no_grad()
@@ -193,7 +241,7 @@ def train_prompt(model_dir: str | Path, train_examples: list[Example], val_examp
 
     train_losses: list[float] = []
     val_losses: list[float] = []
-    best = (math.inf, 0, weight.detach().clone())
+    best = (math.inf, 0, snapshot())
     stale = 0
     for epoch in range(1, config.epochs + 1):
         order = list(range(len(train_enc)))
@@ -222,7 +270,7 @@ def train_prompt(model_dir: str | Path, train_examples: list[Example], val_examp
         if not math.isfinite(score):
             raise SoftPromptError(f"epoch {epoch}: the loss is {score}; lower the learning rate")
         if not val_enc or score < best[0]:  # without validation the last epoch's prompt is kept
-            best, stale = (score, epoch, weight.detach().clone()), 0
+            best, stale = (score, epoch, snapshot()), 0
         else:
             stale += 1
         if log:
@@ -233,18 +281,18 @@ def train_prompt(model_dir: str | Path, train_examples: list[Example], val_examp
             break
 
     with torch.no_grad():
-        weight.copy_(best[2])
+        encoder.load_state_dict(best[2])
     val_accuracy = evaluate(val_enc)[1] if val_enc else None
     out_dir = Path(out_dir)
     with _quiet():
         peft_model.save_pretrained(str(out_dir))
     model_dtype = peft_model.get_input_embeddings().weight.dtype
-    rows = weight.detach()
-    versions = {name: content_version(rows.to(dt)) for name, dt in _DTYPES.items()}
-    version = content_version(rows.to(model_dtype))
+    versions = _engine_versions(model_dir, out_dir)
+    version = versions[str(model_dtype).removeprefix("torch.")]
     metadata = {
         "format": "softprompt-train/1",
         "model_dir": str(model_dir),
+        "method": config.method,
         "version": version,
         "version_dtype": str(model_dtype).removeprefix("torch."),
         "versions_by_dtype": versions,
@@ -263,6 +311,21 @@ def train_prompt(model_dir: str | Path, train_examples: list[Example], val_examp
     }
     (out_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     return TrainResult(out_dir, version, train_losses, val_losses, best[1], val_accuracy, metadata, peft_model)
+
+
+def _engine_versions(model_dir: str | Path, adapter_dir: Path) -> dict[str, str]:
+    """The version `Engine.add_prompt` gives the saved adapter, per dtype (the rows, or a prefix's K/V, cast)."""
+    from .config import load_model_config
+    from .prompts import PromptStore
+
+    cfg = load_model_config(model_dir)
+    layout = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+    versions = {}
+    for name, dtype in _DTYPES.items():
+        store = PromptStore(cfg.hidden_size, dtype, torch.device("cpu"), cfg.max_positions, cfg.vocab_size,
+                            embed_tokens=lambda ids: None, kv_layout=layout)
+        versions[name] = store.add("trained", adapter_dir).version
+    return versions
 
 
 # ---- the demo --------------------------------------------------------------------------------------------------
@@ -324,8 +387,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     val.add_argument("--val", help="validation JSONL (default: split off --val-fraction of --data)")
     val.add_argument("--val-fraction", type=float, default=0.2, help="validation share of --data (0: none)")
     p.add_argument("--out", help="output adapter directory")
+    p.add_argument("--method", choices=METHODS, default=d.method,
+                   help="PEFT prompt learning: prompt tuning (rows), P-tuning (rows from a prompt encoder) or prefix "
+                        "tuning (every layer's K/V)")
     p.add_argument("--num-virtual-tokens", type=int, default=d.num_virtual_tokens)
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"AdamW learning rate (default: {', '.join(f'{k} {v}' for k, v in DEFAULT_LR.items())})")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decoupled weight decay")
@@ -335,6 +402,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop after this many epochs without a better validation loss (0: never)")
     p.add_argument("--init", choices=INITS, default=d.init)
     p.add_argument("--init-text", default=None, help="text whose token embeddings initialize the prompt (--init text)")
+    p.add_argument("--encoder", choices=ENCODERS, default=d.encoder, help="p_tuning: the prompt encoder")
+    p.add_argument("--encoder-hidden-size", type=int, default=d.encoder_hidden_size,
+                   help="p_tuning's encoder width, and prefix_tuning's with --prefix-projection")
+    p.add_argument("--prefix-projection", action="store_true",
+                   help="prefix_tuning: train the K/V through PEFT's two-layer MLP")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=tuple(_DTYPES), help="frozen model dtype (default float32)")
@@ -351,7 +423,9 @@ def run_train(args: argparse.Namespace) -> int:
                if not value]
     if missing:
         raise SoftPromptError(f"softprompt train needs {', '.join(missing)} (or --demo OUT_DIR)")
-    config = TrainConfig(num_virtual_tokens=args.num_virtual_tokens, lr=args.lr, epochs=args.epochs,
+    config = TrainConfig(method=args.method, encoder=args.encoder, encoder_hidden_size=args.encoder_hidden_size,
+                         prefix_projection=args.prefix_projection,
+                         num_virtual_tokens=args.num_virtual_tokens, lr=args.lr, epochs=args.epochs,
                          batch_size=args.batch_size, weight_decay=args.weight_decay, l2_to_init=args.l2_to_init,
                          patience=args.patience, init=args.init, init_text=args.init_text, seed=args.seed,
                          device=args.device, dtype=args.dtype)

@@ -227,7 +227,54 @@ def test_vocab_and_text_inits(model_dir_for):
     assert torch.equal(rows, model.get_input_embeddings().weight[ids])
 
 
+@pytest.mark.parametrize("method, options", [
+    ("p_tuning", {}),
+    ("p_tuning", {"encoder": "LSTM", "encoder_hidden_size": 16}),
+    ("prefix_tuning", {}),
+    ("prefix_tuning", {"prefix_projection": True, "encoder_hidden_size": 16}),
+])
+def test_p_tuning_and_prefix_tuning_train_and_serve_as_peft_does(method, options, model_dir_for, tmp_path):
+    """Only the prompt encoder learns, the loss falls, and the saved adapter serves in the engine with the
+    version the run reported and HF + PEFT's greedy tokens and logits."""
+    from transformers import AutoModelForCausalLM
+
+    from softprompt import Engine, Request, SamplingParams
+    from softprompt.testing import assert_generation_matches, hf_peft_reference
+
+    model_dir = model_dir_for("llama")
+    train, val = split(make_category_task(32, seed=1), 0.25)
+    config = TrainConfig(**{**TINY, "lr": None, "epochs": 3}, method=method, **options)
+    result = train_prompt(model_dir, train, val, tmp_path / "adapter", config, log=None)
+    assert result.metadata["method"] == method and result.metadata["config"]["lr"] == 0.01
+    from transformers import AutoTokenizer
+
+    from softprompt.engine.train import _encode
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with torch.no_grad():  # the best epoch's validation loss is PEFT/HF's own shifted target-only loss, averaged
+        losses = [result.peft_model(input_ids=torch.tensor([i + t]), labels=torch.tensor([[-100] * len(i) + t])).loss
+                  for i, t in (_encode(tokenizer, e) for e in val)]
+    assert min(result.val_losses) == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5)
+    assert result.train_losses[-1] < result.train_losses[0]
+    named = dict(result.peft_model.named_parameters())
+    trainable = [n for n, p in named.items() if p.requires_grad]
+    assert trainable and all(n.startswith("prompt_encoder.default.") for n in trainable)
+    fresh = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
+    base = result.peft_model.get_base_model().state_dict()
+    assert all(torch.equal(fresh[k], base[k]) for k in fresh), "a frozen base weight changed"
+    engine = Engine(model_dir, device="cpu", dtype="float32")
+    prompt = engine.add_prompt("trained", result.out_dir)
+    assert prompt.version == result.version and prompt.length == 6
+    assert prompt.kind == ("prefix" if method == "prefix_tuning" else "peft")
+    requests = [Request(prompt="trained", text=e.input, sampling=SamplingParams(max_new_tokens=4)) for e in val[:3]]
+    assert_generation_matches(engine, hf_peft_reference(model_dir, {"trained": result.out_dir}), requests)
+
+
 @pytest.mark.parametrize("options, message", [
+    ({"method": "lora"}, "method must be one of"),
+    ({"method": "p_tuning", "init": "vocab"}, "init and l2_to_init apply to prompt_tuning"),
+    ({"method": "prefix_tuning", "l2_to_init": 0.1}, "init and l2_to_init apply to prompt_tuning"),
+    ({"method": "p_tuning", "encoder": "GRU"}, "encoder must be one of"),
     ({"init": "text"}, "needs init_text"),
     ({"init": "zeros"}, "init must be one of"),
     ({"lr": 0.0}, "lr must be > 0"),
@@ -249,6 +296,13 @@ def test_cli_trains_from_jsonl(model_dir_for, tmp_path, capsys):
     meta = json.loads((tmp_path / "out" / METADATA_FILE).read_text())
     assert meta["dataset"]["train_size"] == 15 and meta["dataset"]["val_size"] == 5
     assert meta["init"]["kind"] == "vocab" and meta["version"] in capsys.readouterr().out
+    args = _parse([str(model_dir_for("llama")), "--data", str(data), "--out", str(tmp_path / "kv"), "--epochs", "1",
+                   "--method", "prefix_tuning", "--prefix-projection", "--encoder-hidden-size", "8",
+                   "--num-virtual-tokens", "3", "--device", "cpu"])
+    assert run_train(args) == 0
+    meta = json.loads((tmp_path / "kv" / METADATA_FILE).read_text())
+    assert meta["method"] == "prefix_tuning" and meta["config"]["prefix_projection"] and meta["config"]["lr"] == 0.01
+    assert json.loads((tmp_path / "kv" / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
     with pytest.raises(SoftPromptError, match="needs --data, --out"):
         run_train(_parse([str(model_dir_for("llama"))]))
     (tmp_path / "bad.jsonl").write_text('{"input": "a"}\n')
