@@ -23,8 +23,8 @@ from .datasets import Example, dataset_hash, load_pairs, make_category_task, sav
 from .errors import SoftPromptError
 from .testing import _quiet  # silences HF progress bars and PEFT deprecation chatter
 
-__all__ = ["DEFAULT_LR", "ENCODERS", "INITS", "METADATA_FILE", "METHODS", "TrainConfig", "TrainResult", "add_train_arguments", "run_train",
-           "train_prompt"]
+__all__ = ["DEFAULT_LR", "ENCODERS", "INITS", "METADATA_FILE", "METHODS", "TrainConfig", "TrainResult",
+           "add_train_arguments", "run_train", "train_prompt"]
 
 INITS = ("random", "vocab", "text")
 METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")  # PEFT PromptTuning, PromptEncoder, PrefixTuning
