@@ -106,18 +106,18 @@ def test_leaving_a_stream_early_or_aborting_frees_the_request(model_dir_for):
                     await engine.abort(request.request_id)
             assert outs[-1].finished and outs[-1].finish_reason == "abort" and len(outs[-1].token_ids) < 200
 
-            third = Request(prompt="task0", input_ids=[4], sampling=params)
-
-            async def cancelled():
-                async for _ in engine.generate(third):
+            async def consume(request):
+                async for _ in engine.generate(request):
                     pass
 
-            task = asyncio.create_task(cancelled())
-            await asyncio.sleep(0.2)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            assert await aborted_soon(third.request_id)
+            for delay in (0.2, 0.05, 0.11, 0.03, 0.17):  # cancellations land at different points of the stream
+                third = Request(prompt="task0", input_ids=[4], sampling=params)
+                task = asyncio.create_task(consume(third))
+                await asyncio.sleep(delay)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                assert await aborted_soon(third.request_id)
             for _ in range(100):  # the abort is queued to the engine thread
                 if not await engine.run(lambda e: e.has_unfinished_requests()):
                     break

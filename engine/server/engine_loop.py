@@ -85,14 +85,16 @@ class RequestStream:
         fewer, larger chunks instead of a growing backlog."""
         next_check = time.monotonic() + poll_s
         while self._unfinished:
-            if disconnected is not None and time.monotonic() >= next_check:
-                if await disconnected():
-                    return
-                next_check = time.monotonic() + poll_s
-            try:
-                item = await asyncio.wait_for(self._queue.get(), timeout=poll_s)
-            except asyncio.TimeoutError:
-                continue
+            if disconnected is None:
+                item = await self._queue.get()
+            else:
+                if time.monotonic() >= next_check:
+                    if await disconnected():
+                        return
+                    next_check = time.monotonic() + poll_s
+                item = await _get_within(self._queue, poll_s)
+                if item is None:
+                    continue
             newest: dict[str, RequestOutput] = {}
             error = None
             while True:
@@ -110,6 +112,21 @@ class RequestStream:
                 yield self.index[out.request_id], out
             if error is not None:
                 raise error
+
+
+async def _get_within(q: asyncio.Queue, timeout: float) -> Any:
+    """The next item, or None after `timeout` s. Not asyncio.wait_for: before Python 3.12 it can swallow a
+    cancellation that races with the item's arrival, and the caller would go on streaming."""
+    getter = asyncio.ensure_future(q.get())
+    try:
+        done, _ = await asyncio.wait({getter}, timeout=timeout)
+    except BaseException:
+        getter.cancel()
+        raise
+    if not done:
+        getter.cancel()  # an item put meanwhile stays in the queue for the next call
+        return None
+    return getter.result()
 
 
 def deliver(items: list[tuple[RequestStream, str, Any]]) -> None:
