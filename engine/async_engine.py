@@ -63,8 +63,8 @@ class AsyncEngine:
             return
         task = requests[0].prompt if isinstance(requests[0], Request) and requests[0].prompt else "base"
         stream = self._loop.submit(requests, task)
-        await stream.accepted()
         try:
+            await stream.accepted()  # (cancelled here, the requests may be queued already: the finally aborts them)
             async for index, out in stream.outputs():
                 yield index, out
         finally:
