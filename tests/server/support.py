@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -136,7 +138,10 @@ class Served:
     def __init__(self, model_dir: Path, adapters: dict[str, Path]):
         self.model_dir = model_dir
         self.adapters = adapters
-        registry = PromptRegistry()
+        # a private parent: tests check that uploads write nothing beside the prompt directory, which the system
+        # temp dir (other processes' files come and go there) cannot show
+        self.scratch = Path(tempfile.mkdtemp(prefix="softprompt-served-"))
+        registry = PromptRegistry(self.scratch / "prompts")
         engine = make_engine(model_dir)
         self.reference = make_engine(model_dir)
         for name, path in adapters.items():
@@ -162,3 +167,4 @@ def served(model_dir_for, adapter_for):
     yield _served[0]
     if _served and _served[0].server._thread.is_alive():
         _served[0].server.stop()
+    shutil.rmtree(_served[0].scratch, ignore_errors=True)
