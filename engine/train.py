@@ -181,11 +181,8 @@ def _load_peft_model(model_dir: str | Path, config: TrainConfig, device: torch.d
     torch.manual_seed(config.seed)  # PEFT's random inits draw from the global generator
     with _quiet():
         peft_model = get_peft_model(model, peft_config)
-    if config.method != "prompt_tuning":
-        peft_model.train(False)
-        return peft_model, tokenizer
     weight = peft_model.prompt_encoder["default"].embedding.weight
-    if config.init == "vocab":
+    if config.init == "vocab":  # prompt tuning only (TrainConfig.validate)
         vocab = model.get_input_embeddings().weight
         gen = torch.Generator().manual_seed(config.seed)
         special = set(tokenizer.all_special_ids)

@@ -22,10 +22,11 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import Engine
-from ..errors import PromptError, SamplingParamsError, UnknownPromptError
+from ..errors import PromptError, RequestError, SamplingParamsError, UnknownPromptError
 from ..request import Request as EngineRequest
 from ..request import RequestOutput
 from ..sampling import SamplingParams
+from ..tokenizer import require_tokenizer
 from .engine_loop import EngineFailure, EngineLoop, RequestStream, ServerStopping
 from .formatting import ChatFormat, CompletionFormat, TokenStrings, _Format
 from .metrics import METHODS, ServerMetrics, endpoint_label
@@ -384,16 +385,18 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
         except UnknownPromptError as exc:
             raise to_api_error(exc) from exc
 
-    def need_tokenizer() -> None:
-        if engine.tokenizer is None:
-            raise APIError(400, "the model directory has no tokenizer: token ids only", code="no_tokenizer")
+    def need_tokenizer(what: str) -> None:
+        try:
+            require_tokenizer(engine.tokenizer, what)
+        except RequestError as exc:
+            raise to_api_error(exc) from exc
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
         """The ids a completion (`prompt`) or chat (`messages`) request would feed, their count, and the room
         left: `max_model_len` is the model's positions minus those the task's prompt takes (`virtual_tokens`)."""
         p = virtual_tokens(body.model)
-        need_tokenizer()
+        need_tokenizer("/tokenize")
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         if body.messages is not None:
@@ -422,7 +425,7 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
         virtual_tokens(body.model)  # an unknown model is a 404, as for generation
-        need_tokenizer()
+        need_tokenizer("/detokenize")
         bad = [i for i in body.tokens if not 0 <= i < engine.config.vocab_size]
         if bad:
             raise APIError(400, f"token id {bad[0]} is out of range for vocabulary size "
