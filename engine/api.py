@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .attention_triton import check_triton_device
+from .detokenizer import IncrementalText
 from .errors import PromptError, RequestError, SoftPromptError
 from .kv_pool import KVPool, OutOfBlocks
 from .loader import load_model
@@ -30,6 +31,10 @@ from .tokenizer import Tokenizer, load_tokenizer, require_tokenizer
 _PROCESSES_LOGITS, _SCREENABLE = attrgetter("processes_logits"), attrgetter("screenable")
 
 BACKENDS = ("auto", "torch", "triton", "reference")
+
+
+def _decoded(decode, ids: list[int], end: int | None) -> str:
+    return decode(ids)[:end]
 
 
 @dataclass(frozen=True)
@@ -229,6 +234,8 @@ class Engine:
             timing=RequestTiming(arrival=time.perf_counter()),
             arrival_order=next(self._order),
         )
+        if self.tokenizer is not None and self.backend != "reference":
+            seq.text = IncrementalText(self.tokenizer, seq.generated)
         if prep.params.prompt_logprobs is not None:
             seq.prompt_logprobs.append(None)  # nothing before the first input token predicts it
         self._sequences[request.request_id] = seq
@@ -312,21 +319,12 @@ class Engine:
             seq.logprobs.append(logprob)
         if seq.timing.first_token is None:
             seq.timing.first_token = now
-        decode = (lambda ids: self._generated_text(seq)) if self.tokenizer is not None else None
-        finish = check_finish(seq.generated, seq.params, self.eos_token_ids, decode)
+        finish = check_finish(seq.generated, seq.params, self.eos_token_ids, seq.text)
         if finish is not None:
             seq.finish_reason, seq.stop_reason, seq.text_end = finish.reason, finish.stop_reason, finish.text_end
             seq.timing.finished = now
             self.scheduler.finish(seq)
             self._sequences.pop(seq.request_id, None)
-
-    def _generated_text(self, seq: Sequence) -> str:
-        """The text of seq.generated, decoded once per length (a stop-string check, then the step's output)."""
-        text = seq.decoded_text()
-        if text is None:
-            text = self.tokenizer.decode(seq.generated)
-            seq.decoded = (len(seq.generated), text)
-        return text
 
     def _reference_step(self) -> list[RequestOutput]:
         """Reference backend: run the oldest waiting request to completion, alone."""
@@ -347,19 +345,22 @@ class Engine:
         return [self._output(seq)]
 
     def _output(self, seq: Sequence) -> RequestOutput:
+        ids = list(seq.generated)
         text = None
-        if self.tokenizer is not None:
-            done = seq.decoded_text()  # decoded this step already (stop strings)
-            if done is not None:
-                text = done[:seq.text_end]
-            else:
-                text = PendingText(self.tokenizer.decode, list(seq.generated), seq.text_end)
+        if self.tokenizer is not None:  # decoded when first read
+            final = None if seq.text is None else seq.text.final  # a stop-string check decoded it whole already
+            if seq.finish_reason is None:  # the text so far: the new tokens' pieces added to what was read before
+                text = PendingText(seq.text.text, len(ids))
+            elif final is not None:
+                text = final[:seq.text_end]
+            else:  # every token's exact text (HF's decode), cut before a stop string
+                text = PendingText(_decoded, self.tokenizer.decode, ids, seq.text_end)
         return RequestOutput(
             request_id=seq.request_id,
             prompt=None if seq.prompt is None else seq.prompt.name,
             prompt_version=None if seq.prompt is None else seq.prompt.version,
             input_ids=seq.input_ids,
-            token_ids=list(seq.generated),
+            token_ids=ids,
             text=text,
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .detokenizer import FullText
 from .models import CausalLM
 from .sampling import SamplingParams, TokenLogprob, make_generator, sample_next
 from .stopping import Finish, check_finish
@@ -92,12 +93,13 @@ class ReferencePath:
         generator = make_generator(params, self.model.word_embeddings.weight.device)
         generated: list[int] = []
         logprobs: list[TokenLogprob] = []
+        text = None if decode is None else FullText(decode, generated)
         while True:
             last = self.model.compute_logits(self.hidden(prefix, ids + generated)[-1:])
             tokens, lps = sample_next(last, [params], [generator], [(ids, generated)], eos_token_ids)
             generated.append(tokens[0])
             if lps[0] is not None:
                 logprobs.append(lps[0])
-            finish = check_finish(generated, params, eos_token_ids, decode)
+            finish = check_finish(generated, params, eos_token_ids, text)
             if finish is not None:
                 return generated, (logprobs if params.logprobs is not None else None), finish

@@ -61,18 +61,16 @@ class _ReadOnce:
 
 
 class PendingText:
-    """The text of some tokens, decoded when first read: an output's text costs a decode of every token generated
-    so far, and most outputs of a step are never read for their text (a server's non-streaming requests read only
-    their last one)."""
+    """A text computed when first read, `fn(*args)`: an output's text costs a decode, and most outputs of a step are
+    never read for their text (a server's non-streaming requests read only their last one)."""
 
-    __slots__ = ("decode", "token_ids", "end")
+    __slots__ = ("args", "fn")
 
-    def __init__(self, decode: Callable[[list[int]], str], token_ids: list[int], end: int | None = None):
-        self.decode, self.token_ids, self.end = decode, token_ids, end
+    def __init__(self, fn: Callable[..., str], *args: object):
+        self.fn, self.args = fn, args
 
     def __call__(self) -> str:
-        text = self.decode(self.token_ids)
-        return text if self.end is None else text[:self.end]
+        return self.fn(*self.args)
 
 
 @dataclass

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .detokenizer import IncrementalText
 from .prompts import SoftPrompt
 from .request import Request, RequestTiming
 from .sampling import SamplingParams, TokenLogprob
@@ -42,7 +43,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     text_end: int | None = None
-    decoded: tuple[int, str] | None = None  # (n, the text of generated[:n]) last decoded, for stop strings
+    text: IncrementalText | None = None  # the generated text as far as it was read (with a tokenizer)
     prefix: object | None = None  # the PrefixEntry held while running
     # derived from params once (asked of every sequence each step): logit processors apply / the int8 greedy
     # screen may pick its token (greedy, no logprobs, no processors)
@@ -71,12 +72,6 @@ class Sequence:
         if start + n <= cut:
             return self.input_ids[start:start + n]
         return self.input_ids[start:] + self.generated[:start + n - cut]
-
-    def decoded_text(self) -> str | None:
-        """The text of every generated token if this length was decoded already (by a stop-string check)."""
-        if self.decoded is not None and self.decoded[0] == len(self.generated):
-            return self.decoded[1]
-        return None
 
     @property
     def num_tokens(self) -> int:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from .sampling import SamplingParams
 
@@ -15,13 +16,20 @@ class Finish:
     text_end: int | None = None  # where to cut the text (before a stop string)
 
 
+class StopText(Protocol):
+    """The generated text, as engine/detokenizer.py keeps it (decoded whole each time, or incrementally)."""
+
+    def find_stop(self, stops: Sequence[str], min_tokens: int) -> tuple[int, str] | None: ...
+
+
 def check_finish(
     generated: list[int],
     params: SamplingParams,
     eos_token_ids: tuple[int, ...],
-    decode: Callable[[list[int]], str] | None,
+    text: StopText | None,
 ) -> Finish | None:
-    """Called after each new token; None while the sequence should go on (always, before `min_tokens`)."""
+    """Called after each new token; None while the sequence should go on (always, before `min_tokens`).
+    A stop string counts where it ends after the text of the first `min_tokens` tokens, as in vLLM."""
     if len(generated) < params.min_tokens:  # min_tokens <= max_new_tokens
         return None
     last = generated[-1]
@@ -29,12 +37,10 @@ def check_finish(
         return Finish("stop", last)
     if not params.ignore_eos and last in eos_token_ids:
         return Finish("stop", last)
-    if params.stop and decode is not None:
-        text = decode(generated)
-        hits = [(text.find(s), s) for s in params.stop if s in text]
-        if hits:
-            pos, s = min(hits)
-            return Finish("stop", s, pos)
+    if params.stop and text is not None:
+        hit = text.find_stop(params.stop, params.min_tokens)
+        if hit is not None:
+            return Finish("stop", hit[1], hit[0])
     if len(generated) >= params.max_new_tokens:
         return Finish("length")
     return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import cached_property
 from pathlib import Path
 
 from .errors import CheckpointError, RequestError
@@ -20,6 +22,37 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)
+
+    def decode_stream(self) -> object | None:
+        """A new `tokenizers.decoders.DecodeStream` whose steps (`stream_step`) add up to `decode`'s text, or None
+        where this tokenizer cannot promise that (engine/detokenizer.py then windows over `decode`)."""
+        factory = self._decode_stream_factory
+        return None if factory is None else factory()
+
+    def stream_step(self, stream, token_id: int) -> str:
+        """The text that `token_id` adds to the stream ("" while a character is incomplete)."""
+        return stream.step(self.hf.backend_tokenizer, token_id) or ""
+
+    @cached_property
+    def _decode_stream_factory(self) -> Callable[[], object] | None:
+        """DecodeStream gives HF's decode of the same ids for a tokenizers-backed transformers tokenizer whose
+        decode is not overridden and does no clean-up of spaces in Python."""
+        try:
+            from tokenizers.decoders import DecodeStream
+            from transformers.tokenization_utils_tokenizers import TokenizersBackend
+        except ImportError:
+            return None
+        hf, kind = self.hf, type(self.hf)
+        if not isinstance(hf, TokenizersBackend) or kind.decode is not TokenizersBackend.decode \
+                or kind._decode is not TokenizersBackend._decode:
+            return None
+        if hf.clean_up_tokenization_spaces:  # transformers skips the clean-up for BPE models unless forced
+            skipped = (hasattr(kind, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output")
+                       and type(hf.backend_tokenizer.model).__name__ == "BPE"
+                       and not hf.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output)
+            if not skipped:
+                return None
+        return lambda: DecodeStream(skip_special_tokens=True)
 
     @property
     def eos_token_id(self) -> int | None:

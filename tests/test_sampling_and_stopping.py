@@ -70,26 +70,3 @@ def test_text_input_equals_token_ids(engine):
     assert a.token_ids == b.token_ids and a.input_ids == ids
     assert a.text == engine.tokenizer.decode(a.token_ids)
     assert a.timing.ttft is not None and a.timing.latency >= a.timing.ttft
-
-
-def test_an_outputs_text_is_decoded_when_first_read(engine):
-    """Each step's output carries its text undecoded (a decode of every token so far): a server's non-streaming
-    request reads only its last output's text, and a stream reads each once."""
-    decode, calls = engine.tokenizer.decode, []
-    engine.tokenizer.decode = lambda ids: calls.append(len(ids)) or decode(ids)
-    try:
-        outs = list(engine.stream(Request(input_ids=[5, 6, 7], sampling=SamplingParams(max_new_tokens=4,
-                                                                                      ignore_eos=True))))
-        assert len(outs) == 4 and calls == []
-        assert [o.text for o in outs] == [decode(o.token_ids) for o in outs] and calls == [1, 2, 3, 4]
-        assert outs[0].text == decode(outs[0].token_ids) and calls == [1, 2, 3, 4]  # kept once read
-        stop = outs[-1].text[1:3]
-        cut = engine.generate([Request(input_ids=[5, 6, 7], sampling=SamplingParams(max_new_tokens=4, stop=[stop],
-                                                                                   ignore_eos=True))])[0]
-        assert cut.text == outs[-1].text[:outs[-1].text.find(stop)]  # cut before the stop string, once read
-        calls.clear()
-        streamed = [o.text for o in engine.stream(Request(input_ids=[5, 6, 7], sampling=SamplingParams(
-            max_new_tokens=4, stop=["never in this text"], ignore_eos=True)))]
-        assert streamed == [o.text for o in outs] and calls == [1, 2, 3, 4]  # the stop check's decode is reused
-    finally:
-        engine.tokenizer.decode = decode

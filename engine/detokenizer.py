@@ -1,0 +1,131 @@
+"""A request's generated text, decoded a few tokens at a time, and where a stop string ends it.
+
+`Tokenizer.decode` of every generated token is the ground truth: a finished request's text is exactly that. While
+a request runs, its text grows by each new token's piece, found by decoding a short window of the last tokens (the
+tokenizers library's `DecodeStream` where it gives the same text as HF's decode, else the same windowing over HF's
+decode, as vLLM's incremental detokenizer does). So a stream's text and a stop-string check cost a few tokens'
+decode per step instead of a decode of everything generated so far. A trailing incomplete character (U+FFFD while
+the bytes of a multi-byte character are not all there) is held back until it is complete.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+
+from .tokenizer import Tokenizer
+
+REPLACEMENT = "\ufffd"
+
+
+def earliest_stop(text: str, stops: Sequence[str], floor: int = 0) -> tuple[int, str] | None:
+    """(start, stop string) of the earliest stop string in `text` that ends after `floor` characters (ties: the
+    smaller string), or None."""
+    best = None
+    for stop in stops:
+        start = text.find(stop, max(0, floor - len(stop) + 1))
+        if start != -1 and (best is None or (start, stop) < best):
+            best = (start, stop)
+    return best
+
+
+def exact_stop(decode: Callable[[list[int]], str], ids: list[int], stops: Sequence[str],
+               min_tokens: int) -> tuple[tuple[int, str] | None, str]:
+    """The stop-string rule on the whole decoded text: the earliest stop string that ends after the text of the
+    first `min_tokens` tokens (vLLM's rule: text generated before min_tokens cannot stop a request).
+    Returns (hit or None, the text)."""
+    text = decode(ids)
+    floor = len(decode(ids[:min_tokens])) if min_tokens else 0
+    return earliest_stop(text, stops, floor), text
+
+
+class FullText:
+    """The reference path's text: everything decoded again at each check (simple, and the ground truth)."""
+
+    def __init__(self, decode: Callable[[list[int]], str], ids: list[int]):
+        self.decode, self.ids = decode, ids
+        self.final: str | None = None
+
+    def find_stop(self, stops: Sequence[str], min_tokens: int) -> tuple[int, str] | None:
+        hit, text = exact_stop(self.decode, self.ids, stops, min_tokens)
+        if hit is not None:
+            self.final = text
+        return hit
+
+
+class IncrementalText:
+    """The text of a sequence's generated ids (a list the engine only appends to), decoded as far as it is read.
+
+    Thread-safe: the engine thread checks stop strings while a server's event loop reads earlier outputs' text.
+    """
+
+    WINDOW_CONTEXT = 4  # tokens of context before the first token decoded after a DecodeStream error
+
+    def __init__(self, tokenizer: Tokenizer, ids: list[int]):
+        self._tokenizer = tokenizer
+        self._ids = ids
+        self._lock = threading.Lock()
+        self._text = ""
+        self._ends = [0]  # _ends[n]: how much of _text the first n ids give
+        self._checked = 0  # the text's length at the last stop-string check
+        self.final: str | None = None  # the exact text, once a stop-string check decoded it whole
+        self._stream = tokenizer.decode_stream()
+        self._window = (0, 0)  # without a stream: ids[start:read] is the context whose text is out already
+
+    def text(self, n: int | None = None) -> str:
+        """The text of the first n ids (default: all), less an incomplete trailing character."""
+        with self._lock:
+            if n is None:
+                n = len(self._ids)
+            self._advance(n)
+            end = self._ends[n]
+            return self._text if end == len(self._text) else self._text[:end]
+
+    def find_stop(self, stops: Sequence[str], min_tokens: int) -> tuple[int, str] | None:
+        """`exact_stop` for the ids so far, looking only at text added since the last check; a hit found there is
+        confirmed (and placed) on the exact text, decoded whole once. (A stop string holding U+FFFD could match an
+        incomplete character that is held back: such a request decodes everything at each check.)"""
+        n = len(self._ids)
+        if any(REPLACEMENT in stop for stop in stops):  # would match a held-back incomplete character: decode whole
+            hit, exact = exact_stop(self._tokenizer.decode, self._ids[:n], stops, min_tokens)
+            self.final = exact if hit is not None else None
+            return hit
+        with self._lock:
+            self._advance(n)
+            text = self._text  # n is every id there is: the text of them all
+            floor = max(self._checked, self._ends[min(min_tokens, n)])
+            self._checked = len(text)
+        if earliest_stop(text, stops, floor) is None:
+            return None
+        hit, exact = exact_stop(self._tokenizer.decode, self._ids[:n], stops, min_tokens)
+        if hit is not None:
+            self.final = exact
+        return hit
+
+    def _advance(self, n: int) -> None:
+        for i in range(len(self._ends) - 1, n):
+            piece = self._piece(i)
+            if piece:
+                self._text += piece
+            self._ends.append(len(self._text))
+
+    def _piece(self, i: int) -> str:
+        """The new text once ids[i] is added ("" while it is held back)."""
+        if self._stream is not None:
+            try:
+                return self._tokenizer.stream_step(self._stream, self._ids[i])
+            except Exception:  # noqa: BLE001 (tokenizers' "Invalid prefix encountered" and its kin, vllm#17448)
+                self._stream = None
+                self._window = (max(0, i - self.WINDOW_CONTEXT), i)
+        start, read = self._window
+        decode = self._tokenizer.decode
+        before, after = decode(self._ids[start:read]), decode(self._ids[start:i + 1])
+        if len(after) <= len(before) or after.endswith(REPLACEMENT):
+            return ""
+        self._window = (read, i + 1)
+        if after.startswith(before):
+            return after[len(before):]
+        same = 0  # a clean-up across the window's edge changed text already out: keep it, add the rest
+        while same < len(before) and before[same] == after[same]:
+            same += 1
+        return after[same:]
