@@ -296,3 +296,17 @@ def test_server_handoff_benchmark_runs(capsys):
     assert server_handoff.main(["--streams", "8", "--steps", "3"]) == 0
     out = capsys.readouterr().out
     assert "per output" in out and "one per step" in out
+
+
+def test_stream_text_benchmark_runs(tmp_path, model_dir_for, capsys):
+    from benchmarks import stream_text
+
+    out = tmp_path / "text.json"
+    assert stream_text.main(["--streams", "4", "--tokens", "9", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["streams"] == 4 and r["tokens"] == 9 and r["decode_stream"] and "--streams" in r["command"]
+    for case in ("text", "text + stop strings"):
+        assert r[case]["incremental"]["total_s"] > 0 and r[case]["whole decode"]["total_s"] > 0
+    assert stream_text.main(["--streams", "2", "--tokens", "3", "--tokenizer", str(model_dir_for("gpt2"))]) == 0
+    assert "gpt2" in capsys.readouterr().out
+    assert stream_text.main(["--tokens", "0"]) == 2

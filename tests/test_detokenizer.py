@@ -164,6 +164,14 @@ def test_find_stop_looks_at_new_text_only_and_confirms_on_the_whole_decode(token
     assert hits[first] == (4, "cat") and "cat" not in decode(ids[:first])
     assert calls == [first + 1]  # the whole decode ran once, to confirm the hit
     assert hits[first + 1:] == [None] * (len(ids) - first - 1)  # later checks look past it
+    calls.clear()
+    live.clear()
+    text = IncrementalText(tok, live)
+    for i in ids:  # "cat" is in the first min_tokens tokens' text: never a hit, nor a whole decode to confirm one
+        live.append(i)
+        if len(live) >= first + 1:
+            assert text.find_stop(["cat"], first + 1) is None
+    assert calls == []
 
 
 # ---- through the engine -----------------------------------------------------------------------------------
