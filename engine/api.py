@@ -235,7 +235,7 @@ class Engine:
             arrival_order=next(self._order),
         )
         if self.tokenizer is not None and self.backend != "reference":
-            seq.text = IncrementalText(self.tokenizer, seq.generated)
+            seq.text = IncrementalText(self.tokenizer, seq.generated, prep.params.skip_special_tokens)
         if prep.params.prompt_logprobs is not None:
             seq.prompt_logprobs.append(None)  # nothing before the first input token predicts it
         self._sequences[request.request_id] = seq
@@ -331,7 +331,7 @@ class Engine:
         if not self.scheduler.waiting:
             return []
         seq = self.scheduler.waiting.popleft()
-        decode = self.tokenizer.decode if self.tokenizer is not None else None
+        decode = self.tokenizer.decoder(seq.params.skip_special_tokens) if self.tokenizer is not None else None
         prefix = None if seq.prompt is None else seq.prompt.reference_input
         tokens, logprobs, finish = self.reference.generate(prefix, seq.input_ids, seq.params, self.eos_token_ids, decode)
         seq.generated, seq.logprobs = tokens, logprobs or []
@@ -353,8 +353,10 @@ class Engine:
                 text = PendingText(seq.text.text, len(ids))
             elif final is not None:
                 text = final[:seq.text_end]
-            else:  # every token's exact text (HF's decode), cut before a stop string
-                text = PendingText(_decoded, self.tokenizer.decode, ids, seq.text_end)
+            else:  # every token's exact text (HF's decode) but a stop token's, cut at a stop string
+                stop_token = isinstance(seq.stop_reason, int) and not seq.params.include_stop_str_in_output
+                text = PendingText(_decoded, self.tokenizer.decoder(seq.params.skip_special_tokens),
+                                   ids[:-1] if stop_token else ids, seq.text_end)
         return RequestOutput(
             request_id=seq.request_id,
             prompt=None if seq.prompt is None else seq.prompt.name,

@@ -59,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--frequency-penalty", type=float, default=0.0)
     gen.add_argument("--presence-penalty", type=float, default=0.0)
     gen.add_argument("--min-tokens", type=int, default=0)
+    gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="a stop string (repeatable)")
+    gen.add_argument("--stop-token-id", action="append", type=int, default=[], metavar="ID",
+                     help="a stop token id (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true", help="go on past EOS")
+    gen.add_argument("--include-stop-str", action="store_true",
+                     help="keep the stop string (or the stop token's text) in the output text")
+    gen.add_argument("--keep-special-tokens", action="store_true", help="keep special tokens' text in the output")
     gen.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_engine_args(gen)
 
@@ -92,7 +99,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed, min_p=args.min_p,
                             repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
-                            presence_penalty=args.presence_penalty, min_tokens=args.min_tokens)
+                            presence_penalty=args.presence_penalty, min_tokens=args.min_tokens,
+                            stop=args.stop, stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos,
+                            include_stop_str_in_output=args.include_stop_str,
+                            skip_special_tokens=not args.keep_special_tokens)
     if args.ids is not None:
         try:
             ids = [int(x) for x in args.ids.split(",") if x.strip()]
@@ -104,7 +114,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = engine.generate([request])[0]
     if args.json:
         print(json.dumps({"prompt": out.prompt, "prompt_version": out.prompt_version, "token_ids": out.token_ids,
-                          "text": out.text, "finish_reason": out.finish_reason}))
+                          "text": out.text, "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}))
     else:
         print(out.text if out.text is not None else " ".join(map(str, out.token_ids)))
     return 0

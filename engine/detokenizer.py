@@ -61,15 +61,16 @@ class IncrementalText:
 
     WINDOW_CONTEXT = 4  # tokens of context before the first token decoded after a DecodeStream error
 
-    def __init__(self, tokenizer: Tokenizer, ids: list[int]):
+    def __init__(self, tokenizer: Tokenizer, ids: list[int], skip_special_tokens: bool = True):
         self._tokenizer = tokenizer
+        self._decode = tokenizer.decoder(skip_special_tokens)
         self._ids = ids
         self._lock = threading.Lock()
         self._text = ""
         self._ends = [0]  # _ends[n]: how much of _text the first n ids give
         self._checked = 0  # the text's length at the last stop-string check
         self.final: str | None = None  # the exact text, once a stop-string check decoded it whole
-        self._stream = tokenizer.decode_stream()
+        self._stream = tokenizer.decode_stream(skip_special_tokens)
         self._window = (0, 0)  # without a stream: ids[start:read] is the context whose text is out already
 
     def text(self, n: int | None = None) -> str:
@@ -87,7 +88,7 @@ class IncrementalText:
         incomplete character that is held back: such a request decodes everything at each check.)"""
         n = len(self._ids)
         if any(REPLACEMENT in stop for stop in stops):  # would match a held-back incomplete character: decode whole
-            hit, exact = exact_stop(self._tokenizer.decode, self._ids[:n], stops, min_tokens)
+            hit, exact = exact_stop(self._decode, self._ids[:n], stops, min_tokens)
             self.final = exact if hit is not None else None
             return hit
         with self._lock:
@@ -97,7 +98,7 @@ class IncrementalText:
             self._checked = len(text)
         if earliest_stop(text, stops, floor) is None:
             return None
-        hit, exact = exact_stop(self._tokenizer.decode, self._ids[:n], stops, min_tokens)
+        hit, exact = exact_stop(self._decode, self._ids[:n], stops, min_tokens)
         if hit is not None:
             self.final = exact
         return hit
@@ -118,7 +119,7 @@ class IncrementalText:
                 self._stream = None
                 self._window = (max(0, i - self.WINDOW_CONTEXT), i)
         start, read = self._window
-        decode = self._tokenizer.decode
+        decode = self._decode
         before, after = decode(self._ids[start:read]), decode(self._ids[start:i + 1])
         if len(after) <= len(before) or after.endswith(REPLACEMENT):
             return ""

@@ -44,6 +44,10 @@ class SamplingParams:
     min_tokens: int = 0  # <= max_new_tokens
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]); a dict is accepted
     prompt_logprobs: int | None = None  # N: each input token's logprob and the top-N there (the first: None)
+    # the text (vLLM's options): a stop string, or the text of a stop token id / EOS that ended the request, is left
+    # out unless include_stop_str_in_output; special tokens' text is left out unless skip_special_tokens=False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         # normalise lists given by users into tuples (the dataclass is frozen)
@@ -132,6 +136,9 @@ class SamplingParams:
                           f"got {value!r} for token {token}")
         if len({token for token, _ in self.logit_bias}) != len(self.logit_bias):
             raise bad("logit_bias gives a token id twice")
+        for name in ("include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(f"{name} must be true or false, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from .sampling import SamplingParams
 class Finish:
     reason: str  # "stop" | "length"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
-    text_end: int | None = None  # where to cut the text (before a stop string)
+    text_end: int | None = None  # where to cut the text (before a stop string, or after it if it is included)
 
 
 class StopText(Protocol):
@@ -40,7 +40,8 @@ def check_finish(
     if params.stop and text is not None:
         hit = text.find_stop(params.stop, params.min_tokens)
         if hit is not None:
-            return Finish("stop", hit[1], hit[0])
+            start, stop = hit
+            return Finish("stop", stop, start + len(stop) if params.include_stop_str_in_output else start)
     if len(generated) >= params.max_new_tokens:
         return Finish("length")
     return None

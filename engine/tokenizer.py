@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 from .errors import CheckpointError, RequestError
@@ -20,21 +20,25 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.hf(text, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def decode(self, ids: list[int]) -> str:
-        return self.hf.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def decode_stream(self) -> object | None:
+    def decoder(self, skip_special_tokens: bool = True) -> Callable[[list[int]], str]:
+        """`decode` with special tokens' text left out (the default) or kept."""
+        return self.decode if skip_special_tokens else partial(self.decode, skip_special_tokens=False)
+
+    def decode_stream(self, skip_special_tokens: bool = True) -> object | None:
         """A new `tokenizers.decoders.DecodeStream` whose steps (`stream_step`) add up to `decode`'s text, or None
         where this tokenizer cannot promise that (engine/detokenizer.py then windows over `decode`)."""
         factory = self._decode_stream_factory
-        return None if factory is None else factory()
+        return None if factory is None else factory(skip_special_tokens)
 
     def stream_step(self, stream, token_id: int) -> str:
         """The text that `token_id` adds to the stream ("" while a character is incomplete)."""
         return stream.step(self.hf.backend_tokenizer, token_id) or ""
 
     @cached_property
-    def _decode_stream_factory(self) -> Callable[[], object] | None:
+    def _decode_stream_factory(self) -> Callable[[bool], object] | None:
         """DecodeStream gives HF's decode of the same ids for a tokenizers-backed transformers tokenizer whose
         decode is not overridden and does no clean-up of spaces in Python."""
         try:
@@ -52,7 +56,7 @@ class Tokenizer:
                        and not hf.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output)
             if not skipped:
                 return None
-        return lambda: DecodeStream(skip_special_tokens=True)
+        return lambda skip_special_tokens: DecodeStream(skip_special_tokens=skip_special_tokens)
 
     @property
     def eos_token_id(self) -> int | None:

@@ -65,6 +65,8 @@ def test_bad_requests_rejected_while_others_run(engine, kwargs, error, message):
         (dict(logprobs=21), "logprobs"),
         (dict(stop=[""]), "stop"),
         (dict(stop_token_ids=[-3]), "stop_token_ids"),
+        (dict(include_stop_str_in_output=1), "include_stop_str_in_output must be true or false"),
+        (dict(skip_special_tokens="no"), "skip_special_tokens must be true or false"),
     ],
 )
 def test_bad_sampling_params(kwargs, message):

@@ -40,6 +40,27 @@ def test_generate_with_a_prefix_tuning_adapter_and_penalties(model_dir_for, tmp_
     assert result["token_ids"] == expected.token_ids and len(expected.token_ids) == 6
 
 
+def test_generate_with_stop_strings_and_text_options(model_dir_for, capsys, monkeypatch):
+    d = model_dir_for("llama")
+    engine = Engine(d, device="cpu")
+    [free] = engine.generate([Request(input_ids=[5, 6, 7], sampling=SamplingParams(max_new_tokens=10,
+                                                                                  ignore_eos=True))])
+    stop = free.text[2:4]
+    base = ["generate", str(d), "--ids", "5,6,7", "--max-new-tokens", "10", "--json", "--device", "cpu",
+            "--ignore-eos"]
+    assert main([*base, "--stop", stop, "--stop", "never there", "--include-stop-str"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["text"] == free.text[:free.text.find(stop) + 2] and result["stop_reason"] == stop
+    assert main([*base, "--stop-token-id", str(free.token_ids[1])]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["token_ids"] == free.token_ids[:free.token_ids.index(free.token_ids[1]) + 1]
+    seen, generate = [], Engine.generate
+    monkeypatch.setattr(Engine, "generate", lambda self, requests: seen.append(requests[0].sampling)
+                        or generate(self, requests))
+    assert main([*base, "--keep-special-tokens"]) == 0
+    assert seen[-1].skip_special_tokens is False and not seen[-1].include_stop_str_in_output
+
+
 def test_generate_with_a_task_of_a_multitask_adapter(model_dir_for, tmp_path, capsys):
     pytest.importorskip("peft")
     from softprompt.testing import build_multitask_prompt_tuning_adapter

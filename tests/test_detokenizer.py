@@ -221,7 +221,8 @@ def test_stop_strings_equal_the_reference_path(engines):
             if k == 2:
                 stops.append(text[:2])  # in the first tokens' text: min_tokens must let it pass
             requests.append(Request(input_ids=ids, sampling=SamplingParams(
-                max_new_tokens=20, ignore_eos=True, stop=[s for s in stops if s], min_tokens=[0, 3, 6][k])))
+                max_new_tokens=20, ignore_eos=True, stop=[s for s in stops if s], min_tokens=[0, 3, 6][k],
+                include_stop_str_in_output=k == 1)))
     got, want = engine.generate(requests), reference.generate(requests)
     fields = [(o.token_ids, o.text, o.finish_reason, o.stop_reason) for o in got]
     wanted = [(o.token_ids, o.text, o.finish_reason, o.stop_reason) for o in want]
@@ -262,3 +263,48 @@ def test_text_is_decoded_only_when_read_and_a_stream_never_decodes_everything(en
         assert calls == []  # the stop check read only the new pieces
     finally:
         engine.tokenizer.decode = decode
+
+
+def test_the_text_leaves_out_what_stopped_the_request_unless_asked(engines):
+    """vLLM's include_stop_str_in_output: a stop string or a stop token's text is left out of the text by default
+    (the token stays in token_ids) and kept when asked; the reference path agrees."""
+    engine, reference = engines
+    decode = engine.tokenizer.decode
+    free = engine.generate([Request(input_ids=[5, 6, 7], sampling=SamplingParams(max_new_tokens=10,
+                                                                                 ignore_eos=True))])[0]
+    k = next(k for k in range(2, 10) if decode(free.token_ids[k:k + 1]).strip())  # a token with visible text
+    token = free.token_ids[k]
+    k = free.token_ids.index(token)
+    stop = decode(free.token_ids[:k + 1])[-1]
+    for eng in (engine, reference):
+        by_token = [eng.generate([Request(input_ids=[5, 6, 7], sampling=SamplingParams(
+            max_new_tokens=10, ignore_eos=True, stop_token_ids=[token], include_stop_str_in_output=keep))])[0]
+            for keep in (False, True)]
+        assert [o.token_ids for o in by_token] == [free.token_ids[:k + 1]] * 2
+        assert [o.text for o in by_token] == [decode(free.token_ids[:k]), decode(free.token_ids[:k + 1])]
+        by_text = [eng.generate([Request(input_ids=[5, 6, 7], sampling=SamplingParams(
+            max_new_tokens=10, ignore_eos=True, stop=[stop], include_stop_str_in_output=keep))])[0]
+            for keep in (False, True)]
+        cut = free.text.find(stop)
+        assert [o.text for o in by_text] == [free.text[:cut], free.text[:cut + 1]]
+        assert by_text[0].stop_reason == stop and by_text[0].finish_reason == "stop"
+
+
+def test_special_tokens_text_is_kept_when_asked(engines):
+    """skip_special_tokens=False: <s> (a special token, forced by logit_bias) is in the text, streamed and final, and
+    a stop string can match it."""
+    engine, reference = engines
+    forced = dict(max_new_tokens=4, ignore_eos=True, logit_bias={1: 100.0})
+    for eng in (engine, reference):
+        skipped, kept, stopped = eng.generate([
+            Request(input_ids=[5, 6], sampling=SamplingParams(**forced)),
+            Request(input_ids=[5, 6], sampling=SamplingParams(**forced, skip_special_tokens=False)),
+            Request(input_ids=[5, 6], sampling=SamplingParams(**forced, skip_special_tokens=False, stop=["s><"],
+                                                              min_tokens=2))])
+        assert skipped.token_ids == kept.token_ids == [1] * 4
+        assert skipped.text == "" and kept.text == "<s>" * 4
+        # "<s><s>" (the first min_tokens) holds "s><" already: only the one that ends after it counts
+        assert stopped.token_ids == [1] * 3 and stopped.text == "<s><" and stopped.stop_reason == "s><"
+    streamed = [o.text for o in engine.stream(Request(input_ids=[5, 6], sampling=SamplingParams(
+        **forced, skip_special_tokens=False)))]
+    assert streamed == ["<s>", "<s><s>", "<s><s><s>", "<s>" * 4]

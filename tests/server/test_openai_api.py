@@ -92,6 +92,26 @@ def test_stream_never_sends_text_that_a_stop_string_later_cuts(served):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_stop_string_and_special_token_text_options_pass_through(served):
+    """vLLM's include_stop_str_in_output and skip_special_tokens (extra_body), streamed and not."""
+    client = served.server.openai()
+    [free] = served.expected(Request(prompt="a", text="a small red bird", sampling=sp(max_new_tokens=12)))
+    stop = free.text[3:6]
+    kw = dict(model="a", prompt="a small red bird", max_tokens=12, temperature=0, stop=stop,
+              extra_body={"include_stop_str_in_output": True})
+    whole = client.completions.create(**kw).choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw))
+    assert whole == streamed == free.text[: free.text.find(stop) + 3]
+    bos = {"logit_bias": {"1": 100}, "max_tokens": 3, "temperature": 0}  # <s>, a special token, three times
+    assert client.completions.create(model="a", prompt="hi", **bos).choices[0].text == ""
+    kept = client.completions.create(model="a", prompt="hi", **bos, extra_body={"skip_special_tokens": False})
+    chunks = client.completions.create(model="a", prompt="hi", **bos, stream=True,
+                                       extra_body={"skip_special_tokens": False})
+    assert kept.choices[0].text == "".join(c.choices[0].text for c in chunks) == "<s><s><s>"
+    with pytest.raises(openai.UnprocessableEntityError):  # a schema error, as for every mistyped field
+        client.completions.create(model="a", prompt="hi", extra_body={"skip_special_tokens": "no"})
+
+
 def test_n_choices_use_consecutive_seeds_and_several_prompts(served):
     client = served.server.openai()
     got = client.completions.create(model="polite", prompt=["the dog", "my teacher"], n=3, max_tokens=6,
