@@ -1,9 +1,10 @@
-"""Normalised model configuration, read from a Hugging Face `config.json`."""
+"""Normalised model configuration, read from a Hugging Face `config.json` (and the EOS ids of
+`generation_config.json`)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,23 @@ def read_config_json(model_dir: Path) -> dict:
         raise CheckpointError(f"{path}: config.json is not valid JSON ({exc})") from exc
 
 
+def generation_eos_ids(model_dir: Path) -> tuple[int, ...]:
+    """The EOS ids of `generation_config.json`, where HF's `generate` takes them from (instruction-tuned checkpoints
+    often list an end-of-turn token there that config.json lacks, e.g. Llama 3's <|eot_id|>); () without one."""
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return ()
+    try:
+        value = json.loads(path.read_text()).get("eos_token_id")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise CheckpointError(f"{path} is not a JSON object ({exc})") from exc
+    ids = [value] if value is None or isinstance(value, int) else value
+    if not isinstance(ids, list) or any(v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0)
+                                        for v in ids):
+        raise CheckpointError(f"{path}: eos_token_id must be a token id or a list of them, got {value!r}")
+    return tuple(v for v in ids if v is not None)
+
+
 def load_model_config(model_dir: str | Path) -> ModelConfig:
     """Read `config.json`, check the architecture is supported and normalise it."""
     model_dir = Path(model_dir)
@@ -91,7 +109,7 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
     except (AttributeError, TypeError, KeyError) as exc:
         raise CheckpointError(f"{model_dir}/config.json lacks a field the {model_type} model needs: {exc}") from exc
     _check(cfg)
-    return cfg
+    return replace(cfg, eos_token_ids=tuple(sorted({*cfg.eos_token_ids, *generation_eos_ids(model_dir)})))
 
 
 def _check(cfg: ModelConfig) -> None:

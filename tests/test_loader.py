@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from softprompt import Engine
+from softprompt import Engine, Request, SamplingParams
 from softprompt.engine.errors import CheckpointError, UnsupportedModelError
 from softprompt.engine.loader import load_model
 from softprompt.engine.reference import ReferencePath
@@ -142,3 +142,31 @@ def test_engine_without_tokenizer_works_on_ids(tmp_path):
     assert len(out.token_ids) == 3 and out.text is None
     with pytest.raises(RequestError, match="tokenizer"):
         engine.generate([Request(text="hello")])
+
+
+def test_generation_config_eos_ids_stop_requests_as_in_hf_generate(tmp_path, model_dir_for):
+    """An end-of-turn id listed only in generation_config.json (Llama 3 Instruct's <|eot_id|>) stops a request, as
+    HF's generate stops there; a malformed file is named."""
+    from transformers import AutoModelForCausalLM
+
+    d = shutil.copytree(model_dir_for("llama"), tmp_path / "m")
+    ids = [5, 6, 7]
+    free = Engine(d, device="cpu", dtype="float32").generate(
+        [Request(input_ids=ids, sampling=SamplingParams(max_new_tokens=8, ignore_eos=True))])[0].token_ids
+    turn_end = free[3]
+    config = json.loads((d / "config.json").read_text())
+    assert turn_end not in (config["eos_token_id"], *range(4))
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [config["eos_token_id"], turn_end]}))
+    engine = Engine(d, device="cpu", dtype="float32")
+    assert turn_end in engine.eos_token_ids and config["eos_token_id"] in engine.eos_token_ids
+    out = engine.generate([Request(input_ids=ids, sampling=SamplingParams(max_new_tokens=8))])[0]
+    assert out.token_ids == free[:free.index(turn_end) + 1] and out.stop_reason == turn_end
+    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, 3, dtype=torch.long), do_sample=False,
+                           max_new_tokens=8, pad_token_id=0)[0, 3:].tolist()
+    assert out.token_ids == want
+    for bad in ('{"eos_token_id": "x"}', "[1, 2]", "{not json"):
+        (d / "generation_config.json").write_text(bad)
+        with pytest.raises(CheckpointError, match="generation_config.json"):
+            Engine(d, device="cpu")
