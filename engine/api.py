@@ -184,6 +184,10 @@ class Engine:
         if bad:
             raise RequestError(f"logit_bias token id {bad[0]} is out of range for vocabulary size "
                                f"{self.config.vocab_size}")
+        bad = [t for t in params.allowed_token_ids or () if t >= self.config.vocab_size]
+        if bad:
+            raise RequestError(f"allowed_token_ids token id {bad[0]} is out of range for vocabulary size "
+                               f"{self.config.vocab_size}")
         if params.max_new_tokens > room:
             params = replace(params, max_new_tokens=room, min_tokens=min(params.min_tokens, room))
         if self.backend != "reference":

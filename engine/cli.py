@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop-token-id", action="append", type=int, default=[], metavar="ID",
                      help="a stop token id (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true", help="go on past EOS")
+    gen.add_argument("--allowed-token-ids", default=None, metavar="IDS",
+                     help="only these token ids may be generated, comma-separated")
     gen.add_argument("--include-stop-str", action="store_true",
                      help="keep the stop string (or the stop token's text) in the output text")
     gen.add_argument("--keep-special-tokens", action="store_true", help="keep special tokens' text in the output")
@@ -96,18 +98,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for item in args.text_prompt:
         name, text = _split_pair(item, "--text-prompt")
         engine.add_prompt(name, text=text)
+    allowed = None if args.allowed_token_ids is None else _int_list(args.allowed_token_ids, "--allowed-token-ids")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed, min_p=args.min_p,
                             repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
                             presence_penalty=args.presence_penalty, min_tokens=args.min_tokens,
                             stop=args.stop, stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos,
                             include_stop_str_in_output=args.include_stop_str,
-                            skip_special_tokens=not args.keep_special_tokens)
+                            skip_special_tokens=not args.keep_special_tokens, allowed_token_ids=allowed)
     if args.ids is not None:
-        try:
-            ids = [int(x) for x in args.ids.split(",") if x.strip()]
-        except ValueError as exc:
-            raise SoftPromptError(f"--ids must be comma-separated integers ({exc})") from exc
+        ids = _int_list(args.ids, "--ids")
         request = Request(prompt=args.task, input_ids=ids, sampling=params)
     else:
         request = Request(prompt=args.task, text=args.text, sampling=params)
@@ -118,6 +118,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         print(out.text if out.text is not None else " ".join(map(str, out.token_ids)))
     return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise SoftPromptError(f"{flag} must be comma-separated integers ({exc})") from exc
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,7 +20,8 @@ MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 (ban) to 100 (force)
 class SamplingParams:
     """How to pick tokens. `temperature=0` is greedy (the default).
 
-    The logit processors run in vLLM's order, before greedy or sampled picking: `logit_bias`, the `min_tokens`
+    The logit processors run in vLLM's order, before greedy or sampled picking: `allowed_token_ids` (every other
+    token masked out), `logit_bias`, the `min_tokens`
     mask (EOS and `stop_token_ids` banned until that many tokens exist; stop strings are not checked before
     either), `repetition_penalty` (HF/vLLM: over the request's input ids and generated tokens, a positive logit
     is divided by it, a negative one multiplied), then `frequency_penalty` x count and `presence_penalty` (OpenAI:
@@ -48,6 +49,7 @@ class SamplingParams:
     # out unless include_stop_str_in_output; special tokens' text is left out unless skip_special_tokens=False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    allowed_token_ids: tuple[int, ...] | None = None  # vLLM's: only these may be picked (None: any)
 
     def __post_init__(self) -> None:
         # normalise lists given by users into tuples (the dataclass is frozen)
@@ -55,6 +57,11 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if self.allowed_token_ids is not None and not isinstance(self.allowed_token_ids, (str, bytes)):
+            try:
+                object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
+            except TypeError:
+                pass  # validate() names it
         bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
         try:
             bias = tuple((k, v) for k, v in bias)
@@ -74,7 +81,7 @@ class SamplingParams:
     def processes_logits(self) -> bool:
         """Whether any logit processor applies (then the row needs its token history and full logits)."""
         return bool(self.logit_bias or self.min_tokens or self.repetition_penalty != 1.0
-                    or self.frequency_penalty or self.presence_penalty)
+                    or self.frequency_penalty or self.presence_penalty or self.allowed_token_ids is not None)
 
     @property
     def screenable(self) -> bool:
@@ -136,6 +143,10 @@ class SamplingParams:
                           f"got {value!r} for token {token}")
         if len({token for token, _ in self.logit_bias}) != len(self.logit_bias):
             raise bad("logit_bias gives a token id twice")
+        allowed = self.allowed_token_ids
+        if allowed is not None and (not isinstance(allowed, tuple) or not allowed or any(
+                isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in allowed)):
+            raise bad(f"allowed_token_ids must be a non-empty list of non-negative token ids, got {allowed!r}")
         for name in ("include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -187,8 +198,13 @@ def process_logits(logits: torch.Tensor, params_list: list[SamplingParams],
     ban_rows, ban_ids = [], []
     rep_rows, rep_ids, rep_values = [], [], []
     pen_rows, pen_ids, pen_counts, pen_freq, pen_pres = [], [], [], [], []
+    allow_rows, allow_ids = [], []
     eos = frozenset(eos_token_ids)
     for row, (params, (input_ids, generated)) in enumerate(zip(params_list, histories)):
+        if params.allowed_token_ids is not None:
+            allowed = sorted({t for t in params.allowed_token_ids if t < vocab})
+            allow_rows += [row] * len(allowed)
+            allow_ids += allowed
         for token, bias in params.logit_bias:
             if token < vocab:
                 bias_rows.append(row), bias_ids.append(token), biases.append(bias)
@@ -215,6 +231,11 @@ def process_logits(logits: torch.Tensor, params_list: list[SamplingParams],
     def values(xs: list[float]) -> torch.Tensor:
         return torch.tensor(xs, dtype=out.dtype, device=device)
 
+    if allow_rows:
+        at = index(allow_rows, allow_ids)
+        kept = out[at]
+        out[sorted(set(allow_rows))] = float("-inf")
+        out.index_put_(at, kept)
     if bias_rows:
         out.index_put_(index(bias_rows, bias_ids), values(biases), accumulate=True)
     if ban_rows:

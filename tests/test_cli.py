@@ -58,7 +58,13 @@ def test_generate_with_stop_strings_and_text_options(model_dir_for, capsys, monk
     monkeypatch.setattr(Engine, "generate", lambda self, requests: seen.append(requests[0].sampling)
                         or generate(self, requests))
     assert main([*base, "--keep-special-tokens"]) == 0
+    capsys.readouterr()
     assert seen[-1].skip_special_tokens is False and not seen[-1].include_stop_str_in_output
+    assert main([*base, "--allowed-token-ids", "40,41, 300"]) == 0
+    assert set(json.loads(capsys.readouterr().out)["token_ids"]) <= {40, 41, 300}
+    assert seen[-1].allowed_token_ids == (40, 41, 300)
+    assert main([*base, "--allowed-token-ids", "4x"]) == 2
+    assert "--allowed-token-ids must be comma-separated integers" in capsys.readouterr().err
 
 
 def test_generate_with_a_task_of_a_multitask_adapter(model_dir_for, tmp_path, capsys):

@@ -93,6 +93,11 @@ def test_sample_next_needs_histories_for_processing_rows():
     (dict(logit_bias={1: 101}), "logit_bias values must be numbers in \\[-100, 100\\]"),
     (dict(logit_bias={"1": 1.0}), "logit_bias keys must be non-negative token ids"),
     (dict(logit_bias=[3]), "logit_bias must map token ids to biases"),
+    (dict(allowed_token_ids=[]), "allowed_token_ids must be a non-empty list of non-negative token ids"),
+    (dict(allowed_token_ids=[3, -1]), "allowed_token_ids"),
+    (dict(allowed_token_ids=[True]), "allowed_token_ids"),
+    (dict(allowed_token_ids="12"), "allowed_token_ids"),
+    (dict(allowed_token_ids=5), "allowed_token_ids"),
 ])
 def test_bad_params_are_named(bad, message):
     with pytest.raises(SamplingParamsError, match=message):
@@ -118,6 +123,29 @@ def test_greedy_repetition_penalty_equals_hf_generate(engine, model_dir_for):
     assert got.token_ids == want
     plain = engine.generate([Request(input_ids=ids, sampling=SamplingParams(max_new_tokens=10, ignore_eos=True))])
     assert plain[0].token_ids != want  # the penalty changed the greedy path
+
+
+def test_allowed_token_ids_equal_hf_generate_with_prefix_allowed_tokens_fn(engine, model_dir_for):
+    """vLLM's allowed_token_ids; HF's nearest is prefix_allowed_tokens_fn (every other token masked out)."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir_for("llama"), dtype=torch.float32).eval()
+    ids, allowed = [5, 6, 7, 8], [40, 41, 300, 301, 2]
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, 4, dtype=torch.long), do_sample=False,
+                          max_new_tokens=8, prefix_allowed_tokens_fn=lambda batch, prefix: allowed, pad_token_id=0)
+    want = out[0, 4:].tolist()
+    got = engine.generate([Request(input_ids=ids, sampling=SamplingParams(max_new_tokens=8,
+                                                                         allowed_token_ids=allowed))])[0]
+    assert got.token_ids == want and set(want) <= set(allowed)
+    plain = engine.generate([Request(input_ids=ids, sampling=SamplingParams(max_new_tokens=8))])[0]
+    assert not set(plain.token_ids) <= set(allowed)  # the mask changed the greedy path
+    sampled = engine.generate([Request(input_ids=ids, sampling=SamplingParams(
+        max_new_tokens=16, temperature=1.5, seed=3, allowed_token_ids=allowed, logit_bias={300: -100},
+        ignore_eos=True))])[0]
+    assert set(sampled.token_ids) <= set(allowed) - {300} and len(set(sampled.token_ids)) > 1
+    with pytest.raises(RequestError, match="allowed_token_ids token id 99999 is out of range"):
+        engine.generate([Request(input_ids=ids, sampling=SamplingParams(allowed_token_ids=[5, 99999]))])
 
 
 def test_min_tokens_and_a_bias_towards_eos_equal_hf_generate(engine, model_dir_for):
@@ -163,7 +191,8 @@ def test_engine_batches_equal_the_reference_path(model_dir_for):
     variants = [dict(), dict(repetition_penalty=1.4), dict(frequency_penalty=1.5, presence_penalty=0.5),
                 dict(logit_bias={7: 4.0, 8: -50}), dict(min_tokens=5), dict(temperature=0.9, seed=3, min_p=0.1,
                 repetition_penalty=0.8), dict(temperature=1.2, seed=4, frequency_penalty=-1.0, top_k=20),
-                dict(temperature=0.7, seed=5)]
+                dict(temperature=0.7, seed=5), dict(allowed_token_ids=[7, 8, 9, 400]),
+                dict(temperature=1.1, seed=6, allowed_token_ids=list(range(100, 140)), min_tokens=2)]
     g = torch.Generator().manual_seed(2)
     requests = [Request(prompt=names[i % len(names)], input_ids=torch.randint(4, 500, (int(n),), generator=g).tolist(),
                         sampling=SamplingParams(max_new_tokens=7, **variants[i % len(variants)]))

@@ -43,6 +43,7 @@ class _SamplingFields(BaseModel):
     min_tokens: StrictInt | None = None
     ignore_eos: StrictBool = False
     stop_token_ids: list[StrictInt] | None = None
+    allowed_token_ids: list[StrictInt] | None = None
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
     return_token_ids: StrictBool = False

@@ -93,7 +93,7 @@ def test_stream_never_sends_text_that_a_stop_string_later_cuts(served):
 
 
 def test_stop_string_and_special_token_text_options_pass_through(served):
-    """vLLM's include_stop_str_in_output and skip_special_tokens (extra_body), streamed and not."""
+    """vLLM's include_stop_str_in_output, skip_special_tokens and allowed_token_ids (extra_body)."""
     client = served.server.openai()
     [free] = served.expected(Request(prompt="a", text="a small red bird", sampling=sp(max_new_tokens=12)))
     stop = free.text[3:6]
@@ -110,6 +110,14 @@ def test_stop_string_and_special_token_text_options_pass_through(served):
     assert kept.choices[0].text == "".join(c.choices[0].text for c in chunks) == "<s><s><s>"
     with pytest.raises(openai.UnprocessableEntityError):  # a schema error, as for every mistyped field
         client.completions.create(model="a", prompt="hi", extra_body={"skip_special_tokens": "no"})
+    allowed = [40, 41, 300]
+    got = client.completions.create(model="a", prompt="hi", max_tokens=6, temperature=1.0, seed=2,
+                                    extra_body={"allowed_token_ids": allowed, "return_token_ids": True})
+    [want] = served.expected(Request(prompt="a", text="hi", sampling=sp(max_new_tokens=6, temperature=1.0, seed=2,
+                                                                        allowed_token_ids=allowed)))
+    assert got.choices[0].model_extra["token_ids"] == want.token_ids and set(want.token_ids) <= set(allowed)
+    with pytest.raises(openai.BadRequestError, match="allowed_token_ids"):
+        client.completions.create(model="a", prompt="hi", extra_body={"allowed_token_ids": []})
 
 
 def test_n_choices_use_consecutive_seeds_and_several_prompts(served):
