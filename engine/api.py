@@ -184,6 +184,17 @@ class Engine:
         if bad:
             raise RequestError(f"logit_bias token id {bad[0]} is out of range for vocabulary size "
                                f"{self.config.vocab_size}")
+        if params.guided_choice is not None and params.choice_token_ids is None:
+            tokenizer = require_tokenizer(self.tokenizer, "guided_choice")
+            encoded = [tuple(tokenizer.encode(c, add_special_tokens=False)) for c in params.guided_choice]
+            empty = [c for c, choice in zip(params.guided_choice, encoded) if not choice]
+            if empty:
+                raise RequestError(f"guided_choice {empty[0]!r} encodes to no tokens")
+            params = replace(params, choice_token_ids=tuple(encoded))
+        bad = [t for choice in params.choice_token_ids or () for t in choice if t >= self.config.vocab_size]
+        if bad:
+            raise RequestError(f"choice token id {bad[0]} is out of range for vocabulary size "
+                               f"{self.config.vocab_size}")
         bad = [t for t in params.allowed_token_ids or () if t >= self.config.vocab_size]
         if bad:
             raise RequestError(f"allowed_token_ids token id {bad[0]} is out of range for vocabulary size "

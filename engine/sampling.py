@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import SamplingParamsError
+from .guided import MAX_GUIDED_CHOICES, allowed_next
 
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 (ban) to 100 (force)
@@ -20,8 +21,8 @@ MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 (ban) to 100 (force)
 class SamplingParams:
     """How to pick tokens. `temperature=0` is greedy (the default).
 
-    The logit processors run in vLLM's order, before greedy or sampled picking: `allowed_token_ids` (every other
-    token masked out), `logit_bias`, the `min_tokens`
+    The logit processors run in vLLM's order, before greedy or sampled picking: `allowed_token_ids` or
+    `guided_choice` (every other token masked out), `logit_bias`, the `min_tokens`
     mask (EOS and `stop_token_ids` banned until that many tokens exist; stop strings are not checked before
     either), `repetition_penalty` (HF/vLLM: over the request's input ids and generated tokens, a positive logit
     is divided by it, a negative one multiplied), then `frequency_penalty` x count and `presence_penalty` (OpenAI:
@@ -50,6 +51,10 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     allowed_token_ids: tuple[int, ...] | None = None  # vLLM's: only these may be picked (None: any)
+    # vLLM's guided_choice: the output is one of these texts, each as the tokenizer encodes it alone (the engine
+    # fills choice_token_ids from them; give choice_token_ids yourself to work on token ids)
+    guided_choice: tuple[str, ...] | None = None
+    choice_token_ids: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         # normalise lists given by users into tuples (the dataclass is frozen)
@@ -57,11 +62,16 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        if self.allowed_token_ids is not None and not isinstance(self.allowed_token_ids, (str, bytes)):
-            try:
-                object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
-            except TypeError:
-                pass  # validate() names it
+        for name in ("allowed_token_ids", "guided_choice", "choice_token_ids"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, bytes)):
+                try:
+                    value = tuple(value)
+                    if name == "choice_token_ids":
+                        value = tuple(tuple(ids) if isinstance(ids, (list, tuple)) else ids for ids in value)
+                    object.__setattr__(self, name, value)
+                except TypeError:
+                    pass  # validate() names it
         bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
         try:
             bias = tuple((k, v) for k, v in bias)
@@ -81,7 +91,8 @@ class SamplingParams:
     def processes_logits(self) -> bool:
         """Whether any logit processor applies (then the row needs its token history and full logits)."""
         return bool(self.logit_bias or self.min_tokens or self.repetition_penalty != 1.0
-                    or self.frequency_penalty or self.presence_penalty or self.allowed_token_ids is not None)
+                    or self.frequency_penalty or self.presence_penalty or self.allowed_token_ids is not None
+                    or self.choice_token_ids is not None)
 
     @property
     def screenable(self) -> bool:
@@ -147,9 +158,24 @@ class SamplingParams:
         if allowed is not None and (not isinstance(allowed, tuple) or not allowed or any(
                 isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in allowed)):
             raise bad(f"allowed_token_ids must be a non-empty list of non-negative token ids, got {allowed!r}")
+        self._validate_choices(bad)
         for name in ("include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+
+    def _validate_choices(self, bad) -> None:
+        choices, ids = self.guided_choice, self.choice_token_ids
+        if choices is not None and (not isinstance(choices, tuple) or not 0 < len(choices) <= MAX_GUIDED_CHOICES
+                                    or any(not isinstance(c, str) or not c for c in choices)):
+            raise bad(f"guided_choice must be a list of 1 to {MAX_GUIDED_CHOICES} non-empty strings, got {choices!r}")
+        if ids is not None and (not isinstance(ids, tuple) or not 0 < len(ids) <= MAX_GUIDED_CHOICES or any(
+                not isinstance(c, tuple) or not c or any(isinstance(t, bool) or not isinstance(t, int) or t < 0
+                                                         for t in c) for c in ids)):
+            raise bad(f"choice_token_ids must be a list of 1 to {MAX_GUIDED_CHOICES} non-empty lists of token ids, "
+                      f"got {ids!r}")
+        if (choices is not None or ids is not None) and (self.allowed_token_ids is not None or self.min_tokens):
+            raise bad("guided_choice cannot be combined with allowed_token_ids or min_tokens")
 
 
 @dataclass(frozen=True)
@@ -201,8 +227,11 @@ def process_logits(logits: torch.Tensor, params_list: list[SamplingParams],
     allow_rows, allow_ids = [], []
     eos = frozenset(eos_token_ids)
     for row, (params, (input_ids, generated)) in enumerate(zip(params_list, histories)):
-        if params.allowed_token_ids is not None:
-            allowed = sorted({t for t in params.allowed_token_ids if t < vocab})
+        allowed = params.allowed_token_ids
+        if params.choice_token_ids is not None:
+            allowed = allowed_next(params.choice_token_ids, generated, () if params.ignore_eos else eos_token_ids)
+        if allowed is not None:
+            allowed = sorted({t for t in allowed if t < vocab})
             allow_rows += [row] * len(allowed)
             allow_ids += allowed
         for token, bias in params.logit_bias:

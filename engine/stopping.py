@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from .guided import choice_complete
 from .sampling import SamplingParams
 
 
@@ -37,6 +38,8 @@ def check_finish(
         return Finish("stop", last)
     if not params.ignore_eos and last in eos_token_ids:
         return Finish("stop", last)
+    if params.choice_token_ids is not None and choice_complete(params.choice_token_ids, generated):
+        return Finish("stop")
     if params.stop and text is not None:
         hit = text.find_stop(params.stop, params.min_tokens)
         if hit is not None:

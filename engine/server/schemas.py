@@ -44,6 +44,13 @@ class _SamplingFields(BaseModel):
     ignore_eos: StrictBool = False
     stop_token_ids: list[StrictInt] | None = None
     allowed_token_ids: list[StrictInt] | None = None
+    guided_choice: list[StrictStr] | None = None
+    structured_outputs: dict[str, Any] | None = None  # newer vLLM: {"choice": [...]}
+    # structured outputs this server does not implement: refused by name rather than ignored
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_grammar: Any = None
+    response_format: dict[str, Any] | None = None
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
     return_token_ids: StrictBool = False
@@ -63,10 +70,31 @@ class _SamplingFields(BaseModel):
             out[int(key)] = value
         return out
 
+    def choices(self) -> tuple[str, ...] | None:
+        """The guided choice, from guided_choice or structured_outputs' "choice" (checked by `unsupported`)."""
+        if self.guided_choice is not None:
+            return tuple(self.guided_choice)
+        choice = (self.structured_outputs or {}).get("choice")
+        return tuple(choice) if isinstance(choice, list) and all(isinstance(c, str) for c in choice) else None
+
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for an OpenAI option this server does not implement, given a non-default value."""
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
             return "stop", f"at most {MAX_STOP} stop strings are supported, got {len(self.stop)}"
+        for name in ("guided_json", "guided_regex", "guided_grammar"):
+            if getattr(self, name) is not None:
+                return name, f"{name} is not supported (guided_choice is)"
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            return "response_format", "response_format other than text is not supported (guided_choice is)"
+        outputs = self.structured_outputs or {}
+        other = sorted(k for k, v in outputs.items() if k != "choice" and v not in (None, False))
+        if other:
+            return "structured_outputs", f"structured_outputs {other[0]!r} is not supported (choice is)"
+        choice = outputs.get("choice")
+        if choice is not None and (not isinstance(choice, list) or not all(isinstance(c, str) for c in choice)):
+            return "structured_outputs", "structured_outputs choice must be a list of strings"
+        if choice is not None and self.guided_choice is not None:
+            return "guided_choice", "give guided_choice or structured_outputs' choice, not both"
         return None
 
 

@@ -120,6 +120,30 @@ def test_stop_string_and_special_token_text_options_pass_through(served):
         client.completions.create(model="a", prompt="hi", extra_body={"allowed_token_ids": []})
 
 
+def test_guided_choice_and_refused_structured_outputs(served):
+    """vLLM's guided_choice (and structured_outputs' choice) constrain the text; JSON, regex and grammar outputs are
+    refused by name instead of being ignored."""
+    client = served.server.openai()
+    choices = [" yes", " no", " maybe so"]
+    got = client.completions.create(model="a", prompt="the cat sat on", max_tokens=10, temperature=0,
+                                    extra_body={"guided_choice": choices})
+    [want] = served.expected(Request(prompt="a", text="the cat sat on",
+                                     sampling=sp(max_new_tokens=10, guided_choice=choices)))
+    assert got.choices[0].text == want.text and want.text in choices and got.choices[0].finish_reason == "stop"
+    chat = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "hi"}], max_tokens=10,
+                                          temperature=1.0, seed=4, n=3,
+                                          extra_body={"structured_outputs": {"choice": choices}})
+    assert all(c.message.content in choices for c in chat.choices)
+    for extra, param in [({"guided_json": {"type": "object"}}, "guided_json"), ({"guided_regex": "a+"}, "guided_regex"),
+                         ({"response_format": {"type": "json_object"}}, "response_format"),
+                         ({"structured_outputs": {"json": {}}}, "structured_outputs"),
+                         ({"structured_outputs": {"choice": 5}}, "structured_outputs"),
+                         ({"guided_choice": []}, "guided_choice")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="a", prompt="hi", max_tokens=2, extra_body=extra)
+        assert param in (e.value.body["param"] or e.value.body["message"]), extra
+
+
 def test_n_choices_use_consecutive_seeds_and_several_prompts(served):
     client = served.server.openai()
     got = client.completions.create(model="polite", prompt=["the dog", "my teacher"], n=3, max_tokens=6,
