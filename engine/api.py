@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .attention_triton import check_triton_device
-from .detokenizer import IncrementalText
+from .detokenizer import ContinuedText, IncrementalText
 from .errors import PromptError, RequestError, SoftPromptError
 from .kv_pool import KVPool, OutOfBlocks
 from .loader import load_model
@@ -250,7 +250,7 @@ class Engine:
             arrival_order=next(self._order),
         )
         if self.tokenizer is not None and self.backend != "reference":
-            seq.text = IncrementalText(self.tokenizer, seq.generated, prep.params.skip_special_tokens)
+            seq.text = IncrementalText(self.tokenizer, seq.generated, prep.params.skip_special_tokens, seq.input_ids)
         if prep.params.prompt_logprobs is not None:
             seq.prompt_logprobs.append(None)  # nothing before the first input token predicts it
         self._sequences[request.request_id] = seq
@@ -346,7 +346,7 @@ class Engine:
         if not self.scheduler.waiting:
             return []
         seq = self.scheduler.waiting.popleft()
-        decode = self.tokenizer.decoder(seq.params.skip_special_tokens) if self.tokenizer is not None else None
+        decode = None if self.tokenizer is None else self._continued_text(seq)
         prefix = None if seq.prompt is None else seq.prompt.reference_input
         tokens, logprobs, finish = self.reference.generate(prefix, seq.input_ids, seq.params, self.eos_token_ids, decode)
         seq.generated, seq.logprobs = tokens, logprobs or []
@@ -359,6 +359,12 @@ class Engine:
         self._sequences.pop(seq.request_id, None)
         return [self._output(seq)]
 
+    def _continued_text(self, seq: Sequence) -> ContinuedText:
+        """ids -> their text after the sequence's input (engine/detokenizer.py)."""
+        if seq.text is not None:
+            return seq.text.exact
+        return ContinuedText(self.tokenizer.decoder(seq.params.skip_special_tokens), seq.input_ids)
+
     def _output(self, seq: Sequence) -> RequestOutput:
         ids = list(seq.generated)
         text = None
@@ -370,8 +376,8 @@ class Engine:
                 text = final[:seq.text_end]
             else:  # every token's exact text (HF's decode) but a stop token's, cut at a stop string
                 stop_token = isinstance(seq.stop_reason, int) and not seq.params.include_stop_str_in_output
-                text = PendingText(_decoded, self.tokenizer.decoder(seq.params.skip_special_tokens),
-                                   ids[:-1] if stop_token else ids, seq.text_end)
+                text = PendingText(_decoded, self._continued_text(seq), ids[:-1] if stop_token else ids,
+                                   seq.text_end)
         return RequestOutput(
             request_id=seq.request_id,
             prompt=None if seq.prompt is None else seq.prompt.name,

@@ -14,7 +14,14 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from softprompt import Engine, Request, SamplingParams
-from softprompt.engine.detokenizer import REPLACEMENT, IncrementalText, earliest_stop, exact_stop
+from softprompt.engine.detokenizer import (
+    REPLACEMENT,
+    ContinuedText,
+    IncrementalText,
+    earliest_stop,
+    exact_stop,
+    input_context,
+)
 from softprompt.engine.tokenizer import Tokenizer
 from softprompt.testing import build_tokenizer
 
@@ -68,15 +75,18 @@ def wrap(hf, stream: bool) -> Tokenizer:
     return tok
 
 
-def check_prefixes(tok: Tokenizer, ids: list[int], reads: list[int], byte_runs: bool = False) -> None:
-    """Read the text at the lengths in `reads` (in any order): each equals HF's decode of that many ids, less a
-    trailing incomplete character. `byte_runs`: only where that decode has no U+FFFD at all."""
+def check_prefixes(tok: Tokenizer, ids: list[int], reads: list[int], byte_runs: bool = False,
+                   input_ids: list[int] = ()) -> None:
+    """Read the text at the lengths in `reads` (in any order): each equals the exact text of that many ids after
+    the input (HF's decode, `ContinuedText`), less a trailing incomplete character. `byte_runs`: only where that
+    text has no U+FFFD at all."""
     live: list[int] = []
-    text = IncrementalText(tok, live)
+    text = IncrementalText(tok, live, input_ids=input_ids)
+    exact = ContinuedText(tok.decode, input_ids)
     for n in sorted(set(reads)):
         live.extend(ids[len(live):n])
     for n in reads:
-        got, full = text.text(n), tok.decode(ids[:n])
+        got, full = text.text(n), exact(ids[:n])
         if byte_runs and REPLACEMENT in full:
             continue
         if full.endswith(REPLACEMENT):
@@ -100,8 +110,9 @@ def test_any_ids_give_hf_decodes_text(tokenizers, name, stream, data):
     incomplete or invalid UTF-8."""
     hf = tokenizers[name]
     ids = data.draw(st.lists(st.integers(0, len(hf) + 3), max_size=40))
+    input_ids = data.draw(st.lists(st.integers(0, len(hf) + 3), max_size=30))
     reads = data.draw(st.lists(st.integers(0, len(ids)), max_size=12)) + [len(ids)]
-    check_prefixes(wrap(hf, stream), ids, reads)
+    check_prefixes(wrap(hf, stream), ids, reads, input_ids=input_ids)
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["decode_stream", "window"])
@@ -114,9 +125,42 @@ def test_byte_fallback_text_gives_hf_decodes_text(tokenizers, stream, text, data
     final text of real text always is (a request's final text is HF's decode whatever the ids: tested below)."""
     hf = tokenizers["sentencepiece"]
     ids = hf(text, add_special_tokens=False)["input_ids"]
-    reads = data.draw(st.lists(st.integers(0, len(ids)), max_size=12)) + [len(ids)]
+    cut = data.draw(st.integers(0, len(ids)))  # the first `cut` tokens are the input
+    reads = data.draw(st.lists(st.integers(0, len(ids) - cut), max_size=12)) + [len(ids) - cut]
     assert REPLACEMENT not in hf.decode(ids)
-    check_prefixes(wrap(hf, stream), ids, reads, byte_runs=True)
+    check_prefixes(wrap(hf, stream), ids[cut:], reads, byte_runs=True, input_ids=ids[:cut])
+
+
+@pytest.mark.parametrize("name", ["byte_level", "sentencepiece", "metaspace", "wordpiece"])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_the_text_continues_the_input_as_hf_pipelines_give_it(tokenizers, name, data):
+    """HF's text-generation pipeline (return_full_text=False) decodes input + output and drops the input's text:
+    the same text wherever the input's text has no U+FFFD (the context is the input's last tokens only)."""
+    hf = tokenizers[name]
+    tok = Tokenizer(hf)
+    input_ids = data.draw(st.lists(st.integers(3, len(hf) - 1), min_size=1, max_size=30))
+    ids = data.draw(st.lists(st.integers(0, len(hf) - 1), max_size=20))
+    before = tok.decode(input_ids)
+    whole = tok.decode(input_ids + ids)
+    if REPLACEMENT in before or not whole.startswith(before) or REPLACEMENT in tok.decode(input_ids[-23:]):
+        return
+    assert ContinuedText(tok.decode, input_ids)(ids) == whole[len(before):]
+
+
+def test_a_sentencepiece_first_token_keeps_its_space_after_the_input(tokenizers):
+    hf = tokenizers["sentencepiece"]
+    tok = Tokenizer(hf)
+    the, cat, sat = hf.convert_tokens_to_ids(["▁the", "▁cat", "▁sat"])
+    assert tok.decode([cat, sat]) == "cat sat"  # HF's decode of the output alone drops the space
+    for stream in (True, False):
+        live = [cat, sat]
+        assert IncrementalText(wrap(hf, stream), live, input_ids=[the]).text() == " cat sat"
+    assert ContinuedText(tok.decode, [the])([cat, sat]) == " cat sat"
+    assert ContinuedText(tok.decode, [])([cat, sat]) == "cat sat"  # no input: nothing to continue
+    assert input_context(tok.decode, [the] * 30) == ([the] * 4, "the the the the")
+    lone = hf.convert_tokens_to_ids("<0xE6>")  # an incomplete character: no clean context ends with it
+    assert input_context(tok.decode, [the, the, lone]) == ([], "")
 
 
 def test_a_python_clean_up_across_the_window_edge_keeps_the_text_already_out(tokenizers):
@@ -255,12 +299,14 @@ def test_text_is_decoded_only_when_read_and_a_stream_never_decodes_everything(en
         outs = list(engine.stream(Request(input_ids=[5, 6, 7], sampling=params)))
         assert len(outs) == 6 and calls == []
         texts = [o.text for o in outs]
-        assert calls == [6]  # only the finished output decodes all its tokens (the stream steps a DecodeStream)
+        # the input's context once, then only the finished output decodes all its tokens (after that context);
+        # the running outputs' text comes from stepping a DecodeStream
+        assert calls == [3, 3 + 6]
         assert texts[-1] == decode(outs[-1].token_ids) and all(texts[-1].startswith(t) for t in texts)
         calls.clear()
         list(engine.stream(Request(input_ids=[5, 6, 7], sampling=SamplingParams(
             max_new_tokens=6, ignore_eos=True, stop=["never in this text"]))))
-        assert calls == []  # the stop check read only the new pieces
+        assert calls == [3]  # the stop check read only the new pieces
     finally:
         engine.tokenizer.decode = decode
 
@@ -308,3 +354,25 @@ def test_special_tokens_text_is_kept_when_asked(engines):
     streamed = [o.text for o in engine.stream(Request(input_ids=[5, 6], sampling=SamplingParams(
         **forced, skip_special_tokens=False)))]
     assert streamed == ["<s>", "<s><s>", "<s><s><s>", "<s>" * 4]
+
+
+def test_engine_text_continues_the_input_with_a_sentencepiece_tokenizer(tmp_path, model_dir_for, tokenizers):
+    """A Llama 2 / Mistral style tokenizer: the completion after "the" is " cat sat" (as vLLM and HF's pipeline
+    give it), streamed and final, on both paths, so that input + completion reads as one text."""
+    import shutil
+
+    d = shutil.copytree(model_dir_for("llama"), tmp_path / "m")
+    for f in d.glob("tokenizer*"):
+        f.unlink()
+    hf = tokenizers["sentencepiece"]
+    hf.save_pretrained(d)
+    the, cat, sat = hf.convert_tokens_to_ids(["▁the", "▁cat", "▁sat"])
+    params = SamplingParams(max_new_tokens=4, choice_token_ids=[[cat, sat]])
+    for backend in ("torch", "reference"):
+        engine = Engine(d, device="cpu", dtype="float32", backend=backend)
+        outs = list(engine.stream(Request(input_ids=[the], sampling=params)))
+        assert [o.text for o in outs][-1] == " cat sat" and outs[-1].token_ids == [cat, sat]
+        assert engine.generate([Request(text="the", sampling=params)])[0].text == " cat sat"
+    assert [o.text for o in outs] == [" cat sat"]  # the reference path: one output, when it finishes
+    engine = Engine(d, device="cpu", dtype="float32")
+    assert [o.text for o in engine.stream(Request(input_ids=[the], sampling=params))] == [" cat", " cat sat"]
