@@ -33,6 +33,21 @@ _PROCESSES_LOGITS, _SCREENABLE = attrgetter("processes_logits"), attrgetter("scr
 BACKENDS = ("auto", "torch", "triton", "reference")
 
 
+def bad_words_token_ids(tokenizer: Tokenizer, words: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+    """vLLM's encoding of bad words: each as encoded alone (leading spaces stripped), and after a space where that
+    starts with another token and has as many tokens (a word at the start of the text and one inside it)."""
+    out = []
+    for word in words:
+        alone = tuple(tokenizer.encode(word.lstrip(), add_special_tokens=False))
+        if not alone:
+            continue
+        out.append(alone)
+        spaced = tuple(tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+        if len(spaced) == len(alone) and spaced[0] != alone[0]:
+            out.append(spaced)
+    return tuple(out)
+
+
 def _decoded(decode, ids: list[int], end: int | None) -> str:
     return decode(ids)[:end]
 
@@ -191,6 +206,13 @@ class Engine:
             if empty:
                 raise RequestError(f"guided_choice {empty[0]!r} encodes to no tokens")
             params = replace(params, choice_token_ids=tuple(encoded))
+        if params.bad_words:
+            words = bad_words_token_ids(require_tokenizer(self.tokenizer, "bad_words"), params.bad_words)
+            params = replace(params, bad_words_token_ids=tuple(dict.fromkeys(params.bad_words_token_ids + words)))
+        bad = [t for word in params.bad_words_token_ids for t in word if t >= self.config.vocab_size]
+        if bad:
+            raise RequestError(f"bad word token id {bad[0]} is out of range for vocabulary size "
+                               f"{self.config.vocab_size}")
         bad = [t for choice in params.choice_token_ids or () for t in choice if t >= self.config.vocab_size]
         if bad:
             raise RequestError(f"choice token id {bad[0]} is out of range for vocabulary size "

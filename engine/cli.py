@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="only these token ids may be generated, comma-separated")
     gen.add_argument("--choice", action="append", default=None, metavar="TEXT",
                      help="the output is one of these texts (repeatable; guided_choice)")
+    gen.add_argument("--bad-word", action="append", default=[], metavar="TEXT",
+                     help="a word never to generate (repeatable)")
     gen.add_argument("--include-stop-str", action="store_true",
                      help="keep the stop string (or the stop token's text) in the output text")
     gen.add_argument("--keep-special-tokens", action="store_true", help="keep special tokens' text in the output")
@@ -108,7 +110,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             stop=args.stop, stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos,
                             include_stop_str_in_output=args.include_stop_str,
                             skip_special_tokens=not args.keep_special_tokens, allowed_token_ids=allowed,
-                            guided_choice=args.choice)
+                            guided_choice=args.choice, bad_words=args.bad_word)
     if args.ids is not None:
         ids = _int_list(args.ids, "--ids")
         request = Request(prompt=args.task, input_ids=ids, sampling=params)

@@ -14,6 +14,7 @@ from .errors import SamplingParamsError
 from .guided import MAX_GUIDED_CHOICES, allowed_next
 
 MAX_LOGPROBS = 20
+MAX_BAD_WORDS = 128
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 (ban) to 100 (force)
 
 
@@ -22,7 +23,7 @@ class SamplingParams:
     """How to pick tokens. `temperature=0` is greedy (the default).
 
     The logit processors run in vLLM's order, before greedy or sampled picking: `allowed_token_ids` or
-    `guided_choice` (every other token masked out), `logit_bias`, the `min_tokens`
+    `guided_choice` (every other token masked out), `logit_bias`, `bad_words`, the `min_tokens`
     mask (EOS and `stop_token_ids` banned until that many tokens exist; stop strings are not checked before
     either), `repetition_penalty` (HF/vLLM: over the request's input ids and generated tokens, a positive logit
     is divided by it, a negative one multiplied), then `frequency_penalty` x count and `presence_penalty` (OpenAI:
@@ -55,6 +56,11 @@ class SamplingParams:
     # fills choice_token_ids from them; give choice_token_ids yourself to work on token ids)
     guided_choice: tuple[str, ...] | None = None
     choice_token_ids: tuple[tuple[int, ...], ...] | None = None
+    # vLLM's bad_words: never generated (each word as encoded alone and, where that is another token, after a
+    # space); a word's last token is banned where the tokens before it were just generated. The engine adds their
+    # ids to bad_words_token_ids (give ids there yourself to work without a tokenizer)
+    bad_words: tuple[str, ...] = ()
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         # normalise lists given by users into tuples (the dataclass is frozen)
@@ -62,12 +68,14 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        for name in ("allowed_token_ids", "guided_choice", "choice_token_ids"):
+        if isinstance(self.bad_words, str):
+            object.__setattr__(self, "bad_words", (self.bad_words,))
+        for name in ("allowed_token_ids", "guided_choice", "choice_token_ids", "bad_words", "bad_words_token_ids"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, bytes)):
                 try:
                     value = tuple(value)
-                    if name == "choice_token_ids":
+                    if name in ("choice_token_ids", "bad_words_token_ids"):
                         value = tuple(tuple(ids) if isinstance(ids, (list, tuple)) else ids for ids in value)
                     object.__setattr__(self, name, value)
                 except TypeError:
@@ -92,7 +100,7 @@ class SamplingParams:
         """Whether any logit processor applies (then the row needs its token history and full logits)."""
         return bool(self.logit_bias or self.min_tokens or self.repetition_penalty != 1.0
                     or self.frequency_penalty or self.presence_penalty or self.allowed_token_ids is not None
-                    or self.choice_token_ids is not None)
+                    or self.choice_token_ids is not None or bool(self.bad_words_token_ids))
 
     @property
     def screenable(self) -> bool:
@@ -176,6 +184,15 @@ class SamplingParams:
                       f"got {ids!r}")
         if (choices is not None or ids is not None) and (self.allowed_token_ids is not None or self.min_tokens):
             raise bad("guided_choice cannot be combined with allowed_token_ids or min_tokens")
+        words, word_ids = self.bad_words, self.bad_words_token_ids
+        if not isinstance(words, tuple) or len(words) > MAX_BAD_WORDS or any(
+                not isinstance(w, str) or not w.strip() for w in words):
+            raise bad(f"bad_words must be a list of at most {MAX_BAD_WORDS} strings with text, got {words!r}")
+        if not isinstance(word_ids, tuple) or len(word_ids) > 2 * MAX_BAD_WORDS or any(
+                not isinstance(w, tuple) or not w or any(isinstance(t, bool) or not isinstance(t, int) or t < 0
+                                                         for t in w) for w in word_ids):
+            raise bad(f"bad_words_token_ids must be a list of at most {2 * MAX_BAD_WORDS} non-empty lists of token "
+                      f"ids, got {word_ids!r}")
 
 
 @dataclass(frozen=True)
@@ -237,6 +254,11 @@ def process_logits(logits: torch.Tensor, params_list: list[SamplingParams],
         for token, bias in params.logit_bias:
             if token < vocab:
                 bias_rows.append(row), bias_ids.append(token), biases.append(bias)
+        for word in params.bad_words_token_ids:  # vLLM's rule: the word's other tokens were the last generated
+            before = len(word) - 1
+            if before <= len(generated) and word[-1] < vocab and (
+                    not before or tuple(generated[len(generated) - before:]) == word[:-1]):
+                ban_rows.append(row), ban_ids.append(word[-1])
         if len(generated) < params.min_tokens:
             banned = set(params.stop_token_ids) | (set() if params.ignore_eos else eos)
             for token in sorted(t for t in banned if t < vocab):

@@ -63,6 +63,9 @@ def test_generate_with_stop_strings_and_text_options(model_dir_for, capsys, monk
     assert main([*base, "--allowed-token-ids", "40,41, 300"]) == 0
     assert set(json.loads(capsys.readouterr().out)["token_ids"]) <= {40, 41, 300}
     assert seen[-1].allowed_token_ids == (40, 41, 300)
+    assert main([*base, "--bad-word", "the", "--bad-word", "cat"]) == 0
+    capsys.readouterr()
+    assert seen[-1].bad_words == ("the", "cat")
     assert main([*base, "--choice", " yes", "--choice", " no"]) == 0
     assert json.loads(capsys.readouterr().out)["text"] in (" yes", " no")
     assert main([*base, "--allowed-token-ids", "4x"]) == 2

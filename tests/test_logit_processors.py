@@ -98,6 +98,10 @@ def test_sample_next_needs_histories_for_processing_rows():
     (dict(allowed_token_ids=[True]), "allowed_token_ids"),
     (dict(allowed_token_ids="12"), "allowed_token_ids"),
     (dict(allowed_token_ids=5), "allowed_token_ids"),
+    (dict(bad_words=["ok", " "]), "bad_words must be a list of at most 128 strings with text"),
+    (dict(bad_words=[3]), "bad_words"),
+    (dict(bad_words_token_ids=[[]]), "bad_words_token_ids must be a list of at most 256 non-empty lists"),
+    (dict(bad_words_token_ids=[[1, True]]), "bad_words_token_ids"),
 ])
 def test_bad_params_are_named(bad, message):
     with pytest.raises(SamplingParamsError, match=message):
@@ -192,7 +196,8 @@ def test_engine_batches_equal_the_reference_path(model_dir_for):
                 dict(logit_bias={7: 4.0, 8: -50}), dict(min_tokens=5), dict(temperature=0.9, seed=3, min_p=0.1,
                 repetition_penalty=0.8), dict(temperature=1.2, seed=4, frequency_penalty=-1.0, top_k=20),
                 dict(temperature=0.7, seed=5), dict(allowed_token_ids=[7, 8, 9, 400]),
-                dict(temperature=1.1, seed=6, allowed_token_ids=list(range(100, 140)), min_tokens=2)]
+                dict(temperature=1.1, seed=6, allowed_token_ids=list(range(100, 140)), min_tokens=2),
+                dict(bad_words_token_ids=[[7], [8, 9]], temperature=0.8, seed=7)]
     g = torch.Generator().manual_seed(2)
     requests = [Request(prompt=names[i % len(names)], input_ids=torch.randint(4, 500, (int(n),), generator=g).tolist(),
                         sampling=SamplingParams(max_new_tokens=7, **variants[i % len(variants)]))
@@ -214,3 +219,48 @@ def test_min_tokens_is_capped_with_max_new_tokens_where_the_model_runs_out_of_po
     prepared = engine.prepare(Request(input_ids=[5] * 250, sampling=SamplingParams(max_new_tokens=20,
                                                                                   min_tokens=20)))
     assert prepared.params.max_new_tokens == room == prepared.params.min_tokens
+
+
+def test_bad_words_ban_a_words_last_token_after_its_first_ones():
+    logits = torch.zeros(3, 16)
+    words = ((5,), (7, 8), (1, 2, 3))
+    params = SamplingParams(bad_words_token_ids=words)
+    out = process_logits(logits, [params] * 3, [([9], []), ([9], [4, 7]), ([1, 2], [0, 1, 2])], ())
+    banned = [set(torch.nonzero(row == float("-inf")).flatten().tolist()) for row in out]
+    # vLLM's rule: only generated tokens count (the input's 1, 2 do not make 3 a bad word's end in row 0)
+    assert banned == [{5}, {5, 8}, {5, 3}]
+
+
+def test_bad_words_are_encoded_as_vllm_does_and_equal_hf_generate(engine, model_dir_for):
+    """Each word alone and after a space; greedy equals HF generate with the same bad_words_ids where no word
+    starts in the input (HF also matches a word's first tokens against the input; vLLM and the engine do not)."""
+    from transformers import AutoModelForCausalLM
+
+    from softprompt.engine.api import bad_words_token_ids
+
+    tok = engine.tokenizer
+    cat, space_cat = tok.encode("cat", add_special_tokens=False), tok.encode(" cat", add_special_tokens=False)
+    assert bad_words_token_ids(tok, ("cat",)) == tuple(
+        {tuple(cat): 0, **({tuple(space_cat): 0} if len(space_cat) == len(cat) and space_cat[0] != cat[0] else {})})
+    ids = [5, 6, 7, 8]
+    free = engine.generate([Request(input_ids=ids, sampling=SamplingParams(max_new_tokens=10,
+                                                                          ignore_eos=True))])[0].token_ids
+    words = [[free[2]], [free[5], free[6]]]
+    assert all(w[0] != ids[-1] for w in words)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir_for("llama"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, 4, dtype=torch.long), do_sample=False,
+                          max_new_tokens=10, min_new_tokens=10, bad_words_ids=words, pad_token_id=0)
+    want = out[0, 4:].tolist()
+    got = engine.generate([Request(input_ids=ids, sampling=SamplingParams(
+        max_new_tokens=10, ignore_eos=True, bad_words_token_ids=words))])[0].token_ids
+    assert got == want and got != free and free[2] not in got
+    # a generated token that is a whole word, as encoded alone or after a space: banned by its text
+    token, word = next((t, tok.decode([t]).strip()) for t in free if tok.decode([t]).strip() and [t] in (
+        tok.encode(tok.decode([t]).strip(), add_special_tokens=False),
+        tok.encode(" " + tok.decode([t]).strip(), add_special_tokens=False)))
+    banned = engine.generate([Request(input_ids=ids, sampling=SamplingParams(
+        max_new_tokens=10, ignore_eos=True, bad_words=[word]))])[0]
+    assert token not in banned.token_ids and banned.token_ids != free
+    with pytest.raises(RequestError, match="bad word token id 99999 is out of range"):
+        engine.generate([Request(input_ids=ids, sampling=SamplingParams(bad_words_token_ids=[[99999]]))])

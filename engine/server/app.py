@@ -177,6 +177,7 @@ def _sampling(body: _SamplingFields, index: int, max_new_tokens: int, logprobs: 
             logit_bias=logit_bias, prompt_logprobs=prompt_logprobs,
             include_stop_str_in_output=body.include_stop_str_in_output, skip_special_tokens=body.skip_special_tokens,
             allowed_token_ids=body.allowed_token_ids, guided_choice=body.choices(),
+            bad_words=tuple(body.bad_words or ()),
         )
     except ValueError as exc:
         raise to_api_error(exc) from exc

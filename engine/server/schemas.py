@@ -44,9 +44,11 @@ class _SamplingFields(BaseModel):
     ignore_eos: StrictBool = False
     stop_token_ids: list[StrictInt] | None = None
     allowed_token_ids: list[StrictInt] | None = None
+    bad_words: list[StrictStr] | None = None
     guided_choice: list[StrictStr] | None = None
     structured_outputs: dict[str, Any] | None = None  # newer vLLM: {"choice": [...]}
     # structured outputs this server does not implement: refused by name rather than ignored
+    use_beam_search: StrictBool = False
     guided_json: Any = None
     guided_regex: Any = None
     guided_grammar: Any = None
@@ -81,6 +83,8 @@ class _SamplingFields(BaseModel):
         """(param, message) for an OpenAI option this server does not implement, given a non-default value."""
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
             return "stop", f"at most {MAX_STOP} stop strings are supported, got {len(self.stop)}"
+        if self.use_beam_search:
+            return "use_beam_search", "beam search is not supported"
         for name in ("guided_json", "guided_regex", "guided_grammar"):
             if getattr(self, name) is not None:
                 return name, f"{name} is not supported (guided_choice is)"

@@ -93,7 +93,8 @@ def test_stream_never_sends_text_that_a_stop_string_later_cuts(served):
 
 
 def test_stop_string_and_special_token_text_options_pass_through(served):
-    """vLLM's include_stop_str_in_output, skip_special_tokens and allowed_token_ids (extra_body)."""
+    """vLLM's include_stop_str_in_output, skip_special_tokens, allowed_token_ids and bad_words (extra_body); beam
+    search is refused by name."""
     client = served.server.openai()
     [free] = served.expected(Request(prompt="a", text="a small red bird", sampling=sp(max_new_tokens=12)))
     stop = free.text[3:6]
@@ -118,6 +119,16 @@ def test_stop_string_and_special_token_text_options_pass_through(served):
     assert got.choices[0].model_extra["token_ids"] == want.token_ids and set(want.token_ids) <= set(allowed)
     with pytest.raises(openai.BadRequestError, match="allowed_token_ids"):
         client.completions.create(model="a", prompt="hi", extra_body={"allowed_token_ids": []})
+    free = client.completions.create(model="a", prompt="hi", max_tokens=6, temperature=0,
+                                     extra_body={"return_token_ids": True}).choices[0].model_extra["token_ids"]
+    word = served.reference.tokenizer.decode(free[:1]).strip() or "x"
+    got = client.completions.create(model="a", prompt="hi", max_tokens=6, temperature=0,
+                                    extra_body={"bad_words": [word], "return_token_ids": True})
+    [want] = served.expected(Request(prompt="a", text="hi", sampling=sp(max_new_tokens=6, bad_words=[word])))
+    assert got.choices[0].model_extra["token_ids"] == want.token_ids != free
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="a", prompt="hi", extra_body={"use_beam_search": True})
+    assert e.value.body["param"] == "use_beam_search"
 
 
 def test_guided_choice_and_refused_structured_outputs(served):
