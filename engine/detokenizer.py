@@ -86,13 +86,9 @@ class FullText:
 
     def __init__(self, decode: Callable[[list[int]], str], ids: list[int]):
         self.decode, self.ids = decode, ids
-        self.final: str | None = None
 
     def find_stop(self, stops: Sequence[str], min_tokens: int) -> tuple[int, str] | None:
-        hit, text = exact_stop(self.decode, self.ids, stops, min_tokens)
-        if hit is not None:
-            self.final = text
-        return hit
+        return exact_stop(self.decode, self.ids, stops, min_tokens)[0]
 
 
 class IncrementalText:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -166,13 +166,13 @@ class SamplingParams:
         if allowed is not None and (not isinstance(allowed, tuple) or not allowed or any(
                 isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in allowed)):
             raise bad(f"allowed_token_ids must be a non-empty list of non-negative token ids, got {allowed!r}")
-        self._validate_choices(bad)
+        self._validate_token_lists(bad)
         for name in ("include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(f"{name} must be true or false, got {getattr(self, name)!r}")
 
-
-    def _validate_choices(self, bad) -> None:
+    def _validate_token_lists(self, bad: Callable[[str], SamplingParamsError]) -> None:
+        """guided_choice / choice_token_ids and bad_words / bad_words_token_ids."""
         choices, ids = self.guided_choice, self.choice_token_ids
         if choices is not None and (not isinstance(choices, tuple) or not 0 < len(choices) <= MAX_GUIDED_CHOICES
                                     or any(not isinstance(c, str) or not c for c in choices)):
