@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from .attention_triton import check_triton_device
+from .config import generation_defaults
 from .detokenizer import ContinuedText, IncrementalText
-from .errors import PromptError, RequestError, SoftPromptError
+from .errors import CheckpointError, PromptError, RequestError, SoftPromptError
 from .kv_pool import KVPool, OutOfBlocks
 from .loader import load_model
 from .model_runner import ModelRunner
@@ -99,6 +100,11 @@ class Engine:
         self.dtype = self.model.word_embeddings.weight.dtype
         self.tokenizer: Tokenizer | None = load_tokenizer(model_dir)
         self.eos_token_ids = self._eos_ids()
+        self.generation_defaults = generation_defaults(self.model_dir)
+        try:
+            SamplingParams(**self.generation_defaults)
+        except SoftPromptError as exc:
+            raise CheckpointError(f"{self.model_dir}/generation_config.json: {exc}") from exc
         self.prompts = PromptStore(
             hidden_size=self.config.hidden_size,
             dtype=self.dtype,
@@ -134,6 +140,12 @@ class Engine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return tuple(sorted(ids))
+
+    def default_sampling_params(self, **overrides) -> SamplingParams:
+        """SamplingParams with the checkpoint's recommended sampling settings (`generation_config.json`'s
+        temperature, top_p, top_k, min_p, repetition_penalty, where it sets them; vLLM's
+        `LLM.get_default_sampling_params`), then `overrides`. SamplingParams() alone is greedy."""
+        return SamplingParams(**{**self.generation_defaults, **overrides})
 
     # ---- prompts -------------------------------------------------------------------------------------
     def add_prompt(

@@ -69,21 +69,40 @@ def read_config_json(model_dir: Path) -> dict:
         raise CheckpointError(f"{path}: config.json is not valid JSON ({exc})") from exc
 
 
+GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def read_generation_config(model_dir: Path) -> dict:
+    """`generation_config.json` as a dict ({} without one)."""
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
+    return raw
+
+
 def generation_eos_ids(model_dir: Path) -> tuple[int, ...]:
     """The EOS ids of `generation_config.json`, where HF's `generate` takes them from (instruction-tuned checkpoints
     often list an end-of-turn token there that config.json lacks, e.g. Llama 3's <|eot_id|>); () without one."""
-    path = model_dir / "generation_config.json"
-    if not path.is_file():
-        return ()
-    try:
-        value = json.loads(path.read_text()).get("eos_token_id")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
-        raise CheckpointError(f"{path} is not a JSON object ({exc})") from exc
+    value = read_generation_config(model_dir).get("eos_token_id")
     ids = [value] if value is None or isinstance(value, int) else value
     if not isinstance(ids, list) or any(v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0)
                                         for v in ids):
-        raise CheckpointError(f"{path}: eos_token_id must be a token id or a list of them, got {value!r}")
+        raise CheckpointError(f"{model_dir / 'generation_config.json'}: eos_token_id must be a token id or a list "
+                              f"of them, got {value!r}")
     return tuple(v for v in ids if v is not None)
+
+
+def generation_defaults(model_dir: Path) -> dict[str, float | int]:
+    """The sampling settings `generation_config.json` recommends (temperature, top_p, top_k, min_p,
+    repetition_penalty: those it sets), which vLLM's server uses where a request leaves them out."""
+    raw = read_generation_config(model_dir)
+    return {key: raw[key] for key in GENERATION_DEFAULT_KEYS if raw.get(key) is not None}
 
 
 def load_model_config(model_dir: str | Path) -> ModelConfig:

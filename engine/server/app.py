@@ -52,6 +52,9 @@ class ServerConfig:
     max_upload_bytes: int = 256 << 20  # POST /v1/prompts bodies (adapter files)
     retry_after_s: int = 1
     disconnect_poll_s: float = 0.25  # how often a waiting handler checks whether its client is still there
+    # "auto": a request that leaves out temperature, top_p, top_k, min_p or repetition_penalty gets the value the
+    # checkpoint's generation_config.json recommends (vLLM's --generation-config auto); "none": OpenAI's defaults
+    generation_config: str = "auto"
 
 
 class APIError(Exception):
@@ -152,8 +155,13 @@ class _HTTPMetrics:
 
 
 def _sampling(body: _SamplingFields, index: int, max_new_tokens: int, logprobs: int | None,
-              prompt_logprobs: int | None = None) -> SamplingParams:
-    """The engine's sampling parameters for choice `index` (seed + index); its validation errors become 400s."""
+              prompt_logprobs: int | None = None, defaults: dict | None = None) -> SamplingParams:
+    """The engine's sampling parameters for choice `index` (seed + index); its validation errors become 400s.
+    `defaults`: values for the fields the request leaves out (the checkpoint's generation config)."""
+    left_out = {k: v for k, v in (defaults or {}).items()
+                if k not in body.model_fields_set or getattr(body, k) is None}
+    if left_out:
+        body = body.model_copy(update=left_out)
     seed = None if body.seed is None else body.seed + index
     if seed is not None and seed > SEED_MAX:
         raise APIError(400, f"seed + n - 1 must be at most {SEED_MAX}", param="seed")
@@ -198,6 +206,9 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
     """The server for one engine. The engine loop starts with the app (lifespan) and stops with it; from then
     on every engine call goes through it: do not use `engine` directly while the app runs."""
     config = config or ServerConfig()
+    if config.generation_config not in ("auto", "none"):
+        raise ValueError(f"generation_config must be 'auto' or 'none', got {config.generation_config!r}")
+    defaults = engine.generation_defaults if config.generation_config == "auto" else {}
     registry = registry or PromptRegistry()
     metrics_holder: dict = {}
     loop = EngineLoop(engine, on_output=lambda s, o, t: metrics_holder["m"].observe_output(s, o, t),
@@ -343,7 +354,7 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
         for inp in inputs:
             for j in range(body.n):
                 params = _sampling(body, j, 1 if echo_only else max_new, body.logprobs,
-                                   body.logprobs if body.echo else None)
+                                   body.logprobs if body.echo else None, defaults)
                 source = {"text": inp} if isinstance(inp, str) else {"input_ids": inp}
                 requests.append(EngineRequest(prompt=prompt, sampling=params, request_id=f"{cid}-{len(requests)}",
                                               **source))
@@ -372,8 +383,9 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
                        engine.config.max_positions)  # None: as many as fit (the engine caps it)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         cid, created = _ids("chatcmpl")
-        requests = [EngineRequest(prompt=prompt, input_ids=ids, sampling=_sampling(body, j, max_new, logprobs),
-                                  request_id=f"{cid}-{j}") for j in range(body.n)]
+        requests = [EngineRequest(prompt=prompt, input_ids=ids, request_id=f"{cid}-{j}",
+                                  sampling=_sampling(body, j, max_new, logprobs, defaults=defaults))
+                    for j in range(body.n)]
         fmt = ChatFormat(cid, created, body.model, token_str, body.stop_list(), body.return_token_ids,
                          bool(body.stream_options and body.stream_options.include_usage))
         return await generate(http, body, requests, fmt)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from ..errors import SoftPromptError
@@ -41,6 +42,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", help="auto, torch, triton, reference")
     p.add_argument("--enforce-eager", action="store_true",
                    help="triton backend: launch decode steps eagerly instead of replaying CUDA graphs")
+    p.add_argument("--generation-config", choices=("auto", "none"), default="auto",
+                   help="auto: requests that leave out temperature, top_p, top_k, min_p or repetition_penalty get "
+                   "the checkpoint's generation_config.json values (as vLLM); none: OpenAI's defaults")
     p.add_argument("--log-level", default="info")
     ray = p.add_argument_group("Ray Serve (needs the ray extra): several engine replicas with task-affinity routing")
     ray.add_argument("--ray", action="store_true", help="serve with Ray Serve instead of one process")
@@ -117,7 +121,11 @@ def build_server(args: argparse.Namespace):
         registry.register(engine, name, source)
     for name, text in parse_text_prompts(args.text_prompt).items():
         registry.register(engine, name, text=text)
-    config = ServerConfig(max_queue=args.max_queue, admin_token=args.admin_token or os.environ.get(ADMIN_TOKEN_ENV))
+    config = ServerConfig(max_queue=args.max_queue, admin_token=args.admin_token or os.environ.get(ADMIN_TOKEN_ENV),
+                          generation_config=args.generation_config)
+    if args.generation_config == "auto" and engine.generation_defaults:
+        print(f"requests that leave them out get {args.model_dir}/generation_config.json's sampling settings "
+              f"{engine.generation_defaults} (--generation-config none: OpenAI's defaults)", file=sys.stderr)
     return create_app(engine, registry, config), registry
 
 

@@ -81,6 +81,7 @@ class RayServeSettings:
     max_retries: int = 3  # attempts on other replicas when a replica dies before answering
     max_body_bytes: int = 8 << 20
     stats_interval_s: float = 0.5
+    generation_config: str = "auto"  # as the single-process server's --generation-config
 
     def __post_init__(self) -> None:
         if self.routing not in ROUTINGS:
@@ -172,8 +173,9 @@ class SoftPromptReplica:
                              kv_cache_bytes=settings.kv_cache_bytes, max_num_seqs=settings.max_num_seqs,
                              max_batched_tokens=settings.max_batched_tokens, cuda_graphs=settings.cuda_graphs)
         self.registry = PromptRegistry(max_versions=2)
-        self.app = create_app(self.engine, self.registry, ServerConfig(max_queue=settings.max_queue,
-                                                                       max_body_bytes=settings.max_body_bytes))
+        self.app = create_app(self.engine, self.registry, ServerConfig(
+            max_queue=settings.max_queue, max_body_bytes=settings.max_body_bytes,
+            generation_config=settings.generation_config))
         self.loop = self.app.state.loop
         self.loop.start()
         self.prompts = settings.shared_prompts()
