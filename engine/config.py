@@ -57,16 +57,24 @@ def _eos_ids(value: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
+def read_json_object(path: Path, error: type[Exception]) -> dict:
+    """A JSON file that must hold an object; `error` (a SoftPromptError) names the file's problem."""
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path} is not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise error(f"{path} must hold a JSON object")
+    return raw
+
+
 def read_config_json(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not model_dir.is_dir():
         raise CheckpointError(f"model directory {str(model_dir)!r} does not exist")
     if not path.is_file():
         raise CheckpointError(f"{str(model_dir)!r} has no config.json: not a Hugging Face checkpoint directory")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: config.json is not valid JSON ({exc})") from exc
+    return read_json_object(path, CheckpointError)
 
 
 GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
@@ -75,15 +83,7 @@ GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition
 def read_generation_config(model_dir: Path) -> dict:
     """`generation_config.json` as a dict ({} without one)."""
     path = model_dir / "generation_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path} is not a JSON object")
-    return raw
+    return read_json_object(path, CheckpointError) if path.is_file() else {}
 
 
 def generation_eos_ids(model_dir: Path) -> tuple[int, ...]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from .config import read_json_object
 from .errors import PromptError, UnknownPromptError
 
 PROMPT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -109,13 +109,7 @@ def read_peft_config(adapter_dir: Path) -> dict:
     config_path = Path(adapter_dir) / "adapter_config.json"
     if not config_path.is_file():
         raise PromptError(f"{adapter_dir} is not a PEFT adapter directory: adapter_config.json is missing")
-    try:
-        cfg = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PromptError(f"{config_path} is not valid JSON ({exc})") from exc
-    if not isinstance(cfg, dict):
-        raise PromptError(f"{config_path} must hold a JSON object")
-    return cfg
+    return read_json_object(config_path, PromptError)
 
 
 def read_peft_adapter(adapter_dir: Path, task_id: int | None = None) -> PeftPromptWeights:
