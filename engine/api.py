@@ -13,9 +13,8 @@ from pathlib import Path
 import torch
 
 from .attention_triton import check_triton_device
-from .config import generation_defaults
-from .detokenizer import ContinuedText, IncrementalText
-from .errors import CheckpointError, PromptError, RequestError, SoftPromptError
+from .detokenizer import IncrementalText
+from .errors import PromptError, RequestError, SoftPromptError
 from .kv_pool import KVPool, OutOfBlocks
 from .loader import load_model
 from .model_runner import ModelRunner
@@ -100,11 +99,7 @@ class Engine:
         self.dtype = self.model.word_embeddings.weight.dtype
         self.tokenizer: Tokenizer | None = load_tokenizer(model_dir)
         self.eos_token_ids = self._eos_ids()
-        self.generation_defaults = generation_defaults(self.model_dir)
-        try:
-            SamplingParams(**self.generation_defaults)
-        except SoftPromptError as exc:
-            raise CheckpointError(f"{self.model_dir}/generation_config.json: {exc}") from exc
+        self.generation_defaults = self.config.generation_defaults
         self.prompts = PromptStore(
             hidden_size=self.config.hidden_size,
             dtype=self.dtype,
@@ -207,10 +202,7 @@ class Engine:
                 f"{self.config.max_positions} positions"
             )
         params = request.sampling
-        bad = [t for t, _ in params.logit_bias if t >= self.config.vocab_size]
-        if bad:
-            raise RequestError(f"logit_bias token id {bad[0]} is out of range for vocabulary size "
-                               f"{self.config.vocab_size}")
+        self._check_in_vocab((t for t, _ in params.logit_bias), "logit_bias token id")
         if params.guided_choice is not None and params.choice_token_ids is None:
             tokenizer = require_tokenizer(self.tokenizer, "guided_choice")
             encoded = [tuple(tokenizer.encode(c, add_special_tokens=False)) for c in params.guided_choice]
@@ -221,18 +213,9 @@ class Engine:
         if params.bad_words:
             words = bad_words_token_ids(require_tokenizer(self.tokenizer, "bad_words"), params.bad_words)
             params = replace(params, bad_words_token_ids=tuple(dict.fromkeys(params.bad_words_token_ids + words)))
-        bad = [t for word in params.bad_words_token_ids for t in word if t >= self.config.vocab_size]
-        if bad:
-            raise RequestError(f"bad word token id {bad[0]} is out of range for vocabulary size "
-                               f"{self.config.vocab_size}")
-        bad = [t for choice in params.choice_token_ids or () for t in choice if t >= self.config.vocab_size]
-        if bad:
-            raise RequestError(f"choice token id {bad[0]} is out of range for vocabulary size "
-                               f"{self.config.vocab_size}")
-        bad = [t for t in params.allowed_token_ids or () if t >= self.config.vocab_size]
-        if bad:
-            raise RequestError(f"allowed_token_ids token id {bad[0]} is out of range for vocabulary size "
-                               f"{self.config.vocab_size}")
+        self._check_in_vocab((t for word in params.bad_words_token_ids for t in word), "bad word token id")
+        self._check_in_vocab((t for choice in params.choice_token_ids or () for t in choice), "choice token id")
+        self._check_in_vocab(params.allowed_token_ids or (), "allowed_token_ids token id")
         if params.max_new_tokens > room:
             params = replace(params, max_new_tokens=room, min_tokens=min(params.min_tokens, room))
         if self.backend != "reference":
@@ -243,6 +226,12 @@ class Engine:
                     "raise kv_cache_bytes or shorten the input"
                 )
         return PreparedRequest(request, prompt, ids, params)
+
+    def _check_in_vocab(self, ids, what: str) -> None:
+        """Raise naming the first of `ids` outside the vocabulary (a `what` such as "choice token id")."""
+        bad = next((i for i in ids if not 0 <= i < self.config.vocab_size), None)
+        if bad is not None:
+            raise RequestError(f"{what} {bad} is out of range for vocabulary size {self.config.vocab_size}")
 
     def _input_ids(self, input_ids, text, what: str = "input") -> list[int]:
         if (input_ids is None) == (text is None):
@@ -260,9 +249,7 @@ class Engine:
             ids = list(ids)
         if not ids:
             raise RequestError(f"{what} is empty: give at least one token")
-        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
-        if bad:
-            raise RequestError(f"token id {bad[0]} is out of range for vocabulary size {self.config.vocab_size}")
+        self._check_in_vocab(ids, "token id")
         return ids
 
     # ---- step-level API (what a server loop drives) ---------------------------------------------------
@@ -283,7 +270,7 @@ class Engine:
             timing=RequestTiming(arrival=time.perf_counter()),
             arrival_order=next(self._order),
         )
-        if self.tokenizer is not None and self.backend != "reference":
+        if self.tokenizer is not None:
             seq.text = IncrementalText(self.tokenizer, seq.generated, prep.params.skip_special_tokens, seq.input_ids)
         if prep.params.prompt_logprobs is not None:
             seq.prompt_logprobs.append(None)  # nothing before the first input token predicts it
@@ -380,10 +367,11 @@ class Engine:
         if not self.scheduler.waiting:
             return []
         seq = self.scheduler.waiting.popleft()
-        decode = None if self.tokenizer is None else self._continued_text(seq)
+        decode = None if seq.text is None else seq.text.exact
         prefix = None if seq.prompt is None else seq.prompt.reference_input
         tokens, logprobs, finish = self.reference.generate(prefix, seq.input_ids, seq.params, self.eos_token_ids, decode)
-        seq.generated, seq.logprobs = tokens, logprobs or []
+        seq.generated.extend(tokens)  # the list seq.text reads
+        seq.logprobs = logprobs or []
         if seq.params.prompt_logprobs is not None:
             logits = self.reference.logits(prefix, seq.input_ids)[:-1]
             seq.prompt_logprobs = [None, *token_logprobs(logits, seq.input_ids[1:], seq.params.prompt_logprobs)]
@@ -393,25 +381,18 @@ class Engine:
         self._sequences.pop(seq.request_id, None)
         return [self._output(seq)]
 
-    def _continued_text(self, seq: Sequence) -> ContinuedText:
-        """ids -> their text after the sequence's input (engine/detokenizer.py)."""
-        if seq.text is not None:
-            return seq.text.exact
-        return ContinuedText(self.tokenizer.decoder(seq.params.skip_special_tokens), seq.input_ids)
-
     def _output(self, seq: Sequence) -> RequestOutput:
         ids = list(seq.generated)
         text = None
         if self.tokenizer is not None:  # decoded when first read
-            final = None if seq.text is None else seq.text.final  # a stop-string check decoded it whole already
+            final = seq.text.final  # a stop-string check decoded it whole already
             if seq.finish_reason is None:  # the text so far: the new tokens' pieces added to what was read before
                 text = PendingText(seq.text.text, len(ids))
             elif final is not None:
                 text = final[:seq.text_end]
             else:  # every token's exact text (HF's decode) but a stop token's, cut at a stop string
                 stop_token = isinstance(seq.stop_reason, int) and not seq.params.include_stop_str_in_output
-                text = PendingText(_decoded, self._continued_text(seq), ids[:-1] if stop_token else ids,
-                                   seq.text_end)
+                text = PendingText(_decoded, seq.text.exact, ids[:-1] if stop_token else ids, seq.text_end)
         return RequestOutput(
             request_id=seq.request_id,
             prompt=None if seq.prompt is None else seq.prompt.name,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError, UnsupportedModelError
+from .sampling import SamplingParams
 
 # model_type -> our architecture family
 ARCH_FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "gpt2": "gpt2", "bloom": "bloom"}
@@ -41,6 +42,7 @@ class ModelConfig:
     residual_post_norm: bool = False  # BLOOM's apply_residual_connection_post_layernorm
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    generation_defaults: dict[str, float | int] = field(default_factory=dict, compare=False)  # generation_config
     hf_config: Any = field(default=None, compare=False, repr=False)
 
     @property
@@ -80,29 +82,24 @@ def read_config_json(model_dir: Path) -> dict:
 GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
-def read_generation_config(model_dir: Path) -> dict:
-    """`generation_config.json` as a dict ({} without one)."""
+def read_generation_config(model_dir: Path) -> tuple[tuple[int, ...], dict[str, float | int]]:
+    """From `generation_config.json` (nothing without one): its EOS ids, where HF's `generate` takes them from
+    (instruction-tuned checkpoints often list an end-of-turn token there that config.json lacks, e.g. Llama 3's
+    <|eot_id|>), and the sampling settings it recommends (temperature, top_p, top_k, min_p, repetition_penalty:
+    those it sets), which vLLM's server uses where a request leaves them out."""
     path = model_dir / "generation_config.json"
-    return read_json_object(path, CheckpointError) if path.is_file() else {}
-
-
-def generation_eos_ids(model_dir: Path) -> tuple[int, ...]:
-    """The EOS ids of `generation_config.json`, where HF's `generate` takes them from (instruction-tuned checkpoints
-    often list an end-of-turn token there that config.json lacks, e.g. Llama 3's <|eot_id|>); () without one."""
-    value = read_generation_config(model_dir).get("eos_token_id")
+    raw = read_json_object(path, CheckpointError) if path.is_file() else {}
+    value = raw.get("eos_token_id")
     ids = [value] if value is None or isinstance(value, int) else value
     if not isinstance(ids, list) or any(v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0)
                                         for v in ids):
-        raise CheckpointError(f"{model_dir / 'generation_config.json'}: eos_token_id must be a token id or a list "
-                              f"of them, got {value!r}")
-    return tuple(v for v in ids if v is not None)
-
-
-def generation_defaults(model_dir: Path) -> dict[str, float | int]:
-    """The sampling settings `generation_config.json` recommends (temperature, top_p, top_k, min_p,
-    repetition_penalty: those it sets), which vLLM's server uses where a request leaves them out."""
-    raw = read_generation_config(model_dir)
-    return {key: raw[key] for key in GENERATION_DEFAULT_KEYS if raw.get(key) is not None}
+        raise CheckpointError(f"{path}: eos_token_id must be a token id or a list of them, got {value!r}")
+    defaults = {key: raw[key] for key in GENERATION_DEFAULT_KEYS if raw.get(key) is not None}
+    try:
+        SamplingParams(**defaults)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    return tuple(v for v in ids if v is not None), defaults
 
 
 def load_model_config(model_dir: str | Path) -> ModelConfig:
@@ -128,7 +125,8 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
     except (AttributeError, TypeError, KeyError) as exc:
         raise CheckpointError(f"{model_dir}/config.json lacks a field the {model_type} model needs: {exc}") from exc
     _check(cfg)
-    return replace(cfg, eos_token_ids=tuple(sorted({*cfg.eos_token_ids, *generation_eos_ids(model_dir)})))
+    eos_ids, defaults = read_generation_config(model_dir)
+    return replace(cfg, eos_token_ids=tuple(sorted({*cfg.eos_token_ids, *eos_ids})), generation_defaults=defaults)
 
 
 def _check(cfg: ModelConfig) -> None:

@@ -130,17 +130,14 @@ class IncrementalText:
         confirmed (and placed) on the exact text, decoded whole once. (A stop string holding U+FFFD could match an
         incomplete character that is held back: such a request decodes everything at each check.)"""
         n = len(self._ids)
-        if any(REPLACEMENT in stop for stop in stops):  # would match a held-back incomplete character: decode whole
-            hit, exact = exact_stop(self.exact, self._ids[:n], stops, min_tokens)
-            self.final = exact if hit is not None else None
-            return hit
-        with self._lock:
-            self._advance(n)
-            text = self._text  # n is every id there is: the text of them all
-            floor = max(self._checked, self._ends[min(min_tokens, n)])
-            self._checked = len(text)
-        if earliest_stop(text, stops, floor) is None:
-            return None
+        if not any(REPLACEMENT in stop for stop in stops):  # else it could match a held-back incomplete character
+            with self._lock:
+                self._advance(n)
+                text = self._text  # n is every id there is: the text of them all
+                floor = max(self._checked, self._ends[min(min_tokens, n)])
+                self._checked = len(text)
+            if earliest_stop(text, stops, floor) is None:
+                return None
         hit, exact = exact_stop(self.exact, self._ids[:n], stops, min_tokens)
         if hit is not None:
             self.final = exact
