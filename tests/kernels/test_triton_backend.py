@@ -13,8 +13,20 @@ from softprompt.engine.errors import SoftPromptError
 from softprompt.testing import build_p_tuning_adapter, build_prefix_tuning_adapter
 
 from ..runtime_helpers import assert_no_leaks, make_requests, register_tasks, run
+from ..test_soak import soak, tight_engine
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("variant, seed, cuda_graphs", [("llama", 10, False), ("bloom", 11, True)],
+                         ids=["llama-eager", "bloom-padded-decode"])
+def test_triton_backend_under_random_traffic(variant, seed, cuda_graphs, model_dir_for):
+    """tests/test_soak.py's random traffic (arrivals, aborts, tasks added and removed, chunked prefill, prefix
+    eviction, preemption) on the Triton kernels; cuda_graphs=True on the CPU runs the padded decode steps."""
+    d = model_dir_for(variant)
+    eng = soak(d, seed, steps=16 if DEVICE == "cpu" else 140, backend="triton", device=DEVICE,
+               cuda_graphs=cuda_graphs, **tight_engine(d, blocks=28))
+    assert eng.scheduler.num_preemptions > 0
 
 
 @pytest.mark.parametrize("variant", ["llama", "qwen2", "gpt2", "bloom", "bloom_post_norm"])
