@@ -79,14 +79,14 @@ def read_config_json(model_dir: Path) -> dict:
     return read_json_object(path, CheckpointError)
 
 
-GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
 
 
 def read_generation_config(model_dir: Path) -> tuple[tuple[int, ...], dict[str, float | int]]:
     """From `generation_config.json` (nothing without one): its EOS ids, where HF's `generate` takes them from
     (instruction-tuned checkpoints often list an end-of-turn token there that config.json lacks, e.g. Llama 3's
-    <|eot_id|>), and the sampling settings it recommends (temperature, top_p, top_k, min_p, repetition_penalty:
-    those it sets), which vLLM's server uses where a request leaves them out."""
+    <|eot_id|>), and the sampling settings it recommends (temperature, top_p, top_k, min_p, repetition_penalty,
+    max_new_tokens: those it sets), which vLLM's server uses where a request leaves them out."""
     path = model_dir / "generation_config.json"
     raw = read_json_object(path, CheckpointError) if path.is_file() else {}
     value = raw.get("eos_token_id")

@@ -19,18 +19,29 @@ from .runtime_helpers import assert_no_leaks
 HIDDEN = 64
 
 
-def _params(rng: random.Random, eos: int | None) -> SamplingParams:
+def _params(rng: random.Random, has_tokenizer: bool) -> SamplingParams:
     kind = rng.random()
     max_new = rng.randint(1, 14)
-    common = {"max_new_tokens": max_new, "min_tokens": min(max_new, rng.choice([0, 0, 2]))}
-    if kind < 0.45:  # greedy, runs to max_new_tokens
+    common = {"max_new_tokens": max_new, "min_tokens": min(max_new, rng.choice([0, 0, 2])),
+              "prompt_logprobs": 1 if rng.random() < 0.1 else None}
+    if kind < 0.4:  # greedy, runs to max_new_tokens
         return SamplingParams(ignore_eos=True, **common)
-    if kind < 0.65:  # greedy, stops at a frequent token id (or EOS)
+    if kind < 0.55:  # greedy, stops at a frequent token id (or EOS)
         return SamplingParams(stop_token_ids=tuple(rng.sample(range(4, 64), 8)), **common)
+    if kind < 0.65 and has_tokenizer:  # greedy, stops at a short string (found in the incremental text)
+        return SamplingParams(stop=tuple(rng.sample(["e", "a", "t", " ", "in"], 2)), ignore_eos=True, **common)
     if kind < 0.85:  # seeded sampling: the same draws whatever the batch
         return SamplingParams(temperature=rng.choice([0.7, 1.0]), top_k=rng.choice([0, 20]), top_p=0.9,
                               seed=rng.randrange(2**31), ignore_eos=True, **common)
-    return SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, logprobs=2, ignore_eos=eos is None, **common)
+    return SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, logprobs=2, **common)
+
+
+def _close(got: list, expected: list) -> None:
+    assert len(got) == len(expected)
+    for x, y in zip(got, expected):
+        assert (x is None) == (y is None)
+        if x is not None:
+            assert x.token_id == y.token_id and abs(x.logprob - y.logprob) < 1e-4
 
 
 def soak(model_dir, seed: int, steps: int, backend: str = "torch", device: str = "cpu", **engine_kwargs) -> Engine:
@@ -38,35 +49,44 @@ def soak(model_dir, seed: int, steps: int, backend: str = "torch", device: str =
     rng = random.Random(seed)
     ref = Engine(model_dir, device=device, dtype="float32", backend="reference")
     eng = Engine(model_dir, device=device, dtype="float32", backend=backend, **engine_kwargs)
-    live: list[str] = []  # tasks new requests may name
+    live: dict[str, str] = {}  # task new requests may name -> its current version's name in the reference engine
     made = 0
 
-    def new_task() -> None:
+    def new_version(name: str | None = None) -> None:
         nonlocal made
-        name, tensor = f"t{made}", build_prompt_tensor(HIDDEN, rng.randint(1, 21), seed=seed * 1000 + made)
+        tensor = build_prompt_tensor(HIDDEN, rng.randint(1, 21), seed=seed * 1000 + made)
         made += 1
-        for e in (ref, eng):
-            e.add_prompt(name, tensor, precompute=rng.random() < 0.3)
-        live.append(name)
+        if name is None:
+            name = f"t{made}"
+        # a replaced task's running requests finish on the old version, so the reference keeps each version
+        eng.add_prompt(name, tensor, replace=name in live, precompute=rng.random() < 0.3)
+        live[name] = f"{name}.v{made}"
+        ref.add_prompt(live[name], tensor)
 
     for _ in range(4):
-        new_task()
-    submitted: dict[str, Request] = {}
-    finished: dict[str, list[int]] = {}
+        new_version()
+    submitted: dict[str, Request] = {}  # as the reference runs it
+    finished: dict[str, object] = {}
     aborted: set[str] = set()
     for step in range(steps + 2000):
         if step < steps:  # then drain what is left
             for _ in range(rng.choice([0, 0, 1, 1, 2, 3])):
-                length = rng.randint(1, 34)
-                request = Request(prompt=rng.choice([*live, None]), input_ids=[rng.randrange(4, 500) for _ in
-                                                                               range(length)],
-                                  sampling=_params(rng, ref.eos_token_ids[0] if ref.eos_token_ids else None))
+                task = rng.choice([*live, None])
+                request = Request(prompt=task, input_ids=[rng.randrange(4, 500) for _ in range(rng.randint(1, 34))],
+                                  sampling=_params(rng, ref.tokenizer is not None))
                 eng.add_request(request)
-                submitted[request.request_id] = request
-            if rng.random() < 0.08:
-                new_task()
-            if rng.random() < 0.05 and len(live) > 2:  # running requests of a removed task still finish
-                eng.remove_prompt(live.pop(rng.randrange(len(live))))
+                submitted[request.request_id] = Request(
+                    prompt=None if task is None else live[task], input_ids=request.input_ids,
+                    sampling=request.sampling, request_id=request.request_id)
+            event = rng.random()
+            if event < 0.06:
+                new_version()
+            elif event < 0.12:
+                new_version(rng.choice(list(live)))
+            elif event < 0.16 and len(live) > 2:  # running requests of a removed task still finish
+                name = rng.choice(list(live))
+                eng.remove_prompt(name)
+                del live[name]
             running = [r for r in submitted if r not in finished and r not in aborted]
             if running and rng.random() < 0.1:
                 victim = rng.choice(running)
@@ -83,10 +103,12 @@ def soak(model_dir, seed: int, steps: int, backend: str = "torch", device: str =
     for rid, out in finished.items():
         expected = ref.generate(submitted[rid])[0]
         assert out.token_ids == expected.token_ids, f"{rid} ({submitted[rid].sampling})"
-        assert out.finish_reason == expected.finish_reason
-        if expected.logprobs is not None:
-            for x, y in zip(out.logprobs, expected.logprobs):
-                assert x.token_id == y.token_id and abs(x.logprob - y.logprob) < 1e-4
+        assert (out.finish_reason, out.stop_reason, out.text) == (
+            expected.finish_reason, expected.stop_reason, expected.text)
+        for got, want in ((out.logprobs, expected.logprobs), (out.prompt_logprobs, expected.prompt_logprobs)):
+            assert (got is None) == (want is None)
+            if want is not None:
+                _close(got, want)
     assert_no_leaks(eng)
     return eng
 

@@ -159,7 +159,7 @@ def _sampling(body: _SamplingFields, index: int, max_new_tokens: int, logprobs: 
     """The engine's sampling parameters for choice `index` (seed + index); its validation errors become 400s.
     `defaults`: values for the fields the request leaves out (the checkpoint's generation config)."""
     left_out = {k: v for k, v in (defaults or {}).items()
-                if k not in body.model_fields_set or getattr(body, k) is None}
+                if k in type(body).model_fields and (k not in body.model_fields_set or getattr(body, k) is None)}
     if left_out:
         body = body.model_copy(update=left_out)
     seed = None if body.seed is None else body.seed + index
@@ -347,7 +347,7 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
         inputs = body.prompts()
         if len(inputs) * body.n > MAX_CHOICES:
             raise APIError(400, f"n x number of prompts must be at most {MAX_CHOICES}", param="n")
-        max_new = 16 if body.max_tokens is None else body.max_tokens
+        max_new = body.max_tokens if body.max_tokens is not None else defaults.get("max_new_tokens", 16)
         echo_only = body.echo and max_new == 0  # scoring a prompt (lm-eval-harness style): nothing to generate
         cid, created = _ids("cmpl")
         requests = []
@@ -379,8 +379,9 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
             raise to_api_error(exc) from exc
         except Exception as exc:  # jinja errors raised by the template
             raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from exc
+        # neither: the checkpoint's max_new_tokens (generation config), else as many as fit (the engine caps it)
         max_new = next((m for m in (body.max_completion_tokens, body.max_tokens) if m is not None),
-                       engine.config.max_positions)  # None: as many as fit (the engine caps it)
+                       defaults.get("max_new_tokens", engine.config.max_positions))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         cid, created = _ids("chatcmpl")
         requests = [EngineRequest(prompt=prompt, input_ids=ids, request_id=f"{cid}-{j}",
