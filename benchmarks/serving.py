@@ -34,8 +34,11 @@ class Trace:
 
 def serve_engine(system: EngineSystem, items: list[WorkItem], arrivals: list[float],
                  tick: Callable[[int], None] = lambda n: None) -> list[Trace]:
-    """Drive `engine.add_request` / `engine.step` with requests arriving at `arrivals` (sorted)."""
+    """Drive `engine.add_request` / `engine.step` with requests arriving at `arrivals` (sorted). The same requests
+    are served at every rate: the request-block cache starts empty each time, so no rate reuses another's inputs."""
     engine, device = system.engine, system.workload.config.device
+    if engine.block_cache is not None:
+        engine.block_cache.clear()
     traces = [Trace(a) for a in arrivals]
     index: dict[str, int] = {}
     clock, nxt = 0.0, 0

@@ -21,7 +21,8 @@ def kv_pool_bytes(config: WorkloadConfig, block_size: int = 16, headroom: float 
 
 
 class EngineSystem:
-    """Our engine; `reset` re-registers every prompt so the next run computes prefixes cold. On the CPU the KV pool
+    """Our engine; `reset` re-registers every prompt and empties the request-block cache, so the next run computes
+    prefixes and inputs cold. On the CPU the KV pool
     keeps the engine's default size; on CUDA it is sized to the workload (see `kv_pool_bytes`)."""
 
     def __init__(self, workload: Workload, backend: str = "torch", precompute: bool = False, name: str = "engine"):
@@ -38,6 +39,8 @@ class EngineSystem:
             self.engine.add_prompt(Workload.task_name(task), prompt, precompute=precompute)
 
     def reset(self) -> None:
+        if self.engine.block_cache is not None:  # no request of a timed run finds another run's blocks
+            self.engine.block_cache.clear()
         for task, prompt in enumerate(self.workload.prompts):
             self.engine.remove_prompt(Workload.task_name(task))
             self.engine.add_prompt(Workload.task_name(task), prompt, precompute=False)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .attention_triton import check_triton_device
+from .block_cache import BlockCache
 from .detokenizer import IncrementalText
 from .errors import PromptError, RequestError, SoftPromptError
 from .kv_pool import KVPool, OutOfBlocks
@@ -73,6 +74,11 @@ class Engine:
     cuda_graphs (triton backend only; None: on where the device is CUDA): decode steps run at padded static
     shapes, replayed from one CUDA graph per batch-size bucket (engine/decode_graphs.py). True on the CPU runs the
     same padded steps without capture (that is how the tests check them).
+
+    enable_prefix_caching (vLLM's automatic prefix caching; torch and triton backends): the K/V of full blocks of
+    request tokens stay cached after their request, and a later request of the same task that begins with the
+    same tokens (a shared instruction or few-shot examples, the n samples of one input, a preempted request)
+    computes only the rest. A task's soft-prompt K/V are cached whatever this says.
     """
 
     def __init__(
@@ -87,6 +93,7 @@ class Engine:
         max_num_seqs: int = 256,
         max_batched_tokens: int = 2048,
         cuda_graphs: bool | None = None,
+        enable_prefix_caching: bool = True,
     ):
         if backend not in BACKENDS:
             raise SoftPromptError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
@@ -125,8 +132,11 @@ class Engine:
             cuda_graphs = self.backend == "triton" and self.device.type == "cuda"
         self.runner = ModelRunner(self.model, self.pool, self.backend,
                                   decode_graphs_for=max_num_seqs if cuda_graphs else None)
-        self.prefix_cache = PrefixCache(self.pool, self.runner.compute_prefixes)
-        self.scheduler = Scheduler(self.prefix_cache, SchedulerConfig(max_num_seqs, max_batched_tokens))
+        self.block_cache = BlockCache(self.pool) if enable_prefix_caching and self.backend != "reference" else None
+        self.prefix_cache = PrefixCache(self.pool, self.runner.compute_prefixes,
+                                        reclaim=None if self.block_cache is None else self.block_cache.evict_one)
+        self.scheduler = Scheduler(self.prefix_cache, SchedulerConfig(max_num_seqs, max_batched_tokens),
+                                   self.block_cache)
         self._sequences: dict[str, Sequence] = {}
         self._order = itertools.count()
 
@@ -291,6 +301,18 @@ class Engine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work()
 
+    def kv_is_idle(self) -> bool:
+        """No request holds KV: every block is free, or held by an unreferenced task prefix or an idle cached
+        request block (the state between requests; anything else after all requests ended is a leak)."""
+        held = sum(len(e.blocks) for e in self.prefix_cache.entries)
+        if any(e.refcount for e in self.prefix_cache.entries):
+            return False
+        if self.block_cache is not None:
+            if self.block_cache.num_idle != self.block_cache.num_cached:
+                return False
+            held += self.block_cache.num_cached
+        return self.pool.num_free + held == self.pool.num_blocks
+
     def step(self) -> list[RequestOutput]:
         """One engine iteration; returns an output for every request that got a token or finished."""
         return self._step(every_output=True)
@@ -313,8 +335,11 @@ class Engine:
             hidden = self._prompt_logprobs_step(batch.seqs, batch.num_tokens, scoring, sampled)
         else:
             hidden = self.runner.hidden(batch.seqs, batch.num_tokens, rows_for=None if every else sampled)
+        size, cache = self.pool.block_size, self.block_cache
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed += n
+            if cache is not None and seq.num_computed >= (len(seq.cached_serials) + 1) * size:
+                cache.register(seq)  # blocks its tokens just filled
         if not sampled:
             return []
         seqs = [batch.seqs[i] for i in sampled]

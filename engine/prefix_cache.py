@@ -35,9 +35,11 @@ class PrefixCacheStats:
 class PrefixCache:
     """Maps `name@version` to the blocks holding that prefix's K/V for every layer."""
 
-    def __init__(self, pool: KVPool, compute: Callable[[list[tuple[SoftPrompt, list[int]]]], None]):
+    def __init__(self, pool: KVPool, compute: Callable[[list[tuple[SoftPrompt, list[int]]]], None],
+                 reclaim: Callable[[], bool] | None = None):
         self.pool = pool
         self._compute = compute
+        self._reclaim = reclaim  # frees one block held by something idle (the block cache), before any prefix
         self._entries: dict[str, PrefixEntry] = {}
         self._clock = itertools.count(1)
         self.stats = PrefixCacheStats()
@@ -123,12 +125,13 @@ class PrefixCache:
                     self._drop(entry)
 
     def allocate(self, n: int) -> list[int]:
-        """Blocks from the pool, evicting unreferenced prefixes (least recently used first) when it is full."""
+        """Blocks from the pool; when it is full, idle cached request blocks are evicted first, then unreferenced
+        prefixes (least recently used first)."""
         while True:
             try:
                 return self.pool.allocate(n)
             except OutOfBlocks:
-                if not self.evict_one():
+                if not (self._reclaim is not None and self._reclaim()) and not self.evict_one():
                     raise
 
     def evict_one(self) -> bool:

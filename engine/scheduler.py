@@ -6,6 +6,7 @@ import itertools
 from collections import deque
 from dataclasses import dataclass
 
+from .block_cache import BlockCache
 from .kv_pool import OutOfBlocks
 from .prefix_cache import PrefixCache
 from .sequence import Sequence, Status
@@ -25,11 +26,13 @@ class ScheduledBatch:
 
 class Scheduler:
     """Each step: every running sequence gets its next token(s) (decode first, then prefill chunks), then
-    waiting sequences are admitted while the token budget and the KV pool allow. When blocks run out,
-    unreferenced prefixes are evicted first, then the newest running sequence is preempted (recomputed later)."""
+    waiting sequences are admitted while the token budget and the KV pool allow, each starting after the cached
+    blocks its tokens begin with (with a block cache). When blocks run out, idle cached blocks and unreferenced
+    prefixes are evicted first, then the newest running sequence is preempted (recomputed later)."""
 
-    def __init__(self, prefix_cache: PrefixCache, config: SchedulerConfig):
+    def __init__(self, prefix_cache: PrefixCache, config: SchedulerConfig, block_cache: BlockCache | None = None):
         self.prefix_cache = prefix_cache
+        self.block_cache = block_cache
         self.pool = prefix_cache.pool
         self.config = config
         self.waiting: deque[Sequence] = deque()
@@ -48,9 +51,10 @@ class Scheduler:
             seq.blocks.extend(self.prefix_cache.allocate(need))
 
     def release(self, seq: Sequence) -> None:
-        """Give back a sequence's own blocks and its prefix reference."""
-        self.pool.free(seq.blocks)
+        """Give back a sequence's own blocks (cached ones stay cached) and its prefix reference."""
+        self.pool.free(seq.blocks if self.block_cache is None else self.block_cache.release(seq.blocks))
         seq.blocks = []
+        seq.cached_serials = []
         seq.num_computed = 0
         if seq.prefix is not None:
             self.prefix_cache.release(seq.prefix)
@@ -111,14 +115,19 @@ class Scheduler:
             and self.num_preemptions == preemptions_before
         ):
             seq = self.waiting[0]
-            n = min(seq.remaining_prefill, budget)
+            cached = self.block_cache is not None and seq.params.prompt_logprobs is None  # (those score every row)
             try:
                 if seq.prompt is not None and seq.prefix is None:
                     seq.prefix = self.prefix_cache.acquire(seq.prompt)
-                self._ensure_blocks(seq, n)
+                if cached:
+                    self.block_cache.match(seq)
+                n = min(seq.remaining_prefill, budget)
+                self._ensure_blocks(seq, seq.num_computed + n)
             except OutOfBlocks:
                 self.release(seq)
                 break
+            if cached:
+                self.block_cache.count_admitted(seq)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)

@@ -24,7 +24,8 @@ class Sequence:
     """Own tokens (input + generated) live in own blocks; the task prefix is the prompt's shared blocks.
 
     `num_computed` counts own tokens whose K/V are in the pool. Preemption frees the own blocks and resets it:
-    the sequence is recomputed from its tokens (input and those generated so far) when it runs again.
+    the sequence is recomputed from its tokens (input and those generated so far) when it runs again. With the
+    block cache, its leading blocks may be cached ones another request computed (shared, never written).
     """
 
     request: Request
@@ -39,6 +40,7 @@ class Sequence:
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # filled as prefill computes them
     blocks: list[int] = field(default_factory=list)
     num_computed: int = 0
+    cached_serials: list[int] = field(default_factory=list)  # the block cache entries of its leading full blocks
     status: Status = Status.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None

@@ -429,9 +429,7 @@ def pool_leaks(engine) -> str | None:
     """A message if the engine's KV pool is not back to idle (blocks held or refcounts left after the run)."""
     if engine.backend == "reference":
         return None
-    held = sum(len(e.blocks) for e in engine.prefix_cache.entries)
-    if engine.has_unfinished_requests() or engine.pool.num_free + held != engine.pool.num_blocks or any(
-            e.refcount for e in engine.prefix_cache.entries):
+    if engine.has_unfinished_requests() or not engine.kv_is_idle():
         return "KV pool not idle after the run: blocks leaked or prefix references left"
     return None
 
@@ -570,13 +568,14 @@ def _finite_json(x):
 EngineFactory = Callable[[str, dict[str, Path]], object]
 
 
-def default_engine_factory(model_dir: str | Path, device, dtype) -> EngineFactory:
-    """factory(backend, adapters) -> an Engine with every adapter registered under its task name."""
+def default_engine_factory(model_dir: str | Path, device, dtype, **engine_kwargs) -> EngineFactory:
+    """factory(backend, adapters) -> an Engine (with `engine_kwargs`) with every adapter registered under its task
+    name."""
 
     def make(backend: str, adapters: dict[str, Path]):
         from .api import Engine
 
-        engine = Engine(model_dir, device=device, dtype=dtype, backend=backend)
+        engine = Engine(model_dir, device=device, dtype=dtype, backend=backend, **engine_kwargs)
         for name, adapter in adapters.items():
             engine.add_prompt(name, adapter)
         return engine

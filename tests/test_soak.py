@@ -1,6 +1,7 @@
-"""Random traffic against the reference path: requests arrive between steps, some are aborted, tasks come and go,
-and a small KV pool and token budget force chunked prefill, prefix eviction and preemption all at once. Every
-request that finishes must equal, token for token, the same request run alone on the reference path (fp32)."""
+"""Random traffic against the reference path: requests arrive between steps (many begin like earlier ones), some
+are aborted, tasks come and go, and a small KV pool and token budget force chunked prefill, prefix eviction, cached
+request blocks and preemption all at once. Every request that finishes must equal, token for token, the same
+request run alone on the reference path (fp32)."""
 
 from __future__ import annotations
 
@@ -72,8 +73,11 @@ def soak(model_dir, seed: int, steps: int, backend: str = "torch", device: str =
         if step < steps:  # then drain what is left
             for _ in range(rng.choice([0, 0, 1, 1, 2, 3])):
                 task = rng.choice([*live, None])
-                request = Request(prompt=task, input_ids=[rng.randrange(4, 500) for _ in range(rng.randint(1, 34))],
-                                  sampling=_params(rng, ref.tokenizer is not None))
+                ids = [rng.randrange(4, 500) for _ in range(rng.randint(1, 34))]
+                if submitted and rng.random() < 0.35:  # begins like an earlier input (the block cache's case)
+                    earlier = rng.choice(list(submitted.values())).input_ids
+                    ids = earlier[:rng.randint(1, len(earlier))] + ids[:rng.randint(0, 8)]
+                request = Request(prompt=task, input_ids=ids, sampling=_params(rng, ref.tokenizer is not None))
                 eng.add_request(request)
                 submitted[request.request_id] = Request(
                     prompt=None if task is None else live[task], input_ids=request.input_ids,
@@ -126,3 +130,4 @@ def test_random_traffic_equals_the_reference(variant, seed, model_dir_for):
     # the test is only worth something if the traffic really went through each of these paths
     assert eng.scheduler.num_preemptions > 0
     assert eng.prefix_cache.stats.evictions > 0
+    assert eng.block_cache.stats.hit_tokens > 0 and eng.block_cache.stats.evictions > 0

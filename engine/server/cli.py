@@ -42,6 +42,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", help="auto, torch, triton, reference")
     p.add_argument("--enforce-eager", action="store_true",
                    help="triton backend: launch decode steps eagerly instead of replaying CUDA graphs")
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="do not keep the K/V of full blocks of request tokens for later requests that begin the "
+                   "same way (vLLM's automatic prefix caching; task prefixes are cached either way)")
     p.add_argument("--generation-config", choices=("auto", "none"), default="auto",
                    help="auto: requests that leave out temperature, top_p, top_k, min_p or repetition_penalty get "
                    "the checkpoint's generation_config.json values (as vLLM); none: OpenAI's defaults")
@@ -115,7 +118,7 @@ def build_server(args: argparse.Namespace):
     engine = Engine(args.model_dir, device=args.device, dtype=args.dtype, backend=args.backend,
                     kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs,
                     max_batched_tokens=args.max_batched_tokens,
-                    cuda_graphs=False if args.enforce_eager else None)
+                    cuda_graphs=False if args.enforce_eager else None, enable_prefix_caching=args.enable_prefix_caching)
     registry = PromptRegistry(args.prompt_dir, max_versions=args.max_versions)
     for name, source in discover_prompts(args.prompts):
         registry.register(engine, name, source)

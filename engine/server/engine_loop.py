@@ -43,6 +43,9 @@ class LoopSnapshot:
     prefix_hits: int = 0
     prefix_misses: int = 0
     prefix_evictions: int = 0
+    block_cache_queried_tokens: int = 0
+    block_cache_hit_tokens: int = 0
+    block_cache_blocks: int = 0
     preemptions: int = 0
     steps: int = 0
 
@@ -317,11 +320,14 @@ class EngineLoop:
 
     def _take_snapshot(self) -> None:
         e = self.engine
-        stats = e.prefix_cache.stats
+        stats, cache = e.prefix_cache.stats, e.block_cache
         self.snapshot = LoopSnapshot(
             running=len(e.scheduler.running), waiting=len(e.scheduler.waiting),
             kv_blocks_total=e.pool.num_blocks, kv_blocks_free=e.pool.num_free,
             prefix_hits=stats.hits, prefix_misses=stats.misses, prefix_evictions=stats.evictions,
+            block_cache_queried_tokens=0 if cache is None else cache.stats.queried_tokens,
+            block_cache_hit_tokens=0 if cache is None else cache.stats.hit_tokens,
+            block_cache_blocks=0 if cache is None else cache.num_cached,
             preemptions=e.scheduler.num_preemptions, steps=self._steps,
         )
 

@@ -44,6 +44,12 @@ class _EngineCollector:
         yield CounterMetricFamily("softprompt_prefix_cache_hits", "Prefix K/V cache hits", value=s.prefix_hits)
         yield CounterMetricFamily("softprompt_prefix_cache_misses", "Prefix K/V computations", value=s.prefix_misses)
         yield CounterMetricFamily("softprompt_prefix_cache_evictions", "Prefixes evicted", value=s.prefix_evictions)
+        yield CounterMetricFamily("softprompt_block_cache_queried_tokens", "Input tokens of admitted requests looked "
+                                  "up in the request-block cache", value=s.block_cache_queried_tokens)
+        yield CounterMetricFamily("softprompt_block_cache_hit_tokens", "Of those, tokens whose K/V were cached",
+                                  value=s.block_cache_hit_tokens)
+        yield GaugeMetricFamily("softprompt_block_cache_blocks", "KV blocks holding cached request tokens",
+                                value=s.block_cache_blocks)
         yield CounterMetricFamily("softprompt_preemptions", "Sequences preempted for recompute", value=s.preemptions)
         yield CounterMetricFamily("softprompt_engine_steps", "Engine steps run", value=s.steps)
 

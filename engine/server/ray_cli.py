@@ -26,6 +26,7 @@ def settings_from_args(args: argparse.Namespace, replica_gpus: float):
         kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs,
         max_batched_tokens=args.max_batched_tokens, max_queue=args.max_queue, replica_cpus=args.replica_cpus,
         replica_gpus=replica_gpus, generation_config=args.generation_config,
+        enable_prefix_caching=args.enable_prefix_caching,
     )
 
 

@@ -82,6 +82,7 @@ class RayServeSettings:
     max_body_bytes: int = 8 << 20
     stats_interval_s: float = 0.5
     generation_config: str = "auto"  # as the single-process server's --generation-config
+    enable_prefix_caching: bool = True  # as the single-process server's (--no-prefix-caching: False)
 
     def __post_init__(self) -> None:
         if self.routing not in ROUTINGS:
@@ -171,7 +172,8 @@ class SoftPromptReplica:
             torch.set_num_threads(max(1, int(settings.replica_cpus)))
         self.engine = Engine(settings.model_dir, device=settings.device, dtype=settings.dtype, backend=settings.backend,
                              kv_cache_bytes=settings.kv_cache_bytes, max_num_seqs=settings.max_num_seqs,
-                             max_batched_tokens=settings.max_batched_tokens, cuda_graphs=settings.cuda_graphs)
+                             max_batched_tokens=settings.max_batched_tokens, cuda_graphs=settings.cuda_graphs,
+                             enable_prefix_caching=settings.enable_prefix_caching)
         self.registry = PromptRegistry(max_versions=2)
         self.app = create_app(self.engine, self.registry, ServerConfig(
             max_queue=settings.max_queue, max_body_bytes=settings.max_body_bytes,
@@ -216,7 +218,8 @@ class SoftPromptReplica:
         return head
 
     async def stats(self) -> dict[str, Any]:
-        """This replica's counters: requests and prefix K/V computations per task, running batch, KV blocks."""
+        """This replica's counters: requests and prefix K/V computations per task, running batch, KV blocks (free,
+        held by task prefixes, by cached request blocks, in all)."""
 
         def read(engine) -> dict[str, Any]:
             computed: Counter[str] = Counter()
@@ -225,6 +228,7 @@ class SoftPromptReplica:
             return {"prefix_computations": dict(computed), "running": len(engine.scheduler.running),
                     "waiting": len(engine.scheduler.waiting), "kv_blocks_free": engine.pool.num_free,
                     "kv_blocks_prefixes": sum(len(e.blocks) for e in engine.prefix_cache.entries),
+                    "kv_blocks_cached": 0 if engine.block_cache is None else engine.block_cache.num_cached,
                     "kv_blocks_total": engine.pool.num_blocks}
 
         state = await self.loop.run(read)

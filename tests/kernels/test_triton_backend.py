@@ -13,6 +13,7 @@ from softprompt.engine.errors import SoftPromptError
 from softprompt.testing import build_p_tuning_adapter, build_prefix_tuning_adapter
 
 from ..runtime_helpers import assert_no_leaks, make_requests, register_tasks, run
+from ..test_block_cache import engines, hits_of, with_instruction
 from ..test_soak import soak, tight_engine
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -27,6 +28,17 @@ def test_triton_backend_under_random_traffic(variant, seed, cuda_graphs, model_d
     eng = soak(d, seed, steps=16 if DEVICE == "cpu" else 140, backend="triton", device=DEVICE,
                cuda_graphs=cuda_graphs, **tight_engine(d, blocks=28))
     assert eng.scheduler.num_preemptions > 0
+
+
+@pytest.mark.parametrize("variant", ["llama", "bloom"])
+def test_triton_backend_reads_cached_request_blocks(variant, model_dir_for):
+    """Requests that begin like earlier ones start after the cached blocks: the prefill kernel reads them in place."""
+    ref, eng = engines(model_dir_for(variant), backend="triton", device=DEVICE)
+    eng.generate([with_instruction("a", [7]), with_instruction(None, [7])])
+    later = [with_instruction("a", [9, 10]), with_instruction(None, []), with_instruction("a", [])]
+    tokens, hits = hits_of(eng, later)
+    assert hits == 3 * 8 and tokens == [o.token_ids for o in ref.generate(later)]
+    assert_no_leaks(eng)
 
 
 @pytest.mark.parametrize("variant", ["llama", "qwen2", "gpt2", "bloom", "bloom_post_norm"])

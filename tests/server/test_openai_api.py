@@ -300,6 +300,8 @@ def test_health_and_metrics(served):
     for name in ("softprompt_requests_total", "softprompt_generation_tokens_total", "softprompt_queue_depth",
                  "softprompt_running_batch_size", "softprompt_prefix_cache_hits_total",
                  "softprompt_prefix_cache_misses_total", "softprompt_prefix_cache_evictions_total",
+                 "softprompt_block_cache_queried_tokens_total", "softprompt_block_cache_hit_tokens_total",
+                 "softprompt_block_cache_blocks",
                  "softprompt_time_to_first_token_seconds_bucket", "softprompt_inter_token_latency_seconds_bucket",
                  "softprompt_http_requests_total"):
         assert name in text, name

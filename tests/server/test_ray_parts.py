@@ -98,9 +98,7 @@ def test_closing_the_call_early_aborts_the_request(app_and_engines):
     assert head.status == 200 and len(chunks) == 2
     loop = app.state.loop
     assert loop.call(lambda e: e.has_unfinished_requests()).result(10) is False
-    free, total, held = loop.call(lambda e: (e.pool.num_free, e.pool.num_blocks,
-                                             sum(len(x.blocks) for x in e.prefix_cache.entries))).result(10)
-    assert free + held == total and app.state.admission.in_flight == 0
+    assert loop.call(lambda e: e.kv_is_idle()).result(10) and app.state.admission.in_flight == 0
 
 
 def test_shared_prompts_find_sources_and_refuse_what_is_not_a_prompt(tmp_path, adapter_for):
