@@ -310,3 +310,18 @@ def test_stream_text_benchmark_runs(tmp_path, model_dir_for, capsys):
     assert stream_text.main(["--streams", "2", "--tokens", "3", "--tokenizer", str(model_dir_for("gpt2"))]) == 0
     assert "gpt2" in capsys.readouterr().out
     assert stream_text.main(["--tokens", "0"]) == 2
+
+
+def test_shared_instruction_benchmark_runs(tmp_path):
+    from benchmarks import shared_instruction
+
+    out = tmp_path / "shared.json"
+    # 12 requests of ~340 tokens pass the 2048-token step budget over several steps: the later ones find blocks
+    args = ["--instruction", "300", "--requests", "12", "--tasks", "2", "--rounds", "1", "--out", str(out)]
+    assert shared_instruction.main(args) == 0
+    r = json.loads(out.read_text())
+    assert r["identical_tokens"] and r["hit_tokens_per_run"] > 0 and r["requests"] == 12
+    assert "--instruction" in r["environment"]["command"]
+    assert r["block cache"]["best_s"] > 0 and r["no block cache"]["best_s"] > 0
+    assert shared_instruction.main(["--tasks", "0"]) == 2
+    assert shared_instruction.main(["--instruction", "400"]) == 2
