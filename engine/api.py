@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -25,6 +24,7 @@ from .reference import ReferencePath
 from .request import PendingText, Request, RequestOutput, RequestTiming
 from .sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob, make_generator, token_logprobs
 from .scheduler import Scheduler, SchedulerConfig
+from .scoring import score_continuations
 from .sequence import Sequence, Status
 from .stopping import check_finish
 from .tokenizer import Tokenizer, load_tokenizer, require_tokenizer
@@ -477,7 +477,8 @@ class Engine:
     def score(
         self, prompt: str | None, context: str | list[int], continuations: list[str] | list[list[int]]
     ) -> list[float]:
-        """Log-likelihood (sum of token log-probs) of each continuation after `context`, under `prompt`."""
+        """Log-likelihood (sum of token log-probs) of each continuation after `context`, under `prompt`. The
+        context's K/V are computed once for all the continuations (engine/scoring.py)."""
         soft = None if prompt is None else self.prompts.get(prompt)
         text, ids = (context, None) if isinstance(context, str) else (None, context)
         ctx = self._input_ids(ids, text, what="context")
@@ -493,9 +494,7 @@ class Engine:
             if p + len(ctx) + len(c) > self.config.max_positions:
                 raise RequestError(f"context + continuation of {len(ctx) + len(c)} tokens after a {p}-token prompt "
                                    f"exceeds the model's {self.config.max_positions} positions")
-        logits = self.sequence_logits([(prompt, ctx + c) for c in conts])
-        return [math.fsum(lp.logprob for lp in token_logprobs(rows[len(ctx) - 1: len(ctx) + len(c) - 1], c, 0))
-                for c, rows in zip(conts, logits)]
+        return score_continuations(self, [(soft, ctx, conts)])[0]
 
     @torch.no_grad()
     def prompt_logprobs(self, prompt: str | None, input_ids: list[int], top_n: int = 0) -> list[TokenLogprob | None]:

@@ -177,40 +177,27 @@ def _label_forms(labels: list[str], examples: list[Example]) -> list[str]:
 
 def score_labels(engine, contexts: list[tuple[str | None, str]], continuations: list[str],
                  max_logit_floats: int = 1 << 26) -> list[list[float]]:
-    """engine.score() for every (prompt, context) x continuation, batched: one engine.sequence_logits call per
-    chunk of at most `max_logit_floats` fp32 logits (one call for small runs)."""
-    import torch
-
+    """engine.score() for every (prompt, context) x continuation, batched (engine/scoring.py: each context computed
+    once for all its continuations), in chunks of at most `max_logit_floats` fp32 logits (one for small runs)."""
+    from .scoring import score_continuations
     from .tokenizer import require_tokenizer
 
     tok = require_tokenizer(engine.tokenizer, "score mode")
     conts = [tok.encode(c, add_special_tokens=False) for c in continuations]
     if any(not c for c in conts):
         raise EvalError("a label tokenizes to no tokens")
-    items, spans = [], []
+    items = []
     for prompt, text in contexts:
         ctx = tok.encode(text)
-        plen = 0 if prompt is None else engine.prompts.get(prompt).length
-        for c in conts:
-            if plen + len(ctx) + len(c) > engine.config.max_positions:
-                raise EvalError(f"input {text[:40]!r} + label after a {plen}-token prompt exceeds the model's "
-                                f"{engine.config.max_positions} positions")
-            items.append((prompt, ctx + c))
-            spans.append((len(ctx), c))
-    per_chunk = max(1, max_logit_floats // engine.config.vocab_size)
-    flat: list[float] = []
-    start = 0
-    while start < len(items):
-        end, rows = start, 0
-        while end < len(items) and (end == start or rows + len(items[end][1]) <= per_chunk):
-            rows += len(items[end][1])
-            end += 1
-        for (n_ctx, c), logits in zip(spans[start:end], engine.sequence_logits(items[start:end])):
-            logprobs = torch.log_softmax(logits[n_ctx - 1: n_ctx + len(c) - 1].float(), dim=-1)
-            flat.append(float(logprobs.gather(1, torch.tensor(c, device=logprobs.device)[:, None]).sum()))
-        start = end
-    n = len(continuations)
-    return [flat[i:i + n] for i in range(0, len(flat), n)]
+        soft = None if prompt is None else engine.prompts.get(prompt)
+        plen = 0 if soft is None else soft.length
+        if plen + len(ctx) + max(map(len, conts)) > engine.config.max_positions:
+            raise EvalError(f"input {text[:40]!r} + label after a {plen}-token prompt exceeds the model's "
+                            f"{engine.config.max_positions} positions")
+        items.append((soft, ctx, conts))
+    per_chunk = max(1, max_logit_floats // engine.config.vocab_size // sum(map(len, conts)))  # contexts a chunk
+    return [scores for start in range(0, len(items), per_chunk)
+            for scores in score_continuations(engine, items[start:start + per_chunk])]
 
 
 # ---- evaluation --------------------------------------------------------------------------------------

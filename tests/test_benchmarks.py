@@ -325,3 +325,16 @@ def test_shared_instruction_benchmark_runs(tmp_path):
     assert r["block cache"]["best_s"] > 0 and r["no block cache"]["best_s"] > 0
     assert shared_instruction.main(["--tasks", "0"]) == 2
     assert shared_instruction.main(["--instruction", "400"]) == 2
+
+
+def test_score_benchmark_runs(tmp_path):
+    from benchmarks import score
+
+    out = tmp_path / "score.json"
+    assert score.main(["--contexts", "4", "--labels", "2", "--context-tokens", "20", "--rounds", "1",
+                       "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["same"] and r["contexts"] == 4 and r["shared context"]["best_s"] > 0 and r["every row"]["best_s"] > 0
+    assert "--contexts" in r["environment"]["command"]
+    assert score.main(["--labels", "0"]) == 2
+    assert score.main(["--context-tokens", "400"]) == 2

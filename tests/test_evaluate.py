@@ -122,11 +122,14 @@ def test_all_prompts_at_once_equal_each_alone(setup, mode):
 
 
 def test_score_mode_is_one_pass_and_picks_the_argmax_label(setup, monkeypatch):
+    from softprompt.engine import scoring
+
     _, engine, prompts, examples = setup
-    calls = _count_calls(monkeypatch, engine, "sequence_logits")
+    calls = _count_calls(monkeypatch, scoring, "_score")
     report = evaluate_prompts(engine, {"soft1": prompts["soft1"], "none": None}, examples, mode="score",
                               labels=LABELS)
-    assert len(calls) == 1 and len(calls[0][0]) == 2 * len(examples) * len(LABELS)
+    items = calls[0][1]  # one pass: every (prompt, example) context with all the labels after it
+    assert len(calls) == 1 and len(items) == 2 * len(examples) and all(len(c) == len(LABELS) for _, _, c in items)
     entry = report.entries[0]
     assert report.mode == "score" and set(entry.predictions) <= set(LABELS)
     for ex, pred in zip(examples, entry.predictions):

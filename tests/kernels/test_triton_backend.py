@@ -41,6 +41,17 @@ def test_triton_backend_reads_cached_request_blocks(variant, model_dir_for):
     assert_no_leaks(eng)
 
 
+@pytest.mark.parametrize("variant", ["llama", "bloom"])
+def test_triton_backend_scores_continuations_after_shared_context_blocks(variant, model_dir_for):
+    """Engine.score: the continuations read their context's full blocks in place (engine/scoring.py)."""
+    ref, eng = engines(model_dir_for(variant), backend="triton", device=DEVICE)
+    for prompt in ("a", None):
+        got = eng.score(prompt, list(range(30, 39)), [[5], [6, 7, 8]])  # 9 tokens: two shared blocks of 4
+        want = ref.score(prompt, list(range(30, 39)), [[5], [6, 7, 8]])
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-4, rtol=0)
+    assert_no_leaks(eng)
+
+
 @pytest.mark.parametrize("variant", ["llama", "qwen2", "gpt2", "bloom", "bloom_post_norm"])
 def test_triton_backend_matches_reference(variant, model_dir_for):
     d = model_dir_for(variant)
