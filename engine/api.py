@@ -431,6 +431,7 @@ class Engine:
             timing=seq.timing,
             # complete before the first token is sampled and never changed after: shared, not copied each step
             prompt_logprobs=seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None,
+            num_cached_tokens=seq.num_cached_tokens or 0,
         )
 
     # ---- convenience ---------------------------------------------------------------------------------

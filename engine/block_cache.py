@@ -76,6 +76,8 @@ class BlockCache:
     def count_admitted(self, seq: Sequence) -> None:
         self.stats.queried_tokens += seq.num_tokens
         self.stats.hit_tokens += seq.num_computed
+        if seq.num_cached_tokens is None:  # its first admission (not a return after preemption)
+            seq.num_cached_tokens = seq.num_computed
 
     def register(self, seq: Sequence) -> None:
         """Cache the sequence's blocks that its computed tokens fill and that are not cached yet. Where the same

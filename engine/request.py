@@ -88,6 +88,7 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None
     timing: RequestTiming | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None  # with SamplingParams.prompt_logprobs; first None
+    num_cached_tokens: int = 0  # input tokens whose K/V the request-block cache held (vLLM's num_cached_tokens)
 
     @property
     def finished(self) -> bool:

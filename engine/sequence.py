@@ -41,6 +41,7 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     num_computed: int = 0
     cached_serials: list[int] = field(default_factory=list)  # the block cache entries of its leading full blocks
+    num_cached_tokens: int | None = None  # input tokens found in the block cache when first admitted
     status: Status = Status.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None

@@ -35,7 +35,9 @@ def with_instruction(task, tail, **sampling):
 def hits_of(eng: Engine, requests: list[Request]) -> tuple[list[list[int]], int]:
     before = eng.block_cache.stats.hit_tokens
     outs = eng.generate(requests)
-    return [o.token_ids for o in outs], eng.block_cache.stats.hit_tokens - before
+    hits = eng.block_cache.stats.hit_tokens - before
+    assert sum(o.num_cached_tokens for o in outs) == hits  # each output says what it found (no preemption here)
+    return [o.token_ids for o in outs], hits
 
 
 @pytest.mark.parametrize("variant", ["llama", "bloom", "gpt2"])

@@ -359,7 +359,7 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
                 requests.append(EngineRequest(prompt=prompt, sampling=params, request_id=f"{cid}-{len(requests)}",
                                               **source))
         fmt = CompletionFormat(cid, created, body.model, token_str, body.stop_list(), body.return_token_ids,
-                               bool(body.stream_options and body.stream_options.include_usage))
+                               bool(body.stream_options and body.stream_options.include_usage), body.n)
         if body.echo:  # the prompt's text as given; token-id prompts decoded when their output comes
             fmt.echo = [inp if isinstance(inp, str) else None for inp in inputs for _ in range(body.n)]
             fmt.echo_decode = engine.tokenizer.decode if engine.tokenizer is not None else (lambda ids: "")
@@ -388,7 +388,7 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
                                   sampling=_sampling(body, j, max_new, logprobs, defaults=defaults))
                     for j in range(body.n)]
         fmt = ChatFormat(cid, created, body.model, token_str, body.stop_list(), body.return_token_ids,
-                         bool(body.stream_options and body.stream_options.include_usage))
+                         bool(body.stream_options and body.stream_options.include_usage), body.n)
         return await generate(http, body, requests, fmt)
 
     # ---- tokenizer (vLLM's /tokenize and /detokenize) ------------------------------------------------

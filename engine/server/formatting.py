@@ -69,10 +69,16 @@ def new_text(progress: ChoiceProgress, out: RequestOutput, stops: tuple[str, ...
     return piece
 
 
-def usage(outputs: list[RequestOutput]) -> dict:
-    prompt = sum(len(o.input_ids) for o in outputs)
-    completion = sum(len(o.token_ids) for o in outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def usage(outputs: dict[int, RequestOutput], n: int) -> dict:
+    """OpenAI's usage of the choices `outputs` (index -> output; `n` choices per prompt): each prompt's tokens
+    counted once, as OpenAI and vLLM count them, and of those the ones whose K/V were cached (its first choice's)."""
+    prompts: dict[int, RequestOutput] = {}
+    for i in sorted(outputs):
+        prompts.setdefault(i // n, outputs[i])
+    prompt = sum(len(o.input_ids) for o in prompts.values())
+    completion = sum(len(o.token_ids) for o in outputs.values())
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in prompts.values())}}
 
 
 @dataclass
@@ -86,6 +92,7 @@ class _Format:
     stops: tuple[str, ...] = ()
     return_token_ids: bool = False
     include_usage: bool = False
+    n: int = 1  # choices per prompt
     progress: dict[int, ChoiceProgress] = field(default_factory=dict)
 
     def _progress(self, index: int) -> ChoiceProgress:
@@ -97,8 +104,8 @@ class _Format:
     def usage_chunks(self, obj: str) -> list[dict]:
         if not self.include_usage:
             return []
-        outs = [p.last for p in self.progress.values() if p.last is not None]
-        return [{**self._head(obj), "choices": [], "usage": usage(outs)}]
+        outs = {i: p.last for i, p in self.progress.items() if p.last is not None}
+        return [{**self._head(obj), "choices": [], "usage": usage(outs, self.n)}]
 
 
 @dataclass(frozen=True)
@@ -165,7 +172,7 @@ class CompletionFormat(_Format):
                 choice["token_ids"] = out.token_ids
                 choice["prompt_token_ids"] = out.input_ids
             choices.append(choice)
-        return {**self._head("text_completion"), "choices": choices, "usage": usage(finals)}
+        return {**self._head("text_completion"), "choices": choices, "usage": usage(dict(enumerate(finals)), self.n)}
 
     def chunks(self, index: int, out: RequestOutput) -> list[dict]:
         out = self._visible(out)
@@ -217,7 +224,7 @@ class ChatFormat(_Format):
                 choice["token_ids"] = out.token_ids
                 choice["prompt_token_ids"] = out.input_ids
             choices.append(choice)
-        return {**self._head("chat.completion"), "choices": choices, "usage": usage(finals)}
+        return {**self._head("chat.completion"), "choices": choices, "usage": usage(dict(enumerate(finals)), self.n)}
 
     def chunks(self, index: int, out: RequestOutput) -> list[dict]:
         p = self._progress(index)

@@ -370,3 +370,19 @@ def test_echo_puts_the_prompt_before_the_completion(served):
         assert streamed["text"] == whole.choices[0].text
         for key in ("tokens", "token_logprobs", "text_offset"):
             assert streamed[key] == getattr(whole.choices[0].logprobs, key), key
+
+
+def test_usage_counts_each_prompt_once_and_its_cached_tokens(served):
+    """As OpenAI and vLLM: a prompt's tokens once whatever n is, and `prompt_tokens_details.cached_tokens`: those
+    whose K/V the request-block cache held (40 tokens: the two full blocks of 16 before the last token)."""
+    client = served.server.openai()
+    ids = [300 + (7 * i) % 200 for i in range(40)]
+    kw = dict(model="b", prompt=ids, max_tokens=3, temperature=0, n=2, extra_body={"ignore_eos": True})
+    first = client.completions.create(**kw).usage
+    assert (first.prompt_tokens, first.completion_tokens, first.prompt_tokens_details.cached_tokens) == (40, 6, 0)
+    again = client.completions.create(**kw).usage
+    assert (again.prompt_tokens, again.prompt_tokens_details.cached_tokens) == (40, 32)
+    both = client.completions.create(**{**kw, "prompt": [ids, ids[:20]]}).usage
+    assert (both.prompt_tokens, both.completion_tokens, both.prompt_tokens_details.cached_tokens) == (60, 12, 48)
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert chunks[-1].usage.prompt_tokens == 40 and chunks[-1].usage.completion_tokens == 6
