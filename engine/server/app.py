@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -191,10 +192,11 @@ def _sampling(body: _SamplingFields, index: int, max_new_tokens: int, logprobs: 
         raise to_api_error(exc) from exc
 
 
-def _render_chat(engine: Engine, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """Runs on the loop thread (the tokenizer is the engine's)."""
+def _render_chat(engine: Engine, messages: list[dict], options: dict[str, Any]) -> list[int]:
+    """Runs on the loop thread (the tokenizer is the engine's). `options`: apply_chat_template's keyword arguments
+    (add_generation_prompt, continue_final_message, the template's own variables)."""
     hf = engine.tokenizer.hf
-    text = hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    text = hf.apply_chat_template(messages, tokenize=False, **options)
     return list(hf(text, add_special_tokens=False)["input_ids"])  # the template places any special tokens
 
 
@@ -374,7 +376,7 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
                            param="messages", code="no_chat_template")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
-            ids = await loop.run(lambda e: _render_chat(e, messages))
+            ids = await loop.run(lambda e: _render_chat(e, messages, body.template_options()))
         except (ServerStopping, EngineFailure) as exc:
             raise to_api_error(exc) from exc
         except Exception as exc:  # jinja errors raised by the template
@@ -415,6 +417,9 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
         need_tokenizer("/tokenize")
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+        problem = body.template_problem() if body.messages is not None else None
+        if problem is not None:
+            raise APIError(400, problem[1], param=problem[0])
         if body.messages is not None:
             if not _has_chat_template(engine):
                 raise APIError(400, "the model's tokenizer has no chat template", param="messages",
@@ -423,7 +428,7 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
 
         def render(e: Engine) -> list[int]:  # on the loop thread, like every use of the engine's tokenizer
             if body.messages is not None:
-                return _render_chat(e, messages, body.add_generation_prompt)
+                return _render_chat(e, messages, body.template_options())
             return e.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
 
         try:

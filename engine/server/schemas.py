@@ -149,7 +149,40 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(_SamplingFields):
+# apply_chat_template's own parameters: chat_template_kwargs may not set them
+_TEMPLATE_CALL_PARAMS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation", "max_length",
+    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
+class _ChatTemplateFields(BaseModel):
+    """vLLM's chat template options (chat completions and /tokenize with messages)."""
+
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False  # the last (assistant) message is continued, not closed
+    chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the template (e.g. enable_thinking)
+    chat_template: Any = None  # refused: the checkpoint's template is used
+
+    def template_problem(self) -> tuple[str, str] | None:
+        """(param, message) for chat template options that cannot be honoured."""
+        if self.chat_template is not None:
+            return "chat_template", "a per-request chat_template is not supported: the checkpoint's template is used"
+        if self.continue_final_message and self.add_generation_prompt:
+            return "continue_final_message", ("continue_final_message and add_generation_prompt cannot both be "
+                                              "true (set add_generation_prompt to false)")
+        reserved = sorted(set(self.chat_template_kwargs or ()) & _TEMPLATE_CALL_PARAMS)
+        if reserved:
+            return "chat_template_kwargs", f"chat_template_kwargs may not set {reserved[0]!r}"
+        return None
+
+    def template_options(self) -> dict[str, Any]:
+        """apply_chat_template's keyword arguments for these options."""
+        return {**(self.chat_template_kwargs or {}), "add_generation_prompt": self.add_generation_prompt,
+                "continue_final_message": self.continue_final_message}
+
+
+class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: StrictInt | None = None  # None: as many as fit
     max_completion_tokens: StrictInt | None = None
@@ -162,10 +195,10 @@ class ChatCompletionRequest(_SamplingFields):
             return "tools", "tools are not supported"
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs", "top_logprobs needs logprobs=true"
-        return super().unsupported()
+        return self.template_problem() or super().unsupported()
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_ChatTemplateFields):
     """vLLM's POST /tokenize: a completion prompt (text) or chat messages, tokenized as generation would."""
 
     model_config = ConfigDict(extra="ignore")
@@ -173,7 +206,6 @@ class TokenizeRequest(BaseModel):
     prompt: StrictStr | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: StrictBool = True  # text prompts only (a chat template places its own)
-    add_generation_prompt: StrictBool = True
     return_token_strs: StrictBool = False
 
 
