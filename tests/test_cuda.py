@@ -8,6 +8,7 @@ import torch
 from softprompt import Engine, SamplingParams
 
 from .runtime_helpers import assert_no_leaks, make_requests, register_tasks, run
+from .test_soak import soak, tight_engine
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -53,3 +54,11 @@ def test_cuda_graph_decode_matches_eager(variant, model_dir_for):
     graphs = graphed.runner.decode_graphs
     assert eager.runner.decode_graphs is None and graphs.replays > 0 and len(graphs.graphs) >= 2
     assert_no_leaks(graphed)
+
+
+@pytest.mark.parametrize("variant", ["llama", "bloom"])
+def test_cuda_random_traffic_equals_the_reference(variant, model_dir_for):
+    """tests/test_soak.py's traffic on CUDA (the torch backend; tests/kernels runs it on the triton backend)."""
+    d = model_dir_for(variant)
+    eng = soak(d, 20, steps=140, device="cuda", **tight_engine(d))
+    assert eng.scheduler.num_preemptions > 0 and eng.block_cache.stats.hit_tokens > 0
