@@ -36,6 +36,11 @@ def _summed(logits: torch.Tensor, targets: list[int]) -> float:
 def score_continuations(engine, items: list[ScoreItem]) -> list[list[float]]:
     """The summed log-prob of each continuation after its context, under its task's prompt, per item (fewer items
     at a time when the KV pool cannot hold them all; the reference backend: each context + continuation alone)."""
+    if any(not conts for _, _, conts in items):  # nothing to score after those contexts: not computed
+        scored = iter(score_continuations(engine, [item for item in items if item[2]]))
+        return [next(scored) if conts else [] for _, _, conts in items]
+    if not items:
+        return []
     if engine.backend == "reference":
         return [[_summed(engine.reference.logits(None if prompt is None else prompt.reference_input, ctx + c)
                          [len(ctx) - 1:-1], c) for c in conts] for prompt, ctx, conts in items]

@@ -67,6 +67,19 @@ def test_a_request_finds_the_blocks_an_earlier_one_generated(model_dir_for):
     assert_no_leaks(eng)
 
 
+def test_a_block_is_found_only_after_the_blocks_it_came_after(model_dir_for):
+    """The same tokens after other tokens (or at other positions) have other K/V: a block is named by the block
+    before it too."""
+    ref, eng = engines(model_dir_for("llama"))
+    shared = [60, 61, 62, 63]
+    first = Request(prompt="a", input_ids=[1, 2, 3, 4] + shared + [9], sampling=SamplingParams(max_new_tokens=3))
+    other = Request(prompt="a", input_ids=shared + [9, 10], sampling=SamplingParams(max_new_tokens=3))
+    eng.generate([first])
+    tokens, hits = hits_of(eng, [other])
+    assert hits == 0 and tokens == [ref.generate(other)[0].token_ids]
+    assert_no_leaks(eng)
+
+
 def test_other_tasks_and_versions_and_scoring_requests_find_nothing(model_dir_for):
     ref, eng = engines(model_dir_for("llama"))
     eng.generate([with_instruction("a", [7])])

@@ -40,6 +40,15 @@ def test_scores_equal_the_reference_around_block_boundaries(variant, block_size,
     assert_no_leaks(eng)
 
 
+def test_no_continuations_score_nothing(model_dir_for):
+    ref, eng = _engines(model_dir_for("llama"), 4)
+    for e in (ref, eng):
+        assert e.score("t", list(range(20, 40)), []) == []
+    t = eng.prompts.get("t")
+    assert score_continuations(eng, [(t, [5, 6], []), (t, [5, 6], [[7]])])[0] == []
+    assert_no_leaks(eng)
+
+
 def test_many_contexts_in_one_pass_equal_one_at_a_time(model_dir_for):
     ref, eng = _engines(model_dir_for("llama"), 4)
     items = [(eng.prompts.get("t") if i % 2 else None, list(range(20, 20 + 3 * i + 1)), CONTINUATIONS[: i % 4 + 1])

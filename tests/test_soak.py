@@ -67,6 +67,7 @@ def soak(model_dir, seed: int, steps: int, backend: str = "torch", device: str =
     for _ in range(4):
         new_version()
     submitted: dict[str, Request] = {}  # as the reference runs it
+    task_of: dict[str, str | None] = {}  # request id -> the task it named
     finished: dict[str, object] = {}
     aborted: set[str] = set()
     for step in range(steps + 2000):
@@ -74,11 +75,17 @@ def soak(model_dir, seed: int, steps: int, backend: str = "torch", device: str =
             for _ in range(rng.choice([0, 0, 1, 1, 2, 3])):
                 task = rng.choice([*live, None])
                 ids = [rng.randrange(4, 500) for _ in range(rng.randint(1, 34))]
-                if submitted and rng.random() < 0.35:  # begins like an earlier input (the block cache's case)
-                    earlier = rng.choice(list(submitted.values())).input_ids
+                if submitted and rng.random() < 0.45:  # begins like an earlier input (the block cache's case)
+                    rid = rng.choice(list(submitted))
+                    earlier = submitted[rid].input_ids
+                    if task_of[rid] in live or task_of[rid] is None:  # mostly of the same task
+                        task = task_of[rid] if rng.random() < 0.8 else task
                     ids = earlier[:rng.randint(1, len(earlier))] + ids[:rng.randint(0, 8)]
+                    if rng.random() < 0.3:  # or its later blocks, moved forward (a key that forgot the block before
+                        ids = earlier[4 * rng.randint(1, 3):] + ids[:3] or ids  # would find them)
                 request = Request(prompt=task, input_ids=ids, sampling=_params(rng, ref.tokenizer is not None))
                 eng.add_request(request)
+                task_of[request.request_id] = task
                 submitted[request.request_id] = Request(
                     prompt=None if task is None else live[task], input_ids=request.input_ids,
                     sampling=request.sampling, request_id=request.request_id)
@@ -130,4 +137,4 @@ def test_random_traffic_equals_the_reference(variant, seed, model_dir_for):
     # the test is only worth something if the traffic really went through each of these paths
     assert eng.scheduler.num_preemptions > 0
     assert eng.prefix_cache.stats.evictions > 0
-    assert eng.block_cache.stats.hit_tokens > 0 and eng.block_cache.stats.evictions > 0
+    assert eng.block_cache.stats.hit_tokens >= 64 and eng.block_cache.stats.evictions > 0  # 16+ blocks found
