@@ -522,8 +522,7 @@ class Engine:
         if self.backend == "reference":
             return [self.reference.logits(None if p is None else p.reference_input, ids)
                     for p, (_, ids) in zip(prompts, items)]
-        seqs = [Sequence(Request(prompt=name, input_ids=ids), p, ids, SamplingParams(), None,
-                         RequestTiming(time.perf_counter()), -1) for p, (name, ids) in zip(prompts, items)]
+        seqs = [Sequence.of_tokens(p, ids) for p, (_, ids) in zip(prompts, items)]
         held = []
         try:
             held = self.prefix_cache.acquire_many([p for p in prompts if p is not None])

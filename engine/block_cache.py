@@ -49,9 +49,6 @@ class BlockCache:
     def num_idle(self) -> int:
         return len(self._idle)
 
-    def holds(self, block: int) -> bool:
-        return block in self._by_block
-
     def _root(self, seq: Sequence) -> str:
         return "" if seq.prompt is None else seq.prompt.key
 

@@ -9,23 +9,16 @@ N + L x (|c| + under a block) tokens and L x |c| rows of logits, not L x (N + |c
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 
 from .errors import RequestError
 from .kv_pool import OutOfBlocks
 from .prompts import SoftPrompt
-from .request import Request, RequestTiming
-from .sampling import SamplingParams, token_logprobs
+from .sampling import token_logprobs
 from .sequence import Sequence
 
 ScoreItem = tuple[SoftPrompt | None, list[int], list[list[int]]]  # (task prompt, context ids, continuations' ids)
-
-
-def _sequence(prompt: SoftPrompt | None, tokens: list[int]) -> Sequence:
-    return Sequence(Request(prompt=None if prompt is None else prompt.name, input_ids=tokens), prompt, tokens,
-                    SamplingParams(), None, RequestTiming(time.perf_counter()), -1)
 
 
 def _summed(logits: torch.Tensor, targets: list[int]) -> float:
@@ -65,7 +58,7 @@ def _score(engine, items: list[ScoreItem]) -> list[list[float]]:
         held += cache.acquire_many([p for p, _, _ in items if p is not None])
 
         def new_sequence(prompt: SoftPrompt | None, tokens: list[int], shared: list[int]) -> Sequence:
-            seq = _sequence(prompt, tokens)
+            seq = Sequence.of_tokens(prompt, tokens)
             if prompt is not None:
                 seq.prefix = cache.acquire(prompt)
                 held.append(seq.prefix)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +53,12 @@ class Sequence:
     # screen may pick its token (greedy, no logprobs, no processors)
     processes_logits: bool = field(init=False, default=False)
     screenable: bool = field(init=False, default=False)
+
+    @classmethod
+    def of_tokens(cls, prompt: SoftPrompt | None, tokens: list[int]) -> Sequence:
+        """A sequence of `tokens` after `prompt` that runs through the model outside the scheduler (scoring)."""
+        return cls(Request(prompt=None if prompt is None else prompt.name, input_ids=tokens), prompt, tokens,
+                   SamplingParams(), None, RequestTiming(time.perf_counter()), -1)
 
     def __post_init__(self) -> None:
         if self.params is None:  # a sequence built for its tokens alone (tests, tools)

@@ -417,10 +417,10 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
         need_tokenizer("/tokenize")
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
-        problem = body.template_problem() if body.messages is not None else None
-        if problem is not None:
-            raise APIError(400, problem[1], param=problem[0])
         if body.messages is not None:
+            problem = body.template_problem()
+            if problem is not None:
+                raise APIError(400, problem[1], param=problem[0])
             if not _has_chat_template(engine):
                 raise APIError(400, "the model's tokenizer has no chat template", param="messages",
                                code="no_chat_template")

@@ -46,8 +46,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="do not keep the K/V of full blocks of request tokens for later requests that begin the "
                    "same way (vLLM's automatic prefix caching; task prefixes are cached either way)")
     p.add_argument("--generation-config", choices=("auto", "none"), default="auto",
-                   help="auto: requests that leave out temperature, top_p, top_k, min_p or repetition_penalty get "
-                   "the checkpoint's generation_config.json values (as vLLM); none: OpenAI's defaults")
+                   help="auto: requests that leave out temperature, top_p, top_k, min_p, repetition_penalty or "
+                   "their length get the checkpoint's generation_config.json values (max_new_tokens for the "
+                   "length; as vLLM); none: OpenAI's defaults")
     p.add_argument("--log-level", default="info")
     ray = p.add_argument_group("Ray Serve (needs the ray extra): several engine replicas with task-affinity routing")
     ray.add_argument("--ray", action="store_true", help="serve with Ray Serve instead of one process")
