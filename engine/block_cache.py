@@ -70,6 +70,14 @@ class BlockCache:
             parent = entry.serial
         seq.num_computed = len(seq.blocks) * size
 
+    def next_key(self, seq: Sequence, num_tokens: int) -> tuple | None:
+        """The key of the sequence's first block not yet cached, if its first `num_tokens` tokens fill it."""
+        size, cached = self.pool.block_size, len(seq.cached_serials)
+        if (cached + 1) * size > num_tokens:
+            return None
+        parent = seq.cached_serials[-1] if seq.cached_serials else self._root(seq)
+        return parent, tuple(seq.token_slice(cached * size, size))
+
     def count_admitted(self, seq: Sequence) -> None:
         self.stats.queried_tokens += seq.num_tokens
         self.stats.hit_tokens += seq.num_computed

@@ -16,6 +16,8 @@ from .sequence import Sequence, Status
 class SchedulerConfig:
     max_num_seqs: int = 256  # running sequences at most
     max_batched_tokens: int = 2048  # new tokens per step at most (longer inputs are prefilled in chunks)
+    # with a block cache: a waiting sequence whose next block a running one is computing waits for it
+    share_in_flight_blocks: bool = True
 
 
 @dataclass
@@ -27,7 +29,8 @@ class ScheduledBatch:
 class Scheduler:
     """Each step: every running sequence gets its next token(s) (decode first, then prefill chunks), then
     waiting sequences are admitted while the token budget and the KV pool allow, each starting after the cached
-    blocks its tokens begin with (with a block cache). When blocks run out, idle cached blocks and unreferenced
+    blocks its tokens begin with (with a block cache; one whose next block a running sequence is computing waits
+    a step to find it cached). When blocks run out, idle cached blocks and unreferenced
     prefixes are evicted first, then the newest running sequence is preempted (recomputed later)."""
 
     def __init__(self, prefix_cache: PrefixCache, config: SchedulerConfig, block_cache: BlockCache | None = None):
@@ -110,9 +113,12 @@ class Scheduler:
         # admit waiting sequences in arrival order while there is room (not in a step that had to preempt);
         # the prefixes they need are computed together, in one model call
         prefetched = self._prefetch_prefixes(budget) if self.num_preemptions == preemptions_before else []
+        in_flight = (self._blocks_in_flight() if self.waiting and self.block_cache is not None
+                     and self.config.share_in_flight_blocks else set())
+        deferred: list[Sequence] = []
         while (
             self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
-            and self.num_preemptions == preemptions_before
+            and self.num_preemptions == preemptions_before and len(deferred) < self.config.max_num_seqs
         ):
             seq = self.waiting[0]
             cached = self.block_cache is not None and seq.params.prompt_logprobs is None  # (those score every row)
@@ -121,6 +127,10 @@ class Scheduler:
                     seq.prefix = self.prefix_cache.acquire(seq.prompt)
                 if cached:
                     self.block_cache.match(seq)
+                    if self.block_cache.next_key(seq, seq.num_tokens - 1) in in_flight:
+                        self.release(seq)  # a running sequence is computing its next block: find it next step
+                        deferred.append(self.waiting.popleft())
+                        continue
                 n = min(seq.remaining_prefill, budget)
                 self._ensure_blocks(seq, seq.num_computed + n)
             except OutOfBlocks:
@@ -128,15 +138,31 @@ class Scheduler:
                 break
             if cached:
                 self.block_cache.count_admitted(seq)
+            if self.block_cache is not None and self.config.share_in_flight_blocks:
+                key = self.block_cache.next_key(seq, seq.num_tokens)
+                if key is not None:
+                    in_flight.add(key)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
             batch.append(seq)
             counts.append(n)
             budget -= n
+        self.waiting.extendleft(reversed(deferred))
         for entry in prefetched:
             self.prefix_cache.release(entry)
         return ScheduledBatch(batch, counts)
+
+    def _blocks_in_flight(self) -> set[tuple]:
+        """Block-cache keys of the blocks running sequences are computing (each one's next full block): a waiting
+        sequence whose next block is one of them waits a step and finds it cached, instead of computing it too
+        (the n samples of one input, a burst of requests with one instruction; SGLang's in-batch prefix caching)."""
+        size, cache = self.pool.block_size, self.block_cache
+        in_flight: set[tuple] = set()
+        for seq in self.running:
+            if (len(seq.cached_serials) + 1) * size <= seq.num_tokens:
+                in_flight.add(cache.next_key(seq, seq.num_tokens))
+        return in_flight
 
     def _prefetch_prefixes(self, budget: int) -> list:
         """Acquire (computing if needed, all at once) the prefixes of the waiting sequences likely admitted now."""

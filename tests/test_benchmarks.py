@@ -320,11 +320,21 @@ def test_shared_instruction_benchmark_runs(tmp_path):
     args = ["--instruction", "300", "--requests", "12", "--tasks", "2", "--rounds", "1", "--out", str(out)]
     assert shared_instruction.main(args) == 0
     r = json.loads(out.read_text())
-    assert r["identical_tokens"] and r["hit_tokens_per_run"] > 0 and r["requests"] == 12
+    assert r["identical_tokens"] and r["block cache"]["hit_tokens_per_run"] > 0 and r["requests"] == 12
     assert "--instruction" in r["environment"]["command"]
     assert r["block cache"]["best_s"] > 0 and r["no block cache"]["best_s"] > 0
+    assert r["no block cache"]["hit_tokens_per_run"] == 0
+    # the 3 samples of each input arrive together: the 2nd and 3rd wait a step and find its full blocks
+    args = ["--instruction", "30", "--requests", "2", "--tasks", "2", "--samples", "3", "--rounds", "1", "--out",
+            str(out)]
+    assert shared_instruction.main(args) == 0
+    r = json.loads(out.read_text())
+    assert r["identical_tokens"] and r["requests"] == 6 and r["samples"] == 3
+    assert r["no in-batch sharing"]["hit_tokens_per_run"] == 0
+    assert r["block cache"]["hit_tokens_per_run"] >= 2 * 2 * 32  # 2 of 3 samples find 2+ blocks of 16
     assert shared_instruction.main(["--tasks", "0"]) == 2
     assert shared_instruction.main(["--instruction", "400"]) == 2
+    assert shared_instruction.main(["--samples", "0"]) == 2
 
 
 def test_score_benchmark_runs(tmp_path):

@@ -113,6 +113,39 @@ def test_n_seeded_samples_of_one_input_equal_an_engine_without_the_cache(model_d
     assert_no_leaks(plain)
 
 
+def test_samples_sent_together_compute_their_input_once(model_dir_for):
+    """The n samples of a new input arrive together: the first computes the input's full blocks, the others wait
+    one step for them instead of computing them too (in-batch prefix sharing)."""
+    d = model_dir_for("qwen2")
+    _, eng = engines(d)
+    _, plain = engines(d, enable_prefix_caching=False)
+    samples = [with_instruction("a", [5, 6, 7, 8], temperature=0.9, seed=s) for s in range(4)]
+    tokens, hits = hits_of(eng, samples)
+    assert hits == 3 * 12 and tokens == [o.token_ids for o in plain.generate(samples)]
+    assert_no_leaks(eng)
+
+
+def test_a_waiting_request_defers_only_while_its_block_is_computed(model_dir_for):
+    """Deferral holds back the request whose next block another one is computing, not the requests behind it;
+    it is admitted the next step, after the blocks were cached."""
+    ref, eng = engines(model_dir_for("llama"))
+    burst = [with_instruction("a", [7]), with_instruction("a", [8, 9]), with_instruction("b", [7]),
+             with_instruction(None, [1, 2, 3, 4, 5, 6])]
+    for r in burst:
+        eng.add_request(r)
+    eng.step()
+    running = [s.request_id for s in eng.scheduler.running]
+    assert running == [burst[0].request_id, burst[2].request_id, burst[3].request_id]
+    assert [s.request_id for s in eng.scheduler.waiting] == [burst[1].request_id]
+    eng.step()
+    assert len(eng.scheduler.running) == 4 and eng.scheduler.running[-1].num_cached_tokens == 8
+    outs = {}
+    while eng.has_unfinished_requests():
+        outs.update((o.request_id, o.token_ids) for o in eng.step() if o.finished)
+    assert [outs[r.request_id] for r in burst] == [o.token_ids for o in ref.generate(burst)]
+    assert_no_leaks(eng)
+
+
 def test_idle_cached_blocks_give_way_before_task_prefixes(model_dir_for):
     d = model_dir_for("llama")
     from softprompt.engine.config import load_model_config
