@@ -27,6 +27,7 @@ from .scheduler import Scheduler, SchedulerConfig
 from .scoring import score_continuations
 from .sequence import Sequence, Status
 from .stopping import check_finish
+from .structured import GrammarGuide, StructuredOutputs
 from .tokenizer import Tokenizer, load_tokenizer, require_tokenizer
 
 _PROCESSES_LOGITS, _SCREENABLE = attrgetter("processes_logits"), attrgetter("screenable")
@@ -61,6 +62,7 @@ class PreparedRequest:
     prompt: SoftPrompt | None
     input_ids: list[int]
     params: SamplingParams  # max_new_tokens capped so prefix + input + output fits the model's positions
+    grammar: object | None = None  # its structured output compiled (engine/structured.py), where it asks for one
 
 
 class Engine:
@@ -107,6 +109,8 @@ class Engine:
         self.tokenizer: Tokenizer | None = load_tokenizer(model_dir)
         self.eos_token_ids = self._eos_ids()
         self.generation_defaults = self.config.generation_defaults
+        self.structured_outputs = StructuredOutputs(None if self.tokenizer is None else self.tokenizer.hf,
+                                                    self.config.vocab_size, self.eos_token_ids)
         self.prompts = PromptStore(
             hidden_size=self.config.hidden_size,
             dtype=self.dtype,
@@ -226,6 +230,10 @@ class Engine:
         self._check_in_vocab((t for word in params.bad_words_token_ids for t in word), "bad word token id")
         self._check_in_vocab((t for choice in params.choice_token_ids or () for t in choice), "choice token id")
         self._check_in_vocab(params.allowed_token_ids or (), "allowed_token_ids token id")
+        grammar = None
+        if params.structured is not None:
+            require_tokenizer(self.tokenizer, f"guided_{params.structured[0]}")
+            grammar = self.structured_outputs.compile(*params.structured, not params.disable_any_whitespace)
         if params.max_new_tokens > room:
             params = replace(params, max_new_tokens=room, min_tokens=min(params.min_tokens, room))
         if self.backend != "reference":
@@ -235,7 +243,7 @@ class Engine:
                     f"request needs {need} KV blocks but the whole pool has {self.pool.num_blocks}: "
                     "raise kv_cache_bytes or shorten the input"
                 )
-        return PreparedRequest(request, prompt, ids, params)
+        return PreparedRequest(request, prompt, ids, params, grammar)
 
     def _check_in_vocab(self, ids, what: str) -> None:
         """Raise naming the first of `ids` outside the vocabulary (a `what` such as "choice token id")."""
@@ -279,6 +287,7 @@ class Engine:
             generator=make_generator(prep.params, self.device),
             timing=RequestTiming(arrival=time.perf_counter()),
             arrival_order=next(self._order),
+            guide=None if prep.grammar is None else GrammarGuide(prep.grammar),
         )
         if self.tokenizer is not None:
             seq.text = IncrementalText(self.tokenizer, seq.generated, prep.params.skip_special_tokens, seq.input_ids)
@@ -344,9 +353,13 @@ class Engine:
             return []
         seqs = [batch.seqs[i] for i in sampled]
         processes = list(map(_PROCESSES_LOGITS, seqs))
-        histories = [(s.input_ids, s.generated) for s in seqs] if any(processes) else None
+        histories, guides = None, None
+        if any(processes):
+            histories = [(s.input_ids, s.generated) for s in seqs]
+            guides = [s.guide for s in seqs]
         tokens, logprobs = self.runner.sample(hidden, [s.params for s in seqs], [s.generator for s in seqs],
-                                              histories, self.eos_token_ids, list(map(_SCREENABLE, seqs)), processes)
+                                              histories, self.eos_token_ids, list(map(_SCREENABLE, seqs)), processes,
+                                              guides)
         now = time.perf_counter()
         outputs = []
         for seq, token, lp in zip(seqs, tokens, logprobs):
@@ -394,7 +407,8 @@ class Engine:
         seq = self.scheduler.waiting.popleft()
         decode = None if seq.text is None else seq.text.exact
         prefix = None if seq.prompt is None else seq.prompt.reference_input
-        tokens, logprobs, finish = self.reference.generate(prefix, seq.input_ids, seq.params, self.eos_token_ids, decode)
+        tokens, logprobs, finish = self.reference.generate(prefix, seq.input_ids, seq.params, self.eos_token_ids,
+                                                           decode, seq.guide)
         seq.generated.extend(tokens)  # the list seq.text reads
         seq.logprobs = logprobs or []
         if seq.params.prompt_logprobs is not None:

@@ -7,6 +7,7 @@ import importlib
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .errors import SoftPromptError
 
@@ -67,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="only these token ids may be generated, comma-separated")
     gen.add_argument("--choice", action="append", default=None, metavar="TEXT",
                      help="the output is one of these texts (repeatable; guided_choice)")
+    gen.add_argument("--json-schema", default=None, metavar="SCHEMA",
+                     help="the output follows this JSON schema: its JSON text, or @FILE (guided_json; needs xgrammar)")
+    gen.add_argument("--json-object", action="store_true", help="the output is JSON (JSON mode; needs xgrammar)")
+    gen.add_argument("--regex", default=None, help="the output matches this regular expression (needs xgrammar)")
+    gen.add_argument("--grammar", default=None, metavar="EBNF",
+                     help="the output follows this EBNF (GBNF) grammar: its text, or @FILE (needs xgrammar)")
+    gen.add_argument("--compact-json", action="store_true",
+                     help="JSON outputs without free whitespace (disable_any_whitespace)")
     gen.add_argument("--bad-word", action="append", default=[], metavar="TEXT",
                      help="a word never to generate (repeatable)")
     gen.add_argument("--include-stop-str", action="store_true",
@@ -87,6 +96,16 @@ def _split_pair(value: str, flag: str) -> tuple[str, str]:
     if not sep or not name or not rest:
         raise SoftPromptError(f"{flag} expects NAME=VALUE, got {value!r}")
     return name, rest
+
+
+def _text_or_file(value: str | None, flag: str) -> str | None:
+    """A flag's value as given, or the text of the file named after an @."""
+    if value is None or not value.startswith("@"):
+        return value
+    try:
+        return Path(value[1:]).read_text()
+    except OSError as exc:
+        raise SoftPromptError(f"{flag}: cannot read {value[1:]!r}: {exc.strerror}") from None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -110,7 +129,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             stop=args.stop, stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos,
                             include_stop_str_in_output=args.include_stop_str,
                             skip_special_tokens=not args.keep_special_tokens, allowed_token_ids=allowed,
-                            guided_choice=args.choice, bad_words=args.bad_word)
+                            guided_choice=args.choice, bad_words=args.bad_word,
+                            guided_json=_text_or_file(args.json_schema, "--json-schema"),
+                            guided_json_object=args.json_object, guided_regex=args.regex,
+                            guided_grammar=_text_or_file(args.grammar, "--grammar"),
+                            disable_any_whitespace=args.compact_json)
     if args.ids is not None:
         ids = _int_list(args.ids, "--ids")
         request = Request(prompt=args.task, input_ids=ids, sampling=params)

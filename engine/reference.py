@@ -14,6 +14,7 @@ from .detokenizer import FullText
 from .models import CausalLM
 from .sampling import SamplingParams, TokenLogprob, make_generator, sample_next
 from .stopping import Finish, check_finish
+from .structured import GrammarGuide
 
 
 class DenseCausalAttention:
@@ -89,6 +90,7 @@ class ReferencePath:
         params: SamplingParams,
         eos_token_ids: tuple[int, ...],
         decode: Callable[[list[int]], str] | None = None,
+        guide: GrammarGuide | None = None,
     ) -> tuple[list[int], list[TokenLogprob] | None, Finish]:
         generator = make_generator(params, self.model.word_embeddings.weight.device)
         generated: list[int] = []
@@ -96,7 +98,8 @@ class ReferencePath:
         text = None if decode is None else FullText(decode, generated)
         while True:
             last = self.model.compute_logits(self.hidden(prefix, ids + generated)[-1:])
-            tokens, lps = sample_next(last, [params], [generator], [(ids, generated)], eos_token_ids)
+            tokens, lps = sample_next(last, [params], [generator], [(ids, generated)], eos_token_ids,
+                                      guides=[guide])
             generated.append(tokens[0])
             if lps[0] is not None:
                 logprobs.append(lps[0])

@@ -12,6 +12,7 @@ import torch
 
 from .errors import SamplingParamsError
 from .guided import MAX_GUIDED_CHOICES, allowed_next
+from .structured import GrammarGuide, apply_guides, canonical_json_schema
 
 MAX_LOGPROBS = 20
 MAX_BAD_WORDS = 128
@@ -61,6 +62,14 @@ class SamplingParams:
     # ids to bad_words_token_ids (give ids there yourself to work without a tokenizer)
     bad_words: tuple[str, ...] = ()
     bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
+    # structured outputs (vLLM's, through xgrammar: engine/structured.py): the output follows a JSON schema (a dict
+    # or its JSON text), any JSON value (guided_json_object, OpenAI's JSON mode), a regular expression or an EBNF
+    # grammar (GBNF), however the tokens spell it; at most one of these and guided_choice
+    guided_json: str | None = None
+    guided_regex: str | None = None
+    guided_grammar: str | None = None
+    guided_json_object: bool = False
+    disable_any_whitespace: bool = False  # JSON kinds: a space only after "," and ":" (vLLM's option)
 
     def __post_init__(self) -> None:
         # normalise lists given by users into tuples (the dataclass is frozen)
@@ -80,6 +89,11 @@ class SamplingParams:
                     object.__setattr__(self, name, value)
                 except TypeError:
                     pass  # validate() names it
+        if self.guided_json is not None:
+            try:
+                object.__setattr__(self, "guided_json", canonical_json_schema(self.guided_json))
+            except ValueError as exc:
+                raise SamplingParamsError(f"invalid sampling params: {exc}") from None
         bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
         try:
             bias = tuple((k, v) for k, v in bias)
@@ -96,11 +110,23 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @property
+    def structured(self) -> tuple[str, str] | None:
+        """(kind, spec) of the structured output asked for (engine/structured.py), or None."""
+        if self.guided_json is not None:
+            return "json", self.guided_json
+        if self.guided_regex is not None:
+            return "regex", self.guided_regex
+        if self.guided_grammar is not None:
+            return "grammar", self.guided_grammar
+        return ("json_object", "") if self.guided_json_object else None
+
+    @property
     def processes_logits(self) -> bool:
         """Whether any logit processor applies (then the row needs its token history and full logits)."""
         return bool(self.logit_bias or self.min_tokens or self.repetition_penalty != 1.0
                     or self.frequency_penalty or self.presence_penalty or self.allowed_token_ids is not None
-                    or self.choice_token_ids is not None or bool(self.bad_words_token_ids))
+                    or self.choice_token_ids is not None or bool(self.bad_words_token_ids)
+                    or self.structured is not None)
 
     @property
     def screenable(self) -> bool:
@@ -184,6 +210,23 @@ class SamplingParams:
                       f"got {ids!r}")
         if (choices is not None or ids is not None) and (self.allowed_token_ids is not None or self.min_tokens):
             raise bad("guided_choice cannot be combined with allowed_token_ids or min_tokens")
+        for name in ("guided_regex", "guided_grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise bad(f"{name} must be a non-empty string, got {value!r}")
+        for name in ("guided_json_object", "disable_any_whitespace"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(f"{name} must be true or false, got {getattr(self, name)!r}")
+        asked = [name for name in ("guided_choice", "guided_json", "guided_regex", "guided_grammar")
+                 if getattr(self, name) is not None] + ["guided_json_object"] * self.guided_json_object
+        if ids is not None and choices is None:
+            asked.append("choice_token_ids")
+        if len(asked) > 1:
+            raise bad(f"give at most one of {', '.join(asked)}")
+        if self.structured is not None:
+            for name in ("allowed_token_ids", "min_tokens", "ignore_eos"):
+                if getattr(self, name) not in (None, 0, False):
+                    raise bad(f"{asked[0]} cannot be combined with {name} (the grammar ends the output with EOS)")
         words, word_ids = self.bad_words, self.bad_words_token_ids
         if not isinstance(words, tuple) or len(words) > MAX_BAD_WORDS or any(
                 not isinstance(w, str) or not w.strip() for w in words):
@@ -229,12 +272,17 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
 
 
 def process_logits(logits: torch.Tensor, params_list: list[SamplingParams],
-                   histories: list[tuple[Sequence[int], Sequence[int]]], eos_token_ids: Sequence[int]) -> torch.Tensor:
+                   histories: list[tuple[Sequence[int], Sequence[int]]], eos_token_ids: Sequence[int],
+                   guides: Sequence[GrammarGuide | None] | None = None) -> torch.Tensor:
     """Rows of fp32 logits [B, V] after each row's logit processors (see SamplingParams), as a new tensor.
 
-    `histories[i]`: row i's (input ids, generated tokens). One scatter per processor for the whole batch, from
-    (row, token) pairs: no dense [B, V] count matrix (a 128k vocabulary at 256 rows would be 128 MB)."""
+    `histories[i]`: row i's (input ids, generated tokens); `guides[i]`: its structured-output state, where its
+    params ask for one. One scatter per processor for the whole batch, from (row, token) pairs: no dense [B, V]
+    count matrix (a 128k vocabulary at 256 rows would be 128 MB)."""
     out = logits.clone()
+    guided = [(row, guide) for row, guide in enumerate(guides or ()) if guide is not None]
+    if guided:
+        apply_guides(out, guided, histories)
     vocab = out.shape[1]
     device = out.device
     bias_rows, bias_ids, biases = [], [], []
@@ -326,11 +374,14 @@ def sample_next(
     histories: list[tuple[Sequence[int], Sequence[int]]] | None = None,
     eos_token_ids: Sequence[int] = (),
     processes: list[bool] | None = None,
+    guides: Sequence[GrammarGuide | None] | None = None,
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """Pick one token per row of fp32 logits [B, V]; each row uses only its own params and generator.
 
     `histories[i]`: row i's (input ids, generated tokens), needed where its params process logits.
-    `processes[i]`: row i's `params.processes_logits`, if the caller has it already (the engine, every step)."""
+    `processes[i]`: row i's `params.processes_logits`, if the caller has it already (the engine, every step).
+    `guides[i]`: row i's GrammarGuide, needed where its params ask for a structured output."""
+
     tokens = torch.argmax(logits, dim=-1).tolist()
     if processes is None:
         processes = [params.processes_logits for params in params_list]
@@ -339,9 +390,11 @@ def sample_next(
     if processed:
         if histories is None:
             raise ValueError("sample_next needs the token histories of rows whose params process logits")
+        if any(params_list[i].structured is not None and (guides is None or guides[i] is None) for i in processed):
+            raise ValueError("sample_next needs a GrammarGuide for each row that asks for a structured output")
         rows = torch.tensor(processed, dtype=torch.long, device=logits.device)
         sub = process_logits(logits[rows], [params_list[i] for i in processed], [histories[i] for i in processed],
-                             eos_token_ids)
+                             eos_token_ids, None if guides is None else [guides[i] for i in processed])
         where = {row: j for j, row in enumerate(processed)}
         for row, token in zip(processed, torch.argmax(sub, dim=-1).tolist()):
             tokens[row] = token

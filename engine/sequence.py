@@ -49,6 +49,7 @@ class Sequence:
     text_end: int | None = None
     text: IncrementalText | None = None  # the generated text as far as it was read (with a tokenizer)
     prefix: object | None = None  # the PrefixEntry held while running
+    guide: object | None = None  # its GrammarGuide (engine/structured.py), where it asks for a structured output
     # derived from params once (asked of every sequence each step): logit processors apply / the int8 greedy
     # screen may pick its token (greedy, no logprobs, no processors)
     processes_logits: bool = field(init=False, default=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -70,6 +71,27 @@ def test_generate_with_stop_strings_and_text_options(model_dir_for, capsys, monk
     assert json.loads(capsys.readouterr().out)["text"] in (" yes", " no")
     assert main([*base, "--allowed-token-ids", "4x"]) == 2
     assert "--allowed-token-ids must be comma-separated integers" in capsys.readouterr().err
+
+
+def test_generate_with_structured_outputs(model_dir_for, tmp_path, capsys):
+    d = model_dir_for("llama")
+    base = ["generate", str(d), "--ids", "5,6,7", "--max-new-tokens", "40", "--json", "--device", "cpu"]
+    assert main([*base, "--regex", "[0-9]{2}-(a|b)"]) == 0
+    assert re.fullmatch("[0-9]{2}-(a|b)", json.loads(capsys.readouterr().out)["text"])
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}')
+    assert main([*base, "--json-schema", f"@{schema}", "--compact-json"]) == 0
+    assert set(json.loads(json.loads(capsys.readouterr().out)["text"])) == {"ok"}
+    grammar = tmp_path / "g.ebnf"
+    grammar.write_text('root ::= "<" [a-c] ">"')
+    assert main([*base, "--grammar", f"@{grammar}"]) == 0
+    assert re.fullmatch("<[a-c]>", json.loads(capsys.readouterr().out)["text"])
+    assert main([*base, "--json-object", "--compact-json", "--temperature", "1", "--seed", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["finish_reason"] in ("stop", "length")
+    assert main([*base, "--regex", "[a-"]) == 2
+    assert "invalid guided_regex" in capsys.readouterr().err
+    assert main([*base, "--grammar", "@/nonexistent/g.ebnf"]) == 2
+    assert "--grammar: cannot read" in capsys.readouterr().err
 
 
 def test_generate_with_a_task_of_a_multitask_adapter(model_dir_for, tmp_path, capsys):

@@ -185,7 +185,7 @@ def _sampling(body: _SamplingFields, index: int, max_new_tokens: int, logprobs: 
             min_tokens=body.min_tokens or 0,
             logit_bias=logit_bias, prompt_logprobs=prompt_logprobs,
             include_stop_str_in_output=body.include_stop_str_in_output, skip_special_tokens=body.skip_special_tokens,
-            allowed_token_ids=body.allowed_token_ids, guided_choice=body.choices(),
+            allowed_token_ids=body.allowed_token_ids, **body.structured_kwargs(),
             bad_words=tuple(body.bad_words or ()),
         )
     except ValueError as exc:

@@ -19,6 +19,9 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
+_STRUCTURED_KEYS = ("choice", "json", "regex", "grammar", "json_object", "disable_any_whitespace")
+
+
 class _SamplingFields(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI names, plus vLLM-style extras)."""
 
@@ -45,14 +48,14 @@ class _SamplingFields(BaseModel):
     stop_token_ids: list[StrictInt] | None = None
     allowed_token_ids: list[StrictInt] | None = None
     bad_words: list[StrictStr] | None = None
+    # structured outputs (vLLM's names; all but guided_choice need xgrammar): at most one constraint
     guided_choice: list[StrictStr] | None = None
-    structured_outputs: dict[str, Any] | None = None  # newer vLLM: {"choice": [...]}
-    # structured outputs this server does not implement: refused by name rather than ignored
-    use_beam_search: StrictBool = False
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_grammar: Any = None
-    response_format: dict[str, Any] | None = None
+    guided_json: Any = None  # a JSON schema (an object or its JSON text)
+    guided_regex: StrictStr | None = None
+    guided_grammar: StrictStr | None = None
+    structured_outputs: dict[str, Any] | None = None  # newer vLLM: {"choice" | "json" | "regex" | "grammar" ...}
+    response_format: dict[str, Any] | None = None  # OpenAI's: text, json_object, json_schema
+    use_beam_search: StrictBool = False  # refused by name rather than ignored
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
     return_token_ids: StrictBool = False
@@ -72,12 +75,29 @@ class _SamplingFields(BaseModel):
             out[int(key)] = value
         return out
 
-    def choices(self) -> tuple[str, ...] | None:
-        """The guided choice, from guided_choice or structured_outputs' "choice" (checked by `unsupported`)."""
+    def structured_kwargs(self) -> dict[str, Any]:
+        """The SamplingParams fields of the constraint asked for, from vLLM's guided_* fields, vLLM's
+        structured_outputs and OpenAI's response_format (checked by `unsupported`; SamplingParams refuses two)."""
+        out: dict[str, Any] = {}
+        outputs = self.structured_outputs or {}
         if self.guided_choice is not None:
-            return tuple(self.guided_choice)
-        choice = (self.structured_outputs or {}).get("choice")
-        return tuple(choice) if isinstance(choice, list) and all(isinstance(c, str) for c in choice) else None
+            out["guided_choice"] = tuple(self.guided_choice)
+        elif outputs.get("choice") is not None:
+            out["guided_choice"] = tuple(outputs["choice"])
+        for name in ("json", "regex", "grammar"):
+            value = getattr(self, f"guided_{name}")
+            if value is None:
+                value = outputs.get(name)
+            if value is not None:
+                out[f"guided_{name}"] = value
+        kind = (self.response_format or {}).get("type", "text")
+        if kind == "json_schema":
+            out.setdefault("guided_json", self.response_format["json_schema"]["schema"])
+        if kind == "json_object" or outputs.get("json_object"):
+            out["guided_json_object"] = True
+        if outputs.get("disable_any_whitespace"):
+            out["disable_any_whitespace"] = True
+        return out
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for an OpenAI option this server does not implement, given a non-default value."""
@@ -85,20 +105,31 @@ class _SamplingFields(BaseModel):
             return "stop", f"at most {MAX_STOP} stop strings are supported, got {len(self.stop)}"
         if self.use_beam_search:
             return "use_beam_search", "beam search is not supported"
-        for name in ("guided_json", "guided_regex", "guided_grammar"):
-            if getattr(self, name) is not None:
-                return name, f"{name} is not supported (guided_choice is)"
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            return "response_format", "response_format other than text is not supported (guided_choice is)"
+        fmt = self.response_format or {}
+        kind = fmt.get("type", "text")
+        if kind not in ("text", "json_object", "json_schema"):
+            return "response_format", f"response_format type {kind!r} is not supported (text, json_object, json_schema)"
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), (dict, bool)):
+                return "response_format", "response_format json_schema needs a json_schema object with a schema"
         outputs = self.structured_outputs or {}
-        other = sorted(k for k, v in outputs.items() if k != "choice" and v not in (None, False))
+        other = sorted(k for k, v in outputs.items() if k not in _STRUCTURED_KEYS and v not in (None, False))
         if other:
-            return "structured_outputs", f"structured_outputs {other[0]!r} is not supported (choice is)"
+            return "structured_outputs", (f"structured_outputs {other[0]!r} is not supported "
+                                          f"({', '.join(_STRUCTURED_KEYS)} are)")
         choice = outputs.get("choice")
         if choice is not None and (not isinstance(choice, list) or not all(isinstance(c, str) for c in choice)):
             return "structured_outputs", "structured_outputs choice must be a list of strings"
-        if choice is not None and self.guided_choice is not None:
-            return "guided_choice", "give guided_choice or structured_outputs' choice, not both"
+        for name in ("regex", "grammar"):
+            if outputs.get(name) is not None and not isinstance(outputs[name], str):
+                return "structured_outputs", f"structured_outputs {name} must be a string"
+        for name in ("json_object", "disable_any_whitespace"):
+            if not isinstance(outputs.get(name, False), bool):
+                return "structured_outputs", f"structured_outputs {name} must be true or false"
+        for name in ("choice", "json", "regex", "grammar"):
+            if outputs.get(name) is not None and getattr(self, f"guided_{name}") is not None:
+                return f"guided_{name}", f"give guided_{name} or structured_outputs' {name}, not both"
         return None
 
 

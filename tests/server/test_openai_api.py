@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -131,9 +133,8 @@ def test_stop_string_and_special_token_text_options_pass_through(served):
     assert e.value.body["param"] == "use_beam_search"
 
 
-def test_guided_choice_and_refused_structured_outputs(served):
-    """vLLM's guided_choice (and structured_outputs' choice) constrain the text; JSON, regex and grammar outputs are
-    refused by name instead of being ignored."""
+def test_guided_choice(served):
+    """vLLM's guided_choice (and structured_outputs' choice) constrain the text."""
     client = served.server.openai()
     choices = [" yes", " no", " maybe so"]
     got = client.completions.create(model="a", prompt="the cat sat on", max_tokens=10, temperature=0,
@@ -145,14 +146,61 @@ def test_guided_choice_and_refused_structured_outputs(served):
                                           temperature=1.0, seed=4, n=3,
                                           extra_body={"structured_outputs": {"choice": choices}})
     assert all(c.message.content in choices for c in chat.choices)
-    for extra, param in [({"guided_json": {"type": "object"}}, "guided_json"), ({"guided_regex": "a+"}, "guided_regex"),
-                         ({"response_format": {"type": "json_object"}}, "response_format"),
-                         ({"structured_outputs": {"json": {}}}, "structured_outputs"),
+
+
+SCHEMA = {"type": "object", "properties": {"label": {"enum": ["pos", "neg"]}, "sure": {"type": "boolean"}},
+          "required": ["label", "sure"]}
+
+
+def test_structured_outputs_each_way_they_are_asked_for(served):
+    """OpenAI's response_format (json_schema, json_object) and vLLM's guided_json / guided_regex / guided_grammar
+    and structured_outputs give what Engine.generate gives for the same constraint."""
+    client = served.server.openai()
+    fmt = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": SCHEMA, "strict": True}}
+    chat = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "rate it"}],
+                                          max_tokens=40, temperature=0, response_format=fmt,
+                                          extra_body={"structured_outputs": {"disable_any_whitespace": True}})
+    hf = served.reference.tokenizer.hf
+    ids = hf(hf.apply_chat_template([{"role": "user", "content": "rate it"}], add_generation_prompt=True,
+                                    tokenize=False), add_special_tokens=False)["input_ids"]
+    [want] = served.expected(Request(prompt="a", input_ids=ids, sampling=sp(
+        max_new_tokens=40, guided_json=SCHEMA, disable_any_whitespace=True)))
+    assert chat.choices[0].message.content == want.text and set(json.loads(want.text)) == {"label", "sure"}
+    cases = [({"guided_json": SCHEMA}, dict(guided_json=SCHEMA)),
+             ({"guided_regex": "[0-9]{3}"}, dict(guided_regex="[0-9]{3}")),
+             ({"structured_outputs": {"regex": "(yes|no)!"}}, dict(guided_regex="(yes|no)!")),
+             ({"guided_grammar": 'root ::= "<" [a-c] ">"'}, dict(guided_grammar='root ::= "<" [a-c] ">"')),
+             ({"response_format": {"type": "json_object"}, "structured_outputs": {"disable_any_whitespace": True}},
+              dict(guided_json_object=True, disable_any_whitespace=True)),
+             ({"structured_outputs": {"json": SCHEMA}}, dict(guided_json=SCHEMA))]
+    for extra, kind in cases:
+        got = client.completions.create(model="a", prompt="the cat sat on", max_tokens=24, temperature=1.0, seed=3,
+                                        extra_body=extra)
+        [want] = served.expected(Request(prompt="a", text="the cat sat on", sampling=sp(
+            max_new_tokens=24, temperature=1.0, seed=3, **kind)))
+        assert (got.choices[0].text, got.choices[0].finish_reason) == (want.text, want.finish_reason), extra
+    assert re.fullmatch("[0-9]{3}", served.expected(Request(prompt="a", text="the cat sat on", sampling=sp(
+        max_new_tokens=24, temperature=1.0, seed=3, guided_regex="[0-9]{3}")))[0].text)
+
+
+def test_bad_structured_outputs_are_refused_by_name(served):
+    client = served.server.openai()
+    for extra, param in [({"guided_regex": "[a-"}, "guided_regex"), ({"guided_json": "{not json"}, "guided_json"),
+                         ({"guided_grammar": "root ::= nothing"}, "guided_grammar"),
+                         ({"guided_regex": "a", "guided_json": SCHEMA}, "at most one of"),
+                         ({"response_format": {"type": "yaml"}}, "response_format"),
+                         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+                          "response_format"),
+                         ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs"),
                          ({"structured_outputs": {"choice": 5}}, "structured_outputs"),
+                         ({"structured_outputs": {"regex": "a"}, "guided_regex": "b"}, "guided_regex"),
+                         ({"guided_regex": "a", "ignore_eos": True}, "ignore_eos"),
                          ({"guided_choice": []}, "guided_choice")]:
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model="a", prompt="hi", max_tokens=2, extra_body=extra)
-        assert param in (e.value.body["param"] or e.value.body["message"]), extra
+        assert param in (e.value.body["param"] or "") + e.value.body["message"], extra
+    ok = client.completions.create(model="a", prompt="hi", max_tokens=3, extra_body={"guided_regex": "ab?"})
+    assert ok.choices[0].text in ("a", "ab")
 
 
 def test_n_choices_use_consecutive_seeds_and_several_prompts(served):
