@@ -346,7 +346,26 @@ def process_logits(logits: torch.Tensor, params_list: list[SamplingParams],
     if pen_rows:
         at = index(pen_rows, pen_ids)
         out.index_put_(at, out[at] - (values(pen_freq) * values(pen_counts) + values(pen_pres)))
+    masked = sorted(set(allow_rows) | set(ban_rows) | {row for row, _ in guided})
+    if masked:
+        _unblock_rows_left_empty(out, logits, masked, params_list, histories, eos_token_ids)
     return out
+
+
+def _unblock_rows_left_empty(out: torch.Tensor, logits: torch.Tensor, masked: list[int],
+                             params_list: list[SamplingParams], histories: list[tuple[Sequence[int], Sequence[int]]],
+                             eos_token_ids: Sequence[int]) -> None:
+    """Constraints that leave a row no token at all (bad_words banning every token a grammar or choice allows,
+    min_tokens banning the only allowed EOS) would make the pick meaningless and sampling fail. Such a row gets
+    EOS, which ends the request, where EOS may end it now; else its unprocessed logits. `masked`: the rows where
+    some processor masked tokens out."""
+    empty = torch.isneginf(out[masked]).all(dim=1).tolist()
+    for row in (r for r, is_empty in zip(masked, empty) if is_empty):
+        params, eos = params_list[row], [t for t in eos_token_ids if t < out.shape[1]]
+        if eos and not params.ignore_eos and len(histories[row][1]) >= params.min_tokens:
+            out[row, eos] = 0.0
+        else:
+            out[row] = logits[row]
 
 
 def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -96,16 +96,19 @@ class GrammarGuide:
     def __init__(self, compiled: object):
         self._matcher = xgrammar_module().GrammarMatcher(compiled)
         self._accepted = 0
+        self.off_grammar = False  # a token the grammar refused was picked: it no longer constrains the request
 
     def follow(self, generated: Sequence[int]) -> None:
-        """Accept the tokens generated since the last call."""
+        """Accept the tokens generated since the last call. Only conflicting constraints can pick a refused token
+        (other processors banning every token the grammar allows, see sampling.py): the engine keeps serving."""
         for token in generated[self._accepted:]:
-            if not self._matcher.accept_token(token):
-                raise RuntimeError(f"token {token} was generated outside the grammar")  # masking failed: a bug
+            if not self.off_grammar and not self._matcher.accept_token(token):
+                self.off_grammar = True
             self._accepted += 1
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
-        self._matcher.fill_next_token_bitmask(bitmask, row)
+        if not self.off_grammar:
+            self._matcher.fill_next_token_bitmask(bitmask, row)
 
 
 def apply_guides(logits: torch.Tensor, guides: list[tuple[int, GrammarGuide]],

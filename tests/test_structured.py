@@ -192,3 +192,26 @@ def test_a_preempted_request_keeps_its_grammar_state(engines, model_dir_for):
     assert eng.scheduler.num_preemptions > 0
     assert [(o.token_ids, o.finish_reason) for o in got] == [(o.token_ids, o.finish_reason) for o in want]
     assert_no_leaks(eng)
+
+
+def test_constraints_that_leave_no_token_end_the_request_and_the_engine_keeps_serving(engines):
+    """bad_words banning the only token a grammar (or a choice) allows: the row gets EOS, greedy or sampled, and
+    the other requests of the batch go on as they would alone."""
+    eng, ref = engines
+    tok = eng.tokenizer
+    only = tok.encode("x", add_special_tokens=False)
+    assert len(only) == 1
+    requests = [Request(prompt="a", text="hi", sampling=SamplingParams(
+        max_new_tokens=6, guided_regex="x+", bad_words_token_ids=[only], **sampled)) for sampled in
+        ({}, {"temperature": 1.0, "seed": 1})]
+    requests.append(Request(prompt="a", text="hi", sampling=SamplingParams(
+        max_new_tokens=6, guided_choice=["x"], bad_words_token_ids=[only], temperature=1.0, seed=2)))
+    requests.append(Request(prompt="a", text="hi", sampling=SamplingParams(
+        max_new_tokens=6, allowed_token_ids=[eng.eos_token_ids[0]], min_tokens=2)))
+    free = Request(prompt="a", text="the cat", sampling=SamplingParams(max_new_tokens=6, temperature=1.0, seed=3))
+    got = eng.generate([*requests, free])
+    for out in got[:3]:
+        assert out.token_ids == [eng.eos_token_ids[0]] and out.finish_reason == "stop" and out.text == ""
+    assert len(got[3].token_ids) >= 2  # EOS may not end it yet: its unprocessed distribution picks
+    assert got[4].token_ids == ref.generate([free])[0].token_ids
+    assert_no_leaks(eng)

@@ -92,7 +92,7 @@ class _SamplingFields(BaseModel):
                 out[f"guided_{name}"] = value
         kind = (self.response_format or {}).get("type", "text")
         if kind == "json_schema":
-            out.setdefault("guided_json", self.response_format["json_schema"]["schema"])
+            out["guided_json"] = self.response_format["json_schema"]["schema"]
         if kind == "json_object" or outputs.get("json_object"):
             out["guided_json_object"] = True
         if outputs.get("disable_any_whitespace"):
@@ -109,11 +109,13 @@ class _SamplingFields(BaseModel):
         kind = fmt.get("type", "text")
         if kind not in ("text", "json_object", "json_schema"):
             return "response_format", f"response_format type {kind!r} is not supported (text, json_object, json_schema)"
+        outputs = self.structured_outputs or {}
         if kind == "json_schema":
             spec = fmt.get("json_schema")
             if not isinstance(spec, dict) or not isinstance(spec.get("schema"), (dict, bool)):
                 return "response_format", "response_format json_schema needs a json_schema object with a schema"
-        outputs = self.structured_outputs or {}
+            if self.guided_json is not None or outputs.get("json") is not None:
+                return "response_format", "give response_format's json_schema or guided_json, not both"
         other = sorted(k for k, v in outputs.items() if k not in _STRUCTURED_KEYS and v not in (None, False))
         if other:
             return "structured_outputs", (f"structured_outputs {other[0]!r} is not supported "

@@ -192,6 +192,8 @@ def test_bad_structured_outputs_are_refused_by_name(served):
                          ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
                           "response_format"),
                          ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs"),
+                         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}},
+                           "guided_json": SCHEMA}, "response_format"),
                          ({"structured_outputs": {"choice": 5}}, "structured_outputs"),
                          ({"structured_outputs": {"regex": "a"}, "guided_regex": "b"}, "guided_regex"),
                          ({"guided_regex": "a", "ignore_eos": True}, "ignore_eos"),
