@@ -230,10 +230,9 @@ class Engine:
         self._check_in_vocab((t for word in params.bad_words_token_ids for t in word), "bad word token id")
         self._check_in_vocab((t for choice in params.choice_token_ids or () for t in choice), "choice token id")
         self._check_in_vocab(params.allowed_token_ids or (), "allowed_token_ids token id")
-        grammar = None
         if params.structured is not None:
             require_tokenizer(self.tokenizer, f"guided_{params.structured[0]}")
-            grammar = self.structured_outputs.compile(*params.structured, not params.disable_any_whitespace)
+        grammar = self.structured_outputs.compile_for(params)
         if params.max_new_tokens > room:
             params = replace(params, max_new_tokens=room, min_tokens=min(params.min_tokens, room))
         if self.backend != "reference":

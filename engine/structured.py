@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import RequestError
+
+if TYPE_CHECKING:
+    from .sampling import SamplingParams
 
 KINDS = ("json", "json_object", "regex", "grammar")
 _COMPILED_CACHE_SIZE = 256
@@ -56,20 +61,23 @@ class StructuredOutputs:
         self._eos = list(eos_token_ids)
         self._compiler = None
         self._compiled: OrderedDict[tuple[str, str, bool], object] = OrderedDict()
+        self._lock = threading.Lock()  # the server compiles on worker threads, the engine thread looks up
 
     def compile(self, kind: str, spec: str, any_whitespace: bool = True) -> object:
         """xgrammar's CompiledGrammar for (kind, spec); a RequestError names what is wrong with the spec.
         `any_whitespace=False` (JSON kinds): no whitespace but one space after `,` and `:` (vLLM's
         disable_any_whitespace: some models otherwise emit whitespace until they run out of tokens)."""
         key = (kind, spec, any_whitespace)
-        if key in self._compiled:
-            self._compiled.move_to_end(key)
-            return self._compiled[key]
-        xgr = xgrammar_module()
-        if self._compiler is None:
-            info = xgr.TokenizerInfo.from_huggingface(self._hf, vocab_size=self._vocab_size, stop_token_ids=self._eos)
-            self._compiler = xgr.GrammarCompiler(info)
-        try:
+        with self._lock:
+            if key in self._compiled:
+                self._compiled.move_to_end(key)
+                return self._compiled[key]
+            xgr = xgrammar_module()
+            if self._compiler is None:
+                info = xgr.TokenizerInfo.from_huggingface(self._hf, vocab_size=self._vocab_size,
+                                                          stop_token_ids=self._eos)
+                self._compiler = xgr.GrammarCompiler(info)
+        try:  # outside the lock: a long compile holds up no lookup (xgrammar's compiler is thread-safe)
             if kind == "json" or (kind == "json_object" and not any_whitespace):
                 compiled = self._compiler.compile_json_schema(spec if kind == "json" else "{}",
                                                               any_whitespace=any_whitespace)
@@ -84,10 +92,17 @@ class StructuredOutputs:
         except (RuntimeError, ValueError) as exc:  # xgrammar's C++ errors come as RuntimeError
             message = _CPP_PREFIX.sub("", str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
             raise RequestError(f"invalid guided_{kind}: {message}") from None
-        self._compiled[key] = compiled
-        if len(self._compiled) > _COMPILED_CACHE_SIZE:
-            self._compiled.popitem(last=False)
+        with self._lock:
+            self._compiled[key] = compiled
+            if len(self._compiled) > _COMPILED_CACHE_SIZE:
+                self._compiled.popitem(last=False)
         return compiled
+
+    def compile_for(self, params: SamplingParams) -> object | None:
+        """The compiled constraint a request's params ask for, or None."""
+        if params.structured is None:
+            return None
+        return self.compile(*params.structured, not params.disable_any_whitespace)
 
 
 class GrammarGuide:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -181,6 +182,25 @@ def test_structured_outputs_each_way_they_are_asked_for(served):
         assert (got.choices[0].text, got.choices[0].finish_reason) == (want.text, want.finish_reason), extra
     assert re.fullmatch("[0-9]{3}", served.expected(Request(prompt="a", text="the cat sat on", sampling=sp(
         max_new_tokens=24, temperature=1.0, seed=3, guided_regex="[0-9]{3}")))[0].text)
+
+
+def test_a_new_constraint_is_compiled_off_the_engine_thread(served, monkeypatch):
+    """A grammar compile can take a while: the handler does it on a worker thread, and the engine thread (which
+    keeps stepping the other requests meanwhile) finds it compiled."""
+    cache = served.server.engine.structured_outputs
+    compile_, compiled_on = cache.compile, []
+
+    def recording(*args):
+        compiled_on.append((threading.current_thread().name, args[:2] not in [k[:2] for k in cache._compiled]))
+        return compile_(*args)
+
+    monkeypatch.setattr(cache, "compile", recording)
+    got = served.server.openai().completions.create(model="a", prompt="hi", max_tokens=8, temperature=0,
+                                                     extra_body={"guided_regex": "[a-c]{1,2}7"})
+    assert re.fullmatch("[a-c]{1,2}7", got.choices[0].text)
+    fresh = [name for name, new in compiled_on if new]
+    assert fresh and "softprompt-engine-loop" not in fresh
+    assert any(name == "softprompt-engine-loop" for name, _ in compiled_on)  # prepare looked it up there
 
 
 def test_bad_structured_outputs_are_refused_by_name(served):
