@@ -5,7 +5,8 @@
 # inside one deadline that ends before the call's limit, so what ran always comes back:
 #   1. CUDA tests: tests/kernels and tests/test_cuda.py at full size (bf16 included)
 #   2. kernel microbenchmark (python -m benchmarks.kernels)
-#   3. workloads W1, W2, B560, then SERVE-W1 (python -m benchmarks.run)
+#   3. workloads W1, W2, B560, then SERVE-W1 (python -m benchmarks.run), with the sampler microbenchmark
+#      (python -m benchmarks.sampling, seconds) after W1
 # Results: $OUT/summary.txt (one line a step) and $OUT/gpu-results.tgz (logs and result JSON/PNG), remade after
 # every step. Commit the result files to benchmarks/results/ and the figures to the README.
 #
@@ -24,7 +25,7 @@ ROOT=$PWD
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-$ROOT/benchmarks/results/gpu-session}
 BUDGET_S=${BUDGET_S:-540}
-ONLY=${ONLY:-"tests kernels W1 W2 B560 SERVE-W1"}
+ONLY=${ONLY:-"tests kernels W1 sampling W2 B560 SERVE-W1"}
 BACKEND=${BACKEND:-torch}
 if [[ $BACKEND == torch ]]; then other=triton; else other=torch; fi
 COMPARE_BACKEND=${COMPARE_BACKEND-$other}
@@ -88,6 +89,7 @@ step tests 170 "$PYTHON" -m pytest -q -p no:cacheprovider -rfEs "${parallel[@]}"
 step kernels 100 "$PYTHON" -m benchmarks.kernels --out "$STAGE/kernels.json"
 bench=("$PYTHON" -m benchmarks.run --backend "$BACKEND" --workdir "$MODELS" --out "$STAGE")
 step W1 240 "${bench[@]}" --workload W1 "${compare[@]}"
+step sampling 40 "$PYTHON" -m benchmarks.sampling --device cuda --out "$STAGE/sampling.json"
 step W2 200 "${bench[@]}" --workload W2 "${compare[@]}"
 step B560 200 "${bench[@]}" --workload B560 "${compare[@]}"
 step SERVE-W1 150 "${bench[@]}" --workload SERVE-W1

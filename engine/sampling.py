@@ -386,6 +386,18 @@ def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     return probs
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One token from probabilities [V] (any non-negative weights), by inverting their CDF at one uniform draw:
+    exact, and over a large vocabulary far cheaper than torch.multinomial, which draws per-element randomness
+    (`python -m benchmarks.sampling`)."""
+    cdf = torch.cumsum(probs, 0, dtype=torch.float64)
+    u = torch.rand(1, generator=generator, device=probs.device, dtype=torch.float64) * cdf[-1]
+    token = int(torch.searchsorted(cdf, u, right=True))  # the first token whose CDF passes u: never a 0-weight one
+    if token >= probs.shape[0]:  # u within rounding of the total: the last token with weight
+        token = int(torch.nonzero(probs).max())
+    return token
+
+
 def sample_next(
     logits: torch.Tensor,
     params_list: list[SamplingParams],
@@ -420,7 +432,7 @@ def sample_next(
     for row, (params, gen) in enumerate(zip(params_list, generators)):
         if not params.greedy:
             probs = _filtered_probs(sub[where[row]] if row in where else logits[row], params)
-            tokens[row] = int(torch.multinomial(probs, 1, generator=gen).item())
+            tokens[row] = draw(probs, gen)
     need_logprobs = [p.logprobs is not None for p in params_list]
     logprobs: list[TokenLogprob | None] = [None] * len(params_list)
     if any(need_logprobs):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import random
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -71,8 +71,9 @@ def _corpus(num_sentences: int = 400) -> list[str]:
     return lines
 
 
-def build_tokenizer(out_dir: str | Path, vocab_size: int = 512) -> Path:
-    """Train a deterministic byte-level BPE tokenizer (<unk>=0, <s>=1, </s>=2, <pad>=3) and save it to `out_dir`."""
+def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, corpus: Iterable[str] | None = None) -> Path:
+    """Train a deterministic byte-level BPE tokenizer (<unk>=0, <s>=1, </s>=2, <pad>=3) and save it to `out_dir`.
+    `corpus`: the lines to train on (default: sentences from a fixed word list, enough for a few hundred tokens)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -89,7 +90,7 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 512) -> Path:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(_corpus() if corpus is None else corpus, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
     )

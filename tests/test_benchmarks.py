@@ -337,6 +337,31 @@ def test_shared_instruction_benchmark_runs(tmp_path):
     assert shared_instruction.main(["--samples", "0"]) == 2
 
 
+def test_structured_benchmark_runs(tmp_path, monkeypatch):
+    from benchmarks import structured
+
+    # a small corpus keeps the 32000-token tokenizer's training short (it learns what merges the text has)
+    monkeypatch.setattr(structured, "_sources", lambda: iter(["def f(x):\n    return {\"a\": [x, 1]}\n"] * 50))
+    out = tmp_path / "structured.json"
+    assert structured.main(["--requests", "3", "--tasks", "2", "--rounds", "1", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["requests"] == 3 and r["generated_tokens"] > 0 and r["mask_calls_per_run"] > 0
+    assert r["json schema"]["best_s"] > 0 and r["unconstrained"]["best_s"] > 0 and "--requests" in r["environment"][
+        "command"]
+    assert r["valid_json"] == r["stopped_at_eos"]  # an output that ended at EOS is the schema's JSON
+    assert structured.main(["--requests", "0"]) == 2
+
+
+def test_sampling_benchmark_runs(tmp_path):
+    from benchmarks import sampling
+
+    out = tmp_path / "sampling.json"
+    assert sampling.main(["--vocab", "1000", "--draws", "5", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["vocabs"]["1000"]["draw_us"] > 0 and r["vocabs"]["1000"]["torch.multinomial_us"] > 0
+    assert sampling.main(["--draws", "0"]) == 2
+
+
 def test_score_benchmark_runs(tmp_path):
     from benchmarks import score
 
