@@ -262,11 +262,12 @@ def token_logprobs(logits: torch.Tensor, targets: Sequence[int], top_n: int) -> 
     return out
 
 
-def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
-    """One generator per request: a seeded request samples the same tokens whatever batch it is in."""
+def make_generator(params: SamplingParams, device: torch.device | None = None) -> torch.Generator | None:
+    """One generator per request: a seeded request samples the same tokens whatever batch it is in. It lives on
+    the CPU whatever the device (it draws one uniform a token: see draw_rows), so a seed samples alike on any."""
     if params.greedy:
         return None
-    gen = torch.Generator(device=device)
+    gen = torch.Generator()
     gen.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
     return gen
 
@@ -368,34 +369,81 @@ def _unblock_rows_left_empty(out: torch.Tensor, logits: torch.Tensor, masked: li
             out[row] = logits[row]
 
 
-def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    scaled = logits / params.temperature
-    if params.min_p > 0.0:
+def filtered_probs(logits: torch.Tensor, params_list: list[SamplingParams]) -> torch.Tensor:
+    """Sampling probabilities [R, V] of sampled rows' fp32 logits [R, V]: each row scaled by its temperature, then
+    its min_p, top_k and top_p cuts. One batched op per filter, and each row's values are what it would get alone
+    (the ops are row-wise; a filter only touches the rows that use it)."""
+    dtype, device, vocab = logits.dtype, logits.device, logits.shape[-1]
+
+    def column(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=device)[:, None]
+
+    scaled = logits / column([p.temperature for p in params_list])
+    min_p = [p.min_p for p in params_list]
+    if any(min_p):  # a row with min_p 0 keeps everything (no probability is below 0)
         probs = torch.softmax(scaled, dim=-1)
-        scaled = scaled.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
-    if params.top_k > 0 and params.top_k < scaled.shape[-1]:
-        kth = torch.topk(scaled, params.top_k).values[-1]
+        scaled = scaled.masked_fill(probs < column(min_p) * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+    ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params_list]
+    if any(ks):  # the k-th largest of each row with a top_k; -inf (nothing cut) for the others
+        top = torch.topk(scaled, max(ks), dim=-1).values
+        kth = top.gather(1, torch.tensor([max(k, 1) - 1 for k in ks], device=device)[:, None])
+        kth = kth.masked_fill(column([float(k == 0) for k in ks]).bool(), float("-inf"))
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of strictly better tokens
-        sorted_probs = sorted_probs.masked_fill(before >= params.top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        probs = probs / probs.sum()
+    cut = [i for i, p in enumerate(params_list) if p.top_p < 1.0]
+    if cut:
+        rows = torch.tensor(cut, device=device)
+        probs = probs.index_copy(0, rows, _top_p(probs.index_select(0, rows), column([params_list[i].top_p
+                                                                                          for i in cut])))
     return probs
 
 
+_TOP_P_CANDIDATES = 256
+
+
+def _top_p(probs: torch.Tensor, top_p: torch.Tensor, candidates: int = _TOP_P_CANDIDATES) -> torch.Tensor:
+    """Rows of probabilities [R, V] cut to their top_p nucleus [R, 1] (best first, the tokens before which less
+    than top_p of the mass lies) and renormalised. The nucleus is looked for among each row's `candidates`
+    likeliest tokens (a top-k, far cheaper than sorting the vocabulary); a row whose candidates hold less than
+    top_p of its mass, so that a token past them may belong, is sorted whole."""
+    vocab = probs.shape[-1]
+    whole = candidates >= vocab
+    best, order = torch.sort(probs, dim=-1, descending=True) if whole else torch.topk(probs, candidates, dim=-1)
+    upto = torch.cumsum(best, dim=-1)
+    kept = best.masked_fill(upto - best >= top_p, 0.0)  # cut where the better tokens hold top_p already
+    out = torch.zeros_like(probs).scatter_(1, order, kept)
+    out = out / out.sum(dim=-1, keepdim=True)
+    if not whole:
+        short = torch.nonzero(upto[:, -1] < top_p[:, 0])[:, 0]
+        if short.numel():
+            out = out.index_copy(0, short, _top_p(probs.index_select(0, short), top_p.index_select(0, short), vocab))
+    return out
+
+
+def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """filtered_probs of one row [V]."""
+    return filtered_probs(logits[None], [params])[0]
+
+
+def draw_rows(probs: torch.Tensor, generators: list[torch.Generator | None]) -> list[int]:
+    """One token from each row of probabilities [R, V] (any non-negative weights), by inverting the row's CDF at
+    one uniform draw of its generator: exact, and over a large vocabulary far cheaper than torch.multinomial,
+    which draws per-element randomness (`python -m benchmarks.sampling`). The uniforms come from the requests' CPU
+    generators, so a seed gives the same draws on any device; the rest is one batched cumsum and search."""
+    cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators]).to(probs.device)
+    # the first token whose CDF passes u: never a 0-weight one
+    tokens = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].tolist()
+    vocab = probs.shape[-1]
+    for i, token in enumerate(tokens):
+        if token >= vocab:  # u within rounding of the total: the row's last token with weight
+            tokens[i] = int(torch.nonzero(probs[i]).max())
+    return tokens
+
+
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    """One token from probabilities [V] (any non-negative weights), by inverting their CDF at one uniform draw:
-    exact, and over a large vocabulary far cheaper than torch.multinomial, which draws per-element randomness
-    (`python -m benchmarks.sampling`)."""
-    cdf = torch.cumsum(probs, 0, dtype=torch.float64)
-    u = torch.rand(1, generator=generator, device=probs.device, dtype=torch.float64) * cdf[-1]
-    token = int(torch.searchsorted(cdf, u, right=True))  # the first token whose CDF passes u: never a 0-weight one
-    if token >= probs.shape[0]:  # u within rounding of the total: the last token with weight
-        token = int(torch.nonzero(probs).max())
-    return token
+    """draw_rows of one row [V]."""
+    return draw_rows(probs[None], [generator])[0]
 
 
 def sample_next(
@@ -429,10 +477,12 @@ def sample_next(
         where = {row: j for j, row in enumerate(processed)}
         for row, token in zip(processed, torch.argmax(sub, dim=-1).tolist()):
             tokens[row] = token
-    for row, (params, gen) in enumerate(zip(params_list, generators)):
-        if not params.greedy:
-            probs = _filtered_probs(sub[where[row]] if row in where else logits[row], params)
-            tokens[row] = draw(probs, gen)
+    sampled = [row for row, params in enumerate(params_list) if not params.greedy]
+    if sampled:
+        rows = torch.stack([sub[where[row]] if row in where else logits[row] for row in sampled])
+        probs = filtered_probs(rows, [params_list[row] for row in sampled])
+        for row, token in zip(sampled, draw_rows(probs, [generators[row] for row in sampled])):
+            tokens[row] = token
     need_logprobs = [p.logprobs is not None for p in params_list]
     logprobs: list[TokenLogprob | None] = [None] * len(params_list)
     if any(need_logprobs):

@@ -356,9 +356,10 @@ def test_sampling_benchmark_runs(tmp_path):
     from benchmarks import sampling
 
     out = tmp_path / "sampling.json"
-    assert sampling.main(["--vocab", "1000", "--draws", "5", "--out", str(out)]) == 0
-    r = json.loads(out.read_text())
-    assert r["vocabs"]["1000"]["draw_us"] > 0 and r["vocabs"]["1000"]["torch.multinomial_us"] > 0
+    assert sampling.main(["--vocab", "1000", "--draws", "5", "--rows", "3", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())["vocabs"]["1000"]
+    assert r["draw_us"] > 0 and r["torch.multinomial_us"] > 0
+    assert r["3 rows lm-like"]["batched_us"] > 0 and r["3 rows flat"]["before_us"] > 0
     assert sampling.main(["--draws", "0"]) == 2
 
 

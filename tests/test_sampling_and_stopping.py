@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from softprompt import Engine, Request, SamplingParams
-from softprompt.engine.sampling import _filtered_probs, draw, sample_next
+from softprompt.engine.sampling import _filtered_probs, _top_p, draw, filtered_probs, sample_next
 
 
 def test_top_k_and_top_p_filters():
@@ -37,6 +37,41 @@ def test_draw_follows_the_distribution_and_never_picks_a_zero():
     assert {draw(weights, gen) for _ in range(200)} == {0, 2}
     a, b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     assert [draw(probs, a) for _ in range(50)] == [draw(probs, b) for _ in range(50)]
+
+
+def test_top_p_among_candidates_equals_sorting_the_whole_vocabulary():
+    """top_p looks for the nucleus among each row's 256 likeliest tokens and sorts the whole row only where they
+    hold less than top_p: peaked and flat rows, in one batch, equal the whole sort exactly."""
+    torch.manual_seed(1)
+    logits = torch.cat([torch.randn(3, 5000) * 6, torch.randn(3, 5000) * 0.1])  # peaked rows, then flat ones
+    probs = torch.softmax(logits, dim=-1)
+    top_p = torch.tensor([[0.5], [0.9], [0.99], [0.5], [0.9], [0.99]])
+    fast, whole = _top_p(probs, top_p), _top_p(probs, top_p, candidates=5000)
+    assert torch.equal(fast, whole)
+    kept = (whole > 0).sum(dim=-1)
+    assert (kept[:3] < 256).all() and (kept[3:] > 256).all()  # both paths were taken
+
+
+def test_a_batch_samples_each_row_as_it_would_alone():
+    """filtered_probs and the draws run batched over a step's sampled rows; each row's probabilities are exactly
+    those it gets alone, and seeded rows draw the same tokens in any batch (greedy rows mixed in)."""
+    torch.manual_seed(0)
+    logits = torch.randn(16, 700) * 4
+    params = [SamplingParams(temperature=[0.0, 0.6, 1.0, 1.5][i % 4], seed=i, top_k=[0, 3, 40, 0][i % 4],
+                             top_p=[1.0, 1.0, 0.8, 0.5][i % 4] if i % 3 else 1.0, min_p=0.1 if i % 5 == 2 else 0.0)
+              for i in range(16)]
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    batch = filtered_probs(logits[sampled], [params[i] for i in sampled])
+    for j, i in enumerate(sampled):
+        assert torch.equal(batch[j], _filtered_probs(logits[i], params[i]))
+
+    def gens():
+        return [None if p.greedy else torch.Generator().manual_seed(p.seed) for p in params]
+
+    together = [sample_next(logits, params, g)[0] for g in [gens()] for _ in range(5)]
+    alone_gens = gens()
+    alone = [[sample_next(logits[i:i + 1], [params[i]], [alone_gens[i]])[0][0] for i in range(16)] for _ in range(5)]
+    assert together == alone
 
 
 def test_seeded_sampling_reproducible_and_greedy_is_argmax():
