@@ -460,7 +460,6 @@ def sample_next(
     `histories[i]`: row i's (input ids, generated tokens), needed where its params process logits.
     `processes[i]`: row i's `params.processes_logits`, if the caller has it already (the engine, every step).
     `guides[i]`: row i's GrammarGuide, needed where its params ask for a structured output."""
-
     tokens = torch.argmax(logits, dim=-1).tolist()
     if processes is None:
         processes = [params.processes_logits for params in params_list]
