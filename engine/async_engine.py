@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from .api import Engine
 from .prompts import SoftPrompt
 from .request import Request, RequestOutput
-from .server.engine_loop import EngineFailure, EngineLoop, ServerStopping
+from .server.engine_loop import EngineFailure, EngineLoop, ServerStopping, compile_constraints
 
 __all__ = ["AsyncEngine", "EngineFailure", "EngineStopped"]
 
@@ -62,6 +62,7 @@ class AsyncEngine:
         if not requests:
             return
         task = requests[0].prompt if isinstance(requests[0], Request) and requests[0].prompt else "base"
+        await compile_constraints(self.engine, requests)
         stream = self._loop.submit(requests, task)
         try:
             await stream.accepted()  # (cancelled here, the requests may be queued already: the finally aborts them)

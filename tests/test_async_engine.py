@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
 
 import pytest
 
@@ -153,3 +155,32 @@ def test_prompts_change_between_steps_and_shutdown_ends_streams(model_dir_for):
     assert asyncio.run(main()) == run(ref, [spec])[0]
     with pytest.raises(TypeError, match="built Engine"):
         AsyncEngine(eng, device="cpu")
+
+
+def test_structured_outputs_compile_off_the_engine_thread(model_dir_for):
+    """A JSON-schema request through AsyncEngine: compiled on a worker thread before it is submitted (the engine
+    thread only finds it cached), its tokens those of Engine.generate; a bad regex is refused by name."""
+    ref, eng, _ = _engines(model_dir_for)
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    request = Request(text="the cat", sampling=SamplingParams(max_new_tokens=30, guided_json=schema,
+                                                              disable_any_whitespace=True))
+    cache = eng.structured_outputs
+    compile_, threads = cache.compile, []
+
+    def recording(*args):
+        threads.append(threading.current_thread().name)
+        return compile_(*args)
+
+    cache.compile = recording
+
+    async def main():
+        async with AsyncEngine(eng) as engine:
+            [out] = await engine.generate_all([request])
+            with pytest.raises(RequestError, match="invalid guided_regex"):
+                await engine.generate_all([Request(text="x", sampling=SamplingParams(guided_regex="[a-"))])
+            return out
+
+    out = asyncio.run(main())
+    assert out.token_ids == ref.generate([request])[0].token_ids and set(json.loads(out.text)) == {"ok"}
+    assert threads[0] != "softprompt-engine-loop" and "softprompt-engine-loop" in threads
+    assert_no_leaks(eng)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hmac
@@ -29,7 +28,7 @@ from ..request import Request as EngineRequest
 from ..request import RequestOutput
 from ..sampling import SamplingParams
 from ..tokenizer import require_tokenizer
-from .engine_loop import EngineFailure, EngineLoop, RequestStream, ServerStopping
+from .engine_loop import EngineFailure, EngineLoop, RequestStream, ServerStopping, compile_constraints
 from .formatting import ChatFormat, CompletionFormat, TokenStrings, _Format
 from .metrics import METHODS, ServerMetrics, endpoint_label
 from .registry import BASE_MODEL, PromptRegistry, check_public_name
@@ -299,11 +298,7 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
             raise to_api_error(exc) from exc
 
     async def generate(http: Request, body: _SamplingFields, requests: list[EngineRequest], fmt: _Format):
-        if engine.tokenizer is not None and any(r.sampling.structured is not None for r in requests):
-            try:  # on a worker thread: the engine thread finds it compiled and keeps stepping meanwhile
-                await asyncio.to_thread(engine.structured_outputs.compile_for, requests[0].sampling)
-            except ValueError as exc:
-                raise to_api_error(exc) from exc
+        await compile_constraints(engine, requests)
         admission.acquire(len(requests), config.retry_after_s)
         task = body.model.partition("@")[0]
         stream = loop.submit(requests, task)

@@ -132,6 +132,20 @@ async def _get_within(q: asyncio.Queue, timeout: float) -> Any:
     return getter.result()
 
 
+async def compile_constraints(engine: Engine, requests: list[Request]) -> None:
+    """Compile the requests' structured-output constraints (engine/structured.py) on a worker thread before they
+    are submitted: the engine thread then finds them in the cache and keeps stepping the other requests meanwhile.
+    A constraint that does not compile is left for the engine thread to refuse, as it refuses any bad request."""
+    if engine.tokenizer is None:
+        return
+    wanted = {r.sampling for r in requests if isinstance(r, Request) and getattr(r.sampling, "structured", None)}
+    for params in wanted:
+        try:
+            await asyncio.to_thread(engine.structured_outputs.compile_for, params)
+        except ValueError:
+            pass
+
+
 def deliver(items: list[tuple[RequestStream, str, Any]]) -> None:
     """Put (kind, value) on each stream's queue, in order, waking each event loop once (called on the loop thread)."""
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, tuple[str, Any]]]] = {}
