@@ -431,7 +431,8 @@ def draw_rows(probs: torch.Tensor, generators: list[torch.Generator | None]) -> 
     which draws per-element randomness (`python -m benchmarks.sampling`). The uniforms come from the requests' CPU
     generators, so a seed gives the same draws on any device; the rest is one batched cumsum and search."""
     cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)
-    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators]).to(probs.device)
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=None if g is None else g.device).cpu()
+                   for g in generators]).to(probs.device)
     # the first token whose CDF passes u: never a 0-weight one
     tokens = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].tolist()
     vocab = probs.shape[-1]
