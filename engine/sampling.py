@@ -245,20 +245,24 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: dict[int, float] = field(default_factory=dict)
+    rank: int | None = None  # 1 + how many tokens were likelier (prompt logprobs, as vLLM reports them)
 
 
 def token_logprobs(logits: torch.Tensor, targets: Sequence[int], top_n: int) -> list[TokenLogprob]:
-    """Row i of fp32 logits [T, V] scored at targets[i]: its log-prob and the top_n there (raw distribution)."""
+    """Row i of fp32 logits [T, V] scored at targets[i]: its log-prob, its rank and the top_n there (raw
+    distribution)."""
     out = []
     chunk = 256  # rows of log-softmax at a time: long inputs times a large vocabulary add up
     for start in range(0, len(targets), chunk):
         lp = torch.log_softmax(logits[start:start + chunk].float(), dim=-1)
         part = list(targets[start:start + lp.shape[0]])
-        values = lp.gather(1, torch.tensor(part, device=lp.device)[:, None])[:, 0].tolist()
+        picked = lp.gather(1, torch.tensor(part, device=lp.device)[:, None])
+        ranks = ((lp > picked).sum(dim=-1) + 1).tolist()
+        values = picked[:, 0].tolist()
         tops = torch.topk(lp, top_n) if top_n else None
         for j, (token, value) in enumerate(zip(part, values)):
             top = dict(zip(tops.indices[j].tolist(), tops.values[j].tolist())) if tops is not None else {}
-            out.append(TokenLogprob(token, value, top))
+            out.append(TokenLogprob(token, value, top, ranks[j]))
     return out
 
 

@@ -354,15 +354,18 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
         echo_only = body.echo and max_new == 0  # scoring a prompt (lm-eval-harness style): nothing to generate
         cid, created = _ids("cmpl")
         requests = []
+        # the prompt's logprobs for echo (its top `logprobs`) and vLLM's prompt_logprobs (its own top N), at once
+        wanted = [n for n in (body.logprobs if body.echo else None, body.prompt_logprobs) if n is not None]
         for inp in inputs:
             for j in range(body.n):
-                params = _sampling(body, j, 1 if echo_only else max_new, body.logprobs,
-                                   body.logprobs if body.echo else None, defaults)
+                params = _sampling(body, j, 1 if echo_only else max_new, body.logprobs, max(wanted, default=None),
+                                   defaults)
                 source = {"text": inp} if isinstance(inp, str) else {"input_ids": inp}
                 requests.append(EngineRequest(prompt=prompt, sampling=params, request_id=f"{cid}-{len(requests)}",
                                               **source))
         fmt = CompletionFormat(cid, created, body.model, token_str, body.stop_list(), body.return_token_ids,
-                               bool(body.stream_options and body.stream_options.include_usage), body.n)
+                               bool(body.stream_options and body.stream_options.include_usage), body.n,
+                               prompt_logprobs=body.prompt_logprobs, echo_top=body.logprobs or 0)
         if body.echo:  # the prompt's text as given; token-id prompts decoded when their output comes
             fmt.echo = [inp if isinstance(inp, str) else None for inp in inputs for _ in range(body.n)]
             fmt.echo_decode = engine.tokenizer.decode if engine.tokenizer is not None else (lambda ids: "")
@@ -388,10 +391,11 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         cid, created = _ids("chatcmpl")
         requests = [EngineRequest(prompt=prompt, input_ids=ids, request_id=f"{cid}-{j}",
-                                  sampling=_sampling(body, j, max_new, logprobs, defaults=defaults))
+                                  sampling=_sampling(body, j, max_new, logprobs, body.prompt_logprobs, defaults))
                     for j in range(body.n)]
         fmt = ChatFormat(cid, created, body.model, token_str, body.stop_list(), body.return_token_ids,
-                         bool(body.stream_options and body.stream_options.include_usage), body.n)
+                         bool(body.stream_options and body.stream_options.include_usage), body.n,
+                         prompt_logprobs=body.prompt_logprobs)
         return await generate(http, body, requests, fmt)
 
     # ---- tokenizer (vLLM's /tokenize and /detokenize) ------------------------------------------------

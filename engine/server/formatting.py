@@ -94,9 +94,28 @@ class _Format:
     include_usage: bool = False
     n: int = 1  # choices per prompt
     progress: dict[int, ChoiceProgress] = field(default_factory=dict)
+    prompt_logprobs: int | None = None  # vLLM's prompt_logprobs: the top N asked for (None: not asked)
 
     def _progress(self, index: int) -> ChoiceProgress:
         return self.progress.setdefault(index, ChoiceProgress())
+
+    def vllm_prompt_logprobs(self, out: RequestOutput) -> list[dict | None] | None:
+        """vLLM's prompt_logprobs: for each input token, None for the first, else {token id: {logprob, rank,
+        decoded_token}} for the token there and the top N."""
+        if self.prompt_logprobs is None or out.prompt_logprobs is None:
+            return None
+        result: list[dict | None] = []
+        for lp in out.prompt_logprobs:
+            if lp is None:
+                result.append(None)
+                continue
+            top = sorted(lp.top.items(), key=lambda kv: -kv[1])[:self.prompt_logprobs]
+            entries = {str(t): {"logprob": finite(v), "rank": r, "decoded_token": self.token_str(t)}
+                       for r, (t, v) in enumerate(top, start=1)}
+            entries[str(lp.token_id)] = {"logprob": finite(lp.logprob), "rank": lp.rank,
+                                         "decoded_token": self.token_str(lp.token_id)}
+            result.append(entries)
+        return result
 
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -123,13 +142,17 @@ class CompletionFormat(_Format):
     echo: list[str | None] | None = None  # per choice: the prompt text to echo (None: decode its token ids)
     echo_decode: Callable[[list[int]], str] | None = None
     echo_only: bool = False  # max_tokens=0: the one token generated is not part of the response
+    echo_top: int = 0  # the top N the echoed prompt's logprobs show (`logprobs`; prompt_logprobs may ask more)
 
     def _echoed(self, index: int, out: RequestOutput) -> EchoedPrompt | None:
         if self.echo is None:
             return None
         text = self.echo[index]
-        return EchoedPrompt(self.echo_decode(out.input_ids) if text is None else text, out.input_ids,
-                            out.prompt_logprobs)
+        lps = out.prompt_logprobs
+        if lps is not None:
+            lps = [None if lp is None else replace(lp, top=dict(sorted(lp.top.items(), key=lambda kv: -kv[1])
+                                                                [:self.echo_top])) for lp in lps]
+        return EchoedPrompt(self.echo_decode(out.input_ids) if text is None else text, out.input_ids, lps)
 
     def _visible(self, out: RequestOutput) -> RequestOutput:
         """The output as the response shows it (with echo and max_tokens=0: no generated token)."""
@@ -168,6 +191,8 @@ class CompletionFormat(_Format):
             text = (echoed.text if echoed is not None else "") + (out.text or "")
             choice = {"index": i, "text": text, "logprobs": self.logprobs(out.logprobs, 0, echoed),
                       "finish_reason": out.finish_reason}
+            if self.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = self.vllm_prompt_logprobs(out)
             if self.return_token_ids:
                 choice["token_ids"] = out.token_ids
                 choice["prompt_token_ids"] = out.input_ids
@@ -224,7 +249,11 @@ class ChatFormat(_Format):
                 choice["token_ids"] = out.token_ids
                 choice["prompt_token_ids"] = out.input_ids
             choices.append(choice)
-        return {**self._head("chat.completion"), "choices": choices, "usage": usage(dict(enumerate(finals)), self.n)}
+        response = {**self._head("chat.completion"), "choices": choices,
+                    "usage": usage(dict(enumerate(finals)), self.n)}
+        if self.prompt_logprobs is not None:  # one prompt for every choice: vLLM puts them beside the choices
+            response["prompt_logprobs"] = self.vllm_prompt_logprobs(finals[0])
+        return response
 
     def chunks(self, index: int, out: RequestOutput) -> list[dict]:
         p = self._progress(index)

@@ -56,6 +56,7 @@ class _SamplingFields(BaseModel):
     structured_outputs: dict[str, Any] | None = None  # newer vLLM: {"choice" | "json" | "regex" | "grammar" ...}
     response_format: dict[str, Any] | None = None  # OpenAI's: text, json_object, json_schema
     use_beam_search: StrictBool = False  # refused by name rather than ignored
+    prompt_logprobs: StrictInt | None = None  # vLLM's: each prompt token's logprob, rank and the top N there
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
     return_token_ids: StrictBool = False
@@ -105,6 +106,8 @@ class _SamplingFields(BaseModel):
             return "stop", f"at most {MAX_STOP} stop strings are supported, got {len(self.stop)}"
         if self.use_beam_search:
             return "use_beam_search", "beam search is not supported"
+        if self.prompt_logprobs is not None and self.stream:
+            return "prompt_logprobs", "prompt_logprobs is not supported with stream (echo with logprobs is)"
         fmt = self.response_format or {}
         kind = fmt.get("type", "text")
         if kind not in ("text", "json_object", "json_schema"):

@@ -203,6 +203,41 @@ def test_a_new_constraint_is_compiled_off_the_engine_thread(served, monkeypatch)
     assert any(name == "softprompt-engine-loop" for name, _ in compiled_on)  # prepare looked it up there
 
 
+def test_vllm_prompt_logprobs(served):
+    """vLLM's prompt_logprobs: per prompt token, None for the first, else its logprob and rank and the top N; with
+    echo + logprobs in the same request, each shows its own top N; chat puts them beside the choices."""
+    client = served.server.openai()
+    http = served.server.client()
+    body = {"model": "a", "prompt": "the cat sat on the mat", "max_tokens": 2, "temperature": 0,
+            "prompt_logprobs": 3, "echo": True, "logprobs": 1}
+    got = http.post("/v1/completions", json=body).json()["choices"][0]
+    ids = served.reference.tokenizer.encode("the cat sat on the mat")
+    want = served.reference.prompt_logprobs("a", ids, top_n=3)
+    plp = got["prompt_logprobs"]
+    assert len(plp) == len(ids) and plp[0] is None
+    for position, (entries, expected) in enumerate(zip(plp[1:], want[1:]), start=1):
+        mine = entries[str(ids[position])]
+        assert mine["logprob"] == pytest.approx(expected.logprob, abs=1e-4) and mine["rank"] == expected.rank >= 1
+        assert mine["decoded_token"] == served.reference.tokenizer.hf.decode([ids[position]])
+        ranked = sorted((e for t, e in entries.items() if e["rank"] <= 3), key=lambda e: e["rank"])
+        assert [e["logprob"] for e in ranked][:3] == pytest.approx(sorted(expected.top.values(), reverse=True),
+                                                                   abs=1e-4)
+        assert len(entries) in (3, 4)  # the top 3 and the token itself, unless it is one of them
+    echo_tops = got["logprobs"]["top_logprobs"]
+    assert echo_tops[0] is None and all(len(t) == 1 for t in echo_tops[1:len(ids)])  # echo: its own top 1
+    chat = http.post("/v1/chat/completions", json={"model": "a", "messages": [{"role": "user", "content": "hi"}],
+                                                   "max_tokens": 2, "prompt_logprobs": 0}).json()
+    assert chat["prompt_logprobs"][0] is None and all(len(e) == 1 for e in chat["prompt_logprobs"][1:])
+    plain = client.completions.create(model="a", prompt="hi", max_tokens=2)
+    assert "prompt_logprobs" not in plain.choices[0].model_extra
+    with pytest.raises(openai.BadRequestError) as e:
+        list(client.completions.create(model="a", prompt="hi", max_tokens=2, stream=True,
+                                       extra_body={"prompt_logprobs": 1}))
+    assert e.value.body["param"] == "prompt_logprobs"
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="a", prompt="hi", max_tokens=2, extra_body={"prompt_logprobs": 21})
+
+
 def test_bad_structured_outputs_are_refused_by_name(served):
     client = served.server.openai()
     for extra, param in [({"guided_regex": "[a-"}, "guided_regex"), ({"guided_json": "{not json"}, "guided_json"),
