@@ -209,6 +209,11 @@ class Engine:
         if request.sampling.stop:
             require_tokenizer(self.tokenizer, "stop strings")
         p = 0 if prompt is None else prompt.length
+        keep = request.sampling.truncate_prompt_tokens
+        if keep == -1:
+            keep = max(1, self.config.max_positions - p - 1)
+        if keep is not None and len(ids) > keep:
+            ids = ids[-keep:]  # left truncation: the input's end is what the model continues
         room = self.config.max_positions - p - len(ids)
         if room < 1:
             raise RequestError(

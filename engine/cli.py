@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the output follows this EBNF (GBNF) grammar: its text, or @FILE (needs xgrammar)")
     gen.add_argument("--compact-json", action="store_true",
                      help="JSON outputs without free whitespace (disable_any_whitespace)")
+    gen.add_argument("--truncate-prompt-tokens", type=int, default=None, metavar="K",
+                     help="keep only the input's last K tokens (-1: as many as fit)")
     gen.add_argument("--bad-word", action="append", default=[], metavar="TEXT",
                      help="a word never to generate (repeatable)")
     gen.add_argument("--include-stop-str", action="store_true",
@@ -133,7 +135,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             guided_json=_text_or_file(args.json_schema, "--json-schema"),
                             guided_json_object=args.json_object, guided_regex=args.regex,
                             guided_grammar=_text_or_file(args.grammar, "--grammar"),
-                            disable_any_whitespace=args.compact_json)
+                            disable_any_whitespace=args.compact_json,
+                            truncate_prompt_tokens=args.truncate_prompt_tokens)
     if args.ids is not None:
         ids = _int_list(args.ids, "--ids")
         request = Request(prompt=args.task, input_ids=ids, sampling=params)

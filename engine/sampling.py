@@ -70,6 +70,9 @@ class SamplingParams:
     guided_grammar: str | None = None
     guided_json_object: bool = False
     disable_any_whitespace: bool = False  # JSON kinds: a space only after "," and ":" (vLLM's option)
+    # vLLM's: keep only the input's last k tokens (-1: as many as fit the model's positions after the task's
+    # prompt with one new token)
+    truncate_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
         # normalise lists given by users into tuples (the dataclass is frozen)
@@ -192,6 +195,9 @@ class SamplingParams:
         if allowed is not None and (not isinstance(allowed, tuple) or not allowed or any(
                 isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in allowed)):
             raise bad(f"allowed_token_ids must be a non-empty list of non-negative token ids, got {allowed!r}")
+        k = self.truncate_prompt_tokens
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not (k == -1 or k >= 1)):
+            raise bad(f"truncate_prompt_tokens must be -1 or an integer >= 1, got {k!r}")
         self._validate_token_lists(bad)
         for name in ("include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):

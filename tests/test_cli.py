@@ -69,6 +69,9 @@ def test_generate_with_stop_strings_and_text_options(model_dir_for, capsys, monk
     assert seen[-1].bad_words == ("the", "cat")
     assert main([*base, "--choice", " yes", "--choice", " no"]) == 0
     assert json.loads(capsys.readouterr().out)["text"] in (" yes", " no")
+    assert main([*base, "--truncate-prompt-tokens", "2"]) == 0
+    capsys.readouterr()
+    assert seen[-1].truncate_prompt_tokens == 2
     assert main([*base, "--allowed-token-ids", "4x"]) == 2
     assert "--allowed-token-ids must be comma-separated integers" in capsys.readouterr().err
 

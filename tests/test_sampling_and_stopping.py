@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from softprompt import Engine, Request, SamplingParams
+from softprompt.engine.errors import RequestError, SamplingParamsError
 from softprompt.engine.sampling import _filtered_probs, _top_p, draw, filtered_probs, sample_next
 
 
@@ -124,3 +125,26 @@ def test_text_input_equals_token_ids(engine):
     assert a.token_ids == b.token_ids and a.input_ids == ids
     assert a.text == engine.tokenizer.decode(a.token_ids)
     assert a.timing.ttft is not None and a.timing.latency >= a.timing.ttft
+
+
+def test_truncate_prompt_tokens_keeps_the_inputs_end(engine):
+    """vLLM's truncate_prompt_tokens: the last k input tokens, as if only they were sent; -1 keeps all that fit
+    the model's positions (with one new token), where the whole input would be refused."""
+    ids = [(7 * i) % 400 + 4 for i in range(40)]
+    cut = engine.generate([Request(input_ids=ids, sampling=SamplingParams(max_new_tokens=5,
+                                                                          truncate_prompt_tokens=10))])[0]
+    tail = engine.generate([Request(input_ids=ids[-10:], sampling=SamplingParams(max_new_tokens=5))])[0]
+    assert cut.input_ids == ids[-10:] and cut.token_ids == tail.token_ids
+    same = engine.generate([Request(input_ids=ids, sampling=SamplingParams(max_new_tokens=3,
+                                                                           truncate_prompt_tokens=99))])[0]
+    assert same.input_ids == ids
+    positions = engine.config.max_positions
+    long = [(3 * i) % 400 + 4 for i in range(positions + 5)]
+    with pytest.raises(RequestError, match="leaves no room"):
+        engine.generate([Request(input_ids=long, sampling=SamplingParams(max_new_tokens=2))])
+    [fit] = engine.generate([Request(input_ids=long, sampling=SamplingParams(max_new_tokens=2,
+                                                                             truncate_prompt_tokens=-1))])
+    assert fit.input_ids == long[-(positions - 1):] and len(fit.token_ids) == 1  # capped: the last position
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(SamplingParamsError, match="truncate_prompt_tokens"):
+            SamplingParams(truncate_prompt_tokens=bad)

@@ -186,7 +186,7 @@ def _sampling(body: _SamplingFields, index: int, max_new_tokens: int, logprobs: 
             logit_bias=logit_bias, prompt_logprobs=prompt_logprobs,
             include_stop_str_in_output=body.include_stop_str_in_output, skip_special_tokens=body.skip_special_tokens,
             allowed_token_ids=body.allowed_token_ids, **body.structured_kwargs(),
-            bad_words=tuple(body.bad_words or ()),
+            bad_words=tuple(body.bad_words or ()), truncate_prompt_tokens=body.truncate_prompt_tokens,
         )
     except ValueError as exc:
         raise to_api_error(exc) from exc
@@ -367,7 +367,9 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
                                bool(body.stream_options and body.stream_options.include_usage), body.n,
                                prompt_logprobs=body.prompt_logprobs, echo_top=body.logprobs or 0)
         if body.echo:  # the prompt's text as given; token-id prompts decoded when their output comes
-            fmt.echo = [inp if isinstance(inp, str) else None for inp in inputs for _ in range(body.n)]
+            # a truncated prompt is echoed as what was kept: its ids decoded
+            fmt.echo = [inp if isinstance(inp, str) and body.truncate_prompt_tokens is None else None
+                        for inp in inputs for _ in range(body.n)]
             fmt.echo_decode = engine.tokenizer.decode if engine.tokenizer is not None else (lambda ids: "")
             fmt.echo_only = echo_only
         return await generate(http, body, requests, fmt)

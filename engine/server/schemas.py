@@ -57,6 +57,7 @@ class _SamplingFields(BaseModel):
     response_format: dict[str, Any] | None = None  # OpenAI's: text, json_object, json_schema
     use_beam_search: StrictBool = False  # refused by name rather than ignored
     prompt_logprobs: StrictInt | None = None  # vLLM's: each prompt token's logprob, rank and the top N there
+    truncate_prompt_tokens: StrictInt | None = None  # vLLM's: keep the prompt's last k tokens (-1: all that fit)
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
     return_token_ids: StrictBool = False

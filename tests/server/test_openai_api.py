@@ -238,6 +238,22 @@ def test_vllm_prompt_logprobs(served):
         client.completions.create(model="a", prompt="hi", max_tokens=2, extra_body={"prompt_logprobs": 21})
 
 
+def test_truncate_prompt_tokens(served):
+    """vLLM's truncate_prompt_tokens: the prompt's last k tokens are what is served, counted and echoed."""
+    http = served.server.client()
+    ids = served.reference.tokenizer.encode("the quick dog sat on the mat")
+    got = http.post("/v1/completions", json={"model": "a", "prompt": "the quick dog sat on the mat", "max_tokens": 4,
+                                            "temperature": 0, "echo": True, "truncate_prompt_tokens": 3}).json()
+    [want] = served.expected(Request(prompt="a", input_ids=ids[-3:], sampling=sp(max_new_tokens=4)))
+    echoed = served.reference.tokenizer.decode(ids[-3:])
+    assert got["choices"][0]["text"] == echoed + want.text and got["usage"]["prompt_tokens"] == 3
+    chat = http.post("/v1/chat/completions", json={"model": "a", "messages": [{"role": "user", "content": "hi"}],
+                                                   "max_tokens": 2, "truncate_prompt_tokens": 2}).json()
+    assert chat["usage"]["prompt_tokens"] == 2
+    bad = http.post("/v1/completions", json={"model": "a", "prompt": "hi", "truncate_prompt_tokens": 0})
+    assert bad.status_code == 400 and "truncate_prompt_tokens" in bad.json()["error"]["message"]
+
+
 def test_bad_structured_outputs_are_refused_by_name(served):
     client = served.server.openai()
     for extra, param in [({"guided_regex": "[a-"}, "guided_regex"), ({"guided_json": "{not json"}, "guided_json"),
