@@ -254,16 +254,16 @@ class TokenLogprob:
     rank: int | None = None  # 1 + how many tokens were likelier (prompt logprobs, as vLLM reports them)
 
 
-def token_logprobs(logits: torch.Tensor, targets: Sequence[int], top_n: int) -> list[TokenLogprob]:
-    """Row i of fp32 logits [T, V] scored at targets[i]: its log-prob, its rank and the top_n there (raw
-    distribution)."""
+def token_logprobs(logits: torch.Tensor, targets: Sequence[int], top_n: int, rank: bool = True) -> list[TokenLogprob]:
+    """Row i of fp32 logits [T, V] scored at targets[i]: its log-prob, its rank (unless rank=False: one pass over
+    the rows less) and the top_n there (raw distribution)."""
     out = []
     chunk = 256  # rows of log-softmax at a time: long inputs times a large vocabulary add up
     for start in range(0, len(targets), chunk):
         lp = torch.log_softmax(logits[start:start + chunk].float(), dim=-1)
         part = list(targets[start:start + lp.shape[0]])
         picked = lp.gather(1, torch.tensor(part, device=lp.device)[:, None])
-        ranks = ((lp > picked).sum(dim=-1) + 1).tolist()
+        ranks = ((lp > picked).sum(dim=-1) + 1).tolist() if rank else [None] * len(part)
         values = picked[:, 0].tolist()
         tops = torch.topk(lp, top_n) if top_n else None
         for j, (token, value) in enumerate(zip(part, values)):

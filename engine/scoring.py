@@ -22,7 +22,7 @@ ScoreItem = tuple[SoftPrompt | None, list[int], list[list[int]]]  # (task prompt
 
 
 def _summed(logits: torch.Tensor, targets: list[int]) -> float:
-    return math.fsum(lp.logprob for lp in token_logprobs(logits, targets, 0))
+    return math.fsum(lp.logprob for lp in token_logprobs(logits, targets, 0, rank=False))
 
 
 @torch.no_grad()
@@ -89,7 +89,7 @@ def _score(engine, items: list[ScoreItem]) -> list[list[float]]:
                 seqs.append(seq)
         hidden = engine.runner.hidden(seqs, [s.num_tokens - s.num_computed for s in seqs], all_rows=True)
         logits = engine.model.compute_logits(hidden.index_select(0, torch.tensor(rows, device=hidden.device)))
-        values = iter(lp.logprob for lp in token_logprobs(logits, targets, 0))
+        values = iter(lp.logprob for lp in token_logprobs(logits, targets, 0, rank=False))
         return [[math.fsum(next(values) for _ in c) for c in conts] for _, _, conts in items]
     finally:
         pool.free(allocated)
