@@ -24,7 +24,6 @@ from .errors import RequestError
 if TYPE_CHECKING:
     from .sampling import SamplingParams
 
-KINDS = ("json", "json_object", "regex", "grammar")
 _COMPILED_CACHE_SIZE = 256
 _CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")
 
