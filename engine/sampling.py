@@ -273,8 +273,9 @@ def token_logprobs(logits: torch.Tensor, targets: Sequence[int], top_n: int, ran
 
 
 def make_generator(params: SamplingParams, device: torch.device | None = None) -> torch.Generator | None:
-    """One generator per request: a seeded request samples the same tokens whatever batch it is in. It lives on
-    the CPU whatever the device (it draws one uniform a token: see draw_rows), so a seed samples alike on any."""
+    """One generator per request: from the same logits, a seeded request samples the same tokens whatever batch it
+    is in. It lives on the CPU whatever the device (it draws one uniform a token: see draw_rows), so a seed samples
+    alike on any."""
     if params.greedy:
         return None
     gen = torch.Generator()
