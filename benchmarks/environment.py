@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
 import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -170,3 +172,10 @@ class PeakMemory:
             peak = torch.cuda.max_memory_allocated(self.device)
             self.result = {"peak_allocated_bytes": peak, "above_start_bytes": peak - self._start,
                            "resident_at_start_bytes": self._start}
+
+
+def write_results(path: Path, result: dict[str, Any], device: str, module: str, argv: list[str] | None) -> None:
+    """Write a benchmark's figures as JSON to `path`, with its environment and the command that made them
+    (`python -m benchmarks.<module>` and the arguments given: `argv`, or the process's own)."""
+    command = " ".join([f"python -m benchmarks.{module}", *(sys.argv[1:] if argv is None else argv)])
+    path.write_text(json.dumps({**result, "environment": environment(device, command)}, indent=2) + "\n")

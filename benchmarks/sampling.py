@@ -12,7 +12,6 @@ about 6 nats, a nucleus of about 1500 of 32000, past the 256 candidates the engi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 
 from softprompt.engine.sampling import SamplingParams, draw, draw_rows, filtered_probs
 
-from .environment import device_name, environment
+from .environment import device_name, write_results
 
 
 def _time(fn, draws: int, device: torch.device) -> float:
@@ -104,9 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  vocab {vocab:>6}, {args.rows} {kind} rows, top_p 0.9: batched {step['batched_us']:9.1f} us   "
                   f"row by row as before {step['before_us']:9.1f} us   ({step['speedup']:.1f}x)")
     if args.out is not None:
-        command = " ".join(["python -m benchmarks.sampling", *(sys.argv[1:] if argv is None else argv)])
-        result["environment"] = environment(args.device, command)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        write_results(args.out, result, args.device, "sampling", argv)
     return 0
 
 

@@ -11,7 +11,6 @@ C1's model (Llama shape, h256, 4 layers, 4/2 heads, vocab 32000, fp32, CPU) and 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from softprompt import Engine
 from softprompt.engine.scoring import score_continuations
 from softprompt.testing import build_prompt_tensor
 
-from .environment import device_name, environment
+from .environment import device_name, write_results
 from .shared_instruction import PROMPT_LEN, VOCAB, build_model
 
 TASKS = 16
@@ -99,9 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  every row (Engine.sequence_logits) {r['every row']['best_s']:7.3f} s")
     print(f"  {r['speedup']:.2f}x; max |score diff| {r['max_abs_diff']:.2e}")
     if args.out is not None:
-        command = " ".join(["python -m benchmarks.score", *(sys.argv[1:] if argv is None else argv)])
-        r["environment"] = environment("cpu", command)
-        args.out.write_text(json.dumps(r, indent=2) + "\n")
+        write_results(args.out, r, "cpu", "score", argv)
     return 0 if r["same"] else 1
 
 

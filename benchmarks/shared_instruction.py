@@ -15,7 +15,6 @@ each input N times, one after the other, sampled (temperature 1, a seed each): O
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from softprompt import Engine, Request, SamplingParams
 from softprompt.engine.scheduler import SchedulerConfig
 from softprompt.testing import build_prompt_tensor, build_tiny_checkpoint
 
-from .environment import device_name, environment
+from .environment import device_name, write_results
 
 PROMPT_LEN, NEW_TOKENS, VOCAB = 64, 16, 32000
 
@@ -148,9 +147,7 @@ def main(argv: list[str] | None = None) -> int:
           f"no in-batch sharing; {result['requests_with_identical_tokens']} of {result['requests']} requests have "
           "identical tokens in every variant")
     if args.out is not None:
-        command = " ".join(["python -m benchmarks.shared_instruction", *(sys.argv[1:] if argv is None else argv)])
-        result["environment"] = environment("cpu", command)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        write_results(args.out, result, "cpu", "shared_instruction", argv)
     return 0 if result["identical_tokens"] or args.samples > 1 else 1  # (sampled: see measure)
 
 

@@ -27,7 +27,7 @@ from softprompt import Engine, Request, SamplingParams
 from softprompt.engine import sampling
 from softprompt.testing import build_prompt_tensor, build_tiny_checkpoint, build_tokenizer
 
-from .environment import device_name, environment
+from .environment import device_name, write_results
 from .shared_instruction import PROMPT_LEN, VOCAB
 
 NEW_TOKENS = 64
@@ -168,9 +168,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{result['valid_json']} of {args.requests} outputs are valid JSON of the schema "
           f"({result['stopped_at_eos']} ended at EOS)")
     if args.out is not None:
-        command = " ".join(["python -m benchmarks.structured", *(sys.argv[1:] if argv is None else argv)])
-        result["environment"] = environment("cpu", command)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        write_results(args.out, result, "cpu", "structured", argv)
     return 0
 
 
