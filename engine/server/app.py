@@ -365,7 +365,7 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
                                               **source))
         fmt = CompletionFormat(cid, created, body.model, token_str, body.stop_list(), body.return_token_ids,
                                bool(body.stream_options and body.stream_options.include_usage), body.n,
-                               prompt_logprobs=body.prompt_logprobs, echo_top=body.logprobs or 0)
+                               prompt_logprobs=body.prompt_logprobs, top_logprobs=body.logprobs or 0)
         if body.echo:  # the prompt's text as given; token-id prompts decoded when their output comes
             # a truncated prompt is echoed as what was kept: its ids decoded
             fmt.echo = [inp if isinstance(inp, str) and body.truncate_prompt_tokens is None else None

@@ -34,6 +34,11 @@ class TokenStrings:
         return s
 
 
+def best_first(top: dict[int, float], n: int | None = None) -> list[tuple[int, float]]:
+    """A logprob's top alternatives, likeliest first (the first n of them, if n is given)."""
+    return sorted(top.items(), key=lambda kv: -kv[1])[:n]
+
+
 def stop_holdback(text: str, stops: tuple[str, ...]) -> int:
     """How many trailing characters could start a stop string (kept back until it is clear they do not)."""
     held = 0
@@ -109,9 +114,8 @@ class _Format:
             if lp is None:
                 result.append(None)
                 continue
-            top = sorted(lp.top.items(), key=lambda kv: -kv[1])[:self.prompt_logprobs]
             entries = {str(t): {"logprob": finite(v), "rank": r, "decoded_token": self.token_str(t)}
-                       for r, (t, v) in enumerate(top, start=1)}
+                       for r, (t, v) in enumerate(best_first(lp.top, self.prompt_logprobs), start=1)}
             entries[str(lp.token_id)] = {"logprob": finite(lp.logprob), "rank": lp.rank,
                                          "decoded_token": self.token_str(lp.token_id)}
             result.append(entries)
@@ -142,17 +146,14 @@ class CompletionFormat(_Format):
     echo: list[str | None] | None = None  # per choice: the prompt text to echo (None: decode its token ids)
     echo_decode: Callable[[list[int]], str] | None = None
     echo_only: bool = False  # max_tokens=0: the one token generated is not part of the response
-    echo_top: int = 0  # the top N the echoed prompt's logprobs show (`logprobs`; prompt_logprobs may ask more)
+    top_logprobs: int = 0  # `logprobs`: the top N shown (an echoed prompt's may hold more, for prompt_logprobs)
 
     def _echoed(self, index: int, out: RequestOutput) -> EchoedPrompt | None:
         if self.echo is None:
             return None
         text = self.echo[index]
-        lps = out.prompt_logprobs
-        if lps is not None:
-            lps = [None if lp is None else replace(lp, top=dict(sorted(lp.top.items(), key=lambda kv: -kv[1])
-                                                                [:self.echo_top])) for lp in lps]
-        return EchoedPrompt(self.echo_decode(out.input_ids) if text is None else text, out.input_ids, lps)
+        return EchoedPrompt(self.echo_decode(out.input_ids) if text is None else text, out.input_ids,
+                            out.prompt_logprobs)
 
     def _visible(self, out: RequestOutput) -> RequestOutput:
         """The output as the response shows it (with echo and max_tokens=0: no generated token)."""
@@ -178,7 +179,7 @@ class CompletionFormat(_Format):
                 continue
             values.append(finite(lp.logprob))
             top: dict[str, float] = {}
-            for t, v in sorted(lp.top.items(), key=lambda kv: -kv[1]):
+            for t, v in best_first(lp.top, self.top_logprobs):
                 top.setdefault(self.token_str(t), finite(v))  # tokens that print alike: keep the likeliest
             tops.append(top)
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
@@ -235,9 +236,8 @@ class ChatFormat(_Format):
             return None
         content = []
         for lp in lps:
-            top = sorted(lp.top.items(), key=lambda kv: -kv[1])
             content.append({**self._entry(lp.token_id, lp.logprob),
-                            "top_logprobs": [self._entry(t, v) for t, v in top]})
+                            "top_logprobs": [self._entry(t, v) for t, v in best_first(lp.top)]})
         return {"content": content}
 
     def response(self, finals: list[RequestOutput]) -> dict:
