@@ -16,6 +16,8 @@ import torch
 
 from softprompt.testing import build_prompt_tensor, build_tiny_checkpoint
 
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")  # GQA, a gated MLP of its own width
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -35,15 +37,15 @@ class ModelShape:
 
     @property
     def kv_heads(self) -> int:
-        return self.num_kv_heads if self.arch in ("llama", "mistral", "qwen2") else self.num_heads
+        return self.num_kv_heads if self.arch in LLAMA_FAMILY else self.num_heads
 
     @property
     def ffn_size(self) -> int:
-        return self.intermediate_size if self.arch in ("llama", "mistral", "qwen2") else 4 * self.hidden_size
+        return self.intermediate_size if self.arch in LLAMA_FAMILY else 4 * self.hidden_size
 
     @property
     def gated_mlp(self) -> bool:
-        return self.arch in ("llama", "mistral", "qwen2")
+        return self.arch in LLAMA_FAMILY
 
 
 @dataclass(frozen=True)

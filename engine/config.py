@@ -12,7 +12,9 @@ from .errors import CheckpointError, UnsupportedModelError
 from .sampling import SamplingParams
 
 # model_type -> our architecture family
-ARCH_FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "gpt2": "gpt2", "bloom": "bloom"}
+ARCH_FAMILIES = {
+    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gpt2": "gpt2", "bloom": "bloom",
+}
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "bloom_gelu")
 
@@ -38,6 +40,7 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k (head_dim wide) before RoPE
     attention_scale: float = 0.0
     residual_post_norm: bool = False  # BLOOM's apply_residual_connection_post_layernorm
     bos_token_id: int | None = None
@@ -173,6 +176,7 @@ def _llama_config(hf: Any, model_type: str) -> ModelConfig:
         qkv_bias=True if model_type == "qwen2" else attention_bias,
         o_bias=attention_bias,
         mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+        qk_norm=model_type == "qwen3",
         attention_scale=head_dim**-0.5,
         bos_token_id=hf.bos_token_id,
         eos_token_ids=_eos_ids(hf.eos_token_id),

@@ -24,8 +24,9 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "gpt2": ("gpt2", {}),
     "bloom": ("bloom", {}),
     "bloom_post_norm": ("bloom", {"apply_residual_connection_post_layernorm": True}),
+    "qwen3": ("qwen3", {}),  # last: each variant's seed is its index
 }
-ARCH_VARIANTS = ("llama", "qwen2", "gpt2", "bloom")  # one per family (+ Qwen2 bias), for the slower tests
+ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gpt2", "bloom")  # one per family (+ Qwen2 bias, Qwen3 q/k norms)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Llama family: Llama 2/3, Mistral, Qwen2 (RoPE, GQA, RMSNorm, SwiGLU)."""
+"""Llama family: Llama 2/3, Mistral, Qwen2, Qwen3 (RoPE, GQA, RMSNorm, SwiGLU; Qwen3 norms q and k per head)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,9 @@ class LlamaAttention(nn.Module):
         self.k_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.v_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.norm_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.norm_eps)
         self.qkv_weight: Tensor | None = None
         self.qkv_bias: Tensor | None = None
 
@@ -137,6 +140,8 @@ class LlamaForCausalLM(CausalLM):
                 x = layer0.normed if (i == 0 and layer0 is not None) else layer.input_layernorm(h)
                 qkv = linear(x, a.qkv_weight, a.qkv_bias)
             qk = qkv[:, :qk_width].view(t, c.num_heads + c.num_kv_heads, c.head_dim)
+            if c.qk_norm:
+                qk = torch.cat((a.q_norm(qk[:, : c.num_heads]), a.k_norm(qk[:, c.num_heads:])), dim=1)
             if not fused_rope:
                 qk = apply_rotary(qk, cos, sin)
             q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
