@@ -15,6 +15,7 @@ from .attention_triton import check_triton_device
 from .block_cache import BlockCache
 from .detokenizer import IncrementalText
 from .errors import PromptError, RequestError, SoftPromptError
+from .hub import resolve_model
 from .kv_pool import KVPool, OutOfBlocks
 from .loader import load_model
 from .model_runner import ModelRunner
@@ -68,6 +69,9 @@ class PreparedRequest:
 class Engine:
     """One frozen model serving many soft prompts in one continuous batch.
 
+    model_dir: a Hugging Face checkpoint directory, or a Hub model id (`org/name`, `org/name@revision`, or
+    `revision=`) whose safetensors and tokenizer files are fetched into the HF cache (engine/hub.py).
+
     backend="torch" (the default, "auto"): paged KV with per-task prefix reuse, in plain PyTorch.
     backend="triton": the same runtime with the Triton attention and RoPE/KV-write kernels (CUDA; on the CPU
     only under TRITON_INTERPRET=1, for tests).
@@ -96,17 +100,18 @@ class Engine:
         max_batched_tokens: int = 2048,
         cuda_graphs: bool | None = None,
         enable_prefix_caching: bool = True,
+        revision: str | None = None,
     ):
         if backend not in BACKENDS:
             raise SoftPromptError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
         if block_size < 1 or max_num_seqs < 1 or max_batched_tokens < 1:
             raise SoftPromptError("block_size, max_num_seqs and max_batched_tokens must be >= 1")
-        self.model_dir = Path(model_dir)
-        self.model = load_model(model_dir, device=device, dtype=dtype)
+        self.model_dir = resolve_model(model_dir, revision)
+        self.model = load_model(self.model_dir, device=device, dtype=dtype)
         self.config = self.model.config
         self.device = self.model.word_embeddings.weight.device
         self.dtype = self.model.word_embeddings.weight.dtype
-        self.tokenizer: Tokenizer | None = load_tokenizer(model_dir)
+        self.tokenizer: Tokenizer | None = load_tokenizer(self.model_dir)
         self.eos_token_ids = self._eos_ids()
         self.generation_defaults = self.config.generation_defaults
         self.structured_outputs = StructuredOutputs(None if self.tokenizer is None else self.tokenizer.hf,
@@ -169,7 +174,8 @@ class Engine:
         task_id: int | None = None,
     ) -> SoftPrompt:
         """Register a task: a PEFT adapter dir (prompt tuning, P-tuning, CPT, multitask prompt tuning, prefix
-        tuning or a cartridge), a .safetensors file, a [P, hidden] tensor, or text.
+        tuning or a cartridge) or its Hub id (`org/name[@revision]`), a .safetensors file, a [P, hidden] tensor,
+        or text.
 
         `replace=True` registers a new version (running requests finish on the old one). `precompute=True`
         computes the prefix K/V now instead of on first use. `task_id` (or a source written `DIR#N`) picks the

@@ -40,10 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(demo)
 
     gen = sub.add_parser("generate", help="generate from a checkpoint with optional soft prompts")
-    gen.add_argument("model_dir")
+    gen.add_argument("model_dir", help="a Hugging Face checkpoint directory, or a Hub model id "
+                     "(org/name or org/name@revision)")
     gen.add_argument("--prompt", action="append", default=[], metavar="NAME=SOURCE",
-                     help="register a prompt: NAME=ADAPTER_DIR or NAME=FILE.safetensors (repeatable); "
-                     "NAME=ADAPTER_DIR#N is task N of a multitask prompt-tuning adapter")
+                     help="register a prompt: NAME=ADAPTER_DIR, NAME=FILE.safetensors or NAME=ORG/ADAPTER (a Hub "
+                     "adapter id) (repeatable); NAME=ADAPTER_DIR#N is task N of a multitask prompt-tuning adapter")
     gen.add_argument("--text-prompt", action="append", default=[], metavar="NAME=TEXT",
                      help="register a text (hard) prompt (repeatable)")
     gen.add_argument("--task", default=None, help="prompt name to use (default: none)")

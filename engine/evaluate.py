@@ -12,6 +12,7 @@ from typing import Any
 
 from .datasets import Example, dataset_hash, load_pairs
 from .errors import SoftPromptError
+from .hub import hub_prompt_name
 
 MODES = ("generate", "score")
 METRICS = ("accuracy", "f1", "bleu", "rouge")
@@ -161,9 +162,9 @@ def register_prompts(engine, prompts: dict[str, Any]) -> dict[str, tuple[str | N
                 raise EvalError(f"prompt {name!r}: empty text after 'text:'")
             prompt = engine.add_prompt(name, text=text, replace=True)
         else:
-            if not Path(spec).exists():
+            if not Path(spec).exists() and hub_prompt_name(spec) is None:
                 raise EvalError(f"prompt {name!r}: {spec!r} is neither an existing adapter dir / .safetensors file, "
-                                "'text:TEXT' nor 'none'")
+                                "a Hub adapter id, 'text:TEXT' nor 'none'")
             prompt = engine.add_prompt(name, spec, replace=True)
         out[name] = (name, prompt.kind, engine.prompts.get(name).version)
     return out
@@ -329,10 +330,12 @@ def parse_ensembles(items: list[str]) -> dict[str, list[str]]:
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", help="the Hugging Face checkpoint directory")
+    parser.add_argument("model_dir", help="a Hugging Face checkpoint directory, or a Hub model id "
+                        "(org/name or org/name@revision)")
     parser.add_argument("--data", required=True, metavar="FILE.jsonl", help='one {"input": ..., "target": ...} a line')
     parser.add_argument("--prompts", nargs="+", default=[], metavar="SPEC",
-                        help="NAME=ADAPTER_DIR, NAME=FILE.safetensors, NAME=text:TEXT, NAME=none or none")
+                        help="NAME=ADAPTER_DIR, NAME=FILE.safetensors, NAME=ORG/ADAPTER (a Hub adapter id), "
+                        "NAME=text:TEXT, NAME=none or none")
     parser.add_argument("--mode", choices=MODES, default="generate",
                         help="generate: greedy text vs target; score: highest log-likelihood label (needs --labels)")
     parser.add_argument("--labels", default=None, help="comma-separated label set (classification)")

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from .config import read_json_object
 from .errors import PromptError, UnknownPromptError
+from .hub import resolve_prompt_source
 
 PROMPT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 RESERVED_NAMES = frozenset({"base"})  # "base" addresses the model without a prompt
@@ -316,7 +317,7 @@ class PromptStore:
             return "tensor", source, None
         if not isinstance(source, (str, Path)):
             raise PromptError(f"unsupported prompt source of type {type(source).__name__}")
-        path, suffix_task = split_task_suffix(source)
+        path, suffix_task = split_task_suffix(resolve_prompt_source(source))
         if suffix_task is not None:
             if task_id is not None and task_id != suffix_task:
                 raise PromptError(f"prompt source {str(source)!r} names task {suffix_task} but task_id={task_id}")

@@ -21,6 +21,7 @@ import torch
 
 from .datasets import Example, dataset_hash, load_pairs, make_category_task, save_pairs, split
 from .errors import SoftPromptError
+from .hub import resolve_model
 from .testing import _quiet  # silences HF progress bars and PEFT deprecation chatter
 
 __all__ = ["DEFAULT_LR", "ENCODERS", "INITS", "METADATA_FILE", "METHODS", "TrainConfig", "TrainResult",
@@ -203,6 +204,7 @@ def train_prompt(model_dir: str | Path, train_examples: list[Example], val_examp
     if not train_examples:
         raise SoftPromptError("no training examples")
     val_examples = list(val_examples or [])
+    model_source, model_dir = str(model_dir), resolve_model(model_dir)  # a Hub id: its local snapshot
     device = _resolve_device(config.device)
     started = time.perf_counter()
     random.seed(config.seed)
@@ -288,7 +290,7 @@ def train_prompt(model_dir: str | Path, train_examples: list[Example], val_examp
     version = versions[str(model_dtype).removeprefix("torch.")]
     metadata = {
         "format": "softprompt-train/1",
-        "model_dir": str(model_dir),
+        "model_dir": model_source,
         "method": config.method,
         "version": version,
         "version_dtype": str(model_dtype).removeprefix("torch."),
@@ -378,7 +380,8 @@ def run_demo(out_dir: str | Path, config: TrainConfig | None = None, log=print) 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
-    p.add_argument("model_dir", nargs="?", help="Hugging Face causal LM checkpoint directory (with tokenizer)")
+    p.add_argument("model_dir", nargs="?", help="Hugging Face causal LM checkpoint directory (with tokenizer), or a "
+                   "Hub model id (org/name or org/name@revision)")
     p.add_argument("--data", help="training JSONL: one {\"input\": ..., \"target\": ...} per line")
     val = p.add_mutually_exclusive_group()
     val.add_argument("--val", help="validation JSONL (default: split off --val-fraction of --data)")

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .datasets import jsonl_objects
 from .errors import SoftPromptError
+from .hub import resolve_model, resolve_prompt_source
 from .prompts import MULTITASK_PEFT_TYPE, check_prompt_name, read_peft_adapter, read_peft_config, split_task_suffix
 
 BASE_TASK = "base"  # how requests without a prompt are labelled in reports
@@ -642,11 +643,11 @@ def verify(model_dir: str | Path, prompts: dict[str, str | Path], backends: Sequ
 
     start = time.perf_counter()
     log = log or (lambda _msg: None)
-    model_dir = Path(model_dir)
+    model_dir = resolve_model(model_dir)
     config = load_model_config(model_dir)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, config, dev)
-    adapters = {check_prompt_name(name): Path(path) for name, path in prompts.items()}
+    adapters = {check_prompt_name(name): resolve_prompt_source(path) for name, path in prompts.items()}
     lengths = {name: read_peft_adapter(*split_task_suffix(path)).length for name, path in adapters.items()}
     if requests is None:
         requests = random_requests(lengths, random_per_task, config.vocab_size, config.max_positions, max_new_tokens,
@@ -729,6 +730,7 @@ def parse_prompt_args(values: Sequence[str]) -> dict[str, Path]:
                 name, k = f"{base}-{k}", k + 1
         elif name in out:
             raise VerifyError(f"--prompts names {name!r} twice")
+        path = resolve_prompt_source(path)  # a Hub adapter id: its local snapshot
         if not split_task_suffix(path)[0].is_dir():
             raise VerifyError(f"--prompts: {path!r} is not a PEFT adapter directory (DIR, or DIR#N: task N of a "
                               "multitask prompt-tuning adapter)")
@@ -737,10 +739,12 @@ def parse_prompt_args(values: Sequence[str]) -> dict[str, Path]:
 
 
 def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", help="the Hugging Face checkpoint directory (config.json + safetensors)")
+    parser.add_argument("model_dir", help="the Hugging Face checkpoint directory (config.json + safetensors), or a "
+                        "Hub model id (org/name or org/name@revision)")
     parser.add_argument("--prompts", nargs="+", default=[], metavar="[NAME=]ADAPTER_DIR",
-                        help="PEFT prompt-learning adapters, one task each (named after the directory unless "
-                        "NAME=); DIR#N is task N of a multitask prompt-tuning adapter")
+                        help="PEFT prompt-learning adapters (directories or Hub ids ORG/NAME), one task each (named "
+                        "after the directory or repo unless NAME=); DIR#N is task N of a multitask prompt-tuning "
+                        "adapter")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (the checkpoint's)")
     parser.add_argument("--backends", default=None,
@@ -781,8 +785,9 @@ def run_verify(args: argparse.Namespace) -> int:
         raise VerifyError("--calibrate measures HF + PEFT: it needs peft installed and no --no-hf")
     if args.calibrate and any(v is not None for v in overrides.values()):
         raise VerifyError("give either --calibrate or explicit --max-abs/--mean-abs/--near-tie, not both")
+    args.model_dir = resolve_model(args.model_dir)
     dev = resolve_device(args.device)
-    dt = resolve_dtype(args.dtype, load_model_config(Path(args.model_dir)), dev)
+    dt = resolve_dtype(args.dtype, load_model_config(args.model_dir), dev)
     if args.backends is None:
         backends = ["torch"] + (["triton"] if dev.type == "cuda" else [])
     else:

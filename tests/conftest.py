@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+os.environ["HF_HUB_OFFLINE"] = "1"  # no test reaches the Hub: a Hub id resolves from a local cache or fails fast
 
-from softprompt.testing import build_prompt_tuning_adapter, build_tiny_checkpoint
+import huggingface_hub.constants  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
+from softprompt.testing import build_prompt_tuning_adapter, build_tiny_checkpoint  # noqa: E402
+
+huggingface_hub.constants.HF_HUB_OFFLINE = True  # where huggingface_hub was imported before this file
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 # name -> (arch, build options); several Llama-family variants cover the options users' checkpoints use.

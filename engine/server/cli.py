@@ -17,11 +17,12 @@ ADMIN_TOKEN_ENV = "SOFTPROMPT_ADMIN_TOKEN"
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_dir")
+    p.add_argument("model_dir", help="a Hugging Face checkpoint directory, or a Hub model id "
+                   "(org/name or org/name@revision)")
     p.add_argument("--prompts", nargs="*", default=[], metavar="DIR_OR_FILE",
                    help="prompts to serve: a PEFT adapter dir (named after the dir), a .safetensors file (named "
-                        "after the file), a dir holding several of those, or NAME=PATH; DIR#N is task N of a "
-                        "multitask prompt-tuning adapter")
+                        "after the file), a dir holding several of those, a Hub adapter id ORG/NAME (named NAME), "
+                        "or NAME=SOURCE; DIR#N is task N of a multitask prompt-tuning adapter")
     p.add_argument("--text-prompt", action="append", default=[], metavar="NAME=TEXT",
                    help="serve a text (hard) prompt (repeatable)")
     p.add_argument("--host", default="127.0.0.1")
@@ -71,6 +72,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 def discover_prompts(items: list[str]) -> list[tuple[str, Path]]:
     """(name, source) for each --prompts item; a directory without adapter_config.json is scanned one level."""
+    from ..hub import hub_prompt_name
     from ..prompts import split_task_suffix
 
     found: list[tuple[str, Path]] = []
@@ -90,6 +92,8 @@ def discover_prompts(items: list[str]) -> list[tuple[str, Path]]:
             found.append((_name_of(path), path))
         elif (task := split_task_suffix(item))[1] is not None and task[0].is_dir():
             found.append((f"{task[0].name}-task{task[1]}", path))  # DIR#N: a multitask adapter's task N
+        elif (hub_name := hub_prompt_name(item)) is not None:
+            found.append((hub_name, path))  # a Hub adapter id: fetched when registered
         else:
             raise SoftPromptError(f"prompt source {item!r} does not exist")
     return found

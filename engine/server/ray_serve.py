@@ -41,6 +41,7 @@ from ray.serve.handle import DeploymentHandle
 
 from ..api import Engine
 from ..errors import PromptError, UnknownPromptError
+from ..hub import resolve_model, resolve_prompt_source
 from .app import APIError, ServerConfig, create_app, to_api_error
 from .asgi_call import ForwardedRequest, ResponseHead, call_asgi
 from .registry import _VERSION_SUFFIX, BASE_MODEL, PromptRegistry, check_public_name
@@ -91,10 +92,11 @@ class RayServeSettings:
             raise ValueError("replicas and max_prompts_per_replica must be >= 1, max_retries >= 0")
         if self.affinity_imbalance < 0:
             raise ValueError("affinity_imbalance must be >= 0")
-        self.model_dir = str(Path(self.model_dir).resolve())
+        # Hub ids are fetched here, on the driver: the replicas read the local snapshots (one machine's HF cache)
+        self.model_dir = str(resolve_model(self.model_dir).resolve())
         if self.prompt_dir is not None:
             self.prompt_dir = str(Path(self.prompt_dir).resolve())
-        self.prompts = {name: str(Path(path).resolve()) for name, path in self.prompts.items()}
+        self.prompts = {name: str(resolve_prompt_source(path).resolve()) for name, path in self.prompts.items()}
 
     def shared_prompts(self) -> SharedPrompts:
         return SharedPrompts(self.prompt_dir, self.prompts, self.text_prompts)
