@@ -16,7 +16,7 @@ import torch
 
 from softprompt.testing import build_prompt_tensor, build_tiny_checkpoint
 
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")  # GQA, a gated MLP of its own width
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "phi3")  # GQA, a gated MLP of its own width
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,11 @@ from .sampling import SamplingParams
 
 # model_type -> our architecture family
 ARCH_FAMILIES = {
-    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gpt2": "gpt2", "bloom": "bloom",
+    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "phi3": "llama",
+    "gpt2": "gpt2", "bloom": "bloom",
 }
-STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
+# longrope's frequencies are static up to original_max_position_embeddings, where the sequence length is capped
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional", "longrope")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "bloom_gelu")
 
 
@@ -41,6 +43,7 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k (head_dim wide) before RoPE
+    rotary_dim: int = 0  # RoPE rotates each head's first rotary_dim channels (Phi-3's partial_rotary_factor); 0: all
     attention_scale: float = 0.0
     residual_post_norm: bool = False  # BLOOM's apply_residual_connection_post_layernorm
     bos_token_id: int | None = None
@@ -153,10 +156,15 @@ def _llama_config(hf: Any, model_type: str) -> ModelConfig:
     window = getattr(hf, "sliding_window", None)
     layer_types = getattr(hf, "layer_types", None)
     uses_window = window is not None and (
-        model_type == "mistral" or (layer_types is not None and "sliding_attention" in layer_types)
+        model_type in ("mistral", "phi3") or (layer_types is not None and "sliding_attention" in layer_types)
     )
     if uses_window:
         max_positions = min(max_positions, int(window))
+    rope = getattr(hf, "rope_parameters", None) or {}
+    if rope.get("rope_type") == "longrope":  # short factors up to here, as HF uses them below this length
+        original = rope.get("original_max_position_embeddings") or hf.original_max_position_embeddings
+        max_positions = min(max_positions, int(original))
+    rotary_dim = int(head_dim * rope.get("partial_rotary_factor", 1.0)) if model_type == "phi3" else head_dim
     attention_bias = bool(getattr(hf, "attention_bias", False))
     return ModelConfig(
         family="llama",
@@ -177,6 +185,7 @@ def _llama_config(hf: Any, model_type: str) -> ModelConfig:
         o_bias=attention_bias,
         mlp_bias=bool(getattr(hf, "mlp_bias", False)),
         qk_norm=model_type == "qwen3",
+        rotary_dim=rotary_dim,
         attention_scale=head_dim**-0.5,
         bos_token_id=hf.bos_token_id,
         eos_token_ids=_eos_ids(hf.eos_token_id),

@@ -93,7 +93,7 @@ def _match_keys(model: CausalLM, loaded: dict[str, torch.Tensor], model_dir: Pat
     expected = dict(model.named_parameters(remove_duplicate=False))
     state: dict[str, torch.Tensor] = {}
     unexpected = []
-    for key, tensor in loaded.items():
+    for key, tensor in (pair for entry in loaded.items() for pair in model.checkpoint_tensors(*entry)):
         name = key if key in expected else model.key_prefix + key
         if name not in expected:
             if key.endswith(model.ignored_key_suffixes):

@@ -28,7 +28,15 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "gpt2": ("gpt2", {}),
     "bloom": ("bloom", {}),
     "bloom_post_norm": ("bloom", {"apply_residual_connection_post_layernorm": True}),
-    "qwen3": ("qwen3", {}),  # last: each variant's seed is its index
+    "qwen3": ("qwen3", {}),  # new variants go last: each variant's seed is its index
+    "phi3": ("phi3", {}),  # fused qkv_proj / gate_up_proj weights
+    # Phi-4-mini's options: RoPE over 3/4 of each head (not fused into the triton kernels), longrope (capped at its
+    # original 128 positions), tied embeddings
+    "phi3_longrope": ("phi3", {"rope_parameters": {
+        "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+        "short_factor": [1.0, 1.1, 1.3, 1.7, 2.0, 2.5], "long_factor": [1.0, 2.0, 4.0, 8.0, 9.0, 12.0],
+        "original_max_position_embeddings": 128}, "original_max_position_embeddings": 128,
+        "tie_word_embeddings": True}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gpt2", "bloom")  # one per family (+ Qwen2 bias, Qwen3 q/k norms)
 

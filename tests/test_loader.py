@@ -170,3 +170,19 @@ def test_generation_config_eos_ids_stop_requests_as_in_hf_generate(tmp_path, mod
         (d / "generation_config.json").write_text(bad)
         with pytest.raises(CheckpointError, match="generation_config.json"):
             Engine(d, device="cpu")
+
+
+def test_phi3_fused_weights_partial_rotary_and_longrope_cap(tmp_path, model_dir_for):
+    model = load_model(model_dir_for("phi3_longrope"), "cpu")
+    c = model.config
+    assert (c.max_positions, c.rotary_dim, c.head_dim) == (128, 12, 16)  # longrope: its original positions
+    assert model.rope_tables is None  # partial rotary: the model rotates q/k itself, not the triton kernels
+    assert load_model(model_dir_for("phi3"), "cpu").rope_tables is not None
+    d = _copy(model_dir_for, tmp_path, "phi3")
+    from safetensors.torch import load_file
+
+    weights = load_file(d / "model.safetensors")
+    weights["model.layers.0.self_attn.qkv_proj.weight"] = weights["model.layers.0.self_attn.qkv_proj.weight"][:-1]
+    save_file(weights, d / "model.safetensors")
+    with pytest.raises(CheckpointError, match="layers.0.self_attn.qkv_proj"):
+        load_model(d, "cpu")

@@ -68,6 +68,11 @@ class CausalLM(nn.Module):
         """Per-head ALiBi slopes for the attention implementations (None: positions are not ALiBi)."""
         return getattr(self, "alibi_slopes", None)
 
+    def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
+        """The (checkpoint key, tensor) pairs our parameters take from one checkpoint entry (a fused entry may
+        hold several)."""
+        return [(key, tensor)]
+
     def embed_tokens(self, ids: Tensor) -> Tensor:
         return self.word_embeddings(ids)
 

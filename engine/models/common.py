@@ -58,7 +58,7 @@ def rope_inv_freq(config: ModelConfig, device: torch.device | str) -> tuple[Tens
     rope_type = config.rope_type
     if rope_type == "default":
         base = hf.rope_parameters["rope_theta"]
-        dim = config.head_dim
+        dim = config.rotary_dim or config.head_dim
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         return inv_freq.to(device), 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -75,17 +75,21 @@ def rotary_cos_sin(inv_freq: Tensor, scaling: float, positions: Tensor, dtype: t
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [T, H, D] rotated with cos/sin [T, D] (rotate-half convention): `x * cos + rotate_half(x) * sin`.
+    """x [T, H, D] rotated with cos/sin [T, R] (rotate-half convention): `x * cos + rotate_half(x) * sin` over the
+    first R channels of each head (R < D: partial rotary, Phi-3's; the other channels pass as they are).
 
     cos/sin repeat their first half (`rotary_cos_sin` builds them from cat(freqs, freqs)), so each output half is
     x1 * c - x2 * s or x2 * c + x1 * s: the same products and sums, rounded the same way, written straight into
     the output (fewer passes over memory than negating, concatenating and broadcasting whole rows)."""
-    half = x.shape[-1] // 2
+    rotary = cos.shape[-1]
+    half = rotary // 2
     c, s = cos[:, None, :half], sin[:, None, :half]
-    x1, x2 = x[..., :half], x[..., half:]
+    x1, x2 = x[..., :half], x[..., half:rotary]
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     torch.mul(x1, c, out=out[..., :half]).sub_(x2 * s)
-    torch.mul(x2, c, out=out[..., half:]).add_(x1 * s)
+    torch.mul(x2, c, out=out[..., half:rotary]).add_(x1 * s)
+    if rotary < x.shape[-1]:
+        out[..., rotary:] = x[..., rotary:]
     return out
 
 

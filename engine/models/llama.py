@@ -1,4 +1,5 @@
-"""Llama family: Llama 2/3, Mistral, Qwen2, Qwen3 (RoPE, GQA, RMSNorm, SwiGLU; Qwen3 norms q and k per head)."""
+"""Llama family: Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3 (RoPE, GQA, RMSNorm, SwiGLU; Qwen3 norms q and k per
+head; Phi-3 stores q/k/v and gate/up fused and may rotate part of each head)."""
 
 from __future__ import annotations
 
@@ -97,9 +98,27 @@ class LlamaForCausalLM(CausalLM):
         return self.model.embed_tokens
 
     @property
-    def rope_tables(self) -> tuple[Tensor, Tensor]:
-        """cos/sin [max_positions, head_dim] in the model dtype, for kernels that apply RoPE themselves."""
+    def rope_tables(self) -> tuple[Tensor, Tensor] | None:
+        """cos/sin [max_positions, head_dim] in the model dtype, for kernels that apply RoPE themselves (None with
+        partial rotary: the model rotates q/k itself)."""
+        if self.rope_cos.shape[-1] != self.config.head_dim:
+            return None
         return self.rope_cos, self.rope_sin
+
+    def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
+        """Phi-3's fused qkv_proj / gate_up_proj weights as our separate projections (fused again, in our layout,
+        by prepare_for_inference)."""
+        c = self.config
+        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        if key.endswith("self_attn.qkv_proj.weight") and tensor.shape[0] == q + 2 * kv:
+            stem = key.removesuffix("qkv_proj.weight")
+            return list(zip((stem + "q_proj.weight", stem + "k_proj.weight", stem + "v_proj.weight"),
+                            tensor.split([q, kv, kv])))
+        if key.endswith("mlp.gate_up_proj.weight") and tensor.shape[0] == 2 * c.intermediate_size:
+            stem = key.removesuffix("gate_up_proj.weight")
+            return list(zip((stem + "gate_proj.weight", stem + "up_proj.weight"),
+                            tensor.split([c.intermediate_size, c.intermediate_size])))
+        return [(key, tensor)]
 
     def init_buffers(self, device: torch.device) -> None:
         inv_freq, self.rope_scaling = rope_inv_freq(self.config, device)

@@ -52,7 +52,7 @@ def test_triton_backend_scores_continuations_after_shared_context_blocks(variant
     assert_no_leaks(eng)
 
 
-@pytest.mark.parametrize("variant", ["llama", "qwen2", "qwen3", "gpt2", "bloom", "bloom_post_norm"])
+@pytest.mark.parametrize("variant", ["llama", "qwen2", "qwen3", "phi3_longrope", "gpt2", "bloom", "bloom_post_norm"])
 def test_triton_backend_matches_reference(variant, model_dir_for):
     d = model_dir_for(variant)
     ref = Engine(d, device=DEVICE, dtype="float32", backend="reference")
