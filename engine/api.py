@@ -71,6 +71,8 @@ class Engine:
 
     model_dir: a Hugging Face checkpoint directory, or a Hub model id (`org/name`, `org/name@revision`, or
     `revision=`) whose safetensors and tokenizer files are fetched into the HF cache (engine/hub.py).
+    max_model_len (vLLM's): the most positions a sequence may take (task prompt + input + output), at most the
+    model's; default the model's.
 
     backend="torch" (the default, "auto"): paged KV with per-task prefix reuse, in plain PyTorch.
     backend="triton": the same runtime with the Triton attention and RoPE/KV-write kernels (CUDA; on the CPU
@@ -101,6 +103,7 @@ class Engine:
         cuda_graphs: bool | None = None,
         enable_prefix_caching: bool = True,
         revision: str | None = None,
+        max_model_len: int | None = None,
     ):
         if backend not in BACKENDS:
             raise SoftPromptError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
@@ -109,6 +112,12 @@ class Engine:
         self.model_dir = resolve_model(model_dir, revision)
         self.model = load_model(self.model_dir, device=device, dtype=dtype)
         self.config = self.model.config
+        if max_model_len is not None:
+            if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or not (
+                    1 <= max_model_len <= self.config.max_positions):
+                raise SoftPromptError(f"max_model_len must be an integer in 1..{self.config.max_positions} (the "
+                                      f"model's positions), got {max_model_len!r}")
+            self.config = replace(self.config, max_positions=max_model_len)
         self.device = self.model.word_embeddings.weight.device
         self.dtype = self.model.word_embeddings.weight.dtype
         self.tokenizer: Tokenizer | None = load_tokenizer(self.model_dir)
@@ -154,6 +163,11 @@ class Engine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return tuple(sorted(ids))
+
+    def set_chat_template(self, template: str) -> None:
+        """Chat (the server's /v1/chat/completions) with this Jinja template in place of the tokenizer's own, e.g.
+        for a base model that has none (vLLM's --chat-template)."""
+        require_tokenizer(self.tokenizer, "a chat template").set_chat_template(template)
 
     def default_sampling_params(self, **overrides) -> SamplingParams:
         """SamplingParams with the checkpoint's recommended sampling settings (`generation_config.json`'s

@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "adapter id) (repeatable); NAME=ADAPTER_DIR#N is task N of a multitask prompt-tuning adapter")
     gen.add_argument("--text-prompt", action="append", default=[], metavar="NAME=TEXT",
                      help="register a text (hard) prompt (repeatable)")
+    gen.add_argument("--max-model-len", type=int, default=None,
+                     help="the most positions a sequence may take (prompt + input + output); default: the model's")
     gen.add_argument("--task", default=None, help="prompt name to use (default: none)")
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="input text (needs the checkpoint's tokenizer)")
@@ -117,7 +119,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .sampling import SamplingParams
 
     engine = Engine(args.model_dir, device=args.device, dtype=args.dtype, backend=args.backend,
-                    cuda_graphs=False if args.enforce_eager else None)
+                    cuda_graphs=False if args.enforce_eager else None, max_model_len=args.max_model_len)
     for item in args.prompt:
         name, source = _split_pair(item, "--prompt")
         engine.add_prompt(name, source)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from functools import cached_property, partial
 from pathlib import Path
 
-from .errors import CheckpointError, RequestError
+from .errors import CheckpointError, RequestError, SoftPromptError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -16,6 +16,19 @@ class Tokenizer:
 
     def __init__(self, hf_tokenizer):
         self.hf = hf_tokenizer
+
+    def set_chat_template(self, template: str) -> None:
+        """Use `template` (Jinja, as in tokenizer_config.json) for chat, checked to compile first."""
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        if not isinstance(template, str) or not template.strip():
+            raise SoftPromptError("a chat template must be a non-empty Jinja template string")
+        try:
+            ImmutableSandboxedEnvironment().parse(template)
+        except TemplateError as exc:
+            raise SoftPromptError(f"the chat template does not compile: {exc}") from exc
+        self.hf.chat_template = template
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.hf(text, add_special_tokens=add_special_tokens)["input_ids"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 import json
 import time
 import uuid
@@ -28,6 +27,7 @@ from ..request import Request as EngineRequest
 from ..request import RequestOutput
 from ..sampling import SamplingParams
 from ..tokenizer import require_tokenizer
+from .auth import APIKeyGuard, bearer_token, token_matches
 from .engine_loop import EngineFailure, EngineLoop, RequestStream, ServerStopping, compile_constraints
 from .formatting import ChatFormat, CompletionFormat, TokenStrings, _Format
 from .metrics import METHODS, ServerMetrics, endpoint_label
@@ -48,7 +48,8 @@ from .schemas import (
 @dataclass
 class ServerConfig:
     max_queue: int = 256  # requests waiting beyond the engine's max_num_seqs running ones; more get 429
-    admin_token: str | None = None  # bearer token for /v1/prompts (None: open)
+    admin_token: str | None = None  # bearer token for /v1/prompts (None: open, or the api_key where one is set)
+    api_key: str | None = None  # bearer token every /v1 request needs (vLLM's --api-key; the admin token works too)
     max_body_bytes: int = 8 << 20  # request bodies (413 beyond)
     max_upload_bytes: int = 256 << 20  # POST /v1/prompts bodies (adapter files)
     retry_after_s: int = 1
@@ -231,7 +232,9 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
     app = FastAPI(title="softprompt", lifespan=lifespan, max_body_size=config.max_body_bytes)
     app.state.loop, app.state.registry, app.state.metrics, app.state.config = loop, registry, metrics, config
     app.state.admission = admission
-    app.add_middleware(_HTTPMetrics, metrics=metrics)
+    if config.api_key:
+        app.add_middleware(APIKeyGuard, keys=[config.api_key, *([config.admin_token] if config.admin_token else [])])
+    app.add_middleware(_HTTPMetrics, metrics=metrics)  # outermost: counts the guard's 401s too
 
     # ---- errors ---------------------------------------------------------------------------------------
     @app.exception_handler(APIError)
@@ -257,8 +260,7 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
     def require_admin(request: Request) -> None:
         if config.admin_token is None:
             return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.admin_token.encode()):
+        if not token_matches(bearer_token(request.headers.raw), [config.admin_token]):
             raise APIError(401, "this endpoint needs the admin bearer token (Authorization: Bearer ...)",
                            type_="authentication_error", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})

@@ -14,6 +14,7 @@ from pathlib import Path
 from ..errors import SoftPromptError
 
 ADMIN_TOKEN_ENV = "SOFTPROMPT_ADMIN_TOKEN"
+API_KEY_ENV = "SOFTPROMPT_API_KEY"
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,7 +32,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="where uploaded prompts are stored (default: a temporary dir removed at exit); with --ray, "
                         "the shared directory every replica loads prompts from on demand, by name")
     p.add_argument("--admin-token", default=None,
-                   help=f"bearer token for /v1/prompts (default: ${ADMIN_TOKEN_ENV}; unset: open)")
+                   help=f"bearer token for /v1/prompts (default: ${ADMIN_TOKEN_ENV}; unset: open, or the API key)")
+    p.add_argument("--api-key", default=None,
+                   help=f"bearer token every /v1 request must carry, as vLLM's (default: ${API_KEY_ENV}; unset: open)")
+    p.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                   help="a Jinja chat template (a file, or the template itself) for /v1/chat/completions, in place "
+                        "of the tokenizer's (a base model without one can then serve chat)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="the most positions a sequence may take (prompt + input + output); default: the model's")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests that may wait beyond the running batch; more are refused with 429")
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -99,6 +107,16 @@ def discover_prompts(items: list[str]) -> list[tuple[str, Path]]:
     return found
 
 
+def read_chat_template(value: str) -> str:
+    """`--chat-template`: a file's text, or the value itself where it is a Jinja template (vLLM's rule)."""
+    path = Path(value)
+    if path.is_file():
+        return path.read_text()
+    if "{{" in value or "{%" in value:
+        return value
+    raise SoftPromptError(f"--chat-template {value!r} is neither a file nor a Jinja template")
+
+
 def parse_text_prompts(items: list[str]) -> dict[str, str]:
     """{name: text} from --text-prompt NAME=TEXT items."""
     texts = {}
@@ -122,15 +140,17 @@ def build_server(args: argparse.Namespace):
 
     engine = Engine(args.model_dir, device=args.device, dtype=args.dtype, backend=args.backend,
                     kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs,
-                    max_batched_tokens=args.max_batched_tokens,
+                    max_batched_tokens=args.max_batched_tokens, max_model_len=args.max_model_len,
                     cuda_graphs=False if args.enforce_eager else None, enable_prefix_caching=args.enable_prefix_caching)
+    if args.chat_template is not None:
+        engine.set_chat_template(read_chat_template(args.chat_template))
     registry = PromptRegistry(args.prompt_dir, max_versions=args.max_versions)
     for name, source in discover_prompts(args.prompts):
         registry.register(engine, name, source)
     for name, text in parse_text_prompts(args.text_prompt).items():
         registry.register(engine, name, text=text)
     config = ServerConfig(max_queue=args.max_queue, admin_token=args.admin_token or os.environ.get(ADMIN_TOKEN_ENV),
-                          generation_config=args.generation_config)
+                          api_key=args.api_key or os.environ.get(API_KEY_ENV), generation_config=args.generation_config)
     if args.generation_config == "auto" and engine.generation_defaults:
         print(f"requests that leave them out get {args.model_dir}/generation_config.json's sampling settings "
               f"{engine.generation_defaults} (--generation-config none: OpenAI's defaults)", file=sys.stderr)

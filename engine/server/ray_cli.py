@@ -8,7 +8,7 @@ import os
 import time
 
 from ..errors import SoftPromptError
-from .cli import discover_prompts, parse_text_prompts
+from .cli import API_KEY_ENV, discover_prompts, parse_text_prompts, read_chat_template
 
 APP_NAME = "softprompt"
 
@@ -26,7 +26,9 @@ def settings_from_args(args: argparse.Namespace, replica_gpus: float):
         kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs,
         max_batched_tokens=args.max_batched_tokens, max_queue=args.max_queue, replica_cpus=args.replica_cpus,
         replica_gpus=replica_gpus, generation_config=args.generation_config,
-        enable_prefix_caching=args.enable_prefix_caching,
+        enable_prefix_caching=args.enable_prefix_caching, api_key=args.api_key or os.environ.get(API_KEY_ENV),
+        chat_template=None if args.chat_template is None else read_chat_template(args.chat_template),
+        max_model_len=args.max_model_len,
     )
 
 

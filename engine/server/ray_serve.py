@@ -44,6 +44,7 @@ from ..errors import PromptError, UnknownPromptError
 from ..hub import resolve_model, resolve_prompt_source
 from .app import APIError, ServerConfig, create_app, to_api_error
 from .asgi_call import ForwardedRequest, ResponseHead, call_asgi
+from .auth import bearer_token, missing_api_key, token_matches
 from .registry import _VERSION_SUFFIX, BASE_MODEL, PromptRegistry, check_public_name
 from .schemas import error_body
 from .shared_prompts import SharedPrompts
@@ -83,6 +84,9 @@ class RayServeSettings:
     max_body_bytes: int = 8 << 20
     stats_interval_s: float = 0.5
     generation_config: str = "auto"  # as the single-process server's --generation-config
+    api_key: str | None = None  # as --api-key: checked by the ingress and again by each replica's app
+    chat_template: str | None = None  # as --chat-template (the template's text)
+    max_model_len: int | None = None  # as --max-model-len
     enable_prefix_caching: bool = True  # as the single-process server's (--no-prefix-caching: False)
 
     def __post_init__(self) -> None:
@@ -175,11 +179,14 @@ class SoftPromptReplica:
         self.engine = Engine(settings.model_dir, device=settings.device, dtype=settings.dtype, backend=settings.backend,
                              kv_cache_bytes=settings.kv_cache_bytes, max_num_seqs=settings.max_num_seqs,
                              max_batched_tokens=settings.max_batched_tokens, cuda_graphs=settings.cuda_graphs,
-                             enable_prefix_caching=settings.enable_prefix_caching)
+                             enable_prefix_caching=settings.enable_prefix_caching,
+                             max_model_len=settings.max_model_len)
+        if settings.chat_template is not None:
+            self.engine.set_chat_template(settings.chat_template)
         self.registry = PromptRegistry(max_versions=2)
         self.app = create_app(self.engine, self.registry, ServerConfig(
             max_queue=settings.max_queue, max_body_bytes=settings.max_body_bytes,
-            generation_config=settings.generation_config))
+            generation_config=settings.generation_config, api_key=settings.api_key))
         self.loop = self.app.state.loop
         self.loop.start()
         self.prompts = settings.shared_prompts()
@@ -313,14 +320,23 @@ class OpenAIIngress:
 
     @ingress_app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
-        return await self._forward(request)
+        return self._refused(request) or await self._forward(request)
 
     @ingress_app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
-        return await self._forward(request)
+        return self._refused(request) or await self._forward(request)
+
+    def _refused(self, request: Request) -> Response | None:
+        """A 401 for a request without the API key (where one is set); None to go on."""
+        key = self.settings.api_key
+        if key and not token_matches(bearer_token(request.headers.raw), [key]):
+            return missing_api_key()
+        return None
 
     @ingress_app.get("/v1/models")
-    async def models(self) -> dict:
+    async def models(self, request: Request):
+        if refused := self._refused(request):
+            return refused
         data = [{"id": BASE_MODEL, "object": "model", "created": self.started, "owned_by": "softprompt",
                  "root": self.settings.model_dir, "parent": None, "length": 0}]
         for name in self.prompts.names():

@@ -26,6 +26,7 @@ from .support import free_port
 TASKS = tuple(f"t{i}" for i in range(10))  # all on one replica by chance: 2 in 1024
 TEXT = {"polite": "answer politely:"}
 KV_BYTES = 4 << 20
+API_KEY = "ray-key"  # --api-key: the ingress and the replicas check it
 
 
 class Cluster:
@@ -35,7 +36,8 @@ class Cluster:
         self.reference = reference
 
     def http(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=120, trust_env=False)
+        return httpx.Client(base_url=self.url, timeout=120, trust_env=False,
+                            headers={"Authorization": f"Bearer {API_KEY}"})
 
     def complete(self, model: str, ids: list[int], max_tokens: int = 8, **extra) -> httpx.Response:
         with self.http() as http:
@@ -88,7 +90,8 @@ def cluster(model_dir_for, adapter_for, tmp_path_factory):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = RayServeSettings(model_dir=str(model), prompt_dir=str(prompt_dir), text_prompts=TEXT, replicas=2,
-                                kv_cache_bytes=KV_BYTES, max_num_seqs=4, replica_cpus=1, stats_interval_s=0.2)
+                                kv_cache_bytes=KV_BYTES, max_num_seqs=4, replica_cpus=1, stats_interval_s=0.2,
+                                api_key=API_KEY)
     serve.run(build_app(settings), name="softprompt", route_prefix="/")
     try:
         yield Cluster(f"http://127.0.0.1:{port}", prompt_dir, reference)
@@ -124,7 +127,7 @@ def test_tasks_spread_over_replicas_equal_the_engine_and_compute_each_prefix_onc
 def test_streaming_chat_and_text_prompts_through_the_ingress(cluster):
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0, timeout=120,
+    client = OpenAI(base_url=f"{cluster.url}/v1", api_key=API_KEY, max_retries=0, timeout=120,
                     http_client=httpx.Client(trust_env=False))
     kw = dict(model="t1", prompt=[5, 9, 33, 70], max_tokens=10, temperature=0.7, top_p=0.9, seed=11)
     chunks = list(client.completions.create(stream=True, extra_body={"return_token_ids": True,
@@ -160,6 +163,12 @@ def test_bad_requests_get_the_single_process_errors(cluster):
         assert r.status_code == 400 and "suffix" in r.json()["error"]["message"]
         r = http.post("/v1/completions", content=b"x" * (9 << 20), headers={"content-type": "application/json"})
         assert r.status_code == 413
+    with httpx.Client(base_url=cluster.url, timeout=120, trust_env=False) as anonymous:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = anonymous.post("/v1/completions", json={"model": "t0", "prompt": [5]}, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+            assert anonymous.get("/v1/models", headers=headers).status_code == 401
+        assert anonymous.get("/health").status_code == 200
     assert cluster.complete("t0", [5, 6]).status_code == 200  # still serving
 
 

@@ -1,0 +1,53 @@
+"""Bearer tokens: the API key every /v1 request must carry (vLLM's `--api-key`) and the admin token of prompt
+management. Compared in constant time."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable, Sequence
+
+from fastapi.responses import JSONResponse
+
+from .schemas import error_body
+
+
+def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header among raw ASGI headers, else None."""
+    for name, value in headers:
+        if name.lower() == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else None
+    return None
+
+
+def token_matches(token: str | None, keys: Sequence[str]) -> bool:
+    if token is None:
+        return False
+    return any(hmac.compare_digest(token.encode(), key.encode()) for key in keys)
+
+
+def unauthorized(message: str) -> JSONResponse:
+    return JSONResponse(error_body(message, "authentication_error", code="invalid_api_key"), 401,
+                        headers={"WWW-Authenticate": "Bearer"})
+
+
+def missing_api_key() -> JSONResponse:
+    return unauthorized("this server needs an API key: send Authorization: Bearer <key>")
+
+
+class APIKeyGuard:
+    """Pure ASGI middleware: a request to a /v1 route without a bearer token among `keys` gets a 401 before any
+    route sees it (the others, /health, /metrics, /tokenize, /detokenize, are open, as in vLLM)."""
+
+    def __init__(self, app, keys: Sequence[str]):
+        self.app, self.keys = app, tuple(keys)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and is_guarded(scope["path"]) and not token_matches(
+                bearer_token(scope["headers"]), self.keys):
+            return await missing_api_key()(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def is_guarded(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
