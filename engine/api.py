@@ -225,7 +225,15 @@ class Engine:
         if not isinstance(request.sampling, SamplingParams):
             raise RequestError(f"request.sampling must be SamplingParams, got {type(request.sampling).__name__}")
         prompt = None if request.prompt is None else self.prompts.get(request.prompt)
-        ids = self._input_ids(request.input_ids, request.text)
+        if request.messages is not None:
+            if request.input_ids is not None or request.text is not None:
+                raise RequestError("give exactly one of input ids, text or messages")
+            ids = self._input_ids(require_tokenizer(self.tokenizer, "chat messages").render_chat(
+                request.messages, request.chat_template_kwargs), None)
+        else:
+            if request.chat_template_kwargs is not None:
+                raise RequestError("chat_template_kwargs apply to chat messages: give messages")
+            ids = self._input_ids(request.input_ids, request.text)
         if request.sampling.stop:
             require_tokenizer(self.tokenizer, "stop strings")
         p = 0 if prompt is None else prompt.length

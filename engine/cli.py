@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="input text (needs the checkpoint's tokenizer)")
     src.add_argument("--ids", help="input token ids, comma-separated")
+    src.add_argument("--chat", metavar="MESSAGE", help="a user message, through the tokenizer's chat template")
+    gen.add_argument("--system", default=None, help="with --chat: a system message before it")
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -140,9 +142,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             guided_grammar=_text_or_file(args.grammar, "--grammar"),
                             disable_any_whitespace=args.compact_json,
                             truncate_prompt_tokens=args.truncate_prompt_tokens)
+    if args.system is not None and args.chat is None:
+        raise SoftPromptError("--system goes with --chat")
     if args.ids is not None:
         ids = _int_list(args.ids, "--ids")
         request = Request(prompt=args.task, input_ids=ids, sampling=params)
+    elif args.chat is not None:
+        system = [] if args.system is None else [{"role": "system", "content": args.system}]
+        request = Request(prompt=args.task, messages=[*system, {"role": "user", "content": args.chat}],
+                          sampling=params)
     else:
         request = Request(prompt=args.task, text=args.text, sampling=params)
     out = engine.generate([request])[0]

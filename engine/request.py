@@ -13,13 +13,17 @@ _ids = itertools.count()
 
 @dataclass
 class Request:
-    """One generation: a task's prompt name (None: no prompt) and the input as token ids or text."""
+    """One generation: a task's prompt name (None: no prompt) and the input as token ids, text, or chat `messages`
+    (rendered by the tokenizer's chat template, as vLLM's `LLM.chat`; `chat_template_kwargs`: apply_chat_template's
+    options, e.g. `add_generation_prompt` (default True), `continue_final_message`, and the template's variables)."""
 
     prompt: str | None = None
     input_ids: list[int] | None = None
     text: str | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str | None = None
+    messages: list[dict] | None = None
+    chat_template_kwargs: dict | None = None
 
     def __post_init__(self) -> None:
         if self.request_id is None:

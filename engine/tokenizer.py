@@ -30,6 +30,25 @@ class Tokenizer:
             raise SoftPromptError(f"the chat template does not compile: {exc}") from exc
         self.hf.chat_template = template
 
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.hf, "chat_template", None))
+
+    def render_chat(self, messages: list[dict], options: dict | None = None) -> list[int]:
+        """The ids of `messages` through the chat template, as HF's `apply_chat_template` renders them (`options`:
+        its keyword arguments and the template's own variables; add_generation_prompt defaults to True)."""
+        if not self.has_chat_template:
+            raise RequestError("the tokenizer has no chat template: give text or token ids (or set a template)")
+        if not isinstance(messages, list) or not messages or any(
+                not isinstance(m, dict) or not isinstance(m.get("role"), str) for m in messages):
+            raise RequestError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        options = {"add_generation_prompt": True, **(options or {})}
+        try:
+            text = self.hf.apply_chat_template(messages, tokenize=False, **options)
+        except Exception as exc:  # jinja and template errors of many types
+            raise RequestError(f"cannot apply the chat template: {exc}") from exc
+        return list(self.hf(text, add_special_tokens=False)["input_ids"])  # the template places special tokens
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.hf(text, add_special_tokens=add_special_tokens)["input_ids"])
 

@@ -196,13 +196,11 @@ def _sampling(body: _SamplingFields, index: int, max_new_tokens: int, logprobs: 
 def _render_chat(engine: Engine, messages: list[dict], options: dict[str, Any]) -> list[int]:
     """Runs on the loop thread (the tokenizer is the engine's). `options`: apply_chat_template's keyword arguments
     (add_generation_prompt, continue_final_message, the template's own variables)."""
-    hf = engine.tokenizer.hf
-    text = hf.apply_chat_template(messages, tokenize=False, **options)
-    return list(hf(text, add_special_tokens=False)["input_ids"])  # the template places any special tokens
+    return engine.tokenizer.render_chat(messages, options)
 
 
 def _has_chat_template(engine: Engine) -> bool:
-    return engine.tokenizer is not None and bool(getattr(engine.tokenizer.hf, "chat_template", None))
+    return engine.tokenizer is not None and engine.tokenizer.has_chat_template
 
 
 def create_app(engine: Engine, registry: PromptRegistry | None = None, config: ServerConfig | None = None) -> FastAPI:
@@ -387,8 +385,8 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
             ids = await loop.run(lambda e: _render_chat(e, messages, body.template_options()))
         except (ServerStopping, EngineFailure) as exc:
             raise to_api_error(exc) from exc
-        except Exception as exc:  # jinja errors raised by the template
-            raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from exc
+        except RequestError as exc:  # "cannot apply the chat template: ..." (jinja errors raised by the template)
+            raise APIError(400, str(exc), param="messages") from exc
         # neither: the checkpoint's max_new_tokens (generation config), else as many as fit (the engine caps it)
         max_new = next((m for m in (body.max_completion_tokens, body.max_tokens) if m is not None),
                        defaults.get("max_new_tokens", engine.config.max_positions))
