@@ -175,33 +175,49 @@ class _PaddedCall:
         for it in items:
             flat += it.own_limits + [0] * (m - len(it.own_limits))
         flat += [it.prefix_len for it in items]
-        query_rows, block_table, offset, limit, prefix = index_tensor(flat, device).split(
-            [n * m, n * width, n * m, n * m, n])
+        flat += [len(it.rows) for it in items]
+        query_rows, block_table, offset, limit, prefix, counts = index_tensor(flat, device).split(
+            [n * m, n * width, n * m, n * m, n, n])
         self.query_rows, self.block_table = query_rows, block_table
         prefix, offset, limit = prefix[:, None, None], offset.view(n, m, 1), limit.view(n, m, 1)
         key = torch.arange(width * block_size, device=device)
         own = key - offset  # own index of each key in the row's member segment
-        visible = (key < prefix) | ((own >= 0) & (own <= limit))  # [N, M, L]
-        bias = torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf"))
-        if slopes is None:  # [N, 1, rep * M, L]: a KV head's query rows ordered (rep, M)
-            bias = bias[:, None, None].expand(-1, 1, rep, -1, -1)
-        else:  # slope * (key position - query position): softmax ignores the per-row shift
-            distance = torch.where(key < prefix, key - prefix, own) - limit  # [N, M, L]
-            bias = slopes[None, :, :, None, None] * distance[:, None, None].float() + bias[:, None, None]
-        self.bias = bias.reshape(n, -1, rep * m, width * block_size).to(dtype)
+        self._visible = (key < prefix) | ((own >= 0) & (own <= limit))  # [N, M, L]
+        # query position - key position (the prefix at 0..P-1, own key j at P + j, the row's query at P + limit)
+        self._back = limit - torch.where(key < prefix, key - prefix, own)
+        padding_row = torch.arange(m, device=device)[None, :, None] >= counts[:, None, None]
+        self._padding_sees_key0 = padding_row & (key == 0)
+        self._slopes, self._rep, self._dtype = slopes, rep, dtype
+        self._biases: dict[int, Tensor] = {}
         self.rows = [r for it in items for r in it.rows]
         self.valid = (None if all(len(it.rows) == m for it in items) else
                       index_tensor([i * m + j for i, it in enumerate(items) for j in range(len(it.rows))], device))
 
-    def __call__(self, k_cache: Tensor, v_cache: Tensor, q_padded: Tensor, scale: float) -> Tensor:
-        """The outputs [rows, Hq, D] of the call's query rows, in `self.rows` order."""
+    def bias_for(self, window: int) -> Tensor:
+        """The SDPA mask (+ ALiBi) [N, Hkv or 1, rep * M, L], for a layer with this sliding window (0: none)."""
+        if window not in self._biases:
+            (n, m), rep = self.shape, self._rep
+            visible = self._visible
+            if window:  # a padding row keeps key 0 in sight, so that no row is empty
+                visible = visible & (self._back < window) | self._padding_sees_key0
+            bias = torch.zeros(visible.shape, device=visible.device).masked_fill_(~visible, float("-inf"))
+            if self._slopes is None:  # [N, 1, rep * M, L]: a KV head's query rows ordered (rep, M)
+                bias = bias[:, None, None].expand(-1, 1, rep, -1, -1)
+            else:  # slope * (key position - query position): softmax ignores the per-row shift
+                bias = self._slopes[None, :, :, None, None] * -self._back[:, None, None].float() + bias[:, None, None]
+            self._biases[window] = bias.reshape(n, -1, rep * m, bias.shape[-1]).to(self._dtype)
+        return self._biases[window]
+
+    def __call__(self, k_cache: Tensor, v_cache: Tensor, q_padded: Tensor, scale: float, window: int = 0) -> Tensor:
+        """The outputs [rows, Hq, D] of the call's query rows, in `self.rows` order (`window`: the layer's sliding
+        window, 0 for none)."""
         (n, m), rep = self.shape, self.rep
         hkv, d = k_cache.shape[2:]
         q = q_padded.index_select(0, self.query_rows).view(n, m, hkv, rep, d).permute(0, 2, 3, 1, 4)
         keys = k_cache.index_select(0, self.block_table).view(n, -1, hkv, d).transpose(1, 2)
         values = v_cache.index_select(0, self.block_table).view(n, -1, hkv, d).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q.reshape(n, hkv, rep * m, d), keys, values, attn_mask=self.bias,
-                                             scale=scale)
+        out = F.scaled_dot_product_attention(q.reshape(n, hkv, rep * m, d), keys, values,
+                                             attn_mask=self.bias_for(window), scale=scale)
         out = out.view(n, hkv, rep, m, d).permute(0, 3, 1, 2, 4).reshape(n * m, hkv * rep, d)
         return out if self.valid is None else out.index_select(0, self.valid)
 
@@ -217,9 +233,11 @@ class TorchPagedAttention:
     built once per step and shared by every layer."""
 
     def __init__(self, pool: KVPool, seqs: list[SeqSlice], scale: float, alibi_slopes: Tensor | None,
-                 num_heads: int, device: torch.device):
+                 num_heads: int, device: torch.device, windows: tuple[int, ...] = ()):
+        """`windows[layer]`: that layer's sliding window (queries see keys less than that many positions back)."""
         self.pool = pool
         self.scale = scale
+        self.windows = windows
         bs, hkv = pool.block_size, pool.kv.shape[4]
         rep = num_heads // hkv
         slopes = None if alibi_slopes is None else alibi_slopes.float().to(device).view(hkv, rep)
@@ -241,6 +259,7 @@ class TorchPagedAttention:
         if not self.calls:
             return torch.empty_like(q)
         q_padded = torch.cat([q, q.new_zeros(1, *q.shape[1:])])
-        parts = [call(kv[0], kv[1], q_padded, self.scale) for call in self.calls]
+        window = self.windows[layer] if layer < len(self.windows) else 0
+        parts = [call(kv[0], kv[1], q_padded, self.scale, window) for call in self.calls]
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out if self.order is None else out.index_select(0, self.order)

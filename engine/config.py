@@ -44,6 +44,8 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k (head_dim wide) before RoPE
     rotary_dim: int = 0  # RoPE rotates each head's first rotary_dim channels (Phi-3's partial_rotary_factor); 0: all
+    # per layer: a query sees the keys of the last `w` positions, itself included (sliding-window attention); 0: all
+    layer_windows: tuple[int, ...] = ()
     attention_scale: float = 0.0
     residual_post_norm: bool = False  # BLOOM's apply_residual_connection_post_layernorm
     bos_token_id: int | None = None
@@ -151,15 +153,16 @@ def _llama_config(hf: Any, model_type: str) -> ModelConfig:
     heads = hf.num_attention_heads
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
     max_positions = hf.max_position_embeddings
-    # Sliding-window layers behave like full attention while the whole sequence fits in the window,
-    # so we cap the sequence length at the window instead of implementing the window.
+    # Sliding-window layers: Mistral's and Phi-3's apply to every layer, Qwen's to those `layer_types` names
     window = getattr(hf, "sliding_window", None)
     layer_types = getattr(hf, "layer_types", None)
-    uses_window = window is not None and (
-        model_type in ("mistral", "phi3") or (layer_types is not None and "sliding_attention" in layer_types)
-    )
-    if uses_window:
-        max_positions = min(max_positions, int(window))
+    windows: tuple[int, ...] = ()
+    if window is not None and window < max_positions:
+        if layer_types is not None:
+            windows = tuple(int(window) if t == "sliding_attention" else 0 for t in layer_types)
+        elif model_type in ("mistral", "phi3"):
+            windows = (int(window),) * hf.num_hidden_layers
+        windows = windows if any(windows) else ()
     rope = getattr(hf, "rope_parameters", None) or {}
     if rope.get("rope_type") == "longrope":  # short factors up to here, as HF uses them below this length
         original = rope.get("original_max_position_embeddings") or hf.original_max_position_embeddings
@@ -186,6 +189,7 @@ def _llama_config(hf: Any, model_type: str) -> ModelConfig:
         mlp_bias=bool(getattr(hf, "mlp_bias", False)),
         qk_norm=model_type == "qwen3",
         rotary_dim=rotary_dim,
+        layer_windows=windows,
         attention_scale=head_dim**-0.5,
         bos_token_id=hf.bos_token_id,
         eos_token_ids=_eos_ids(hf.eos_token_id),

@@ -22,16 +22,30 @@ class DenseCausalAttention:
 
     `positions` are the queries' [T]. `prefix_kv` [layers, 2, P, kv_heads, head_dim] (a prefix-tuning adapter's
     virtual tokens, at positions 0..P-1) is prepended to every layer's keys and values and seen by every query.
+    `windows[layer]` (> 0): that layer's queries see only keys less than that many positions back.
     """
 
-    def __init__(self, positions: Tensor, scale: float, alibi_slopes: Tensor | None, prefix_kv: Tensor | None = None):
+    def __init__(self, positions: Tensor, scale: float, alibi_slopes: Tensor | None, prefix_kv: Tensor | None = None,
+                 windows: tuple[int, ...] = ()):
         self.scale = scale
         self.alibi_slopes = alibi_slopes
         self.prefix_kv = prefix_kv
+        self.windows = windows
         t = positions.shape[0]
         p = 0 if prefix_kv is None else prefix_kv.shape[2]
+        self.query_positions = positions
         self.key_positions = positions if p == 0 else torch.cat([torch.arange(p, device=positions.device), positions])
         self.mask = torch.ones(t, p + t, dtype=torch.bool, device=positions.device).tril(diagonal=p)
+        self._window_masks: dict[int, Tensor] = {}
+
+    def _mask(self, layer: int) -> Tensor:
+        window = self.windows[layer] if layer < len(self.windows) else 0
+        if not window:
+            return self.mask
+        if window not in self._window_masks:
+            back = self.query_positions[:, None] - self.key_positions[None, :]
+            self._window_masks[window] = self.mask & (back < window)
+        return self._window_masks[window]
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         if self.prefix_kv is not None:
@@ -44,7 +58,7 @@ class DenseCausalAttention:
         scores = (q32 @ k32.transpose(1, 2)) * self.scale
         if self.alibi_slopes is not None:
             scores = scores + self.alibi_slopes[:, None, None] * self.key_positions.float()[None, None, :]
-        scores = scores.masked_fill(~self.mask, float("-inf"))
+        scores = scores.masked_fill(~self._mask(layer), float("-inf"))
         out = torch.softmax(scores, dim=-1) @ v32
         return out.transpose(0, 1).to(q.dtype)
 
@@ -75,7 +89,8 @@ class ReferencePath:
             embeds = torch.cat([prefix.to(embeds.dtype), embeds], dim=0)
         start = 0 if prefix_kv is None else prefix_kv.shape[2]
         positions = torch.arange(start, start + embeds.shape[0], device=device)
-        attention = DenseCausalAttention(positions, self.model.config.attention_scale, self.alibi, prefix_kv)
+        c = self.model.config
+        attention = DenseCausalAttention(positions, c.attention_scale, self.alibi, prefix_kv, c.layer_windows)
         return self.model(embeds, positions, attention)
 
     def logits(self, prefix: Tensor | None, ids: list[int]) -> Tensor:

@@ -8,7 +8,8 @@ once per group) followed by its own tokens (own blocks, positions P..P+L-1, all 
   2. own: grid (B, Hkv, own splits), the same kernel over each sequence's own blocks (one sequence's query heads).
   3. merge: a small Triton kernel, grid (B, Hq), combines all partials of a (seq, head) by log-sum-exp.
 Partials are fp32; lse is kept in base 2. Keys are gathered token by token through the block tables, so any block
-size works and block ids need not be contiguous.
+size works and block ids need not be contiguous. A sliding window W hides keys W or more positions behind a
+sequence's query: own programs split only the own keys within it; prefix programs mask per query row.
 """
 
 from __future__ import annotations
@@ -31,16 +32,17 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _partial_attention_kernel(
     q_ptr, k_ptr, v_ptr, part_out_ptr, part_lse_ptr, alibi_ptr, group_starts_ptr, lens_ptr, tables_ptr, pos0_ptr,
-    stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_table,
-    num_heads, total_splits, head_dim, qk_scale,
+    qpos_ptr, stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_table,
+    num_heads, total_splits, head_dim, qk_scale, window,
     OWN: tl.constexpr, SPLITS: tl.constexpr, SLOT_OFFSET: tl.constexpr, RATIO: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Partial attention of a run of sequences' queries against one key segment's split `program_id(2)`.
 
     OWN: program_id(0) is a sequence, its own blocks, key positions start at pos0[seq].
     else: program_id(0) is a group, its prefix blocks, key positions start at 0.
+    HAS_WINDOW: a row sees keys at positions > qpos[seq] - window (its query's position, from qpos_ptr).
     """
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -52,12 +54,16 @@ def _partial_attention_kernel(
         seq_lo = tl.load(group_starts_ptr + pid)
         num_rows = (tl.load(group_starts_ptr + pid + 1) - seq_lo) * RATIO
     pos0 = 0
-    if HAS_ALIBI:
+    if HAS_ALIBI or HAS_WINDOW:
         if OWN:
             pos0 = tl.load(pos0_ptr + pid)
     kv_len = tl.load(lens_ptr + pid)
-    chunk = tl.cdiv(tl.cdiv(kv_len, SPLITS), BLOCK_N) * BLOCK_N
-    k_lo = split * chunk
+    first = 0  # the first key the splits cover: with a window, an own segment's first key within it
+    if HAS_WINDOW:
+        if OWN:
+            first = tl.maximum(kv_len - window, 0)
+    chunk = tl.cdiv(tl.cdiv(kv_len - first, SPLITS), BLOCK_N) * BLOCK_N
+    k_lo = first + split * chunk
     k_hi = tl.minimum(kv_len, k_lo + chunk)
     table = tables_ptr + pid.to(tl.int64) * stride_table
 
@@ -76,6 +82,8 @@ def _partial_attention_kernel(
                     mask=row_mask[:, None] & d_mask[None, :], other=0.0)
         if HAS_ALIBI:
             slope = tl.load(alibi_ptr + head, mask=row_mask, other=0.0) * 1.4426950408889634  # log2(e)
+        if HAS_WINDOW:
+            horizon = tl.load(qpos_ptr + seq, mask=row_mask, other=0) - window  # keys at or before it are hidden
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -91,9 +99,14 @@ def _partial_attention_kernel(
             if HAS_ALIBI:
                 s += slope[:, None] * (pos0 + keys).to(tl.float32)[None, :]
             s = tl.where(n_mask[None, :], s, float("-inf"))
+            if HAS_WINDOW:
+                s = tl.where((pos0 + keys)[None, :] > horizon[:, None], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
+            m_use = m_new
+            if HAS_WINDOW:  # a row that has seen no key yet exponentiates against 0 instead of -inf
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_head + blk[:, None] * stride_vb + tok[:, None] * stride_vt + offs_d[None, :],
                         mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
@@ -187,6 +200,7 @@ def decode_attention(
     alibi_slopes: Tensor | None = None,
     num_splits: int | None = None,
     prefix_block_m: int | None = None,
+    window: int = 0,
 ) -> Tensor:
     """Attention of one query per sequence over [group prefix ; own tokens] -> [B, Hq, D] in q's dtype.
 
@@ -196,10 +210,13 @@ def decode_attention(
     num_splits splits both key segments (None: per segment, from the SM count and the tables' widths; no host sync).
     prefix_block_m: query rows per tile of a prefix program (a power of two in 16..64; None: from the mean group
     size B/G, which a padded batch with empty groups understates, as in a CUDA-graph decode step).
+    window > 0: a sequence's query (at position P + own_len - 1) sees only keys at positions > its own - window.
     Metadata values (lens within the tables, valid block ids, group_starts covering 0..B) are not checked.
     """
     if prefix_block_m is not None and prefix_block_m not in (16, 32, 64):
         raise ValueError(f"prefix_block_m must be 16, 32 or 64, got {prefix_block_m!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"window must be an int >= 0 (0: none), got {window!r}")
     _check_inputs(q, k_cache, v_cache, group_starts, group_prefix_block_tables, group_prefix_lens,
                   own_block_tables, own_lens, alibi_slopes, num_splits)
     b, hq, d = q.shape
@@ -216,9 +233,11 @@ def decode_attention(
     part_out = torch.empty(b, hq, total, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(b, hq, total, dtype=torch.float32, device=q.device)
 
-    pos0 = own_lens  # never read without ALiBi
-    if alibi_slopes is not None:
+    pos0 = qpos = own_lens  # never read without ALiBi or a window
+    if alibi_slopes is not None or window:
         pos0 = torch.repeat_interleave(group_prefix_lens, group_starts.diff(), output_size=b)
+    if window:
+        qpos = pos0 + own_lens - 1  # each sequence's query position
     alibi = alibi_slopes if alibi_slopes is not None else part_lse  # never read without ALiBi
     block_d = triton.next_power_of_2(d)
     # CUDA: 64 keys per tile while a K/V tile row is <= 256 bytes (shared memory for pipelined K/V tiles), else 32.
@@ -228,7 +247,8 @@ def decode_attention(
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_kb=k_cache.stride(0), stride_kt=k_cache.stride(1),
         stride_kh=k_cache.stride(2), stride_vb=v_cache.stride(0), stride_vt=v_cache.stride(1),
         stride_vh=v_cache.stride(2), num_heads=hq, total_splits=total, head_dim=d, qk_scale=scale * _LOG2E,
-        RATIO=ratio, HAS_ALIBI=alibi_slopes is not None, BLOCK_SIZE=block_size, BLOCK_N=block_n, BLOCK_D=block_d,
+        window=window, qpos_ptr=qpos, RATIO=ratio, HAS_ALIBI=alibi_slopes is not None, HAS_WINDOW=window > 0,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
     )
     if prefix_splits:
@@ -265,6 +285,7 @@ def decode_attention_reference(
     alibi_slopes: Tensor | None = None,
     num_splits: int | None = None,
     prefix_block_m: int | None = None,
+    window: int = 0,
 ) -> Tensor:
     """Plain-PyTorch `decode_attention`, one sequence at a time in fp32 (num_splits, prefix_block_m ignored)."""
     _check_inputs(q, k_cache, v_cache, group_starts, group_prefix_block_tables, group_prefix_lens,
@@ -289,6 +310,9 @@ def decode_attention_reference(
             scores = torch.einsum("hd,nhd->hn", q[s].float(), keys) * scale
             if alibi_slopes is not None:
                 scores = scores + alibi_slopes[:, None] * torch.arange(p + n, device=q.device, dtype=torch.float32)
+            if window:
+                hidden = torch.arange(p + n, device=q.device) <= p + n - 1 - window
+                scores = scores.masked_fill(hidden[None, :], float("-inf"))
             out[s] = torch.einsum("hn,nhd->hd", scores.softmax(-1), values).to(q.dtype)
     return out
 

@@ -4,6 +4,8 @@ FlashAttention-2 style (online softmax in fp32, exp2) over varlen packed queries
 segments of the pool, each addressed through its own block table: the task prefix (length P, absolute positions
 0..P-1, fully visible) and the sequence's own tokens (own index j at position P + j, causal: query i sees own keys
 0..own_start + i). Nothing is gathered, concatenated or padded to a batch. ALiBi adds `slope[h] * key_position`.
+A sliding window W (Mistral, Qwen, Phi-3 layers) hides keys W or more positions behind the query; tiles wholly
+behind every query of a tile are skipped.
 """
 
 from __future__ import annotations
@@ -34,14 +36,15 @@ def _find_seq(cu_seqlens_ptr, tile_id, num_seqs, BLOCK_M: tl.constexpr):
 @triton.jit
 def _attend_segment(
     acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, n_lo, n_hi, seg_len, pos_offset, q_own, alibi_slope,
-    qk_scale, stride_kb, stride_ks, offs_d, head_dim,
+    qk_scale, stride_kb, stride_ks, offs_d, head_dim, q_pos, window,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, EVEN_D: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    MASK_LEN: tl.constexpr, CAUSAL: tl.constexpr,
+    MASK_LEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):
     """Online-softmax update over keys n_lo..n_hi (BLOCK_N steps) of one segment, addressed through its block table.
 
     MASK_LEN masks keys >= seg_len (a segment's last partial tile); CAUSAL masks own key n from the query of own
-    index q_own where n > q_own (the diagonal tiles). Unmasked tiles load without any key predicate.
+    index q_own where n > q_own (the diagonal tiles). Unmasked tiles load without any key predicate. HAS_WINDOW
+    masks keys at positions (pos_offset + n) <= q_pos - window.
     """
     for n_start in range(n_lo, n_hi, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
@@ -70,10 +73,16 @@ def _attend_segment(
             s = tl.where((offs_n[None, :] <= q_own[:, None]) & in_seg[None, :], s, float("-inf"))
         elif MASK_LEN:
             s = tl.where(in_seg[None, :], s, float("-inf"))
-        # Every row sees a key in its first tile (prefix key 0 or own key 0), so m_new is finite from then on.
+        if HAS_WINDOW:
+            s = tl.where((pos_offset + offs_n)[None, :] > (q_pos - window)[:, None], s, float("-inf"))
+        # Without a window every row sees a key in its first tile (prefix key 0 or own key 0), so m_new is finite
+        # from then on; with one, a row that has seen no key yet exponentiates against 0 instead of -inf.
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_use = m_new
+        if HAS_WINDOW:
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
@@ -83,9 +92,9 @@ def _attend_segment(
 @triton.jit
 def _prefill_attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, cu_seqlens_ptr, prefix_tables_ptr, prefix_lens_ptr, own_tables_ptr, own_starts_ptr,
-    slopes_ptr, qk_scale, num_seqs, head_dim,
+    slopes_ptr, qk_scale, num_seqs, head_dim, window,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_pt, stride_own,
-    GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     tile_id = tl.program_id(0)
@@ -113,35 +122,45 @@ def _prefill_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
-    # Task prefix: full tiles unmasked, then the partial tail (if any) masked by length.
     prefix_len = tl.load(prefix_lens_ptr + seq)
+    own_start = tl.load(own_starts_ptr + seq)
+    q_pos = prefix_len + own_start + offs_m  # the rows' absolute positions
+    # with a window: the first key position any row of the tile sees (tiles wholly before it are skipped)
+    first_seen = 0
+    if HAS_WINDOW:
+        first_seen = tl.maximum(prefix_len + own_start + m_start - window + 1, 0)
+
+    # Task prefix: full tiles unmasked, then the partial tail (if any) masked by length.
     prefix_table = prefix_tables_ptr + seq.to(tl.int64) * stride_pt
     prefix_full = (prefix_len // BLOCK_N) * BLOCK_N
+    prefix_lo = tl.minimum((first_seen // BLOCK_N) * BLOCK_N, prefix_full)
     acc, l_i, m_i = _attend_segment(
-        acc, l_i, m_i, q, k_ptr, v_ptr, prefix_table, 0, prefix_full, prefix_len, 0, offs_m, alibi_slope,
-        qk_scale, stride_kb, stride_ks, offs_d, head_dim,
-        BLOCK_N, BLOCK_SIZE, EVEN_D, HAS_ALIBI, MASK_LEN=False, CAUSAL=False)
+        acc, l_i, m_i, q, k_ptr, v_ptr, prefix_table, prefix_lo, prefix_full, prefix_len, 0, offs_m, alibi_slope,
+        qk_scale, stride_kb, stride_ks, offs_d, head_dim, q_pos, window,
+        BLOCK_N, BLOCK_SIZE, EVEN_D, HAS_ALIBI, MASK_LEN=False, CAUSAL=False, HAS_WINDOW=HAS_WINDOW)
     acc, l_i, m_i = _attend_segment(
         acc, l_i, m_i, q, k_ptr, v_ptr, prefix_table, prefix_full, prefix_len, prefix_len, 0, offs_m, alibi_slope,
-        qk_scale, stride_kb, stride_ks, offs_d, head_dim,
-        BLOCK_N, BLOCK_SIZE, EVEN_D, HAS_ALIBI, MASK_LEN=True, CAUSAL=False)
+        qk_scale, stride_kb, stride_ks, offs_d, head_dim, q_pos, window,
+        BLOCK_N, BLOCK_SIZE, EVEN_D, HAS_ALIBI, MASK_LEN=True, CAUSAL=False, HAS_WINDOW=HAS_WINDOW)
 
     # Own tokens: keys every row of the tile sees (< own index of the tile's first query + 1) unmasked, then the
     # diagonal tiles up to the last query's own index, masked causally.
-    own_start = tl.load(own_starts_ptr + seq)
     own_len = own_start + q_len
     own_table = own_tables_ptr + seq.to(tl.int64) * stride_own
     own_full = ((own_start + m_start + 1) // BLOCK_N) * BLOCK_N
     own_hi = own_start + tl.minimum(m_start + BLOCK_M, q_len)
+    own_lo = tl.minimum((tl.maximum(first_seen - prefix_len, 0) // BLOCK_N) * BLOCK_N, own_full)
     acc, l_i, m_i = _attend_segment(
-        acc, l_i, m_i, q, k_ptr, v_ptr, own_table, 0, own_full, own_len, prefix_len, offs_m, alibi_slope,
-        qk_scale, stride_kb, stride_ks, offs_d, head_dim,
-        BLOCK_N, BLOCK_SIZE, EVEN_D, HAS_ALIBI, MASK_LEN=False, CAUSAL=False)
+        acc, l_i, m_i, q, k_ptr, v_ptr, own_table, own_lo, own_full, own_len, prefix_len, offs_m, alibi_slope,
+        qk_scale, stride_kb, stride_ks, offs_d, head_dim, q_pos, window,
+        BLOCK_N, BLOCK_SIZE, EVEN_D, HAS_ALIBI, MASK_LEN=False, CAUSAL=False, HAS_WINDOW=HAS_WINDOW)
     acc, l_i, m_i = _attend_segment(
         acc, l_i, m_i, q, k_ptr, v_ptr, own_table, own_full, own_hi, own_len, prefix_len, own_start + offs_m,
-        alibi_slope, qk_scale, stride_kb, stride_ks, offs_d, head_dim,
-        BLOCK_N, BLOCK_SIZE, EVEN_D, HAS_ALIBI, MASK_LEN=True, CAUSAL=True)
+        alibi_slope, qk_scale, stride_kb, stride_ks, offs_d, head_dim, q_pos, window,
+        BLOCK_N, BLOCK_SIZE, EVEN_D, HAS_ALIBI, MASK_LEN=True, CAUSAL=True, HAS_WINDOW=HAS_WINDOW)
 
+    if HAS_WINDOW:  # rows past the sequence's last query may see no key within the window (never stored)
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
     tl.store(o_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=q_mask)
@@ -169,13 +188,16 @@ def prefill_attention(
     own_starts: Tensor,
     scale: float,
     alibi_slopes: Tensor | None = None,
+    window: int = 0,
 ) -> Tensor:
     """Attention of packed queries q [T, Hq, D] over each sequence's [prefix ; own] keys in the paged pool.
 
     k_cache / v_cache: [num_blocks, block_size, Hkv, D], already holding this step's K/V. cu_seqlens_q: [B+1]
     int32 query offsets. prefix_block_tables [B, *] / prefix_lens [B] and own_block_tables [B, *] / own_starts [B]
     (int32) address the two segments; query i of sequence b sees every prefix key and own keys 0..own_starts[b] + i.
-    alibi_slopes: [Hq] fp32 or None. Returns [T, Hq, D] in q's dtype. Metadata values are not bounds-checked.
+    alibi_slopes: [Hq] fp32 or None. window > 0: a query at position t sees only keys at positions > t - window
+    (the prefix at 0..P-1, own key j at P + j). Returns [T, Hq, D] in q's dtype. Metadata values are not
+    bounds-checked.
     """
     if q.dim() != 3 or k_cache.dim() != 4:
         raise ValueError(f"q must be [T, Hq, D] and k_cache [blocks, block_size, Hkv, D], got {tuple(q.shape)}, "
@@ -208,6 +230,8 @@ def prefill_attention(
             raise ValueError(f"block tables must be [B={b}, max_blocks] with unit stride on blocks")
     if alibi_slopes is not None and (alibi_slopes.shape != (hq,) or alibi_slopes.dtype != torch.float32):
         raise ValueError(f"alibi_slopes must be fp32 [{hq}]")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"window must be an int >= 0 (0: none), got {window!r}")
 
     out = torch.empty_like(q)
     if t == 0:
@@ -221,10 +245,10 @@ def prefill_attention(
         prefix_block_tables if prefix_block_tables.numel() else prefix_lens,  # an empty table is never read
         prefix_lens.contiguous(), own_block_tables, own_starts.contiguous(),
         alibi_slopes if alibi_slopes is not None else q,  # never read without ALiBi
-        scale * _LOG2E, b, d,
+        scale * _LOG2E, b, d, window,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), prefix_block_tables.stride(0), own_block_tables.stride(0),
-        GROUP=hq // hkv, BLOCK_SIZE=block_size, HAS_ALIBI=alibi_slopes is not None,
+        GROUP=hq // hkv, BLOCK_SIZE=block_size, HAS_ALIBI=alibi_slopes is not None, HAS_WINDOW=window > 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == d,
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -242,6 +266,7 @@ def prefill_attention_reference(
     own_starts: Tensor,
     scale: float,
     alibi_slopes: Tensor | None = None,
+    window: int = 0,
 ) -> Tensor:
     """Plain-PyTorch `prefill_attention`: per sequence, gather [prefix ; own] keys and attend in fp32."""
     _, hq, d = q.shape
@@ -269,6 +294,8 @@ def prefill_attention_reference(
             scores += alibi_slopes.float()[:, None, None] * pos.float()
         q_own = own_start + torch.arange(n, device=q.device)
         visible = (pos[None, :] < prefix_len) | (pos[None, :] - prefix_len <= q_own[:, None])
+        if window:
+            visible &= pos[None, :] > (prefix_len + q_own)[:, None] - window
         scores = scores.masked_fill(~visible, float("-inf"))
         out[cu[b]: cu[b + 1]] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), values).to(q.dtype)
     return out

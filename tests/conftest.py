@@ -37,6 +37,9 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
         "short_factor": [1.0, 1.1, 1.3, 1.7, 2.0, 2.5], "long_factor": [1.0, 2.0, 4.0, 8.0, 9.0, 12.0],
         "original_max_position_embeddings": 128}, "original_max_position_embeddings": 128,
         "tie_word_embeddings": True}),
+    # sliding windows shorter than the tests' sequences: every layer (Mistral), or the layers past the first (Qwen2)
+    "mistral_window": ("mistral", {"sliding_window": 6}),
+    "qwen2_window": ("qwen2", {"use_sliding_window": True, "sliding_window": 7, "max_window_layers": 1}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gpt2", "bloom")  # one per family (+ Qwen2 bias, Qwen3 q/k norms)
 

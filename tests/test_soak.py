@@ -130,7 +130,8 @@ def tight_engine(model_dir, blocks: int = 48) -> dict:
     return {"block_size": 4, "kv_cache_bytes": blocks * bpb, "max_num_seqs": 6, "max_batched_tokens": 24}
 
 
-@pytest.mark.parametrize("variant, seed", [("llama", 0), ("bloom", 1), ("gpt2", 2), ("qwen2", 3)])
+@pytest.mark.parametrize("variant, seed",
+                         [("llama", 0), ("bloom", 1), ("gpt2", 2), ("qwen2", 3), ("mistral_window", 4)])
 def test_random_traffic_equals_the_reference(variant, seed, model_dir_for):
     d = model_dir_for(variant)
     eng = soak(d, seed, steps=140, **tight_engine(d))

@@ -29,10 +29,12 @@ from .hopper_compile import record_launches, unique
 REPO = Path(__file__).resolve().parents[2]
 KERNELS = {"_partial_attention_kernel", "_merge_kernel", "_prefill_attention_kernel", "_rope_kv_write_kernel",
            "_prompt_input_kernel", "_input_qkv_kernel"}
-# arch -> (head dim, build options): Llama GQA at 64, GPT-2 at 64, BLOOM (ALiBi) at 128
+# arch -> (head dim, build options): Llama GQA at 64, GPT-2 at 64, BLOOM (ALiBi) at 128, Mistral (MQA, a sliding
+# window shorter than the requests) at 128
 MODELS = {"llama": (64, dict(hidden_size=256, num_heads=4, num_kv_heads=2)),
           "gpt2": (64, dict(hidden_size=256, num_heads=4)),
-          "bloom": (128, dict(hidden_size=512, num_heads=4))}
+          "bloom": (128, dict(hidden_size=512, num_heads=4)),
+          "mistral": (128, dict(hidden_size=512, num_heads=4, num_kv_heads=1, sliding_window=8))}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernel tests compile and run the kernels")
@@ -52,6 +54,7 @@ def test_every_launch_compiles_for_hopper(tmp_path):
     recorded = unique(launches)
     assert {launch["kernel"] for launch in recorded} >= KERNELS, "a kernel the backend uses was not launched"
     assert {launch["constexprs"].get("BLOCK_D") for launch in recorded} >= {64, 128}
+    assert {launch["constexprs"].get("HAS_WINDOW") for launch in recorded} >= {True, False}
     as_bf16 = [json.loads(json.dumps(launch).replace('"*fp16"', '"*bf16"')) for launch in recorded]
     path = tmp_path / "launches.json"
     path.write_text(json.dumps(unique(recorded + as_bf16)))

@@ -81,10 +81,11 @@ def make_case(groups, hq, hkv, d, block_size, dtype, alibi=False, seed=0):
     )
 
 
-def check(groups, hq=4, hkv=2, d=32, block_size=8, dtype=torch.float32, alibi=False, num_splits=None, seed=0):
+def check(groups, hq=4, hkv=2, d=32, block_size=8, dtype=torch.float32, alibi=False, num_splits=None, seed=0,
+          window=0):
     case = make_case(groups, hq, hkv, d, block_size, dtype, alibi, seed)
-    out = decode_attention(**case, num_splits=num_splits)
-    ref = decode_attention_reference(**case)
+    out = decode_attention(**case, num_splits=num_splits, window=window)
+    ref = decode_attention_reference(**case, window=window)
     assert out.dtype == dtype and out.shape == case["q"].shape
     assert torch.isfinite(ref).all()
     torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
@@ -138,8 +139,19 @@ def test_large_cuda(case, heads, d, dtype, num_splits):
           alibi=heads == (16, 4))
 
 
-@pytest.mark.parametrize("alibi", [False, True], ids=["plain", "alibi"])
-def test_reference_matches_torch_backend(alibi):
+# sliding windows: the query alone, within the own tokens, across the prefix / own boundary, past every key
+@pytest.mark.parametrize("window", [1, 3, 12, 100])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_sliding_window(window, num_splits):
+    check(CASES["mixed"], hq=8, hkv=2, num_splits=num_splits, window=window)
+    check(CASES["one_big_group"], hq=4, hkv=4, alibi=True, num_splits=num_splits, window=window)
+    if window < 100:  # the window changes the result (the test can fail)
+        case = make_case(CASES["mixed"], 8, 2, 32, 8, torch.float32)
+        assert not torch.allclose(decode_attention_reference(**case), decode_attention_reference(**case, window=window))
+
+
+@pytest.mark.parametrize("alibi, window", [(False, 0), (True, 0), (False, 5)], ids=["plain", "alibi", "window"])
+def test_reference_matches_torch_backend(alibi, window):
     """One query per sequence through TorchPagedAttention on a real KVPool (layer 1) vs the reference."""
     groups, hq, hkv, d, bs = CASES["mixed"], 8, 2, 32, 8
     case = make_case(groups, hq, hkv, d, bs, torch.float32, alibi=alibi, seed=3)
@@ -158,12 +170,13 @@ def test_reference_matches_torch_backend(alibi):
     meta = BatchMetadata.build(seqs, bs, DEVICE)
     flat_k, flat_v = pool.kv[1, 0].flatten(0, 1), pool.kv[1, 1].flatten(0, 1)
     new_k, new_v = flat_k[meta.slot_mapping].clone(), flat_v[meta.slot_mapping].clone()  # rewrites what is there
-    backend = TorchPagedAttention(pool, seqs, case["scale"], case["alibi_slopes"], hq, torch.device(DEVICE))
+    backend = TorchPagedAttention(pool, seqs, case["scale"], case["alibi_slopes"], hq, torch.device(DEVICE),
+                                  windows=(0, window))
     torch_out = backend(1, case["q"], new_k, new_v)
     case["k_cache"], case["v_cache"] = pool.kv[1, 0], pool.kv[1, 1]
-    ref = decode_attention_reference(**case)
+    ref = decode_attention_reference(**case, window=window)
     torch.testing.assert_close(ref, torch_out, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(decode_attention(**case), torch_out, **TOL[torch.float32])
+    torch.testing.assert_close(decode_attention(**case, window=window), torch_out, **TOL[torch.float32])
 
 
 def test_group_by_prefix():

@@ -109,3 +109,25 @@ def test_rejects_bad_shapes():
         prefill_attention(q[:, :3], kv[0, 0], kv[0, 1], **args)
     with pytest.raises(ValueError, match="int32"):
         prefill_attention(q, kv[0, 0], kv[0, 1], **{**args, "prefix_lens": args["prefix_lens"].long()})
+
+
+# sliding windows: 1 (a query sees itself alone), shorter than a tile, across the prefix / own boundary, past all
+WINDOW_CASES = [SMALL[1], SMALL[5]] + ([LARGE[0]] if CUDA else [])
+
+
+@pytest.mark.parametrize("window", [1, 6, 23, 300])
+@pytest.mark.parametrize("hq, hkv, head_dim, block_size, task_prefix, seqs, alibi", WINDOW_CASES)
+def test_sliding_window_matches_reference_and_torch_backend(hq, hkv, head_dim, block_size, task_prefix, seqs, alibi,
+                                                            window):
+    kv, slices, (q, k, v), args = _build(hq, hkv, head_dim, block_size, task_prefix, seqs, alibi, torch.float32)
+    pool = SimpleNamespace(kv=kv, block_size=block_size)
+    backend = TorchPagedAttention(pool, slices, args["scale"], args["alibi_slopes"], hq, torch.device(DEVICE),
+                                  windows=(window,))
+    expected = backend(0, q, k, v)
+    reference = prefill_attention_reference(q, kv[0, 0], kv[0, 1], **args, window=window)
+    out = prefill_attention(q, kv[0, 0], kv[0, 1], **args, window=window)
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(reference, expected, atol=1e-4, rtol=1e-4)
+    if window < 300:  # the window changes the result (the test can fail)
+        full = prefill_attention_reference(q, kv[0, 0], kv[0, 1], **args)
+        assert not torch.allclose(full, reference, atol=1e-3)

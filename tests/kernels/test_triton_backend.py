@@ -19,8 +19,9 @@ from ..test_soak import soak, tight_engine
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("variant, seed, cuda_graphs", [("llama", 10, False), ("bloom", 11, True)],
-                         ids=["llama-eager", "bloom-padded-decode"])
+@pytest.mark.parametrize("variant, seed, cuda_graphs",
+                         [("llama", 10, False), ("bloom", 11, True), ("mistral_window", 12, True)],
+                         ids=["llama-eager", "bloom-padded-decode", "sliding-window-padded-decode"])
 def test_triton_backend_under_random_traffic(variant, seed, cuda_graphs, model_dir_for):
     """tests/test_soak.py's random traffic (arrivals, aborts, tasks added and removed, chunked prefill, prefix
     eviction, preemption) on the Triton kernels; cuda_graphs=True on the CPU runs the padded decode steps."""
@@ -52,7 +53,8 @@ def test_triton_backend_scores_continuations_after_shared_context_blocks(variant
     assert_no_leaks(eng)
 
 
-@pytest.mark.parametrize("variant", ["llama", "qwen2", "qwen3", "phi3_longrope", "gpt2", "bloom", "bloom_post_norm"])
+@pytest.mark.parametrize("variant", ["llama", "qwen2", "qwen3", "phi3_longrope", "gpt2", "bloom", "bloom_post_norm",
+                                     "qwen2_window"])
 def test_triton_backend_matches_reference(variant, model_dir_for):
     d = model_dir_for(variant)
     ref = Engine(d, device=DEVICE, dtype="float32", backend="reference")
