@@ -35,9 +35,13 @@ class ModelRunner:
                 # than from [in, out] storage, which makes the fp32 head GEMM of other rows ~20% faster only
                 head.weight = torch.nn.Parameter(head.weight.contiguous(), requires_grad=False)
             self.greedy_head = ScreenedGreedyHead(head.weight)
+        self.fuse_layer0 = backend == "triton" and model.fused_layer0
         self.decode_graphs = None
         if decode_graphs_for is not None:
-            layer0 = lambda ids, positions: self._fused_layer0(ids, None, positions)  # noqa: E731
+            if self.fuse_layer0:
+                layer0 = lambda ids, positions: self._fused_layer0(ids, None, positions)  # noqa: E731
+            else:
+                layer0 = lambda ids, positions: Layer0Input(model.embed_tokens(ids))  # noqa: E731
             self.decode_graphs = DecodeGraphs(model, pool, layer0, decode_graphs_for, self.device)
             self.decode_graphs.capture_all()
 
@@ -100,7 +104,7 @@ class ModelRunner:
         rows = items[0][0].embeds if len(items) == 1 else torch.cat([prompt.embeds for prompt, _ in items])
         positions = torch.cat([torch.arange(prompt.length, device=self.device) for prompt, _ in items])
         attention = self._attention(slices, positions)
-        if self.backend == "triton":
+        if self.fuse_layer0:
             self.model(None, positions, attention, self._fused_layer0(None, rows, positions))
         else:
             self.model(rows, positions, attention)
@@ -163,7 +167,7 @@ class ModelRunner:
         ids_t = index_tensor(ids, self.device)
         pos_t = index_tensor(positions, self.device)
         attention = self._attention(slices, pos_t)
-        if self.backend == "triton":
+        if self.fuse_layer0:
             hidden = self.model(None, pos_t, attention, self._fused_layer0(ids_t, None, pos_t))
         else:
             hidden = self.model(self.model.embed_tokens(ids_t), pos_t, attention)

@@ -21,7 +21,8 @@ __all__ = [
     "hf_peft_reference", "tiny_model_with_adapters",
 ]
 
-SUPPORTED_TINY_ARCHS: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "bloom")
+SUPPORTED_TINY_ARCHS: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma3_text", "gpt2",
+                                             "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -126,6 +127,15 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                   max_position_embeddings=max_positions)
         if arch == "qwen3":  # Qwen3Config's head_dim defaults to 128 whatever the hidden size
             kw["head_dim"] = hidden_size // num_heads
+    elif arch in ("gemma", "gemma3_text"):
+        cls = transformers.GemmaConfig if arch == "gemma" else transformers.Gemma3TextConfig
+        head_dim = hidden_size // num_heads
+        kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                  num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,
+                  max_position_embeddings=max_positions, head_dim=head_dim)
+        if arch == "gemma3_text":  # sliding layers first, a global one last (Gemma 3's 5:1 pattern, shortened)
+            kw.update(query_pre_attn_scalar=head_dim, sliding_window=16,
+                      layer_types=["sliding_attention"] * (num_layers - 1) + ["full_attention"])
     elif arch == "gpt2":
         cls = transformers.GPT2Config
         kw = dict(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=max_positions, n_inner=inter,
@@ -136,6 +146,11 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
     else:
         raise ValueError(f"unknown tiny arch {arch!r}; expected one of {SUPPORTED_TINY_ARCHS}")
     return cls(vocab_size=vocab_size, tie_word_embeddings=tie, **ids, **{**kw, **overrides})
+
+
+def gain_offset(norm: torch.nn.Module) -> float:
+    """What a norm adds to its weight to get its gain: 1 for Gemma's (1 + w), else 0."""
+    return 1.0 if "gemma" in type(norm).__name__.lower() else 0.0
 
 
 @torch.no_grad()
@@ -165,9 +180,9 @@ def _reinit_(model: torch.nn.Module, seed: int, logit_std: float = 2.0) -> None:
                 # zero-mean gain: with tied embeddings e.(g*e) would otherwise make the current token the argmax
                 draw(p, final_std if name == "weight" else 0.02)
                 if name == "weight":
-                    p.sub_(p.mean())
+                    p.sub_(p.mean() + gain_offset(module))
             elif any(module is m for m in norms):
-                draw(p, 0.1, 1.0 if name == "weight" else 0.0)
+                draw(p, 0.1, 1.0 - gain_offset(module) if name == "weight" else 0.0)
             elif p.dim() == 1:
                 draw(p, 0.02)
             else:

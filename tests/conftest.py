@@ -40,8 +40,11 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # sliding windows shorter than the tests' sequences: every layer (Mistral), or the layers past the first (Qwen2)
     "mistral_window": ("mistral", {"sliding_window": 6}),
     "qwen2_window": ("qwen2", {"use_sliding_window": True, "sliding_window": 7, "max_window_layers": 1}),
+    "gemma": ("gemma", {}),  # token embeddings scaled by sqrt(hidden), (1 + w) norm gains, GeGLU
+    # + q/k norms, sandwich norms, two sliding-window layers (own RoPE base) before a global one, softcapped logits
+    "gemma3": ("gemma3_text", {"num_layers": 3, "sliding_window": 6, "final_logit_softcapping": 5.0}),
 }
-ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gpt2", "bloom")  # one per family (+ Qwen2 bias, Qwen3 q/k norms)
+ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "gpt2", "bloom")  # one per family (+ Qwen2 bias, Qwen3 norms)
 
 
 @pytest.fixture(scope="session")

@@ -3,13 +3,16 @@
 from .base import CausalLM
 from .bloom import BloomForCausalLM
 from .common import Attention
+from .gemma import GemmaForCausalLM
 from .gpt2 import GPT2LMHeadModel
 from .llama import LlamaForCausalLM
 
 MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "llama": LlamaForCausalLM,
+    "gemma": GemmaForCausalLM,
     "gpt2": GPT2LMHeadModel,
     "bloom": BloomForCausalLM,
 }
 
-__all__ = ["Attention", "CausalLM", "MODEL_CLASSES", "BloomForCausalLM", "GPT2LMHeadModel", "LlamaForCausalLM"]
+__all__ = ["Attention", "CausalLM", "MODEL_CLASSES", "BloomForCausalLM", "GPT2LMHeadModel", "GemmaForCausalLM",
+           "LlamaForCausalLM"]

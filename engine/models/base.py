@@ -50,6 +50,9 @@ class CausalLM(nn.Module):
     transposed_weight_suffixes: tuple[str, ...] = ()
     # checkpoint entries that are buffers, not weights
     ignored_key_suffixes: tuple[str, ...] = ()
+    # whether the fused first-layer-input kernels (kernels/input_qkv.py) compute this family's embedding step and
+    # layer 0's input (else the triton backend embeds as the torch backend does and the model takes it from there)
+    fused_layer0: bool = True
 
     def __init__(self, config: ModelConfig):
         super().__init__()

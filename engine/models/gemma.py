@@ -1,0 +1,148 @@
+"""Gemma family: Gemma (1) and Gemma 3 text models (`gemma`, `gemma3_text`).
+
+Llama's layout with Gemma's differences: token embeddings scaled by sqrt(hidden) (inside the embedding, as HF
+does, so a soft prompt's rows are fed unscaled, exactly as PEFT concatenates them), RMSNorm gains of (1 + w)
+applied in fp32, a GeGLU MLP; Gemma 3 adds RMSNorm over each head's q and k, norms after attention and around
+the MLP, sliding-window layers with their own RoPE base, and an attention scale of query_pre_attn_scalar^-0.5.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .base import CausalLM, Layer0Input
+from .common import Attention, apply_rotary, rotary_cos_sin
+from .linear import Linear, linear
+from .llama import LlamaAttention, LlamaMLP
+
+
+class GemmaRMSNorm(nn.Module):
+    """HF Gemma's: normalise and scale by (1 + weight) in fp32, then cast back (Llama casts before scaling)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class GemmaAttention(LlamaAttention):
+    def __init__(self, c: ModelConfig):
+        super().__init__(c)
+        if c.qk_norm:  # Gemma 3: Gemma's norm, not Llama's
+            self.q_norm = GemmaRMSNorm(c.head_dim, c.norm_eps)
+            self.k_norm = GemmaRMSNorm(c.head_dim, c.norm_eps)
+
+
+class GemmaLayer(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.self_attn = GemmaAttention(c)
+        self.mlp = LlamaMLP(c)
+        self.input_layernorm = GemmaRMSNorm(c.hidden_size, c.norm_eps)
+        self.post_attention_layernorm = GemmaRMSNorm(c.hidden_size, c.norm_eps)
+        if c.sandwich_norms:  # Gemma 3: post_attention_layernorm is on the attention output, these around the MLP
+            self.pre_feedforward_layernorm = GemmaRMSNorm(c.hidden_size, c.norm_eps)
+            self.post_feedforward_layernorm = GemmaRMSNorm(c.hidden_size, c.norm_eps)
+
+
+class GemmaBackbone(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(GemmaLayer(c) for _ in range(c.num_layers))
+        self.norm = GemmaRMSNorm(c.hidden_size, c.norm_eps)
+
+
+def _rope_inv_freq(hf, layer_type: str | None, head_dim: int, device: torch.device) -> tuple[Tensor, float]:
+    """One layer type's inverse frequencies and cos/sin scaling, as HF computes them."""
+    params = hf.rope_parameters if layer_type is None else hf.rope_parameters[layer_type]
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        inv = 1.0 / (params["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        return inv.to(device), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    kwargs = {} if layer_type is None else {"layer_type": layer_type}
+    inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, device, **kwargs)
+    return inv.float().to(device), float(scaling)
+
+
+class GemmaForCausalLM(CausalLM):
+    key_prefix = "model."
+    ignored_key_suffixes = ("rotary_emb.inv_freq",)
+    fused_layer0 = False  # token rows are scaled and prompt rows not: the fused input kernels do not do that
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.model = GemmaBackbone(config)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def embed_tokens(self, ids: Tensor) -> Tensor:
+        """Scaled by sqrt(hidden), the scale rounded to the table's dtype first, as HF's scaled embedding does."""
+        table = self.model.embed_tokens.weight
+        return self.model.embed_tokens(ids) * torch.tensor(self.config.hidden_size**0.5).to(table.dtype)
+
+    def init_buffers(self, device: torch.device) -> None:
+        """cos/sin of every position for each layer type (Gemma 3: sliding layers have their own RoPE base)."""
+        c, hf = self.config, self.config.hf_config
+        layer_types = getattr(hf, "layer_types", None) if c.model_type != "gemma" else None
+        positions = torch.arange(c.max_positions, device=device)
+        dtype = self.model.embed_tokens.weight.dtype
+        tables: dict[str | None, tuple[Tensor, Tensor]] = {}
+        for layer_type in dict.fromkeys(layer_types or [None]):
+            inv_freq, scaling = _rope_inv_freq(hf, layer_type, c.head_dim, device)
+            tables[layer_type] = rotary_cos_sin(inv_freq, scaling, positions, dtype)
+        self.rope_by_layer = [tables[layer_types[i] if layer_types else None] for i in range(c.num_layers)]
+
+    def prepare_for_inference(self, device: torch.device) -> None:
+        transposed = self.fp32_on_cpu(device)
+        for layer in self.model.layers:
+            layer.self_attn.fuse(transposed)
+            layer.mlp.fuse(transposed)
+        super().prepare_for_inference(device)
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        logits = super().compute_logits(hidden)
+        cap = self.config.final_logit_softcap
+        return logits if not cap else torch.tanh(logits / cap) * cap
+
+    def forward(
+        self, embeds: Tensor | None, positions: Tensor, attention: Attention, layer0: Layer0Input | None = None
+    ) -> Tensor:
+        """`layer0`, where given, holds only the embedded input (`residual`): no fused kernel runs for Gemma."""
+        c = self.config
+        t = positions.shape[0]
+        qk_width = (c.num_heads + c.num_kv_heads) * c.head_dim
+        h = embeds if layer0 is None else layer0.residual
+        rope_rows: dict[int, tuple[Tensor, Tensor]] = {}
+        for i, layer in enumerate(self.model.layers):
+            a = layer.self_attn
+            qkv = linear(layer.input_layernorm(h), a.qkv_weight, a.qkv_bias)
+            qk = qkv[:, :qk_width].view(t, c.num_heads + c.num_kv_heads, c.head_dim)
+            if c.qk_norm:
+                qk = torch.cat((a.q_norm(qk[:, : c.num_heads]), a.k_norm(qk[:, c.num_heads:])), dim=1)
+            table = self.rope_by_layer[i]
+            if id(table) not in rope_rows:
+                rope_rows[id(table)] = (table[0][positions], table[1][positions])
+            qk = apply_rotary(qk, *rope_rows[id(table)])
+            q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
+            v = qkv[:, qk_width:].view(t, c.num_kv_heads, c.head_dim)
+            out = a.o_proj(attention(i, q, k, v).reshape(t, c.num_heads * c.head_dim))
+            if c.sandwich_norms:
+                h = h + layer.post_attention_layernorm(out)
+                h = h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+            else:
+                h = out.add_(h)
+                h = layer.mlp(layer.post_attention_layernorm(h)).add_(h)
+        return self.model.norm(h)
