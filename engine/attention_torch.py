@@ -208,16 +208,22 @@ class _PaddedCall:
             self._biases[window] = bias.reshape(n, -1, rep * m, bias.shape[-1]).to(self._dtype)
         return self._biases[window]
 
-    def __call__(self, k_cache: Tensor, v_cache: Tensor, q_padded: Tensor, scale: float, window: int = 0) -> Tensor:
+    def __call__(self, k_cache: Tensor, v_cache: Tensor, q_padded: Tensor, scale: float, window: int = 0,
+                 softcap: float = 0.0) -> Tensor:
         """The outputs [rows, Hq, D] of the call's query rows, in `self.rows` order (`window`: the layer's sliding
-        window, 0 for none)."""
+        window, 0 for none; `softcap` > 0: scores become softcap * tanh(score / softcap) before the mask, which SDPA
+        cannot do, so those layers attend in plain ops as HF's eager attention does)."""
         (n, m), rep = self.shape, self.rep
         hkv, d = k_cache.shape[2:]
         q = q_padded.index_select(0, self.query_rows).view(n, m, hkv, rep, d).permute(0, 2, 3, 1, 4)
         keys = k_cache.index_select(0, self.block_table).view(n, -1, hkv, d).transpose(1, 2)
         values = v_cache.index_select(0, self.block_table).view(n, -1, hkv, d).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q.reshape(n, hkv, rep * m, d), keys, values,
-                                             attn_mask=self.bias_for(window), scale=scale)
+        q = q.reshape(n, hkv, rep * m, d)
+        if softcap:
+            scores = torch.tanh(q @ keys.transpose(-1, -2) * (scale / softcap)) * softcap + self.bias_for(window)
+            out = scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ values
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.bias_for(window), scale=scale)
         out = out.view(n, hkv, rep, m, d).permute(0, 3, 1, 2, 4).reshape(n * m, hkv * rep, d)
         return out if self.valid is None else out.index_select(0, self.valid)
 
@@ -233,11 +239,13 @@ class TorchPagedAttention:
     built once per step and shared by every layer."""
 
     def __init__(self, pool: KVPool, seqs: list[SeqSlice], scale: float, alibi_slopes: Tensor | None,
-                 num_heads: int, device: torch.device, windows: tuple[int, ...] = ()):
-        """`windows[layer]`: that layer's sliding window (queries see keys less than that many positions back)."""
+                 num_heads: int, device: torch.device, windows: tuple[int, ...] = (), softcap: float = 0.0):
+        """`windows[layer]`: that layer's sliding window (queries see keys less than that many positions back);
+        `softcap` > 0: attention scores become softcap * tanh(score / softcap) (Gemma 2)."""
         self.pool = pool
         self.scale = scale
         self.windows = windows
+        self.softcap = softcap
         bs, hkv = pool.block_size, pool.kv.shape[4]
         rep = num_heads // hkv
         slopes = None if alibi_slopes is None else alibi_slopes.float().to(device).view(hkv, rep)
@@ -260,6 +268,6 @@ class TorchPagedAttention:
             return torch.empty_like(q)
         q_padded = torch.cat([q, q.new_zeros(1, *q.shape[1:])])
         window = self.windows[layer] if layer < len(self.windows) else 0
-        parts = [call(kv[0], kv[1], q_padded, self.scale, window) for call in self.calls]
+        parts = [call(kv[0], kv[1], q_padded, self.scale, window, self.softcap) for call in self.calls]
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out if self.order is None else out.index_select(0, self.order)

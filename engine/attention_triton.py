@@ -47,9 +47,10 @@ class TritonPagedAttention:
 
     def __init__(self, pool: KVPool, seqs: list[SeqSlice], scale: float, alibi_slopes: Tensor | None,
                  positions: Tensor, rope_tables: tuple[Tensor, Tensor] | None, device: torch.device,
-                 windows: tuple[int, ...] = ()):
-        """`windows[layer]`: that layer's sliding window (queries see keys less than that many positions back)."""
-        self._common(pool, scale, alibi_slopes, positions, rope_tables, windows)
+                 windows: tuple[int, ...] = (), softcap: float = 0.0):
+        """`windows[layer]`: that layer's sliding window (queries see keys less than that many positions back);
+        `softcap` > 0: attention scores become softcap * tanh(score / softcap) (Gemma 2)."""
+        self._common(pool, scale, alibi_slopes, positions, rope_tables, windows, softcap)
         self.slot_mapping = new_token_slots(seqs, pool.block_size).to(device)
         self.decode = all(s.num_queries == 1 for s in seqs)
         self.prefix_block_m: int | None = None
@@ -76,9 +77,10 @@ class TritonPagedAttention:
             )
 
     def _common(self, pool: KVPool, scale: float, alibi_slopes: Tensor | None, positions: Tensor,
-                rope_tables: tuple[Tensor, Tensor] | None, windows: tuple[int, ...]) -> None:
+                rope_tables: tuple[Tensor, Tensor] | None, windows: tuple[int, ...], softcap: float) -> None:
         self.decode_mod, self.prefill_mod, self.rope_mod = import_kernels()
         self.windows = windows
+        self.softcap = softcap
         self.pool = pool
         self.scale = scale
         self.alibi = None if alibi_slopes is None else alibi_slopes.float().contiguous()
@@ -89,12 +91,13 @@ class TritonPagedAttention:
     @classmethod
     def static_decode(cls, pool: KVPool, scale: float, alibi_slopes: Tensor | None, positions: Tensor,
                       rope_tables: tuple[Tensor, Tensor] | None, slot_mapping: Tensor, perm: Tensor, inverse: Tensor,
-                      decode_args: dict[str, Tensor], windows: tuple[int, ...] = ()) -> TritonPagedAttention:
+                      decode_args: dict[str, Tensor], windows: tuple[int, ...] = (),
+                      softcap: float = 0.0) -> TritonPagedAttention:
         """A decode step over metadata already on the device, in tensors whose shapes do not change from step to
         step (see decode_graphs.py): nothing is built from Python values, so the step can be captured in a CUDA
         graph. The groups may include empty ones, so prefix programs use full 64-row query tiles."""
         self = cls.__new__(cls)
-        self._common(pool, scale, alibi_slopes, positions, rope_tables, windows)
+        self._common(pool, scale, alibi_slopes, positions, rope_tables, windows, softcap)
         self.slot_mapping, self.perm, self.inverse, self.decode_args = slot_mapping, perm, inverse, decode_args
         self.decode = True
         self.prefix_block_m = 64
@@ -108,7 +111,8 @@ class TritonPagedAttention:
         if self.decode:
             out = self.decode_mod.decode_attention(q.index_select(0, self.perm), k_cache, v_cache,
                                                    scale=self.scale, alibi_slopes=self.alibi, window=window,
+                                                   softcap=self.softcap,
                                                    prefix_block_m=self.prefix_block_m, **self.decode_args)
             return out.index_select(0, self.inverse)
         return self.prefill_mod.prefill_attention(q, k_cache, v_cache, scale=self.scale, alibi_slopes=self.alibi,
-                                                  window=window, **self.prefill_args)
+                                                  window=window, softcap=self.softcap, **self.prefill_args)

@@ -14,7 +14,7 @@ from .sampling import SamplingParams
 # model_type -> our architecture family
 ARCH_FAMILIES = {
     "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "phi3": "llama",
-    "gemma": "gemma", "gemma3_text": "gemma", "gpt2": "gpt2", "bloom": "bloom",
+    "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gpt2": "gpt2", "bloom": "bloom",
 }
 # longrope's frequencies are static up to original_max_position_embeddings, where the sequence length is capped
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional", "longrope")
@@ -48,6 +48,7 @@ class ModelConfig:
     layer_windows: tuple[int, ...] = ()
     sandwich_norms: bool = False  # Gemma 3: a norm after attention and norms before and after the MLP
     final_logit_softcap: float = 0.0  # logits -> cap * tanh(logits / cap) (Gemma); 0: none
+    attention_softcap: float = 0.0  # attention scores (after the scale) -> cap * tanh(score / cap) (Gemma 2); 0: none
     attention_scale: float = 0.0
     residual_post_norm: bool = False  # BLOOM's apply_residual_connection_post_layernorm
     bos_token_id: int | None = None
@@ -201,24 +202,22 @@ def _llama_config(hf: Any, model_type: str) -> ModelConfig:
 
 
 def _gemma_config(hf: Any, model_type: str) -> ModelConfig:
-    if getattr(hf, "attn_logit_softcapping", None) is not None:
-        raise UnsupportedModelError(f"{model_type} with attn_logit_softcapping={hf.attn_logit_softcapping} is not "
-                                    "supported (softcapped attention scores)")
     if getattr(hf, "use_bidirectional_attention", False):
         raise UnsupportedModelError(f"{model_type} with use_bidirectional_attention=True is not a causal LM")
     heads = hf.num_attention_heads
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
     gemma3 = model_type == "gemma3_text"
+    later = model_type != "gemma"  # Gemma 2 and 3: sandwich norms, query_pre_attn_scalar, sliding-window layers
     rope = hf.rope_parameters or {}
     for params in (rope.values() if gemma3 else [rope]):
         if params.get("rope_type", "default") not in STATIC_ROPE_TYPES or params.get("rope_type") == "longrope":
             raise UnsupportedModelError(f"unsupported rope_type {params.get('rope_type')!r} in {model_type}")
     window, layer_types = getattr(hf, "sliding_window", None), getattr(hf, "layer_types", None)
     windows: tuple[int, ...] = ()
-    if gemma3 and window is not None and layer_types is not None:
+    if later and window is not None and layer_types is not None:
         windows = tuple(int(window) if t == "sliding_attention" else 0 for t in layer_types)
         windows = windows if any(windows) else ()
-    scalar = getattr(hf, "query_pre_attn_scalar", None) if gemma3 else None
+    scalar = getattr(hf, "query_pre_attn_scalar", None) if later else None
     attention_bias = bool(getattr(hf, "attention_bias", False))
     return ModelConfig(
         family="gemma",
@@ -232,7 +231,7 @@ def _gemma_config(hf: Any, model_type: str) -> ModelConfig:
         intermediate_size=hf.intermediate_size,
         max_positions=hf.max_position_embeddings,
         norm_eps=hf.rms_norm_eps,
-        hidden_act=(getattr(hf, "hidden_activation", None) if gemma3 else None) or hf.hidden_act,
+        hidden_act=(getattr(hf, "hidden_activation", None) if later else None) or hf.hidden_act,
         position_encoding="rope",
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
         qkv_bias=attention_bias,
@@ -240,8 +239,9 @@ def _gemma_config(hf: Any, model_type: str) -> ModelConfig:
         qk_norm=gemma3,
         attention_scale=(scalar or head_dim) ** -0.5,
         layer_windows=windows,
-        sandwich_norms=gemma3,
+        sandwich_norms=later,
         final_logit_softcap=float(getattr(hf, "final_logit_softcapping", None) or 0.0),
+        attention_softcap=float(getattr(hf, "attn_logit_softcapping", None) or 0.0),
         bos_token_id=hf.bos_token_id,
         eos_token_ids=_eos_ids(hf.eos_token_id),
         hf_config=hf,

@@ -212,7 +212,7 @@ class DecodeGraphs:
         positions = b.positions[:size]
         attention = TritonPagedAttention.static_decode(
             self.pool, c.attention_scale, self.model.alibi, positions, getattr(self.model, "rope_tables", None),
-            b.slots[:size], b.perm[:size], b.inverse[:size], decode_args, c.layer_windows)
+            b.slots[:size], b.perm[:size], b.inverse[:size], decode_args, c.layer_windows, c.attention_softcap)
         return self.model(None, positions, attention, self.layer0(b.ids[:size], positions))
 
     def _capture(self, size: int) -> None:

@@ -22,12 +22,14 @@ class DenseCausalAttention:
 
     `positions` are the queries' [T]. `prefix_kv` [layers, 2, P, kv_heads, head_dim] (a prefix-tuning adapter's
     virtual tokens, at positions 0..P-1) is prepended to every layer's keys and values and seen by every query.
-    `windows[layer]` (> 0): that layer's queries see only keys less than that many positions back.
+    `windows[layer]` (> 0): that layer's queries see only keys less than that many positions back. `softcap` (> 0):
+    scores become softcap * tanh(score / softcap) before the mask.
     """
 
     def __init__(self, positions: Tensor, scale: float, alibi_slopes: Tensor | None, prefix_kv: Tensor | None = None,
-                 windows: tuple[int, ...] = ()):
+                 windows: tuple[int, ...] = (), softcap: float = 0.0):
         self.scale = scale
+        self.softcap = softcap
         self.alibi_slopes = alibi_slopes
         self.prefix_kv = prefix_kv
         self.windows = windows
@@ -56,6 +58,8 @@ class DenseCausalAttention:
         k32 = k.float().repeat_interleave(rep, dim=1).transpose(0, 1)
         v32 = v.float().repeat_interleave(rep, dim=1).transpose(0, 1)
         scores = (q32 @ k32.transpose(1, 2)) * self.scale
+        if self.softcap:  # Gemma 2: cap * tanh(score / cap), before the mask
+            scores = torch.tanh(scores / self.softcap) * self.softcap
         if self.alibi_slopes is not None:
             scores = scores + self.alibi_slopes[:, None, None] * self.key_positions.float()[None, None, :]
         scores = scores.masked_fill(~self._mask(layer), float("-inf"))
@@ -90,7 +94,8 @@ class ReferencePath:
         start = 0 if prefix_kv is None else prefix_kv.shape[2]
         positions = torch.arange(start, start + embeds.shape[0], device=device)
         c = self.model.config
-        attention = DenseCausalAttention(positions, c.attention_scale, self.alibi, prefix_kv, c.layer_windows)
+        attention = DenseCausalAttention(positions, c.attention_scale, self.alibi, prefix_kv, c.layer_windows,
+                                         c.attention_softcap)
         return self.model(embeds, positions, attention)
 
     def logits(self, prefix: Tensor | None, ids: list[int]) -> Tensor:

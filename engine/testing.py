@@ -21,8 +21,8 @@ __all__ = [
     "hf_peft_reference", "tiny_model_with_adapters",
 ]
 
-SUPPORTED_TINY_ARCHS: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma3_text", "gpt2",
-                                             "bloom")
+SUPPORTED_TINY_ARCHS: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text",
+                                             "gpt2", "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -127,8 +127,9 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                   max_position_embeddings=max_positions)
         if arch == "qwen3":  # Qwen3Config's head_dim defaults to 128 whatever the hidden size
             kw["head_dim"] = hidden_size // num_heads
-    elif arch in ("gemma", "gemma3_text"):
-        cls = transformers.GemmaConfig if arch == "gemma" else transformers.Gemma3TextConfig
+    elif arch in ("gemma", "gemma2", "gemma3_text"):
+        cls = {"gemma": transformers.GemmaConfig, "gemma2": transformers.Gemma2Config,
+               "gemma3_text": transformers.Gemma3TextConfig}[arch]
         head_dim = hidden_size // num_heads
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                   num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,
@@ -136,6 +137,8 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
         if arch == "gemma3_text":  # sliding layers first, a global one last (Gemma 3's 5:1 pattern, shortened)
             kw.update(query_pre_attn_scalar=head_dim, sliding_window=16,
                       layer_types=["sliding_attention"] * (num_layers - 1) + ["full_attention"])
+        if arch == "gemma2":  # sliding and global layers in turn, as Gemma 2 has them
+            kw.update(query_pre_attn_scalar=head_dim, sliding_window=16)
     elif arch == "gpt2":
         cls = transformers.GPT2Config
         kw = dict(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=max_positions, n_inner=inter,

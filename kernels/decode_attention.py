@@ -9,7 +9,8 @@ once per group) followed by its own tokens (own blocks, positions P..P+L-1, all 
   3. merge: a small Triton kernel, grid (B, Hq), combines all partials of a (seq, head) by log-sum-exp.
 Partials are fp32; lse is kept in base 2. Keys are gathered token by token through the block tables, so any block
 size works and block ids need not be contiguous. A sliding window W hides keys W or more positions behind a
-sequence's query: own programs split only the own keys within it; prefix programs mask per query row.
+sequence's query: own programs split only the own keys within it; prefix programs mask per query row. A softcap C
+(Gemma 2) turns each scaled score s into C * tanh(s / C) before masking.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .prefill_attention import softcapped
 from .tiles import gpu_tiles
 
 _MIN_KEYS_PER_SPLIT = 256  # the auto heuristic never gives a split fewer keys than this (per the tables' width)
@@ -33,9 +35,10 @@ _LOG2E = 1.4426950408889634
 def _partial_attention_kernel(
     q_ptr, k_ptr, v_ptr, part_out_ptr, part_lse_ptr, alibi_ptr, group_starts_ptr, lens_ptr, tables_ptr, pos0_ptr,
     qpos_ptr, stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_table,
-    num_heads, total_splits, head_dim, qk_scale, window,
+    num_heads, total_splits, head_dim, qk_scale, window, softcap,
     OWN: tl.constexpr, SPLITS: tl.constexpr, SLOT_OFFSET: tl.constexpr, RATIO: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Partial attention of a run of sequences' queries against one key segment's split `program_id(2)`.
@@ -43,6 +46,7 @@ def _partial_attention_kernel(
     OWN: program_id(0) is a sequence, its own blocks, key positions start at pos0[seq].
     else: program_id(0) is a group, its prefix blocks, key positions start at 0.
     HAS_WINDOW: a row sees keys at positions > qpos[seq] - window (its query's position, from qpos_ptr).
+    SOFTCAP: base-2 scores capped at `softcap` (the cap times log2(e)) with tanh.
     """
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -96,6 +100,8 @@ def _partial_attention_kernel(
             k = tl.load(k_head + blk[None, :] * stride_kb + tok[None, :] * stride_kt + offs_d[:, None],
                         mask=kv_mask, other=0.0)  # [BLOCK_D, BLOCK_N]
             s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # base-2 logits
+            if SOFTCAP:
+                s = softcapped(s, softcap)
             if HAS_ALIBI:
                 s += slope[:, None] * (pos0 + keys).to(tl.float32)[None, :]
             s = tl.where(n_mask[None, :], s, float("-inf"))
@@ -201,6 +207,7 @@ def decode_attention(
     num_splits: int | None = None,
     prefix_block_m: int | None = None,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> Tensor:
     """Attention of one query per sequence over [group prefix ; own tokens] -> [B, Hq, D] in q's dtype.
 
@@ -211,12 +218,15 @@ def decode_attention(
     prefix_block_m: query rows per tile of a prefix program (a power of two in 16..64; None: from the mean group
     size B/G, which a padded batch with empty groups understates, as in a CUDA-graph decode step).
     window > 0: a sequence's query (at position P + own_len - 1) sees only keys at positions > its own - window.
+    softcap > 0: each scaled score s becomes softcap * tanh(s / softcap) before the mask (Gemma 2).
     Metadata values (lens within the tables, valid block ids, group_starts covering 0..B) are not checked.
     """
     if prefix_block_m is not None and prefix_block_m not in (16, 32, 64):
         raise ValueError(f"prefix_block_m must be 16, 32 or 64, got {prefix_block_m!r}")
     if isinstance(window, bool) or not isinstance(window, int) or window < 0:
         raise ValueError(f"window must be an int >= 0 (0: none), got {window!r}")
+    if not isinstance(softcap, (int, float)) or not softcap >= 0:
+        raise ValueError(f"softcap must be a number >= 0 (0: none), got {softcap!r}")
     _check_inputs(q, k_cache, v_cache, group_starts, group_prefix_block_tables, group_prefix_lens,
                   own_block_tables, own_lens, alibi_slopes, num_splits)
     b, hq, d = q.shape
@@ -247,7 +257,8 @@ def decode_attention(
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_kb=k_cache.stride(0), stride_kt=k_cache.stride(1),
         stride_kh=k_cache.stride(2), stride_vb=v_cache.stride(0), stride_vt=v_cache.stride(1),
         stride_vh=v_cache.stride(2), num_heads=hq, total_splits=total, head_dim=d, qk_scale=scale * _LOG2E,
-        window=window, qpos_ptr=qpos, RATIO=ratio, HAS_ALIBI=alibi_slopes is not None, HAS_WINDOW=window > 0,
+        window=window, softcap=float(softcap) * _LOG2E, qpos_ptr=qpos, RATIO=ratio,
+        HAS_ALIBI=alibi_slopes is not None, HAS_WINDOW=window > 0, SOFTCAP=softcap > 0,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
     )
@@ -286,6 +297,7 @@ def decode_attention_reference(
     num_splits: int | None = None,
     prefix_block_m: int | None = None,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> Tensor:
     """Plain-PyTorch `decode_attention`, one sequence at a time in fp32 (num_splits, prefix_block_m ignored)."""
     _check_inputs(q, k_cache, v_cache, group_starts, group_prefix_block_tables, group_prefix_lens,
@@ -308,6 +320,8 @@ def decode_attention_reference(
             keys = torch.cat([pre_k, gather(k_cache, own_block_tables[s], n)]).repeat_interleave(ratio, dim=1)
             values = torch.cat([pre_v, gather(v_cache, own_block_tables[s], n)]).repeat_interleave(ratio, dim=1)
             scores = torch.einsum("hd,nhd->hn", q[s].float(), keys) * scale
+            if softcap:
+                scores = torch.tanh(scores / softcap) * softcap
             if alibi_slopes is not None:
                 scores = scores + alibi_slopes[:, None] * torch.arange(p + n, device=q.device, dtype=torch.float32)
             if window:

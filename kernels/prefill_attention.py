@@ -4,8 +4,9 @@ FlashAttention-2 style (online softmax in fp32, exp2) over varlen packed queries
 segments of the pool, each addressed through its own block table: the task prefix (length P, absolute positions
 0..P-1, fully visible) and the sequence's own tokens (own index j at position P + j, causal: query i sees own keys
 0..own_start + i). Nothing is gathered, concatenated or padded to a batch. ALiBi adds `slope[h] * key_position`.
-A sliding window W (Mistral, Qwen, Phi-3 layers) hides keys W or more positions behind the query; tiles wholly
-behind every query of a tile are skipped.
+A sliding window W (Mistral, Qwen, Phi-3, Gemma layers) hides keys W or more positions behind the query; tiles
+wholly behind every query of a tile are skipped. A softcap C (Gemma 2) turns each scaled score s into C * tanh(s / C)
+before masking.
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ from torch import Tensor
 from .tiles import gpu_tiles
 
 _LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def softcapped(s, cap):
+    """cap * tanh(s / cap), tanh written with the sigmoid (exact in fp32 to a few ulps, in every Triton version)."""
+    return cap * (2.0 * tl.sigmoid(2.0 * s / cap) - 1.0)
 
 
 @triton.jit
@@ -36,15 +43,16 @@ def _find_seq(cu_seqlens_ptr, tile_id, num_seqs, BLOCK_M: tl.constexpr):
 @triton.jit
 def _attend_segment(
     acc, l_i, m_i, q, k_ptr, v_ptr, table_ptr, n_lo, n_hi, seg_len, pos_offset, q_own, alibi_slope,
-    qk_scale, stride_kb, stride_ks, offs_d, head_dim, q_pos, window,
+    qk_scale, stride_kb, stride_ks, offs_d, head_dim, q_pos, window, softcap,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, EVEN_D: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    MASK_LEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    MASK_LEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Online-softmax update over keys n_lo..n_hi (BLOCK_N steps) of one segment, addressed through its block table.
 
     MASK_LEN masks keys >= seg_len (a segment's last partial tile); CAUSAL masks own key n from the query of own
     index q_own where n > q_own (the diagonal tiles). Unmasked tiles load without any key predicate. HAS_WINDOW
-    masks keys at positions (pos_offset + n) <= q_pos - window.
+    masks keys at positions (pos_offset + n) <= q_pos - window. SOFTCAP caps the (log2-domain) scores at `softcap`
+    (the cap times log2(e)).
     """
     for n_start in range(n_lo, n_hi, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
@@ -67,6 +75,8 @@ def _attend_segment(
             v = tl.load(v_ptr + kv_offs, mask=offs_d[None, :] < head_dim, other=0.0)
 
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # log2 domain
+        if SOFTCAP:
+            s = softcapped(s, softcap)
         if HAS_ALIBI:
             s += alibi_slope * (pos_offset + offs_n).to(tl.float32)[None, :]
         if CAUSAL:
@@ -92,10 +102,10 @@ def _attend_segment(
 @triton.jit
 def _prefill_attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, cu_seqlens_ptr, prefix_tables_ptr, prefix_lens_ptr, own_tables_ptr, own_starts_ptr,
-    slopes_ptr, qk_scale, num_seqs, head_dim, window,
+    slopes_ptr, qk_scale, num_seqs, head_dim, window, softcap,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_pt, stride_own,
     GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     tile_id = tl.program_id(0)
     head = tl.program_id(1)
@@ -136,12 +146,12 @@ def _prefill_attention_kernel(
     prefix_lo = tl.minimum((first_seen // BLOCK_N) * BLOCK_N, prefix_full)
     acc, l_i, m_i = _attend_segment(
         acc, l_i, m_i, q, k_ptr, v_ptr, prefix_table, prefix_lo, prefix_full, prefix_len, 0, offs_m, alibi_slope,
-        qk_scale, stride_kb, stride_ks, offs_d, head_dim, q_pos, window,
-        BLOCK_N, BLOCK_SIZE, EVEN_D, HAS_ALIBI, MASK_LEN=False, CAUSAL=False, HAS_WINDOW=HAS_WINDOW)
+        qk_scale, stride_kb, stride_ks, offs_d, head_dim, q_pos, window, softcap,
+        BLOCK_N, BLOCK_SIZE, EVEN_D, HAS_ALIBI, MASK_LEN=False, CAUSAL=False, HAS_WINDOW=HAS_WINDOW, SOFTCAP=SOFTCAP)
     acc, l_i, m_i = _attend_segment(
         acc, l_i, m_i, q, k_ptr, v_ptr, prefix_table, prefix_full, prefix_len, prefix_len, 0, offs_m, alibi_slope,
-        qk_scale, stride_kb, stride_ks, offs_d, head_dim, q_pos, window,
-        BLOCK_N, BLOCK_SIZE, EVEN_D, HAS_ALIBI, MASK_LEN=True, CAUSAL=False, HAS_WINDOW=HAS_WINDOW)
+        qk_scale, stride_kb, stride_ks, offs_d, head_dim, q_pos, window, softcap,
+        BLOCK_N, BLOCK_SIZE, EVEN_D, HAS_ALIBI, MASK_LEN=True, CAUSAL=False, HAS_WINDOW=HAS_WINDOW, SOFTCAP=SOFTCAP)
 
     # Own tokens: keys every row of the tile sees (< own index of the tile's first query + 1) unmasked, then the
     # diagonal tiles up to the last query's own index, masked causally.
@@ -152,12 +162,12 @@ def _prefill_attention_kernel(
     own_lo = tl.minimum((tl.maximum(first_seen - prefix_len, 0) // BLOCK_N) * BLOCK_N, own_full)
     acc, l_i, m_i = _attend_segment(
         acc, l_i, m_i, q, k_ptr, v_ptr, own_table, own_lo, own_full, own_len, prefix_len, offs_m, alibi_slope,
-        qk_scale, stride_kb, stride_ks, offs_d, head_dim, q_pos, window,
-        BLOCK_N, BLOCK_SIZE, EVEN_D, HAS_ALIBI, MASK_LEN=False, CAUSAL=False, HAS_WINDOW=HAS_WINDOW)
+        qk_scale, stride_kb, stride_ks, offs_d, head_dim, q_pos, window, softcap,
+        BLOCK_N, BLOCK_SIZE, EVEN_D, HAS_ALIBI, MASK_LEN=False, CAUSAL=False, HAS_WINDOW=HAS_WINDOW, SOFTCAP=SOFTCAP)
     acc, l_i, m_i = _attend_segment(
         acc, l_i, m_i, q, k_ptr, v_ptr, own_table, own_full, own_hi, own_len, prefix_len, own_start + offs_m,
-        alibi_slope, qk_scale, stride_kb, stride_ks, offs_d, head_dim, q_pos, window,
-        BLOCK_N, BLOCK_SIZE, EVEN_D, HAS_ALIBI, MASK_LEN=True, CAUSAL=True, HAS_WINDOW=HAS_WINDOW)
+        alibi_slope, qk_scale, stride_kb, stride_ks, offs_d, head_dim, q_pos, window, softcap,
+        BLOCK_N, BLOCK_SIZE, EVEN_D, HAS_ALIBI, MASK_LEN=True, CAUSAL=True, HAS_WINDOW=HAS_WINDOW, SOFTCAP=SOFTCAP)
 
     if HAS_WINDOW:  # rows past the sequence's last query may see no key within the window (never stored)
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
@@ -189,6 +199,7 @@ def prefill_attention(
     scale: float,
     alibi_slopes: Tensor | None = None,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> Tensor:
     """Attention of packed queries q [T, Hq, D] over each sequence's [prefix ; own] keys in the paged pool.
 
@@ -196,8 +207,8 @@ def prefill_attention(
     int32 query offsets. prefix_block_tables [B, *] / prefix_lens [B] and own_block_tables [B, *] / own_starts [B]
     (int32) address the two segments; query i of sequence b sees every prefix key and own keys 0..own_starts[b] + i.
     alibi_slopes: [Hq] fp32 or None. window > 0: a query at position t sees only keys at positions > t - window
-    (the prefix at 0..P-1, own key j at P + j). Returns [T, Hq, D] in q's dtype. Metadata values are not
-    bounds-checked.
+    (the prefix at 0..P-1, own key j at P + j). softcap > 0: each scaled score s becomes softcap * tanh(s /
+    softcap) before the mask. Returns [T, Hq, D] in q's dtype. Metadata values are not bounds-checked.
     """
     if q.dim() != 3 or k_cache.dim() != 4:
         raise ValueError(f"q must be [T, Hq, D] and k_cache [blocks, block_size, Hkv, D], got {tuple(q.shape)}, "
@@ -232,6 +243,8 @@ def prefill_attention(
         raise ValueError(f"alibi_slopes must be fp32 [{hq}]")
     if isinstance(window, bool) or not isinstance(window, int) or window < 0:
         raise ValueError(f"window must be an int >= 0 (0: none), got {window!r}")
+    if not isinstance(softcap, (int, float)) or not softcap >= 0:
+        raise ValueError(f"softcap must be a number >= 0 (0: none), got {softcap!r}")
 
     out = torch.empty_like(q)
     if t == 0:
@@ -245,11 +258,11 @@ def prefill_attention(
         prefix_block_tables if prefix_block_tables.numel() else prefix_lens,  # an empty table is never read
         prefix_lens.contiguous(), own_block_tables, own_starts.contiguous(),
         alibi_slopes if alibi_slopes is not None else q,  # never read without ALiBi
-        scale * _LOG2E, b, d, window,
+        scale * _LOG2E, b, d, window, float(softcap) * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), prefix_block_tables.stride(0), own_block_tables.stride(0),
         GROUP=hq // hkv, BLOCK_SIZE=block_size, HAS_ALIBI=alibi_slopes is not None, HAS_WINDOW=window > 0,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == d,
+        SOFTCAP=softcap > 0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == d,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
@@ -267,6 +280,7 @@ def prefill_attention_reference(
     scale: float,
     alibi_slopes: Tensor | None = None,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> Tensor:
     """Plain-PyTorch `prefill_attention`: per sequence, gather [prefix ; own] keys and attend in fp32."""
     _, hq, d = q.shape
@@ -289,6 +303,8 @@ def prefill_attention_reference(
         values = torch.cat([gather(v_cache, prefix_block_tables[b], prefix_len),
                             gather(v_cache, own_block_tables[b], own_len)]).repeat_interleave(hq // hkv, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q[cu[b]: cu[b + 1]].float(), keys) * scale
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
         pos = torch.arange(prefix_len + own_len, device=q.device)
         if alibi_slopes is not None:
             scores += alibi_slopes.float()[:, None, None] * pos.float()

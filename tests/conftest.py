@@ -43,6 +43,9 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "gemma": ("gemma", {}),  # token embeddings scaled by sqrt(hidden), (1 + w) norm gains, GeGLU
     # + q/k norms, sandwich norms, two sliding-window layers (own RoPE base) before a global one, softcapped logits
     "gemma3": ("gemma3_text", {"num_layers": 3, "sliding_window": 6, "final_logit_softcapping": 5.0}),
+    # sliding and global layers in turn, attention scores and logits softcapped (caps low enough to bite)
+    "gemma2": ("gemma2", {"num_layers": 3, "sliding_window": 6, "attn_logit_softcapping": 1.0,
+                          "final_logit_softcapping": 5.0}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "gpt2", "bloom")  # one per family (+ Qwen2 bias, Qwen3 norms)
 

@@ -1,9 +1,10 @@
-"""Gemma family: Gemma (1) and Gemma 3 text models (`gemma`, `gemma3_text`).
+"""Gemma family: Gemma (1), Gemma 2 and Gemma 3 text models (`gemma`, `gemma2`, `gemma3_text`).
 
 Llama's layout with Gemma's differences: token embeddings scaled by sqrt(hidden) (inside the embedding, as HF
 does, so a soft prompt's rows are fed unscaled, exactly as PEFT concatenates them), RMSNorm gains of (1 + w)
-applied in fp32, a GeGLU MLP; Gemma 3 adds RMSNorm over each head's q and k, norms after attention and around
-the MLP, sliding-window layers with their own RoPE base, and an attention scale of query_pre_attn_scalar^-0.5.
+applied in fp32, a GeGLU MLP. Gemma 2 and 3 add norms after attention and around the MLP, sliding-window layers
+and an attention scale of query_pre_attn_scalar^-0.5; Gemma 2 softcaps attention scores and logits (the attention
+implementations apply the score cap), Gemma 3 norms each head's q and k and gives sliding layers their own RoPE.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class GemmaLayer(nn.Module):
         self.mlp = LlamaMLP(c)
         self.input_layernorm = GemmaRMSNorm(c.hidden_size, c.norm_eps)
         self.post_attention_layernorm = GemmaRMSNorm(c.hidden_size, c.norm_eps)
-        if c.sandwich_norms:  # Gemma 3: post_attention_layernorm is on the attention output, these around the MLP
+        if c.sandwich_norms:  # Gemma 2/3: post_attention_layernorm is on the attention output, these around the MLP
             self.pre_feedforward_layernorm = GemmaRMSNorm(c.hidden_size, c.norm_eps)
             self.post_feedforward_layernorm = GemmaRMSNorm(c.hidden_size, c.norm_eps)
 
@@ -96,7 +97,7 @@ class GemmaForCausalLM(CausalLM):
     def init_buffers(self, device: torch.device) -> None:
         """cos/sin of every position for each layer type (Gemma 3: sliding layers have their own RoPE base)."""
         c, hf = self.config, self.config.hf_config
-        layer_types = getattr(hf, "layer_types", None) if c.model_type != "gemma" else None
+        layer_types = getattr(hf, "layer_types", None) if c.model_type == "gemma3_text" else None
         positions = torch.arange(c.max_positions, device=device)
         dtype = self.model.embed_tokens.weight.dtype
         tables: dict[str | None, tuple[Tensor, Tensor]] = {}

@@ -82,10 +82,10 @@ def make_case(groups, hq, hkv, d, block_size, dtype, alibi=False, seed=0):
 
 
 def check(groups, hq=4, hkv=2, d=32, block_size=8, dtype=torch.float32, alibi=False, num_splits=None, seed=0,
-          window=0):
+          window=0, softcap=0.0):
     case = make_case(groups, hq, hkv, d, block_size, dtype, alibi, seed)
-    out = decode_attention(**case, num_splits=num_splits, window=window)
-    ref = decode_attention_reference(**case, window=window)
+    out = decode_attention(**case, num_splits=num_splits, window=window, softcap=softcap)
+    ref = decode_attention_reference(**case, window=window, softcap=softcap)
     assert out.dtype == dtype and out.shape == case["q"].shape
     assert torch.isfinite(ref).all()
     torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
@@ -148,6 +148,16 @@ def test_sliding_window(window, num_splits):
     if window < 100:  # the window changes the result (the test can fail)
         case = make_case(CASES["mixed"], 8, 2, 32, 8, torch.float32)
         assert not torch.allclose(decode_attention_reference(**case), decode_attention_reference(**case, window=window))
+
+
+@pytest.mark.parametrize("window", [0, 3])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_softcap(window, num_splits):
+    """Gemma 2's attention-score softcap, with and without a sliding window."""
+    check(CASES["mixed"], hq=8, hkv=2, num_splits=num_splits, window=window, softcap=0.7)
+    case = make_case(CASES["mixed"], 8, 2, 32, 8, torch.float32)
+    capped = decode_attention_reference(**case, window=window, softcap=0.7)
+    assert not torch.allclose(decode_attention_reference(**case, window=window), capped)  # the test can fail
 
 
 @pytest.mark.parametrize("alibi, window", [(False, 0), (True, 0), (False, 5)], ids=["plain", "alibi", "window"])

@@ -131,3 +131,21 @@ def test_sliding_window_matches_reference_and_torch_backend(hq, hkv, head_dim, b
     if window < 300:  # the window changes the result (the test can fail)
         full = prefill_attention_reference(q, kv[0, 0], kv[0, 1], **args)
         assert not torch.allclose(full, reference, atol=1e-3)
+
+
+@pytest.mark.parametrize("window", [0, 6])
+@pytest.mark.parametrize("hq, hkv, head_dim, block_size, task_prefix, seqs, alibi", [SMALL[1], SMALL[3]])
+def test_softcap_matches_reference_and_torch_backend(hq, hkv, head_dim, block_size, task_prefix, seqs, alibi, window):
+    """Gemma 2's attention-score softcap (cap * tanh(score / cap)), with and without a sliding window."""
+    kv, slices, (q, k, v), args = _build(hq, hkv, head_dim, block_size, task_prefix, seqs, alibi, torch.float32)
+    q = q * 3  # scores well past the cap
+    pool = SimpleNamespace(kv=kv, block_size=block_size)
+    backend = TorchPagedAttention(pool, slices, args["scale"], args["alibi_slopes"], hq, torch.device(DEVICE),
+                                  windows=(window,), softcap=1.5)
+    expected = backend(0, q, k, v)
+    reference = prefill_attention_reference(q, kv[0, 0], kv[0, 1], **args, window=window, softcap=1.5)
+    out = prefill_attention(q, kv[0, 0], kv[0, 1], **args, window=window, softcap=1.5)
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(reference, expected, atol=1e-4, rtol=1e-4)
+    uncapped = prefill_attention_reference(q, kv[0, 0], kv[0, 1], **args, window=window)
+    assert not torch.allclose(uncapped, reference, atol=1e-3)  # the cap changes the result (the test can fail)

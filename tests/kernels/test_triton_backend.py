@@ -20,7 +20,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("variant, seed, cuda_graphs",
-                         [("llama", 10, False), ("bloom", 11, True), ("mistral_window", 12, True), ("gemma3", 13, True)],
+                         [("llama", 10, False), ("bloom", 11, True), ("mistral_window", 12, True),
+                          ("gemma3", 13, True)],
                          ids=["llama-eager", "bloom-padded-decode", "sliding-window-padded-decode",
                               "gemma3-unfused-input-padded-decode"])
 def test_triton_backend_under_random_traffic(variant, seed, cuda_graphs, model_dir_for):
@@ -55,7 +56,7 @@ def test_triton_backend_scores_continuations_after_shared_context_blocks(variant
 
 
 @pytest.mark.parametrize("variant", ["llama", "qwen2", "qwen3", "phi3_longrope", "gpt2", "bloom", "bloom_post_norm",
-                                     "qwen2_window", "gemma", "gemma3"])
+                                     "qwen2_window", "gemma", "gemma2", "gemma3"])
 def test_triton_backend_matches_reference(variant, model_dir_for):
     d = model_dir_for(variant)
     ref = Engine(d, device=DEVICE, dtype="float32", backend="reference")
