@@ -183,15 +183,21 @@ class _PaddedCall:
         key = torch.arange(width * block_size, device=device)
         own = key - offset  # own index of each key in the row's member segment
         self._visible = (key < prefix) | ((own >= 0) & (own <= limit))  # [N, M, L]
-        # query position - key position (the prefix at 0..P-1, own key j at P + j, the row's query at P + limit)
-        self._back = limit - torch.where(key < prefix, key - prefix, own)
-        padding_row = torch.arange(m, device=device)[None, :, None] >= counts[:, None, None]
-        self._padding_sees_key0 = padding_row & (key == 0)
+        self._parts = key, prefix, own, limit, counts  # for the query - key distances, built when first needed
+        self._back: Tensor | None = None
         self._slopes, self._rep, self._dtype = slopes, rep, dtype
         self._biases: dict[int, Tensor] = {}
         self.rows = [r for it in items for r in it.rows]
         self.valid = (None if all(len(it.rows) == m for it in items) else
                       index_tensor([i * m + j for i, it in enumerate(items) for j in range(len(it.rows))], device))
+
+    def back(self) -> Tensor:
+        """Query position - key position [N, M, L] (the prefix at 0..P-1, own key j at P + j, a row's query at
+        P + its own index)."""
+        if self._back is None:
+            key, prefix, own, limit, _ = self._parts
+            self._back = limit - torch.where(key < prefix, key - prefix, own)
+        return self._back
 
     def bias_for(self, window: int) -> Tensor:
         """The SDPA mask (+ ALiBi) [N, Hkv or 1, rep * M, L], for a layer with this sliding window (0: none)."""
@@ -199,12 +205,14 @@ class _PaddedCall:
             (n, m), rep = self.shape, self._rep
             visible = self._visible
             if window:  # a padding row keeps key 0 in sight, so that no row is empty
-                visible = visible & (self._back < window) | self._padding_sees_key0
+                key, _, _, _, counts = self._parts
+                padding_row = torch.arange(m, device=key.device)[None, :, None] >= counts[:, None, None]
+                visible = visible & (self.back() < window) | (padding_row & (key == 0))
             bias = torch.zeros(visible.shape, device=visible.device).masked_fill_(~visible, float("-inf"))
             if self._slopes is None:  # [N, 1, rep * M, L]: a KV head's query rows ordered (rep, M)
                 bias = bias[:, None, None].expand(-1, 1, rep, -1, -1)
             else:  # slope * (key position - query position): softmax ignores the per-row shift
-                bias = self._slopes[None, :, :, None, None] * -self._back[:, None, None].float() + bias[:, None, None]
+                bias = self._slopes[None, :, :, None, None] * -self.back()[:, None, None].float() + bias[:, None, None]
             self._biases[window] = bias.reshape(n, -1, rep * m, bias.shape[-1]).to(self._dtype)
         return self._biases[window]
 
