@@ -85,7 +85,7 @@ parallel=()
 if ((XDIST > 1)) && "$PYTHON" -c "import xdist" 2>/dev/null; then parallel=(-n "$XDIST"); fi
 compare=()
 [[ -n $COMPARE_BACKEND ]] && compare=(--compare-backend "$COMPARE_BACKEND")
-step tests 170 "$PYTHON" -m pytest -q -p no:cacheprovider -rfEs "${parallel[@]}" tests/kernels tests/test_cuda.py
+step tests 200 "$PYTHON" -m pytest -q -p no:cacheprovider -rfEs "${parallel[@]}" tests/kernels tests/test_cuda.py
 step kernels 100 "$PYTHON" -m benchmarks.kernels --out "$STAGE/kernels.json"
 bench=("$PYTHON" -m benchmarks.run --backend "$BACKEND" --workdir "$MODELS" --out "$STAGE")
 step W1 240 "${bench[@]}" --workload W1 "${compare[@]}"
