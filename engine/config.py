@@ -14,7 +14,7 @@ from .sampling import SamplingParams
 # model_type -> our architecture family
 ARCH_FAMILIES = {
     "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "phi3": "llama",
-    "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gpt2": "gpt2", "bloom": "bloom",
+    "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt2": "gpt2", "bloom": "bloom",
 }
 # longrope's frequencies are static up to original_max_position_embeddings, where the sequence length is capped
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional", "longrope")
@@ -202,6 +202,11 @@ def _llama_config(hf: Any, model_type: str) -> ModelConfig:
 
 
 def _gemma_config(hf: Any, model_type: str) -> ModelConfig:
+    if model_type == "gemma3":  # a multimodal Gemma 3 checkpoint (4B and up): its language model, text in, text out
+        text = hf.text_config
+        if getattr(text, "dtype", None) is None:  # the checkpoint's dtype, for dtype="auto"
+            text.dtype = getattr(hf, "dtype", None)
+        return replace(_gemma_config(text, "gemma3_text"), model_type="gemma3")
     if getattr(hf, "use_bidirectional_attention", False):
         raise UnsupportedModelError(f"{model_type} with use_bidirectional_attention=True is not a causal LM")
     heads = hf.num_attention_heads

@@ -22,7 +22,7 @@ __all__ = [
 ]
 
 SUPPORTED_TINY_ARCHS: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text",
-                                             "gpt2", "bloom")
+                                             "gemma3", "gpt2", "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -127,6 +127,15 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                   max_position_embeddings=max_positions)
         if arch == "qwen3":  # Qwen3Config's head_dim defaults to 128 whatever the hidden size
             kw["head_dim"] = hidden_size // num_heads
+    elif arch == "gemma3":  # multimodal: Gemma 3 text + a tiny SigLIP vision tower the engine leaves out
+        text = _hf_config("gemma3_text", vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
+                          num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
+                          max_positions=max_positions, tie_word_embeddings=True, **overrides)
+        vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=28,
+                      patch_size=14)
+        return transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision, mm_tokens_per_image=4,
+                                         image_token_index=vocab_size - 1, boi_token_index=vocab_size - 2,
+                                         eoi_token_index=vocab_size - 3, **ids)
     elif arch in ("gemma", "gemma2", "gemma3_text"):
         cls = {"gemma": transformers.GemmaConfig, "gemma2": transformers.Gemma2Config,
                "gemma3_text": transformers.Gemma3TextConfig}[arch]
@@ -165,7 +174,8 @@ def _reinit_(model: torch.nn.Module, seed: int, logit_std: float = 2.0) -> None:
     norms = [m for m in model.modules() if "norm" in type(m).__name__.lower()]
     final_norm = norms[-1] if norms else None
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    final_std = logit_std / math.sqrt(model.config.hidden_size) if tied else logit_std
+    text_config = getattr(model.config, "text_config", None) or model.config  # a multimodal model's language model
+    final_std = logit_std / math.sqrt(text_config.hidden_size) if tied else logit_std
     seen: set[int] = set()
 
     def draw(p: torch.Tensor, std: float, mean: float = 0.0) -> None:

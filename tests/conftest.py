@@ -46,6 +46,8 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # sliding and global layers in turn, attention scores and logits softcapped (caps low enough to bite)
     "gemma2": ("gemma2", {"num_layers": 3, "sliding_window": 6, "attn_logit_softcapping": 1.0,
                           "final_logit_softcapping": 5.0}),
+    # a multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration, as the 4B+ models): its language model only
+    "gemma3_multimodal": ("gemma3", {"num_layers": 3, "sliding_window": 6}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "gpt2", "bloom")  # one per family (+ Qwen2 bias, Qwen3 norms)
 

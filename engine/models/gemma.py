@@ -89,6 +89,19 @@ class GemmaForCausalLM(CausalLM):
     def word_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
+    def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
+        """A multimodal Gemma 3 checkpoint's language model under our names; its vision tower and projector are
+        left out (text in, text out)."""
+        for prefix in ("language_model.model.", "model.language_model."):
+            if key.startswith(prefix):
+                return [("model." + key.removeprefix(prefix), tensor)]
+        if key.startswith("language_model.lm_head."):
+            return [(key.removeprefix("language_model."), tensor)]
+        if key.startswith(("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                           "model.multi_modal_projector.")):
+            return []
+        return [(key, tensor)]
+
     def embed_tokens(self, ids: Tensor) -> Tensor:
         """Scaled by sqrt(hidden), the scale rounded to the table's dtype first, as HF's scaled embedding does."""
         table = self.model.embed_tokens.weight
@@ -97,7 +110,8 @@ class GemmaForCausalLM(CausalLM):
     def init_buffers(self, device: torch.device) -> None:
         """cos/sin of every position for each layer type (Gemma 3: sliding layers have their own RoPE base)."""
         c, hf = self.config, self.config.hf_config
-        layer_types = getattr(hf, "layer_types", None) if c.model_type == "gemma3_text" else None
+        per_layer_type = "full_attention" in (hf.rope_parameters or {})  # Gemma 3: a RoPE per layer type
+        layer_types = getattr(hf, "layer_types", None) if per_layer_type else None
         positions = torch.arange(c.max_positions, device=device)
         dtype = self.model.embed_tokens.weight.dtype
         tables: dict[str | None, tuple[Tensor, Tensor]] = {}
