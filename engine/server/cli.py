@@ -109,9 +109,11 @@ def discover_prompts(items: list[str]) -> list[tuple[str, Path]]:
 
 def read_chat_template(value: str) -> str:
     """`--chat-template`: a file's text, or the value itself where it is a Jinja template (vLLM's rule)."""
-    path = Path(value)
-    if path.is_file():
-        return path.read_text()
+    try:
+        if Path(value).is_file():
+            return Path(value).read_text()
+    except OSError:  # a long inline template is no file name (ENAMETOOLONG)
+        pass
     if "{{" in value or "{%" in value:
         return value
     raise SoftPromptError(f"--chat-template {value!r} is neither a file nor a Jinja template")

@@ -87,6 +87,8 @@ def test_chat_template_and_max_model_len_options(model_dir_for, tmp_path):
     path = tmp_path / "chat.jinja"
     path.write_text(template)
     assert read_chat_template(str(path)) == template == read_chat_template(template)
+    long_template = template + "{# " + "x" * 5000 + " #}"
+    assert read_chat_template(long_template) == long_template
     with pytest.raises(SoftPromptError, match="neither a file nor a Jinja template"):
         read_chat_template(str(tmp_path / "missing.jinja"))
     engine = make_engine(model_dir_for("llama"))
