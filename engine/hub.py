@@ -21,10 +21,17 @@ MODEL_FILES = ["*.json", "model*.safetensors", "*.model", "*.tiktoken", "*.txt",
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]
 
 
+def _exists(text: str) -> bool:
+    try:
+        return Path(text).expanduser().exists()
+    except OSError:  # e.g. a name too long for the file system: no path
+        return False
+
+
 def hub_id(source: str | Path) -> tuple[str, str | None] | None:
     """(repo id, revision or None) where `source` is no existing path and reads `org/name[@revision]`; else None."""
     text = str(source)
-    if Path(text).expanduser().exists():
+    if _exists(text):
         return None
     match = HUB_ID_RE.match(text)
     if match is None or any(part in (".", "..") or part.endswith(".") for part in match["repo"].split("/")):
@@ -65,7 +72,7 @@ def resolve_prompt_source(source: str | Path) -> Path:
     """The local path of a prompt source: a path as given (with its `#N` task suffix), or the snapshot of a Hub
     PEFT adapter id `org/name[@revision][#N]` (its adapter_config.json and adapter_model.safetensors)."""
     text = str(source)
-    if Path(text).exists():
+    if _exists(text):
         return Path(text)
     match = TASK_RE.match(text)
     base, task = (match["source"], match["task"]) if match else (text, "")

@@ -317,6 +317,12 @@ class PromptStore:
             return "tensor", source, None
         if not isinstance(source, (str, Path)):
             raise PromptError(f"unsupported prompt source of type {type(source).__name__}")
+        try:
+            return self._read_path(source, task_id)
+        except OSError as exc:  # a name too long for the file system, a directory that cannot be listed, ...
+            raise PromptError(f"prompt source {str(source)[:200]!r} cannot be read: {exc.strerror or exc}") from exc
+
+    def _read_path(self, source: str | Path, task_id: int | None) -> tuple[str, torch.Tensor | PeftPromptWeights, str]:
         path, suffix_task = split_task_suffix(resolve_prompt_source(source))
         if suffix_task is not None:
             if task_id is not None and task_id != suffix_task:

@@ -135,6 +135,8 @@ def test_missing_adapter_files(engine, tmp_path, adapter_for):
         engine.add_prompt("t", d)
     with pytest.raises(PromptError, match="does not exist"):
         engine.add_prompt("t", tmp_path / "missing")
+    with pytest.raises(PromptError, match="cannot be read: File name too long"):
+        engine.add_prompt("t", "a" * 5000)
 
 
 def test_bin_adapter_plain_tensors_accepted(engine, adapter_for, tmp_path):
