@@ -153,28 +153,10 @@ def _check(cfg: ModelConfig) -> None:
         )
 
 
-def _llama_config(hf: Any, model_type: str) -> ModelConfig:
+def _decoder_fields(hf: Any, model_type: str, head_dim: int) -> dict[str, Any]:
+    """The fields the RoPE decoder families (Llama's and Gemma's) read from their configs alike."""
     heads = hf.num_attention_heads
-    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
-    max_positions = hf.max_position_embeddings
-    # Sliding-window layers: Mistral's and Phi-3's apply to every layer, Qwen's to those `layer_types` names
-    window = getattr(hf, "sliding_window", None)
-    layer_types = getattr(hf, "layer_types", None)
-    windows: tuple[int, ...] = ()
-    if window is not None and window < max_positions:
-        if layer_types is not None:
-            windows = tuple(int(window) if t == "sliding_attention" else 0 for t in layer_types)
-        elif model_type in ("mistral", "phi3"):
-            windows = (int(window),) * hf.num_hidden_layers
-        windows = windows if any(windows) else ()
-    rope = getattr(hf, "rope_parameters", None) or {}
-    if rope.get("rope_type") == "longrope":  # short factors up to here, as HF uses them below this length
-        original = rope.get("original_max_position_embeddings") or hf.original_max_position_embeddings
-        max_positions = min(max_positions, int(original))
-    rotary_dim = int(head_dim * rope.get("partial_rotary_factor", 1.0)) if model_type == "phi3" else head_dim
-    attention_bias = bool(getattr(hf, "attention_bias", False))
-    return ModelConfig(
-        family="llama",
+    return dict(
         model_type=model_type,
         vocab_size=hf.vocab_size,
         hidden_size=hf.hidden_size,
@@ -183,10 +165,45 @@ def _llama_config(hf: Any, model_type: str) -> ModelConfig:
         num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
         head_dim=head_dim,
         intermediate_size=hf.intermediate_size,
-        max_positions=max_positions,
         norm_eps=hf.rms_norm_eps,
-        hidden_act=hf.hidden_act,
         position_encoding="rope",
+        bos_token_id=hf.bos_token_id,
+        eos_token_ids=_eos_ids(hf.eos_token_id),
+        hf_config=hf,
+    )
+
+
+def _windows_by_layer_type(window: int | None, layer_types: list[str] | None) -> tuple[int, ...]:
+    """Each layer's sliding window (0: full attention) where `layer_types` names `sliding_attention` layers."""
+    if window is None or layer_types is None:
+        return ()
+    windows = tuple(int(window) if t == "sliding_attention" else 0 for t in layer_types)
+    return windows if any(windows) else ()
+
+
+def _llama_config(hf: Any, model_type: str) -> ModelConfig:
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    max_positions = hf.max_position_embeddings
+    # Sliding-window layers: Mistral's and Phi-3's apply to every layer, Qwen's to those `layer_types` names
+    window = getattr(hf, "sliding_window", None)
+    layer_types = getattr(hf, "layer_types", None)
+    windows: tuple[int, ...] = ()
+    if window is not None and window < max_positions:
+        if layer_types is not None:
+            windows = _windows_by_layer_type(window, layer_types)
+        elif model_type in ("mistral", "phi3"):
+            windows = (int(window),) * hf.num_hidden_layers
+    rope = getattr(hf, "rope_parameters", None) or {}
+    if rope.get("rope_type") == "longrope":  # short factors up to here, as HF uses them below this length
+        original = rope.get("original_max_position_embeddings") or hf.original_max_position_embeddings
+        max_positions = min(max_positions, int(original))
+    rotary_dim = int(head_dim * rope.get("partial_rotary_factor", 1.0)) if model_type == "phi3" else head_dim
+    attention_bias = bool(getattr(hf, "attention_bias", False))
+    return ModelConfig(
+        family="llama",
+        **_decoder_fields(hf, model_type, head_dim),
+        max_positions=max_positions,
+        hidden_act=hf.hidden_act,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         qkv_bias=True if model_type == "qwen2" else attention_bias,
         o_bias=attention_bias,
@@ -195,9 +212,6 @@ def _llama_config(hf: Any, model_type: str) -> ModelConfig:
         rotary_dim=rotary_dim,
         layer_windows=windows,
         attention_scale=head_dim**-0.5,
-        bos_token_id=hf.bos_token_id,
-        eos_token_ids=_eos_ids(hf.eos_token_id),
-        hf_config=hf,
     )
 
 
@@ -209,47 +223,30 @@ def _gemma_config(hf: Any, model_type: str) -> ModelConfig:
         return replace(_gemma_config(text, "gemma3_text"), model_type="gemma3")
     if getattr(hf, "use_bidirectional_attention", False):
         raise UnsupportedModelError(f"{model_type} with use_bidirectional_attention=True is not a causal LM")
-    heads = hf.num_attention_heads
-    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     gemma3 = model_type == "gemma3_text"
     later = model_type != "gemma"  # Gemma 2 and 3: sandwich norms, query_pre_attn_scalar, sliding-window layers
     rope = hf.rope_parameters or {}
     for params in (rope.values() if gemma3 else [rope]):
         if params.get("rope_type", "default") not in STATIC_ROPE_TYPES or params.get("rope_type") == "longrope":
             raise UnsupportedModelError(f"unsupported rope_type {params.get('rope_type')!r} in {model_type}")
-    window, layer_types = getattr(hf, "sliding_window", None), getattr(hf, "layer_types", None)
-    windows: tuple[int, ...] = ()
-    if later and window is not None and layer_types is not None:
-        windows = tuple(int(window) if t == "sliding_attention" else 0 for t in layer_types)
-        windows = windows if any(windows) else ()
+    windows = _windows_by_layer_type(getattr(hf, "sliding_window", None), getattr(hf, "layer_types", None))
     scalar = getattr(hf, "query_pre_attn_scalar", None) if later else None
     attention_bias = bool(getattr(hf, "attention_bias", False))
     return ModelConfig(
         family="gemma",
-        model_type=model_type,
-        vocab_size=hf.vocab_size,
-        hidden_size=hf.hidden_size,
-        num_layers=hf.num_hidden_layers,
-        num_heads=heads,
-        num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
-        head_dim=head_dim,
-        intermediate_size=hf.intermediate_size,
+        **_decoder_fields(hf, model_type, head_dim),
         max_positions=hf.max_position_embeddings,
-        norm_eps=hf.rms_norm_eps,
         hidden_act=(getattr(hf, "hidden_activation", None) if later else None) or hf.hidden_act,
-        position_encoding="rope",
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
         qkv_bias=attention_bias,
         o_bias=attention_bias,
         qk_norm=gemma3,
         attention_scale=(scalar or head_dim) ** -0.5,
-        layer_windows=windows,
+        layer_windows=windows if later else (),
         sandwich_norms=later,
         final_logit_softcap=float(getattr(hf, "final_logit_softcapping", None) or 0.0),
         attention_softcap=float(getattr(hf, "attn_logit_softcapping", None) or 0.0),
-        bos_token_id=hf.bos_token_id,
-        eos_token_ids=_eos_ids(hf.eos_token_id),
-        hf_config=hf,
     )
 
 
