@@ -14,7 +14,8 @@ from .sampling import SamplingParams
 # model_type -> our architecture family
 ARCH_FAMILIES = {
     "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "phi3": "llama",
-    "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt2": "gpt2", "bloom": "bloom",
+    "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
+    "gpt2": "gpt2", "bloom": "bloom",
 }
 # longrope's frequencies are static up to original_max_position_embeddings, where the sequence length is capped
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional", "longrope")
@@ -25,7 +26,7 @@ SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_
 class ModelConfig:
     """What our model implementations need, independent of the HF config class."""
 
-    family: str  # "llama" | "gemma" | "gpt2" | "bloom"
+    family: str  # "llama" | "gemma" | "gpt_neox" | "gpt2" | "bloom"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -49,6 +50,7 @@ class ModelConfig:
     sandwich_norms: bool = False  # Gemma 3: a norm after attention and norms before and after the MLP
     final_logit_softcap: float = 0.0  # logits -> cap * tanh(logits / cap) (Gemma); 0: none
     attention_softcap: float = 0.0  # attention scores (after the scale) -> cap * tanh(score / cap) (Gemma 2); 0: none
+    parallel_residual: bool = False  # GPT-NeoX: h + attn(ln1(h)) + mlp(ln2(h)) instead of one after the other
     attention_scale: float = 0.0
     residual_post_norm: bool = False  # BLOOM's apply_residual_connection_post_layernorm
     bos_token_id: int | None = None
@@ -132,7 +134,7 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
         raise CheckpointError(f"{model_dir}/config.json could not be parsed as a {model_type} config: {exc}") from exc
     family = ARCH_FAMILIES[model_type]
     try:
-        cfg = {"llama": _llama_config, "gemma": _gemma_config, "gpt2": _gpt2_config,
+        cfg = {"llama": _llama_config, "gemma": _gemma_config, "gpt_neox": _gpt_neox_config, "gpt2": _gpt2_config,
                "bloom": _bloom_config}[family](hf, model_type)
     except (AttributeError, TypeError, KeyError) as exc:
         raise CheckpointError(f"{model_dir}/config.json lacks a field the {model_type} model needs: {exc}") from exc
@@ -247,6 +249,38 @@ def _gemma_config(hf: Any, model_type: str) -> ModelConfig:
         sandwich_norms=later,
         final_logit_softcap=float(getattr(hf, "final_logit_softcapping", None) or 0.0),
         attention_softcap=float(getattr(hf, "attn_logit_softcapping", None) or 0.0),
+    )
+
+
+def _gpt_neox_config(hf: Any, model_type: str) -> ModelConfig:
+    heads = hf.num_attention_heads
+    head_dim = hf.hidden_size // heads
+    rope = hf.rope_parameters or {}
+    bias = bool(getattr(hf, "attention_bias", True))
+    return ModelConfig(
+        family="gpt_neox",
+        model_type=model_type,
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        num_layers=hf.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=head_dim,
+        intermediate_size=hf.intermediate_size,
+        max_positions=hf.max_position_embeddings,
+        norm_eps=hf.layer_norm_eps,
+        hidden_act=hf.hidden_act,
+        position_encoding="rope",
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=True,
+        rotary_dim=int(head_dim * rope.get("partial_rotary_factor", 1.0)),
+        parallel_residual=bool(getattr(hf, "use_parallel_residual", True)),
+        attention_scale=head_dim**-0.5,
+        bos_token_id=hf.bos_token_id,
+        eos_token_ids=_eos_ids(hf.eos_token_id),
+        hf_config=hf,
     )
 
 

@@ -108,7 +108,8 @@ def _match_keys(model: CausalLM, loaded: dict[str, torch.Tensor], model_dir: Pat
             f"{model_dir}: weights {unexpected[:5]}{'...' if len(unexpected) > 5 else ''} do not belong to a "
             f"{model.config.model_type} model with this config"
         )
-    tied = "lm_head.weight" if model.config.tie_word_embeddings else None
+    head = next(name for name, module in model.named_modules() if module is model.lm_head_module)
+    tied = f"{head}.weight" if model.config.tie_word_embeddings else None
     missing = [n for n in expected if n not in state and n != tied]
     if missing:
         raise CheckpointError(f"{model_dir}: checkpoint is missing weights {missing[:5]}")

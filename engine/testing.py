@@ -22,7 +22,7 @@ __all__ = [
 ]
 
 SUPPORTED_TINY_ARCHS: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text",
-                                             "gemma3", "gpt2", "bloom")
+                                             "gemma3", "gpt_neox", "gpt2", "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -116,7 +116,7 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
     import transformers
 
     ids = dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-    tie = arch not in ("llama", "mistral", "phi3") if tie_word_embeddings is None else tie_word_embeddings
+    tie = arch not in ("llama", "mistral", "phi3", "gpt_neox") if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
         cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
@@ -148,6 +148,11 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                       layer_types=["sliding_attention"] * (num_layers - 1) + ["full_attention"])
         if arch == "gemma2":  # sliding and global layers in turn, as Gemma 2 has them
             kw.update(query_pre_attn_scalar=head_dim, sliding_window=16)
+    elif arch == "gpt_neox":
+        cls = transformers.GPTNeoXConfig
+        kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                  intermediate_size=inter, max_position_embeddings=max_positions, hidden_dropout=0.0,
+                  attention_dropout=0.0)
     elif arch == "gpt2":
         cls = transformers.GPT2Config
         kw = dict(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=max_positions, n_inner=inter,

@@ -48,8 +48,12 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
                           "final_logit_softcapping": 5.0}),
     # a multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration, as the 4B+ models): its language model only
     "gemma3_multimodal": ("gemma3", {"num_layers": 3, "sliding_window": 6}),
+    # GPT-NeoX: Pythia's parallel residual and RoPE over a quarter of each head; then serial, full RoPE, tied head
+    "pythia": ("gpt_neox", {}),
+    "gpt_neox_serial": ("gpt_neox", {"use_parallel_residual": False, "tie_word_embeddings": True, "rope_parameters": {
+        "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0}}),
 }
-ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "gpt2", "bloom")  # one per family (+ Qwen2 bias, Qwen3 norms)
+ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,8 @@ from softprompt import Engine, Request, SamplingParams
 
 from .runtime_helpers import assert_no_leaks, make_requests, register_tasks, run
 
-ARCHS = ["llama", "qwen2", "qwen3", "phi3_longrope", "mistral_window", "gemma", "gemma2", "gemma3", "gpt2", "bloom"]
+ARCHS = ["llama", "qwen2", "qwen3", "phi3_longrope", "mistral_window", "gemma", "gemma2", "gemma3", "pythia", "gpt2",
+         "bloom"]
 LOGIT_ATOL = 1e-4  # fp32: only summation order differs (batched SDPA over packed items vs per-request matmul)
 
 

@@ -4,15 +4,17 @@ from .base import CausalLM
 from .bloom import BloomForCausalLM
 from .common import Attention
 from .gemma import GemmaForCausalLM
+from .gpt_neox import GPTNeoXForCausalLM
 from .gpt2 import GPT2LMHeadModel
 from .llama import LlamaForCausalLM
 
 MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "llama": LlamaForCausalLM,
     "gemma": GemmaForCausalLM,
+    "gpt_neox": GPTNeoXForCausalLM,
     "gpt2": GPT2LMHeadModel,
     "bloom": BloomForCausalLM,
 }
 
 __all__ = ["Attention", "CausalLM", "MODEL_CLASSES", "BloomForCausalLM", "GPT2LMHeadModel", "GemmaForCausalLM",
-           "LlamaForCausalLM"]
+           "GPTNeoXForCausalLM", "LlamaForCausalLM"]

@@ -36,7 +36,8 @@ MODELS = {"llama": (64, dict(hidden_size=256, num_heads=4, num_kv_heads=2)),
           "bloom": (128, dict(hidden_size=512, num_heads=4)),
           "mistral": (128, dict(hidden_size=512, num_heads=4, num_kv_heads=1, sliding_window=8)),
           "gemma2": (64, dict(hidden_size=256, num_heads=4, num_kv_heads=2, sliding_window=8,
-                              attn_logit_softcapping=50.0))}
+                              attn_logit_softcapping=50.0)),
+          "gpt_neox": (64, dict(hidden_size=256, num_heads=4))}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernel tests compile and run the kernels")
