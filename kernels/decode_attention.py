@@ -38,8 +38,7 @@ def _partial_attention_kernel(
     num_heads, total_splits, head_dim, qk_scale, window, softcap,
     OWN: tl.constexpr, SPLITS: tl.constexpr, SLOT_OFFSET: tl.constexpr, RATIO: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Partial attention of a run of sequences' queries against one key segment's split `program_id(2)`.
 
