@@ -316,7 +316,7 @@ class Engine:
             prompt=prep.prompt,
             input_ids=prep.input_ids,
             params=prep.params,
-            generator=make_generator(prep.params, self.device),
+            generator=make_generator(prep.params),
             timing=RequestTiming(arrival=time.perf_counter()),
             arrival_order=next(self._order),
             guide=None if prep.grammar is None else GrammarGuide(prep.grammar),

@@ -155,8 +155,9 @@ def _check(cfg: ModelConfig) -> None:
         )
 
 
-def _decoder_fields(hf: Any, model_type: str, head_dim: int) -> dict[str, Any]:
-    """The fields the RoPE decoder families (Llama's and Gemma's) read from their configs alike."""
+def _decoder_fields(hf: Any, model_type: str, head_dim: int, norm_eps: float | None = None) -> dict[str, Any]:
+    """The fields the RoPE decoder families (Llama's, Gemma's, GPT-NeoX's) read from their configs alike (`norm_eps`:
+    where the config does not call it rms_norm_eps)."""
     heads = hf.num_attention_heads
     return dict(
         model_type=model_type,
@@ -167,7 +168,7 @@ def _decoder_fields(hf: Any, model_type: str, head_dim: int) -> dict[str, Any]:
         num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
         head_dim=head_dim,
         intermediate_size=hf.intermediate_size,
-        norm_eps=hf.rms_norm_eps,
+        norm_eps=hf.rms_norm_eps if norm_eps is None else norm_eps,
         position_encoding="rope",
         bos_token_id=hf.bos_token_id,
         eos_token_ids=_eos_ids(hf.eos_token_id),
@@ -253,24 +254,14 @@ def _gemma_config(hf: Any, model_type: str) -> ModelConfig:
 
 
 def _gpt_neox_config(hf: Any, model_type: str) -> ModelConfig:
-    heads = hf.num_attention_heads
-    head_dim = hf.hidden_size // heads
+    head_dim = hf.hidden_size // hf.num_attention_heads
     rope = hf.rope_parameters or {}
     bias = bool(getattr(hf, "attention_bias", True))
     return ModelConfig(
         family="gpt_neox",
-        model_type=model_type,
-        vocab_size=hf.vocab_size,
-        hidden_size=hf.hidden_size,
-        num_layers=hf.num_hidden_layers,
-        num_heads=heads,
-        num_kv_heads=heads,
-        head_dim=head_dim,
-        intermediate_size=hf.intermediate_size,
+        **_decoder_fields(hf, model_type, head_dim, norm_eps=hf.layer_norm_eps),
         max_positions=hf.max_position_embeddings,
-        norm_eps=hf.layer_norm_eps,
         hidden_act=hf.hidden_act,
-        position_encoding="rope",
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         qkv_bias=bias,
         o_bias=bias,
@@ -278,9 +269,6 @@ def _gpt_neox_config(hf: Any, model_type: str) -> ModelConfig:
         rotary_dim=int(head_dim * rope.get("partial_rotary_factor", 1.0)),
         parallel_residual=bool(getattr(hf, "use_parallel_residual", True)),
         attention_scale=head_dim**-0.5,
-        bos_token_id=hf.bos_token_id,
-        eos_token_ids=_eos_ids(hf.eos_token_id),
-        hf_config=hf,
     )
 
 

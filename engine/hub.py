@@ -14,7 +14,8 @@ from pathlib import Path
 from .errors import CheckpointError, PromptError
 
 HUB_ID_RE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95})(?:@(?P<revision>[\w./-]{1,200}))?$")
-TASK_RE = re.compile(r"^(?P<source>.+)(?P<task>#\d{1,6})$")
+# `SOURCE#N`: task N of a multitask prompt-tuning adapter (a local directory's or a Hub id's)
+TASK_SUFFIX_RE = re.compile(r"^(?P<path>.+)#(?P<task>\d{1,6})$")
 # config/generation/tokenizer JSON, the safetensors weights (sharded or not; not Mistral's extra consolidated.*),
 # SentencePiece / tiktoken vocabularies, merges/vocab text files and chat templates
 MODEL_FILES = ["*.json", "model*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
@@ -37,6 +38,12 @@ def hub_id(source: str | Path) -> tuple[str, str | None] | None:
     if match is None or any(part in (".", "..") or part.endswith(".") for part in match["repo"].split("/")):
         return None
     return match["repo"], match["revision"]
+
+
+def _split_task(text: str) -> tuple[str, str | None]:
+    """`SOURCE#N` -> (SOURCE, "N"); anything else -> (text, None)."""
+    match = TASK_SUFFIX_RE.match(text)
+    return (match["path"], match["task"]) if match else (text, None)
 
 
 def _fetch(repo: str, revision: str | None, patterns: list[str], error: type[Exception]) -> Path:
@@ -74,8 +81,7 @@ def resolve_prompt_source(source: str | Path) -> Path:
     text = str(source)
     if _exists(text):
         return Path(text)
-    match = TASK_RE.match(text)
-    base, task = (match["source"], match["task"]) if match else (text, "")
+    base, task = _split_task(text)
     found = hub_id(base)
     if found is None:
         return Path(text)
@@ -84,13 +90,12 @@ def resolve_prompt_source(source: str | Path) -> Path:
     if missing:
         raise PromptError(f"Hub repo {found[0]!r} is no PEFT adapter the engine reads: it lacks {', '.join(missing)} "
                           "(pickle adapter_model.bin files are never fetched: save it with safe_serialization=True)")
-    return Path(f"{local}{task}")
+    return local if task is None else Path(f"{local}#{task}")
 
 
 def hub_prompt_name(source: str | Path) -> str | None:
     """A prompt name for a Hub adapter id (its repo's name, `-taskN` for `#N`), or None for anything else."""
-    match = TASK_RE.match(str(source))
-    base, task = (match["source"], match["task"][1:]) if match else (str(source), None)
+    base, task = _split_task(str(source))
     found = hub_id(base)
     if found is None:
         return None

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from .config import read_json_object
 from .errors import PromptError, UnknownPromptError
-from .hub import resolve_prompt_source
+from .hub import TASK_SUFFIX_RE, resolve_prompt_source
 
 PROMPT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 RESERVED_NAMES = frozenset({"base"})  # "base" addresses the model without a prompt
@@ -27,7 +27,6 @@ ROW_PEFT_TYPES = ("PROMPT_TUNING", "P_TUNING", "CPT")
 MULTITASK_PEFT_TYPE = "MULTITASK_PROMPT_TUNING"
 KV_PEFT_TYPES = ("PREFIX_TUNING", "CARTRIDGE")
 SUPPORTED_PEFT_TYPES = (*ROW_PEFT_TYPES, MULTITASK_PEFT_TYPE, *KV_PEFT_TYPES)
-TASK_SUFFIX_RE = re.compile(r"^(?P<path>.+)#(?P<task>\d{1,6})$")
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,7 @@ class ReferencePath:
         decode: Callable[[list[int]], str] | None = None,
         guide: GrammarGuide | None = None,
     ) -> tuple[list[int], list[TokenLogprob] | None, Finish]:
-        generator = make_generator(params, self.model.word_embeddings.weight.device)
+        generator = make_generator(params)
         generated: list[int] = []
         logprobs: list[TokenLogprob] = []
         text = None if decode is None else FullText(decode, generated)

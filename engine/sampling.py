@@ -272,7 +272,7 @@ def token_logprobs(logits: torch.Tensor, targets: Sequence[int], top_n: int, ran
     return out
 
 
-def make_generator(params: SamplingParams, device: torch.device | None = None) -> torch.Generator | None:
+def make_generator(params: SamplingParams) -> torch.Generator | None:
     """One generator per request: from the same logits, a seeded request samples the same tokens whatever batch it
     is in. It lives on the CPU whatever the device (it draws one uniform a token: see draw_rows), so a seed samples
     alike on any."""

@@ -4,8 +4,8 @@ from .base import CausalLM
 from .bloom import BloomForCausalLM
 from .common import Attention
 from .gemma import GemmaForCausalLM
-from .gpt_neox import GPTNeoXForCausalLM
 from .gpt2 import GPT2LMHeadModel
+from .gpt_neox import GPTNeoXForCausalLM
 from .llama import LlamaForCausalLM
 
 MODEL_CLASSES: dict[str, type[CausalLM]] = {

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .common import Attention
+from .common import Attention, rope_inv_freq, rotary_cos_sin
 from .linear import transposed_storage
 
 
@@ -117,3 +117,29 @@ class CausalLM(nn.Module):
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head_module.weight = self.word_embeddings.weight
+
+
+class RotaryCausalLM(CausalLM):
+    """A model with one RoPE for every layer (the Llama family, GPT-NeoX): cos/sin tables of every position, which
+    the triton backend's RoPE kernel reads where RoPE spans whole heads."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.rope_scaling = 1.0
+
+    @property
+    def rope_tables(self) -> tuple[Tensor, Tensor] | None:
+        """cos/sin [max_positions, head_dim] in the model dtype, for kernels that apply RoPE themselves (None with
+        partial rotary: the model rotates q/k itself)."""
+        if self.rope_cos.shape[-1] != self.config.head_dim:
+            return None
+        return self.rope_cos, self.rope_sin
+
+    def init_buffers(self, device: torch.device) -> None:
+        inv_freq, self.rope_scaling = rope_inv_freq(self.config, device)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # cos/sin of every position, computed once with the same ops as per step (so bit-identical)
+        positions = torch.arange(self.config.max_positions, device=device)
+        cos, sin = rotary_cos_sin(inv_freq, self.rope_scaling, positions, self.word_embeddings.weight.dtype)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)

@@ -33,18 +33,10 @@ class GemmaRMSNorm(nn.Module):
         return (normed * (1.0 + self.weight.float())).to(x.dtype)
 
 
-class GemmaAttention(LlamaAttention):
-    def __init__(self, c: ModelConfig):
-        super().__init__(c)
-        if c.qk_norm:  # Gemma 3: Gemma's norm, not Llama's
-            self.q_norm = GemmaRMSNorm(c.head_dim, c.norm_eps)
-            self.k_norm = GemmaRMSNorm(c.head_dim, c.norm_eps)
-
-
 class GemmaLayer(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
-        self.self_attn = GemmaAttention(c)
+        self.self_attn = LlamaAttention(c, norm=GemmaRMSNorm)  # Gemma 3's q/k norms are Gemma's
         self.mlp = LlamaMLP(c)
         self.input_layernorm = GemmaRMSNorm(c.hidden_size, c.norm_eps)
         self.post_attention_layernorm = GemmaRMSNorm(c.hidden_size, c.norm_eps)
@@ -104,16 +96,17 @@ class GemmaForCausalLM(CausalLM):
 
     def embed_tokens(self, ids: Tensor) -> Tensor:
         """Scaled by sqrt(hidden), the scale rounded to the table's dtype first, as HF's scaled embedding does."""
-        table = self.model.embed_tokens.weight
-        return self.model.embed_tokens(ids) * torch.tensor(self.config.hidden_size**0.5).to(table.dtype)
+        return self.model.embed_tokens(ids) * self.embed_scale
 
     def init_buffers(self, device: torch.device) -> None:
-        """cos/sin of every position for each layer type (Gemma 3: sliding layers have their own RoPE base)."""
+        """The embedding scale in the model dtype, and cos/sin of every position for each layer type (Gemma 3:
+        sliding layers have their own RoPE base)."""
         c, hf = self.config, self.config.hf_config
+        dtype = self.model.embed_tokens.weight.dtype
+        self.register_buffer("embed_scale", torch.tensor(c.hidden_size**0.5).to(device, dtype), persistent=False)
         per_layer_type = "full_attention" in (hf.rope_parameters or {})  # Gemma 3: a RoPE per layer type
         layer_types = getattr(hf, "layer_types", None) if per_layer_type else None
         positions = torch.arange(c.max_positions, device=device)
-        dtype = self.model.embed_tokens.weight.dtype
         tables: dict[str | None, tuple[Tensor, Tensor]] = {}
         for layer_type in dict.fromkeys(layer_types or [None]):
             inv_freq, scaling = _rope_inv_freq(hf, layer_type, c.head_dim, device)

@@ -6,12 +6,11 @@ reordered at load into [all q | all k | all v], GPT-2's c_attn layout, so one GE
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .base import CausalLM, Layer0Input, Layer0Norms
-from .common import Attention, activation, apply_rotary, rope_inv_freq, rotary_cos_sin
+from .base import Layer0Input, Layer0Norms, RotaryCausalLM
+from .common import Attention, activation, apply_rotary
 from .linear import Linear
 
 
@@ -50,7 +49,7 @@ class GPTNeoXBackbone(nn.Module):
         self.final_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
 
 
-class GPTNeoXForCausalLM(CausalLM):
+class GPTNeoXForCausalLM(RotaryCausalLM):
     key_prefix = "gpt_neox."
     ignored_key_suffixes = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")
 
@@ -67,13 +66,6 @@ class GPTNeoXForCausalLM(CausalLM):
     def lm_head_module(self) -> nn.Linear:
         return self.embed_out
 
-    @property
-    def rope_tables(self) -> tuple[Tensor, Tensor] | None:
-        """cos/sin [max_positions, head_dim] for kernels that apply RoPE themselves; None with partial rotary."""
-        if self.rope_cos.shape[-1] != self.config.head_dim:
-            return None
-        return self.rope_cos, self.rope_sin
-
     def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
         """query_key_value's per-head rows [H, (q, k, v), D] reordered to [(q, k, v), H, D]."""
         c = self.config
@@ -82,13 +74,6 @@ class GPTNeoXForCausalLM(CausalLM):
                 rest = tensor.shape[1:]
                 tensor = tensor.view(c.num_heads, 3, c.head_dim, *rest).transpose(0, 1).reshape(-1, *rest)
         return [(key, tensor)]
-
-    def init_buffers(self, device: torch.device) -> None:
-        inv_freq, scaling = rope_inv_freq(self.config, device)
-        positions = torch.arange(self.config.max_positions, device=device)
-        cos, sin = rotary_cos_sin(inv_freq, scaling, positions, self.gpt_neox.embed_in.weight.dtype)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
 
     def layer0_norms(self) -> Layer0Norms:
         layer = self.gpt_neox.layers[0]

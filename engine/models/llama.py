@@ -7,8 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .base import CausalLM, Layer0Input, Layer0Norms
-from .common import Attention, RMSNorm, activation, apply_rotary, rope_inv_freq, rotary_cos_sin
+from .base import Layer0Input, Layer0Norms, RotaryCausalLM
+from .common import Attention, RMSNorm, activation, apply_rotary
 from .linear import Linear, linear, transposed_storage
 
 
@@ -30,15 +30,16 @@ def _fuse(linears: list[nn.Linear], transposed: bool) -> tuple[Tensor, Tensor | 
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: ModelConfig, norm: type[nn.Module] = RMSNorm):
+        """`norm`: the class of Qwen3's / Gemma 3's per-head q and k norms (where the config has them)."""
         super().__init__()
         self.q_proj = Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias)
         self.k_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.v_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
         if c.qk_norm:
-            self.q_norm = RMSNorm(c.head_dim, c.norm_eps)
-            self.k_norm = RMSNorm(c.head_dim, c.norm_eps)
+            self.q_norm = norm(c.head_dim, c.norm_eps)
+            self.k_norm = norm(c.head_dim, c.norm_eps)
         self.qkv_weight: Tensor | None = None
         self.qkv_bias: Tensor | None = None
 
@@ -83,7 +84,7 @@ class LlamaBackbone(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.norm_eps)
 
 
-class LlamaForCausalLM(CausalLM):
+class LlamaForCausalLM(RotaryCausalLM):
     key_prefix = "model."
     ignored_key_suffixes = ("rotary_emb.inv_freq",)
 
@@ -91,19 +92,10 @@ class LlamaForCausalLM(CausalLM):
         super().__init__(config)
         self.model = LlamaBackbone(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.rope_scaling = 1.0
 
     @property
     def word_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
-
-    @property
-    def rope_tables(self) -> tuple[Tensor, Tensor] | None:
-        """cos/sin [max_positions, head_dim] in the model dtype, for kernels that apply RoPE themselves (None with
-        partial rotary: the model rotates q/k itself)."""
-        if self.rope_cos.shape[-1] != self.config.head_dim:
-            return None
-        return self.rope_cos, self.rope_sin
 
     def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
         """Phi-3's fused qkv_proj / gate_up_proj weights as our separate projections (fused again, in our layout,
@@ -119,15 +111,6 @@ class LlamaForCausalLM(CausalLM):
             return list(zip((stem + "gate_proj.weight", stem + "up_proj.weight"),
                             tensor.split([c.intermediate_size, c.intermediate_size])))
         return [(key, tensor)]
-
-    def init_buffers(self, device: torch.device) -> None:
-        inv_freq, self.rope_scaling = rope_inv_freq(self.config, device)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        # cos/sin of every position, computed once with the same ops as per step (so bit-identical)
-        positions = torch.arange(self.config.max_positions, device=device)
-        cos, sin = rotary_cos_sin(inv_freq, self.rope_scaling, positions, self.model.embed_tokens.weight.dtype)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
 
     def prepare_for_inference(self, device: torch.device) -> None:
         transposed = self.fp32_on_cpu(device)
