@@ -13,12 +13,14 @@ from .sampling import SamplingParams
 
 # model_type -> our architecture family
 ARCH_FAMILIES = {
-    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "phi3": "llama",
+    "llama": "llama", "mistral": "llama", "ministral": "llama", "qwen2": "llama", "qwen3": "llama", "phi3": "llama",
+    "smollm3": "llama",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "gpt2": "gpt2", "bloom": "bloom",
 }
-# longrope's frequencies are static up to original_max_position_embeddings, where the sequence length is capped
-STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional", "longrope")
+# longrope's frequencies are static up to original_max_position_embeddings, where the sequence length is capped;
+# dynamic NTK's equal the default ones up to max_position_embeddings (HF rescales only past it, never reached here)
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional", "longrope", "dynamic")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "bloom_gelu")
 
 
@@ -45,6 +47,7 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k (head_dim wide) before RoPE
     rotary_dim: int = 0  # RoPE rotates each head's first rotary_dim channels (Phi-3's partial_rotary_factor); 0: all
+    nope_layers: tuple[int, ...] = ()  # the layers that apply no RoPE at all (SmolLM3's NoPE layers)
     # per layer: a query sees the keys of the last `w` positions, itself included (sliding-window attention); 0: all
     layer_windows: tuple[int, ...] = ()
     sandwich_norms: bool = False  # Gemma 3: a norm after attention and norms before and after the MLP
@@ -52,6 +55,7 @@ class ModelConfig:
     attention_softcap: float = 0.0  # attention scores (after the scale) -> cap * tanh(score / cap) (Gemma 2); 0: none
     parallel_residual: bool = False  # GPT-NeoX: h + attn(ln1(h)) + mlp(ln2(h)) instead of one after the other
     attention_scale: float = 0.0
+    inverse_layer_scale: bool = False  # GPT-2's scale_attn_by_inverse_layer_idx: layer i's scores also / (i + 1)
     residual_post_norm: bool = False  # BLOOM's apply_residual_connection_post_layernorm
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -191,7 +195,7 @@ def _llama_config(hf: Any, model_type: str) -> ModelConfig:
     window = getattr(hf, "sliding_window", None)
     layer_types = getattr(hf, "layer_types", None)
     windows: tuple[int, ...] = ()
-    if window is not None and window < max_positions:
+    if window is not None and window < max_positions and getattr(hf, "use_sliding_window", True) is not False:
         if layer_types is not None:
             windows = _windows_by_layer_type(window, layer_types)
         elif model_type in ("mistral", "phi3"):
@@ -201,6 +205,7 @@ def _llama_config(hf: Any, model_type: str) -> ModelConfig:
         original = rope.get("original_max_position_embeddings") or hf.original_max_position_embeddings
         max_positions = min(max_positions, int(original))
     rotary_dim = int(head_dim * rope.get("partial_rotary_factor", 1.0)) if model_type == "phi3" else head_dim
+    nope_layers = tuple(i for i, rotary in enumerate(getattr(hf, "no_rope_layers", None) or []) if not rotary)
     attention_bias = bool(getattr(hf, "attention_bias", False))
     return ModelConfig(
         family="llama",
@@ -213,6 +218,7 @@ def _llama_config(hf: Any, model_type: str) -> ModelConfig:
         mlp_bias=bool(getattr(hf, "mlp_bias", False)),
         qk_norm=model_type == "qwen3",
         rotary_dim=rotary_dim,
+        nope_layers=nope_layers if model_type == "smollm3" else (),
         layer_windows=windows,
         attention_scale=head_dim**-0.5,
     )
@@ -273,8 +279,6 @@ def _gpt_neox_config(hf: Any, model_type: str) -> ModelConfig:
 
 
 def _gpt2_config(hf: Any, model_type: str) -> ModelConfig:
-    if getattr(hf, "scale_attn_by_inverse_layer_idx", False):
-        raise UnsupportedModelError("GPT-2 option scale_attn_by_inverse_layer_idx=True is not supported")
     head_dim = hf.n_embd // hf.n_head
     return ModelConfig(
         family="gpt2",
@@ -295,6 +299,7 @@ def _gpt2_config(hf: Any, model_type: str) -> ModelConfig:
         o_bias=True,
         mlp_bias=True,
         attention_scale=head_dim**-0.5 if getattr(hf, "scale_attn_weights", True) else 1.0,
+        inverse_layer_scale=bool(getattr(hf, "scale_attn_by_inverse_layer_idx", False)),
         bos_token_id=hf.bos_token_id,
         eos_token_ids=_eos_ids(hf.eos_token_id),
         hf_config=hf,

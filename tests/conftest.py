@@ -52,6 +52,11 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "pythia": ("gpt_neox", {}),
     "gpt_neox_serial": ("gpt_neox", {"use_parallel_residual": False, "tie_word_embeddings": True, "rope_parameters": {
         "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0}}),
+    # Ministral: sliding-window layers named by layer_types; SmolLM3: its second layer without RoPE (NoPE)
+    "ministral": ("ministral", {"sliding_window": 6, "layer_types": ["sliding_attention", "full_attention"]}),
+    "smollm3": ("smollm3", {"no_rope_layer_interval": 2}),
+    # GPT-2's scale_attn_by_inverse_layer_idx (layer i's scores / (i + 1)), untied head
+    "gpt2_inverse_scale": ("gpt2", {"scale_attn_by_inverse_layer_idx": True, "tie_word_embeddings": False}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

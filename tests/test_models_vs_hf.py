@@ -109,6 +109,7 @@ def test_half_precision_close_to_hf(variant, dtype, model_dir_for, adapter_for):
 @pytest.mark.parametrize("rope", [
     {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64},
     {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+    {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
 ])
 def test_rope_scaling_types_match_hf(rope, tmp_path):
     """Positions past the original context, where the scaled frequencies matter."""

@@ -130,8 +130,8 @@ class RotaryCausalLM(CausalLM):
     @property
     def rope_tables(self) -> tuple[Tensor, Tensor] | None:
         """cos/sin [max_positions, head_dim] in the model dtype, for kernels that apply RoPE themselves (None with
-        partial rotary: the model rotates q/k itself)."""
-        if self.rope_cos.shape[-1] != self.config.head_dim:
+        partial rotary or layers without RoPE: the model rotates q/k itself)."""
+        if self.rope_cos.shape[-1] != self.config.head_dim or self.config.nope_layers:
             return None
         return self.rope_cos, self.rope_sin
 

@@ -82,6 +82,8 @@ class GPT2LMHeadModel(CausalLM):
                 qkv = block.attn.c_attn(layer0.normed if (i == 0 and layer0 is not None) else block.ln_1(h))
             q, k, v = qkv.split(c.hidden_size, dim=-1)
             shape = (t, c.num_heads, c.head_dim)
+            if c.inverse_layer_scale and i > 0:  # scores / (i + 1), as the scaled query's dot products
+                q = q / (i + 1)
             out = attention(i, q.reshape(shape), k.reshape(shape), v.reshape(shape))
             h = h + block.attn.c_proj(out.reshape(t, c.hidden_size))
             h = h + block.mlp(block.ln_2(h))

@@ -1,5 +1,6 @@
-"""Llama family: Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3 (RoPE, GQA, RMSNorm, SwiGLU; Qwen3 norms q and k per
-head; Phi-3 stores q/k/v and gate/up fused and may rotate part of each head)."""
+"""Llama family: Llama 2/3, Mistral, Ministral, Qwen2, Qwen3, Phi-3, SmolLM3 (RoPE, GQA, RMSNorm, SwiGLU; Qwen3
+norms q and k per head; Phi-3 stores q/k/v and gate/up fused and may rotate part of each head; SmolLM3 leaves RoPE
+out of some layers)."""
 
 from __future__ import annotations
 
@@ -144,7 +145,7 @@ class LlamaForCausalLM(RotaryCausalLM):
             qk = qkv[:, :qk_width].view(t, c.num_heads + c.num_kv_heads, c.head_dim)
             if c.qk_norm:
                 qk = torch.cat((a.q_norm(qk[:, : c.num_heads]), a.k_norm(qk[:, c.num_heads:])), dim=1)
-            if not fused_rope:
+            if not fused_rope and i not in c.nope_layers:
                 qk = apply_rotary(qk, cos, sin)
             q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
             v = qkv[:, qk_width:].view(t, c.num_kv_heads, c.head_dim)
