@@ -81,7 +81,8 @@ class Engine:
 
     cuda_graphs (triton backend only; None: on where the device is CUDA): decode steps run at padded static
     shapes, replayed from one CUDA graph per batch-size bucket (engine/decode_graphs.py). True on the CPU runs the
-    same padded steps without capture (that is how the tests check them).
+    same padded steps without capture (that is how the tests check them). Not for mixture-of-experts models on
+    CUDA (their experts group tokens on the host): their default is off.
 
     enable_prefix_caching (vLLM's automatic prefix caching; torch and triton backends): the K/V of full blocks of
     request tokens stay cached after their request, and a later request of the same task that begins with the
@@ -146,8 +147,11 @@ class Engine:
         self.pool = KVPool.sized(self.config, block_size, self.dtype, self.device, kv_cache_bytes, kv_cache_fraction)
         if cuda_graphs and self.backend != "triton":
             raise SoftPromptError(f"cuda_graphs=True needs backend='triton', not {self.backend!r}")
+        if cuda_graphs and self.device.type == "cuda" and not self.model.graph_capturable:
+            raise SoftPromptError(f"cuda_graphs=True: a {self.config.model_type} model's decode steps cannot be "
+                                  "captured (its experts group their tokens on the host)")
         if cuda_graphs is None:
-            cuda_graphs = self.backend == "triton" and self.device.type == "cuda"
+            cuda_graphs = self.backend == "triton" and self.device.type == "cuda" and self.model.graph_capturable
         self.runner = ModelRunner(self.model, self.pool, self.backend,
                                   decode_graphs_for=max_num_seqs if cuda_graphs else None)
         self.block_cache = BlockCache(self.pool) if enable_prefix_caching and self.backend != "reference" else None

@@ -14,7 +14,7 @@ from .sampling import SamplingParams
 # model_type -> our architecture family
 ARCH_FAMILIES = {
     "llama": "llama", "mistral": "llama", "ministral": "llama", "qwen2": "llama", "qwen3": "llama", "phi3": "llama",
-    "smollm3": "llama",
+    "smollm3": "llama", "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "gpt2": "gpt2", "bloom": "bloom",
 }
@@ -22,6 +22,19 @@ ARCH_FAMILIES = {
 # dynamic NTK's equal the default ones up to max_position_embeddings (HF rescales only past it, never reached here)
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional", "longrope", "dynamic")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "bloom_gelu")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """A sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE)."""
+
+    num_experts: int
+    top_k: int  # experts per token
+    intermediate_size: int  # each expert's
+    norm_topk_prob: bool  # renormalise the chosen experts' router probabilities to sum to 1
+    weights_in_model_dtype: bool  # Qwen's routers cast the weights to the model dtype; Mixtral's keep fp32
+    sparse_layers: tuple[int, ...]  # the layers with this MLP (the others have a dense one)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert (gated by a sigmoid); 0: none
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,7 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k (head_dim wide) before RoPE
     rotary_dim: int = 0  # RoPE rotates each head's first rotary_dim channels (Phi-3's partial_rotary_factor); 0: all
     nope_layers: tuple[int, ...] = ()  # the layers that apply no RoPE at all (SmolLM3's NoPE layers)
+    moe: MoEConfig | None = None  # a sparse mixture-of-experts MLP in (some) layers
     # per layer: a query sees the keys of the last `w` positions, itself included (sliding-window attention); 0: all
     layer_windows: tuple[int, ...] = ()
     sandwich_norms: bool = False  # Gemma 3: a norm after attention and norms before and after the MLP
@@ -198,7 +212,7 @@ def _llama_config(hf: Any, model_type: str) -> ModelConfig:
     if window is not None and window < max_positions and getattr(hf, "use_sliding_window", True) is not False:
         if layer_types is not None:
             windows = _windows_by_layer_type(window, layer_types)
-        elif model_type in ("mistral", "phi3"):
+        elif model_type in ("mistral", "mixtral", "phi3"):
             windows = (int(window),) * hf.num_hidden_layers
     rope = getattr(hf, "rope_parameters", None) or {}
     if rope.get("rope_type") == "longrope":  # short factors up to here, as HF uses them below this length
@@ -213,15 +227,33 @@ def _llama_config(hf: Any, model_type: str) -> ModelConfig:
         max_positions=max_positions,
         hidden_act=hf.hidden_act,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-        qkv_bias=True if model_type == "qwen2" else attention_bias,
+        qkv_bias=bool(getattr(hf, "qkv_bias", True)) if model_type in ("qwen2", "qwen2_moe") else attention_bias,
         o_bias=attention_bias,
         mlp_bias=bool(getattr(hf, "mlp_bias", False)),
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
         rotary_dim=rotary_dim,
         nope_layers=nope_layers if model_type == "smollm3" else (),
+        moe=_moe_config(hf, model_type),
         layer_windows=windows,
         attention_scale=head_dim**-0.5,
     )
+
+
+def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
+    layers = range(hf.num_hidden_layers)
+    if model_type == "mixtral":  # every layer sparse, top-k renormalised, fp32 router weights
+        return MoEConfig(num_experts=hf.num_local_experts, top_k=hf.num_experts_per_tok,
+                         intermediate_size=hf.intermediate_size, norm_topk_prob=True, weights_in_model_dtype=False,
+                         sparse_layers=tuple(layers))
+    if model_type not in ("qwen2_moe", "qwen3_moe") or not hf.num_experts:
+        return None
+    dense = set(getattr(hf, "mlp_only_layers", None) or [])
+    step = getattr(hf, "decoder_sparse_step", 1) or 1
+    return MoEConfig(num_experts=hf.num_experts, top_k=hf.num_experts_per_tok,
+                     intermediate_size=hf.moe_intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),
+                     weights_in_model_dtype=True,
+                     sparse_layers=tuple(i for i in layers if i not in dense and (i + 1) % step == 0),
+                     shared_expert_intermediate_size=getattr(hf, "shared_expert_intermediate_size", 0) or 0)
 
 
 def _gemma_config(hf: Any, model_type: str) -> ModelConfig:

@@ -21,8 +21,9 @@ __all__ = [
     "hf_peft_reference", "tiny_model_with_adapters",
 ]
 
-SUPPORTED_TINY_ARCHS: tuple[str, ...] = ("llama", "mistral", "ministral", "qwen2", "qwen3", "phi3", "smollm3", "gemma",
-                                         "gemma2", "gemma3_text", "gemma3", "gpt_neox", "gpt2", "bloom")
+SUPPORTED_TINY_ARCHS: tuple[str, ...] = ("llama", "mistral", "ministral", "mixtral", "qwen2", "qwen2_moe", "qwen3",
+                                         "qwen3_moe", "phi3", "smollm3", "gemma", "gemma2", "gemma3_text", "gemma3",
+                                         "gpt_neox", "gpt2", "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -116,19 +117,26 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
     import transformers
 
     ids = dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-    untied = ("llama", "mistral", "ministral", "phi3", "gpt_neox")
+    untied = ("llama", "mistral", "ministral", "mixtral", "qwen2_moe", "qwen3_moe", "phi3", "gpt_neox")
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
-    if arch in ("llama", "mistral", "ministral", "qwen2", "qwen3", "phi3", "smollm3"):
+    if arch in ("llama", "mistral", "ministral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3",
+                "smollm3"):
         cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-               "ministral": transformers.MinistralConfig, "qwen2": transformers.Qwen2Config,
-               "qwen3": transformers.Qwen3Config, "phi3": transformers.Phi3Config,
-               "smollm3": transformers.SmolLM3Config}[arch]
+               "ministral": transformers.MinistralConfig, "mixtral": transformers.MixtralConfig,
+               "qwen2": transformers.Qwen2Config, "qwen2_moe": transformers.Qwen2MoeConfig,
+               "qwen3": transformers.Qwen3Config, "qwen3_moe": transformers.Qwen3MoeConfig,
+               "phi3": transformers.Phi3Config, "smollm3": transformers.SmolLM3Config}[arch]
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                   num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,
                   max_position_embeddings=max_positions)
-        if arch in ("qwen3", "ministral"):  # Qwen3's head_dim defaults to 128 whatever the hidden size; Ministral's
-            # to None, which its attention cannot take
+        # mixture of experts: 4 experts of half the width, 2 a token (Mixtral's 8 and 2, scaled down)
+        if arch == "mixtral":
+            kw.update(num_local_experts=4, num_experts_per_tok=2, intermediate_size=inter // 2)
+        if arch in ("qwen2_moe", "qwen3_moe"):
+            kw.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=inter // 2)
+        # Qwen3's head_dim defaults to 128 whatever the hidden size; Ministral's to None, which it cannot take
+        if arch in ("qwen3", "qwen3_moe", "ministral"):
             kw["head_dim"] = hidden_size // num_heads
     elif arch == "gemma3":  # multimodal: Gemma 3 text + a tiny SigLIP vision tower the engine leaves out
         text = _hf_config("gemma3_text", vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
@@ -207,7 +215,7 @@ def _reinit_(model: torch.nn.Module, seed: int, logit_std: float = 2.0) -> None:
             elif p.dim() == 1:
                 draw(p, 0.02)
             else:
-                fan_in = p.shape[0] if isinstance(module, Conv1D) else p[0].numel()
+                fan_in = p.shape[0] if isinstance(module, Conv1D) else p.shape[-1] if p.dim() == 3 else p[0].numel()
                 draw(p, 1.0 / math.sqrt(fan_in))
 
 

@@ -57,6 +57,12 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "smollm3": ("smollm3", {"no_rope_layer_interval": 2}),
     # GPT-2's scale_attn_by_inverse_layer_idx (layer i's scores / (i + 1)), untied head
     "gpt2_inverse_scale": ("gpt2", {"scale_attn_by_inverse_layer_idx": True, "tie_word_embeddings": False}),
+    # mixtures of experts (4 experts, 2 a token): Mixtral; Qwen2-MoE's shared expert, a dense first layer, raw
+    # top-k weights; Qwen3-MoE's renormalised ones and q/k norms
+    "mixtral": ("mixtral", {}),
+    "qwen2_moe": ("qwen2_moe", {"shared_expert_intermediate_size": 96, "mlp_only_layers": [0],
+                                "norm_topk_prob": False}),
+    "qwen3_moe": ("qwen3_moe", {"norm_topk_prob": True}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -39,6 +39,24 @@ def test_auto_dtype_is_fp32_on_cpu(tmp_path):
     assert load_model(d, "cpu", None).word_embeddings.weight.dtype == torch.float32
 
 
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe"])
+def test_moe_experts_stacked_in_3d_tensors_load_alike(variant, tmp_path, model_dir_for):
+    """transformers 5 holds a MoE layer's experts in two 3-D tensors (`mlp.experts.gate_up_proj`, `down_proj`);
+    a checkpoint written from that state dict as it is loads as the per-expert one HF saves."""
+    from transformers import AutoModelForCausalLM
+
+    d = model_dir_for(variant)
+    stacked = tmp_path / "stacked"
+    shutil.copytree(d, stacked)
+    (stacked / "model.safetensors").unlink()
+    state = AutoModelForCausalLM.from_pretrained(d).state_dict()
+    assert any(k.endswith("mlp.experts.gate_up_proj") and v.dim() == 3 for k, v in state.items())
+    save_file({k: v.contiguous() for k, v in state.items()}, stacked / "model.safetensors")
+    ids = [5, 9, 13, 40, 7]
+    want = ReferencePath(load_model(d, "cpu", "float32")).logits(None, ids)
+    assert torch.equal(ReferencePath(load_model(stacked, "cpu", "float32")).logits(None, ids), want)
+
+
 def test_tied_embeddings_share_storage(model_dir_for):
     model = load_model(model_dir_for("qwen2"), "cpu", "float32")
     assert model.lm_head.weight.data_ptr() == model.word_embeddings.weight.data_ptr()

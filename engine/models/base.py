@@ -67,6 +67,11 @@ class CausalLM(nn.Module):
         return self.lm_head
 
     @property
+    def graph_capturable(self) -> bool:
+        """Whether a decode step's forward can be captured in a CUDA graph (no host reads of device values)."""
+        return True
+
+    @property
     def alibi(self) -> Tensor | None:
         """Per-head ALiBi slopes for the attention implementations (None: positions are not ALiBi)."""
         return getattr(self, "alibi_slopes", None)

@@ -11,6 +11,7 @@ from ..config import ModelConfig
 from .base import Layer0Input, Layer0Norms, RotaryCausalLM
 from .common import Attention, RMSNorm, activation, apply_rotary
 from .linear import Linear, linear, transposed_storage
+from .moe import SparseMoE, moe_checkpoint_tensors
 
 
 def _fuse(linears: list[nn.Linear], transposed: bool) -> tuple[Tensor, Tensor | None]:
@@ -49,11 +50,13 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: ModelConfig, intermediate_size: int | None = None):
+        """`intermediate_size`: a mixture-of-experts model's expert width (default: the config's)."""
         super().__init__()
-        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.up_proj = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.down_proj = Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+        width = intermediate_size or c.intermediate_size
+        self.gate_proj = Linear(c.hidden_size, width, bias=c.mlp_bias)
+        self.up_proj = Linear(c.hidden_size, width, bias=c.mlp_bias)
+        self.down_proj = Linear(width, c.hidden_size, bias=c.mlp_bias)
         self.act = c.hidden_act
         self.gate_up_weight: Tensor | None = None
         self.gate_up_bias: Tensor | None = None
@@ -69,10 +72,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaLayer(nn.Module):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: ModelConfig, index: int):
         super().__init__()
         self.self_attn = LlamaAttention(c)
-        self.mlp = LlamaMLP(c)
+        self.mlp = SparseMoE(c, LlamaMLP) if c.moe is not None and index in c.moe.sparse_layers else LlamaMLP(c)
         self.input_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
 
@@ -81,7 +84,7 @@ class LlamaBackbone(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(LlamaLayer(c) for _ in range(c.num_layers))
+        self.layers = nn.ModuleList(LlamaLayer(c, i) for i in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.norm_eps)
 
 
@@ -98,10 +101,16 @@ class LlamaForCausalLM(RotaryCausalLM):
     def word_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
+    @property
+    def graph_capturable(self) -> bool:
+        return self.config.moe is None  # (experts group their tokens on the host)
+
     def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
         """Phi-3's fused qkv_proj / gate_up_proj weights as our separate projections (fused again, in our layout,
-        by prepare_for_inference)."""
+        by prepare_for_inference); Mixtral's experts under our names."""
         c = self.config
+        if c.moe is not None:
+            return moe_checkpoint_tensors(key, tensor)
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         if key.endswith("self_attn.qkv_proj.weight") and tensor.shape[0] == q + 2 * kv:
             stem = key.removesuffix("qkv_proj.weight")

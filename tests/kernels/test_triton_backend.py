@@ -21,9 +21,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.mark.parametrize("variant, seed, cuda_graphs",
                          [("llama", 10, False), ("bloom", 11, True), ("mistral_window", 12, True),
-                          ("gemma3", 13, True)],
+                          ("gemma3", 13, True), ("qwen2_moe", 14, True)],
                          ids=["llama-eager", "bloom-padded-decode", "sliding-window-padded-decode",
-                              "gemma3-unfused-input-padded-decode"])
+                              "gemma3-unfused-input-padded-decode", "moe-padded-decode"])
 def test_triton_backend_under_random_traffic(variant, seed, cuda_graphs, model_dir_for):
     """tests/test_soak.py's random traffic (arrivals, aborts, tasks added and removed, chunked prefill, prefix
     eviction, preemption) on the Triton kernels; cuda_graphs=True on the CPU runs the padded decode steps."""
@@ -56,8 +56,8 @@ def test_triton_backend_scores_continuations_after_shared_context_blocks(variant
 
 
 @pytest.mark.parametrize("variant", ["llama", "qwen2", "qwen3", "phi3_longrope", "gpt2", "bloom", "bloom_post_norm",
-                                     "qwen2_window", "smollm3", "gemma", "gemma2", "gemma3", "pythia", "gpt_neox_serial",
-                                     "gpt2_inverse_scale"])
+                                     "qwen2_window", "smollm3", "gemma", "gemma2", "gemma3", "pythia",
+                                     "gpt_neox_serial", "gpt2_inverse_scale", "mixtral", "qwen2_moe"])
 def test_triton_backend_matches_reference(variant, model_dir_for):
     d = model_dir_for(variant)
     ref = Engine(d, device=DEVICE, dtype="float32", backend="reference")

@@ -1,0 +1,91 @@
+"""Sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE): a router picks each token's top-k experts,
+each a SwiGLU MLP, and their outputs are summed with the router's weights (Qwen2-MoE adds a gated shared expert).
+
+Tokens are grouped by expert and each expert runs once over its tokens; each token's k weighted outputs are then
+summed in one reduction (no scattered atomic adds: deterministic on CUDA), as transformers' grouped-GEMM experts do.
+The grouping reads the counts on the host, so a MoE model's decode steps are not captured in CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelConfig, MoEConfig
+from .linear import Linear
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, c: ModelConfig, mlp: type[nn.Module]):
+        """`mlp`: the expert class, built as mlp(c, intermediate_size)."""
+        super().__init__()
+        moe = c.moe
+        assert moe is not None
+        self.moe: MoEConfig = moe
+        self.gate = Linear(c.hidden_size, moe.num_experts, bias=False)  # the router
+        self.experts = nn.ModuleList(mlp(c, moe.intermediate_size) for _ in range(moe.num_experts))
+        if moe.shared_expert_intermediate_size:
+            self.shared_expert = mlp(c, moe.shared_expert_intermediate_size)
+            self.shared_expert_gate = Linear(c.hidden_size, 1, bias=False)
+
+    def fuse(self, transposed: bool) -> None:
+        for expert in self.experts:
+            expert.fuse(transposed)
+        if self.moe.shared_expert_intermediate_size:
+            self.shared_expert.fuse(transposed)
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Each token's top-k experts [T, k] and their weights [T, k] (softmax over all experts in fp32, then
+        renormalised over the chosen ones where the config says so)."""
+        probs = torch.softmax(self.gate(x).float(), dim=-1)
+        weights, experts = torch.topk(probs, self.moe.top_k, dim=-1)
+        if self.moe.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return experts, (weights.to(x.dtype) if self.moe.weights_in_model_dtype else weights)
+
+    def forward(self, x: Tensor) -> Tensor:
+        experts, weights = self.route(x)
+        t, k = experts.shape
+        flat = experts.flatten()
+        order = flat.argsort(stable=True)  # the (token, slot) pairs grouped by expert
+        counts = torch.bincount(flat, minlength=self.moe.num_experts).tolist()
+        rows = x[order // k]
+        outputs = torch.empty_like(rows)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                outputs[start:start + n] = self.experts[e](rows[start:start + n])
+                start += n
+        weighted = torch.empty((t * k, x.shape[1]), dtype=torch.promote_types(x.dtype, weights.dtype),
+                               device=x.device)
+        weighted[order] = outputs * weights.flatten()[order, None]
+        # each token's k outputs summed at once (in fp32 where the weights are): deterministic, as HF sums them
+        out = weighted.view(t, k, -1).sum(dim=1).to(x.dtype)
+        if self.moe.shared_expert_intermediate_size:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
+
+
+_MIXTRAL_EXPERT = re.compile(r"(.*)\.block_sparse_moe\.experts\.(\d+)\.w([123])\.weight")
+_MIXTRAL_NAMES = {"1": "gate_proj", "2": "down_proj", "3": "up_proj"}
+
+
+def moe_checkpoint_tensors(key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
+    """Checkpoint entries of a MoE layer under our names: Mixtral's `block_sparse_moe.experts.{e}.w1/w2/w3` and
+    `block_sparse_moe.gate` (as saved, also by transformers 5's save_pretrained), and transformers 5's in-memory
+    layout of all experts in two 3-D tensors, `mlp.experts.gate_up_proj` [E, 2F, H] and `mlp.experts.down_proj`
+    [E, H, F], one entry per expert."""
+    if match := _MIXTRAL_EXPERT.fullmatch(key):
+        stem, expert, w = match.groups()
+        return [(f"{stem}.mlp.experts.{expert}.{_MIXTRAL_NAMES[w]}.weight", tensor)]
+    if key.endswith(".block_sparse_moe.gate.weight"):
+        return [(key.replace(".block_sparse_moe.", ".mlp."), tensor)]
+    if tensor.dim() == 3 and key.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+        stem, name = key.rsplit(".", 1)
+        if name == "down_proj":
+            return [(f"{stem}.{e}.down_proj.weight", t) for e, t in enumerate(tensor)]
+        return [pair for e, t in enumerate(tensor)
+                for pair in zip((f"{stem}.{e}.gate_proj.weight", f"{stem}.{e}.up_proj.weight"), t.chunk(2))]
+    return [(key, tensor)]
