@@ -16,7 +16,7 @@ ARCH_FAMILIES = {
     "llama": "llama", "mistral": "llama", "ministral": "llama", "qwen2": "llama", "qwen3": "llama", "phi3": "llama",
     "smollm3": "llama", "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
-    "gpt2": "gpt2", "bloom": "bloom",
+    "phi": "phi", "gpt2": "gpt2", "bloom": "bloom",
 }
 # longrope's frequencies are static up to original_max_position_embeddings, where the sequence length is capped;
 # dynamic NTK's equal the default ones up to max_position_embeddings (HF rescales only past it, never reached here)
@@ -41,7 +41,7 @@ class MoEConfig:
 class ModelConfig:
     """What our model implementations need, independent of the HF config class."""
 
-    family: str  # "llama" | "gemma" | "gpt_neox" | "gpt2" | "bloom"
+    family: str  # "llama" | "gemma" | "gpt_neox" | "phi" | "gpt2" | "bloom"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -152,8 +152,8 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
         raise CheckpointError(f"{model_dir}/config.json could not be parsed as a {model_type} config: {exc}") from exc
     family = ARCH_FAMILIES[model_type]
     try:
-        cfg = {"llama": _llama_config, "gemma": _gemma_config, "gpt_neox": _gpt_neox_config, "gpt2": _gpt2_config,
-               "bloom": _bloom_config}[family](hf, model_type)
+        cfg = {"llama": _llama_config, "gemma": _gemma_config, "gpt_neox": _gpt_neox_config, "phi": _phi_config,
+               "gpt2": _gpt2_config, "bloom": _bloom_config}[family](hf, model_type)
     except (AttributeError, TypeError, KeyError) as exc:
         raise CheckpointError(f"{model_dir}/config.json lacks a field the {model_type} model needs: {exc}") from exc
     _check(cfg)
@@ -306,6 +306,24 @@ def _gpt_neox_config(hf: Any, model_type: str) -> ModelConfig:
         mlp_bias=True,
         rotary_dim=int(head_dim * rope.get("partial_rotary_factor", 1.0)),
         parallel_residual=bool(getattr(hf, "use_parallel_residual", True)),
+        attention_scale=head_dim**-0.5,
+    )
+
+
+def _phi_config(hf: Any, model_type: str) -> ModelConfig:
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    rope = hf.rope_parameters or {}
+    return ModelConfig(
+        family="phi",
+        **_decoder_fields(hf, model_type, head_dim, norm_eps=hf.layer_norm_eps),
+        max_positions=hf.max_position_embeddings,
+        hidden_act=hf.hidden_act,
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        qk_norm=bool(getattr(hf, "qk_layernorm", False)),
+        rotary_dim=int(head_dim * rope.get("partial_rotary_factor", 1.0)),
         attention_scale=head_dim**-0.5,
     )
 

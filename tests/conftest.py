@@ -63,6 +63,9 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "qwen2_moe": ("qwen2_moe", {"shared_expert_intermediate_size": 96, "mlp_only_layers": [0],
                                 "norm_topk_prob": False}),
     "qwen3_moe": ("qwen3_moe", {"norm_topk_prob": True}),
+    # Phi-2's layout (RoPE over half of each head, parallel attention and MLP, LM-head bias); then q/k LayerNorm, GQA
+    "phi": ("phi", {}),
+    "phi_qk_norm_gqa": ("phi", {"qk_layernorm": True, "num_key_value_heads": 2}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

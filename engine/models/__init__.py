@@ -7,14 +7,16 @@ from .gemma import GemmaForCausalLM
 from .gpt2 import GPT2LMHeadModel
 from .gpt_neox import GPTNeoXForCausalLM
 from .llama import LlamaForCausalLM
+from .phi import PhiForCausalLM
 
 MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "llama": LlamaForCausalLM,
     "gemma": GemmaForCausalLM,
     "gpt_neox": GPTNeoXForCausalLM,
+    "phi": PhiForCausalLM,
     "gpt2": GPT2LMHeadModel,
     "bloom": BloomForCausalLM,
 }
 
 __all__ = ["Attention", "CausalLM", "MODEL_CLASSES", "BloomForCausalLM", "GPT2LMHeadModel", "GemmaForCausalLM",
-           "GPTNeoXForCausalLM", "LlamaForCausalLM"]
+           "GPTNeoXForCausalLM", "LlamaForCausalLM", "PhiForCausalLM"]

@@ -1,0 +1,102 @@
+"""Phi-1, Phi-1.5, Phi-2 (`phi`): RoPE over part of each head, LayerNorm, GELU MLP, attention and MLP in parallel
+on the same normed input, biases everywhere (the LM head's too); optional per-head q/k LayerNorm."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .base import Layer0Input, Layer0Norms, RotaryCausalLM
+from .common import Attention, activation, apply_rotary
+from .linear import Linear, linear
+from .llama import LlamaAttention
+
+
+class PhiMLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.fc1 = Linear(c.hidden_size, c.intermediate_size)
+        self.fc2 = Linear(c.intermediate_size, c.hidden_size)
+        self.act = c.hidden_act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(activation(self.act, self.fc1(x)))
+
+
+class PhiLayer(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        # the checkpoint's `dense`, `q_layernorm` and `k_layernorm` are our o_proj, q_norm and k_norm
+        self.self_attn = LlamaAttention(c, norm=nn.LayerNorm)
+        self.mlp = PhiMLP(c)
+        self.input_layernorm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
+
+
+class PhiBackbone(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(PhiLayer(c) for _ in range(c.num_layers))
+        self.final_layernorm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
+
+
+class PhiForCausalLM(RotaryCausalLM):
+    key_prefix = "model."
+    ignored_key_suffixes = ("rotary_emb.inv_freq",)
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.model = PhiBackbone(config)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=True)
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
+        for theirs, ours in ((".self_attn.dense.", ".self_attn.o_proj."), (".q_layernorm.", ".q_norm."),
+                             (".k_layernorm.", ".k_norm.")):
+            key = key.replace(theirs, ours)
+        return [(key, tensor)]
+
+    def prepare_for_inference(self, device: torch.device) -> None:
+        transposed = self.fp32_on_cpu(device)
+        for layer in self.model.layers:
+            layer.self_attn.fuse(transposed)
+        super().prepare_for_inference(device)
+
+    def layer0_norms(self) -> Layer0Norms:
+        layer = self.model.layers[0]
+        ln, attn = layer.input_layernorm, layer.self_attn
+        return Layer0Norms(None, None, (ln.weight, ln.bias, ln.eps, "layer"), (attn.qkv_weight, attn.qkv_bias))
+
+    def forward(
+        self, embeds: Tensor | None, positions: Tensor, attention: Attention, layer0: Layer0Input | None = None
+    ) -> Tensor:
+        c = self.config
+        t = positions.shape[0]
+        fused_rope = getattr(attention, "applies_rope", False)  # the attention kernel rotates q/k itself
+        if not fused_rope:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        qk_width = (c.num_heads + c.num_kv_heads) * c.head_dim
+        h = embeds if layer0 is None else layer0.residual
+        for i, layer in enumerate(self.model.layers):
+            a = layer.self_attn
+            if i == 0 and layer0 is not None:
+                # the MLP needs the normed input too: a fused QKV kernel never wrote it, so it is normed here
+                x = layer0.normed if layer0.normed is not None else layer.input_layernorm(h)
+                qkv = layer0.qkv if layer0.qkv is not None else linear(x, a.qkv_weight, a.qkv_bias)
+            else:
+                x = layer.input_layernorm(h)
+                qkv = linear(x, a.qkv_weight, a.qkv_bias)
+            qk = qkv[:, :qk_width].view(t, c.num_heads + c.num_kv_heads, c.head_dim)
+            if c.qk_norm:
+                qk = torch.cat((a.q_norm(qk[:, : c.num_heads]), a.k_norm(qk[:, c.num_heads:])), dim=1)
+            if not fused_rope:
+                qk = apply_rotary(qk, cos, sin)
+            q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
+            v = qkv[:, qk_width:].view(t, c.num_kv_heads, c.head_dim)
+            out = a.o_proj(attention(i, q, k, v).reshape(t, c.num_heads * c.head_dim))
+            h = out + layer.mlp(x) + h  # HF: attn + mlp + residual
+        return self.model.final_layernorm(h)
