@@ -127,7 +127,7 @@ class Engine:
         self.structured_outputs = StructuredOutputs(None if self.tokenizer is None else self.tokenizer.hf,
                                                     self.config.vocab_size, self.eos_token_ids)
         self.prompts = PromptStore(
-            hidden_size=self.config.hidden_size,
+            hidden_size=self.config.embedding_width,
             dtype=self.dtype,
             device=self.device,
             max_length=self.config.max_positions,

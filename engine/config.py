@@ -16,7 +16,7 @@ ARCH_FAMILIES = {
     "llama": "llama", "mistral": "llama", "ministral": "llama", "qwen2": "llama", "qwen3": "llama", "phi3": "llama",
     "smollm3": "llama", "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
-    "phi": "phi", "gpt2": "gpt2", "bloom": "bloom",
+    "phi": "phi", "opt": "opt", "gpt2": "gpt2", "bloom": "bloom",
 }
 # longrope's frequencies are static up to original_max_position_embeddings, where the sequence length is capped;
 # dynamic NTK's equal the default ones up to max_position_embeddings (HF rescales only past it, never reached here)
@@ -41,7 +41,7 @@ class MoEConfig:
 class ModelConfig:
     """What our model implementations need, independent of the HF config class."""
 
-    family: str  # "llama" | "gemma" | "gpt_neox" | "phi" | "gpt2" | "bloom"
+    family: str  # "llama" | "gemma" | "gpt_neox" | "phi" | "opt" | "gpt2" | "bloom"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -71,10 +71,17 @@ class ModelConfig:
     attention_scale: float = 0.0
     inverse_layer_scale: bool = False  # GPT-2's scale_attn_by_inverse_layer_idx: layer i's scores also / (i + 1)
     residual_post_norm: bool = False  # BLOOM's apply_residual_connection_post_layernorm
+    post_layer_norm: bool = False  # OPT-350m: each sublayer's LayerNorm after its residual add (post-LN)
+    word_embed_dim: int = 0  # the token embeddings' width where narrower than the model (OPT-350m); 0: hidden_size
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     generation_defaults: dict[str, float | int] = field(default_factory=dict, compare=False)  # generation_config
     hf_config: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def embedding_width(self) -> int:
+        """The width of token embeddings, so of soft-prompt rows."""
+        return self.word_embed_dim or self.hidden_size
 
     @property
     def rope_type(self) -> str:
@@ -153,7 +160,7 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
     family = ARCH_FAMILIES[model_type]
     try:
         cfg = {"llama": _llama_config, "gemma": _gemma_config, "gpt_neox": _gpt_neox_config, "phi": _phi_config,
-               "gpt2": _gpt2_config, "bloom": _bloom_config}[family](hf, model_type)
+               "opt": _opt_config, "gpt2": _gpt2_config, "bloom": _bloom_config}[family](hf, model_type)
     except (AttributeError, TypeError, KeyError) as exc:
         raise CheckpointError(f"{model_dir}/config.json lacks a field the {model_type} model needs: {exc}") from exc
     _check(cfg)
@@ -325,6 +332,36 @@ def _phi_config(hf: Any, model_type: str) -> ModelConfig:
         qk_norm=bool(getattr(hf, "qk_layernorm", False)),
         rotary_dim=int(head_dim * rope.get("partial_rotary_factor", 1.0)),
         attention_scale=head_dim**-0.5,
+    )
+
+
+def _opt_config(hf: Any, model_type: str) -> ModelConfig:
+    head_dim = hf.hidden_size // hf.num_attention_heads
+    bias = bool(getattr(hf, "enable_bias", True))
+    return ModelConfig(
+        family="opt",
+        model_type=model_type,
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        num_layers=hf.num_hidden_layers,
+        num_heads=hf.num_attention_heads,
+        num_kv_heads=hf.num_attention_heads,
+        head_dim=head_dim,
+        intermediate_size=hf.ffn_dim,
+        max_positions=hf.max_position_embeddings,
+        norm_eps=1e-5,  # nn.LayerNorm's default: OPT's config has no epsilon
+        hidden_act=hf.activation_function,
+        position_encoding="learned",
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=bias,
+        attention_scale=1.0,  # the queries come scaled (as HF scales them, before the product)
+        post_layer_norm=not getattr(hf, "do_layer_norm_before", True),
+        word_embed_dim=0 if hf.word_embed_proj_dim == hf.hidden_size else hf.word_embed_proj_dim,
+        bos_token_id=hf.bos_token_id,
+        eos_token_ids=_eos_ids(hf.eos_token_id),
+        hf_config=hf,
     )
 
 

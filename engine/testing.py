@@ -23,7 +23,7 @@ __all__ = [
 
 SUPPORTED_TINY_ARCHS: tuple[str, ...] = ("llama", "mistral", "ministral", "mixtral", "qwen2", "qwen2_moe", "qwen3",
                                          "qwen3_moe", "phi3", "smollm3", "gemma", "gemma2", "gemma3_text", "gemma3",
-                                         "gpt_neox", "phi", "gpt2", "bloom")
+                                         "gpt_neox", "phi", "opt", "gpt2", "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -169,6 +169,11 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                   num_key_value_heads=num_kv_heads or num_heads, intermediate_size=inter,
                   max_position_embeddings=max_positions, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)
+    elif arch == "opt":
+        cls = transformers.OPTConfig
+        kw = dict(hidden_size=hidden_size, word_embed_proj_dim=hidden_size, num_hidden_layers=num_layers,
+                  num_attention_heads=num_heads, ffn_dim=inter, max_position_embeddings=max_positions, dropout=0.0,
+                  attention_dropout=0.0)
     elif arch == "gpt2":
         cls = transformers.GPT2Config
         kw = dict(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=max_positions, n_inner=inter,
@@ -277,15 +282,20 @@ def build_prompt_tuning_adapter(model_dir: str | Path, out_dir: str | Path, *, n
     if init not in ("random", "text"):
         raise ValueError(f"init must be 'random' or 'text', got {init!r}")
     out_dir = Path(out_dir)
+    with _quiet():
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+    # PEFT sizes prompts by config.hidden_size; where token embeddings are narrower (OPT-350m), say their width
+    width = model.get_input_embeddings().embedding_dim
     cfg = PromptTuningConfig(
         task_type=TaskType.CAUSAL_LM,
         num_virtual_tokens=num_virtual_tokens,
         prompt_tuning_init=PromptTuningInit.RANDOM if init == "random" else PromptTuningInit.TEXT,
         prompt_tuning_init_text=(init_text or "the cat sat on the mat") if init == "text" else None,
         tokenizer_name_or_path=str(model_dir),
+        token_dim=width if width != getattr(model.config, "hidden_size", width) else None,
     )
     with _quiet():
-        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), cfg)
+        peft_model = get_peft_model(model, cfg)
         if init == "random":
             weight = peft_model.prompt_encoder["default"].embedding.weight
             with torch.no_grad():

@@ -321,7 +321,7 @@ def _engine_versions(model_dir: str | Path, adapter_dir: Path) -> dict[str, str]
     layout = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
     versions = {}
     for name, dtype in _DTYPES.items():
-        store = PromptStore(cfg.hidden_size, dtype, torch.device("cpu"), cfg.max_positions, cfg.vocab_size,
+        store = PromptStore(cfg.embedding_width, dtype, torch.device("cpu"), cfg.max_positions, cfg.vocab_size,
                             embed_tokens=lambda ids: None, kv_layout=layout)
         versions[name] = store.add("trained", adapter_dir).version
     return versions

@@ -66,6 +66,9 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # Phi-2's layout (RoPE over half of each head, parallel attention and MLP, LM-head bias); then q/k LayerNorm, GQA
     "phi": ("phi", {}),
     "phi_qk_norm_gqa": ("phi", {"qk_layernorm": True, "num_key_value_heads": 2}),
+    # OPT: pre-norm (opt-125m and most); post-norm with narrower embeddings projected in and out (opt-350m)
+    "opt": ("opt", {}),
+    "opt_post_norm": ("opt", {"do_layer_norm_before": False, "word_embed_proj_dim": 32}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -8,8 +8,10 @@ from softprompt import Engine, Request, SamplingParams
 from softprompt.testing import build_prompt_tensor
 
 
-def register_tasks(engines: list[Engine], num_tasks: int, hidden: int = 64, base_len: int = 3) -> list[str]:
-    """The same tasks (random soft prompts of varied lengths, one text prompt) in every engine."""
+def register_tasks(engines: list[Engine], num_tasks: int, hidden: int | None = None, base_len: int = 3) -> list[str]:
+    """The same tasks (random soft prompts of varied lengths, one text prompt) in every engine. `hidden`: the
+    prompts' width (default: the model's token-embedding width)."""
+    hidden = hidden or engines[0].config.embedding_width
     names = []
     for t in range(num_tasks):
         name = f"task{t}"

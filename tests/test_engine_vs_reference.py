@@ -12,8 +12,8 @@ from softprompt import Engine, Request, SamplingParams
 from .runtime_helpers import assert_no_leaks, make_requests, register_tasks, run
 
 ARCHS = ["llama", "qwen2", "qwen3", "phi3_longrope", "mistral_window", "ministral", "smollm3", "mixtral", "qwen2_moe",
-         "qwen3_moe", "gemma", "gemma2", "gemma3", "pythia", "phi", "phi_qk_norm_gqa", "gpt2", "gpt2_inverse_scale",
-         "bloom"]
+         "qwen3_moe", "gemma", "gemma2", "gemma3", "pythia", "phi", "phi_qk_norm_gqa", "opt", "opt_post_norm", "gpt2",
+         "gpt2_inverse_scale", "bloom"]
 LOGIT_ATOL = 1e-4  # fp32: only summation order differs (batched SDPA over packed items vs per-request matmul)
 
 
@@ -130,7 +130,7 @@ def test_preemption_by_recompute(variant, model_dir_for):
 @pytest.mark.parametrize("variant", ARCHS)
 def test_scores_and_logprobs_close_to_reference(variant, engines):
     ref, eng = engines(variant)
-    prompt = torch.randn(9, 64, generator=torch.Generator().manual_seed(8))
+    prompt = torch.randn(9, eng.config.embedding_width, generator=torch.Generator().manual_seed(8))
     ref.add_prompt("s", prompt, replace=True), eng.add_prompt("s", prompt, replace=True)
     conts = [[10, 11, 12], [13], [400, 401]]
     torch.testing.assert_close(torch.tensor(eng.score("s", [5, 6, 7, 8], conts)),

@@ -7,6 +7,7 @@ from .gemma import GemmaForCausalLM
 from .gpt2 import GPT2LMHeadModel
 from .gpt_neox import GPTNeoXForCausalLM
 from .llama import LlamaForCausalLM
+from .opt import OPTForCausalLM
 from .phi import PhiForCausalLM
 
 MODEL_CLASSES: dict[str, type[CausalLM]] = {
@@ -14,9 +15,11 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "gemma": GemmaForCausalLM,
     "gpt_neox": GPTNeoXForCausalLM,
     "phi": PhiForCausalLM,
+    "opt": OPTForCausalLM,
     "gpt2": GPT2LMHeadModel,
     "bloom": BloomForCausalLM,
 }
 
 __all__ = ["Attention", "CausalLM", "MODEL_CLASSES", "BloomForCausalLM", "GPT2LMHeadModel", "GemmaForCausalLM",
-           "GPTNeoXForCausalLM", "LlamaForCausalLM", "PhiForCausalLM"]
+           "GPTNeoXForCausalLM", "LlamaForCausalLM", "OPTForCausalLM",
+           "PhiForCausalLM"]

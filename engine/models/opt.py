@@ -1,0 +1,129 @@
+"""OPT (`opt`: facebook/opt-125m ... opt-66b): learned positions (table offset by 2), LayerNorm, ReLU MLP, biases;
+pre-norm, or post-norm as opt-350m has it (`do_layer_norm_before=False`), whose embeddings are narrower than the
+model (`word_embed_proj_dim`: projected in after the embedding and out before the LM head)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .base import CausalLM, Layer0Input, Layer0Norms
+from .common import Attention, activation
+from .linear import Linear, linear
+from .llama import _fuse
+
+POSITION_OFFSET = 2  # OPT's position table starts two rows in
+
+
+class OPTAttention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        width = c.num_heads * c.head_dim
+        self.q_proj = Linear(c.hidden_size, width, bias=c.qkv_bias)
+        self.k_proj = Linear(c.hidden_size, width, bias=c.qkv_bias)
+        self.v_proj = Linear(c.hidden_size, width, bias=c.qkv_bias)
+        self.out_proj = Linear(width, c.hidden_size, bias=c.o_bias)
+        self.qkv_weight: Tensor | None = None
+        self.qkv_bias: Tensor | None = None
+
+    def fuse(self, transposed: bool) -> None:
+        self.qkv_weight, self.qkv_bias = _fuse([self.q_proj, self.k_proj, self.v_proj], transposed)
+
+
+class OPTLayer(nn.Module):
+    def __init__(self, c: ModelConfig, affine: bool):
+        super().__init__()
+        self.self_attn = OPTAttention(c)
+        self.self_attn_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps, elementwise_affine=affine)
+        self.fc1 = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.fc2 = Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+        self.final_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps, elementwise_affine=affine)
+
+
+class OPTDecoder(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        hf = c.hf_config
+        affine = bool(getattr(hf, "layer_norm_elementwise_affine", True))
+        embed_dim = c.embedding_width
+        self.embed_tokens = nn.Embedding(c.vocab_size, embed_dim)
+        self.embed_positions = nn.Embedding(c.max_positions + POSITION_OFFSET, c.hidden_size)
+        if embed_dim != c.hidden_size:
+            self.project_in = Linear(embed_dim, c.hidden_size, bias=False)
+            self.project_out = Linear(c.hidden_size, embed_dim, bias=False)
+        self.layers = nn.ModuleList(OPTLayer(c, affine) for _ in range(c.num_layers))
+        if not c.post_layer_norm and not getattr(hf, "_remove_final_layer_norm", False):
+            self.final_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps, elementwise_affine=affine)
+
+
+class OPTBackbone(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.decoder = OPTDecoder(c)
+
+
+class OPTForCausalLM(CausalLM):
+    key_prefix = "model."
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.model = OPTBackbone(config)
+        decoder = self.model.decoder
+        self.lm_head = Linear(config.embedding_width, config.vocab_size, bias=False)
+        # layer 0's input is LayerNorm(embedding + position) only pre-norm, at the model's width, with a gain
+        self.fused_layer0 = (not config.post_layer_norm and not hasattr(decoder, "project_in")
+                             and decoder.layers[0].self_attn_layer_norm.weight is not None)
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.model.decoder.embed_tokens
+
+    def prepare_for_inference(self, device: torch.device) -> None:
+        transposed = self.fp32_on_cpu(device)
+        for layer in self.model.decoder.layers:
+            layer.self_attn.fuse(transposed)
+        super().prepare_for_inference(device)
+
+    def layer0_norms(self) -> Layer0Norms:
+        decoder = self.model.decoder
+        ln, attn = decoder.layers[0].self_attn_layer_norm, decoder.layers[0].self_attn
+        positions = decoder.embed_positions.weight[POSITION_OFFSET:]  # row p: position p
+        return Layer0Norms(positions, None, (ln.weight, ln.bias, ln.eps, "layer"), (attn.qkv_weight, attn.qkv_bias))
+
+    def forward(
+        self, embeds: Tensor | None, positions: Tensor, attention: Attention, layer0: Layer0Input | None = None
+    ) -> Tensor:
+        c = self.config
+        t = positions.shape[0]
+        decoder = self.model.decoder
+        width = c.num_heads * c.head_dim
+        if layer0 is None:
+            if hasattr(decoder, "project_in"):
+                embeds = decoder.project_in(embeds)
+            h = embeds + decoder.embed_positions(positions + POSITION_OFFSET)  # soft-prompt rows too, as in PEFT
+        else:
+            h = layer0.residual
+        for i, layer in enumerate(decoder.layers):
+            a = layer.self_attn
+            if i == 0 and layer0 is not None and layer0.qkv is not None:
+                qkv = layer0.qkv
+            elif c.post_layer_norm:
+                qkv = linear(h, a.qkv_weight, a.qkv_bias)
+            else:
+                x = layer0.normed if (i == 0 and layer0 is not None) else layer.self_attn_layer_norm(h)
+                qkv = linear(x, a.qkv_weight, a.qkv_bias)
+            q = qkv[:, :width] * c.head_dim**-0.5  # HF scales the queries, then attends unscaled
+            k, v = qkv[:, width:2 * width], qkv[:, 2 * width:]
+            shape = (t, c.num_heads, c.head_dim)
+            h = a.out_proj(attention(i, q.reshape(shape), k.reshape(shape), v.reshape(shape)).reshape(t, width)) + h
+            if c.post_layer_norm:
+                h = layer.self_attn_layer_norm(h)
+                h = layer.final_layer_norm(layer.fc2(activation(c.hidden_act, layer.fc1(h))) + h)
+            else:
+                h = layer.fc2(activation(c.hidden_act, layer.fc1(layer.final_layer_norm(h)))) + h
+        if hasattr(decoder, "final_layer_norm"):
+            h = decoder.final_layer_norm(h)
+        if hasattr(decoder, "project_out"):
+            h = decoder.project_out(h)
+        return h
