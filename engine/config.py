@@ -16,7 +16,7 @@ ARCH_FAMILIES = {
     "llama": "llama", "mistral": "llama", "ministral": "llama", "qwen2": "llama", "qwen3": "llama", "phi3": "llama",
     "smollm3": "llama", "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
-    "phi": "phi", "opt": "opt", "gpt2": "gpt2", "bloom": "bloom",
+    "phi": "phi", "opt": "opt", "gpt2": "gpt2", "gpt_bigcode": "gpt_bigcode", "bloom": "bloom",
 }
 # longrope's frequencies are static up to original_max_position_embeddings, where the sequence length is capped;
 # dynamic NTK's equal the default ones up to max_position_embeddings (HF rescales only past it, never reached here)
@@ -41,7 +41,7 @@ class MoEConfig:
 class ModelConfig:
     """What our model implementations need, independent of the HF config class."""
 
-    family: str  # "llama" | "gemma" | "gpt_neox" | "phi" | "opt" | "gpt2" | "bloom"
+    family: str  # "llama" | "gemma" | "gpt_neox" | "phi" | "opt" | "gpt2" | "gpt_bigcode" | "bloom"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -160,7 +160,8 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
     family = ARCH_FAMILIES[model_type]
     try:
         cfg = {"llama": _llama_config, "gemma": _gemma_config, "gpt_neox": _gpt_neox_config, "phi": _phi_config,
-               "opt": _opt_config, "gpt2": _gpt2_config, "bloom": _bloom_config}[family](hf, model_type)
+               "opt": _opt_config, "gpt2": _gpt2_config, "gpt_bigcode": _gpt2_config,
+               "bloom": _bloom_config}[family](hf, model_type)
     except (AttributeError, TypeError, KeyError) as exc:
         raise CheckpointError(f"{model_dir}/config.json lacks a field the {model_type} model needs: {exc}") from exc
     _check(cfg)
@@ -366,15 +367,16 @@ def _opt_config(hf: Any, model_type: str) -> ModelConfig:
 
 
 def _gpt2_config(hf: Any, model_type: str) -> ModelConfig:
+    """GPT-2's config, and GPTBigCode's (the same fields, and multi_query)."""
     head_dim = hf.n_embd // hf.n_head
     return ModelConfig(
-        family="gpt2",
+        family=ARCH_FAMILIES[model_type],
         model_type=model_type,
         vocab_size=hf.vocab_size,
         hidden_size=hf.n_embd,
         num_layers=hf.n_layer,
         num_heads=hf.n_head,
-        num_kv_heads=hf.n_head,
+        num_kv_heads=1 if getattr(hf, "multi_query", False) else hf.n_head,
         head_dim=head_dim,
         intermediate_size=hf.n_inner or 4 * hf.n_embd,
         max_positions=hf.n_positions,

@@ -23,7 +23,7 @@ __all__ = [
 
 SUPPORTED_TINY_ARCHS: tuple[str, ...] = ("llama", "mistral", "ministral", "mixtral", "qwen2", "qwen2_moe", "qwen3",
                                          "qwen3_moe", "phi3", "smollm3", "gemma", "gemma2", "gemma3_text", "gemma3",
-                                         "gpt_neox", "phi", "opt", "gpt2", "bloom")
+                                         "gpt_neox", "phi", "opt", "gpt2", "gpt_bigcode", "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -174,8 +174,8 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
         kw = dict(hidden_size=hidden_size, word_embed_proj_dim=hidden_size, num_hidden_layers=num_layers,
                   num_attention_heads=num_heads, ffn_dim=inter, max_position_embeddings=max_positions, dropout=0.0,
                   attention_dropout=0.0)
-    elif arch == "gpt2":
-        cls = transformers.GPT2Config
+    elif arch in ("gpt2", "gpt_bigcode"):
+        cls = transformers.GPT2Config if arch == "gpt2" else transformers.GPTBigCodeConfig
         kw = dict(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=max_positions, n_inner=inter,
                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0)
     elif arch == "bloom":

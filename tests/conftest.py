@@ -69,6 +69,9 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # OPT: pre-norm (opt-125m and most); post-norm with narrower embeddings projected in and out (opt-350m)
     "opt": ("opt", {}),
     "opt_post_norm": ("opt", {"do_layer_norm_before": False, "word_embed_proj_dim": 32}),
+    # GPTBigCode (StarCoder 1, SantaCoder): multi-query attention; then per-head fused q/k/v rows without it
+    "gpt_bigcode": ("gpt_bigcode", {}),
+    "gpt_bigcode_mha": ("gpt_bigcode", {"multi_query": False}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

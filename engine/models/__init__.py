@@ -4,7 +4,7 @@ from .base import CausalLM
 from .bloom import BloomForCausalLM
 from .common import Attention
 from .gemma import GemmaForCausalLM
-from .gpt2 import GPT2LMHeadModel
+from .gpt2 import GPT2LMHeadModel, GPTBigCodeForCausalLM
 from .gpt_neox import GPTNeoXForCausalLM
 from .llama import LlamaForCausalLM
 from .opt import OPTForCausalLM
@@ -17,9 +17,11 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "phi": PhiForCausalLM,
     "opt": OPTForCausalLM,
     "gpt2": GPT2LMHeadModel,
+    "gpt_bigcode": GPTBigCodeForCausalLM,
     "bloom": BloomForCausalLM,
 }
 
-__all__ = ["Attention", "CausalLM", "MODEL_CLASSES", "BloomForCausalLM", "GPT2LMHeadModel", "GemmaForCausalLM",
+__all__ = ["Attention", "CausalLM", "MODEL_CLASSES", "BloomForCausalLM", "GPT2LMHeadModel", "GPTBigCodeForCausalLM",
+           "GemmaForCausalLM",
            "GPTNeoXForCausalLM", "LlamaForCausalLM", "OPTForCausalLM",
            "PhiForCausalLM"]

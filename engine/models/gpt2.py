@@ -1,4 +1,5 @@
-"""GPT-2: learned positions, LayerNorm, GELU, Conv1D weights (transposed to Linear at load)."""
+"""GPT-2: learned positions, LayerNorm, GELU, Conv1D weights (transposed to Linear at load). GPTBigCode
+(StarCoder 1, SantaCoder): GPT-2's layout in nn.Linear weights, with multi-query attention (one K/V head)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from .linear import Linear
 class GPT2Attention(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
-        self.c_attn = Linear(c.hidden_size, 3 * c.hidden_size)
+        self.c_attn = Linear(c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim)
         self.c_proj = Linear(c.hidden_size, c.hidden_size)
 
 
@@ -80,11 +81,25 @@ class GPT2LMHeadModel(CausalLM):
                 qkv = layer0.qkv
             else:
                 qkv = block.attn.c_attn(layer0.normed if (i == 0 and layer0 is not None) else block.ln_1(h))
-            q, k, v = qkv.split(c.hidden_size, dim=-1)
-            shape = (t, c.num_heads, c.head_dim)
+            kv_width = c.num_kv_heads * c.head_dim
+            q, k, v = qkv.split([c.hidden_size, kv_width, kv_width], dim=-1)
             if c.inverse_layer_scale and i > 0:  # scores / (i + 1), as the scaled query's dot products
                 q = q / (i + 1)
-            out = attention(i, q.reshape(shape), k.reshape(shape), v.reshape(shape))
+            kv_shape = (t, c.num_kv_heads, c.head_dim)
+            out = attention(i, q.reshape(t, c.num_heads, c.head_dim), k.reshape(kv_shape), v.reshape(kv_shape))
             h = h + block.attn.c_proj(out.reshape(t, c.hidden_size))
             h = h + block.mlp(block.ln_2(h))
         return self.transformer.ln_f(h)
+
+
+class GPTBigCodeForCausalLM(GPT2LMHeadModel):
+    transposed_weight_suffixes = ()  # nn.Linear weights
+    ignored_key_suffixes = ()
+
+    def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
+        """Without multi-query, c_attn's rows are per head ([H, (q, k, v), D]): reordered to [(q, k, v), H, D]."""
+        c = self.config
+        if c.num_kv_heads == c.num_heads and key.endswith(("attn.c_attn.weight", "attn.c_attn.bias")):
+            rest = tensor.shape[1:]
+            tensor = tensor.view(c.num_heads, 3, c.head_dim, *rest).transpose(0, 1).reshape(-1, *rest)
+        return [(key, tensor)]
