@@ -36,7 +36,9 @@ from .models import CausalLM
 from .models.base import Layer0Input
 from .sequence import Sequence
 
-Layer0Fn = Callable[[Tensor, Tensor], Layer0Input]  # (token ids, positions) -> layer 0's input
+# (token ids, positions) -> layer 0's input from a fused kernel, or the token embeddings (a model whose embedding
+# step no fused kernel computes takes them as `embeds`)
+Layer0Fn = Callable[[Tensor, Tensor], Layer0Input | Tensor]
 
 
 def bucket_sizes(max_num_seqs: int) -> list[int]:
@@ -213,7 +215,10 @@ class DecodeGraphs:
         attention = TritonPagedAttention.static_decode(
             self.pool, c.attention_scale, self.model.alibi, positions, getattr(self.model, "rope_tables", None),
             b.slots[:size], b.perm[:size], b.inverse[:size], decode_args, c.layer_windows, c.attention_softcap)
-        return self.model(None, positions, attention, self.layer0(b.ids[:size], positions))
+        first = self.layer0(b.ids[:size], positions)
+        if isinstance(first, Tensor):
+            return self.model(first, positions, attention)
+        return self.model(None, positions, attention, first)
 
     def _capture(self, size: int) -> None:
         stream = torch.cuda.Stream(self.device)

@@ -41,7 +41,7 @@ class ModelRunner:
             if self.fuse_layer0:
                 layer0 = lambda ids, positions: self._fused_layer0(ids, None, positions)  # noqa: E731
             else:
-                layer0 = lambda ids, positions: Layer0Input(model.embed_tokens(ids))  # noqa: E731
+                layer0 = lambda ids, positions: model.embed_tokens(ids)  # noqa: E731
             self.decode_graphs = DecodeGraphs(model, pool, layer0, decode_graphs_for, self.device)
             self.decode_graphs.capture_all()
 

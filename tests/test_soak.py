@@ -17,7 +17,6 @@ from softprompt.testing import build_prompt_tensor
 
 from .runtime_helpers import assert_no_leaks
 
-HIDDEN = 64
 
 
 def _params(rng: random.Random, has_tokenizer: bool) -> SamplingParams:
@@ -55,7 +54,7 @@ def soak(model_dir, seed: int, steps: int, backend: str = "torch", device: str =
 
     def new_version(name: str | None = None) -> None:
         nonlocal made
-        tensor = build_prompt_tensor(HIDDEN, rng.randint(1, 21), seed=seed * 1000 + made)
+        tensor = build_prompt_tensor(eng.config.embedding_width, rng.randint(1, 21), seed=seed * 1000 + made)
         made += 1
         if name is None:
             name = f"t{made}"

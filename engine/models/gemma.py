@@ -128,11 +128,11 @@ class GemmaForCausalLM(CausalLM):
     def forward(
         self, embeds: Tensor | None, positions: Tensor, attention: Attention, layer0: Layer0Input | None = None
     ) -> Tensor:
-        """`layer0`, where given, holds only the embedded input (`residual`): no fused kernel runs for Gemma."""
+        """No fused kernel computes Gemma's layer-0 input (`fused_layer0` is False): `layer0` is never given."""
         c = self.config
         t = positions.shape[0]
         qk_width = (c.num_heads + c.num_kv_heads) * c.head_dim
-        h = embeds if layer0 is None else layer0.residual
+        h = embeds
         rope_rows: dict[int, tuple[Tensor, Tensor]] = {}
         for i, layer in enumerate(self.model.layers):
             a = layer.self_attn
