@@ -18,7 +18,6 @@ from softprompt.testing import build_prompt_tensor
 from .runtime_helpers import assert_no_leaks
 
 
-
 def _params(rng: random.Random, has_tokenizer: bool) -> SamplingParams:
     kind = rng.random()
     max_new = rng.randint(1, 14)
