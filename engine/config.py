@@ -14,7 +14,7 @@ from .sampling import SamplingParams
 # model_type -> our architecture family
 ARCH_FAMILIES = {
     "llama": "llama", "mistral": "llama", "ministral": "llama", "qwen2": "llama", "qwen3": "llama", "phi3": "llama",
-    "smollm3": "llama", "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama",
+    "smollm3": "llama", "granite": "llama", "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "opt": "opt", "gpt2": "gpt2", "gpt_bigcode": "gpt_bigcode", "bloom": "bloom",
 }
@@ -62,6 +62,11 @@ class ModelConfig:
     rotary_dim: int = 0  # RoPE rotates each head's first rotary_dim channels (Phi-3's partial_rotary_factor); 0: all
     nope_layers: tuple[int, ...] = ()  # the layers that apply no RoPE at all (SmolLM3's NoPE layers)
     moe: MoEConfig | None = None  # a sparse mixture-of-experts MLP in (some) layers
+    # Granite's multipliers: input embeddings (soft-prompt rows too) x embedding_multiplier, each sublayer's output
+    # x residual_multiplier before its residual add, logits / logits_divisor
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_divisor: float = 1.0
     # per layer: a query sees the keys of the last `w` positions, itself included (sliding-window attention); 0: all
     layer_windows: tuple[int, ...] = ()
     sandwich_norms: bool = False  # Gemma 3: a norm after attention and norms before and after the MLP
@@ -243,7 +248,10 @@ def _llama_config(hf: Any, model_type: str) -> ModelConfig:
         nope_layers=nope_layers if model_type == "smollm3" else (),
         moe=_moe_config(hf, model_type),
         layer_windows=windows,
-        attention_scale=head_dim**-0.5,
+        attention_scale=float(hf.attention_multiplier) if model_type == "granite" else head_dim**-0.5,
+        embedding_multiplier=float(getattr(hf, "embedding_multiplier", 1.0)) if model_type == "granite" else 1.0,
+        residual_multiplier=float(getattr(hf, "residual_multiplier", 1.0)) if model_type == "granite" else 1.0,
+        logits_divisor=float(getattr(hf, "logits_scaling", 1.0)) if model_type == "granite" else 1.0,
     )
 
 

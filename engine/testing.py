@@ -21,9 +21,9 @@ __all__ = [
     "hf_peft_reference", "tiny_model_with_adapters",
 ]
 
-SUPPORTED_TINY_ARCHS: tuple[str, ...] = ("llama", "mistral", "ministral", "mixtral", "qwen2", "qwen2_moe", "qwen3",
-                                         "qwen3_moe", "phi3", "smollm3", "gemma", "gemma2", "gemma3_text", "gemma3",
-                                         "gpt_neox", "phi", "opt", "gpt2", "gpt_bigcode", "bloom")
+SUPPORTED_TINY_ARCHS: tuple[str, ...] = ("llama", "mistral", "ministral", "granite", "mixtral", "qwen2", "qwen2_moe",
+                                         "qwen3", "qwen3_moe", "phi3", "smollm3", "gemma", "gemma2", "gemma3_text",
+                                         "gemma3", "gpt_neox", "phi", "opt", "gpt2", "gpt_bigcode", "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -117,13 +117,14 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
     import transformers
 
     ids = dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-    untied = ("llama", "mistral", "ministral", "mixtral", "qwen2_moe", "qwen3_moe", "phi3", "gpt_neox", "phi")
+    untied = ("llama", "mistral", "ministral", "granite", "mixtral", "qwen2_moe", "qwen3_moe", "phi3", "gpt_neox", "phi")
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
-    if arch in ("llama", "mistral", "ministral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3",
+    if arch in ("llama", "mistral", "ministral", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3",
                 "smollm3"):
         cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-               "ministral": transformers.MinistralConfig, "mixtral": transformers.MixtralConfig,
+               "ministral": transformers.MinistralConfig, "granite": transformers.GraniteConfig,
+               "mixtral": transformers.MixtralConfig,
                "qwen2": transformers.Qwen2Config, "qwen2_moe": transformers.Qwen2MoeConfig,
                "qwen3": transformers.Qwen3Config, "qwen3_moe": transformers.Qwen3MoeConfig,
                "phi3": transformers.Phi3Config, "smollm3": transformers.SmolLM3Config}[arch]

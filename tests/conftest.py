@@ -72,6 +72,9 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # GPTBigCode (StarCoder 1, SantaCoder): multi-query attention; then per-head fused q/k/v rows without it
     "gpt_bigcode": ("gpt_bigcode", {}),
     "gpt_bigcode_mha": ("gpt_bigcode", {"multi_query": False}),
+    # Granite: embeddings (prompt rows too), residual branches and logits scaled; its own attention scale
+    "granite": ("granite", {"embedding_multiplier": 3.0, "residual_multiplier": 0.5, "logits_scaling": 2.0,
+                            "attention_multiplier": 0.2}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -96,8 +96,11 @@ class CausalLM(nn.Module):
         raise NotImplementedError
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
-        """LM head in the model dtype, logits returned in fp32."""
-        return self.lm_head_module(hidden).float()
+        """LM head in the model dtype, logits returned in fp32 (divided by Granite's logits_scaling first)."""
+        logits = self.lm_head_module(hidden)
+        if self.config.logits_divisor != 1.0:
+            logits = logits / self.config.logits_divisor
+        return logits.float()
 
     def init_buffers(self, device: torch.device) -> None:
         """Create non-persistent buffers (RoPE frequencies, ALiBi slopes) after the weights are loaded."""

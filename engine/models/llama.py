@@ -1,6 +1,7 @@
-"""Llama family: Llama 2/3, Mistral, Ministral, Qwen2, Qwen3, Phi-3, SmolLM3 (RoPE, GQA, RMSNorm, SwiGLU; Qwen3
-norms q and k per head; Phi-3 stores q/k/v and gate/up fused and may rotate part of each head; SmolLM3 leaves RoPE
-out of some layers)."""
+"""Llama family: Llama 2/3, Mistral, Ministral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, and the mixtures of experts
+Mixtral, Qwen2-MoE, Qwen3-MoE (RoPE, GQA, RMSNorm, SwiGLU; Qwen3 norms q and k per head; Phi-3 stores q/k/v and
+gate/up fused and may rotate part of each head; SmolLM3 leaves RoPE out of some layers; Granite scales embeddings,
+residual branches and logits)."""
 
 from __future__ import annotations
 
@@ -96,6 +97,7 @@ class LlamaForCausalLM(RotaryCausalLM):
         super().__init__(config)
         self.model = LlamaBackbone(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.fused_layer0 = config.embedding_multiplier == 1.0  # (the fused input kernels do not scale)
 
     @property
     def word_embeddings(self) -> nn.Embedding:
@@ -144,6 +146,9 @@ class LlamaForCausalLM(RotaryCausalLM):
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         qk_width = (c.num_heads + c.num_kv_heads) * c.head_dim
         h = embeds if layer0 is None else layer0.residual
+        if c.embedding_multiplier != 1.0:  # Granite (no fused layer-0 input then)
+            h = h * c.embedding_multiplier
+        r = c.residual_multiplier
         for i, layer in enumerate(self.model.layers):
             a = layer.self_attn
             if i == 0 and layer0 is not None and layer0.qkv is not None:
@@ -159,6 +164,8 @@ class LlamaForCausalLM(RotaryCausalLM):
             q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
             v = qkv[:, qk_width:].view(t, c.num_kv_heads, c.head_dim)
             # residual sums land in the projections' fresh outputs (o + h == h + o, bit for bit)
-            h = a.o_proj(attention(i, q, k, v).reshape(t, c.num_heads * c.head_dim)).add_(h)
-            h = layer.mlp(layer.post_attention_layernorm(h)).add_(h)
+            out = a.o_proj(attention(i, q, k, v).reshape(t, c.num_heads * c.head_dim))
+            h = (out if r == 1.0 else out.mul_(r)).add_(h)
+            out = layer.mlp(layer.post_attention_layernorm(h))
+            h = (out if r == 1.0 else out.mul_(r)).add_(h)
         return self.model.norm(h)
