@@ -117,11 +117,12 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
     import transformers
 
     ids = dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-    untied = ("llama", "mistral", "ministral", "granite", "mixtral", "qwen2_moe", "qwen3_moe", "phi3", "gpt_neox", "phi")
+    untied = ("llama", "mistral", "ministral", "granite", "mixtral", "qwen2_moe", "qwen3_moe", "phi3", "gpt_neox",
+              "phi")
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
-    if arch in ("llama", "mistral", "ministral", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3",
-                "smollm3"):
+    if arch in ("llama", "mistral", "ministral", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
+                "phi3", "smollm3"):
         cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                "ministral": transformers.MinistralConfig, "granite": transformers.GraniteConfig,
                "mixtral": transformers.MixtralConfig,
