@@ -75,6 +75,10 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # Granite: embeddings (prompt rows too), residual branches and logits scaled; its own attention scale
     "granite": ("granite", {"embedding_multiplier": 3.0, "residual_multiplier": 0.5, "logits_scaling": 2.0,
                             "attention_multiplier": 0.2}),
+    # StableLM: StableLM 2 1.6B's options (qkv bias, serial); then StableLM 2 12B's (parallel, per-head q/k norms, GQA)
+    "stablelm": ("stablelm", {"use_qkv_bias": True}),
+    "stablelm_parallel": ("stablelm", {"use_parallel_residual": True, "qk_layernorm": True,
+                                       "num_key_value_heads": 2}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -9,12 +9,14 @@ from .gpt_neox import GPTNeoXForCausalLM
 from .llama import LlamaForCausalLM
 from .opt import OPTForCausalLM
 from .phi import PhiForCausalLM
+from .stablelm import StableLmForCausalLM
 
 MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "llama": LlamaForCausalLM,
     "gemma": GemmaForCausalLM,
     "gpt_neox": GPTNeoXForCausalLM,
     "phi": PhiForCausalLM,
+    "stablelm": StableLmForCausalLM,
     "opt": OPTForCausalLM,
     "gpt2": GPT2LMHeadModel,
     "gpt_bigcode": GPTBigCodeForCausalLM,
@@ -24,4 +26,4 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
 __all__ = ["Attention", "CausalLM", "MODEL_CLASSES", "BloomForCausalLM", "GPT2LMHeadModel", "GPTBigCodeForCausalLM",
            "GemmaForCausalLM",
            "GPTNeoXForCausalLM", "LlamaForCausalLM", "OPTForCausalLM",
-           "PhiForCausalLM"]
+           "PhiForCausalLM", "StableLmForCausalLM"]

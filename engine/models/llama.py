@@ -92,10 +92,11 @@ class LlamaBackbone(nn.Module):
 class LlamaForCausalLM(RotaryCausalLM):
     key_prefix = "model."
     ignored_key_suffixes = ("rotary_emb.inv_freq",)
+    backbone_class: type[nn.Module] = LlamaBackbone
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
-        self.model = LlamaBackbone(config)
+        self.model = self.backbone_class(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.fused_layer0 = config.embedding_multiplier == 1.0  # (the fused input kernels do not scale)
 
@@ -134,7 +135,9 @@ class LlamaForCausalLM(RotaryCausalLM):
     def layer0_norms(self) -> Layer0Norms:
         layer = self.model.layers[0]
         norm, attn = layer.input_layernorm, layer.self_attn
-        return Layer0Norms(None, None, (norm.weight, None, norm.eps, "rms"), (attn.qkv_weight, attn.qkv_bias))
+        kind = "layer" if isinstance(norm, nn.LayerNorm) else "rms"  # (StableLM's LayerNorm)
+        return Layer0Norms(None, None, (norm.weight, getattr(norm, "bias", None), norm.eps, kind),
+                           (attn.qkv_weight, attn.qkv_bias))
 
     def forward(
         self, embeds: Tensor | None, positions: Tensor, attention: Attention, layer0: Layer0Input | None = None
@@ -153,6 +156,8 @@ class LlamaForCausalLM(RotaryCausalLM):
             a = layer.self_attn
             if i == 0 and layer0 is not None and layer0.qkv is not None:
                 qkv = layer0.qkv
+                # a parallel MLP takes the normed input too, which the fused QKV kernel never wrote
+                x = layer.input_layernorm(h) if c.parallel_residual else None
             else:
                 x = layer0.normed if (i == 0 and layer0 is not None) else layer.input_layernorm(h)
                 qkv = linear(x, a.qkv_weight, a.qkv_bias)
@@ -165,6 +170,9 @@ class LlamaForCausalLM(RotaryCausalLM):
             v = qkv[:, qk_width:].view(t, c.num_kv_heads, c.head_dim)
             # residual sums land in the projections' fresh outputs (o + h == h + o, bit for bit)
             out = a.o_proj(attention(i, q, k, v).reshape(t, c.num_heads * c.head_dim))
+            if c.parallel_residual:  # StableLM: h + attn(ln(h)) + mlp(ln(h)), summed in HF's order
+                h = (h + out).add_(layer.mlp(x))
+                continue
             h = (out if r == 1.0 else out.mul_(r)).add_(h)
             out = layer.mlp(layer.post_attention_layernorm(h))
             h = (out if r == 1.0 else out.mul_(r)).add_(h)

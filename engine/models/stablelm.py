@@ -1,0 +1,55 @@
+"""StableLM (`stablelm`: StableLM-3B-4E1T, StableLM 2): the Llama layout with LayerNorm (with bias), RoPE over
+part of each head, optional q/k/v bias, optional parallel residual (attention and MLP on one normed input) and
+optional per-head q/k LayerNorm (each head its own gain, no bias)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
+
+
+class PerHeadLayerNorm(nn.Module):
+    """A bias-free LayerNorm of its own for each head of [T, H, D] (checkpoint keys `norms.{h}.weight`)."""
+
+    def __init__(self, num_heads: int, dim: int, eps: float):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(dim, eps=eps, bias=False) for _ in range(num_heads))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        gains = torch.stack([norm.weight for norm in self.norms])
+        return F.layer_norm(x, x.shape[-1:], eps=self.eps) * gains
+
+
+class StableLmLayer(nn.Module):
+    def __init__(self, c: ModelConfig, index: int):
+        super().__init__()
+        self.self_attn = LlamaAttention(replace(c, qk_norm=False))
+        if c.qk_norm:
+            self.self_attn.q_norm = PerHeadLayerNorm(c.num_heads, c.head_dim, c.norm_eps)
+            self.self_attn.k_norm = PerHeadLayerNorm(c.num_kv_heads, c.head_dim, c.norm_eps)
+        self.mlp = LlamaMLP(c)
+        self.input_layernorm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
+        if not c.parallel_residual:
+            self.post_attention_layernorm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
+
+
+class StableLmBackbone(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(StableLmLayer(c, i) for i in range(c.num_layers))
+        self.norm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
+
+
+class StableLmForCausalLM(LlamaForCausalLM):
+    backbone_class = StableLmBackbone
+
+    def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
+        return [(key.replace(".q_layernorm.", ".q_norm.").replace(".k_layernorm.", ".k_norm."), tensor)]
