@@ -16,7 +16,7 @@ ARCH_FAMILIES = {
     "llama": "llama", "mistral": "llama", "ministral": "llama", "qwen2": "llama", "qwen3": "llama", "phi3": "llama",
     "smollm3": "llama", "granite": "llama", "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
-    "phi": "phi", "stablelm": "stablelm", "opt": "opt", "gpt2": "gpt2", "gpt_bigcode": "gpt_bigcode", "bloom": "bloom",
+    "phi": "phi", "stablelm": "stablelm", "starcoder2": "starcoder2", "opt": "opt", "gpt2": "gpt2", "gpt_bigcode": "gpt_bigcode", "bloom": "bloom",
 }
 # longrope's frequencies are static up to original_max_position_embeddings, where the sequence length is capped;
 # dynamic NTK's equal the default ones up to max_position_embeddings (HF rescales only past it, never reached here)
@@ -41,7 +41,8 @@ class MoEConfig:
 class ModelConfig:
     """What our model implementations need, independent of the HF config class."""
 
-    family: str  # "llama" | "stablelm" | "gemma" | "gpt_neox" | "phi" | "opt" | "gpt2" | "gpt_bigcode" | "bloom"
+    family: str  # "llama" | "stablelm" | "starcoder2" | "gemma" | "gpt_neox" | "phi" | "opt" | "gpt2" | "gpt_bigcode"
+    # | "bloom"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -164,7 +165,8 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
         raise CheckpointError(f"{model_dir}/config.json could not be parsed as a {model_type} config: {exc}") from exc
     family = ARCH_FAMILIES[model_type]
     try:
-        cfg = {"llama": _llama_config, "stablelm": _stablelm_config, "gemma": _gemma_config,
+        cfg = {"llama": _llama_config, "stablelm": _stablelm_config, "starcoder2": _starcoder2_config,
+               "gemma": _gemma_config,
                "gpt_neox": _gpt_neox_config, "phi": _phi_config,
                "opt": _opt_config, "gpt2": _gpt2_config, "gpt_bigcode": _gpt2_config,
                "bloom": _bloom_config}[family](hf, model_type)
@@ -358,6 +360,24 @@ def _stablelm_config(hf: Any, model_type: str) -> ModelConfig:
         qk_norm=bool(getattr(hf, "qk_layernorm", False)),
         rotary_dim=int(head_dim * rope.get("partial_rotary_factor", 1.0)),
         parallel_residual=bool(getattr(hf, "use_parallel_residual", False)),
+        attention_scale=head_dim**-0.5,
+    )
+
+
+def _starcoder2_config(hf: Any, model_type: str) -> ModelConfig:
+    head_dim = hf.hidden_size // hf.num_attention_heads
+    window = getattr(hf, "sliding_window", None)
+    bias = bool(getattr(hf, "use_bias", True))
+    return ModelConfig(
+        family="starcoder2",
+        **_decoder_fields(hf, model_type, head_dim, norm_eps=hf.norm_epsilon),
+        max_positions=hf.max_position_embeddings,
+        hidden_act=hf.hidden_act,
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=bias,
+        layer_windows=(int(window),) * hf.num_hidden_layers if window and window < hf.max_position_embeddings else (),
         attention_scale=head_dim**-0.5,
     )
 

@@ -79,6 +79,8 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "stablelm": ("stablelm", {"use_qkv_bias": True}),
     "stablelm_parallel": ("stablelm", {"use_parallel_residual": True, "qk_layernorm": True,
                                        "num_key_value_heads": 2}),
+    # StarCoder2: LayerNorm, biases, GELU MLP, GQA, a sliding window shorter than the tests' sequences
+    "starcoder2": ("starcoder2", {"sliding_window": 7}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -9,7 +9,7 @@ from .gpt_neox import GPTNeoXForCausalLM
 from .llama import LlamaForCausalLM
 from .opt import OPTForCausalLM
 from .phi import PhiForCausalLM
-from .stablelm import StableLmForCausalLM
+from .stablelm import StableLmForCausalLM, Starcoder2ForCausalLM
 
 MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "llama": LlamaForCausalLM,
@@ -17,6 +17,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "gpt_neox": GPTNeoXForCausalLM,
     "phi": PhiForCausalLM,
     "stablelm": StableLmForCausalLM,
+    "starcoder2": Starcoder2ForCausalLM,
     "opt": OPTForCausalLM,
     "gpt2": GPT2LMHeadModel,
     "gpt_bigcode": GPTBigCodeForCausalLM,
@@ -26,4 +27,4 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
 __all__ = ["Attention", "CausalLM", "MODEL_CLASSES", "BloomForCausalLM", "GPT2LMHeadModel", "GPTBigCodeForCausalLM",
            "GemmaForCausalLM",
            "GPTNeoXForCausalLM", "LlamaForCausalLM", "OPTForCausalLM",
-           "PhiForCausalLM", "StableLmForCausalLM"]
+           "PhiForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM"]

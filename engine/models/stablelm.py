@@ -1,6 +1,6 @@
-"""StableLM (`stablelm`: StableLM-3B-4E1T, StableLM 2): the Llama layout with LayerNorm (with bias), RoPE over
-part of each head, optional q/k/v bias, optional parallel residual (attention and MLP on one normed input) and
-optional per-head q/k LayerNorm (each head its own gain, no bias)."""
+"""The Llama layout with LayerNorm (with bias): StableLM (`stablelm`: StableLM-3B-4E1T, StableLM 2; RoPE over part
+of each head, optional q/k/v bias, optional parallel residual (attention and MLP on one normed input), optional
+per-head q/k LayerNorm, each head its own gain) and StarCoder2 (`starcoder2`: biases, a GELU MLP, sliding window)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from .common import activation
+from .linear import Linear
 from .llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 
 
@@ -53,3 +55,38 @@ class StableLmForCausalLM(LlamaForCausalLM):
 
     def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
         return [(key.replace(".q_layernorm.", ".q_norm.").replace(".k_layernorm.", ".k_norm."), tensor)]
+
+
+class Starcoder2MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.c_fc = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.c_proj = Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+        self.act = c.hidden_act
+
+    def fuse(self, transposed: bool) -> None:
+        """(one projection in: nothing to fuse)"""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(activation(self.act, self.c_fc(x)))
+
+
+class Starcoder2Layer(nn.Module):
+    def __init__(self, c: ModelConfig, index: int):
+        super().__init__()
+        self.self_attn = LlamaAttention(c)
+        self.mlp = Starcoder2MLP(c)
+        self.input_layernorm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
+
+
+class Starcoder2Backbone(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Starcoder2Layer(c, i) for i in range(c.num_layers))
+        self.norm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
+
+
+class Starcoder2ForCausalLM(LlamaForCausalLM):
+    backbone_class = Starcoder2Backbone
