@@ -16,7 +16,7 @@ ARCH_FAMILIES = {
     "llama": "llama", "mistral": "llama", "ministral": "llama", "qwen2": "llama", "qwen3": "llama", "phi3": "llama",
     "smollm3": "llama", "granite": "llama", "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
-    "phi": "phi", "stablelm": "stablelm", "starcoder2": "starcoder2", "opt": "opt", "gpt2": "gpt2",
+    "phi": "phi", "stablelm": "stablelm", "starcoder2": "starcoder2", "olmo2": "olmo2", "opt": "opt", "gpt2": "gpt2",
     "gpt_bigcode": "gpt_bigcode", "bloom": "bloom",
 }
 # longrope's frequencies are static up to original_max_position_embeddings, where the sequence length is capped;
@@ -42,8 +42,8 @@ class MoEConfig:
 class ModelConfig:
     """What our model implementations need, independent of the HF config class."""
 
-    family: str  # "llama" | "stablelm" | "starcoder2" | "gemma" | "gpt_neox" | "phi" | "opt" | "gpt2" | "gpt_bigcode"
-    # | "bloom"
+    family: str  # "llama" | "stablelm" | "starcoder2" | "olmo2" | "gemma" | "gpt_neox" | "phi" | "opt" | "gpt2"
+    # | "gpt_bigcode" | "bloom"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -167,6 +167,7 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
     family = ARCH_FAMILIES[model_type]
     try:
         cfg = {"llama": _llama_config, "stablelm": _stablelm_config, "starcoder2": _starcoder2_config,
+               "olmo2": _olmo2_config,
                "gemma": _gemma_config,
                "gpt_neox": _gpt_neox_config, "phi": _phi_config,
                "opt": _opt_config, "gpt2": _gpt2_config, "gpt_bigcode": _gpt2_config,
@@ -379,6 +380,21 @@ def _starcoder2_config(hf: Any, model_type: str) -> ModelConfig:
         o_bias=bias,
         mlp_bias=bias,
         layer_windows=(int(window),) * hf.num_hidden_layers if window and window < hf.max_position_embeddings else (),
+        attention_scale=head_dim**-0.5,
+    )
+
+
+def _olmo2_config(hf: Any, model_type: str) -> ModelConfig:
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    bias = bool(getattr(hf, "attention_bias", False))
+    return ModelConfig(
+        family="olmo2",
+        **_decoder_fields(hf, model_type, head_dim),
+        max_positions=hf.max_position_embeddings,
+        hidden_act=hf.hidden_act,
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        qkv_bias=bias,
+        o_bias=bias,
         attention_scale=head_dim**-0.5,
     )
 

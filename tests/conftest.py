@@ -81,6 +81,8 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
                                        "num_key_value_heads": 2}),
     # StarCoder2: LayerNorm, biases, GELU MLP, GQA, a sliding window shorter than the tests' sequences
     "starcoder2": ("starcoder2", {"sliding_window": 7}),
+    # OLMo 2: norms after attention and the MLP, full-width q/k norms, GQA
+    "olmo2": ("olmo2", {}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

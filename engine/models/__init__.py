@@ -7,6 +7,7 @@ from .gemma import GemmaForCausalLM
 from .gpt2 import GPT2LMHeadModel, GPTBigCodeForCausalLM
 from .gpt_neox import GPTNeoXForCausalLM
 from .llama import LlamaForCausalLM
+from .olmo2 import Olmo2ForCausalLM
 from .opt import OPTForCausalLM
 from .phi import PhiForCausalLM
 from .stablelm import StableLmForCausalLM, Starcoder2ForCausalLM
@@ -18,6 +19,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "phi": PhiForCausalLM,
     "stablelm": StableLmForCausalLM,
     "starcoder2": Starcoder2ForCausalLM,
+    "olmo2": Olmo2ForCausalLM,
     "opt": OPTForCausalLM,
     "gpt2": GPT2LMHeadModel,
     "gpt_bigcode": GPTBigCodeForCausalLM,
@@ -26,5 +28,5 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
 
 __all__ = ["Attention", "CausalLM", "MODEL_CLASSES", "BloomForCausalLM", "GPT2LMHeadModel", "GPTBigCodeForCausalLM",
            "GemmaForCausalLM",
-           "GPTNeoXForCausalLM", "LlamaForCausalLM", "OPTForCausalLM",
+           "GPTNeoXForCausalLM", "LlamaForCausalLM", "OPTForCausalLM", "Olmo2ForCausalLM",
            "PhiForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM"]

@@ -1,0 +1,90 @@
+"""OLMo 2 (`olmo2`): the Llama layout with the norms moved: no norm before attention or the MLP, an RMSNorm on
+each one's output before its residual add, and RMSNorms over the whole query and key projections (all heads at
+once) before RoPE. Its RMSNorms scale in fp32 before casting back."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .base import Layer0Input, RotaryCausalLM
+from .common import Attention, apply_rotary
+from .linear import Linear, linear
+from .llama import LlamaAttention, LlamaMLP
+
+
+class Olmo2RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        return (self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps))).to(x.dtype)
+
+
+class Olmo2Layer(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.self_attn = LlamaAttention(c)
+        self.self_attn.q_norm = Olmo2RMSNorm(c.num_heads * c.head_dim, c.norm_eps)
+        self.self_attn.k_norm = Olmo2RMSNorm(c.num_kv_heads * c.head_dim, c.norm_eps)
+        self.mlp = LlamaMLP(c)
+        self.post_attention_layernorm = Olmo2RMSNorm(c.hidden_size, c.norm_eps)
+        self.post_feedforward_layernorm = Olmo2RMSNorm(c.hidden_size, c.norm_eps)
+
+
+class Olmo2Backbone(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Olmo2Layer(c) for _ in range(c.num_layers))
+        self.norm = Olmo2RMSNorm(c.hidden_size, c.norm_eps)
+
+
+class Olmo2ForCausalLM(RotaryCausalLM):
+    key_prefix = "model."
+    ignored_key_suffixes = ("rotary_emb.inv_freq",)
+    fused_layer0 = False  # layer 0's input is the plain embedding: nothing for a fused kernel to do
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.model = Olmo2Backbone(config)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def prepare_for_inference(self, device: torch.device) -> None:
+        transposed = self.fp32_on_cpu(device)
+        for layer in self.model.layers:
+            layer.self_attn.fuse(transposed)
+            layer.mlp.fuse(transposed)
+        super().prepare_for_inference(device)
+
+    def forward(
+        self, embeds: Tensor | None, positions: Tensor, attention: Attention, layer0: Layer0Input | None = None
+    ) -> Tensor:
+        c = self.config
+        t = positions.shape[0]
+        fused_rope = getattr(attention, "applies_rope", False)  # the attention kernel rotates q/k itself
+        if not fused_rope:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        h = embeds
+        for i, layer in enumerate(self.model.layers):
+            a = layer.self_attn
+            qkv = linear(h, a.qkv_weight, a.qkv_bias)
+            q = a.q_norm(qkv[:, :q_width]).view(t, c.num_heads, c.head_dim)
+            k = a.k_norm(qkv[:, q_width:q_width + kv_width]).view(t, c.num_kv_heads, c.head_dim)
+            if not fused_rope:
+                qk = apply_rotary(torch.cat((q, k), dim=1), cos, sin)
+                q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
+            v = qkv[:, q_width + kv_width:].view(t, c.num_kv_heads, c.head_dim)
+            out = a.o_proj(attention(i, q, k, v).reshape(t, q_width))
+            h = layer.post_attention_layernorm(out) + h
+            h = layer.post_feedforward_layernorm(layer.mlp(h)) + h
+        return self.model.norm(h)
