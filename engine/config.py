@@ -16,7 +16,8 @@ ARCH_FAMILIES = {
     "llama": "llama", "mistral": "llama", "ministral": "llama", "qwen2": "llama", "qwen3": "llama", "phi3": "llama",
     "smollm3": "llama", "granite": "llama", "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
-    "phi": "phi", "stablelm": "stablelm", "starcoder2": "starcoder2", "olmo2": "olmo2", "opt": "opt", "gpt2": "gpt2",
+    "phi": "phi", "stablelm": "stablelm", "starcoder2": "starcoder2", "olmo2": "olmo2", "falcon": "falcon",
+    "opt": "opt", "gpt2": "gpt2",
     "gpt_bigcode": "gpt_bigcode", "bloom": "bloom",
 }
 # longrope's frequencies are static up to original_max_position_embeddings, where the sequence length is capped;
@@ -42,8 +43,8 @@ class MoEConfig:
 class ModelConfig:
     """What our model implementations need, independent of the HF config class."""
 
-    family: str  # "llama" | "stablelm" | "starcoder2" | "olmo2" | "gemma" | "gpt_neox" | "phi" | "opt" | "gpt2"
-    # | "gpt_bigcode" | "bloom"
+    family: str  # "llama" | "stablelm" | "starcoder2" | "olmo2" | "gemma" | "gpt_neox" | "phi" | "falcon" | "opt"
+    # | "gpt2" | "gpt_bigcode" | "bloom"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -75,6 +76,7 @@ class ModelConfig:
     final_logit_softcap: float = 0.0  # logits -> cap * tanh(logits / cap) (Gemma); 0: none
     attention_softcap: float = 0.0  # attention scores (after the scale) -> cap * tanh(score / cap) (Gemma 2); 0: none
     parallel_residual: bool = False  # GPT-NeoX: h + attn(ln1(h)) + mlp(ln2(h)) instead of one after the other
+    two_parallel_norms: bool = False  # Falcon-40B: attention and MLP in parallel, each on its own norm of h
     attention_scale: float = 0.0
     inverse_layer_scale: bool = False  # GPT-2's scale_attn_by_inverse_layer_idx: layer i's scores also / (i + 1)
     residual_post_norm: bool = False  # BLOOM's apply_residual_connection_post_layernorm
@@ -167,7 +169,7 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
     family = ARCH_FAMILIES[model_type]
     try:
         cfg = {"llama": _llama_config, "stablelm": _stablelm_config, "starcoder2": _starcoder2_config,
-               "olmo2": _olmo2_config,
+               "olmo2": _olmo2_config, "falcon": _falcon_config,
                "gemma": _gemma_config,
                "gpt_neox": _gpt_neox_config, "phi": _phi_config,
                "opt": _opt_config, "gpt2": _gpt2_config, "gpt_bigcode": _gpt2_config,
@@ -203,7 +205,7 @@ def _decoder_fields(hf: Any, model_type: str, head_dim: int, norm_eps: float | N
         num_heads=heads,
         num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
         head_dim=head_dim,
-        intermediate_size=hf.intermediate_size,
+        intermediate_size=getattr(hf, "intermediate_size", None),
         norm_eps=hf.rms_norm_eps if norm_eps is None else norm_eps,
         position_encoding="rope",
         bos_token_id=hf.bos_token_id,
@@ -395,6 +397,31 @@ def _olmo2_config(hf: Any, model_type: str) -> ModelConfig:
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         qkv_bias=bias,
         o_bias=bias,
+        attention_scale=head_dim**-0.5,
+    )
+
+
+def _falcon_config(hf: Any, model_type: str) -> ModelConfig:
+    if getattr(hf, "alibi", False):
+        raise UnsupportedModelError("Falcon with alibi=True (Falcon-RW) is not supported: HF rounds its ALiBi biases "
+                                    "to bfloat16, which the attention kernels do not reproduce; rotary Falcons are")
+    head_dim = hf.hidden_size // hf.num_attention_heads
+    new = bool(getattr(hf, "new_decoder_architecture", False))
+    kv_heads = hf.num_kv_heads if new else 1 if hf.multi_query else hf.num_attention_heads
+    norms = getattr(hf, "num_ln_in_parallel_attn", None) or (2 if new else 1)
+    bias = bool(getattr(hf, "bias", False))
+    return ModelConfig(
+        family="falcon",
+        **{**_decoder_fields(hf, model_type, head_dim, norm_eps=hf.layer_norm_epsilon), "num_kv_heads": kv_heads,
+           "intermediate_size": getattr(hf, "ffn_hidden_size", None) or 4 * hf.hidden_size},
+        max_positions=hf.max_position_embeddings,
+        hidden_act=getattr(hf, "activation", "gelu"),
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=bias,
+        parallel_residual=bool(hf.parallel_attn) or new,
+        two_parallel_norms=new and norms == 2,
         attention_scale=head_dim**-0.5,
     )
 

@@ -83,6 +83,11 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "starcoder2": ("starcoder2", {"sliding_window": 7}),
     # OLMo 2: norms after attention and the MLP, full-width q/k norms, GQA
     "olmo2": ("olmo2", {}),
+    # Falcon: 7B's multi-query, parallel attention and MLP on one norm; 40B's grouped K/V and two parallel norms;
+    # plain multi-head attention, one after the other, with biases
+    "falcon": ("falcon", {}),
+    "falcon_new_arch": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}),
+    "falcon_serial": ("falcon", {"multi_query": False, "parallel_attn": False, "bias": True}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -14,7 +14,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 @pytest.mark.parametrize("variant", ["llama", "qwen2", "qwen3", "phi3_longrope", "mistral_window", "gemma2", "gemma3",
-                                     "pythia", "phi", "stablelm_parallel", "opt", "gpt2", "bloom", "mixtral"])
+                                     "pythia", "phi", "stablelm_parallel", "falcon_new_arch", "opt", "gpt2", "bloom",
+                                     "mixtral"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_cuda_fp32_matches_reference(variant, backend, model_dir_for):
     d = model_dir_for(variant)

@@ -72,6 +72,16 @@ def test_unsupported_architecture(tmp_path, model_dir_for):
         load_model(d, "cpu")
 
 
+def test_falcon_with_alibi_is_refused_naming_it(tmp_path, model_dir_for):
+    d = tmp_path / "m"
+    shutil.copytree(model_dir_for("falcon_serial"), d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["alibi"] = True
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="alibi=True"):
+        load_model(d, "cpu")
+
+
 def test_missing_directory_and_config(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_model(tmp_path / "nope", "cpu")

@@ -3,6 +3,7 @@
 from .base import CausalLM
 from .bloom import BloomForCausalLM
 from .common import Attention
+from .falcon import FalconForCausalLM
 from .gemma import GemmaForCausalLM
 from .gpt2 import GPT2LMHeadModel, GPTBigCodeForCausalLM
 from .gpt_neox import GPTNeoXForCausalLM
@@ -17,6 +18,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "gemma": GemmaForCausalLM,
     "gpt_neox": GPTNeoXForCausalLM,
     "phi": PhiForCausalLM,
+    "falcon": FalconForCausalLM,
     "stablelm": StableLmForCausalLM,
     "starcoder2": Starcoder2ForCausalLM,
     "olmo2": Olmo2ForCausalLM,
@@ -26,7 +28,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "bloom": BloomForCausalLM,
 }
 
-__all__ = ["Attention", "CausalLM", "MODEL_CLASSES", "BloomForCausalLM", "GPT2LMHeadModel", "GPTBigCodeForCausalLM",
+__all__ = ["Attention", "CausalLM", "MODEL_CLASSES", "BloomForCausalLM", "FalconForCausalLM", "GPT2LMHeadModel", "GPTBigCodeForCausalLM",
            "GemmaForCausalLM",
            "GPTNeoXForCausalLM", "LlamaForCausalLM", "OPTForCausalLM", "Olmo2ForCausalLM",
            "PhiForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM"]
