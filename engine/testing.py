@@ -23,8 +23,8 @@ __all__ = [
 
 SUPPORTED_TINY_ARCHS: tuple[str, ...] = ("llama", "mistral", "ministral", "granite", "mixtral", "qwen2", "qwen2_moe",
                                          "qwen3", "qwen3_moe", "phi3", "smollm3", "gemma", "gemma2", "gemma3_text",
-                                         "gemma3", "gpt_neox", "phi", "stablelm", "starcoder2", "olmo2", "falcon", "opt",
-                                         "gpt2", "gpt_bigcode", "bloom")
+                                         "gemma3", "gpt_neox", "phi", "stablelm", "starcoder2", "olmo2", "falcon",
+                                         "opt", "gpt2", "gpt_bigcode", "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3

@@ -28,7 +28,6 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "bloom": BloomForCausalLM,
 }
 
-__all__ = ["Attention", "CausalLM", "MODEL_CLASSES", "BloomForCausalLM", "FalconForCausalLM", "GPT2LMHeadModel", "GPTBigCodeForCausalLM",
-           "GemmaForCausalLM",
-           "GPTNeoXForCausalLM", "LlamaForCausalLM", "OPTForCausalLM", "Olmo2ForCausalLM",
-           "PhiForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM"]
+__all__ = ["Attention", "CausalLM", "MODEL_CLASSES", "BloomForCausalLM", "FalconForCausalLM", "GPT2LMHeadModel",
+           "GPTBigCodeForCausalLM", "GemmaForCausalLM", "GPTNeoXForCausalLM", "LlamaForCausalLM", "OPTForCausalLM",
+           "Olmo2ForCausalLM", "PhiForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM"]
