@@ -17,7 +17,7 @@ ARCH_FAMILIES = {
     "smollm3": "llama", "granite": "llama", "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "starcoder2": "starcoder2", "olmo2": "olmo2", "falcon": "falcon",
-    "opt": "opt", "gpt2": "gpt2",
+    "gptj": "gptj", "opt": "opt", "gpt2": "gpt2",
     "gpt_bigcode": "gpt_bigcode", "bloom": "bloom",
 }
 # longrope's frequencies are static up to original_max_position_embeddings, where the sequence length is capped;
@@ -43,8 +43,8 @@ class MoEConfig:
 class ModelConfig:
     """What our model implementations need, independent of the HF config class."""
 
-    family: str  # "llama" | "stablelm" | "starcoder2" | "olmo2" | "gemma" | "gpt_neox" | "phi" | "falcon" | "opt"
-    # | "gpt2" | "gpt_bigcode" | "bloom"
+    family: str  # "llama" | "stablelm" | "starcoder2" | "olmo2" | "gemma" | "gpt_neox" | "phi" | "gptj" | "falcon"
+    # | "opt" | "gpt2" | "gpt_bigcode" | "bloom"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -64,6 +64,8 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k (head_dim wide) before RoPE
     rotary_dim: int = 0  # RoPE rotates each head's first rotary_dim channels (Phi-3's partial_rotary_factor); 0: all
     nope_layers: tuple[int, ...] = ()  # the layers that apply no RoPE at all (SmolLM3's NoPE layers)
+    # GPT-J rotates channel pairs (2i, 2i+1); its q/k channels are permuted at load so rotate-half RoPE does it
+    interleaved_rope: bool = False
     moe: MoEConfig | None = None  # a sparse mixture-of-experts MLP in (some) layers
     # Granite's multipliers: input embeddings (soft-prompt rows too) x embedding_multiplier, each sublayer's output
     # x residual_multiplier before its residual add, logits / logits_divisor
@@ -86,6 +88,16 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     generation_defaults: dict[str, float | int] = field(default_factory=dict, compare=False)  # generation_config
     hf_config: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def key_channel_order(self) -> list[int] | None:
+        """How each head's q/k channels are permuted at load (GPT-J's interleaved pairs put where rotate-half RoPE
+        turns them): each rotated pair (2i, 2i+1) to (i, i + rotary_dim/2). A prefix-tuning adapter's stored keys
+        are permuted alike. None: kept in order."""
+        if not self.interleaved_rope:
+            return None
+        r = self.rotary_dim or self.head_dim
+        return [*range(0, r, 2), *range(1, r, 2), *range(r, self.head_dim)]
 
     @property
     def embedding_width(self) -> int:
@@ -169,7 +181,7 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
     family = ARCH_FAMILIES[model_type]
     try:
         cfg = {"llama": _llama_config, "stablelm": _stablelm_config, "starcoder2": _starcoder2_config,
-               "olmo2": _olmo2_config, "falcon": _falcon_config,
+               "olmo2": _olmo2_config, "falcon": _falcon_config, "gptj": _gptj_config,
                "gemma": _gemma_config,
                "gpt_neox": _gpt_neox_config, "phi": _phi_config,
                "opt": _opt_config, "gpt2": _gpt2_config, "gpt_bigcode": _gpt2_config,
@@ -423,6 +435,33 @@ def _falcon_config(hf: Any, model_type: str) -> ModelConfig:
         parallel_residual=bool(hf.parallel_attn) or new,
         two_parallel_norms=new and norms == 2,
         attention_scale=head_dim**-0.5,
+    )
+
+
+def _gptj_config(hf: Any, model_type: str) -> ModelConfig:
+    head_dim = hf.n_embd // hf.n_head
+    return ModelConfig(
+        family="gptj",
+        model_type=model_type,
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.n_embd,
+        num_layers=hf.n_layer,
+        num_heads=hf.n_head,
+        num_kv_heads=hf.n_head,
+        head_dim=head_dim,
+        intermediate_size=hf.n_inner or 4 * hf.n_embd,
+        max_positions=hf.n_positions,
+        norm_eps=hf.layer_norm_epsilon,
+        hidden_act=hf.activation_function,
+        position_encoding="rope",
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        mlp_bias=True,
+        rotary_dim=hf.rotary_dim or head_dim,
+        interleaved_rope=True,
+        attention_scale=head_dim**-0.5,
+        bos_token_id=hf.bos_token_id,
+        eos_token_ids=_eos_ids(hf.eos_token_id),
+        hf_config=hf,
     )
 
 

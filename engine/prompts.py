@@ -232,10 +232,13 @@ class PromptStore:
         embed_tokens: Callable[[torch.Tensor], torch.Tensor],
         tokenize: Callable[[str], list[int]] | None = None,
         kv_layout: tuple[int, int, int] | None = None,
+        key_channel_order: list[int] | None = None,
     ):
-        """kv_layout: the model's (layers, kv_heads, head_dim), what a prefix-tuning adapter's K/V must match."""
+        """kv_layout: the model's (layers, kv_heads, head_dim), what a prefix-tuning adapter's K/V must match;
+        key_channel_order: how the model permutes each head's key channels (`ModelConfig.key_channel_order`)."""
         self.hidden_size = hidden_size
         self.kv_layout = kv_layout
+        self.key_channel_order = key_channel_order
         self.dtype = dtype
         self.device = device
         self.max_length = max_length
@@ -411,4 +414,7 @@ class PromptStore:
                 f"prompt {name!r} has {rows} virtual tokens, leaving no room in the model's {self.max_length} positions"
             )
         cast = self._cast(name, flat)
-        return cast.view(rows, layers, 2, heads, head_dim).permute(1, 2, 0, 3, 4).contiguous()
+        kv = cast.view(rows, layers, 2, heads, head_dim).permute(1, 2, 0, 3, 4).contiguous()
+        if self.key_channel_order is not None:
+            kv[:, 0] = kv[:, 0, ..., self.key_channel_order]
+        return kv

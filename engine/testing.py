@@ -24,7 +24,7 @@ __all__ = [
 SUPPORTED_TINY_ARCHS: tuple[str, ...] = ("llama", "mistral", "ministral", "granite", "mixtral", "qwen2", "qwen2_moe",
                                          "qwen3", "qwen3_moe", "phi3", "smollm3", "gemma", "gemma2", "gemma3_text",
                                          "gemma3", "gpt_neox", "phi", "stablelm", "starcoder2", "olmo2", "falcon",
-                                         "opt", "gpt2", "gpt_bigcode", "bloom")
+                                         "gptj", "opt", "gpt2", "gpt_bigcode", "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -119,7 +119,7 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
 
     ids = dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     untied = ("llama", "mistral", "ministral", "granite", "mixtral", "qwen2_moe", "qwen3_moe", "phi3", "gpt_neox",
-              "phi", "stablelm", "olmo2")
+              "phi", "stablelm", "olmo2", "gptj")
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "ministral", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
@@ -193,6 +193,10 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                   num_kv_heads=num_kv_heads, ffn_hidden_size=inter,
                   max_position_embeddings=max_positions, hidden_dropout=0.0, attention_dropout=0.0)
+    elif arch == "gptj":
+        cls = transformers.GPTJConfig
+        kw = dict(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=max_positions, n_inner=inter,
+                  rotary_dim=hidden_size // num_heads // 2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     elif arch == "opt":
         cls = transformers.OPTConfig
         kw = dict(hidden_size=hidden_size, word_embed_proj_dim=hidden_size, num_hidden_layers=num_layers,

@@ -322,7 +322,7 @@ def _engine_versions(model_dir: str | Path, adapter_dir: Path) -> dict[str, str]
     versions = {}
     for name, dtype in _DTYPES.items():
         store = PromptStore(cfg.embedding_width, dtype, torch.device("cpu"), cfg.max_positions, cfg.vocab_size,
-                            embed_tokens=lambda ids: None, kv_layout=layout)
+                            embed_tokens=lambda ids: None, kv_layout=layout, key_channel_order=cfg.key_channel_order)
         versions[name] = store.add("trained", adapter_dir).version
     return versions
 

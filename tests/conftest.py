@@ -88,6 +88,8 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "falcon": ("falcon", {}),
     "falcon_new_arch": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}),
     "falcon_serial": ("falcon", {"multi_query": False, "parallel_attn": False, "bias": True}),
+    # GPT-J: interleaved RoPE over half of each head (GPT-J-6B: 64 of 256), parallel attention and MLP
+    "gptj": ("gptj", {}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -10,7 +10,7 @@ from .gpt_neox import GPTNeoXForCausalLM
 from .llama import LlamaForCausalLM
 from .olmo2 import Olmo2ForCausalLM
 from .opt import OPTForCausalLM
-from .phi import PhiForCausalLM
+from .phi import GPTJForCausalLM, PhiForCausalLM
 from .stablelm import StableLmForCausalLM, Starcoder2ForCausalLM
 
 MODEL_CLASSES: dict[str, type[CausalLM]] = {
@@ -18,6 +18,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "gemma": GemmaForCausalLM,
     "gpt_neox": GPTNeoXForCausalLM,
     "phi": PhiForCausalLM,
+    "gptj": GPTJForCausalLM,
     "falcon": FalconForCausalLM,
     "stablelm": StableLmForCausalLM,
     "starcoder2": Starcoder2ForCausalLM,
@@ -29,5 +30,5 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
 }
 
 __all__ = ["Attention", "CausalLM", "MODEL_CLASSES", "BloomForCausalLM", "FalconForCausalLM", "GPT2LMHeadModel",
-           "GPTBigCodeForCausalLM", "GemmaForCausalLM", "GPTNeoXForCausalLM", "LlamaForCausalLM", "OPTForCausalLM",
-           "Olmo2ForCausalLM", "PhiForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM"]
+           "GPTBigCodeForCausalLM", "GPTJForCausalLM", "GemmaForCausalLM", "GPTNeoXForCausalLM", "LlamaForCausalLM",
+           "OPTForCausalLM", "Olmo2ForCausalLM", "PhiForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM"]

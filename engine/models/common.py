@@ -57,7 +57,7 @@ def rope_inv_freq(config: ModelConfig, device: torch.device | str) -> tuple[Tens
     hf = config.hf_config
     rope_type = config.rope_type
     if rope_type == "default":
-        base = hf.rope_parameters["rope_theta"]
+        base = (getattr(hf, "rope_parameters", None) or {}).get("rope_theta", 10000.0)  # (GPT-J's config has none)
         dim = config.rotary_dim or config.head_dim
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         return inv_freq.to(device), 1.0

@@ -1,5 +1,6 @@
 """Phi-1, Phi-1.5, Phi-2 (`phi`): RoPE over part of each head, LayerNorm, GELU MLP, attention and MLP in parallel
-on the same normed input, biases everywhere (the LM head's too); optional per-head q/k LayerNorm."""
+on the same normed input, biases everywhere (the LM head's too); optional per-head q/k LayerNorm. GPT-J (`gptj`)
+has the same layout."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from .llama import LlamaAttention
 class PhiMLP(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
-        self.fc1 = Linear(c.hidden_size, c.intermediate_size)
-        self.fc2 = Linear(c.intermediate_size, c.hidden_size)
+        self.fc1 = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.fc2 = Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
         self.act = c.hidden_act
 
     def forward(self, x: Tensor) -> Tensor:
@@ -100,3 +101,31 @@ class PhiForCausalLM(RotaryCausalLM):
             out = a.o_proj(attention(i, q, k, v).reshape(t, c.num_heads * c.head_dim))
             h = out + layer.mlp(x) + h  # HF: attn + mlp + residual
         return self.model.final_layernorm(h)
+
+
+_GPTJ_NAMES = ((".ln_1.", ".input_layernorm."), (".attn.out_proj.", ".self_attn.o_proj."), (".attn.", ".self_attn."),
+               (".mlp.fc_in.", ".mlp.fc1."), (".mlp.fc_out.", ".mlp.fc2."))
+
+
+class GPTJForCausalLM(PhiForCausalLM):
+    """GPT-J (`gptj`): Phi's layout (parallel attention and GELU MLP on one LayerNorm, LM-head bias; no q/k/v/out
+    bias) under GPT-2-style names, with RoPE over each head's first `rotary_dim` channels in interleaved pairs
+    (2i, 2i+1). The q and k projections' rows are permuted at load, the same way per head, to put pair i at
+    (i, i + rotary_dim/2), where rotate-half RoPE turns it: q.k, the only use of q and k, does not change
+    (`ModelConfig.key_channel_order`; prefix-tuning keys are permuted alike)."""
+
+    key_prefix = ""
+    ignored_key_suffixes = ("attn.bias", "attn.masked_bias", "attn.embed_positions")
+
+    def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
+        if key.startswith("transformer."):
+            key = key.replace("transformer.wte.", "model.embed_tokens.").replace("transformer.ln_f.",
+                                                                                 "model.final_layernorm.")
+            key = key.replace("transformer.h.", "model.layers.")
+            for theirs, ours in _GPTJ_NAMES:
+                key = key.replace(theirs, ours)
+        if key.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+            rest = tensor.shape[1:]
+            order = self.config.key_channel_order
+            tensor = tensor.view(-1, self.config.head_dim, *rest)[:, order].reshape(-1, *rest)
+        return [(key, tensor)]
