@@ -172,6 +172,13 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
             f"unsupported architecture: model_type={model_type!r} (architectures={archs}); "
             f"supported model types: {', '.join(sorted(ARCH_FAMILIES))}"
         )
+    quantization = raw.get("quantization_config")
+    if quantization is not None:
+        method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else quantization
+        raise UnsupportedModelError(
+            f"{model_dir} is a quantized checkpoint (quantization_config: quant_method={method!r}); the engine "
+            "serves float32/float16/bfloat16 weights: use the unquantized checkpoint and pick dtype= instead"
+        )
     from transformers import AutoConfig
 
     try:

@@ -72,6 +72,17 @@ def test_unsupported_architecture(tmp_path, model_dir_for):
         load_model(d, "cpu")
 
 
+@pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes", "fp8"])
+def test_quantized_checkpoints_are_refused_naming_the_method(method, tmp_path, model_dir_for):
+    d = tmp_path / "m"
+    shutil.copytree(model_dir_for("llama"), d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": method, "bits": 4}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match=f"quantized checkpoint.*{method}"):
+        load_model(d, "cpu")
+
+
 def test_falcon_with_alibi_is_refused_naming_it(tmp_path, model_dir_for):
     d = tmp_path / "m"
     shutil.copytree(model_dir_for("falcon_serial"), d)
