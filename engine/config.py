@@ -16,9 +16,8 @@ ARCH_FAMILIES = {
     "llama": "llama", "mistral": "llama", "ministral": "llama", "qwen2": "llama", "qwen3": "llama", "phi3": "llama",
     "smollm3": "llama", "granite": "llama", "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
-    "phi": "phi", "stablelm": "stablelm", "starcoder2": "starcoder2", "olmo2": "olmo2", "falcon": "falcon",
-    "gptj": "gptj", "opt": "opt", "gpt2": "gpt2",
-    "gpt_bigcode": "gpt_bigcode", "bloom": "bloom",
+    "phi": "phi", "stablelm": "stablelm", "starcoder2": "starcoder2", "cohere": "cohere", "olmo2": "olmo2",
+    "falcon": "falcon", "gptj": "gptj", "opt": "opt", "gpt2": "gpt2", "gpt_bigcode": "gpt_bigcode", "bloom": "bloom",
 }
 # longrope's frequencies are static up to original_max_position_embeddings, where the sequence length is capped;
 # dynamic NTK's equal the default ones up to max_position_embeddings (HF rescales only past it, never reached here)
@@ -43,8 +42,8 @@ class MoEConfig:
 class ModelConfig:
     """What our model implementations need, independent of the HF config class."""
 
-    family: str  # "llama" | "stablelm" | "starcoder2" | "olmo2" | "gemma" | "gpt_neox" | "phi" | "gptj" | "falcon"
-    # | "opt" | "gpt2" | "gpt_bigcode" | "bloom"
+    family: str  # "llama" | "stablelm" | "starcoder2" | "cohere" | "olmo2" | "gemma" | "gpt_neox" | "phi" | "gptj"
+    # | "falcon" | "opt" | "gpt2" | "gpt_bigcode" | "bloom"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -188,6 +187,7 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
     family = ARCH_FAMILIES[model_type]
     try:
         cfg = {"llama": _llama_config, "stablelm": _stablelm_config, "starcoder2": _starcoder2_config,
+               "cohere": _cohere_config,
                "olmo2": _olmo2_config, "falcon": _falcon_config, "gptj": _gptj_config,
                "gemma": _gemma_config,
                "gpt_neox": _gpt_neox_config, "phi": _phi_config,
@@ -402,6 +402,25 @@ def _starcoder2_config(hf: Any, model_type: str) -> ModelConfig:
         mlp_bias=bias,
         layer_windows=(int(window),) * hf.num_hidden_layers if window and window < hf.max_position_embeddings else (),
         attention_scale=head_dim**-0.5,
+    )
+
+
+def _cohere_config(hf: Any, model_type: str) -> ModelConfig:
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    bias = bool(getattr(hf, "attention_bias", False))
+    return ModelConfig(
+        family="cohere",
+        **_decoder_fields(hf, model_type, head_dim, norm_eps=hf.layer_norm_eps),
+        max_positions=hf.max_position_embeddings,
+        hidden_act=hf.hidden_act,
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
+        qkv_bias=bias,
+        o_bias=bias,
+        qk_norm=bool(getattr(hf, "use_qk_norm", False)),
+        parallel_residual=True,
+        interleaved_rope=True,
+        attention_scale=head_dim**-0.5,
+        logits_divisor=1.0 / float(getattr(hf, "logit_scale", 1.0)),
     )
 
 

@@ -23,8 +23,8 @@ __all__ = [
 
 SUPPORTED_TINY_ARCHS: tuple[str, ...] = ("llama", "mistral", "ministral", "granite", "mixtral", "qwen2", "qwen2_moe",
                                          "qwen3", "qwen3_moe", "phi3", "smollm3", "gemma", "gemma2", "gemma3_text",
-                                         "gemma3", "gpt_neox", "phi", "stablelm", "starcoder2", "olmo2", "falcon",
-                                         "gptj", "opt", "gpt2", "gpt_bigcode", "bloom")
+                                         "gemma3", "gpt_neox", "phi", "stablelm", "starcoder2", "cohere", "olmo2",
+                                         "falcon", "gptj", "opt", "gpt2", "gpt_bigcode", "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -183,6 +183,11 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                   num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,
                   max_position_embeddings=max_positions, residual_dropout=0.0, embedding_dropout=0.0,
                   attention_dropout=0.0)
+    elif arch == "cohere":
+        cls = transformers.CohereConfig
+        kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                  num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,
+                  max_position_embeddings=max_positions, logit_scale=0.5)
     elif arch == "olmo2":
         cls = transformers.Olmo2Config
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,

@@ -90,6 +90,10 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "falcon_serial": ("falcon", {"multi_query": False, "parallel_attn": False, "bias": True}),
     # GPT-J: interleaved RoPE over half of each head (GPT-J-6B: 64 of 256), parallel attention and MLP
     "gptj": ("gptj", {}),
+    # Cohere (Command R, Aya): parallel attention and MLP on one LayerNorm, interleaved RoPE, logit scale; then
+    # Command R+'s per-head q/k norms with q/k/v/o biases
+    "cohere": ("cohere", {}),
+    "cohere_qk_norm": ("cohere", {"use_qk_norm": True, "attention_bias": True}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

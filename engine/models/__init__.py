@@ -2,6 +2,7 @@
 
 from .base import CausalLM
 from .bloom import BloomForCausalLM
+from .cohere import CohereForCausalLM
 from .common import Attention
 from .falcon import FalconForCausalLM
 from .gemma import GemmaForCausalLM
@@ -21,6 +22,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "gptj": GPTJForCausalLM,
     "falcon": FalconForCausalLM,
     "stablelm": StableLmForCausalLM,
+    "cohere": CohereForCausalLM,
     "starcoder2": Starcoder2ForCausalLM,
     "olmo2": Olmo2ForCausalLM,
     "opt": OPTForCausalLM,
@@ -29,6 +31,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "bloom": BloomForCausalLM,
 }
 
-__all__ = ["Attention", "CausalLM", "MODEL_CLASSES", "BloomForCausalLM", "FalconForCausalLM", "GPT2LMHeadModel",
-           "GPTBigCodeForCausalLM", "GPTJForCausalLM", "GemmaForCausalLM", "GPTNeoXForCausalLM", "LlamaForCausalLM",
-           "OPTForCausalLM", "Olmo2ForCausalLM", "PhiForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM"]
+__all__ = ["Attention", "CausalLM", "MODEL_CLASSES", "BloomForCausalLM", "CohereForCausalLM", "FalconForCausalLM",
+           "GPT2LMHeadModel", "GPTBigCodeForCausalLM", "GPTJForCausalLM", "GemmaForCausalLM", "GPTNeoXForCausalLM",
+           "LlamaForCausalLM", "OPTForCausalLM", "Olmo2ForCausalLM", "PhiForCausalLM", "StableLmForCausalLM",
+           "Starcoder2ForCausalLM"]

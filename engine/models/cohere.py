@@ -1,0 +1,79 @@
+"""Cohere (`cohere`: Command R, Command R+, Aya 23, Aya Expanse): the Llama layout with attention and MLP in
+parallel on one bias-free LayerNorm (computed in fp32), RoPE in interleaved pairs (2i, 2i+1), optional per-head
+q/k LayerNorm (Command R+), logits times `logit_scale`.
+
+As for GPT-J, each head's q/k channels are permuted at load (`ModelConfig.key_channel_order`) so that rotate-half
+RoPE turns the interleaved pairs; the q/k biases and q/k norm gains are permuted alike."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
+
+
+class CohereLayerNorm(nn.LayerNorm):
+    """A bias-free LayerNorm over the last dimension, normalised and scaled in fp32 as HF's, cast back after."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__(dim, eps=eps, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _normed_fp32(x, self.weight, self.eps)
+
+
+class CohereHeadNorm(nn.Module):
+    """Command R+'s q/k norm: each head's channels normalised, then scaled by that head's own gains [H, D]."""
+
+    def __init__(self, num_heads: int, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_heads, dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _normed_fp32(x, self.weight, self.eps)
+
+
+def _normed_fp32(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    x32 = x.float()
+    centred = x32 - x32.mean(-1, keepdim=True)
+    normed = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * normed).to(x.dtype)
+
+
+class CohereLayer(nn.Module):
+    def __init__(self, c: ModelConfig, index: int):
+        super().__init__()
+        self.self_attn = LlamaAttention(replace(c, qk_norm=False))
+        if c.qk_norm:
+            self.self_attn.q_norm = CohereHeadNorm(c.num_heads, c.head_dim, c.norm_eps)
+            self.self_attn.k_norm = CohereHeadNorm(c.num_kv_heads, c.head_dim, c.norm_eps)
+        self.mlp = LlamaMLP(c)
+        self.input_layernorm = CohereLayerNorm(c.hidden_size, c.norm_eps)
+
+
+class CohereBackbone(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(CohereLayer(c, i) for i in range(c.num_layers))
+        self.norm = CohereLayerNorm(c.hidden_size, c.norm_eps)
+
+
+class CohereForCausalLM(LlamaForCausalLM):
+    backbone_class = CohereBackbone
+
+    def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
+        c = self.config
+        order = c.key_channel_order
+        if key.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.q_proj.bias",
+                         "self_attn.k_proj.bias")):
+            rest = tensor.shape[1:]
+            tensor = tensor.view(-1, c.head_dim, *rest)[:, order].reshape(-1, *rest)
+        elif key.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")):
+            tensor = tensor[..., order]
+        return [(key, tensor)]
