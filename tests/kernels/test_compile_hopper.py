@@ -30,14 +30,18 @@ REPO = Path(__file__).resolve().parents[2]
 KERNELS = {"_partial_attention_kernel", "_merge_kernel", "_prefill_attention_kernel", "_rope_kv_write_kernel",
            "_prompt_input_kernel", "_input_qkv_kernel"}
 # arch -> (head dim, build options): Llama GQA at 64, GPT-2 at 64, BLOOM (ALiBi) at 128, Mistral (MQA, a sliding
-# window shorter than the requests) at 128
+# window shorter than the requests) at 128, and more layouts below
 MODELS = {"llama": (64, dict(hidden_size=256, num_heads=4, num_kv_heads=2)),
           "gpt2": (64, dict(hidden_size=256, num_heads=4)),
           "bloom": (128, dict(hidden_size=512, num_heads=4)),
           "mistral": (128, dict(hidden_size=512, num_heads=4, num_kv_heads=1, sliding_window=8)),
           "gemma2": (64, dict(hidden_size=256, num_heads=4, num_kv_heads=2, sliding_window=8,
                               attn_logit_softcapping=50.0)),
-          "gpt_neox": (64, dict(hidden_size=256, num_heads=4))}
+          "gpt_neox": (64, dict(hidden_size=256, num_heads=4)),
+          # Phi-2's head dim (80: tiles padded to 128), Cohere's bias-free LayerNorm input, OPT's offset positions
+          "phi": (80, dict(hidden_size=320, num_heads=4)),
+          "cohere": (64, dict(hidden_size=256, num_heads=4, num_kv_heads=2)),
+          "opt": (64, dict(hidden_size=256, num_heads=4))}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernel tests compile and run the kernels")
