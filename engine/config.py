@@ -13,7 +13,8 @@ from .sampling import SamplingParams
 
 # model_type -> our architecture family
 ARCH_FAMILIES = {
-    "llama": "llama", "mistral": "llama", "ministral": "llama", "qwen2": "llama", "qwen3": "llama", "phi3": "llama",
+    "llama": "llama", "mistral": "llama", "ministral": "llama", "ministral3": "llama", "mistral3": "llama",
+    "qwen2": "llama", "qwen3": "llama", "phi3": "llama",
     "smollm3": "llama", "granite": "llama", "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "starcoder2": "starcoder2", "cohere": "cohere", "olmo2": "olmo2",
@@ -66,6 +67,9 @@ class ModelConfig:
     # GPT-J rotates channel pairs (2i, 2i+1); its q/k channels are permuted at load so rotate-half RoPE does it
     interleaved_rope: bool = False
     moe: MoEConfig | None = None  # a sparse mixture-of-experts MLP in (some) layers
+    # Ministral 3's query scale by position: 1 + beta * log(1 + floor(position / original_max)); beta 0: none
+    query_scale_beta: float = 0.0
+    query_scale_period: int = 1
     # Granite's multipliers: input embeddings (soft-prompt rows too) x embedding_multiplier, each sublayer's output
     # x residual_multiplier before its residual add, logits / logits_divisor
     embedding_multiplier: float = 1.0
@@ -242,6 +246,11 @@ def _windows_by_layer_type(window: int | None, layer_types: list[str] | None) ->
 
 
 def _llama_config(hf: Any, model_type: str) -> ModelConfig:
+    if model_type == "mistral3":  # multimodal Mistral 3 (Mistral Small 3.x, Ministral 3): its language model
+        text = hf.text_config
+        if getattr(text, "dtype", None) is None:  # the checkpoint's dtype, for dtype="auto"
+            text.dtype = getattr(hf, "dtype", None)
+        return replace(_llama_config(text, text.model_type), model_type="mistral3")
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     max_positions = hf.max_position_embeddings
     # Sliding-window layers: Mistral's and Phi-3's apply to every layer, Qwen's to those `layer_types` names
@@ -251,7 +260,7 @@ def _llama_config(hf: Any, model_type: str) -> ModelConfig:
     if window is not None and window < max_positions and getattr(hf, "use_sliding_window", True) is not False:
         if layer_types is not None:
             windows = _windows_by_layer_type(window, layer_types)
-        elif model_type in ("mistral", "mixtral", "phi3"):
+        elif model_type in ("mistral", "ministral3", "mixtral", "phi3"):
             windows = (int(window),) * hf.num_hidden_layers
     rope = getattr(hf, "rope_parameters", None) or {}
     if rope.get("rope_type") == "longrope":  # short factors up to here, as HF uses them below this length
@@ -275,6 +284,8 @@ def _llama_config(hf: Any, model_type: str) -> ModelConfig:
         moe=_moe_config(hf, model_type),
         layer_windows=windows,
         attention_scale=float(hf.attention_multiplier) if model_type == "granite" else head_dim**-0.5,
+        query_scale_beta=float(rope.get("llama_4_scaling_beta") or 0.0),
+        query_scale_period=int(rope.get("original_max_position_embeddings") or 1),
         embedding_multiplier=float(getattr(hf, "embedding_multiplier", 1.0)) if model_type == "granite" else 1.0,
         residual_multiplier=float(getattr(hf, "residual_multiplier", 1.0)) if model_type == "granite" else 1.0,
         logits_divisor=float(getattr(hf, "logits_scaling", 1.0)) if model_type == "granite" else 1.0,

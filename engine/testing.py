@@ -21,10 +21,11 @@ __all__ = [
     "hf_peft_reference", "tiny_model_with_adapters",
 ]
 
-SUPPORTED_TINY_ARCHS: tuple[str, ...] = ("llama", "mistral", "ministral", "granite", "mixtral", "qwen2", "qwen2_moe",
-                                         "qwen3", "qwen3_moe", "phi3", "smollm3", "gemma", "gemma2", "gemma3_text",
-                                         "gemma3", "gpt_neox", "phi", "stablelm", "starcoder2", "cohere", "olmo2",
-                                         "falcon", "gptj", "opt", "gpt2", "gpt_bigcode", "bloom")
+SUPPORTED_TINY_ARCHS: tuple[str, ...] = ("llama", "mistral", "ministral", "ministral3", "mistral3", "granite",
+                                         "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "smollm3",
+                                         "gemma", "gemma2", "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm",
+                                         "starcoder2", "cohere", "olmo2", "falcon", "gptj", "opt", "gpt2",
+                                         "gpt_bigcode", "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -118,14 +119,15 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
     import transformers
 
     ids = dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-    untied = ("llama", "mistral", "ministral", "granite", "mixtral", "qwen2_moe", "qwen3_moe", "phi3", "gpt_neox",
-              "phi", "stablelm", "olmo2", "gptj")
+    untied = ("llama", "mistral", "ministral", "ministral3", "mistral3", "granite", "mixtral", "qwen2_moe",
+              "qwen3_moe", "phi3", "gpt_neox", "phi", "stablelm", "olmo2", "gptj")
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
-    if arch in ("llama", "mistral", "ministral", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
-                "phi3", "smollm3"):
+    if arch in ("llama", "mistral", "ministral", "ministral3", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3",
+                "qwen3_moe", "phi3", "smollm3"):
         cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-               "ministral": transformers.MinistralConfig, "granite": transformers.GraniteConfig,
+               "ministral": transformers.MinistralConfig, "ministral3": transformers.Ministral3Config,
+               "granite": transformers.GraniteConfig,
                "mixtral": transformers.MixtralConfig,
                "qwen2": transformers.Qwen2Config, "qwen2_moe": transformers.Qwen2MoeConfig,
                "qwen3": transformers.Qwen3Config, "qwen3_moe": transformers.Qwen3MoeConfig,
@@ -139,7 +141,7 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
         if arch in ("qwen2_moe", "qwen3_moe"):
             kw.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=inter // 2)
         # Qwen3's head_dim defaults to 128 whatever the hidden size; Ministral's to None, which it cannot take
-        if arch in ("qwen3", "qwen3_moe", "ministral"):
+        if arch in ("qwen3", "qwen3_moe", "ministral", "ministral3"):
             kw["head_dim"] = hidden_size // num_heads
     elif arch == "gemma3":  # multimodal: Gemma 3 text + a tiny SigLIP vision tower the engine leaves out
         text = _hf_config("gemma3_text", vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
@@ -150,6 +152,14 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
         return transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision, mm_tokens_per_image=4,
                                          image_token_index=vocab_size - 1, boi_token_index=vocab_size - 2,
                                          eoi_token_index=vocab_size - 3, **ids)
+    elif arch == "mistral3":  # multimodal: Ministral 3 text + a tiny Pixtral vision tower the engine leaves out
+        text = _hf_config("ministral3", vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
+                          num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
+                          max_positions=max_positions, tie_word_embeddings=tie, **overrides)
+        vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=28,
+                      patch_size=14, head_dim=16)
+        return transformers.Mistral3Config(text_config=text.to_dict(), vision_config=vision,
+                                           image_token_index=vocab_size - 1, tie_word_embeddings=tie, **ids)
     elif arch in ("gemma", "gemma2", "gemma3_text"):
         cls = {"gemma": transformers.GemmaConfig, "gemma2": transformers.Gemma2Config,
                "gemma3_text": transformers.Gemma3TextConfig}[arch]
@@ -265,14 +275,14 @@ def _reinit_(model: torch.nn.Module, seed: int, logit_std: float = 2.0) -> None:
 def _uninitialised_model(config: Any) -> torch.nn.Module:
     """The model with its parameters left as allocated, tied as `config` says: `_reinit_` draws every one of them,
     and HF's own init (half a minute for a 1B model on a CPU) would only be overwritten."""
-    from transformers import AutoModelForCausalLM
+    from .hf_auto import hf_causal_lm_class
 
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # transformers 4.x
         from transformers.modeling_utils import no_init_weights
     with torch.random.fork_rng(devices=[]), no_init_weights():  # nor may HF touch the caller's global RNG
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = hf_causal_lm_class(config).from_config(config, dtype=torch.float32)
     model.tie_weights()  # skipped with the init
     if getattr(config, "tie_word_embeddings", False):
         head, embed = model.get_output_embeddings(), model.get_input_embeddings()
@@ -310,13 +320,14 @@ def build_prompt_tuning_adapter(model_dir: str | Path, out_dir: str | Path, *, n
                                 scale: float = 1.0) -> Path:
     """Create and save a PEFT prompt-tuning adapter for `model_dir` the way a user would."""
     from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
-    from transformers import AutoModelForCausalLM
+
+    from .hf_auto import hf_causal_lm_class
 
     if init not in ("random", "text"):
         raise ValueError(f"init must be 'random' or 'text', got {init!r}")
     out_dir = Path(out_dir)
     with _quiet():
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        model = hf_causal_lm_class(model_dir).from_pretrained(model_dir)
     # PEFT sizes prompts by config.hidden_size; where token embeddings are narrower (OPT-350m), say their width
     width = model.get_input_embeddings().embedding_dim
     cfg = PromptTuningConfig(
@@ -342,13 +353,14 @@ def build_p_tuning_adapter(model_dir: str | Path, out_dir: str | Path, *, num_vi
     """Create and save a PEFT P-tuning adapter (`PromptEncoderConfig`) with a seed-determined random prompt
     encoder: PEFT saves the encoder's output rows, which inference prepends like a soft prompt's."""
     from peft import PromptEncoderConfig, TaskType, get_peft_model
-    from transformers import AutoModelForCausalLM
+
+    from .hf_auto import hf_causal_lm_class
 
     cfg = PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=num_virtual_tokens,
                               encoder_hidden_size=32, encoder_reparameterization_type=encoder)
     with _quiet():
         torch.manual_seed(seed)
-        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), cfg)
+        peft_model = get_peft_model(hf_causal_lm_class(model_dir).from_pretrained(model_dir), cfg)
         peft_model.save_pretrained(Path(out_dir))
     return Path(out_dir)
 
@@ -359,13 +371,14 @@ def build_prefix_tuning_adapter(model_dir: str | Path, out_dir: str | Path, *, n
     tokens) with seed-determined random weights; `projection` trains through PEFT's prefix MLP, whose output
     PEFT saves."""
     from peft import PrefixTuningConfig, TaskType, get_peft_model
-    from transformers import AutoModelForCausalLM
+
+    from .hf_auto import hf_causal_lm_class
 
     cfg = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=num_virtual_tokens,
                              prefix_projection=projection, encoder_hidden_size=32)
     with _quiet():
         torch.manual_seed(seed)
-        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), cfg)
+        peft_model = get_peft_model(hf_causal_lm_class(model_dir).from_pretrained(model_dir), cfg)
         peft_model.save_pretrained(Path(out_dir))
     return Path(out_dir)
 
@@ -375,13 +388,14 @@ def build_multitask_prompt_tuning_adapter(model_dir: str | Path, out_dir: str | 
     """Create and save a PEFT multitask prompt-tuning adapter (`MultitaskPromptTuningConfig`): shared rows and, per
     task, a rank-`num_ranks` matrix that scales them; seed-determined, with tasks that differ clearly."""
     from peft import MultitaskPromptTuningConfig, TaskType, get_peft_model
-    from transformers import AutoModelForCausalLM
+
+    from .hf_auto import hf_causal_lm_class
 
     cfg = MultitaskPromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=num_virtual_tokens,
                                       num_tasks=num_tasks, num_ranks=num_ranks)
     gen = torch.Generator().manual_seed(seed)
     with _quiet():
-        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), cfg)
+        peft_model = get_peft_model(hf_causal_lm_class(model_dir).from_pretrained(model_dir), cfg)
         encoder = peft_model.prompt_encoder["default"]
         with torch.no_grad():
             weight = encoder.embedding.weight
@@ -397,7 +411,8 @@ def build_cpt_adapter(model_dir: str | Path, out_dir: str | Path, *, token_ids: 
     """Create and save a PEFT context-aware prompt tuning adapter (`CPTConfig`) over the context `token_ids`,
     with a seed-determined random delta (PEFT saves the token embeddings plus the delta after its projection)."""
     from peft import CPTConfig, TaskType, get_peft_model
-    from transformers import AutoModelForCausalLM
+
+    from .hf_auto import hf_causal_lm_class
 
     ids = list(token_ids)
     types = [1] + [2] * (len(ids) - 2) + [3] if len(ids) > 1 else [2]  # template, inputs..., output template
@@ -405,7 +420,7 @@ def build_cpt_adapter(model_dir: str | Path, out_dir: str | Path, *, token_ids: 
                     cpt_tokens_type_mask=types)
     gen = torch.Generator().manual_seed(seed)
     with _quiet():
-        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), cfg)
+        peft_model = get_peft_model(hf_causal_lm_class(model_dir).from_pretrained(model_dir), cfg)
         delta = peft_model.prompt_encoder["default"].delta_embedding.weight
         with torch.no_grad():
             delta.copy_(torch.randn(delta.shape, generator=gen))
@@ -418,13 +433,14 @@ def build_cartridge_adapter(model_dir: str | Path, out_dir: str | Path, *, num_v
     """Create and save a PEFT cartridge (`CartridgeConfig`: a trained prefix K/V cache, prefix tuning's layout)
     with seed-determined random K/V."""
     from peft import CartridgeConfig, TaskType, get_peft_model
-    from transformers import AutoModelForCausalLM
+
+    from .hf_auto import hf_causal_lm_class
 
     cfg = CartridgeConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=num_virtual_tokens,
                           num_frozen_tokens=num_frozen_tokens)
     with _quiet():
         torch.manual_seed(seed)
-        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), cfg)
+        peft_model = get_peft_model(hf_causal_lm_class(model_dir).from_pretrained(model_dir), cfg)
         peft_model.save_pretrained(Path(out_dir))
     return Path(out_dir)
 

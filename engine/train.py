@@ -152,12 +152,15 @@ def _load_peft_model(model_dir: str | Path, config: TrainConfig, device: torch.d
         TaskType,
         get_peft_model,
     )
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from .hf_auto import hf_causal_lm_class
 
     try:
         with _quiet():
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=_DTYPES[config.dtype or "float32"])
+            model = hf_causal_lm_class(model_dir).from_pretrained(str(model_dir),
+                                                                  dtype=_DTYPES[config.dtype or "float32"])
     except (OSError, ValueError) as exc:
         raise SoftPromptError(f"cannot load a causal LM and its tokenizer from {model_dir}: {exc}") from exc
     model.to(device).eval()

@@ -179,12 +179,13 @@ class HFPeftOracle:
 
     def __init__(self, model_dir: str | Path, adapters: dict[str, Path], dtype: torch.dtype, device: torch.device):
         from peft import PeftModel
-        from transformers import AutoModelForCausalLM, GenerationConfig
+        from transformers import GenerationConfig
 
+        from .hf_auto import hf_causal_lm_class
         from .testing import _quiet
 
         def base_model():
-            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
+            model = hf_causal_lm_class(model_dir).from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
             # plain greedy decoding: a checkpoint's generation_config.json may add sampling, penalties...
             model.generation_config = GenerationConfig()
             return model

@@ -11,16 +11,18 @@ from softprompt import Engine, Request, SamplingParams
 
 from .runtime_helpers import assert_no_leaks, make_requests, register_tasks, run
 
-ARCHS = ["llama", "qwen2", "qwen3", "phi3_longrope", "mistral_window", "ministral", "smollm3", "granite", "mixtral",
-         "qwen2_moe", "qwen3_moe", "gemma", "gemma2", "gemma3", "pythia", "phi", "phi_qk_norm_gqa", "opt",
-         "opt_post_norm", "stablelm", "stablelm_parallel", "starcoder2", "olmo2", "falcon", "falcon_new_arch",
-         "falcon_serial", "gptj", "cohere", "cohere_qk_norm", "gpt2", "gpt2_inverse_scale", "gpt_bigcode",
-         "gpt_bigcode_mha", "bloom"]
+ARCHS = ["llama", "qwen2", "qwen3", "phi3_longrope", "mistral_window", "ministral", "ministral3",
+         "mistral3_multimodal", "smollm3", "granite", "mixtral", "qwen2_moe", "qwen3_moe", "gemma", "gemma2",
+         "gemma3", "pythia", "phi", "phi_qk_norm_gqa", "opt", "opt_post_norm", "stablelm", "stablelm_parallel",
+         "starcoder2", "olmo2", "falcon", "falcon_new_arch", "falcon_serial", "gptj", "cohere", "cohere_qk_norm",
+         "gpt2", "gpt2_inverse_scale", "gpt_bigcode", "gpt_bigcode_mha", "bloom"]
 LOGIT_ATOL = 1e-4  # fp32: only summation order differs (batched SDPA over packed items vs per-request matmul)
 
 
 @pytest.fixture(scope="module")
 def engines(model_dir_for):
+    """(reference, torch) engines per variant, kept for the module: each torch engine's KV pool is 32 MiB (a CPU
+    engine's default, up to 1 GiB zero-filled, times every architecture would not fit CI's memory)."""
     cache = {}
 
     def get(variant: str, **kwargs):
@@ -28,7 +30,8 @@ def engines(model_dir_for):
         if key not in cache:
             d = model_dir_for(variant)
             cache[key] = (Engine(d, device="cpu", dtype="float32", backend="reference"),
-                          Engine(d, device="cpu", dtype="float32", backend="torch", **kwargs))
+                          Engine(d, device="cpu", dtype="float32", backend="torch",
+                                 **{"kv_cache_bytes": 32 << 20, **kwargs}))
         return cache[key]
 
     return get

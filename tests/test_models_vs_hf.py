@@ -16,14 +16,14 @@ from softprompt import Engine, Request, SamplingParams
 from .conftest import MODEL_VARIANTS
 
 peft = pytest.importorskip("peft")
-from transformers import AutoModelForCausalLM  # noqa: E402
+from softprompt.engine.hf_auto import hf_causal_lm_class  # noqa: E402
 
 FP32_ATOL = 1e-4
 HALF_ATOL = {torch.bfloat16: 0.05, torch.float16: 0.01}  # relative to the logit scale
 
 
 def hf_peft_model(model_dir, adapter_dir, dtype=torch.float32):
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    base = hf_causal_lm_class(model_dir).from_pretrained(model_dir, dtype=dtype).eval()
     if adapter_dir is None:
         return base
     return peft.PeftModel.from_pretrained(base, adapter_dir).eval()

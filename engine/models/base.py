@@ -35,6 +35,21 @@ class Layer0Norms:
     residual_is_normed: bool = False  # layer 0's residual is its normed input (BLOOM's post-norm residual option)
 
 
+def language_model_tensors(key: str, tensor: Tensor) -> list[tuple[str, Tensor]] | None:
+    """A multimodal checkpoint's language-model entry under the text model's names (`model.`, `lm_head.`), as
+    saved (`language_model.model.`) or as transformers 5 holds it (`model.language_model.`); its vision tower and
+    projector left out (an empty list). None: not a multimodal checkpoint's key."""
+    for prefix in ("language_model.model.", "model.language_model."):
+        if key.startswith(prefix):
+            return [("model." + key.removeprefix(prefix), tensor)]
+    if key.startswith("language_model.lm_head."):
+        return [(key.removeprefix("language_model."), tensor)]
+    if key.startswith(("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                       "model.multi_modal_projector.")):
+        return []
+    return None
+
+
 class CausalLM(nn.Module):
     """A decoder-only LM over a packed batch of tokens.
 

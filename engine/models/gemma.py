@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .base import CausalLM, Layer0Input
+from .base import CausalLM, Layer0Input, language_model_tensors
 from .common import Attention, apply_rotary, rotary_cos_sin
 from .linear import Linear, linear
 from .llama import LlamaAttention, LlamaMLP
@@ -82,17 +82,9 @@ class GemmaForCausalLM(CausalLM):
         return self.model.embed_tokens
 
     def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
-        """A multimodal Gemma 3 checkpoint's language model under our names; its vision tower and projector are
-        left out (text in, text out)."""
-        for prefix in ("language_model.model.", "model.language_model."):
-            if key.startswith(prefix):
-                return [("model." + key.removeprefix(prefix), tensor)]
-        if key.startswith("language_model.lm_head."):
-            return [(key.removeprefix("language_model."), tensor)]
-        if key.startswith(("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
-                           "model.multi_modal_projector.")):
-            return []
-        return [(key, tensor)]
+        """A multimodal Gemma 3 checkpoint's language model under our names (text in, text out)."""
+        mapped = language_model_tensors(key, tensor)
+        return [(key, tensor)] if mapped is None else mapped
 
     def embed_tokens(self, ids: Tensor) -> Tensor:
         """Scaled by sqrt(hidden), the scale rounded to the table's dtype first, as HF's scaled embedding does."""

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .base import Layer0Input, Layer0Norms, RotaryCausalLM
+from .base import Layer0Input, Layer0Norms, RotaryCausalLM, language_model_tensors
 from .common import Attention, RMSNorm, activation, apply_rotary
 from .linear import Linear, linear, transposed_storage
 from .moe import SparseMoE, moe_checkpoint_tensors
@@ -110,8 +110,11 @@ class LlamaForCausalLM(RotaryCausalLM):
 
     def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
         """Phi-3's fused qkv_proj / gate_up_proj weights as our separate projections (fused again, in our layout,
-        by prepare_for_inference); Mixtral's experts under our names."""
+        by prepare_for_inference); Mixtral's experts under our names; a multimodal Mistral 3 checkpoint's language
+        model."""
         c = self.config
+        if (mapped := language_model_tensors(key, tensor)) is not None:
+            return mapped
         if c.moe is not None:
             return moe_checkpoint_tensors(key, tensor)
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
@@ -152,6 +155,9 @@ class LlamaForCausalLM(RotaryCausalLM):
         if c.embedding_multiplier != 1.0:  # Granite (no fused layer-0 input then)
             h = h * c.embedding_multiplier
         r = c.residual_multiplier
+        if c.query_scale_beta:  # Ministral 3: queries scaled by position (1 below the first period)
+            q_scale = 1 + c.query_scale_beta * torch.log(1 + torch.floor(positions / c.query_scale_period))
+            q_scale = q_scale.to(h.dtype)[:, None, None]
         for i, layer in enumerate(self.model.layers):
             a = layer.self_attn
             if i == 0 and layer0 is not None and layer0.qkv is not None:
@@ -167,6 +173,8 @@ class LlamaForCausalLM(RotaryCausalLM):
             if not fused_rope and i not in c.nope_layers:
                 qk = apply_rotary(qk, cos, sin)
             q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
+            if c.query_scale_beta:
+                q = q * q_scale
             v = qkv[:, qk_width:].view(t, c.num_kv_heads, c.head_dim)
             # residual sums land in the projections' fresh outputs (o + h == h + o, bit for bit)
             out = a.o_proj(attention(i, q, k, v).reshape(t, c.num_heads * c.head_dim))
