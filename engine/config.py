@@ -190,13 +190,7 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
         raise CheckpointError(f"{model_dir}/config.json could not be parsed as a {model_type} config: {exc}") from exc
     family = ARCH_FAMILIES[model_type]
     try:
-        cfg = {"llama": _llama_config, "stablelm": _stablelm_config, "starcoder2": _starcoder2_config,
-               "cohere": _cohere_config,
-               "olmo2": _olmo2_config, "falcon": _falcon_config, "gptj": _gptj_config,
-               "gemma": _gemma_config,
-               "gpt_neox": _gpt_neox_config, "phi": _phi_config,
-               "opt": _opt_config, "gpt2": _gpt2_config, "gpt_bigcode": _gpt2_config,
-               "bloom": _bloom_config}[family](hf, model_type)
+        cfg = FAMILY_CONFIGS[family](hf, model_type)
     except (AttributeError, TypeError, KeyError) as exc:
         raise CheckpointError(f"{model_dir}/config.json lacks a field the {model_type} model needs: {exc}") from exc
     _check(cfg)
@@ -589,3 +583,12 @@ def _bloom_config(hf: Any, model_type: str) -> ModelConfig:
         eos_token_ids=_eos_ids(hf.eos_token_id),
         hf_config=hf,
     )
+
+
+# family -> its config reader
+FAMILY_CONFIGS = {
+    "llama": _llama_config, "stablelm": _stablelm_config, "starcoder2": _starcoder2_config, "cohere": _cohere_config,
+    "olmo2": _olmo2_config, "falcon": _falcon_config, "gptj": _gptj_config, "gemma": _gemma_config,
+    "gpt_neox": _gpt_neox_config, "phi": _phi_config, "opt": _opt_config, "gpt2": _gpt2_config,
+    "gpt_bigcode": _gpt2_config, "bloom": _bloom_config,
+}

@@ -62,6 +62,13 @@ def test_tied_embeddings_share_storage(model_dir_for):
     assert model.lm_head.weight.data_ptr() == model.word_embeddings.weight.data_ptr()
 
 
+def test_every_supported_model_type_has_a_config_reader_and_a_model_class():
+    from softprompt.engine.config import ARCH_FAMILIES, FAMILY_CONFIGS
+    from softprompt.engine.models import MODEL_CLASSES
+
+    assert set(ARCH_FAMILIES.values()) == set(FAMILY_CONFIGS) == set(MODEL_CLASSES)
+
+
 def test_unsupported_architecture(tmp_path, model_dir_for):
     d = tmp_path / "m"
     shutil.copytree(model_dir_for("llama"), d)
