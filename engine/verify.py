@@ -1,6 +1,7 @@
 """`softprompt verify`: prove that a serving backend gives the answers of the model you validated.
 
-The oracle is HF transformers + PEFT (`AutoModelForCausalLM` + `PeftModel`, one adapter per task) on your
+The oracle is HF transformers + PEFT (`AutoModelForCausalLM`, or `AutoModelForImageTextToText` for a multimodal
+checkpoint transformers does not register as a causal LM, + `PeftModel`, one adapter per task) on your
 checkpoint and adapters, in the same dtype and on the same device; without peft installed it is the engine's
 own pure-PyTorch reference path (said so in the report). Each backend (and the reference path, when HF is the
 oracle) runs the same requests, alone and as one mixed batch of all tasks, and is compared with the oracle:
