@@ -50,7 +50,9 @@ def test_every_launch_compiles_for_hopper(tmp_path):
         for arch, (_, options) in MODELS.items():
             model_dir = build_tiny_checkpoint(arch, tmp_path / arch, num_layers=1, vocab_size=512, **options)
             for dtype, graphs in (("float32", False), ("float16", True)):
-                eng = Engine(model_dir, device="cpu", dtype=dtype, backend="triton", cuda_graphs=graphs)
+                # (a small pool: one test holds every engine it makes until it ends)
+                eng = Engine(model_dir, device="cpu", dtype=dtype, backend="triton", cuda_graphs=graphs,
+                             kv_cache_bytes=32 << 20)
                 names = register_tasks([eng], 2, hidden=options["hidden_size"]) + [None]
                 run(eng, make_requests(names, 3, seed=5, max_new_tokens=2))
                 if not eng.model.fused_layer0:
