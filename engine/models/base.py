@@ -143,8 +143,10 @@ class CausalLM(nn.Module):
 
 
 class RotaryCausalLM(CausalLM):
-    """A model with one RoPE for every layer (the Llama family, GPT-NeoX): cos/sin tables of every position, which
-    the triton backend's RoPE kernel reads where RoPE spans whole heads."""
+    """A model with one RoPE for every layer (the Llama family, GPT-NeoX, ...): cos/sin tables of every position,
+    which the triton backend's RoPE kernel reads where RoPE spans whole heads."""
+
+    ignored_key_suffixes = ("rotary_emb.inv_freq",)
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
@@ -157,6 +159,13 @@ class RotaryCausalLM(CausalLM):
         if self.rope_cos.shape[-1] != self.config.head_dim or self.config.nope_layers:
             return None
         return self.rope_cos, self.rope_sin
+
+    def rope_rows(self, attention: Attention, positions: Tensor) -> tuple[Tensor, Tensor] | None:
+        """cos/sin rows of the positions for the model to rotate q and k with; None where the attention kernel
+        rotates them itself (`applies_rope`)."""
+        if getattr(attention, "applies_rope", False):
+            return None
+        return self.rope_cos[positions], self.rope_sin[positions]
 
     def init_buffers(self, device: torch.device) -> None:
         inv_freq, self.rope_scaling = rope_inv_freq(self.config, device)

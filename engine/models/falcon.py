@@ -64,7 +64,6 @@ class FalconBackbone(nn.Module):
 
 class FalconForCausalLM(RotaryCausalLM):
     key_prefix = "transformer."
-    ignored_key_suffixes = ("rotary_emb.inv_freq",)
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
@@ -100,9 +99,7 @@ class FalconForCausalLM(RotaryCausalLM):
     ) -> Tensor:
         c = self.config
         t = positions.shape[0]
-        fused_rope = getattr(attention, "applies_rope", False)  # the attention kernel rotates q/k itself
-        if not fused_rope:
-            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        rope = self.rope_rows(attention, positions)
         qk_width = (c.num_heads + c.num_kv_heads) * c.head_dim
         h = embeds if layer0 is None else layer0.residual
         for i, layer in enumerate(self.transformer.h):
@@ -115,8 +112,8 @@ class FalconForCausalLM(RotaryCausalLM):
                 x = layer.attention_norm(h)
                 qkv = a.query_key_value(x)
             qk = qkv[:, :qk_width].view(t, c.num_heads + c.num_kv_heads, c.head_dim)
-            if not fused_rope:
-                qk = apply_rotary(qk, cos, sin)
+            if rope is not None:
+                qk = apply_rotary(qk, *rope)
             q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
             v = qkv[:, qk_width:].view(t, c.num_kv_heads, c.head_dim)
             out = a.dense(attention(i, q, k, v).reshape(t, c.num_heads * c.head_dim))

@@ -85,9 +85,7 @@ class GPTNeoXForCausalLM(RotaryCausalLM):
     ) -> Tensor:
         c = self.config
         t = positions.shape[0]
-        fused_rope = getattr(attention, "applies_rope", False)  # the attention kernel rotates q/k itself
-        if not fused_rope:
-            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        rope = self.rope_rows(attention, positions)
         width = c.num_heads * c.head_dim
         h = embeds if layer0 is None else layer0.residual
         for i, layer in enumerate(self.gpt_neox.layers):
@@ -97,8 +95,8 @@ class GPTNeoXForCausalLM(RotaryCausalLM):
             else:
                 qkv = a.query_key_value(layer0.normed if (i == 0 and layer0 is not None) else layer.input_layernorm(h))
             qk = qkv[:, : 2 * width].reshape(t, 2 * c.num_heads, c.head_dim)
-            if not fused_rope:
-                qk = apply_rotary(qk, cos, sin)
+            if rope is not None:
+                qk = apply_rotary(qk, *rope)
             q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
             v = qkv[:, 2 * width:].reshape(t, c.num_heads, c.head_dim)
             out = a.dense(attention(i, q, k, v).reshape(t, width))

@@ -91,7 +91,6 @@ class LlamaBackbone(nn.Module):
 
 class LlamaForCausalLM(RotaryCausalLM):
     key_prefix = "model."
-    ignored_key_suffixes = ("rotary_emb.inv_freq",)
     backbone_class: type[nn.Module] = LlamaBackbone
 
     def __init__(self, config: ModelConfig):
@@ -147,9 +146,7 @@ class LlamaForCausalLM(RotaryCausalLM):
     ) -> Tensor:
         c = self.config
         t = positions.shape[0]
-        fused_rope = getattr(attention, "applies_rope", False)  # the attention kernel rotates q/k itself
-        if not fused_rope:
-            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        rope = self.rope_rows(attention, positions)
         qk_width = (c.num_heads + c.num_kv_heads) * c.head_dim
         h = embeds if layer0 is None else layer0.residual
         if c.embedding_multiplier != 1.0:  # Granite (no fused layer-0 input then)
@@ -170,8 +167,8 @@ class LlamaForCausalLM(RotaryCausalLM):
             qk = qkv[:, :qk_width].view(t, c.num_heads + c.num_kv_heads, c.head_dim)
             if c.qk_norm:
                 qk = torch.cat((a.q_norm(qk[:, : c.num_heads]), a.k_norm(qk[:, c.num_heads:])), dim=1)
-            if not fused_rope and i not in c.nope_layers:
-                qk = apply_rotary(qk, cos, sin)
+            if rope is not None and i not in c.nope_layers:
+                qk = apply_rotary(qk, *rope)
             q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
             if c.query_scale_beta:
                 q = q * q_scale

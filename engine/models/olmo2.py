@@ -46,7 +46,6 @@ class Olmo2Backbone(nn.Module):
 
 class Olmo2ForCausalLM(RotaryCausalLM):
     key_prefix = "model."
-    ignored_key_suffixes = ("rotary_emb.inv_freq",)
     fused_layer0 = False  # layer 0's input is the plain embedding: nothing for a fused kernel to do
 
     def __init__(self, config: ModelConfig):
@@ -70,9 +69,7 @@ class Olmo2ForCausalLM(RotaryCausalLM):
     ) -> Tensor:
         c = self.config
         t = positions.shape[0]
-        fused_rope = getattr(attention, "applies_rope", False)  # the attention kernel rotates q/k itself
-        if not fused_rope:
-            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        rope = self.rope_rows(attention, positions)
         q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         h = embeds
         for i, layer in enumerate(self.model.layers):
@@ -80,8 +77,8 @@ class Olmo2ForCausalLM(RotaryCausalLM):
             qkv = linear(h, a.qkv_weight, a.qkv_bias)
             q = a.q_norm(qkv[:, :q_width]).view(t, c.num_heads, c.head_dim)
             k = a.k_norm(qkv[:, q_width:q_width + kv_width]).view(t, c.num_kv_heads, c.head_dim)
-            if not fused_rope:
-                qk = apply_rotary(torch.cat((q, k), dim=1), cos, sin)
+            if rope is not None:
+                qk = apply_rotary(torch.cat((q, k), dim=1), *rope)
                 q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
             v = qkv[:, q_width + kv_width:].view(t, c.num_kv_heads, c.head_dim)
             out = a.o_proj(attention(i, q, k, v).reshape(t, q_width))

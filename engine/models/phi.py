@@ -44,7 +44,6 @@ class PhiBackbone(nn.Module):
 
 class PhiForCausalLM(RotaryCausalLM):
     key_prefix = "model."
-    ignored_key_suffixes = ("rotary_emb.inv_freq",)
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
@@ -77,9 +76,7 @@ class PhiForCausalLM(RotaryCausalLM):
     ) -> Tensor:
         c = self.config
         t = positions.shape[0]
-        fused_rope = getattr(attention, "applies_rope", False)  # the attention kernel rotates q/k itself
-        if not fused_rope:
-            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        rope = self.rope_rows(attention, positions)
         qk_width = (c.num_heads + c.num_kv_heads) * c.head_dim
         h = embeds if layer0 is None else layer0.residual
         for i, layer in enumerate(self.model.layers):
@@ -94,8 +91,8 @@ class PhiForCausalLM(RotaryCausalLM):
             qk = qkv[:, :qk_width].view(t, c.num_heads + c.num_kv_heads, c.head_dim)
             if c.qk_norm:
                 qk = torch.cat((a.q_norm(qk[:, : c.num_heads]), a.k_norm(qk[:, c.num_heads:])), dim=1)
-            if not fused_rope:
-                qk = apply_rotary(qk, cos, sin)
+            if rope is not None:
+                qk = apply_rotary(qk, *rope)
             q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
             v = qkv[:, qk_width:].view(t, c.num_kv_heads, c.head_dim)
             out = a.o_proj(attention(i, q, k, v).reshape(t, c.num_heads * c.head_dim))
