@@ -166,10 +166,13 @@ def _load_peft_model(model_dir: str | Path, config: TrainConfig, device: torch.d
     model.to(device).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # PEFT sizes prompt rows by config.hidden_size: say the token embeddings' width where it differs (OPT-350m)
+    width = model.get_input_embeddings().embedding_dim
+    token_dim = width if width != getattr(model.config, "hidden_size", width) else None
     if config.method == "p_tuning":
         peft_config = PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.num_virtual_tokens,
                                           encoder_reparameterization_type=config.encoder,
-                                          encoder_hidden_size=config.encoder_hidden_size)
+                                          encoder_hidden_size=config.encoder_hidden_size, token_dim=token_dim)
     elif config.method == "prefix_tuning":
         peft_config = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.num_virtual_tokens,
                                          prefix_projection=config.prefix_projection,
@@ -181,6 +184,7 @@ def _load_peft_model(model_dir: str | Path, config: TrainConfig, device: torch.d
             prompt_tuning_init=PromptTuningInit.TEXT if config.init == "text" else PromptTuningInit.RANDOM,
             prompt_tuning_init_text=config.init_text if config.init == "text" else None,
             tokenizer_name_or_path=str(model_dir) if config.init == "text" else None,
+            token_dim=token_dim,
         )
     torch.manual_seed(config.seed)  # PEFT's random inits draw from the global generator
     with _quiet():

@@ -175,6 +175,21 @@ def test_adapter_round_trips_through_peft_and_the_engine(trained):
         assert out_.prompt_version == result.version
 
 
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
+def test_prompts_for_embeddings_narrower_than_the_model_train_and_serve(method, model_dir_for, tmp_path):
+    """OPT-350m's token embeddings are narrower than its hidden size: the trained rows take their width (PEFT
+    would size them by hidden_size), and the engine serves them."""
+    from softprompt import Engine
+
+    model_dir = model_dir_for("opt_post_norm")
+    train, val = split(make_category_task(16, seed=1), 0.25)
+    config = TrainConfig(**{**TINY, "epochs": 1, "method": method})
+    train_prompt(model_dir, train, val, tmp_path / "adapter", config, log=None)
+    engine = Engine(model_dir, device="cpu", dtype="float32")
+    prompt = engine.add_prompt("t", tmp_path / "adapter")
+    assert prompt.embeds.shape == (6, engine.config.embedding_width) and engine.config.embedding_width == 32
+
+
 def test_early_stopping_keeps_the_best_prompt(model_dir_for, tmp_path):
     # validation asks for the opposite of training: its loss rises, so epoch 1 is best and training stops early
     inputs = [f"word: {w} ->" for w in ("apple", "dog", "red", "saw", "plum", "cat", "blue", "axe")]
