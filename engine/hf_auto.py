@@ -18,3 +18,10 @@ def hf_causal_lm_class(config: Any) -> type:
     if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return AutoModelForCausalLM
     return AutoModelForImageTextToText
+
+
+def peft_token_dim(model: Any) -> int | None:
+    """PEFT's `token_dim` for a prompt of `model` (a transformers model): its token embeddings' width where that is
+    not `config.hidden_size` (OPT-350m's narrower embeddings), which PEFT would size prompt rows by; else None."""
+    width = model.get_input_embeddings().embedding_dim
+    return width if width != getattr(model.config, "hidden_size", width) else None

@@ -321,22 +321,20 @@ def build_prompt_tuning_adapter(model_dir: str | Path, out_dir: str | Path, *, n
     """Create and save a PEFT prompt-tuning adapter for `model_dir` the way a user would."""
     from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
-    from .hf_auto import hf_causal_lm_class
+    from .hf_auto import hf_causal_lm_class, peft_token_dim
 
     if init not in ("random", "text"):
         raise ValueError(f"init must be 'random' or 'text', got {init!r}")
     out_dir = Path(out_dir)
     with _quiet():
         model = hf_causal_lm_class(model_dir).from_pretrained(model_dir)
-    # PEFT sizes prompts by config.hidden_size; where token embeddings are narrower (OPT-350m), say their width
-    width = model.get_input_embeddings().embedding_dim
     cfg = PromptTuningConfig(
         task_type=TaskType.CAUSAL_LM,
         num_virtual_tokens=num_virtual_tokens,
         prompt_tuning_init=PromptTuningInit.RANDOM if init == "random" else PromptTuningInit.TEXT,
         prompt_tuning_init_text=(init_text or "the cat sat on the mat") if init == "text" else None,
         tokenizer_name_or_path=str(model_dir),
-        token_dim=width if width != getattr(model.config, "hidden_size", width) else None,
+        token_dim=peft_token_dim(model),
     )
     with _quiet():
         peft_model = get_peft_model(model, cfg)

@@ -154,7 +154,7 @@ def _load_peft_model(model_dir: str | Path, config: TrainConfig, device: torch.d
     )
     from transformers import AutoTokenizer
 
-    from .hf_auto import hf_causal_lm_class
+    from .hf_auto import hf_causal_lm_class, peft_token_dim
 
     try:
         with _quiet():
@@ -166,9 +166,7 @@ def _load_peft_model(model_dir: str | Path, config: TrainConfig, device: torch.d
     model.to(device).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    # PEFT sizes prompt rows by config.hidden_size: say the token embeddings' width where it differs (OPT-350m)
-    width = model.get_input_embeddings().embedding_dim
-    token_dim = width if width != getattr(model.config, "hidden_size", width) else None
+    token_dim = peft_token_dim(model)
     if config.method == "p_tuning":
         peft_config = PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.num_virtual_tokens,
                                           encoder_reparameterization_type=config.encoder,

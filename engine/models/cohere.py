@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from .common import permute_head_channels
 from .llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 
 
@@ -69,11 +70,9 @@ class CohereForCausalLM(LlamaForCausalLM):
 
     def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
         c = self.config
-        order = c.key_channel_order
         if key.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.q_proj.bias",
                          "self_attn.k_proj.bias")):
-            rest = tensor.shape[1:]
-            tensor = tensor.view(-1, c.head_dim, *rest)[:, order].reshape(-1, *rest)
+            tensor = permute_head_channels(tensor, c.head_dim, c.key_channel_order)
         elif key.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")):
-            tensor = tensor[..., order]
+            tensor = tensor[..., c.key_channel_order]
         return [(key, tensor)]

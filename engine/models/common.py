@@ -74,6 +74,22 @@ def rotary_cos_sin(inv_freq: Tensor, scaling: float, positions: Tensor, dtype: t
     return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
 
+def fused_qkv_to_blocks(tensor: Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> Tensor:
+    """A fused QKV projection's rows (weight or bias) stored per K/V group (each group's query heads, then its key,
+    then its value: per head [q, k, v] where every head has its own K/V, [all q | k | v] with one) as
+    [all q | all k | all v], the layout our models split."""
+    rest = tensor.shape[1:]
+    groups = tensor.view(num_kv_heads, num_heads // num_kv_heads + 2, head_dim, *rest)
+    return torch.cat([groups[:, :-2].reshape(-1, *rest), groups[:, -2].reshape(-1, *rest),
+                      groups[:, -1].reshape(-1, *rest)])
+
+
+def permute_head_channels(tensor: Tensor, head_dim: int, order: list[int]) -> Tensor:
+    """A projection's output rows (weight or bias), head by head, with each head's channels in `order`."""
+    rest = tensor.shape[1:]
+    return tensor.view(-1, head_dim, *rest)[:, order].reshape(-1, *rest)
+
+
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x [T, H, D] rotated with cos/sin [T, R] (rotate-half convention): `x * cos + rotate_half(x) * sin` over the
     first R channels of each head (R < D: partial rotary, Phi-3's; the other channels pass as they are).

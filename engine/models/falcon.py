@@ -9,12 +9,12 @@ multi-query's [all q | k | v] already, and plain multi-head attention's per head
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .base import Layer0Input, Layer0Norms, RotaryCausalLM
-from .common import Attention, activation, apply_rotary
+from .common import Attention, apply_rotary, fused_qkv_to_blocks
+from .gpt_neox import GPTNeoXMLP
 from .linear import Linear
 
 
@@ -25,22 +25,11 @@ class FalconAttention(nn.Module):
         self.dense = Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
 
 
-class FalconMLP(nn.Module):
-    def __init__(self, c: ModelConfig):
-        super().__init__()
-        self.dense_h_to_4h = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.dense_4h_to_h = Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
-        self.act = c.hidden_act
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.dense_4h_to_h(activation(self.act, self.dense_h_to_4h(x)))
-
-
 class FalconLayer(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.self_attention = FalconAttention(c)
-        self.mlp = FalconMLP(c)
+        self.mlp = GPTNeoXMLP(c)  # (the same dense_h_to_4h / dense_4h_to_h GELU MLP)
         if c.two_parallel_norms:  # attention and MLP each on their own norm of the same input
             self.ln_attn = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
             self.ln_mlp = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
@@ -79,15 +68,8 @@ class FalconForCausalLM(RotaryCausalLM):
         c = self.config
         if not key.endswith(("self_attention.query_key_value.weight", "self_attention.query_key_value.bias")):
             return [(key, tensor)]
-        # (the layouts coincide where they meet: one group is multi-query's, a group per head is per head)
-        rest = tensor.shape[1:]
-        if c.num_kv_heads == c.num_heads:  # per head [q, k, v]
-            tensor = tensor.view(c.num_heads, 3, c.head_dim, *rest).transpose(0, 1).reshape(-1, *rest)
-        elif c.num_kv_heads > 1:  # per K/V group [q of its heads, k, v]
-            groups = tensor.view(c.num_kv_heads, c.num_heads // c.num_kv_heads + 2, c.head_dim, *rest)
-            tensor = torch.cat([groups[:, :-2].reshape(-1, *rest), groups[:, -2].reshape(-1, *rest),
-                                groups[:, -1].reshape(-1, *rest)])
-        return [(key, tensor)]
+        # (every layout is per K/V group: one group is multi-query's, a group per head is per head)
+        return [(key, fused_qkv_to_blocks(tensor, c.num_heads, c.num_kv_heads, c.head_dim))]
 
     def layer0_norms(self) -> Layer0Norms:
         layer = self.transformer.h[0]

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .base import CausalLM, Layer0Input, Layer0Norms
-from .common import Attention, activation
+from .common import Attention, activation, fused_qkv_to_blocks
 from .linear import Linear
 
 
@@ -21,8 +21,8 @@ class GPT2Attention(nn.Module):
 class GPT2MLP(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
-        self.c_fc = Linear(c.hidden_size, c.intermediate_size)
-        self.c_proj = Linear(c.intermediate_size, c.hidden_size)
+        self.c_fc = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.c_proj = Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
         self.act = c.hidden_act
 
     def forward(self, x: Tensor) -> Tensor:
@@ -100,6 +100,5 @@ class GPTBigCodeForCausalLM(GPT2LMHeadModel):
         """Without multi-query, c_attn's rows are per head ([H, (q, k, v), D]): reordered to [(q, k, v), H, D]."""
         c = self.config
         if c.num_kv_heads == c.num_heads and key.endswith(("attn.c_attn.weight", "attn.c_attn.bias")):
-            rest = tensor.shape[1:]
-            tensor = tensor.view(c.num_heads, 3, c.head_dim, *rest).transpose(0, 1).reshape(-1, *rest)
+            tensor = fused_qkv_to_blocks(tensor, c.num_heads, c.num_heads, c.head_dim)
         return [(key, tensor)]

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .base import Layer0Input, Layer0Norms, RotaryCausalLM
-from .common import Attention, activation, apply_rotary
+from .common import Attention, activation, apply_rotary, fused_qkv_to_blocks
 from .linear import Linear
 
 
@@ -24,8 +24,8 @@ class GPTNeoXAttention(nn.Module):
 class GPTNeoXMLP(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
-        self.dense_h_to_4h = Linear(c.hidden_size, c.intermediate_size)
-        self.dense_4h_to_h = Linear(c.intermediate_size, c.hidden_size)
+        self.dense_h_to_4h = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.dense_4h_to_h = Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
         self.act = c.hidden_act
 
     def forward(self, x: Tensor) -> Tensor:
@@ -71,8 +71,7 @@ class GPTNeoXForCausalLM(RotaryCausalLM):
         c = self.config
         if key.endswith("attention.query_key_value.weight") or key.endswith("attention.query_key_value.bias"):
             if tensor.shape[0] == 3 * c.num_heads * c.head_dim:
-                rest = tensor.shape[1:]
-                tensor = tensor.view(c.num_heads, 3, c.head_dim, *rest).transpose(0, 1).reshape(-1, *rest)
+                tensor = fused_qkv_to_blocks(tensor, c.num_heads, c.num_heads, c.head_dim)
         return [(key, tensor)]
 
     def layer0_norms(self) -> Layer0Norms:

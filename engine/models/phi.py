@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .base import Layer0Input, Layer0Norms, RotaryCausalLM
-from .common import Attention, activation, apply_rotary
+from .common import Attention, activation, apply_rotary, permute_head_channels
 from .linear import Linear, linear
 from .llama import LlamaAttention
 
@@ -122,7 +122,5 @@ class GPTJForCausalLM(PhiForCausalLM):
             for theirs, ours in _GPTJ_NAMES:
                 key = key.replace(theirs, ours)
         if key.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
-            rest = tensor.shape[1:]
-            order = self.config.key_channel_order
-            tensor = tensor.view(-1, self.config.head_dim, *rest)[:, order].reshape(-1, *rest)
+            tensor = permute_head_channels(tensor, self.config.head_dim, self.config.key_channel_order)
         return [(key, tensor)]

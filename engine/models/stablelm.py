@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .common import activation
-from .linear import Linear
+from .gpt2 import GPT2MLP
 from .llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 
 
@@ -57,18 +56,11 @@ class StableLmForCausalLM(LlamaForCausalLM):
         return [(key.replace(".q_layernorm.", ".q_norm.").replace(".k_layernorm.", ".k_norm."), tensor)]
 
 
-class Starcoder2MLP(nn.Module):
-    def __init__(self, c: ModelConfig):
-        super().__init__()
-        self.c_fc = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.c_proj = Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
-        self.act = c.hidden_act
+class Starcoder2MLP(GPT2MLP):
+    """GPT-2's c_fc / c_proj GELU MLP, in the Llama layout that fuses each MLP's input projections."""
 
     def fuse(self, transposed: bool) -> None:
         """(one projection in: nothing to fuse)"""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.c_proj(activation(self.act, self.c_fc(x)))
 
 
 class Starcoder2Layer(nn.Module):
