@@ -1,4 +1,5 @@
-"""Which transformers class holds a checkpoint's causal LM, for the HF + PEFT sides (verify, train, testing)."""
+"""Which transformers class holds a checkpoint's causal LM, and how to load it, for the HF + PEFT sides (verify,
+train, testing)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,28 @@ def hf_causal_lm_class(config: Any) -> type:
     if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return AutoModelForCausalLM
     return AutoModelForImageTextToText
+
+
+def reference_load_kwargs(config: Any) -> dict[str, Any]:
+    """`from_pretrained` options that load HF's own reference implementation of the model in `config`: no Hub
+    kernels (transformers 5.25 swaps layers for downloaded ones by default, which needs the network and changes the
+    numerics), and eager attention where the model soft-caps attention scores (Gemma 2): transformers up to 5.17
+    ran Gemma 2 on SDPA by default, which skips the cap."""
+    text_config = getattr(config, "text_config", None) or config
+    kwargs: dict[str, Any] = {"use_kernels": False}
+    if getattr(text_config, "attn_logit_softcapping", None):
+        kwargs["attn_implementation"] = "eager"
+    return kwargs
+
+
+def load_hf_causal_lm(model_dir: str | Path, **kwargs: Any) -> Any:
+    """The checkpoint's transformers causal LM, loaded with `reference_load_kwargs`; `kwargs` (dtype, ...) go to
+    `from_pretrained` too."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    options = {**reference_load_kwargs(config), **kwargs}
+    return hf_causal_lm_class(config).from_pretrained(str(model_dir), **options)
 
 
 def peft_token_dim(model: Any) -> int | None:

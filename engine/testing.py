@@ -321,13 +321,13 @@ def build_prompt_tuning_adapter(model_dir: str | Path, out_dir: str | Path, *, n
     """Create and save a PEFT prompt-tuning adapter for `model_dir` the way a user would."""
     from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
-    from .hf_auto import hf_causal_lm_class, peft_token_dim
+    from .hf_auto import load_hf_causal_lm, peft_token_dim
 
     if init not in ("random", "text"):
         raise ValueError(f"init must be 'random' or 'text', got {init!r}")
     out_dir = Path(out_dir)
     with _quiet():
-        model = hf_causal_lm_class(model_dir).from_pretrained(model_dir)
+        model = load_hf_causal_lm(model_dir)
     cfg = PromptTuningConfig(
         task_type=TaskType.CAUSAL_LM,
         num_virtual_tokens=num_virtual_tokens,
@@ -352,13 +352,13 @@ def build_p_tuning_adapter(model_dir: str | Path, out_dir: str | Path, *, num_vi
     encoder: PEFT saves the encoder's output rows, which inference prepends like a soft prompt's."""
     from peft import PromptEncoderConfig, TaskType, get_peft_model
 
-    from .hf_auto import hf_causal_lm_class
+    from .hf_auto import load_hf_causal_lm
 
     cfg = PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=num_virtual_tokens,
                               encoder_hidden_size=32, encoder_reparameterization_type=encoder)
     with _quiet():
         torch.manual_seed(seed)
-        peft_model = get_peft_model(hf_causal_lm_class(model_dir).from_pretrained(model_dir), cfg)
+        peft_model = get_peft_model(load_hf_causal_lm(model_dir), cfg)
         peft_model.save_pretrained(Path(out_dir))
     return Path(out_dir)
 
@@ -370,13 +370,13 @@ def build_prefix_tuning_adapter(model_dir: str | Path, out_dir: str | Path, *, n
     PEFT saves."""
     from peft import PrefixTuningConfig, TaskType, get_peft_model
 
-    from .hf_auto import hf_causal_lm_class
+    from .hf_auto import load_hf_causal_lm
 
     cfg = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=num_virtual_tokens,
                              prefix_projection=projection, encoder_hidden_size=32)
     with _quiet():
         torch.manual_seed(seed)
-        peft_model = get_peft_model(hf_causal_lm_class(model_dir).from_pretrained(model_dir), cfg)
+        peft_model = get_peft_model(load_hf_causal_lm(model_dir), cfg)
         peft_model.save_pretrained(Path(out_dir))
     return Path(out_dir)
 
@@ -387,13 +387,13 @@ def build_multitask_prompt_tuning_adapter(model_dir: str | Path, out_dir: str | 
     task, a rank-`num_ranks` matrix that scales them; seed-determined, with tasks that differ clearly."""
     from peft import MultitaskPromptTuningConfig, TaskType, get_peft_model
 
-    from .hf_auto import hf_causal_lm_class
+    from .hf_auto import load_hf_causal_lm
 
     cfg = MultitaskPromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=num_virtual_tokens,
                                       num_tasks=num_tasks, num_ranks=num_ranks)
     gen = torch.Generator().manual_seed(seed)
     with _quiet():
-        peft_model = get_peft_model(hf_causal_lm_class(model_dir).from_pretrained(model_dir), cfg)
+        peft_model = get_peft_model(load_hf_causal_lm(model_dir), cfg)
         encoder = peft_model.prompt_encoder["default"]
         with torch.no_grad():
             weight = encoder.embedding.weight
@@ -410,7 +410,7 @@ def build_cpt_adapter(model_dir: str | Path, out_dir: str | Path, *, token_ids: 
     with a seed-determined random delta (PEFT saves the token embeddings plus the delta after its projection)."""
     from peft import CPTConfig, TaskType, get_peft_model
 
-    from .hf_auto import hf_causal_lm_class
+    from .hf_auto import load_hf_causal_lm
 
     ids = list(token_ids)
     types = [1] + [2] * (len(ids) - 2) + [3] if len(ids) > 1 else [2]  # template, inputs..., output template
@@ -418,7 +418,7 @@ def build_cpt_adapter(model_dir: str | Path, out_dir: str | Path, *, token_ids: 
                     cpt_tokens_type_mask=types)
     gen = torch.Generator().manual_seed(seed)
     with _quiet():
-        peft_model = get_peft_model(hf_causal_lm_class(model_dir).from_pretrained(model_dir), cfg)
+        peft_model = get_peft_model(load_hf_causal_lm(model_dir), cfg)
         delta = peft_model.prompt_encoder["default"].delta_embedding.weight
         with torch.no_grad():
             delta.copy_(torch.randn(delta.shape, generator=gen))
@@ -432,13 +432,13 @@ def build_cartridge_adapter(model_dir: str | Path, out_dir: str | Path, *, num_v
     with seed-determined random K/V."""
     from peft import CartridgeConfig, TaskType, get_peft_model
 
-    from .hf_auto import hf_causal_lm_class
+    from .hf_auto import load_hf_causal_lm
 
     cfg = CartridgeConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=num_virtual_tokens,
                           num_frozen_tokens=num_frozen_tokens)
     with _quiet():
         torch.manual_seed(seed)
-        peft_model = get_peft_model(hf_causal_lm_class(model_dir).from_pretrained(model_dir), cfg)
+        peft_model = get_peft_model(load_hf_causal_lm(model_dir), cfg)
         peft_model.save_pretrained(Path(out_dir))
     return Path(out_dir)
 

@@ -154,13 +154,12 @@ def _load_peft_model(model_dir: str | Path, config: TrainConfig, device: torch.d
     )
     from transformers import AutoTokenizer
 
-    from .hf_auto import hf_causal_lm_class, peft_token_dim
+    from .hf_auto import load_hf_causal_lm, peft_token_dim
 
     try:
         with _quiet():
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-            model = hf_causal_lm_class(model_dir).from_pretrained(str(model_dir),
-                                                                  dtype=_DTYPES[config.dtype or "float32"])
+            model = load_hf_causal_lm(model_dir, dtype=_DTYPES[config.dtype or "float32"])
     except (OSError, ValueError) as exc:
         raise SoftPromptError(f"cannot load a causal LM and its tokenizer from {model_dir}: {exc}") from exc
     model.to(device).eval()

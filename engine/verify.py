@@ -182,11 +182,11 @@ class HFPeftOracle:
         from peft import PeftModel
         from transformers import GenerationConfig
 
-        from .hf_auto import hf_causal_lm_class
+        from .hf_auto import load_hf_causal_lm
         from .testing import _quiet
 
         def base_model():
-            model = hf_causal_lm_class(model_dir).from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
+            model = load_hf_causal_lm(model_dir, dtype=dtype).to(device).eval()
             # plain greedy decoding: a checkpoint's generation_config.json may add sampling, penalties...
             model.generation_config = GenerationConfig()
             return model

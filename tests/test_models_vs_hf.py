@@ -16,14 +16,14 @@ from softprompt import Engine, Request, SamplingParams
 from .conftest import MODEL_VARIANTS
 
 peft = pytest.importorskip("peft")
-from softprompt.engine.hf_auto import hf_causal_lm_class  # noqa: E402
+from softprompt.engine.hf_auto import load_hf_causal_lm, reference_load_kwargs  # noqa: E402
 
 FP32_ATOL = 1e-4
 HALF_ATOL = {torch.bfloat16: 0.05, torch.float16: 0.01}  # relative to the logit scale
 
 
 def hf_peft_model(model_dir, adapter_dir, dtype=torch.float32):
-    base = hf_causal_lm_class(model_dir).from_pretrained(model_dir, dtype=dtype).eval()
+    base = load_hf_causal_lm(model_dir, dtype=dtype).eval()
     if adapter_dir is None:
         return base
     return peft.PeftModel.from_pretrained(base, adapter_dir).eval()
@@ -58,6 +58,29 @@ def test_base_model_logits_match_hf(variant, model_dir_for):
     with torch.no_grad():
         expected = hf(input_ids=torch.tensor([ids])).logits[0].float()
     torch.testing.assert_close(engine.reference.logits(None, ids), expected, atol=FP32_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("variant, eager", [("gemma2", True), ("gemma3_multimodal", False), ("llama", False)])
+def test_hf_side_loads_the_reference_implementation(variant, eager, model_dir_for, monkeypatch):
+    """verify, train and these tests load HF's model with `load_hf_causal_lm`: eager attention where scores are
+    soft-capped (transformers <= 5.17 ran Gemma 2 on SDPA, which skips the cap: 0.19 off its eager logits here),
+    and never Hub kernels (transformers 5.25 downloads them by default)."""
+    from transformers import AutoConfig, PreTrainedModel
+
+    model_dir = model_dir_for(variant)
+    options = reference_load_kwargs(AutoConfig.from_pretrained(model_dir))
+    assert options["use_kernels"] is False and (options.get("attn_implementation") == "eager") == eager
+    seen = {}
+    real = PreTrainedModel.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.update(kwargs)
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(spy))
+    model = load_hf_causal_lm(model_dir)
+    assert seen["use_kernels"] is False
+    assert (model.config._attn_implementation == "eager") == eager  # the others keep HF's default (SDPA)
 
 
 @pytest.mark.parametrize("variant", list(MODEL_VARIANTS))

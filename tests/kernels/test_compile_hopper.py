@@ -1,6 +1,6 @@
 """Every kernel launch the triton backend makes, compiled for Hopper (sm_90) with the installed triton, no GPU.
 
-Engines on test models with the head dims of real ones (64 and 128; GQA, ALiBi, GPT-2 positions, BLOOM's embedding
+Engines on test models with the head dims of real ones (64, 80 and 128; GQA, ALiBi, GPT-2 positions, BLOOM's embedding
 LayerNorm) run a few requests under the interpreter with the GPU's tile choices forced (kernels/tiles.py), in fp32
 and fp16, with and without the CUDA-graph decode path. Each distinct launch is recorded, fp16 ones also as bf16
 (the tile choices do not depend on which half type), and compiled in a subprocess without the interpreter
