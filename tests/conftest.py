@@ -121,6 +121,14 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
         "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
         "llama_4_scaling_beta": 0.5, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}}),
     "mistral3_multimodal": ("mistral3", {}),
+    # OLMo 3: OLMo 2's layout with two sliding-window layers before a full-attention one, each layer type with its
+    # own RoPE (YaRN past 16 positions on the full-attention layer, as the long-context checkpoints)
+    "olmo3": ("olmo3", {"num_layers": 3, "sliding_window": 6,
+                        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+                        "rope_parameters": {
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                            "full_attention": {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 4.0,
+                                               "original_max_position_embeddings": 16}}}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -100,6 +100,16 @@ def test_falcon_with_alibi_is_refused_naming_it(tmp_path, model_dir_for):
         load_model(d, "cpu")
 
 
+def test_a_rope_per_layer_type_needs_a_family_that_rotates_by_layer(monkeypatch, model_dir_for):
+    """A family whose forward rotates with one RoPE for all layers refuses a checkpoint with a RoPE per layer type,
+    rather than rotating every layer with the first type's."""
+    from softprompt.engine.models.olmo2 import Olmo2ForCausalLM
+
+    monkeypatch.setattr(Olmo2ForCausalLM, "per_layer_rope", False)
+    with pytest.raises(UnsupportedModelError, match="RoPE per layer type"):
+        load_model(model_dir_for("olmo3"), "cpu")
+
+
 def test_missing_directory_and_config(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_model(tmp_path / "nope", "cpu")

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .common import Attention, rope_inv_freq, rotary_cos_sin
+from ..errors import UnsupportedModelError
+from .common import Attention, layer_type_rope_inv_freq, rope_inv_freq, rope_layer_types, rotary_cos_sin
 from .linear import transposed_storage
 
 
@@ -144,19 +145,23 @@ class CausalLM(nn.Module):
 
 class RotaryCausalLM(CausalLM):
     """A model with one RoPE for every layer (the Llama family, GPT-NeoX, ...): cos/sin tables of every position,
-    which the triton backend's RoPE kernel reads where RoPE spans whole heads."""
+    which the triton backend's RoPE kernel reads where RoPE spans whole heads. A family whose forward rotates with
+    `rope_rows_by_layer` (`per_layer_rope`) also takes a RoPE per layer type (OLMo 3's sliding and full-attention
+    layers); the model then rotates q/k itself."""
 
     ignored_key_suffixes = ("rotary_emb.inv_freq",)
+    per_layer_rope = False
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         self.rope_scaling = 1.0
+        self.rope_by_layer: list[tuple[Tensor, Tensor]] | None = None  # with a RoPE per layer type
 
     @property
     def rope_tables(self) -> tuple[Tensor, Tensor] | None:
         """cos/sin [max_positions, head_dim] in the model dtype, for kernels that apply RoPE themselves (None with
-        partial rotary or layers without RoPE: the model rotates q/k itself)."""
-        if self.rope_cos.shape[-1] != self.config.head_dim or self.config.nope_layers:
+        partial rotary, layers without RoPE or a RoPE per layer type: the model rotates q/k itself)."""
+        if self.rope_cos.shape[-1] != self.config.head_dim or self.config.nope_layers or self.rope_by_layer:
             return None
         return self.rope_cos, self.rope_sin
 
@@ -167,11 +172,37 @@ class RotaryCausalLM(CausalLM):
             return None
         return self.rope_cos[positions], self.rope_sin[positions]
 
+    def rope_rows_by_layer(self, attention: Attention, positions: Tensor) -> list[tuple[Tensor, Tensor] | None]:
+        """`rope_rows` for each layer: each layer type's rows gathered once where the types have RoPEs of their
+        own."""
+        if self.rope_by_layer is None:
+            return [self.rope_rows(attention, positions)] * self.config.num_layers
+        rows: dict[int, tuple[Tensor, Tensor]] = {}
+        for cos, sin in self.rope_by_layer:
+            if id(cos) not in rows:
+                rows[id(cos)] = (cos[positions], sin[positions])
+        return [rows[id(cos)] for cos, _ in self.rope_by_layer]
+
     def init_buffers(self, device: torch.device) -> None:
-        inv_freq, self.rope_scaling = rope_inv_freq(self.config, device)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
         # cos/sin of every position, computed once with the same ops as per step (so bit-identical)
-        positions = torch.arange(self.config.max_positions, device=device)
-        cos, sin = rotary_cos_sin(inv_freq, self.rope_scaling, positions, self.word_embeddings.weight.dtype)
+        c = self.config
+        positions = torch.arange(c.max_positions, device=device)
+        dtype = self.word_embeddings.weight.dtype
+        layer_types = rope_layer_types(c)
+        if layer_types is None:
+            inv_freq, self.rope_scaling = rope_inv_freq(c, device)
+            self.register_buffer("inv_freq", inv_freq, persistent=False)
+            cos, sin = rotary_cos_sin(inv_freq, self.rope_scaling, positions, dtype)
+        else:
+            if not self.per_layer_rope:
+                raise UnsupportedModelError(f"{c.model_type} with a RoPE per layer type (rope_parameters keyed by "
+                                            "layer type) is not supported")
+            tables: dict[str, tuple[Tensor, Tensor]] = {}
+            for layer_type in dict.fromkeys(layer_types):
+                inv_freq, scaling = layer_type_rope_inv_freq(c.hf_config, layer_type, c.rotary_dim or c.head_dim,
+                                                             device)
+                tables[layer_type] = rotary_cos_sin(inv_freq, scaling, positions, dtype)
+            self.rope_by_layer = [tables[t] for t in layer_types]
+            cos, sin = self.rope_by_layer[0]
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

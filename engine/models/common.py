@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,31 @@ def rope_inv_freq(config: ModelConfig, device: torch.device | str) -> tuple[Tens
 
     inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, device)
     return inv_freq.float().to(device), float(scaling)
+
+
+def rope_layer_types(config: ModelConfig) -> list[str] | None:
+    """Each layer's type where the checkpoint gives each layer type a RoPE of its own (`rope_parameters` keyed by
+    layer type: Gemma 3's and OLMo 3's sliding and full-attention layers), else None."""
+    hf = config.hf_config
+    if "full_attention" not in (getattr(hf, "rope_parameters", None) or {}):
+        return None
+    return list(hf.layer_types)
+
+
+def layer_type_rope_inv_freq(hf: Any, layer_type: str | None, head_dim: int,
+                             device: torch.device | str) -> tuple[Tensor, float]:
+    """One layer type's inverse frequencies and cos/sin scaling, as HF computes them (`layer_type` None: the
+    config's one RoPE)."""
+    params = hf.rope_parameters if layer_type is None else hf.rope_parameters[layer_type]
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        inv = 1.0 / (params["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        return inv.to(device), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    kwargs = {} if layer_type is None else {"layer_type": layer_type}
+    inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, device, **kwargs)
+    return inv.float().to(device), float(scaling)
 
 
 def rotary_cos_sin(inv_freq: Tensor, scaling: float, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .base import CausalLM, Layer0Input, language_model_tensors
-from .common import Attention, apply_rotary, rotary_cos_sin
+from .common import Attention, apply_rotary, layer_type_rope_inv_freq, rope_layer_types, rotary_cos_sin
 from .linear import Linear, linear
 from .llama import LlamaAttention, LlamaMLP
 
@@ -53,20 +53,6 @@ class GemmaBackbone(nn.Module):
         self.norm = GemmaRMSNorm(c.hidden_size, c.norm_eps)
 
 
-def _rope_inv_freq(hf, layer_type: str | None, head_dim: int, device: torch.device) -> tuple[Tensor, float]:
-    """One layer type's inverse frequencies and cos/sin scaling, as HF computes them."""
-    params = hf.rope_parameters if layer_type is None else hf.rope_parameters[layer_type]
-    rope_type = params.get("rope_type", "default")
-    if rope_type == "default":
-        inv = 1.0 / (params["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        return inv.to(device), 1.0
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    kwargs = {} if layer_type is None else {"layer_type": layer_type}
-    inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, device, **kwargs)
-    return inv.float().to(device), float(scaling)
-
-
 class GemmaForCausalLM(CausalLM):
     key_prefix = "model."
     ignored_key_suffixes = ("rotary_emb.inv_freq",)
@@ -96,12 +82,11 @@ class GemmaForCausalLM(CausalLM):
         c, hf = self.config, self.config.hf_config
         dtype = self.model.embed_tokens.weight.dtype
         self.register_buffer("embed_scale", torch.tensor(c.hidden_size**0.5).to(device, dtype), persistent=False)
-        per_layer_type = "full_attention" in (hf.rope_parameters or {})  # Gemma 3: a RoPE per layer type
-        layer_types = getattr(hf, "layer_types", None) if per_layer_type else None
+        layer_types = rope_layer_types(c)  # Gemma 3: a RoPE per layer type
         positions = torch.arange(c.max_positions, device=device)
         tables: dict[str | None, tuple[Tensor, Tensor]] = {}
         for layer_type in dict.fromkeys(layer_types or [None]):
-            inv_freq, scaling = _rope_inv_freq(hf, layer_type, c.head_dim, device)
+            inv_freq, scaling = layer_type_rope_inv_freq(hf, layer_type, c.head_dim, device)
             tables[layer_type] = rotary_cos_sin(inv_freq, scaling, positions, dtype)
         self.rope_by_layer = [tables[layer_types[i] if layer_types else None] for i in range(c.num_layers)]
 

@@ -1,6 +1,8 @@
-"""OLMo 2 (`olmo2`): the Llama layout with the norms moved: no norm before attention or the MLP, an RMSNorm on
-each one's output before its residual add, and RMSNorms over the whole query and key projections (all heads at
-once) before RoPE. Its RMSNorms scale in fp32 before casting back."""
+"""OLMo 2 (`olmo2`) and OLMo 3 (`olmo3`): the Llama layout with the norms moved: no norm before attention or the
+MLP, an RMSNorm on each one's output before its residual add, and RMSNorms over the whole query and key projections
+(all heads at once) before RoPE. Its RMSNorms scale in fp32 before casting back. OLMo 3 adds sliding-window layers
+(`layer_types`), each layer type with a RoPE of its own (YaRN on the full-attention layers of the long-context
+checkpoints)."""
 
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ class Olmo2Backbone(nn.Module):
 class Olmo2ForCausalLM(RotaryCausalLM):
     key_prefix = "model."
     fused_layer0 = False  # layer 0's input is the plain embedding: nothing for a fused kernel to do
+    per_layer_rope = True
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
@@ -69,10 +72,10 @@ class Olmo2ForCausalLM(RotaryCausalLM):
     ) -> Tensor:
         c = self.config
         t = positions.shape[0]
-        rope = self.rope_rows(attention, positions)
+        rope_by_layer = self.rope_rows_by_layer(attention, positions)
         q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         h = embeds
-        for i, layer in enumerate(self.model.layers):
+        for i, (layer, rope) in enumerate(zip(self.model.layers, rope_by_layer)):
             a = layer.self_attn
             qkv = linear(h, a.qkv_weight, a.qkv_bias)
             q = a.q_norm(qkv[:, :q_width]).view(t, c.num_heads, c.head_dim)
