@@ -17,9 +17,9 @@ ARCH_FAMILIES = {
     "qwen2": "llama", "qwen3": "llama", "phi3": "llama",
     "smollm3": "llama", "granite": "llama", "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
-    "phi": "phi", "stablelm": "stablelm", "starcoder2": "starcoder2", "cohere": "cohere", "olmo2": "olmo2",
-    "olmo3": "olmo2", "falcon": "falcon", "gptj": "gptj", "opt": "opt", "gpt2": "gpt2", "gpt_bigcode": "gpt_bigcode",
-    "bloom": "bloom",
+    "phi": "phi", "stablelm": "stablelm", "starcoder2": "starcoder2", "cohere": "cohere", "cohere2": "cohere",
+    "olmo2": "olmo2", "olmo3": "olmo2", "falcon": "falcon", "gptj": "gptj", "opt": "opt", "gpt2": "gpt2",
+    "gpt_bigcode": "gpt_bigcode", "bloom": "bloom",
 }
 # longrope's frequencies are static up to original_max_position_embeddings, where the sequence length is capped;
 # dynamic NTK's equal the default ones up to max_position_embeddings (HF rescales only past it, never reached here)
@@ -412,8 +412,17 @@ def _starcoder2_config(hf: Any, model_type: str) -> ModelConfig:
 
 
 def _cohere_config(hf: Any, model_type: str) -> ModelConfig:
+    """Cohere, and Cohere 2 (Command R7B, Command A): sliding-window layers with RoPE, full-attention layers without
+    (NoPE)."""
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     bias = bool(getattr(hf, "attention_bias", False))
+    windows: tuple[int, ...] = ()
+    nope_layers: tuple[int, ...] = ()
+    if model_type == "cohere2":
+        layer_types = list(hf.layer_types)
+        nope_layers = tuple(i for i, t in enumerate(layer_types) if t != "sliding_attention")
+        window = hf.sliding_window if hf.sliding_window and hf.sliding_window < hf.max_position_embeddings else None
+        windows = _windows_by_layer_type(window, layer_types)
     return ModelConfig(
         family="cohere",
         **_decoder_fields(hf, model_type, head_dim, norm_eps=hf.layer_norm_eps),
@@ -423,6 +432,8 @@ def _cohere_config(hf: Any, model_type: str) -> ModelConfig:
         qkv_bias=bias,
         o_bias=bias,
         qk_norm=bool(getattr(hf, "use_qk_norm", False)),
+        nope_layers=nope_layers,
+        layer_windows=windows,
         parallel_residual=True,
         interleaved_rope=True,
         attention_scale=head_dim**-0.5,

@@ -24,8 +24,8 @@ __all__ = [
 SUPPORTED_TINY_ARCHS: tuple[str, ...] = ("llama", "mistral", "ministral", "ministral3", "mistral3", "granite",
                                          "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "smollm3",
                                          "gemma", "gemma2", "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm",
-                                         "starcoder2", "cohere", "olmo2", "olmo3", "falcon", "gptj", "opt", "gpt2",
-                                         "gpt_bigcode", "bloom")
+                                         "starcoder2", "cohere", "cohere2", "olmo2", "olmo3", "falcon", "gptj",
+                                         "opt", "gpt2", "gpt_bigcode", "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -193,8 +193,8 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                   num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,
                   max_position_embeddings=max_positions, residual_dropout=0.0, embedding_dropout=0.0,
                   attention_dropout=0.0)
-    elif arch == "cohere":
-        cls = transformers.CohereConfig
+    elif arch in ("cohere", "cohere2"):
+        cls = transformers.CohereConfig if arch == "cohere" else transformers.Cohere2Config
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                   num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,
                   max_position_embeddings=max_positions, logit_scale=0.5)

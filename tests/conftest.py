@@ -129,6 +129,10 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
                             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                             "full_attention": {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 4.0,
                                                "original_max_position_embeddings": 16}}}),
+    # Cohere 2 (Command R7B, Command A): Cohere's layout with RoPE and a sliding window on the sliding layers, none
+    # (NoPE) on the full-attention one
+    "cohere2": ("cohere2", {"num_layers": 3, "sliding_window": 6,
+                            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 
