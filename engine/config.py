@@ -18,8 +18,8 @@ ARCH_FAMILIES = {
     "smollm3": "llama", "granite": "llama", "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "starcoder2": "starcoder2", "cohere": "cohere", "cohere2": "cohere",
-    "olmo2": "olmo2", "olmo3": "olmo2", "falcon": "falcon", "gptj": "gptj", "opt": "opt", "gpt2": "gpt2",
-    "gpt_bigcode": "gpt_bigcode", "bloom": "bloom",
+    "olmo2": "olmo2", "olmo3": "olmo2", "glm": "glm", "glm4": "glm", "falcon": "falcon", "gptj": "gptj",
+    "opt": "opt", "gpt2": "gpt2", "gpt_bigcode": "gpt_bigcode", "bloom": "bloom",
 }
 # longrope's frequencies are static up to original_max_position_embeddings, where the sequence length is capped;
 # dynamic NTK's equal the default ones up to max_position_embeddings (HF rescales only past it, never reached here)
@@ -44,8 +44,8 @@ class MoEConfig:
 class ModelConfig:
     """What our model implementations need, independent of the HF config class."""
 
-    family: str  # "llama" | "stablelm" | "starcoder2" | "cohere" | "olmo2" | "gemma" | "gpt_neox" | "phi" | "gptj"
-    # | "falcon" | "opt" | "gpt2" | "gpt_bigcode" | "bloom"
+    family: str  # "llama" | "stablelm" | "starcoder2" | "cohere" | "olmo2" | "glm" | "gemma" | "gpt_neox" | "phi"
+    # | "gptj" | "falcon" | "opt" | "gpt2" | "gpt_bigcode" | "bloom"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -464,6 +464,25 @@ def _olmo2_config(hf: Any, model_type: str) -> ModelConfig:
     )
 
 
+def _glm_config(hf: Any, model_type: str) -> ModelConfig:
+    """GLM and GLM-4: RoPE in interleaved pairs over `partial_rotary_factor` of each head; GLM-4's extra norms."""
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    rope = hf.rope_parameters or {}
+    factor = rope.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", 1.0))
+    return ModelConfig(
+        family="glm",
+        **_decoder_fields(hf, model_type, head_dim),
+        max_positions=hf.max_position_embeddings,
+        hidden_act=hf.hidden_act,
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        qkv_bias=bool(getattr(hf, "attention_bias", True)),
+        rotary_dim=int(head_dim * factor),
+        interleaved_rope=True,
+        sandwich_norms=model_type == "glm4",
+        attention_scale=head_dim**-0.5,
+    )
+
+
 def _falcon_config(hf: Any, model_type: str) -> ModelConfig:
     if getattr(hf, "alibi", False):
         raise UnsupportedModelError("Falcon with alibi=True (Falcon-RW) is not supported: HF rounds its ALiBi biases "
@@ -608,7 +627,7 @@ def _bloom_config(hf: Any, model_type: str) -> ModelConfig:
 # family -> its config reader
 FAMILY_CONFIGS = {
     "llama": _llama_config, "stablelm": _stablelm_config, "starcoder2": _starcoder2_config, "cohere": _cohere_config,
-    "olmo2": _olmo2_config, "falcon": _falcon_config, "gptj": _gptj_config, "gemma": _gemma_config,
+    "olmo2": _olmo2_config, "glm": _glm_config, "falcon": _falcon_config, "gptj": _gptj_config, "gemma": _gemma_config,
     "gpt_neox": _gpt_neox_config, "phi": _phi_config, "opt": _opt_config, "gpt2": _gpt2_config,
     "gpt_bigcode": _gpt2_config, "bloom": _bloom_config,
 }

@@ -24,8 +24,8 @@ __all__ = [
 SUPPORTED_TINY_ARCHS: tuple[str, ...] = ("llama", "mistral", "ministral", "ministral3", "mistral3", "granite",
                                          "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "smollm3",
                                          "gemma", "gemma2", "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm",
-                                         "starcoder2", "cohere", "cohere2", "olmo2", "olmo3", "falcon", "gptj",
-                                         "opt", "gpt2", "gpt_bigcode", "bloom")
+                                         "starcoder2", "cohere", "cohere2", "olmo2", "olmo3", "glm", "glm4",
+                                         "falcon", "gptj", "opt", "gpt2", "gpt_bigcode", "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -120,7 +120,7 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
 
     ids = dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     untied = ("llama", "mistral", "ministral", "ministral3", "mistral3", "granite", "mixtral", "qwen2_moe",
-              "qwen3_moe", "phi3", "gpt_neox", "phi", "stablelm", "olmo2", "olmo3", "gptj")
+              "qwen3_moe", "phi3", "gpt_neox", "phi", "stablelm", "olmo2", "olmo3", "glm", "glm4", "gptj")
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "ministral", "ministral3", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3",
@@ -203,6 +203,11 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                   num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,
                   max_position_embeddings=max_positions)
+    elif arch in ("glm", "glm4"):
+        cls = transformers.GlmConfig if arch == "glm" else transformers.Glm4Config
+        kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                  num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,
+                  max_position_embeddings=max_positions, head_dim=hidden_size // num_heads)
     elif arch == "falcon":
         cls = transformers.FalconConfig
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,

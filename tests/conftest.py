@@ -133,6 +133,10 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # (NoPE) on the full-attention one
     "cohere2": ("cohere2", {"num_layers": 3, "sliding_window": 6,
                             "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
+    # GLM (glm-4-9b-chat-hf): q/k/v biases, fused gate_up_proj, interleaved RoPE over half of each head; GLM-4-0414:
+    # + norms after attention and the MLP
+    "glm": ("glm", {}),
+    "glm4": ("glm4", {}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

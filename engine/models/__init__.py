@@ -6,6 +6,7 @@ from .cohere import CohereForCausalLM
 from .common import Attention
 from .falcon import FalconForCausalLM
 from .gemma import GemmaForCausalLM
+from .glm import GlmForCausalLM
 from .gpt2 import GPT2LMHeadModel, GPTBigCodeForCausalLM
 from .gpt_neox import GPTNeoXForCausalLM
 from .llama import LlamaForCausalLM
@@ -25,6 +26,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "cohere": CohereForCausalLM,
     "starcoder2": Starcoder2ForCausalLM,
     "olmo2": Olmo2ForCausalLM,
+    "glm": GlmForCausalLM,
     "opt": OPTForCausalLM,
     "gpt2": GPT2LMHeadModel,
     "gpt_bigcode": GPTBigCodeForCausalLM,
@@ -32,6 +34,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
 }
 
 __all__ = ["Attention", "CausalLM", "MODEL_CLASSES", "BloomForCausalLM", "CohereForCausalLM", "FalconForCausalLM",
-           "GPT2LMHeadModel", "GPTBigCodeForCausalLM", "GPTJForCausalLM", "GemmaForCausalLM", "GPTNeoXForCausalLM",
+           "GPT2LMHeadModel", "GPTBigCodeForCausalLM", "GPTJForCausalLM", "GemmaForCausalLM", "GlmForCausalLM",
+           "GPTNeoXForCausalLM",
            "LlamaForCausalLM", "OPTForCausalLM", "Olmo2ForCausalLM", "PhiForCausalLM", "StableLmForCausalLM",
            "Starcoder2ForCausalLM"]

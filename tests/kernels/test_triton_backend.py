@@ -62,6 +62,7 @@ def test_triton_backend_scores_continuations_after_shared_context_blocks(variant
                                      "phi_qk_norm_gqa", "opt", "opt_post_norm", "gpt_bigcode", "granite",
                                      "stablelm", "stablelm_parallel", "starcoder2", "olmo2", "olmo3", "falcon",
                                      "falcon_new_arch", "falcon_serial", "gptj", "cohere_qk_norm", "cohere2",
+                                     "glm", "glm4",
                                      "ministral3"])
 def test_triton_backend_matches_reference(variant, model_dir_for):
     d = model_dir_for(variant)
