@@ -18,8 +18,8 @@ ARCH_FAMILIES = {
     "smollm3": "llama", "granite": "llama", "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "starcoder2": "starcoder2", "cohere": "cohere", "cohere2": "cohere",
-    "olmo2": "olmo2", "olmo3": "olmo2", "glm": "glm", "glm4": "glm", "falcon": "falcon", "gptj": "gptj",
-    "opt": "opt", "gpt2": "gpt2", "gpt_bigcode": "gpt_bigcode", "bloom": "bloom",
+    "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "glm": "glm", "glm4": "glm", "falcon": "falcon",
+    "gptj": "gptj", "opt": "opt", "gpt2": "gpt2", "gpt_bigcode": "gpt_bigcode", "bloom": "bloom",
 }
 # longrope's frequencies are static up to original_max_position_embeddings, where the sequence length is capped;
 # dynamic NTK's equal the default ones up to max_position_embeddings (HF rescales only past it, never reached here)
@@ -442,10 +442,15 @@ def _cohere_config(hf: Any, model_type: str) -> ModelConfig:
 
 
 def _olmo2_config(hf: Any, model_type: str) -> ModelConfig:
-    """OLMo 2, and OLMo 3 (sliding-window layers, a RoPE per layer type)."""
+    """OLMo 2; OLMo 3 (sliding-window layers, a RoPE per layer type); EXAONE 4 (per-head q/k norms, sliding-window
+    layers with RoPE and full-attention layers without, where a window is set)."""
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     bias = bool(getattr(hf, "attention_bias", False))
-    window = getattr(hf, "sliding_window", None)  # OLMo 3's sliding-window layers (none past the model's positions)
+    window = getattr(hf, "sliding_window", None)  # the sliding-window layers (none past the model's positions)
+    layer_types = getattr(hf, "layer_types", None)
+    nope_layers: tuple[int, ...] = ()
+    if model_type == "exaone4" and window is not None:  # "global NoPE": HF rotates only the sliding layers then
+        nope_layers = tuple(i for i, t in enumerate(layer_types) if t != "sliding_attention")
     rope = hf.rope_parameters or {}
     for params in (rope.values() if "full_attention" in rope else [rope]):
         if params.get("rope_type", "default") not in STATIC_ROPE_TYPES or params.get("rope_type") == "longrope":
@@ -458,8 +463,10 @@ def _olmo2_config(hf: Any, model_type: str) -> ModelConfig:
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         qkv_bias=bias,
         o_bias=bias,
+        qk_norm=model_type == "exaone4",
+        nope_layers=nope_layers,
         layer_windows=_windows_by_layer_type(window if window and window < hf.max_position_embeddings else None,
-                                             getattr(hf, "layer_types", None)),
+                                             layer_types),
         attention_scale=head_dim**-0.5,
     )
 

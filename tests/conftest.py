@@ -137,6 +137,10 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # + norms after attention and the MLP
     "glm": ("glm", {}),
     "glm4": ("glm4", {}),
+    # EXAONE 4: OLMo 2's norm placement with per-head q/k norms; two sliding-window layers with RoPE, then a
+    # full-attention one without (NoPE)
+    "exaone4": ("exaone4", {"num_layers": 3, "sliding_window": 6,
+                            "layer_types": ["sliding_attention", "sliding_attention", "full_attention"]}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -2,7 +2,8 @@
 MLP, an RMSNorm on each one's output before its residual add, and RMSNorms over the whole query and key projections
 (all heads at once) before RoPE. Its RMSNorms scale in fp32 before casting back. OLMo 3 adds sliding-window layers
 (`layer_types`), each layer type with a RoPE of its own (YaRN on the full-attention layers of the long-context
-checkpoints)."""
+checkpoints). EXAONE 4 (`exaone4`) has OLMo 2's norm placement with Llama's RMSNorm (cast back, then scaled),
+per-head q/k norms (as Qwen3), and sliding-window layers with RoPE beside full-attention layers without (NoPE)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .base import Layer0Input, RotaryCausalLM
-from .common import Attention, apply_rotary
+from .common import Attention, RMSNorm, apply_rotary
 from .linear import Linear, linear
 from .llama import LlamaAttention, LlamaMLP
 
@@ -27,15 +28,21 @@ class Olmo2RMSNorm(nn.Module):
         return (self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps))).to(x.dtype)
 
 
+def _norm_class(c: ModelConfig) -> type[nn.Module]:
+    return RMSNorm if c.model_type == "exaone4" else Olmo2RMSNorm
+
+
 class Olmo2Layer(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
-        self.self_attn = LlamaAttention(c)
-        self.self_attn.q_norm = Olmo2RMSNorm(c.num_heads * c.head_dim, c.norm_eps)
-        self.self_attn.k_norm = Olmo2RMSNorm(c.num_kv_heads * c.head_dim, c.norm_eps)
+        norm = _norm_class(c)
+        self.self_attn = LlamaAttention(c)  # (with per-head q/k norms where c.qk_norm: EXAONE 4)
+        if not c.qk_norm:  # OLMo: over all heads at once
+            self.self_attn.q_norm = norm(c.num_heads * c.head_dim, c.norm_eps)
+            self.self_attn.k_norm = norm(c.num_kv_heads * c.head_dim, c.norm_eps)
         self.mlp = LlamaMLP(c)
-        self.post_attention_layernorm = Olmo2RMSNorm(c.hidden_size, c.norm_eps)
-        self.post_feedforward_layernorm = Olmo2RMSNorm(c.hidden_size, c.norm_eps)
+        self.post_attention_layernorm = norm(c.hidden_size, c.norm_eps)
+        self.post_feedforward_layernorm = norm(c.hidden_size, c.norm_eps)
 
 
 class Olmo2Backbone(nn.Module):
@@ -43,7 +50,7 @@ class Olmo2Backbone(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(Olmo2Layer(c) for _ in range(c.num_layers))
-        self.norm = Olmo2RMSNorm(c.hidden_size, c.norm_eps)
+        self.norm = _norm_class(c)(c.hidden_size, c.norm_eps)
 
 
 class Olmo2ForCausalLM(RotaryCausalLM):
@@ -78,9 +85,13 @@ class Olmo2ForCausalLM(RotaryCausalLM):
         for i, (layer, rope) in enumerate(zip(self.model.layers, rope_by_layer)):
             a = layer.self_attn
             qkv = linear(h, a.qkv_weight, a.qkv_bias)
-            q = a.q_norm(qkv[:, :q_width]).view(t, c.num_heads, c.head_dim)
-            k = a.k_norm(qkv[:, q_width:q_width + kv_width]).view(t, c.num_kv_heads, c.head_dim)
-            if rope is not None:
+            if c.qk_norm:  # per head
+                q = a.q_norm(qkv[:, :q_width].view(t, c.num_heads, c.head_dim))
+                k = a.k_norm(qkv[:, q_width:q_width + kv_width].view(t, c.num_kv_heads, c.head_dim))
+            else:
+                q = a.q_norm(qkv[:, :q_width]).view(t, c.num_heads, c.head_dim)
+                k = a.k_norm(qkv[:, q_width:q_width + kv_width]).view(t, c.num_kv_heads, c.head_dim)
+            if rope is not None and i not in c.nope_layers:
                 qk = apply_rotary(torch.cat((q, k), dim=1), *rope)
                 q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
             v = qkv[:, q_width + kv_width:].view(t, c.num_kv_heads, c.head_dim)
