@@ -14,7 +14,7 @@ from .sampling import SamplingParams
 # model_type -> our architecture family
 ARCH_FAMILIES = {
     "llama": "llama", "mistral": "llama", "ministral": "llama", "ministral3": "llama", "mistral3": "llama",
-    "qwen2": "llama", "qwen3": "llama", "phi3": "llama",
+    "qwen2": "llama", "qwen3": "llama", "phi3": "llama", "ernie4_5": "llama",
     "smollm3": "llama", "granite": "llama", "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "starcoder2": "starcoder2", "cohere": "cohere", "cohere2": "cohere",
@@ -263,7 +263,8 @@ def _llama_config(hf: Any, model_type: str) -> ModelConfig:
         max_positions = min(max_positions, int(original))
     rotary_dim = int(head_dim * rope.get("partial_rotary_factor", 1.0)) if model_type == "phi3" else head_dim
     nope_layers = tuple(i for i, rotary in enumerate(getattr(hf, "no_rope_layers", None) or []) if not rotary)
-    attention_bias = bool(getattr(hf, "attention_bias", False))
+    ernie = model_type == "ernie4_5"  # biases on every projection or none (use_bias), interleaved RoPE
+    attention_bias = bool(getattr(hf, "use_bias" if ernie else "attention_bias", False))
     return ModelConfig(
         family="llama",
         **_decoder_fields(hf, model_type, head_dim),
@@ -272,9 +273,10 @@ def _llama_config(hf: Any, model_type: str) -> ModelConfig:
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         qkv_bias=bool(getattr(hf, "qkv_bias", True)) if model_type in ("qwen2", "qwen2_moe") else attention_bias,
         o_bias=attention_bias,
-        mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+        mlp_bias=attention_bias if ernie else bool(getattr(hf, "mlp_bias", False)),
         qk_norm=model_type in ("qwen3", "qwen3_moe"),
         rotary_dim=rotary_dim,
+        interleaved_rope=ernie,
         nope_layers=nope_layers if model_type == "smollm3" else (),
         moe=_moe_config(hf, model_type),
         layer_windows=windows,

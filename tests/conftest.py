@@ -141,6 +141,8 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # full-attention one without (NoPE)
     "exaone4": ("exaone4", {"num_layers": 3, "sliding_window": 6,
                             "layer_types": ["sliding_attention", "sliding_attention", "full_attention"]}),
+    # ERNIE 4.5: Llama with interleaved RoPE over whole heads (computed in fp32) and biases on every projection
+    "ernie4_5": ("ernie4_5", {"use_bias": True}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

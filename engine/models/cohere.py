@@ -13,7 +13,6 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .common import permute_head_channels
 from .llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 
 
@@ -66,13 +65,4 @@ class CohereBackbone(nn.Module):
 
 
 class CohereForCausalLM(LlamaForCausalLM):
-    backbone_class = CohereBackbone
-
-    def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
-        c = self.config
-        if key.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.q_proj.bias",
-                         "self_attn.k_proj.bias")):
-            tensor = permute_head_channels(tensor, c.head_dim, c.key_channel_order)
-        elif key.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")):
-            tensor = tensor[..., c.key_channel_order]
-        return [(key, tensor)]
+    backbone_class = CohereBackbone  # (q/k rows permuted at load by the Llama base)

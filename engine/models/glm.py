@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .base import Layer0Input
-from .common import Attention, RMSNorm, apply_rotary, permute_head_channels
+from .common import Attention, RMSNorm, apply_rotary
 from .linear import linear
 from .llama import LlamaForCausalLM, LlamaLayer
 
@@ -34,18 +34,7 @@ class GlmBackbone(nn.Module):
 
 
 class GlmForCausalLM(LlamaForCausalLM):
-    backbone_class = GlmBackbone
-
-    def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
-        """The fused gate_up_proj split (as Phi-3's), then the q/k rows and biases permuted for rotate-half RoPE."""
-        c = self.config
-        mapped = []
-        for name, t in super().checkpoint_tensors(key, tensor):
-            if name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.q_proj.bias",
-                              "self_attn.k_proj.bias")):
-                t = permute_head_channels(t, c.head_dim, c.key_channel_order)
-            mapped.append((name, t))
-        return mapped
+    backbone_class = GlmBackbone  # (gate_up_proj split and q/k rows permuted at load by the Llama base)
 
     def forward(
         self, embeds: Tensor | None, positions: Tensor, attention: Attention, layer0: Layer0Input | None = None

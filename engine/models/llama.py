@@ -1,7 +1,7 @@
-"""Llama family: Llama 2/3, Mistral, Ministral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, and the mixtures of experts
-Mixtral, Qwen2-MoE, Qwen3-MoE (RoPE, GQA, RMSNorm, SwiGLU; Qwen3 norms q and k per head; Phi-3 stores q/k/v and
-gate/up fused and may rotate part of each head; SmolLM3 leaves RoPE out of some layers; Granite scales embeddings,
-residual branches and logits)."""
+"""Llama family: Llama 2/3, Mistral, Ministral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, ERNIE 4.5, and the mixtures
+of experts Mixtral, Qwen2-MoE, Qwen3-MoE (RoPE, GQA, RMSNorm, SwiGLU; Qwen3 norms q and k per head; Phi-3 stores
+q/k/v and gate/up fused and may rotate part of each head; SmolLM3 leaves RoPE out of some layers; Granite scales
+embeddings, residual branches and logits; ERNIE 4.5 rotates interleaved pairs)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .base import Layer0Input, Layer0Norms, RotaryCausalLM, language_model_tensors
-from .common import Attention, RMSNorm, activation, apply_rotary
+from .common import Attention, RMSNorm, activation, apply_rotary, permute_head_channels
 from .linear import Linear, linear, transposed_storage
 from .moe import SparseMoE, moe_checkpoint_tensors
 
@@ -30,6 +30,17 @@ def _fuse(linears: list[nn.Linear], transposed: bool) -> tuple[Tensor, Tensor | 
             m.bias = nn.Parameter(bias[row:row + n], requires_grad=False)
         row += n
     return weight, bias
+
+
+def _interleaved_to_halves(name: str, tensor: Tensor, c: ModelConfig) -> Tensor:
+    """A q/k projection's rows and bias, or a q/k norm's gains, with each head's channels permuted from RoPE's
+    interleaved pairs (2i, 2i+1) to rotate-half's (i, i + rotary_dim/2); other tensors as they are."""
+    if name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.q_proj.bias",
+                      "self_attn.k_proj.bias")):
+        return permute_head_channels(tensor, c.head_dim, c.key_channel_order)
+    if name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")):
+        return tensor[..., c.key_channel_order]
+    return tensor
 
 
 class LlamaAttention(nn.Module):
@@ -108,9 +119,11 @@ class LlamaForCausalLM(RotaryCausalLM):
         return self.config.moe is None  # (experts group their tokens on the host)
 
     def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
-        """Phi-3's fused qkv_proj / gate_up_proj weights as our separate projections (fused again, in our layout,
-        by prepare_for_inference); Mixtral's experts under our names; a multimodal Mistral 3 checkpoint's language
-        model."""
+        """Phi-3's (and GLM's) fused qkv_proj / gate_up_proj weights as our separate projections (fused again, in
+        our layout, by prepare_for_inference); Mixtral's experts under our names; a multimodal Mistral 3
+        checkpoint's language model. With RoPE in interleaved pairs (Cohere, GLM, ERNIE 4.5), each head's q/k rows,
+        biases and norm gains are permuted (`ModelConfig.key_channel_order`) so that rotate-half RoPE turns the
+        pairs."""
         c = self.config
         if (mapped := language_model_tensors(key, tensor)) is not None:
             return mapped
@@ -119,13 +132,17 @@ class LlamaForCausalLM(RotaryCausalLM):
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         if key.endswith("self_attn.qkv_proj.weight") and tensor.shape[0] == q + 2 * kv:
             stem = key.removesuffix("qkv_proj.weight")
-            return list(zip((stem + "q_proj.weight", stem + "k_proj.weight", stem + "v_proj.weight"),
-                            tensor.split([q, kv, kv])))
-        if key.endswith("mlp.gate_up_proj.weight") and tensor.shape[0] == 2 * c.intermediate_size:
+            mapped = list(zip((stem + "q_proj.weight", stem + "k_proj.weight", stem + "v_proj.weight"),
+                              tensor.split([q, kv, kv])))
+        elif key.endswith("mlp.gate_up_proj.weight") and tensor.shape[0] == 2 * c.intermediate_size:
             stem = key.removesuffix("gate_up_proj.weight")
-            return list(zip((stem + "gate_proj.weight", stem + "up_proj.weight"),
-                            tensor.split([c.intermediate_size, c.intermediate_size])))
-        return [(key, tensor)]
+            mapped = list(zip((stem + "gate_proj.weight", stem + "up_proj.weight"),
+                              tensor.split([c.intermediate_size, c.intermediate_size])))
+        else:
+            mapped = [(key, tensor)]
+        if c.interleaved_rope:
+            mapped = [(name, _interleaved_to_halves(name, t, c)) for name, t in mapped]
+        return mapped
 
     def prepare_for_inference(self, device: torch.device) -> None:
         transposed = self.fp32_on_cpu(device)
