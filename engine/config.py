@@ -14,7 +14,7 @@ from .sampling import SamplingParams
 # model_type -> our architecture family
 ARCH_FAMILIES = {
     "llama": "llama", "mistral": "llama", "ministral": "llama", "ministral3": "llama", "mistral3": "llama",
-    "qwen2": "llama", "qwen3": "llama", "phi3": "llama", "ernie4_5": "llama",
+    "qwen2": "llama", "qwen3": "llama", "phi3": "llama", "ernie4_5": "llama", "olmo": "olmo",
     "smollm3": "llama", "granite": "llama", "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "starcoder2": "starcoder2", "cohere": "cohere", "cohere2": "cohere",
@@ -44,8 +44,8 @@ class MoEConfig:
 class ModelConfig:
     """What our model implementations need, independent of the HF config class."""
 
-    family: str  # "llama" | "stablelm" | "starcoder2" | "cohere" | "olmo2" | "glm" | "gemma" | "gpt_neox" | "phi"
-    # | "gptj" | "falcon" | "opt" | "gpt2" | "gpt_bigcode" | "bloom"
+    family: str  # "llama" | "olmo" | "stablelm" | "starcoder2" | "cohere" | "olmo2" | "glm" | "gemma" | "gpt_neox"
+    # | "phi" | "gptj" | "falcon" | "opt" | "gpt2" | "gpt_bigcode" | "bloom"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -85,6 +85,7 @@ class ModelConfig:
     two_parallel_norms: bool = False  # Falcon-40B: attention and MLP in parallel, each on its own norm of h
     attention_scale: float = 0.0
     inverse_layer_scale: bool = False  # GPT-2's scale_attn_by_inverse_layer_idx: layer i's scores also / (i + 1)
+    clip_qkv: float = 0.0  # OLMo: q/k/v projections clamped to [-clip_qkv, clip_qkv]; 0: none
     residual_post_norm: bool = False  # BLOOM's apply_residual_connection_post_layernorm
     post_layer_norm: bool = False  # OPT-350m: each sublayer's LayerNorm after its residual add (post-LN)
     word_embed_dim: int = 0  # the token embeddings' width where narrower than the model (OPT-350m); 0: hidden_size
@@ -240,7 +241,7 @@ def _windows_by_layer_type(window: int | None, layer_types: list[str] | None) ->
     return windows if any(windows) else ()
 
 
-def _llama_config(hf: Any, model_type: str) -> ModelConfig:
+def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> ModelConfig:
     if model_type == "mistral3":  # multimodal Mistral 3 (Mistral Small 3.x, Ministral 3): its language model
         text = hf.text_config
         if getattr(text, "dtype", None) is None:  # the checkpoint's dtype, for dtype="auto"
@@ -267,7 +268,7 @@ def _llama_config(hf: Any, model_type: str) -> ModelConfig:
     attention_bias = bool(getattr(hf, "use_bias" if ernie else "attention_bias", False))
     return ModelConfig(
         family="llama",
-        **_decoder_fields(hf, model_type, head_dim),
+        **_decoder_fields(hf, model_type, head_dim, norm_eps),
         max_positions=max_positions,
         hidden_act=hf.hidden_act,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
@@ -287,6 +288,11 @@ def _llama_config(hf: Any, model_type: str) -> ModelConfig:
         residual_multiplier=float(getattr(hf, "residual_multiplier", 1.0)) if model_type == "granite" else 1.0,
         logits_divisor=float(getattr(hf, "logits_scaling", 1.0)) if model_type == "granite" else 1.0,
     )
+
+
+def _olmo_config(hf: Any, model_type: str) -> ModelConfig:
+    """OLMo: Llama's fields (its LayerNorms have a fixed eps of 1e-5 and no weights) and `clip_qkv`."""
+    return replace(_llama_config(hf, model_type, norm_eps=1e-5), family="olmo", clip_qkv=float(hf.clip_qkv or 0.0))
 
 
 def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
@@ -635,8 +641,8 @@ def _bloom_config(hf: Any, model_type: str) -> ModelConfig:
 
 # family -> its config reader
 FAMILY_CONFIGS = {
-    "llama": _llama_config, "stablelm": _stablelm_config, "starcoder2": _starcoder2_config, "cohere": _cohere_config,
-    "olmo2": _olmo2_config, "glm": _glm_config, "falcon": _falcon_config, "gptj": _gptj_config, "gemma": _gemma_config,
-    "gpt_neox": _gpt_neox_config, "phi": _phi_config, "opt": _opt_config, "gpt2": _gpt2_config,
-    "gpt_bigcode": _gpt2_config, "bloom": _bloom_config,
+    "llama": _llama_config, "olmo": _olmo_config, "stablelm": _stablelm_config, "starcoder2": _starcoder2_config,
+    "cohere": _cohere_config, "olmo2": _olmo2_config, "glm": _glm_config, "falcon": _falcon_config,
+    "gptj": _gptj_config, "gemma": _gemma_config, "gpt_neox": _gpt_neox_config, "phi": _phi_config,
+    "opt": _opt_config, "gpt2": _gpt2_config, "gpt_bigcode": _gpt2_config, "bloom": _bloom_config,
 }

@@ -23,10 +23,10 @@ __all__ = [
 
 SUPPORTED_TINY_ARCHS: tuple[str, ...] = ("llama", "mistral", "ministral", "ministral3", "mistral3", "granite",
                                          "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "smollm3",
-                                         "ernie4_5",
-                                         "gemma", "gemma2", "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm",
-                                         "starcoder2", "cohere", "cohere2", "olmo2", "olmo3", "exaone4", "glm", "glm4",
-                                         "falcon", "gptj", "opt", "gpt2", "gpt_bigcode", "bloom")
+                                         "ernie4_5", "gemma", "gemma2", "gemma3_text", "gemma3", "gpt_neox", "phi",
+                                         "stablelm", "starcoder2", "cohere", "cohere2", "olmo", "olmo2", "olmo3",
+                                         "exaone4", "glm", "glm4", "falcon", "gptj", "opt", "gpt2", "gpt_bigcode",
+                                         "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -121,8 +121,8 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
 
     ids = dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     untied = ("llama", "mistral", "ministral", "ministral3", "mistral3", "granite", "mixtral", "qwen2_moe",
-              "qwen3_moe", "phi3", "gpt_neox", "phi", "stablelm", "olmo2", "olmo3", "exaone4", "glm", "glm4",
-              "gptj")
+              "qwen3_moe", "phi3", "gpt_neox", "phi", "stablelm", "olmo", "olmo2", "olmo3", "exaone4", "glm",
+              "glm4", "gptj")
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "ministral", "ministral3", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3",
@@ -201,8 +201,8 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                   num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,
                   max_position_embeddings=max_positions, logit_scale=0.5)
-    elif arch in ("olmo2", "olmo3", "exaone4"):
-        cls = {"olmo2": transformers.Olmo2Config, "olmo3": transformers.Olmo3Config,
+    elif arch in ("olmo", "olmo2", "olmo3", "exaone4"):
+        cls = {"olmo": transformers.OlmoConfig, "olmo2": transformers.Olmo2Config, "olmo3": transformers.Olmo3Config,
                "exaone4": transformers.Exaone4Config}[arch]
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                   num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,

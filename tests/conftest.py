@@ -143,6 +143,8 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
                             "layer_types": ["sliding_attention", "sliding_attention", "full_attention"]}),
     # ERNIE 4.5: Llama with interleaved RoPE over whole heads (computed in fp32) and biases on every projection
     "ernie4_5": ("ernie4_5", {"use_bias": True}),
+    # OLMo (1): LayerNorms without weights, q/k/v clipped (at a value the tiny model's projections reach)
+    "olmo": ("olmo", {"clip_qkv": 1.5}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -10,6 +10,7 @@ from .glm import GlmForCausalLM
 from .gpt2 import GPT2LMHeadModel, GPTBigCodeForCausalLM
 from .gpt_neox import GPTNeoXForCausalLM
 from .llama import LlamaForCausalLM
+from .olmo import OlmoForCausalLM
 from .olmo2 import Olmo2ForCausalLM
 from .opt import OPTForCausalLM
 from .phi import GPTJForCausalLM, PhiForCausalLM
@@ -17,6 +18,7 @@ from .stablelm import StableLmForCausalLM, Starcoder2ForCausalLM
 
 MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "llama": LlamaForCausalLM,
+    "olmo": OlmoForCausalLM,
     "gemma": GemmaForCausalLM,
     "gpt_neox": GPTNeoXForCausalLM,
     "phi": PhiForCausalLM,
@@ -35,6 +37,5 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
 
 __all__ = ["Attention", "CausalLM", "MODEL_CLASSES", "BloomForCausalLM", "CohereForCausalLM", "FalconForCausalLM",
            "GPT2LMHeadModel", "GPTBigCodeForCausalLM", "GPTJForCausalLM", "GemmaForCausalLM", "GlmForCausalLM",
-           "GPTNeoXForCausalLM",
-           "LlamaForCausalLM", "OPTForCausalLM", "Olmo2ForCausalLM", "PhiForCausalLM", "StableLmForCausalLM",
-           "Starcoder2ForCausalLM"]
+           "GPTNeoXForCausalLM", "LlamaForCausalLM", "OPTForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM",
+           "PhiForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM"]

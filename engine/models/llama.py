@@ -181,6 +181,8 @@ class LlamaForCausalLM(RotaryCausalLM):
             else:
                 x = layer0.normed if (i == 0 and layer0 is not None) else layer.input_layernorm(h)
                 qkv = linear(x, a.qkv_weight, a.qkv_bias)
+            if c.clip_qkv:  # OLMo
+                qkv = qkv.clamp(-c.clip_qkv, c.clip_qkv)
             qk = qkv[:, :qk_width].view(t, c.num_heads + c.num_kv_heads, c.head_dim)
             if c.qk_norm:
                 qk = torch.cat((a.q_norm(qk[:, : c.num_heads]), a.k_norm(qk[:, c.num_heads:])), dim=1)

@@ -60,7 +60,7 @@ def test_triton_backend_scores_continuations_after_shared_context_blocks(variant
                                      "qwen2_window", "smollm3", "gemma", "gemma2", "gemma3", "pythia",
                                      "gpt_neox_serial", "gpt2_inverse_scale", "mixtral", "qwen2_moe", "phi",
                                      "phi_qk_norm_gqa", "opt", "opt_post_norm", "gpt_bigcode", "granite",
-                                     "stablelm", "stablelm_parallel", "starcoder2", "olmo2", "olmo3", "exaone4",
+                                     "stablelm", "stablelm_parallel", "starcoder2", "olmo", "olmo2", "olmo3", "exaone4",
                                      "falcon", "falcon_new_arch", "falcon_serial", "gptj", "cohere_qk_norm", "cohere2",
                                      "glm", "glm4", "ernie4_5",
                                      "ministral3"])
