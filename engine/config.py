@@ -14,7 +14,7 @@ from .sampling import SamplingParams
 # model_type -> our architecture family
 ARCH_FAMILIES = {
     "llama": "llama", "mistral": "llama", "ministral": "llama", "ministral3": "llama", "mistral3": "llama",
-    "qwen2": "llama", "qwen3": "llama", "phi3": "llama", "ernie4_5": "llama", "olmo": "olmo",
+    "qwen2": "llama", "qwen3": "llama", "phi3": "llama", "ernie4_5": "llama", "olmoe": "llama", "olmo": "olmo",
     "smollm3": "llama", "granite": "llama", "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "starcoder2": "starcoder2", "cohere": "cohere", "cohere2": "cohere",
@@ -63,6 +63,7 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k (head_dim wide) before RoPE
+    qk_norm_over_heads: bool = False  # OLMoE: one RMSNorm over all heads' q, one over all heads' k
     rotary_dim: int = 0  # RoPE rotates each head's first rotary_dim channels (Phi-3's partial_rotary_factor); 0: all
     nope_layers: tuple[int, ...] = ()  # the layers that apply no RoPE at all (SmolLM3's NoPE layers)
     # GPT-J rotates channel pairs (2i, 2i+1); its q/k channels are permuted at load so rotate-half RoPE does it
@@ -276,6 +277,8 @@ def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> Mo
         o_bias=attention_bias,
         mlp_bias=attention_bias if ernie else bool(getattr(hf, "mlp_bias", False)),
         qk_norm=model_type in ("qwen3", "qwen3_moe"),
+        qk_norm_over_heads=model_type == "olmoe",
+        clip_qkv=float(getattr(hf, "clip_qkv", None) or 0.0),
         rotary_dim=rotary_dim,
         interleaved_rope=ernie,
         nope_layers=nope_layers if model_type == "smollm3" else (),
@@ -301,6 +304,10 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
         return MoEConfig(num_experts=hf.num_local_experts, top_k=hf.num_experts_per_tok,
                          intermediate_size=hf.intermediate_size, norm_topk_prob=True, weights_in_model_dtype=False,
                          sparse_layers=tuple(layers))
+    if model_type == "olmoe":  # every layer sparse, Qwen2-MoE's router, no shared expert
+        return MoEConfig(num_experts=hf.num_experts, top_k=hf.num_experts_per_tok,
+                         intermediate_size=hf.intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),
+                         weights_in_model_dtype=True, sparse_layers=tuple(layers))
     if model_type not in ("qwen2_moe", "qwen3_moe") or not hf.num_experts:
         return None
     dense = set(getattr(hf, "mlp_only_layers", None) or [])

@@ -145,6 +145,8 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "ernie4_5": ("ernie4_5", {"use_bias": True}),
     # OLMo (1): LayerNorms without weights, q/k/v clipped (at a value the tiny model's projections reach)
     "olmo": ("olmo", {"clip_qkv": 1.5}),
+    # OLMoE: 4 experts (2 a token, raw top-k weights), q and k normed over all heads, then clipped
+    "olmoe": ("olmoe", {"clip_qkv": 1.5}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -39,7 +39,7 @@ def test_auto_dtype_is_fp32_on_cpu(tmp_path):
     assert load_model(d, "cpu", None).word_embeddings.weight.dtype == torch.float32
 
 
-@pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe", "olmoe"])
 def test_moe_experts_stacked_in_3d_tensors_load_alike(variant, tmp_path, model_dir_for):
     """transformers 5 holds a MoE layer's experts in two 3-D tensors (`mlp.experts.gate_up_proj`, `down_proj`);
     a checkpoint written from that state dict as it is loads as the per-expert one HF saves."""

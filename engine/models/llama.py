@@ -1,7 +1,8 @@
 """Llama family: Llama 2/3, Mistral, Ministral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, ERNIE 4.5, and the mixtures
-of experts Mixtral, Qwen2-MoE, Qwen3-MoE (RoPE, GQA, RMSNorm, SwiGLU; Qwen3 norms q and k per head; Phi-3 stores
-q/k/v and gate/up fused and may rotate part of each head; SmolLM3 leaves RoPE out of some layers; Granite scales
-embeddings, residual branches and logits; ERNIE 4.5 rotates interleaved pairs)."""
+of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE (RoPE, GQA, RMSNorm, SwiGLU; Qwen3 norms q and k per head, OLMoE
+over all heads at once and clips q/k/v; Phi-3 stores q/k/v and gate/up fused and may rotate part of each head;
+SmolLM3 leaves RoPE out of some layers; Granite scales embeddings, residual branches and logits; ERNIE 4.5 rotates
+interleaved pairs)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,9 @@ class LlamaAttention(nn.Module):
         if c.qk_norm:
             self.q_norm = norm(c.head_dim, c.norm_eps)
             self.k_norm = norm(c.head_dim, c.norm_eps)
+        elif c.qk_norm_over_heads:  # OLMoE: over all heads at once
+            self.q_norm = norm(c.num_heads * c.head_dim, c.norm_eps)
+            self.k_norm = norm(c.num_kv_heads * c.head_dim, c.norm_eps)
         self.qkv_weight: Tensor | None = None
         self.qkv_bias: Tensor | None = None
 
@@ -181,7 +185,11 @@ class LlamaForCausalLM(RotaryCausalLM):
             else:
                 x = layer0.normed if (i == 0 and layer0 is not None) else layer.input_layernorm(h)
                 qkv = linear(x, a.qkv_weight, a.qkv_bias)
-            if c.clip_qkv:  # OLMo
+            if c.qk_norm_over_heads:  # OLMoE: normed before the clip
+                q_width = c.num_heads * c.head_dim
+                qkv = torch.cat((a.q_norm(qkv[:, :q_width]), a.k_norm(qkv[:, q_width:qk_width]), qkv[:, qk_width:]),
+                                dim=1)
+            if c.clip_qkv:  # OLMo, OLMoE
                 qkv = qkv.clamp(-c.clip_qkv, c.clip_qkv)
             qk = qkv[:, :qk_width].view(t, c.num_heads + c.num_kv_heads, c.head_dim)
             if c.qk_norm:

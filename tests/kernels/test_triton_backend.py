@@ -58,7 +58,7 @@ def test_triton_backend_scores_continuations_after_shared_context_blocks(variant
 
 @pytest.mark.parametrize("variant", ["llama", "qwen2", "qwen3", "phi3_longrope", "gpt2", "bloom", "bloom_post_norm",
                                      "qwen2_window", "smollm3", "gemma", "gemma2", "gemma3", "pythia",
-                                     "gpt_neox_serial", "gpt2_inverse_scale", "mixtral", "qwen2_moe", "phi",
+                                     "gpt_neox_serial", "gpt2_inverse_scale", "mixtral", "qwen2_moe", "olmoe", "phi",
                                      "phi_qk_norm_gqa", "opt", "opt_post_norm", "gpt_bigcode", "granite",
                                      "stablelm", "stablelm_parallel", "starcoder2", "olmo", "olmo2", "olmo3", "exaone4",
                                      "falcon", "falcon_new_arch", "falcon_serial", "gptj", "cohere_qk_norm", "cohere2",
