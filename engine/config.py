@@ -14,8 +14,8 @@ from .sampling import SamplingParams
 # model_type -> our architecture family
 ARCH_FAMILIES = {
     "llama": "llama", "mistral": "llama", "ministral": "llama", "ministral3": "llama", "mistral3": "llama",
-    "qwen2": "llama", "qwen3": "llama", "phi3": "llama", "ernie4_5": "llama", "olmoe": "llama", "olmo": "olmo",
-    "smollm3": "llama", "granite": "llama", "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama",
+    "qwen2": "llama", "qwen3": "llama", "phi3": "llama", "ernie4_5": "llama", "olmoe": "llama", "seed_oss": "llama",
+    "olmo": "olmo", "smollm3": "llama", "granite": "llama", "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "starcoder2": "starcoder2", "cohere": "cohere", "cohere2": "cohere",
     "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "glm": "glm", "glm4": "glm", "falcon": "falcon",
@@ -274,7 +274,7 @@ def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> Mo
         hidden_act=hf.hidden_act,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         qkv_bias=bool(getattr(hf, "qkv_bias", True)) if model_type in ("qwen2", "qwen2_moe") else attention_bias,
-        o_bias=attention_bias,
+        o_bias=bool(hf.attention_out_bias) if model_type == "seed_oss" else attention_bias,
         mlp_bias=attention_bias if ernie else bool(getattr(hf, "mlp_bias", False)),
         qk_norm=model_type in ("qwen3", "qwen3_moe"),
         qk_norm_over_heads=model_type == "olmoe",

@@ -147,6 +147,8 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "olmo": ("olmo", {"clip_qkv": 1.5}),
     # OLMoE: 4 experts (2 a token, raw top-k weights), q and k normed over all heads, then clipped
     "olmoe": ("olmoe", {"clip_qkv": 1.5}),
+    # Seed-OSS (36B): q/k/v biases, none on the output projection (its own attention_out_bias)
+    "seed_oss": ("seed_oss", {"attention_bias": True, "attention_out_bias": False}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 
