@@ -79,7 +79,7 @@ class ModelConfig:
     logits_divisor: float = 1.0
     # per layer: a query sees the keys of the last `w` positions, itself included (sliding-window attention); 0: all
     layer_windows: tuple[int, ...] = ()
-    sandwich_norms: bool = False  # Gemma 3: a norm after attention and norms before and after the MLP
+    sandwich_norms: bool = False  # Gemma 2/3: a norm after attention, norms before and after the MLP; GLM-4: after each
     final_logit_softcap: float = 0.0  # logits -> cap * tanh(logits / cap) (Gemma); 0: none
     attention_softcap: float = 0.0  # attention scores (after the scale) -> cap * tanh(score / cap) (Gemma 2); 0: none
     parallel_residual: bool = False  # GPT-NeoX: h + attn(ln1(h)) + mlp(ln2(h)) instead of one after the other

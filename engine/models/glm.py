@@ -8,12 +8,10 @@ RoPE turns the interleaved pairs; the q/k biases are permuted alike."""
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
 from ..config import ModelConfig
-from .base import Layer0Input
-from .common import Attention, RMSNorm, apply_rotary
-from .linear import linear
+from .common import RMSNorm
 from .llama import LlamaForCausalLM, LlamaLayer
 
 
@@ -34,31 +32,7 @@ class GlmBackbone(nn.Module):
 
 
 class GlmForCausalLM(LlamaForCausalLM):
-    backbone_class = GlmBackbone  # (gate_up_proj split and q/k rows permuted at load by the Llama base)
+    """Llama's forward (with GLM-4's `sandwich_norms`) over GLM's layers; the Llama base splits gate_up_proj and
+    permutes the q/k rows at load."""
 
-    def forward(
-        self, embeds: Tensor | None, positions: Tensor, attention: Attention, layer0: Layer0Input | None = None
-    ) -> Tensor:
-        c = self.config
-        if not c.sandwich_norms:  # GLM: Llama's forward
-            return super().forward(embeds, positions, attention, layer0)
-        t = positions.shape[0]
-        rope = self.rope_rows(attention, positions)
-        qk_width = (c.num_heads + c.num_kv_heads) * c.head_dim
-        h = embeds if layer0 is None else layer0.residual
-        for i, layer in enumerate(self.model.layers):
-            a = layer.self_attn
-            if i == 0 and layer0 is not None and layer0.qkv is not None:
-                qkv = layer0.qkv
-            else:
-                x = layer0.normed if (i == 0 and layer0 is not None) else layer.input_layernorm(h)
-                qkv = linear(x, a.qkv_weight, a.qkv_bias)
-            qk = qkv[:, :qk_width].view(t, c.num_heads + c.num_kv_heads, c.head_dim)
-            if rope is not None:
-                qk = apply_rotary(qk, *rope)
-            q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
-            v = qkv[:, qk_width:].view(t, c.num_kv_heads, c.head_dim)
-            out = a.o_proj(attention(i, q, k, v).reshape(t, c.num_heads * c.head_dim))
-            h = layer.post_self_attn_layernorm(out).add_(h)
-            h = layer.post_mlp_layernorm(layer.mlp(layer.post_attention_layernorm(h))).add_(h)
-        return self.model.norm(h)
+    backbone_class = GlmBackbone

@@ -205,7 +205,11 @@ class LlamaForCausalLM(RotaryCausalLM):
             if c.parallel_residual:  # StableLM: h + attn(ln(h)) + mlp(ln(h)), summed in HF's order
                 h = (h + out).add_(layer.mlp(x))
                 continue
+            if c.sandwich_norms:  # GLM-4: each sublayer's output normed before its residual add
+                out = layer.post_self_attn_layernorm(out)
             h = (out if r == 1.0 else out.mul_(r)).add_(h)
             out = layer.mlp(layer.post_attention_layernorm(h))
+            if c.sandwich_norms:
+                out = layer.post_mlp_layernorm(out)
             h = (out if r == 1.0 else out.mul_(r)).add_(h)
         return self.model.norm(h)
