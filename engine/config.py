@@ -14,12 +14,13 @@ from .sampling import SamplingParams
 # model_type -> our architecture family
 ARCH_FAMILIES = {
     "llama": "llama", "mistral": "llama", "ministral": "llama", "ministral3": "llama", "mistral3": "llama",
-    "qwen2": "llama", "qwen3": "llama", "phi3": "llama", "ernie4_5": "llama", "olmoe": "llama", "seed_oss": "llama",
-    "olmo": "olmo", "smollm3": "llama", "granite": "llama", "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama",
+    "qwen2": "llama", "qwen3": "llama", "phi3": "llama", "smollm3": "llama", "granite": "llama", "mixtral": "llama",
+    "qwen2_moe": "llama", "qwen3_moe": "llama", "olmoe": "llama", "ernie4_5": "llama", "seed_oss": "llama",
+    "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "starcoder2": "starcoder2", "cohere": "cohere", "cohere2": "cohere",
-    "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "glm": "glm", "glm4": "glm", "falcon": "falcon",
-    "gptj": "gptj", "opt": "opt", "gpt2": "gpt2", "gpt_bigcode": "gpt_bigcode", "bloom": "bloom",
+    "glm": "glm", "glm4": "glm", "falcon": "falcon", "gptj": "gptj", "opt": "opt", "gpt2": "gpt2",
+    "gpt_bigcode": "gpt_bigcode", "bloom": "bloom",
 }
 # longrope's frequencies are static up to original_max_position_embeddings, where the sequence length is capped;
 # dynamic NTK's equal the default ones up to max_position_embeddings (HF rescales only past it, never reached here)
