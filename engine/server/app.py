@@ -354,12 +354,15 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
         echo_only = body.echo and max_new == 0  # scoring a prompt (lm-eval-harness style): nothing to generate
         cid, created = _ids("cmpl")
         requests = []
-        # the prompt's logprobs for echo (its top `logprobs`) and vLLM's prompt_logprobs (its own top N), at once
-        wanted = [n for n in (body.logprobs if body.echo else None, body.prompt_logprobs) if n is not None]
+        # the prompt's logprobs for echo (its top `logprobs`) and vLLM's prompt_logprobs (its own top N), at once;
+        # unstreamed, only a prompt's first choice computes them and the others show its (they may then start from
+        # its cached blocks); streamed, each choice's first chunk needs them
+        wanted = max((n for n in (body.logprobs if body.echo else None, body.prompt_logprobs) if n is not None),
+                     default=None)
         for inp in inputs:
             for j in range(body.n):
-                params = _sampling(body, j, 1 if echo_only else max_new, body.logprobs, max(wanted, default=None),
-                                   defaults)
+                scored = wanted if j == 0 or body.stream else None
+                params = _sampling(body, j, 1 if echo_only else max_new, body.logprobs, scored, defaults)
                 source = {"text": inp} if isinstance(inp, str) else {"input_ids": inp}
                 requests.append(EngineRequest(prompt=prompt, sampling=params, request_id=f"{cid}-{len(requests)}",
                                               **source))
@@ -392,8 +395,10 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
                        defaults.get("max_new_tokens", engine.config.max_positions))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         cid, created = _ids("chatcmpl")
+        # prompt_logprobs go beside the choices, from the first: the others need not compute them
         requests = [EngineRequest(prompt=prompt, input_ids=ids, request_id=f"{cid}-{j}",
-                                  sampling=_sampling(body, j, max_new, logprobs, body.prompt_logprobs, defaults))
+                                  sampling=_sampling(body, j, max_new, logprobs,
+                                                     body.prompt_logprobs if j == 0 else None, defaults))
                     for j in range(body.n)]
         fmt = ChatFormat(cid, created, body.model, token_str, body.stop_list(), body.return_token_ids,
                          bool(body.stream_options and body.stream_options.include_usage), body.n,

@@ -187,6 +187,10 @@ class CompletionFormat(_Format):
     def response(self, finals: list[RequestOutput]) -> dict:
         choices = []
         finals = [self._visible(out) for out in finals]
+        # (unstreamed, only each prompt's first choice computed the prompt's logprobs: the others show them too)
+        finals = [out if out.prompt_logprobs is not None else replace(out, prompt_logprobs=finals[i - i % self.n]
+                                                                      .prompt_logprobs)
+                  for i, out in enumerate(finals)]
         for i, out in enumerate(finals):
             echoed = self._echoed(i, out)
             text = (echoed.text if echoed is not None else "") + (out.text or "")

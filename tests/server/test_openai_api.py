@@ -441,6 +441,33 @@ def _samples(text: str) -> dict[str, float]:
     return out
 
 
+def test_n_choices_score_their_prompt_once(served, monkeypatch):
+    """Unstreamed with n > 1, only each prompt's first choice computes the prompt's logprobs (the others may then
+    start from its cached blocks) and every choice shows them: echoed logprobs and prompt_logprobs alike."""
+    engine = served.server.engine
+    scored: list[str] = []
+    real = engine._prompt_logprobs_step
+
+    def spy(seqs, num_tokens, scoring, *rest):
+        scored.extend(seqs[i].request_id for i in scoring)
+        return real(seqs, num_tokens, scoring, *rest)
+
+    monkeypatch.setattr(engine, "_prompt_logprobs_step", spy)
+    prompts = ["the cat sat on the mat and then it ran off to see the dog", "a dog"]
+    got = served.server.client().post("/v1/completions", json={
+        "model": "a", "prompt": prompts, "n": 3, "max_tokens": 2, "temperature": 1.0, "seed": 5, "echo": True,
+        "logprobs": 1, "prompt_logprobs": 2}).json()
+    assert len(got["choices"]) == 6
+    assert scored and {rid.rsplit("-", 1)[1] for rid in scored} == {"0", "3"}  # each prompt's first choice only
+    for i, choice in enumerate(got["choices"]):
+        ids = served.reference.tokenizer.encode(prompts[i // 3])
+        want = served.reference.prompt_logprobs("a", ids, top_n=2)
+        assert choice["logprobs"]["token_logprobs"][:len(ids)] == [
+            None if w is None else pytest.approx(w.logprob, abs=1e-4) for w in want]
+        assert choice["prompt_logprobs"] == got["choices"][i - i % 3]["prompt_logprobs"]
+        assert len(choice["prompt_logprobs"]) == len(ids)
+
+
 def test_echo_scores_the_prompt_as_lm_eval_harness_asks(served):
     """lm-eval-harness's loglikelihood request: token-id prompts, echo, logprobs=1, max_tokens 0 or 1."""
     client = served.server.openai()
