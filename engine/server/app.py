@@ -21,6 +21,7 @@ from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ... import __version__
 from ..api import Engine
 from ..errors import PromptError, RequestError, SamplingParamsError, UnknownPromptError
 from ..request import Request as EngineRequest
@@ -31,7 +32,7 @@ from .auth import APIKeyGuard, bearer_token, token_matches
 from .engine_loop import EngineFailure, EngineLoop, RequestStream, ServerStopping, compile_constraints
 from .formatting import ChatFormat, CompletionFormat, TokenStrings, _Format
 from .metrics import METHODS, ServerMetrics, endpoint_label
-from .registry import BASE_MODEL, PromptRegistry, check_public_name
+from .registry import BASE_MODEL, PromptRegistry, PromptVersion, check_public_name
 from .schemas import (
     MAX_CHOICES,
     SEED_MAX,
@@ -276,16 +277,33 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
     async def prometheus_metrics():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def model_card(pv: PromptVersion | None, model_id: str | None = None) -> dict:
+        """/v1/models' entry for a prompt version (None: the base model)."""
+        if pv is None:
+            return {"id": BASE_MODEL, "object": "model", "created": started, "owned_by": "softprompt",
+                    "root": str(engine.model_dir), "parent": None, "length": 0}
+        return {"id": model_id or pv.name, "object": "model", "created": pv.created, "owned_by": "softprompt",
+                "root": str(engine.model_dir), "parent": BASE_MODEL, "version": pv.version,
+                "content_hash": pv.content_hash, "length": pv.length, "kind": pv.kind,
+                "versions": [v.version for v in registry.versions(pv.name)]}
+
     @app.get("/v1/models")
     async def list_models():
-        data = [{"id": BASE_MODEL, "object": "model", "created": started, "owned_by": "softprompt",
-                 "root": str(engine.model_dir), "parent": None, "length": 0}]
-        for pv in registry.latest():
-            data.append({"id": pv.name, "object": "model", "created": pv.created, "owned_by": "softprompt",
-                         "root": str(engine.model_dir), "parent": BASE_MODEL, "version": pv.version,
-                         "content_hash": pv.content_hash, "length": pv.length, "kind": pv.kind,
-                         "versions": [v.version for v in registry.versions(pv.name)]})
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [model_card(None)] + [model_card(pv) for pv in registry.latest()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def retrieve_model(model: str):
+        """OpenAI's retrieve: one entry of the list (`name@N` / `name@<content hash>`: that version)."""
+        if model == BASE_MODEL:
+            return model_card(None)
+        try:
+            return model_card(registry.get(model), model)
+        except UnknownPromptError as exc:
+            raise to_api_error(exc) from exc
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
 
     # ---- generation ----------------------------------------------------------------------------------
     def resolve(body: _SamplingFields) -> str | None:

@@ -39,6 +39,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from ... import __version__
 from ..api import Engine
 from ..errors import PromptError, UnknownPromptError
 from ..hub import resolve_model, resolve_prompt_source
@@ -333,19 +334,33 @@ class OpenAIIngress:
             return missing_api_key()
         return None
 
+    def _card(self, name: str) -> dict:
+        """/v1/models' entry for `name` (raises UnknownPromptError for no servable prompt)."""
+        card = {"id": name, "object": "model", "created": self.started, "owned_by": "softprompt",
+                "root": self.settings.model_dir, "parent": None, "length": 0}
+        if name == BASE_MODEL:
+            return card
+        source = self.prompts.find(name)
+        return {**card, "parent": BASE_MODEL, "kind": source.kind, "length": source.length}
+
     @ingress_app.get("/v1/models")
     async def models(self, request: Request):
         if refused := self._refused(request):
             return refused
-        data = [{"id": BASE_MODEL, "object": "model", "created": self.started, "owned_by": "softprompt",
-                 "root": self.settings.model_dir, "parent": None, "length": 0}]
-        for name in self.prompts.names():
-            source = self.prompts.find(name)
-            data.append({"id": name, "object": "model", "created": self.started, "owned_by": "softprompt",
-                         "root": self.settings.model_dir, "parent": BASE_MODEL,
-                         "kind": source.kind,
-                         "length": source.length})
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [self._card(name) for name in [BASE_MODEL, *self.prompts.names()]]}
+
+    @ingress_app.get("/v1/models/{model:path}")
+    async def retrieve_model(self, model: str, request: Request):
+        if refused := self._refused(request):
+            return refused
+        try:
+            return self._card(model)
+        except UnknownPromptError as exc:
+            return to_api_error(exc).response()
+
+    @ingress_app.get("/version")
+    async def version(self) -> dict:
+        return {"version": __version__}
 
     @ingress_app.get("/health")
     async def health(self) -> dict:

@@ -11,9 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
+import softprompt
 from softprompt import Request, SamplingParams
-
-
 
 
 def sp(**kw) -> SamplingParams:
@@ -26,6 +25,23 @@ def test_models_list_names_prompts_with_version_and_length(served):
     assert models["a"].length == 8 and models["b"].length == 5 and models["base"].length == 0
     assert models["a"].version == 1 and models["a"].kind == "peft" and models["polite"].kind == "text"
     assert models["a"].content_hash == served.reference.prompts.get("a").version
+
+
+def test_models_retrieve_and_version(served):
+    """OpenAI's GET /v1/models/{model} (the client's models.retrieve) for the base model, a prompt and a pinned
+    version; an unknown one is a 404 naming it. vLLM's GET /version."""
+    client = served.server.openai()
+    listed = {m.id: m for m in client.models.list().data}
+    for name in ("base", "a", "polite"):
+        assert client.models.retrieve(name).model_dump() == listed[name].model_dump()
+    pinned = client.models.retrieve("a@1")
+    assert pinned.id == "a@1" and pinned.model_extra["version"] == 1
+    assert client.models.retrieve(f"a@{listed['a'].content_hash}").model_extra["length"] == 8
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("nope")
+    assert "nope" in e.value.message
+    http = served.server.client()
+    assert http.get("/version").json() == {"version": softprompt.__version__}
 
 
 def test_completion_greedy_with_logprobs_equals_engine_generate(served):

@@ -14,10 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import ray
 from ray import serve
 
+import softprompt
 from softprompt import Engine, Request, SamplingParams
 from softprompt.engine.server.ray_serve import RayServeSettings, build_app
 
@@ -145,8 +147,11 @@ def test_streaming_chat_and_text_prompts_through_the_ingress(cluster):
     [out] = cluster.reference.generate(Request(prompt="t2", input_ids=cluster.reference.tokenizer.hf(
         want, add_special_tokens=False)["input_ids"], sampling=SamplingParams(max_new_tokens=5)))
     assert chat.choices[0].message.content == out.text
-    models = {m.id for m in client.models.list().data}
-    assert models == {"base", "polite", *TASKS}
+    models = {m.id: m for m in client.models.list().data}
+    assert set(models) == {"base", "polite", *TASKS}
+    assert client.models.retrieve("t2").model_dump() == models["t2"].model_dump()
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
 
 
 def test_bad_requests_get_the_single_process_errors(cluster):
@@ -168,7 +173,9 @@ def test_bad_requests_get_the_single_process_errors(cluster):
             r = anonymous.post("/v1/completions", json={"model": "t0", "prompt": [5]}, headers=headers)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
             assert anonymous.get("/v1/models", headers=headers).status_code == 401
+            assert anonymous.get("/v1/models/t0", headers=headers).status_code == 401
         assert anonymous.get("/health").status_code == 200
+        assert anonymous.get("/version").json()["version"] == softprompt.__version__
     assert cluster.complete("t0", [5, 6]).status_code == 200  # still serving
 
 
