@@ -296,7 +296,7 @@ def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> Mo
 
 def _olmo_config(hf: Any, model_type: str) -> ModelConfig:
     """OLMo: Llama's fields (its LayerNorms have a fixed eps of 1e-5 and no weights) and `clip_qkv`."""
-    return replace(_llama_config(hf, model_type, norm_eps=1e-5), family="olmo", clip_qkv=float(hf.clip_qkv or 0.0))
+    return replace(_llama_config(hf, model_type, norm_eps=1e-5), family="olmo")
 
 
 def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
