@@ -15,8 +15,8 @@ from .sampling import SamplingParams
 ARCH_FAMILIES = {
     "llama": "llama", "mistral": "llama", "ministral": "llama", "ministral3": "llama", "mistral3": "llama",
     "qwen2": "llama", "qwen3": "llama", "phi3": "llama", "smollm3": "llama", "granite": "llama", "mixtral": "llama",
-    "qwen2_moe": "llama", "qwen3_moe": "llama", "olmoe": "llama", "ernie4_5": "llama", "seed_oss": "llama",
-    "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2",
+    "qwen2_moe": "llama", "qwen3_moe": "llama", "olmoe": "llama", "granitemoe": "llama", "ernie4_5": "llama",
+    "seed_oss": "llama", "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "starcoder2": "starcoder2", "cohere": "cohere", "cohere2": "cohere",
     "glm": "glm", "glm4": "glm", "falcon": "falcon", "gptj": "gptj", "opt": "opt", "gpt2": "gpt2",
@@ -30,7 +30,7 @@ SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """A sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE)."""
+    """A sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE)."""
 
     num_experts: int
     top_k: int  # experts per token
@@ -39,6 +39,7 @@ class MoEConfig:
     weights_in_model_dtype: bool  # Qwen's routers cast the weights to the model dtype; Mixtral's keep fp32
     sparse_layers: tuple[int, ...]  # the layers with this MLP (the others have a dense one)
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert (gated by a sigmoid); 0: none
+    softmax_over_topk: bool = False  # GraniteMoE: the top-k router logits, then a softmax over those k
 
 
 @dataclass(frozen=True)
@@ -267,6 +268,7 @@ def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> Mo
     rotary_dim = int(head_dim * rope.get("partial_rotary_factor", 1.0)) if model_type == "phi3" else head_dim
     nope_layers = tuple(i for i, rotary in enumerate(getattr(hf, "no_rope_layers", None) or []) if not rotary)
     ernie = model_type == "ernie4_5"  # biases on every projection or none (use_bias), interleaved RoPE
+    granite = model_type in ("granite", "granitemoe")  # its multipliers
     attention_bias = bool(getattr(hf, "use_bias" if ernie else "attention_bias", False))
     return ModelConfig(
         family="llama",
@@ -285,12 +287,12 @@ def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> Mo
         nope_layers=nope_layers if model_type == "smollm3" else (),
         moe=_moe_config(hf, model_type),
         layer_windows=windows,
-        attention_scale=float(hf.attention_multiplier) if model_type == "granite" else head_dim**-0.5,
+        attention_scale=float(hf.attention_multiplier) if granite else head_dim**-0.5,
         query_scale_beta=float(rope.get("llama_4_scaling_beta") or 0.0),
         query_scale_period=int(rope.get("original_max_position_embeddings") or 1),
-        embedding_multiplier=float(getattr(hf, "embedding_multiplier", 1.0)) if model_type == "granite" else 1.0,
-        residual_multiplier=float(getattr(hf, "residual_multiplier", 1.0)) if model_type == "granite" else 1.0,
-        logits_divisor=float(getattr(hf, "logits_scaling", 1.0)) if model_type == "granite" else 1.0,
+        embedding_multiplier=float(getattr(hf, "embedding_multiplier", 1.0)) if granite else 1.0,
+        residual_multiplier=float(getattr(hf, "residual_multiplier", 1.0)) if granite else 1.0,
+        logits_divisor=float(getattr(hf, "logits_scaling", 1.0)) if granite else 1.0,
     )
 
 
@@ -305,6 +307,10 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
         return MoEConfig(num_experts=hf.num_local_experts, top_k=hf.num_experts_per_tok,
                          intermediate_size=hf.intermediate_size, norm_topk_prob=True, weights_in_model_dtype=False,
                          sparse_layers=tuple(layers))
+    if model_type == "granitemoe":  # every layer sparse, the top-k logits' softmax, weights in the model dtype
+        return MoEConfig(num_experts=hf.num_local_experts, top_k=hf.num_experts_per_tok,
+                         intermediate_size=hf.intermediate_size, norm_topk_prob=False, weights_in_model_dtype=True,
+                         sparse_layers=tuple(layers), softmax_over_topk=True)
     if model_type == "olmoe":  # every layer sparse, Qwen2-MoE's router, no shared expert
         return MoEConfig(num_experts=hf.num_experts, top_k=hf.num_experts_per_tok,
                          intermediate_size=hf.intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),

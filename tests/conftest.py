@@ -149,6 +149,9 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "olmoe": ("olmoe", {"clip_qkv": 1.5}),
     # Seed-OSS (36B): q/k/v biases, none on the output projection (its own attention_out_bias)
     "seed_oss": ("seed_oss", {"attention_bias": True, "attention_out_bias": False}),
+    # GraniteMoE: Granite's multipliers; 4 experts, 2 a token, weighted by the softmax of their two router logits
+    "granitemoe": ("granitemoe", {"embedding_multiplier": 3.0, "residual_multiplier": 0.5, "logits_scaling": 2.0,
+                                  "attention_multiplier": 0.2}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -12,8 +12,8 @@ from softprompt import Engine, Request, SamplingParams
 from .runtime_helpers import assert_no_leaks, make_requests, register_tasks, run
 
 ARCHS = ["llama", "qwen2", "qwen3", "phi3_longrope", "mistral_window", "ministral", "ministral3",
-         "mistral3_multimodal", "smollm3", "granite", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gemma",
-         "gemma2", "gemma3", "pythia", "phi", "phi_qk_norm_gqa", "opt", "opt_post_norm", "stablelm",
+         "mistral3_multimodal", "smollm3", "granite", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe",
+         "gemma", "gemma2", "gemma3", "pythia", "phi", "phi_qk_norm_gqa", "opt", "opt_post_norm", "stablelm",
          "stablelm_parallel", "starcoder2", "olmo", "olmo2", "olmo3", "exaone4", "falcon", "falcon_new_arch",
          "falcon_serial", "gptj", "cohere", "cohere_qk_norm", "cohere2", "glm", "glm4", "ernie4_5", "seed_oss",
          "gpt2", "gpt2_inverse_scale", "gpt_bigcode", "gpt_bigcode_mha", "bloom"]

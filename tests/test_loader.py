@@ -39,10 +39,11 @@ def test_auto_dtype_is_fp32_on_cpu(tmp_path):
     assert load_model(d, "cpu", None).word_embeddings.weight.dtype == torch.float32
 
 
-@pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe", "olmoe"])
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe", "olmoe", "granitemoe"])
 def test_moe_experts_stacked_in_3d_tensors_load_alike(variant, tmp_path, model_dir_for):
-    """transformers 5 holds a MoE layer's experts in two 3-D tensors (`mlp.experts.gate_up_proj`, `down_proj`);
-    a checkpoint written from that state dict as it is loads as the per-expert one HF saves."""
+    """transformers 5 holds a MoE layer's experts in two 3-D tensors (`mlp.experts.gate_up_proj`, `down_proj`;
+    GraniteMoE's under `block_sparse_moe`); a checkpoint written from that state dict as it is loads as the one HF
+    saves (per expert, or GraniteMoE's `input_linear` / `output_linear`)."""
     from transformers import AutoModelForCausalLM
 
     d = model_dir_for(variant)
@@ -50,7 +51,7 @@ def test_moe_experts_stacked_in_3d_tensors_load_alike(variant, tmp_path, model_d
     shutil.copytree(d, stacked)
     (stacked / "model.safetensors").unlink()
     state = AutoModelForCausalLM.from_pretrained(d).state_dict()
-    assert any(k.endswith("mlp.experts.gate_up_proj") and v.dim() == 3 for k, v in state.items())
+    assert any(k.endswith("experts.gate_up_proj") and v.dim() == 3 for k, v in state.items())
     save_file({k: v.contiguous() for k, v in state.items()}, stacked / "model.safetensors")
     ids = [5, 9, 13, 40, 7]
     want = ReferencePath(load_model(d, "cpu", "float32")).logits(None, ids)

@@ -130,7 +130,7 @@ def test_half_precision_close_to_hf(variant, dtype, model_dir_for, adapter_for):
     assert torch.equal(got.argmax(-1)[decisive], truth.argmax(-1)[decisive])
 
 
-@pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_moe_layer_matches_hf(variant, dtype, model_dir_for):
     """A mixture-of-experts model's half-precision logits cannot be held to HF's fp32 ones as above: where two
@@ -144,7 +144,8 @@ def test_half_precision_moe_layer_matches_hf(variant, dtype, model_dir_for):
 
     model_dir = model_dir_for(variant)
     ours = load_model(model_dir, "cpu", dtype).model.layers[1].mlp
-    theirs = hf_peft_model(model_dir, None, dtype=dtype).model.layers[1].mlp
+    layer = hf_peft_model(model_dir, None, dtype=dtype).model.layers[1]
+    theirs = getattr(layer, "block_sparse_moe", None) or layer.mlp  # (GraniteMoE's name)
     x = torch.randn(64, ours.gate.in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
     with torch.no_grad():
         expected, got = theirs(x[None])[0].float(), ours(x).float()

@@ -1,5 +1,6 @@
-"""Sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE): a router picks each token's top-k experts,
-each a SwiGLU MLP, and their outputs are summed with the router's weights (Qwen2-MoE adds a gated shared expert).
+"""Sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE): a router picks each token's
+top-k experts, each a SwiGLU MLP, and their outputs are summed with the router's weights (Qwen2-MoE adds a gated
+shared expert).
 
 Tokens are grouped by expert and each expert runs once over its tokens; each token's k weighted outputs are then
 summed in one reduction (no scattered atomic adds: deterministic on CUDA), as transformers' grouped-GEMM experts do.
@@ -38,9 +39,13 @@ class SparseMoE(nn.Module):
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Each token's top-k experts [T, k] and their weights [T, k] (softmax over all experts in fp32, then
-        renormalised over the chosen ones where the config says so)."""
-        probs = torch.softmax(self.gate(x).float(), dim=-1)
-        weights, experts = torch.topk(probs, self.moe.top_k, dim=-1)
+        renormalised over the chosen ones where the config says so; GraniteMoE: the top-k logits' softmax)."""
+        logits = self.gate(x).float()
+        if self.moe.softmax_over_topk:
+            top, experts = torch.topk(logits, self.moe.top_k, dim=-1)
+            weights = torch.softmax(top, dim=-1)
+            return experts, (weights.to(x.dtype) if self.moe.weights_in_model_dtype else weights)
+        weights, experts = torch.topk(torch.softmax(logits, dim=-1), self.moe.top_k, dim=-1)
         if self.moe.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return experts, (weights.to(x.dtype) if self.moe.weights_in_model_dtype else weights)
@@ -70,18 +75,23 @@ class SparseMoE(nn.Module):
 
 _MIXTRAL_EXPERT = re.compile(r"(.*)\.block_sparse_moe\.experts\.(\d+)\.w([123])\.weight")
 _MIXTRAL_NAMES = {"1": "gate_proj", "2": "down_proj", "3": "up_proj"}
+# GraniteMoE's names (as saved) for the router and the 3-D expert tensors
+_BLOCK_SPARSE_NAMES = {"router.layer.weight": "gate.weight", "router.weight": "gate.weight",
+                       "input_linear.weight": "experts.gate_up_proj", "output_linear.weight": "experts.down_proj"}
 
 
 def moe_checkpoint_tensors(key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
     """Checkpoint entries of a MoE layer under our names: Mixtral's `block_sparse_moe.experts.{e}.w1/w2/w3` and
-    `block_sparse_moe.gate` (as saved, also by transformers 5's save_pretrained), and transformers 5's in-memory
-    layout of all experts in two 3-D tensors, `mlp.experts.gate_up_proj` [E, 2F, H] and `mlp.experts.down_proj`
-    [E, H, F], one entry per expert."""
+    `block_sparse_moe.gate` (as saved, also by transformers 5's save_pretrained), GraniteMoE's
+    `block_sparse_moe.input_linear` [E, 2F, H], `output_linear` [E, H, F] and `router.layer`, and transformers 5's
+    in-memory layout of all experts in two 3-D tensors, `mlp.experts.gate_up_proj` [E, 2F, H] and
+    `mlp.experts.down_proj` [E, H, F], one entry per expert."""
     if match := _MIXTRAL_EXPERT.fullmatch(key):
         stem, expert, w = match.groups()
         return [(f"{stem}.mlp.experts.{expert}.{_MIXTRAL_NAMES[w]}.weight", tensor)]
-    if key.endswith(".block_sparse_moe.gate.weight"):
-        return [(key.replace(".block_sparse_moe.", ".mlp."), tensor)]
+    if ".block_sparse_moe." in key:  # Mixtral's / GraniteMoE's module name for what we call `mlp`
+        stem, name = key.split(".block_sparse_moe.", 1)
+        key = f"{stem}.mlp.{_BLOCK_SPARSE_NAMES.get(name, name)}"
     if tensor.dim() == 3 and key.endswith((".experts.gate_up_proj", ".experts.down_proj")):
         stem, name = key.rsplit(".", 1)
         if name == "down_proj":
