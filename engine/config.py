@@ -236,12 +236,28 @@ def _decoder_fields(hf: Any, model_type: str, head_dim: int, norm_eps: float | N
     )
 
 
-def _windows_by_layer_type(window: int | None, layer_types: list[str] | None) -> tuple[int, ...]:
-    """Each layer's sliding window (0: full attention) where `layer_types` names `sliding_attention` layers."""
-    if window is None or layer_types is None:
+def _windows_by_layer_type(window: int | None, layer_types: list[str] | None,
+                           max_positions: int | None = None) -> tuple[int, ...]:
+    """Each layer's sliding window (0: full attention) where `layer_types` names `sliding_attention` layers; none
+    where the window reaches `max_positions` (no key is ever out of it)."""
+    if window is None or layer_types is None or (max_positions is not None and window >= max_positions):
         return ()
     windows = tuple(int(window) if t == "sliding_attention" else 0 for t in layer_types)
     return windows if any(windows) else ()
+
+
+def _full_attention_layers(layer_types: list[str]) -> tuple[int, ...]:
+    """The layers `layer_types` does not name `sliding_attention` (Cohere 2's and EXAONE 4's NoPE layers)."""
+    return tuple(i for i, t in enumerate(layer_types) if t != "sliding_attention")
+
+
+def _check_rope_types(hf: Any, model_type: str) -> None:
+    """Refuse, in the one RoPE or in each layer type's, a rope_type whose frequencies depend on the sequence length,
+    and longrope (capped to its short factors by the Llama reader only)."""
+    rope = hf.rope_parameters or {}
+    for params in (rope.values() if "full_attention" in rope else [rope]):
+        if params.get("rope_type", "default") not in STATIC_ROPE_TYPES or params.get("rope_type") == "longrope":
+            raise UnsupportedModelError(f"unsupported rope_type {params.get('rope_type')!r} in {model_type}")
 
 
 def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> ModelConfig:
@@ -337,10 +353,7 @@ def _gemma_config(hf: Any, model_type: str) -> ModelConfig:
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     gemma3 = model_type == "gemma3_text"
     later = model_type != "gemma"  # Gemma 2 and 3: sandwich norms, query_pre_attn_scalar, sliding-window layers
-    rope = hf.rope_parameters or {}
-    for params in (rope.values() if gemma3 else [rope]):
-        if params.get("rope_type", "default") not in STATIC_ROPE_TYPES or params.get("rope_type") == "longrope":
-            raise UnsupportedModelError(f"unsupported rope_type {params.get('rope_type')!r} in {model_type}")
+    _check_rope_types(hf, model_type)
     windows = _windows_by_layer_type(getattr(hf, "sliding_window", None), getattr(hf, "layer_types", None))
     scalar = getattr(hf, "query_pre_attn_scalar", None) if later else None
     attention_bias = bool(getattr(hf, "attention_bias", False))
@@ -441,10 +454,8 @@ def _cohere_config(hf: Any, model_type: str) -> ModelConfig:
     windows: tuple[int, ...] = ()
     nope_layers: tuple[int, ...] = ()
     if model_type == "cohere2":
-        layer_types = list(hf.layer_types)
-        nope_layers = tuple(i for i, t in enumerate(layer_types) if t != "sliding_attention")
-        window = hf.sliding_window if hf.sliding_window and hf.sliding_window < hf.max_position_embeddings else None
-        windows = _windows_by_layer_type(window, layer_types)
+        nope_layers = _full_attention_layers(hf.layer_types)
+        windows = _windows_by_layer_type(hf.sliding_window, hf.layer_types, hf.max_position_embeddings)
     return ModelConfig(
         family="cohere",
         **_decoder_fields(hf, model_type, head_dim, norm_eps=hf.layer_norm_eps),
@@ -468,15 +479,12 @@ def _olmo2_config(hf: Any, model_type: str) -> ModelConfig:
     layers with RoPE and full-attention layers without, where a window is set)."""
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     bias = bool(getattr(hf, "attention_bias", False))
-    window = getattr(hf, "sliding_window", None)  # the sliding-window layers (none past the model's positions)
+    window = getattr(hf, "sliding_window", None)
     layer_types = getattr(hf, "layer_types", None)
     nope_layers: tuple[int, ...] = ()
     if model_type == "exaone4" and window is not None:  # "global NoPE": HF rotates only the sliding layers then
-        nope_layers = tuple(i for i, t in enumerate(layer_types) if t != "sliding_attention")
-    rope = hf.rope_parameters or {}
-    for params in (rope.values() if "full_attention" in rope else [rope]):
-        if params.get("rope_type", "default") not in STATIC_ROPE_TYPES or params.get("rope_type") == "longrope":
-            raise UnsupportedModelError(f"unsupported rope_type {params.get('rope_type')!r} in {model_type}")
+        nope_layers = _full_attention_layers(layer_types)
+    _check_rope_types(hf, model_type)
     return ModelConfig(
         family="olmo2",
         **_decoder_fields(hf, model_type, head_dim),
@@ -487,8 +495,7 @@ def _olmo2_config(hf: Any, model_type: str) -> ModelConfig:
         o_bias=bias,
         qk_norm=model_type == "exaone4",
         nope_layers=nope_layers,
-        layer_windows=_windows_by_layer_type(window if window and window < hf.max_position_embeddings else None,
-                                             layer_types),
+        layer_windows=_windows_by_layer_type(window, layer_types, hf.max_position_embeddings),
         attention_scale=head_dim**-0.5,
     )
 
@@ -497,7 +504,7 @@ def _glm_config(hf: Any, model_type: str) -> ModelConfig:
     """GLM and GLM-4: RoPE in interleaved pairs over `partial_rotary_factor` of each head; GLM-4's extra norms."""
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     rope = hf.rope_parameters or {}
-    factor = rope.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", 1.0))
+    factor = rope.get("partial_rotary_factor", 1.0)  # (transformers puts a config's top-level one here)
     return ModelConfig(
         family="glm",
         **_decoder_fields(hf, model_type, head_dim),

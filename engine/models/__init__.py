@@ -6,7 +6,6 @@ from .cohere import CohereForCausalLM
 from .common import Attention
 from .falcon import FalconForCausalLM
 from .gemma import GemmaForCausalLM
-from .glm import GlmForCausalLM
 from .gpt2 import GPT2LMHeadModel, GPTBigCodeForCausalLM
 from .gpt_neox import GPTNeoXForCausalLM
 from .llama import LlamaForCausalLM
@@ -28,7 +27,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "cohere": CohereForCausalLM,
     "starcoder2": Starcoder2ForCausalLM,
     "olmo2": Olmo2ForCausalLM,
-    "glm": GlmForCausalLM,
+    "glm": LlamaForCausalLM,  # (config.py's GLM reader; the Llama layout)
     "opt": OPTForCausalLM,
     "gpt2": GPT2LMHeadModel,
     "gpt_bigcode": GPTBigCodeForCausalLM,
@@ -36,6 +35,6 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
 }
 
 __all__ = ["Attention", "CausalLM", "MODEL_CLASSES", "BloomForCausalLM", "CohereForCausalLM", "FalconForCausalLM",
-           "GPT2LMHeadModel", "GPTBigCodeForCausalLM", "GPTJForCausalLM", "GemmaForCausalLM", "GlmForCausalLM",
+           "GPT2LMHeadModel", "GPTBigCodeForCausalLM", "GPTJForCausalLM", "GemmaForCausalLM",
            "GPTNeoXForCausalLM", "LlamaForCausalLM", "OPTForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM",
            "PhiForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM"]

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..errors import UnsupportedModelError
-from .common import Attention, layer_type_rope_inv_freq, rope_inv_freq, rope_layer_types, rotary_cos_sin
+from .common import Attention, gather_rope_rows, rope_inv_freq, rope_layer_types, rope_tables_by_layer, rotary_cos_sin
 from .linear import transposed_storage
 
 
@@ -177,11 +177,7 @@ class RotaryCausalLM(CausalLM):
         own."""
         if self.rope_by_layer is None:
             return [self.rope_rows(attention, positions)] * self.config.num_layers
-        rows: dict[int, tuple[Tensor, Tensor]] = {}
-        for cos, sin in self.rope_by_layer:
-            if id(cos) not in rows:
-                rows[id(cos)] = (cos[positions], sin[positions])
-        return [rows[id(cos)] for cos, _ in self.rope_by_layer]
+        return gather_rope_rows(self.rope_by_layer, positions)
 
     def init_buffers(self, device: torch.device) -> None:
         # cos/sin of every position, computed once with the same ops as per step (so bit-identical)
@@ -197,12 +193,7 @@ class RotaryCausalLM(CausalLM):
             if not self.per_layer_rope:
                 raise UnsupportedModelError(f"{c.model_type} with a RoPE per layer type (rope_parameters keyed by "
                                             "layer type) is not supported")
-            tables: dict[str, tuple[Tensor, Tensor]] = {}
-            for layer_type in dict.fromkeys(layer_types):
-                inv_freq, scaling = layer_type_rope_inv_freq(c.hf_config, layer_type, c.rotary_dim or c.head_dim,
-                                                             device)
-                tables[layer_type] = rotary_cos_sin(inv_freq, scaling, positions, dtype)
-            self.rope_by_layer = [tables[t] for t in layer_types]
+            self.rope_by_layer = rope_tables_by_layer(c, layer_types, c.rotary_dim or c.head_dim, positions, dtype)
             cos, sin = self.rope_by_layer[0]
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
+from .llama import LlamaAttention, LlamaBackbone, LlamaForCausalLM, LlamaMLP
 
 
 class CohereLayerNorm(nn.LayerNorm):
@@ -56,12 +56,12 @@ class CohereLayer(nn.Module):
         self.input_layernorm = CohereLayerNorm(c.hidden_size, c.norm_eps)
 
 
-class CohereBackbone(nn.Module):
-    def __init__(self, c: ModelConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(CohereLayer(c, i) for i in range(c.num_layers))
-        self.norm = CohereLayerNorm(c.hidden_size, c.norm_eps)
+class CohereBackbone(LlamaBackbone):
+    layer_class = CohereLayer
+
+    @staticmethod
+    def final_norm(c: ModelConfig) -> nn.Module:
+        return CohereLayerNorm(c.hidden_size, c.norm_eps)
 
 
 class CohereForCausalLM(LlamaForCausalLM):

@@ -99,6 +99,26 @@ def rotary_cos_sin(inv_freq: Tensor, scaling: float, positions: Tensor, dtype: t
     return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
 
+def rope_tables_by_layer(config: ModelConfig, layer_types: list[str] | None, dim: int, positions: Tensor,
+                         dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
+    """cos/sin of `positions` for each layer: one table per layer type, each as HF builds it (`layer_types` None:
+    the config's one RoPE, for every layer)."""
+    tables: dict[str | None, tuple[Tensor, Tensor]] = {}
+    for layer_type in dict.fromkeys(layer_types or [None]):
+        inv_freq, scaling = layer_type_rope_inv_freq(config.hf_config, layer_type, dim, positions.device)
+        tables[layer_type] = rotary_cos_sin(inv_freq, scaling, positions, dtype)
+    return [tables[layer_types[i] if layer_types else None] for i in range(config.num_layers)]
+
+
+def gather_rope_rows(tables: list[tuple[Tensor, Tensor]], positions: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Each layer's cos/sin rows of `positions` from its table in `tables`, gathered once per distinct table."""
+    rows: dict[int, tuple[Tensor, Tensor]] = {}
+    for cos, sin in tables:
+        if id(cos) not in rows:
+            rows[id(cos)] = (cos[positions], sin[positions])
+    return [rows[id(cos)] for cos, _ in tables]
+
+
 def fused_qkv_to_blocks(tensor: Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> Tensor:
     """A fused QKV projection's rows (weight or bias) stored per K/V group (each group's query heads, then its key,
     then its value: per head [q, k, v] where every head has its own K/V, [all q | k | v] with one) as

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .base import CausalLM, Layer0Input, language_model_tensors
-from .common import Attention, apply_rotary, layer_type_rope_inv_freq, rope_layer_types, rotary_cos_sin
+from .common import Attention, apply_rotary, gather_rope_rows, rope_layer_types, rope_tables_by_layer
 from .linear import Linear, linear
 from .llama import LlamaAttention, LlamaMLP
 
@@ -79,16 +79,12 @@ class GemmaForCausalLM(CausalLM):
     def init_buffers(self, device: torch.device) -> None:
         """The embedding scale in the model dtype, and cos/sin of every position for each layer type (Gemma 3:
         sliding layers have their own RoPE base)."""
-        c, hf = self.config, self.config.hf_config
+        c = self.config
         dtype = self.model.embed_tokens.weight.dtype
         self.register_buffer("embed_scale", torch.tensor(c.hidden_size**0.5).to(device, dtype), persistent=False)
-        layer_types = rope_layer_types(c)  # Gemma 3: a RoPE per layer type
         positions = torch.arange(c.max_positions, device=device)
-        tables: dict[str | None, tuple[Tensor, Tensor]] = {}
-        for layer_type in dict.fromkeys(layer_types or [None]):
-            inv_freq, scaling = layer_type_rope_inv_freq(hf, layer_type, c.head_dim, device)
-            tables[layer_type] = rotary_cos_sin(inv_freq, scaling, positions, dtype)
-        self.rope_by_layer = [tables[layer_types[i] if layer_types else None] for i in range(c.num_layers)]
+        # (Gemma 3: a RoPE per layer type)
+        self.rope_by_layer = rope_tables_by_layer(c, rope_layer_types(c), c.head_dim, positions, dtype)
 
     def prepare_for_inference(self, device: torch.device) -> None:
         transposed = self.fp32_on_cpu(device)
@@ -110,17 +106,14 @@ class GemmaForCausalLM(CausalLM):
         t = positions.shape[0]
         qk_width = (c.num_heads + c.num_kv_heads) * c.head_dim
         h = embeds
-        rope_rows: dict[int, tuple[Tensor, Tensor]] = {}
-        for i, layer in enumerate(self.model.layers):
+        rope_by_layer = gather_rope_rows(self.rope_by_layer, positions)
+        for i, (layer, rope) in enumerate(zip(self.model.layers, rope_by_layer)):
             a = layer.self_attn
             qkv = linear(layer.input_layernorm(h), a.qkv_weight, a.qkv_bias)
             qk = qkv[:, :qk_width].view(t, c.num_heads + c.num_kv_heads, c.head_dim)
             if c.qk_norm:
                 qk = torch.cat((a.q_norm(qk[:, : c.num_heads]), a.k_norm(qk[:, c.num_heads:])), dim=1)
-            table = self.rope_by_layer[i]
-            if id(table) not in rope_rows:
-                rope_rows[id(table)] = (table[0][positions], table[1][positions])
-            qk = apply_rotary(qk, *rope_rows[id(table)])
+            qk = apply_rotary(qk, *rope)
             q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
             v = qkv[:, qk_width:].view(t, c.num_kv_heads, c.head_dim)
             out = a.o_proj(attention(i, q, k, v).reshape(t, c.num_heads * c.head_dim))

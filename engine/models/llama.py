@@ -1,8 +1,8 @@
-"""Llama family: Llama 2/3, Mistral, Ministral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, ERNIE 4.5, and the mixtures
-of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE (RoPE, GQA, RMSNorm, SwiGLU; Qwen3 norms q and k per head, OLMoE
-over all heads at once and clips q/k/v; Phi-3 stores q/k/v and gate/up fused and may rotate part of each head;
-SmolLM3 leaves RoPE out of some layers; Granite scales embeddings, residual branches and logits; ERNIE 4.5 rotates
-interleaved pairs)."""
+"""Llama family: Llama 2/3, Mistral, Ministral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, ERNIE 4.5, Seed-OSS, GLM and
+GLM-4, and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE (RoPE, GQA, RMSNorm, SwiGLU;
+Qwen3 norms q and k per head, OLMoE over all heads at once and clips q/k/v; Phi-3 and GLM store q/k/v or gate/up
+fused and may rotate part of each head; SmolLM3 leaves RoPE out of some layers; Granite scales embeddings, residual
+branches and logits; ERNIE 4.5 and GLM rotate interleaved pairs, GLM-4 norms each sublayer's output)."""
 
 from __future__ import annotations
 
@@ -94,14 +94,26 @@ class LlamaLayer(nn.Module):
         self.mlp = SparseMoE(c, LlamaMLP) if c.moe is not None and index in c.moe.sparse_layers else LlamaMLP(c)
         self.input_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
+        if c.sandwich_norms:  # GLM-4: a norm on the attention's and on the MLP's output, before each residual add
+            self.post_self_attn_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
+            self.post_mlp_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
 
 
 class LlamaBackbone(nn.Module):
+    """Token embeddings, the decoder layers and the final norm; a family of the Llama layout names its
+    `layer_class` and its `final_norm`."""
+
+    layer_class: type[nn.Module] = LlamaLayer
+
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(LlamaLayer(c, i) for i in range(c.num_layers))
-        self.norm = RMSNorm(c.hidden_size, c.norm_eps)
+        self.layers = nn.ModuleList(self.layer_class(c, i) for i in range(c.num_layers))
+        self.norm = self.final_norm(c)
+
+    @staticmethod
+    def final_norm(c: ModelConfig) -> nn.Module:
+        return RMSNorm(c.hidden_size, c.norm_eps)
 
 
 class LlamaForCausalLM(RotaryCausalLM):

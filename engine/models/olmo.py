@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .llama import LlamaForCausalLM, LlamaLayer
+from .llama import LlamaBackbone, LlamaForCausalLM, LlamaLayer
 
 
 class NonParametricLayerNorm(nn.Module):
@@ -28,12 +28,12 @@ class OlmoLayer(LlamaLayer):
         self.post_attention_layernorm = NonParametricLayerNorm(c.hidden_size)
 
 
-class OlmoBackbone(nn.Module):
-    def __init__(self, c: ModelConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(OlmoLayer(c, i) for i in range(c.num_layers))
-        self.norm = NonParametricLayerNorm(c.hidden_size)
+class OlmoBackbone(LlamaBackbone):
+    layer_class = OlmoLayer
+
+    @staticmethod
+    def final_norm(c: ModelConfig) -> nn.Module:
+        return NonParametricLayerNorm(c.hidden_size)
 
 
 class OlmoForCausalLM(LlamaForCausalLM):

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .gpt2 import GPT2MLP
-from .llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
+from .llama import LlamaAttention, LlamaBackbone, LlamaForCausalLM, LlamaMLP
 
 
 class PerHeadLayerNorm(nn.Module):
@@ -41,12 +41,12 @@ class StableLmLayer(nn.Module):
             self.post_attention_layernorm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
 
 
-class StableLmBackbone(nn.Module):
-    def __init__(self, c: ModelConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(StableLmLayer(c, i) for i in range(c.num_layers))
-        self.norm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
+class StableLmBackbone(LlamaBackbone):
+    layer_class = StableLmLayer
+
+    @staticmethod
+    def final_norm(c: ModelConfig) -> nn.Module:
+        return nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
 
 
 class StableLmForCausalLM(LlamaForCausalLM):
@@ -72,12 +72,8 @@ class Starcoder2Layer(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
 
 
-class Starcoder2Backbone(nn.Module):
-    def __init__(self, c: ModelConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(Starcoder2Layer(c, i) for i in range(c.num_layers))
-        self.norm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
+class Starcoder2Backbone(StableLmBackbone):  # (its final LayerNorm too)
+    layer_class = Starcoder2Layer
 
 
 class Starcoder2ForCausalLM(LlamaForCausalLM):
