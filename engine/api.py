@@ -233,11 +233,16 @@ class Engine:
         if request.messages is not None:
             if request.input_ids is not None or request.text is not None:
                 raise RequestError("give exactly one of input ids, text or messages")
+            options = dict(request.chat_template_kwargs or {})
+            if request.tools is not None:
+                if "tools" in options:
+                    raise RequestError("give tools or chat_template_kwargs['tools'], not both")
+                options["tools"] = request.tools
             ids = self._input_ids(require_tokenizer(self.tokenizer, "chat messages").render_chat(
-                request.messages, request.chat_template_kwargs), None)
+                request.messages, options), None)
         else:
-            if request.chat_template_kwargs is not None:
-                raise RequestError("chat_template_kwargs apply to chat messages: give messages")
+            if request.chat_template_kwargs is not None or request.tools is not None:
+                raise RequestError("chat_template_kwargs and tools apply to chat messages: give messages")
             ids = self._input_ids(request.input_ids, request.text)
         if request.sampling.stop:
             require_tokenizer(self.tokenizer, "stop strings")

@@ -15,7 +15,8 @@ _ids = itertools.count()
 class Request:
     """One generation: a task's prompt name (None: no prompt) and the input as token ids, text, or chat `messages`
     (rendered by the tokenizer's chat template, as vLLM's `LLM.chat`; `chat_template_kwargs`: apply_chat_template's
-    options, e.g. `add_generation_prompt` (default True), `continue_final_message`, and the template's variables)."""
+    options, e.g. `add_generation_prompt` (default True), `continue_final_message`, and the template's variables;
+    `tools`: OpenAI-style function definitions for the template to render, as vLLM's `LLM.chat(tools=...)`)."""
 
     prompt: str | None = None
     input_ids: list[int] | None = None
@@ -24,6 +25,7 @@ class Request:
     request_id: str | None = None
     messages: list[dict] | None = None
     chat_template_kwargs: dict | None = None
+    tools: list[dict] | None = None
 
     def __post_init__(self) -> None:
         if self.request_id is None:

@@ -7,6 +7,7 @@ from functools import cached_property, partial
 from pathlib import Path
 
 from .errors import CheckpointError, RequestError, SoftPromptError
+from .tool_calls import template_messages
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -44,7 +45,7 @@ class Tokenizer:
             raise RequestError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
         options = {"add_generation_prompt": True, **(options or {})}
         try:
-            text = self.hf.apply_chat_template(messages, tokenize=False, **options)
+            text = self.hf.apply_chat_template(template_messages(messages), tokenize=False, **options)
         except Exception as exc:  # jinja and template errors of many types
             raise RequestError(f"cannot apply the chat template: {exc}") from exc
         return list(self.hf(text, add_special_tokens=False)["input_ids"])  # the template places special tokens

@@ -41,7 +41,7 @@ def test_messages_are_rendered_by_the_chat_template_and_generate_like_their_ids(
 def test_bad_chat_requests_are_refused_by_name(engine, model_dir_for):
     for request, match in [
         (Request(messages=MESSAGES, text="x"), "exactly one of input ids, text or messages"),
-        (Request(text="x", chat_template_kwargs={"a": 1}), "chat_template_kwargs apply to chat messages"),
+        (Request(text="x", chat_template_kwargs={"a": 1}), "chat_template_kwargs and tools apply to chat messages"),
         (Request(messages=[]), "non-empty list"),
         (Request(messages=[{"content": "no role"}]), "non-empty list"),
         (Request(messages=MESSAGES, chat_template_kwargs={"add_generation_prompt": True,

@@ -28,6 +28,7 @@ from ..request import Request as EngineRequest
 from ..request import RequestOutput
 from ..sampling import SamplingParams
 from ..tokenizer import require_tokenizer
+from ..tool_calls import tool_call_parser
 from .auth import APIKeyGuard, bearer_token, token_matches
 from .engine_loop import EngineFailure, EngineLoop, RequestStream, ServerStopping, compile_constraints
 from .formatting import ChatFormat, CompletionFormat, TokenStrings, _Format
@@ -58,6 +59,9 @@ class ServerConfig:
     # "auto": a request that leaves out temperature, top_p, top_k, min_p or repetition_penalty gets the value the
     # checkpoint's generation_config.json recommends (vLLM's --generation-config auto); "none": OpenAI's defaults
     generation_config: str = "auto"
+    # the format tool_choice="auto" answers are parsed in (vLLM's --tool-call-parser): hermes, llama3_json; None:
+    # "auto" is refused (named and "required" tool choices work without one)
+    tool_call_parser: str | None = None
 
 
 class APIError(Exception):
@@ -210,6 +214,8 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
     config = config or ServerConfig()
     if config.generation_config not in ("auto", "none"):
         raise ValueError(f"generation_config must be 'auto' or 'none', got {config.generation_config!r}")
+    if config.tool_call_parser is not None:
+        tool_call_parser(config.tool_call_parser)  # a ValueError naming the known ones
     defaults = engine.generation_defaults if config.generation_config == "auto" else {}
     registry = registry or PromptRegistry()
     metrics_holder: dict = {}
@@ -401,7 +407,11 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
         if not _has_chat_template(engine):
             raise APIError(400, "the model's tokenizer has no chat template: use /v1/completions",
                            param="messages", code="no_chat_template")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            tools = body.tool_mode(config.tool_call_parser)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="tool_choice", code="unsupported") from exc
+        messages = [m.for_template() for m in body.messages]
         try:
             ids = await loop.run(lambda e: _render_chat(e, messages, body.template_options()))
         except (ServerStopping, EngineFailure) as exc:
@@ -420,7 +430,7 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
                     for j in range(body.n)]
         fmt = ChatFormat(cid, created, body.model, token_str, body.stop_list(), body.return_token_ids,
                          bool(body.stream_options and body.stream_options.include_usage), body.n,
-                         prompt_logprobs=body.prompt_logprobs)
+                         prompt_logprobs=body.prompt_logprobs, tools=tools)
         return await generate(http, body, requests, fmt)
 
     # ---- tokenizer (vLLM's /tokenize and /detokenize) ------------------------------------------------
@@ -454,7 +464,7 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
             if not _has_chat_template(engine):
                 raise APIError(400, "the model's tokenizer has no chat template", param="messages",
                                code="no_chat_template")
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            messages = [m.for_template() for m in body.messages]
 
         def render(e: Engine) -> list[int]:  # on the loop thread, like every use of the engine's tokenizer
             if body.messages is not None:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from ..errors import SoftPromptError
+from ..tool_calls import TOOL_CALL_PARSERS
 
 ADMIN_TOKEN_ENV = "SOFTPROMPT_ADMIN_TOKEN"
 API_KEY_ENV = "SOFTPROMPT_API_KEY"
@@ -58,6 +59,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto: requests that leave out temperature, top_p, top_k, min_p, repetition_penalty or "
                    "their length get the checkpoint's generation_config.json values (max_new_tokens for the "
                    "length; as vLLM); none: OpenAI's defaults")
+    p.add_argument("--tool-call-parser", choices=sorted(TOOL_CALL_PARSERS), default=None,
+                   help="read tool_choice='auto' answers in this format (vLLM's names: hermes for Qwen 2.5/3, "
+                   "Hermes and others; llama3_json for Llama 3.1+); without it 'auto' is refused (a named or "
+                   "'required' tool_choice works without one)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="accepted for vLLM command lines: tool_choice='auto' is on whenever --tool-call-parser is set")
     p.add_argument("--log-level", default="info")
     ray = p.add_argument_group("Ray Serve (needs the ray extra): several engine replicas with task-affinity routing")
     ray.add_argument("--ray", action="store_true", help="serve with Ray Serve instead of one process")
@@ -152,7 +159,8 @@ def build_server(args: argparse.Namespace):
     for name, text in parse_text_prompts(args.text_prompt).items():
         registry.register(engine, name, text=text)
     config = ServerConfig(max_queue=args.max_queue, admin_token=args.admin_token or os.environ.get(ADMIN_TOKEN_ENV),
-                          api_key=args.api_key or os.environ.get(API_KEY_ENV), generation_config=args.generation_config)
+                          api_key=args.api_key or os.environ.get(API_KEY_ENV), generation_config=args.generation_config,
+                          tool_call_parser=args.tool_call_parser)
     if args.generation_config == "auto" and engine.generation_defaults:
         print(f"requests that leave them out get {args.model_dir}/generation_config.json's sampling settings "
               f"{engine.generation_defaults} (--generation-config none: OpenAI's defaults)", file=sys.stderr)
@@ -160,6 +168,8 @@ def build_server(args: argparse.Namespace):
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise SoftPromptError("--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)")
     if args.ray:
         from .ray_cli import run_ray_serve
 

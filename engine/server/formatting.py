@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from ..request import RequestOutput
 from ..sampling import TokenLogprob
 from ..tokenizer import Tokenizer
+from ..tool_calls import ToolChoice, ToolStream
 
 
 def finite(x: float) -> float:
@@ -59,6 +60,7 @@ class ChoiceProgress:
     text_offset: int = 0  # for completions logprobs
     started: bool = False  # chat: the role delta was sent
     last: RequestOutput | None = None
+    tools: ToolStream | None = None  # chat with tools: what of the answer has gone out as content or calls
 
 
 def new_text(progress: ChoiceProgress, out: RequestOutput, stops: tuple[str, ...]) -> str:
@@ -230,7 +232,10 @@ class CompletionFormat(_Format):
         return self.usage_chunks("text_completion")
 
 
+@dataclass
 class ChatFormat(_Format):
+    tools: ToolChoice | None = None  # how answers are read as tool calls (None: plain content)
+
     def _entry(self, token_id: int, logprob: float) -> dict:
         s = self.token_str(token_id)
         return {"token": s, "logprob": finite(logprob), "bytes": list(s.encode("utf-8"))}
@@ -247,8 +252,15 @@ class ChatFormat(_Format):
     def response(self, finals: list[RequestOutput]) -> dict:
         choices = []
         for i, out in enumerate(finals):
-            choice = {"index": i, "message": {"role": "assistant", "content": out.text or ""},
-                      "logprobs": self.logprobs(out.logprobs), "finish_reason": out.finish_reason}
+            message: dict = {"role": "assistant", "content": out.text or ""}
+            finish_reason = out.finish_reason
+            if self.tools is not None:
+                content, calls, finish_reason = self.tools.answer(out.text or "", out.finish_reason)
+                message = {"role": "assistant", "content": content}
+                if calls:
+                    message["tool_calls"] = [call.as_openai() for call in calls]
+            choice = {"index": i, "message": message, "logprobs": self.logprobs(out.logprobs),
+                      "finish_reason": finish_reason}
             if self.return_token_ids:
                 choice["token_ids"] = out.token_ids
                 choice["prompt_token_ids"] = out.input_ids
@@ -269,12 +281,18 @@ class ChatFormat(_Format):
                 {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                  "finish_reason": None}]})
         text = new_text(p, out, self.stops)
-        if text or out.finished:
+        delta: dict = {"content": text} if text else {}
+        finish_reason = out.finish_reason
+        if self.tools is not None:  # the answer so far (up to what new_text let through) decides what is sent
+            if p.tools is None:
+                p.tools = self.tools.stream()
+            text, calls, finish_reason = p.tools.feed((out.text or "")[:p.chars], out.finished, out.finish_reason)
+            delta = {**({"content": text} if text else {}), **({"tool_calls": calls} if calls else {})}
+        if delta or out.finished:
             new_ids = out.token_ids[p.tokens:]
             lps = None if out.logprobs is None else out.logprobs[p.tokens:]
             p.tokens = len(out.token_ids)
-            choice = {"index": index, "delta": {"content": text} if text else {},
-                      "logprobs": self.logprobs(lps), "finish_reason": out.finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": self.logprobs(lps), "finish_reason": finish_reason}
             if self.return_token_ids:
                 choice["token_ids"] = new_ids
             chunks.append({**self._head("chat.completion.chunk"), "choices": [choice]})

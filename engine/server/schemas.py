@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
+from ..tool_calls import ToolChoice, required_schema, tool_call_parser
+
 MAX_CHOICES = 128  # n x number of prompts in one request
 MAX_STOP = 16
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
@@ -172,18 +174,72 @@ class TextPart(BaseModel):
     text: StrictStr
 
 
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: StrictStr
+    arguments: StrictStr | dict[str, Any]  # JSON text (OpenAI's); an object is taken too
+
+
+class ToolCallMessagePart(BaseModel):
+    """A call an earlier assistant turn made (OpenAI's `tool_calls` entry), for the template to render."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: StrictStr | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: StrictStr
     content: StrictStr | list[TextPart] | None = None
     name: StrictStr | None = None
+    tool_calls: list[ToolCallMessagePart] | None = None  # an assistant turn's calls
+    tool_call_id: StrictStr | None = None  # a tool turn's answer to that call
 
     def text(self) -> str:
+        """The content as text: text parts joined by newlines, as vLLM joins them for a template that reads text."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "\n".join(part.text for part in self.content)
+
+    def for_template(self) -> dict[str, Any]:
+        """The message for the chat template (the tokenizer decodes tool-call arguments to objects, as vLLM does)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump(exclude_none=True) for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: StrictStr = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")  # OpenAI's rule
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: StrictBool | None = None
+
+
+class ToolDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: StrictStr
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: NamedFunction
 
 
 # apply_chat_template's own parameters: chat_template_kwargs may not set them
@@ -200,6 +256,7 @@ class _ChatTemplateFields(BaseModel):
     continue_final_message: StrictBool = False  # the last (assistant) message is continued, not closed
     chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the template (e.g. enable_thinking)
     chat_template: Any = None  # refused: the checkpoint's template is used
+    tools: list[ToolDefinition] | None = None  # OpenAI's: rendered by the template (its `tools` variable)
 
     def template_problem(self) -> tuple[str, str] | None:
         """(param, message) for chat template options that cannot be honoured."""
@@ -215,8 +272,11 @@ class _ChatTemplateFields(BaseModel):
 
     def template_options(self) -> dict[str, Any]:
         """apply_chat_template's keyword arguments for these options."""
-        return {**(self.chat_template_kwargs or {}), "add_generation_prompt": self.add_generation_prompt,
-                "continue_final_message": self.continue_final_message}
+        options = {**(self.chat_template_kwargs or {}), "add_generation_prompt": self.add_generation_prompt,
+                   "continue_final_message": self.continue_final_message}
+        if self.tools:  # rendered whatever the tool_choice, "none" too (vLLM's default)
+            options["tools"] = [tool.model_dump(exclude_none=True) for tool in self.tools]
+        return options
 
 
 class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
@@ -225,11 +285,54 @@ class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = None
-    tools: list[Any] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # with tools: "auto"
+    parallel_tool_calls: StrictBool = True
+
+    def effective_tool_choice(self) -> str | NamedToolChoice:
+        if self.tool_choice is None:
+            return "auto" if self.tools else "none"
+        return self.tool_choice
+
+    def tool_mode(self, parser_name: str | None) -> ToolChoice | None:
+        """How the answer is read (None: as plain content); `parser_name`: the server's tool-call parser, which
+        tool_choice="auto" needs. Raises ValueError naming what is wrong (after `unsupported` has passed)."""
+        choice = self.effective_tool_choice()
+        if choice == "none":
+            return None
+        if isinstance(choice, NamedToolChoice):
+            return ToolChoice("named", name=choice.function.name, parallel=False)
+        if choice == "required":
+            return ToolChoice("required", parallel=self.parallel_tool_calls)
+        if parser_name is None:
+            raise ValueError('tool_choice "auto" needs the server started with --tool-call-parser (hermes, '
+                             'llama3_json); name a function or use "required" or "none" instead')
+        return ToolChoice("auto", parser=tool_call_parser(parser_name), parallel=self.parallel_tool_calls)
+
+    def structured_kwargs(self) -> dict[str, Any]:
+        out = super().structured_kwargs()
+        choice = self.effective_tool_choice()
+        functions = {tool.function.name: tool.function for tool in self.tools or ()}
+        if isinstance(choice, NamedToolChoice):
+            out["guided_json"] = functions[choice.function.name].parameters or {"type": "object", "properties": {}}
+        elif choice == "required":
+            out["guided_json"] = required_schema([f.model_dump(exclude_none=True) for f in functions.values()],
+                                                 self.parallel_tool_calls)
+        return out
 
     def unsupported(self) -> tuple[str, str] | None:
+        choice = self.effective_tool_choice()
+        if choice != "none" and not self.tools:
+            return "tool_choice", "tool_choice needs tools"
         if self.tools:
-            return "tools", "tools are not supported"
+            names = [tool.function.name for tool in self.tools]
+            if len(set(names)) < len(names):
+                return "tools", "tools must have distinct function names"
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            return "tool_choice", f"tool_choice names function {choice.function.name!r}, which is not in tools"
+        constrained = set(super().structured_kwargs()) - {"disable_any_whitespace"}
+        if (isinstance(choice, NamedToolChoice) or choice == "required") and constrained:
+            return "tool_choice", ("a named or required tool_choice constrains the output to the tools' schemas: "
+                                   "give no other structured output constraint (guided_*, response_format)")
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs", "top_logprobs needs logprobs=true"
         return self.template_problem() or super().unsupported()

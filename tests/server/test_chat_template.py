@@ -67,3 +67,13 @@ def test_what_cannot_be_honoured_is_refused(server, extra, param):
     for path, body in (("/v1/chat/completions", {"max_tokens": 2}), ("/tokenize", {})):
         r = http.post(path, json={"model": "base", "messages": MESSAGES, **body, **extra})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, r.text)
+
+
+def test_text_parts_are_joined_by_newlines_as_vllm_joins_them(server):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "the cat?"}, {"type": "text", "text": "or a dog?"}]}]
+    joined = [{"role": "user", "content": "the cat?\nor a dog?"}]
+    http = server.client()
+    got = http.post("/tokenize", json={"model": "base", "messages": parts}).json()["tokens"]
+    hf = server.reference.tokenizer.hf
+    assert got == hf(hf.apply_chat_template(joined, tokenize=False, add_generation_prompt=True),
+                     add_special_tokens=False)["input_ids"]

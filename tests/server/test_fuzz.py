@@ -57,9 +57,14 @@ MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "ass
                                  "content": st.text(max_size=20) | st.lists(st.fixed_dictionaries(
                                      {"type": st.sampled_from(["text", "image"]), "text": st.text(max_size=5)}),
                                      max_size=2)})
+TOOL = st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+    {"name": st.sampled_from(["f", "g", "not a name"])},
+    optional={"parameters": st.just({"type": "object", "properties": {"x": {"enum": [1, 2]}}}) | JSON})})
 CHAT = {**SAMPLING, "messages": st.lists(MESSAGE | JSON, max_size=3), "logprobs": st.booleans(),
         "top_logprobs": st.integers(-2, 25), "max_completion_tokens": st.integers(-2, 6),
-        "tools": st.lists(JSON, max_size=1)}
+        "tools": st.lists(TOOL | JSON, max_size=2), "parallel_tool_calls": st.booleans(),
+        "tool_choice": st.sampled_from(["none", "auto", "required"]) | JSON | st.fixed_dictionaries(
+            {"type": st.just("function"), "function": st.fixed_dictionaries({"name": st.sampled_from(["f", "g"])})})}
 REQUIRED = {"model", "prompt", "messages"}
 
 

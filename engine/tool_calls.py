@@ -1,0 +1,264 @@
+"""OpenAI tool calling, as vLLM serves it: the tools go to the chat template, and the model's answer is read back
+as tool calls.
+
+- A named `tool_choice` constrains the output to that function's parameters schema (structured outputs): the
+  whole output is the call's arguments.
+- `tool_choice="required"` constrains it to a JSON array of `{"name", "parameters"}` objects, one of the tools
+  each (vLLM's schema); the array is the calls.
+- `tool_choice="auto"` lets the model choose, and a parser for its family's tool-call format finds the calls in
+  the text: `hermes` (`<tool_call>{"name": ..., "arguments": ...}</tool_call>`: Qwen 2.5 / 3, Hermes, many
+  others) or `llama3_json` (Llama 3.1+: the answer is `{"name": ..., "parameters": ...}` objects, `; `-separated).
+
+A streamed answer sends content while it can be sure it is content, and the calls once they are complete.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: str  # JSON text
+    id: str = field(default_factory=lambda: f"chatcmpl-tool-{uuid.uuid4().hex}")
+
+    def as_openai(self, index: int | None = None) -> dict:
+        call = {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+        return call if index is None else {"index": index, **call}
+
+
+@dataclass(frozen=True)
+class ParsedAnswer:
+    content: str | None  # the text besides the calls (None: there is none)
+    calls: list[ToolCall]
+
+
+def _arguments_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _call_from(obj: Any, *argument_keys: str) -> ToolCall | None:
+    """A call from a decoded `{"name": ..., "<arguments key>": {...}}` object, or None if it is not one."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    for key in argument_keys:
+        if key in obj:
+            return ToolCall(obj["name"], _arguments_text(obj[key]))
+    return ToolCall(obj["name"], "{}")
+
+
+def _holdback(text: str, marker: str) -> int:
+    """How many trailing characters of `text` could begin `marker`."""
+    for k in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:k]):
+            return k
+    return 0
+
+
+class HermesParser:
+    """`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks after optional content (vLLM's `hermes`);
+    an unclosed last block (the answer hit max_tokens) is read if its JSON is complete."""
+
+    name = "hermes"
+    start, end = "<tool_call>", "</tool_call>"
+
+    def parse(self, text: str) -> ParsedAnswer:
+        first = text.find(self.start)
+        if first < 0:
+            return ParsedAnswer(text, [])
+        calls, at = [], first
+        while at >= 0:
+            body_start = at + len(self.start)
+            close = text.find(self.end, body_start)
+            body = text[body_start:] if close < 0 else text[body_start:close]
+            try:
+                call = _call_from(json.loads(body), "arguments", "parameters")
+            except ValueError:
+                call = None
+            if call is None:
+                return ParsedAnswer(text, [])  # not what a tool call looks like: it is all content
+            calls.append(call)
+            at = -1 if close < 0 else text.find(self.start, close + len(self.end))
+        return ParsedAnswer(text[:first] or None, calls)
+
+    def content_end(self, text: str) -> int:
+        """How much of a growing answer is surely content (nothing after it can turn it into a call)."""
+        first = text.find(self.start)
+        return first if first >= 0 else len(text) - _holdback(text, self.start)
+
+
+class Llama3JsonParser:
+    """Llama 3.1+'s JSON tool calls (vLLM's `llama3_json`): an answer that is `{"name": ..., "parameters": ...}`
+    objects (`arguments` too), `; `-separated, after an optional `<|python_tag|>`; any other answer is content."""
+
+    name = "llama3_json"
+    python_tag = "<|python_tag|>"
+
+    def parse(self, text: str) -> ParsedAnswer:
+        body = text.lstrip()
+        if body.startswith(self.python_tag):
+            body = body[len(self.python_tag):].lstrip()
+        if not body.startswith("{"):
+            return ParsedAnswer(text, [])
+        decoder, calls, at = json.JSONDecoder(), [], 0
+        while at < len(body):
+            try:
+                obj, at = decoder.raw_decode(body, at)
+            except ValueError:
+                return ParsedAnswer(text, [])
+            call = _call_from(obj, "parameters", "arguments")
+            if call is None:
+                return ParsedAnswer(text, [])
+            calls.append(call)
+            rest = body[at:].lstrip()
+            if rest.startswith(";"):
+                rest = rest[1:].lstrip()
+            elif rest:
+                return ParsedAnswer(text, [])  # text after a call: not a tool-call answer
+            at = len(body) - len(rest)
+        return ParsedAnswer(None, calls)
+
+    def content_end(self, text: str) -> int:
+        body = text.lstrip()
+        if not body or body.startswith("{") or self.python_tag.startswith(body[:len(self.python_tag)]):
+            return 0  # may be (or is) a call: wait for the whole answer
+        return len(text)
+
+
+TOOL_CALL_PARSERS = {p.name: p for p in (HermesParser(), Llama3JsonParser())}
+
+
+def tool_call_parser(name: str):
+    try:
+        return TOOL_CALL_PARSERS[name]
+    except KeyError:
+        raise ValueError(f"unknown tool-call parser {name!r} (known: {', '.join(sorted(TOOL_CALL_PARSERS))})") from None
+
+
+def parameters_schema(function: dict) -> dict:
+    """A function's parameters schema (a function without one takes an empty object)."""
+    return function.get("parameters") or {"type": "object", "properties": {}}
+
+
+def required_schema(functions: list[dict], parallel: bool = True) -> dict:
+    """vLLM's schema for tool_choice="required": a non-empty array of calls, each one of the functions by name with
+    its parameters (the functions' `$defs` merged at the top, where the array's items can refer to them)."""
+    options, defs = [], {}
+    for function in functions:
+        params = dict(parameters_schema(function))
+        defs.update(params.pop("$defs", {}))
+        options.append({"properties": {"name": {"type": "string", "enum": [function["name"]]},
+                                       "parameters": params},
+                        "required": ["name", "parameters"]})
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": options}}
+    if not parallel:
+        schema["maxItems"] = 1
+    if defs:
+        schema["$defs"] = defs
+    return schema
+
+
+def calls_from_required(text: str) -> list[ToolCall] | None:
+    """The calls of a tool_choice="required" answer, or None where it is not a complete array of them (cut off)."""
+    try:
+        items = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(items, list) or not items:
+        return None
+    calls = [_call_from(item, "parameters") for item in items]
+    return None if any(c is None for c in calls) else calls
+
+
+def template_messages(messages: list[dict]) -> list[dict]:
+    """OpenAI messages as chat templates read them: an assistant turn's tool-call arguments as objects, not JSON
+    text (what HF's templates and vLLM pass), where they decode."""
+    out = []
+    for message in messages:
+        calls = message.get("tool_calls")
+        if calls:
+            message = {**message, "tool_calls": [_with_object_arguments(c) for c in calls]}
+        out.append(message)
+    return out
+
+
+def _with_object_arguments(call: dict) -> dict:
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except ValueError:
+        return call
+    return {**call, "function": {**function, "arguments": arguments}}
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    """How a chat request's answer is read: "named" (the output is `name`'s arguments), "required" (a JSON array of
+    calls) or "auto" (a parser finds calls in the text). `parallel`: more than one call may be made."""
+
+    kind: str
+    name: str | None = None
+    parser: HermesParser | Llama3JsonParser | None = None
+    parallel: bool = True
+
+    def answer(self, text: str, finish_reason: str | None) -> tuple[str | None, list[ToolCall], str | None]:
+        """(content, calls, finish_reason) of a whole answer; finish_reason becomes "tool_calls" where the model
+        chose to call (OpenAI's: a forced named call ends with "stop", as it does there)."""
+        if self.kind == "named":
+            return None, [ToolCall(self.name, text)], finish_reason
+        if self.kind == "required":
+            calls = calls_from_required(text)
+            if calls is None:  # cut off before the array closed: what there is, as content
+                return text, [], finish_reason
+            return None, calls, "tool_calls" if finish_reason == "stop" else finish_reason
+        parsed = self.parser.parse(text)
+        if not parsed.calls:
+            return text, [], finish_reason
+        calls = parsed.calls if self.parallel else parsed.calls[:1]
+        return parsed.content, calls, "tool_calls"
+
+    def stream(self) -> ToolStream:
+        return ToolStream(self)
+
+
+@dataclass
+class ToolStream:
+    """One streamed choice's answer: feed it the answer's text so far; it says what to send now."""
+
+    choice: ToolChoice
+    content_sent: int = 0
+    named_call: ToolCall | None = None
+    done: bool = False
+
+    def feed(self, text: str, finished: bool, finish_reason: str | None) -> tuple[str, list[dict], str | None]:
+        """(content to send, tool-call deltas to send, finish_reason to send) for the answer's text so far."""
+        if self.done:
+            return "", [], finish_reason
+        kind = self.choice.kind
+        if kind == "named":  # the arguments stream as they come (OpenAI's and vLLM's deltas)
+            piece, self.content_sent = text[self.content_sent:], len(text)
+            if self.named_call is None:
+                if not piece and not finished:
+                    return "", [], None
+                self.named_call = ToolCall(self.choice.name, "")
+                delta = {"index": 0, **self.named_call.as_openai(), "function": {"name": self.choice.name,
+                                                                                  "arguments": piece}}
+                return "", [delta], finish_reason
+            return "", ([{"index": 0, "function": {"arguments": piece}}] if piece else []), finish_reason
+        if not finished:
+            if kind == "required":
+                return "", [], None
+            end = self.choice.parser.content_end(text)
+            piece = text[self.content_sent:end] if end > self.content_sent else ""
+            self.content_sent = max(self.content_sent, end)
+            return piece, [], None
+        self.done = True
+        content, calls, reason = self.choice.answer(text, finish_reason)
+        rest = (content or "")[self.content_sent:]
+        return rest, [call.as_openai(i) for i, call in enumerate(calls)], reason
