@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ... import __version__
 from ..api import Engine
 from ..errors import PromptError, RequestError, SamplingParamsError, UnknownPromptError
+from ..reasoning import prompt_opens_thought, reasoning_parser
 from ..request import Request as EngineRequest
 from ..request import RequestOutput
 from ..sampling import SamplingParams
@@ -62,6 +63,9 @@ class ServerConfig:
     # the format tool_choice="auto" answers are parsed in (vLLM's --tool-call-parser): hermes, llama3_json; None:
     # "auto" is refused (named and "required" tool choices work without one)
     tool_call_parser: str | None = None
+    # how a thinking model's thought is told from its answer (vLLM's --reasoning-parser): deepseek_r1, qwen3; None:
+    # the whole answer is content
+    reasoning_parser: str | None = None
 
 
 class APIError(Exception):
@@ -216,6 +220,7 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
         raise ValueError(f"generation_config must be 'auto' or 'none', got {config.generation_config!r}")
     if config.tool_call_parser is not None:
         tool_call_parser(config.tool_call_parser)  # a ValueError naming the known ones
+    thinking = None if config.reasoning_parser is None else reasoning_parser(config.reasoning_parser)
     defaults = engine.generation_defaults if config.generation_config == "auto" else {}
     registry = registry or PromptRegistry()
     metrics_holder: dict = {}
@@ -412,8 +417,15 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
         except ValueError as exc:
             raise APIError(400, str(exc), param="tool_choice", code="unsupported") from exc
         messages = [m.for_template() for m in body.messages]
+        reasoning = None if body.constrained() else thinking  # a constrained answer is all answer
+
+        def render(e: Engine) -> tuple[list[int], bool]:
+            ids = _render_chat(e, messages, body.template_options())
+            tail = "" if reasoning is None else e.tokenizer.decode(ids[-32:], skip_special_tokens=False)
+            return ids, prompt_opens_thought(tail)
+
         try:
-            ids = await loop.run(lambda e: _render_chat(e, messages, body.template_options()))
+            ids, prompt_open = await loop.run(render)
         except (ServerStopping, EngineFailure) as exc:
             raise to_api_error(exc) from exc
         except RequestError as exc:  # "cannot apply the chat template: ..." (jinja errors raised by the template)
@@ -430,7 +442,8 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
                     for j in range(body.n)]
         fmt = ChatFormat(cid, created, body.model, token_str, body.stop_list(), body.return_token_ids,
                          bool(body.stream_options and body.stream_options.include_usage), body.n,
-                         prompt_logprobs=body.prompt_logprobs, tools=tools)
+                         prompt_logprobs=body.prompt_logprobs, tools=tools, reasoning=reasoning,
+                         prompt_open=prompt_open, include_reasoning=body.include_reasoning)
         return await generate(http, body, requests, fmt)
 
     # ---- tokenizer (vLLM's /tokenize and /detokenize) ------------------------------------------------

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from ..errors import SoftPromptError
+from ..reasoning import REASONING_PARSERS
 from ..tool_calls import TOOL_CALL_PARSERS
 
 ADMIN_TOKEN_ENV = "SOFTPROMPT_ADMIN_TOKEN"
@@ -65,6 +66,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    "'required' tool_choice works without one)")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="accepted for vLLM command lines: tool_choice='auto' is on whenever --tool-call-parser is set")
+    p.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS), default=None,
+                   help="give a thinking model's <think> part as the chat message's reasoning, apart from its "
+                   "content (vLLM's names: deepseek_r1 for R1 and QwQ, qwen3 for Qwen3)")
     p.add_argument("--log-level", default="info")
     ray = p.add_argument_group("Ray Serve (needs the ray extra): several engine replicas with task-affinity routing")
     ray.add_argument("--ray", action="store_true", help="serve with Ray Serve instead of one process")
@@ -160,7 +164,7 @@ def build_server(args: argparse.Namespace):
         registry.register(engine, name, text=text)
     config = ServerConfig(max_queue=args.max_queue, admin_token=args.admin_token or os.environ.get(ADMIN_TOKEN_ENV),
                           api_key=args.api_key or os.environ.get(API_KEY_ENV), generation_config=args.generation_config,
-                          tool_call_parser=args.tool_call_parser)
+                          tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser)
     if args.generation_config == "auto" and engine.generation_defaults:
         print(f"requests that leave them out get {args.model_dir}/generation_config.json's sampling settings "
               f"{engine.generation_defaults} (--generation-config none: OpenAI's defaults)", file=sys.stderr)

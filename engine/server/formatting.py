@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from ..reasoning import ReasoningParser, ReasoningStream
 from ..request import RequestOutput
 from ..sampling import TokenLogprob
 from ..tokenizer import Tokenizer
@@ -61,6 +62,8 @@ class ChoiceProgress:
     started: bool = False  # chat: the role delta was sent
     last: RequestOutput | None = None
     tools: ToolStream | None = None  # chat with tools: what of the answer has gone out as content or calls
+    reasoning: ReasoningStream | None = None  # chat with a reasoning parser: what of the thought has gone out
+    content_sent: int = 0  # chat: characters of content sent
 
 
 def new_text(progress: ChoiceProgress, out: RequestOutput, stops: tuple[str, ...]) -> str:
@@ -235,6 +238,18 @@ class CompletionFormat(_Format):
 @dataclass
 class ChatFormat(_Format):
     tools: ToolChoice | None = None  # how answers are read as tool calls (None: plain content)
+    reasoning: ReasoningParser | None = None  # how a thought is told from the answer (None: all content)
+    prompt_open: bool = False  # the prompt ends inside an open thought
+    include_reasoning: bool = True
+
+    def _split(self, text: str) -> tuple[str | None, str | None]:
+        """(reasoning, content) of a whole answer."""
+        return (None, text) if self.reasoning is None else self.reasoning.split(text, self.prompt_open)
+
+    def _with_reasoning(self, message: dict, reasoning: str | None) -> dict:
+        if self.reasoning is not None:  # both names: vLLM's, and the one older vLLM, SGLang and llama.cpp send
+            message["reasoning"] = message["reasoning_content"] = reasoning if self.include_reasoning else None
+        return message
 
     def _entry(self, token_id: int, logprob: float) -> dict:
         s = self.token_str(token_id)
@@ -252,13 +267,15 @@ class ChatFormat(_Format):
     def response(self, finals: list[RequestOutput]) -> dict:
         choices = []
         for i, out in enumerate(finals):
-            message: dict = {"role": "assistant", "content": out.text or ""}
+            reasoning, content = self._split(out.text or "")
+            message: dict = {"role": "assistant", "content": content}
             finish_reason = out.finish_reason
             if self.tools is not None:
-                content, calls, finish_reason = self.tools.answer(out.text or "", out.finish_reason)
-                message = {"role": "assistant", "content": content}
+                answer, calls, finish_reason = self.tools.answer(content or "", out.finish_reason)
+                message["content"] = None if content is None and not answer else answer
                 if calls:
                     message["tool_calls"] = [call.as_openai() for call in calls]
+            message = self._with_reasoning(message, reasoning)
             choice = {"index": i, "message": message, "logprobs": self.logprobs(out.logprobs),
                       "finish_reason": finish_reason}
             if self.return_token_ids:
@@ -280,14 +297,26 @@ class ChatFormat(_Format):
             chunks.append({**self._head("chat.completion.chunk"), "choices": [
                 {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                  "finish_reason": None}]})
-        text = new_text(p, out, self.stops)
-        delta: dict = {"content": text} if text else {}
-        finish_reason = out.finish_reason
-        if self.tools is not None:  # the answer so far (up to what new_text let through) decides what is sent
+        new_text(p, out, self.stops)
+        content = (out.text or "")[:p.chars]  # what may be sent: the answer so far, less what new_text holds back
+        thought, calls, finish_reason = "", [], out.finish_reason
+        if self.reasoning is not None:
+            if p.reasoning is None:
+                p.reasoning = ReasoningStream(self.reasoning, self.prompt_open)
+            thought, content = p.reasoning.feed(content, out.finished)
+        if self.tools is not None:
             if p.tools is None:
                 p.tools = self.tools.stream()
-            text, calls, finish_reason = p.tools.feed((out.text or "")[:p.chars], out.finished, out.finish_reason)
-            delta = {**({"content": text} if text else {}), **({"tool_calls": calls} if calls else {})}
+            text, calls, finish_reason = p.tools.feed(content, out.finished, out.finish_reason)
+        else:
+            text, p.content_sent = content[p.content_sent:], max(p.content_sent, len(content))
+        delta: dict = {}
+        if thought and self.include_reasoning:
+            delta["reasoning"] = delta["reasoning_content"] = thought
+        if text:
+            delta["content"] = text
+        if calls:
+            delta["tool_calls"] = calls
         if delta or out.finished:
             new_ids = out.token_ids[p.tokens:]
             lps = None if out.logprobs is None else out.logprobs[p.tokens:]

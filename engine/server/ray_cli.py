@@ -26,7 +26,7 @@ def settings_from_args(args: argparse.Namespace, replica_gpus: float):
         kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs,
         max_batched_tokens=args.max_batched_tokens, max_queue=args.max_queue, replica_cpus=args.replica_cpus,
         replica_gpus=replica_gpus, generation_config=args.generation_config,
-        tool_call_parser=args.tool_call_parser,
+        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
         enable_prefix_caching=args.enable_prefix_caching, api_key=args.api_key or os.environ.get(API_KEY_ENV),
         chat_template=None if args.chat_template is None else read_chat_template(args.chat_template),
         max_model_len=args.max_model_len,

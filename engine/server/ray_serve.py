@@ -86,6 +86,7 @@ class RayServeSettings:
     stats_interval_s: float = 0.5
     generation_config: str = "auto"  # as the single-process server's --generation-config
     tool_call_parser: str | None = None  # as its --tool-call-parser
+    reasoning_parser: str | None = None  # as its --reasoning-parser
     api_key: str | None = None  # as --api-key: checked by the ingress and again by each replica's app
     chat_template: str | None = None  # as --chat-template (the template's text)
     max_model_len: int | None = None  # as --max-model-len
@@ -189,7 +190,7 @@ class SoftPromptReplica:
         self.app = create_app(self.engine, self.registry, ServerConfig(
             max_queue=settings.max_queue, max_body_bytes=settings.max_body_bytes,
             generation_config=settings.generation_config, api_key=settings.api_key,
-            tool_call_parser=settings.tool_call_parser))
+            tool_call_parser=settings.tool_call_parser, reasoning_parser=settings.reasoning_parser))
         self.loop = self.app.state.loop
         self.loop.start()
         self.prompts = settings.shared_prompts()

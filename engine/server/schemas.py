@@ -196,6 +196,8 @@ class ChatMessage(BaseModel):
     name: StrictStr | None = None
     tool_calls: list[ToolCallMessagePart] | None = None  # an assistant turn's calls
     tool_call_id: StrictStr | None = None  # a tool turn's answer to that call
+    reasoning: StrictStr | None = None  # an assistant turn's thought (vLLM's name; reasoning_content: the older one)
+    reasoning_content: StrictStr | None = None
 
     def text(self) -> str:
         """The content as text: text parts joined by newlines, as vLLM joins them for a template that reads text."""
@@ -214,6 +216,9 @@ class ChatMessage(BaseModel):
             message["tool_calls"] = [call.model_dump(exclude_none=True) for call in self.tool_calls]
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
+        thought = self.reasoning if self.reasoning is not None else self.reasoning_content
+        if thought is not None:  # templates read one name or the other (Qwen3's: reasoning_content)
+            message["reasoning"] = message["reasoning_content"] = thought
         return message
 
 
@@ -287,6 +292,12 @@ class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
     top_logprobs: StrictInt | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # with tools: "auto"
     parallel_tool_calls: StrictBool = True
+    include_reasoning: StrictBool = True  # vLLM's: with a reasoning parser, false leaves the thought out
+
+    def constrained(self) -> bool:
+        """Whether the output is held to a constraint (a guided_* field, response_format, a named or required
+        tool_choice): then it is all answer, no thought."""
+        return bool(set(self.structured_kwargs()) - {"disable_any_whitespace"})
 
     def effective_tool_choice(self) -> str | NamedToolChoice:
         if self.tool_choice is None:
@@ -329,8 +340,8 @@ class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
                 return "tools", "tools must have distinct function names"
         if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
             return "tool_choice", f"tool_choice names function {choice.function.name!r}, which is not in tools"
-        constrained = set(super().structured_kwargs()) - {"disable_any_whitespace"}
-        if (isinstance(choice, NamedToolChoice) or choice == "required") and constrained:
+        other_constraints = set(super().structured_kwargs()) - {"disable_any_whitespace"}
+        if (isinstance(choice, NamedToolChoice) or choice == "required") and other_constraints:
             return "tool_choice", ("a named or required tool_choice constrains the output to the tools' schemas: "
                                    "give no other structured output constraint (guided_*, response_format)")
         if self.top_logprobs is not None and not self.logprobs:

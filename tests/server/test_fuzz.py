@@ -63,6 +63,7 @@ TOOL = st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_
 CHAT = {**SAMPLING, "messages": st.lists(MESSAGE | JSON, max_size=3), "logprobs": st.booleans(),
         "top_logprobs": st.integers(-2, 25), "max_completion_tokens": st.integers(-2, 6),
         "tools": st.lists(TOOL | JSON, max_size=2), "parallel_tool_calls": st.booleans(),
+        "include_reasoning": st.booleans(),
         "tool_choice": st.sampled_from(["none", "auto", "required"]) | JSON | st.fixed_dictionaries(
             {"type": st.just("function"), "function": st.fixed_dictionaries({"name": st.sampled_from(["f", "g"])})})}
 REQUIRED = {"model", "prompt", "messages"}

@@ -70,7 +70,7 @@ def test_serve_process_answers_and_stops_on_sigint(model_dir_for, adapter_for, t
     assert (tmp_path / "store").is_dir()  # a given prompt dir is kept
 
 
-def test_tool_call_parser_flags(model_dir_for):
+def test_tool_call_and_reasoning_parser_flags(model_dir_for):
     from softprompt.engine.server.app import ServerConfig, create_app
     from softprompt.engine.server.cli import build_server, run_serve
     from softprompt.engine.server.ray_cli import settings_from_args
@@ -78,14 +78,19 @@ def test_tool_call_parser_flags(model_dir_for):
     p = argparse.ArgumentParser()
     add_serve_arguments(p)
     args = p.parse_args([str(model_dir_for("llama")), "--device", "cpu", "--kv-cache-bytes", str(4 << 20),
-                         "--tool-call-parser", "hermes", "--enable-auto-tool-choice"])
+                         "--tool-call-parser", "hermes", "--enable-auto-tool-choice", "--reasoning-parser", "qwen3"])
     app, registry = build_server(args)
     registry.close()
-    assert app.state.config.tool_call_parser == "hermes"
-    assert settings_from_args(args, 0).tool_call_parser == "hermes"  # and to each Ray replica's server
+    assert (app.state.config.tool_call_parser, app.state.config.reasoning_parser) == ("hermes", "qwen3")
+    settings = settings_from_args(args, 0)  # and to each Ray replica's server
+    assert (settings.tool_call_parser, settings.reasoning_parser) == ("hermes", "qwen3")
     with pytest.raises(SystemExit):
         p.parse_args(["m", "--tool-call-parser", "nope"])
+    with pytest.raises(SystemExit):
+        p.parse_args(["m", "--reasoning-parser", "nope"])
     with pytest.raises(SoftPromptError, match="--enable-auto-tool-choice needs --tool-call-parser"):
         run_serve(p.parse_args(["m", "--enable-auto-tool-choice"]))
     with pytest.raises(ValueError, match="unknown tool-call parser 'nope'"):
         create_app(app.state.loop.engine, config=ServerConfig(tool_call_parser="nope"))
+    with pytest.raises(ValueError, match="unknown reasoning parser 'nope'"):
+        create_app(app.state.loop.engine, config=ServerConfig(reasoning_parser="nope"))

@@ -1,0 +1,93 @@
+"""Reasoning outputs on /v1/chat/completions with --reasoning-parser: the thought comes as the message's
+`reasoning` (and `reasoning_content`), streamed or not, left out with include_reasoning=false; a template that opens
+the thought in the prompt is seen; a constrained answer is all answer."""
+
+from __future__ import annotations
+
+import pytest
+
+from softprompt import Request, SamplingParams
+from softprompt.engine.server.app import ServerConfig
+from softprompt.engine.server.registry import PromptRegistry
+
+from .support import RunningServer, make_engine
+
+PLAIN = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+         "{% if add_generation_prompt %}assistant:{% endif %}")
+OPENS = PLAIN.replace("assistant:{% endif %}", "assistant: <think>{% endif %}")  # a thinking-only template
+MESSAGES = [{"role": "user", "content": "2 + 2?"}]
+
+
+@pytest.fixture(scope="module")
+def servers(model_dir_for):
+    running = {}
+    for name, parser, template in (("r1", "deepseek_r1", PLAIN), ("qwen3", "qwen3", PLAIN),
+                                   ("qwen3-open", "qwen3", OPENS)):
+        engine = make_engine(model_dir_for("llama"))
+        engine.tokenizer.set_chat_template(template)
+        running[name] = RunningServer(engine, PromptRegistry(), ServerConfig(reasoning_parser=parser))
+    yield running
+    for server in running.values():
+        server.stop()
+
+
+def answer_text(server, max_tokens: int) -> str:
+    """The raw answer Engine.generate gives for MESSAGES (greedy)."""
+    def run(engine):
+        [out] = engine.generate([Request(messages=MESSAGES, sampling=SamplingParams(max_new_tokens=max_tokens))])
+        return out.text
+    return server.call(run)
+
+
+def streamed(client, **kw) -> tuple[str, str, str]:
+    thought, thought_old, content = "", "", ""
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            extra = c.delta.model_extra or {}
+            thought += extra.get("reasoning") or ""
+            thought_old += extra.get("reasoning_content") or ""
+            content += c.delta.content or ""
+    return thought, thought_old, content
+
+
+@pytest.mark.parametrize("name, thinking", [("r1", True), ("qwen3", False), ("qwen3-open", True)])
+def test_the_thought_comes_apart_from_the_answer(servers, name, thinking):
+    server = servers[name]
+    client = server.openai()
+    kw = dict(model="base", messages=MESSAGES, max_tokens=12, temperature=0)
+    text = answer_text(server, 12)  # a random model: no "</think>", so a thinking answer is all thought
+    assert "</think>" not in text
+    message = client.chat.completions.create(**kw).choices[0].message
+    extra = message.model_extra
+    if thinking:
+        assert extra["reasoning"] == extra["reasoning_content"] == text  # (a random model opens no <think>)
+        assert message.content is None
+    else:
+        assert extra["reasoning"] is None and message.content == text
+    want = (extra["reasoning"] or "", extra["reasoning"] or "", message.content or "")
+    assert streamed(client, **kw) == want
+    hidden = client.chat.completions.create(**kw, extra_body={"include_reasoning": False}).choices[0].message
+    assert hidden.model_extra["reasoning"] is None and hidden.content == message.content
+    assert streamed(client, **kw, extra_body={"include_reasoning": False}) == ("", "", message.content or "")
+
+
+def test_a_constrained_answer_is_all_answer(servers):
+    client = servers["r1"].openai()
+    pytest.importorskip("xgrammar")
+    message = client.chat.completions.create(model="base", messages=MESSAGES, max_tokens=30, temperature=0,
+                                             extra_body={"guided_regex": "thought</think>answer"}).choices[0].message
+    assert message.content == "thought</think>answer" and message.model_extra.get("reasoning") is None
+
+
+def test_earlier_thoughts_reach_the_template(servers):
+    server = servers["r1"]
+    server.call(lambda e: e.tokenizer.set_chat_template(
+        "{% for m in messages %}{{ m.role }}: {% if m.reasoning_content %}({{ m.reasoning_content }}) {% endif %}"
+        "{{ m.content }}\n{% endfor %}"))
+    try:
+        history = [*MESSAGES, {"role": "assistant", "content": "4", "reasoning": "two and two"}]
+        got = server.client().post("/tokenize", json={"model": "base", "messages": history,
+                                                      "add_generation_prompt": False}).json()["tokens"]
+        assert server.call(lambda e: e.tokenizer.decode(got)).endswith("assistant: (two and two) 4\n")
+    finally:
+        server.call(lambda e: e.tokenizer.set_chat_template(PLAIN))
