@@ -17,6 +17,7 @@ EXTERNAL_COMMANDS = (
     ("train", "train", "train a soft prompt (PEFT prompt-tuning adapter) on a JSONL dataset over a frozen model"),
     ("eval", "evaluate", "evaluate many prompts (soft, text or none) on one dataset in one batched run"),
     ("verify", "verify", "check every backend against HF transformers + PEFT on your checkpoint and adapters"),
+    ("run-batch", "server.batch", "run a JSONL file of OpenAI batch requests offline, as vLLM's run-batch"),
 )
 
 
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     # subcommands living in their own modules: (name, module, help); each module has add_<x>_arguments/run_<x>
     for name, module, help_text in EXTERNAL_COMMANDS:
         mod = importlib.import_module(f"{__package__}.{module}")
-        getattr(mod, f"add_{name}_arguments")(sub.add_parser(name, help=help_text))
+        getattr(mod, f"add_{name.replace('-', '_')}_arguments")(sub.add_parser(name, help=help_text))
     return parser
 
 
@@ -179,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "generate":
             return cmd_generate(args)
         module = dict((name, module) for name, module, _ in EXTERNAL_COMMANDS)[args.command]
-        return getattr(importlib.import_module(f"{__package__}.{module}"), f"run_{args.command}")(args)
+        run = f"run_{args.command.replace('-', '_')}"
+        return getattr(importlib.import_module(f"{__package__}.{module}"), run)(args)
     except SoftPromptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
