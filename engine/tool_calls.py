@@ -7,7 +7,8 @@ as tool calls.
   each (vLLM's schema); the array is the calls.
 - `tool_choice="auto"` lets the model choose, and a parser for its family's tool-call format finds the calls in
   the text: `hermes` (`<tool_call>{"name": ..., "arguments": ...}</tool_call>`: Qwen 2.5 / 3, Hermes, many
-  others) or `llama3_json` (Llama 3.1+: the answer is `{"name": ..., "parameters": ...}` objects, `; `-separated).
+  others), `llama3_json` (Llama 3.1+: the answer is `{"name": ..., "parameters": ...}` objects, `; `-separated)
+  or `mistral` (`[TOOL_CALLS]` and a JSON array of calls).
 
 A streamed answer sends content while it can be sure it is content, and the calls once they are complete.
 """
@@ -15,8 +16,10 @@ A streamed answer sends content while it can be sure it is content, and the call
 from __future__ import annotations
 
 import json
+import secrets
+import string
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
@@ -64,6 +67,7 @@ class HermesParser:
     an unclosed last block (the answer hit max_tokens) is read if its JSON is complete."""
 
     name = "hermes"
+    keeps_special_tokens = short_ids = False
     start, end = "<tool_call>", "</tool_call>"
 
     def parse(self, text: str) -> ParsedAnswer:
@@ -96,6 +100,7 @@ class Llama3JsonParser:
     objects (`arguments` too), `; `-separated, after an optional `<|python_tag|>`; any other answer is content."""
 
     name = "llama3_json"
+    keeps_special_tokens = short_ids = False
     python_tag = "<|python_tag|>"
 
     def parse(self, text: str) -> ParsedAnswer:
@@ -129,7 +134,67 @@ class Llama3JsonParser:
         return len(text)
 
 
-TOOL_CALL_PARSERS = {p.name: p for p in (HermesParser(), Llama3JsonParser())}
+class MistralParser:
+    """Mistral's tool calls (vLLM's `mistral`): content, then `[TOOL_CALLS]` and a JSON array of `{"name",
+    "arguments"}` objects (v3 tokenizers), or `[TOOL_CALLS]name[ARGS]{...}` per call (v11+). Both markers are
+    special tokens, so answers are decoded with them (`skip_special_tokens` false unless the request says
+    otherwise); an answer that is only the array is read too. Call ids are 9 letters and digits: Mistral's
+    templates refuse others when the calls come back in the conversation."""
+
+    name = "mistral"
+    marker, args_marker = "[TOOL_CALLS]", "[ARGS]"
+    keeps_special_tokens = True
+    short_ids = True
+
+    def parse(self, text: str) -> ParsedAnswer:
+        at = text.find(self.marker)
+        if at < 0:
+            calls = _array_of_calls(text.lstrip()) if text.lstrip().startswith("[") else None
+            return ParsedAnswer(None, calls) if calls else ParsedAnswer(text, [])
+        rest = text[at + len(self.marker):]
+        if rest.lstrip().startswith("["):
+            calls = _array_of_calls(rest.lstrip())
+        else:
+            calls = [self._named_call(part) for part in rest.split(self.marker)]
+            calls = None if any(c is None for c in calls) else calls
+        return ParsedAnswer(text[:at] or None, calls) if calls else ParsedAnswer(text, [])
+
+    def _named_call(self, part: str) -> ToolCall | None:
+        name, sep, arguments = part.partition(self.args_marker)
+        if not sep or not name.strip():
+            return None
+        try:
+            return ToolCall(name.strip(), _arguments_text(json.loads(arguments)))
+        except ValueError:
+            return None
+
+    def content_end(self, text: str) -> int:
+        at = text.find(self.marker)
+        if at >= 0:
+            return at
+        if not text.strip() or text.lstrip().startswith("["):
+            return 0  # may be an array of calls whose marker was left out
+        return len(text) - _holdback(text, self.marker)
+
+
+def _array_of_calls(body: str) -> list[ToolCall] | None:
+    """The calls of a JSON array of `{"name", "arguments"}` objects filling `body` (but for whitespace)."""
+    try:
+        items, end = json.JSONDecoder().raw_decode(body)
+    except ValueError:
+        return None
+    if body[end:].strip() or not isinstance(items, list) or not items:
+        return None
+    calls = [_call_from(item, "arguments", "parameters") for item in items]
+    return None if any(c is None for c in calls) else calls
+
+
+def short_call_id() -> str:
+    """A call id of 9 letters and digits (what Mistral's templates accept)."""
+    return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
+
+
+TOOL_CALL_PARSERS = {p.name: p for p in (HermesParser(), Llama3JsonParser(), MistralParser())}
 
 
 def tool_call_parser(name: str):
@@ -204,10 +269,18 @@ class ToolChoice:
 
     kind: str
     name: str | None = None
-    parser: HermesParser | Llama3JsonParser | None = None
+    parser: HermesParser | Llama3JsonParser | MistralParser | None = None
     parallel: bool = True
+    short_ids: bool = False  # 9-character call ids (the server's parser is mistral)
+
+    def _named(self, calls: list[ToolCall]) -> list[ToolCall]:
+        return [replace(c, id=short_call_id()) for c in calls] if self.short_ids else calls
 
     def answer(self, text: str, finish_reason: str | None) -> tuple[str | None, list[ToolCall], str | None]:
+        content, calls, reason = self._answer(text, finish_reason)
+        return content, self._named(calls), reason
+
+    def _answer(self, text: str, finish_reason: str | None) -> tuple[str | None, list[ToolCall], str | None]:
         """(content, calls, finish_reason) of a whole answer; finish_reason becomes "tool_calls" where the model
         chose to call (OpenAI's: a forced named call ends with "stop", as it does there)."""
         if self.kind == "named":
@@ -246,7 +319,7 @@ class ToolStream:
             if self.named_call is None:
                 if not piece and not finished:
                     return "", [], None
-                self.named_call = ToolCall(self.choice.name, "")
+                self.named_call = self.choice._named([ToolCall(self.choice.name, "")])[0]
                 delta = {"index": 0, **self.named_call.as_openai(), "function": {"name": self.choice.name,
                                                                                   "arguments": piece}}
                 return "", [delta], finish_reason

@@ -178,3 +178,43 @@ def test_python_chat_requests_render_tools_and_earlier_calls(model_dir_for):
         engine.prepare(Request(messages=messages, tools=tools, chat_template_kwargs={"tools": tools}))
     with pytest.raises(RequestError, match="chat_template_kwargs and tools apply to chat messages"):
         engine.prepare(Request(text="x", tools=tools))
+
+
+MISTRAL = TOOL_CALL_PARSERS["mistral"]
+
+
+@pytest.mark.parametrize("text, content, want", [
+    ('[TOOL_CALLS] [{"name": "f", "arguments": {"a": 1}}, {"name": "g", "arguments": {}}]', None,
+     [("f", {"a": 1}), ("g", {})]),
+    ('Sure.[TOOL_CALLS][{"name": "f", "arguments": {"a": 1}}]', "Sure.", [("f", {"a": 1})]),
+    ('[TOOL_CALLS]f[ARGS]{"a": 1}[TOOL_CALLS]g[ARGS]{}', None, [("f", {"a": 1}), ("g", {})]),  # v11+
+    ('[{"name": "f", "arguments": {"a": 1}}]', None, [("f", {"a": 1})]),  # the marker skipped as a special token
+    ('[TOOL_CALLS][{"name": "f", "argu', '[TOOL_CALLS][{"name": "f", "argu', []),
+    ("[1, 2] is a list", "[1, 2] is a list", []),
+    ("Plain words.", "Plain words.", []),
+], ids=["array", "content-first", "v11", "no-marker", "cut-off", "not-calls", "plain"])
+def test_mistral(text, content, want):
+    parsed = MISTRAL.parse(text)
+    assert parsed.content == content and calls(parsed) == want
+
+
+def test_mistral_ids_and_special_tokens():
+    from softprompt.engine.server.schemas import ChatCompletionRequest
+
+    assert MISTRAL.content_end("Sure [TOOL_C") == len("Sure ") and MISTRAL.content_end("[{") == 0
+    for kind in ("named", "required", "auto"):
+        choice = ToolChoice(kind, name="f", parser=MISTRAL, short_ids=True)
+        text = {"named": "{}", "required": '[{"name": "f", "parameters": {}}]',
+                "auto": '[TOOL_CALLS][{"name": "f", "arguments": {}}]'}[kind]
+        [call] = choice.answer(text, "stop")[1]
+        assert len(call.id) == 9 and call.id.isalnum(), call.id
+        content, deltas, _ = choice.stream().feed(text, True, "stop")
+        assert len(deltas[0]["id"]) == 9
+    body = {"model": "base", "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": {"name": "f"}}]}
+    auto = ChatCompletionRequest(**body)
+    assert auto.tool_mode("mistral").short_ids and not auto.tool_mode("hermes").short_ids
+    assert auto.decoded_for(auto.tool_mode("mistral")).skip_special_tokens is False  # to see [TOOL_CALLS]
+    assert auto.decoded_for(auto.tool_mode("hermes")).skip_special_tokens is True
+    told = ChatCompletionRequest(**body, skip_special_tokens=True)
+    assert told.decoded_for(told.tool_mode("mistral")).skip_special_tokens is True  # as the request says

@@ -416,6 +416,7 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
             tools = body.tool_mode(config.tool_call_parser)
         except ValueError as exc:
             raise APIError(400, str(exc), param="tool_choice", code="unsupported") from exc
+        body = body.decoded_for(tools)
         messages = [m.for_template() for m in body.messages]
         reasoning = None if body.constrained() else thinking  # a constrained answer is all answer
 

@@ -62,8 +62,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    "length; as vLLM); none: OpenAI's defaults")
     p.add_argument("--tool-call-parser", choices=sorted(TOOL_CALL_PARSERS), default=None,
                    help="read tool_choice='auto' answers in this format (vLLM's names: hermes for Qwen 2.5/3, "
-                   "Hermes and others; llama3_json for Llama 3.1+); without it 'auto' is refused (a named or "
-                   "'required' tool_choice works without one)")
+                   "Hermes and others; llama3_json for Llama 3.1+; mistral for Mistral, whose call ids are then 9 "
+                   "characters); without it 'auto' is refused (a named or 'required' tool_choice works without one)")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="accepted for vLLM command lines: tool_choice='auto' is on whenever --tool-call-parser is set")
     p.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS), default=None,

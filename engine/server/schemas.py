@@ -310,14 +310,24 @@ class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
         choice = self.effective_tool_choice()
         if choice == "none":
             return None
+        parser = None if parser_name is None else tool_call_parser(parser_name)
+        short_ids = parser is not None and parser.short_ids
         if isinstance(choice, NamedToolChoice):
-            return ToolChoice("named", name=choice.function.name, parallel=False)
+            return ToolChoice("named", name=choice.function.name, parallel=False, short_ids=short_ids)
         if choice == "required":
-            return ToolChoice("required", parallel=self.parallel_tool_calls)
-        if parser_name is None:
+            return ToolChoice("required", parallel=self.parallel_tool_calls, short_ids=short_ids)
+        if parser is None:
             raise ValueError('tool_choice "auto" needs the server started with --tool-call-parser (hermes, '
-                             'llama3_json); name a function or use "required" or "none" instead')
-        return ToolChoice("auto", parser=tool_call_parser(parser_name), parallel=self.parallel_tool_calls)
+                             'llama3_json, mistral); name a function or use "required" or "none" instead')
+        return ToolChoice("auto", parser=parser, parallel=self.parallel_tool_calls, short_ids=short_ids)
+
+    def decoded_for(self, tools: ToolChoice | None) -> ChatCompletionRequest:
+        """The request as its answer must be decoded for `tools`' parser: with special tokens where its call
+        markers are special tokens (Mistral's), unless the request says otherwise (vLLM's adjustment)."""
+        if (tools is None or tools.parser is None or not tools.parser.keeps_special_tokens
+                or "skip_special_tokens" in self.model_fields_set):
+            return self
+        return self.model_copy(update={"skip_special_tokens": False})
 
     def structured_kwargs(self) -> dict[str, Any]:
         out = super().structured_kwargs()

@@ -32,9 +32,9 @@ COMPACT = {"structured_outputs": {"disable_any_whitespace": True}}  # a random m
 
 @pytest.fixture(scope="module")
 def servers(model_dir_for):
-    """One server with the hermes parser, one with none; each engine has the tools template."""
+    """Servers with the hermes parser, with none, and with mistral's; each engine has the tools template."""
     running = []
-    for parser in ("hermes", None):
+    for parser in ("hermes", None, "mistral"):
         engine = make_engine(model_dir_for("llama"))
         engine.tokenizer.set_chat_template(TEMPLATE)
         running.append(RunningServer(engine, PromptRegistry(), ServerConfig(tool_call_parser=parser)))
@@ -175,3 +175,17 @@ def test_bad_tool_requests_are_refused_and_the_server_keeps_serving(servers, ser
     ok = http.post("/v1/chat/completions", json={"model": "base", "messages": MESSAGES, "max_tokens": 2})
     assert ok.status_code == 200
     server.assert_pool_empty()
+
+
+def test_mistral_answers_and_their_short_ids(servers):
+    client = servers[2].openai()
+    answer = r'Sure\.\[TOOL_CALLS\]\[\{"name": "get_time", "arguments": \{\}\}\]'
+    choice = client.chat.completions.create(model="base", messages=MESSAGES, tools=TOOLS, max_tokens=80,
+                                            temperature=0, extra_body={"guided_regex": answer}).choices[0]
+    [call] = choice.message.tool_calls
+    assert (choice.message.content, call.function.name, call.function.arguments) == ("Sure.", "get_time", "{}")
+    assert choice.finish_reason == "tool_calls" and len(call.id) == 9 and call.id.isalnum()
+    named = client.chat.completions.create(model="base", messages=MESSAGES, tools=TOOLS, max_tokens=40,
+                                           temperature=0, extra_body=COMPACT,
+                                           tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert len(named.choices[0].message.tool_calls[0].id) == 9  # whatever the tool_choice
