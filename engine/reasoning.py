@@ -12,15 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .stopping import partial_marker_length
+
 START, END = "<think>", "</think>"
-
-
-def _holdback(text: str, marker: str) -> int:
-    """How many trailing characters of `text` could begin `marker`."""
-    for k in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:k]):
-            return k
-    return 0
 
 
 def prompt_opens_thought(prompt_text: str) -> bool:
@@ -75,7 +69,7 @@ class ReasoningStream:
         if reasoning is None:
             return "", text
         if content is None and not finished and END not in text:
-            reasoning = reasoning[:len(reasoning) - _holdback(reasoning, END)]  # a closing tag may be coming
+            reasoning = reasoning[:len(reasoning) - partial_marker_length(reasoning, (END,))]  # "</think>" may come
         piece = reasoning[self.reasoning_sent:] if len(reasoning) > self.reasoning_sent else ""
         self.reasoning_sent = max(self.reasoning_sent, len(reasoning))
         return piece, content or ""

@@ -17,6 +17,18 @@ class Finish:
     text_end: int | None = None  # where to cut the text (before a stop string, or after it if it is included)
 
 
+def partial_marker_length(text: str, markers: Sequence[str]) -> int:
+    """How many trailing characters of `text` could begin one of `markers` (a stream holds them back until it is
+    clear whether the marker follows: a stop string, a tool call's or a thought's tag)."""
+    held = 0
+    for marker in markers:
+        for k in range(min(len(marker) - 1, len(text)), held, -1):
+            if text.endswith(marker[:k]):
+                held = k
+                break
+    return held
+
+
 class StopText(Protocol):
     """The generated text, as engine/detokenizer.py keeps it (decoded whole each time, or incrementally)."""
 

@@ -22,6 +22,8 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .stopping import partial_marker_length
+
 
 @dataclass(frozen=True)
 class ToolCall:
@@ -54,14 +56,6 @@ def _call_from(obj: Any, *argument_keys: str) -> ToolCall | None:
     return ToolCall(obj["name"], "{}")
 
 
-def _holdback(text: str, marker: str) -> int:
-    """How many trailing characters of `text` could begin `marker`."""
-    for k in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:k]):
-            return k
-    return 0
-
-
 class HermesParser:
     """`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks after optional content (vLLM's `hermes`);
     an unclosed last block (the answer hit max_tokens) is read if its JSON is complete."""
@@ -92,7 +86,7 @@ class HermesParser:
     def content_end(self, text: str) -> int:
         """How much of a growing answer is surely content (nothing after it can turn it into a call)."""
         first = text.find(self.start)
-        return first if first >= 0 else len(text) - _holdback(text, self.start)
+        return first if first >= 0 else len(text) - partial_marker_length(text, (self.start,))
 
 
 class Llama3JsonParser:
@@ -174,7 +168,7 @@ class MistralParser:
             return at
         if not text.strip() or text.lstrip().startswith("["):
             return 0  # may be an array of calls whose marker was left out
-        return len(text) - _holdback(text, self.marker)
+        return len(text) - partial_marker_length(text, (self.marker,))
 
 
 def _array_of_calls(body: str) -> list[ToolCall] | None:

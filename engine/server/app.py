@@ -60,8 +60,8 @@ class ServerConfig:
     # "auto": a request that leaves out temperature, top_p, top_k, min_p or repetition_penalty gets the value the
     # checkpoint's generation_config.json recommends (vLLM's --generation-config auto); "none": OpenAI's defaults
     generation_config: str = "auto"
-    # the format tool_choice="auto" answers are parsed in (vLLM's --tool-call-parser): hermes, llama3_json; None:
-    # "auto" is refused (named and "required" tool choices work without one)
+    # the format tool_choice="auto" answers are parsed in (vLLM's --tool-call-parser): hermes, llama3_json, mistral;
+    # None: "auto" is refused (named and "required" tool choices work without one)
     tool_call_parser: str | None = None
     # how a thinking model's thought is told from its answer (vLLM's --reasoning-parser): deepseek_r1, qwen3; None:
     # the whole answer is content

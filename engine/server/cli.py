@@ -173,7 +173,7 @@ def build_server(args: argparse.Namespace):
 
 def run_serve(args: argparse.Namespace) -> int:
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
-        raise SoftPromptError("--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)")
+        raise SoftPromptError(f"--enable-auto-tool-choice needs --tool-call-parser ({', '.join(TOOL_CALL_PARSERS)})")
     if args.ray:
         from .ray_cli import run_ray_serve
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from ..reasoning import ReasoningParser, ReasoningStream
 from ..request import RequestOutput
 from ..sampling import TokenLogprob
+from ..stopping import partial_marker_length
 from ..tokenizer import Tokenizer
 from ..tool_calls import ToolChoice, ToolStream
 
@@ -41,17 +42,6 @@ def best_first(top: dict[int, float], n: int | None = None) -> list[tuple[int, f
     return sorted(top.items(), key=lambda kv: -kv[1])[:n]
 
 
-def stop_holdback(text: str, stops: tuple[str, ...]) -> int:
-    """How many trailing characters could start a stop string (kept back until it is clear they do not)."""
-    held = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), held, -1):
-            if text.endswith(stop[:k]):
-                held = k
-                break
-    return held
-
-
 @dataclass
 class ChoiceProgress:
     """What one choice has sent so far in a stream."""
@@ -71,7 +61,7 @@ def new_text(progress: ChoiceProgress, out: RequestOutput, stops: tuple[str, ...
     text = out.text or ""
     end = len(text)
     if not out.finished:
-        end -= stop_holdback(text, stops)
+        end -= partial_marker_length(text, stops)
         while end > 0 and text[end - 1] == "\ufffd":  # an incomplete UTF-8 sequence may still change
             end -= 1
     piece = text[progress.chars:end] if end > progress.chars else ""
