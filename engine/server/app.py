@@ -35,6 +35,7 @@ from .engine_loop import EngineFailure, EngineLoop, RequestStream, ServerStoppin
 from .formatting import ChatFormat, CompletionFormat, TokenStrings, _Format
 from .metrics import METHODS, ServerMetrics, endpoint_label
 from .registry import BASE_MODEL, PromptRegistry, PromptVersion, check_public_name
+from .responses import ResponsesFormat, ResponsesRequest
 from .schemas import (
     MAX_CHOICES,
     SEED_MAX,
@@ -355,15 +356,17 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
         finally:
             cleanup()
 
-    async def _sse(http: Request, stream: RequestStream, fmt: _Format, cleanup: _Cleanup) -> AsyncIterator[str]:
+    async def _sse(http: Request, stream: RequestStream, fmt: _Format | ResponsesFormat,
+                   cleanup: _Cleanup) -> AsyncIterator[str]:
         try:
             async for index, out in stream.outputs(http.is_disconnected, config.disconnect_poll_s):
                 for chunk in fmt.chunks(index, out):
-                    yield f"data: {json.dumps(chunk)}\n\n"
+                    yield fmt.sse(chunk)
             if not stream.unfinished:
                 for chunk in fmt.final_chunks():
-                    yield f"data: {json.dumps(chunk)}\n\n"
-                yield "data: [DONE]\n\n"
+                    yield fmt.sse(chunk)
+                if fmt.done_marker:
+                    yield fmt.done_marker
         except (EngineFailure, ServerStopping) as exc:
             err = to_api_error(exc)
             yield f"data: {json.dumps(error_body(err.message, err.type, code=err.code))}\n\n"
@@ -408,6 +411,12 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: Request):
+        body, requests, fmt = await prepare_chat(body, "chatcmpl")
+        return await generate(http, body, requests, fmt)
+
+    async def prepare_chat(body: ChatCompletionRequest, kind: str) -> tuple[ChatCompletionRequest,
+                                                                             list[EngineRequest], ChatFormat]:
+        """The engine requests of a chat request and the format of their answers (`kind`: the id's prefix)."""
         prompt = resolve(body)
         if not _has_chat_template(engine):
             raise APIError(400, "the model's tokenizer has no chat template: use /v1/completions",
@@ -435,7 +444,7 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
         max_new = next((m for m in (body.max_completion_tokens, body.max_tokens) if m is not None),
                        defaults.get("max_new_tokens", engine.config.max_positions))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        cid, created = _ids("chatcmpl")
+        cid, created = _ids(kind)
         # prompt_logprobs go beside the choices, from the first: the others need not compute them
         requests = [EngineRequest(prompt=prompt, input_ids=ids, request_id=f"{cid}-{j}",
                                   sampling=_sampling(body, j, max_new, logprobs,
@@ -445,7 +454,18 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
                          bool(body.stream_options and body.stream_options.include_usage), body.n,
                          prompt_logprobs=body.prompt_logprobs, tools=tools, reasoning=reasoning,
                          prompt_open=prompt_open, include_reasoning=body.include_reasoning)
-        return await generate(http, body, requests, fmt)
+        return body, requests, fmt
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, http: Request):
+        try:
+            chat = body.as_chat()
+        except ValueError as exc:  # what the Responses API asks for that this server does not do, named
+            param, _, message = str(exc).partition(": ")
+            raise APIError(400, message or param, param=param if message else None, code="unsupported") from exc
+        chat, requests, chat_fmt = await prepare_chat(chat, "resp")
+        fmt = ResponsesFormat(chat_fmt, body.echoed_fields(), engine.tokenizer)
+        return await generate(http, chat, requests, fmt)
 
     # ---- tokenizer (vLLM's /tokenize and /detokenize) ------------------------------------------------
     def virtual_tokens(model: str) -> int:

@@ -1,11 +1,11 @@
 """`softprompt run-batch MODEL_DIR -i requests.jsonl -o results.jsonl`: a file of OpenAI batch requests run
 offline, as vLLM's `run-batch` and OpenAI's Batch API take them, through the very app `softprompt serve` runs.
 
-Each input line is `{"custom_id": ..., "method": "POST", "url": "/v1/completions" | "/v1/chat/completions",
-"body": {...}}` (`model` names the task, as on the server). All lines share the engine's continuous batch; each
-output line, in input order, is `{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}`:
-the HTTP answer the server would give (a 400 with its error body for a bad request), or `error` set and
-`response` null where the line itself is not a request.
+Each input line is `{"custom_id": ..., "method": "POST", "url": "/v1/completions" | "/v1/chat/completions" |
+"/v1/responses", "body": {...}}` (`model` names the task, as on the server). All lines share the engine's
+continuous batch; each output line, in input order, is `{"id", "custom_id", "response": {"status_code",
+"request_id", "body"}, "error"}`: the HTTP answer the server would give (a 400 with its error body for a bad
+request), or `error` set and `response` null where the line itself is not a request.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import SoftPromptError
 from .cli import add_serve_arguments
 
-BATCH_URLS = ("/v1/completions", "/v1/chat/completions")
+BATCH_URLS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
 
 
 def add_run_batch_arguments(p: argparse.ArgumentParser) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -95,6 +96,12 @@ class _Format:
     n: int = 1  # choices per prompt
     progress: dict[int, ChoiceProgress] = field(default_factory=dict)
     prompt_logprobs: int | None = None  # vLLM's prompt_logprobs: the top N asked for (None: not asked)
+
+    done_marker = "data: [DONE]\n\n"  # the stream's last line
+
+    def sse(self, chunk: dict) -> str:
+        """A chunk as a server-sent event."""
+        return f"data: {json.dumps(chunk)}\n\n"
 
     def _progress(self, index: int) -> ChoiceProgress:
         return self.progress.setdefault(index, ChoiceProgress())
