@@ -460,6 +460,8 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
     async def responses(body: ResponsesRequest, http: Request):
         try:
             chat = body.as_chat()
+        except ValidationError as exc:  # the chat request it makes is not valid (e.g. a tool's name): 422
+            raise _schema_error([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from exc
         except ValueError as exc:  # what the Responses API asks for that this server does not do, named
             param, _, message = str(exc).partition(": ")
             raise APIError(400, message or param, param=param if message else None, code="unsupported") from exc

@@ -147,6 +147,8 @@ def test_streaming_chat_and_text_prompts_through_the_ingress(cluster):
     [out] = cluster.reference.generate(Request(prompt="t2", input_ids=cluster.reference.tokenizer.hf(
         want, add_special_tokens=False)["input_ids"], sampling=SamplingParams(max_new_tokens=5)))
     assert chat.choices[0].message.content == out.text
+    answer = client.responses.create(model="t2", input="the cat sat", max_output_tokens=5, temperature=0)
+    assert answer.output_text == out.text  # the Responses API: the same chat, through the ingress
     models = {m.id: m for m in client.models.list().data}
     assert set(models) == {"base", "polite", *TASKS}
     assert client.models.retrieve("t2").model_dump() == models["t2"].model_dump()

@@ -145,3 +145,9 @@ def test_what_is_not_supported_is_refused_by_name(server, body, param):
     assert server.client().post("/v1/responses", json={"model": "base", "input": "x",
                                                        "max_output_tokens": 2}).status_code == 200
     server.assert_pool_empty()
+
+
+def test_an_invalid_tool_is_a_schema_error(server):
+    r = server.client().post("/v1/responses", json={"model": "base", "input": "x", "tools": [
+        {"type": "function", "name": "has space"}]})
+    assert r.status_code == 422 and r.json()["error"]["param"].startswith("tools"), r.text
