@@ -66,7 +66,21 @@ CHAT = {**SAMPLING, "messages": st.lists(MESSAGE | JSON, max_size=3), "logprobs"
         "include_reasoning": st.booleans(),
         "tool_choice": st.sampled_from(["none", "auto", "required"]) | JSON | st.fixed_dictionaries(
             {"type": st.just("function"), "function": st.fixed_dictionaries({"name": st.sampled_from(["f", "g"])})})}
-REQUIRED = {"model", "prompt", "messages"}
+ITEM = (MESSAGE | st.fixed_dictionaries({"type": st.just("function_call"), "call_id": st.text(max_size=4),
+                                         "name": st.sampled_from(["f", "g"]), "arguments": st.text(max_size=8)})
+        | st.fixed_dictionaries({"type": st.just("function_call_output"), "call_id": st.text(max_size=4),
+                                 "output": st.text(max_size=8) | JSON}))
+RESPONSES = {**{k: v for k, v in SAMPLING.items() if k != "max_tokens"},
+             "input": st.text(max_size=20) | st.lists(ITEM | JSON, max_size=3),
+             "instructions": st.text(max_size=10), "max_output_tokens": st.integers(-2, 6),
+             "tools": st.lists(st.fixed_dictionaries({"type": st.sampled_from(["function", "web_search"]),
+                                                      "name": st.sampled_from(["f", "g", "not a name"])}) | JSON,
+                               max_size=2),
+             "tool_choice": st.sampled_from(["none", "auto", "required"]) | JSON,
+             "text": st.fixed_dictionaries({"format": st.fixed_dictionaries(
+                 {"type": st.sampled_from(["text", "json_object", "json_schema", "xml"])})}) | JSON,
+             "previous_response_id": st.text(max_size=4), "background": st.booleans(), "top_logprobs": st.integers(-1, 3)}
+REQUIRED = {"model", "prompt", "messages", "input"}
 
 
 def bodies(fields: dict) -> st.SearchStrategy:
@@ -83,11 +97,11 @@ def bodies(fields: dict) -> st.SearchStrategy:
 def bounded(body):
     """Keep generation short: the fuzzer finds bad bodies, not long ones."""
     if isinstance(body, dict):
-        for key in ("max_tokens", "max_completion_tokens"):
+        for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
             if isinstance(body.get(key), int) and not isinstance(body[key], bool) and 6 < body[key] < 2**63:
                 body[key] = 6
-        if "max_tokens" not in body and "max_completion_tokens" not in body:
-            body["max_tokens"] = 4
+        if not {"max_tokens", "max_completion_tokens", "max_output_tokens"} & set(body):
+            body["max_output_tokens" if "input" in body else "max_tokens"] = 4
     return body
 
 
@@ -159,12 +173,27 @@ def test_fuzz_chat(served, good_traffic, body):
         check_response(post(http, "/v1/chat/completions", bounded(body)))
 
 
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(body=bodies(RESPONSES))
+def test_fuzz_responses(served, good_traffic, body):
+    with served.server.client() as http:
+        r = post(http, "/v1/responses", bounded(body))
+        assert r.status_code < 500, (r.status_code, r.text[:500])
+        if r.status_code >= 400:
+            assert r.json()["error"]["message"]
+        elif r.headers["content-type"].startswith("text/event-stream"):
+            events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+            assert events[-1]["type"] in ("response.completed", "response.incomplete"), r.text[-300:]
+        else:
+            assert r.json()["object"] == "response"
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(raw=st.binary(max_size=64) | st.text(max_size=40).map(str.encode),
        ctype=st.sampled_from(["application/json", "text/plain", "multipart/form-data; boundary=x", ""]))
 def test_fuzz_raw_bytes(served, good_traffic, raw, ctype):
     with served.server.client() as http:
-        for path in ("/v1/completions", "/v1/chat/completions", "/v1/prompts"):
+        for path in ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/prompts"):
             r = http.post(path, content=raw, headers={"content-type": ctype} if ctype else {})
             assert 400 <= r.status_code < 500 and r.json()["error"]["message"], (path, r.status_code, r.text)
 
