@@ -79,7 +79,8 @@ RESPONSES = {**{k: v for k, v in SAMPLING.items() if k != "max_tokens"},
              "tool_choice": st.sampled_from(["none", "auto", "required"]) | JSON,
              "text": st.fixed_dictionaries({"format": st.fixed_dictionaries(
                  {"type": st.sampled_from(["text", "json_object", "json_schema", "xml"])})}) | JSON,
-             "previous_response_id": st.text(max_size=4), "background": st.booleans(), "top_logprobs": st.integers(-1, 3)}
+             "previous_response_id": st.text(max_size=4), "background": st.booleans(),
+             "top_logprobs": st.integers(-1, 3)}
 REQUIRED = {"model", "prompt", "messages", "input"}
 
 
