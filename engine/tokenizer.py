@@ -37,15 +37,20 @@ class Tokenizer:
 
     def render_chat(self, messages: list[dict], options: dict | None = None) -> list[int]:
         """The ids of `messages` through the chat template, as HF's `apply_chat_template` renders them (`options`:
-        its keyword arguments and the template's own variables; add_generation_prompt defaults to True)."""
+        its keyword arguments and the template's own variables; add_generation_prompt defaults to True). Tool-call
+        arguments given as JSON text reach the template as objects, and a `developer` turn as a `system` one where
+        the template does not name that role (as vLLM and llama.cpp read it)."""
         if not self.has_chat_template:
             raise RequestError("the tokenizer has no chat template: give text or token ids (or set a template)")
         if not isinstance(messages, list) or not messages or any(
                 not isinstance(m, dict) or not isinstance(m.get("role"), str) for m in messages):
             raise RequestError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
         options = {"add_generation_prompt": True, **(options or {})}
+        messages = template_messages(messages)
+        if "developer" not in str(self.hf.chat_template):  # OpenAI's newer name for the system turn
+            messages = [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
         try:
-            text = self.hf.apply_chat_template(template_messages(messages), tokenize=False, **options)
+            text = self.hf.apply_chat_template(messages, tokenize=False, **options)
         except Exception as exc:  # jinja and template errors of many types
             raise RequestError(f"cannot apply the chat template: {exc}") from exc
         return list(self.hf(text, add_special_tokens=False)["input_ids"])  # the template places special tokens

@@ -66,3 +66,15 @@ def test_generate_command_chat(engine, model_dir_for, adapter_for, capsys):
     assert got["token_ids"] == want.token_ids
     assert main([*base, "--text", "x", "--system", "be brief"]) != 0
     assert "--system goes with --chat" in capsys.readouterr().err
+
+
+def test_a_developer_turn_is_a_system_turn_unless_the_template_names_it(model_dir_for):
+    engine = Engine(model_dir_for("llama"), device="cpu")
+    engine.tokenizer.hf.chat_template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+    developer = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    system = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert engine.prepare(Request(messages=developer)).input_ids == engine.prepare(Request(messages=system)).input_ids
+    engine.tokenizer.hf.chat_template = ("{% for m in messages %}{% if m.role == 'developer' %}(dev) "
+                                         "{% endif %}[{{ m.role }}] {{ m.content }}\n{% endfor %}")
+    ids = engine.prepare(Request(messages=developer)).input_ids
+    assert engine.tokenizer.decode(ids).startswith("(dev) [developer] be brief")  # the template's own reading

@@ -73,11 +73,11 @@ class ResponsesRequest(_SamplingFields):
         return ChatCompletionRequest.model_validate(chat)
 
     def _messages(self) -> list[dict[str, Any]]:
-        """The chat turns: instructions first (a system turn), then the input items; consecutive function calls
-        make one assistant turn, and their outputs tool turns."""
+        """The chat turns: one system turn first (the instructions and the input's system and developer messages,
+        as vLLM merges them), then the input items; consecutive function calls make one assistant turn, and their
+        outputs tool turns."""
         messages: list[dict[str, Any]] = []
-        if self.instructions is not None:
-            messages.append({"role": "system", "content": self.instructions})
+        system = [] if self.instructions is None else [self.instructions]
         items = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else self.input
         for i, item in enumerate(items):
             kind = item.get("type", "message")
@@ -85,8 +85,11 @@ class ResponsesRequest(_SamplingFields):
                 role = item.get("role")
                 if role not in _MESSAGE_ROLES:
                     raise ValueError(f"input: input[{i}] has role {role!r} ({', '.join(_MESSAGE_ROLES)} are known)")
-                messages.append({"role": "system" if role == "developer" else role,
-                                 "content": _item_text(item.get("content"), i)})
+                text = _item_text(item.get("content"), i)
+                if role in ("system", "developer"):  # one system turn, first: many templates take no other
+                    system.append(text)
+                else:
+                    messages.append({"role": role, "content": text})
             elif kind == "function_call":
                 call = {"id": item.get("call_id"), "type": "function",
                         "function": {"name": item.get("name"), "arguments": item.get("arguments", "{}")}}
@@ -104,7 +107,7 @@ class ResponsesRequest(_SamplingFields):
             else:
                 raise ValueError(f"input: input item type {kind!r} is not supported (message, function_call, "
                                  "function_call_output, reasoning)")
-        return messages
+        return ([{"role": "system", "content": "\n\n".join(system)}] if system else []) + messages
 
     def echoed_fields(self) -> dict[str, Any]:
         """The request's settings as a Response object repeats them."""

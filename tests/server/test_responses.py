@@ -151,3 +151,18 @@ def test_an_invalid_tool_is_a_schema_error(server):
     r = server.client().post("/v1/responses", json={"model": "base", "input": "x", "tools": [
         {"type": "function", "name": "has space"}]})
     assert r.status_code == 422 and r.json()["error"]["param"].startswith("tools"), r.text
+
+
+def test_instructions_and_system_messages_make_one_first_system_turn(server):
+    body = {"model": "base", "instructions": "be brief", "max_output_tokens": 3, "temperature": 0,
+            "return_token_ids": True,
+            "input": [{"role": "user", "content": "hi"}, {"role": "developer", "content": "use French"}]}
+    got = server.client().post("/v1/responses", json=body).json()
+    assert got["object"] == "response"
+    want = server.client().post("/tokenize", json={"model": "base", "messages": [
+        {"role": "system", "content": "be brief\n\nuse French"}, {"role": "user", "content": "hi"}]}).json()["tokens"]
+    chat = server.client().post("/v1/chat/completions", json={
+        "model": "base", "max_tokens": 3, "temperature": 0, "return_token_ids": True,
+        "messages": [{"role": "system", "content": "be brief\n\nuse French"}, {"role": "user", "content": "hi"}]})
+    assert chat.json()["choices"][0]["prompt_token_ids"] == want
+    assert got["output"][0]["content"][0]["text"] == chat.json()["choices"][0]["message"]["reasoning"]
