@@ -190,22 +190,17 @@ class ResponsesFormat:
     started: bool = False
     open: _OpenItem | None = None
 
-    @property
-    def id(self) -> str:
-        return self.chat.id
+    done_marker = None  # the Responses stream ends with its last event (no [DONE])
 
     def sse(self, event: dict) -> str:
         return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
 
-    done_marker = None  # the Responses stream ends with its last event (no [DONE])
-
     def _object(self, status: str, output: list[dict], out: RequestOutput | None = None,
                 reasoning: str | None = None) -> dict:
-        obj = {"id": self.chat.id, "object": "response", "created_at": self.chat.created, "status": status,
-               "model": self.chat.model, "output": output, "output_text": None, "error": None,
-               "incomplete_details": None, "usage": None, **self.echoed}
         texts = [part["text"] for item in output if item["type"] == "message" for part in item["content"]]
-        obj["output_text"] = "".join(texts)
+        obj = {"id": self.chat.id, "object": "response", "created_at": self.chat.created, "status": status,
+               "model": self.chat.model, "output": output, "output_text": "".join(texts), "error": None,
+               "incomplete_details": None, "usage": None, **self.echoed}
         if out is not None:
             u = usage({0: out}, 1)
             obj["usage"] = {
@@ -264,10 +259,13 @@ class ResponsesFormat:
         events = self._close()
         prefix = {"message": "msg", "reasoning": "rs", "function_call": "fc"}[kind]
         self.open = _OpenItem(kind, _new_id(prefix), len(self.output), call=call)
-        item = {"message": lambda: _message_item(self.open.item_id, "", "in_progress"),
-                "reasoning": lambda: {**_reasoning_item(self.open.item_id, ""), "content": []},
-                "function_call": lambda: _call_item(self.open.item_id, {**call, "function": {
-                    **call["function"], "arguments": ""}}, "in_progress")}[kind]()
+        item_id = self.open.item_id
+        if kind == "message":
+            item = _message_item(item_id, "", "in_progress")
+        elif kind == "reasoning":
+            item = {**_reasoning_item(item_id, ""), "content": []}
+        else:
+            item = _call_item(item_id, {**call, "function": {**call["function"], "arguments": ""}}, "in_progress")
         events.append(self._event("response.output_item.added", output_index=self.open.output_index, item=item))
         if kind == "message":
             events.append(self._event("response.content_part.added", item_id=self.open.item_id,
@@ -303,7 +301,6 @@ class ResponsesFormat:
             shell = self._object("in_progress", [])
             events += [self._event("response.created", response=shell),
                        self._event("response.in_progress", response=shell)]
-        reasoning = None
         for chunk in self.chat.chunks(index, out):
             delta = chunk["choices"][0]["delta"]
             if delta.get("reasoning_content"):
