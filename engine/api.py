@@ -24,7 +24,7 @@ from .prompts import PromptStore, SoftPrompt
 from .reference import ReferencePath
 from .request import PendingText, Request, RequestOutput, RequestTiming
 from .sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob, make_generator, token_logprobs
-from .scheduler import Scheduler, SchedulerConfig
+from .scheduler import SCHEDULING_POLICIES, Scheduler, SchedulerConfig
 from .scoring import score_continuations
 from .sequence import Sequence, Status
 from .stopping import check_finish
@@ -105,11 +105,15 @@ class Engine:
         enable_prefix_caching: bool = True,
         revision: str | None = None,
         max_model_len: int | None = None,
+        scheduling_policy: str = "fcfs",
     ):
         if backend not in BACKENDS:
             raise SoftPromptError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
         if block_size < 1 or max_num_seqs < 1 or max_batched_tokens < 1:
             raise SoftPromptError("block_size, max_num_seqs and max_batched_tokens must be >= 1")
+        if scheduling_policy not in SCHEDULING_POLICIES:
+            raise SoftPromptError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, "
+                                  f"got {scheduling_policy!r}")
         self.model_dir = resolve_model(model_dir, revision)
         self.model = load_model(self.model_dir, device=device, dtype=dtype)
         self.config = self.model.config
@@ -158,8 +162,8 @@ class Engine:
         self.block_cache = BlockCache(self.pool) if enable_prefix_caching and self.backend != "reference" else None
         self.prefix_cache = PrefixCache(self.pool, self.runner.compute_prefixes,
                                         reclaim=None if self.block_cache is None else self.block_cache.evict_one)
-        self.scheduler = Scheduler(self.prefix_cache, SchedulerConfig(max_num_seqs, max_batched_tokens),
-                                   self.block_cache)
+        self.scheduler = Scheduler(self.prefix_cache, SchedulerConfig(max_num_seqs, max_batched_tokens,
+                                                                      policy=scheduling_policy), self.block_cache)
         self._sequences: dict[str, Sequence] = {}
         self._order = itertools.count()
 
@@ -229,6 +233,11 @@ class Engine:
             raise RequestError(f"expected a Request, got {type(request).__name__}")
         if not isinstance(request.sampling, SamplingParams):
             raise RequestError(f"request.sampling must be SamplingParams, got {type(request.sampling).__name__}")
+        if isinstance(request.priority, bool) or not isinstance(request.priority, int):
+            raise RequestError(f"priority must be an integer, got {request.priority!r}")
+        if request.priority != 0 and self.scheduler.config.policy != "priority":
+            raise RequestError("a request priority needs Engine(scheduling_policy='priority') (serve "
+                               "--scheduling-policy priority); this engine serves first come, first served")
         prompt = None if request.prompt is None else self.prompts.get(request.prompt)
         if request.messages is not None:
             if request.input_ids is not None or request.text is not None:

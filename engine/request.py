@@ -26,6 +26,7 @@ class Request:
     messages: list[dict] | None = None
     chat_template_kwargs: dict | None = None
     tools: list[dict] | None = None
+    priority: int = 0  # with Engine(scheduling_policy="priority"): lower runs first (vLLM's)
 
     def __post_init__(self) -> None:
         if self.request_id is None:

@@ -11,6 +11,8 @@ from .kv_pool import OutOfBlocks
 from .prefix_cache import PrefixCache
 from .sequence import Sequence, Status
 
+SCHEDULING_POLICIES = ("fcfs", "priority")
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -18,6 +20,12 @@ class SchedulerConfig:
     max_batched_tokens: int = 2048  # new tokens per step at most (longer inputs are prefilled in chunks)
     # with a block cache: a waiting sequence whose next block a running one is computing waits for it
     share_in_flight_blocks: bool = True
+    # "fcfs": first come, first served; "priority": by each request's priority (lower first, vLLM's), then arrival
+    policy: str = "fcfs"
+
+    def __post_init__(self) -> None:
+        if self.policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {self.policy!r}")
 
 
 @dataclass
@@ -31,7 +39,8 @@ class Scheduler:
     waiting sequences are admitted while the token budget and the KV pool allow, each starting after the cached
     blocks its tokens begin with (with a block cache; one whose next block a running sequence is computing waits
     a step to find it cached). When blocks run out, idle cached blocks and unreferenced
-    prefixes are evicted first, then the newest running sequence is preempted (recomputed later)."""
+    prefixes are evicted first, then the last running sequence in rank (the newest; with the priority policy the
+    least urgent) is preempted (recomputed later). Sequences are served in rank order throughout."""
 
     def __init__(self, prefix_cache: PrefixCache, config: SchedulerConfig, block_cache: BlockCache | None = None):
         self.prefix_cache = prefix_cache
@@ -42,8 +51,23 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
+    def rank(self, seq: Sequence) -> tuple[int, int]:
+        """Who goes first (smaller first): arrival, or with the priority policy the request's priority, then arrival.
+        Waiting sequences are admitted in this order, and the last in it is preempted first."""
+        if self.config.policy == "priority":
+            return seq.request.priority, seq.arrival_order
+        return 0, seq.arrival_order
+
+    def _enqueue(self, seq: Sequence) -> None:
+        """Put a waiting sequence in its place (new ones last, preempted ones back where they came from)."""
+        rank = self.rank(seq)
+        at = len(self.waiting)
+        while at > 0 and self.rank(self.waiting[at - 1]) > rank:
+            at -= 1
+        self.waiting.insert(at, seq)
+
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self._enqueue(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -67,7 +91,7 @@ class Scheduler:
         self.running.remove(seq)
         self.release(seq)
         seq.status = Status.WAITING
-        self.waiting.appendleft(seq)
+        self._enqueue(seq)
         self.num_preemptions += 1
 
     def finish(self, seq: Sequence) -> None:
@@ -87,7 +111,7 @@ class Scheduler:
         block_size = self.pool.block_size
         running = list(self.running)
         left = [s.remaining_prefill for s in running]
-        order = sorted(zip([r > 1 for r in left], [s.arrival_order for s in running], range(len(running))))
+        order = sorted(zip([r > 1 for r in left], [self.rank(s) for s in running], range(len(running))))
         for _, _, i in order:
             seq, remaining = running[i], left[i]
             if budget == 0:
@@ -101,7 +125,7 @@ class Scheduler:
                         self._ensure_blocks(seq, seq.num_computed + n)
                         break
                     except OutOfBlocks:
-                        victim = max((s for s in self.running if s not in batch), key=lambda s: s.arrival_order)
+                        victim = max((s for s in self.running if s not in batch), key=self.rank)
                         self._preempt(victim)
                         if victim is seq:
                             break

@@ -397,7 +397,7 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
                 params = _sampling(body, j, 1 if echo_only else max_new, body.logprobs, scored, defaults)
                 source = {"text": inp} if isinstance(inp, str) else {"input_ids": inp}
                 requests.append(EngineRequest(prompt=prompt, sampling=params, request_id=f"{cid}-{len(requests)}",
-                                              **source))
+                                              priority=body.priority, **source))
         fmt = CompletionFormat(cid, created, body.model, token_str, body.stop_list(), body.return_token_ids,
                                bool(body.stream_options and body.stream_options.include_usage), body.n,
                                prompt_logprobs=body.prompt_logprobs, top_logprobs=body.logprobs or 0)
@@ -446,7 +446,7 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         cid, created = _ids(kind)
         # prompt_logprobs go beside the choices, from the first: the others need not compute them
-        requests = [EngineRequest(prompt=prompt, input_ids=ids, request_id=f"{cid}-{j}",
+        requests = [EngineRequest(prompt=prompt, input_ids=ids, request_id=f"{cid}-{j}", priority=body.priority,
                                   sampling=_sampling(body, j, max_new, logprobs,
                                                      body.prompt_logprobs if j == 0 else None, defaults))
                     for j in range(body.n)]

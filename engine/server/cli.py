@@ -45,6 +45,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests that may wait beyond the running batch; more are refused with 429")
     p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs",
+                   help="fcfs: first come, first served; priority: by each request's `priority` (lower first), "
+                   "then arrival, as vLLM's")
     p.add_argument("--max-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-bytes", type=int, default=None)
     p.add_argument("--max-versions", type=int, default=8, help="versions kept per prompt name")
@@ -154,7 +157,8 @@ def build_server(args: argparse.Namespace):
     engine = Engine(args.model_dir, device=args.device, dtype=args.dtype, backend=args.backend,
                     kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs,
                     max_batched_tokens=args.max_batched_tokens, max_model_len=args.max_model_len,
-                    cuda_graphs=False if args.enforce_eager else None, enable_prefix_caching=args.enable_prefix_caching)
+                    cuda_graphs=False if args.enforce_eager else None, enable_prefix_caching=args.enable_prefix_caching,
+                    scheduling_policy=args.scheduling_policy)
     if args.chat_template is not None:
         engine.set_chat_template(read_chat_template(args.chat_template))
     registry = PromptRegistry(args.prompt_dir, max_versions=args.max_versions)

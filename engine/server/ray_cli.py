@@ -27,7 +27,8 @@ def settings_from_args(args: argparse.Namespace, replica_gpus: float):
         max_batched_tokens=args.max_batched_tokens, max_queue=args.max_queue, replica_cpus=args.replica_cpus,
         replica_gpus=replica_gpus, generation_config=args.generation_config,
         tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
-        enable_prefix_caching=args.enable_prefix_caching, api_key=args.api_key or os.environ.get(API_KEY_ENV),
+        enable_prefix_caching=args.enable_prefix_caching, scheduling_policy=args.scheduling_policy,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV),
         chat_template=None if args.chat_template is None else read_chat_template(args.chat_template),
         max_model_len=args.max_model_len,
     )

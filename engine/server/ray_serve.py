@@ -91,6 +91,7 @@ class RayServeSettings:
     chat_template: str | None = None  # as --chat-template (the template's text)
     max_model_len: int | None = None  # as --max-model-len
     enable_prefix_caching: bool = True  # as the single-process server's (--no-prefix-caching: False)
+    scheduling_policy: str = "fcfs"  # as its --scheduling-policy
 
     def __post_init__(self) -> None:
         if self.routing not in ROUTINGS:
@@ -183,7 +184,7 @@ class SoftPromptReplica:
                              kv_cache_bytes=settings.kv_cache_bytes, max_num_seqs=settings.max_num_seqs,
                              max_batched_tokens=settings.max_batched_tokens, cuda_graphs=settings.cuda_graphs,
                              enable_prefix_caching=settings.enable_prefix_caching,
-                             max_model_len=settings.max_model_len)
+                             max_model_len=settings.max_model_len, scheduling_policy=settings.scheduling_policy)
         if settings.chat_template is not None:
             self.engine.set_chat_template(settings.chat_template)
         self.registry = PromptRegistry(max_versions=2)

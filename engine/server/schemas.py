@@ -63,6 +63,7 @@ class _SamplingFields(BaseModel):
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
     return_token_ids: StrictBool = False
+    priority: StrictInt = 0  # vLLM's: with --scheduling-policy priority, lower runs first
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:

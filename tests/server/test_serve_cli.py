@@ -70,7 +70,7 @@ def test_serve_process_answers_and_stops_on_sigint(model_dir_for, adapter_for, t
     assert (tmp_path / "store").is_dir()  # a given prompt dir is kept
 
 
-def test_tool_call_and_reasoning_parser_flags(model_dir_for):
+def test_tool_call_reasoning_and_scheduling_flags(model_dir_for):
     from softprompt.engine.server.app import ServerConfig, create_app
     from softprompt.engine.server.cli import build_server, run_serve
     from softprompt.engine.server.ray_cli import settings_from_args
@@ -78,12 +78,14 @@ def test_tool_call_and_reasoning_parser_flags(model_dir_for):
     p = argparse.ArgumentParser()
     add_serve_arguments(p)
     args = p.parse_args([str(model_dir_for("llama")), "--device", "cpu", "--kv-cache-bytes", str(4 << 20),
-                         "--tool-call-parser", "hermes", "--enable-auto-tool-choice", "--reasoning-parser", "qwen3"])
+                         "--tool-call-parser", "hermes", "--enable-auto-tool-choice", "--reasoning-parser", "qwen3",
+                         "--scheduling-policy", "priority"])
     app, registry = build_server(args)
     registry.close()
     assert (app.state.config.tool_call_parser, app.state.config.reasoning_parser) == ("hermes", "qwen3")
     settings = settings_from_args(args, 0)  # and to each Ray replica's server
     assert (settings.tool_call_parser, settings.reasoning_parser) == ("hermes", "qwen3")
+    assert app.state.loop.engine.scheduler.config.policy == settings.scheduling_policy == "priority"
     with pytest.raises(SystemExit):
         p.parse_args(["m", "--tool-call-parser", "nope"])
     with pytest.raises(SystemExit):
