@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import ConfigDict, StrictBool, StrictInt, StrictStr
 
 from ..request import RequestOutput
+from .blocks import CALL, TEXT, THOUGHT, Block, BlockStream
 from .formatting import ChatFormat, usage
 from .schemas import ChatCompletionRequest, _SamplingFields
 
@@ -154,65 +154,67 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def _message_item(item_id: str, text: str, status: str = "completed") -> dict:
-    return {"type": "message", "id": item_id, "status": status, "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if text else []}
+_ID_PREFIX = {THOUGHT: "rs", TEXT: "msg", CALL: "fc"}
 
 
-def _reasoning_item(item_id: str, text: str) -> dict:
-    return {"type": "reasoning", "id": item_id, "summary": [], "content": [{"type": "reasoning_text", "text": text}]}
+def _item(block: Block, item_id: str, status: str = "completed") -> dict:
+    """A block as a Response output item."""
+    if block.kind == TEXT:
+        return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": [
+            {"type": "output_text", "text": block.text, "annotations": [], "logprobs": []}] if block.text else []}
+    if block.kind == THOUGHT:
+        return {"type": "reasoning", "id": item_id, "summary": [],
+                "content": [{"type": "reasoning_text", "text": block.text}] if block.text else []}
+    return {"type": "function_call", "id": item_id, "call_id": block.call_id, "name": block.name,
+            "arguments": block.text, "status": status}
 
 
-def _call_item(item_id: str, call: dict, status: str = "completed") -> dict:
-    return {"type": "function_call", "id": item_id, "call_id": call["id"], "name": call["function"]["name"],
-            "arguments": call["function"]["arguments"], "status": status}
+def blocks_of(message: dict) -> list[Block]:
+    """A whole chat message's blocks: its thought, its text, its calls."""
+    blocks = []
+    if message.get("reasoning"):
+        blocks.append(Block(THOUGHT, len(blocks), message["reasoning"]))
+    if message.get("content"):
+        blocks.append(Block(TEXT, len(blocks), message["content"]))
+    for call in message.get("tool_calls") or ():
+        blocks.append(Block(CALL, len(blocks), call["function"]["arguments"], call["id"], call["function"]["name"]))
+    return blocks
 
 
-@dataclass
-class _OpenItem:
-    kind: str  # "reasoning" | "message" | "function_call"
-    item_id: str
-    output_index: int
-    text: str = ""
-    call: dict | None = None
-
-
-@dataclass
-class ResponsesFormat:
-    """A chat answer as a Response: whole (`response`), or as the Responses stream's events (`chunks`), from the
-    chat format's message and deltas."""
-
-    chat: ChatFormat
-    echoed: dict[str, Any]
-    tokenizer: Any = None  # counts the thought's tokens (usage's reasoning_tokens)
-    output: list[dict] = field(default_factory=list)
-    sequence: int = 0
-    started: bool = False
-    open: _OpenItem | None = None
+class ResponsesFormat(BlockStream):
+    """A chat answer as a Response: whole (`response`), or as the Responses stream's events (`chunks`)."""
 
     done_marker = None  # the Responses stream ends with its last event (no [DONE])
+
+    def __init__(self, chat: ChatFormat, echoed: dict[str, Any], tokenizer: Any = None):
+        super().__init__(chat)
+        self.echoed = echoed
+        self.tokenizer = tokenizer  # counts the thought's tokens (usage's reasoning_tokens)
+        self.sequence = 0
+        self.ids: dict[int, str] = {}  # block index -> item id
 
     def sse(self, event: dict) -> str:
         return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
 
-    def _object(self, status: str, output: list[dict], out: RequestOutput | None = None,
-                reasoning: str | None = None) -> dict:
-        texts = [part["text"] for item in output if item["type"] == "message" for part in item["content"]]
+    def _object(self, status: str, blocks: list[Block], out: RequestOutput | None = None) -> dict:
+        output = [_item(b, self.ids.setdefault(b.index, _new_id(_ID_PREFIX[b.kind]))) for b in blocks]
         obj = {"id": self.chat.id, "object": "response", "created_at": self.chat.created, "status": status,
-               "model": self.chat.model, "output": output, "output_text": "".join(texts), "error": None,
+               "model": self.chat.model, "output": output,
+               "output_text": "".join(b.text for b in blocks if b.kind == TEXT), "error": None,
                "incomplete_details": None, "usage": None, **self.echoed}
         if out is not None:
             u = usage({0: out}, 1)
+            thought = "".join(b.text for b in blocks if b.kind == THOUGHT)
             obj["usage"] = {
                 "input_tokens": u["prompt_tokens"], "output_tokens": u["completion_tokens"],
                 "total_tokens": u["total_tokens"],
                 "input_tokens_details": {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"]},
-                "output_tokens_details": {"reasoning_tokens": self._count(reasoning)}}
+                "output_tokens_details": {"reasoning_tokens": self._count(thought)}}
             if out.finish_reason == "length":
                 obj["status"], obj["incomplete_details"] = "incomplete", {"reason": "max_output_tokens"}
         return obj
 
-    def _count(self, text: str | None) -> int:
+    def _count(self, text: str) -> int:
         """The thought's tokens (its text encoded again: the split falls between tokens)."""
         if not text or self.tokenizer is None:
             return 0
@@ -220,102 +222,52 @@ class ResponsesFormat:
 
     def response(self, finals: list[RequestOutput]) -> dict:
         [out] = finals
-        message = self.chat.response(finals)["choices"][0]["message"]
-        output = []
-        if message.get("reasoning"):
-            output.append(_reasoning_item(_new_id("rs"), message["reasoning"]))
-        if message.get("content"):
-            output.append(_message_item(_new_id("msg"), message["content"]))
-        output.extend(_call_item(_new_id("fc"), call) for call in message.get("tool_calls") or ())
-        return self._object("completed", output, out, message.get("reasoning"))
+        return self._object("completed", blocks_of(self.chat.response(finals)["choices"][0]["message"]), out)
 
-    # ---- streaming ---------------------------------------------------------------------------------------
+    # ---- streaming -----------------------------------------------------------------------------------------
     def _event(self, kind: str, **fields) -> dict:
         event = {"type": kind, "sequence_number": self.sequence, **fields}
         self.sequence += 1
         return event
 
-    def _close(self) -> list[dict]:
-        item, self.open = self.open, None
-        if item is None:
-            return []
-        at = {"item_id": item.item_id, "output_index": item.output_index}
-        if item.kind == "message":
-            done = _message_item(item.item_id, item.text)
-            part = {"type": "output_text", "text": item.text, "annotations": [], "logprobs": []}
-            events = [self._event("response.output_text.done", **at, content_index=0, text=item.text, logprobs=[]),
+    def on_start(self, out: RequestOutput) -> list[dict]:
+        shell = self._object("in_progress", [])
+        return [self._event("response.created", response=shell), self._event("response.in_progress", response=shell)]
+
+    def on_open(self, block: Block) -> list[dict]:
+        item_id = self.ids.setdefault(block.index, _new_id(_ID_PREFIX[block.kind]))
+        events = [self._event("response.output_item.added", output_index=block.index,
+                              item=_item(block, item_id, "in_progress"))]
+        if block.kind == TEXT:
+            events.append(self._event("response.content_part.added", item_id=item_id, output_index=block.index,
+                                      content_index=0, part={"type": "output_text", "text": "", "annotations": [],
+                                                             "logprobs": []}))
+        return events
+
+    def on_delta(self, block: Block, piece: str) -> list[dict]:
+        at = {"item_id": self.ids[block.index], "output_index": block.index}
+        if block.kind == TEXT:
+            return [self._event("response.output_text.delta", **at, content_index=0, delta=piece, logprobs=[])]
+        if block.kind == THOUGHT:
+            return [self._event("response.reasoning_text.delta", **at, content_index=0, delta=piece)]
+        return [self._event("response.function_call_arguments.delta", **at, delta=piece)]
+
+    def on_close(self, block: Block) -> list[dict]:
+        item_id = self.ids[block.index]
+        at = {"item_id": item_id, "output_index": block.index}
+        if block.kind == TEXT:
+            part = {"type": "output_text", "text": block.text, "annotations": [], "logprobs": []}
+            events = [self._event("response.output_text.done", **at, content_index=0, text=block.text, logprobs=[]),
                       self._event("response.content_part.done", **at, content_index=0, part=part)]
-        elif item.kind == "reasoning":
-            done = _reasoning_item(item.item_id, item.text)
-            events = [self._event("response.reasoning_text.done", **at, content_index=0, text=item.text)]
+        elif block.kind == THOUGHT:
+            events = [self._event("response.reasoning_text.done", **at, content_index=0, text=block.text)]
         else:
-            done = _call_item(item.item_id, item.call)
-            events = [self._event("response.function_call_arguments.done", **at, name=item.call["function"]["name"],
-                                  arguments=item.call["function"]["arguments"])]
-        self.output.append(done)
-        return [*events, self._event("response.output_item.done", output_index=item.output_index, item=done)]
+            events = [self._event("response.function_call_arguments.done", **at, name=block.name,
+                                  arguments=block.text)]
+        return events + [self._event("response.output_item.done", output_index=block.index,
+                                     item=_item(block, item_id))]
 
-    def _open(self, kind: str, call: dict | None = None) -> list[dict]:
-        events = self._close()
-        prefix = {"message": "msg", "reasoning": "rs", "function_call": "fc"}[kind]
-        self.open = _OpenItem(kind, _new_id(prefix), len(self.output), call=call)
-        item_id = self.open.item_id
-        if kind == "message":
-            item = _message_item(item_id, "", "in_progress")
-        elif kind == "reasoning":
-            item = {**_reasoning_item(item_id, ""), "content": []}
-        else:
-            item = _call_item(item_id, {**call, "function": {**call["function"], "arguments": ""}}, "in_progress")
-        events.append(self._event("response.output_item.added", output_index=self.open.output_index, item=item))
-        if kind == "message":
-            events.append(self._event("response.content_part.added", item_id=self.open.item_id,
-                                      output_index=self.open.output_index, content_index=0,
-                                      part={"type": "output_text", "text": "", "annotations": [], "logprobs": []}))
-        return events
-
-    def _text(self, kind: str, piece: str) -> list[dict]:
-        events = [] if self.open is not None and self.open.kind == kind else self._open(kind)
-        self.open.text += piece
-        name = "response.output_text.delta" if kind == "message" else "response.reasoning_text.delta"
-        extra = {"logprobs": []} if kind == "message" else {}
-        return [*events, self._event(name, item_id=self.open.item_id, output_index=self.open.output_index,
-                                     content_index=0, delta=piece, **extra)]
-
-    def _call_delta(self, delta: dict) -> list[dict]:
-        events = []
-        function = delta.get("function", {})
-        if delta.get("id") is not None:  # a new call
-            call = {"id": delta["id"], "function": {"name": function.get("name", ""), "arguments": ""}}
-            events += self._open("function_call", call)
-        piece = function.get("arguments", "")
-        if piece and self.open is not None and self.open.kind == "function_call":
-            self.open.call["function"]["arguments"] += piece
-            events.append(self._event("response.function_call_arguments.delta", item_id=self.open.item_id,
-                                      output_index=self.open.output_index, delta=piece))
-        return events
-
-    def chunks(self, index: int, out: RequestOutput) -> list[dict]:
-        events = []
-        if not self.started:
-            self.started = True
-            shell = self._object("in_progress", [])
-            events += [self._event("response.created", response=shell),
-                       self._event("response.in_progress", response=shell)]
-        for chunk in self.chat.chunks(index, out):
-            delta = chunk["choices"][0]["delta"]
-            if delta.get("reasoning_content"):
-                events += self._text("reasoning", delta["reasoning_content"])
-            if delta.get("content"):
-                events += self._text("message", delta["content"])
-            for call in delta.get("tool_calls") or ():
-                events += self._call_delta(call)
-        if out.finished:
-            events += self._close()
-            reasoning = next((item["content"][0]["text"] for item in self.output if item["type"] == "reasoning"), None)
-            final = self._object("completed", self.output, out, reasoning)
-            kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
-            events.append(self._event(kind, response=final))
-        return events
-
-    def final_chunks(self) -> list[dict]:
-        return []
+    def on_finish(self, out: RequestOutput) -> list[dict]:
+        final = self._object("completed", self.blocks, out)
+        kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
+        return [self._event(kind, response=final)]
