@@ -30,6 +30,7 @@ from ..request import RequestOutput
 from ..sampling import SamplingParams
 from ..tokenizer import require_tokenizer
 from ..tool_calls import tool_call_parser
+from .anthropic import CountTokensRequest, MessagesFormat, MessagesRequest
 from .auth import APIKeyGuard, bearer_token, token_matches
 from .engine_loop import EngineFailure, EngineLoop, RequestStream, ServerStopping, compile_constraints
 from .formatting import ChatFormat, CompletionFormat, TokenStrings, _Format
@@ -203,6 +204,17 @@ def _sampling(body: _SamplingFields, index: int, max_new_tokens: int, logprobs: 
         raise to_api_error(exc) from exc
 
 
+def _anthropic_chat(body: MessagesRequest) -> ChatCompletionRequest:
+    """The chat request a Messages request stands for (400 / 422 naming what is wrong)."""
+    try:
+        return body.as_chat()
+    except ValidationError as exc:  # the chat request it makes is not valid (e.g. a tool's name): 422
+        raise _schema_error([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from exc
+    except ValueError as exc:
+        param, _, message = str(exc).partition(": ")
+        raise APIError(400, message or param, param=param if message else None, code="unsupported") from exc
+
+
 def _render_chat(engine: Engine, messages: list[dict], options: dict[str, Any]) -> list[int]:
     """Runs on the loop thread (the tokenizer is the engine's). `options`: apply_chat_template's keyword arguments
     (add_generation_prompt, continue_final_message, the template's own variables)."""
@@ -356,7 +368,7 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
         finally:
             cleanup()
 
-    async def _sse(http: Request, stream: RequestStream, fmt: _Format | ResponsesFormat,
+    async def _sse(http: Request, stream: RequestStream, fmt: _Format | ResponsesFormat | MessagesFormat,
                    cleanup: _Cleanup) -> AsyncIterator[str]:
         try:
             async for index, out in stream.outputs(http.is_disconnected, config.disconnect_poll_s):
@@ -455,6 +467,16 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
                          prompt_logprobs=body.prompt_logprobs, tools=tools, reasoning=reasoning,
                          prompt_open=prompt_open, include_reasoning=body.include_reasoning)
         return body, requests, fmt
+
+    @app.post("/v1/messages")
+    async def messages(body: MessagesRequest, http: Request):
+        chat, requests, chat_fmt = await prepare_chat(_anthropic_chat(body), "chatcmpl")
+        return await generate(http, chat, requests, MessagesFormat(chat_fmt))
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(body: CountTokensRequest):
+        _, requests, _ = await prepare_chat(_anthropic_chat(body.model_copy(update={"stream": False})), "count")
+        return {"input_tokens": len(requests[0].input_ids)}
 
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, http: Request):

@@ -12,12 +12,17 @@ from .schemas import error_body
 
 
 def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
-    """The token of an `Authorization: Bearer <token>` header among raw ASGI headers, else None."""
+    """The key among raw ASGI headers: an `Authorization: Bearer <token>` header's token, else an `x-api-key`
+    header's value (Anthropic's clients send that), else None."""
+    api_key = None
     for name, value in headers:
-        if name.lower() == b"authorization":
+        name = name.lower()
+        if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
             return token.strip() if scheme.lower() == "bearer" else None
-    return None
+        if name == b"x-api-key":
+            api_key = value.decode("latin-1").strip()
+    return api_key
 
 
 def token_matches(token: str | None, keys: Sequence[str]) -> bool:
@@ -32,7 +37,7 @@ def unauthorized(message: str) -> JSONResponse:
 
 
 def missing_api_key() -> JSONResponse:
-    return unauthorized("this server needs an API key: send Authorization: Bearer <key>")
+    return unauthorized("this server needs an API key: send Authorization: Bearer <key> (or x-api-key: <key>)")
 
 
 class APIKeyGuard:

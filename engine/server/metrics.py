@@ -13,7 +13,7 @@ from .engine_loop import LoopSnapshot, RequestStream
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/responses",
-             "/v1/prompts", "/tokenize", "/detokenize")
+             "/v1/messages", "/v1/messages/count_tokens", "/v1/prompts", "/tokenize", "/detokenize")
 METHODS = ("GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS")
 
 

@@ -335,6 +335,14 @@ class OpenAIIngress:
     async def responses(self, request: Request) -> Response:
         return self._refused(request) or await self._forward(request)
 
+    @ingress_app.post("/v1/messages")
+    async def messages(self, request: Request) -> Response:
+        return self._refused(request) or await self._forward(request)
+
+    @ingress_app.post("/v1/messages/count_tokens")
+    async def count_tokens(self, request: Request) -> Response:
+        return self._refused(request) or await self._forward(request)
+
     def _refused(self, request: Request) -> Response | None:
         """A 401 for a request without the API key (where one is set); None to go on."""
         key = self.settings.api_key

@@ -33,7 +33,8 @@ def bearer(token: str) -> dict[str, str]:
 def test_every_v1_route_needs_the_api_key(keyed):
     http = keyed.client()
     body = {"model": "base", "prompt": [5, 6, 7], "max_tokens": 3}
-    for headers in ({}, bearer("wrong"), {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"}):
+    for headers in ({}, bearer("wrong"), {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"},
+                    {"x-api-key": "wrong"}, {**bearer("wrong"), "x-api-key": KEY}):
         r = http.post("/v1/completions", json=body, headers=headers)
         assert r.status_code == 401, headers
         assert r.json()["error"]["type"] == "authentication_error" and r.headers["www-authenticate"] == "Bearer"
@@ -41,6 +42,7 @@ def test_every_v1_route_needs_the_api_key(keyed):
         assert http.post("/v1/chat/completions", headers=headers, json={
             "model": "base", "messages": [{"role": "user", "content": "hi"}]}).status_code == 401
     assert http.post("/v1/completions", json=body, headers=bearer(KEY)).status_code == 200
+    assert http.post("/v1/completions", json=body, headers={"x-api-key": KEY}).status_code == 200  # Anthropic's
     assert http.post("/v1/completions", json=body, headers=bearer(ADMIN)).status_code == 200  # admin may serve too
     with http.stream("POST", "/v1/completions", json={**body, "stream": True}, headers=bearer(KEY)) as r:
         assert r.status_code == 200 and "[DONE]" in r.read().decode()

@@ -81,6 +81,22 @@ RESPONSES = {**{k: v for k, v in SAMPLING.items() if k != "max_tokens"},
                  {"type": st.sampled_from(["text", "json_object", "json_schema", "xml"])})}) | JSON,
              "previous_response_id": st.text(max_size=4), "background": st.booleans(),
              "top_logprobs": st.integers(-1, 3)}
+BLOCK = (st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=8)})
+         | st.fixed_dictionaries({"type": st.just("tool_use"), "id": st.text(max_size=4), "name": st.just("f"),
+                                  "input": JSON})
+         | st.fixed_dictionaries({"type": st.just("tool_result"), "tool_use_id": st.text(max_size=4),
+                                  "content": st.text(max_size=8) | JSON}) | JSON)
+ANTHROPIC = {"model": MODELS, "max_tokens": st.integers(-2, 6),
+             "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]),
+                                                         "content": st.text(max_size=12) | st.lists(BLOCK, max_size=3)})
+                                  | JSON, max_size=3),
+             "system": st.text(max_size=8) | st.lists(BLOCK, max_size=2), "stop_sequences": st.lists(
+                 st.text(max_size=3), max_size=3), "temperature": st.floats(-1, 2), "top_k": st.integers(-2, 50),
+             "stream": st.booleans(), "tools": st.lists(st.fixed_dictionaries(
+                 {"name": st.sampled_from(["f", "bad name"]), "input_schema": st.just({"type": "object"}) | JSON})
+                 | JSON, max_size=2),
+             "tool_choice": st.fixed_dictionaries({"type": st.sampled_from(["auto", "any", "tool", "none", "x"])},
+                                                  optional={"name": st.sampled_from(["f", "g"])}) | JSON}
 REQUIRED = {"model", "prompt", "messages", "input"}
 
 
@@ -189,12 +205,27 @@ def test_fuzz_responses(served, good_traffic, body):
             assert r.json()["object"] == "response"
 
 
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(body=bodies(ANTHROPIC))
+def test_fuzz_anthropic_messages(served, good_traffic, body):
+    with served.server.client() as http:
+        r = post(http, "/v1/messages", body)
+        assert r.status_code < 500, (r.status_code, r.text[:500])
+        if r.status_code >= 400:
+            assert r.json()["error"]["message"]
+        elif r.headers["content-type"].startswith("text/event-stream"):
+            events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+            assert events[-1]["type"] == "message_stop", r.text[-300:]
+        else:
+            assert r.json()["type"] == "message"
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(raw=st.binary(max_size=64) | st.text(max_size=40).map(str.encode),
        ctype=st.sampled_from(["application/json", "text/plain", "multipart/form-data; boundary=x", ""]))
 def test_fuzz_raw_bytes(served, good_traffic, raw, ctype):
     with served.server.client() as http:
-        for path in ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/prompts"):
+        for path in ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/prompts"):
             r = http.post(path, content=raw, headers={"content-type": ctype} if ctype else {})
             assert 400 <= r.status_code < 500 and r.json()["error"]["message"], (path, r.status_code, r.text)
 
