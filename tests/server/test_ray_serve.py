@@ -149,6 +149,10 @@ def test_streaming_chat_and_text_prompts_through_the_ingress(cluster):
     assert chat.choices[0].message.content == out.text
     answer = client.responses.create(model="t2", input="the cat sat", max_output_tokens=5, temperature=0)
     assert answer.output_text == out.text  # the Responses API: the same chat, through the ingress
+    with httpx.Client(trust_env=False, timeout=120) as http:
+        message = http.post(f"{cluster.url}/v1/messages", headers={"x-api-key": API_KEY}, json={
+            "model": "t2", "max_tokens": 5, "temperature": 0, "messages": [{"role": "user", "content": "the cat sat"}]})
+    assert message.json()["content"][0]["text"] == out.text  # and Anthropic's Messages API
     models = {m.id: m for m in client.models.list().data}
     assert set(models) == {"base", "polite", *TASKS}
     assert client.models.retrieve("t2").model_dump() == models["t2"].model_dump()
