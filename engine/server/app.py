@@ -204,8 +204,8 @@ def _sampling(body: _SamplingFields, index: int, max_new_tokens: int, logprobs: 
         raise to_api_error(exc) from exc
 
 
-def _anthropic_chat(body: MessagesRequest) -> ChatCompletionRequest:
-    """The chat request a Messages request stands for (400 / 422 naming what is wrong)."""
+def _as_chat(body: MessagesRequest | ResponsesRequest) -> ChatCompletionRequest:
+    """The chat request a Messages or Responses request stands for (400 / 422 naming what is wrong)."""
     try:
         return body.as_chat()
     except ValidationError as exc:  # the chat request it makes is not valid (e.g. a tool's name): 422
@@ -470,24 +470,17 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
 
     @app.post("/v1/messages")
     async def messages(body: MessagesRequest, http: Request):
-        chat, requests, chat_fmt = await prepare_chat(_anthropic_chat(body), "chatcmpl")
+        chat, requests, chat_fmt = await prepare_chat(_as_chat(body), "chatcmpl")
         return await generate(http, chat, requests, MessagesFormat(chat_fmt))
 
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(body: CountTokensRequest):
-        _, requests, _ = await prepare_chat(_anthropic_chat(body.model_copy(update={"stream": False})), "count")
+        _, requests, _ = await prepare_chat(_as_chat(body.model_copy(update={"stream": False})), "count")
         return {"input_tokens": len(requests[0].input_ids)}
 
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, http: Request):
-        try:
-            chat = body.as_chat()
-        except ValidationError as exc:  # the chat request it makes is not valid (e.g. a tool's name): 422
-            raise _schema_error([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from exc
-        except ValueError as exc:  # what the Responses API asks for that this server does not do, named
-            param, _, message = str(exc).partition(": ")
-            raise APIError(400, message or param, param=param if message else None, code="unsupported") from exc
-        chat, requests, chat_fmt = await prepare_chat(chat, "resp")
+        chat, requests, chat_fmt = await prepare_chat(_as_chat(body), "resp")
         fmt = ResponsesFormat(chat_fmt, body.echoed_fields(), engine.tokenizer)
         return await generate(http, chat, requests, fmt)
 
