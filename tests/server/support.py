@@ -21,6 +21,18 @@ from softprompt.engine.server.registry import PromptRegistry
 
 KV_BYTES = 4 << 20  # a small pool: quick to allocate, and leaks show
 
+# a chat template that renders tools, earlier calls (their arguments as objects) and tool turns, for the tool-calling
+# tests of every API; and a parameters schema a random model answers briefly under a constraint
+TOOLS_TEMPLATE = (
+    "{% if tools %}tools: {% for t in tools %}{{ t.function.name }}({{ t.type }}) "
+    "{% endfor %}\n{% endif %}"
+    "{% for m in messages %}{{ m.role }}: {{ m.content }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ {'name': c.function.name, 'arguments': c.function.arguments}"
+    " | tojson }}</tool_call>{% endfor %}{% if m.tool_call_id %} (for {{ m.tool_call_id }}){% endif %}\n"
+    "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+UNIT_SCHEMA = {"type": "object", "properties": {"unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["unit"],
+               "additionalProperties": False}
+
 
 class RunningServer:
     """uvicorn on a loopback socket bound by us (a free port, no race), stopped by stop()."""

@@ -13,18 +13,11 @@ import pytest
 from softprompt.engine.server.app import ServerConfig
 from softprompt.engine.server.registry import PromptRegistry
 
-from .support import RunningServer, make_engine
+from .support import TOOLS_TEMPLATE, UNIT_SCHEMA, RunningServer, make_engine
 
 anthropic = pytest.importorskip("anthropic")
 
-TEMPLATE = (
-    "{% if tools %}tools: {% for t in tools %}{{ t.function.name }} {% endfor %}\n{% endif %}"
-    "{% for m in messages %}{{ m.role }}: {{ m.content }}"
-    "{% for c in m.tool_calls or [] %}<tool_call>{{ {'name': c.function.name, 'arguments': c.function.arguments}"
-    " | tojson }}</tool_call>{% endfor %}{% if m.tool_call_id %} (for {{ m.tool_call_id }}){% endif %}\n"
-    "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
-UNIT = {"type": "object", "properties": {"unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["unit"],
-        "additionalProperties": False}
+UNIT = UNIT_SCHEMA
 TOOLS = [{"name": "get_weather", "description": "the weather", "input_schema": UNIT},
          {"name": "get_time", "input_schema": {"type": "object", "properties": {}}}]
 KEY = "sk-test"
@@ -34,7 +27,7 @@ GREEDY = {"temperature": 0}  # (newer anthropic clients have no temperature argu
 @pytest.fixture(scope="module")
 def server(model_dir_for):
     engine = make_engine(model_dir_for("llama"))
-    engine.tokenizer.set_chat_template(TEMPLATE)
+    engine.tokenizer.set_chat_template(TOOLS_TEMPLATE)
     running = RunningServer(engine, PromptRegistry(), ServerConfig(tool_call_parser="hermes", api_key=KEY))
     yield running
     running.stop()

@@ -13,16 +13,9 @@ from softprompt import Request, SamplingParams
 from softprompt.engine.server.app import ServerConfig
 from softprompt.engine.server.registry import PromptRegistry
 
-from .support import RunningServer, make_engine
+from .support import TOOLS_TEMPLATE, UNIT_SCHEMA, RunningServer, make_engine
 
-TEMPLATE = (
-    "{% if tools %}tools: {% for t in tools %}{{ t.function.name }} {% endfor %}\n{% endif %}"
-    "{% for m in messages %}{{ m.role }}: {{ m.content }}"
-    "{% for c in m.tool_calls or [] %}<tool_call>{{ {'name': c.function.name, 'arguments': c.function.arguments}"
-    " | tojson }}</tool_call>{% endfor %}{% if m.tool_call_id %} (for {{ m.tool_call_id }}){% endif %}\n"
-    "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
-UNIT = {"type": "object", "properties": {"unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["unit"],
-        "additionalProperties": False}
+UNIT = UNIT_SCHEMA
 TOOLS = [{"type": "function", "name": "get_weather", "description": "the weather", "parameters": UNIT},
          {"type": "function", "name": "get_time"}]
 
@@ -30,7 +23,7 @@ TOOLS = [{"type": "function", "name": "get_weather", "description": "the weather
 @pytest.fixture(scope="module")
 def server(model_dir_for, adapter_for):
     engine = make_engine(model_dir_for("llama"))
-    engine.tokenizer.set_chat_template(TEMPLATE)
+    engine.tokenizer.set_chat_template(TOOLS_TEMPLATE)
     registry = PromptRegistry()
     registry.register(engine, "a", adapter_for("llama", seed=0, num_virtual_tokens=8))
     running = RunningServer(engine, registry, ServerConfig(tool_call_parser="hermes", reasoning_parser="deepseek_r1"))
@@ -106,7 +99,7 @@ def test_function_tools_and_a_conversation_with_calls(server):
         {"role": "tool", "tool_call_id": "c1", "content": "20"}, history[3]]}).json()["tokens"]
     text = server.call(lambda e: e.tokenizer.decode(tokenized))
     assert '<tool_call>{"name": "get_weather", "arguments": {"unit": "celsius"}}</tool_call>' in text
-    assert "tool: 20 (for c1)" in text and text.startswith("tools: get_weather get_time")
+    assert "tool: 20 (for c1)" in text and text.startswith("tools: get_weather(function) get_time(function)")
     events = list(client.responses.create(**kw, stream=True))
     added = [e for e in events if e.type == "response.output_item.added"]
     assert len(added) == 1 and added[0].item.type == "function_call" and added[0].item.name == "get_weather"

@@ -11,19 +11,11 @@ import pytest
 from softprompt.engine.server.app import ServerConfig
 from softprompt.engine.server.registry import PromptRegistry
 
-from .support import RunningServer, make_engine
+from .support import TOOLS_TEMPLATE, UNIT_SCHEMA, RunningServer, make_engine
 
 pytest.importorskip("xgrammar")
 
-TEMPLATE = (
-    "{% if tools %}tools: {% for t in tools %}{{ t.function.name }}({{ t.type }}) "
-    "{% endfor %}\n{% endif %}"
-    "{% for m in messages %}{{ m.role }}: {{ m.content }}"
-    "{% for c in m.tool_calls or [] %}<tool_call>{{ {'name': c.function.name, 'arguments': c.function.arguments}"
-    " | tojson }}</tool_call>{% endfor %}{% if m.tool_call_id %} (for {{ m.tool_call_id }}){% endif %}\n"
-    "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
-UNIT = {"type": "object", "properties": {"unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["unit"],
-        "additionalProperties": False}
+UNIT = UNIT_SCHEMA
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "the weather", "parameters": UNIT}},
          {"type": "function", "function": {"name": "get_time"}}]
 MESSAGES = [{"role": "user", "content": "weather?"}]
@@ -36,7 +28,7 @@ def servers(model_dir_for):
     running = []
     for parser in ("hermes", None, "mistral"):
         engine = make_engine(model_dir_for("llama"))
-        engine.tokenizer.set_chat_template(TEMPLATE)
+        engine.tokenizer.set_chat_template(TOOLS_TEMPLATE)
         running.append(RunningServer(engine, PromptRegistry(), ServerConfig(tool_call_parser=parser)))
     yield running
     for server in running:
