@@ -267,12 +267,13 @@ class ToolChoice:
     parallel: bool = True
     short_ids: bool = False  # 9-character call ids (the server's parser is mistral)
 
-    def _named(self, calls: list[ToolCall]) -> list[ToolCall]:
+    def with_ids(self, calls: list[ToolCall]) -> list[ToolCall]:
+        """The calls with the ids this choice gives (9-character ones for Mistral)."""
         return [replace(c, id=short_call_id()) for c in calls] if self.short_ids else calls
 
     def answer(self, text: str, finish_reason: str | None) -> tuple[str | None, list[ToolCall], str | None]:
         content, calls, reason = self._answer(text, finish_reason)
-        return content, self._named(calls), reason
+        return content, self.with_ids(calls), reason
 
     def _answer(self, text: str, finish_reason: str | None) -> tuple[str | None, list[ToolCall], str | None]:
         """(content, calls, finish_reason) of a whole answer; finish_reason becomes "tool_calls" where the model
@@ -313,7 +314,7 @@ class ToolStream:
             if self.named_call is None:
                 if not piece and not finished:
                     return "", [], None
-                self.named_call = self.choice._named([ToolCall(self.choice.name, "")])[0]
+                self.named_call = self.choice.with_ids([ToolCall(self.choice.name, "")])[0]
                 delta = {"index": 0, **self.named_call.as_openai(), "function": {"name": self.choice.name,
                                                                                   "arguments": piece}}
                 return "", [delta], finish_reason

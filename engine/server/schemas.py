@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from ..tool_calls import ToolChoice, required_schema, tool_call_parser
+from ..tool_calls import ToolChoice, parameters_schema, required_schema, tool_call_parser
 
 MAX_CHOICES = 128  # n x number of prompts in one request
 MAX_STOP = 16
@@ -335,7 +335,7 @@ class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
         choice = self.effective_tool_choice()
         functions = {tool.function.name: tool.function for tool in self.tools or ()}
         if isinstance(choice, NamedToolChoice):
-            out["guided_json"] = functions[choice.function.name].parameters or {"type": "object", "properties": {}}
+            out["guided_json"] = parameters_schema(functions[choice.function.name].model_dump(exclude_none=True))
         elif choice == "required":
             out["guided_json"] = required_schema([f.model_dump(exclude_none=True) for f in functions.values()],
                                                  self.parallel_tool_calls)
