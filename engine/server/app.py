@@ -7,7 +7,7 @@ import binascii
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +36,7 @@ from .engine_loop import EngineFailure, EngineLoop, RequestStream, ServerStoppin
 from .formatting import ChatFormat, CompletionFormat, TokenStrings, _Format
 from .metrics import METHODS, ServerMetrics, endpoint_label
 from .registry import BASE_MODEL, PromptRegistry, PromptVersion, check_public_name
-from .responses import ResponsesFormat, ResponsesRequest
+from .responses import ResponsesFormat, ResponsesRequest, ResponseStore
 from .schemas import (
     MAX_CHOICES,
     SEED_MAX,
@@ -68,6 +68,7 @@ class ServerConfig:
     # how a thinking model's thought is told from its answer (vLLM's --reasoning-parser): deepseek_r1, qwen3; None:
     # the whole answer is content
     reasoning_parser: str | None = None
+    stored_responses: int = 1024  # Responses API responses kept (previous_response_id, GET /v1/responses/{id})
 
 
 class APIError(Exception):
@@ -204,10 +205,11 @@ def _sampling(body: _SamplingFields, index: int, max_new_tokens: int, logprobs: 
         raise to_api_error(exc) from exc
 
 
-def _as_chat(body: MessagesRequest | ResponsesRequest) -> ChatCompletionRequest:
-    """The chat request a Messages or Responses request stands for (400 / 422 naming what is wrong)."""
+def _as_chat(make: Callable[[], ChatCompletionRequest]) -> ChatCompletionRequest:
+    """The chat request a Messages or Responses request stands for (`make` makes it; 400 / 422 naming what is
+    wrong)."""
     try:
-        return body.as_chat()
+        return make()
     except ValidationError as exc:  # the chat request it makes is not valid (e.g. a tool's name): 422
         raise _schema_error([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from exc
     except ValueError as exc:
@@ -234,6 +236,7 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
     if config.tool_call_parser is not None:
         tool_call_parser(config.tool_call_parser)  # a ValueError naming the known ones
     thinking = None if config.reasoning_parser is None else reasoning_parser(config.reasoning_parser)
+    responses_kept = ResponseStore(config.stored_responses)
     defaults = engine.generation_defaults if config.generation_config == "auto" else {}
     registry = registry or PromptRegistry()
     metrics_holder: dict = {}
@@ -470,19 +473,48 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
 
     @app.post("/v1/messages")
     async def messages(body: MessagesRequest, http: Request):
-        chat, requests, chat_fmt = await prepare_chat(_as_chat(body), "chatcmpl")
+        chat, requests, chat_fmt = await prepare_chat(_as_chat(body.as_chat), "chatcmpl")
         return await generate(http, chat, requests, MessagesFormat(chat_fmt))
 
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(body: CountTokensRequest):
-        _, requests, _ = await prepare_chat(_as_chat(body.model_copy(update={"stream": False})), "count")
+        _, requests, _ = await prepare_chat(_as_chat(body.model_copy(update={"stream": False}).as_chat), "count")
         return {"input_tokens": len(requests[0].input_ids)}
 
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, http: Request):
-        chat, requests, chat_fmt = await prepare_chat(_as_chat(body), "resp")
-        fmt = ResponsesFormat(chat_fmt, body.echoed_fields(), engine.tokenizer)
+        history: list[dict] = []
+        if body.previous_response_id is not None:
+            entry = responses_kept.get(body.previous_response_id)
+            if entry is None:
+                raise APIError(404, f"no stored response {body.previous_response_id!r} to continue (this server keeps "
+                               f"its last {config.stored_responses} responses made without store=false)",
+                               type_="not_found_error", param="previous_response_id", code="response_not_found")
+            history = entry[1]
+        chat, requests, chat_fmt = await prepare_chat(_as_chat(lambda: body.as_chat(history)), "resp")
+        conversation = [*history, *body.input_items()]
+        store = body.store is not False and config.stored_responses > 0
+
+        def keep(response: dict) -> None:  # its conversation: what it continued, its input, its output
+            responses_kept.put(response, [*conversation, *response["output"]])
+
+        fmt = ResponsesFormat(chat_fmt, body.echoed_fields(store), engine.tokenizer, keep if store else None)
         return await generate(http, chat, requests, fmt)
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(response_id: str):
+        entry = responses_kept.get(response_id)
+        if entry is None:
+            raise APIError(404, f"no stored response {response_id!r}", type_="not_found_error",
+                           code="response_not_found")
+        return entry[0]
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str):
+        if not responses_kept.delete(response_id):
+            raise APIError(404, f"no stored response {response_id!r}", type_="not_found_error",
+                           code="response_not_found")
+        return {"id": response_id, "object": "response", "deleted": True}
 
     # ---- tokenizer (vLLM's /tokenize and /detokenize) ------------------------------------------------
     def virtual_tokens(model: str) -> int:

@@ -1,13 +1,15 @@
 """OpenAI's Responses API (`POST /v1/responses`), as vLLM serves it: a request is turned into the chat request it
 stands for (instructions as the system turn, input items as turns, function tools), runs through the chat path,
 and its answer comes back as Response output items (reasoning, message, function calls), whole or as the
-Responses stream's events. Nothing is stored: `previous_response_id` is refused and the conversation is sent
-whole each time (`store` is answered false)."""
+Responses stream's events. Responses are kept in memory (the last N, unless `store` is false), so a request may
+continue one with `previous_response_id`, and `GET` / `DELETE /v1/responses/{id}` find them."""
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import ConfigDict, StrictBool, StrictInt, StrictStr
@@ -40,10 +42,12 @@ class ResponsesRequest(_SamplingFields):
     include_reasoning: StrictBool = True
     model_config = ConfigDict(extra="ignore")
 
-    def as_chat(self) -> ChatCompletionRequest:
-        """The chat request this one stands for; ValueError "param: message" for what is not supported."""
-        if self.previous_response_id is not None:
-            raise ValueError("previous_response_id: responses are not stored: send the whole conversation as input")
+    def input_items(self) -> list[dict[str, Any]]:
+        return [{"role": "user", "content": self.input}] if isinstance(self.input, str) else list(self.input)
+
+    def as_chat(self, history: list[dict[str, Any]] | None = None) -> ChatCompletionRequest:
+        """The chat request this one stands for, after the conversation `history` (the items of the stored
+        response it continues); ValueError "param: message" for what is not supported."""
         if self.background:
             raise ValueError("background: background responses are not supported")
         if self.n != 1:
@@ -51,7 +55,8 @@ class ResponsesRequest(_SamplingFields):
         if self.top_logprobs:
             raise ValueError("top_logprobs: logprobs are not supported on /v1/responses (use chat completions)")
         shared = self.model_dump(include=set(_SamplingFields.model_fields), exclude_unset=True)
-        chat: dict[str, Any] = {**shared, "messages": self._messages(), "include_reasoning": self.include_reasoning,
+        chat: dict[str, Any] = {**shared, "messages": self._messages([*(history or []), *self.input_items()]),
+                                "include_reasoning": self.include_reasoning,
                                 "parallel_tool_calls": self.parallel_tool_calls}
         if self.max_output_tokens is not None:
             chat["max_completion_tokens"] = self.max_output_tokens
@@ -72,13 +77,12 @@ class ResponsesRequest(_SamplingFields):
                              "json_schema)")
         return ChatCompletionRequest.model_validate(chat)
 
-    def _messages(self) -> list[dict[str, Any]]:
-        """The chat turns: one system turn first (the instructions and the input's system and developer messages,
-        as vLLM merges them), then the input items; consecutive function calls make one assistant turn, and their
+    def _messages(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The chat turns: one system turn first (the instructions and the items' system and developer messages,
+        as vLLM merges them), then the items; consecutive function calls make one assistant turn, and their
         outputs tool turns."""
         messages: list[dict[str, Any]] = []
         system = [] if self.instructions is None else [self.instructions]
-        items = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else self.input
         for i, item in enumerate(items):
             kind = item.get("type", "message")
             if kind == "message":
@@ -109,14 +113,42 @@ class ResponsesRequest(_SamplingFields):
                                  "function_call_output, reasoning)")
         return ([{"role": "system", "content": "\n\n".join(system)}] if system else []) + messages
 
-    def echoed_fields(self) -> dict[str, Any]:
+    def echoed_fields(self, stored: bool) -> dict[str, Any]:
         """The request's settings as a Response object repeats them."""
         return {"instructions": self.instructions, "max_output_tokens": self.max_output_tokens,
                 "temperature": self.temperature, "top_p": self.top_p, "parallel_tool_calls": self.parallel_tool_calls,
                 "tool_choice": self.tool_choice or ("auto" if self.tools else "none"), "tools": self.tools or [],
                 "text": self.text or {"format": {"type": "text"}}, "metadata": self.metadata or {},
-                "reasoning": self.reasoning or {"effort": None, "summary": None}, "store": False,
-                "previous_response_id": None, "background": False, "truncation": "disabled", "user": self.user}
+                "reasoning": self.reasoning or {"effort": None, "summary": None}, "store": stored,
+                "previous_response_id": self.previous_response_id, "background": False, "truncation": "disabled",
+                "user": self.user}
+
+
+class ResponseStore:
+    """The last `capacity` responses made with `store` (OpenAI's default): each one's object (GET
+    /v1/responses/{id}) and its conversation (its input after the one it continued, and its output), which a
+    request with `previous_response_id` continues. In memory, least recently used out first."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._entries: OrderedDict[str, tuple[dict, list[dict]]] = OrderedDict()
+
+    def put(self, response: dict, conversation: list[dict]) -> None:
+        if self.capacity <= 0:
+            return
+        self._entries[response["id"]] = (response, conversation)
+        self._entries.move_to_end(response["id"])
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def get(self, response_id: str) -> tuple[dict, list[dict]] | None:
+        entry = self._entries.get(response_id)
+        if entry is not None:
+            self._entries.move_to_end(response_id)
+        return entry
+
+    def delete(self, response_id: str) -> bool:
+        return self._entries.pop(response_id, None) is not None
 
 
 def _item_text(content: Any, index: int) -> str:
@@ -186,10 +218,12 @@ class ResponsesFormat(BlockStream):
 
     done_marker = None  # the Responses stream ends with its last event (no [DONE])
 
-    def __init__(self, chat: ChatFormat, echoed: dict[str, Any], tokenizer: Any = None):
+    def __init__(self, chat: ChatFormat, echoed: dict[str, Any], tokenizer: Any = None,
+                 on_done: Callable[[dict], None] | None = None):
         super().__init__(chat)
         self.echoed = echoed
         self.tokenizer = tokenizer  # counts the thought's tokens (usage's reasoning_tokens)
+        self.on_done = on_done  # given the finished Response (to store it)
         self.sequence = 0
         self.ids: dict[int, str] = {}  # block index -> item id
 
@@ -222,7 +256,13 @@ class ResponsesFormat(BlockStream):
 
     def response(self, finals: list[RequestOutput]) -> dict:
         [out] = finals
-        return self._object("completed", blocks_of(self.chat.response(finals)["choices"][0]["message"]), out)
+        return self._done(self._object("completed", blocks_of(self.chat.response(finals)["choices"][0]["message"]),
+                                       out))
+
+    def _done(self, response: dict) -> dict:
+        if self.on_done is not None:
+            self.on_done(response)
+        return response
 
     # ---- streaming -----------------------------------------------------------------------------------------
     def _event(self, kind: str, **fields) -> dict:
@@ -268,6 +308,6 @@ class ResponsesFormat(BlockStream):
                                      item=_item(block, item_id))]
 
     def on_finish(self, out: RequestOutput) -> list[dict]:
-        final = self._object("completed", self.blocks, out)
+        final = self._done(self._object("completed", self.blocks, out))
         kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
         return [self._event(kind, response=final)]

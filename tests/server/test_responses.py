@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 
+import openai
 import pytest
 
 from softprompt import Request, SamplingParams
 from softprompt.engine.server.app import ServerConfig
 from softprompt.engine.server.registry import PromptRegistry
+from softprompt.engine.server.responses import ResponseStore
 
 from .support import TOOLS_TEMPLATE, UNIT_SCHEMA, RunningServer, make_engine
 
@@ -123,7 +125,6 @@ def test_auto_tool_calls_come_as_function_call_items(server):
 
 
 @pytest.mark.parametrize("body, param", [
-    ({"previous_response_id": "resp_1"}, "previous_response_id"),
     ({"background": True}, "background"),
     ({"tools": [{"type": "web_search"}]}, "tools"),
     ({"text": {"format": {"type": "xml"}}}, "text"),
@@ -131,7 +132,7 @@ def test_auto_tool_calls_come_as_function_call_items(server):
     ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}, "input"),
     ({"input": [{"role": "robot", "content": "x"}]}, "input"),
     ({"tool_choice": {"type": "mcp"}, "tools": TOOLS}, "tool_choice"),
-], ids=["previous", "background", "web-search", "xml", "image-item", "image-part", "role", "tool-choice"])
+], ids=["background", "web-search", "xml", "image-item", "image-part", "role", "tool-choice"])
 def test_what_is_not_supported_is_refused_by_name(server, body, param):
     r = server.client().post("/v1/responses", json={"model": "base", "input": "x", "max_output_tokens": 2, **body})
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
@@ -159,3 +160,44 @@ def test_instructions_and_system_messages_make_one_first_system_turn(server):
         "messages": [{"role": "system", "content": "be brief\n\nuse French"}, {"role": "user", "content": "hi"}]})
     assert chat.json()["choices"][0]["prompt_token_ids"] == want
     assert got["output"][0]["content"][0]["text"] == chat.json()["choices"][0]["message"]["reasoning"]
+
+
+def test_previous_response_id_continues_a_stored_conversation(server):
+    client = server.openai()
+    first = client.responses.create(model="base", input="hi", instructions="be brief", max_output_tokens=20,
+                                    extra_body={"guided_regex": "a reply"})  # (constrained: all answer)
+    assert first.output_text == "a reply" and first.store is True
+    kw = dict(model="base", max_output_tokens=5, temperature=0)
+    follow = client.responses.create(**kw, previous_response_id=first.id, input="and then?")
+    whole = client.responses.create(**kw, input=[{"role": "user", "content": "hi"},
+                                                 {"role": "assistant", "content": "a reply"},
+                                                 {"role": "user", "content": "and then?"}])
+    # the same conversation (the first response's instructions are not carried over, as in OpenAI's API)
+    assert follow.output[0].content[0].text == whole.output[0].content[0].text
+    assert follow.previous_response_id == first.id and follow.usage.input_tokens == whole.usage.input_tokens
+    third = client.responses.create(**kw, previous_response_id=follow.id, input="more")  # a chain
+    assert third.usage.input_tokens > follow.usage.input_tokens
+    # streamed ones are stored too; retrieve and delete find them
+    streamed = list(client.responses.create(model="base", input="x", max_output_tokens=2, stream=True))[-1].response
+    assert client.responses.retrieve(streamed.id).output[0].content[0].text == streamed.output[0].content[0].text
+    assert client.responses.retrieve(first.id).output_text == "a reply"
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(**kw, previous_response_id=first.id, input="x")
+    unstored = client.responses.create(**kw, input="x", store=False)
+    assert unstored.store is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+
+
+def test_the_store_keeps_the_last_responses():
+    store = ResponseStore(2)
+    for name in ("a", "b"):
+        store.put({"id": name}, [])
+    store.get("a")  # used: b is now the oldest
+    store.put({"id": "c"}, [])
+    assert [k for k in ("a", "b", "c") if store.get(k)] == ["a", "c"]
+    assert store.delete("a") and not store.delete("a")
+    ResponseStore(0).put({"id": "x"}, [])  # 0: nothing kept
