@@ -24,7 +24,7 @@ from .prompts import PromptStore, SoftPrompt
 from .reference import ReferencePath
 from .request import PendingText, Request, RequestOutput, RequestTiming
 from .sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob, make_generator, token_logprobs
-from .scheduler import SCHEDULING_POLICIES, Scheduler, SchedulerConfig
+from .scheduler import Scheduler, SchedulerConfig
 from .scoring import score_continuations
 from .sequence import Sequence, Status
 from .stopping import check_finish
@@ -111,9 +111,8 @@ class Engine:
             raise SoftPromptError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
         if block_size < 1 or max_num_seqs < 1 or max_batched_tokens < 1:
             raise SoftPromptError("block_size, max_num_seqs and max_batched_tokens must be >= 1")
-        if scheduling_policy not in SCHEDULING_POLICIES:
-            raise SoftPromptError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, "
-                                  f"got {scheduling_policy!r}")
+        # (checked here, before any weights load)
+        scheduler_config = SchedulerConfig(max_num_seqs, max_batched_tokens, policy=scheduling_policy)
         self.model_dir = resolve_model(model_dir, revision)
         self.model = load_model(self.model_dir, device=device, dtype=dtype)
         self.config = self.model.config
@@ -162,8 +161,7 @@ class Engine:
         self.block_cache = BlockCache(self.pool) if enable_prefix_caching and self.backend != "reference" else None
         self.prefix_cache = PrefixCache(self.pool, self.runner.compute_prefixes,
                                         reclaim=None if self.block_cache is None else self.block_cache.evict_one)
-        self.scheduler = Scheduler(self.prefix_cache, SchedulerConfig(max_num_seqs, max_batched_tokens,
-                                                                      policy=scheduling_policy), self.block_cache)
+        self.scheduler = Scheduler(self.prefix_cache, scheduler_config, self.block_cache)
         self._sequences: dict[str, Sequence] = {}
         self._order = itertools.count()
 

@@ -7,6 +7,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from .block_cache import BlockCache
+from .errors import SoftPromptError
 from .kv_pool import OutOfBlocks
 from .prefix_cache import PrefixCache
 from .sequence import Sequence, Status
@@ -25,7 +26,8 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         if self.policy not in SCHEDULING_POLICIES:
-            raise ValueError(f"scheduling policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {self.policy!r}")
+            raise SoftPromptError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, "
+                                  f"got {self.policy!r}")
 
 
 @dataclass

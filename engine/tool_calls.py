@@ -143,11 +143,11 @@ class MistralParser:
     def parse(self, text: str) -> ParsedAnswer:
         at = text.find(self.marker)
         if at < 0:
-            calls = _array_of_calls(text.lstrip()) if text.lstrip().startswith("[") else None
+            calls = _array_of_calls(text, "arguments", "parameters") if text.lstrip().startswith("[") else None
             return ParsedAnswer(None, calls) if calls else ParsedAnswer(text, [])
         rest = text[at + len(self.marker):]
         if rest.lstrip().startswith("["):
-            calls = _array_of_calls(rest.lstrip())
+            calls = _array_of_calls(rest, "arguments", "parameters")
         else:
             calls = [self._named_call(part) for part in rest.split(self.marker)]
             calls = None if any(c is None for c in calls) else calls
@@ -171,15 +171,16 @@ class MistralParser:
         return len(text) - partial_marker_length(text, (self.marker,))
 
 
-def _array_of_calls(body: str) -> list[ToolCall] | None:
-    """The calls of a JSON array of `{"name", "arguments"}` objects filling `body` (but for whitespace)."""
+def _array_of_calls(text: str, *argument_keys: str) -> list[ToolCall] | None:
+    """The calls of a JSON array of `{"name", <arguments>}` objects that is the whole of `text` (but for
+    whitespace), or None where it is not one (cut off, another value, an item without a name)."""
     try:
-        items, end = json.JSONDecoder().raw_decode(body)
+        items = json.loads(text)
     except ValueError:
         return None
-    if body[end:].strip() or not isinstance(items, list) or not items:
+    if not isinstance(items, list) or not items:
         return None
-    calls = [_call_from(item, "arguments", "parameters") for item in items]
+    calls = [_call_from(item, *argument_keys) for item in items]
     return None if any(c is None for c in calls) else calls
 
 
@@ -223,14 +224,7 @@ def required_schema(functions: list[dict], parallel: bool = True) -> dict:
 
 def calls_from_required(text: str) -> list[ToolCall] | None:
     """The calls of a tool_choice="required" answer, or None where it is not a complete array of them (cut off)."""
-    try:
-        items = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(items, list) or not items:
-        return None
-    calls = [_call_from(item, "parameters") for item in items]
-    return None if any(c is None for c in calls) else calls
+    return _array_of_calls(text, "parameters")
 
 
 def template_messages(messages: list[dict]) -> list[dict]:

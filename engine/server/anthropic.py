@@ -16,7 +16,7 @@ from ..request import RequestOutput
 from .blocks import CALL, TEXT, THOUGHT, Block, BlockStream
 from .formatting import ChatFormat, usage
 from .responses import blocks_of
-from .schemas import ChatCompletionRequest, Number
+from .schemas import ChatCompletionRequest, Number, joined_text
 
 
 class MessagesRequest(BaseModel):
@@ -59,8 +59,7 @@ class MessagesRequest(BaseModel):
     def _messages(self) -> list[dict[str, Any]]:
         messages: list[dict[str, Any]] = []
         if self.system is not None:
-            messages.append({"role": "system", "content": self.system if isinstance(self.system, str)
-                             else _texts(self.system, "system")})
+            messages.append({"role": "system", "content": _texts(self.system, "system")})
         for i, message in enumerate(self.messages):
             role, content = message.get("role"), message.get("content")
             if role not in ("user", "assistant"):
@@ -80,7 +79,7 @@ class MessagesRequest(BaseModel):
                         "name": block.get("name"), "arguments": json.dumps(block.get("input", {}))}})
                 elif kind == "tool_result" and role == "user":  # each a tool turn, before the user's text
                     result = block.get("content", "")
-                    text = result if isinstance(result, str) else _texts(result, f"messages[{i}]")
+                    text = _texts(result, f"messages[{i}]")
                     messages.append({"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": text})
                 elif kind in ("thinking", "redacted_thinking") and role == "assistant":
                     thought = block.get("thinking")
@@ -102,14 +101,8 @@ _TRANSLATED = frozenset({"messages", "stop", "tools", "tool_choice", "parallel_t
                          "max_completion_tokens", "n", "logprobs", "top_logprobs"})
 
 
-def _texts(blocks: list[Any], where: str) -> str:
-    texts = []
-    for block in blocks:
-        if not isinstance(block, dict) or block.get("type") != "text":
-            kind = block.get("type") if isinstance(block, dict) else type(block).__name__
-            raise ValueError(f"messages: {where} has a {kind!r} block where only text blocks are supported")
-        texts.append(block.get("text", ""))
-    return "\n".join(texts)
+def _texts(content: Any, where: str) -> str:
+    return joined_text(content, ("text",), "messages", where)
 
 
 def _chat_tool(tool: dict[str, Any]) -> dict[str, Any]:

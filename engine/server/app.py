@@ -31,7 +31,7 @@ from ..sampling import SamplingParams
 from ..tokenizer import require_tokenizer
 from ..tool_calls import tool_call_parser
 from .anthropic import CountTokensRequest, MessagesFormat, MessagesRequest
-from .auth import APIKeyGuard, bearer_token, token_matches
+from .auth import APIKeyGuard, presented_key, token_matches
 from .engine_loop import EngineFailure, EngineLoop, RequestStream, ServerStopping, compile_constraints
 from .formatting import ChatFormat, CompletionFormat, TokenStrings, _Format
 from .metrics import METHODS, ServerMetrics, endpoint_label
@@ -286,7 +286,7 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
     def require_admin(request: Request) -> None:
         if config.admin_token is None:
             return
-        if not token_matches(bearer_token(request.headers.raw), [config.admin_token]):
+        if not token_matches(presented_key(request.headers.raw), [config.admin_token]):
             raise APIError(401, "this endpoint needs the admin bearer token (Authorization: Bearer ...)",
                            type_="authentication_error", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
@@ -485,12 +485,7 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
     async def responses(body: ResponsesRequest, http: Request):
         history: list[dict] = []
         if body.previous_response_id is not None:
-            entry = responses_kept.get(body.previous_response_id)
-            if entry is None:
-                raise APIError(404, f"no stored response {body.previous_response_id!r} to continue (this server keeps "
-                               f"its last {config.stored_responses} responses made without store=false)",
-                               type_="not_found_error", param="previous_response_id", code="response_not_found")
-            history = entry[1]
+            history = stored_response(body.previous_response_id, "previous_response_id")[1]
         chat, requests, chat_fmt = await prepare_chat(_as_chat(lambda: body.as_chat(history)), "resp")
         conversation = [*history, *body.input_items()]
         store = body.store is not False and config.stored_responses > 0
@@ -501,19 +496,23 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
         fmt = ResponsesFormat(chat_fmt, body.echoed_fields(store), engine.tokenizer, keep if store else None)
         return await generate(http, chat, requests, fmt)
 
-    @app.get("/v1/responses/{response_id}")
-    async def retrieve_response(response_id: str):
+    def stored_response(response_id: str, param: str | None = None) -> tuple[dict, list[dict]]:
+        """A kept response and its conversation, or the 404 naming it."""
         entry = responses_kept.get(response_id)
         if entry is None:
-            raise APIError(404, f"no stored response {response_id!r}", type_="not_found_error",
-                           code="response_not_found")
-        return entry[0]
+            raise APIError(404, f"no stored response {response_id!r} (this server keeps its last "
+                           f"{config.stored_responses} responses made without store=false)",
+                           type_="not_found_error", param=param, code="response_not_found")
+        return entry
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(response_id: str):
+        return stored_response(response_id)[0]
 
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str):
-        if not responses_kept.delete(response_id):
-            raise APIError(404, f"no stored response {response_id!r}", type_="not_found_error",
-                           code="response_not_found")
+        stored_response(response_id)
+        responses_kept.delete(response_id)
         return {"id": response_id, "object": "response", "deleted": True}
 
     # ---- tokenizer (vLLM's /tokenize and /detokenize) ------------------------------------------------

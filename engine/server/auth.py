@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from .schemas import error_body
 
 
-def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
     """The key among raw ASGI headers: an `Authorization: Bearer <token>` header's token, else an `x-api-key`
     header's value (Anthropic's clients send that), else None."""
     api_key = None
@@ -49,7 +49,7 @@ class APIKeyGuard:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and is_guarded(scope["path"]) and not token_matches(
-                bearer_token(scope["headers"]), self.keys):
+                presented_key(scope["headers"]), self.keys):
             return await missing_api_key()(scope, receive, send)
         return await self.app(scope, receive, send)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..errors import SoftPromptError
 from ..reasoning import REASONING_PARSERS
+from ..scheduler import SCHEDULING_POLICIES
 from ..tool_calls import TOOL_CALL_PARSERS
 
 ADMIN_TOKEN_ENV = "SOFTPROMPT_ADMIN_TOKEN"
@@ -45,7 +46,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests that may wait beyond the running batch; more are refused with 429")
     p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs",
+    p.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default="fcfs",
                    help="fcfs: first come, first served; priority: by each request's `priority` (lower first), "
                    "then arrival, as vLLM's")
     p.add_argument("--max-batched-tokens", type=int, default=2048)

@@ -45,7 +45,7 @@ from ..errors import PromptError, UnknownPromptError
 from ..hub import resolve_model, resolve_prompt_source
 from .app import APIError, ServerConfig, create_app, to_api_error
 from .asgi_call import ForwardedRequest, ResponseHead, call_asgi
-from .auth import bearer_token, missing_api_key, token_matches
+from .auth import missing_api_key, presented_key, token_matches
 from .registry import _VERSION_SUFFIX, BASE_MODEL, PromptRegistry, check_public_name
 from .schemas import error_body
 from .shared_prompts import SharedPrompts
@@ -346,7 +346,7 @@ class OpenAIIngress:
     def _refused(self, request: Request) -> Response | None:
         """A 401 for a request without the API key (where one is set); None to go on."""
         key = self.settings.api_key
-        if key and not token_matches(bearer_token(request.headers.raw), [key]):
+        if key and not token_matches(presented_key(request.headers.raw), [key]):
             return missing_api_key()
         return None
 

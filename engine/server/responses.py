@@ -17,7 +17,7 @@ from pydantic import ConfigDict, StrictBool, StrictInt, StrictStr
 from ..request import RequestOutput
 from .blocks import CALL, TEXT, THOUGHT, Block, BlockStream
 from .formatting import ChatFormat, usage
-from .schemas import ChatCompletionRequest, _SamplingFields
+from .schemas import ChatCompletionRequest, _SamplingFields, joined_text
 
 _MESSAGE_ROLES = ("user", "assistant", "system", "developer")
 
@@ -105,7 +105,7 @@ class ResponsesRequest(_SamplingFields):
             elif kind == "function_call_output":
                 output = item.get("output")
                 messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
-                                 "content": output if isinstance(output, str) else _item_text(output, i)})
+                                 "content": _item_text(output, i)})
             elif kind == "reasoning":
                 continue  # an earlier turn's thought: templates drop it from the history anyway
             else:
@@ -152,18 +152,7 @@ class ResponseStore:
 
 
 def _item_text(content: Any, index: int) -> str:
-    """An input item's content as text: a string, or its text parts (input_text / output_text) joined."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text", "text"):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise ValueError(f"input: input[{index}] has a {kind!r} part (only text parts are supported)")
-            texts.append(part.get("text", ""))
-        return "\n".join(texts)
-    raise ValueError(f"input: input[{index}]'s content must be a string or a list of text parts")
+    return joined_text(content, ("input_text", "output_text", "text"), "input", f"input[{index}]")
 
 
 def _chat_tool(tool: dict[str, Any]) -> dict[str, Any]:

@@ -223,6 +223,22 @@ class ChatMessage(BaseModel):
         return message
 
 
+def joined_text(content: Any, text_types: tuple[str, ...], param: str, where: str) -> str:
+    """Content as text: a string, or a list of text parts (of `text_types`) joined by newlines, as chat's text parts
+    are; ValueError "param: message" naming anything else (the Responses and Messages APIs' content)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ValueError(f"{param}: {where}'s content must be a string or a list of text parts")
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind not in text_types:
+            raise ValueError(f"{param}: {where} has a {kind!r} part (only text parts are supported)")
+        texts.append(part.get("text", ""))
+    return "\n".join(texts)
+
+
 class FunctionDefinition(BaseModel):
     model_config = ConfigDict(extra="ignore")
     name: StrictStr = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")  # OpenAI's rule
