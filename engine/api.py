@@ -21,6 +21,7 @@ from .loader import load_model
 from .model_runner import ModelRunner
 from .prefix_cache import PrefixCache
 from .prompts import PromptStore, SoftPrompt
+from .reasoning import END, START, ReasoningParser, ThoughtGate, reasoning_parser, thought_marker_ids
 from .reference import ReferencePath
 from .request import PendingText, Request, RequestOutput, RequestTiming
 from .sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob, make_generator, token_logprobs
@@ -64,6 +65,8 @@ class PreparedRequest:
     input_ids: list[int]
     params: SamplingParams  # max_new_tokens capped so prefix + input + output fits the model's positions
     grammar: object | None = None  # its structured output compiled (engine/structured.py), where it asks for one
+    # where its constraint holds on a thinking model's answer alone: ThoughtGate's (<think> id, </think> id, open)
+    thought: tuple[int, int, bool] | None = None
 
 
 class Engine:
@@ -88,6 +91,10 @@ class Engine:
     request tokens stay cached after their request, and a later request of the same task that begins with the
     same tokens (a shared instruction or few-shot examples, the n samples of one input, a preempted request)
     computes only the rest. A task's soft-prompt K/V are cached whatever this says.
+
+    reasoning_parser ("deepseek_r1" or "qwen3", as the server's --reasoning-parser): a thinking model's
+    structured outputs and guided_choice hold on its answer after the `<think> ... </think>` thought, not on the
+    thought (see set_reasoning_parser).
     """
 
     def __init__(
@@ -106,6 +113,7 @@ class Engine:
         revision: str | None = None,
         max_model_len: int | None = None,
         scheduling_policy: str = "fcfs",
+        reasoning_parser: str | None = None,
     ):
         if backend not in BACKENDS:
             raise SoftPromptError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
@@ -127,6 +135,10 @@ class Engine:
         self.tokenizer: Tokenizer | None = load_tokenizer(self.model_dir)
         self.eos_token_ids = self._eos_ids()
         self.generation_defaults = self.config.generation_defaults
+        self.reasoning: ReasoningParser | None = None
+        self._thought_markers: tuple[int, int] | None = None
+        if reasoning_parser is not None:
+            self.set_reasoning_parser(reasoning_parser)
         self.structured_outputs = StructuredOutputs(None if self.tokenizer is None else self.tokenizer.hf,
                                                     self.config.vocab_size, self.eos_token_ids)
         self.prompts = PromptStore(
@@ -175,6 +187,27 @@ class Engine:
         """Chat (the server's /v1/chat/completions) with this Jinja template in place of the tokenizer's own, e.g.
         for a base model that has none (vLLM's --chat-template)."""
         require_tokenizer(self.tokenizer, "a chat template").set_chat_template(template)
+
+    def set_reasoning_parser(self, name: str | None) -> None:
+        """Constrain a thinking model's answer, not its thought (vLLM's structured outputs with a reasoning parser):
+        a later request's structured output (guided_json / regex / grammar / JSON mode) or guided_choice holds from
+        the token after `</think>`, while the thought is free. `deepseek_r1`: the thought is open from the first
+        token; `qwen3`: where the input ends inside an open `<think>`, else the first token may be `<think>` (which
+        opens one) or the constraint's. A thought that never closes leaves the whole output unconstrained. Needs
+        `<think>` and `</think>` to be single tokens of the tokenizer (as in Qwen3, QwQ and DeepSeek R1's
+        models); None: constraints hold from the first token (the default)."""
+        if name is None:
+            self.reasoning, self._thought_markers = None, None
+            return
+        try:
+            parser = reasoning_parser(name)
+        except ValueError as exc:
+            raise SoftPromptError(str(exc)) from None
+        markers = thought_marker_ids(require_tokenizer(self.tokenizer, "a reasoning parser"))
+        if markers is None or not all(0 <= i < self.config.vocab_size for i in markers):
+            raise SoftPromptError(f"reasoning parser {name!r}: {START!r} and {END!r} are not single tokens of this "
+                                  "model's tokenizer")
+        self.reasoning, self._thought_markers = parser, markers
 
     def default_sampling_params(self, **overrides) -> SamplingParams:
         """SamplingParams with the checkpoint's recommended sampling settings (`generation_config.json`'s
@@ -283,6 +316,11 @@ class Engine:
         if params.structured is not None:
             require_tokenizer(self.tokenizer, f"guided_{params.structured[0]}")
         grammar = self.structured_outputs.compile_for(params)
+        thought = None
+        if self.reasoning is not None and (grammar is not None or params.choice_token_ids is not None):
+            start, end = self._thought_markers
+            last = {t: i for i, t in enumerate(ids) if t in (start, end)}  # each marker's last position
+            thought = start, end, self.reasoning.thinks_from_the_start or last.get(start, -1) > last.get(end, -1)
         if params.max_new_tokens > room:
             params = replace(params, max_new_tokens=room, min_tokens=min(params.min_tokens, room))
         if self.backend != "reference":
@@ -292,7 +330,7 @@ class Engine:
                     f"request needs {need} KV blocks but the whole pool has {self.pool.num_blocks}: "
                     "raise kv_cache_bytes or shorten the input"
                 )
-        return PreparedRequest(request, prompt, ids, params, grammar)
+        return PreparedRequest(request, prompt, ids, params, grammar, thought)
 
     def _check_in_vocab(self, ids, what: str) -> None:
         """Raise naming the first of `ids` outside the vocabulary (a `what` such as "choice token id")."""
@@ -336,8 +374,11 @@ class Engine:
             generator=make_generator(prep.params),
             timing=RequestTiming(arrival=time.perf_counter()),
             arrival_order=next(self._order),
-            guide=None if prep.grammar is None else GrammarGuide(prep.grammar),
         )
+        if prep.thought is not None:
+            seq.gate = ThoughtGate(*prep.thought)
+        if prep.grammar is not None:
+            seq.guide = GrammarGuide(prep.grammar, seq.gate)
         if self.tokenizer is not None:
             seq.text = IncrementalText(self.tokenizer, seq.generated, prep.params.skip_special_tokens, seq.input_ids)
         if prep.params.prompt_logprobs is not None:
@@ -402,13 +443,14 @@ class Engine:
             return []
         seqs = [batch.seqs[i] for i in sampled]
         processes = list(map(_PROCESSES_LOGITS, seqs))
-        histories, guides = None, None
+        histories, guides, gates = None, None, None
         if any(processes):
             histories = [(s.input_ids, s.generated) for s in seqs]
             guides = [s.guide for s in seqs]
+            gates = [s.gate for s in seqs]
         tokens, logprobs = self.runner.sample(hidden, [s.params for s in seqs], [s.generator for s in seqs],
                                               histories, self.eos_token_ids, list(map(_SCREENABLE, seqs)), processes,
-                                              guides)
+                                              guides, gates)
         now = time.perf_counter()
         outputs = []
         for seq, token, lp in zip(seqs, tokens, logprobs):
@@ -442,7 +484,7 @@ class Engine:
             seq.logprobs.append(logprob)
         if seq.timing.first_token is None:
             seq.timing.first_token = now
-        finish = check_finish(seq.generated, seq.params, self.eos_token_ids, seq.text)
+        finish = check_finish(seq.generated, seq.params, self.eos_token_ids, seq.text, seq.gate)
         if finish is not None:
             seq.finish_reason, seq.stop_reason, seq.text_end = finish.reason, finish.stop_reason, finish.text_end
             seq.timing.finished = now
@@ -457,7 +499,7 @@ class Engine:
         decode = None if seq.text is None else seq.text.exact
         prefix = None if seq.prompt is None else seq.prompt.reference_input
         tokens, logprobs, finish = self.reference.generate(prefix, seq.input_ids, seq.params, self.eos_token_ids,
-                                                           decode, seq.guide)
+                                                           decode, seq.guide, seq.gate)
         seq.generated.extend(tokens)  # the list seq.text reads
         seq.logprobs = logprobs or []
         if seq.params.prompt_logprobs is not None:

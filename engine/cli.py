@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import SoftPromptError
+from .reasoning import REASONING_PARSERS
 
 EXTERNAL_COMMANDS = (
     ("serve", "server.cli", "the OpenAI-compatible HTTP server (needs the server extra)"),
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the output follows this EBNF (GBNF) grammar: its text, or @FILE (needs xgrammar)")
     gen.add_argument("--compact-json", action="store_true",
                      help="JSON outputs without free whitespace (disable_any_whitespace)")
+    gen.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS), default=None,
+                     help="a thinking model's constraint (--choice, --json-schema, --regex, ...) holds on its answer "
+                     "after the <think> part, not on the thought (deepseek_r1, qwen3)")
     gen.add_argument("--truncate-prompt-tokens", type=int, default=None, metavar="K",
                      help="keep only the input's last K tokens (-1: as many as fit)")
     gen.add_argument("--bad-word", action="append", default=[], metavar="TEXT",
@@ -122,7 +126,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .sampling import SamplingParams
 
     engine = Engine(args.model_dir, device=args.device, dtype=args.dtype, backend=args.backend,
-                    cuda_graphs=False if args.enforce_eager else None, max_model_len=args.max_model_len)
+                    cuda_graphs=False if args.enforce_eager else None, max_model_len=args.max_model_len,
+                    reasoning_parser=args.reasoning_parser)
     for item in args.prompt:
         name, source = _split_pair(item, "--prompt")
         engine.add_prompt(name, source)

@@ -121,12 +121,13 @@ class ModelRunner:
     def sample(self, hidden: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
                histories: list[tuple[list[int], list[int]]] | None = None, eos_token_ids: tuple[int, ...] = (),
                screenable: list[bool] | None = None, processes: list[bool] | None = None,
-               guides: list | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
+               guides: list | None = None, gates: list | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
         """The next token of each row of final hidden states (see sample_next: `histories` are the rows' (input
         ids, generated tokens), for logit processors); greedy rows that want no logprobs and process no logits
         skip the fp32 logits (ScreenedGreedyHead gives their exact argmax). `screenable` and `processes`: the
         rows' `params.screenable` and `params.processes_logits`, if the caller has them already; `guides`: the
-        rows' GrammarGuides (structured outputs), where any row has one."""
+        rows' GrammarGuides (structured outputs), where any row has one; `gates`: their ThoughtGates (see
+        process_logits), where any row has one."""
         fast = []
         if self.greedy_head is not None:
             if screenable is None:
@@ -134,7 +135,7 @@ class ModelRunner:
             fast = [i for i, ok in enumerate(screenable) if ok]
         if not fast:
             return sample_next(self.model.compute_logits(hidden), params, generators, histories, eos_token_ids,
-                               processes, guides)
+                               processes, guides, gates)
         tokens: list[int] = [0] * len(params)
         logprobs: list[TokenLogprob | None] = [None] * len(params)
         picked = self.greedy_head(hidden.index_select(0, index_tensor(fast, self.device)))
@@ -147,7 +148,8 @@ class ModelRunner:
                                                      None if histories is None else [histories[i] for i in rest],
                                                      eos_token_ids,
                                                      None if processes is None else [processes[i] for i in rest],
-                                                     None if guides is None else [guides[i] for i in rest])
+                                                     None if guides is None else [guides[i] for i in rest],
+                                                     None if gates is None else [gates[i] for i in rest])
             for i, token, lp in zip(rest, rest_tokens, rest_logprobs):
                 tokens[i], logprobs[i] = token, lp
         return tokens, logprobs

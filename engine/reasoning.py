@@ -10,6 +10,7 @@ the answer goes to the message's `reasoning` (and `reasoning_content`, its older
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .stopping import partial_marker_length
@@ -73,3 +74,45 @@ class ReasoningStream:
         piece = reasoning[self.reasoning_sent:] if len(reasoning) > self.reasoning_sent else ""
         self.reasoning_sent = max(self.reasoning_sent, len(reasoning))
         return piece, content or ""
+
+
+def thought_marker_ids(tokenizer) -> tuple[int, int] | None:
+    """The token ids of `<think>` and `</think>` where each is one token of the tokenizer (`Tokenizer`, as
+    Qwen3's, DeepSeek R1's and QwQ's are), else None."""
+    ids = [tokenizer.encode(marker, add_special_tokens=False) for marker in (START, END)]
+    if any(len(i) != 1 for i in ids):
+        return None
+    return ids[0][0], ids[1][0]
+
+
+class ThoughtGate:
+    """Where a thinking model's answer starts among its generated tokens, for the constraints that hold on the
+    answer alone (structured outputs and guided_choice with a reasoning parser, as vLLM applies them): none while
+    the thought is open, from the token after `</think>` on. `open_at_start`: the thought is open before the first
+    token (deepseek_r1, or a prompt that ends inside one); else the first token may open one (`<think>`), and
+    any other first token starts the answer, as `ReasoningParser.split` reads it."""
+
+    def __init__(self, start_id: int, end_id: int, open_at_start: bool):
+        self.start_id, self.end_id = start_id, end_id
+        self._state = "thinking" if open_at_start else "undecided"
+        self._seen = 0  # generated tokens read so far
+        self._answer_from = 0  # the answer's first generated index, once in "answer"
+
+    def answer(self, generated: Sequence[int]) -> Sequence[int] | None:
+        """The answer's tokens among `generated` so far ([] before its first), or None while in the thought."""
+        while self._seen < len(generated) and self._state != "answer":
+            token = generated[self._seen]
+            self._seen += 1
+            if self._state == "undecided":
+                self._state = "thinking" if token == self.start_id else "answer"
+                self._answer_from = 0
+            elif token == self.end_id:
+                self._state, self._answer_from = "answer", self._seen
+        if self._state == "thinking":
+            return None
+        return generated[self._answer_from:] if self._state == "answer" else generated[:0]
+
+    def may_open(self, generated: Sequence[int]) -> bool:
+        """Whether the next token may open a thought (besides what the answer's constraint allows)."""
+        self.answer(generated)
+        return self._state == "undecided"

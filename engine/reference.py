@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .detokenizer import FullText
 from .models import CausalLM
+from .reasoning import ThoughtGate
 from .sampling import SamplingParams, TokenLogprob, make_generator, sample_next
 from .stopping import Finish, check_finish
 from .structured import GrammarGuide
@@ -111,6 +112,7 @@ class ReferencePath:
         eos_token_ids: tuple[int, ...],
         decode: Callable[[list[int]], str] | None = None,
         guide: GrammarGuide | None = None,
+        gate: ThoughtGate | None = None,
     ) -> tuple[list[int], list[TokenLogprob] | None, Finish]:
         generator = make_generator(params)
         generated: list[int] = []
@@ -119,10 +121,10 @@ class ReferencePath:
         while True:
             last = self.model.compute_logits(self.hidden(prefix, ids + generated)[-1:])
             tokens, lps = sample_next(last, [params], [generator], [(ids, generated)], eos_token_ids,
-                                      guides=[guide])
+                                      guides=[guide], gates=[gate])
             generated.append(tokens[0])
             if lps[0] is not None:
                 logprobs.append(lps[0])
-            finish = check_finish(generated, params, eos_token_ids, text)
+            finish = check_finish(generated, params, eos_token_ids, text, gate)
             if finish is not None:
                 return generated, (logprobs if params.logprobs is not None else None), finish

@@ -7,12 +7,16 @@ import random
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import SamplingParamsError
 from .guided import MAX_GUIDED_CHOICES, allowed_next
 from .structured import GrammarGuide, apply_guides, canonical_json_schema
+
+if TYPE_CHECKING:
+    from .reasoning import ThoughtGate
 
 MAX_LOGPROBS = 20
 MAX_BAD_WORDS = 128
@@ -285,12 +289,14 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
 
 def process_logits(logits: torch.Tensor, params_list: list[SamplingParams],
                    histories: list[tuple[Sequence[int], Sequence[int]]], eos_token_ids: Sequence[int],
-                   guides: Sequence[GrammarGuide | None] | None = None) -> torch.Tensor:
+                   guides: Sequence[GrammarGuide | None] | None = None,
+                   gates: Sequence[ThoughtGate | None] | None = None) -> torch.Tensor:
     """Rows of fp32 logits [B, V] after each row's logit processors (see SamplingParams), as a new tensor.
 
     `histories[i]`: row i's (input ids, generated tokens); `guides[i]`: its structured-output state, where its
-    params ask for one. One scatter per processor for the whole batch, from (row, token) pairs: no dense [B, V]
-    count matrix (a 128k vocabulary at 256 rows would be 128 MB)."""
+    params ask for one; `gates[i]`: where its guided_choice holds on a thinking model's answer alone (its
+    GrammarGuide holds its own gate). One scatter per processor for the whole batch, from (row, token) pairs: no
+    dense [B, V] count matrix (a 128k vocabulary at 256 rows would be 128 MB)."""
     out = logits.clone()
     guided = [(row, guide) for row, guide in enumerate(guides or ()) if guide is not None]
     if guided:
@@ -306,7 +312,12 @@ def process_logits(logits: torch.Tensor, params_list: list[SamplingParams],
     for row, (params, (input_ids, generated)) in enumerate(zip(params_list, histories)):
         allowed = params.allowed_token_ids
         if params.choice_token_ids is not None:
-            allowed = allowed_next(params.choice_token_ids, generated, () if params.ignore_eos else eos_token_ids)
+            gate = None if gates is None else gates[row]
+            answer = generated if gate is None else gate.answer(generated)
+            if answer is not None:  # (None: in the thought, where the choice does not hold yet)
+                allowed = allowed_next(params.choice_token_ids, answer, () if params.ignore_eos else eos_token_ids)
+                if gate is not None and gate.may_open(generated):
+                    allowed = [*allowed, gate.start_id]
         if allowed is not None:
             allowed = sorted({t for t in allowed if t < vocab})
             allow_rows += [row] * len(allowed)
@@ -466,12 +477,14 @@ def sample_next(
     eos_token_ids: Sequence[int] = (),
     processes: list[bool] | None = None,
     guides: Sequence[GrammarGuide | None] | None = None,
+    gates: Sequence[ThoughtGate | None] | None = None,
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """Pick one token per row of fp32 logits [B, V]; each row uses only its own params and generator.
 
     `histories[i]`: row i's (input ids, generated tokens), needed where its params process logits.
     `processes[i]`: row i's `params.processes_logits`, if the caller has it already (the engine, every step).
-    `guides[i]`: row i's GrammarGuide, needed where its params ask for a structured output."""
+    `guides[i]`: row i's GrammarGuide, needed where its params ask for a structured output; `gates[i]`: see
+    process_logits."""
     tokens = torch.argmax(logits, dim=-1).tolist()
     if processes is None:
         processes = [params.processes_logits for params in params_list]
@@ -484,7 +497,8 @@ def sample_next(
             raise ValueError("sample_next needs a GrammarGuide for each row that asks for a structured output")
         rows = torch.tensor(processed, dtype=torch.long, device=logits.device)
         sub = process_logits(logits[rows], [params_list[i] for i in processed], [histories[i] for i in processed],
-                             eos_token_ids, None if guides is None else [guides[i] for i in processed])
+                             eos_token_ids, None if guides is None else [guides[i] for i in processed],
+                             None if gates is None else [gates[i] for i in processed])
         where = {row: j for j, row in enumerate(processed)}
         for row, token in zip(processed, torch.argmax(sub, dim=-1).tolist()):
             tokens[row] = token

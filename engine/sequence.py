@@ -50,6 +50,7 @@ class Sequence:
     text: IncrementalText | None = None  # the generated text as far as it was read (with a tokenizer)
     prefix: object | None = None  # the PrefixEntry held while running
     guide: object | None = None  # its GrammarGuide (engine/structured.py), where it asks for a structured output
+    gate: object | None = None  # its ThoughtGate (engine/reasoning.py), where its constraint waits for the answer
     # derived from params once (asked of every sequence each step): logit processors apply / the int8 greedy
     # screen may pick its token (greedy, no logprobs, no processors)
     processes_logits: bool = field(init=False, default=False)

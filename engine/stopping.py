@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .guided import choice_complete
 from .sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from .reasoning import ThoughtGate
 
 
 @dataclass(frozen=True)
@@ -40,9 +43,11 @@ def check_finish(
     params: SamplingParams,
     eos_token_ids: tuple[int, ...],
     text: StopText | None,
+    gate: ThoughtGate | None = None,
 ) -> Finish | None:
     """Called after each new token; None while the sequence should go on (always, before `min_tokens`).
-    A stop string counts where it ends after the text of the first `min_tokens` tokens, as in vLLM."""
+    A stop string counts where it ends after the text of the first `min_tokens` tokens, as in vLLM. `gate`: where
+    a guided_choice holds on a thinking model's answer alone."""
     if len(generated) < params.min_tokens:  # min_tokens <= max_new_tokens
         return None
     last = generated[-1]
@@ -50,7 +55,9 @@ def check_finish(
         return Finish("stop", last)
     if not params.ignore_eos and last in eos_token_ids:
         return Finish("stop", last)
-    if params.choice_token_ids is not None and choice_complete(params.choice_token_ids, generated):
+    answer = generated if gate is None or params.choice_token_ids is None else gate.answer(generated)
+    if params.choice_token_ids is not None and answer is not None and choice_complete(params.choice_token_ids,
+                                                                                      answer):
         return Finish("stop")
     if params.stop and text is not None:
         hit = text.find_stop(params.stop, params.min_tokens)

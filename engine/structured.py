@@ -22,6 +22,7 @@ import torch
 from .errors import RequestError
 
 if TYPE_CHECKING:
+    from .reasoning import ThoughtGate
     from .sampling import SamplingParams
 
 _COMPILED_CACHE_SIZE = 256
@@ -105,24 +106,40 @@ class StructuredOutputs:
 
 
 class GrammarGuide:
-    """One request's grammar state: accepts its generated tokens as they come and gives the next allowed ones."""
+    """One request's grammar state: accepts its generated tokens as they come and gives the next allowed ones.
+    `gate` (a reasoning.ThoughtGate): the grammar holds on the answer after a thinking model's thought only."""
 
-    def __init__(self, compiled: object):
+    def __init__(self, compiled: object, gate: ThoughtGate | None = None):
         self._matcher = xgrammar_module().GrammarMatcher(compiled)
+        self._gate = gate
         self._accepted = 0
         self.off_grammar = False  # a token the grammar refused was picked: it no longer constrains the request
 
-    def follow(self, generated: Sequence[int]) -> None:
-        """Accept the tokens generated since the last call. Only conflicting constraints can pick a refused token
-        (other processors banning every token the grammar allows, see sampling.py): the engine keeps serving."""
+    def follow(self, generated: Sequence[int]) -> bool:
+        """Accept the tokens generated since the last call; False while the grammar does not constrain yet (in the
+        thought). Only conflicting constraints can pick a refused token (other processors banning every token the
+        grammar allows, see sampling.py): the engine keeps serving."""
+        if self._gate is not None:
+            generated = self._gate.answer(generated)
+            if generated is None:
+                return False
         for token in generated[self._accepted:]:
             if not self.off_grammar and not self._matcher.accept_token(token):
                 self.off_grammar = True
             self._accepted += 1
+        return True
 
-    def fill(self, bitmask: torch.Tensor, row: int) -> None:
-        if not self.off_grammar:
-            self._matcher.fill_next_token_bitmask(bitmask, row)
+    def fill(self, bitmask: torch.Tensor, row: int, generated: Sequence[int] = ()) -> None:
+        """Row `row` of `bitmask`: the tokens the grammar allows next (and `<think>` where the answer may still
+        open a thought first)."""
+        if self.off_grammar:
+            return
+        self._matcher.fill_next_token_bitmask(bitmask, row)
+        if self._gate is not None and self._gate.may_open(generated):
+            word, bit = divmod(self._gate.start_id, 32)
+            if word < bitmask.shape[1]:
+                value = int(bitmask[row, word]) | (1 << bit)
+                bitmask[row, word] = value - (1 << 32) if value >= 1 << 31 else value  # as int32
 
 
 def apply_guides(logits: torch.Tensor, guides: list[tuple[int, GrammarGuide]],
@@ -131,6 +148,7 @@ def apply_guides(logits: torch.Tensor, guides: list[tuple[int, GrammarGuide]],
     xgr = xgrammar_module()
     bitmask = xgr.allocate_token_bitmask(logits.shape[0], logits.shape[1])  # all allowed
     for row, guide in guides:
-        guide.follow(histories[row][1])
-        guide.fill(bitmask, row)
+        generated = histories[row][1]
+        if guide.follow(generated):
+            guide.fill(bitmask, row, generated)
     xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=logits.shape[1])

@@ -76,9 +76,11 @@ def _corpus(num_sentences: int = 400) -> list[str]:
     return lines
 
 
-def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, corpus: Iterable[str] | None = None) -> Path:
+def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, corpus: Iterable[str] | None = None,
+                    added_tokens: Sequence[str] = ()) -> Path:
     """Train a deterministic byte-level BPE tokenizer (<unk>=0, <s>=1, </s>=2, <pad>=3) and save it to `out_dir`.
-    `corpus`: the lines to train on (default: sentences from a fixed word list, enough for a few hundred tokens)."""
+    `corpus`: the lines to train on (default: sentences from a fixed word list, enough for a few hundred tokens).
+    `added_tokens`: (non-special) added tokens after the trained ones, such as a thinking model's `<think>`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -108,6 +110,7 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, corpus: Iterable
         pad_token="<pad>",
         clean_up_tokenization_spaces=False,
     )
+    fast.add_tokens(list(added_tokens))
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out_dir)
     return out_dir

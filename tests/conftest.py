@@ -12,7 +12,7 @@ import huggingface_hub.constants  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from softprompt.testing import build_prompt_tuning_adapter, build_tiny_checkpoint  # noqa: E402
+from softprompt.testing import build_prompt_tuning_adapter, build_tiny_checkpoint, build_tokenizer  # noqa: E402
 
 huggingface_hub.constants.HF_HUB_OFFLINE = True  # where huggingface_hub was imported before this file
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -174,6 +174,15 @@ def tiny_model(root: Path, variant: str) -> Path:
 @pytest.fixture(scope="session")
 def model_dir_for(model_root):
     return lambda variant: tiny_model(model_root, variant)
+
+
+@pytest.fixture(scope="session")
+def thinking_model_dir(model_root) -> Path:
+    """The tiny Llama with a tokenizer whose last two ids are `<think>` and `</think>`, as a thinking model's."""
+    out = model_root / "llama-thinking"
+    build_tiny_checkpoint("llama", out, with_tokenizer=False)
+    build_tokenizer(out, 510, added_tokens=("<think>", "</think>"))
+    return out
 
 
 _adapters: dict[tuple, Path] = {}

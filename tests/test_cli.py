@@ -97,6 +97,21 @@ def test_generate_with_structured_outputs(model_dir_for, tmp_path, capsys):
     assert "--grammar: cannot read" in capsys.readouterr().err
 
 
+def test_generate_with_a_reasoning_parser(thinking_model_dir, model_dir_for, capsys):
+    """--reasoning-parser: the choice waits for the answer after the thought (none here: deepseek_r1's thought is
+    open from the start and this random model never closes it, so the output is the free one)."""
+    base = ["generate", str(thinking_model_dir), "--ids", "5,6,7", "--max-new-tokens", "8", "--json",
+            "--device", "cpu"]
+    assert main(base) == 0
+    free = json.loads(capsys.readouterr().out)["token_ids"]
+    assert main([*base, "--choice", "yes", "--choice", "no", "--reasoning-parser", "deepseek_r1"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == free
+    assert main([*base, "--choice", "yes", "--choice", "no"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] in ("yes", "no")
+    assert main(["generate", str(model_dir_for("llama")), "--ids", "5", "--reasoning-parser", "qwen3"]) == 2
+    assert "'<think>' and '</think>' are not single tokens" in capsys.readouterr().err
+
+
 def test_generate_with_a_task_of_a_multitask_adapter(model_dir_for, tmp_path, capsys):
     pytest.importorskip("peft")
     from softprompt.testing import build_multitask_prompt_tuning_adapter

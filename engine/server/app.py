@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -23,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ... import __version__
 from ..api import Engine
-from ..errors import PromptError, RequestError, SamplingParamsError, UnknownPromptError
+from ..errors import PromptError, RequestError, SamplingParamsError, SoftPromptError, UnknownPromptError
 from ..reasoning import prompt_opens_thought, reasoning_parser
 from ..request import Request as EngineRequest
 from ..request import RequestOutput
@@ -48,6 +49,8 @@ from .schemas import (
     _SamplingFields,
     error_body,
 )
+
+log = logging.getLogger("softprompt.server")
 
 
 @dataclass
@@ -227,6 +230,18 @@ def _has_chat_template(engine: Engine) -> bool:
     return engine.tokenizer is not None and engine.tokenizer.has_chat_template
 
 
+def _gate_thoughts(engine: Engine, parser: str) -> bool:
+    """Have the engine hold constraints on the answer after a thought (Engine.set_reasoning_parser), where the
+    tokenizer allows; whether it does."""
+    try:
+        engine.set_reasoning_parser(parser)
+    except SoftPromptError as exc:
+        log.warning("%s: structured outputs constrain the whole answer, thought and all, and a constrained answer "
+                    "is all content", exc)
+        return False
+    return True
+
+
 def create_app(engine: Engine, registry: PromptRegistry | None = None, config: ServerConfig | None = None) -> FastAPI:
     """The server for one engine. The engine loop starts with the app (lifespan) and stops with it; from then
     on every engine call goes through it: do not use `engine` directly while the app runs."""
@@ -236,6 +251,9 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
     if config.tool_call_parser is not None:
         tool_call_parser(config.tool_call_parser)  # a ValueError naming the known ones
     thinking = None if config.reasoning_parser is None else reasoning_parser(config.reasoning_parser)
+    # constraints wait for the answer after the thought where <think> and </think> are tokens (as vLLM's);
+    # elsewhere a constrained answer is all answer, held from its first token
+    thought_gated = thinking is not None and _gate_thoughts(engine, thinking.name)
     responses_kept = ResponseStore(config.stored_responses)
     defaults = engine.generation_defaults if config.generation_config == "auto" else {}
     registry = registry or PromptRegistry()
@@ -442,7 +460,7 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
             raise APIError(400, str(exc), param="tool_choice", code="unsupported") from exc
         body = body.decoded_for(tools)
         messages = [m.for_template() for m in body.messages]
-        reasoning = None if body.constrained() else thinking  # a constrained answer is all answer
+        reasoning = thinking if thought_gated or not body.constrained() else None
 
         def render(e: Engine) -> tuple[list[int], bool]:
             ids = _render_chat(e, messages, body.template_options())

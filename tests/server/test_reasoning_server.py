@@ -1,8 +1,11 @@
 """Reasoning outputs on /v1/chat/completions with --reasoning-parser: the thought comes as the message's
 `reasoning` (and `reasoning_content`), streamed or not, left out with include_reasoning=false; a template that opens
-the thought in the prompt is seen; a constrained answer is all answer."""
+the thought in the prompt is seen; a constraint holds on the answer after the thought where `<think>` and `</think>`
+are tokens, else a constrained answer is all answer."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -19,8 +22,11 @@ MESSAGES = [{"role": "user", "content": "2 + 2?"}]
 
 
 @pytest.fixture(scope="module")
-def servers(model_dir_for):
+def servers(model_dir_for, thinking_model_dir):
     running = {}
+    engine = make_engine(thinking_model_dir)  # <think> and </think> are tokens: constraints wait for the answer
+    engine.tokenizer.set_chat_template(PLAIN)
+    running["r1-tokens"] = RunningServer(engine, PromptRegistry(), ServerConfig(reasoning_parser="deepseek_r1"))
     for name, parser, template in (("r1", "deepseek_r1", PLAIN), ("qwen3", "qwen3", PLAIN),
                                    ("qwen3-open", "qwen3", OPENS)):
         engine = make_engine(model_dir_for("llama"))
@@ -71,7 +77,7 @@ def test_the_thought_comes_apart_from_the_answer(servers, name, thinking):
     assert streamed(client, **kw, extra_body={"include_reasoning": False}) == ("", "", message.content or "")
 
 
-def test_a_constrained_answer_is_all_answer(servers):
+def test_a_constrained_answer_is_all_answer_where_the_markers_are_not_tokens(servers):
     client = servers["r1"].openai()
     pytest.importorskip("xgrammar")
     message = client.chat.completions.create(model="base", messages=MESSAGES, max_tokens=30, temperature=0,
@@ -91,3 +97,31 @@ def test_earlier_thoughts_reach_the_template(servers):
         assert server.call(lambda e: e.tokenizer.decode(got)).endswith("assistant: (two and two) 4\n")
     finally:
         server.call(lambda e: e.tokenizer.set_chat_template(PLAIN))
+
+
+END_ID = "511"  # thinking_model_dir's </think>
+TOOL = {"type": "function", "function": {"name": "add", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": False}}}
+
+
+def test_a_constraint_holds_on_the_answer_after_the_thought(servers):
+    pytest.importorskip("xgrammar")
+    client = servers["r1-tokens"].openai()
+    kw = dict(model="base", messages=MESSAGES, max_tokens=12, temperature=0)
+    message = client.chat.completions.create(**kw, logit_bias={END_ID: 50}, extra_body={
+        "guided_regex": "yes|no"}).choices[0].message
+    assert message.model_extra["reasoning"] == "" and message.content in ("yes", "no")
+    assert streamed(client, **kw, logit_bias={END_ID: 50}, extra_body={"guided_regex": "yes|no"}) == (
+        "", "", message.content)
+    # the thought never ends: all of it is thought, none constrained
+    free = client.chat.completions.create(**kw).choices[0].message
+    held = client.chat.completions.create(**kw, extra_body={"guided_choice": ["yes", "no"]}).choices[0].message
+    assert held.model_extra["reasoning"] == free.model_extra["reasoning"] and held.content is None
+    # a named tool choice: its arguments are the answer after the thought
+    compact = {"structured_outputs": {"disable_any_whitespace": True}}
+    choice = client.chat.completions.create(**kw, max_completion_tokens=40, logit_bias={END_ID: 50}, tools=[TOOL],
+                                            tool_choice={"type": "function", "function": {"name": "add"}},
+                                            extra_body=compact).choices[0]
+    [call] = choice.message.tool_calls
+    assert choice.message.model_extra["reasoning"] == "" and call.function.name == "add"
+    assert list(json.loads(call.function.arguments)) == ["a"]
