@@ -16,7 +16,7 @@ from ..request import RequestOutput
 from .blocks import CALL, TEXT, THOUGHT, Block, BlockStream
 from .formatting import ChatFormat, usage
 from .responses import blocks_of
-from .schemas import ChatCompletionRequest, Number, joined_text
+from .schemas import ChatCompletionRequest, Number, anthropic_error_body, joined_text
 
 
 class MessagesRequest(BaseModel):
@@ -173,6 +173,9 @@ class MessagesFormat(BlockStream):
 
     def sse(self, event: dict) -> str:
         return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+
+    def error_event(self, status: int, message: str, type_: str, code: str | None) -> str:
+        return self.sse(anthropic_error_body(status, message))  # Anthropic's `error` event
 
     def _usage(self, out: RequestOutput) -> dict:
         u = usage({0: out}, 1)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import time
 import uuid
@@ -47,7 +46,9 @@ from .schemas import (
     TextPromptUpload,
     TokenizeRequest,
     _SamplingFields,
+    anthropic_error_body,
     error_body,
+    is_anthropic_path,
 )
 
 log = logging.getLogger("softprompt.server")
@@ -83,9 +84,11 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(error_body(self.message, self.type, self.param, self.code), self.status,
-                            headers=self.headers)
+    def response(self, path: str = "") -> JSONResponse:
+        """The error's response; on an Anthropic route (`path`), in Anthropic's shape."""
+        body = (anthropic_error_body(self.status, self.message, self.param) if is_anthropic_path(path)
+                else error_body(self.message, self.type, self.param, self.code))
+        return JSONResponse(body, self.status, headers=self.headers)
 
 
 def to_api_error(exc: BaseException) -> APIError:
@@ -283,23 +286,23 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
     # ---- errors ---------------------------------------------------------------------------------------
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return exc.response()
+        return exc.response(request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
-            return APIError(400, "the request body is not valid JSON", code="invalid_json").response()
-        return _schema_error(errors).response()
+            return APIError(400, "the request body is not valid JSON", code="invalid_json").response(request.url.path)
+        return _schema_error(errors).response(request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return APIError(exc.status_code, str(exc.detail), type_=kind, headers=exc.headers).response()
+        return APIError(exc.status_code, str(exc.detail), type_=kind, headers=exc.headers).response(request.url.path)
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception):
-        return to_api_error(exc).response()
+        return to_api_error(exc).response(request.url.path)
 
     def require_admin(request: Request) -> None:
         if config.admin_token is None:
@@ -402,7 +405,7 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
                     yield fmt.done_marker
         except (EngineFailure, ServerStopping) as exc:
             err = to_api_error(exc)
-            yield f"data: {json.dumps(error_body(err.message, err.type, code=err.code))}\n\n"
+            yield fmt.error_event(err.status, err.message, err.type, err.code)
         finally:
             cleanup()
 

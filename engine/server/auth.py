@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 
 from fastapi.responses import JSONResponse
 
-from .schemas import error_body
+from .schemas import anthropic_error_body, error_body, is_anthropic_path
 
 
 def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
@@ -31,13 +31,14 @@ def token_matches(token: str | None, keys: Sequence[str]) -> bool:
     return any(hmac.compare_digest(token.encode(), key.encode()) for key in keys)
 
 
-def unauthorized(message: str) -> JSONResponse:
-    return JSONResponse(error_body(message, "authentication_error", code="invalid_api_key"), 401,
-                        headers={"WWW-Authenticate": "Bearer"})
+def unauthorized(message: str, path: str = "") -> JSONResponse:
+    body = (anthropic_error_body(401, message) if is_anthropic_path(path)
+            else error_body(message, "authentication_error", code="invalid_api_key"))
+    return JSONResponse(body, 401, headers={"WWW-Authenticate": "Bearer"})
 
 
-def missing_api_key() -> JSONResponse:
-    return unauthorized("this server needs an API key: send Authorization: Bearer <key> (or x-api-key: <key>)")
+def missing_api_key(path: str = "") -> JSONResponse:
+    return unauthorized("this server needs an API key: send Authorization: Bearer <key> (or x-api-key: <key>)", path)
 
 
 class APIKeyGuard:
@@ -50,7 +51,7 @@ class APIKeyGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and is_guarded(scope["path"]) and not token_matches(
                 presented_key(scope["headers"]), self.keys):
-            return await missing_api_key()(scope, receive, send)
+            return await missing_api_key(scope["path"])(scope, receive, send)
         return await self.app(scope, receive, send)
 
 

@@ -50,6 +50,10 @@ class BlockStream:
     def final_chunks(self) -> list[dict]:
         return []
 
+    def error_event(self, status: int, message: str, type_: str, code: str | None) -> str:
+        """The event that ends a stream the engine failed in; subclasses give their API's."""
+        raise NotImplementedError
+
     def _switch(self, kind: str, call_id: str | None = None, name: str | None = None) -> list[dict]:
         events = self._close()
         self.open = Block(kind, len(self.blocks), call_id=call_id, name=name)

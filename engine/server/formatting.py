@@ -13,6 +13,7 @@ from ..sampling import TokenLogprob
 from ..stopping import partial_marker_length
 from ..tokenizer import Tokenizer
 from ..tool_calls import ToolChoice, ToolStream
+from .schemas import error_body
 
 
 def finite(x: float) -> float:
@@ -102,6 +103,10 @@ class _Format:
     def sse(self, chunk: dict) -> str:
         """A chunk as a server-sent event."""
         return f"data: {json.dumps(chunk)}\n\n"
+
+    def error_event(self, status: int, message: str, type_: str, code: str | None) -> str:
+        """The event that ends a stream the engine failed in (vLLM's: an error body as data)."""
+        return self.sse(error_body(message, type_, code=code))
 
     def _progress(self, index: int) -> ChoiceProgress:
         return self.progress.setdefault(index, ChoiceProgress())

@@ -219,6 +219,9 @@ class ResponsesFormat(BlockStream):
     def sse(self, event: dict) -> str:
         return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
 
+    def error_event(self, status: int, message: str, type_: str, code: str | None) -> str:
+        return self.sse(self._event("error", code=code or type_, message=message, param=None))  # OpenAI's
+
     def _object(self, status: str, blocks: list[Block], out: RequestOutput | None = None) -> dict:
         output = [_item(b, self.ids.setdefault(b.index, _new_id(_ID_PREFIX[b.kind]))) for b in blocks]
         obj = {"id": self.chat.id, "object": "response", "created_at": self.chat.created, "status": status,

@@ -313,7 +313,8 @@ class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
 
     def constrained(self) -> bool:
         """Whether the output is held to a constraint (a guided_* field, response_format, a named or required
-        tool_choice): then it is all answer, no thought."""
+        tool_choice): it holds on the answer after a thought (where the engine gates thoughts),
+        else on all of it."""
         return bool(set(self.structured_kwargs()) - {"disable_any_whitespace"})
 
     def effective_tool_choice(self) -> str | NamedToolChoice:
@@ -409,3 +410,23 @@ class TextPromptUpload(BaseModel):
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
                code: str | int | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+# Anthropic's error types by HTTP status (its Messages API's errors; 529's overloaded_error is our 503's)
+_ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                          404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                          503: "overloaded_error"}
+
+
+def anthropic_error_body(status: int, message: str, param: str | None = None) -> dict:
+    """An error as Anthropic's Messages API sends it (`param` kept beside, where there is one)."""
+    kind = _ANTHROPIC_ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    error = {"type": kind, "message": message}
+    if param is not None:
+        error["param"] = param
+    return {"type": "error", "error": error}
+
+
+def is_anthropic_path(path: str) -> bool:
+    """Whether a route is one of Anthropic's Messages API (its errors take Anthropic's shape)."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")

@@ -131,6 +131,12 @@ def test_what_is_not_supported_is_refused_by_name(server, body, param):
     r = http.post("/v1/messages", json={"model": "base", "max_tokens": 2,
                                         "messages": [{"role": "user", "content": "x"}], **body})
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
-    assert server.client().post("/v1/messages", json={"model": "base", "max_tokens": 2, "messages": [
-        {"role": "user", "content": "x"}]}).status_code == 401  # no key
+    assert r.json()["type"] == "error" and r.json()["error"]["type"] == "invalid_request_error"  # Anthropic's shape
+    r = server.client().post("/v1/messages", json={"model": "base", "max_tokens": 2, "messages": [
+        {"role": "user", "content": "x"}]})  # no key
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error" and r.json()["type"] == "error"
+    with pytest.raises(anthropic.BadRequestError) as caught:  # the SDK reads it as Anthropic's
+        client(server).messages.create(**{"model": "base", "max_tokens": 2,
+                                          "messages": [{"role": "user", "content": "x"}], **body})
+    assert caught.value.body["error"]["type"] == "invalid_request_error" and caught.value.body["type"] == "error"
     server.assert_pool_empty()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -49,13 +50,17 @@ def test_beyond_the_queue_429_with_retry_after(slow):
         r = http.post("/v1/completions", json={**LONG, "max_tokens": 2})
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         assert r.json()["error"]["type"] == "rate_limit_error" and "capacity" in r.json()["error"]["message"]
+        r = http.post("/v1/messages", json={"model": "base", "max_tokens": 2,
+                                            "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 429 and r.json()["type"] == "error"
+        assert r.json()["error"]["type"] == "rate_limit_error"
         assert http.get("/health").json()["in_flight"] == 3
     slow.assert_pool_empty()  # leaving the stream aborted all three
     assert http.post("/v1/completions", json={**LONG, "max_tokens": 2}).status_code == 200
     r = http.post("/v1/completions", json={**LONG, "max_tokens": 2, "n": 4})  # could never fit
     assert r.status_code == 400 and "at most 3 at once" in r.json()["error"]["message"]
     metrics = _samples(http.get("/metrics").text)
-    assert metrics['softprompt_rejected_requests_total{reason="queue_full"}'] == 1
+    assert metrics['softprompt_rejected_requests_total{reason="queue_full"}'] == 2
 
 
 def test_stream_disconnect_aborts_and_frees_kv(slow):
@@ -90,6 +95,21 @@ def test_an_engine_failure_fails_its_requests_not_the_server(slow):
         with http.stream("POST", "/v1/completions", json={**LONG, "max_tokens": 3, "stream": True}) as s:
             events = [line for line in s.iter_lines() if line.startswith("data: ")]
         assert s.status_code == 200 and "device lost" in events[-1] and '"error"' in events[-1]
+        # Anthropic's Messages API: its error shape, whole and as the stream's `error` event
+        message = {"model": "base", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}
+        r = http.post("/v1/messages", json=message)
+        assert r.status_code == 500 and r.json()["type"] == "error", r.text
+        assert r.json()["error"]["type"] == "api_error" and "device lost" in r.json()["error"]["message"]
+        with http.stream("POST", "/v1/messages", json={**message, "stream": True}) as s:
+            lines = list(s.iter_lines())
+        assert lines[-3:-1] == ["event: error", lines[-2]] and json.loads(lines[-2][6:])["type"] == "error"
+        assert json.loads(lines[-2][6:])["error"]["type"] == "api_error"
+        # the Responses API's `error` event
+        with http.stream("POST", "/v1/responses", json={"model": "base", "input": "hi", "max_output_tokens": 3,
+                                                          "stream": True}) as s:
+            events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]
+        assert events[-1]["type"] == "error" and "device lost" in events[-1]["message"]
+        assert events[-1]["sequence_number"] == len(events) - 1
     finally:
         slow.fail_steps = False
     slow.assert_pool_empty()
