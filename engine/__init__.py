@@ -2,6 +2,7 @@
 
 from .api import Engine
 from .async_engine import AsyncEngine, EngineStopped
+from .beam_search import BeamSearchOutput, BeamSearchParams, BeamSequence
 from .errors import (
     CheckpointError,
     PromptError,
@@ -16,7 +17,8 @@ from .request import Request, RequestOutput
 from .sampling import SamplingParams, TokenLogprob
 
 __all__ = [
-    "AsyncEngine", "CheckpointError", "Engine", "EngineStopped", "PromptError", "Request", "RequestError",
-    "RequestOutput", "SamplingParams", "SamplingParamsError", "SoftPrompt", "SoftPromptError", "TokenLogprob",
-    "UnknownPromptError", "UnsupportedModelError",
+    "AsyncEngine", "BeamSearchOutput", "BeamSearchParams", "BeamSequence", "CheckpointError", "Engine",
+    "EngineStopped", "PromptError", "Request", "RequestError", "RequestOutput", "SamplingParams",
+    "SamplingParamsError", "SoftPrompt", "SoftPromptError", "TokenLogprob", "UnknownPromptError",
+    "UnsupportedModelError",
 ]

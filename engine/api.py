@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from operator import attrgetter
 from pathlib import Path
@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .attention_triton import check_triton_device
+from .beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams, SearchedInput, tops_wanted
 from .block_cache import BlockCache
 from .detokenizer import IncrementalText
 from .errors import PromptError, RequestError, SoftPromptError
@@ -551,6 +552,40 @@ class Engine:
                 if out.finished and out.request_id in wanted:
                     final[out.request_id] = out
         return [final[i] for i in ids]
+
+    def beam_search(self, requests: Request | list[Request], params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """Beam search over each request's input (its prompt, ids, text or messages; no sampling params: the search
+        takes its settings from `params`), as HF's `generate(num_beams=...)` runs it (engine/beam_search.py):
+        each request's `beam_width` best finished hypotheses, best first. All requests' beams step together, one
+        token a step, in one continuous batch. Results in request order."""
+        search = self.start_beam_search(requests, params)
+        while not search.done:
+            search.advance(self.generate(search.step_requests()))
+        return search.results(self.beam_text_decoder(params))
+
+    def start_beam_search(self, requests: Request | list[Request], params: BeamSearchParams) -> BeamSearch:
+        """The requests validated (all before any is searched) into a BeamSearch for a caller to step (the
+        server steps it through its engine loop)."""
+        if isinstance(requests, Request):
+            requests = [requests]
+        if not isinstance(params, BeamSearchParams):
+            raise RequestError(f"beam_search needs BeamSearchParams, got {type(params).__name__}")
+        tops_wanted(params, len(self.eos_token_ids))
+        inputs = []
+        for request in requests:
+            if request.sampling != SamplingParams():
+                raise RequestError("beam search takes its settings from BeamSearchParams: give its requests no "
+                                   "sampling params")
+            prep = self.prepare(request)
+            used = (0 if prep.prompt is None else prep.prompt.length) + len(prep.input_ids)
+            inputs.append(SearchedInput(request.request_id, request.prompt, prep.input_ids,
+                                        self.config.max_positions - used, request.priority))
+        return BeamSearch(inputs, params, self.eos_token_ids)
+
+    def beam_text_decoder(self, params: BeamSearchParams) -> Callable[[list[int]], str] | None:
+        if self.tokenizer is None:
+            return None
+        return lambda ids: self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
 
     def stream(self, requests: Request | list[Request]) -> Iterator[RequestOutput]:
         """Yield each request's output (cumulative tokens so far) every time it gets a token.
