@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import logging
 import time
 import uuid
@@ -23,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ... import __version__
 from ..api import Engine
+from ..beam_search import BeamSearchParams
 from ..errors import PromptError, RequestError, SamplingParamsError, SoftPromptError, UnknownPromptError
 from ..reasoning import prompt_opens_thought, reasoning_parser
 from ..request import Request as EngineRequest
@@ -211,6 +213,30 @@ def _sampling(body: _SamplingFields, index: int, max_new_tokens: int, logprobs: 
         raise to_api_error(exc) from exc
 
 
+# what a beam search request's fields may set: the rest would change what is searched, and is refused
+_BEAM_SEARCH_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos",
+                       "skip_special_tokens")
+
+
+def _beam_params(body: _SamplingFields, max_new_tokens: int) -> BeamSearchParams:
+    """The BeamSearchParams of a use_beam_search request (400 naming a field that does not go with it). The
+    search runs over the model's raw distribution: temperature, top_p, top_k, min_p and seed do not apply."""
+    for name, value in (("echo", getattr(body, "echo", False)), ("logprobs", getattr(body, "logprobs", None)),
+                        ("prompt_logprobs", body.prompt_logprobs)):
+        if value not in (None, False):
+            raise APIError(400, f"use_beam_search does not go with {name}", param=name, code="unsupported")
+    plain, default = _sampling(body, 0, max_new_tokens, None), SamplingParams()
+    for f in dataclasses.fields(SamplingParams):
+        if f.name not in _BEAM_SEARCH_FIELDS and getattr(plain, f.name) != getattr(default, f.name):
+            raise APIError(400, f"use_beam_search does not go with {f.name}", param=f.name, code="unsupported")
+    try:
+        return BeamSearchParams(body.n, max_new_tokens=max_new_tokens, length_penalty=float(body.length_penalty),
+                                early_stopping=body.early_stopping, ignore_eos=body.ignore_eos,
+                                skip_special_tokens=body.skip_special_tokens)
+    except SamplingParamsError as exc:
+        raise to_api_error(exc) from exc
+
+
 def _as_chat(make: Callable[[], ChatCompletionRequest]) -> ChatCompletionRequest:
     """The chat request a Messages or Responses request stands for (`make` makes it; 400 / 422 naming what is
     wrong)."""
@@ -364,6 +390,8 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
             raise to_api_error(exc) from exc
 
     async def generate(http: Request, body: _SamplingFields, requests: list[EngineRequest], fmt: _Format):
+        if body.use_beam_search:
+            return await beam_generate(http, body, requests, fmt)
         await compile_constraints(engine, requests)
         admission.acquire(len(requests), config.retry_after_s)
         task = body.model.partition("@")[0]
@@ -391,6 +419,44 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
             raise to_api_error(exc) from exc
         finally:
             cleanup()
+
+    async def beam_generate(http: Request, body: _SamplingFields, requests: list[EngineRequest], fmt: _Format):
+        """vLLM's use_beam_search: each prompt's n best hypotheses (beam width n) as its n choices, searched as
+        Engine.beam_search does, each step's beams submitted through the engine loop beside other requests."""
+        n, inputs = body.n, requests[::body.n]  # (a prompt's n requests share its input)
+        params = _beam_params(body, requests[0].sampling.max_new_tokens)
+        admission.acquire(len(requests), config.retry_after_s)  # a step runs at most n beams a prompt
+        try:
+            try:
+                search = await loop.run(lambda e: e.start_beam_search(
+                    [EngineRequest(prompt=r.prompt, input_ids=r.input_ids, request_id=r.request_id,
+                                   priority=r.priority) for r in inputs], params))
+            except Exception as exc:
+                raise to_api_error(exc) from exc
+            task = body.model.partition("@")[0]
+            while not search.done:
+                step = search.step_requests()
+                stream = loop.submit(step, task)
+                finals: dict[int, RequestOutput] = {}
+                try:
+                    await stream.accepted()
+                    async for index, out in stream.outputs(http.is_disconnected, config.disconnect_poll_s):
+                        if out.finished:
+                            finals[index] = out
+                except Exception as exc:
+                    raise to_api_error(exc) from exc
+                finally:
+                    loop.abort(sorted(stream.unfinished))
+                if len(finals) < len(step):  # the client went away; nobody reads this
+                    return Response(status_code=499)
+                search.advance([finals[i] for i in range(len(step))])
+            results = await loop.run(lambda e: search.results(e.beam_text_decoder(params)))
+        finally:
+            admission.release(len(requests))
+        outputs = [RequestOutput(f"{r.request_id}-{j}", r.prompt, None, r.input_ids, seq.token_ids, seq.text,
+                                 seq.finish_reason, seq.token_ids[-1] if seq.finish_reason == "stop" else None)
+                   for r, result in zip(inputs, results) for j, seq in enumerate(result.sequences[:n])]
+        return JSONResponse(fmt.response(outputs))
 
     async def _sse(http: Request, stream: RequestStream, fmt: _Format | ResponsesFormat | MessagesFormat,
                    cleanup: _Cleanup) -> AsyncIterator[str]:

@@ -57,7 +57,10 @@ class _SamplingFields(BaseModel):
     guided_grammar: StrictStr | None = None
     structured_outputs: dict[str, Any] | None = None  # newer vLLM: {"choice" | "json" | "regex" | "grammar" ...}
     response_format: dict[str, Any] | None = None  # OpenAI's: text, json_object, json_schema
-    use_beam_search: StrictBool = False  # refused by name rather than ignored
+    # vLLM's beam search: n is the beam width, the n best hypotheses the choices (engine/beam_search.py)
+    use_beam_search: StrictBool = False
+    length_penalty: Number = 1.0  # with use_beam_search: a hypothesis scores sum(logprobs) / length ** this
+    early_stopping: StrictBool | Literal["never"] = False  # with use_beam_search: HF's rule
     prompt_logprobs: StrictInt | None = None  # vLLM's: each prompt token's logprob, rank and the top N there
     truncate_prompt_tokens: StrictInt | None = None  # vLLM's: keep the prompt's last k tokens (-1: all that fit)
     include_stop_str_in_output: StrictBool = False
@@ -108,8 +111,8 @@ class _SamplingFields(BaseModel):
         """(param, message) for an OpenAI option this server does not implement, given a non-default value."""
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
             return "stop", f"at most {MAX_STOP} stop strings are supported, got {len(self.stop)}"
-        if self.use_beam_search:
-            return "use_beam_search", "beam search is not supported"
+        if self.use_beam_search and self.stream:
+            return "use_beam_search", "use_beam_search does not stream"
         if self.prompt_logprobs is not None and self.stream:
             return "prompt_logprobs", "prompt_logprobs is not supported with stream (echo with logprobs is)"
         fmt = self.response_format or {}

@@ -146,8 +146,8 @@ def test_stop_string_and_special_token_text_options_pass_through(served):
     [want] = served.expected(Request(prompt="a", text="hi", sampling=sp(max_new_tokens=6, bad_words=[word])))
     assert got.choices[0].model_extra["token_ids"] == want.token_ids != free
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model="a", prompt="hi", extra_body={"use_beam_search": True})
-    assert e.value.body["param"] == "use_beam_search"
+        client.completions.create(model="a", prompt="hi", stream=True, extra_body={"use_beam_search": True})
+    assert e.value.body["param"] == "use_beam_search"  # (beam search: test_beam_search_server.py)
 
 
 def test_guided_choice(served):
