@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS), default=None,
                      help="a thinking model's constraint (--choice, --json-schema, --regex, ...) holds on its answer "
                      "after the <think> part, not on the thought (deepseek_r1, qwen3)")
+    gen.add_argument("--beam-width", type=int, default=None, metavar="K",
+                     help="beam search (HF's generate(num_beams=K)): print the K best hypotheses, best first")
+    gen.add_argument("--length-penalty", type=float, default=1.0,
+                     help="with --beam-width: a hypothesis scores sum(logprobs) / length ** this")
+    gen.add_argument("--early-stopping", choices=("false", "true", "never"), default="false",
+                     help="with --beam-width: HF's early-stopping rule")
     gen.add_argument("--truncate-prompt-tokens", type=int, default=None, metavar="K",
                      help="keep only the input's last K tokens (-1: as many as fit)")
     gen.add_argument("--bad-word", action="append", default=[], metavar="TEXT",
@@ -151,20 +157,48 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.system is not None and args.chat is None:
         raise SoftPromptError("--system goes with --chat")
     if args.ids is not None:
-        ids = _int_list(args.ids, "--ids")
-        request = Request(prompt=args.task, input_ids=ids, sampling=params)
+        given = {"input_ids": _int_list(args.ids, "--ids")}
     elif args.chat is not None:
         system = [] if args.system is None else [{"role": "system", "content": args.system}]
-        request = Request(prompt=args.task, messages=[*system, {"role": "user", "content": args.chat}],
-                          sampling=params)
+        given = {"messages": [*system, {"role": "user", "content": args.chat}]}
     else:
-        request = Request(prompt=args.task, text=args.text, sampling=params)
-    out = engine.generate([request])[0]
+        given = {"text": args.text}
+    if args.beam_width is not None:
+        return _beam_search(engine, Request(prompt=args.task, **given), params, args)
+    out = engine.generate([Request(prompt=args.task, **given, sampling=params)])[0]
     if args.json:
         print(json.dumps({"prompt": out.prompt, "prompt_version": out.prompt_version, "token_ids": out.token_ids,
                           "text": out.text, "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}))
     else:
         print(out.text if out.text is not None else " ".join(map(str, out.token_ids)))
+    return 0
+
+
+def _beam_search(engine, request, params, args: argparse.Namespace) -> int:
+    """--beam-width: the request's best hypotheses, best first (a sampling option would change the search:
+    refused, naming it)."""
+    import dataclasses
+
+    from .beam_search import BeamSearchParams
+    from .sampling import SamplingParams
+
+    plain = SamplingParams(max_new_tokens=params.max_new_tokens, ignore_eos=params.ignore_eos,
+                           skip_special_tokens=params.skip_special_tokens)
+    for f in dataclasses.fields(SamplingParams):
+        if getattr(params, f.name) != getattr(plain, f.name):
+            raise SoftPromptError(f"--beam-width does not go with the sampling option {f.name}")
+    beam = BeamSearchParams(args.beam_width, max_new_tokens=params.max_new_tokens,
+                            length_penalty=args.length_penalty,
+                            early_stopping={"false": False, "true": True}.get(args.early_stopping, "never"),
+                            ignore_eos=params.ignore_eos, skip_special_tokens=params.skip_special_tokens)
+    [out] = engine.beam_search(request, beam)
+    for seq in out.sequences:
+        if args.json:
+            print(json.dumps({"prompt": out.prompt, "token_ids": seq.token_ids, "text": seq.text, "score": seq.score,
+                              "cumulative_logprob": seq.cumulative_logprob, "finish_reason": seq.finish_reason}))
+        else:
+            text = seq.text if seq.text is not None else " ".join(map(str, seq.token_ids))
+            print(f"{seq.score:.4f}\t{text}")
     return 0
 
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from softprompt import Engine, Request, SamplingParams
+from softprompt import BeamSearchParams, Engine, Request, SamplingParams
 from softprompt.engine.cli import main
 
 
@@ -110,6 +110,28 @@ def test_generate_with_a_reasoning_parser(thinking_model_dir, model_dir_for, cap
     assert json.loads(capsys.readouterr().out)["text"] in ("yes", "no")
     assert main(["generate", str(model_dir_for("llama")), "--ids", "5", "--reasoning-parser", "qwen3"]) == 2
     assert "'<think>' and '</think>' are not single tokens" in capsys.readouterr().err
+
+
+def test_generate_with_beam_search(model_dir_for, adapter_for, capsys):
+    d, adapter = model_dir_for("llama"), adapter_for("llama")
+    base = ["generate", str(d), "--prompt", f"t={adapter}", "--task", "t", "--ids", "5,6,7", "--max-new-tokens", "6",
+            "--device", "cpu", "--beam-width", "3"]
+    assert main([*base, "--json", "--length-penalty", "0.5", "--early-stopping", "never"]) == 0
+    got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    engine = Engine(d, device="cpu")
+    engine.add_prompt("t", adapter)
+    [want] = engine.beam_search(Request(prompt="t", input_ids=[5, 6, 7]),
+                                BeamSearchParams(3, max_new_tokens=6, length_penalty=0.5, early_stopping="never"))
+    assert [g["token_ids"] for g in got] == [s.token_ids for s in want.sequences]
+    assert [g["score"] for g in got] == [s.score for s in want.sequences]
+    assert main(base) == 0
+    assert [line.split("\t", 1)[1] for line in capsys.readouterr().out.splitlines()] == [
+        s.text for s in engine.beam_search(Request(prompt="t", input_ids=[5, 6, 7]),
+                                           BeamSearchParams(3, max_new_tokens=6))[0].sequences]
+    assert main([*base, "--temperature", "0.7"]) == 2
+    assert "--beam-width does not go with the sampling option temperature" in capsys.readouterr().err
+    assert main([*base[:-1], "0"]) == 2
+    assert "beam_width must be an integer >= 1" in capsys.readouterr().err
 
 
 def test_generate_with_a_task_of_a_multitask_adapter(model_dir_for, tmp_path, capsys):
