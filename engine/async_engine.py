@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .api import Engine
+from .beam_search import BeamSearchOutput, BeamSearchParams
 from .prompts import SoftPrompt
 from .request import Request, RequestOutput
 from .server.engine_loop import EngineFailure, EngineLoop, ServerStopping, compile_constraints
@@ -57,6 +58,15 @@ class AsyncEngine:
             if out.finished:
                 final[index] = out
         return final  # type: ignore[return-value]
+
+    async def beam_search(self, requests: Request | Sequence[Request],
+                          params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """`Engine.beam_search`, each step's beams in the running batch beside the other requests."""
+        requests = [requests] if isinstance(requests, Request) else list(requests)
+        search = await self.run(lambda e: e.start_beam_search(requests, params))
+        while not search.done:
+            search.advance(await self.generate_all(search.step_requests()))
+        return await self.run(lambda e: search.results(e.beam_text_decoder(params)))
 
     async def _stream(self, requests: list[Request]) -> AsyncIterator[tuple[int, RequestOutput]]:
         if not requests:

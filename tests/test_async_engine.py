@@ -8,9 +8,9 @@ import threading
 
 import pytest
 
-from softprompt import AsyncEngine, Engine, Request, SamplingParams
+from softprompt import AsyncEngine, BeamSearchParams, Engine, Request, SamplingParams
 from softprompt.engine.async_engine import EngineStopped
-from softprompt.engine.errors import PromptError, RequestError, UnknownPromptError
+from softprompt.engine.errors import PromptError, RequestError, SamplingParamsError, UnknownPromptError
 
 from .runtime_helpers import assert_no_leaks, make_requests, register_tasks, run
 
@@ -183,4 +183,27 @@ def test_structured_outputs_compile_off_the_engine_thread(model_dir_for):
     out = asyncio.run(main())
     assert out.token_ids == ref.generate([request])[0].token_ids and set(json.loads(out.text)) == {"ok"}
     assert threads[0] != "softprompt-engine-loop" and "softprompt-engine-loop" in threads
+    assert_no_leaks(eng)
+
+
+def test_beam_search_beside_other_requests(model_dir_for):
+    ref, eng, names = _engines(model_dir_for)
+    specs = make_requests(names, 4, seed=5, max_new_tokens=8)
+    searched = [Request(prompt=names[0], input_ids=[5, 6, 7, 8]), Request(input_ids=[9, 10, 11])]
+    params = BeamSearchParams(3, max_new_tokens=5, length_penalty=0.7)
+    want = ref.beam_search(searched, params)
+
+    async def main():
+        async with AsyncEngine(eng) as engine:
+            others = asyncio.create_task(engine.generate_all([Request(**s) for s in specs]))
+            beams = await engine.beam_search(searched, params)
+            with pytest.raises(SamplingParamsError, match="beam_width 20"):
+                await engine.beam_search(searched, BeamSearchParams(20))
+            return beams, [o.token_ids for o in await others]
+
+    beams, others = asyncio.run(main())
+    assert [[s.token_ids for s in o.sequences] for o in beams] == [[s.token_ids for s in o.sequences] for o in want]
+    assert [s.score for o in beams for s in o.sequences] == pytest.approx(
+        [s.score for o in want for s in o.sequences], abs=1e-5)
+    assert others == run(ref, specs)
     assert_no_leaks(eng)
