@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import json
 import logging
 import time
 import uuid
@@ -347,6 +348,32 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
                 "kv_blocks_total": s.kv_blocks_total}
         return JSONResponse(body, 200 if loop.alive else 503)
 
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping():
+        """SageMaker's health check (vLLM serves it): /health."""
+        return await health()
+
+    @app.post("/invocations")
+    async def invocations(http: Request):
+        """SageMaker's one generation route (vLLM serves it): a body with `messages` is a chat completion, one with
+        `prompt` a completion. Needs the API key where one is set, as /v1 does."""
+        try:
+            body = json.loads(await http.body())
+        except ValueError:
+            raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+        kind = (ChatCompletionRequest if "messages" in body else CompletionRequest if "prompt" in body
+                else None) if isinstance(body, dict) else None
+        if kind is None:
+            raise APIError(400, "an /invocations body needs messages (a chat completion) or prompt (a completion)",
+                           param="body")
+        try:
+            request = kind.model_validate(body)
+        except ValidationError as exc:
+            raise _schema_error([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from exc
+        if kind is ChatCompletionRequest:
+            return await chat_completions(request, http)
+        return await completions(request, http)
+
     @app.get("/metrics")
     async def prometheus_metrics():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -405,6 +432,9 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
                 raise
             raise to_api_error(exc) from exc
         if body.stream:
+            options = body.stream_options
+            if isinstance(fmt, _Format) and options is not None and options.include_usage:
+                fmt.continuous_usage = options.continuous_usage_stats
             return StreamingResponse(_sse(http, stream, fmt, cleanup), media_type="text/event-stream",
                                      background=BackgroundTask(cleanup))
         try:
@@ -462,7 +492,7 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
                    cleanup: _Cleanup) -> AsyncIterator[str]:
         try:
             async for index, out in stream.outputs(http.is_disconnected, config.disconnect_poll_s):
-                for chunk in fmt.chunks(index, out):
+                for chunk in fmt.stream_chunks(index, out):
                     yield fmt.sse(chunk)
             if not stream.unfinished:
                 for chunk in fmt.final_chunks():

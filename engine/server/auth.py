@@ -42,8 +42,9 @@ def missing_api_key(path: str = "") -> JSONResponse:
 
 
 class APIKeyGuard:
-    """Pure ASGI middleware: a request to a /v1 route without a bearer token among `keys` gets a 401 before any
-    route sees it (the others, /health, /metrics, /tokenize, /detokenize, are open, as in vLLM)."""
+    """Pure ASGI middleware: a request to a /v1 route (or /invocations) without a bearer token among `keys` gets a
+    401 before any route sees it (the others, /health, /ping, /metrics, /tokenize, /detokenize, are open, as in
+    vLLM)."""
 
     def __init__(self, app, keys: Sequence[str]):
         self.app, self.keys = app, tuple(keys)
@@ -56,4 +57,4 @@ class APIKeyGuard:
 
 
 def is_guarded(path: str) -> bool:
-    return path == "/v1" or path.startswith("/v1/")
+    return path == "/v1" or path.startswith("/v1/") or path == "/invocations"

@@ -47,6 +47,9 @@ class BlockStream:
             events += self._close() + self.on_finish(out)
         return events
 
+    def stream_chunks(self, index: int, out: RequestOutput) -> list[dict]:
+        return self.chunks(index, out)
+
     def final_chunks(self) -> list[dict]:
         return []
 

@@ -98,7 +98,19 @@ class _Format:
     progress: dict[int, ChoiceProgress] = field(default_factory=dict)
     prompt_logprobs: int | None = None  # vLLM's prompt_logprobs: the top N asked for (None: not asked)
 
+    continuous_usage: bool = False  # vLLM's continuous_usage_stats: each chunk carries its choice's usage so far
+
     done_marker = "data: [DONE]\n\n"  # the stream's last line
+
+    def stream_chunks(self, index: int, out: RequestOutput) -> list[dict]:
+        """`chunks`, each with its choice's usage so far where continuous usage stats are on."""
+        chunks = self.chunks(index, out)
+        if self.continuous_usage:
+            prompt, completion = len(out.input_ids), len(out.token_ids)
+            for chunk in chunks:
+                chunk["usage"] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                                  "total_tokens": prompt + completion}
+        return chunks
 
     def sse(self, chunk: dict) -> str:
         """A chunk as a server-sent event."""

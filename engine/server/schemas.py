@@ -19,6 +19,7 @@ TokenIds = list[StrictInt]
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False  # vLLM's: with include_usage, every chunk carries its choice's usage
 
 
 _STRUCTURED_KEYS = ("choice", "json", "regex", "grammar", "json_object", "disable_any_whitespace")

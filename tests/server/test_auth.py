@@ -41,13 +41,16 @@ def test_every_v1_route_needs_the_api_key(keyed):
         assert http.get("/v1/models", headers=headers).status_code == 401
         assert http.post("/v1/chat/completions", headers=headers, json={
             "model": "base", "messages": [{"role": "user", "content": "hi"}]}).status_code == 401
+        assert http.post("/invocations", json=body, headers=headers).status_code == 401  # SageMaker's route too
     assert http.post("/v1/completions", json=body, headers=bearer(KEY)).status_code == 200
+    assert http.post("/invocations", json=body, headers=bearer(KEY)).status_code == 200
     assert http.post("/v1/completions", json=body, headers={"x-api-key": KEY}).status_code == 200  # Anthropic's
     assert http.post("/v1/completions", json=body, headers=bearer(ADMIN)).status_code == 200  # admin may serve too
     with http.stream("POST", "/v1/completions", json={**body, "stream": True}, headers=bearer(KEY)) as r:
         assert r.status_code == 200 and "[DONE]" in r.read().decode()
     # open, as in vLLM: health, metrics, tokenizer routes
     assert http.get("/health").status_code == 200 and http.get("/metrics").status_code == 200
+    assert http.get("/ping").status_code == 200
     assert http.post("/tokenize", json={"prompt": "the cat"}).status_code == 200
     assert 'code="401"' in http.get("/metrics").text  # the refusals are counted
 

@@ -80,6 +80,21 @@ def test_streaming_matches_non_streaming_and_engine(served):
     assert usage.completion_tokens == 12 and usage.prompt_tokens == 4
     whole = client.completions.create(extra_body={"ignore_eos": True}, **kw)
     assert whole.choices[0].text == text
+    # vLLM's continuous_usage_stats: each chunk carries the usage so far (on chat too)
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True, "return_token_ids": True,
+                                                        "stream_options": {"include_usage": True,
+                                                                           "continuous_usage_stats": True}}, **kw))
+    sent = 0
+    for c in chunks[:-1]:
+        sent += len(c.choices[0].model_extra["token_ids"])
+        assert (c.usage.prompt_tokens, c.usage.completion_tokens, c.usage.total_tokens) == (4, sent, 4 + sent)
+    assert chunks[-1].usage.completion_tokens == 12 and not chunks[-1].choices
+    chat = list(client.chat.completions.create(
+        model="b", messages=[{"role": "user", "content": "hi"}], max_tokens=5, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True, "stream_options": {
+            "include_usage": True, "continuous_usage_stats": True}}))
+    assert all(c.usage is not None for c in chat) and chat[-2].usage.completion_tokens == 5
 
 
 def test_streamed_logprobs_and_choices_equal_the_whole_response(served):
@@ -550,3 +565,26 @@ def test_usage_counts_each_prompt_once_and_its_cached_tokens(served):
     assert (both.prompt_tokens, both.completion_tokens, both.prompt_tokens_details.cached_tokens) == (60, 12, 48)
     chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
     assert chunks[-1].usage.prompt_tokens == 40 and chunks[-1].usage.completion_tokens == 6
+
+
+def test_sagemaker_routes(served):
+    """/ping is /health; /invocations is a chat completion with messages, a completion with prompt (vLLM's)."""
+    http = served.server.client()
+    assert http.get("/ping").json()["status"] == "ok" and http.post("/ping").status_code == 200
+    chat = {"model": "a", "messages": [{"role": "user", "content": "the cat"}], "max_tokens": 5, "temperature": 0}
+    got = http.post("/invocations", json=chat).json()
+    assert got["object"] == "chat.completion"
+    assert got["choices"][0]["message"] == http.post("/v1/chat/completions", json=chat).json()["choices"][0]["message"]
+    completion = {"model": "b", "prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0}
+    got = http.post("/invocations", json=completion).json()
+    assert got["object"] == "text_completion"
+    assert got["choices"][0]["text"] == http.post("/v1/completions", json=completion).json()["choices"][0]["text"]
+    r = http.post("/invocations", json={"model": "a"})
+    assert r.status_code == 400 and "needs messages" in r.json()["error"]["message"]
+    r = http.post("/invocations", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = http.post("/invocations", json={**completion, "max_tokens": "many"})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "max_tokens"
+    with http.stream("POST", "/invocations", json={**chat, "stream": True}) as s:
+        assert s.status_code == 200 and "[DONE]" in s.read().decode()
+    served.server.assert_pool_empty()
