@@ -216,7 +216,7 @@ class SoftPromptReplica:
                 loaded = await self._load(prompt)
                 await loaded.refresh()
             except PromptError as exc:  # unknown or removed (404), or files that do not load (400)
-                yield self._error(exc)
+                yield self._error(exc, request.path)
                 return
         else:
             self.requests[BASE_MODEL] += 1
@@ -225,8 +225,8 @@ class SoftPromptReplica:
                 part.headers.append((REPLICA_HEADER, self.replica_id.encode()))
             yield part
 
-    def _error(self, exc: Exception) -> ResponseHead:
-        response = to_api_error(exc).response()
+    def _error(self, exc: Exception, path: str) -> ResponseHead:
+        response = to_api_error(exc).response(path)
         head = ResponseHead(response.status_code, list(response.raw_headers), bytes(response.body))
         head.headers.append((REPLICA_HEADER, self.replica_id.encode()))
         return head
@@ -343,11 +343,16 @@ class OpenAIIngress:
     async def count_tokens(self, request: Request) -> Response:
         return self._refused(request) or await self._forward(request)
 
+    @ingress_app.post("/invocations")
+    async def invocations(self, request: Request) -> Response:
+        """SageMaker's generation route: forwarded as chat or completion, by its body, to the task's replica."""
+        return self._refused(request) or await self._forward(request)
+
     def _refused(self, request: Request) -> Response | None:
         """A 401 for a request without the API key (where one is set); None to go on."""
         key = self.settings.api_key
         if key and not token_matches(presented_key(request.headers.raw), [key]):
-            return missing_api_key()
+            return missing_api_key(request.url.path)
         return None
 
     def _card(self, name: str) -> dict:
@@ -378,6 +383,11 @@ class OpenAIIngress:
     async def version(self) -> dict:
         return {"version": __version__}
 
+    @ingress_app.api_route("/ping", methods=["GET", "POST"])
+    async def ping(self) -> dict:
+        """SageMaker's health check: /health."""
+        return await self.health()
+
     @ingress_app.get("/health")
     async def health(self) -> dict:
         reports = await self.board.all.remote()
@@ -389,7 +399,8 @@ class OpenAIIngress:
         async for chunk in request.stream():
             body += chunk
             if len(body) > self.settings.max_body_bytes:
-                return APIError(413, f"the request body is larger than {self.settings.max_body_bytes} bytes").response()
+                return APIError(413, f"the request body is larger than {self.settings.max_body_bytes} bytes"
+                                ).response(request.url.path)
         forwarded = ForwardedRequest(request.method, request.url.path, body, request.url.query.encode(),
                                      tuple(request.headers.raw),
                                      (request.client.host, request.client.port) if request.client else None)
@@ -418,7 +429,8 @@ class OpenAIIngress:
                 continue
             return self._response(head, chunks)
         return APIError(503, f"no replica could serve this request after {self.settings.max_retries + 1} attempts: "
-                        f"{error}", "server_error", code="unavailable", headers={"Retry-After": "1"}).response()
+                        f"{error}", "server_error", code="unavailable", headers={"Retry-After": "1"}
+                        ).response(request.url.path)
 
     def _response(self, head: ResponseHead, chunks) -> Response:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in head.headers

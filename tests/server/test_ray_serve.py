@@ -174,13 +174,22 @@ def test_bad_requests_get_the_single_process_errors(cluster):
         assert r.status_code == 400 and "suffix" in r.json()["error"]["message"]
         r = http.post("/v1/completions", content=b"x" * (9 << 20), headers={"content-type": "application/json"})
         assert r.status_code == 413
+        r = http.post("/v1/messages", json={"model": "nope", "max_tokens": 2,
+                                            "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 404 and r.json()["type"] == "error"  # Anthropic's shape, from the replica
+        assert r.json()["error"]["type"] == "not_found_error"
+        r = http.post("/invocations", json={"model": "t0", "prompt": [5, 6], "max_tokens": 2})  # SageMaker's
+        assert r.status_code == 200 and r.json()["object"] == "text_completion"
     with httpx.Client(base_url=cluster.url, timeout=120, trust_env=False) as anonymous:
         for headers in ({}, {"Authorization": "Bearer wrong"}):
             r = anonymous.post("/v1/completions", json={"model": "t0", "prompt": [5]}, headers=headers)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
             assert anonymous.get("/v1/models", headers=headers).status_code == 401
             assert anonymous.get("/v1/models/t0", headers=headers).status_code == 401
-        assert anonymous.get("/health").status_code == 200
+        assert anonymous.get("/health").status_code == 200 and anonymous.get("/ping").status_code == 200
+        assert anonymous.post("/invocations", json={"model": "t0", "prompt": [5]}).status_code == 401
+        r = anonymous.post("/v1/messages", json={"model": "t0", "max_tokens": 2, "messages": []})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error" and r.json()["type"]
         assert anonymous.get("/version").json()["version"] == softprompt.__version__
     assert cluster.complete("t0", [5, 6]).status_code == 200  # still serving
 
