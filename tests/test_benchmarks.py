@@ -374,3 +374,15 @@ def test_score_benchmark_runs(tmp_path):
     assert "--contexts" in r["environment"]["command"]
     assert score.main(["--labels", "0"]) == 2
     assert score.main(["--context-tokens", "400"]) == 2
+
+
+def test_beam_search_benchmark_runs(tmp_path):
+    from benchmarks import beam_search
+
+    out = tmp_path / "beam.json"
+    assert beam_search.main(["--requests", "2", "--tasks", "2", "--beams", "2", "--new-tokens", "3", "--rounds", "1",
+                             "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["same_hypotheses"] == 2 and r["engine_s"] > 0 and r["hf_peft_s"] > 0 and "--beams" in r["environment"][
+        "command"]
+    assert beam_search.main(["--beams", "0"]) == 2
