@@ -7,14 +7,15 @@ as tool calls.
   each (vLLM's schema); the array is the calls.
 - `tool_choice="auto"` lets the model choose, and a parser for its family's tool-call format finds the calls in
   the text: `hermes` (`<tool_call>{"name": ..., "arguments": ...}</tool_call>`: Qwen 2.5 / 3, Hermes, many
-  others), `llama3_json` (Llama 3.1+: the answer is `{"name": ..., "parameters": ...}` objects, `; `-separated)
-  or `mistral` (`[TOOL_CALLS]` and a JSON array of calls).
+  others), `llama3_json` (Llama 3.1+: the answer is `{"name": ..., "parameters": ...}` objects, `; `-separated),
+  `mistral` (`[TOOL_CALLS]` and a JSON array of calls) or `pythonic` (Llama 3.2 / 4: `[f(a=1), g()]`).
 
 A streamed answer sends content while it can be sure it is content, and the calls once they are complete.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import secrets
 import string
@@ -171,6 +172,49 @@ class MistralParser:
         return len(text) - partial_marker_length(text, (self.marker,))
 
 
+class PythonicParser:
+    """Python-call tool calls (vLLM's `pythonic`: Llama 3.2, Llama 4, ToolACE and others): an answer that is a
+    list of calls with keyword arguments, `[get_weather(city="Oslo", days=2), now()]`, optionally between Llama 4's
+    `<|python_start|>` and `<|python_end|>`; any other answer is content. It is read with Python's parser and each
+    argument as a literal (`ast.literal_eval`: numbers, strings, True/False/None, lists, dicts): nothing is run."""
+
+    name = "pythonic"
+    keeps_special_tokens = short_ids = False
+    start, end = "<|python_start|>", "<|python_end|>"
+
+    def parse(self, text: str) -> ParsedAnswer:
+        body = text.strip()
+        if body.startswith(self.start):
+            body = body[len(self.start):].removesuffix(self.end).strip()
+        if not (body.startswith("[") and body.endswith("]")):
+            return ParsedAnswer(text, [])
+        try:
+            tree = ast.parse(body, mode="eval").body
+            if not isinstance(tree, ast.List) or not tree.elts:
+                return ParsedAnswer(text, [])
+            calls = [self._call(node) for node in tree.elts]
+        except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
+            return ParsedAnswer(text, [])
+        return ParsedAnswer(None, calls)
+
+    @staticmethod
+    def _call(node: ast.expr) -> ToolCall:
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
+            raise ValueError("not a call with keyword arguments")
+        arguments = {}
+        for keyword in node.keywords:
+            if keyword.arg is None:  # **kwargs
+                raise ValueError("not a keyword argument")
+            arguments[keyword.arg] = ast.literal_eval(keyword.value)
+        return ToolCall(node.func.id, json.dumps(arguments, ensure_ascii=False, allow_nan=False))
+
+    def content_end(self, text: str) -> int:
+        body = text.lstrip()
+        if not body or body.startswith("[") or self.start.startswith(body[:len(self.start)]):
+            return 0  # may be (or is) a list of calls: wait for the whole answer
+        return len(text)
+
+
 def _array_of_calls(text: str, *argument_keys: str) -> list[ToolCall] | None:
     """The calls of a JSON array of `{"name", <arguments>}` objects that is the whole of `text` (but for
     whitespace), or None where it is not one (cut off, another value, an item without a name)."""
@@ -189,7 +233,7 @@ def short_call_id() -> str:
     return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
 
 
-TOOL_CALL_PARSERS = {p.name: p for p in (HermesParser(), Llama3JsonParser(), MistralParser())}
+TOOL_CALL_PARSERS = {p.name: p for p in (HermesParser(), Llama3JsonParser(), MistralParser(), PythonicParser())}
 
 
 def tool_call_parser(name: str):
@@ -257,7 +301,7 @@ class ToolChoice:
 
     kind: str
     name: str | None = None
-    parser: HermesParser | Llama3JsonParser | MistralParser | None = None
+    parser: HermesParser | Llama3JsonParser | MistralParser | PythonicParser | None = None
     parallel: bool = True
     short_ids: bool = False  # 9-character call ids (the server's parser is mistral)
 

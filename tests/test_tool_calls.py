@@ -55,13 +55,33 @@ def test_llama3_json(text, content, want):
     assert parsed.content == content and calls(parsed) == want
 
 
+@pytest.mark.parametrize("text, content, want", [
+    ('[get_weather(city="Oslo", days=2), now()]', None, [("get_weather", {"city": "Oslo", "days": 2}), ("now", {})]),
+    ('<|python_start|>[f(a=[1, {"x": None}], b=True)]<|python_end|>', None, [("f", {"a": [1, {"x": None}],
+                                                                                  "b": True})]),
+    (' [f(a=-1.5, b="line\\n")] ', None, [("f", {"a": -1.5, "b": "line\n"})]),
+    ("[f(1)]", "[f(1)]", []),  # positional: not a call this format makes
+    ('[__import__("os").system("ls")]', '[__import__("os").system("ls")]', []),  # never run, not a call
+    ("[f(a=g())]", "[f(a=g())]", []), ("[f(**x)]", "[f(**x)]", []), ("[f(a=1e999)]", "[f(a=1e999)]", []),
+    ("[f(a={1, 2})]", "[f(a={1, 2})]", []), ("[]", "[]", []), ("[f(a=1)", "[f(a=1)", []),
+    ("The answer is [1, 2].", "The answer is [1, 2].", []),
+], ids=["two", "llama4-tags", "literals", "positional", "no-code-runs", "nested-call", "double-star", "inf", "set",
+        "empty", "cut-off", "plain"])
+def test_pythonic(text, content, want):
+    parsed = TOOL_CALL_PARSERS["pythonic"].parse(text)
+    assert parsed.content == content and calls(parsed) == want
+
+
 def test_streamed_content_stops_before_what_may_be_a_call():
     assert HERMES.content_end("Sure, <tool") == len("Sure, ")  # a possible start is held back
     assert HERMES.content_end("Sure, <b>") == len("Sure, <b>")
     assert HERMES.content_end("Sure <tool_call>{") == len("Sure ")
     assert LLAMA3.content_end("  ") == 0 and LLAMA3.content_end("<|pyth") == 0 and LLAMA3.content_end('{"na') == 0
     assert LLAMA3.content_end("Hi there") == len("Hi there")
-    with pytest.raises(ValueError, match="unknown tool-call parser 'nope'.*hermes, llama3_json"):
+    pythonic = TOOL_CALL_PARSERS["pythonic"]
+    assert pythonic.content_end(" [get_") == 0 and pythonic.content_end("<|python_") == 0
+    assert pythonic.content_end("It is") == len("It is")
+    with pytest.raises(ValueError, match="unknown tool-call parser 'nope'.*hermes, llama3_json, mistral, pythonic"):
         tool_call_parser("nope")
 
 
@@ -139,6 +159,11 @@ def test_streamed_answers_add_up_to_the_whole_ones():
     assert content == "" and [(c["name"], c["arguments"]) for c in got] == [("now", "{}")] and reason == "tool_calls"
     assert replay(ToolChoice("required"), ['[{"name"', ': "n'], "length") == ('[{"name": "n', [], "length")
     assert replay(ToolChoice("auto", parser=LLAMA3), ["It", " rains."]) == ("It rains.", [], "stop")
+    pythonic = ToolChoice("auto", parser=TOOL_CALL_PARSERS["pythonic"])
+    content, got, reason = replay(pythonic, ["[get_wea", 'ther(city="Os', 'lo"), now()]'])
+    assert content == "" and reason == "tool_calls"
+    assert [(c["name"], json.loads(c["arguments"])) for c in got] == [("get_weather", {"city": "Oslo"}), ("now", {})]
+    assert replay(pythonic, ["It", " rains."]) == ("It rains.", [], "stop")
 
 
 def test_template_messages_decode_tool_call_arguments():

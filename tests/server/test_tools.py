@@ -24,9 +24,10 @@ COMPACT = {"structured_outputs": {"disable_any_whitespace": True}}  # a random m
 
 @pytest.fixture(scope="module")
 def servers(model_dir_for):
-    """Servers with the hermes parser, with none, and with mistral's; each engine has the tools template."""
+    """Servers with the hermes parser, with none, with mistral's and with pythonic; each engine has the tools
+    template."""
     running = []
-    for parser in ("hermes", None, "mistral"):
+    for parser in ("hermes", None, "mistral", "pythonic"):
         engine = make_engine(model_dir_for("llama"))
         engine.tokenizer.set_chat_template(TOOLS_TEMPLATE)
         running.append(RunningServer(engine, PromptRegistry(), ServerConfig(tool_call_parser=parser)))
@@ -181,3 +182,20 @@ def test_mistral_answers_and_their_short_ids(servers):
                                            temperature=0, extra_body=COMPACT,
                                            tool_choice={"type": "function", "function": {"name": "get_weather"}})
     assert len(named.choices[0].message.tool_calls[0].id) == 9  # whatever the tool_choice
+
+
+def test_pythonic_answers(servers):
+    client = servers[3].openai()
+    kw = dict(model="base", messages=MESSAGES, tools=TOOLS, max_tokens=40, temperature=0)
+    answer = r'\[get_weather\(unit="celsius"\), get_time\(\)\]'
+    choice = client.chat.completions.create(**kw, extra_body={"guided_regex": answer}).choices[0]
+    got = [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls]
+    assert got == [("get_weather", {"unit": "celsius"}), ("get_time", {})] and choice.message.content is None
+    assert choice.finish_reason == "tool_calls"
+    deltas = {}
+    for chunk in client.chat.completions.create(**kw, stream=True, extra_body={"guided_regex": answer}):
+        for call in chunk.choices[0].delta.tool_calls or ():
+            deltas.setdefault(call.index, [call.function.name, ""])[1] += call.function.arguments or ""
+    assert [(name, json.loads(arguments)) for name, arguments in deltas.values()] == got
+    plain = client.chat.completions.create(**kw, extra_body={"guided_regex": "Sunny"}).choices[0]
+    assert plain.message.content == "Sunny" and not plain.message.tool_calls
