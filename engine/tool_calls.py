@@ -8,7 +8,8 @@ as tool calls.
 - `tool_choice="auto"` lets the model choose, and a parser for its family's tool-call format finds the calls in
   the text: `hermes` (`<tool_call>{"name": ..., "arguments": ...}</tool_call>`: Qwen 2.5 / 3, Hermes, many
   others), `llama3_json` (Llama 3.1+: the answer is `{"name": ..., "parameters": ...}` objects, `; `-separated),
-  `mistral` (`[TOOL_CALLS]` and a JSON array of calls) or `pythonic` (Llama 3.2 / 4: `[f(a=1), g()]`).
+  `mistral` (`[TOOL_CALLS]` and a JSON array of calls), `pythonic` (Llama 3.2 / 4: `[f(a=1), g()]`) or
+  `qwen3_coder` (`<tool_call><function=f><parameter=a>1</parameter></function></tool_call>`).
 
 A streamed answer sends content while it can be sure it is content, and the calls once they are complete.
 """
@@ -17,9 +18,11 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import secrets
 import string
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -65,7 +68,7 @@ class HermesParser:
     keeps_special_tokens = short_ids = False
     start, end = "<tool_call>", "</tool_call>"
 
-    def parse(self, text: str) -> ParsedAnswer:
+    def parse(self, text: str, functions: Sequence[dict] = ()) -> ParsedAnswer:
         first = text.find(self.start)
         if first < 0:
             return ParsedAnswer(text, [])
@@ -98,7 +101,7 @@ class Llama3JsonParser:
     keeps_special_tokens = short_ids = False
     python_tag = "<|python_tag|>"
 
-    def parse(self, text: str) -> ParsedAnswer:
+    def parse(self, text: str, functions: Sequence[dict] = ()) -> ParsedAnswer:
         body = text.lstrip()
         if body.startswith(self.python_tag):
             body = body[len(self.python_tag):].lstrip()
@@ -141,7 +144,7 @@ class MistralParser:
     keeps_special_tokens = True
     short_ids = True
 
-    def parse(self, text: str) -> ParsedAnswer:
+    def parse(self, text: str, functions: Sequence[dict] = ()) -> ParsedAnswer:
         at = text.find(self.marker)
         if at < 0:
             calls = _array_of_calls(text, "arguments", "parameters") if text.lstrip().startswith("[") else None
@@ -182,7 +185,7 @@ class PythonicParser:
     keeps_special_tokens = short_ids = False
     start, end = "<|python_start|>", "<|python_end|>"
 
-    def parse(self, text: str) -> ParsedAnswer:
+    def parse(self, text: str, functions: Sequence[dict] = ()) -> ParsedAnswer:
         body = text.strip()
         if body.startswith(self.start):
             body = body[len(self.start):].removesuffix(self.end).strip()
@@ -215,6 +218,72 @@ class PythonicParser:
         return len(text)
 
 
+class Qwen3CoderParser:
+    """Qwen3-Coder's XML tool calls (vLLM's `qwen3_coder`): content, then `<tool_call>` blocks of
+    `<function=NAME>` with `<parameter=KEY>` value `</parameter>` pairs (the wrapper may be left out). Values are
+    text, turned into the type the function's parameters schema gives the key (integer, number, boolean, object,
+    array, null; a string or an unknown key stays text), as vLLM turns them; a block that is not a function is
+    content."""
+
+    name = "qwen3_coder"
+    keeps_special_tokens = short_ids = False
+    start, function = "<tool_call>", "<function="
+    _function = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|$)", re.DOTALL)
+    _parameter = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|(?=</function>)|$)",
+                            re.DOTALL)
+
+    def parse(self, text: str, functions: Sequence[dict] = ()) -> ParsedAnswer:
+        first = self._first_marker(text)
+        if first < 0:
+            return ParsedAnswer(text, [])
+        schemas = {f.get("name"): parameters_schema(f).get("properties") or {} for f in functions}
+        blocks = [m for m in self._function.finditer(text, first)]
+        if not blocks:
+            return ParsedAnswer(text, [])
+        calls = []
+        for block in blocks:
+            name, body = block.group(1).strip(), block.group(2)
+            properties = schemas.get(name, {})
+            arguments = {key.strip(): _typed(value, properties.get(key.strip()))
+                         for key, value in (m.groups() for m in self._parameter.finditer(body))}
+            calls.append(ToolCall(name, json.dumps(arguments, ensure_ascii=False)))
+        return ParsedAnswer(text[:first] or None, calls)
+
+    def _first_marker(self, text: str) -> int:
+        found = [at for at in (text.find(self.start), text.find(self.function)) if at >= 0]
+        return min(found) if found else -1
+
+    def content_end(self, text: str) -> int:
+        first = self._first_marker(text)
+        return first if first >= 0 else len(text) - partial_marker_length(text, (self.start, self.function))
+
+
+def _typed(value: str, schema: dict | None) -> Any:
+    """A qwen3_coder parameter's text as its schema's type (vLLM's conversion)."""
+    value = value.removeprefix("\n").removesuffix("\n")
+    if value.strip().lower() == "null":
+        return None
+    kind = (schema or {}).get("type", "string")
+    kind = next((k for k in kind if k != "null"), "string") if isinstance(kind, list) else kind
+    text = value.strip()
+    try:
+        if kind == "integer":
+            return int(text)
+        if kind == "number":
+            number = float(text)
+            return int(number) if number.is_integer() and re.fullmatch(r"-?\d+", text) else number
+    except ValueError:
+        return value
+    if kind == "boolean":
+        return {"true": True, "false": False}.get(text.lower(), value)
+    if kind in ("object", "array"):
+        try:
+            return json.loads(text)
+        except ValueError:
+            return value
+    return value
+
+
 def _array_of_calls(text: str, *argument_keys: str) -> list[ToolCall] | None:
     """The calls of a JSON array of `{"name", <arguments>}` objects that is the whole of `text` (but for
     whitespace), or None where it is not one (cut off, another value, an item without a name)."""
@@ -233,7 +302,8 @@ def short_call_id() -> str:
     return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
 
 
-TOOL_CALL_PARSERS = {p.name: p for p in (HermesParser(), Llama3JsonParser(), MistralParser(), PythonicParser())}
+TOOL_CALL_PARSERS = {p.name: p for p in (HermesParser(), Llama3JsonParser(), MistralParser(), PythonicParser(),
+                                          Qwen3CoderParser())}
 
 
 def tool_call_parser(name: str):
@@ -301,9 +371,10 @@ class ToolChoice:
 
     kind: str
     name: str | None = None
-    parser: HermesParser | Llama3JsonParser | MistralParser | PythonicParser | None = None
+    parser: HermesParser | Llama3JsonParser | MistralParser | PythonicParser | Qwen3CoderParser | None = None
     parallel: bool = True
     short_ids: bool = False  # 9-character call ids (the server's parser is mistral)
+    functions: tuple[dict, ...] = ()  # the tools' function definitions (qwen3_coder types its values by them)
 
     def with_ids(self, calls: list[ToolCall]) -> list[ToolCall]:
         """The calls with the ids this choice gives (9-character ones for Mistral)."""
@@ -323,7 +394,7 @@ class ToolChoice:
             if calls is None:  # cut off before the array closed: what there is, as content
                 return text, [], finish_reason
             return None, calls, "tool_calls" if finish_reason == "stop" else finish_reason
-        parsed = self.parser.parse(text)
+        parsed = self.parser.parse(text, self.functions)
         if not parsed.calls:
             return text, [], finish_reason
         calls = parsed.calls if self.parallel else parsed.calls[:1]

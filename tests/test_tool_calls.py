@@ -72,6 +72,31 @@ def test_pythonic(text, content, want):
     assert parsed.content == content and calls(parsed) == want
 
 
+TYPED = {"name": "get_weather", "parameters": {"type": "object", "properties": {
+    "city": {"type": "string"}, "days": {"type": "integer"}, "hot": {"type": "boolean"}, "tags": {"type": "array"},
+    "t": {"type": "number"}, "n": {"type": ["integer", "null"]}}}}
+
+
+@pytest.mark.parametrize("text, content, want", [
+    ("Let me check.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nNew York\n</parameter>\n"
+     "<parameter=days>\n3\n</parameter>\n<parameter=hot>\nTrue\n</parameter>\n<parameter=tags>\n[\"a\", 1]\n"
+     "</parameter>\n<parameter=t>\n2.5\n</parameter>\n<parameter=n>\n7\n</parameter>\n<parameter=other>\n12\n"
+     "</parameter>\n</function>\n</tool_call>", "Let me check.\n",
+     [("get_weather", {"city": "New York", "days": 3, "hot": True, "tags": ["a", 1], "t": 2.5, "n": 7,
+                       "other": "12"})]),  # typed by the schema; a key it does not name stays text
+    ("<tool_call>\n<function=get_weather>\n<parameter=days>\nthree\n</parameter>\n<parameter=n>\nnull\n"
+     "</parameter>\n</function>\n</tool_call>", None, [("get_weather", {"days": "three", "n": None})]),
+    ("<function=now>\n</function>", None, [("now", {})]),  # without the wrapper
+    ("<tool_call>\n<function=a>\n<parameter=x>\n1\n</parameter>\n</function>\n</tool_call>\n<tool_call>\n"
+     "<function=b>\n<parameter=y>\nline one\nline two", None, [("a", {"x": "1"}), ("b", {"y": "line one\nline two"})]),
+    ("<tool_call>\nnot a function\n</tool_call>", "<tool_call>\nnot a function\n</tool_call>", []),
+    ("It is sunny.", "It is sunny.", []),
+], ids=["typed", "untyped-values-and-null", "no-wrapper", "cut-off-second", "not-a-function", "plain"])
+def test_qwen3_coder(text, content, want):
+    parsed = TOOL_CALL_PARSERS["qwen3_coder"].parse(text, [TYPED])
+    assert parsed.content == content and calls(parsed) == want
+
+
 def test_streamed_content_stops_before_what_may_be_a_call():
     assert HERMES.content_end("Sure, <tool") == len("Sure, ")  # a possible start is held back
     assert HERMES.content_end("Sure, <b>") == len("Sure, <b>")
@@ -81,7 +106,10 @@ def test_streamed_content_stops_before_what_may_be_a_call():
     pythonic = TOOL_CALL_PARSERS["pythonic"]
     assert pythonic.content_end(" [get_") == 0 and pythonic.content_end("<|python_") == 0
     assert pythonic.content_end("It is") == len("It is")
-    with pytest.raises(ValueError, match="unknown tool-call parser 'nope'.*hermes, llama3_json, mistral, pythonic"):
+    coder = TOOL_CALL_PARSERS["qwen3_coder"]
+    assert coder.content_end("Sure <tool") == 5 and coder.content_end("Sure <func") == 5
+    assert coder.content_end("Sure <function=f>") == 5 and coder.content_end("x < y") == 5
+    with pytest.raises(ValueError, match="unknown tool-call parser 'nope'.*mistral, pythonic, qwen3_coder"):
         tool_call_parser("nope")
 
 
@@ -164,6 +192,11 @@ def test_streamed_answers_add_up_to_the_whole_ones():
     assert content == "" and reason == "tool_calls"
     assert [(c["name"], json.loads(c["arguments"])) for c in got] == [("get_weather", {"city": "Oslo"}), ("now", {})]
     assert replay(pythonic, ["It", " rains."]) == ("It rains.", [], "stop")
+    coder = ToolChoice("auto", parser=TOOL_CALL_PARSERS["qwen3_coder"], functions=(TYPED,))
+    content, got, reason = replay(coder, ["Ok. <tool", "_call>\n<function=get_weather>\n<parameter=days>\n", "4\n",
+                                          "</parameter>\n</function>\n</tool_call>"])
+    assert content == "Ok. " and reason == "tool_calls"
+    assert [(c["name"], json.loads(c["arguments"])) for c in got] == [("get_weather", {"days": 4})]
 
 
 def test_template_messages_decode_tool_call_arguments():

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from ..tool_calls import ToolChoice, parameters_schema, required_schema, tool_call_parser
+from ..tool_calls import TOOL_CALL_PARSERS, ToolChoice, parameters_schema, required_schema, tool_call_parser
 
 MAX_CHOICES = 128  # n x number of prompts in one request
 MAX_STOP = 16
@@ -339,9 +339,11 @@ class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
         if choice == "required":
             return ToolChoice("required", parallel=self.parallel_tool_calls, short_ids=short_ids)
         if parser is None:
-            raise ValueError('tool_choice "auto" needs the server started with --tool-call-parser (hermes, '
-                             'llama3_json, mistral); name a function or use "required" or "none" instead')
-        return ToolChoice("auto", parser=parser, parallel=self.parallel_tool_calls, short_ids=short_ids)
+            raise ValueError(f'tool_choice "auto" needs the server started with --tool-call-parser '
+                             f'({", ".join(TOOL_CALL_PARSERS)}); name a function or use "required" or "none" instead')
+        functions = tuple(tool.function.model_dump(exclude_none=True) for tool in self.tools or ())
+        return ToolChoice("auto", parser=parser, parallel=self.parallel_tool_calls, short_ids=short_ids,
+                          functions=functions)
 
     def decoded_for(self, tools: ToolChoice | None) -> ChatCompletionRequest:
         """The request as its answer must be decoded for `tools`' parser: with special tokens where its call

@@ -24,10 +24,10 @@ COMPACT = {"structured_outputs": {"disable_any_whitespace": True}}  # a random m
 
 @pytest.fixture(scope="module")
 def servers(model_dir_for):
-    """Servers with the hermes parser, with none, with mistral's and with pythonic; each engine has the tools
-    template."""
+    """Servers with the hermes parser, with none, with mistral's, pythonic and qwen3_coder; each engine has the
+    tools template."""
     running = []
-    for parser in ("hermes", None, "mistral", "pythonic"):
+    for parser in ("hermes", None, "mistral", "pythonic", "qwen3_coder"):
         engine = make_engine(model_dir_for("llama"))
         engine.tokenizer.set_chat_template(TOOLS_TEMPLATE)
         running.append(RunningServer(engine, PromptRegistry(), ServerConfig(tool_call_parser=parser)))
@@ -199,3 +199,21 @@ def test_pythonic_answers(servers):
     assert [(name, json.loads(arguments)) for name, arguments in deltas.values()] == got
     plain = client.chat.completions.create(**kw, extra_body={"guided_regex": "Sunny"}).choices[0]
     assert plain.message.content == "Sunny" and not plain.message.tool_calls
+
+
+def test_qwen3_coder_answers_typed_by_the_tools(servers):
+    client = servers[4].openai()
+    tools = [{"type": "function", "function": {"name": "forecast", "parameters": {
+        "type": "object", "properties": {"days": {"type": "integer"}, "city": {"type": "string"}}}}}]
+    answer = (r"Checking\.\n<tool_call>\n<function=forecast>\n<parameter=days>\n3\n</parameter>\n"
+              r"<parameter=city>\n12\n</parameter>\n</function>\n</tool_call>")
+    kw = dict(model="base", messages=MESSAGES, tools=tools, max_tokens=80, temperature=0)
+    choice = client.chat.completions.create(**kw, extra_body={"guided_regex": answer}).choices[0]
+    [call] = choice.message.tool_calls
+    assert (choice.message.content, call.function.name) == ("Checking.\n", "forecast")
+    assert json.loads(call.function.arguments) == {"days": 3, "city": "12"}  # by the schema: a number, a string
+    content, arguments = "", ""
+    for chunk in client.chat.completions.create(**kw, stream=True, extra_body={"guided_regex": answer}):
+        content += chunk.choices[0].delta.content or ""
+        arguments += "".join(c.function.arguments or "" for c in chunk.choices[0].delta.tool_calls or ())
+    assert (content, arguments) == ("Checking.\n", call.function.arguments)
