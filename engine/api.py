@@ -22,7 +22,7 @@ from .loader import load_model
 from .model_runner import ModelRunner
 from .prefix_cache import PrefixCache
 from .prompts import PromptStore, SoftPrompt
-from .reasoning import END, START, ReasoningParser, ThoughtGate, reasoning_parser, thought_marker_ids
+from .reasoning import ReasoningParser, ThoughtGate, reasoning_parser
 from .reference import ReferencePath
 from .request import PendingText, Request, RequestOutput, RequestTiming
 from .sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob, make_generator, token_logprobs
@@ -192,11 +192,12 @@ class Engine:
     def set_reasoning_parser(self, name: str | None) -> None:
         """Constrain a thinking model's answer, not its thought (vLLM's structured outputs with a reasoning parser):
         a later request's structured output (guided_json / regex / grammar / JSON mode) or guided_choice holds from
-        the token after `</think>`, while the thought is free. `deepseek_r1`: the thought is open from the first
-        token; `qwen3`: where the input ends inside an open `<think>`, else the first token may be `<think>` (which
-        opens one) or the constraint's. A thought that never closes leaves the whole output unconstrained. Needs
-        `<think>` and `</think>` to be single tokens of the tokenizer (as in Qwen3, QwQ and DeepSeek R1's
-        models); None: constraints hold from the first token (the default)."""
+        the token after `</think>`, while the thought is free. `deepseek_r1` (and `seed_oss`): the thought is open
+        from the first token; `qwen3` (and `mistral`): where the input ends inside an open `<think>`, else the
+        first token may be `<think>` (which opens one) or the constraint's. A thought that never closes leaves the
+        whole output unconstrained. Needs the parser's markers (`<think>` and `</think>`; `<seed:think>`,
+        `[THINK]`, ...) to be single tokens of the tokenizer (as in Qwen3, QwQ, DeepSeek R1's, Seed-OSS and
+        Magistral models); None: constraints hold from the first token (the default)."""
         if name is None:
             self.reasoning, self._thought_markers = None, None
             return
@@ -204,10 +205,10 @@ class Engine:
             parser = reasoning_parser(name)
         except ValueError as exc:
             raise SoftPromptError(str(exc)) from None
-        markers = thought_marker_ids(require_tokenizer(self.tokenizer, "a reasoning parser"))
+        markers = parser.marker_ids(require_tokenizer(self.tokenizer, "a reasoning parser"))
         if markers is None or not all(0 <= i < self.config.vocab_size for i in markers):
-            raise SoftPromptError(f"reasoning parser {name!r}: {START!r} and {END!r} are not single tokens of this "
-                                  "model's tokenizer")
+            raise SoftPromptError(f"reasoning parser {name!r}: {parser.start!r} and {parser.end!r} are not single "
+                                  "tokens of this model's tokenizer")
         self.reasoning, self._thought_markers = parser, markers
 
     def default_sampling_params(self, **overrides) -> SamplingParams:

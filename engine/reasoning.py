@@ -6,6 +6,9 @@ the answer goes to the message's `reasoning` (and `reasoning_content`, its older
 - `qwen3` (Qwen3 and others whose answer opens its own `<think>`): reasoning where the answer opens `<think>`, or
   where the prompt ends inside an open `<think>` (templates that put it there, as Qwen3's thinking-only models do);
   else the answer is all content (`enable_thinking=False` renders a closed, empty thought).
+- `seed_oss` (ByteDance Seed-OSS): deepseek_r1's reading with `<seed:think>` and `</seed:think>`.
+- `mistral` (Magistral): qwen3's reading with `[THINK]` and `[/THINK]`, special tokens, so the answer is decoded
+  with them (as the mistral tool-call parser's).
 """
 
 from __future__ import annotations
@@ -18,31 +21,48 @@ from .stopping import partial_marker_length
 START, END = "<think>", "</think>"
 
 
-def prompt_opens_thought(prompt_text: str) -> bool:
-    """Whether a rendered prompt ends inside a thought: its last `<think>` is not closed."""
-    return prompt_text.rfind(START) > prompt_text.rfind(END)
+def prompt_opens_thought(prompt_text: str, start: str = START, end: str = END) -> bool:
+    """Whether a rendered prompt ends inside a thought: its last `start` is not closed."""
+    return prompt_text.rfind(start) > prompt_text.rfind(end)
 
 
 @dataclass(frozen=True)
 class ReasoningParser:
     name: str
     thinks_from_the_start: bool  # deepseek_r1: the template opened the thought
+    start: str = START
+    end: str = END
+    keeps_special_tokens: bool = False  # its markers are special tokens: decode answers with them
 
     def starts_thinking(self, prompt_open: bool) -> bool:
         return self.thinks_from_the_start or prompt_open
 
+    def opens_thought(self, prompt_text: str) -> bool:
+        return prompt_opens_thought(prompt_text, self.start, self.end)
+
     def split(self, text: str, prompt_open: bool = False) -> tuple[str | None, str | None]:
         """(reasoning, content) of a whole answer; None where there is none."""
         body, thinking = text, self.starts_thinking(prompt_open)
-        if body.lstrip().startswith(START):
-            body, thinking = body.lstrip()[len(START):], True
+        if body.lstrip().startswith(self.start):
+            body, thinking = body.lstrip()[len(self.start):], True
         if not thinking:
             return None, text
-        reasoning, closed, content = body.partition(END)
+        reasoning, closed, content = body.partition(self.end)
         return reasoning, (content or None) if closed else None
 
+    def marker_ids(self, tokenizer) -> tuple[int, int] | None:
+        """The token ids of its start and end markers where each is one token of the tokenizer (`Tokenizer`), else
+        None."""
+        ids = [tokenizer.encode(marker, add_special_tokens=False) for marker in (self.start, self.end)]
+        if any(len(i) != 1 for i in ids):
+            return None
+        return ids[0][0], ids[1][0]
 
-REASONING_PARSERS = {p.name: p for p in (ReasoningParser("deepseek_r1", True), ReasoningParser("qwen3", False))}
+
+REASONING_PARSERS = {p.name: p for p in (
+    ReasoningParser("deepseek_r1", True), ReasoningParser("qwen3", False),
+    ReasoningParser("seed_oss", True, "<seed:think>", "</seed:think>"),
+    ReasoningParser("mistral", False, "[THINK]", "[/THINK]", keeps_special_tokens=True))}
 
 
 def reasoning_parser(name: str) -> ReasoningParser:
@@ -63,34 +83,25 @@ class ReasoningStream:
 
     def feed(self, text: str, finished: bool) -> tuple[str, str]:
         """(reasoning to send now, the content so far)."""
-        stripped = text.lstrip()
-        if not finished and START.startswith(stripped) and stripped != START:
+        stripped, start, end = text.lstrip(), self.parser.start, self.parser.end
+        if not finished and start.startswith(stripped) and stripped != start:
             return "", ""  # nothing yet, or what may become "<think>"
         reasoning, content = self.parser.split(text, self.prompt_open)
         if reasoning is None:
             return "", text
-        if content is None and not finished and END not in text:
-            reasoning = reasoning[:len(reasoning) - partial_marker_length(reasoning, (END,))]  # "</think>" may come
+        if content is None and not finished and end not in text:
+            reasoning = reasoning[:len(reasoning) - partial_marker_length(reasoning, (end,))]  # "</think>" may come
         piece = reasoning[self.reasoning_sent:] if len(reasoning) > self.reasoning_sent else ""
         self.reasoning_sent = max(self.reasoning_sent, len(reasoning))
         return piece, content or ""
 
 
-def thought_marker_ids(tokenizer) -> tuple[int, int] | None:
-    """The token ids of `<think>` and `</think>` where each is one token of the tokenizer (`Tokenizer`, as
-    Qwen3's, DeepSeek R1's and QwQ's are), else None."""
-    ids = [tokenizer.encode(marker, add_special_tokens=False) for marker in (START, END)]
-    if any(len(i) != 1 for i in ids):
-        return None
-    return ids[0][0], ids[1][0]
-
-
 class ThoughtGate:
     """Where a thinking model's answer starts among its generated tokens, for the constraints that hold on the
     answer alone (structured outputs and guided_choice with a reasoning parser, as vLLM applies them): none while
-    the thought is open, from the token after `</think>` on. `open_at_start`: the thought is open before the first
-    token (deepseek_r1, or a prompt that ends inside one); else the first token may open one (`<think>`), and
-    any other first token starts the answer, as `ReasoningParser.split` reads it."""
+    the thought is open, from the token after its end marker (`</think>`) on. `open_at_start`: the thought is open
+    before the first token (deepseek_r1, or a prompt that ends inside one); else the first token may open one
+    (`<think>`), and any other first token starts the answer, as `ReasoningParser.split` reads it."""
 
     def __init__(self, start_id: int, end_id: int, open_at_start: bool):
         self.start_id, self.end_id = start_id, end_id

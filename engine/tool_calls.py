@@ -9,7 +9,8 @@ as tool calls.
   the text: `hermes` (`<tool_call>{"name": ..., "arguments": ...}</tool_call>`: Qwen 2.5 / 3, Hermes, many
   others), `llama3_json` (Llama 3.1+: the answer is `{"name": ..., "parameters": ...}` objects, `; `-separated),
   `mistral` (`[TOOL_CALLS]` and a JSON array of calls), `pythonic` (Llama 3.2 / 4: `[f(a=1), g()]`) or
-  `qwen3_coder` (`<tool_call><function=f><parameter=a>1</parameter></function></tool_call>`).
+  `qwen3_coder` (`<tool_call><function=f><parameter=a>1</parameter></function></tool_call>`) or `seed_oss`
+  (the same inside `<seed:tool_call>`).
 
 A streamed answer sends content while it can be sure it is content, and the calls once they are complete.
 """
@@ -258,6 +259,13 @@ class Qwen3CoderParser:
         return first if first >= 0 else len(text) - partial_marker_length(text, (self.start, self.function))
 
 
+class SeedOssParser(Qwen3CoderParser):
+    """Seed-OSS's tool calls (vLLM's `seed_oss`): qwen3_coder's blocks inside `<seed:tool_call>`."""
+
+    name = "seed_oss"
+    start = "<seed:tool_call>"
+
+
 def _typed(value: str, schema: dict | None) -> Any:
     """A qwen3_coder parameter's text as its schema's type (vLLM's conversion)."""
     value = value.removeprefix("\n").removesuffix("\n")
@@ -303,7 +311,7 @@ def short_call_id() -> str:
 
 
 TOOL_CALL_PARSERS = {p.name: p for p in (HermesParser(), Llama3JsonParser(), MistralParser(), PythonicParser(),
-                                          Qwen3CoderParser())}
+                                          Qwen3CoderParser(), SeedOssParser())}
 
 
 def tool_call_parser(name: str):

@@ -37,8 +37,25 @@ def test_prompt_opens_thought_and_unknown_parsers():
     assert prompt_opens_thought("<|im_start|>assistant\n<think>\n")
     assert not prompt_opens_thought("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # enable_thinking=False
     assert not prompt_opens_thought("<|im_start|>assistant\n")
-    with pytest.raises(ValueError, match="unknown reasoning parser 'granite'.*deepseek_r1, qwen3"):
+    with pytest.raises(ValueError, match="unknown reasoning parser 'granite'.*deepseek_r1, mistral, qwen3, seed_oss"):
         reasoning_parser("granite")
+    seed, magistral = REASONING_PARSERS["seed_oss"], REASONING_PARSERS["mistral"]
+    assert seed.opens_thought("<seed:think>") and not seed.opens_thought("<think>")
+    assert magistral.opens_thought("[INST]x[/INST][THINK]") and not magistral.opens_thought("[THINK]a[/THINK]")
+
+
+@pytest.mark.parametrize("name, prompt_open, text, want", [
+    ("seed_oss", False, "<seed:think>abc</seed:think>Hi", ("abc", "Hi")),
+    ("seed_oss", False, "abc</seed:think>Hi", ("abc", "Hi")),  # thinks from the start, as deepseek_r1
+    ("seed_oss", False, "abc", ("abc", None)),
+    ("mistral", False, "[THINK]abc[/THINK]Hi", ("abc", "Hi")),
+    ("mistral", False, "abc[/THINK]Hi", (None, "abc[/THINK]Hi")),  # opens its own thought, as qwen3
+    ("mistral", True, "abc[/THINK]Hi", ("abc", "Hi")),
+])
+def test_other_families_markers(name, prompt_open, text, want):
+    parser = REASONING_PARSERS[name]
+    assert parser.split(text, prompt_open) == want
+    assert parser.keeps_special_tokens == (name == "mistral")  # Magistral's markers are special tokens
 
 
 def stream(parser, prompt_open: bool, pieces: list[str]) -> tuple[str, str]:
@@ -51,11 +68,12 @@ def stream(parser, prompt_open: bool, pieces: list[str]) -> tuple[str, str]:
     return thought, content
 
 
-@pytest.mark.parametrize("parser", [R1, QWEN3], ids=["deepseek_r1", "qwen3"])
+@pytest.mark.parametrize("parser", list(REASONING_PARSERS.values()), ids=list(REASONING_PARSERS))
 @pytest.mark.parametrize("prompt_open", [False, True])
 def test_streamed_pieces_add_up_to_the_whole_split(parser, prompt_open):
     rng = random.Random(0)
     for text in TEXTS:
+        text = text.replace("</think>", parser.end).replace("<think>", parser.start)
         reasoning, content = parser.split(text, prompt_open)
         cuts = [list(text) or [""]]  # a character at a time, and in a few random pieces
         for _ in range(5 if len(text) > 1 else 0):

@@ -116,3 +116,16 @@ def test_a_reasoning_parser_needs_single_token_markers(engines, model_dir_for):
     engine.set_reasoning_parser("qwen3")
     engine.set_reasoning_parser(None)  # back to constraints from the first token
     assert run(engine, *constrained(logit_bias={END: 50.0}))[0].text in ("yes", "no")
+
+
+def test_other_markers_gate_alike(tmp_path):
+    """seed_oss's <seed:think> / </seed:think>: the same gate, by the parser's own markers."""
+    from softprompt.testing import build_tiny_checkpoint, build_tokenizer
+
+    build_tiny_checkpoint("llama", tmp_path, with_tokenizer=False)
+    build_tokenizer(tmp_path, 510, added_tokens=("<seed:think>", "</seed:think>"))
+    engine = Engine(tmp_path, reasoning_parser="seed_oss")
+    for out in run(engine, *constrained(logit_bias={END: 50.0})):
+        assert out.token_ids[0] == END and re.fullmatch("</seed:think>(yes|no)", out.text), out.text
+    with pytest.raises(SoftPromptError, match="'<think>' and '</think>' are not single tokens"):
+        engine.set_reasoning_parser("qwen3")

@@ -9,6 +9,7 @@ import pytest
 
 from softprompt import Engine, Request
 from softprompt.engine.errors import RequestError
+from softprompt.engine.reasoning import REASONING_PARSERS
 from softprompt.engine.tool_calls import (
     TOOL_CALL_PARSERS,
     ToolChoice,
@@ -97,6 +98,15 @@ def test_qwen3_coder(text, content, want):
     assert parsed.content == content and calls(parsed) == want
 
 
+def test_seed_oss():
+    seed = TOOL_CALL_PARSERS["seed_oss"]
+    text = ("Sure.<seed:tool_call>\n<function=get_weather>\n<parameter=days>\n2\n</parameter>\n</function>\n"
+            "</seed:tool_call>")
+    parsed = seed.parse(text, [TYPED])
+    assert parsed.content == "Sure." and calls(parsed) == [("get_weather", {"days": 2})]
+    assert seed.content_end("Sure.<seed:tool") == len("Sure.") and seed.parse("plain").content == "plain"
+
+
 def test_streamed_content_stops_before_what_may_be_a_call():
     assert HERMES.content_end("Sure, <tool") == len("Sure, ")  # a possible start is held back
     assert HERMES.content_end("Sure, <b>") == len("Sure, <b>")
@@ -109,7 +119,7 @@ def test_streamed_content_stops_before_what_may_be_a_call():
     coder = TOOL_CALL_PARSERS["qwen3_coder"]
     assert coder.content_end("Sure <tool") == 5 and coder.content_end("Sure <func") == 5
     assert coder.content_end("Sure <function=f>") == 5 and coder.content_end("x < y") == 5
-    with pytest.raises(ValueError, match="unknown tool-call parser 'nope'.*mistral, pythonic, qwen3_coder"):
+    with pytest.raises(ValueError, match="unknown tool-call parser 'nope'.*mistral, pythonic, qwen3_coder, seed_oss"):
         tool_call_parser("nope")
 
 
@@ -276,3 +286,7 @@ def test_mistral_ids_and_special_tokens():
     assert auto.decoded_for(auto.tool_mode("hermes")).skip_special_tokens is True
     told = ChatCompletionRequest(**body, skip_special_tokens=True)
     assert told.decoded_for(told.tool_mode("mistral")).skip_special_tokens is True  # as the request says
+    magistral = REASONING_PARSERS["mistral"]  # its [THINK] markers are special tokens too
+    assert auto.decoded_for(None, magistral).skip_special_tokens is False
+    assert auto.decoded_for(None, REASONING_PARSERS["qwen3"]).skip_special_tokens is True
+    assert told.decoded_for(None, magistral).skip_special_tokens is True

@@ -27,7 +27,7 @@ from ... import __version__
 from ..api import Engine
 from ..beam_search import BeamSearchParams
 from ..errors import PromptError, RequestError, SamplingParamsError, SoftPromptError, UnknownPromptError
-from ..reasoning import prompt_opens_thought, reasoning_parser
+from ..reasoning import reasoning_parser
 from ..request import Request as EngineRequest
 from ..request import RequestOutput
 from ..sampling import SamplingParams
@@ -557,14 +557,14 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
             tools = body.tool_mode(config.tool_call_parser)
         except ValueError as exc:
             raise APIError(400, str(exc), param="tool_choice", code="unsupported") from exc
-        body = body.decoded_for(tools)
+        body = body.decoded_for(tools, thinking)
         messages = [m.for_template() for m in body.messages]
         reasoning = thinking if thought_gated or not body.constrained() else None
 
         def render(e: Engine) -> tuple[list[int], bool]:
             ids = _render_chat(e, messages, body.template_options())
             tail = "" if reasoning is None else e.tokenizer.decode(ids[-32:], skip_special_tokens=False)
-            return ids, prompt_opens_thought(tail)
+            return ids, reasoning is not None and reasoning.opens_thought(tail)
 
         try:
             ids, prompt_open = await loop.run(render)

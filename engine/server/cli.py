@@ -73,7 +73,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS), default=None,
                    help="give a thinking model's <think> part as the chat message's reasoning, apart from its "
                    "content, and hold structured outputs on the content (vLLM's names: deepseek_r1 for R1 and QwQ, "
-                   "qwen3 for Qwen3)")
+                   "qwen3 for Qwen3, seed_oss for Seed-OSS, mistral for Magistral)")
     p.add_argument("--log-level", default="info")
     ray = p.add_argument_group("Ray Serve (needs the ray extra): several engine replicas with task-affinity routing")
     ray.add_argument("--ray", action="store_true", help="serve with Ray Serve instead of one process")

@@ -345,11 +345,13 @@ class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
         return ToolChoice("auto", parser=parser, parallel=self.parallel_tool_calls, short_ids=short_ids,
                           functions=functions)
 
-    def decoded_for(self, tools: ToolChoice | None) -> ChatCompletionRequest:
-        """The request as its answer must be decoded for `tools`' parser: with special tokens where its call
-        markers are special tokens (Mistral's), unless the request says otherwise (vLLM's adjustment)."""
-        if (tools is None or tools.parser is None or not tools.parser.keeps_special_tokens
-                or "skip_special_tokens" in self.model_fields_set):
+    def decoded_for(self, tools: ToolChoice | None, reasoning: Any = None) -> ChatCompletionRequest:
+        """The request as its answer must be decoded for `tools`' parser and the `reasoning` parser: with special
+        tokens where their markers are special tokens (Mistral's), unless the request says otherwise (vLLM's
+        adjustment)."""
+        keeps = (tools is not None and tools.parser is not None and tools.parser.keeps_special_tokens) or (
+            reasoning is not None and reasoning.keeps_special_tokens)
+        if not keeps or "skip_special_tokens" in self.model_fields_set:
             return self
         return self.model_copy(update={"skip_special_tokens": False})
 
