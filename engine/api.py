@@ -66,7 +66,7 @@ class PreparedRequest:
     input_ids: list[int]
     params: SamplingParams  # max_new_tokens capped so prefix + input + output fits the model's positions
     grammar: object | None = None  # its structured output compiled (engine/structured.py), where it asks for one
-    # where its constraint holds on a thinking model's answer alone: ThoughtGate's (<think> id, </think> id, open)
+    # where its constraint holds on a thinking model's answer alone: ThoughtGate's (start id, end id, open)
     thought: tuple[int, int, bool] | None = None
 
 
@@ -93,9 +93,9 @@ class Engine:
     same tokens (a shared instruction or few-shot examples, the n samples of one input, a preempted request)
     computes only the rest. A task's soft-prompt K/V are cached whatever this says.
 
-    reasoning_parser ("deepseek_r1" or "qwen3", as the server's --reasoning-parser): a thinking model's
-    structured outputs and guided_choice hold on its answer after the `<think> ... </think>` thought, not on the
-    thought (see set_reasoning_parser).
+    reasoning_parser ("deepseek_r1", "qwen3", "seed_oss" or "mistral", as the server's --reasoning-parser): a
+    thinking model's structured outputs and guided_choice hold on its answer after the `<think> ... </think>`
+    thought, not on the thought (see set_reasoning_parser).
     """
 
     def __init__(

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="JSON outputs without free whitespace (disable_any_whitespace)")
     gen.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS), default=None,
                      help="a thinking model's constraint (--choice, --json-schema, --regex, ...) holds on its answer "
-                     "after the <think> part, not on the thought (deepseek_r1, qwen3)")
+                     "after the <think> part, not on the thought")
     gen.add_argument("--beam-width", type=int, default=None, metavar="K",
                      help="beam search (HF's generate(num_beams=K)): print the K best hypotheses, best first")
     gen.add_argument("--length-penalty", type=float, default=1.0,
