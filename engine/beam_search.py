@@ -49,13 +49,14 @@ class BeamSearchParams:
 
 @dataclass
 class BeamSequence:
-    """One answer: its generated tokens (the ending EOS included), their text, summed log-probability, score."""
+    """One answer: its generated tokens (the ending EOS included), their text, log-probabilities and score."""
 
     token_ids: list[int]
     cumulative_logprob: float
     score: float  # cumulative_logprob / len(token_ids) ** length_penalty, by which the answers are ranked
     finish_reason: str  # "stop" (EOS) or "length"
     text: str | None = None
+    logprobs: list[float] = field(default_factory=list)  # each token's, under the model's raw distribution
 
 
 @dataclass
@@ -70,6 +71,11 @@ class BeamSearchOutput:
 class _Hypothesis:
     tokens: list[int]
     logprob: float  # summed
+    token_logprobs: list[float] = field(default_factory=list)
+
+    def then(self, token: int, logprob: float) -> _Hypothesis:
+        """This hypothesis with `token`, the summed log-probability being `logprob`."""
+        return _Hypothesis([*self.tokens, token], logprob, [*self.token_logprobs, logprob - self.logprob])
 
 
 class BeamState:
@@ -101,12 +107,11 @@ class BeamState:
             for logprob, i, _, token in candidates[:k]:
                 if ends(token):
                     reason = "stop" if not p.ignore_eos and token in self.eos else "length"
-                    hyp = _Hypothesis([*self.live[i].tokens, token], logprob)
+                    hyp = self.live[i].then(token, logprob)
                     self.finished.append((logprob / length ** p.length_penalty, hyp, reason))
             self.finished.sort(key=lambda f: -f[0])
             del self.finished[k:]
-        self.live = [_Hypothesis([*self.live[i].tokens, token], logprob)
-                     for logprob, i, _, token in candidates if not ends(token)][:k]
+        self.live = [self.live[i].then(token, logprob) for logprob, i, _, token in candidates if not ends(token)][:k]
         if self.live and len(self.finished) == k:  # HF's early-stop heuristic
             hypothetical = self.max_new_tokens if (p.early_stopping == "never" and p.length_penalty > 0) else length
             self.improvable = self.improvable and (
@@ -115,8 +120,8 @@ class BeamState:
         self.done = not self.live or not self.improvable or (full and p.early_stopping is True)
 
     def answers(self, decode) -> list[BeamSequence]:
-        return [BeamSequence(hyp.tokens, hyp.logprob, score, reason, None if decode is None else decode(hyp.tokens))
-                for score, hyp, reason in self.finished]
+        return [BeamSequence(hyp.tokens, hyp.logprob, score, reason, None if decode is None else decode(hyp.tokens),
+                             hyp.token_logprobs) for score, hyp, reason in self.finished]
 
 
 def tops_wanted(params: BeamSearchParams, num_eos: int) -> int:

@@ -43,6 +43,8 @@ def assert_same(out, hf, length_penalty: float, eos=frozenset()):
     assert [s.score for s in out.sequences] == pytest.approx(scores, abs=1e-4)
     for s in out.sequences:
         assert s.score == pytest.approx(s.cumulative_logprob / len(s.token_ids) ** length_penalty, abs=1e-5)
+        assert len(s.logprobs) == len(s.token_ids) and sum(s.logprobs) == pytest.approx(s.cumulative_logprob)
+        assert all(lp <= 0 for lp in s.logprobs)
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +65,9 @@ def test_beams_match_peft_generate(tuned, k, length_penalty, early_stopping):
     assert out.prompt == "task" and out.input_ids == IDS and len(out.sequences) == k
     assert_same(out, hf_beams(hf, IDS, k, length_penalty, early_stopping), length_penalty)
     assert all(s.finish_reason == "length" and len(s.token_ids) == 10 for s in out.sequences)  # no EOS here
+    for s in out.sequences:  # each token's log-probability is the model's, given the input and the tokens before
+        scored = engine.prompt_logprobs("task", IDS + s.token_ids)[len(IDS):]
+        assert s.logprobs == pytest.approx([lp.logprob for lp in scored], abs=1e-4)
     greedy = engine.generate(Request(prompt="task", input_ids=IDS, sampling=SamplingParams(max_new_tokens=10)))[0]
     if k == 4:  # not degenerate: the best beam is not the greedy answer here
         assert out.sequences[0].token_ids != greedy.token_ids
