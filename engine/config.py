@@ -16,7 +16,7 @@ ARCH_FAMILIES = {
     "llama": "llama", "mistral": "llama", "ministral": "llama", "ministral3": "llama", "mistral3": "llama",
     "qwen2": "llama", "qwen3": "llama", "phi3": "llama", "smollm3": "llama", "granite": "llama", "mixtral": "llama",
     "qwen2_moe": "llama", "qwen3_moe": "llama", "olmoe": "llama", "granitemoe": "llama", "ernie4_5": "llama",
-    "seed_oss": "llama", "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2",
+    "seed_oss": "llama", "internlm3": "llama", "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "starcoder2": "starcoder2", "cohere": "cohere", "cohere2": "cohere",
     "glm": "glm", "glm4": "glm", "falcon": "falcon", "gptj": "gptj", "opt": "opt", "gpt2": "gpt2",

@@ -152,6 +152,8 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # GraniteMoE: Granite's multipliers; 4 experts, 2 a token, weighted by the softmax of their two router logits
     "granitemoe": ("granitemoe", {"embedding_multiplier": 3.0, "residual_multiplier": 0.5, "logits_scaling": 2.0,
                                   "attention_multiplier": 0.2}),
+    # InternLM3 (Llama's implementation in transformers): biases on every projection or none (bias == qkv_bias)
+    "internlm3": ("internlm3", {"attention_bias": True, "mlp_bias": True}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 
