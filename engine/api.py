@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .attention_triton import check_triton_device
-from .beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams, SearchedInput, tops_wanted
+from .beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams, SearchedInput
 from .block_cache import BlockCache
 from .detokenizer import IncrementalText
 from .errors import PromptError, RequestError, SoftPromptError
@@ -571,7 +571,6 @@ class Engine:
             requests = [requests]
         if not isinstance(params, BeamSearchParams):
             raise RequestError(f"beam_search needs BeamSearchParams, got {type(params).__name__}")
-        tops_wanted(params, len(self.eos_token_ids))
         inputs = []
         for request in requests:
             if request.sampling != SamplingParams():

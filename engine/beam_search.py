@@ -16,7 +16,7 @@ asked for (at most the engine's MAX_LOGPROBS).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from .errors import SamplingParamsError
 from .request import Request, RequestOutput
@@ -122,6 +122,19 @@ class BeamState:
     def answers(self, decode) -> list[BeamSequence]:
         return [BeamSequence(hyp.tokens, hyp.logprob, score, reason, None if decode is None else decode(hyp.tokens),
                              hyp.token_logprobs) for score, hyp, reason in self.finished]
+
+
+# the SamplingParams fields a beam search takes (into BeamSearchParams); any other one set would change the search
+SEARCH_SAMPLING_FIELDS = ("max_new_tokens", "ignore_eos", "skip_special_tokens")
+
+
+def conflicting_sampling_field(sampling: SamplingParams, ignored: tuple[str, ...] = ()) -> str | None:
+    """The first field of `sampling` set to other than its default that a beam search neither takes
+    (SEARCH_SAMPLING_FIELDS) nor is told to ignore, or None (the CLI's and the server's check of a request that
+    asks for a search)."""
+    default, taken = SamplingParams(), SEARCH_SAMPLING_FIELDS + ignored
+    return next((f.name for f in fields(SamplingParams)
+                 if f.name not in taken and getattr(sampling, f.name) != getattr(default, f.name)), None)
 
 
 def tops_wanted(params: BeamSearchParams, num_eos: int) -> int:

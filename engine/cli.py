@@ -177,16 +177,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _beam_search(engine, request, params, args: argparse.Namespace) -> int:
     """--beam-width: the request's best hypotheses, best first (a sampling option would change the search:
     refused, naming it)."""
-    import dataclasses
+    from .beam_search import BeamSearchParams, conflicting_sampling_field
 
-    from .beam_search import BeamSearchParams
-    from .sampling import SamplingParams
-
-    plain = SamplingParams(max_new_tokens=params.max_new_tokens, ignore_eos=params.ignore_eos,
-                           skip_special_tokens=params.skip_special_tokens)
-    for f in dataclasses.fields(SamplingParams):
-        if getattr(params, f.name) != getattr(plain, f.name):
-            raise SoftPromptError(f"--beam-width does not go with the sampling option {f.name}")
+    conflict = conflicting_sampling_field(params)
+    if conflict is not None:
+        raise SoftPromptError(f"--beam-width does not go with the sampling option {conflict}")
     beam = BeamSearchParams(args.beam_width, max_new_tokens=params.max_new_tokens,
                             length_penalty=args.length_penalty,
                             early_stopping={"false": False, "true": True}.get(args.early_stopping, "never"),

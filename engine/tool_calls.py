@@ -127,10 +127,7 @@ class Llama3JsonParser:
         return ParsedAnswer(None, calls)
 
     def content_end(self, text: str) -> int:
-        body = text.lstrip()
-        if not body or body.startswith("{") or self.python_tag.startswith(body[:len(self.python_tag)]):
-            return 0  # may be (or is) a call: wait for the whole answer
-        return len(text)
+        return _whole_answer_content_end(text, "{", self.python_tag)
 
 
 class MistralParser:
@@ -213,10 +210,7 @@ class PythonicParser:
         return ToolCall(node.func.id, json.dumps(arguments, ensure_ascii=False, allow_nan=False))
 
     def content_end(self, text: str) -> int:
-        body = text.lstrip()
-        if not body or body.startswith("[") or self.start.startswith(body[:len(self.start)]):
-            return 0  # may be (or is) a list of calls: wait for the whole answer
-        return len(text)
+        return _whole_answer_content_end(text, "[", self.start)
 
 
 class Qwen3CoderParser:
@@ -238,7 +232,7 @@ class Qwen3CoderParser:
         if first < 0:
             return ParsedAnswer(text, [])
         schemas = {f.get("name"): parameters_schema(f).get("properties") or {} for f in functions}
-        blocks = [m for m in self._function.finditer(text, first)]
+        blocks = list(self._function.finditer(text, first))
         if not blocks:
             return ParsedAnswer(text, [])
         calls = []
@@ -290,6 +284,15 @@ def _typed(value: str, schema: dict | None) -> Any:
         except ValueError:
             return value
     return value
+
+
+def _whole_answer_content_end(text: str, opener: str, tag: str) -> int:
+    """content_end of a format whose calls are the whole answer (llama3_json's objects, pythonic's list): nothing
+    while the answer may be (or is) calls, starting with `opener` or an optional `tag`; else all of it."""
+    body = text.lstrip()
+    if not body or body.startswith(opener) or tag.startswith(body[:len(tag)]):
+        return 0
+    return len(text)
 
 
 def _array_of_calls(text: str, *argument_keys: str) -> list[ToolCall] | None:

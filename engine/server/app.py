@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import json
 import logging
 import time
@@ -25,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ... import __version__
 from ..api import Engine
-from ..beam_search import BeamSearchParams
+from ..beam_search import BeamSearchParams, conflicting_sampling_field
 from ..errors import PromptError, RequestError, SamplingParamsError, SoftPromptError, UnknownPromptError
 from ..reasoning import reasoning_parser
 from ..request import Request as EngineRequest
@@ -214,9 +213,8 @@ def _sampling(body: _SamplingFields, index: int, max_new_tokens: int, logprobs: 
         raise to_api_error(exc) from exc
 
 
-# what a beam search request's fields may set: the rest would change what is searched, and is refused
-_BEAM_SEARCH_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos",
-                       "skip_special_tokens")
+# sampling fields a use_beam_search request may set, to no effect (the chat API's temperature defaults to 1.0)
+_IGNORED_BY_BEAM_SEARCH = ("temperature", "top_p", "top_k", "min_p", "seed")
 
 
 def _beam_params(body: _SamplingFields, max_new_tokens: int) -> BeamSearchParams:
@@ -226,10 +224,9 @@ def _beam_params(body: _SamplingFields, max_new_tokens: int) -> BeamSearchParams
                         ("prompt_logprobs", body.prompt_logprobs)):
         if value not in (None, False):
             raise APIError(400, f"use_beam_search does not go with {name}", param=name, code="unsupported")
-    plain, default = _sampling(body, 0, max_new_tokens, None), SamplingParams()
-    for f in dataclasses.fields(SamplingParams):
-        if f.name not in _BEAM_SEARCH_FIELDS and getattr(plain, f.name) != getattr(default, f.name):
-            raise APIError(400, f"use_beam_search does not go with {f.name}", param=f.name, code="unsupported")
+    conflict = conflicting_sampling_field(_sampling(body, 0, max_new_tokens, None), _IGNORED_BY_BEAM_SEARCH)
+    if conflict is not None:
+        raise APIError(400, f"use_beam_search does not go with {conflict}", param=conflict, code="unsupported")
     try:
         return BeamSearchParams(body.n, max_new_tokens=max_new_tokens, length_penalty=float(body.length_penalty),
                                 early_stopping=body.early_stopping, ignore_eos=body.ignore_eos,
