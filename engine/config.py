@@ -20,7 +20,7 @@ ARCH_FAMILIES = {
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "starcoder2": "starcoder2", "cohere": "cohere", "cohere2": "cohere",
     "glm": "glm", "glm4": "glm", "falcon": "falcon", "gptj": "gptj", "opt": "opt", "gpt2": "gpt2",
-    "gpt_bigcode": "gpt_bigcode", "bloom": "bloom",
+    "gpt_bigcode": "gpt_bigcode", "gpt_neo": "gpt_neo", "bloom": "bloom",
 }
 # longrope's frequencies are static up to original_max_position_embeddings, where the sequence length is capped;
 # dynamic NTK's equal the default ones up to max_position_embeddings (HF rescales only past it, never reached here)
@@ -47,7 +47,7 @@ class ModelConfig:
     """What our model implementations need, independent of the HF config class."""
 
     family: str  # "llama" | "olmo" | "stablelm" | "starcoder2" | "cohere" | "olmo2" | "glm" | "gemma" | "gpt_neox"
-    # | "phi" | "gptj" | "falcon" | "opt" | "gpt2" | "gpt_bigcode" | "bloom"
+    # | "phi" | "gptj" | "falcon" | "opt" | "gpt2" | "gpt_bigcode" | "gpt_neo" | "bloom"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -630,6 +630,36 @@ def _gpt2_config(hf: Any, model_type: str) -> ModelConfig:
     )
 
 
+def _gpt_neo_config(hf: Any, model_type: str) -> ModelConfig:
+    """GPT-Neo: GPT-2's fields under other names, attention scores unscaled, `local` layers (`attention_layers`,
+    expanded from `attention_types`) windowed to the last `window_size` positions."""
+    head_dim = hf.hidden_size // hf.num_heads
+    layer_types = ["sliding_attention" if t == "local" else "full_attention" for t in hf.attention_layers]
+    return ModelConfig(
+        family="gpt_neo",
+        model_type=model_type,
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        num_layers=hf.num_layers,
+        num_heads=hf.num_heads,
+        num_kv_heads=hf.num_heads,
+        head_dim=head_dim,
+        intermediate_size=hf.intermediate_size or 4 * hf.hidden_size,
+        max_positions=hf.max_position_embeddings,
+        norm_eps=hf.layer_norm_epsilon,
+        hidden_act=hf.activation_function,
+        position_encoding="learned",
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
+        o_bias=True,
+        mlp_bias=True,
+        layer_windows=_windows_by_layer_type(hf.window_size, layer_types, hf.max_position_embeddings),
+        attention_scale=1.0,  # HF's GPT-Neo never scales q.k
+        bos_token_id=hf.bos_token_id,
+        eos_token_ids=_eos_ids(hf.eos_token_id),
+        hf_config=hf,
+    )
+
+
 def _bloom_config(hf: Any, model_type: str) -> ModelConfig:
     head_dim = hf.hidden_size // hf.n_head
     # ALiBi has no learned position limit; use the training length the config records, if any.
@@ -665,5 +695,6 @@ FAMILY_CONFIGS = {
     "llama": _llama_config, "olmo": _olmo_config, "stablelm": _stablelm_config, "starcoder2": _starcoder2_config,
     "cohere": _cohere_config, "olmo2": _olmo2_config, "glm": _glm_config, "falcon": _falcon_config,
     "gptj": _gptj_config, "gemma": _gemma_config, "gpt_neox": _gpt_neox_config, "phi": _phi_config,
-    "opt": _opt_config, "gpt2": _gpt2_config, "gpt_bigcode": _gpt2_config, "bloom": _bloom_config,
+    "opt": _opt_config, "gpt2": _gpt2_config, "gpt_bigcode": _gpt2_config, "gpt_neo": _gpt_neo_config,
+    "bloom": _bloom_config,
 }

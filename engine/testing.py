@@ -27,7 +27,8 @@ SUPPORTED_TINY_ARCHS: tuple[str, ...] = ("llama", "mistral", "ministral", "minis
                                          "gemma", "gemma2",
                                          "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "starcoder2",
                                          "cohere", "cohere2", "olmo", "olmo2", "olmo3", "exaone4", "glm", "glm4",
-                                         "falcon", "gptj", "opt", "gpt2", "gpt_bigcode", "bloom")
+                                         "falcon", "gptj", "opt", "gpt2", "gpt_bigcode", "gpt_neo",
+                                         "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -240,6 +241,12 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
         cls = transformers.GPT2Config if arch == "gpt2" else transformers.GPTBigCodeConfig
         kw = dict(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=max_positions, n_inner=inter,
                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0)
+    elif arch == "gpt_neo":  # global and local layers in turn (the window as GPT-Neo's 256, unless overridden)
+        cls = transformers.GPTNeoConfig
+        kw = dict(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, intermediate_size=inter,
+                  max_position_embeddings=max_positions, resid_dropout=0.0, embed_dropout=0.0, attention_dropout=0.0,
+                  attention_types=[[["global", "local"], (num_layers + 1) // 2]] if num_layers % 2 == 0 else
+                  [[["global", "local"], num_layers // 2], [["global"], 1]])
     elif arch == "bloom":
         cls = transformers.BloomConfig
         kw = dict(hidden_size=hidden_size, n_layer=num_layers, n_head=num_heads)

@@ -154,6 +154,9 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
                                   "attention_multiplier": 0.2}),
     # InternLM3 (Llama's implementation in transformers): biases on every projection or none (bias == qkv_bias)
     "internlm3": ("internlm3", {"attention_bias": True, "mlp_bias": True}),
+    # GPT-Neo: separate bias-free q/k/v, unscaled scores; a global layer, then a local one windowed shorter than the
+    # tests' sequences
+    "gpt_neo": ("gpt_neo", {"window_size": 6}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -7,6 +7,7 @@ from .common import Attention
 from .falcon import FalconForCausalLM
 from .gemma import GemmaForCausalLM
 from .gpt2 import GPT2LMHeadModel, GPTBigCodeForCausalLM
+from .gpt_neo import GPTNeoForCausalLM
 from .gpt_neox import GPTNeoXForCausalLM
 from .llama import LlamaForCausalLM
 from .olmo import OlmoForCausalLM
@@ -31,10 +32,11 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "opt": OPTForCausalLM,
     "gpt2": GPT2LMHeadModel,
     "gpt_bigcode": GPTBigCodeForCausalLM,
+    "gpt_neo": GPTNeoForCausalLM,
     "bloom": BloomForCausalLM,
 }
 
 __all__ = ["Attention", "CausalLM", "MODEL_CLASSES", "BloomForCausalLM", "CohereForCausalLM", "FalconForCausalLM",
-           "GPT2LMHeadModel", "GPTBigCodeForCausalLM", "GPTJForCausalLM", "GemmaForCausalLM",
+           "GPT2LMHeadModel", "GPTBigCodeForCausalLM", "GPTJForCausalLM", "GPTNeoForCausalLM", "GemmaForCausalLM",
            "GPTNeoXForCausalLM", "LlamaForCausalLM", "OPTForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM",
            "PhiForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM"]
