@@ -16,7 +16,8 @@ ARCH_FAMILIES = {
     "llama": "llama", "mistral": "llama", "ministral": "llama", "ministral3": "llama", "mistral3": "llama",
     "qwen2": "llama", "qwen3": "llama", "phi3": "llama", "smollm3": "llama", "granite": "llama", "mixtral": "llama",
     "qwen2_moe": "llama", "qwen3_moe": "llama", "olmoe": "llama", "granitemoe": "llama", "ernie4_5": "llama",
-    "seed_oss": "llama", "internlm3": "llama", "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2",
+    "seed_oss": "llama", "internlm3": "llama", "helium": "llama", "arcee": "llama", "olmo": "olmo", "olmo2": "olmo2",
+    "olmo3": "olmo2", "exaone4": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "starcoder2": "starcoder2", "cohere": "cohere", "cohere2": "cohere",
     "glm": "glm", "glm4": "glm", "falcon": "falcon", "gptj": "gptj", "opt": "opt", "gpt2": "gpt2",
@@ -25,7 +26,7 @@ ARCH_FAMILIES = {
 # longrope's frequencies are static up to original_max_position_embeddings, where the sequence length is capped;
 # dynamic NTK's equal the default ones up to max_position_embeddings (HF rescales only past it, never reached here)
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional", "longrope", "dynamic")
-SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "bloom_gelu")
+SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "relu2", "bloom_gelu")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    gated_mlp: bool = True  # Llama's down(act(gate(x)) * up(x)); False: Arcee's down(act(up(x)))
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k (head_dim wide) before RoPE
     qk_norm_over_heads: bool = False  # OLMoE: one RMSNorm over all heads' q, one over all heads' k
     rotary_dim: int = 0  # RoPE rotates each head's first rotary_dim channels (Phi-3's partial_rotary_factor); 0: all
@@ -284,6 +286,7 @@ def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> Mo
     rotary_dim = int(head_dim * rope.get("partial_rotary_factor", 1.0)) if model_type == "phi3" else head_dim
     nope_layers = tuple(i for i, rotary in enumerate(getattr(hf, "no_rope_layers", None) or []) if not rotary)
     ernie = model_type == "ernie4_5"  # biases on every projection or none (use_bias), interleaved RoPE
+    helium = model_type == "helium"  # interleaved RoPE, no bias on the output projection
     granite = model_type in ("granite", "granitemoe")  # its multipliers
     attention_bias = bool(getattr(hf, "use_bias" if ernie else "attention_bias", False))
     return ModelConfig(
@@ -293,13 +296,14 @@ def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> Mo
         hidden_act=hf.hidden_act,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         qkv_bias=bool(getattr(hf, "qkv_bias", True)) if model_type in ("qwen2", "qwen2_moe") else attention_bias,
-        o_bias=bool(hf.attention_out_bias) if model_type == "seed_oss" else attention_bias,
+        o_bias=bool(hf.attention_out_bias) if model_type == "seed_oss" else attention_bias and not helium,
         mlp_bias=attention_bias if ernie else bool(getattr(hf, "mlp_bias", False)),
+        gated_mlp=model_type != "arcee",
         qk_norm=model_type in ("qwen3", "qwen3_moe"),
         qk_norm_over_heads=model_type == "olmoe",
         clip_qkv=float(getattr(hf, "clip_qkv", None) or 0.0),
         rotary_dim=rotary_dim,
-        interleaved_rope=ernie,
+        interleaved_rope=ernie or helium,
         nope_layers=nope_layers if model_type == "smollm3" else (),
         moe=_moe_config(hf, model_type),
         layer_windows=windows,

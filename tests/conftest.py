@@ -157,6 +157,11 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # GPT-Neo: separate bias-free q/k/v, unscaled scores; a global layer, then a local one windowed shorter than the
     # tests' sequences
     "gpt_neo": ("gpt_neo", {"window_size": 6}),
+    # Helium (Kyutai): Llama with RoPE in interleaved pairs, q/k/v biases but none on the output projection
+    "helium": ("helium", {"attention_bias": True}),
+    # Arcee (AFM): Llama with an ungated squared-ReLU MLP (up, then down), YaRN
+    "arcee": ("arcee", {"mlp_bias": True, "rope_parameters": {
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -49,6 +49,8 @@ def activation(name: str, x: Tensor) -> Tensor:
         return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
     if name == "relu":
         return F.relu(x)
+    if name == "relu2":  # squared ReLU (Arcee)
+        return torch.square(F.relu(x))
     raise ValueError(f"unsupported activation {name!r}")
 
 

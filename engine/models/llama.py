@@ -70,17 +70,22 @@ class LlamaMLP(nn.Module):
         """`intermediate_size`: a mixture-of-experts model's expert width (default: the config's)."""
         super().__init__()
         width = intermediate_size or c.intermediate_size
-        self.gate_proj = Linear(c.hidden_size, width, bias=c.mlp_bias)
+        if c.gated_mlp:
+            self.gate_proj = Linear(c.hidden_size, width, bias=c.mlp_bias)
         self.up_proj = Linear(c.hidden_size, width, bias=c.mlp_bias)
         self.down_proj = Linear(width, c.hidden_size, bias=c.mlp_bias)
         self.act = c.hidden_act
+        self.gated = c.gated_mlp
         self.gate_up_weight: Tensor | None = None
         self.gate_up_bias: Tensor | None = None
 
     def fuse(self, transposed: bool) -> None:
-        self.gate_up_weight, self.gate_up_bias = _fuse([self.gate_proj, self.up_proj], transposed)
+        if self.gated:
+            self.gate_up_weight, self.gate_up_bias = _fuse([self.gate_proj, self.up_proj], transposed)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.gated:  # Arcee: down(act(up(x)))
+            return self.down_proj(activation(self.act, self.up_proj(x)))
         gate, up = linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
         if self.act == "silu" and not torch.is_grad_enabled():  # in place: no new [T, ffn] buffers
             return self.down_proj(torch.nn.functional.silu(gate, inplace=True).mul_(up))
