@@ -19,7 +19,8 @@ ARCH_FAMILIES = {
     "seed_oss": "llama", "internlm3": "llama", "helium": "llama", "arcee": "llama", "olmo": "olmo", "olmo2": "olmo2",
     "olmo3": "olmo2", "exaone4": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
-    "phi": "phi", "stablelm": "stablelm", "starcoder2": "starcoder2", "cohere": "cohere", "cohere2": "cohere",
+    "phi": "phi", "stablelm": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2", "cohere": "cohere",
+    "cohere2": "cohere",
     "glm": "glm", "glm4": "glm", "falcon": "falcon", "gptj": "gptj", "opt": "opt", "gpt2": "gpt2",
     "gpt_bigcode": "gpt_bigcode", "gpt_neo": "gpt_neo", "bloom": "bloom",
 }
@@ -48,7 +49,7 @@ class ModelConfig:
     """What our model implementations need, independent of the HF config class."""
 
     family: str  # "llama" | "olmo" | "stablelm" | "starcoder2" | "cohere" | "olmo2" | "glm" | "gemma" | "gpt_neox"
-    # | "phi" | "gptj" | "falcon" | "opt" | "gpt2" | "gpt_bigcode" | "gpt_neo" | "bloom"
+    # | "phi" | "gptj" | "falcon" | "opt" | "gpt2" | "gpt_bigcode" | "gpt_neo" | "bloom" | "nemotron"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -432,6 +433,27 @@ def _stablelm_config(hf: Any, model_type: str) -> ModelConfig:
     )
 
 
+def _nemotron_config(hf: Any, model_type: str) -> ModelConfig:
+    """Nemotron (Nemotron-4, Minitron, Nemotron-Mini): StableLM's serial layout with (1 + w) LayerNorm gains, RoPE
+    over `partial_rotary_factor` of each head, an ungated squared-ReLU MLP, biases on every projection or none."""
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    rope = hf.rope_parameters or {}
+    bias = bool(getattr(hf, "attention_bias", False))
+    return ModelConfig(
+        family="nemotron",
+        **_decoder_fields(hf, model_type, head_dim, norm_eps=hf.norm_eps),
+        max_positions=hf.max_position_embeddings,
+        hidden_act=hf.hidden_act,
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+        gated_mlp=False,
+        rotary_dim=int(head_dim * rope.get("partial_rotary_factor", 1.0)),
+        attention_scale=head_dim**-0.5,
+    )
+
+
 def _starcoder2_config(hf: Any, model_type: str) -> ModelConfig:
     head_dim = hf.hidden_size // hf.num_attention_heads
     window = getattr(hf, "sliding_window", None)
@@ -696,7 +718,8 @@ def _bloom_config(hf: Any, model_type: str) -> ModelConfig:
 
 # family -> its config reader
 FAMILY_CONFIGS = {
-    "llama": _llama_config, "olmo": _olmo_config, "stablelm": _stablelm_config, "starcoder2": _starcoder2_config,
+    "llama": _llama_config, "olmo": _olmo_config, "stablelm": _stablelm_config, "nemotron": _nemotron_config,
+    "starcoder2": _starcoder2_config,
     "cohere": _cohere_config, "olmo2": _olmo2_config, "glm": _glm_config, "falcon": _falcon_config,
     "gptj": _gptj_config, "gemma": _gemma_config, "gpt_neox": _gpt_neox_config, "phi": _phi_config,
     "opt": _opt_config, "gpt2": _gpt2_config, "gpt_bigcode": _gpt2_config, "gpt_neo": _gpt_neo_config,

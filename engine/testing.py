@@ -25,7 +25,8 @@ SUPPORTED_TINY_ARCHS: tuple[str, ...] = ("llama", "mistral", "ministral", "minis
                                          "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "olmoe",
                                          "granitemoe", "phi3", "smollm3", "ernie4_5", "seed_oss", "internlm3",
                                          "helium", "arcee", "gemma", "gemma2",
-                                         "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "starcoder2",
+                                         "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron",
+                                         "starcoder2",
                                          "cohere", "cohere2", "olmo", "olmo2", "olmo3", "exaone4", "glm", "glm4",
                                          "falcon", "gptj", "opt", "gpt2", "gpt_bigcode", "gpt_neo",
                                          "bloom")
@@ -127,7 +128,7 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
     ids = dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     untied = ("llama", "mistral", "ministral", "ministral3", "mistral3", "granite", "mixtral", "qwen2_moe",
               "qwen3_moe", "olmoe", "granitemoe", "phi3", "gpt_neox", "phi", "stablelm", "olmo", "olmo2", "olmo3",
-              "exaone4", "glm", "glm4", "gptj", "internlm3", "helium", "arcee")
+              "exaone4", "glm", "glm4", "gptj", "internlm3", "helium", "arcee", "nemotron")
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "ministral", "ministral3", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3",
@@ -204,6 +205,11 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                   num_key_value_heads=num_kv_heads or num_heads, intermediate_size=inter,
                   max_position_embeddings=max_positions, hidden_dropout=0.0, attention_dropout=0.0)
+    elif arch == "nemotron":  # (RoPE over half of each head by default, as Nemotron-4's)
+        cls = transformers.NemotronConfig
+        kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                  num_key_value_heads=num_kv_heads or max(1, num_heads // 2), head_dim=hidden_size // num_heads,
+                  intermediate_size=inter, max_position_embeddings=max_positions)
     elif arch == "starcoder2":
         cls = transformers.Starcoder2Config
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
@@ -259,8 +265,9 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
 
 
 def gain_offset(norm: torch.nn.Module) -> float:
-    """What a norm adds to its weight to get its gain: 1 for Gemma's (1 + w), else 0."""
-    return 1.0 if "gemma" in type(norm).__name__.lower() else 0.0
+    """What a norm adds to its weight to get its gain: 1 for Gemma's and Nemotron's (1 + w), else 0."""
+    name = type(norm).__name__.lower()
+    return 1.0 if "gemma" in name or name.endswith("layernorm1p") else 0.0
 
 
 @torch.no_grad()

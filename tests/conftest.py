@@ -162,6 +162,8 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # Arcee (AFM): Llama with an ungated squared-ReLU MLP (up, then down), YaRN
     "arcee": ("arcee", {"mlp_bias": True, "rope_parameters": {
         "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}}),
+    # Nemotron: (1 + w) LayerNorm gains, RoPE over half of each head, an ungated squared-ReLU MLP, GQA, biases
+    "nemotron": ("nemotron", {"attention_bias": True, "mlp_bias": True}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

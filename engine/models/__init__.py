@@ -14,7 +14,7 @@ from .olmo import OlmoForCausalLM
 from .olmo2 import Olmo2ForCausalLM
 from .opt import OPTForCausalLM
 from .phi import GPTJForCausalLM, PhiForCausalLM
-from .stablelm import StableLmForCausalLM, Starcoder2ForCausalLM
+from .stablelm import NemotronForCausalLM, StableLmForCausalLM, Starcoder2ForCausalLM
 
 MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "llama": LlamaForCausalLM,
@@ -25,6 +25,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "gptj": GPTJForCausalLM,
     "falcon": FalconForCausalLM,
     "stablelm": StableLmForCausalLM,
+    "nemotron": NemotronForCausalLM,
     "cohere": CohereForCausalLM,
     "starcoder2": Starcoder2ForCausalLM,
     "olmo2": Olmo2ForCausalLM,
@@ -38,5 +39,6 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
 
 __all__ = ["Attention", "CausalLM", "MODEL_CLASSES", "BloomForCausalLM", "CohereForCausalLM", "FalconForCausalLM",
            "GPT2LMHeadModel", "GPTBigCodeForCausalLM", "GPTJForCausalLM", "GPTNeoForCausalLM", "GemmaForCausalLM",
-           "GPTNeoXForCausalLM", "LlamaForCausalLM", "OPTForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM",
+           "GPTNeoXForCausalLM", "LlamaForCausalLM", "NemotronForCausalLM", "OPTForCausalLM", "OlmoForCausalLM",
+           "Olmo2ForCausalLM",
            "PhiForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM"]

@@ -1,6 +1,7 @@
 """The Llama layout with LayerNorm (with bias): StableLM (`stablelm`: StableLM-3B-4E1T, StableLM 2; RoPE over part
 of each head, optional q/k/v bias, optional parallel residual (attention and MLP on one normed input), optional
-per-head q/k LayerNorm, each head its own gain) and StarCoder2 (`starcoder2`: biases, a GELU MLP, sliding window)."""
+per-head q/k LayerNorm, each head its own gain), Nemotron (`nemotron`: StableLM's serial layout with (1 + w)
+LayerNorm gains and an ungated MLP) and StarCoder2 (`starcoder2`: biases, a GELU MLP, sliding window)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,17 @@ class StableLmForCausalLM(LlamaForCausalLM):
 
     def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
         return [(key.replace(".q_layernorm.", ".q_norm.").replace(".k_layernorm.", ".k_norm."), tensor)]
+
+
+class NemotronForCausalLM(StableLmForCausalLM):
+    """StableLM's serial layout (the config makes its MLP ungated) with LayerNorm1P: each norm's gain is 1 + w."""
+
+    def prepare_for_inference(self, device: torch.device) -> None:
+        with torch.no_grad():  # 1 + w once, in the model dtype (as HF adds it each call): then plain LayerNorms
+            for module in self.modules():
+                if isinstance(module, nn.LayerNorm):
+                    module.weight.add_(1.0)
+        super().prepare_for_inference(device)
 
 
 class Starcoder2MLP(GPT2MLP):

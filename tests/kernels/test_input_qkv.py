@@ -88,7 +88,8 @@ def test_rejects_bad_inputs():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("variant", ["llama", "qwen2", "gpt2", "bloom", "bloom_post_norm", "phi", "opt",
-                                     "gpt_bigcode", "gpt_neo", "stablelm_parallel", "falcon", "cohere"])
+                                     "gpt_bigcode", "gpt_neo", "stablelm_parallel", "falcon", "cohere",
+                                     "nemotron"])
 def test_model_forward_with_fused_layer0(variant, dtype, model_dir_for):
     """Our model's forward over [prompt rows ; token rows] == the same forward given layer 0's input by either
     kernel: (residual, qkv) from fused_input_qkv, (residual, normed) from fused_prompt_input."""
