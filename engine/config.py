@@ -16,10 +16,11 @@ ARCH_FAMILIES = {
     "llama": "llama", "mistral": "llama", "ministral": "llama", "ministral3": "llama", "mistral3": "llama",
     "qwen2": "llama", "qwen3": "llama", "phi3": "llama", "smollm3": "llama", "granite": "llama", "mixtral": "llama",
     "qwen2_moe": "llama", "qwen3_moe": "llama", "olmoe": "llama", "granitemoe": "llama", "ernie4_5": "llama",
-    "seed_oss": "llama", "internlm3": "llama", "helium": "llama", "arcee": "llama", "olmo": "olmo", "olmo2": "olmo2",
-    "olmo3": "olmo2", "exaone4": "olmo2",
+    "seed_oss": "llama", "internlm3": "llama", "helium": "llama", "arcee": "llama", "cwm": "llama",
+    "hyperclovax": "llama", "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
-    "phi": "phi", "stablelm": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2", "cohere": "cohere",
+    "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
+    "cohere": "cohere",
     "cohere2": "cohere",
     "glm": "glm", "glm4": "glm", "falcon": "falcon", "gptj": "gptj", "opt": "opt", "gpt2": "gpt2",
     "gpt_bigcode": "gpt_bigcode", "gpt_neo": "gpt_neo", "bloom": "bloom",
@@ -288,7 +289,8 @@ def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> Mo
     nope_layers = tuple(i for i, rotary in enumerate(getattr(hf, "no_rope_layers", None) or []) if not rotary)
     ernie = model_type == "ernie4_5"  # biases on every projection or none (use_bias), interleaved RoPE
     helium = model_type == "helium"  # interleaved RoPE, no bias on the output projection
-    granite = model_type in ("granite", "granitemoe")  # its multipliers
+    granite = model_type in ("granite", "granitemoe", "hyperclovax")  # its multipliers
+    hyperclovax = model_type == "hyperclovax"  # Granite's, logits times logits_scaling, norms after each sublayer
     attention_bias = bool(getattr(hf, "use_bias" if ernie else "attention_bias", False))
     return ModelConfig(
         family="llama",
@@ -313,7 +315,9 @@ def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> Mo
         query_scale_period=int(rope.get("original_max_position_embeddings") or 1),
         embedding_multiplier=float(getattr(hf, "embedding_multiplier", 1.0)) if granite else 1.0,
         residual_multiplier=float(getattr(hf, "residual_multiplier", 1.0)) if granite else 1.0,
-        logits_divisor=float(getattr(hf, "logits_scaling", 1.0)) if granite else 1.0,
+        logits_divisor=(1.0 / float(hf.logits_scaling) if hyperclovax else float(getattr(hf, "logits_scaling", 1.0)))
+        if granite else 1.0,
+        sandwich_norms=hyperclovax and bool(getattr(hf, "use_post_norm", True)),
     )
 
 
@@ -417,6 +421,8 @@ def _phi_config(hf: Any, model_type: str) -> ModelConfig:
 
 
 def _stablelm_config(hf: Any, model_type: str) -> ModelConfig:
+    if model_type == "jais2":
+        return _ungated_layernorm_config(hf, model_type)
     head_dim = hf.hidden_size // hf.num_attention_heads
     rope = hf.rope_parameters or {}
     return ModelConfig(
@@ -433,15 +439,17 @@ def _stablelm_config(hf: Any, model_type: str) -> ModelConfig:
     )
 
 
-def _nemotron_config(hf: Any, model_type: str) -> ModelConfig:
+def _ungated_layernorm_config(hf: Any, model_type: str) -> ModelConfig:
     """Nemotron (Nemotron-4, Minitron, Nemotron-Mini): StableLM's serial layout with (1 + w) LayerNorm gains, RoPE
-    over `partial_rotary_factor` of each head, an ungated squared-ReLU MLP, biases on every projection or none."""
+    over `partial_rotary_factor` of each head, an ungated squared-ReLU MLP, biases on every projection or none.
+    Jais 2 (`jais2`): the same with plain LayerNorms (StableLM's model) and RoPE over whole heads."""
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     rope = hf.rope_parameters or {}
     bias = bool(getattr(hf, "attention_bias", False))
+    jais2 = model_type == "jais2"
     return ModelConfig(
-        family="nemotron",
-        **_decoder_fields(hf, model_type, head_dim, norm_eps=hf.norm_eps),
+        family="stablelm" if jais2 else "nemotron",
+        **_decoder_fields(hf, model_type, head_dim, norm_eps=hf.layer_norm_eps if jais2 else hf.norm_eps),
         max_positions=hf.max_position_embeddings,
         hidden_act=hf.hidden_act,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
@@ -718,7 +726,7 @@ def _bloom_config(hf: Any, model_type: str) -> ModelConfig:
 
 # family -> its config reader
 FAMILY_CONFIGS = {
-    "llama": _llama_config, "olmo": _olmo_config, "stablelm": _stablelm_config, "nemotron": _nemotron_config,
+    "llama": _llama_config, "olmo": _olmo_config, "stablelm": _stablelm_config, "nemotron": _ungated_layernorm_config,
     "starcoder2": _starcoder2_config,
     "cohere": _cohere_config, "olmo2": _olmo2_config, "glm": _glm_config, "falcon": _falcon_config,
     "gptj": _gptj_config, "gemma": _gemma_config, "gpt_neox": _gpt_neox_config, "phi": _phi_config,

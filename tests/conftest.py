@@ -164,6 +164,16 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
         "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}}),
     # Nemotron: (1 + w) LayerNorm gains, RoPE over half of each head, an ungated squared-ReLU MLP, GQA, biases
     "nemotron": ("nemotron", {"attention_bias": True, "mlp_bias": True}),
+    # CWM (Code World Model): Llama with sliding-window layers named by layer_types (a window shorter than the tests'
+    # sequences), Llama 3 RoPE scaling
+    "cwm": ("cwm", {"sliding_window": 6, "layer_types": ["full_attention", "sliding_attention"], "rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 1000000.0, "factor": 16.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
+    # HyperCLOVAX: Granite's multipliers (logits times logits_scaling), an RMSNorm on each sublayer's output
+    "hyperclovax": ("hyperclovax", {"embedding_multiplier": 3.0, "residual_multiplier": 0.5, "logits_scaling": 0.5,
+                                    "attention_multiplier": 0.2}),
+    # Jais 2: Llama with LayerNorms, an ungated squared-ReLU MLP, biases everywhere
+    "jais2": ("jais2", {}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

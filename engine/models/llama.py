@@ -148,6 +148,8 @@ class LlamaForCausalLM(RotaryCausalLM):
         c = self.config
         if (mapped := language_model_tensors(key, tensor)) is not None:
             return mapped
+        # HyperCLOVAX's norms after attention and the MLP: GLM-4's under their names
+        key = key.replace(".post_norm1.", ".post_self_attn_layernorm.").replace(".post_norm2.", ".post_mlp_layernorm.")
         if c.moe is not None:
             return moe_checkpoint_tensors(key, tensor)
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
