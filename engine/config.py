@@ -16,7 +16,7 @@ ARCH_FAMILIES = {
     "llama": "llama", "mistral": "llama", "ministral": "llama", "ministral3": "llama", "mistral3": "llama",
     "qwen2": "llama", "qwen3": "llama", "phi3": "llama", "smollm3": "llama", "granite": "llama", "mixtral": "llama",
     "qwen2_moe": "llama", "qwen3_moe": "llama", "olmoe": "llama", "granitemoe": "llama", "ernie4_5": "llama",
-    "seed_oss": "llama", "internlm3": "llama", "helium": "llama", "arcee": "llama", "cwm": "llama",
+    "seed_oss": "llama", "internlm3": "llama", "helium": "llama", "arcee": "llama", "apertus": "llama", "cwm": "llama",
     "hyperclovax": "llama", "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
@@ -28,7 +28,8 @@ ARCH_FAMILIES = {
 # longrope's frequencies are static up to original_max_position_embeddings, where the sequence length is capped;
 # dynamic NTK's equal the default ones up to max_position_embeddings (HF rescales only past it, never reached here)
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional", "longrope", "dynamic")
-SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "relu2", "bloom_gelu")
+SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "relu2", "bloom_gelu",
+                         "xielu")
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,8 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
 def _check(cfg: ModelConfig) -> None:
     if cfg.hidden_act not in SUPPORTED_ACTIVATIONS:
         raise UnsupportedModelError(f"unsupported activation {cfg.hidden_act!r}; supported: {SUPPORTED_ACTIVATIONS}")
+    if cfg.hidden_act == "xielu" and (cfg.family != "llama" or cfg.gated_mlp or cfg.moe is not None):
+        raise UnsupportedModelError(f"{cfg.model_type} with hidden_act='xielu': only Apertus's ungated MLP has it")
     if cfg.num_heads % cfg.num_kv_heads:
         raise CheckpointError(f"num_heads={cfg.num_heads} is not a multiple of num_kv_heads={cfg.num_kv_heads}")
     if cfg.position_encoding == "rope" and cfg.rope_type not in STATIC_ROPE_TYPES:
@@ -301,8 +304,8 @@ def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> Mo
         qkv_bias=bool(getattr(hf, "qkv_bias", True)) if model_type in ("qwen2", "qwen2_moe") else attention_bias,
         o_bias=bool(hf.attention_out_bias) if model_type == "seed_oss" else attention_bias and not helium,
         mlp_bias=attention_bias if ernie else bool(getattr(hf, "mlp_bias", False)),
-        gated_mlp=model_type != "arcee",
-        qk_norm=model_type in ("qwen3", "qwen3_moe"),
+        gated_mlp=model_type not in ("arcee", "apertus"),
+        qk_norm=model_type in ("qwen3", "qwen3_moe", "apertus"),
         qk_norm_over_heads=model_type == "olmoe",
         clip_qkv=float(getattr(hf, "clip_qkv", None) or 0.0),
         rotary_dim=rotary_dim,

@@ -24,7 +24,8 @@ __all__ = [
 SUPPORTED_TINY_ARCHS: tuple[str, ...] = ("llama", "mistral", "ministral", "ministral3", "mistral3", "granite",
                                          "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "olmoe",
                                          "granitemoe", "phi3", "smollm3", "ernie4_5", "seed_oss", "internlm3",
-                                         "helium", "arcee", "cwm", "hyperclovax", "jais2", "gemma", "gemma2",
+                                         "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "gemma",
+                                         "gemma2",
                                          "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron",
                                          "starcoder2",
                                          "cohere", "cohere2", "olmo", "olmo2", "olmo3", "exaone4", "glm", "glm4",
@@ -129,12 +130,12 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
     untied = ("llama", "mistral", "ministral", "ministral3", "mistral3", "granite", "mixtral", "qwen2_moe",
               "qwen3_moe", "olmoe", "granitemoe", "phi3", "gpt_neox", "phi", "stablelm", "olmo", "olmo2", "olmo3",
               "exaone4", "glm", "glm4", "gptj", "internlm3", "helium", "arcee", "nemotron", "cwm", "hyperclovax",
-              "jais2")
+              "jais2", "apertus")
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "ministral", "ministral3", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3",
                 "qwen3_moe", "olmoe", "granitemoe", "phi3", "smollm3", "ernie4_5", "seed_oss", "internlm3", "helium",
-                "arcee", "cwm", "hyperclovax", "jais2"):
+                "arcee", "apertus", "cwm", "hyperclovax", "jais2"):
         cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                "ministral": transformers.MinistralConfig, "ministral3": transformers.Ministral3Config,
                "granite": transformers.GraniteConfig,
@@ -146,7 +147,8 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                "seed_oss": transformers.SeedOssConfig, "granitemoe": transformers.GraniteMoeConfig,
                "internlm3": transformers.InternLM3Config, "helium": transformers.HeliumConfig,
                "arcee": transformers.ArceeConfig, "cwm": transformers.CwmConfig,
-               "hyperclovax": transformers.HyperCLOVAXConfig, "jais2": transformers.Jais2Config}[arch]
+               "hyperclovax": transformers.HyperCLOVAXConfig, "jais2": transformers.Jais2Config,
+               "apertus": transformers.ApertusConfig}[arch]
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                   num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,
                   max_position_embeddings=max_positions)
@@ -161,7 +163,7 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
             kw.update(num_local_experts=4, num_experts_per_tok=2, intermediate_size=inter // 2)
         # Qwen3's and ERNIE 4.5's head_dim default to 128 whatever the hidden size; Ministral's to None
         if arch in ("qwen3", "qwen3_moe", "ministral", "ministral3", "ernie4_5", "seed_oss", "internlm3", "helium",
-                    "arcee", "cwm", "hyperclovax", "jais2"):
+                    "arcee", "apertus", "cwm", "hyperclovax", "jais2"):
             kw["head_dim"] = hidden_size // num_heads
     elif arch == "gemma3":  # multimodal: Gemma 3 text + a tiny SigLIP vision tower the engine leaves out
         text = _hf_config("gemma3_text", vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,

@@ -174,6 +174,11 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
                                     "attention_multiplier": 0.2}),
     # Jais 2: Llama with LayerNorms, an ungated squared-ReLU MLP, biases everywhere
     "jais2": ("jais2", {}),
+    # Apertus: Llama with per-head q/k norms and an ungated MLP with xIELU (learned alpha_p / alpha_n per layer),
+    # its norms under their own names, Llama 3 RoPE scaling
+    "apertus": ("apertus", {"rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 12000000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -38,6 +38,24 @@ class RMSNorm(nn.Module):
         return normed.mul_(self.weight)  # a fresh tensor: scaled in place, the same products
 
 
+class XIELU(nn.Module):
+    """xIELU (Apertus), with its learned alpha_p / alpha_n and the beta / eps its checkpoint stores, computed as
+    transformers' Python version does."""
+
+    def __init__(self):
+        super().__init__()
+        self.alpha_p = nn.Parameter(torch.zeros(1))
+        self.alpha_n = nn.Parameter(torch.zeros(1))
+        self.beta = nn.Parameter(torch.tensor(0.5))
+        self.eps = nn.Parameter(torch.tensor(-1e-6))
+
+    def forward(self, x: Tensor) -> Tensor:
+        alpha_p = F.softplus(self.alpha_p)
+        alpha_n = self.beta + F.softplus(self.alpha_n)
+        return torch.where(x > 0, alpha_p * x * x + self.beta * x,
+                           (torch.expm1(torch.min(x, self.eps)) - x) * alpha_n + self.beta * x)
+
+
 def activation(name: str, x: Tensor) -> Tensor:
     if name == "silu":
         return F.silu(x)

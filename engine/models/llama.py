@@ -11,9 +11,14 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .base import Layer0Input, Layer0Norms, RotaryCausalLM, language_model_tensors
-from .common import Attention, RMSNorm, activation, apply_rotary, permute_head_channels
+from .common import XIELU, Attention, RMSNorm, activation, apply_rotary, permute_head_channels
 from .linear import Linear, linear, transposed_storage
 from .moe import SparseMoE, moe_checkpoint_tensors
+
+# checkpoints that name Llama's norms otherwise: Apertus's, HyperCLOVAX's post-norms (GLM-4's, as we name them)
+CHECKPOINT_NORM_NAMES = ((".attention_layernorm.", ".input_layernorm."),
+                         (".feedforward_layernorm.", ".post_attention_layernorm."),
+                         (".post_norm1.", ".post_self_attn_layernorm."), (".post_norm2.", ".post_mlp_layernorm."))
 
 
 def _fuse(linears: list[nn.Linear], transposed: bool) -> tuple[Tensor, Tensor | None]:
@@ -75,6 +80,8 @@ class LlamaMLP(nn.Module):
         self.up_proj = Linear(c.hidden_size, width, bias=c.mlp_bias)
         self.down_proj = Linear(width, c.hidden_size, bias=c.mlp_bias)
         self.act = c.hidden_act
+        if self.act == "xielu":  # (learned parameters of its own)
+            self.act_fn = XIELU()
         self.gated = c.gated_mlp
         self.gate_up_weight: Tensor | None = None
         self.gate_up_bias: Tensor | None = None
@@ -84,8 +91,9 @@ class LlamaMLP(nn.Module):
             self.gate_up_weight, self.gate_up_bias = _fuse([self.gate_proj, self.up_proj], transposed)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.gated:  # Arcee: down(act(up(x)))
-            return self.down_proj(activation(self.act, self.up_proj(x)))
+        if not self.gated:  # Arcee, Apertus: down(act(up(x)))
+            up = self.up_proj(x)
+            return self.down_proj(self.act_fn(up) if self.act == "xielu" else activation(self.act, up))
         gate, up = linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
         if self.act == "silu" and not torch.is_grad_enabled():  # in place: no new [T, ffn] buffers
             return self.down_proj(torch.nn.functional.silu(gate, inplace=True).mul_(up))
@@ -148,8 +156,8 @@ class LlamaForCausalLM(RotaryCausalLM):
         c = self.config
         if (mapped := language_model_tensors(key, tensor)) is not None:
             return mapped
-        # HyperCLOVAX's norms after attention and the MLP: GLM-4's under their names
-        key = key.replace(".post_norm1.", ".post_self_attn_layernorm.").replace(".post_norm2.", ".post_mlp_layernorm.")
+        for theirs, ours in CHECKPOINT_NORM_NAMES:
+            key = key.replace(theirs, ours)
         if c.moe is not None:
             return moe_checkpoint_tensors(key, tensor)
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
