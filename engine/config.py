@@ -22,7 +22,7 @@ ARCH_FAMILIES = {
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
     "cohere": "cohere",
     "cohere2": "cohere",
-    "glm": "glm", "glm4": "glm", "falcon": "falcon", "gptj": "gptj", "opt": "opt", "gpt2": "gpt2",
+    "glm": "glm", "glm4": "glm", "falcon": "falcon", "gptj": "gptj", "codegen": "gptj", "opt": "opt", "gpt2": "gpt2",
     "gpt_bigcode": "gpt_bigcode", "gpt_neo": "gpt_neo", "bloom": "bloom",
 }
 # longrope's frequencies are static up to original_max_position_embeddings, where the sequence length is capped;
@@ -582,7 +582,10 @@ def _falcon_config(hf: Any, model_type: str) -> ModelConfig:
 
 
 def _gptj_config(hf: Any, model_type: str) -> ModelConfig:
+    """GPT-J, and CodeGen (GPT-J's model with q/k/v fused in model-parallel row groups)."""
     head_dim = hf.n_embd // hf.n_head
+    if model_type == "codegen" and hf.n_head % 4:
+        raise CheckpointError(f"codegen with n_head={hf.n_head}: CodeGen lays its heads out in 4 groups")
     return ModelConfig(
         family="gptj",
         model_type=model_type,

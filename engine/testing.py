@@ -29,7 +29,7 @@ SUPPORTED_TINY_ARCHS: tuple[str, ...] = ("llama", "mistral", "ministral", "minis
                                          "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron",
                                          "starcoder2",
                                          "cohere", "cohere2", "olmo", "olmo2", "olmo3", "exaone4", "glm", "glm4",
-                                         "falcon", "gptj", "opt", "gpt2", "gpt_bigcode", "gpt_neo",
+                                         "falcon", "gptj", "codegen", "opt", "gpt2", "gpt_bigcode", "gpt_neo",
                                          "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
@@ -129,8 +129,8 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
     ids = dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     untied = ("llama", "mistral", "ministral", "ministral3", "mistral3", "granite", "mixtral", "qwen2_moe",
               "qwen3_moe", "olmoe", "granitemoe", "phi3", "gpt_neox", "phi", "stablelm", "olmo", "olmo2", "olmo3",
-              "exaone4", "glm", "glm4", "gptj", "internlm3", "helium", "arcee", "nemotron", "cwm", "hyperclovax",
-              "jais2", "apertus")
+              "exaone4", "glm", "glm4", "gptj", "codegen", "internlm3", "helium", "arcee", "nemotron", "cwm",
+              "hyperclovax", "jais2", "apertus")
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "ministral", "ministral3", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3",
@@ -241,8 +241,8 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                   num_kv_heads=num_kv_heads, ffn_hidden_size=inter,
                   max_position_embeddings=max_positions, hidden_dropout=0.0, attention_dropout=0.0)
-    elif arch == "gptj":
-        cls = transformers.GPTJConfig
+    elif arch in ("gptj", "codegen"):
+        cls = transformers.GPTJConfig if arch == "gptj" else transformers.CodeGenConfig
         kw = dict(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=max_positions, n_inner=inter,
                   rotary_dim=hidden_size // num_heads // 2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     elif arch == "opt":

@@ -179,6 +179,8 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "apertus": ("apertus", {"rope_parameters": {
         "rope_type": "llama3", "rope_theta": 12000000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
+    # CodeGen: GPT-J's model with q/k/v fused in 4 model-parallel row groups ([q | v | k] each); 8 heads, 2 a group
+    "codegen": ("codegen", {"num_heads": 8}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

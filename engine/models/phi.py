@@ -100,6 +100,7 @@ class PhiForCausalLM(RotaryCausalLM):
         return self.model.final_layernorm(h)
 
 
+CODEGEN_MP_NUM = 4  # the model-parallel groups CodeGen's qkv_proj rows are laid out in (fixed in transformers)
 _GPTJ_NAMES = ((".ln_1.", ".input_layernorm."), (".attn.out_proj.", ".self_attn.o_proj."), (".attn.", ".self_attn."),
                (".mlp.fc_in.", ".mlp.fc1."), (".mlp.fc_out.", ".mlp.fc2."))
 
@@ -121,6 +122,18 @@ class GPTJForCausalLM(PhiForCausalLM):
             key = key.replace("transformer.h.", "model.layers.")
             for theirs, ours in _GPTJ_NAMES:
                 key = key.replace(theirs, ours)
+        if key.endswith("self_attn.qkv_proj.weight"):  # CodeGen
+            return [pair for name, part in self._codegen_qkv(key, tensor)
+                    for pair in self.checkpoint_tensors(name, part)]
         if key.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             tensor = permute_head_channels(tensor, self.config.head_dim, self.config.key_channel_order)
         return [(key, tensor)]
+
+    def _codegen_qkv(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
+        """CodeGen's fused qkv_proj: CODEGEN_MP_NUM row groups, each [q | v | k] for its quarter of the heads, as
+        separate q/k/v projections of all heads in order."""
+        c = self.config
+        groups = tensor.reshape(CODEGEN_MP_NUM, 3, c.num_heads * c.head_dim // CODEGEN_MP_NUM, tensor.shape[-1])
+        q, v, k = (groups[:, part].reshape(c.num_heads * c.head_dim, -1) for part in range(3))
+        stem = key.removesuffix("qkv_proj.weight")
+        return [(stem + "q_proj.weight", q), (stem + "k_proj.weight", k), (stem + "v_proj.weight", v)]
