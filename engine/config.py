@@ -22,7 +22,7 @@ ARCH_FAMILIES = {
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
     "cohere": "cohere",
     "cohere2": "cohere",
-    "glm": "glm", "glm4": "glm", "falcon": "falcon", "gptj": "gptj", "codegen": "gptj", "opt": "opt", "gpt2": "gpt2",
+    "glm": "glm", "glm4": "glm", "falcon": "falcon", "gptj": "gptj", "codegen": "gptj", "opt": "opt", "xglm": "xglm", "biogpt": "biogpt", "gpt2": "gpt2",
     "gpt_bigcode": "gpt_bigcode", "gpt_neo": "gpt_neo", "bloom": "bloom",
 }
 # longrope's frequencies are static up to original_max_position_embeddings, where the sequence length is capped;
@@ -51,7 +51,7 @@ class ModelConfig:
     """What our model implementations need, independent of the HF config class."""
 
     family: str  # "llama" | "olmo" | "stablelm" | "starcoder2" | "cohere" | "olmo2" | "glm" | "gemma" | "gpt_neox"
-    # | "phi" | "gptj" | "falcon" | "opt" | "gpt2" | "gpt_bigcode" | "gpt_neo" | "bloom" | "nemotron"
+    # | "phi" | "gptj" | "falcon" | "opt" | "xglm" | "biogpt" | "gpt2" | "gpt_bigcode" | "gpt_neo" | "bloom" | "nemotron"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -641,6 +641,35 @@ def _opt_config(hf: Any, model_type: str) -> ModelConfig:
     )
 
 
+def _fairseq_lm_config(hf: Any, model_type: str) -> ModelConfig:
+    """XGLM and BioGPT (fairseq's decoder, OPT's pre-norm layout): positions two rows into a table (XGLM's
+    sinusoidal, BioGPT's learned), token embeddings scaled by sqrt(hidden) where `scale_embedding` says."""
+    head_dim = hf.hidden_size // hf.num_attention_heads
+    return ModelConfig(
+        family=model_type,
+        model_type=model_type,
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        num_layers=hf.num_hidden_layers,
+        num_heads=hf.num_attention_heads,
+        num_kv_heads=hf.num_attention_heads,
+        head_dim=head_dim,
+        intermediate_size=hf.ffn_dim if model_type == "xglm" else hf.intermediate_size,
+        max_positions=hf.max_position_embeddings,
+        norm_eps=1e-5,  # nn.LayerNorm's default, which both models' norms keep
+        hidden_act=hf.activation_function if model_type == "xglm" else hf.hidden_act,
+        position_encoding="learned",
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        attention_scale=1.0,  # the queries come scaled, as OPT's
+        bos_token_id=hf.bos_token_id,
+        eos_token_ids=_eos_ids(hf.eos_token_id),
+        hf_config=hf,
+    )
+
+
 def _gpt2_config(hf: Any, model_type: str) -> ModelConfig:
     """GPT-2's config, and GPTBigCode's (the same fields, and multi_query)."""
     head_dim = hf.n_embd // hf.n_head
@@ -733,9 +762,8 @@ def _bloom_config(hf: Any, model_type: str) -> ModelConfig:
 # family -> its config reader
 FAMILY_CONFIGS = {
     "llama": _llama_config, "olmo": _olmo_config, "stablelm": _stablelm_config, "nemotron": _ungated_layernorm_config,
-    "starcoder2": _starcoder2_config,
-    "cohere": _cohere_config, "olmo2": _olmo2_config, "glm": _glm_config, "falcon": _falcon_config,
-    "gptj": _gptj_config, "gemma": _gemma_config, "gpt_neox": _gpt_neox_config, "phi": _phi_config,
-    "opt": _opt_config, "gpt2": _gpt2_config, "gpt_bigcode": _gpt2_config, "gpt_neo": _gpt_neo_config,
-    "bloom": _bloom_config,
+    "starcoder2": _starcoder2_config, "cohere": _cohere_config, "olmo2": _olmo2_config, "glm": _glm_config,
+    "falcon": _falcon_config, "gptj": _gptj_config, "gemma": _gemma_config, "gpt_neox": _gpt_neox_config,
+    "phi": _phi_config, "opt": _opt_config, "xglm": _fairseq_lm_config, "biogpt": _fairseq_lm_config,
+    "gpt2": _gpt2_config, "gpt_bigcode": _gpt2_config, "gpt_neo": _gpt_neo_config, "bloom": _bloom_config,
 }

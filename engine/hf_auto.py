@@ -43,6 +43,26 @@ def load_hf_causal_lm(model_dir: str | Path, **kwargs: Any) -> Any:
     return hf_causal_lm_class(config).from_pretrained(str(model_dir), **options)
 
 
+PEFT_HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")
+PEFT_LAYER_KEYS = ("num_hidden_layers", "num_layers", "n_layer")
+
+
+def peft_shape_fields(model: Any) -> dict[str, int]:
+    """The prompt-learning config fields PEFT cannot read off `model`'s config (a transformers model), which must
+    then be given: `num_attention_heads` / `num_layers` where the config calls them otherwise (XGLM's
+    `attention_heads`). Empty for most models, and for multimodal ones (PEFT reads their `text_config`)."""
+    config = model.config
+    if getattr(config, "text_config", None) is not None:
+        return {}
+    fields = config.to_dict()
+    out = {}
+    if not any(key in fields for key in PEFT_HEAD_KEYS):
+        out["num_attention_heads"] = config.num_attention_heads
+    if not hasattr(config, "num_hidden_layers") and not any(key in fields for key in PEFT_LAYER_KEYS):
+        out["num_layers"] = config.num_hidden_layers
+    return out
+
+
 def peft_token_dim(model: Any) -> int | None:
     """PEFT's `token_dim` for a prompt of `model` (a transformers model): its token embeddings' width where that is
     not `config.hidden_size` (OPT-350m's narrower embeddings), which PEFT would size prompt rows by; else None."""

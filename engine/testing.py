@@ -29,7 +29,7 @@ SUPPORTED_TINY_ARCHS: tuple[str, ...] = ("llama", "mistral", "ministral", "minis
                                          "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron",
                                          "starcoder2",
                                          "cohere", "cohere2", "olmo", "olmo2", "olmo3", "exaone4", "glm", "glm4",
-                                         "falcon", "gptj", "codegen", "opt", "gpt2", "gpt_bigcode", "gpt_neo",
+                                         "falcon", "gptj", "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo",
                                          "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
@@ -250,6 +250,16 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
         kw = dict(hidden_size=hidden_size, word_embed_proj_dim=hidden_size, num_hidden_layers=num_layers,
                   num_attention_heads=num_heads, ffn_dim=inter, max_position_embeddings=max_positions, dropout=0.0,
                   attention_dropout=0.0)
+    elif arch == "xglm":
+        cls = transformers.XGLMConfig
+        kw = dict(d_model=hidden_size, num_layers=num_layers, attention_heads=num_heads, ffn_dim=inter,
+                  max_position_embeddings=max_positions, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                  layerdrop=0.0)
+    elif arch == "biogpt":
+        cls = transformers.BioGptConfig
+        kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                  intermediate_size=inter, max_position_embeddings=max_positions, hidden_dropout_prob=0.0,
+                  attention_probs_dropout_prob=0.0, activation_dropout=0.0, layerdrop=0.0)
     elif arch in ("gpt2", "gpt_bigcode"):
         cls = transformers.GPT2Config if arch == "gpt2" else transformers.GPTBigCodeConfig
         kw = dict(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=max_positions, n_inner=inter,
@@ -361,7 +371,7 @@ def build_prompt_tuning_adapter(model_dir: str | Path, out_dir: str | Path, *, n
     """Create and save a PEFT prompt-tuning adapter for `model_dir` the way a user would."""
     from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
-    from .hf_auto import load_hf_causal_lm, peft_token_dim
+    from .hf_auto import load_hf_causal_lm, peft_shape_fields, peft_token_dim
 
     if init not in ("random", "text"):
         raise ValueError(f"init must be 'random' or 'text', got {init!r}")
@@ -375,6 +385,7 @@ def build_prompt_tuning_adapter(model_dir: str | Path, out_dir: str | Path, *, n
         prompt_tuning_init_text=(init_text or "the cat sat on the mat") if init == "text" else None,
         tokenizer_name_or_path=str(model_dir),
         token_dim=peft_token_dim(model),
+        **peft_shape_fields(model),
     )
     with _quiet():
         peft_model = get_peft_model(model, cfg)
@@ -392,13 +403,16 @@ def build_p_tuning_adapter(model_dir: str | Path, out_dir: str | Path, *, num_vi
     encoder: PEFT saves the encoder's output rows, which inference prepends like a soft prompt's."""
     from peft import PromptEncoderConfig, TaskType, get_peft_model
 
-    from .hf_auto import load_hf_causal_lm
+    from .hf_auto import load_hf_causal_lm, peft_shape_fields
 
+    with _quiet():
+        model = load_hf_causal_lm(model_dir)
     cfg = PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=num_virtual_tokens,
-                              encoder_hidden_size=32, encoder_reparameterization_type=encoder)
+                              encoder_hidden_size=32, encoder_reparameterization_type=encoder,
+                              **peft_shape_fields(model))
     with _quiet():
         torch.manual_seed(seed)
-        peft_model = get_peft_model(load_hf_causal_lm(model_dir), cfg)
+        peft_model = get_peft_model(model, cfg)
         peft_model.save_pretrained(Path(out_dir))
     return Path(out_dir)
 
@@ -410,13 +424,15 @@ def build_prefix_tuning_adapter(model_dir: str | Path, out_dir: str | Path, *, n
     PEFT saves."""
     from peft import PrefixTuningConfig, TaskType, get_peft_model
 
-    from .hf_auto import load_hf_causal_lm
+    from .hf_auto import load_hf_causal_lm, peft_shape_fields
 
+    with _quiet():
+        model = load_hf_causal_lm(model_dir)
     cfg = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=num_virtual_tokens,
-                             prefix_projection=projection, encoder_hidden_size=32)
+                             prefix_projection=projection, encoder_hidden_size=32, **peft_shape_fields(model))
     with _quiet():
         torch.manual_seed(seed)
-        peft_model = get_peft_model(load_hf_causal_lm(model_dir), cfg)
+        peft_model = get_peft_model(model, cfg)
         peft_model.save_pretrained(Path(out_dir))
     return Path(out_dir)
 
@@ -427,13 +443,15 @@ def build_multitask_prompt_tuning_adapter(model_dir: str | Path, out_dir: str | 
     task, a rank-`num_ranks` matrix that scales them; seed-determined, with tasks that differ clearly."""
     from peft import MultitaskPromptTuningConfig, TaskType, get_peft_model
 
-    from .hf_auto import load_hf_causal_lm
+    from .hf_auto import load_hf_causal_lm, peft_shape_fields
 
+    with _quiet():
+        model = load_hf_causal_lm(model_dir)
     cfg = MultitaskPromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=num_virtual_tokens,
-                                      num_tasks=num_tasks, num_ranks=num_ranks)
+                                      num_tasks=num_tasks, num_ranks=num_ranks, **peft_shape_fields(model))
     gen = torch.Generator().manual_seed(seed)
     with _quiet():
-        peft_model = get_peft_model(load_hf_causal_lm(model_dir), cfg)
+        peft_model = get_peft_model(model, cfg)
         encoder = peft_model.prompt_encoder["default"]
         with torch.no_grad():
             weight = encoder.embedding.weight
@@ -450,15 +468,17 @@ def build_cpt_adapter(model_dir: str | Path, out_dir: str | Path, *, token_ids: 
     with a seed-determined random delta (PEFT saves the token embeddings plus the delta after its projection)."""
     from peft import CPTConfig, TaskType, get_peft_model
 
-    from .hf_auto import load_hf_causal_lm
+    from .hf_auto import load_hf_causal_lm, peft_shape_fields
 
     ids = list(token_ids)
     types = [1] + [2] * (len(ids) - 2) + [3] if len(ids) > 1 else [2]  # template, inputs..., output template
+    with _quiet():
+        model = load_hf_causal_lm(model_dir)
     cfg = CPTConfig(task_type=TaskType.CAUSAL_LM, cpt_token_ids=ids, cpt_mask=[1] * len(ids),
-                    cpt_tokens_type_mask=types)
+                    cpt_tokens_type_mask=types, **peft_shape_fields(model))
     gen = torch.Generator().manual_seed(seed)
     with _quiet():
-        peft_model = get_peft_model(load_hf_causal_lm(model_dir), cfg)
+        peft_model = get_peft_model(model, cfg)
         delta = peft_model.prompt_encoder["default"].delta_embedding.weight
         with torch.no_grad():
             delta.copy_(torch.randn(delta.shape, generator=gen))
@@ -472,13 +492,15 @@ def build_cartridge_adapter(model_dir: str | Path, out_dir: str | Path, *, num_v
     with seed-determined random K/V."""
     from peft import CartridgeConfig, TaskType, get_peft_model
 
-    from .hf_auto import load_hf_causal_lm
+    from .hf_auto import load_hf_causal_lm, peft_shape_fields
 
+    with _quiet():
+        model = load_hf_causal_lm(model_dir)
     cfg = CartridgeConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=num_virtual_tokens,
-                          num_frozen_tokens=num_frozen_tokens)
+                          num_frozen_tokens=num_frozen_tokens, **peft_shape_fields(model))
     with _quiet():
         torch.manual_seed(seed)
-        peft_model = get_peft_model(load_hf_causal_lm(model_dir), cfg)
+        peft_model = get_peft_model(model, cfg)
         peft_model.save_pretrained(Path(out_dir))
     return Path(out_dir)
 

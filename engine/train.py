@@ -154,7 +154,7 @@ def _load_peft_model(model_dir: str | Path, config: TrainConfig, device: torch.d
     )
     from transformers import AutoTokenizer
 
-    from .hf_auto import load_hf_causal_lm, peft_token_dim
+    from .hf_auto import load_hf_causal_lm, peft_shape_fields, peft_token_dim
 
     try:
         with _quiet():
@@ -166,14 +166,16 @@ def _load_peft_model(model_dir: str | Path, config: TrainConfig, device: torch.d
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     token_dim = peft_token_dim(model)
+    shape = peft_shape_fields(model)  # (XGLM's heads, which PEFT cannot find)
     if config.method == "p_tuning":
         peft_config = PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.num_virtual_tokens,
                                           encoder_reparameterization_type=config.encoder,
-                                          encoder_hidden_size=config.encoder_hidden_size, token_dim=token_dim)
+                                          encoder_hidden_size=config.encoder_hidden_size, token_dim=token_dim,
+                                          **shape)
     elif config.method == "prefix_tuning":
         peft_config = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.num_virtual_tokens,
                                          prefix_projection=config.prefix_projection,
-                                         encoder_hidden_size=config.encoder_hidden_size)
+                                         encoder_hidden_size=config.encoder_hidden_size, **shape)
     else:
         peft_config = PromptTuningConfig(
             task_type=TaskType.CAUSAL_LM,
@@ -182,6 +184,7 @@ def _load_peft_model(model_dir: str | Path, config: TrainConfig, device: torch.d
             prompt_tuning_init_text=config.init_text if config.init == "text" else None,
             tokenizer_name_or_path=str(model_dir) if config.init == "text" else None,
             token_dim=token_dim,
+            **shape,
         )
     torch.manual_seed(config.seed)  # PEFT's random inits draw from the global generator
     with _quiet():

@@ -181,6 +181,10 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
         "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
     # CodeGen: GPT-J's model with q/k/v fused in 4 model-parallel row groups ([q | v | k] each); 8 heads, 2 a group
     "codegen": ("codegen", {"num_heads": 8}),
+    # XGLM and BioGPT (fairseq's pre-norm decoder): token embeddings scaled by sqrt(hidden); sinusoidal positions
+    # (XGLM) or learned ones (BioGPT), two rows into their table
+    "xglm": ("xglm", {}),
+    "biogpt": ("biogpt", {}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

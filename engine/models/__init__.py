@@ -12,7 +12,7 @@ from .gpt_neox import GPTNeoXForCausalLM
 from .llama import LlamaForCausalLM
 from .olmo import OlmoForCausalLM
 from .olmo2 import Olmo2ForCausalLM
-from .opt import OPTForCausalLM
+from .opt import BioGptForCausalLM, OPTForCausalLM, XGLMForCausalLM
 from .phi import GPTJForCausalLM, PhiForCausalLM
 from .stablelm import NemotronForCausalLM, StableLmForCausalLM, Starcoder2ForCausalLM
 
@@ -31,14 +31,16 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "olmo2": Olmo2ForCausalLM,
     "glm": LlamaForCausalLM,  # (config.py's GLM reader; the Llama layout)
     "opt": OPTForCausalLM,
+    "xglm": XGLMForCausalLM,
+    "biogpt": BioGptForCausalLM,
     "gpt2": GPT2LMHeadModel,
     "gpt_bigcode": GPTBigCodeForCausalLM,
     "gpt_neo": GPTNeoForCausalLM,
     "bloom": BloomForCausalLM,
 }
 
-__all__ = ["Attention", "CausalLM", "MODEL_CLASSES", "BloomForCausalLM", "CohereForCausalLM", "FalconForCausalLM",
+__all__ = ["Attention", "CausalLM", "MODEL_CLASSES", "BioGptForCausalLM", "BloomForCausalLM", "CohereForCausalLM", "FalconForCausalLM",
            "GPT2LMHeadModel", "GPTBigCodeForCausalLM", "GPTJForCausalLM", "GPTNeoForCausalLM", "GemmaForCausalLM",
            "GPTNeoXForCausalLM", "LlamaForCausalLM", "NemotronForCausalLM", "OPTForCausalLM", "OlmoForCausalLM",
            "Olmo2ForCausalLM",
-           "PhiForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM"]
+           "PhiForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM", "XGLMForCausalLM"]

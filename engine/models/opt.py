@@ -1,8 +1,12 @@
 """OPT (`opt`: facebook/opt-125m ... opt-66b): learned positions (table offset by 2), LayerNorm, ReLU MLP, biases;
 pre-norm, or post-norm as opt-350m has it (`do_layer_norm_before=False`), whose embeddings are narrower than the
-model (`word_embed_proj_dim`: projected in after the embedding and out before the LM head)."""
+model (`word_embed_proj_dim`: projected in after the embedding and out before the LM head). XGLM and BioGPT, the
+same pre-norm decoder from fairseq: token embeddings scaled by sqrt(hidden) (`scale_embedding`), XGLM's positions
+sinusoidal."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -127,3 +131,66 @@ class OPTForCausalLM(CausalLM):
         if hasattr(decoder, "project_out"):
             h = decoder.project_out(h)
         return h
+
+
+class SinusoidalPositions(nn.Module):
+    """XGLM's fixed position table (fairseq's sinusoids: sines, then cosines), rows offset as OPT's; computed at
+    init_buffers, never loaded."""
+
+    def __init__(self, num_rows: int, dim: int):
+        super().__init__()
+        self.num_rows, self.dim = num_rows, dim
+        self.weight: Tensor | None = None
+
+    def build(self, device: torch.device, dtype: torch.dtype, padding_idx: int | None) -> None:
+        half = self.dim // 2
+        freq = torch.exp(torch.arange(half, dtype=torch.int64).float() * -(math.log(10000) / (half - 1)))
+        angles = torch.arange(self.num_rows, dtype=torch.int64).float().unsqueeze(1) * freq.unsqueeze(0)
+        table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+        if self.dim % 2:
+            table = torch.cat([table, torch.zeros(self.num_rows, 1)], dim=1)
+        if padding_idx is not None:
+            table[padding_idx] = 0
+        self.weight = table.to(device, dtype)
+
+    def forward(self, positions: Tensor) -> Tensor:
+        return self.weight[positions]
+
+
+class FairseqLMForCausalLM(OPTForCausalLM):
+    """XGLM's and BioGPT's checkpoints under OPT's names; token rows scaled (soft-prompt rows go in as PEFT
+    concatenates them, unscaled: the scaled embedding is their models' input embedding)."""
+
+    checkpoint_names: tuple[tuple[str, str], ...] = ()
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.fused_layer0 = False  # token rows scaled, prompt rows not: the fused input kernels do not do that
+        self.embed_scale = math.sqrt(config.hidden_size) if config.hf_config.scale_embedding else 1.0
+
+    def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
+        for theirs, ours in self.checkpoint_names:
+            if key.startswith(theirs):
+                return [(ours + key.removeprefix(theirs), tensor)]
+        return [(key, tensor)]
+
+    def embed_tokens(self, ids: Tensor) -> Tensor:
+        return self.word_embeddings(ids) * self.embed_scale  # (a Python float, as HF multiplies)
+
+
+class XGLMForCausalLM(FairseqLMForCausalLM):
+    checkpoint_names = (("model.layer_norm.", "model.decoder.final_layer_norm."), ("model.", "model.decoder."))
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.model.decoder.embed_positions = SinusoidalPositions(config.max_positions + POSITION_OFFSET,
+                                                                 config.hidden_size)
+
+    def init_buffers(self, device: torch.device) -> None:
+        self.model.decoder.embed_positions.build(device, self.word_embeddings.weight.dtype,
+                                                 self.config.hf_config.pad_token_id)
+
+
+class BioGptForCausalLM(FairseqLMForCausalLM):
+    checkpoint_names = (("biogpt.layer_norm.", "model.decoder.final_layer_norm."), ("biogpt.", "model.decoder."),
+                        ("output_projection.", "lm_head."))
