@@ -22,8 +22,8 @@ ARCH_FAMILIES = {
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
     "cohere": "cohere",
     "cohere2": "cohere",
-    "glm": "glm", "glm4": "glm", "falcon": "falcon", "gptj": "gptj", "codegen": "gptj", "opt": "opt", "xglm": "xglm", "biogpt": "biogpt", "gpt2": "gpt2",
-    "gpt_bigcode": "gpt_bigcode", "gpt_neo": "gpt_neo", "bloom": "bloom",
+    "glm": "glm", "glm4": "glm", "falcon": "falcon", "gptj": "gptj", "codegen": "gptj", "opt": "opt", "xglm": "xglm",
+    "biogpt": "biogpt", "gpt2": "gpt2", "gpt_bigcode": "gpt_bigcode", "gpt_neo": "gpt_neo", "bloom": "bloom",
 }
 # longrope's frequencies are static up to original_max_position_embeddings, where the sequence length is capped;
 # dynamic NTK's equal the default ones up to max_position_embeddings (HF rescales only past it, never reached here)
@@ -51,7 +51,8 @@ class ModelConfig:
     """What our model implementations need, independent of the HF config class."""
 
     family: str  # "llama" | "olmo" | "stablelm" | "starcoder2" | "cohere" | "olmo2" | "glm" | "gemma" | "gpt_neox"
-    # | "phi" | "gptj" | "falcon" | "opt" | "xglm" | "biogpt" | "gpt2" | "gpt_bigcode" | "gpt_neo" | "bloom" | "nemotron"
+    # | "phi" | "gptj" | "falcon" | "opt" | "xglm" | "biogpt" | "gpt2" | "gpt_bigcode" | "gpt_neo" | "bloom"
+    # | "nemotron"
     model_type: str
     vocab_size: int
     hidden_size: int

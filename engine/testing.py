@@ -29,8 +29,8 @@ SUPPORTED_TINY_ARCHS: tuple[str, ...] = ("llama", "mistral", "ministral", "minis
                                          "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron",
                                          "starcoder2",
                                          "cohere", "cohere2", "olmo", "olmo2", "olmo3", "exaone4", "glm", "glm4",
-                                         "falcon", "gptj", "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo",
-                                         "bloom")
+                                         "falcon", "gptj", "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode",
+                                         "gpt_neo", "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -468,17 +468,16 @@ def build_cpt_adapter(model_dir: str | Path, out_dir: str | Path, *, token_ids: 
     with a seed-determined random delta (PEFT saves the token embeddings plus the delta after its projection)."""
     from peft import CPTConfig, TaskType, get_peft_model
 
-    from .hf_auto import load_hf_causal_lm, peft_shape_fields
+    from .hf_auto import load_hf_causal_lm
 
     ids = list(token_ids)
     types = [1] + [2] * (len(ids) - 2) + [3] if len(ids) > 1 else [2]  # template, inputs..., output template
-    with _quiet():
-        model = load_hf_causal_lm(model_dir)
+    # (CPTConfig resets num_attention_heads / num_layers: PEFT cannot build one where it cannot read them, XGLM's)
     cfg = CPTConfig(task_type=TaskType.CAUSAL_LM, cpt_token_ids=ids, cpt_mask=[1] * len(ids),
-                    cpt_tokens_type_mask=types, **peft_shape_fields(model))
+                    cpt_tokens_type_mask=types)
     gen = torch.Generator().manual_seed(seed)
     with _quiet():
-        peft_model = get_peft_model(model, cfg)
+        peft_model = get_peft_model(load_hf_causal_lm(model_dir), cfg)
         delta = peft_model.prompt_encoder["default"].delta_embedding.weight
         with torch.no_grad():
             delta.copy_(torch.randn(delta.shape, generator=gen))

@@ -107,7 +107,7 @@ def test_greedy_tokens_match_peft_generate(variant, model_dir_for, adapter_for):
 @pytest.mark.parametrize("variant", ["llama", "gpt2", "bloom", "qwen3", "gemma2", "phi", "opt", "olmo2", "cohere",
                                      "glm", "ernie4_5", "gpt_neo", "helium", "arcee",
                                      "nemotron", "hyperclovax", "jais2", "apertus",
-                                     "codegen"])
+                                     "codegen", "xglm", "biogpt"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_close_to_hf(variant, dtype, model_dir_for, adapter_for):
     """In half precision, we must be about as close to HF-half as HF-half is to the fp32 truth."""

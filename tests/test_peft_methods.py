@@ -42,6 +42,7 @@ from .runtime_helpers import assert_no_leaks
 pytest.importorskip("peft")
 
 _built: dict[str, dict] = {}
+CPT_UNBUILDABLE = ("xglm",)  # PEFT's CPTConfig resets the head count it cannot read off XGLM's config
 
 
 @pytest.fixture
@@ -56,7 +57,6 @@ def adapters(model_dir_for, adapter_for, model_root):
             mpt = build_multitask_prompt_tuning_adapter(d, out / "mpt", num_virtual_tokens=4, num_tasks=3, seed=6)
             _built[variant] = {
                 "cart": build_cartridge_adapter(d, out / "cart", num_virtual_tokens=5, seed=7),
-                "cpt": build_cpt_adapter(d, out / "cpt", token_ids=[11, 12, 13, 14, 15, 16], seed=8),
                 "mpt0": f"{mpt}#0",
                 "mpt2": f"{mpt}#2",
                 "ptune": build_p_tuning_adapter(d, out / "ptune", num_virtual_tokens=5, seed=1),
@@ -67,6 +67,8 @@ def adapters(model_dir_for, adapter_for, model_root):
                                                            projection=True, seed=4),
                 "soft": adapter_for(variant, seed=5, num_virtual_tokens=6),
             }
+            if variant not in CPT_UNBUILDABLE:
+                _built[variant]["cpt"] = build_cpt_adapter(d, out / "cpt", token_ids=[11, 12, 13, 14, 15, 16], seed=8)
         return _built[variant]
 
     return make
@@ -85,15 +87,17 @@ def requests(tasks, seed: int = 0, max_new_tokens: int = 6) -> list[Request]:
                                      "gpt_bigcode", "granite", "stablelm_parallel", "olmo3", "exaone4",
                                      "falcon_serial", "gptj", "cohere_qk_norm", "cohere2",
                                      "glm4", "ernie4_5", "olmo", "gpt_neo", "helium", "nemotron",
-                                     "hyperclovax", "jais2", "apertus", "codegen"])
+                                     "hyperclovax", "jais2", "apertus", "codegen",
+                                     "xglm", "biogpt"])
 def test_prompt_learning_adapters_match_hf_peft(variant, backend, adapters, model_dir_for):
     tasks = adapters(variant)
     engine = Engine(model_dir_for(variant), device="cpu", dtype="float32", backend=backend, block_size=4)
     for name, path in tasks.items():
         engine.add_prompt(name, path)
     kinds = {name: engine.prompts.get(name).kind for name in tasks}
-    assert kinds == {"ptune": "peft", "ptune_lstm": "peft", "kv": "prefix", "kv_proj": "prefix", "soft": "peft",
-                     "cart": "prefix", "cpt": "peft", "mpt0": "peft", "mpt2": "peft"}
+    expected = {"ptune": "peft", "ptune_lstm": "peft", "kv": "prefix", "kv_proj": "prefix", "soft": "peft",
+                "cart": "prefix", "cpt": "peft", "mpt0": "peft", "mpt2": "peft"}
+    assert kinds == {k: v for k, v in expected.items() if k != "cpt" or variant not in CPT_UNBUILDABLE}
     c = engine.config
     assert engine.prompts.get("kv").kv.shape == (c.num_layers, 2, 7, c.num_kv_heads, c.head_dim)
     assert engine.prompts.get("kv").length == 7 and engine.prompts.get("kv").embeds is None

@@ -190,6 +190,22 @@ def test_prompts_for_embeddings_narrower_than_the_model_train_and_serve(method, 
     assert prompt.embeds.shape == (6, engine.config.embedding_width) and engine.config.embedding_width == 32
 
 
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_prompts_for_a_config_peft_cannot_read_train_and_serve(method, model_dir_for, tmp_path):
+    """XGLM's config calls its head count `attention_heads`, which PEFT cannot find: training gives it, and the
+    trained adapter serves."""
+    from softprompt import Engine, Request, SamplingParams
+
+    model_dir = model_dir_for("xglm")
+    train, val = split(make_category_task(16, seed=1), 0.25)
+    config = TrainConfig(**{**TINY, "epochs": 1, "method": method})
+    train_prompt(model_dir, train, val, tmp_path / "adapter", config, log=None)
+    engine = Engine(model_dir, device="cpu", dtype="float32")
+    prompt = engine.add_prompt("t", tmp_path / "adapter")
+    assert prompt.length == 6 and prompt.kind == ("prefix" if method == "prefix_tuning" else "peft")
+    assert engine.generate([Request(prompt="t", text="word: dog ->", sampling=SamplingParams(max_new_tokens=2))])
+
+
 def test_early_stopping_keeps_the_best_prompt(model_dir_for, tmp_path):
     # validation asks for the opposite of training: its loss rises, so epoch 1 is best and training stops early
     inputs = [f"word: {w} ->" for w in ("apple", "dog", "red", "saw", "plum", "cat", "blue", "axe")]

@@ -39,8 +39,8 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "bloom": BloomForCausalLM,
 }
 
-__all__ = ["Attention", "CausalLM", "MODEL_CLASSES", "BioGptForCausalLM", "BloomForCausalLM", "CohereForCausalLM", "FalconForCausalLM",
-           "GPT2LMHeadModel", "GPTBigCodeForCausalLM", "GPTJForCausalLM", "GPTNeoForCausalLM", "GemmaForCausalLM",
-           "GPTNeoXForCausalLM", "LlamaForCausalLM", "NemotronForCausalLM", "OPTForCausalLM", "OlmoForCausalLM",
-           "Olmo2ForCausalLM",
-           "PhiForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM", "XGLMForCausalLM"]
+__all__ = ["Attention", "CausalLM", "MODEL_CLASSES", "BioGptForCausalLM", "BloomForCausalLM", "CohereForCausalLM",
+           "FalconForCausalLM", "GPT2LMHeadModel", "GPTBigCodeForCausalLM", "GPTJForCausalLM", "GPTNeoForCausalLM",
+           "GemmaForCausalLM", "GPTNeoXForCausalLM", "LlamaForCausalLM", "NemotronForCausalLM", "OPTForCausalLM",
+           "OlmoForCausalLM", "Olmo2ForCausalLM", "PhiForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM",
+           "XGLMForCausalLM"]
