@@ -17,7 +17,8 @@ ARCH_FAMILIES = {
     "qwen2": "llama", "qwen3": "llama", "phi3": "llama", "smollm3": "llama", "granite": "llama", "mixtral": "llama",
     "qwen2_moe": "llama", "qwen3_moe": "llama", "olmoe": "llama", "granitemoe": "llama", "ernie4_5": "llama",
     "seed_oss": "llama", "internlm3": "llama", "helium": "llama", "arcee": "llama", "apertus": "llama", "cwm": "llama",
-    "hyperclovax": "llama", "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2",
+    "hyperclovax": "llama", "qwen2_vl": "llama", "qwen2_5_vl": "llama", "qwen3_vl": "llama",
+    "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
     "cohere": "cohere",
@@ -268,12 +269,20 @@ def _check_rope_types(hf: Any, model_type: str) -> None:
             raise UnsupportedModelError(f"unsupported rope_type {params.get('rope_type')!r} in {model_type}")
 
 
+# multimodal checkpoints whose language model is a Llama-family one -> how to read its text config (None: by its
+# own model_type)
+MULTIMODAL_TEXT_READERS = {"mistral3": None, "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3"}
+
+
 def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> ModelConfig:
-    if model_type == "mistral3":  # multimodal Mistral 3 (Mistral Small 3.x, Ministral 3): its language model
+    if model_type in MULTIMODAL_TEXT_READERS:  # Mistral Small 3.x, Ministral 3, Qwen2/2.5/3-VL: the language model
         text = hf.text_config
         if getattr(text, "dtype", None) is None:  # the checkpoint's dtype, for dtype="auto"
             text.dtype = getattr(hf, "dtype", None)
-        return replace(_llama_config(text, text.model_type), model_type="mistral3")
+        cfg = _llama_config(text, MULTIMODAL_TEXT_READERS[model_type] or text.model_type)
+        tied = getattr(text, "tie_word_embeddings", None)  # (Qwen's VL configs keep it at the top level)
+        return replace(cfg, model_type=model_type,
+                       tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False) if tied is None else tied))
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     max_positions = hf.max_position_embeddings
     # Sliding-window layers: Mistral's and Phi-3's apply to every layer, Qwen's to those `layer_types` names

@@ -185,6 +185,10 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # (XGLM) or learned ones (BioGPT), two rows into their table
     "xglm": ("xglm", {}),
     "biogpt": ("biogpt", {}),
+    # multimodal Qwen2.5-VL and Qwen3-VL checkpoints (their language model: Qwen2.5's and Qwen3's, whose multimodal
+    # RoPE is the plain one on text); the first with tied embeddings, as Qwen2.5-VL-3B has them
+    "qwen2_5_vl": ("qwen2_5_vl", {"tie_word_embeddings": True}),
+    "qwen3_vl": ("qwen3_vl", {"tie_word_embeddings": False}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

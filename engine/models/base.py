@@ -46,7 +46,7 @@ def language_model_tensors(key: str, tensor: Tensor) -> list[tuple[str, Tensor]]
     if key.startswith("language_model.lm_head."):
         return [(key.removeprefix("language_model."), tensor)]
     if key.startswith(("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
-                       "model.multi_modal_projector.")):
+                       "model.multi_modal_projector.", "visual.", "model.visual.")):  # (Qwen-VL's: `visual`)
         return []
     return None
 
