@@ -21,8 +21,8 @@ __all__ = [
     "hf_peft_reference", "tiny_model_with_adapters",
 ]
 
-SUPPORTED_TINY_ARCHS: tuple[str, ...] = ("llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2_5_vl",
-                                         "qwen3_vl", "granite",
+SUPPORTED_TINY_ARCHS: tuple[str, ...] = ("llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2_vl",
+                                         "qwen2_5_vl", "qwen3_vl", "granite",
                                          "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "olmoe",
                                          "granitemoe", "phi3", "smollm3", "ernie4_5", "seed_oss", "internlm3",
                                          "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "gemma",
@@ -183,8 +183,8 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                       patch_size=14, head_dim=16)
         return transformers.Mistral3Config(text_config=text.to_dict(), vision_config=vision,
                                            image_token_index=vocab_size - 1, tie_word_embeddings=tie, **ids)
-    elif arch in ("qwen2_5_vl", "qwen3_vl"):  # multimodal: Qwen2.5 / Qwen3 text + a tiny vision tower, left out
-        text_arch = "qwen2" if arch == "qwen2_5_vl" else "qwen3"
+    elif arch in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):  # multimodal: Qwen2 / Qwen3 text + a tiny vision tower
+        text_arch = "qwen3" if arch == "qwen3_vl" else "qwen2"
         text = _hf_config(text_arch, vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
                           num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
                           max_positions=max_positions, tie_word_embeddings=tie, **overrides).to_dict()
@@ -195,6 +195,10 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
         vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden_size,
                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
         media = dict(image_token_id=vocab_size - 1, video_token_id=vocab_size - 2, vision_start_token_id=vocab_size - 3)
+        if arch == "qwen2_vl":
+            vision = dict(depth=1, embed_dim=32, hidden_size=hidden_size, mlp_ratio=2, num_heads=2, patch_size=14)
+            return transformers.Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie,
+                                              **media, **ids)
         if arch == "qwen2_5_vl":
             vision["fullatt_block_indexes"] = [0]
             return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie,

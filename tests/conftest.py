@@ -189,6 +189,7 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # RoPE is the plain one on text); the first with tied embeddings, as Qwen2.5-VL-3B has them
     "qwen2_5_vl": ("qwen2_5_vl", {"tie_word_embeddings": True}),
     "qwen3_vl": ("qwen3_vl", {"tie_word_embeddings": False}),
+    "qwen2_vl": ("qwen2_vl", {}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 
