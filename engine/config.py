@@ -18,7 +18,7 @@ ARCH_FAMILIES = {
     "qwen2_moe": "llama", "qwen3_moe": "llama", "olmoe": "llama", "granitemoe": "llama", "ernie4_5": "llama",
     "seed_oss": "llama", "internlm3": "llama", "helium": "llama", "arcee": "llama", "apertus": "llama", "cwm": "llama",
     "hyperclovax": "llama", "qwen2_vl": "llama", "qwen2_5_vl": "llama", "qwen3_vl": "llama",
-    "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2",
+    "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
     "cohere": "cohere",
@@ -523,7 +523,15 @@ def _cohere_config(hf: Any, model_type: str) -> ModelConfig:
 
 def _olmo2_config(hf: Any, model_type: str) -> ModelConfig:
     """OLMo 2; OLMo 3 (sliding-window layers, a RoPE per layer type); EXAONE 4 (per-head q/k norms, sliding-window
-    layers with RoPE and full-attention layers without, where a window is set)."""
+    layers with RoPE and full-attention layers without, where a window is set); EXAONE 4.5's multimodal checkpoint
+    (its EXAONE 4 language model)."""
+    if model_type == "exaone4_5":
+        text = hf.text_config
+        if getattr(text, "dtype", None) is None:  # the checkpoint's dtype, for dtype="auto"
+            text.dtype = getattr(hf, "dtype", None)
+        tied = getattr(text, "tie_word_embeddings", None)
+        return replace(_olmo2_config(text, "exaone4"), model_type=model_type,
+                       tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False) if tied is None else tied))
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     bias = bool(getattr(hf, "attention_bias", False))
     window = getattr(hf, "sliding_window", None)

@@ -21,17 +21,13 @@ __all__ = [
     "hf_peft_reference", "tiny_model_with_adapters",
 ]
 
-SUPPORTED_TINY_ARCHS: tuple[str, ...] = ("llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2_vl",
-                                         "qwen2_5_vl", "qwen3_vl", "granite",
-                                         "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "olmoe",
-                                         "granitemoe", "phi3", "smollm3", "ernie4_5", "seed_oss", "internlm3",
-                                         "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "gemma",
-                                         "gemma2",
-                                         "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron",
-                                         "starcoder2",
-                                         "cohere", "cohere2", "olmo", "olmo2", "olmo3", "exaone4", "glm", "glm4",
-                                         "falcon", "gptj", "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode",
-                                         "gpt_neo", "bloom")
+SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
+    "llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "granite",
+    "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "olmoe", "granitemoe", "phi3", "smollm3", "ernie4_5",
+    "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "gemma", "gemma2",
+    "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron", "starcoder2", "cohere", "cohere2", "olmo",
+    "olmo2", "olmo3", "exaone4", "exaone4_5", "glm", "glm4", "falcon", "gptj", "codegen", "opt", "xglm", "biogpt",
+    "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -130,8 +126,8 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
     ids = dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     untied = ("llama", "mistral", "ministral", "ministral3", "mistral3", "granite", "mixtral", "qwen2_moe",
               "qwen3_moe", "olmoe", "granitemoe", "phi3", "gpt_neox", "phi", "stablelm", "olmo", "olmo2", "olmo3",
-              "exaone4", "glm", "glm4", "gptj", "codegen", "internlm3", "helium", "arcee", "nemotron", "cwm",
-              "hyperclovax", "jais2", "apertus")
+              "exaone4", "exaone4_5", "glm", "glm4", "gptj", "codegen", "internlm3", "helium", "arcee", "nemotron",
+              "cwm", "hyperclovax", "jais2", "apertus")
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "ministral", "ministral3", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3",
@@ -183,6 +179,16 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                       patch_size=14, head_dim=16)
         return transformers.Mistral3Config(text_config=text.to_dict(), vision_config=vision,
                                            image_token_index=vocab_size - 1, tie_word_embeddings=tie, **ids)
+    elif arch == "exaone4_5":  # multimodal: EXAONE 4 text + a tiny vision tower the engine leaves out
+        text = _hf_config("exaone4", vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
+                          num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
+                          max_positions=max_positions, tie_word_embeddings=tie, **overrides)
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, num_key_value_heads=2,
+                      out_hidden_size=hidden_size, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                      fullatt_block_indexes=[0])
+        return transformers.Exaone4_5_Config(text_config=text.to_dict(), vision_config=vision,
+                                             image_token_id=vocab_size - 1, video_token_id=vocab_size - 2,
+                                             tie_word_embeddings=tie, **ids)
     elif arch in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):  # multimodal: Qwen2 / Qwen3 text + a tiny vision tower
         text_arch = "qwen3" if arch == "qwen3_vl" else "qwen2"
         text = _hf_config(text_arch, vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,

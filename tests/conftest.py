@@ -190,6 +190,9 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "qwen2_5_vl": ("qwen2_5_vl", {"tie_word_embeddings": True}),
     "qwen3_vl": ("qwen3_vl", {"tie_word_embeddings": False}),
     "qwen2_vl": ("qwen2_vl", {}),
+    # a multimodal EXAONE 4.5 checkpoint: its EXAONE 4 language model (two sliding layers, a NoPE global one)
+    "exaone4_5": ("exaone4_5", {"num_layers": 3, "sliding_window": 6,
+                                "layer_types": ["sliding_attention", "sliding_attention", "full_attention"]}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 
