@@ -21,10 +21,9 @@ ARCH_FAMILIES = {
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
-    "cohere": "cohere",
-    "cohere2": "cohere",
-    "glm": "glm", "glm4": "glm", "falcon": "falcon", "gptj": "gptj", "codegen": "gptj", "opt": "opt", "xglm": "xglm",
-    "biogpt": "biogpt", "gpt2": "gpt2", "gpt_bigcode": "gpt_bigcode", "gpt_neo": "gpt_neo", "bloom": "bloom",
+    "cohere": "cohere", "cohere2": "cohere", "glm": "glm", "glm4": "glm", "falcon": "falcon", "gptj": "gptj",
+    "codegen": "gptj", "opt": "opt", "xglm": "xglm", "biogpt": "biogpt", "gpt2": "gpt2", "gpt_bigcode": "gpt_bigcode",
+    "gpt_neo": "gpt_neo", "bloom": "bloom",
 }
 # longrope's frequencies are static up to original_max_position_embeddings, where the sequence length is capped;
 # dynamic NTK's equal the default ones up to max_position_embeddings (HF rescales only past it, never reached here)
@@ -70,7 +69,7 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    gated_mlp: bool = True  # Llama's down(act(gate(x)) * up(x)); False: Arcee's down(act(up(x)))
+    gated_mlp: bool = True  # Llama's down(act(gate(x)) * up(x)); False: down(act(up(x))) (Arcee, Nemotron, Apertus)
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k (head_dim wide) before RoPE
     qk_norm_over_heads: bool = False  # OLMoE: one RMSNorm over all heads' q, one over all heads' k
     rotary_dim: int = 0  # RoPE rotates each head's first rotary_dim channels (Phi-3's partial_rotary_factor); 0: all
@@ -269,6 +268,18 @@ def _check_rope_types(hf: Any, model_type: str) -> None:
             raise UnsupportedModelError(f"unsupported rope_type {params.get('rope_type')!r} in {model_type}")
 
 
+def _language_model_config(hf: Any, model_type: str, read: Any) -> ModelConfig:
+    """A multimodal checkpoint's language model: `read(text_config)` under the checkpoint's model_type, with the
+    checkpoint's dtype (for dtype="auto") and its tied embeddings where the text config leaves them to the top level
+    (Qwen's VL configs)."""
+    text = hf.text_config
+    if getattr(text, "dtype", None) is None:
+        text.dtype = getattr(hf, "dtype", None)
+    tied = getattr(text, "tie_word_embeddings", None)
+    return replace(read(text), model_type=model_type,
+                   tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False) if tied is None else tied))
+
+
 # multimodal checkpoints whose language model is a Llama-family one -> how to read its text config (None: by its
 # own model_type)
 MULTIMODAL_TEXT_READERS = {"mistral3": None, "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3"}
@@ -276,13 +287,8 @@ MULTIMODAL_TEXT_READERS = {"mistral3": None, "qwen2_vl": "qwen2", "qwen2_5_vl": 
 
 def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> ModelConfig:
     if model_type in MULTIMODAL_TEXT_READERS:  # Mistral Small 3.x, Ministral 3, Qwen2/2.5/3-VL: the language model
-        text = hf.text_config
-        if getattr(text, "dtype", None) is None:  # the checkpoint's dtype, for dtype="auto"
-            text.dtype = getattr(hf, "dtype", None)
-        cfg = _llama_config(text, MULTIMODAL_TEXT_READERS[model_type] or text.model_type)
-        tied = getattr(text, "tie_word_embeddings", None)  # (Qwen's VL configs keep it at the top level)
-        return replace(cfg, model_type=model_type,
-                       tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False) if tied is None else tied))
+        reader = MULTIMODAL_TEXT_READERS[model_type]
+        return _language_model_config(hf, model_type, lambda text: _llama_config(text, reader or text.model_type))
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     max_positions = hf.max_position_embeddings
     # Sliding-window layers: Mistral's and Phi-3's apply to every layer, Qwen's to those `layer_types` names
@@ -366,10 +372,7 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
 
 def _gemma_config(hf: Any, model_type: str) -> ModelConfig:
     if model_type == "gemma3":  # a multimodal Gemma 3 checkpoint (4B and up): its language model, text in, text out
-        text = hf.text_config
-        if getattr(text, "dtype", None) is None:  # the checkpoint's dtype, for dtype="auto"
-            text.dtype = getattr(hf, "dtype", None)
-        return replace(_gemma_config(text, "gemma3_text"), model_type="gemma3")
+        return _language_model_config(hf, model_type, lambda text: _gemma_config(text, "gemma3_text"))
     if getattr(hf, "use_bidirectional_attention", False):
         raise UnsupportedModelError(f"{model_type} with use_bidirectional_attention=True is not a causal LM")
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
@@ -526,12 +529,7 @@ def _olmo2_config(hf: Any, model_type: str) -> ModelConfig:
     layers with RoPE and full-attention layers without, where a window is set); EXAONE 4.5's multimodal checkpoint
     (its EXAONE 4 language model)."""
     if model_type == "exaone4_5":
-        text = hf.text_config
-        if getattr(text, "dtype", None) is None:  # the checkpoint's dtype, for dtype="auto"
-            text.dtype = getattr(hf, "dtype", None)
-        tied = getattr(text, "tie_word_embeddings", None)
-        return replace(_olmo2_config(text, "exaone4"), model_type=model_type,
-                       tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False) if tied is None else tied))
+        return _language_model_config(hf, model_type, lambda text: _olmo2_config(text, "exaone4"))
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     bias = bool(getattr(hf, "attention_bias", False))
     window = getattr(hf, "sliding_window", None)
