@@ -225,7 +225,8 @@ def _check(cfg: ModelConfig) -> None:
 
 def _decoder_fields(hf: Any, model_type: str, head_dim: int, norm_eps: float | None = None) -> dict[str, Any]:
     """The fields the RoPE decoder families (Llama's, Gemma's, GPT-NeoX's) read from their configs alike (`norm_eps`:
-    where the config does not call it rms_norm_eps)."""
+    where the config does not call it rms_norm_eps); others whose configs map these names (GPT-Neo's, XGLM's) take
+    them too, with their own position encoding."""
     heads = hf.num_attention_heads
     return dict(
         model_type=model_type,
@@ -661,28 +662,19 @@ def _fairseq_lm_config(hf: Any, model_type: str) -> ModelConfig:
     """XGLM and BioGPT (fairseq's decoder, OPT's pre-norm layout): positions two rows into a table (XGLM's
     sinusoidal, BioGPT's learned), token embeddings scaled by sqrt(hidden) where `scale_embedding` says."""
     head_dim = hf.hidden_size // hf.num_attention_heads
+    xglm = model_type == "xglm"
     return ModelConfig(
         family=model_type,
-        model_type=model_type,
-        vocab_size=hf.vocab_size,
-        hidden_size=hf.hidden_size,
-        num_layers=hf.num_hidden_layers,
-        num_heads=hf.num_attention_heads,
-        num_kv_heads=hf.num_attention_heads,
-        head_dim=head_dim,
-        intermediate_size=hf.ffn_dim if model_type == "xglm" else hf.intermediate_size,
+        # (nn.LayerNorm's default eps, which both models' norms keep)
+        **{**_decoder_fields(hf, model_type, head_dim, norm_eps=1e-5), "position_encoding": "learned",
+           "intermediate_size": hf.ffn_dim if xglm else hf.intermediate_size},
         max_positions=hf.max_position_embeddings,
-        norm_eps=1e-5,  # nn.LayerNorm's default, which both models' norms keep
-        hidden_act=hf.activation_function if model_type == "xglm" else hf.hidden_act,
-        position_encoding="learned",
+        hidden_act=hf.activation_function if xglm else hf.hidden_act,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
         qkv_bias=True,
         o_bias=True,
         mlp_bias=True,
         attention_scale=1.0,  # the queries come scaled, as OPT's
-        bos_token_id=hf.bos_token_id,
-        eos_token_ids=_eos_ids(hf.eos_token_id),
-        hf_config=hf,
     )
 
 
@@ -716,32 +708,21 @@ def _gpt2_config(hf: Any, model_type: str) -> ModelConfig:
 
 
 def _gpt_neo_config(hf: Any, model_type: str) -> ModelConfig:
-    """GPT-Neo: GPT-2's fields under other names, attention scores unscaled, `local` layers (`attention_layers`,
-    expanded from `attention_types`) windowed to the last `window_size` positions."""
+    """GPT-Neo: GPT-2's block, attention scores unscaled, `local` layers (`attention_layers`, expanded from
+    `attention_types`) windowed to the last `window_size` positions."""
     head_dim = hf.hidden_size // hf.num_heads
     layer_types = ["sliding_attention" if t == "local" else "full_attention" for t in hf.attention_layers]
     return ModelConfig(
         family="gpt_neo",
-        model_type=model_type,
-        vocab_size=hf.vocab_size,
-        hidden_size=hf.hidden_size,
-        num_layers=hf.num_layers,
-        num_heads=hf.num_heads,
-        num_kv_heads=hf.num_heads,
-        head_dim=head_dim,
-        intermediate_size=hf.intermediate_size or 4 * hf.hidden_size,
+        **{**_decoder_fields(hf, model_type, head_dim, norm_eps=hf.layer_norm_epsilon), "position_encoding": "learned",
+           "intermediate_size": hf.intermediate_size or 4 * hf.hidden_size},
         max_positions=hf.max_position_embeddings,
-        norm_eps=hf.layer_norm_epsilon,
         hidden_act=hf.activation_function,
-        position_encoding="learned",
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
         o_bias=True,
         mlp_bias=True,
         layer_windows=_windows_by_layer_type(hf.window_size, layer_types, hf.max_position_embeddings),
         attention_scale=1.0,  # HF's GPT-Neo never scales q.k
-        bos_token_id=hf.bos_token_id,
-        eos_token_ids=_eos_ids(hf.eos_token_id),
-        hf_config=hf,
     )
 
 
