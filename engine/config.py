@@ -17,7 +17,7 @@ ARCH_FAMILIES = {
     "qwen2": "llama", "qwen3": "llama", "phi3": "llama", "smollm3": "llama", "granite": "llama", "mixtral": "llama",
     "qwen2_moe": "llama", "qwen3_moe": "llama", "olmoe": "llama", "granitemoe": "llama", "ernie4_5": "llama",
     "seed_oss": "llama", "internlm3": "llama", "helium": "llama", "arcee": "llama", "apertus": "llama", "cwm": "llama",
-    "hyperclovax": "llama", "qwen2_vl": "llama", "qwen2_5_vl": "llama", "qwen3_vl": "llama",
+    "hyperclovax": "llama", "glm4_moe": "llama", "qwen2_vl": "llama", "qwen2_5_vl": "llama", "qwen3_vl": "llama",
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
@@ -44,6 +44,14 @@ class MoEConfig:
     sparse_layers: tuple[int, ...]  # the layers with this MLP (the others have a dense one)
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert (gated by a sigmoid); 0: none
     softmax_over_topk: bool = False  # GraniteMoE: the top-k router logits, then a softmax over those k
+    # GLM-4.5's (DeepSeek-V3's) router: sigmoid scores of fp32 logits; experts chosen by score + a stored correction
+    # bias within the best `top_groups` of `num_groups` groups (a group ranked by its two best); weights the chosen
+    # scores (renormalised where norm_topk_prob says), times routed_scaling; ungated shared experts summed in
+    sigmoid_scores: bool = False
+    num_groups: int = 1
+    top_groups: int = 1
+    routed_scaling: float = 1.0
+    ungated_shared_intermediate_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -305,10 +313,12 @@ def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> Mo
     if rope.get("rope_type") == "longrope":  # short factors up to here, as HF uses them below this length
         original = rope.get("original_max_position_embeddings") or hf.original_max_position_embeddings
         max_positions = min(max_positions, int(original))
-    rotary_dim = int(head_dim * rope.get("partial_rotary_factor", 1.0)) if model_type == "phi3" else head_dim
+    partial = model_type in ("phi3", "glm4_moe")  # RoPE over the first partial_rotary_factor of each head
+    rotary_dim = int(head_dim * rope.get("partial_rotary_factor", 1.0)) if partial else head_dim
     nope_layers = tuple(i for i, rotary in enumerate(getattr(hf, "no_rope_layers", None) or []) if not rotary)
     ernie = model_type == "ernie4_5"  # biases on every projection or none (use_bias), interleaved RoPE
     helium = model_type == "helium"  # interleaved RoPE, no bias on the output projection
+    no_o_bias = model_type in ("helium", "glm4_moe")  # q/k/v biases by attention_bias, none on o_proj
     granite = model_type in ("granite", "granitemoe", "hyperclovax")  # its multipliers
     hyperclovax = model_type == "hyperclovax"  # Granite's, logits times logits_scaling, norms after each sublayer
     attention_bias = bool(getattr(hf, "use_bias" if ernie else "attention_bias", False))
@@ -319,10 +329,10 @@ def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> Mo
         hidden_act=hf.hidden_act,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         qkv_bias=bool(getattr(hf, "qkv_bias", True)) if model_type in ("qwen2", "qwen2_moe") else attention_bias,
-        o_bias=bool(hf.attention_out_bias) if model_type == "seed_oss" else attention_bias and not helium,
+        o_bias=bool(hf.attention_out_bias) if model_type == "seed_oss" else attention_bias and not no_o_bias,
         mlp_bias=attention_bias if ernie else bool(getattr(hf, "mlp_bias", False)),
         gated_mlp=model_type not in ("arcee", "apertus"),
-        qk_norm=model_type in ("qwen3", "qwen3_moe", "apertus"),
+        qk_norm=model_type in ("qwen3", "qwen3_moe", "apertus") or (model_type == "glm4_moe" and hf.use_qk_norm),
         qk_norm_over_heads=model_type == "olmoe",
         clip_qkv=float(getattr(hf, "clip_qkv", None) or 0.0),
         rotary_dim=rotary_dim,
@@ -360,6 +370,14 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
         return MoEConfig(num_experts=hf.num_experts, top_k=hf.num_experts_per_tok,
                          intermediate_size=hf.intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),
                          weights_in_model_dtype=True, sparse_layers=tuple(layers))
+    if model_type == "glm4_moe":  # dense first_k_dense_replace layers, then sigmoid-routed ones
+        return MoEConfig(num_experts=hf.n_routed_experts, top_k=hf.num_experts_per_tok,
+                         intermediate_size=hf.moe_intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),
+                         weights_in_model_dtype=False, sparse_layers=tuple(range(hf.first_k_dense_replace,
+                                                                                 hf.num_hidden_layers)),
+                         sigmoid_scores=True, num_groups=hf.n_group, top_groups=hf.topk_group,
+                         routed_scaling=float(hf.routed_scaling_factor),
+                         ungated_shared_intermediate_size=hf.moe_intermediate_size * (hf.n_shared_experts or 0))
     if model_type not in ("qwen2_moe", "qwen3_moe") or not hf.num_experts:
         return None
     dense = set(getattr(hf, "mlp_only_layers", None) or [])

@@ -23,8 +23,8 @@ __all__ = [
 
 SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "granite",
-    "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "olmoe", "granitemoe", "phi3", "smollm3", "ernie4_5",
-    "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "gemma", "gemma2",
+    "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "olmoe", "granitemoe", "glm4_moe", "phi3", "smollm3",
+    "ernie4_5", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "gemma", "gemma2",
     "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron", "starcoder2", "cohere", "cohere2", "olmo",
     "olmo2", "olmo3", "exaone4", "exaone4_5", "glm", "glm4", "falcon", "gptj", "codegen", "opt", "xglm", "biogpt",
     "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
@@ -127,12 +127,12 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
     untied = ("llama", "mistral", "ministral", "ministral3", "mistral3", "granite", "mixtral", "qwen2_moe",
               "qwen3_moe", "olmoe", "granitemoe", "phi3", "gpt_neox", "phi", "stablelm", "olmo", "olmo2", "olmo3",
               "exaone4", "exaone4_5", "glm", "glm4", "gptj", "codegen", "internlm3", "helium", "arcee", "nemotron",
-              "cwm", "hyperclovax", "jais2", "apertus")
+              "cwm", "hyperclovax", "jais2", "apertus", "glm4_moe")
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "ministral", "ministral3", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3",
                 "qwen3_moe", "olmoe", "granitemoe", "phi3", "smollm3", "ernie4_5", "seed_oss", "internlm3", "helium",
-                "arcee", "apertus", "cwm", "hyperclovax", "jais2"):
+                "arcee", "apertus", "cwm", "hyperclovax", "jais2", "glm4_moe"):
         cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                "ministral": transformers.MinistralConfig, "ministral3": transformers.Ministral3Config,
                "granite": transformers.GraniteConfig,
@@ -145,7 +145,7 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                "internlm3": transformers.InternLM3Config, "helium": transformers.HeliumConfig,
                "arcee": transformers.ArceeConfig, "cwm": transformers.CwmConfig,
                "hyperclovax": transformers.HyperCLOVAXConfig, "jais2": transformers.Jais2Config,
-               "apertus": transformers.ApertusConfig}[arch]
+               "apertus": transformers.ApertusConfig, "glm4_moe": transformers.Glm4MoeConfig}[arch]
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                   num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,
                   max_position_embeddings=max_positions)
@@ -158,9 +158,12 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
             kw.update(num_experts=4, num_experts_per_tok=2, intermediate_size=inter // 2)
         if arch == "granitemoe":
             kw.update(num_local_experts=4, num_experts_per_tok=2, intermediate_size=inter // 2)
+        if arch == "glm4_moe":  # a dense first layer, then 8 experts in 2 groups (2 a token, from the best group)
+            kw.update(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=inter // 4, n_shared_experts=1,
+                      n_group=2, topk_group=1, first_k_dense_replace=1, routed_scaling_factor=2.5)
         # Qwen3's and ERNIE 4.5's head_dim default to 128 whatever the hidden size; Ministral's to None
         if arch in ("qwen3", "qwen3_moe", "ministral", "ministral3", "ernie4_5", "seed_oss", "internlm3", "helium",
-                    "arcee", "apertus", "cwm", "hyperclovax", "jais2"):
+                    "arcee", "apertus", "cwm", "hyperclovax", "jais2", "glm4_moe"):
             kw["head_dim"] = hidden_size // num_heads
     elif arch == "gemma3":  # multimodal: Gemma 3 text + a tiny SigLIP vision tower the engine leaves out
         text = _hf_config("gemma3_text", vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
@@ -349,6 +352,9 @@ def _reinit_(model: torch.nn.Module, seed: int, logit_std: float = 2.0) -> None:
             else:
                 fan_in = p.shape[0] if isinstance(module, Conv1D) else p.shape[-1] if p.dim() == 3 else p[0].numel()
                 draw(p, 1.0 / math.sqrt(fan_in))
+    for name, buffer in model.named_buffers():  # a sigmoid router's stored score-correction bias (GLM-4.5's)
+        if name.endswith("e_score_correction_bias"):
+            draw(buffer, 0.1)
 
 
 def _uninitialised_model(config: Any) -> torch.nn.Module:

@@ -193,6 +193,9 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # a multimodal EXAONE 4.5 checkpoint: its EXAONE 4 language model (two sliding layers, a NoPE global one)
     "exaone4_5": ("exaone4_5", {"num_layers": 3, "sliding_window": 6,
                                 "layer_types": ["sliding_attention", "sliding_attention", "full_attention"]}),
+    # GLM-4.5 (MoE): q/k/v biases, RoPE over half of each head; a dense layer, then sigmoid-routed experts chosen by
+    # score + correction bias within the best of two groups, scaled, with an ungated shared expert; per-head q/k norms
+    "glm4_moe": ("glm4_moe", {"num_layers": 3, "attention_bias": True, "use_qk_norm": True}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

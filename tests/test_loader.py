@@ -39,7 +39,7 @@ def test_auto_dtype_is_fp32_on_cpu(tmp_path):
     assert load_model(d, "cpu", None).word_embeddings.weight.dtype == torch.float32
 
 
-@pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe", "olmoe", "granitemoe"])
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe", "olmoe", "granitemoe", "glm4_moe"])
 def test_moe_experts_stacked_in_3d_tensors_load_alike(variant, tmp_path, model_dir_for):
     """transformers 5 holds a MoE layer's experts in two 3-D tensors (`mlp.experts.gate_up_proj`, `down_proj`;
     GraniteMoE's under `block_sparse_moe`); a checkpoint written from that state dict as it is loads as the one HF
@@ -123,6 +123,32 @@ def _copy(model_dir_for, tmp_path, variant="llama"):
     d = tmp_path / "m"
     shutil.copytree(model_dir_for(variant), d)
     return d
+
+
+def test_multi_token_prediction_layers_are_left_out_and_the_router_bias_kept_in_fp32(tmp_path, model_dir_for):
+    """GLM-4.5 checkpoints hold `num_nextn_predict_layers` extra layers after the last (speculative decoding), which
+    transformers skips: so does the loader, and only those. The router's score-correction bias stays fp32 in a
+    half-precision model, as transformers keeps it."""
+    from safetensors.torch import load_file
+
+    src = model_dir_for("glm4_moe")
+    d = tmp_path / "mtp"
+    shutil.copytree(src, d)
+    config = json.loads((d / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == 1 and config["num_hidden_layers"] == 3
+    weights = load_file(d / "model.safetensors")
+    weights["model.layers.3.eh_proj.weight"] = torch.ones(8, 8)
+    weights["model.layers.3.mlp.gate.weight"] = torch.ones(8, 64)
+    save_file(weights, d / "model.safetensors")
+    ids = [5, 9, 13, 40, 7]
+    want = ReferencePath(load_model(src, "cpu", "float32")).logits(None, ids)
+    assert torch.equal(ReferencePath(load_model(d, "cpu", "float32")).logits(None, ids), want)
+    half = load_model(d, "cpu", "bfloat16").model.layers[1].mlp.gate
+    assert half.weight.dtype == torch.bfloat16 and half.e_score_correction_bias.dtype == torch.float32
+    weights["model.layers.4.eh_proj.weight"] = torch.ones(8, 8)  # past the prediction layers: not the model's
+    save_file(weights, d / "model.safetensors")
+    with pytest.raises(CheckpointError, match="layers.4.eh_proj"):
+        load_model(d, "cpu")
 
 
 def test_missing_weights_named(tmp_path, model_dir_for):

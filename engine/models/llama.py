@@ -6,6 +6,8 @@ branches and logits; ERNIE 4.5 and GLM rotate interleaved pairs, GLM-4 norms eac
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import Tensor, nn
 
@@ -15,6 +17,7 @@ from .common import XIELU, Attention, RMSNorm, activation, apply_rotary, permute
 from .linear import Linear, linear, transposed_storage
 from .moe import SparseMoE, moe_checkpoint_tensors
 
+_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
 # checkpoints that name Llama's norms otherwise: Apertus's, HyperCLOVAX's post-norms (GLM-4's, as we name them)
 CHECKPOINT_NORM_NAMES = ((".attention_layernorm.", ".input_layernorm."),
                          (".feedforward_layernorm.", ".post_attention_layernorm."),
@@ -138,6 +141,7 @@ class LlamaForCausalLM(RotaryCausalLM):
         self.model = self.backbone_class(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.fused_layer0 = config.embedding_multiplier == 1.0  # (the fused input kernels do not scale)
+        self.mtp_layers = int(getattr(config.hf_config, "num_nextn_predict_layers", 0) or 0)
 
     @property
     def word_embeddings(self) -> nn.Embedding:
@@ -158,6 +162,8 @@ class LlamaForCausalLM(RotaryCausalLM):
             return mapped
         for theirs, ours in CHECKPOINT_NORM_NAMES:
             key = key.replace(theirs, ours)
+        if (match := _LAYER_KEY.match(key)) and c.num_layers <= int(match[1]) < c.num_layers + self.mtp_layers:
+            return []  # GLM-4.5's multi-token-prediction layers after the last one (speculative decoding only)
         if c.moe is not None:
             return moe_checkpoint_tensors(key, tensor)
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim

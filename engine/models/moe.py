@@ -1,6 +1,6 @@
-"""Sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE): a router picks each token's
-top-k experts, each a SwiGLU MLP, and their outputs are summed with the router's weights (Qwen2-MoE adds a gated
-shared expert).
+"""Sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE, GLM-4.5): a router picks each
+token's top-k experts, each a SwiGLU MLP, and their outputs are summed with the router's weights (Qwen2-MoE adds a
+gated shared expert, GLM-4.5 ungated ones).
 
 Tokens are grouped by expert and each expert runs once over its tokens; each token's k weighted outputs are then
 summed in one reduction (no scattered atomic adds: deterministic on CUDA), as transformers' grouped-GEMM experts do.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig, MoEConfig
@@ -30,16 +31,24 @@ class SparseMoE(nn.Module):
         if moe.shared_expert_intermediate_size:
             self.shared_expert = mlp(c, moe.shared_expert_intermediate_size)
             self.shared_expert_gate = Linear(c.hidden_size, 1, bias=False)
+        if moe.ungated_shared_intermediate_size:
+            self.shared_experts = mlp(c, moe.ungated_shared_intermediate_size)
+        if moe.sigmoid_scores:  # (kept in fp32 by the loader's FP32_KEY_SUFFIXES)
+            self.gate.e_score_correction_bias = nn.Parameter(torch.zeros(moe.num_experts))
 
     def fuse(self, transposed: bool) -> None:
         for expert in self.experts:
             expert.fuse(transposed)
         if self.moe.shared_expert_intermediate_size:
             self.shared_expert.fuse(transposed)
+        if self.moe.ungated_shared_intermediate_size:
+            self.shared_experts.fuse(transposed)
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Each token's top-k experts [T, k] and their weights [T, k] (softmax over all experts in fp32, then
         renormalised over the chosen ones where the config says so; GraniteMoE: the top-k logits' softmax)."""
+        if self.moe.sigmoid_scores:
+            return self._sigmoid_route(x)
         logits = self.gate(x).float()
         if self.moe.softmax_over_topk:
             top, experts = torch.topk(logits, self.moe.top_k, dim=-1)
@@ -49,6 +58,22 @@ class SparseMoE(nn.Module):
         if self.moe.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return experts, (weights.to(x.dtype) if self.moe.weights_in_model_dtype else weights)
+
+    def _sigmoid_route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """GLM-4.5's (DeepSeek-V3's) routing, in fp32 as HF computes it (weights stay fp32)."""
+        moe = self.moe
+        scores = F.linear(x.float(), self.gate.weight.float()).sigmoid()
+        choice = scores + self.gate.e_score_correction_bias
+        if moe.num_groups > 1:  # only experts of the top_groups groups (ranked by their two best) may be chosen
+            grouped = choice.view(-1, moe.num_groups, moe.num_experts // moe.num_groups)
+            best = torch.topk(grouped.topk(2, dim=-1).values.sum(dim=-1), moe.top_groups, dim=-1, sorted=False).indices
+            allowed = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best, True)
+            choice = grouped.masked_fill(~allowed[..., None], float("-inf")).view(-1, moe.num_experts)
+        experts = torch.topk(choice, moe.top_k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, experts)
+        if moe.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return experts, weights * moe.routed_scaling
 
     def forward(self, x: Tensor) -> Tensor:
         experts, weights = self.route(x)
@@ -70,6 +95,8 @@ class SparseMoE(nn.Module):
         out = weighted.view(t, k, -1).sum(dim=1).to(x.dtype)
         if self.moe.shared_expert_intermediate_size:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if self.moe.ungated_shared_intermediate_size:
+            out = out + self.shared_experts(x)
         return out
 
 

@@ -65,7 +65,8 @@ def test_triton_backend_scores_continuations_after_shared_context_blocks(variant
                                      "cohere_qk_norm", "cohere2", "glm", "glm4", "ernie4_5", "ministral3",
                                      "gpt_neo", "helium", "arcee", "nemotron", "cwm",
                                      "hyperclovax", "jais2", "apertus", "codegen", "xglm",
-                                     "biogpt", "qwen2_5_vl", "qwen3_vl", "exaone4_5"])
+                                     "biogpt", "qwen2_5_vl", "qwen3_vl", "exaone4_5",
+                                     "glm4_moe"])
 def test_triton_backend_matches_reference(variant, model_dir_for):
     d = model_dir_for(variant)
     ref = Engine(d, device=DEVICE, dtype="float32", backend="reference")
