@@ -16,8 +16,9 @@ ARCH_FAMILIES = {
     "llama": "llama", "mistral": "llama", "ministral": "llama", "ministral3": "llama", "mistral3": "llama",
     "qwen2": "llama", "qwen3": "llama", "phi3": "llama", "smollm3": "llama", "granite": "llama", "mixtral": "llama",
     "qwen2_moe": "llama", "qwen3_moe": "llama", "olmoe": "llama", "granitemoe": "llama", "ernie4_5": "llama",
-    "seed_oss": "llama", "internlm3": "llama", "helium": "llama", "arcee": "llama", "apertus": "llama", "cwm": "llama",
-    "hyperclovax": "llama", "glm4_moe": "llama", "qwen2_vl": "llama", "qwen2_5_vl": "llama", "qwen3_vl": "llama",
+    "ernie4_5_moe": "llama", "seed_oss": "llama", "internlm3": "llama", "helium": "llama", "arcee": "llama",
+    "apertus": "llama", "cwm": "llama", "hyperclovax": "llama", "glm4_moe": "llama", "qwen2_vl": "llama",
+    "qwen2_5_vl": "llama", "qwen3_vl": "llama",
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
@@ -52,6 +53,11 @@ class MoEConfig:
     top_groups: int = 1
     routed_scaling: float = 1.0
     ungated_shared_intermediate_size: int = 0
+    # ERNIE 4.5's softmax router: fp32 logits of a router weight kept in fp32, experts chosen by probability + the
+    # correction bias, weights renormalised over a sum clamped below at norm_min
+    correction_bias: bool = False
+    fp32_router: bool = False
+    norm_min: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,7 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    lm_head_bias: bool = False  # (ERNIE 4.5 MoE's with use_bias; Phi's family has its own)
     gated_mlp: bool = True  # Llama's down(act(gate(x)) * up(x)); False: down(act(up(x))) (Arcee, Nemotron, Apertus)
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k (head_dim wide) before RoPE
     qk_norm_over_heads: bool = False  # OLMoE: one RMSNorm over all heads' q, one over all heads' k
@@ -316,7 +323,7 @@ def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> Mo
     partial = model_type in ("phi3", "glm4_moe")  # RoPE over the first partial_rotary_factor of each head
     rotary_dim = int(head_dim * rope.get("partial_rotary_factor", 1.0)) if partial else head_dim
     nope_layers = tuple(i for i, rotary in enumerate(getattr(hf, "no_rope_layers", None) or []) if not rotary)
-    ernie = model_type == "ernie4_5"  # biases on every projection or none (use_bias), interleaved RoPE
+    ernie = model_type in ("ernie4_5", "ernie4_5_moe")  # biases on all projections or none (use_bias), interleaved RoPE
     helium = model_type == "helium"  # interleaved RoPE, no bias on the output projection
     no_o_bias = model_type in ("helium", "glm4_moe")  # q/k/v biases by attention_bias, none on o_proj
     granite = model_type in ("granite", "granitemoe", "hyperclovax")  # its multipliers
@@ -331,6 +338,7 @@ def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> Mo
         qkv_bias=bool(getattr(hf, "qkv_bias", True)) if model_type in ("qwen2", "qwen2_moe") else attention_bias,
         o_bias=bool(hf.attention_out_bias) if model_type == "seed_oss" else attention_bias and not no_o_bias,
         mlp_bias=attention_bias if ernie else bool(getattr(hf, "mlp_bias", False)),
+        lm_head_bias=model_type == "ernie4_5_moe" and attention_bias,
         gated_mlp=model_type not in ("arcee", "apertus"),
         qk_norm=model_type in ("qwen3", "qwen3_moe", "apertus") or (model_type == "glm4_moe" and hf.use_qk_norm),
         qk_norm_over_heads=model_type == "olmoe",
@@ -370,6 +378,13 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
         return MoEConfig(num_experts=hf.num_experts, top_k=hf.num_experts_per_tok,
                          intermediate_size=hf.intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),
                          weights_in_model_dtype=True, sparse_layers=tuple(layers))
+    if model_type == "ernie4_5_moe":  # sparse layers from moe_layer_start_index to _end_index, every _interval
+        sparse = tuple(i for i in layers if (i + 1) % hf.moe_layer_interval == 0
+                       and hf.moe_layer_start_index <= i <= hf.moe_layer_end_index)
+        return MoEConfig(num_experts=hf.moe_num_experts, top_k=hf.moe_k, intermediate_size=hf.moe_intermediate_size,
+                         norm_topk_prob=True, weights_in_model_dtype=True, sparse_layers=sparse,
+                         ungated_shared_intermediate_size=hf.moe_intermediate_size * (hf.moe_num_shared_experts or 0),
+                         correction_bias=True, fp32_router=True, norm_min=float(hf.moe_norm_min))
     if model_type == "glm4_moe":  # dense first_k_dense_replace layers, then sigmoid-routed ones
         return MoEConfig(num_experts=hf.n_routed_experts, top_k=hf.num_experts_per_tok,
                          intermediate_size=hf.moe_intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),

@@ -88,10 +88,6 @@ def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-# weights kept in fp32 whatever the model dtype, as transformers keeps them (a MoE router's score-correction bias)
-FP32_KEY_SUFFIXES = ("e_score_correction_bias",)
-
-
 def _match_keys(model: CausalLM, loaded: dict[str, torch.Tensor], model_dir: Path) -> dict[str, torch.Tensor]:
     """Map checkpoint keys onto our parameter names (with or without the family's prefix)."""
     expected = dict(model.named_parameters(remove_duplicate=False))
@@ -141,7 +137,8 @@ def load_model(
             raise CheckpointError(f"{model_dir}: weight {name} has non-float dtype {tensor.dtype}")
         if not torch.isfinite(tensor).all():
             raise CheckpointError(f"{model_dir}: weight {name} contains NaN or Inf")
-    model.load_state_dict({k: v.to(device=dev, dtype=torch.float32 if k.endswith(FP32_KEY_SUFFIXES) else dt)
+    kept = model.fp32_key_suffixes
+    model.load_state_dict({k: v.to(device=dev, dtype=torch.float32 if k.endswith(kept) else dt)
                            for k, v in state.items()}, strict=False, assign=True)
     model.requires_grad_(False)
     model.tie_weights()

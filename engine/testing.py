@@ -24,7 +24,8 @@ __all__ = [
 SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "granite",
     "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "olmoe", "granitemoe", "glm4_moe", "phi3", "smollm3",
-    "ernie4_5", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "gemma", "gemma2",
+    "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2",
+    "gemma", "gemma2",
     "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron", "starcoder2", "cohere", "cohere2", "olmo",
     "olmo2", "olmo3", "exaone4", "exaone4_5", "glm", "glm4", "falcon", "gptj", "codegen", "opt", "xglm", "biogpt",
     "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
@@ -131,8 +132,8 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "ministral", "ministral3", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3",
-                "qwen3_moe", "olmoe", "granitemoe", "phi3", "smollm3", "ernie4_5", "seed_oss", "internlm3", "helium",
-                "arcee", "apertus", "cwm", "hyperclovax", "jais2", "glm4_moe"):
+                "qwen3_moe", "olmoe", "granitemoe", "phi3", "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss",
+                "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "glm4_moe"):
         cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                "ministral": transformers.MinistralConfig, "ministral3": transformers.Ministral3Config,
                "granite": transformers.GraniteConfig,
@@ -140,7 +141,8 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                "qwen2": transformers.Qwen2Config, "qwen2_moe": transformers.Qwen2MoeConfig,
                "qwen3": transformers.Qwen3Config, "qwen3_moe": transformers.Qwen3MoeConfig,
                "phi3": transformers.Phi3Config, "smollm3": transformers.SmolLM3Config,
-               "ernie4_5": transformers.Ernie4_5Config, "olmoe": transformers.OlmoeConfig,
+               "ernie4_5": transformers.Ernie4_5Config, "ernie4_5_moe": transformers.Ernie4_5_MoeConfig,
+               "olmoe": transformers.OlmoeConfig,
                "seed_oss": transformers.SeedOssConfig, "granitemoe": transformers.GraniteMoeConfig,
                "internlm3": transformers.InternLM3Config, "helium": transformers.HeliumConfig,
                "arcee": transformers.ArceeConfig, "cwm": transformers.CwmConfig,
@@ -158,12 +160,15 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
             kw.update(num_experts=4, num_experts_per_tok=2, intermediate_size=inter // 2)
         if arch == "granitemoe":
             kw.update(num_local_experts=4, num_experts_per_tok=2, intermediate_size=inter // 2)
+        if arch == "ernie4_5_moe":  # a dense first layer, then 4 experts (2 a token) and a shared one
+            kw.update(moe_num_experts=4, moe_k=2, moe_intermediate_size=inter // 2, moe_num_shared_experts=1,
+                      moe_layer_start_index=1)
         if arch == "glm4_moe":  # a dense first layer, then 8 experts in 2 groups (2 a token, from the best group)
             kw.update(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=inter // 4, n_shared_experts=1,
                       n_group=2, topk_group=1, first_k_dense_replace=1, routed_scaling_factor=2.5)
         # Qwen3's and ERNIE 4.5's head_dim default to 128 whatever the hidden size; Ministral's to None
-        if arch in ("qwen3", "qwen3_moe", "ministral", "ministral3", "ernie4_5", "seed_oss", "internlm3", "helium",
-                    "arcee", "apertus", "cwm", "hyperclovax", "jais2", "glm4_moe"):
+        if arch in ("qwen3", "qwen3_moe", "ministral", "ministral3", "ernie4_5", "ernie4_5_moe", "seed_oss",
+                    "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "glm4_moe"):
             kw["head_dim"] = hidden_size // num_heads
     elif arch == "gemma3":  # multimodal: Gemma 3 text + a tiny SigLIP vision tower the engine leaves out
         text = _hf_config("gemma3_text", vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,

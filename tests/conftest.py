@@ -196,6 +196,9 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # GLM-4.5 (MoE): q/k/v biases, RoPE over half of each head; a dense layer, then sigmoid-routed experts chosen by
     # score + correction bias within the best of two groups, scaled, with an ungated shared expert; per-head q/k norms
     "glm4_moe": ("glm4_moe", {"num_layers": 3, "attention_bias": True, "use_qk_norm": True}),
+    # ERNIE 4.5 MoE (21B-A3B): ERNIE 4.5's attention, a dense first layer, then experts chosen by router probability +
+    # a correction bias (the router kept in fp32), an ungated shared expert; biases on the dense MLPs, none on experts
+    "ernie4_5_moe": ("ernie4_5_moe", {"use_bias": True}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

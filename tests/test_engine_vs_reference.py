@@ -18,7 +18,8 @@ ARCHS = ["llama", "qwen2", "qwen3", "phi3_longrope", "mistral_window", "ministra
          "falcon_serial", "gptj", "cohere", "cohere_qk_norm", "cohere2", "glm", "glm4", "ernie4_5", "seed_oss",
          "gpt2", "gpt2_inverse_scale", "gpt_bigcode", "gpt_bigcode_mha", "gpt_neo", "helium", "arcee", "nemotron",
          "cwm", "hyperclovax", "jais2", "apertus", "codegen", "xglm", "biogpt",
-         "qwen2_5_vl", "qwen3_vl", "exaone4_5", "glm4_moe", "bloom"]
+         "qwen2_5_vl", "qwen3_vl", "exaone4_5", "glm4_moe", "ernie4_5_moe",
+         "bloom"]
 LOGIT_ATOL = 1e-4  # fp32: only summation order differs (batched SDPA over packed items vs per-request matmul)
 
 

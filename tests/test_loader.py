@@ -39,7 +39,8 @@ def test_auto_dtype_is_fp32_on_cpu(tmp_path):
     assert load_model(d, "cpu", None).word_embeddings.weight.dtype == torch.float32
 
 
-@pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe", "olmoe", "granitemoe", "glm4_moe"])
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe", "olmoe", "granitemoe", "glm4_moe",
+                                     "ernie4_5_moe"])
 def test_moe_experts_stacked_in_3d_tensors_load_alike(variant, tmp_path, model_dir_for):
     """transformers 5 holds a MoE layer's experts in two 3-D tensors (`mlp.experts.gate_up_proj`, `down_proj`;
     GraniteMoE's under `block_sparse_moe`); a checkpoint written from that state dict as it is loads as the one HF
@@ -52,7 +53,7 @@ def test_moe_experts_stacked_in_3d_tensors_load_alike(variant, tmp_path, model_d
     (stacked / "model.safetensors").unlink()
     state = AutoModelForCausalLM.from_pretrained(d).state_dict()
     assert any(k.endswith("experts.gate_up_proj") and v.dim() == 3 for k, v in state.items())
-    save_file({k: v.contiguous() for k, v in state.items()}, stacked / "model.safetensors")
+    save_file({k: v.clone() for k, v in state.items()}, stacked / "model.safetensors")  # (clones: tied embeddings)
     ids = [5, 9, 13, 40, 7]
     want = ReferencePath(load_model(d, "cpu", "float32")).logits(None, ids)
     assert torch.equal(ReferencePath(load_model(stacked, "cpu", "float32")).logits(None, ids), want)
@@ -149,6 +150,24 @@ def test_multi_token_prediction_layers_are_left_out_and_the_router_bias_kept_in_
     save_file(weights, d / "model.safetensors")
     with pytest.raises(CheckpointError, match="layers.4.eh_proj"):
         load_model(d, "cpu")
+
+
+def test_ernie_moe_router_kept_in_fp32_and_its_prediction_block_left_out(tmp_path, model_dir_for):
+    """ERNIE 4.5 MoE keeps its routers' weights and correction biases in fp32 (as transformers does) and its
+    checkpoints' multi-token-prediction block (`mtp_*`) is not part of the model."""
+    from safetensors.torch import load_file
+
+    src = model_dir_for("ernie4_5_moe")
+    d = tmp_path / "mtp"
+    shutil.copytree(src, d)
+    weights = load_file(d / "model.safetensors")
+    weights["model.mtp_linear_proj.0.weight"] = torch.ones(8, 8)
+    save_file(weights, d / "model.safetensors")
+    model = load_model(d, "cpu", "bfloat16")
+    gate = model.model.layers[1].mlp.gate
+    assert gate.weight.dtype == gate.e_score_correction_bias.dtype == torch.float32
+    assert model.model.layers[1].mlp.experts[0].up_proj.weight.dtype == torch.bfloat16
+    assert model.model.layers[0].mlp.up_proj.bias is not None and model.lm_head.bias is not None  # (use_bias)
 
 
 def test_missing_weights_named(tmp_path, model_dir_for):

@@ -132,7 +132,8 @@ def test_half_precision_close_to_hf(variant, dtype, model_dir_for, adapter_for):
     assert torch.equal(got.argmax(-1)[decisive], truth.argmax(-1)[decisive])
 
 
-@pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "glm4_moe"])
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "glm4_moe",
+                                     "ernie4_5_moe"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_moe_layer_matches_hf(variant, dtype, model_dir_for):
     """A mixture-of-experts model's half-precision logits cannot be held to HF's fp32 ones as above: where two

@@ -88,7 +88,8 @@ def requests(tasks, seed: int = 0, max_new_tokens: int = 6) -> list[Request]:
                                      "falcon_serial", "gptj", "cohere_qk_norm", "cohere2",
                                      "glm4", "ernie4_5", "olmo", "gpt_neo", "helium", "nemotron",
                                      "hyperclovax", "jais2", "apertus", "codegen",
-                                     "xglm", "biogpt", "qwen2_5_vl", "glm4_moe"])
+                                     "xglm", "biogpt", "qwen2_5_vl", "glm4_moe",
+                                     "ernie4_5_moe"])
 def test_prompt_learning_adapters_match_hf_peft(variant, backend, adapters, model_dir_for):
     tasks = adapters(variant)
     engine = Engine(model_dir_for(variant), device="cpu", dtype="float32", backend=backend, block_size=4)

@@ -66,6 +66,9 @@ class CausalLM(nn.Module):
     transposed_weight_suffixes: tuple[str, ...] = ()
     # checkpoint entries that are buffers, not weights
     ignored_key_suffixes: tuple[str, ...] = ()
+    # checkpoint entries kept in fp32 whatever the model dtype, as transformers keeps them (a MoE router's
+    # score-correction bias)
+    fp32_key_suffixes: tuple[str, ...] = ("e_score_correction_bias",)
     # whether the fused first-layer-input kernels (kernels/input_qkv.py) compute this family's embedding step and
     # layer 0's input (else the triton backend embeds as the torch backend does and the model takes it from there)
     fused_layer0: bool = True

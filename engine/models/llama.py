@@ -139,9 +139,11 @@ class LlamaForCausalLM(RotaryCausalLM):
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         self.model = self.backbone_class(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
         self.fused_layer0 = config.embedding_multiplier == 1.0  # (the fused input kernels do not scale)
         self.mtp_layers = int(getattr(config.hf_config, "num_nextn_predict_layers", 0) or 0)
+        if config.moe is not None and config.moe.fp32_router:  # (ERNIE 4.5 keeps its routers' weights in fp32)
+            self.fp32_key_suffixes = (*self.fp32_key_suffixes, "mlp.gate.weight")
 
     @property
     def word_embeddings(self) -> nn.Embedding:
@@ -164,10 +166,12 @@ class LlamaForCausalLM(RotaryCausalLM):
             key = key.replace(theirs, ours)
         if (match := _LAYER_KEY.match(key)) and c.num_layers <= int(match[1]) < c.num_layers + self.mtp_layers:
             return []  # GLM-4.5's multi-token-prediction layers after the last one (speculative decoding only)
-        if c.moe is not None:
-            return moe_checkpoint_tensors(key, tensor)
+        if c.model_type == "ernie4_5_moe" and "mtp" in key:
+            return []  # ERNIE 4.5's multi-token-prediction block, which transformers leaves out too
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        if key.endswith("self_attn.qkv_proj.weight") and tensor.shape[0] == q + 2 * kv:
+        if c.moe is not None:
+            mapped = moe_checkpoint_tensors(key, tensor)
+        elif key.endswith("self_attn.qkv_proj.weight") and tensor.shape[0] == q + 2 * kv:
             stem = key.removesuffix("qkv_proj.weight")
             mapped = list(zip((stem + "q_proj.weight", stem + "k_proj.weight", stem + "v_proj.weight"),
                               tensor.split([q, kv, kv])))

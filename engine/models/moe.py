@@ -10,6 +10,7 @@ The grouping reads the counts on the host, so a MoE model's decode steps are not
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -27,13 +28,14 @@ class SparseMoE(nn.Module):
         assert moe is not None
         self.moe: MoEConfig = moe
         self.gate = Linear(c.hidden_size, moe.num_experts, bias=False)  # the router
-        self.experts = nn.ModuleList(mlp(c, moe.intermediate_size) for _ in range(moe.num_experts))
+        unbiased = replace(c, mlp_bias=False)  # (experts have no biases, even where the dense MLPs do: ERNIE 4.5)
+        self.experts = nn.ModuleList(mlp(unbiased, moe.intermediate_size) for _ in range(moe.num_experts))
         if moe.shared_expert_intermediate_size:
             self.shared_expert = mlp(c, moe.shared_expert_intermediate_size)
             self.shared_expert_gate = Linear(c.hidden_size, 1, bias=False)
         if moe.ungated_shared_intermediate_size:
             self.shared_experts = mlp(c, moe.ungated_shared_intermediate_size)
-        if moe.sigmoid_scores:  # (kept in fp32 by the loader's FP32_KEY_SUFFIXES)
+        if moe.sigmoid_scores or moe.correction_bias:  # (kept in fp32 by the loader: CausalLM.fp32_key_suffixes)
             self.gate.e_score_correction_bias = nn.Parameter(torch.zeros(moe.num_experts))
 
     def fuse(self, transposed: bool) -> None:
@@ -46,18 +48,26 @@ class SparseMoE(nn.Module):
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Each token's top-k experts [T, k] and their weights [T, k] (softmax over all experts in fp32, then
-        renormalised over the chosen ones where the config says so; GraniteMoE: the top-k logits' softmax)."""
-        if self.moe.sigmoid_scores:
+        renormalised over the chosen ones where the config says so; GraniteMoE: the top-k logits' softmax; ERNIE
+        4.5: chosen by probability + correction bias; GLM-4.5: `_sigmoid_route`)."""
+        moe = self.moe
+        if moe.sigmoid_scores:
             return self._sigmoid_route(x)
-        logits = self.gate(x).float()
-        if self.moe.softmax_over_topk:
-            top, experts = torch.topk(logits, self.moe.top_k, dim=-1)
+        logits = F.linear(x.float(), self.gate.weight.float()) if moe.fp32_router else self.gate(x).float()
+        if moe.softmax_over_topk:
+            top, experts = torch.topk(logits, moe.top_k, dim=-1)
             weights = torch.softmax(top, dim=-1)
-            return experts, (weights.to(x.dtype) if self.moe.weights_in_model_dtype else weights)
-        weights, experts = torch.topk(torch.softmax(logits, dim=-1), self.moe.top_k, dim=-1)
-        if self.moe.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return experts, (weights.to(x.dtype) if self.moe.weights_in_model_dtype else weights)
+            return experts, (weights.to(x.dtype) if moe.weights_in_model_dtype else weights)
+        probs = torch.softmax(logits, dim=-1)
+        if moe.correction_bias:  # ERNIE 4.5: chosen by probability + bias, weighted by probability
+            experts = torch.topk(probs + self.gate.e_score_correction_bias, moe.top_k, dim=-1).indices
+            weights = probs.gather(1, experts)
+        else:
+            weights, experts = torch.topk(probs, moe.top_k, dim=-1)
+        if moe.norm_topk_prob:
+            total = weights.sum(dim=-1, keepdim=True)
+            weights = weights / (total.clamp(min=moe.norm_min) if moe.norm_min else total)
+        return experts, (weights.to(x.dtype) if moe.weights_in_model_dtype else weights)
 
     def _sigmoid_route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """GLM-4.5's (DeepSeek-V3's) routing, in fp32 as HF computes it (weights stay fp32)."""
@@ -116,6 +126,9 @@ def moe_checkpoint_tensors(key: str, tensor: Tensor) -> list[tuple[str, Tensor]]
     if match := _MIXTRAL_EXPERT.fullmatch(key):
         stem, expert, w = match.groups()
         return [(f"{stem}.mlp.experts.{expert}.{_MIXTRAL_NAMES[w]}.weight", tensor)]
+    if key.endswith(".moe_statics.e_score_correction_bias"):  # ERNIE 4.5's, [1, E], under `mlp.` or `mlp.gate.`
+        stem = key.split(".mlp.", 1)[0]
+        return [(f"{stem}.mlp.gate.e_score_correction_bias", tensor.reshape(-1))]
     if ".block_sparse_moe." in key:  # Mixtral's / GraniteMoE's module name for what we call `mlp`
         stem, name = key.split(".block_sparse_moe.", 1)
         key = f"{stem}.mlp.{_BLOCK_SPARSE_NAMES.get(name, name)}"
