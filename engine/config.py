@@ -19,6 +19,7 @@ ARCH_FAMILIES = {
     "ernie4_5_moe": "llama", "seed_oss": "llama", "internlm3": "llama", "helium": "llama", "arcee": "llama",
     "apertus": "llama", "cwm": "llama", "hyperclovax": "llama", "glm4_moe": "llama", "qwen2_vl": "llama",
     "qwen2_5_vl": "llama", "qwen3_vl": "llama",
+    "qwen3_vl_moe": "llama",
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
@@ -298,7 +299,8 @@ def _language_model_config(hf: Any, model_type: str, read: Any) -> ModelConfig:
 
 # multimodal checkpoints whose language model is a Llama-family one -> how to read its text config (None: by its
 # own model_type)
-MULTIMODAL_TEXT_READERS = {"mistral3": None, "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3"}
+MULTIMODAL_TEXT_READERS = {"mistral3": None, "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3",
+                           "qwen3_vl_moe": "qwen3_moe"}
 
 
 def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> ModelConfig:
@@ -397,8 +399,9 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
         return None
     dense = set(getattr(hf, "mlp_only_layers", None) or [])
     step = getattr(hf, "decoder_sparse_step", 1) or 1
+    renormalise = bool(getattr(hf, "norm_topk_prob", True))  # (Qwen3-VL-MoE's text config has none: it always does)
     return MoEConfig(num_experts=hf.num_experts, top_k=hf.num_experts_per_tok,
-                     intermediate_size=hf.moe_intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),
+                     intermediate_size=hf.moe_intermediate_size, norm_topk_prob=renormalise,
                      weights_in_model_dtype=True,
                      sparse_layers=tuple(i for i in layers if i not in dense and (i + 1) % step == 0),
                      shared_expert_intermediate_size=getattr(hf, "shared_expert_intermediate_size", 0) or 0)

@@ -22,7 +22,8 @@ __all__ = [
 ]
 
 SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
-    "llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "granite",
+    "llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
+    "granite",
     "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "olmoe", "granitemoe", "glm4_moe", "phi3", "smollm3",
     "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2",
     "gemma", "gemma2",
@@ -197,15 +198,15 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
         return transformers.Exaone4_5_Config(text_config=text.to_dict(), vision_config=vision,
                                              image_token_id=vocab_size - 1, video_token_id=vocab_size - 2,
                                              tie_word_embeddings=tie, **ids)
-    elif arch in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):  # multimodal: Qwen2 / Qwen3 text + a tiny vision tower
-        text_arch = "qwen3" if arch == "qwen3_vl" else "qwen2"
+    elif arch in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):  # Qwen2 / 3 (MoE) text + a tiny vision tower
+        text_arch = {"qwen3_vl": "qwen3", "qwen3_vl_moe": "qwen3_moe"}.get(arch, "qwen2")
         text = _hf_config(text_arch, vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
                           num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
                           max_positions=max_positions, tie_word_embeddings=tie, **overrides).to_dict()
         half = hidden_size // num_heads // 2  # RoPE's frequencies, split in three (time, height, width) sections
         text["rope_parameters"] = {**text.get("rope_parameters", {}), "rope_type": "default",
                                    "mrope_section": [half - 2 * (half // 3), half // 3, half // 3],
-                                   **({"mrope_interleaved": True} if arch == "qwen3_vl" else {})}
+                                   **({"mrope_interleaved": True} if arch.startswith("qwen3") else {})}
         vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden_size,
                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
         media = dict(image_token_id=vocab_size - 1, video_token_id=vocab_size - 2, vision_start_token_id=vocab_size - 3)
@@ -217,8 +218,13 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
             vision["fullatt_block_indexes"] = [0]
             return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie,
                                                  **media, **ids)
-        return transformers.Qwen3VLConfig(text_config=text, vision_config={**vision, "deepstack_visual_indexes": []},
-                                          tie_word_embeddings=tie, **media, **ids)
+        vision["deepstack_visual_indexes"] = []
+        if arch == "qwen3_vl_moe":
+            text.pop("norm_topk_prob", None)  # (it always renormalises)
+            return transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie,
+                                                 **media, **ids)
+        return transformers.Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **media,
+                                          **ids)
     elif arch in ("gemma", "gemma2", "gemma3_text"):
         cls = {"gemma": transformers.GemmaConfig, "gemma2": transformers.Gemma2Config,
                "gemma3_text": transformers.Gemma3TextConfig}[arch]
@@ -396,13 +402,31 @@ def build_tiny_checkpoint(arch: str, out_dir: str | Path, *, dtype: torch.dtype 
     _reinit_(model, seed)
     model = model.to(dtype).eval()
     with _quiet():
-        if shard_size:
+        if arch == "qwen3_vl_moe":  # (transformers 5.23's save_pretrained fails on its experts)
+            _save_with_experts_transposed(model, out_dir)
+        elif shard_size:
             model.save_pretrained(out_dir, max_shard_size=shard_size)
         else:
             model.save_pretrained(out_dir)
     if with_tokenizer:
         build_tokenizer(out_dir, vocab_size)
     return out_dir
+
+
+def _save_with_experts_transposed(model: torch.nn.Module, out_dir: Path) -> None:
+    """Save as Qwen3-VL-MoE's Hub checkpoints are laid out: the stacked experts transposed ([E, H, 2F], [E, F, H]),
+    which transformers transposes back on load."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(out_dir)
+    model.generation_config.save_pretrained(out_dir)
+    state = {name: (t.transpose(1, 2) if name.endswith(("experts.gate_up_proj", "experts.down_proj")) else t)
+             for name, t in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file({name: t.contiguous().clone() for name, t in state.items()}, out_dir / "model.safetensors",
+              metadata={"format": "pt"})
 
 
 def build_prompt_tuning_adapter(model_dir: str | Path, out_dir: str | Path, *, num_virtual_tokens: int = 8,

@@ -190,6 +190,8 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "qwen2_5_vl": ("qwen2_5_vl", {"tie_word_embeddings": True}),
     "qwen3_vl": ("qwen3_vl", {"tie_word_embeddings": False}),
     "qwen2_vl": ("qwen2_vl", {}),
+    # Qwen3-VL-MoE (30B-A3B): Qwen3-MoE text (experts renormalised always), the stacked experts as the Hub holds them
+    "qwen3_vl_moe": ("qwen3_vl_moe", {"tie_word_embeddings": False}),
     # a multimodal EXAONE 4.5 checkpoint: its EXAONE 4 language model (two sliding layers, a NoPE global one)
     "exaone4_5": ("exaone4_5", {"num_layers": 3, "sliding_window": 6,
                                 "layer_types": ["sliding_attention", "sliding_attention", "full_attention"]}),

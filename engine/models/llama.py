@@ -160,8 +160,10 @@ class LlamaForCausalLM(RotaryCausalLM):
         biases and norm gains are permuted (`ModelConfig.key_channel_order`) so that rotate-half RoPE turns the
         pairs."""
         c = self.config
-        if (mapped := language_model_tensors(key, tensor)) is not None:
-            return mapped
+        if (mapped := language_model_tensors(key, tensor)) is not None:  # (a multimodal checkpoint's)
+            if not mapped:
+                return []
+            [(key, tensor)] = mapped
         for theirs, ours in CHECKPOINT_NORM_NAMES:
             key = key.replace(theirs, ours)
         if (match := _LAYER_KEY.match(key)) and c.num_layers <= int(match[1]) < c.num_layers + self.mtp_layers:
@@ -170,7 +172,7 @@ class LlamaForCausalLM(RotaryCausalLM):
             return []  # ERNIE 4.5's multi-token-prediction block, which transformers leaves out too
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         if c.moe is not None:
-            mapped = moe_checkpoint_tensors(key, tensor)
+            mapped = moe_checkpoint_tensors(key, self._experts_as_transformers_holds_them(key, tensor))
         elif key.endswith("self_attn.qkv_proj.weight") and tensor.shape[0] == q + 2 * kv:
             stem = key.removesuffix("qkv_proj.weight")
             mapped = list(zip((stem + "q_proj.weight", stem + "k_proj.weight", stem + "v_proj.weight"),
@@ -184,6 +186,18 @@ class LlamaForCausalLM(RotaryCausalLM):
         if c.interleaved_rope:
             mapped = [(name, _interleaved_to_halves(name, t, c)) for name, t in mapped]
         return mapped
+
+    def _experts_as_transformers_holds_them(self, key: str, tensor: Tensor) -> Tensor:
+        """Qwen3-VL-MoE's checkpoints hold the stacked experts transposed ([E, H, 2F], [E, F, H]); transformers
+        transposes a tensor whose shape is not its own [E, 2F, H] / [E, H, F] (a square one stays), and so do we."""
+        c = self.config
+        if c.model_type != "qwen3_vl_moe" or tensor.dim() != 3:
+            return tensor
+        e, f, h = c.moe.num_experts, c.moe.intermediate_size, c.hidden_size
+        for name, shape in ((".experts.gate_up_proj", (e, 2 * f, h)), (".experts.down_proj", (e, h, f))):
+            if key.endswith(name) and tuple(tensor.shape) != shape:
+                return tensor.transpose(1, 2)
+        return tensor
 
     def prepare_for_inference(self, device: torch.device) -> None:
         transposed = self.fp32_on_cpu(device)
