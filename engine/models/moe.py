@@ -1,6 +1,6 @@
-"""Sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE, GLM-4.5): a router picks each
-token's top-k experts, each a SwiGLU MLP, and their outputs are summed with the router's weights (Qwen2-MoE adds a
-gated shared expert, GLM-4.5 ungated ones).
+"""Sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE, GLM-4.5, ERNIE 4.5): a router
+picks each token's top-k experts, each a SwiGLU MLP, and their outputs are summed with the router's weights
+(Qwen2-MoE adds a gated shared expert, GLM-4.5 and ERNIE 4.5 ungated ones).
 
 Tokens are grouped by expert and each expert runs once over its tokens; each token's k weighted outputs are then
 summed in one reduction (no scattered atomic adds: deterministic on CUDA), as transformers' grouped-GEMM experts do.
