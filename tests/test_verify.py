@@ -43,7 +43,8 @@ def run(model_dir, adapters, **kw) -> v.Report:
     return v.verify(model_dir, adapters, **kw)
 
 
-@pytest.mark.parametrize("variant", ARCH_VARIANTS)
+# one model per family, and some of the newest kinds: local-window layers, a multimodal checkpoint, a sigmoid router
+@pytest.mark.parametrize("variant", [*ARCH_VARIANTS, "gpt_neo", "qwen2_5_vl", "glm4_moe"])
 def test_verify_passes_on_test_models(variant, model_dir_for, adapter_for):
     report = run(model_dir_for(variant), adapters_for(variant, adapter_for))
     assert report.oracle == "hf+peft" and report.exit_code() == 0, report.summary()
