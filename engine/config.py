@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ class MoEConfig:
     sparse_layers: tuple[int, ...]  # the layers with this MLP (the others have a dense one)
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert (gated by a sigmoid); 0: none
     softmax_over_topk: bool = False  # GraniteMoE: the top-k router logits, then a softmax over those k
-    # GLM-4.5's (DeepSeek-V3's) router: sigmoid scores of fp32 logits; experts chosen by score + a stored correction
+    # GLM-4.5's (DeepSeek-V3's) router: sigmoid scores (of fp32 logits); experts chosen by score + a stored correction
     # bias within the best `top_groups` of `num_groups` groups (a group ranked by its two best); weights the chosen
     # scores (renormalised where norm_topk_prob says), times routed_scaling; ungated shared experts summed in
     sigmoid_scores: bool = False
@@ -54,11 +55,12 @@ class MoEConfig:
     top_groups: int = 1
     routed_scaling: float = 1.0
     ungated_shared_intermediate_size: int = 0
-    # ERNIE 4.5's softmax router: fp32 logits of a router weight kept in fp32, experts chosen by probability + the
-    # correction bias, weights renormalised over a sum clamped below at norm_min
+    # ERNIE 4.5's softmax router: experts chosen by probability + the correction bias, weights renormalised over a
+    # sum clamped below at norm_min
     correction_bias: bool = False
-    fp32_router: bool = False
     norm_min: float = 0.0
+    fp32_router: bool = False  # router logits from fp32 casts of the input and weight (GLM-4.5's, ERNIE 4.5's)
+    fp32_router_weight: bool = False  # the router weight itself held in fp32, as transformers holds ERNIE 4.5's
 
 
 @dataclass(frozen=True)
@@ -285,7 +287,7 @@ def _check_rope_types(hf: Any, model_type: str) -> None:
             raise UnsupportedModelError(f"unsupported rope_type {params.get('rope_type')!r} in {model_type}")
 
 
-def _language_model_config(hf: Any, model_type: str, read: Any) -> ModelConfig:
+def _language_model_config(hf: Any, model_type: str, read: Callable[[Any], ModelConfig]) -> ModelConfig:
     """A multimodal checkpoint's language model: `read(text_config)` under the checkpoint's model_type, with the
     checkpoint's dtype (for dtype="auto") and its tied embeddings where the text config leaves them to the top level
     (Qwen's VL configs)."""
@@ -386,13 +388,14 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
         return MoEConfig(num_experts=hf.moe_num_experts, top_k=hf.moe_k, intermediate_size=hf.moe_intermediate_size,
                          norm_topk_prob=True, weights_in_model_dtype=True, sparse_layers=sparse,
                          ungated_shared_intermediate_size=hf.moe_intermediate_size * (hf.moe_num_shared_experts or 0),
-                         correction_bias=True, fp32_router=True, norm_min=float(hf.moe_norm_min))
+                         correction_bias=True, fp32_router=True, fp32_router_weight=True,
+                         norm_min=float(hf.moe_norm_min))
     if model_type == "glm4_moe":  # dense first_k_dense_replace layers, then sigmoid-routed ones
         return MoEConfig(num_experts=hf.n_routed_experts, top_k=hf.num_experts_per_tok,
                          intermediate_size=hf.moe_intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),
                          weights_in_model_dtype=False, sparse_layers=tuple(range(hf.first_k_dense_replace,
                                                                                  hf.num_hidden_layers)),
-                         sigmoid_scores=True, num_groups=hf.n_group, top_groups=hf.topk_group,
+                         sigmoid_scores=True, fp32_router=True, num_groups=hf.n_group, top_groups=hf.topk_group,
                          routed_scaling=float(hf.routed_scaling_factor),
                          ungated_shared_intermediate_size=hf.moe_intermediate_size * (hf.n_shared_experts or 0))
     if model_type not in ("qwen2_moe", "qwen3_moe") or not hf.num_experts:

@@ -23,13 +23,11 @@ __all__ = [
 
 SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
-    "granite",
-    "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "olmoe", "granitemoe", "glm4_moe", "phi3", "smollm3",
-    "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2",
-    "gemma", "gemma2",
-    "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron", "starcoder2", "cohere", "cohere2", "olmo",
-    "olmo2", "olmo3", "exaone4", "exaone4_5", "glm", "glm4", "falcon", "gptj", "codegen", "opt", "xglm", "biogpt",
-    "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
+    "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "olmoe", "granitemoe", "glm4_moe", "phi3",
+    "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm",
+    "hyperclovax", "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron",
+    "starcoder2", "cohere", "cohere2", "olmo", "olmo2", "olmo3", "exaone4", "exaone4_5", "glm", "glm4", "falcon",
+    "gptj", "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -311,8 +309,7 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
         cls = transformers.GPTNeoConfig
         kw = dict(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, intermediate_size=inter,
                   max_position_embeddings=max_positions, resid_dropout=0.0, embed_dropout=0.0, attention_dropout=0.0,
-                  attention_types=[[["global", "local"], (num_layers + 1) // 2]] if num_layers % 2 == 0 else
-                  [[["global", "local"], num_layers // 2], [["global"], 1]])
+                  attention_types=[[["global", "local"], num_layers // 2]] + [[["global"], 1]] * (num_layers % 2))
     elif arch == "bloom":
         cls = transformers.BloomConfig
         kw = dict(hidden_size=hidden_size, n_layer=num_layers, n_head=num_heads)

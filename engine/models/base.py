@@ -97,8 +97,10 @@ class CausalLM(nn.Module):
 
     def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
         """The (checkpoint key, tensor) pairs our parameters take from one checkpoint entry (a fused entry may
-        hold several)."""
-        return [(key, tensor)]
+        hold several); a multimodal checkpoint's language-model entry under the text model's name, its vision
+        tower's entries none (Gemma 3's, EXAONE 4.5's)."""
+        mapped = language_model_tensors(key, tensor)
+        return [(key, tensor)] if mapped is None else mapped
 
     def embed_tokens(self, ids: Tensor) -> Tensor:
         return self.word_embeddings(ids)

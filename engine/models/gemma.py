@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .base import CausalLM, Layer0Input, language_model_tensors
+from .base import CausalLM, Layer0Input
 from .common import Attention, apply_rotary, gather_rope_rows, rope_layer_types, rope_tables_by_layer
 from .linear import Linear, linear
 from .llama import LlamaAttention, LlamaMLP
@@ -66,11 +66,6 @@ class GemmaForCausalLM(CausalLM):
     @property
     def word_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
-
-    def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
-        """A multimodal Gemma 3 checkpoint's language model under our names (text in, text out)."""
-        mapped = language_model_tensors(key, tensor)
-        return [(key, tensor)] if mapped is None else mapped
 
     def embed_tokens(self, ids: Tensor) -> Tensor:
         """Scaled by sqrt(hidden), the scale rounded to the table's dtype first, as HF's scaled embedding does."""

@@ -142,7 +142,7 @@ class LlamaForCausalLM(RotaryCausalLM):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
         self.fused_layer0 = config.embedding_multiplier == 1.0  # (the fused input kernels do not scale)
         self.mtp_layers = int(getattr(config.hf_config, "num_nextn_predict_layers", 0) or 0)
-        if config.moe is not None and config.moe.fp32_router:  # (ERNIE 4.5 keeps its routers' weights in fp32)
+        if config.moe is not None and config.moe.fp32_router_weight:  # (ERNIE 4.5's routers)
             self.fp32_key_suffixes = (*self.fp32_key_suffixes, "mlp.gate.weight")
 
     @property

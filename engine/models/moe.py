@@ -51,9 +51,9 @@ class SparseMoE(nn.Module):
         renormalised over the chosen ones where the config says so; GraniteMoE: the top-k logits' softmax; ERNIE
         4.5: chosen by probability + correction bias; GLM-4.5: `_sigmoid_route`)."""
         moe = self.moe
-        if moe.sigmoid_scores:
-            return self._sigmoid_route(x)
         logits = F.linear(x.float(), self.gate.weight.float()) if moe.fp32_router else self.gate(x).float()
+        if moe.sigmoid_scores:
+            return self._sigmoid_route(logits)
         if moe.softmax_over_topk:
             top, experts = torch.topk(logits, moe.top_k, dim=-1)
             weights = torch.softmax(top, dim=-1)
@@ -69,10 +69,10 @@ class SparseMoE(nn.Module):
             weights = weights / (total.clamp(min=moe.norm_min) if moe.norm_min else total)
         return experts, (weights.to(x.dtype) if moe.weights_in_model_dtype else weights)
 
-    def _sigmoid_route(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """GLM-4.5's (DeepSeek-V3's) routing, in fp32 as HF computes it (weights stay fp32)."""
+    def _sigmoid_route(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """GLM-4.5's (DeepSeek-V3's) routing of fp32 router logits, as HF computes it (weights stay fp32)."""
         moe = self.moe
-        scores = F.linear(x.float(), self.gate.weight.float()).sigmoid()
+        scores = logits.sigmoid()
         choice = scores + self.gate.e_score_correction_bias
         if moe.num_groups > 1:  # only experts of the top_groups groups (ranked by their two best) may be chosen
             grouped = choice.view(-1, moe.num_groups, moe.num_experts // moe.num_groups)

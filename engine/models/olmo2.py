@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .base import Layer0Input, RotaryCausalLM, language_model_tensors
+from .base import Layer0Input, RotaryCausalLM
 from .common import Attention, RMSNorm, apply_rotary
 from .linear import Linear, linear
 from .llama import LlamaAttention, LlamaMLP
@@ -66,11 +66,6 @@ class Olmo2ForCausalLM(RotaryCausalLM):
     @property
     def word_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
-
-    def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
-        """(EXAONE 4.5's multimodal checkpoint: its language model's entries, the vision tower's left out)"""
-        mapped = language_model_tensors(key, tensor)
-        return [(key, tensor)] if mapped is None else mapped
 
     def prepare_for_inference(self, device: torch.device) -> None:
         transposed = self.fp32_on_cpu(device)
