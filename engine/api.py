@@ -150,8 +150,10 @@ class Engine:
             vocab_size=self.config.vocab_size,
             embed_tokens=self.model.embed_tokens,
             tokenize=(lambda text: self.tokenizer.encode(text, add_special_tokens=False)) if self.tokenizer else None,
-            kv_layout=(self.config.num_layers, self.config.num_kv_heads, self.config.head_dim),
+            kv_layout=None if self.config.kv_prefix_refusal else (self.config.num_layers, self.config.num_kv_heads,
+                                                                  self.config.head_dim),
             key_channel_order=self.config.key_channel_order,
+            kv_refusal=self.config.kv_prefix_refusal,
         )
         self.backend = "torch" if backend == "auto" else backend
         if self.backend == "triton":

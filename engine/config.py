@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,7 +21,7 @@ ARCH_FAMILIES = {
     "ernie4_5_moe": "llama", "seed_oss": "llama", "internlm3": "llama", "helium": "llama", "arcee": "llama",
     "apertus": "llama", "cwm": "llama", "hyperclovax": "llama", "glm4_moe": "llama", "qwen2_vl": "llama",
     "qwen2_5_vl": "llama", "qwen3_vl": "llama",
-    "qwen3_vl_moe": "llama",
+    "qwen3_vl_moe": "llama", "deepseek_v2": "deepseek", "deepseek_v3": "deepseek", "glm4_moe_lite": "deepseek",
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
@@ -61,6 +62,27 @@ class MoEConfig:
     norm_min: float = 0.0
     fp32_router: bool = False  # router logits from fp32 casts of the input and weight (GLM-4.5's, ERNIE 4.5's)
     fp32_router_weight: bool = False  # the router weight itself held in fp32, as transformers holds ERNIE 4.5's
+    group_by_best: bool = False  # DeepSeek-V2's group_limited_greedy: a group ranked by its best expert's probability
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """DeepSeek's multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash): queries from a low-rank projection
+    (q_a, its norm, q_b; a plain q_proj where q_lora_rank is 0); keys and values from one compressed latent per
+    token (kv_a, its norm, kv_b), each head's key its own qk_nope channels and qk_rope rotated channels shared by all
+    heads. The engine caches the expanded per-head K and V (V zero-padded to the key width)."""
+
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    interleaved_rope: bool  # the rotary channels come in interleaved pairs (each head's permuted at load)
+    fp32_rope: bool  # DeepSeek-V2 rotates in fp32 (as complex numbers) and casts back
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
 @dataclass(frozen=True)
@@ -69,7 +91,7 @@ class ModelConfig:
 
     family: str  # "llama" | "olmo" | "stablelm" | "starcoder2" | "cohere" | "olmo2" | "glm" | "gemma" | "gpt_neox"
     # | "phi" | "gptj" | "falcon" | "opt" | "xglm" | "biogpt" | "gpt2" | "gpt_bigcode" | "gpt_neo" | "bloom"
-    # | "nemotron"
+    # | "nemotron" | "deepseek"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -95,6 +117,7 @@ class ModelConfig:
     # GPT-J rotates channel pairs (2i, 2i+1); its q/k channels are permuted at load so rotate-half RoPE does it
     interleaved_rope: bool = False
     moe: MoEConfig | None = None  # a sparse mixture-of-experts MLP in (some) layers
+    mla: MLAConfig | None = None  # DeepSeek's latent attention (head_dim: the widest of its key and value heads)
     # Ministral 3's query scale by position: 1 + beta * log(1 + floor(position / original_max)); beta 0: none
     query_scale_beta: float = 0.0
     query_scale_period: int = 1
@@ -130,6 +153,15 @@ class ModelConfig:
             return None
         r = self.rotary_dim or self.head_dim
         return [*range(0, r, 2), *range(1, r, 2), *range(r, self.head_dim)]
+
+    @property
+    def kv_prefix_refusal(self) -> str | None:
+        """Why this model cannot take a prefix-tuning (K/V) adapter; None where it can."""
+        if self.mla is not None:
+            return (f"{self.model_type}'s latent attention caches a compressed latent per token, not per-head keys "
+                    "and values, so PEFT's prefix tuning does not apply to it (transformers + PEFT fail on it too); "
+                    "use prompt tuning, P-tuning or CPT")
+        return None
 
     @property
     def embedding_width(self) -> int:
@@ -368,6 +400,24 @@ def _olmo_config(hf: Any, model_type: str) -> ModelConfig:
     return replace(_llama_config(hf, model_type, norm_eps=1e-5), family="olmo")
 
 
+def _deepseek_config(hf: Any, model_type: str) -> ModelConfig:
+    """DeepSeek-V2 / V3 and GLM-4.7-Flash (glm4_moe_lite): Llama's layout with latent attention (`MLAConfig`);
+    every head has its own K/V, scores scaled by qk_head_dim^-0.5 (times YaRN's mscale_all_dim factor squared)."""
+    _check_rope_types(hf, model_type)
+    mla = MLAConfig(q_lora_rank=hf.q_lora_rank or 0, kv_lora_rank=hf.kv_lora_rank,
+                    qk_nope_head_dim=hf.qk_nope_head_dim, qk_rope_head_dim=hf.qk_rope_head_dim,
+                    v_head_dim=hf.v_head_dim,
+                    interleaved_rope=model_type == "deepseek_v2" or bool(getattr(hf, "rope_interleave", True)),
+                    fp32_rope=model_type == "deepseek_v2")
+    scale = mla.qk_head_dim**-0.5
+    rope = hf.rope_parameters or {}
+    if rope.get("rope_type", "default") != "default" and rope.get("mscale_all_dim") and rope["factor"] > 1:
+        scale *= (0.1 * rope["mscale_all_dim"] * math.log(rope["factor"]) + 1.0) ** 2
+    return replace(_llama_config(hf, model_type), family="deepseek", num_kv_heads=hf.num_attention_heads,
+                   head_dim=max(mla.qk_head_dim, mla.v_head_dim), rotary_dim=mla.qk_rope_head_dim,
+                   attention_scale=scale, mla=mla)
+
+
 def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
     layers = range(hf.num_hidden_layers)
     if model_type == "mixtral":  # every layer sparse, top-k renormalised, fp32 router weights
@@ -390,14 +440,27 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
                          ungated_shared_intermediate_size=hf.moe_intermediate_size * (hf.moe_num_shared_experts or 0),
                          correction_bias=True, fp32_router=True, fp32_router_weight=True,
                          norm_min=float(hf.moe_norm_min))
-    if model_type == "glm4_moe":  # dense first_k_dense_replace layers, then sigmoid-routed ones
+    if model_type in ("deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite"):  # ungated shared experts
+        shared = hf.moe_intermediate_size * (hf.n_shared_experts or 0)
+    if model_type == "deepseek_v2":  # dense first_k_dense_replace layers, then softmax-routed ones, scaled
+        if hf.topk_method not in ("greedy", "group_limited_greedy"):
+            raise UnsupportedModelError(f"deepseek_v2 with topk_method={hf.topk_method!r} (transformers computes "
+                                        "'greedy' and 'group_limited_greedy')")
+        grouped = hf.topk_method == "group_limited_greedy"
+        return MoEConfig(num_experts=hf.n_routed_experts, top_k=hf.num_experts_per_tok,
+                         intermediate_size=hf.moe_intermediate_size, norm_topk_prob=False,
+                         weights_in_model_dtype=False, sparse_layers=tuple(layers)[hf.first_k_dense_replace:],
+                         fp32_router=True, num_groups=hf.n_group if grouped else 1,
+                         top_groups=hf.topk_group if grouped else 1, group_by_best=True,
+                         routed_scaling=float(hf.routed_scaling_factor), ungated_shared_intermediate_size=shared)
+    if model_type in ("glm4_moe", "deepseek_v3", "glm4_moe_lite"):  # dense layers, then sigmoid-routed ones
+        kinds = getattr(hf, "mlp_layer_types", None)  # (GLM-4.7-Flash's names them, the others count dense ones)
+        sparse = tuple(i for i in layers if kinds[i] == "sparse") if kinds else tuple(layers)[hf.first_k_dense_replace:]
         return MoEConfig(num_experts=hf.n_routed_experts, top_k=hf.num_experts_per_tok,
                          intermediate_size=hf.moe_intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),
-                         weights_in_model_dtype=False, sparse_layers=tuple(range(hf.first_k_dense_replace,
-                                                                                 hf.num_hidden_layers)),
+                         weights_in_model_dtype=False, sparse_layers=sparse,
                          sigmoid_scores=True, fp32_router=True, num_groups=hf.n_group, top_groups=hf.topk_group,
-                         routed_scaling=float(hf.routed_scaling_factor),
-                         ungated_shared_intermediate_size=hf.moe_intermediate_size * (hf.n_shared_experts or 0))
+                         routed_scaling=float(hf.routed_scaling_factor), ungated_shared_intermediate_size=shared)
     if model_type not in ("qwen2_moe", "qwen3_moe") or not hf.num_experts:
         return None
     dense = set(getattr(hf, "mlp_only_layers", None) or [])
@@ -802,4 +865,5 @@ FAMILY_CONFIGS = {
     "falcon": _falcon_config, "gptj": _gptj_config, "gemma": _gemma_config, "gpt_neox": _gpt_neox_config,
     "phi": _phi_config, "opt": _opt_config, "xglm": _fairseq_lm_config, "biogpt": _fairseq_lm_config,
     "gpt2": _gpt2_config, "gpt_bigcode": _gpt2_config, "gpt_neo": _gpt_neo_config, "bloom": _bloom_config,
+    "deepseek": _deepseek_config,
 }

@@ -233,11 +233,14 @@ class PromptStore:
         tokenize: Callable[[str], list[int]] | None = None,
         kv_layout: tuple[int, int, int] | None = None,
         key_channel_order: list[int] | None = None,
+        kv_refusal: str | None = None,
     ):
-        """kv_layout: the model's (layers, kv_heads, head_dim), what a prefix-tuning adapter's K/V must match;
-        key_channel_order: how the model permutes each head's key channels (`ModelConfig.key_channel_order`)."""
+        """kv_layout: the model's (layers, kv_heads, head_dim), what a prefix-tuning adapter's K/V must match (None:
+        such adapters are refused, for the reason `kv_refusal` gives); key_channel_order: how the model permutes each
+        head's key channels (`ModelConfig.key_channel_order`)."""
         self.hidden_size = hidden_size
         self.kv_layout = kv_layout
+        self.kv_refusal = kv_refusal
         self.key_channel_order = key_channel_order
         self.dtype = dtype
         self.device = device
@@ -386,7 +389,8 @@ class PromptStore:
         """A prefix-tuning adapter's rows as K/V [layers, 2, P, kv_heads, head_dim] in the model dtype, after
         checking they fit the model (PEFT stores each virtual token's K and V of layer 0, then layer 1, ...)."""
         if self.kv_layout is None:
-            raise PromptError(f"prompt {name!r} is a prefix-tuning (K/V) adapter, which this prompt store cannot hold")
+            raise PromptError(f"prompt {name!r} is a prefix-tuning (K/V) adapter: "
+                              f"{self.kv_refusal or 'this prompt store cannot hold one'}")
         layers, heads, head_dim = self.kv_layout
         flat = adapter.weights
         if flat.dim() == 3 and flat.shape[0] == 1:

@@ -23,11 +23,11 @@ __all__ = [
 
 SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
-    "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "olmoe", "granitemoe", "glm4_moe", "phi3",
-    "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm",
-    "hyperclovax", "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron",
-    "starcoder2", "cohere", "cohere2", "olmo", "olmo2", "olmo3", "exaone4", "exaone4_5", "glm", "glm4", "falcon",
-    "gptj", "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
+    "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "olmoe", "granitemoe", "glm4_moe", "deepseek_v2",
+    "deepseek_v3", "glm4_moe_lite", "phi3", "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium",
+    "arcee", "apertus", "cwm", "hyperclovax", "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gpt_neox", "phi",
+    "stablelm", "nemotron", "starcoder2", "cohere", "cohere2", "olmo", "olmo2", "olmo3", "exaone4", "exaone4_5", "glm",
+    "glm4", "falcon", "gptj", "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -127,7 +127,7 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
     untied = ("llama", "mistral", "ministral", "ministral3", "mistral3", "granite", "mixtral", "qwen2_moe",
               "qwen3_moe", "olmoe", "granitemoe", "phi3", "gpt_neox", "phi", "stablelm", "olmo", "olmo2", "olmo3",
               "exaone4", "exaone4_5", "glm", "glm4", "gptj", "codegen", "internlm3", "helium", "arcee", "nemotron",
-              "cwm", "hyperclovax", "jais2", "apertus", "glm4_moe")
+              "cwm", "hyperclovax", "jais2", "apertus", "glm4_moe", "deepseek_v2", "deepseek_v3", "glm4_moe_lite")
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "ministral", "ministral3", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3",
@@ -169,6 +169,21 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
         if arch in ("qwen3", "qwen3_moe", "ministral", "ministral3", "ernie4_5", "ernie4_5_moe", "seed_oss",
                     "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "glm4_moe"):
             kw["head_dim"] = hidden_size // num_heads
+    elif arch in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite"):
+        # latent attention at a tiny scale: queries through a rank-32 projection, keys/values from a rank-16 latent;
+        # 16 key channels per head not rotated, 8 rotated (shared), values 12 wide; a dense first layer, then 8
+        # experts (2 a token) in 2 groups (1 a token: V2's group_limited_greedy, V3's) and a shared expert
+        cls = {"deepseek_v2": transformers.DeepseekV2Config, "deepseek_v3": transformers.DeepseekV3Config,
+               "glm4_moe_lite": transformers.Glm4MoeLiteConfig}[arch]
+        kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                  num_key_value_heads=num_heads, intermediate_size=inter, max_position_embeddings=max_positions,
+                  q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+                  n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=inter // 4, n_shared_experts=1,
+                  first_k_dense_replace=1, routed_scaling_factor=2.5, n_group=2, topk_group=1)
+        if arch == "deepseek_v2":
+            kw["topk_method"] = "group_limited_greedy"
+        if arch == "glm4_moe_lite":  # (one group: GLM-4.7-Flash's)
+            kw.update(n_group=1, mlp_layer_types=["dense"] + ["sparse"] * (num_layers - 1))
     elif arch == "gemma3":  # multimodal: Gemma 3 text + a tiny SigLIP vision tower the engine leaves out
         text = _hf_config("gemma3_text", vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
                           num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,

@@ -212,6 +212,11 @@ def train_prompt(model_dir: str | Path, train_examples: list[Example], val_examp
         raise SoftPromptError("no training examples")
     val_examples = list(val_examples or [])
     model_source, model_dir = str(model_dir), resolve_model(model_dir)  # a Hub id: its local snapshot
+    if config.method == "prefix_tuning":
+        from .config import load_model_config
+
+        if refusal := load_model_config(model_dir).kv_prefix_refusal:
+            raise SoftPromptError(f"prefix_tuning: {refusal}")
     device = _resolve_device(config.device)
     started = time.perf_counter()
     random.seed(config.seed)

@@ -201,6 +201,22 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # ERNIE 4.5 MoE (21B-A3B): ERNIE 4.5's attention, a dense first layer, then experts chosen by router probability +
     # a correction bias (the router kept in fp32), an ungated shared expert; biases on the dense MLPs, none on experts
     "ernie4_5_moe": ("ernie4_5_moe", {"use_bias": True}),
+    # DeepSeek's latent attention (queries through a low-rank projection, keys and values from a compressed latent,
+    # rotated key channels shared by the heads; values narrower than keys), a dense first layer, then experts.
+    # DeepSeek-V3: YaRN with mscale_all_dim (the scores' scale grows too), RoPE in interleaved pairs, sigmoid router
+    # with groups; V2-Lite's plain q_proj, V2's fp32 complex-number RoPE and softmax router over the best groups
+    # (group_limited_greedy); GLM-4.7-Flash (glm4_moe_lite): q/k/v biases, rotate-half RoPE, layers named by type
+    "deepseek_v3": ("deepseek_v3", {"num_layers": 3, "rope_parameters": {
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+        "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}}),
+    "deepseek_v2": ("deepseek_v2", {"num_layers": 3, "q_lora_rank": None}),
+    "glm4_moe_lite": ("glm4_moe_lite", {"num_layers": 3, "attention_bias": True, "rope_interleave": False}),
+    # the same attention in models without experts, for the half-precision tests (a MoE model's logits jump where
+    # router probabilities nearly tie)
+    "deepseek_v3_dense": ("deepseek_v3", {"first_k_dense_replace": 2, "rope_parameters": {
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+        "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}}),
+    "deepseek_v2_dense": ("deepseek_v2", {"first_k_dense_replace": 2}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -43,6 +43,8 @@ pytest.importorskip("peft")
 
 _built: dict[str, dict] = {}
 CPT_UNBUILDABLE = ("xglm",)  # PEFT's CPTConfig resets the head count it cannot read off XGLM's config
+KV_UNSERVABLE = ("deepseek_v3", "deepseek_v2")  # latent attention: no per-head K/V for prefix tuning (HF + PEFT fail)
+KV_TASKS = ("kv", "kv_proj", "cart")
 
 
 @pytest.fixture
@@ -67,6 +69,8 @@ def adapters(model_dir_for, adapter_for, model_root):
                                                            projection=True, seed=4),
                 "soft": adapter_for(variant, seed=5, num_virtual_tokens=6),
             }
+            if variant in KV_UNSERVABLE:
+                _built[variant] = {k: v for k, v in _built[variant].items() if k not in KV_TASKS}
             if variant not in CPT_UNBUILDABLE:
                 _built[variant]["cpt"] = build_cpt_adapter(d, out / "cpt", token_ids=[11, 12, 13, 14, 15, 16], seed=8)
         return _built[variant]
@@ -79,7 +83,7 @@ def requests(tasks, seed: int = 0, max_new_tokens: int = 6) -> list[Request]:
     lengths = [5, 9, 1, 12, 3, 6, 4]
     return [Request(prompt=task, input_ids=torch.randint(4, 500, (lengths[i % len(lengths)],), generator=g).tolist(),
                     sampling=SamplingParams(max_new_tokens=max_new_tokens))
-            for i, task in enumerate([*tasks, None, "kv", "ptune"])]
+            for i, task in enumerate([*tasks, None, "kv" if "kv" in tasks else "soft", "ptune"])]
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
@@ -89,7 +93,7 @@ def requests(tasks, seed: int = 0, max_new_tokens: int = 6) -> list[Request]:
                                      "glm4", "ernie4_5", "olmo", "gpt_neo", "helium", "nemotron",
                                      "hyperclovax", "jais2", "apertus", "codegen",
                                      "xglm", "biogpt", "qwen2_5_vl", "glm4_moe",
-                                     "ernie4_5_moe"])
+                                     "ernie4_5_moe", *KV_UNSERVABLE])
 def test_prompt_learning_adapters_match_hf_peft(variant, backend, adapters, model_dir_for):
     tasks = adapters(variant)
     engine = Engine(model_dir_for(variant), device="cpu", dtype="float32", backend=backend, block_size=4)
@@ -98,10 +102,12 @@ def test_prompt_learning_adapters_match_hf_peft(variant, backend, adapters, mode
     kinds = {name: engine.prompts.get(name).kind for name in tasks}
     expected = {"ptune": "peft", "ptune_lstm": "peft", "kv": "prefix", "kv_proj": "prefix", "soft": "peft",
                 "cart": "prefix", "cpt": "peft", "mpt0": "peft", "mpt2": "peft"}
-    assert kinds == {k: v for k, v in expected.items() if k != "cpt" or variant not in CPT_UNBUILDABLE}
+    assert kinds == {k: v for k, v in expected.items() if k in tasks}
+    assert len(tasks) == 9 - (variant in CPT_UNBUILDABLE) - 3 * (variant in KV_UNSERVABLE)
     c = engine.config
-    assert engine.prompts.get("kv").kv.shape == (c.num_layers, 2, 7, c.num_kv_heads, c.head_dim)
-    assert engine.prompts.get("kv").length == 7 and engine.prompts.get("kv").embeds is None
+    if "kv" in tasks:
+        assert engine.prompts.get("kv").kv.shape == (c.num_layers, 2, 7, c.num_kv_heads, c.head_dim)
+        assert engine.prompts.get("kv").length == 7 and engine.prompts.get("kv").embeds is None
     # greedy tokens and fp32 logits (1e-4 / 1e-3) at every position, each request alone and all in one batch
     assert_generation_matches(engine, hf_peft_reference(model_dir_for(variant), tasks), requests(tasks))
     if backend == "torch":
@@ -265,6 +271,25 @@ def test_prefix_adapter_of_another_model_is_refused(tmp_path, model_dir_for):
     with pytest.raises(PromptError, match="3 layers; this model has 2"):
         engine.add_prompt("t", adapter)
     assert "t" not in engine.prompts
+
+
+def test_prefix_tuning_on_latent_attention_is_refused_naming_why(tmp_path, model_dir_for, adapter_for):
+    """DeepSeek's latent attention keeps no per-head K/V for a prefix adapter to replace (HF + PEFT fail on one):
+    the engine refuses it naming that, serves its other prompts on, and `softprompt train` refuses the method."""
+    from softprompt.engine.datasets import Example
+    from softprompt.engine.errors import SoftPromptError
+    from softprompt.engine.train import TrainConfig, train_prompt
+
+    d = model_dir_for("deepseek_v3")
+    adapter = build_prefix_tuning_adapter(d, tmp_path / "kv", num_virtual_tokens=4)
+    engine = Engine(d, device="cpu", dtype="float32")
+    engine.add_prompt("soft", adapter_for("deepseek_v3"))
+    with pytest.raises(PromptError, match="latent attention .* prompt tuning, P-tuning or CPT"):
+        engine.add_prompt("kv", adapter)
+    assert "kv" not in engine.prompts
+    assert engine.generate([Request(prompt="soft", input_ids=[5, 6, 7], sampling=SamplingParams(max_new_tokens=3))])
+    with pytest.raises(SoftPromptError, match="prefix_tuning: deepseek_v3's latent attention"):
+        train_prompt(d, [Example("a cat", "sat")], None, tmp_path / "out", TrainConfig(method="prefix_tuning"))
 
 
 def test_verify_checks_every_prompt_learning_type(adapters, model_dir_for):

@@ -44,7 +44,7 @@ def run(model_dir, adapters, **kw) -> v.Report:
 
 
 # one model per family, and some of the newest kinds: local-window layers, a multimodal checkpoint, a sigmoid router
-@pytest.mark.parametrize("variant", [*ARCH_VARIANTS, "gpt_neo", "qwen2_5_vl", "glm4_moe"])
+@pytest.mark.parametrize("variant", [*ARCH_VARIANTS, "gpt_neo", "qwen2_5_vl", "glm4_moe", "deepseek_v3"])
 def test_verify_passes_on_test_models(variant, model_dir_for, adapter_for):
     report = run(model_dir_for(variant), adapters_for(variant, adapter_for))
     assert report.oracle == "hf+peft" and report.exit_code() == 0, report.summary()

@@ -4,6 +4,7 @@ from .base import CausalLM
 from .bloom import BloomForCausalLM
 from .cohere import CohereForCausalLM
 from .common import Attention
+from .deepseek import DeepseekForCausalLM
 from .falcon import FalconForCausalLM
 from .gemma import GemmaForCausalLM
 from .gpt2 import GPT2LMHeadModel, GPTBigCodeForCausalLM
@@ -30,6 +31,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "starcoder2": Starcoder2ForCausalLM,
     "olmo2": Olmo2ForCausalLM,
     "glm": LlamaForCausalLM,  # (config.py's GLM reader; the Llama layout)
+    "deepseek": DeepseekForCausalLM,
     "opt": OPTForCausalLM,
     "xglm": XGLMForCausalLM,
     "biogpt": BioGptForCausalLM,
@@ -40,7 +42,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
 }
 
 __all__ = ["Attention", "CausalLM", "MODEL_CLASSES", "BioGptForCausalLM", "BloomForCausalLM", "CohereForCausalLM",
-           "FalconForCausalLM", "GPT2LMHeadModel", "GPTBigCodeForCausalLM", "GPTJForCausalLM", "GPTNeoForCausalLM",
-           "GemmaForCausalLM", "GPTNeoXForCausalLM", "LlamaForCausalLM", "NemotronForCausalLM", "OPTForCausalLM",
-           "OlmoForCausalLM", "Olmo2ForCausalLM", "PhiForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM",
-           "XGLMForCausalLM"]
+           "DeepseekForCausalLM", "FalconForCausalLM", "GPT2LMHeadModel", "GPTBigCodeForCausalLM", "GPTJForCausalLM",
+           "GPTNeoForCausalLM", "GemmaForCausalLM", "GPTNeoXForCausalLM", "LlamaForCausalLM", "NemotronForCausalLM",
+           "OPTForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM", "PhiForCausalLM", "StableLmForCausalLM",
+           "Starcoder2ForCausalLM", "XGLMForCausalLM"]

@@ -26,16 +26,19 @@ CHECKPOINT_NORM_NAMES = ((".attention_layernorm.", ".input_layernorm."),
 
 def _fuse(linears: list[nn.Linear], transposed: bool) -> tuple[Tensor, Tensor | None]:
     """Stack several projections of the same input into one weight (one GEMM instead of several); the original
-    parameters become views of the fused storage, so no memory is duplicated. `transposed`: hold it [in, out]."""
+    parameters become views of the fused storage, so no memory is duplicated. `transposed`: hold it [in, out]. A
+    projection without a bias, beside others with one, adds zeros to the fused bias."""
     weight = torch.cat([m.weight for m in linears])
     if transposed:
         weight = transposed_storage(weight)
-    bias = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
+    bias = None
+    if any(m.bias is not None for m in linears):
+        bias = torch.cat([weight.new_zeros(m.weight.shape[0]) if m.bias is None else m.bias for m in linears])
     row = 0
     for m in linears:
         n = m.weight.shape[0]
         m.weight = nn.Parameter(weight[row:row + n], requires_grad=False)
-        if bias is not None:
+        if m.bias is not None:
             m.bias = nn.Parameter(bias[row:row + n], requires_grad=False)
         row += n
     return weight, bias
@@ -104,9 +107,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaLayer(nn.Module):
+    attention_class: type[nn.Module] = LlamaAttention
+
     def __init__(self, c: ModelConfig, index: int):
         super().__init__()
-        self.self_attn = LlamaAttention(c)
+        self.self_attn = self.attention_class(c)
         self.mlp = SparseMoE(c, LlamaMLP) if c.moe is not None and index in c.moe.sparse_layers else LlamaMLP(c)
         self.input_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.norm_eps)

@@ -1,6 +1,6 @@
-"""Sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE, GLM-4.5, ERNIE 4.5): a router
-picks each token's top-k experts, each a SwiGLU MLP, and their outputs are summed with the router's weights
-(Qwen2-MoE adds a gated shared expert, GLM-4.5 and ERNIE 4.5 ungated ones).
+"""Sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE, GLM-4.5, ERNIE 4.5, DeepSeek-V2
+/ V3): a router picks each token's top-k experts, each a SwiGLU MLP, and their outputs are summed with the router's
+weights (Qwen2-MoE adds a gated shared expert, GLM-4.5, ERNIE 4.5 and DeepSeek ungated ones).
 
 Tokens are grouped by expert and each expert runs once over its tokens; each token's k weighted outputs are then
 summed in one reduction (no scattered atomic adds: deterministic on CUDA), as transformers' grouped-GEMM experts do.
@@ -49,7 +49,8 @@ class SparseMoE(nn.Module):
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Each token's top-k experts [T, k] and their weights [T, k] (softmax over all experts in fp32, then
         renormalised over the chosen ones where the config says so; GraniteMoE: the top-k logits' softmax; ERNIE
-        4.5: chosen by probability + correction bias; GLM-4.5: `_sigmoid_route`)."""
+        4.5: chosen by probability + correction bias; DeepSeek-V2: from the best groups, scaled; GLM-4.5,
+        DeepSeek-V3: `_sigmoid_route`)."""
         moe = self.moe
         logits = F.linear(x.float(), self.gate.weight.float()) if moe.fp32_router else self.gate(x).float()
         if moe.sigmoid_scores:
@@ -59,26 +60,34 @@ class SparseMoE(nn.Module):
             weights = torch.softmax(top, dim=-1)
             return experts, (weights.to(x.dtype) if moe.weights_in_model_dtype else weights)
         probs = torch.softmax(logits, dim=-1)
-        if moe.correction_bias:  # ERNIE 4.5: chosen by probability + bias, weighted by probability
-            experts = torch.topk(probs + self.gate.e_score_correction_bias, moe.top_k, dim=-1).indices
-            weights = probs.gather(1, experts)
-        else:
-            weights, experts = torch.topk(probs, moe.top_k, dim=-1)
+        # ERNIE 4.5: chosen by probability + bias, weighted by probability
+        choice = probs + self.gate.e_score_correction_bias if moe.correction_bias else probs
+        experts = torch.topk(self._in_best_groups(choice), moe.top_k, dim=-1).indices
+        weights = probs.gather(1, experts)
         if moe.norm_topk_prob:
             total = weights.sum(dim=-1, keepdim=True)
             weights = weights / (total.clamp(min=moe.norm_min) if moe.norm_min else total)
+        if moe.routed_scaling != 1.0:
+            weights = weights * moe.routed_scaling
         return experts, (weights.to(x.dtype) if moe.weights_in_model_dtype else weights)
+
+    def _in_best_groups(self, choice: Tensor) -> Tensor:
+        """The experts' choice scores [T, E] with those outside each token's best `top_groups` of `num_groups` groups
+        set to -inf (a group ranked by its two best scores, DeepSeek-V3's; by its best, V2's); all where one group."""
+        moe = self.moe
+        if moe.num_groups <= 1:
+            return choice
+        grouped = choice.view(-1, moe.num_groups, moe.num_experts // moe.num_groups)
+        rank = grouped.amax(dim=-1) if moe.group_by_best else grouped.topk(2, dim=-1).values.sum(dim=-1)
+        best = torch.topk(rank, moe.top_groups, dim=-1, sorted=False).indices
+        allowed = torch.zeros_like(rank, dtype=torch.bool).scatter_(1, best, True)
+        return grouped.masked_fill(~allowed[..., None], float("-inf")).view(-1, moe.num_experts)
 
     def _sigmoid_route(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         """GLM-4.5's (DeepSeek-V3's) routing of fp32 router logits, as HF computes it (weights stay fp32)."""
         moe = self.moe
         scores = logits.sigmoid()
-        choice = scores + self.gate.e_score_correction_bias
-        if moe.num_groups > 1:  # only experts of the top_groups groups (ranked by their two best) may be chosen
-            grouped = choice.view(-1, moe.num_groups, moe.num_experts // moe.num_groups)
-            best = torch.topk(grouped.topk(2, dim=-1).values.sum(dim=-1), moe.top_groups, dim=-1, sorted=False).indices
-            allowed = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best, True)
-            choice = grouped.masked_fill(~allowed[..., None], float("-inf")).view(-1, moe.num_experts)
+        choice = self._in_best_groups(scores + self.gate.e_score_correction_bias)
         experts = torch.topk(choice, moe.top_k, dim=-1, sorted=False).indices
         weights = scores.gather(1, experts)
         if moe.norm_topk_prob:

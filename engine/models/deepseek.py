@@ -1,0 +1,142 @@
+"""DeepSeek-V2 / V3 and GLM-4.7-Flash (glm4_moe_lite): Llama's layers and DeepSeek's mixtures of experts with
+multi-head latent attention (MLA, `MLAConfig`).
+
+A token's queries come from a low-rank projection (q_a, RMSNorm, q_b; V2-Lite: one q_proj), its keys and values
+from one compressed latent (kv_a, RMSNorm, kv_b) plus qk_rope rotated key channels shared by every head. Layer 0's
+first projections of the normed input (q_a or q_proj, and kv_a) are fused into one GEMM, which the triton
+backend's fused first-layer-input kernel computes. The paged pool holds each head's expanded key and value (the
+value zero-padded to the key's width: the attention then returns the values' channels first, zeros after), so
+every attention backend serves MLA unchanged; a prefix's K/V are computed once per task as for any model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .base import Layer0Input, Layer0Norms
+from .common import Attention, RMSNorm, apply_rotary, permute_head_channels, rotary_cos_sin
+from .linear import Linear, linear
+from .llama import LlamaBackbone, LlamaForCausalLM, LlamaLayer, _fuse
+
+LATENT_NORM_EPS = 1e-6  # q_a_layernorm's and kv_a_layernorm's (HF builds them with the default eps)
+
+
+class LatentAttention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        m = c.mla
+        assert m is not None
+        heads = c.num_heads
+        if m.q_lora_rank:
+            self.q_a_proj = Linear(c.hidden_size, m.q_lora_rank, bias=c.qkv_bias)
+            self.q_a_layernorm = RMSNorm(m.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b_proj = Linear(m.q_lora_rank, heads * m.qk_head_dim, bias=False)
+        else:
+            self.q_proj = Linear(c.hidden_size, heads * m.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(c.hidden_size, m.kv_lora_rank + m.qk_rope_head_dim, bias=c.qkv_bias)
+        self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, LATENT_NORM_EPS)
+        self.kv_b_proj = Linear(m.kv_lora_rank, heads * (m.qk_nope_head_dim + m.v_head_dim), bias=False)
+        self.o_proj = Linear(heads * m.v_head_dim, c.hidden_size, bias=c.o_bias)
+        self.mla = m
+        self.num_heads = heads
+        self.head_dim = c.head_dim
+        self.qkv_weight: Tensor | None = None  # (q_a or q_proj, and kv_a, fused: "qkv" as layer 0's kernel names it)
+        self.qkv_bias: Tensor | None = None
+
+    def fuse(self, transposed: bool) -> None:
+        first = self.q_a_proj if self.mla.q_lora_rank else self.q_proj
+        self.qkv_weight, self.qkv_bias = _fuse([first, self.kv_a_proj_with_mqa], transposed)
+
+    def forward(self, layer: int, first: Tensor, rope: tuple[Tensor, Tensor], attention: Attention) -> Tensor:
+        """`first`: the fused first projections of the normed input [T, q width + kv_lora_rank + qk_rope]."""
+        m, heads, t = self.mla, self.num_heads, first.shape[0]
+        q_width = m.q_lora_rank or heads * m.qk_head_dim
+        q, latent, k_rot = first.split([q_width, m.kv_lora_rank, m.qk_rope_head_dim], dim=1)
+        if m.q_lora_rank:
+            q = self.q_b_proj(self.q_a_layernorm(q))
+        q = q.view(t, heads, m.qk_head_dim)
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(t, heads, m.qk_nope_head_dim + m.v_head_dim)
+        q_rot, k_rot = self._rotate(q[..., m.qk_nope_head_dim:], k_rot.view(t, 1, m.qk_rope_head_dim), *rope)
+        q = torch.cat((q[..., :m.qk_nope_head_dim], q_rot), dim=-1)
+        k = torch.cat((kv[..., :m.qk_nope_head_dim], k_rot.expand(t, heads, m.qk_rope_head_dim)), dim=-1)
+        v = kv[..., m.qk_nope_head_dim:]
+        q, k, v = (F.pad(x, (0, self.head_dim - x.shape[-1])) if x.shape[-1] < self.head_dim else x for x in (q, k, v))
+        out = attention(layer, q, k, v)[..., :m.v_head_dim]
+        return self.o_proj(out.reshape(t, heads * m.v_head_dim))
+
+    def _rotate(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """RoPE over the rotary channels (rotate-half: interleaved checkpoints' channels are permuted at load);
+        DeepSeek-V2's in fp32 tables, cast back after (as its complex-number rotation)."""
+        if not self.mla.fp32_rope:
+            return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return apply_rotary(q.float(), cos, sin).to(q.dtype), apply_rotary(k.float(), cos, sin).to(k.dtype)
+
+
+class DeepseekLayer(LlamaLayer):
+    attention_class = LatentAttention
+
+
+class DeepseekBackbone(LlamaBackbone):
+    layer_class = DeepseekLayer
+
+
+def _halves_order(start: int, rotary: int) -> list[int]:
+    """Channels start.. start+rotary-1 from interleaved pairs (2i, 2i+1) to rotate-half's (i, i + rotary/2), the
+    channels before `start` in place."""
+    return [*range(start), *range(start, start + rotary, 2), *range(start + 1, start + rotary, 2)]
+
+
+class DeepseekForCausalLM(LlamaForCausalLM):
+    backbone_class = DeepseekBackbone
+
+    @property
+    def rope_tables(self) -> tuple[Tensor, Tensor] | None:
+        return None  # (the model rotates the rotary channels itself)
+
+    def init_buffers(self, device: torch.device) -> None:
+        super().init_buffers(device)
+        if self.config.mla.fp32_rope:  # V2: cos/sin kept in fp32
+            positions = torch.arange(self.config.max_positions, device=device)
+            cos, sin = rotary_cos_sin(self.inv_freq, self.rope_scaling, positions, torch.float32)
+            self.rope_cos, self.rope_sin = cos, sin
+
+    def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
+        """Llama's mapping (experts, multi-token-prediction layers left out); with interleaved RoPE, each head's
+        rotary query rows and the shared rotary key rows permuted to rotate-half's order."""
+        mapped = super().checkpoint_tensors(key, tensor)
+        m = self.config.mla
+        if not m.interleaved_rope:
+            return mapped
+        out = []
+        for name, t in mapped:
+            if name.endswith(("self_attn.q_b_proj.weight", "self_attn.q_proj.weight")):
+                t = permute_head_channels(t, m.qk_head_dim, _halves_order(m.qk_nope_head_dim, m.qk_rope_head_dim))
+            elif name.endswith(("self_attn.kv_a_proj_with_mqa.weight", "self_attn.kv_a_proj_with_mqa.bias")):
+                width = m.kv_lora_rank + m.qk_rope_head_dim
+                t = permute_head_channels(t, width, _halves_order(m.kv_lora_rank, m.qk_rope_head_dim))
+            out.append((name, t))
+        return out
+
+    def layer0_norms(self) -> Layer0Norms:
+        layer = self.model.layers[0]
+        norm, attn = layer.input_layernorm, layer.self_attn
+        return Layer0Norms(None, None, (norm.weight, None, norm.eps, "rms"), (attn.qkv_weight, attn.qkv_bias))
+
+    def forward(
+        self, embeds: Tensor | None, positions: Tensor, attention: Attention, layer0: Layer0Input | None = None
+    ) -> Tensor:
+        rope = self.rope_cos[positions], self.rope_sin[positions]
+        h = embeds if layer0 is None else layer0.residual
+        for i, layer in enumerate(self.model.layers):
+            a = layer.self_attn
+            if i == 0 and layer0 is not None and layer0.qkv is not None:
+                first = layer0.qkv
+            else:
+                x = layer0.normed if (i == 0 and layer0 is not None) else layer.input_layernorm(h)
+                first = linear(x, a.qkv_weight, a.qkv_bias)
+            h = a(i, first, rope, attention).add_(h)
+            h = layer.mlp(layer.post_attention_layernorm(h)).add_(h)
+        return self.model.norm(h)
