@@ -22,6 +22,7 @@ ARCH_FAMILIES = {
     "apertus": "llama", "cwm": "llama", "hyperclovax": "llama", "glm4_moe": "llama", "qwen2_vl": "llama",
     "qwen2_5_vl": "llama", "qwen3_vl": "llama",
     "qwen3_vl_moe": "llama", "deepseek_v2": "deepseek", "deepseek_v3": "deepseek", "glm4_moe_lite": "deepseek",
+    "mistral4": "deepseek", "youtu": "deepseek", "minicpm3": "deepseek",
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
@@ -62,6 +63,7 @@ class MoEConfig:
     norm_min: float = 0.0
     fp32_router: bool = False  # router logits from fp32 casts of the input and weight (GLM-4.5's, ERNIE 4.5's)
     fp32_router_weight: bool = False  # the router weight itself held in fp32, as transformers holds ERNIE 4.5's
+    router_in_model_dtype: bool = False  # Mistral 4: the router's logits and softmax in the model dtype
     group_by_best: bool = False  # DeepSeek-V2's group_limited_greedy: a group ranked by its best expert's probability
 
 
@@ -337,10 +339,16 @@ MULTIMODAL_TEXT_READERS = {"mistral3": None, "qwen2_vl": "qwen2", "qwen2_5_vl": 
                            "qwen3_vl_moe": "qwen3_moe"}
 
 
+def _text_model_config(text: Any, model_type: str) -> ModelConfig:
+    """A multimodal checkpoint's language model, read by its family's reader (Mistral 3's around Mistral 4's latent
+    attention: DeepSeek's), the Llama reader where the type is not one of ours."""
+    return FAMILY_CONFIGS[ARCH_FAMILIES.get(model_type, "llama")](text, model_type)
+
+
 def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> ModelConfig:
     if model_type in MULTIMODAL_TEXT_READERS:  # Mistral Small 3.x, Ministral 3, Qwen2/2.5/3-VL: the language model
         reader = MULTIMODAL_TEXT_READERS[model_type]
-        return _language_model_config(hf, model_type, lambda text: _llama_config(text, reader or text.model_type))
+        return _language_model_config(hf, model_type, lambda text: _text_model_config(text, reader or text.model_type))
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     max_positions = hf.max_position_embeddings
     # Sliding-window layers: Mistral's and Phi-3's apply to every layer, Qwen's to those `layer_types` names
@@ -401,13 +409,18 @@ def _olmo_config(hf: Any, model_type: str) -> ModelConfig:
 
 
 def _deepseek_config(hf: Any, model_type: str) -> ModelConfig:
-    """DeepSeek-V2 / V3 and GLM-4.7-Flash (glm4_moe_lite): Llama's layout with latent attention (`MLAConfig`);
-    every head has its own K/V, scores scaled by qk_head_dim^-0.5 (times YaRN's mscale_all_dim factor squared)."""
+    """DeepSeek-V2 / V3, GLM-4.7-Flash (glm4_moe_lite), Mistral 4, Youtu-LLM and MiniCPM3: Llama's layout with latent
+    attention (`MLAConfig`); every head has its own K/V, scores scaled by qk_head_dim^-0.5 (times YaRN's
+    mscale_all_dim factor squared). Mistral 4 scales queries by position as Ministral 3 (Llama's reader reads
+    that); MiniCPM3 scales token embeddings by scale_emb (`DeepseekForCausalLM`) and each sublayer's output by
+    scale_depth / sqrt(layers), and divides the final hidden states by hidden_size / dim_model_base."""
     _check_rope_types(hf, model_type)
+    minicpm = model_type == "minicpm3"  # (rotate-half RoPE, no rope_interleave field)
     mla = MLAConfig(q_lora_rank=hf.q_lora_rank or 0, kv_lora_rank=hf.kv_lora_rank,
                     qk_nope_head_dim=hf.qk_nope_head_dim, qk_rope_head_dim=hf.qk_rope_head_dim,
                     v_head_dim=hf.v_head_dim,
-                    interleaved_rope=model_type == "deepseek_v2" or bool(getattr(hf, "rope_interleave", True)),
+                    interleaved_rope=model_type == "deepseek_v2" or (not minicpm
+                                                                     and bool(getattr(hf, "rope_interleave", True))),
                     fp32_rope=model_type == "deepseek_v2")
     scale = mla.qk_head_dim**-0.5
     rope = hf.rope_parameters or {}
@@ -415,7 +428,8 @@ def _deepseek_config(hf: Any, model_type: str) -> ModelConfig:
         scale *= (0.1 * rope["mscale_all_dim"] * math.log(rope["factor"]) + 1.0) ** 2
     return replace(_llama_config(hf, model_type), family="deepseek", num_kv_heads=hf.num_attention_heads,
                    head_dim=max(mla.qk_head_dim, mla.v_head_dim), rotary_dim=mla.qk_rope_head_dim,
-                   attention_scale=scale, mla=mla)
+                   attention_scale=scale, mla=mla,
+                   residual_multiplier=hf.scale_depth / math.sqrt(hf.num_hidden_layers) if minicpm else 1.0)
 
 
 def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
@@ -440,7 +454,7 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
                          ungated_shared_intermediate_size=hf.moe_intermediate_size * (hf.moe_num_shared_experts or 0),
                          correction_bias=True, fp32_router=True, fp32_router_weight=True,
                          norm_min=float(hf.moe_norm_min))
-    if model_type in ("deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite"):  # ungated shared experts
+    if model_type in ("deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "mistral4"):  # ungated shared experts
         shared = hf.moe_intermediate_size * (hf.n_shared_experts or 0)
     if model_type == "deepseek_v2":  # dense first_k_dense_replace layers, then softmax-routed ones, scaled
         if hf.topk_method not in ("greedy", "group_limited_greedy"):
@@ -452,6 +466,12 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
                          weights_in_model_dtype=False, sparse_layers=tuple(layers)[hf.first_k_dense_replace:],
                          fp32_router=True, num_groups=hf.n_group if grouped else 1,
                          top_groups=hf.topk_group if grouped else 1, group_by_best=True,
+                         routed_scaling=float(hf.routed_scaling_factor), ungated_shared_intermediate_size=shared)
+    if model_type == "mistral4":  # dense first_k_dense_replace layers, then a softmax router over the best groups
+        return MoEConfig(num_experts=hf.n_routed_experts, top_k=hf.num_experts_per_tok,
+                         intermediate_size=hf.moe_intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),
+                         weights_in_model_dtype=True, sparse_layers=tuple(layers)[hf.first_k_dense_replace:],
+                         router_in_model_dtype=True, num_groups=hf.n_group or 1, top_groups=hf.topk_group or 1,
                          routed_scaling=float(hf.routed_scaling_factor), ungated_shared_intermediate_size=shared)
     if model_type in ("glm4_moe", "deepseek_v3", "glm4_moe_lite"):  # dense layers, then sigmoid-routed ones
         kinds = getattr(hf, "mlp_layer_types", None)  # (GLM-4.7-Flash's names them, the others count dense ones)

@@ -24,7 +24,7 @@ __all__ = [
 SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
     "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "olmoe", "granitemoe", "glm4_moe", "deepseek_v2",
-    "deepseek_v3", "glm4_moe_lite", "phi3", "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium",
+    "deepseek_v3", "glm4_moe_lite", "mistral4", "youtu", "minicpm3", "phi3", "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium",
     "arcee", "apertus", "cwm", "hyperclovax", "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gpt_neox", "phi",
     "stablelm", "nemotron", "starcoder2", "cohere", "cohere2", "olmo", "olmo2", "olmo3", "exaone4", "exaone4_5", "glm",
     "glm4", "falcon", "gptj", "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
@@ -127,7 +127,8 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
     untied = ("llama", "mistral", "ministral", "ministral3", "mistral3", "granite", "mixtral", "qwen2_moe",
               "qwen3_moe", "olmoe", "granitemoe", "phi3", "gpt_neox", "phi", "stablelm", "olmo", "olmo2", "olmo3",
               "exaone4", "exaone4_5", "glm", "glm4", "gptj", "codegen", "internlm3", "helium", "arcee", "nemotron",
-              "cwm", "hyperclovax", "jais2", "apertus", "glm4_moe", "deepseek_v2", "deepseek_v3", "glm4_moe_lite")
+              "cwm", "hyperclovax", "jais2", "apertus", "glm4_moe", "deepseek_v2", "deepseek_v3", "glm4_moe_lite",
+              "mistral4", "minicpm3")
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "ministral", "ministral3", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3",
@@ -169,12 +170,13 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
         if arch in ("qwen3", "qwen3_moe", "ministral", "ministral3", "ernie4_5", "ernie4_5_moe", "seed_oss",
                     "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "glm4_moe"):
             kw["head_dim"] = hidden_size // num_heads
-    elif arch in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite"):
+    elif arch in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "mistral4", "youtu", "minicpm3"):
         # latent attention at a tiny scale: queries through a rank-32 projection, keys/values from a rank-16 latent;
         # 16 key channels per head not rotated, 8 rotated (shared), values 12 wide; a dense first layer, then 8
         # experts (2 a token) in 2 groups (1 a token: V2's group_limited_greedy, V3's) and a shared expert
         cls = {"deepseek_v2": transformers.DeepseekV2Config, "deepseek_v3": transformers.DeepseekV3Config,
-               "glm4_moe_lite": transformers.Glm4MoeLiteConfig}[arch]
+               "glm4_moe_lite": transformers.Glm4MoeLiteConfig, "mistral4": transformers.Mistral4Config,
+               "youtu": transformers.YoutuConfig, "minicpm3": transformers.MiniCPM3Config}[arch]
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                   num_key_value_heads=num_heads, intermediate_size=inter, max_position_embeddings=max_positions,
                   q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
@@ -184,6 +186,12 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
             kw["topk_method"] = "group_limited_greedy"
         if arch == "glm4_moe_lite":  # (one group: GLM-4.7-Flash's)
             kw.update(n_group=1, mlp_layer_types=["dense"] + ["sparse"] * (num_layers - 1))
+        if arch in ("youtu", "minicpm3"):  # (dense models)
+            for key in ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "n_shared_experts",
+                        "first_k_dense_replace", "routed_scaling_factor", "n_group", "topk_group"):
+                del kw[key]
+        if arch == "minicpm3":  # its embedding, residual and hidden-state scales (MiniCPM3-4B's scale_emb 12)
+            kw.update(scale_emb=12, scale_depth=1.4, dim_model_base=16)
     elif arch == "gemma3":  # multimodal: Gemma 3 text + a tiny SigLIP vision tower the engine leaves out
         text = _hf_config("gemma3_text", vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
                           num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
@@ -193,8 +201,8 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
         return transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision, mm_tokens_per_image=4,
                                          image_token_index=vocab_size - 1, boi_token_index=vocab_size - 2,
                                          eoi_token_index=vocab_size - 3, **ids)
-    elif arch == "mistral3":  # multimodal: Ministral 3 text + a tiny Pixtral vision tower the engine leaves out
-        text = _hf_config("ministral3", vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
+    elif arch == "mistral3":  # multimodal: Ministral 3 (or `text_model_type`'s) text + a tiny Pixtral vision tower
+        text = _hf_config(overrides.pop("text_model_type", "ministral3"), vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
                           num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
                           max_positions=max_positions, tie_word_embeddings=tie, **overrides)
         vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=28,
@@ -412,6 +420,9 @@ def build_tiny_checkpoint(arch: str, out_dir: str | Path, *, dtype: torch.dtype 
                         max_positions=max_positions, tie_word_embeddings=tie_word_embeddings, **config_overrides)
     model = _uninitialised_model(config)
     _reinit_(model, seed)
+    if arch == "youtu":  # transformers zeroes Youtu's padding row whenever it loads one (its _init_weights)
+        with torch.no_grad():
+            model.get_input_embeddings().weight[config.pad_token_id] = 0
     model = model.to(dtype).eval()
     with _quiet():
         if arch == "qwen3_vl_moe":  # (transformers 5.23's save_pretrained fails on its experts)

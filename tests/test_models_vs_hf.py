@@ -107,7 +107,8 @@ def test_greedy_tokens_match_peft_generate(variant, model_dir_for, adapter_for):
 @pytest.mark.parametrize("variant", ["llama", "gpt2", "bloom", "qwen3", "gemma2", "phi", "opt", "olmo2", "cohere",
                                      "glm", "ernie4_5", "gpt_neo", "helium", "arcee",
                                      "nemotron", "hyperclovax", "jais2", "apertus",
-                                     "codegen", "xglm", "biogpt", "deepseek_v3_dense", "deepseek_v2_dense"])
+                                     "codegen", "xglm", "biogpt", "deepseek_v3_dense", "deepseek_v2_dense",
+                                     "youtu", "minicpm3"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_close_to_hf(variant, dtype, model_dir_for, adapter_for):
     """In half precision, we must be about as close to HF-half as HF-half is to the fp32 truth."""
@@ -133,7 +134,8 @@ def test_half_precision_close_to_hf(variant, dtype, model_dir_for, adapter_for):
 
 
 @pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "glm4_moe",
-                                     "ernie4_5_moe", "deepseek_v3", "deepseek_v2", "glm4_moe_lite"])
+                                     "ernie4_5_moe", "deepseek_v3", "deepseek_v2", "glm4_moe_lite",
+                                     "mistral4"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_moe_layer_matches_hf(variant, dtype, model_dir_for):
     """A mixture-of-experts model's half-precision logits cannot be held to HF's fp32 ones as above: where two
@@ -172,12 +174,13 @@ def test_post_norms_round_as_hf_in_half_precision(variant, model_dir_for):
             assert torch.equal(getattr(ours, name)(x.bfloat16()), getattr(theirs, name)(x.bfloat16())), name
 
 
-@pytest.mark.parametrize("variant", ["deepseek_v2_dense", "deepseek_v3_dense", "glm4_moe_lite"])
+@pytest.mark.parametrize("variant", ["deepseek_v2_dense", "deepseek_v3_dense", "glm4_moe_lite", "mistral4",
+                                     "minicpm3"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_latent_attention_rounds_as_hf_in_half_precision(variant, dtype, model_dir_for):
     """DeepSeek's latent attention in half precision, on the same input and causal SDPA: bit for bit HF's (V2
-    rotates in fp32 as complex numbers, V3 in the model dtype; the values padded to the keys' width for the pool).
-    Below the logit tolerances above, so held alone."""
+    rotates in fp32 as complex numbers, V3 in the model dtype; the values padded to the keys' width for the pool;
+    Mistral 4's queries scaled by position). Below the logit tolerances above, so held alone."""
     import torch.nn.functional as F
 
     from softprompt.engine.loader import load_model
@@ -186,7 +189,7 @@ def test_latent_attention_rounds_as_hf_in_half_precision(variant, dtype, model_d
     model_dir = model_dir_for(variant)
     ours, hf = load_model(model_dir, "cpu", dtype), hf_peft_model(model_dir, None, dtype=dtype)
     x = torch.randn(1, 40, ours.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(dtype)
-    positions = torch.arange(40)
+    positions = torch.arange(40)  # (past Mistral 4's original 16 positions: its query scale grows)
     scale = ours.config.attention_scale
 
     def attention(layer, q, k, v):
@@ -195,10 +198,11 @@ def test_latent_attention_rounds_as_hf_in_half_precision(variant, dtype, model_d
 
     attn = ours.model.layers[0].self_attn
     with torch.no_grad():
-        expected = hf.model.layers[0].self_attn(hidden_states=x, attention_mask=None,
+        expected = hf.model.layers[0].self_attn(hidden_states=x, attention_mask=None, position_ids=positions[None],
                                                 position_embeddings=hf.model.rotary_emb(x, positions[None]))[0][0]
         got = attn(0, linear(x[0], attn.qkv_weight, attn.qkv_bias), (ours.rope_cos[positions],
-                                                                       ours.rope_sin[positions]), attention)
+                                                                       ours.rope_sin[positions]), attention,
+                   ours.query_scale(positions, dtype))
     assert torch.equal(got, expected)
 
 

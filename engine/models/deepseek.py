@@ -1,5 +1,5 @@
-"""DeepSeek-V2 / V3 and GLM-4.7-Flash (glm4_moe_lite): Llama's layers and DeepSeek's mixtures of experts with
-multi-head latent attention (MLA, `MLAConfig`).
+"""DeepSeek-V2 / V3, GLM-4.7-Flash (glm4_moe_lite), Mistral 4, Youtu-LLM and MiniCPM3: Llama's layers (and
+DeepSeek's mixtures of experts) with multi-head latent attention (MLA, `MLAConfig`).
 
 A token's queries come from a low-rank projection (q_a, RMSNorm, q_b; V2-Lite: one q_proj), its keys and values
 from one compressed latent (kv_a, RMSNorm, kv_b) plus qk_rope rotated key channels shared by every head. Layer 0's
@@ -50,8 +50,10 @@ class LatentAttention(nn.Module):
         first = self.q_a_proj if self.mla.q_lora_rank else self.q_proj
         self.qkv_weight, self.qkv_bias = _fuse([first, self.kv_a_proj_with_mqa], transposed)
 
-    def forward(self, layer: int, first: Tensor, rope: tuple[Tensor, Tensor], attention: Attention) -> Tensor:
-        """`first`: the fused first projections of the normed input [T, q width + kv_lora_rank + qk_rope]."""
+    def forward(self, layer: int, first: Tensor, rope: tuple[Tensor, Tensor], attention: Attention,
+                q_scale: Tensor | None = None) -> Tensor:
+        """`first`: the fused first projections of the normed input [T, q width + kv_lora_rank + qk_rope];
+        `q_scale` [T, 1, 1]: Mistral 4's query scale by position."""
         m, heads, t = self.mla, self.num_heads, first.shape[0]
         q_width = m.q_lora_rank or heads * m.qk_head_dim
         q, latent, k_rot = first.split([q_width, m.kv_lora_rank, m.qk_rope_head_dim], dim=1)
@@ -61,6 +63,8 @@ class LatentAttention(nn.Module):
         kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(t, heads, m.qk_nope_head_dim + m.v_head_dim)
         q_rot, k_rot = self._rotate(q[..., m.qk_nope_head_dim:], k_rot.view(t, 1, m.qk_rope_head_dim), *rope)
         q = torch.cat((q[..., :m.qk_nope_head_dim], q_rot), dim=-1)
+        if q_scale is not None:
+            q = q * q_scale
         k = torch.cat((kv[..., :m.qk_nope_head_dim], k_rot.expand(t, heads, m.qk_rope_head_dim)), dim=-1)
         v = kv[..., m.qk_nope_head_dim:]
         q, k, v = (F.pad(x, (0, self.head_dim - x.shape[-1])) if x.shape[-1] < self.head_dim else x for x in (q, k, v))
@@ -92,12 +96,29 @@ def _halves_order(start: int, rotary: int) -> list[int]:
 class DeepseekForCausalLM(LlamaForCausalLM):
     backbone_class = DeepseekBackbone
 
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        hf = config.hf_config
+        minicpm = config.model_type == "minicpm3"
+        self.embed_scale_value = float(hf.scale_emb) if minicpm else 1.0  # MiniCPM3's, inside the embedding
+        self.hidden_divisor = float(hf.hidden_size / hf.dim_model_base) if minicpm else 1.0  # before the LM head
+        # token rows are scaled and prompt rows not: the fused input kernels do not do that
+        self.fused_layer0 = self.embed_scale_value == 1.0
+
     @property
     def rope_tables(self) -> tuple[Tensor, Tensor] | None:
         return None  # (the model rotates the rotary channels itself)
 
+    def embed_tokens(self, ids: Tensor) -> Tensor:
+        """MiniCPM3's token rows times scale_emb (cast to the table's dtype first, as HF's scaled embedding);
+        soft-prompt rows go in as they are, as PEFT concatenates them."""
+        rows = self.model.embed_tokens(ids)
+        return rows if self.embed_scale_value == 1.0 else rows * self.embed_scale
+
     def init_buffers(self, device: torch.device) -> None:
         super().init_buffers(device)
+        dtype = self.word_embeddings.weight.dtype
+        self.register_buffer("embed_scale", torch.tensor(self.embed_scale_value).to(device, dtype), persistent=False)
         if self.config.mla.fp32_rope:  # V2: cos/sin kept in fp32
             positions = torch.arange(self.config.max_positions, device=device)
             cos, sin = rotary_cos_sin(self.inv_freq, self.rope_scaling, positions, torch.float32)
@@ -125,11 +146,22 @@ class DeepseekForCausalLM(LlamaForCausalLM):
         norm, attn = layer.input_layernorm, layer.self_attn
         return Layer0Norms(None, None, (norm.weight, None, norm.eps, "rms"), (attn.qkv_weight, attn.qkv_bias))
 
+    def query_scale(self, positions: Tensor, dtype: torch.dtype) -> Tensor | None:
+        """Mistral 4's query scale by position [T, 1, 1], as Ministral 3's; None for the others."""
+        c = self.config
+        if not c.query_scale_beta:
+            return None
+        scale = 1 + c.query_scale_beta * torch.log(1 + torch.floor(positions / c.query_scale_period))
+        return scale.to(dtype)[:, None, None]
+
     def forward(
         self, embeds: Tensor | None, positions: Tensor, attention: Attention, layer0: Layer0Input | None = None
     ) -> Tensor:
+        c = self.config
         rope = self.rope_cos[positions], self.rope_sin[positions]
         h = embeds if layer0 is None else layer0.residual
+        r = c.residual_multiplier  # (MiniCPM3's)
+        q_scale = self.query_scale(positions, h.dtype)
         for i, layer in enumerate(self.model.layers):
             a = layer.self_attn
             if i == 0 and layer0 is not None and layer0.qkv is not None:
@@ -137,6 +169,9 @@ class DeepseekForCausalLM(LlamaForCausalLM):
             else:
                 x = layer0.normed if (i == 0 and layer0 is not None) else layer.input_layernorm(h)
                 first = linear(x, a.qkv_weight, a.qkv_bias)
-            h = a(i, first, rope, attention).add_(h)
-            h = layer.mlp(layer.post_attention_layernorm(h)).add_(h)
-        return self.model.norm(h)
+            out = a(i, first, rope, attention, q_scale)
+            h = (out if r == 1.0 else out.mul_(r)).add_(h)
+            out = layer.mlp(layer.post_attention_layernorm(h))
+            h = (out if r == 1.0 else out.mul_(r)).add_(h)
+        h = self.model.norm(h)
+        return h if self.hidden_divisor == 1.0 else h / self.hidden_divisor

@@ -49,10 +49,13 @@ class SparseMoE(nn.Module):
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Each token's top-k experts [T, k] and their weights [T, k] (softmax over all experts in fp32, then
         renormalised over the chosen ones where the config says so; GraniteMoE: the top-k logits' softmax; ERNIE
-        4.5: chosen by probability + correction bias; DeepSeek-V2: from the best groups, scaled; GLM-4.5,
-        DeepSeek-V3: `_sigmoid_route`)."""
+        4.5: chosen by probability + correction bias; DeepSeek-V2, Mistral 4: from the best groups, scaled, Mistral
+        4's in the model dtype; GLM-4.5, DeepSeek-V3: `_sigmoid_route`)."""
         moe = self.moe
-        logits = F.linear(x.float(), self.gate.weight.float()) if moe.fp32_router else self.gate(x).float()
+        if moe.fp32_router:
+            logits = F.linear(x.float(), self.gate.weight.float())
+        else:
+            logits = self.gate(x) if moe.router_in_model_dtype else self.gate(x).float()
         if moe.sigmoid_scores:
             return self._sigmoid_route(logits)
         if moe.softmax_over_topk:
