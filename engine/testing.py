@@ -24,10 +24,11 @@ __all__ = [
 SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
     "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "olmoe", "granitemoe", "glm4_moe", "deepseek_v2",
-    "deepseek_v3", "glm4_moe_lite", "mistral4", "youtu", "minicpm3", "phi3", "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium",
-    "arcee", "apertus", "cwm", "hyperclovax", "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gpt_neox", "phi",
-    "stablelm", "nemotron", "starcoder2", "cohere", "cohere2", "olmo", "olmo2", "olmo3", "exaone4", "exaone4_5", "glm",
-    "glm4", "falcon", "gptj", "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
+    "deepseek_v3", "glm4_moe_lite", "mistral4", "youtu", "minicpm3", "phi3", "smollm3", "ernie4_5", "ernie4_5_moe",
+    "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "gemma", "gemma2",
+    "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron", "starcoder2", "cohere", "cohere2", "olmo",
+    "olmo2", "olmo3", "exaone4", "exaone4_5", "glm", "glm4", "falcon", "gptj", "codegen", "opt", "xglm", "biogpt",
+    "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -202,7 +203,8 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                                          image_token_index=vocab_size - 1, boi_token_index=vocab_size - 2,
                                          eoi_token_index=vocab_size - 3, **ids)
     elif arch == "mistral3":  # multimodal: Ministral 3 (or `text_model_type`'s) text + a tiny Pixtral vision tower
-        text = _hf_config(overrides.pop("text_model_type", "ministral3"), vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
+        text = _hf_config(overrides.pop("text_model_type", "ministral3"), vocab_size=vocab_size,
+                          hidden_size=hidden_size, num_layers=num_layers,
                           num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
                           max_positions=max_positions, tie_word_embeddings=tie, **overrides)
         vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=28,

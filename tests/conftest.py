@@ -219,7 +219,8 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "deepseek_v2_dense": ("deepseek_v2", {"first_k_dense_replace": 2}),
     # Mistral 4: DeepSeek-V3's attention with Ministral 3's queries scaled by position (YaRN), a softmax router in
     # the model dtype over the best groups; Youtu-LLM: that attention with dense MLPs, tied embeddings; MiniCPM3:
-    # rotate-half RoPE, token embeddings times scale_emb, residual branches scaled, hidden states divided before the head
+    # rotate-half RoPE, token embeddings times scale_emb, residual branches scaled, hidden states divided before the
+    # head
     "mistral4": ("mistral4", {"num_layers": 3, "rope_parameters": {
         "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
         "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1, "llama_4_scaling_beta": 0.1}}),

@@ -43,7 +43,8 @@ pytest.importorskip("peft")
 
 _built: dict[str, dict] = {}
 CPT_UNBUILDABLE = ("xglm",)  # PEFT's CPTConfig resets the head count it cannot read off XGLM's config
-KV_UNSERVABLE = ("deepseek_v3", "deepseek_v2", "minicpm3")  # latent attention: no per-head K/V for prefix tuning (HF + PEFT fail)
+# latent attention: no per-head K/V for prefix tuning or cartridges (HF + PEFT fail on them)
+KV_UNSERVABLE = ("deepseek_v3", "deepseek_v2", "minicpm3")
 KV_TASKS = ("kv", "kv_proj", "cart")
 
 
