@@ -22,7 +22,7 @@ ARCH_FAMILIES = {
     "apertus": "llama", "cwm": "llama", "hyperclovax": "llama", "glm4_moe": "llama", "qwen2_vl": "llama",
     "qwen2_5_vl": "llama", "qwen3_vl": "llama",
     "qwen3_vl_moe": "llama", "deepseek_v2": "deepseek", "deepseek_v3": "deepseek", "glm4_moe_lite": "deepseek",
-    "mistral4": "deepseek", "youtu": "deepseek", "minicpm3": "deepseek",
+    "mistral4": "deepseek", "youtu": "deepseek", "minicpm3": "deepseek", "dots1": "llama",
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
@@ -384,7 +384,8 @@ def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> Mo
         mlp_bias=attention_bias if ernie else bool(getattr(hf, "mlp_bias", False)),
         lm_head_bias=model_type == "ernie4_5_moe" and attention_bias,
         gated_mlp=model_type not in ("arcee", "apertus"),
-        qk_norm=model_type in ("qwen3", "qwen3_moe", "apertus") or (model_type == "glm4_moe" and hf.use_qk_norm),
+        qk_norm=model_type in ("qwen3", "qwen3_moe", "apertus", "dots1") or (model_type == "glm4_moe"
+                                                                              and hf.use_qk_norm),
         qk_norm_over_heads=model_type == "olmoe",
         clip_qkv=float(getattr(hf, "clip_qkv", None) or 0.0),
         rotary_dim=rotary_dim,
@@ -454,8 +455,8 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
                          ungated_shared_intermediate_size=hf.moe_intermediate_size * (hf.moe_num_shared_experts or 0),
                          correction_bias=True, fp32_router=True, fp32_router_weight=True,
                          norm_min=float(hf.moe_norm_min))
-    if model_type in ("deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "mistral4"):  # ungated shared experts
-        shared = hf.moe_intermediate_size * (hf.n_shared_experts or 0)
+    if model_type in ("deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "mistral4", "dots1"):
+        shared = hf.moe_intermediate_size * (hf.n_shared_experts or 0)  # (ungated shared experts)
     if model_type == "deepseek_v2":  # dense first_k_dense_replace layers, then softmax-routed ones, scaled
         if hf.topk_method not in ("greedy", "group_limited_greedy"):
             raise UnsupportedModelError(f"deepseek_v2 with topk_method={hf.topk_method!r} (transformers computes "
@@ -473,7 +474,7 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
                          weights_in_model_dtype=True, sparse_layers=tuple(layers)[hf.first_k_dense_replace:],
                          router_in_model_dtype=True, num_groups=hf.n_group or 1, top_groups=hf.topk_group or 1,
                          routed_scaling=float(hf.routed_scaling_factor), ungated_shared_intermediate_size=shared)
-    if model_type in ("glm4_moe", "deepseek_v3", "glm4_moe_lite"):  # dense layers, then sigmoid-routed ones
+    if model_type in ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "dots1"):  # dense layers, then sigmoid-routed ones
         kinds = getattr(hf, "mlp_layer_types", None)  # (GLM-4.7-Flash's names them, the others count dense ones)
         sparse = tuple(i for i in layers if kinds[i] == "sparse") if kinds else tuple(layers)[hf.first_k_dense_replace:]
         return MoEConfig(num_experts=hf.n_routed_experts, top_k=hf.num_experts_per_tok,

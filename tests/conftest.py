@@ -227,6 +227,9 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # Mistral Small 4 as the Hub holds it: a multimodal Mistral 3 checkpoint around Mistral 4's language model
     "mistral3_mistral4": ("mistral3", {"text_model_type": "mistral4", "num_layers": 3}),
     "youtu": ("youtu", {}),
+    # dots.llm1 (dots1): Qwen3's attention (per-head q/k norms; here with biases and a sliding layer, by
+    # max_window_layers), a dense first layer, then DeepSeek-V3's router and a shared expert
+    "dots1": ("dots1", {"num_layers": 3, "attention_bias": True, "sliding_window": 6, "max_window_layers": 2}),
     "minicpm3": ("minicpm3", {}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
