@@ -23,6 +23,7 @@ ARCH_FAMILIES = {
     "qwen2_5_vl": "llama", "qwen3_vl": "llama",
     "qwen3_vl_moe": "llama", "deepseek_v2": "deepseek", "deepseek_v3": "deepseek", "glm4_moe_lite": "deepseek",
     "mistral4": "deepseek", "youtu": "deepseek", "minicpm3": "deepseek", "dots1": "llama",
+    "iquestcoder": "llama", "vaultgemma": "gemma",
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
@@ -517,7 +518,7 @@ def _gemma_config(hf: Any, model_type: str) -> ModelConfig:
         qk_norm=gemma3,
         attention_scale=(scalar or head_dim) ** -0.5,
         layer_windows=windows if later else (),
-        sandwich_norms=later,
+        sandwich_norms=later and model_type != "vaultgemma",  # (VaultGemma: Gemma 2 without the post-norms)
         final_logit_softcap=float(getattr(hf, "final_logit_softcapping", None) or 0.0),
         attention_softcap=float(getattr(hf, "attn_logit_softcapping", None) or 0.0),
     )

@@ -24,11 +24,11 @@ __all__ = [
 SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
     "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "olmoe", "granitemoe", "glm4_moe", "deepseek_v2",
-    "deepseek_v3", "glm4_moe_lite", "mistral4", "youtu", "minicpm3", "dots1", "phi3", "smollm3", "ernie4_5",
-    "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "gemma",
-    "gemma2", "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron", "starcoder2", "cohere", "cohere2",
-    "olmo", "olmo2", "olmo3", "exaone4", "exaone4_5", "glm", "glm4", "falcon", "gptj", "codegen", "opt", "xglm",
-    "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
+    "deepseek_v3", "glm4_moe_lite", "mistral4", "youtu", "minicpm3", "dots1", "iquestcoder", "vaultgemma", "phi3",
+    "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax",
+    "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron", "starcoder2",
+    "cohere", "cohere2", "olmo", "olmo2", "olmo3", "exaone4", "exaone4_5", "glm", "glm4", "falcon", "gptj", "codegen",
+    "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -134,7 +134,8 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "ministral", "ministral3", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3",
                 "qwen3_moe", "olmoe", "granitemoe", "phi3", "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss",
-                "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "glm4_moe", "dots1"):
+                "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "glm4_moe", "dots1",
+                "iquestcoder"):
         cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                "ministral": transformers.MinistralConfig, "ministral3": transformers.Ministral3Config,
                "granite": transformers.GraniteConfig,
@@ -149,7 +150,7 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                "arcee": transformers.ArceeConfig, "cwm": transformers.CwmConfig,
                "hyperclovax": transformers.HyperCLOVAXConfig, "jais2": transformers.Jais2Config,
                "apertus": transformers.ApertusConfig, "glm4_moe": transformers.Glm4MoeConfig,
-               "dots1": transformers.Dots1Config}[arch]
+               "dots1": transformers.Dots1Config, "iquestcoder": transformers.IQuestCoderConfig}[arch]
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                   num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,
                   max_position_embeddings=max_positions)
@@ -171,7 +172,8 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                       n_group=2, topk_group=1, first_k_dense_replace=1, routed_scaling_factor=2.5)
         # Qwen3's and ERNIE 4.5's head_dim default to 128 whatever the hidden size; Ministral's to None
         if arch in ("qwen3", "qwen3_moe", "ministral", "ministral3", "ernie4_5", "ernie4_5_moe", "seed_oss",
-                    "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "glm4_moe", "dots1"):
+                    "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "glm4_moe", "dots1",
+                "iquestcoder"):
             kw["head_dim"] = hidden_size // num_heads
     elif arch in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "mistral4", "youtu", "minicpm3"):
         # latent attention at a tiny scale: queries through a rank-32 projection, keys/values from a rank-16 latent;
@@ -250,9 +252,9 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                                                  **media, **ids)
         return transformers.Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **media,
                                           **ids)
-    elif arch in ("gemma", "gemma2", "gemma3_text"):
+    elif arch in ("gemma", "gemma2", "gemma3_text", "vaultgemma"):
         cls = {"gemma": transformers.GemmaConfig, "gemma2": transformers.Gemma2Config,
-               "gemma3_text": transformers.Gemma3TextConfig}[arch]
+               "gemma3_text": transformers.Gemma3TextConfig, "vaultgemma": transformers.VaultGemmaConfig}[arch]
         head_dim = hidden_size // num_heads
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                   num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,
@@ -260,7 +262,7 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
         if arch == "gemma3_text":  # sliding layers first, a global one last (Gemma 3's 5:1 pattern, shortened)
             kw.update(query_pre_attn_scalar=head_dim, sliding_window=16,
                       layer_types=["sliding_attention"] * (num_layers - 1) + ["full_attention"])
-        if arch == "gemma2":  # sliding and global layers in turn, as Gemma 2 has them
+        if arch in ("gemma2", "vaultgemma"):  # sliding and global layers in turn, as Gemma 2 has them
             kw.update(query_pre_attn_scalar=head_dim, sliding_window=16)
     elif arch == "gpt_neox":
         cls = transformers.GPTNeoXConfig

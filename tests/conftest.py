@@ -230,6 +230,10 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # dots.llm1 (dots1): Qwen3's attention (per-head q/k norms; here with biases and a sliding layer, by
     # max_window_layers), a dense first layer, then DeepSeek-V3's router and a shared expert
     "dots1": ("dots1", {"num_layers": 3, "attention_bias": True, "sliding_window": 6, "max_window_layers": 2}),
+    # IQuest-Coder (Llama's implementation in transformers); VaultGemma: Gemma 2 (softcaps, sliding layers) with only
+    # an input norm and an MLP norm per layer
+    "iquestcoder": ("iquestcoder", {}),
+    "vaultgemma": ("vaultgemma", {}),
     "minicpm3": ("minicpm3", {}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)

@@ -108,7 +108,7 @@ def test_greedy_tokens_match_peft_generate(variant, model_dir_for, adapter_for):
                                      "glm", "ernie4_5", "gpt_neo", "helium", "arcee",
                                      "nemotron", "hyperclovax", "jais2", "apertus",
                                      "codegen", "xglm", "biogpt", "deepseek_v3_dense", "deepseek_v2_dense",
-                                     "youtu", "minicpm3"])
+                                     "youtu", "minicpm3", "vaultgemma"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_close_to_hf(variant, dtype, model_dir_for, adapter_for):
     """In half precision, we must be about as close to HF-half as HF-half is to the fp32 truth."""
@@ -184,7 +184,6 @@ def test_latent_attention_rounds_as_hf_in_half_precision(variant, dtype, model_d
     import torch.nn.functional as F
 
     from softprompt.engine.loader import load_model
-    from softprompt.engine.models.linear import linear
 
     model_dir = model_dir_for(variant)
     ours, hf = load_model(model_dir, "cpu", dtype), hf_peft_model(model_dir, None, dtype=dtype)
@@ -200,8 +199,7 @@ def test_latent_attention_rounds_as_hf_in_half_precision(variant, dtype, model_d
     with torch.no_grad():
         expected = hf.model.layers[0].self_attn(hidden_states=x, attention_mask=None, position_ids=positions[None],
                                                 position_embeddings=hf.model.rotary_emb(x, positions[None]))[0][0]
-        got = attn(0, linear(x[0], attn.qkv_weight, attn.qkv_bias), (ours.rope_cos[positions],
-                                                                       ours.rope_sin[positions]), attention,
+        got = attn(0, attn.project_qkv(x[0]), (ours.rope_cos[positions], ours.rope_sin[positions]), attention,
                    ours.query_scale(positions, dtype))
     assert torch.equal(got, expected)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,15 @@ class Layer0Input:
     residual: Tensor
     normed: Tensor | None = None
     qkv: Tensor | None = None
+
+
+def layer_qkv(i: int, layer0: Layer0Input | None, norm: Callable[[Tensor], Tensor], h: Tensor,
+              project: Callable[[Tensor], Tensor]) -> Tensor:
+    """Layer i's QKV projection of its normed input, `project(norm(h))`: at layer 0, what a fused input kernel
+    computed (the projection itself, or the normed input to project) where one did."""
+    if i == 0 and layer0 is not None:
+        return layer0.qkv if layer0.qkv is not None else project(layer0.normed)
+    return project(norm(h))
 
 
 @dataclass(frozen=True)

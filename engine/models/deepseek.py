@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .base import Layer0Input, Layer0Norms
+from .base import Layer0Input, Layer0Norms, layer_qkv
 from .common import Attention, RMSNorm, apply_rotary, permute_head_channels, rotary_cos_sin
 from .linear import Linear, linear
 from .llama import LlamaBackbone, LlamaForCausalLM, LlamaLayer, _fuse
@@ -49,6 +49,10 @@ class LatentAttention(nn.Module):
     def fuse(self, transposed: bool) -> None:
         first = self.q_a_proj if self.mla.q_lora_rank else self.q_proj
         self.qkv_weight, self.qkv_bias = _fuse([first, self.kv_a_proj_with_mqa], transposed)
+
+    def project_qkv(self, x: Tensor) -> Tensor:
+        """The fused first projections of the normed input (q_a or q_proj, and kv_a)."""
+        return linear(x, self.qkv_weight, self.qkv_bias)
 
     def forward(self, layer: int, first: Tensor, rope: tuple[Tensor, Tensor], attention: Attention,
                 q_scale: Tensor | None = None) -> Tensor:
@@ -164,11 +168,7 @@ class DeepseekForCausalLM(LlamaForCausalLM):
         q_scale = self.query_scale(positions, h.dtype)
         for i, layer in enumerate(self.model.layers):
             a = layer.self_attn
-            if i == 0 and layer0 is not None and layer0.qkv is not None:
-                first = layer0.qkv
-            else:
-                x = layer0.normed if (i == 0 and layer0 is not None) else layer.input_layernorm(h)
-                first = linear(x, a.qkv_weight, a.qkv_bias)
+            first = layer_qkv(i, layer0, layer.input_layernorm, h, a.project_qkv)
             out = a(i, first, rope, attention, q_scale)
             h = (out if r == 1.0 else out.mul_(r)).add_(h)
             out = layer.mlp(layer.post_attention_layernorm(h))

@@ -1,10 +1,11 @@
-"""Gemma family: Gemma (1), Gemma 2 and Gemma 3 text models (`gemma`, `gemma2`, `gemma3_text`).
+"""Gemma family: Gemma (1), Gemma 2 and Gemma 3 text models (`gemma`, `gemma2`, `gemma3_text`), VaultGemma.
 
 Llama's layout with Gemma's differences: token embeddings scaled by sqrt(hidden) (inside the embedding, as HF
 does, so a soft prompt's rows are fed unscaled, exactly as PEFT concatenates them), RMSNorm gains of (1 + w)
 applied in fp32, a GeGLU MLP. Gemma 2 and 3 add norms after attention and around the MLP, sliding-window layers
 and an attention scale of query_pre_attn_scalar^-0.5; Gemma 2 softcaps attention scores and logits (the attention
 implementations apply the score cap), Gemma 3 norms each head's q and k and gives sliding layers their own RoPE.
+VaultGemma is Gemma 2 with only Gemma 1's two norms per layer.
 """
 
 from __future__ import annotations
@@ -66,6 +67,13 @@ class GemmaForCausalLM(CausalLM):
     @property
     def word_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
+
+    def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
+        """VaultGemma's MLP input norm under Gemma 1's name (it is Gemma 2 without the norms after attention and
+        the MLP)."""
+        if self.config.model_type == "vaultgemma":
+            key = key.replace(".pre_feedforward_layernorm.", ".post_attention_layernorm.")
+        return super().checkpoint_tensors(key, tensor)
 
     def embed_tokens(self, ids: Tensor) -> Tensor:
         """Scaled by sqrt(hidden), the scale rounded to the table's dtype first, as HF's scaled embedding does."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .base import CausalLM, Layer0Input, Layer0Norms
+from .base import CausalLM, Layer0Input, Layer0Norms, layer_qkv
 from .common import Attention, activation, fused_qkv_to_blocks
 from .linear import Linear
 
@@ -77,10 +77,7 @@ class GPT2LMHeadModel(CausalLM):
         else:
             h = layer0.residual
         for i, block in enumerate(self.transformer.h):
-            if i == 0 and layer0 is not None and layer0.qkv is not None:
-                qkv = layer0.qkv
-            else:
-                qkv = block.attn.c_attn(layer0.normed if (i == 0 and layer0 is not None) else block.ln_1(h))
+            qkv = layer_qkv(i, layer0, block.ln_1, h, block.attn.c_attn)
             kv_width = c.num_kv_heads * c.head_dim
             q, k, v = qkv.split([c.hidden_size, kv_width, kv_width], dim=-1)
             if c.inverse_layer_scale and i > 0:  # scores / (i + 1), as the scaled query's dot products

@@ -8,10 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .base import CausalLM, Layer0Input, Layer0Norms
+from .base import CausalLM, Layer0Input, Layer0Norms, layer_qkv
 from .common import Attention
 from .gpt2 import GPT2MLP
-from .linear import Linear, linear
+from .linear import Linear
 from .opt import OPTAttention
 
 
@@ -74,11 +74,7 @@ class GPTNeoForCausalLM(CausalLM):
         h = embeds + self.transformer.wpe(positions) if layer0 is None else layer0.residual
         for i, block in enumerate(self.transformer.h):
             a = block.attn.attention
-            if i == 0 and layer0 is not None and layer0.qkv is not None:
-                qkv = layer0.qkv
-            else:
-                x = layer0.normed if (i == 0 and layer0 is not None) else block.ln_1(h)
-                qkv = linear(x, a.qkv_weight, a.qkv_bias)
+            qkv = layer_qkv(i, layer0, block.ln_1, h, a.project_qkv)
             q, k, v = (part.reshape(t, c.num_heads, c.head_dim) for part in qkv.split(width, dim=-1))
             h = h + a.out_proj(attention(i, q, k, v).reshape(t, width))
             h = h + block.mlp(block.ln_2(h))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .base import Layer0Input, Layer0Norms, RotaryCausalLM
+from .base import Layer0Input, Layer0Norms, RotaryCausalLM, layer_qkv
 from .common import Attention, activation, apply_rotary, fused_qkv_to_blocks
 from .linear import Linear
 
@@ -89,10 +89,7 @@ class GPTNeoXForCausalLM(RotaryCausalLM):
         h = embeds if layer0 is None else layer0.residual
         for i, layer in enumerate(self.gpt_neox.layers):
             a = layer.attention
-            if i == 0 and layer0 is not None and layer0.qkv is not None:
-                qkv = layer0.qkv
-            else:
-                qkv = a.query_key_value(layer0.normed if (i == 0 and layer0 is not None) else layer.input_layernorm(h))
+            qkv = layer_qkv(i, layer0, layer.input_layernorm, h, a.query_key_value)
             qk = qkv[:, : 2 * width].reshape(t, 2 * c.num_heads, c.head_dim)
             if rope is not None:
                 qk = apply_rotary(qk, *rope)

@@ -34,6 +34,9 @@ class OPTAttention(nn.Module):
     def fuse(self, transposed: bool) -> None:
         self.qkv_weight, self.qkv_bias = _fuse([self.q_proj, self.k_proj, self.v_proj], transposed)
 
+    def project_qkv(self, x: Tensor) -> Tensor:
+        return linear(x, self.qkv_weight, self.qkv_bias)
+
 
 class OPTLayer(nn.Module):
     def __init__(self, c: ModelConfig, affine: bool):

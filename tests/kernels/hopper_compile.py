@@ -4,8 +4,9 @@
 Triton type of each argument, the constexpr values, num_warps / num_stages) and still runs it. Run as a script
 (`python -m tests.kernels.hopper_compile LAUNCHES.json`, without TRITON_INTERPRET), this module compiles each
 recorded launch with `triton.compile` for `GPUTarget("cuda", 90, 32)`: front end, TTGIR passes, LLVM, PTX and the
-wheel's ptxas, everything but loading the binary. That catches what the interpreter cannot (type rules of the
-compiler, layouts, shared memory for the pipelined tiles), on triton 3.6 (the GPU image) as on the current release.
+wheel's ptxas, everything but loading the binary, and checks the shared memory each launch needs against an H100
+block's. That catches what the interpreter cannot (type rules of the compiler, layouts, shared memory for the
+pipelined tiles), on triton 3.6 (the GPU image) as on the current release.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
                 torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+HOPPER_SHARED_BYTES = 232448  # an H100 / H200 thread block's shared memory at most (227 KiB)
 
 
 def _triton_type(value) -> str:
@@ -87,8 +89,11 @@ def compile_one(launch: dict) -> str:
     what = f'{launch["kernel"]} {launch["constexprs"]} {launch["options"]}'
     try:
         src = ASTSource(fn, launch["signature"], constexprs=launch["constexprs"])
-        triton.compile(src, target=GPUTarget("cuda", 90, 32), options=launch["options"])
-        return f"ok {what}"
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=launch["options"])
+        shared = getattr(compiled.metadata, "shared", 0)
+        if shared > HOPPER_SHARED_BYTES:  # (else the launch fails on the GPU: out of resources)
+            return f"FAILED {what}: needs {shared} bytes of shared memory, an H100 block has {HOPPER_SHARED_BYTES}"
+        return f"ok {what} shared={shared}"
     except Exception as exc:  # noqa: BLE001 - reported: the test fails on any
         return f"FAILED {what}: {type(exc).__name__}: {str(exc)[-2000:]}"
 

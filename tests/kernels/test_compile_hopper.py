@@ -1,10 +1,11 @@
 """Every kernel launch the triton backend makes, compiled for Hopper (sm_90) with the installed triton, no GPU.
 
-Engines on test models with the head dims of real ones (64, 80 and 128; GQA, ALiBi, GPT-2 positions, BLOOM's embedding
-LayerNorm) run a few requests under the interpreter with the GPU's tile choices forced (kernels/tiles.py), in fp32
-and fp16, with and without the CUDA-graph decode path. Each distinct launch is recorded, fp16 ones also as bf16
-(the tile choices do not depend on which half type), and compiled in a subprocess without the interpreter
-(tests/kernels/hopper_compile.py). On a GPU the other tests compile the kernels for real, so this one is skipped.
+Engines on test models with the head dims of real ones (64, 80, 128 and DeepSeek's 192; GQA, ALiBi, GPT-2 positions,
+BLOOM's embedding LayerNorm) run a few requests under the interpreter with the GPU's tile choices forced
+(kernels/tiles.py), in fp32 and fp16, with and without the CUDA-graph decode path. Each distinct launch is recorded,
+fp16 ones also as bf16 (the tile choices do not depend on which half type), and compiled in a subprocess without the
+interpreter (tests/kernels/hopper_compile.py). On a GPU the other tests compile the kernels for real, so this one is
+skipped.
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ MODELS = {"llama": (64, dict(hidden_size=256, num_heads=4, num_kv_heads=2)),
           # Phi-2's head dim (80: tiles padded to 128), Cohere's bias-free LayerNorm input, OPT's offset positions
           "phi": (80, dict(hidden_size=320, num_heads=4)),
           "cohere": (64, dict(hidden_size=256, num_heads=4, num_kv_heads=2)),
-          "opt": (64, dict(hidden_size=256, num_heads=4))}
+          "opt": (64, dict(hidden_size=256, num_heads=4)),
+          # DeepSeek-V3's latent attention: keys 128 + 64 wide, values 128 (padded to 192 in the pool: tiles of 256)
+          "deepseek_v3": (192, dict(hidden_size=256, num_heads=2, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                                    v_head_dim=128, kv_lora_rank=64, q_lora_rank=64))}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernel tests compile and run the kernels")
@@ -64,7 +68,7 @@ def test_every_launch_compiles_for_hopper(tmp_path):
                                    norms.pos_table, norms.embed_norm, norms.input_norm)
     recorded = unique(launches)
     assert {launch["kernel"] for launch in recorded} >= KERNELS, "a kernel the backend uses was not launched"
-    assert {launch["constexprs"].get("BLOCK_D") for launch in recorded} >= {64, 128}
+    assert {launch["constexprs"].get("BLOCK_D") for launch in recorded} >= {64, 128, 256}
     assert {launch["constexprs"].get("HAS_WINDOW") for launch in recorded} >= {True, False}
     assert {launch["constexprs"].get("SOFTCAP") for launch in recorded} >= {True, False}
     as_bf16 = [json.loads(json.dumps(launch).replace('"*fp16"', '"*bf16"')) for launch in recorded]

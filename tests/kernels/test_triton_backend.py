@@ -68,7 +68,8 @@ def test_triton_backend_scores_continuations_after_shared_context_blocks(variant
                                      "biogpt", "qwen2_5_vl", "qwen3_vl", "exaone4_5",
                                      "glm4_moe", "ernie4_5_moe", "qwen3_vl_moe",
                                      "deepseek_v3", "deepseek_v2", "glm4_moe_lite", "mistral4",
-                                     "mistral3_mistral4", "youtu", "minicpm3", "dots1"])
+                                     "mistral3_mistral4", "youtu", "minicpm3", "dots1",
+                                     "vaultgemma"])
 def test_triton_backend_matches_reference(variant, model_dir_for):
     d = model_dir_for(variant)
     ref = Engine(d, device=DEVICE, dtype="float32", backend="reference")
