@@ -23,7 +23,7 @@ ARCH_FAMILIES = {
     "qwen2_5_vl": "llama", "qwen3_vl": "llama",
     "qwen3_vl_moe": "llama", "deepseek_v2": "deepseek", "deepseek_v3": "deepseek", "glm4_moe_lite": "deepseek",
     "mistral4": "deepseek", "youtu": "deepseek", "minicpm3": "deepseek", "dots1": "llama",
-    "iquestcoder": "llama", "vaultgemma": "gemma",
+    "iquestcoder": "llama", "vaultgemma": "gemma", "hunyuan_v1_dense": "llama", "hunyuan_v1_moe": "llama",
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
@@ -115,6 +115,7 @@ class ModelConfig:
     gated_mlp: bool = True  # Llama's down(act(gate(x)) * up(x)); False: down(act(up(x))) (Arcee, Nemotron, Apertus)
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k (head_dim wide) before RoPE
     qk_norm_over_heads: bool = False  # OLMoE: one RMSNorm over all heads' q, one over all heads' k
+    qk_norm_after_rope: bool = False  # Hunyuan: the per-head q/k norms on the rotated q and k
     rotary_dim: int = 0  # RoPE rotates each head's first rotary_dim channels (Phi-3's partial_rotary_factor); 0: all
     nope_layers: tuple[int, ...] = ()  # the layers that apply no RoPE at all (SmolLM3's NoPE layers)
     # GPT-J rotates channel pairs (2i, 2i+1); its q/k channels are permuted at load so rotate-half RoPE does it
@@ -346,6 +347,9 @@ def _text_model_config(text: Any, model_type: str) -> ModelConfig:
     return FAMILY_CONFIGS[ARCH_FAMILIES.get(model_type, "llama")](text, model_type)
 
 
+HUNYUAN = ("hunyuan_v1_dense", "hunyuan_v1_moe")
+
+
 def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> ModelConfig:
     if model_type in MULTIMODAL_TEXT_READERS:  # Mistral Small 3.x, Ministral 3, Qwen2/2.5/3-VL: the language model
         reader = MULTIMODAL_TEXT_READERS[model_type]
@@ -385,8 +389,9 @@ def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> Mo
         mlp_bias=attention_bias if ernie else bool(getattr(hf, "mlp_bias", False)),
         lm_head_bias=model_type == "ernie4_5_moe" and attention_bias,
         gated_mlp=model_type not in ("arcee", "apertus"),
-        qk_norm=model_type in ("qwen3", "qwen3_moe", "apertus", "dots1") or (model_type == "glm4_moe"
-                                                                              and hf.use_qk_norm),
+        qk_norm=model_type in ("qwen3", "qwen3_moe", "apertus", "dots1", *HUNYUAN)
+        or (model_type == "glm4_moe" and hf.use_qk_norm),
+        qk_norm_after_rope=model_type in HUNYUAN,
         qk_norm_over_heads=model_type == "olmoe",
         clip_qkv=float(getattr(hf, "clip_qkv", None) or 0.0),
         rotary_dim=rotary_dim,
@@ -469,6 +474,15 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
                          fp32_router=True, num_groups=hf.n_group if grouped else 1,
                          top_groups=hf.topk_group if grouped else 1, group_by_best=True,
                          routed_scaling=float(hf.routed_scaling_factor), ungated_shared_intermediate_size=shared)
+    if model_type == "hunyuan_v1_moe":  # every layer: a softmax router (its weight kept in fp32), renormalised top-k,
+        # and a shared MLP as wide as the experts
+        top_k = set(hf.moe_topk) if isinstance(hf.moe_topk, list) else {hf.moe_topk}
+        if not isinstance(hf.num_experts, int) or len(top_k) != 1:
+            raise UnsupportedModelError("hunyuan_v1_moe with a number of experts or moe_topk that varies by layer")
+        return MoEConfig(num_experts=hf.num_experts, top_k=top_k.pop(), intermediate_size=hf.intermediate_size,
+                         norm_topk_prob=True, weights_in_model_dtype=False, sparse_layers=tuple(layers),
+                         fp32_router=True, fp32_router_weight=True,
+                         ungated_shared_intermediate_size=hf.intermediate_size)
     if model_type == "mistral4":  # dense first_k_dense_replace layers, then a softmax router over the best groups
         return MoEConfig(num_experts=hf.n_routed_experts, top_k=hf.num_experts_per_tok,
                          intermediate_size=hf.moe_intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),

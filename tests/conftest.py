@@ -234,6 +234,11 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # an input norm and an MLP norm per layer
     "iquestcoder": ("iquestcoder", {}),
     "vaultgemma": ("vaultgemma", {}),
+    # Hunyuan (dense: Hunyuan-7B's NTK RoPE with a fixed alpha; MoE: q/k/v/o biases, an fp32-kept softmax router, a
+    # shared MLP): per-head q/k norms after RoPE
+    "hunyuan_v1_dense": ("hunyuan_v1_dense", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0,
+                                                                  "alpha": 1000.0, "factor": 1.0}}),
+    "hunyuan_v1_moe": ("hunyuan_v1_moe", {"attention_bias": True}),
     "minicpm3": ("minicpm3", {}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)

@@ -108,7 +108,7 @@ def test_greedy_tokens_match_peft_generate(variant, model_dir_for, adapter_for):
                                      "glm", "ernie4_5", "gpt_neo", "helium", "arcee",
                                      "nemotron", "hyperclovax", "jais2", "apertus",
                                      "codegen", "xglm", "biogpt", "deepseek_v3_dense", "deepseek_v2_dense",
-                                     "youtu", "minicpm3", "vaultgemma"])
+                                     "youtu", "minicpm3", "vaultgemma", "hunyuan_v1_dense"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_close_to_hf(variant, dtype, model_dir_for, adapter_for):
     """In half precision, we must be about as close to HF-half as HF-half is to the fp32 truth."""
@@ -135,7 +135,7 @@ def test_half_precision_close_to_hf(variant, dtype, model_dir_for, adapter_for):
 
 @pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "glm4_moe",
                                      "ernie4_5_moe", "deepseek_v3", "deepseek_v2", "glm4_moe_lite",
-                                     "mistral4", "dots1"])
+                                     "mistral4", "dots1", "hunyuan_v1_moe"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_moe_layer_matches_hf(variant, dtype, model_dir_for):
     """A mixture-of-experts model's half-precision logits cannot be held to HF's fp32 ones as above: where two

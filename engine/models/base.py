@@ -175,8 +175,10 @@ class RotaryCausalLM(CausalLM):
     @property
     def rope_tables(self) -> tuple[Tensor, Tensor] | None:
         """cos/sin [max_positions, head_dim] in the model dtype, for kernels that apply RoPE themselves (None with
-        partial rotary, layers without RoPE or a RoPE per layer type: the model rotates q/k itself)."""
-        if self.rope_cos.shape[-1] != self.config.head_dim or self.config.nope_layers or self.rope_by_layer:
+        partial rotary, layers without RoPE, a RoPE per layer type or norms after RoPE: the model rotates q/k
+        itself)."""
+        c = self.config
+        if self.rope_cos.shape[-1] != c.head_dim or c.nope_layers or self.rope_by_layer or c.qk_norm_after_rope:
             return None
         return self.rope_cos, self.rope_sin
 

@@ -76,8 +76,14 @@ def rope_inv_freq(config: ModelConfig, device: torch.device | str) -> tuple[Tens
     """Inverse frequencies and cos/sin scaling, as HF computes them (llama3, linear, yarn via transformers)."""
     hf = config.hf_config
     rope_type = config.rope_type
+    params = getattr(hf, "rope_parameters", None) or {}
+    if rope_type == "dynamic" and params.get("alpha") and config.model_type.startswith("hunyuan_v1"):
+        # Hunyuan's NTK scaling by a fixed alpha: a stretched base, the same frequencies at every length
+        dim = config.rotary_dim or config.head_dim
+        base = params["rope_theta"] * params["alpha"] ** (dim / (dim - 2))
+        return (1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))).to(device), 1.0
     if rope_type == "default":
-        base = (getattr(hf, "rope_parameters", None) or {}).get("rope_theta", 10000.0)  # (GPT-J's config has none)
+        base = params.get("rope_theta", 10000.0)  # (GPT-J's config has none)
         dim = config.rotary_dim or config.head_dim
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         return inv_freq.to(device), 1.0

@@ -21,7 +21,9 @@ _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
 # checkpoints that name Llama's norms otherwise: Apertus's, HyperCLOVAX's post-norms (GLM-4's, as we name them)
 CHECKPOINT_NORM_NAMES = ((".attention_layernorm.", ".input_layernorm."),
                          (".feedforward_layernorm.", ".post_attention_layernorm."),
-                         (".post_norm1.", ".post_self_attn_layernorm."), (".post_norm2.", ".post_mlp_layernorm."))
+                         (".post_norm1.", ".post_self_attn_layernorm."), (".post_norm2.", ".post_mlp_layernorm."),
+                         (".query_layernorm.", ".q_norm."), (".key_layernorm.", ".k_norm."),  # (Hunyuan's q/k norms)
+                         (".mlp.gate.wg.", ".mlp.gate."), (".mlp.shared_mlp.", ".mlp.shared_experts."))  # (its MoE's)
 
 
 def _fuse(linears: list[nn.Linear], transposed: bool) -> tuple[Tensor, Tensor | None]:
@@ -248,10 +250,12 @@ class LlamaForCausalLM(RotaryCausalLM):
             if c.clip_qkv:  # OLMo, OLMoE
                 qkv = qkv.clamp(-c.clip_qkv, c.clip_qkv)
             qk = qkv[:, :qk_width].view(t, c.num_heads + c.num_kv_heads, c.head_dim)
-            if c.qk_norm:
+            if c.qk_norm and not c.qk_norm_after_rope:
                 qk = torch.cat((a.q_norm(qk[:, : c.num_heads]), a.k_norm(qk[:, c.num_heads:])), dim=1)
             if rope is not None and i not in c.nope_layers:
                 qk = apply_rotary(qk, *rope)
+            if c.qk_norm_after_rope:  # Hunyuan
+                qk = torch.cat((a.q_norm(qk[:, : c.num_heads]), a.k_norm(qk[:, c.num_heads:])), dim=1)
             q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
             if c.query_scale_beta:
                 q = q * q_scale
