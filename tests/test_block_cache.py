@@ -94,8 +94,12 @@ def test_other_tasks_and_versions_and_scoring_requests_find_nothing(model_dir_fo
     assert eng.block_cache.stats.hit_tokens == 0
     want = ref.generate(with_instruction("a2", [7], prompt_logprobs=0))[0]
     assert out.token_ids == want.token_ids
-    assert [None if x is None else round(x.logprob, 4) for x in out.prompt_logprobs] == [
-        None if x is None else round(x.logprob, 4) for x in want.prompt_logprobs]
+    assert [x is None for x in out.prompt_logprobs] == [x is None for x in want.prompt_logprobs]
+    # within 1e-4, as every logprob check (equal when rounded to 4 places was not: a CPU's GEMMs may put the two
+    # on either side of a rounding boundary)
+    torch.testing.assert_close(torch.tensor([x.logprob for x in out.prompt_logprobs if x is not None]),
+                               torch.tensor([x.logprob for x in want.prompt_logprobs if x is not None]),
+                               atol=1e-4, rtol=0)
     assert_no_leaks(eng)
 
 
