@@ -24,6 +24,7 @@ ARCH_FAMILIES = {
     "qwen3_vl_moe": "llama", "deepseek_v2": "deepseek", "deepseek_v3": "deepseek", "glm4_moe_lite": "deepseek",
     "mistral4": "deepseek", "youtu": "deepseek", "minicpm3": "deepseek", "dots1": "llama",
     "iquestcoder": "llama", "vaultgemma": "gemma", "hunyuan_v1_dense": "llama", "hunyuan_v1_moe": "llama",
+    "solar_open": "llama",
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
@@ -374,7 +375,7 @@ def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> Mo
     nope_layers = tuple(i for i, rotary in enumerate(getattr(hf, "no_rope_layers", None) or []) if not rotary)
     ernie = model_type in ("ernie4_5", "ernie4_5_moe")  # biases on all projections or none (use_bias), interleaved RoPE
     helium = model_type == "helium"  # interleaved RoPE, no bias on the output projection
-    no_o_bias = model_type in ("helium", "glm4_moe")  # q/k/v biases by attention_bias, none on o_proj
+    no_o_bias = model_type in ("helium", "glm4_moe", "solar_open")  # q/k/v biases by attention_bias, none on o_proj
     granite = model_type in ("granite", "granitemoe", "hyperclovax")  # its multipliers
     hyperclovax = model_type == "hyperclovax"  # Granite's, logits times logits_scaling, norms after each sublayer
     attention_bias = bool(getattr(hf, "use_bias" if ernie else "attention_bias", False))
@@ -461,7 +462,7 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
                          ungated_shared_intermediate_size=hf.moe_intermediate_size * (hf.moe_num_shared_experts or 0),
                          correction_bias=True, fp32_router=True, fp32_router_weight=True,
                          norm_min=float(hf.moe_norm_min))
-    if model_type in ("deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "mistral4", "dots1"):
+    if model_type in ("deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "mistral4", "dots1", "solar_open"):
         shared = hf.moe_intermediate_size * (hf.n_shared_experts or 0)  # (ungated shared experts)
     if model_type == "deepseek_v2":  # dense first_k_dense_replace layers, then softmax-routed ones, scaled
         if hf.topk_method not in ("greedy", "group_limited_greedy"):
@@ -489,9 +490,11 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
                          weights_in_model_dtype=True, sparse_layers=tuple(layers)[hf.first_k_dense_replace:],
                          router_in_model_dtype=True, num_groups=hf.n_group or 1, top_groups=hf.topk_group or 1,
                          routed_scaling=float(hf.routed_scaling_factor), ungated_shared_intermediate_size=shared)
-    if model_type in ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "dots1"):  # dense layers, then sigmoid-routed ones
-        kinds = getattr(hf, "mlp_layer_types", None)  # (GLM-4.7-Flash's names them, the others count dense ones)
-        sparse = tuple(i for i in layers if kinds[i] == "sparse") if kinds else tuple(layers)[hf.first_k_dense_replace:]
+    if model_type in ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "dots1", "solar_open"):  # dense layers, then
+        # sigmoid-routed ones (GLM-4.7-Flash names them, Solar Open has none, the others count the dense ones)
+        kinds = getattr(hf, "mlp_layer_types", None)
+        dense = 0 if model_type == "solar_open" else hf.first_k_dense_replace
+        sparse = tuple(i for i in layers if kinds[i] == "sparse") if kinds else tuple(layers)[dense:]
         return MoEConfig(num_experts=hf.n_routed_experts, top_k=hf.num_experts_per_tok,
                          intermediate_size=hf.moe_intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),
                          weights_in_model_dtype=False, sparse_layers=sparse,

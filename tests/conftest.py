@@ -239,6 +239,8 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "hunyuan_v1_dense": ("hunyuan_v1_dense", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0,
                                                                   "alpha": 1000.0, "factor": 1.0}}),
     "hunyuan_v1_moe": ("hunyuan_v1_moe", {"attention_bias": True}),
+    # Solar Open: GLM-4.5's router in every layer (no dense MLP), q/k/v biases but none on the output projection
+    "solar_open": ("solar_open", {"attention_bias": True}),
     "minicpm3": ("minicpm3", {}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
