@@ -24,7 +24,7 @@ ARCH_FAMILIES = {
     "qwen3_vl_moe": "llama", "deepseek_v2": "deepseek", "deepseek_v3": "deepseek", "glm4_moe_lite": "deepseek",
     "mistral4": "deepseek", "youtu": "deepseek", "minicpm3": "deepseek", "dots1": "llama",
     "iquestcoder": "llama", "vaultgemma": "gemma", "hunyuan_v1_dense": "llama", "hunyuan_v1_moe": "llama",
-    "solar_open": "llama",
+    "solar_open": "llama", "exaone_moe": "llama",
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
@@ -377,6 +377,9 @@ def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> Mo
     helium = model_type == "helium"  # interleaved RoPE, no bias on the output projection
     no_o_bias = model_type in ("helium", "glm4_moe", "solar_open")  # q/k/v biases by attention_bias, none on o_proj
     granite = model_type in ("granite", "granitemoe", "hyperclovax")  # its multipliers
+    # EXAONE-MoE: EXAONE 4's full-attention layers rotate nothing where the config has a sliding window (NoPE)
+    exaone_nope_layers = (_full_attention_layers(layer_types) if model_type == "exaone_moe" and window is not None
+                          and layer_types else ())
     hyperclovax = model_type == "hyperclovax"  # Granite's, logits times logits_scaling, norms after each sublayer
     attention_bias = bool(getattr(hf, "use_bias" if ernie else "attention_bias", False))
     return ModelConfig(
@@ -390,14 +393,14 @@ def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> Mo
         mlp_bias=attention_bias if ernie else bool(getattr(hf, "mlp_bias", False)),
         lm_head_bias=model_type == "ernie4_5_moe" and attention_bias,
         gated_mlp=model_type not in ("arcee", "apertus"),
-        qk_norm=model_type in ("qwen3", "qwen3_moe", "apertus", "dots1", *HUNYUAN)
+        qk_norm=model_type in ("qwen3", "qwen3_moe", "apertus", "dots1", "exaone_moe", *HUNYUAN)
         or (model_type == "glm4_moe" and hf.use_qk_norm),
         qk_norm_after_rope=model_type in HUNYUAN,
         qk_norm_over_heads=model_type == "olmoe",
         clip_qkv=float(getattr(hf, "clip_qkv", None) or 0.0),
         rotary_dim=rotary_dim,
         interleaved_rope=ernie or helium,
-        nope_layers=nope_layers if model_type == "smollm3" else (),
+        nope_layers=nope_layers if model_type == "smollm3" else exaone_nope_layers,
         moe=_moe_config(hf, model_type),
         layer_windows=windows,
         attention_scale=float(hf.attention_multiplier) if granite else head_dim**-0.5,
@@ -462,8 +465,10 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
                          ungated_shared_intermediate_size=hf.moe_intermediate_size * (hf.moe_num_shared_experts or 0),
                          correction_bias=True, fp32_router=True, fp32_router_weight=True,
                          norm_min=float(hf.moe_norm_min))
-    if model_type in ("deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "mistral4", "dots1", "solar_open"):
-        shared = hf.moe_intermediate_size * (hf.n_shared_experts or 0)  # (ungated shared experts)
+    if model_type in ("deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "mistral4", "dots1", "solar_open",
+                      "exaone_moe"):  # (ungated shared experts)
+        shared = hf.moe_intermediate_size * ((hf.num_shared_experts if model_type == "exaone_moe"
+                                              else hf.n_shared_experts) or 0)
     if model_type == "deepseek_v2":  # dense first_k_dense_replace layers, then softmax-routed ones, scaled
         if hf.topk_method not in ("greedy", "group_limited_greedy"):
             raise UnsupportedModelError(f"deepseek_v2 with topk_method={hf.topk_method!r} (transformers computes "
@@ -490,12 +495,14 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
                          weights_in_model_dtype=True, sparse_layers=tuple(layers)[hf.first_k_dense_replace:],
                          router_in_model_dtype=True, num_groups=hf.n_group or 1, top_groups=hf.topk_group or 1,
                          routed_scaling=float(hf.routed_scaling_factor), ungated_shared_intermediate_size=shared)
-    if model_type in ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "dots1", "solar_open"):  # dense layers, then
-        # sigmoid-routed ones (GLM-4.7-Flash names them, Solar Open has none, the others count the dense ones)
+    if model_type in ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "dots1", "solar_open", "exaone_moe"):  # dense
+        # layers, then sigmoid-routed ones (GLM-4.7-Flash and EXAONE-MoE name them, Solar Open has none, the others
+        # count the dense ones)
         kinds = getattr(hf, "mlp_layer_types", None)
         dense = 0 if model_type == "solar_open" else hf.first_k_dense_replace
         sparse = tuple(i for i in layers if kinds[i] == "sparse") if kinds else tuple(layers)[dense:]
-        return MoEConfig(num_experts=hf.n_routed_experts, top_k=hf.num_experts_per_tok,
+        experts = hf.num_experts if model_type == "exaone_moe" else hf.n_routed_experts
+        return MoEConfig(num_experts=experts, top_k=hf.num_experts_per_tok,
                          intermediate_size=hf.moe_intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),
                          weights_in_model_dtype=False, sparse_layers=sparse,
                          sigmoid_scores=True, fp32_router=True, num_groups=hf.n_group, top_groups=hf.topk_group,

@@ -25,11 +25,11 @@ SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
     "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "olmoe", "granitemoe", "glm4_moe", "deepseek_v2",
     "deepseek_v3", "glm4_moe_lite", "mistral4", "youtu", "minicpm3", "dots1", "iquestcoder", "vaultgemma",
-    "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "phi3", "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss",
-    "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "gemma", "gemma2", "gemma3_text",
-    "gemma3", "gpt_neox", "phi", "stablelm", "nemotron", "starcoder2", "cohere", "cohere2", "olmo", "olmo2", "olmo3",
-    "exaone4", "exaone4_5", "glm", "glm4", "falcon", "gptj", "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode",
-    "gpt_neo", "bloom")
+    "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe", "phi3", "smollm3", "ernie4_5", "ernie4_5_moe",
+    "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "gemma", "gemma2",
+    "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron", "starcoder2", "cohere", "cohere2", "olmo",
+    "olmo2", "olmo3", "exaone4", "exaone4_5", "glm", "glm4", "falcon", "gptj", "codegen", "opt", "xglm", "biogpt",
+    "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -130,13 +130,14 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
               "qwen3_moe", "olmoe", "granitemoe", "phi3", "gpt_neox", "phi", "stablelm", "olmo", "olmo2", "olmo3",
               "exaone4", "exaone4_5", "glm", "glm4", "gptj", "codegen", "internlm3", "helium", "arcee", "nemotron",
               "cwm", "hyperclovax", "jais2", "apertus", "glm4_moe", "deepseek_v2", "deepseek_v3", "glm4_moe_lite",
-              "mistral4", "minicpm3", "dots1", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open")
+              "mistral4", "minicpm3", "dots1", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open",
+              "exaone_moe")
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "ministral", "ministral3", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3",
                 "qwen3_moe", "olmoe", "granitemoe", "phi3", "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss",
                 "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "glm4_moe", "dots1",
-                "iquestcoder", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open"):
+                "iquestcoder", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe"):
         cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                "ministral": transformers.MinistralConfig, "ministral3": transformers.Ministral3Config,
                "granite": transformers.GraniteConfig,
@@ -153,7 +154,8 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                "apertus": transformers.ApertusConfig, "glm4_moe": transformers.Glm4MoeConfig,
                "dots1": transformers.Dots1Config, "iquestcoder": transformers.IQuestCoderConfig,
                "hunyuan_v1_dense": transformers.HunYuanDenseV1Config,
-               "hunyuan_v1_moe": transformers.HunYuanMoEV1Config, "solar_open": transformers.SolarOpenConfig}[arch]
+               "hunyuan_v1_moe": transformers.HunYuanMoEV1Config, "solar_open": transformers.SolarOpenConfig,
+               "exaone_moe": transformers.ExaoneMoeConfig}[arch]
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                   num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,
                   max_position_embeddings=max_positions)
@@ -175,6 +177,9 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
             # best group)
             kw.update(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=inter // 4, n_shared_experts=1,
                       n_group=2, topk_group=1, first_k_dense_replace=1, routed_scaling_factor=2.5)
+        if arch == "exaone_moe":  # a dense first layer, then 8 experts in 2 groups (2 a token) and a shared one
+            kw.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=inter // 4, num_shared_experts=1,
+                      n_group=2, topk_group=1, first_k_dense_replace=1, routed_scaling_factor=2.5)
         if arch == "solar_open":  # every layer sparse: 8 experts (2 a token) and a shared one, no dense MLP
             del kw["intermediate_size"]
             kw.update(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=inter // 4, n_shared_experts=1,
@@ -182,7 +187,7 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
         # Qwen3's and ERNIE 4.5's head_dim default to 128 whatever the hidden size; Ministral's to None
         if arch in ("qwen3", "qwen3_moe", "ministral", "ministral3", "ernie4_5", "ernie4_5_moe", "seed_oss",
                     "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "glm4_moe", "dots1",
-                    "iquestcoder", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open"):
+                    "iquestcoder", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe"):
             kw["head_dim"] = hidden_size // num_heads
     elif arch in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "mistral4", "youtu", "minicpm3"):
         # latent attention at a tiny scale: queries through a rank-32 projection, keys/values from a rank-16 latent;

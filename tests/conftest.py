@@ -241,6 +241,10 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "hunyuan_v1_moe": ("hunyuan_v1_moe", {"attention_bias": True}),
     # Solar Open: GLM-4.5's router in every layer (no dense MLP), q/k/v biases but none on the output projection
     "solar_open": ("solar_open", {"attention_bias": True}),
+    # EXAONE-MoE: EXAONE 4's attention (per-head q/k norms, RoPE on the sliding layers only, NoPE on the full one) in
+    # Llama's pre-norm layers, a dense first layer, then DeepSeek-V3's router (its correction bias on the MoE block)
+    "exaone_moe": ("exaone_moe", {"num_layers": 3, "sliding_window": 6,
+                                  "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
     "minicpm3": ("minicpm3", {}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
