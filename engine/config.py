@@ -24,7 +24,7 @@ ARCH_FAMILIES = {
     "qwen3_vl_moe": "llama", "deepseek_v2": "deepseek", "deepseek_v3": "deepseek", "glm4_moe_lite": "deepseek",
     "mistral4": "deepseek", "youtu": "deepseek", "minicpm3": "deepseek", "dots1": "llama",
     "iquestcoder": "llama", "vaultgemma": "gemma", "hunyuan_v1_dense": "llama", "hunyuan_v1_moe": "llama",
-    "solar_open": "llama", "exaone_moe": "llama",
+    "solar_open": "llama", "exaone_moe": "llama", "granitemoeshared": "llama",
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
@@ -376,7 +376,7 @@ def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> Mo
     ernie = model_type in ("ernie4_5", "ernie4_5_moe")  # biases on all projections or none (use_bias), interleaved RoPE
     helium = model_type == "helium"  # interleaved RoPE, no bias on the output projection
     no_o_bias = model_type in ("helium", "glm4_moe", "solar_open")  # q/k/v biases by attention_bias, none on o_proj
-    granite = model_type in ("granite", "granitemoe", "hyperclovax")  # its multipliers
+    granite = model_type in ("granite", "granitemoe", "granitemoeshared", "hyperclovax")  # its multipliers
     # EXAONE-MoE: EXAONE 4's full-attention layers rotate nothing where the config has a sliding window (NoPE)
     exaone_nope_layers = (_full_attention_layers(layer_types) if model_type == "exaone_moe" and window is not None
                           and layer_types else ())
@@ -449,10 +449,12 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
         return MoEConfig(num_experts=hf.num_local_experts, top_k=hf.num_experts_per_tok,
                          intermediate_size=hf.intermediate_size, norm_topk_prob=True, weights_in_model_dtype=False,
                          sparse_layers=tuple(layers))
-    if model_type == "granitemoe":  # every layer sparse, the top-k logits' softmax, weights in the model dtype
+    if model_type in ("granitemoe", "granitemoeshared"):  # every layer sparse, the top-k logits' softmax, weights in
+        # the model dtype (GraniteMoeShared: plus an ungated shared MLP)
         return MoEConfig(num_experts=hf.num_local_experts, top_k=hf.num_experts_per_tok,
                          intermediate_size=hf.intermediate_size, norm_topk_prob=False, weights_in_model_dtype=True,
-                         sparse_layers=tuple(layers), softmax_over_topk=True)
+                         sparse_layers=tuple(layers), softmax_over_topk=True,
+                         ungated_shared_intermediate_size=getattr(hf, "shared_intermediate_size", 0) or 0)
     if model_type == "olmoe":  # every layer sparse, Qwen2-MoE's router, no shared expert
         return MoEConfig(num_experts=hf.num_experts, top_k=hf.num_experts_per_tok,
                          intermediate_size=hf.intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),

@@ -23,13 +23,13 @@ __all__ = [
 
 SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
-    "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "olmoe", "granitemoe", "glm4_moe", "deepseek_v2",
-    "deepseek_v3", "glm4_moe_lite", "mistral4", "youtu", "minicpm3", "dots1", "iquestcoder", "vaultgemma",
-    "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe", "phi3", "smollm3", "ernie4_5", "ernie4_5_moe",
-    "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "gemma", "gemma2",
-    "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron", "starcoder2", "cohere", "cohere2", "olmo",
-    "olmo2", "olmo3", "exaone4", "exaone4_5", "glm", "glm4", "falcon", "gptj", "codegen", "opt", "xglm", "biogpt",
-    "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
+    "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared",
+    "glm4_moe", "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "mistral4", "youtu", "minicpm3", "dots1", "iquestcoder",
+    "vaultgemma", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe", "phi3", "smollm3", "ernie4_5",
+    "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "gemma",
+    "gemma2", "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron", "starcoder2", "cohere", "cohere2",
+    "olmo", "olmo2", "olmo3", "exaone4", "exaone4_5", "glm", "glm4", "falcon", "gptj", "codegen", "opt", "xglm",
+    "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -127,7 +127,7 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
 
     ids = dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     untied = ("llama", "mistral", "ministral", "ministral3", "mistral3", "granite", "mixtral", "qwen2_moe",
-              "qwen3_moe", "olmoe", "granitemoe", "phi3", "gpt_neox", "phi", "stablelm", "olmo", "olmo2", "olmo3",
+              "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "phi3", "gpt_neox", "phi", "stablelm", "olmo", "olmo2", "olmo3",
               "exaone4", "exaone4_5", "glm", "glm4", "gptj", "codegen", "internlm3", "helium", "arcee", "nemotron",
               "cwm", "hyperclovax", "jais2", "apertus", "glm4_moe", "deepseek_v2", "deepseek_v3", "glm4_moe_lite",
               "mistral4", "minicpm3", "dots1", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open",
@@ -135,7 +135,7 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "ministral", "ministral3", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3",
-                "qwen3_moe", "olmoe", "granitemoe", "phi3", "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss",
+                "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "phi3", "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss",
                 "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "glm4_moe", "dots1",
                 "iquestcoder", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe"):
         cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
@@ -148,6 +148,7 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                "ernie4_5": transformers.Ernie4_5Config, "ernie4_5_moe": transformers.Ernie4_5_MoeConfig,
                "olmoe": transformers.OlmoeConfig,
                "seed_oss": transformers.SeedOssConfig, "granitemoe": transformers.GraniteMoeConfig,
+               "granitemoeshared": transformers.GraniteMoeSharedConfig,
                "internlm3": transformers.InternLM3Config, "helium": transformers.HeliumConfig,
                "arcee": transformers.ArceeConfig, "cwm": transformers.CwmConfig,
                "hyperclovax": transformers.HyperCLOVAXConfig, "jais2": transformers.Jais2Config,
@@ -168,8 +169,10 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
             kw.update(num_experts=4, moe_topk=2, intermediate_size=inter // 2)
         if arch == "olmoe":
             kw.update(num_experts=4, num_experts_per_tok=2, intermediate_size=inter // 2)
-        if arch == "granitemoe":
+        if arch in ("granitemoe", "granitemoeshared"):
             kw.update(num_local_experts=4, num_experts_per_tok=2, intermediate_size=inter // 2)
+        if arch == "granitemoeshared":  # (and a shared MLP as wide as the experts)
+            kw.update(shared_intermediate_size=inter // 2)
         if arch == "ernie4_5_moe":  # a dense first layer, then 4 experts (2 a token) and a shared one
             kw.update(moe_num_experts=4, moe_k=2, moe_intermediate_size=inter // 2, moe_num_shared_experts=1,
                       moe_layer_start_index=1)

@@ -241,6 +241,9 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "hunyuan_v1_moe": ("hunyuan_v1_moe", {"attention_bias": True}),
     # Solar Open: GLM-4.5's router in every layer (no dense MLP), q/k/v biases but none on the output projection
     "solar_open": ("solar_open", {"attention_bias": True}),
+    # GraniteMoeShared (Granite 3.x MoE with a shared expert): GraniteMoE's multipliers and router, plus a shared MLP
+    "granitemoeshared": ("granitemoeshared", {"embedding_multiplier": 3.0, "residual_multiplier": 0.5,
+                                              "logits_scaling": 2.0, "attention_multiplier": 0.2}),
     # EXAONE-MoE: EXAONE 4's attention (per-head q/k norms, RoPE on the sliding layers only, NoPE on the full one) in
     # Llama's pre-norm layers, a dense first layer, then DeepSeek-V3's router (its correction bias on the MoE block)
     "exaone_moe": ("exaone_moe", {"num_layers": 3, "sliding_window": 6,

@@ -136,7 +136,7 @@ def test_half_precision_close_to_hf(variant, dtype, model_dir_for, adapter_for):
 @pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "glm4_moe",
                                      "ernie4_5_moe", "deepseek_v3", "deepseek_v2", "glm4_moe_lite",
                                      "mistral4", "dots1", "hunyuan_v1_moe", "solar_open",
-                                     "exaone_moe"])
+                                     "exaone_moe", "granitemoeshared"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_moe_layer_matches_hf(variant, dtype, model_dir_for):
     """A mixture-of-experts model's half-precision logits cannot be held to HF's fp32 ones as above: where two
@@ -154,7 +154,10 @@ def test_half_precision_moe_layer_matches_hf(variant, dtype, model_dir_for):
     theirs = getattr(layer, "block_sparse_moe", None) or layer.mlp  # (GraniteMoE's name)
     x = torch.randn(256, ours.gate.in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
     with torch.no_grad():
-        expected, got = theirs(x[None])[0].float(), ours(x).float()
+        expected, got = theirs(x[None])[0], ours(x).float()
+        if getattr(layer, "shared_mlp", None) is not None:  # (GraniteMoeShared's, beside the MoE block, summed after)
+            expected = expected + layer.shared_mlp(x[None])[0]
+        expected = expected.float()
     assert len(set(ours.route(x)[0].flatten().tolist())) == ours.moe.num_experts  # every expert takes tokens
     torch.testing.assert_close(got, expected, atol={torch.bfloat16: 1e-3, torch.float16: 1.2e-4}[dtype] *
                                expected.abs().max().item(), rtol=0)

@@ -142,6 +142,12 @@ def moe_checkpoint_tensors(key: str, tensor: Tensor) -> list[tuple[str, Tensor]]
         # under `mlp.` or `mlp.gate.`; EXAONE-MoE's on the MoE block
         stem = key.split(".mlp.", 1)[0]
         return [(f"{stem}.mlp.gate.e_score_correction_bias", tensor.reshape(-1))]
+    if ".shared_mlp.input_linear." in key:  # GraniteMoeShared's shared MLP, [gate | up] fused, beside the MoE block
+        stem = key.split(".shared_mlp.", 1)[0]
+        return list(zip((f"{stem}.mlp.shared_experts.gate_proj.weight", f"{stem}.mlp.shared_experts.up_proj.weight"),
+                        tensor.chunk(2)))
+    if ".shared_mlp.output_linear." in key:
+        return [(key.replace(".shared_mlp.output_linear.", ".mlp.shared_experts.down_proj."), tensor)]
     if ".block_sparse_moe." in key:  # Mixtral's / GraniteMoE's module name for what we call `mlp`
         stem, name = key.split(".block_sparse_moe.", 1)
         key = f"{stem}.mlp.{_BLOCK_SPARSE_NAMES.get(name, name)}"
