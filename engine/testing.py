@@ -127,17 +127,17 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
 
     ids = dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     untied = ("llama", "mistral", "ministral", "ministral3", "mistral3", "granite", "mixtral", "qwen2_moe",
-              "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "phi3", "gpt_neox", "phi", "stablelm", "olmo", "olmo2", "olmo3",
-              "exaone4", "exaone4_5", "glm", "glm4", "gptj", "codegen", "internlm3", "helium", "arcee", "nemotron",
-              "cwm", "hyperclovax", "jais2", "apertus", "glm4_moe", "deepseek_v2", "deepseek_v3", "glm4_moe_lite",
-              "mistral4", "minicpm3", "dots1", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open",
+              "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "phi3", "gpt_neox", "phi", "stablelm", "olmo",
+              "olmo2", "olmo3", "exaone4", "exaone4_5", "glm", "glm4", "gptj", "codegen", "internlm3", "helium",
+              "arcee", "nemotron", "cwm", "hyperclovax", "jais2", "apertus", "glm4_moe", "deepseek_v2", "deepseek_v3",
+              "glm4_moe_lite", "mistral4", "minicpm3", "dots1", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open",
               "exaone_moe")
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "ministral", "ministral3", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3",
-                "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "phi3", "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss",
-                "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "glm4_moe", "dots1",
-                "iquestcoder", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe"):
+                "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "phi3", "smollm3", "ernie4_5", "ernie4_5_moe",
+                "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "glm4_moe",
+                "dots1", "iquestcoder", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe"):
         cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                "ministral": transformers.MinistralConfig, "ministral3": transformers.Ministral3Config,
                "granite": transformers.GraniteConfig,
