@@ -25,6 +25,7 @@ ARCH_FAMILIES = {
     "mistral4": "deepseek", "youtu": "deepseek", "minicpm3": "deepseek", "dots1": "llama",
     "iquestcoder": "llama", "vaultgemma": "gemma", "hunyuan_v1_dense": "llama", "hunyuan_v1_moe": "llama",
     "solar_open": "llama", "exaone_moe": "llama", "granitemoeshared": "llama",
+    "flex_olmo": "olmo2",
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
@@ -455,7 +456,7 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
                          intermediate_size=hf.intermediate_size, norm_topk_prob=False, weights_in_model_dtype=True,
                          sparse_layers=tuple(layers), softmax_over_topk=True,
                          ungated_shared_intermediate_size=getattr(hf, "shared_intermediate_size", 0) or 0)
-    if model_type == "olmoe":  # every layer sparse, Qwen2-MoE's router, no shared expert
+    if model_type in ("olmoe", "flex_olmo"):  # every layer sparse, Qwen2-MoE's router, no shared expert
         return MoEConfig(num_experts=hf.num_experts, top_k=hf.num_experts_per_tok,
                          intermediate_size=hf.intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),
                          weights_in_model_dtype=True, sparse_layers=tuple(layers))
@@ -678,7 +679,7 @@ def _cohere_config(hf: Any, model_type: str) -> ModelConfig:
 def _olmo2_config(hf: Any, model_type: str) -> ModelConfig:
     """OLMo 2; OLMo 3 (sliding-window layers, a RoPE per layer type); EXAONE 4 (per-head q/k norms, sliding-window
     layers with RoPE and full-attention layers without, where a window is set); EXAONE 4.5's multimodal checkpoint
-    (its EXAONE 4 language model)."""
+    (its EXAONE 4 language model); FlexOlmo (OLMoE's experts as the MLPs)."""
     if model_type == "exaone4_5":
         return _language_model_config(hf, model_type, lambda text: _olmo2_config(text, "exaone4"))
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
@@ -701,6 +702,7 @@ def _olmo2_config(hf: Any, model_type: str) -> ModelConfig:
         nope_layers=nope_layers,
         layer_windows=_windows_by_layer_type(window, layer_types, hf.max_position_embeddings),
         attention_scale=head_dim**-0.5,
+        moe=_moe_config(hf, model_type),  # (FlexOlmo's: OLMoE's experts in OLMo 2's layers)
     )
 
 

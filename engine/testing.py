@@ -28,8 +28,8 @@ SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "vaultgemma", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe", "phi3", "smollm3", "ernie4_5",
     "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "gemma",
     "gemma2", "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron", "starcoder2", "cohere", "cohere2",
-    "olmo", "olmo2", "olmo3", "exaone4", "exaone4_5", "glm", "glm4", "falcon", "gptj", "codegen", "opt", "xglm",
-    "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
+    "olmo", "olmo2", "olmo3", "flex_olmo", "exaone4", "exaone4_5", "glm", "glm4", "falcon", "gptj", "codegen", "opt",
+    "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -312,12 +312,14 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                   num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,
                   max_position_embeddings=max_positions, logit_scale=0.5)
-    elif arch in ("olmo", "olmo2", "olmo3", "exaone4"):
+    elif arch in ("olmo", "olmo2", "olmo3", "exaone4", "flex_olmo"):
         cls = {"olmo": transformers.OlmoConfig, "olmo2": transformers.Olmo2Config, "olmo3": transformers.Olmo3Config,
-               "exaone4": transformers.Exaone4Config}[arch]
+               "exaone4": transformers.Exaone4Config, "flex_olmo": transformers.FlexOlmoConfig}[arch]
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                   num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,
                   max_position_embeddings=max_positions)
+        if arch == "flex_olmo":  # 4 experts of half the width, 2 a token
+            kw.update(num_experts=4, num_experts_per_tok=2, intermediate_size=inter // 2)
     elif arch in ("glm", "glm4"):
         cls = transformers.GlmConfig if arch == "glm" else transformers.Glm4Config
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,

@@ -241,6 +241,8 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "hunyuan_v1_moe": ("hunyuan_v1_moe", {"attention_bias": True}),
     # Solar Open: GLM-4.5's router in every layer (no dense MLP), q/k/v biases but none on the output projection
     "solar_open": ("solar_open", {"attention_bias": True}),
+    # FlexOlmo: OLMo 2's layers (norms after each sublayer, q/k norms over all heads) with OLMoE's experts
+    "flex_olmo": ("flex_olmo", {"norm_topk_prob": True}),
     # GraniteMoeShared (Granite 3.x MoE with a shared expert): GraniteMoE's multipliers and router, plus a shared MLP
     "granitemoeshared": ("granitemoeshared", {"embedding_multiplier": 3.0, "residual_multiplier": 0.5,
                                               "logits_scaling": 2.0, "attention_multiplier": 0.2}),

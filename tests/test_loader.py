@@ -41,7 +41,7 @@ def test_auto_dtype_is_fp32_on_cpu(tmp_path):
 
 @pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe", "olmoe", "granitemoe", "glm4_moe",
                                      "ernie4_5_moe", "deepseek_v3", "deepseek_v2", "dots1",
-                                     "granitemoeshared"])
+                                     "granitemoeshared", "flex_olmo"])
 def test_moe_experts_stacked_in_3d_tensors_load_alike(variant, tmp_path, model_dir_for):
     """transformers 5 holds a MoE layer's experts in two 3-D tensors (`mlp.experts.gate_up_proj`, `down_proj`;
     GraniteMoE's under `block_sparse_moe`); a checkpoint written from that state dict as it is loads as the one HF

@@ -3,7 +3,8 @@ MLP, an RMSNorm on each one's output before its residual add, and RMSNorms over 
 (all heads at once) before RoPE. Its RMSNorms scale in fp32 before casting back. OLMo 3 adds sliding-window layers
 (`layer_types`), each layer type with a RoPE of its own (YaRN on the full-attention layers of the long-context
 checkpoints). EXAONE 4 (`exaone4`) has OLMo 2's norm placement with Llama's RMSNorm (cast back, then scaled),
-per-head q/k norms (as Qwen3), and sliding-window layers with RoPE beside full-attention layers without (NoPE)."""
+per-head q/k norms (as Qwen3), and sliding-window layers with RoPE beside full-attention layers without (NoPE).
+FlexOlmo (`flex_olmo`) is OLMo 2 with OLMoE's mixture of experts as each layer's MLP."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from .base import Layer0Input, RotaryCausalLM
 from .common import Attention, RMSNorm, apply_rotary
 from .linear import Linear, linear
 from .llama import LlamaAttention, LlamaMLP
+from .moe import SparseMoE, moe_checkpoint_tensors
 
 
 class Olmo2RMSNorm(nn.Module):
@@ -40,7 +42,7 @@ class Olmo2Layer(nn.Module):
         if not c.qk_norm:  # OLMo: over all heads at once
             self.self_attn.q_norm = norm(c.num_heads * c.head_dim, c.norm_eps)
             self.self_attn.k_norm = norm(c.num_kv_heads * c.head_dim, c.norm_eps)
-        self.mlp = LlamaMLP(c)
+        self.mlp = SparseMoE(c, LlamaMLP) if c.moe is not None else LlamaMLP(c)  # (FlexOlmo: experts)
         self.post_attention_layernorm = norm(c.hidden_size, c.norm_eps)
         self.post_feedforward_layernorm = norm(c.hidden_size, c.norm_eps)
 
@@ -66,6 +68,17 @@ class Olmo2ForCausalLM(RotaryCausalLM):
     @property
     def word_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
+
+    @property
+    def graph_capturable(self) -> bool:
+        return self.config.moe is None  # (experts group their tokens on the host)
+
+    def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
+        """FlexOlmo's experts (stacked or per expert) under our names."""
+        mapped = super().checkpoint_tensors(key, tensor)
+        if self.config.moe is None:
+            return mapped
+        return [pair for name, t in mapped for pair in moe_checkpoint_tensors(name, t)]
 
     def prepare_for_inference(self, device: torch.device) -> None:
         transposed = self.fp32_on_cpu(device)
