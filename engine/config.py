@@ -25,7 +25,7 @@ ARCH_FAMILIES = {
     "mistral4": "deepseek", "youtu": "deepseek", "minicpm3": "deepseek", "dots1": "llama",
     "iquestcoder": "llama", "vaultgemma": "gemma", "hunyuan_v1_dense": "llama", "hunyuan_v1_moe": "llama",
     "solar_open": "llama", "exaone_moe": "llama", "granitemoeshared": "llama",
-    "flex_olmo": "olmo2",
+    "flex_olmo": "olmo2", "mellum": "llama",
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
@@ -368,6 +368,8 @@ def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> Mo
         elif model_type in ("mistral", "ministral3", "mixtral", "phi3"):
             windows = (int(window),) * hf.num_hidden_layers
     rope = getattr(hf, "rope_parameters", None) or {}
+    if "full_attention" in rope:  # a RoPE per layer type (Mellum's): each one's type checked
+        _check_rope_types(hf, model_type)
     if rope.get("rope_type") == "longrope":  # short factors up to here, as HF uses them below this length
         original = rope.get("original_max_position_embeddings") or hf.original_max_position_embeddings
         max_positions = min(max_positions, int(original))
@@ -394,7 +396,7 @@ def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> Mo
         mlp_bias=attention_bias if ernie else bool(getattr(hf, "mlp_bias", False)),
         lm_head_bias=model_type == "ernie4_5_moe" and attention_bias,
         gated_mlp=model_type not in ("arcee", "apertus"),
-        qk_norm=model_type in ("qwen3", "qwen3_moe", "apertus", "dots1", "exaone_moe", *HUNYUAN)
+        qk_norm=model_type in ("qwen3", "qwen3_moe", "apertus", "dots1", "exaone_moe", "mellum", *HUNYUAN)
         or (model_type == "glm4_moe" and hf.use_qk_norm),
         qk_norm_after_rope=model_type in HUNYUAN,
         qk_norm_over_heads=model_type == "olmoe",
@@ -510,6 +512,11 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
                          weights_in_model_dtype=False, sparse_layers=sparse,
                          sigmoid_scores=True, fp32_router=True, num_groups=hf.n_group, top_groups=hf.topk_group,
                          routed_scaling=float(hf.routed_scaling_factor), ungated_shared_intermediate_size=shared)
+    if model_type == "mellum":  # Qwen3-MoE's router in the layers mlp_layer_types names sparse
+        return MoEConfig(num_experts=hf.num_experts, top_k=hf.num_experts_per_tok,
+                         intermediate_size=hf.moe_intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),
+                         weights_in_model_dtype=True,
+                         sparse_layers=tuple(i for i in layers if hf.mlp_layer_types[i] == "sparse"))
     if model_type not in ("qwen2_moe", "qwen3_moe") or not hf.num_experts:
         return None
     dense = set(getattr(hf, "mlp_only_layers", None) or [])

@@ -241,6 +241,9 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "hunyuan_v1_moe": ("hunyuan_v1_moe", {"attention_bias": True}),
     # Solar Open: GLM-4.5's router in every layer (no dense MLP), q/k/v biases but none on the output projection
     "solar_open": ("solar_open", {"attention_bias": True}),
+    # Mellum (JetBrains): Qwen3-MoE's attention with sliding and full-attention layers, each type with a RoPE of its own
+    # (bases 10000 and 500000), a dense first layer, then experts
+    "mellum": ("mellum", {"num_layers": 3}),
     # FlexOlmo: OLMo 2's layers (norms after each sublayer, q/k norms over all heads) with OLMoE's experts
     "flex_olmo": ("flex_olmo", {"norm_topk_prob": True}),
     # GraniteMoeShared (Granite 3.x MoE with a shared expert): GraniteMoE's multipliers and router, plus a shared MLP

@@ -171,22 +171,25 @@ def test_ernie_moe_router_kept_in_fp32_and_its_prediction_block_left_out(tmp_pat
     assert model.model.layers[0].mlp.up_proj.bias is not None and model.lm_head.bias is not None  # (use_bias)
 
 
-def test_exaone_moe_prediction_block_left_out_and_its_correction_bias_on_the_router(tmp_path, model_dir_for):
-    """EXAONE-MoE checkpoints hold a multi-token-prediction block (`mtp.*`), which transformers leaves out, and each
-    MoE block's score-correction bias beside its router (kept in fp32)."""
+@pytest.mark.parametrize("variant", ["exaone_moe", "mellum"])
+def test_mtp_prediction_blocks_left_out(variant, tmp_path, model_dir_for):
+    """EXAONE-MoE's and Mellum's checkpoints hold a multi-token-prediction block (`mtp.*`), which transformers leaves
+    out; so does the loader. EXAONE-MoE's score-correction bias sits on the MoE block beside its router (kept in
+    fp32)."""
     from safetensors.torch import load_file
 
-    src = model_dir_for("exaone_moe")
+    src = model_dir_for(variant)
     d = tmp_path / "mtp"
     shutil.copytree(src, d)
     weights = load_file(d / "model.safetensors")
-    assert "model.layers.1.mlp.e_score_correction_bias" in weights
     weights["mtp.layers.0.eh_proj.weight"] = torch.ones(8, 8)
     save_file(weights, d / "model.safetensors")
     ids = [5, 9, 13, 40, 7]
     want = ReferencePath(load_model(src, "cpu", "float32")).logits(None, ids)
     assert torch.equal(ReferencePath(load_model(d, "cpu", "float32")).logits(None, ids), want)
-    assert load_model(d, "cpu", "bfloat16").model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
+    if variant == "exaone_moe":
+        assert "model.layers.1.mlp.e_score_correction_bias" in weights
+        assert load_model(d, "cpu", "bfloat16").model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
 
 
 def test_missing_weights_named(tmp_path, model_dir_for):

@@ -136,7 +136,7 @@ def test_half_precision_close_to_hf(variant, dtype, model_dir_for, adapter_for):
 @pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "glm4_moe",
                                      "ernie4_5_moe", "deepseek_v3", "deepseek_v2", "glm4_moe_lite",
                                      "mistral4", "dots1", "hunyuan_v1_moe", "solar_open",
-                                     "exaone_moe", "granitemoeshared", "flex_olmo"])
+                                     "exaone_moe", "granitemoeshared", "flex_olmo", "mellum"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_moe_layer_matches_hf(variant, dtype, model_dir_for):
     """A mixture-of-experts model's half-precision logits cannot be held to HF's fp32 ones as above: where two

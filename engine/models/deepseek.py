@@ -99,6 +99,7 @@ def _halves_order(start: int, rotary: int) -> list[int]:
 
 class DeepseekForCausalLM(LlamaForCausalLM):
     backbone_class = DeepseekBackbone
+    per_layer_rope = False  # (its forward rotates with the one RoPE)
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)

@@ -142,6 +142,7 @@ class LlamaBackbone(nn.Module):
 class LlamaForCausalLM(RotaryCausalLM):
     key_prefix = "model."
     backbone_class: type[nn.Module] = LlamaBackbone
+    per_layer_rope = True  # (Mellum's sliding and full-attention layers rotate with RoPEs of their own)
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
@@ -175,9 +176,9 @@ class LlamaForCausalLM(RotaryCausalLM):
             key = key.replace(theirs, ours)
         if (match := _LAYER_KEY.match(key)) and c.num_layers <= int(match[1]) < c.num_layers + self.mtp_layers:
             return []  # GLM-4.5's multi-token-prediction layers after the last one (speculative decoding only)
-        if (c.model_type == "ernie4_5_moe" and "mtp" in key) or (c.model_type == "exaone_moe"
+        if (c.model_type == "ernie4_5_moe" and "mtp" in key) or (c.model_type in ("exaone_moe", "mellum")
                                                                   and key.startswith(("mtp.", "model.mtp."))):
-            return []  # ERNIE 4.5's and EXAONE-MoE's multi-token-prediction blocks, which transformers leaves out too
+            return []  # ERNIE 4.5's, EXAONE-MoE's, Mellum's multi-token-prediction blocks, which transformers leaves out
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         if c.moe is not None:
             mapped = moe_checkpoint_tensors(key, self._experts_as_transformers_holds_them(key, tensor))
@@ -226,7 +227,7 @@ class LlamaForCausalLM(RotaryCausalLM):
     ) -> Tensor:
         c = self.config
         t = positions.shape[0]
-        rope = self.rope_rows(attention, positions)
+        ropes = self.rope_rows_by_layer(attention, positions)
         qk_width = (c.num_heads + c.num_kv_heads) * c.head_dim
         h = embeds if layer0 is None else layer0.residual
         if c.embedding_multiplier != 1.0:  # Granite (no fused layer-0 input then)
@@ -253,8 +254,8 @@ class LlamaForCausalLM(RotaryCausalLM):
             qk = qkv[:, :qk_width].view(t, c.num_heads + c.num_kv_heads, c.head_dim)
             if c.qk_norm and not c.qk_norm_after_rope:
                 qk = torch.cat((a.q_norm(qk[:, : c.num_heads]), a.k_norm(qk[:, c.num_heads:])), dim=1)
-            if rope is not None and i not in c.nope_layers:
-                qk = apply_rotary(qk, *rope)
+            if ropes[i] is not None and i not in c.nope_layers:
+                qk = apply_rotary(qk, *ropes[i])
             if c.qk_norm_after_rope:  # Hunyuan
                 qk = torch.cat((a.q_norm(qk[:, : c.num_heads]), a.k_norm(qk[:, c.num_heads:])), dim=1)
             q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]

@@ -70,7 +70,8 @@ def test_triton_backend_scores_continuations_after_shared_context_blocks(variant
                                      "deepseek_v3", "deepseek_v2", "glm4_moe_lite", "mistral4",
                                      "mistral3_mistral4", "youtu", "minicpm3", "dots1",
                                      "vaultgemma", "hunyuan_v1_dense", "hunyuan_v1_moe",
-                                     "solar_open", "exaone_moe", "granitemoeshared", "flex_olmo"])
+                                     "solar_open", "exaone_moe", "granitemoeshared", "flex_olmo",
+                                     "mellum"])
 def test_triton_backend_matches_reference(variant, model_dir_for):
     d = model_dir_for(variant)
     ref = Engine(d, device=DEVICE, dtype="float32", backend="reference")
