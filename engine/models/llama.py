@@ -176,9 +176,10 @@ class LlamaForCausalLM(RotaryCausalLM):
             key = key.replace(theirs, ours)
         if (match := _LAYER_KEY.match(key)) and c.num_layers <= int(match[1]) < c.num_layers + self.mtp_layers:
             return []  # GLM-4.5's multi-token-prediction layers after the last one (speculative decoding only)
+        # ERNIE 4.5's, EXAONE-MoE's and Mellum's multi-token-prediction blocks, which transformers leaves out too
         if (c.model_type == "ernie4_5_moe" and "mtp" in key) or (c.model_type in ("exaone_moe", "mellum")
                                                                   and key.startswith(("mtp.", "model.mtp."))):
-            return []  # ERNIE 4.5's, EXAONE-MoE's, Mellum's multi-token-prediction blocks, which transformers leaves out
+            return []
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         if c.moe is not None:
             mapped = moe_checkpoint_tensors(key, self._experts_as_transformers_holds_them(key, tensor))
