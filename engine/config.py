@@ -72,10 +72,11 @@ class MoEConfig:
 
 @dataclass(frozen=True)
 class MLAConfig:
-    """DeepSeek's multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash): queries from a low-rank projection
-    (q_a, its norm, q_b; a plain q_proj where q_lora_rank is 0); keys and values from one compressed latent per
-    token (kv_a, its norm, kv_b), each head's key its own qk_nope channels and qk_rope rotated channels shared by all
-    heads. The engine caches the expanded per-head K and V (V zero-padded to the key width)."""
+    """DeepSeek's multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash, Mistral 4, Youtu-LLM, MiniCPM3):
+    queries from a low-rank projection (q_a, its norm, q_b; a plain q_proj where q_lora_rank is 0); keys and values
+    from one compressed latent per token (kv_a, its norm, kv_b), each head's key its own qk_nope channels and
+    qk_rope rotated channels shared by all heads. The engine caches the expanded per-head K and V (V zero-padded to
+    the key width)."""
 
     q_lora_rank: int
     kv_lora_rank: int

@@ -18,12 +18,13 @@ from .linear import Linear, linear, transposed_storage
 from .moe import SparseMoE, moe_checkpoint_tensors
 
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
-# checkpoints that name Llama's norms otherwise: Apertus's, HyperCLOVAX's post-norms (GLM-4's, as we name them)
-CHECKPOINT_NORM_NAMES = ((".attention_layernorm.", ".input_layernorm."),
-                         (".feedforward_layernorm.", ".post_attention_layernorm."),
-                         (".post_norm1.", ".post_self_attn_layernorm."), (".post_norm2.", ".post_mlp_layernorm."),
-                         (".query_layernorm.", ".q_norm."), (".key_layernorm.", ".k_norm."),  # (Hunyuan's q/k norms)
-                         (".mlp.gate.wg.", ".mlp.gate."), (".mlp.shared_mlp.", ".mlp.shared_experts."))  # (its MoE's)
+# checkpoints that name Llama's modules otherwise: Apertus's norms, HyperCLOVAX's post-norms (GLM-4's, as we name
+# them), Hunyuan's q/k norms and its MoE's router and shared MLP
+CHECKPOINT_NAMES = ((".attention_layernorm.", ".input_layernorm."),
+                    (".feedforward_layernorm.", ".post_attention_layernorm."),
+                    (".post_norm1.", ".post_self_attn_layernorm."), (".post_norm2.", ".post_mlp_layernorm."),
+                    (".query_layernorm.", ".q_norm."), (".key_layernorm.", ".k_norm."),
+                    (".mlp.gate.wg.", ".mlp.gate."), (".mlp.shared_mlp.", ".mlp.shared_experts."))
 
 
 def _fuse(linears: list[nn.Linear], transposed: bool) -> tuple[Tensor, Tensor | None]:
@@ -172,7 +173,7 @@ class LlamaForCausalLM(RotaryCausalLM):
             if not mapped:
                 return []
             [(key, tensor)] = mapped
-        for theirs, ours in CHECKPOINT_NORM_NAMES:
+        for theirs, ours in CHECKPOINT_NAMES:
             key = key.replace(theirs, ours)
         if (match := _LAYER_KEY.match(key)) and c.num_layers <= int(match[1]) < c.num_layers + self.mtp_layers:
             return []  # GLM-4.5's multi-token-prediction layers after the last one (speculative decoding only)
