@@ -317,6 +317,15 @@ def _full_attention_layers(layer_types: list[str]) -> tuple[int, ...]:
     return tuple(i for i, t in enumerate(layer_types) if t != "sliding_attention")
 
 
+def _exaone_nope_layers(hf: Any) -> tuple[int, ...]:
+    """EXAONE 4's (and EXAONE-MoE's) "global NoPE": where the config sets a sliding window, HF rotates only the
+    sliding layers, and the full-attention ones take no RoPE."""
+    layer_types = getattr(hf, "layer_types", None)
+    if getattr(hf, "sliding_window", None) is None or not layer_types:
+        return ()
+    return _full_attention_layers(layer_types)
+
+
 def _check_rope_types(hf: Any, model_type: str) -> None:
     """Refuse, in the one RoPE or in each layer type's, a rope_type whose frequencies depend on the sequence length,
     and longrope (capped to its short factors by the Llama reader only)."""
@@ -376,14 +385,15 @@ def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> Mo
         max_positions = min(max_positions, int(original))
     partial = model_type in ("phi3", "glm4_moe")  # RoPE over the first partial_rotary_factor of each head
     rotary_dim = int(head_dim * rope.get("partial_rotary_factor", 1.0)) if partial else head_dim
-    nope_layers = tuple(i for i, rotary in enumerate(getattr(hf, "no_rope_layers", None) or []) if not rotary)
+    nope_layers: tuple[int, ...] = ()
+    if model_type == "smollm3":  # the layers its no_rope_layers marks 0
+        nope_layers = tuple(i for i, rotary in enumerate(getattr(hf, "no_rope_layers", None) or []) if not rotary)
+    elif model_type == "exaone_moe":
+        nope_layers = _exaone_nope_layers(hf)
     ernie = model_type in ("ernie4_5", "ernie4_5_moe")  # biases on all projections or none (use_bias), interleaved RoPE
     helium = model_type == "helium"  # interleaved RoPE, no bias on the output projection
     no_o_bias = model_type in ("helium", "glm4_moe", "solar_open")  # q/k/v biases by attention_bias, none on o_proj
     granite = model_type in ("granite", "granitemoe", "granitemoeshared", "hyperclovax")  # its multipliers
-    # EXAONE-MoE: EXAONE 4's full-attention layers rotate nothing where the config has a sliding window (NoPE)
-    exaone_nope_layers = (_full_attention_layers(layer_types) if model_type == "exaone_moe" and window is not None
-                          and layer_types else ())
     hyperclovax = model_type == "hyperclovax"  # Granite's, logits times logits_scaling, norms after each sublayer
     attention_bias = bool(getattr(hf, "use_bias" if ernie else "attention_bias", False))
     return ModelConfig(
@@ -404,7 +414,7 @@ def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> Mo
         clip_qkv=float(getattr(hf, "clip_qkv", None) or 0.0),
         rotary_dim=rotary_dim,
         interleaved_rope=ernie or helium,
-        nope_layers=nope_layers if model_type == "smollm3" else exaone_nope_layers,
+        nope_layers=nope_layers,
         moe=_moe_config(hf, model_type),
         layer_windows=windows,
         attention_scale=float(hf.attention_multiplier) if granite else head_dim**-0.5,
@@ -694,9 +704,6 @@ def _olmo2_config(hf: Any, model_type: str) -> ModelConfig:
     bias = bool(getattr(hf, "attention_bias", False))
     window = getattr(hf, "sliding_window", None)
     layer_types = getattr(hf, "layer_types", None)
-    nope_layers: tuple[int, ...] = ()
-    if model_type == "exaone4" and window is not None:  # "global NoPE": HF rotates only the sliding layers then
-        nope_layers = _full_attention_layers(layer_types)
     _check_rope_types(hf, model_type)
     return ModelConfig(
         family="olmo2",
@@ -707,7 +714,7 @@ def _olmo2_config(hf: Any, model_type: str) -> ModelConfig:
         qkv_bias=bias,
         o_bias=bias,
         qk_norm=model_type == "exaone4",
-        nope_layers=nope_layers,
+        nope_layers=_exaone_nope_layers(hf) if model_type == "exaone4" else (),
         layer_windows=_windows_by_layer_type(window, layer_types, hf.max_position_embeddings),
         attention_scale=head_dim**-0.5,
         moe=_moe_config(hf, model_type),  # (FlexOlmo's: OLMoE's experts in OLMo 2's layers)

@@ -97,8 +97,9 @@ class CausalLM(nn.Module):
 
     @property
     def graph_capturable(self) -> bool:
-        """Whether a decode step's forward can be captured in a CUDA graph (no host reads of device values)."""
-        return True
+        """Whether a decode step's forward can be captured in a CUDA graph (no host reads of device values): not
+        with a mixture of experts, whose experts group their tokens on the host."""
+        return self.config.moe is None
 
     @property
     def alibi(self) -> Tensor | None:
@@ -182,6 +183,11 @@ class RotaryCausalLM(CausalLM):
             return None
         return self.rope_cos, self.rope_sin
 
+    @property
+    def rope_dtype(self) -> torch.dtype:
+        """The dtype of the cos/sin tables: the model's (DeepSeek-V2 rotates in fp32)."""
+        return self.word_embeddings.weight.dtype
+
     def rope_rows(self, attention: Attention, positions: Tensor) -> tuple[Tensor, Tensor] | None:
         """cos/sin rows of the positions for the model to rotate q and k with; None where the attention kernel
         rotates them itself (`applies_rope`)."""
@@ -200,7 +206,7 @@ class RotaryCausalLM(CausalLM):
         # cos/sin of every position, computed once with the same ops as per step (so bit-identical)
         c = self.config
         positions = torch.arange(c.max_positions, device=device)
-        dtype = self.word_embeddings.weight.dtype
+        dtype = self.rope_dtype
         layer_types = rope_layer_types(c)
         if layer_types is None:
             inv_freq, self.rope_scaling = rope_inv_freq(c, device)

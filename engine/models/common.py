@@ -161,6 +161,12 @@ def permute_head_channels(tensor: Tensor, head_dim: int, order: list[int]) -> Te
     return tensor.view(-1, head_dim, *rest)[:, order].reshape(-1, *rest)
 
 
+def norm_heads(qk: Tensor, num_heads: int, q_norm: nn.Module, k_norm: nn.Module) -> Tensor:
+    """Queries and keys [T, Hq + Hkv, D] with each query head normed by `q_norm` and each key head by `k_norm`
+    (Qwen3's, Gemma 3's, Phi's per-head q/k norms)."""
+    return torch.cat((q_norm(qk[:, :num_heads]), k_norm(qk[:, num_heads:])), dim=1)
+
+
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x [T, H, D] rotated with cos/sin [T, R] (rotate-half convention): `x * cos + rotate_half(x) * sin` over the
     first R channels of each head (R < D: partial rotary, Phi-3's; the other channels pass as they are).

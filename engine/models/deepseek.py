@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .base import Layer0Input, Layer0Norms, layer_qkv
-from .common import Attention, RMSNorm, apply_rotary, permute_head_channels, rotary_cos_sin
+from .common import Attention, RMSNorm, apply_rotary, permute_head_channels
 from .linear import Linear, linear
 from .llama import LlamaBackbone, LlamaForCausalLM, LlamaLayer, _fuse
 
@@ -120,14 +120,14 @@ class DeepseekForCausalLM(LlamaForCausalLM):
         rows = self.model.embed_tokens(ids)
         return rows if self.embed_scale_value == 1.0 else rows * self.embed_scale
 
+    @property
+    def rope_dtype(self) -> torch.dtype:
+        return torch.float32 if self.config.mla.fp32_rope else super().rope_dtype  # (V2's cos/sin kept in fp32)
+
     def init_buffers(self, device: torch.device) -> None:
         super().init_buffers(device)
         dtype = self.word_embeddings.weight.dtype
         self.register_buffer("embed_scale", torch.tensor(self.embed_scale_value).to(device, dtype), persistent=False)
-        if self.config.mla.fp32_rope:  # V2: cos/sin kept in fp32
-            positions = torch.arange(self.config.max_positions, device=device)
-            cos, sin = rotary_cos_sin(self.inv_freq, self.rope_scaling, positions, torch.float32)
-            self.rope_cos, self.rope_sin = cos, sin
 
     def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
         """Llama's mapping (experts, multi-token-prediction layers left out); with interleaved RoPE, each head's

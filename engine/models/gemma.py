@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .base import CausalLM, Layer0Input
-from .common import Attention, apply_rotary, gather_rope_rows, rope_layer_types, rope_tables_by_layer
+from .common import Attention, apply_rotary, gather_rope_rows, norm_heads, rope_layer_types, rope_tables_by_layer
 from .linear import Linear, linear
 from .llama import LlamaAttention, LlamaMLP
 
@@ -115,7 +115,7 @@ class GemmaForCausalLM(CausalLM):
             qkv = linear(layer.input_layernorm(h), a.qkv_weight, a.qkv_bias)
             qk = qkv[:, :qk_width].view(t, c.num_heads + c.num_kv_heads, c.head_dim)
             if c.qk_norm:
-                qk = torch.cat((a.q_norm(qk[:, : c.num_heads]), a.k_norm(qk[:, c.num_heads:])), dim=1)
+                qk = norm_heads(qk, c.num_heads, a.q_norm, a.k_norm)
             qk = apply_rotary(qk, *rope)
             q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
             v = qkv[:, qk_width:].view(t, c.num_kv_heads, c.head_dim)

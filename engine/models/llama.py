@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .base import Layer0Input, Layer0Norms, RotaryCausalLM, language_model_tensors
-from .common import XIELU, Attention, RMSNorm, activation, apply_rotary, permute_head_channels
+from .common import XIELU, Attention, RMSNorm, activation, apply_rotary, norm_heads, permute_head_channels
 from .linear import Linear, linear, transposed_storage
 from .moe import SparseMoE, moe_checkpoint_tensors
 
@@ -158,10 +158,6 @@ class LlamaForCausalLM(RotaryCausalLM):
     def word_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
-    @property
-    def graph_capturable(self) -> bool:
-        return self.config.moe is None  # (experts group their tokens on the host)
-
     def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
         """Phi-3's (and GLM's) fused qkv_proj / gate_up_proj weights as our separate projections (fused again, in
         our layout, by prepare_for_inference); Mixtral's experts under our names; a multimodal Mistral 3
@@ -255,11 +251,11 @@ class LlamaForCausalLM(RotaryCausalLM):
                 qkv = qkv.clamp(-c.clip_qkv, c.clip_qkv)
             qk = qkv[:, :qk_width].view(t, c.num_heads + c.num_kv_heads, c.head_dim)
             if c.qk_norm and not c.qk_norm_after_rope:
-                qk = torch.cat((a.q_norm(qk[:, : c.num_heads]), a.k_norm(qk[:, c.num_heads:])), dim=1)
+                qk = norm_heads(qk, c.num_heads, a.q_norm, a.k_norm)
             if ropes[i] is not None and i not in c.nope_layers:
                 qk = apply_rotary(qk, *ropes[i])
             if c.qk_norm_after_rope:  # Hunyuan
-                qk = torch.cat((a.q_norm(qk[:, : c.num_heads]), a.k_norm(qk[:, c.num_heads:])), dim=1)
+                qk = norm_heads(qk, c.num_heads, a.q_norm, a.k_norm)
             q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
             if c.query_scale_beta:
                 q = q * q_scale

@@ -69,10 +69,6 @@ class Olmo2ForCausalLM(RotaryCausalLM):
     def word_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
-    @property
-    def graph_capturable(self) -> bool:
-        return self.config.moe is None  # (experts group their tokens on the host)
-
     def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
         """FlexOlmo's experts (stacked or per expert) under our names."""
         mapped = super().checkpoint_tensors(key, tensor)

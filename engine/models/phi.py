@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .base import Layer0Input, Layer0Norms, RotaryCausalLM
-from .common import Attention, activation, apply_rotary, permute_head_channels
+from .common import Attention, activation, apply_rotary, norm_heads, permute_head_channels
 from .linear import Linear, linear
 from .llama import LlamaAttention
 
@@ -90,7 +90,7 @@ class PhiForCausalLM(RotaryCausalLM):
                 qkv = linear(x, a.qkv_weight, a.qkv_bias)
             qk = qkv[:, :qk_width].view(t, c.num_heads + c.num_kv_heads, c.head_dim)
             if c.qk_norm:
-                qk = torch.cat((a.q_norm(qk[:, : c.num_heads]), a.k_norm(qk[:, c.num_heads:])), dim=1)
+                qk = norm_heads(qk, c.num_heads, a.q_norm, a.k_norm)
             if rope is not None:
                 qk = apply_rotary(qk, *rope)
             q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
