@@ -217,19 +217,27 @@ class _PaddedCall:
         return self._biases[window]
 
     def __call__(self, k_cache: Tensor, v_cache: Tensor, q_padded: Tensor, scale: float, window: int = 0,
-                 softcap: float = 0.0) -> Tensor:
+                 softcap: float = 0.0, sinks: Tensor | None = None) -> Tensor:
         """The outputs [rows, Hq, D] of the call's query rows, in `self.rows` order (`window`: the layer's sliding
-        window, 0 for none; `softcap` > 0: scores become softcap * tanh(score / softcap) before the mask, which SDPA
-        cannot do, so those layers attend in plain ops as HF's eager attention does)."""
+        window, 0 for none; `softcap` > 0: scores become softcap * tanh(score / softcap) before the mask; `sinks`
+        [Hq] (gpt-oss): each head's sink logit joins every row's softmax denominator. SDPA can do neither, so those
+        layers attend in plain ops as HF's eager attention does)."""
         (n, m), rep = self.shape, self.rep
         hkv, d = k_cache.shape[2:]
         q = q_padded.index_select(0, self.query_rows).view(n, m, hkv, rep, d).permute(0, 2, 3, 1, 4)
         keys = k_cache.index_select(0, self.block_table).view(n, -1, hkv, d).transpose(1, 2)
         values = v_cache.index_select(0, self.block_table).view(n, -1, hkv, d).transpose(1, 2)
         q = q.reshape(n, hkv, rep * m, d)
-        if softcap:
-            scores = torch.tanh(q @ keys.transpose(-1, -2) * (scale / softcap)) * softcap + self.bias_for(window)
-            out = scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ values
+        if softcap or sinks is not None:
+            scores = q @ keys.transpose(-1, -2)
+            scores = (torch.tanh(scores * (scale / softcap)) * softcap if softcap else scores * scale) \
+                + self.bias_for(window)
+            if sinks is None:
+                probs = scores.softmax(-1, dtype=torch.float32)
+            else:  # a last column of each head's sink logit (its rows ordered (rep, M) within a KV head), dropped
+                column = sinks.view(1, hkv, rep, 1, 1).expand(n, -1, -1, m, 1).reshape(n, hkv, rep * m, 1)
+                probs = torch.cat([scores.float(), column], dim=-1).softmax(-1)[..., :-1]
+            out = probs.to(q.dtype) @ values
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.bias_for(window), scale=scale)
         out = out.view(n, hkv, rep, m, d).permute(0, 3, 1, 2, 4).reshape(n * m, hkv * rep, d)
@@ -247,13 +255,16 @@ class TorchPagedAttention:
     built once per step and shared by every layer."""
 
     def __init__(self, pool: KVPool, seqs: list[SeqSlice], scale: float, alibi_slopes: Tensor | None,
-                 num_heads: int, device: torch.device, windows: tuple[int, ...] = (), softcap: float = 0.0):
+                 num_heads: int, device: torch.device, windows: tuple[int, ...] = (), softcap: float = 0.0,
+                 sinks: Tensor | None = None):
         """`windows[layer]`: that layer's sliding window (queries see keys less than that many positions back);
-        `softcap` > 0: attention scores become softcap * tanh(score / softcap) (Gemma 2)."""
+        `softcap` > 0: attention scores become softcap * tanh(score / softcap) (Gemma 2); `sinks[layer]` [Hq]:
+        that layer's attention-sink logits (gpt-oss; `CausalLM.attention_sinks`)."""
         self.pool = pool
         self.scale = scale
         self.windows = windows
         self.softcap = softcap
+        self.sinks = sinks
         bs, hkv = pool.block_size, pool.kv.shape[4]
         rep = num_heads // hkv
         slopes = None if alibi_slopes is None else alibi_slopes.float().to(device).view(hkv, rep)
@@ -276,6 +287,7 @@ class TorchPagedAttention:
             return torch.empty_like(q)
         q_padded = torch.cat([q, q.new_zeros(1, *q.shape[1:])])
         window = self.windows[layer] if layer < len(self.windows) else 0
-        parts = [call(kv[0], kv[1], q_padded, self.scale, window, self.softcap) for call in self.calls]
+        sinks = None if self.sinks is None else self.sinks[layer]
+        parts = [call(kv[0], kv[1], q_padded, self.scale, window, self.softcap, sinks) for call in self.calls]
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out if self.order is None else out.index_select(0, self.order)

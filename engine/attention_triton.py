@@ -47,10 +47,11 @@ class TritonPagedAttention:
 
     def __init__(self, pool: KVPool, seqs: list[SeqSlice], scale: float, alibi_slopes: Tensor | None,
                  positions: Tensor, rope_tables: tuple[Tensor, Tensor] | None, device: torch.device,
-                 windows: tuple[int, ...] = (), softcap: float = 0.0):
+                 windows: tuple[int, ...] = (), softcap: float = 0.0, sinks: Tensor | None = None):
         """`windows[layer]`: that layer's sliding window (queries see keys less than that many positions back);
-        `softcap` > 0: attention scores become softcap * tanh(score / softcap) (Gemma 2)."""
-        self._common(pool, scale, alibi_slopes, positions, rope_tables, windows, softcap)
+        `softcap` > 0: attention scores become softcap * tanh(score / softcap) (Gemma 2); `sinks[layer]` [Hq]: that
+        layer's attention-sink logits (gpt-oss)."""
+        self._common(pool, scale, alibi_slopes, positions, rope_tables, windows, softcap, sinks)
         self.slot_mapping = new_token_slots(seqs, pool.block_size).to(device)
         self.decode = all(s.num_queries == 1 for s in seqs)
         self.prefix_block_m: int | None = None
@@ -77,10 +78,12 @@ class TritonPagedAttention:
             )
 
     def _common(self, pool: KVPool, scale: float, alibi_slopes: Tensor | None, positions: Tensor,
-                rope_tables: tuple[Tensor, Tensor] | None, windows: tuple[int, ...], softcap: float) -> None:
+                rope_tables: tuple[Tensor, Tensor] | None, windows: tuple[int, ...], softcap: float,
+                sinks: Tensor | None = None) -> None:
         self.decode_mod, self.prefill_mod, self.rope_mod = import_kernels()
         self.windows = windows
         self.softcap = softcap
+        self.sinks = None if sinks is None else sinks.float().contiguous()
         self.pool = pool
         self.scale = scale
         self.alibi = None if alibi_slopes is None else alibi_slopes.float().contiguous()
@@ -92,12 +95,12 @@ class TritonPagedAttention:
     def static_decode(cls, pool: KVPool, scale: float, alibi_slopes: Tensor | None, positions: Tensor,
                       rope_tables: tuple[Tensor, Tensor] | None, slot_mapping: Tensor, perm: Tensor, inverse: Tensor,
                       decode_args: dict[str, Tensor], windows: tuple[int, ...] = (),
-                      softcap: float = 0.0) -> TritonPagedAttention:
+                      softcap: float = 0.0, sinks: Tensor | None = None) -> TritonPagedAttention:
         """A decode step over metadata already on the device, in tensors whose shapes do not change from step to
         step (see decode_graphs.py): nothing is built from Python values, so the step can be captured in a CUDA
         graph. The groups may include empty ones, so prefix programs use full 64-row query tiles."""
         self = cls.__new__(cls)
-        self._common(pool, scale, alibi_slopes, positions, rope_tables, windows, softcap)
+        self._common(pool, scale, alibi_slopes, positions, rope_tables, windows, softcap, sinks)
         self.slot_mapping, self.perm, self.inverse, self.decode_args = slot_mapping, perm, inverse, decode_args
         self.decode = True
         self.prefix_block_m = 64
@@ -108,11 +111,13 @@ class TritonPagedAttention:
         q = self.rope_mod.rope_kv_write(q, k, v, self.positions, self.rope_tables, k_cache, v_cache,
                                         self.slot_mapping)
         window = self.windows[layer] if layer < len(self.windows) else 0
+        sinks = None if self.sinks is None else self.sinks[layer]
         if self.decode:
             out = self.decode_mod.decode_attention(q.index_select(0, self.perm), k_cache, v_cache,
                                                    scale=self.scale, alibi_slopes=self.alibi, window=window,
-                                                   softcap=self.softcap,
+                                                   softcap=self.softcap, sinks=sinks,
                                                    prefix_block_m=self.prefix_block_m, **self.decode_args)
             return out.index_select(0, self.inverse)
         return self.prefill_mod.prefill_attention(q, k_cache, v_cache, scale=self.scale, alibi_slopes=self.alibi,
-                                                  window=window, softcap=self.softcap, **self.prefill_args)
+                                                  window=window, softcap=self.softcap, sinks=sinks,
+                                                  **self.prefill_args)

@@ -25,7 +25,7 @@ ARCH_FAMILIES = {
     "mistral4": "deepseek", "youtu": "deepseek", "minicpm3": "deepseek", "dots1": "llama",
     "iquestcoder": "llama", "vaultgemma": "gemma", "hunyuan_v1_dense": "llama", "hunyuan_v1_moe": "llama",
     "solar_open": "llama", "exaone_moe": "llama", "granitemoeshared": "llama",
-    "flex_olmo": "olmo2", "mellum": "llama",
+    "flex_olmo": "olmo2", "mellum": "llama", "gpt_oss": "gpt_oss",
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
@@ -68,6 +68,12 @@ class MoEConfig:
     fp32_router_weight: bool = False  # the router weight itself held in fp32, as transformers holds ERNIE 4.5's
     router_in_model_dtype: bool = False  # Mistral 4: the router's logits and softmax in the model dtype
     group_by_best: bool = False  # DeepSeek-V2's group_limited_greedy: a group ranked by its best expert's probability
+    router_bias: bool = False  # gpt-oss: the router has a bias
+    expert_bias: bool = False  # gpt-oss: every expert projection has a bias
+    # gpt-oss's clamped SwiGLU: gate clamped above and up on both sides at swiglu_limit, then
+    # (up + 1) * gate * sigmoid(swiglu_alpha * gate); 0: plain SwiGLU
+    swiglu_limit: float = 0.0
+    swiglu_alpha: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,7 @@ class ModelConfig:
 
     family: str  # "llama" | "olmo" | "stablelm" | "starcoder2" | "cohere" | "olmo2" | "glm" | "gemma" | "gpt_neox"
     # | "phi" | "gptj" | "falcon" | "opt" | "xglm" | "biogpt" | "gpt2" | "gpt_bigcode" | "gpt_neo" | "bloom"
-    # | "nemotron" | "deepseek"
+    # | "nemotron" | "deepseek" | "gpt_oss"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -138,6 +144,8 @@ class ModelConfig:
     sandwich_norms: bool = False  # Gemma 2/3: a norm after attention, norms before and after the MLP; GLM-4: after each
     final_logit_softcap: float = 0.0  # logits -> cap * tanh(logits / cap) (Gemma); 0: none
     attention_softcap: float = 0.0  # attention scores (after the scale) -> cap * tanh(score / cap) (Gemma 2); 0: none
+    attention_sinks: bool = False  # gpt-oss: a learned logit per layer and head in each query's softmax denominator
+    quantization: str = ""  # "mxfp4": gpt-oss's MXFP4 experts, dequantized at load; "": unquantized
     parallel_residual: bool = False  # GPT-NeoX: h + attn(ln1(h)) + mlp(ln2(h)) instead of one after the other
     two_parallel_norms: bool = False  # Falcon-40B: attention and MLP in parallel, each on its own norm of h
     attention_scale: float = 0.0
@@ -232,6 +240,11 @@ def read_generation_config(model_dir: Path) -> tuple[tuple[int, ...], dict[str, 
     return tuple(v for v in ids if v is not None), defaults
 
 
+# quantized checkpoints the loader dequantizes to the model dtype (model_type, quant_method): gpt-oss's MXFP4 experts,
+# as transformers dequantizes them where it has no MXFP4 kernels
+DEQUANTIZED_AT_LOAD = {("gpt_oss", "mxfp4")}
+
+
 def load_model_config(model_dir: str | Path) -> ModelConfig:
     """Read `config.json`, check the architecture is supported and normalise it."""
     model_dir = Path(model_dir)
@@ -244,8 +257,10 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
             f"supported model types: {', '.join(sorted(ARCH_FAMILIES))}"
         )
     quantization = raw.get("quantization_config")
+    method = None
     if quantization is not None:
         method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else quantization
+    if quantization is not None and (model_type, method) not in DEQUANTIZED_AT_LOAD:
         raise UnsupportedModelError(
             f"{model_dir} is a quantized checkpoint (quantization_config: quant_method={method!r}); the engine "
             "serves float32/float16/bfloat16 weights: use the unquantized checkpoint and pick dtype= instead"
@@ -263,7 +278,8 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
         raise CheckpointError(f"{model_dir}/config.json lacks a field the {model_type} model needs: {exc}") from exc
     _check(cfg)
     eos_ids, defaults = read_generation_config(model_dir)
-    return replace(cfg, eos_token_ids=tuple(sorted({*cfg.eos_token_ids, *eos_ids})), generation_defaults=defaults)
+    return replace(cfg, eos_token_ids=tuple(sorted({*cfg.eos_token_ids, *eos_ids})), generation_defaults=defaults,
+                   quantization=method or "")
 
 
 def _check(cfg: ModelConfig) -> None:
@@ -428,6 +444,12 @@ def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> Mo
     )
 
 
+def _gpt_oss_config(hf: Any, model_type: str) -> ModelConfig:
+    """gpt-oss: Llama's fields (q/k/v/o biases, sliding and full-attention layers by `layer_types`, YaRN) with
+    attention sinks and its mixture of experts."""
+    return replace(_llama_config(hf, model_type), family="gpt_oss", attention_sinks=True)
+
+
 def _olmo_config(hf: Any, model_type: str) -> ModelConfig:
     """OLMo: Llama's fields (its LayerNorms have a fixed eps of 1e-5 and no weights) and `clip_qkv`."""
     return replace(_llama_config(hf, model_type, norm_eps=1e-5), family="olmo")
@@ -459,6 +481,13 @@ def _deepseek_config(hf: Any, model_type: str) -> ModelConfig:
 
 def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
     layers = range(hf.num_hidden_layers)
+    if model_type == "gpt_oss":  # every layer sparse: a biased router, the softmax of its top-k logits in the model
+        # dtype; experts with biases and a clamped SwiGLU
+        return MoEConfig(num_experts=hf.num_local_experts, top_k=hf.num_experts_per_tok,
+                         intermediate_size=hf.intermediate_size, norm_topk_prob=False, weights_in_model_dtype=True,
+                         sparse_layers=tuple(layers), softmax_over_topk=True, router_in_model_dtype=True,
+                         router_bias=True, expert_bias=True, swiglu_limit=float(hf.swiglu_limit),
+                         swiglu_alpha=float(hf.swiglu_alpha))
     if model_type == "mixtral":  # every layer sparse, top-k renormalised, fp32 router weights
         return MoEConfig(num_experts=hf.num_local_experts, top_k=hf.num_experts_per_tok,
                          intermediate_size=hf.intermediate_size, norm_topk_prob=True, weights_in_model_dtype=False,
@@ -930,5 +959,5 @@ FAMILY_CONFIGS = {
     "falcon": _falcon_config, "gptj": _gptj_config, "gemma": _gemma_config, "gpt_neox": _gpt_neox_config,
     "phi": _phi_config, "opt": _opt_config, "xglm": _fairseq_lm_config, "biogpt": _fairseq_lm_config,
     "gpt2": _gpt2_config, "gpt_bigcode": _gpt2_config, "gpt_neo": _gpt_neo_config, "bloom": _bloom_config,
-    "deepseek": _deepseek_config,
+    "deepseek": _deepseek_config, "gpt_oss": _gpt_oss_config,
 }

@@ -214,7 +214,8 @@ class DecodeGraphs:
         positions = b.positions[:size]
         attention = TritonPagedAttention.static_decode(
             self.pool, c.attention_scale, self.model.alibi, positions, getattr(self.model, "rope_tables", None),
-            b.slots[:size], b.perm[:size], b.inverse[:size], decode_args, c.layer_windows, c.attention_softcap)
+            b.slots[:size], b.perm[:size], b.inverse[:size], decode_args, c.layer_windows, c.attention_softcap,
+            self.model.attention_sinks)
         first = self.layer0(b.ids[:size], positions)
         if isinstance(first, Tensor):
             return self.model(first, positions, attention)

@@ -50,9 +50,9 @@ class ModelRunner:
         if self.backend == "triton":
             rope = getattr(self.model, "rope_tables", None)
             return TritonPagedAttention(self.pool, slices, c.attention_scale, self.alibi, positions, rope, self.device,
-                                        c.layer_windows, c.attention_softcap)
+                                        c.layer_windows, c.attention_softcap, self.model.attention_sinks)
         return TorchPagedAttention(self.pool, slices, c.attention_scale, self.alibi, c.num_heads, self.device,
-                                   c.layer_windows, c.attention_softcap)
+                                   c.layer_windows, c.attention_softcap, self.model.attention_sinks)
 
     def _fused_layer0(self, token_ids: Tensor | None, prompt_rows: Tensor | None, positions: Tensor) -> Layer0Input:
         """Layer 0's residual and QKV projection in one kernel whose GEMM prologue gathers the token-embedding or

@@ -24,13 +24,15 @@ class DenseCausalAttention:
     `positions` are the queries' [T]. `prefix_kv` [layers, 2, P, kv_heads, head_dim] (a prefix-tuning adapter's
     virtual tokens, at positions 0..P-1) is prepended to every layer's keys and values and seen by every query.
     `windows[layer]` (> 0): that layer's queries see only keys less than that many positions back. `softcap` (> 0):
-    scores become softcap * tanh(score / softcap) before the mask.
+    scores become softcap * tanh(score / softcap) before the mask. `sinks[layer]` [H] (gpt-oss): each head's sink
+    logit, a column of the softmax without a value (as HF's eager attention concatenates it).
     """
 
     def __init__(self, positions: Tensor, scale: float, alibi_slopes: Tensor | None, prefix_kv: Tensor | None = None,
-                 windows: tuple[int, ...] = (), softcap: float = 0.0):
+                 windows: tuple[int, ...] = (), softcap: float = 0.0, sinks: Tensor | None = None):
         self.scale = scale
         self.softcap = softcap
+        self.sinks = sinks
         self.alibi_slopes = alibi_slopes
         self.prefix_kv = prefix_kv
         self.windows = windows
@@ -64,7 +66,11 @@ class DenseCausalAttention:
         if self.alibi_slopes is not None:
             scores = scores + self.alibi_slopes[:, None, None] * self.key_positions.float()[None, None, :]
         scores = scores.masked_fill(~self._mask(layer), float("-inf"))
-        out = torch.softmax(scores, dim=-1) @ v32
+        if self.sinks is not None:
+            column = self.sinks[layer].float()[:, None, None].expand(-1, scores.shape[1], 1)
+            out = torch.cat([scores, column], dim=-1).softmax(-1)[..., :-1] @ v32
+        else:
+            out = torch.softmax(scores, dim=-1) @ v32
         return out.transpose(0, 1).to(q.dtype)
 
 
@@ -96,7 +102,7 @@ class ReferencePath:
         positions = torch.arange(start, start + embeds.shape[0], device=device)
         c = self.model.config
         attention = DenseCausalAttention(positions, c.attention_scale, self.alibi, prefix_kv, c.layer_windows,
-                                         c.attention_softcap)
+                                         c.attention_softcap, self.model.attention_sinks)
         return self.model(embeds, positions, attention)
 
     def logits(self, prefix: Tensor | None, ids: list[int]) -> Tensor:

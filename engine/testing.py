@@ -24,8 +24,8 @@ __all__ = [
 SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
     "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "mellum", "olmoe", "granitemoe",
-    "granitemoeshared", "glm4_moe", "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "mistral4", "youtu", "minicpm3",
-    "dots1", "iquestcoder", "vaultgemma", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe", "phi3",
+    "granitemoeshared", "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "mistral4", "youtu",
+    "minicpm3", "dots1", "iquestcoder", "vaultgemma", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe", "phi3",
     "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax",
     "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron", "starcoder2",
     "cohere", "cohere2", "olmo", "olmo2", "olmo3", "flex_olmo", "exaone4", "exaone4_5", "glm", "glm4", "falcon", "gptj",
@@ -131,7 +131,7 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
               "olmo2", "olmo3", "exaone4", "exaone4_5", "glm", "glm4", "gptj", "codegen", "internlm3", "helium",
               "arcee", "nemotron", "cwm", "hyperclovax", "jais2", "apertus", "glm4_moe", "deepseek_v2", "deepseek_v3",
               "glm4_moe_lite", "mistral4", "minicpm3", "dots1", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open",
-              "exaone_moe")
+              "exaone_moe", "gpt_oss")
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "ministral", "ministral3", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3",
@@ -197,6 +197,17 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                     "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "glm4_moe", "dots1",
                     "iquestcoder", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe", "mellum"):
             kw["head_dim"] = hidden_size // num_heads
+    elif arch == "gpt_oss":
+        # 4 experts of half the width (2 a token) in every layer, a sliding layer then a full one (window 6), YaRN
+        # scaled to the tiny context; attention sinks; gpt-oss's q/k/v/o biases
+        cls = transformers.GptOssConfig
+        kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                  num_key_value_heads=num_kv_heads or max(1, num_heads // 2), head_dim=hidden_size // num_heads,
+                  intermediate_size=inter // 2, num_local_experts=4, num_experts_per_tok=2,
+                  max_position_embeddings=max_positions, sliding_window=6,
+                  rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                                   "beta_slow": 1.0, "truncate": False,
+                                   "original_max_position_embeddings": max_positions // 4})
     elif arch in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "mistral4", "youtu", "minicpm3"):
         # latent attention at a tiny scale: queries through a rank-32 projection, keys/values from a rank-16 latent;
         # 16 key channels per head not rotated, 8 rotated (shared), values 12 wide; a dense first layer, then 8
@@ -408,10 +419,14 @@ def _reinit_(model: torch.nn.Module, seed: int, logit_std: float = 2.0) -> None:
                     p.sub_(p.mean() + gain_offset(module))
             elif any(module is m for m in norms):
                 draw(p, 0.1, 1.0 - gain_offset(module) if name == "weight" else 0.0)
-            elif p.dim() == 1:
+            elif name == "sinks":  # gpt-oss's attention sinks: large enough to matter
+                draw(p, 1.0)
+            elif p.dim() == 1 or name.endswith("_bias"):  # (gpt-oss's stacked expert biases are [E, out])
                 draw(p, 0.02)
             else:
                 fan_in = p.shape[0] if isinstance(module, Conv1D) else p.shape[-1] if p.dim() == 3 else p[0].numel()
+                if type(module).__name__ == "GptOssExperts":  # stacked [E, in, out]
+                    fan_in = p.shape[1]
                 draw(p, 1.0 / math.sqrt(fan_in))
     for name, buffer in model.named_buffers():  # a sigmoid router's stored score-correction bias (GLM-4.5's)
         if name.endswith("e_score_correction_bias"):

@@ -10,7 +10,8 @@ once per group) followed by its own tokens (own blocks, positions P..P+L-1, all 
 Partials are fp32; lse is kept in base 2. Keys are gathered token by token through the block tables, so any block
 size works and block ids need not be contiguous. A sliding window W hides keys W or more positions behind a
 sequence's query: own programs split only the own keys within it; prefix programs mask per query row. A softcap C
-(Gemma 2) turns each scaled score s into C * tanh(s / C) before masking.
+(Gemma 2) turns each scaled score s into C * tanh(s / C) before masking. Attention sinks (gpt-oss) join the merge as
+one more partial per (seq, head): lse = the head's sink logit, output 0.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .prefill_attention import softcapped
+from .prefill_attention import check_head_vector, softcapped, softmax_with_sinks
 from .tiles import gpu_tiles
 
 _MIN_KEYS_PER_SPLIT = 256  # the auto heuristic never gives a split fewer keys than this (per the tables' width)
@@ -127,9 +128,10 @@ def _partial_attention_kernel(
 
 
 @triton.jit
-def _merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, num_heads, total_splits, head_dim,
-                  BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[b, h] = sum_s 2^lse_s * out_s / sum_s 2^lse_s over the (seq, head)'s partials."""
+def _merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, sinks_ptr, stride_ob, stride_oh, num_heads, total_splits,
+                  head_dim, HAS_SINKS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[b, h] = sum_s 2^lse_s * out_s / sum_s 2^lse_s over the (seq, head)'s partials; HAS_SINKS: the head's sink
+    (lse = sink * log2(e), output 0) is one more partial."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
@@ -138,10 +140,17 @@ def _merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, num
     d_mask = offs_d < head_dim
     part = (b * num_heads + h) * total_splits + offs_s
     lse = tl.load(part_lse_ptr + part, mask=s_mask, other=float("-inf"))
-    w = tl.exp2(lse - tl.max(lse, 0))
+    top = tl.max(lse, 0)
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634  # log2(e)
+        top = tl.maximum(top, sink)
+    w = tl.exp2(lse - top)
     o = tl.load(part_out_ptr + part[:, None] * head_dim + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :],
                 other=0.0)
-    out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
+    total = tl.sum(w, 0)
+    if HAS_SINKS:
+        total += tl.exp2(sink - top)
+    out = tl.sum(w[:, None] * o, 0) / total
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
@@ -157,7 +166,7 @@ def _auto_splits(num_programs: int, max_keys: int, device: torch.device) -> int:
 
 
 def _check_inputs(q, k_cache, v_cache, group_starts, group_prefix_block_tables, group_prefix_lens,
-                  own_block_tables, own_lens, alibi_slopes, num_splits) -> None:
+                  own_block_tables, own_lens, alibi_slopes, num_splits, sinks=None) -> None:
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"q must be [B, Hq, D] and k/v caches equal [blocks, block_size, Hkv, D], got "
                          f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
@@ -183,9 +192,9 @@ def _check_inputs(q, k_cache, v_cache, group_starts, group_prefix_block_tables, 
                          f"{tuple(group_prefix_lens.shape)}")
     if own_block_tables.shape[0] != b or own_lens.shape[0] != b or own_block_tables.shape[1] < 1:
         raise ValueError(f"own_block_tables must be [{b}, >=1] and own_lens [{b}]")
-    if alibi_slopes is not None and (alibi_slopes.shape != (hq,) or alibi_slopes.dtype != torch.float32):
-        raise ValueError(f"alibi_slopes must be fp32 [{hq}]")
-    tensors = [k_cache, v_cache, *(t for t, _ in meta.values())] + ([alibi_slopes] if alibi_slopes is not None else [])
+    check_head_vector("alibi_slopes", alibi_slopes, hq, q.device)
+    check_head_vector("sinks", sinks, hq, q.device)
+    tensors = [k_cache, v_cache, *(t for t, _ in meta.values())]
     if any(t.device != q.device for t in tensors):
         raise ValueError("all tensors must be on q's device")
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
@@ -207,6 +216,7 @@ def decode_attention(
     prefix_block_m: int | None = None,
     window: int = 0,
     softcap: float = 0.0,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Attention of one query per sequence over [group prefix ; own tokens] -> [B, Hq, D] in q's dtype.
 
@@ -218,6 +228,7 @@ def decode_attention(
     size B/G, which a padded batch with empty groups understates, as in a CUDA-graph decode step).
     window > 0: a sequence's query (at position P + own_len - 1) sees only keys at positions > its own - window.
     softcap > 0: each scaled score s becomes softcap * tanh(s / softcap) before the mask (Gemma 2).
+    sinks: [Hq] fp32 or None, each head's attention-sink logit (gpt-oss), in every row's softmax denominator.
     Metadata values (lens within the tables, valid block ids, group_starts covering 0..B) are not checked.
     """
     if prefix_block_m is not None and prefix_block_m not in (16, 32, 64):
@@ -227,7 +238,7 @@ def decode_attention(
     if not isinstance(softcap, (int, float)) or not softcap >= 0:
         raise ValueError(f"softcap must be a number >= 0 (0: none), got {softcap!r}")
     _check_inputs(q, k_cache, v_cache, group_starts, group_prefix_block_tables, group_prefix_lens,
-                  own_block_tables, own_lens, alibi_slopes, num_splits)
+                  own_block_tables, own_lens, alibi_slopes, num_splits, sinks)
     b, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
     g = group_starts.shape[0] - 1
@@ -276,8 +287,9 @@ def decode_attention(
         BLOCK_M=min(64, max(16, triton.next_power_of_2(ratio))), **common,
     )
     _merge_kernel[(b, hq)](
-        part_out, part_lse, out, out.stride(0), out.stride(1), hq, total, d,
-        BLOCK_S=triton.next_power_of_2(total), BLOCK_D=block_d, num_warps=4 if block_d >= 128 else 2,
+        part_out, part_lse, out, sinks if sinks is not None else part_lse, out.stride(0), out.stride(1), hq, total, d,
+        HAS_SINKS=sinks is not None, BLOCK_S=triton.next_power_of_2(total), BLOCK_D=block_d,
+        num_warps=4 if block_d >= 128 else 2,
     )
     return out
 
@@ -297,10 +309,11 @@ def decode_attention_reference(
     prefix_block_m: int | None = None,
     window: int = 0,
     softcap: float = 0.0,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Plain-PyTorch `decode_attention`, one sequence at a time in fp32 (num_splits, prefix_block_m ignored)."""
     _check_inputs(q, k_cache, v_cache, group_starts, group_prefix_block_tables, group_prefix_lens,
-                  own_block_tables, own_lens, alibi_slopes, num_splits)
+                  own_block_tables, own_lens, alibi_slopes, num_splits, sinks)
     block_size, hkv = k_cache.shape[1], k_cache.shape[2]
     ratio = q.shape[1] // hkv
     out = torch.empty_like(q)
@@ -326,7 +339,7 @@ def decode_attention_reference(
             if window:
                 hidden = torch.arange(p + n, device=q.device) <= p + n - 1 - window
                 scores = scores.masked_fill(hidden[None, :], float("-inf"))
-            out[s] = torch.einsum("hn,nhd->hd", scores.softmax(-1), values).to(q.dtype)
+            out[s] = torch.einsum("hn,nhd->hd", softmax_with_sinks(scores, sinks), values).to(q.dtype)
     return out
 
 

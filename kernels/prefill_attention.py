@@ -6,7 +6,8 @@ segments of the pool, each addressed through its own block table: the task prefi
 0..own_start + i). Nothing is gathered, concatenated or padded to a batch. ALiBi adds `slope[h] * key_position`.
 A sliding window W (Mistral, Qwen, Phi-3, Gemma layers) hides keys W or more positions behind the query; tiles
 wholly behind every query of a tile are skipped. A softcap C (Gemma 2) turns each scaled score s into C * tanh(s / C)
-before masking.
+before masking. Attention sinks (gpt-oss) add one learned logit per head to every row's softmax denominator, a key
+with no value: the online softmax starts from it (m = sink, l = 1) instead of from nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +20,23 @@ from torch import Tensor
 from .tiles import gpu_tiles
 
 _LOG2E = 1.4426950408889634
+
+
+def check_head_vector(name: str, vector: Tensor | None, num_heads: int, device: torch.device) -> None:
+    """A per-head fp32 vector argument (ALiBi slopes, attention sinks): None, or [num_heads] fp32 on `device`."""
+    if vector is not None and (vector.shape != (num_heads,) or vector.dtype != torch.float32
+                               or vector.device != device):
+        raise ValueError(f"{name} must be fp32 [{num_heads}] on the queries' device, got {vector.dtype} "
+                         f"{tuple(vector.shape)} on {vector.device}")
+
+
+def softmax_with_sinks(scores: Tensor, sinks: Tensor | None) -> Tensor:
+    """softmax over the last dim of fp32 scores [H, ..., keys], with head h's sink logit (gpt-oss) joining each row's
+    denominator as a key without a value (HF's eager attention: concatenated as a last column, dropped after)."""
+    if sinks is None:
+        return scores.softmax(-1)
+    column = sinks.float().view(-1, *([1] * (scores.dim() - 1))).expand(*scores.shape[:-1], 1)
+    return torch.cat([scores, column], dim=-1).softmax(-1)[..., :-1]
 
 
 @triton.jit
@@ -102,10 +120,11 @@ def _attend_segment(
 @triton.jit
 def _prefill_attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, cu_seqlens_ptr, prefix_tables_ptr, prefix_lens_ptr, own_tables_ptr, own_starts_ptr,
-    slopes_ptr, qk_scale, num_seqs, head_dim, window, softcap,
+    slopes_ptr, sinks_ptr, qk_scale, num_seqs, head_dim, window, softcap,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_pt, stride_own,
     GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     tile_id = tl.program_id(0)
     head = tl.program_id(1)
@@ -129,8 +148,12 @@ def _prefill_attention_kernel(
     if HAS_ALIBI:
         alibi_slope = tl.load(slopes_ptr + head).to(tl.float32) * 1.4426950408889634  # log2(e)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    if HAS_SINKS:  # the sink's logit (log2 domain) as a first key with weight 1 and no value
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
+        l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    else:
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
     prefix_len = tl.load(prefix_lens_ptr + seq)
     own_start = tl.load(own_starts_ptr + seq)
@@ -200,6 +223,7 @@ def prefill_attention(
     alibi_slopes: Tensor | None = None,
     window: int = 0,
     softcap: float = 0.0,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Attention of packed queries q [T, Hq, D] over each sequence's [prefix ; own] keys in the paged pool.
 
@@ -208,7 +232,8 @@ def prefill_attention(
     (int32) address the two segments; query i of sequence b sees every prefix key and own keys 0..own_starts[b] + i.
     alibi_slopes: [Hq] fp32 or None. window > 0: a query at position t sees only keys at positions > t - window
     (the prefix at 0..P-1, own key j at P + j). softcap > 0: each scaled score s becomes softcap * tanh(s /
-    softcap) before the mask. Returns [T, Hq, D] in q's dtype. Metadata values are not bounds-checked.
+    softcap) before the mask. sinks: [Hq] fp32 or None, each head's attention-sink logit (gpt-oss): exp(sink) joins
+    every row's softmax denominator. Returns [T, Hq, D] in q's dtype. Metadata values are not bounds-checked.
     """
     if q.dim() != 3 or k_cache.dim() != 4:
         raise ValueError(f"q must be [T, Hq, D] and k_cache [blocks, block_size, Hkv, D], got {tuple(q.shape)}, "
@@ -239,8 +264,8 @@ def prefill_attention(
     for table in (prefix_block_tables, own_block_tables):
         if table.dim() != 2 or table.shape[0] != b or (table.shape[1] > 1 and table.stride(1) != 1):
             raise ValueError(f"block tables must be [B={b}, max_blocks] with unit stride on blocks")
-    if alibi_slopes is not None and (alibi_slopes.shape != (hq,) or alibi_slopes.dtype != torch.float32):
-        raise ValueError(f"alibi_slopes must be fp32 [{hq}]")
+    check_head_vector("alibi_slopes", alibi_slopes, hq, q.device)
+    check_head_vector("sinks", sinks, hq, q.device)
     if isinstance(window, bool) or not isinstance(window, int) or window < 0:
         raise ValueError(f"window must be an int >= 0 (0: none), got {window!r}")
     if not isinstance(softcap, (int, float)) or not softcap >= 0:
@@ -258,11 +283,13 @@ def prefill_attention(
         prefix_block_tables if prefix_block_tables.numel() else prefix_lens,  # an empty table is never read
         prefix_lens.contiguous(), own_block_tables, own_starts.contiguous(),
         alibi_slopes if alibi_slopes is not None else q,  # never read without ALiBi
+        sinks if sinks is not None else q,  # never read without sinks
         scale * _LOG2E, b, d, window, float(softcap) * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), prefix_block_tables.stride(0), own_block_tables.stride(0),
         GROUP=hq // hkv, BLOCK_SIZE=block_size, HAS_ALIBI=alibi_slopes is not None, HAS_WINDOW=window > 0,
-        SOFTCAP=softcap > 0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == d,
+        SOFTCAP=softcap > 0, HAS_SINKS=sinks is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        EVEN_D=block_d == d,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
@@ -281,6 +308,7 @@ def prefill_attention_reference(
     alibi_slopes: Tensor | None = None,
     window: int = 0,
     softcap: float = 0.0,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Plain-PyTorch `prefill_attention`: per sequence, gather [prefix ; own] keys and attend in fp32."""
     _, hq, d = q.shape
@@ -313,5 +341,5 @@ def prefill_attention_reference(
         if window:
             visible &= pos[None, :] > (prefix_len + q_own)[:, None] - window
         scores = scores.masked_fill(~visible, float("-inf"))
-        out[cu[b]: cu[b + 1]] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), values).to(q.dtype)
+        out[cu[b]: cu[b + 1]] = torch.einsum("hqk,khd->qhd", softmax_with_sinks(scores, sinks), values).to(q.dtype)
     return out

@@ -254,6 +254,9 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "exaone_moe": ("exaone_moe", {"num_layers": 3, "sliding_window": 6,
                                   "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
     "minicpm3": ("minicpm3", {}),
+    # gpt-oss: q/k/v/o biases, attention sinks, a sliding layer then a full one, YaRN; every layer 4 experts (2 a
+    # token) behind a biased router, with biases and a clamped SwiGLU (the limit lowered so that the clamp bites)
+    "gpt_oss": ("gpt_oss", {"swiglu_limit": 1.0}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -10,6 +10,7 @@ from .gemma import GemmaForCausalLM
 from .gpt2 import GPT2LMHeadModel, GPTBigCodeForCausalLM
 from .gpt_neo import GPTNeoForCausalLM
 from .gpt_neox import GPTNeoXForCausalLM
+from .gpt_oss import GptOssForCausalLM
 from .llama import LlamaForCausalLM
 from .olmo import OlmoForCausalLM
 from .olmo2 import Olmo2ForCausalLM
@@ -19,6 +20,7 @@ from .stablelm import NemotronForCausalLM, StableLmForCausalLM, Starcoder2ForCau
 
 MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "llama": LlamaForCausalLM,
+    "gpt_oss": GptOssForCausalLM,
     "olmo": OlmoForCausalLM,
     "gemma": GemmaForCausalLM,
     "gpt_neox": GPTNeoXForCausalLM,
@@ -43,6 +45,6 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
 
 __all__ = ["Attention", "CausalLM", "MODEL_CLASSES", "BioGptForCausalLM", "BloomForCausalLM", "CohereForCausalLM",
            "DeepseekForCausalLM", "FalconForCausalLM", "GPT2LMHeadModel", "GPTBigCodeForCausalLM", "GPTJForCausalLM",
-           "GPTNeoForCausalLM", "GemmaForCausalLM", "GPTNeoXForCausalLM", "LlamaForCausalLM", "NemotronForCausalLM",
-           "OPTForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM", "PhiForCausalLM", "StableLmForCausalLM",
-           "Starcoder2ForCausalLM", "XGLMForCausalLM"]
+           "GPTNeoForCausalLM", "GemmaForCausalLM", "GPTNeoXForCausalLM", "GptOssForCausalLM", "LlamaForCausalLM",
+           "NemotronForCausalLM", "OPTForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM", "PhiForCausalLM",
+           "StableLmForCausalLM", "Starcoder2ForCausalLM", "XGLMForCausalLM"]

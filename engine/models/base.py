@@ -102,6 +102,12 @@ class CausalLM(nn.Module):
         return self.config.moe is None
 
     @property
+    def attention_sinks(self) -> Tensor | None:
+        """Each layer's per-head attention-sink logits [layers, Hq] in fp32 (gpt-oss), which every attention
+        implementation adds to each query's softmax denominator; None for a model without them."""
+        return None
+
+    @property
     def alibi(self) -> Tensor | None:
         """Per-head ALiBi slopes for the attention implementations (None: positions are not ALiBi)."""
         return getattr(self, "alibi_slopes", None)

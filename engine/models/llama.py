@@ -111,16 +111,19 @@ class LlamaMLP(nn.Module):
 
 class LlamaLayer(nn.Module):
     attention_class: type[nn.Module] = LlamaAttention
+    expert_class: type[nn.Module] = LlamaMLP  # a mixture of experts' expert
+    norm_class: type[nn.Module] = RMSNorm
 
     def __init__(self, c: ModelConfig, index: int):
         super().__init__()
         self.self_attn = self.attention_class(c)
-        self.mlp = SparseMoE(c, LlamaMLP) if c.moe is not None and index in c.moe.sparse_layers else LlamaMLP(c)
-        self.input_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
+        sparse = c.moe is not None and index in c.moe.sparse_layers
+        self.mlp = SparseMoE(c, self.expert_class) if sparse else LlamaMLP(c)
+        self.input_layernorm = self.norm_class(c.hidden_size, c.norm_eps)
+        self.post_attention_layernorm = self.norm_class(c.hidden_size, c.norm_eps)
         if c.sandwich_norms:  # GLM-4: a norm on the attention's and on the MLP's output, before each residual add
-            self.post_self_attn_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
-            self.post_mlp_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
+            self.post_self_attn_layernorm = self.norm_class(c.hidden_size, c.norm_eps)
+            self.post_mlp_layernorm = self.norm_class(c.hidden_size, c.norm_eps)
 
 
 class LlamaBackbone(nn.Module):

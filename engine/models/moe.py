@@ -1,6 +1,7 @@
 """Sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE, GLM-4.5, ERNIE 4.5, DeepSeek-V2
-/ V3): a router picks each token's top-k experts, each a SwiGLU MLP, and their outputs are summed with the router's
-weights (Qwen2-MoE adds a gated shared expert, GLM-4.5, ERNIE 4.5 and DeepSeek ungated ones).
+/ V3, gpt-oss): a router picks each token's top-k experts, each a SwiGLU MLP (gpt-oss's clamped), and their outputs
+are summed with the router's weights (Qwen2-MoE adds a gated shared expert, GLM-4.5, ERNIE 4.5 and DeepSeek ungated
+ones).
 
 Tokens are grouped by expert and each expert runs once over its tokens; each token's k weighted outputs are then
 summed in one reduction (no scattered atomic adds: deterministic on CUDA), as transformers' grouped-GEMM experts do.
@@ -27,9 +28,10 @@ class SparseMoE(nn.Module):
         moe = c.moe
         assert moe is not None
         self.moe: MoEConfig = moe
-        self.gate = Linear(c.hidden_size, moe.num_experts, bias=False)  # the router
-        unbiased = replace(c, mlp_bias=False)  # (experts have no biases, even where the dense MLPs do: ERNIE 4.5)
-        self.experts = nn.ModuleList(mlp(unbiased, moe.intermediate_size) for _ in range(moe.num_experts))
+        self.gate = Linear(c.hidden_size, moe.num_experts, bias=moe.router_bias)  # the router
+        # experts have biases only where the MoE config says (gpt-oss), even where the dense MLPs do (ERNIE 4.5)
+        expert_config = replace(c, mlp_bias=moe.expert_bias)
+        self.experts = nn.ModuleList(mlp(expert_config, moe.intermediate_size) for _ in range(moe.num_experts))
         if moe.shared_expert_intermediate_size:
             self.shared_expert = mlp(c, moe.shared_expert_intermediate_size)
             self.shared_expert_gate = Linear(c.hidden_size, 1, bias=False)
@@ -50,7 +52,8 @@ class SparseMoE(nn.Module):
         """Each token's top-k experts [T, k] and their weights [T, k] (softmax over all experts in fp32, then
         renormalised over the chosen ones where the config says so; GraniteMoE: the top-k logits' softmax; ERNIE
         4.5: chosen by probability + correction bias; DeepSeek-V2, Mistral 4: from the best groups, scaled, Mistral
-        4's in the model dtype; GLM-4.5, DeepSeek-V3: `_sigmoid_route`)."""
+        4's in the model dtype; GLM-4.5, DeepSeek-V3: `_sigmoid_route`; gpt-oss: the top-k of biased logits in the
+        model dtype, their softmax)."""
         moe = self.moe
         if moe.fp32_router:
             logits = F.linear(x.float(), self.gate.weight.float())

@@ -82,10 +82,10 @@ def make_case(groups, hq, hkv, d, block_size, dtype, alibi=False, seed=0):
 
 
 def check(groups, hq=4, hkv=2, d=32, block_size=8, dtype=torch.float32, alibi=False, num_splits=None, seed=0,
-          window=0, softcap=0.0):
+          window=0, softcap=0.0, sinks=None):
     case = make_case(groups, hq, hkv, d, block_size, dtype, alibi, seed)
-    out = decode_attention(**case, num_splits=num_splits, window=window, softcap=softcap)
-    ref = decode_attention_reference(**case, window=window, softcap=softcap)
+    out = decode_attention(**case, num_splits=num_splits, window=window, softcap=softcap, sinks=sinks)
+    ref = decode_attention_reference(**case, window=window, softcap=softcap, sinks=sinks)
     assert out.dtype == dtype and out.shape == case["q"].shape
     assert torch.isfinite(ref).all()
     torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
@@ -160,8 +160,24 @@ def test_softcap(window, num_splits):
     assert not torch.allclose(decode_attention_reference(**case, window=window), capped)  # the test can fail
 
 
-@pytest.mark.parametrize("alibi, window", [(False, 0), (True, 0), (False, 5)], ids=["plain", "alibi", "window"])
-def test_reference_matches_torch_backend(alibi, window):
+def _sinks(num_heads: int) -> torch.Tensor:
+    return torch.randn(num_heads, generator=torch.Generator().manual_seed(11)).mul(2).to(DEVICE)
+
+
+@pytest.mark.parametrize("window", [0, 3])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_sinks(window, num_splits):
+    """gpt-oss's attention sinks: one more partial per (seq, head) in the merge (lse = the sink, output 0)."""
+    check(CASES["mixed"], hq=8, hkv=2, num_splits=num_splits, window=window, sinks=_sinks(8))
+    check(CASES["singletons"], hq=2, hkv=1, num_splits=7, window=window, sinks=_sinks(2))  # empty splits too
+    case = make_case(CASES["mixed"], 8, 2, 32, 8, torch.float32)
+    with_sinks = decode_attention_reference(**case, window=window, sinks=_sinks(8))
+    assert not torch.allclose(decode_attention_reference(**case, window=window), with_sinks)  # the test can fail
+
+
+@pytest.mark.parametrize("alibi, window, sinks", [(False, 0, False), (True, 0, False), (False, 5, False),
+                                                  (False, 5, True)], ids=["plain", "alibi", "window", "sinks"])
+def test_reference_matches_torch_backend(alibi, window, sinks):
     """One query per sequence through TorchPagedAttention on a real KVPool (layer 1) vs the reference."""
     groups, hq, hkv, d, bs = CASES["mixed"], 8, 2, 32, 8
     case = make_case(groups, hq, hkv, d, bs, torch.float32, alibi=alibi, seed=3)
@@ -180,13 +196,16 @@ def test_reference_matches_torch_backend(alibi, window):
     meta = BatchMetadata.build(seqs, bs, DEVICE)
     flat_k, flat_v = pool.kv[1, 0].flatten(0, 1), pool.kv[1, 1].flatten(0, 1)
     new_k, new_v = flat_k[meta.slot_mapping].clone(), flat_v[meta.slot_mapping].clone()  # rewrites what is there
+    layer_sinks = _sinks(hq) if sinks else None
     backend = TorchPagedAttention(pool, seqs, case["scale"], case["alibi_slopes"], hq, torch.device(DEVICE),
-                                  windows=(0, window))
+                                  windows=(0, window),
+                                  sinks=None if layer_sinks is None else torch.stack([layer_sinks * 0, layer_sinks]))
     torch_out = backend(1, case["q"], new_k, new_v)
     case["k_cache"], case["v_cache"] = pool.kv[1, 0], pool.kv[1, 1]
-    ref = decode_attention_reference(**case, window=window)
+    ref = decode_attention_reference(**case, window=window, sinks=layer_sinks)
     torch.testing.assert_close(ref, torch_out, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(decode_attention(**case, window=window), torch_out, **TOL[torch.float32])
+    torch.testing.assert_close(decode_attention(**case, window=window, sinks=layer_sinks), torch_out,
+                               **TOL[torch.float32])
 
 
 def test_group_by_prefix():
@@ -212,6 +231,7 @@ def test_noncontiguous_q_and_cache_views():
 @pytest.mark.parametrize("change,match", [
     (dict(own_lens=torch.ones(3, dtype=torch.int64)), "own_lens must be a 1-D int32"),
     (dict(alibi_slopes=torch.ones(5)), "alibi_slopes"),
+    (dict(sinks=torch.ones(4, dtype=torch.float16)), "sinks must be fp32"),
     (dict(group_prefix_lens=torch.zeros(2, dtype=torch.int32)), "disagree"),
     (dict(num_splits=0), "num_splits"),
 ])

@@ -149,3 +149,24 @@ def test_softcap_matches_reference_and_torch_backend(hq, hkv, head_dim, block_si
     torch.testing.assert_close(reference, expected, atol=1e-4, rtol=1e-4)
     uncapped = prefill_attention_reference(q, kv[0, 0], kv[0, 1], **args, window=window)
     assert not torch.allclose(uncapped, reference, atol=1e-3)  # the cap changes the result (the test can fail)
+
+
+@pytest.mark.parametrize("window", [0, 6])
+@pytest.mark.parametrize("hq, hkv, head_dim, block_size, task_prefix, seqs, alibi", [SMALL[0], SMALL[1], SMALL[4]])
+def test_sinks_match_reference_and_torch_backend(hq, hkv, head_dim, block_size, task_prefix, seqs, alibi, window):
+    """gpt-oss's attention sinks (a logit per head in every row's softmax denominator), with and without a sliding
+    window; the kernel starts each row's online softmax from the sink."""
+    kv, slices, (q, k, v), args = _build(hq, hkv, head_dim, block_size, task_prefix, seqs, alibi, torch.float32)
+    sinks = torch.randn(hq, generator=torch.Generator().manual_seed(7)).mul(2).to(DEVICE)
+    pool = SimpleNamespace(kv=kv, block_size=block_size)
+    backend = TorchPagedAttention(pool, slices, args["scale"], args["alibi_slopes"], hq, torch.device(DEVICE),
+                                  windows=(window,), sinks=sinks[None])
+    expected = backend(0, q, k, v)
+    reference = prefill_attention_reference(q, kv[0, 0], kv[0, 1], **args, window=window, sinks=sinks)
+    out = prefill_attention(q, kv[0, 0], kv[0, 1], **args, window=window, sinks=sinks)
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(reference, expected, atol=1e-4, rtol=1e-4)
+    plain = prefill_attention_reference(q, kv[0, 0], kv[0, 1], **args, window=window)
+    assert not torch.allclose(plain, reference, atol=1e-3)  # the sinks change the result (the test can fail)
+    with pytest.raises(ValueError, match="sinks must be fp32"):
+        prefill_attention(q, kv[0, 0], kv[0, 1], **args, sinks=sinks[:-1])
