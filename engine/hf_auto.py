@@ -24,12 +24,18 @@ def hf_causal_lm_class(config: Any) -> type:
 def reference_load_kwargs(config: Any) -> dict[str, Any]:
     """`from_pretrained` options that load HF's own reference implementation of the model in `config`: no Hub
     kernels (transformers 5.25 swaps layers for downloaded ones by default, which needs the network and changes the
-    numerics), and eager attention where the model soft-caps attention scores (Gemma 2): transformers up to 5.17
-    ran Gemma 2 on SDPA by default, which skips the cap."""
+    numerics), eager attention where the model soft-caps attention scores (Gemma 2): transformers up to 5.17
+    ran Gemma 2 on SDPA by default, which skips the cap; and MXFP4 experts (gpt-oss's) dequantized, as the engine
+    serves them (without that, transformers would need accelerate and MXFP4 kernels, and could not train)."""
     text_config = getattr(config, "text_config", None) or config
     kwargs: dict[str, Any] = {"use_kernels": False}
     if getattr(text_config, "attn_logit_softcapping", None):
         kwargs["attn_implementation"] = "eager"
+    quantization = getattr(config, "quantization_config", None)
+    if isinstance(quantization, dict) and quantization.get("quant_method") == "mxfp4":
+        from transformers import Mxfp4Config
+
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
     return kwargs
 
 

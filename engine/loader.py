@@ -11,6 +11,7 @@ from safetensors import SafetensorError, safe_open
 from .config import ModelConfig, load_model_config
 from .errors import CheckpointError
 from .models import MODEL_CLASSES, CausalLM
+from .mxfp4 import dequantize_entries
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -131,7 +132,10 @@ def load_model(
     dt = resolve_dtype(dtype, config, dev)
     with torch.device("meta"):
         model = MODEL_CLASSES[config.family](config)
-    state = _match_keys(model, read_state_dict(model_dir), model_dir)
+    loaded = read_state_dict(model_dir)
+    if config.quantization == "mxfp4":  # (gpt-oss's experts)
+        loaded = dequantize_entries(loaded, dt)
+    state = _match_keys(model, loaded, model_dir)
     for name, tensor in state.items():
         if not tensor.is_floating_point():
             raise CheckpointError(f"{model_dir}: weight {name} has non-float dtype {tensor.dtype}")

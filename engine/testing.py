@@ -497,6 +497,40 @@ def _save_with_experts_transposed(model: torch.nn.Module, out_dir: Path) -> None
               metadata={"format": "pt"})
 
 
+# what openai/gpt-oss-20b's config.json says of its MXFP4 experts
+GPT_OSS_MXFP4_CONFIG = {"quant_method": "mxfp4", "modules_to_not_convert": [
+    "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+
+
+def quantize_checkpoint_mxfp4(model_dir: str | Path, out_dir: str | Path) -> Path:
+    """A copy of a gpt-oss checkpoint (`build_tiny_checkpoint("gpt_oss", ...)`) with its experts' weights in MXFP4,
+    as openai/gpt-oss-20b / 120b ship them: `*.experts.gate_up_proj_blocks` / `_scales` and `down_proj_blocks` /
+    `_scales` in place of the stacked weights (biases kept), and the config's `quantization_config`."""
+    import json
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from .mxfp4 import quantize_mxfp4
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    shutil.copytree(model_dir, out_dir)
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    state = {}
+    for key, tensor in tensors.items():
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            state[key + "_blocks"], state[key + "_scales"] = quantize_mxfp4(tensor)
+        else:
+            state[key] = tensor
+    save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out_dir / "config.json").read_text())
+    config["quantization_config"] = GPT_OSS_MXFP4_CONFIG
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return out_dir
+
+
 def build_prompt_tuning_adapter(model_dir: str | Path, out_dir: str | Path, *, num_virtual_tokens: int = 8,
                                 init: str = "random", init_text: str | None = None, seed: int = 0,
                                 scale: float = 1.0) -> Path:
