@@ -9,6 +9,9 @@ the answer goes to the message's `reasoning` (and `reasoning_content`, its older
 - `seed_oss` (ByteDance Seed-OSS): deepseek_r1's reading with `<seed:think>` and `</seed:think>`.
 - `mistral` (Magistral): qwen3's reading with `[THINK]` and `[/THINK]`, special tokens, so the answer is decoded
   with them (as the mistral tool-call parser's).
+- `openai_gptoss` (gpt-oss): its harmony messages (`engine/harmony.py`): the analysis channel is the thought, the
+  final channel (and commentary preambles) the answer; tool-call messages stay in the answer for the `openai`
+  tool-call parser. Decoded with its special tokens.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from . import harmony
 from .stopping import partial_marker_length
 
 START, END = "<think>", "</think>"
@@ -50,6 +54,19 @@ class ReasoningParser:
         reasoning, closed, content = body.partition(self.end)
         return reasoning, (content or None) if closed else None
 
+    def so_far(self, text: str, finished: bool, prompt_open: bool = False) -> tuple[str | None, str]:
+        """(the thought so far, or None where there is none; the answer so far) of a growing answer: what a marker
+        still arriving may yet change is held back, so each only ever grows."""
+        stripped = text.lstrip()
+        if not finished and self.start.startswith(stripped) and stripped != self.start:
+            return None, ""  # nothing yet, or what may become "<think>"
+        reasoning, content = self.split(text, prompt_open)
+        if reasoning is None:
+            return None, text
+        if content is None and not finished and self.end not in text:
+            reasoning = reasoning[:len(reasoning) - partial_marker_length(reasoning, (self.end,))]  # "</think>" may come
+        return reasoning, content or ""
+
     def marker_ids(self, tokenizer) -> tuple[int, int] | None:
         """The token ids of its start and end markers where each is one token of the tokenizer (`Tokenizer`), else
         None."""
@@ -59,10 +76,31 @@ class ReasoningParser:
         return ids[0][0], ids[1][0]
 
 
+@dataclass(frozen=True)
+class HarmonyReasoningParser(ReasoningParser):
+    """gpt-oss's harmony messages (see `engine/harmony.py`); its thought is not one span between two markers, so
+    structured outputs cannot wait for the answer (`marker_ids` is None: they hold from the first token)."""
+
+    def split(self, text: str, prompt_open: bool = False) -> tuple[str | None, str | None]:
+        return harmony.split(text)
+
+    def so_far(self, text: str, finished: bool, prompt_open: bool = False) -> tuple[str | None, str]:
+        reasoning, content = harmony.split(text, finished)
+        return reasoning, content or ""
+
+    def opens_thought(self, prompt_text: str) -> bool:
+        return False
+
+    def marker_ids(self, tokenizer) -> tuple[int, int] | None:
+        return None
+
+
 REASONING_PARSERS = {p.name: p for p in (
     ReasoningParser("deepseek_r1", True), ReasoningParser("qwen3", False),
     ReasoningParser("seed_oss", True, "<seed:think>", "</seed:think>"),
-    ReasoningParser("mistral", False, "[THINK]", "[/THINK]", keeps_special_tokens=True))}
+    ReasoningParser("mistral", False, "[THINK]", "[/THINK]", keeps_special_tokens=True),
+    HarmonyReasoningParser("openai_gptoss", False, harmony.CHANNEL + "analysis" + harmony.MESSAGE, harmony.END,
+                           keeps_special_tokens=True))}
 
 
 def reasoning_parser(name: str) -> ReasoningParser:
@@ -83,17 +121,12 @@ class ReasoningStream:
 
     def feed(self, text: str, finished: bool) -> tuple[str, str]:
         """(reasoning to send now, the content so far)."""
-        stripped, start, end = text.lstrip(), self.parser.start, self.parser.end
-        if not finished and start.startswith(stripped) and stripped != start:
-            return "", ""  # nothing yet, or what may become "<think>"
-        reasoning, content = self.parser.split(text, self.prompt_open)
+        reasoning, content = self.parser.so_far(text, finished, self.prompt_open)
         if reasoning is None:
-            return "", text
-        if content is None and not finished and end not in text:
-            reasoning = reasoning[:len(reasoning) - partial_marker_length(reasoning, (end,))]  # "</think>" may come
+            return "", content
         piece = reasoning[self.reasoning_sent:] if len(reasoning) > self.reasoning_sent else ""
         self.reasoning_sent = max(self.reasoning_sent, len(reasoning))
-        return piece, content or ""
+        return piece, content
 
 
 class ThoughtGate:

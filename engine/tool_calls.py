@@ -10,7 +10,8 @@ as tool calls.
   others), `llama3_json` (Llama 3.1+: the answer is `{"name": ..., "parameters": ...}` objects, `; `-separated),
   `mistral` (`[TOOL_CALLS]` and a JSON array of calls), `pythonic` (Llama 3.2 / 4: `[f(a=1), g()]`) or
   `qwen3_coder` (`<tool_call><function=f><parameter=a>1</parameter></function></tool_call>`) or `seed_oss`
-  (the same inside `<seed:tool_call>`).
+  (the same inside `<seed:tool_call>`) or `openai` (gpt-oss's harmony messages to `functions.NAME`, kept in the
+  answer by the `openai_gptoss` reasoning parser).
 
 A streamed answer sends content while it can be sure it is content, and the calls once they are complete.
 """
@@ -27,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from . import harmony
 from .stopping import partial_marker_length
 
 
@@ -260,6 +262,33 @@ class SeedOssParser(Qwen3CoderParser):
     start = "<seed:tool_call>"
 
 
+class HarmonyParser:
+    """gpt-oss's tool calls (vLLM's `openai`): harmony messages addressed to `functions.NAME` (on the commentary
+    channel, `<|constrain|>json`), each body the call's arguments, after optional content. It reads the answer the
+    `openai_gptoss` reasoning parser gives (its thought taken out, tool-call messages kept whole), which the server
+    requires beside it."""
+
+    name = "openai"
+    keeps_special_tokens = True
+    short_ids = False
+
+    def parse(self, text: str, functions: Sequence[dict] = ()) -> ParsedAnswer:
+        first = text.find(harmony.START)
+        if first < 0:
+            return ParsedAnswer(text, [])
+        content, calls = [text[:first]], []
+        for m in harmony.read_messages(text[first:]):
+            if m.recipient is not None:
+                calls.append(ToolCall(m.recipient.removeprefix("functions."), m.body.strip() or "{}"))
+            else:
+                content.append(m.body)
+        return ParsedAnswer("".join(content) or None, calls)
+
+    def content_end(self, text: str) -> int:
+        first = text.find(harmony.START)
+        return first if first >= 0 else len(text) - partial_marker_length(text, (harmony.START,))
+
+
 def _typed(value: str, schema: dict | None) -> Any:
     """A qwen3_coder parameter's text as its schema's type (vLLM's conversion)."""
     value = value.removeprefix("\n").removesuffix("\n")
@@ -314,7 +343,7 @@ def short_call_id() -> str:
 
 
 TOOL_CALL_PARSERS = {p.name: p for p in (HermesParser(), Llama3JsonParser(), MistralParser(), PythonicParser(),
-                                          Qwen3CoderParser(), SeedOssParser())}
+                                          Qwen3CoderParser(), SeedOssParser(), HarmonyParser())}
 
 
 def tool_call_parser(name: str):
@@ -382,7 +411,8 @@ class ToolChoice:
 
     kind: str
     name: str | None = None
-    parser: HermesParser | Llama3JsonParser | MistralParser | PythonicParser | Qwen3CoderParser | None = None
+    parser: HermesParser | Llama3JsonParser | MistralParser | PythonicParser | Qwen3CoderParser | HarmonyParser \
+        | None = None
     parallel: bool = True
     short_ids: bool = False  # 9-character call ids (the server's parser is mistral)
     functions: tuple[dict, ...] = ()  # the tools' function definitions (qwen3_coder types its values by them)

@@ -37,7 +37,7 @@ def test_prompt_opens_thought_and_unknown_parsers():
     assert prompt_opens_thought("<|im_start|>assistant\n<think>\n")
     assert not prompt_opens_thought("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # enable_thinking=False
     assert not prompt_opens_thought("<|im_start|>assistant\n")
-    with pytest.raises(ValueError, match="unknown reasoning parser 'granite'.*deepseek_r1, mistral, qwen3, seed_oss"):
+    with pytest.raises(ValueError, match="unknown reasoning parser 'granite'.*r1, mistral, openai_gptoss, qwen3, seed"):
         reasoning_parser("granite")
     seed, magistral = REASONING_PARSERS["seed_oss"], REASONING_PARSERS["mistral"]
     assert seed.opens_thought("<seed:think>") and not seed.opens_thought("<think>")
@@ -127,3 +127,83 @@ def test_include_reasoning_false_leaves_the_thought_out():
     assert all("reasoning" not in d for d in deltas) and "".join(d.get("content", "") for d in deltas) == "Hi"
     plain = ChatFormat("id", 0, "base", TokenStrings(None)).response([output("abc</think>Hi", "stop")])
     assert plain["choices"][0]["message"] == {"role": "assistant", "content": "abc</think>Hi"}  # no parser
+
+
+HARMONY = REASONING_PARSERS["openai_gptoss"]
+ANALYSIS = "<|channel|>analysis<|message|>"
+NEXT = "<|start|>assistant"  # (gpt-oss's prompt ends with the first one)
+WEATHER_CALL = '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Oslo"}'
+
+
+@pytest.mark.parametrize("text, want", [
+    (f"{ANALYSIS}2 + 2 is 4.<|end|>{NEXT}<|channel|>final<|message|>It is 4.", ("2 + 2 is 4.", "It is 4.")),
+    (f"{ANALYSIS}a<|end|>{NEXT}{ANALYSIS}b<|end|>{NEXT}<|channel|>final<|message|>C<|return|>", ("ab", "C")),
+    ("<|channel|>final<|message|>Hi", (None, "Hi")),
+    (f"{ANALYSIS}cut off mid-thou", ("cut off mid-thou", None)),
+    (f"{ANALYSIS}a<|end|>{NEXT}<|channel|>commentary<|message|>Let me look.<|end|>{NEXT}<|channel|>final<|message|>"
+     "Done.", ("a", "Let me look.Done.")),  # a preamble (commentary to no one) is answer
+    ("Plain text, no harmony.", (None, "Plain text, no harmony.")),
+    (f"{ANALYSIS}a<|end|>{NEXT}{WEATHER_CALL}", ("a", f"<|start|>{WEATHER_CALL.replace('<|channel|>', 'assistant<|channel|>', 1)}")),
+])
+def test_harmony_messages(text, want):
+    """gpt-oss's analysis channel is the thought, final (and commentary preambles) the answer; a tool-call message
+    stays whole in the answer for the `openai` tool-call parser."""
+    assert HARMONY.split(text) == want
+    assert HARMONY.keeps_special_tokens and HARMONY.marker_ids(None) is None and not HARMONY.opens_thought(text)
+
+
+@pytest.mark.parametrize("stream_it", [False, True])
+def test_harmony_tool_calls_are_read_from_the_answer(stream_it):
+    """With `--reasoning-parser openai_gptoss --tool-call-parser openai`: the thought, a preamble as content, and the
+    call to functions.get_weather (gpt-oss stops at <|call|>, one of its EOS tokens), whole or a character at a time,
+    no tag ever sent."""
+    text = (f"{ANALYSIS}Need the weather.<|end|>{NEXT}<|channel|>commentary<|message|>Checking.<|end|>{NEXT}"
+            f"{WEATHER_CALL}")
+    fmt = ChatFormat("id", 0, "base", TokenStrings(None), tools=ToolChoice("auto", parser=TOOL_CALL_PARSERS["openai"]),
+                     reasoning=HARMONY)
+    if not stream_it:
+        [choice] = fmt.response([output(text, "stop")])["choices"]
+        message, reason = choice["message"], choice["finish_reason"]
+        thought, content, calls = message["reasoning"], message["content"], message["tool_calls"]
+        calls = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+    else:
+        thought, content, built, reasons = "", "", {}, []
+        for i in range(1, len(text) + 1):
+            for chunk in fmt.chunks(0, output(text[:i], "stop" if i == len(text) else None)):
+                delta = chunk["choices"][0]["delta"]
+                reasons.append(chunk["choices"][0]["finish_reason"])
+                thought += delta.get("reasoning", "")
+                content += delta.get("content", "")
+                for c in delta.get("tool_calls", ()):
+                    built.setdefault(c["index"], ["", ""])
+                    built[c["index"]][0] += c["function"].get("name") or ""
+                    built[c["index"]][1] += c["function"]["arguments"]
+                assert "<|" not in delta.get("content", "") + delta.get("reasoning", "")
+        calls = [(name, json.loads(arguments)) for name, arguments in built.values()]
+        reason = reasons[-1]
+    assert (thought, content, reason) == ("Need the weather.", "Checking.", "tool_calls")
+    assert calls == [("get_weather", {"city": "Oslo"})]
+    plain = ChatFormat("id", 0, "base", TokenStrings(None), tools=ToolChoice("auto", parser=TOOL_CALL_PARSERS["openai"]),
+                       reasoning=HARMONY).response([output(f"{ANALYSIS}x<|end|>{NEXT}<|channel|>final<|message|>Hi",
+                                                           "stop")])
+    assert plain["choices"][0]["message"]["content"] == "Hi" and plain["choices"][0]["finish_reason"] == "stop"
+
+
+def test_harmony_tool_parser_needs_the_harmony_reasoning_parser():
+    from softprompt.engine.server.app import ServerConfig, create_app
+
+    with pytest.raises(ValueError, match="'openai'.*needs reasoning_parser 'openai_gptoss'"):
+        create_app(None, config=ServerConfig(tool_call_parser="openai"))
+
+
+def test_harmony_streamed_pieces_add_up_to_the_whole_split():
+    rng = random.Random(1)
+    texts = [f"{ANALYSIS}2 + 2 is 4.<|end|>{NEXT}<|channel|>final<|message|>It is 4.<|return|>",
+             f"{ANALYSIS}a<|end|>{NEXT}<|channel|>commentary<|message|>pre<|end|>{NEXT}{WEATHER_CALL}",
+             f"  {ANALYSIS}x < y <|end|>\n{NEXT}<|channel|>final<|message|>a <| b", "<|chan", "<|channel|>final"]
+    for text in texts:
+        reasoning, content = HARMONY.split(text)
+        cuts = [list(text)] + [[text[i:j] for i, j in zip([0, *c], [*c, len(text)])]
+                               for c in (sorted(rng.sample(range(1, len(text)), 3)) for _ in range(5))]
+        for pieces in cuts:
+            assert stream(HARMONY, False, pieces) == (reasoning or "", content or ""), (text, pieces)

@@ -277,6 +277,9 @@ def create_app(engine: Engine, registry: PromptRegistry | None = None, config: S
         raise ValueError(f"generation_config must be 'auto' or 'none', got {config.generation_config!r}")
     if config.tool_call_parser is not None:
         tool_call_parser(config.tool_call_parser)  # a ValueError naming the known ones
+    if config.tool_call_parser == "openai" and config.reasoning_parser != "openai_gptoss":
+        raise ValueError("tool_call_parser 'openai' (gpt-oss's harmony messages) needs reasoning_parser "
+                         "'openai_gptoss', which takes the analysis channel out of the answer")
     thinking = None if config.reasoning_parser is None else reasoning_parser(config.reasoning_parser)
     # constraints wait for the answer after the thought where <think> and </think> are tokens (as vLLM's);
     # elsewhere a constrained answer is all answer, held from its first token

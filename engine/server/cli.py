@@ -180,6 +180,9 @@ def build_server(args: argparse.Namespace):
 def run_serve(args: argparse.Namespace) -> int:
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         raise SoftPromptError(f"--enable-auto-tool-choice needs --tool-call-parser ({', '.join(TOOL_CALL_PARSERS)})")
+    if args.tool_call_parser == "openai" and args.reasoning_parser != "openai_gptoss":
+        raise SoftPromptError("--tool-call-parser openai (gpt-oss's harmony messages) needs --reasoning-parser "
+                              "openai_gptoss")
     if args.ray:
         from .ray_cli import run_ray_serve
 

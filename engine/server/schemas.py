@@ -222,8 +222,8 @@ class ChatMessage(BaseModel):
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
         thought = self.reasoning if self.reasoning is not None else self.reasoning_content
-        if thought is not None:  # templates read one name or the other (Qwen3's: reasoning_content)
-            message["reasoning"] = message["reasoning_content"] = thought
+        if thought is not None:  # templates read one name or another (Qwen3's: reasoning_content; gpt-oss's:
+            message["reasoning"] = message["reasoning_content"] = message["thinking"] = thought  # thinking)
         return message
 
 

@@ -45,7 +45,9 @@ MODELS = {"llama": (64, dict(hidden_size=256, num_heads=4, num_kv_heads=2)),
           "opt": (64, dict(hidden_size=256, num_heads=4)),
           # DeepSeek-V3's latent attention: keys 128 + 64 wide, values 128 (padded to 192 in the pool: tiles of 256)
           "deepseek_v3": (192, dict(hidden_size=256, num_heads=2, qk_nope_head_dim=128, qk_rope_head_dim=64,
-                                    v_head_dim=128, kv_lora_rank=64, q_lora_rank=64))}
+                                    v_head_dim=128, kv_lora_rank=64, q_lora_rank=64)),
+          # gpt-oss's attention sinks (head dim 64, a sliding layer and a full one)
+          "gpt_oss": (64, dict(hidden_size=256, num_heads=4, num_kv_heads=1))}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernel tests compile and run the kernels")
@@ -71,6 +73,7 @@ def test_every_launch_compiles_for_hopper(tmp_path):
     assert {launch["constexprs"].get("BLOCK_D") for launch in recorded} >= {64, 128, 256}
     assert {launch["constexprs"].get("HAS_WINDOW") for launch in recorded} >= {True, False}
     assert {launch["constexprs"].get("SOFTCAP") for launch in recorded} >= {True, False}
+    assert {launch["constexprs"].get("HAS_SINKS") for launch in recorded} >= {True, False}
     as_bf16 = [json.loads(json.dumps(launch).replace('"*fp16"', '"*bf16"')) for launch in recorded]
     path = tmp_path / "launches.json"
     path.write_text(json.dumps(unique(recorded + as_bf16)))

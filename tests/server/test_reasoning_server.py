@@ -85,11 +85,12 @@ def test_a_constrained_answer_is_all_answer_where_the_markers_are_not_tokens(ser
     assert message.content == "thought</think>answer" and message.model_extra.get("reasoning") is None
 
 
-def test_earlier_thoughts_reach_the_template(servers):
+@pytest.mark.parametrize("name", ["reasoning_content", "thinking"])  # Qwen3's templates read one, gpt-oss's the other
+def test_earlier_thoughts_reach_the_template(servers, name):
     server = servers["r1"]
     server.call(lambda e: e.tokenizer.set_chat_template(
-        "{% for m in messages %}{{ m.role }}: {% if m.reasoning_content %}({{ m.reasoning_content }}) {% endif %}"
-        "{{ m.content }}\n{% endfor %}"))
+        "{% for m in messages %}{{ m.role }}: {% if m.NAME %}({{ m.NAME }}) {% endif %}"
+        "{{ m.content }}\n{% endfor %}".replace("NAME", name)))
     try:
         history = [*MESSAGES, {"role": "assistant", "content": "4", "reasoning": "two and two"}]
         got = server.client().post("/tokenize", json={"model": "base", "messages": history,
@@ -125,3 +126,22 @@ def test_a_constraint_holds_on_the_answer_after_the_thought(servers):
     [call] = choice.message.tool_calls
     assert choice.message.model_extra["reasoning"] == "" and call.function.name == "add"
     assert list(json.loads(call.function.arguments)) == ["a"]
+
+
+def test_a_harmony_server_starts_and_answers(model_dir_for):
+    """--reasoning-parser openai_gptoss with --tool-call-parser openai (gpt-oss): structured outputs cannot wait for
+    a harmony thought, so they hold from the first token (logged), and an answer without harmony messages (a random
+    model writes none) is all content, with tools offered. The parsing itself: tests/test_reasoning.py."""
+    engine = make_engine(model_dir_for("llama"))
+    engine.tokenizer.set_chat_template(PLAIN)
+    server = RunningServer(engine, PromptRegistry(),
+                           ServerConfig(reasoning_parser="openai_gptoss", tool_call_parser="openai"))
+    try:
+        client = server.openai()
+        text = answer_text(server, 8)
+        message = client.chat.completions.create(model="base", messages=MESSAGES, max_tokens=8, temperature=0,
+                                                 tools=[TOOL]).choices[0].message
+        assert message.content == text and message.model_extra["reasoning"] is None and not message.tool_calls
+        assert server.call(lambda e: e.reasoning) is None  # (no thought gate)
+    finally:
+        server.stop()
