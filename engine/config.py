@@ -145,7 +145,10 @@ class ModelConfig:
     final_logit_softcap: float = 0.0  # logits -> cap * tanh(logits / cap) (Gemma); 0: none
     attention_softcap: float = 0.0  # attention scores (after the scale) -> cap * tanh(score / cap) (Gemma 2); 0: none
     attention_sinks: bool = False  # gpt-oss: a learned logit per layer and head in each query's softmax denominator
-    quantization: str = ""  # "mxfp4": gpt-oss's MXFP4 experts, dequantized at load; "": unquantized
+    # a quantized checkpoint the loader dequantizes (see DEQUANTIZED_AT_LOAD): "mxfp4" (gpt-oss's experts) or "fp8"
+    # (block-wise, with its weight_block_size); "": unquantized
+    quantization: str = ""
+    quantization_block: tuple[int, int] | None = None
     parallel_residual: bool = False  # GPT-NeoX: h + attn(ln1(h)) + mlp(ln2(h)) instead of one after the other
     two_parallel_norms: bool = False  # Falcon-40B: attention and MLP in parallel, each on its own norm of h
     attention_scale: float = 0.0
@@ -240,9 +243,27 @@ def read_generation_config(model_dir: Path) -> tuple[tuple[int, ...], dict[str, 
     return tuple(v for v in ids if v is not None), defaults
 
 
-# quantized checkpoints the loader dequantizes to the model dtype (model_type, quant_method): gpt-oss's MXFP4 experts,
-# as transformers dequantizes them where it has no MXFP4 kernels
-DEQUANTIZED_AT_LOAD = {("gpt_oss", "mxfp4")}
+# quantized checkpoints the loader dequantizes to the model dtype, as transformers does where it has no kernels for
+# them: quant_method -> the model types it applies to (None: any). gpt-oss's MXFP4 experts; block-wise FP8
+# (transformers' FineGrainedFP8: DeepSeek-V3 / R1, the Qwen3 and GLM-4.5 FP8 releases, ...)
+DEQUANTIZED_AT_LOAD: dict[str, tuple[str, ...] | None] = {"mxfp4": ("gpt_oss",), "fp8": None}
+
+
+def _block_size(quantization: Any) -> tuple[int, int] | None:
+    """An FP8 checkpoint's `weight_block_size` [rows, cols], where it gives one."""
+    block = quantization.get("weight_block_size") if isinstance(quantization, dict) else None
+    if block is None:
+        return None
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise CheckpointError(f"quantization_config.weight_block_size must be [rows, cols], got {block!r}")
+    return block[0], block[1]
+
+
+def _dequantized_at_load(model_type: str, method: Any) -> bool:
+    if not isinstance(method, str) or method not in DEQUANTIZED_AT_LOAD:
+        return False
+    types = DEQUANTIZED_AT_LOAD[method]
+    return types is None or model_type in types
 
 
 def load_model_config(model_dir: str | Path) -> ModelConfig:
@@ -260,7 +281,7 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
     method = None
     if quantization is not None:
         method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else quantization
-    if quantization is not None and (model_type, method) not in DEQUANTIZED_AT_LOAD:
+    if quantization is not None and not _dequantized_at_load(model_type, method):
         raise UnsupportedModelError(
             f"{model_dir} is a quantized checkpoint (quantization_config: quant_method={method!r}); the engine "
             "serves float32/float16/bfloat16 weights: use the unquantized checkpoint and pick dtype= instead"
@@ -279,7 +300,7 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
     _check(cfg)
     eos_ids, defaults = read_generation_config(model_dir)
     return replace(cfg, eos_token_ids=tuple(sorted({*cfg.eos_token_ids, *eos_ids})), generation_defaults=defaults,
-                   quantization=method or "")
+                   quantization=method or "", quantization_block=_block_size(quantization))
 
 
 def _check(cfg: ModelConfig) -> None:

@@ -25,17 +25,25 @@ def reference_load_kwargs(config: Any) -> dict[str, Any]:
     """`from_pretrained` options that load HF's own reference implementation of the model in `config`: no Hub
     kernels (transformers 5.25 swaps layers for downloaded ones by default, which needs the network and changes the
     numerics), eager attention where the model soft-caps attention scores (Gemma 2): transformers up to 5.17
-    ran Gemma 2 on SDPA by default, which skips the cap; and MXFP4 experts (gpt-oss's) dequantized, as the engine
-    serves them (without that, transformers would need accelerate and MXFP4 kernels, and could not train)."""
+    ran Gemma 2 on SDPA by default, which skips the cap; and MXFP4 (gpt-oss's experts) and block-wise FP8 weights
+    dequantized, as the engine serves them (without that, transformers would need accelerate and MXFP4 / FP8
+    kernels, and could not train)."""
     text_config = getattr(config, "text_config", None) or config
     kwargs: dict[str, Any] = {"use_kernels": False}
     if getattr(text_config, "attn_logit_softcapping", None):
         kwargs["attn_implementation"] = "eager"
     quantization = getattr(config, "quantization_config", None)
-    if isinstance(quantization, dict) and quantization.get("quant_method") == "mxfp4":
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    if method == "mxfp4":
         from transformers import Mxfp4Config
 
         kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+    elif method == "fp8":  # (on a GPU transformers would run FP8 kernels, which round otherwise)
+        from transformers import FineGrainedFP8Config
+
+        block = quantization.get("weight_block_size")
+        kwargs["quantization_config"] = FineGrainedFP8Config(
+            dequantize=True, **({"weight_block_size": tuple(block)} if block else {}))
     return kwargs
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from . import fp8, mxfp4
 from .config import ModelConfig, load_model_config
 from .errors import CheckpointError
 from .models import MODEL_CLASSES, CausalLM
-from .mxfp4 import dequantize_entries
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -134,7 +134,9 @@ def load_model(
         model = MODEL_CLASSES[config.family](config)
     loaded = read_state_dict(model_dir)
     if config.quantization == "mxfp4":  # (gpt-oss's experts)
-        loaded = dequantize_entries(loaded, dt)
+        loaded = mxfp4.dequantize_entries(loaded, dt)
+    elif config.quantization == "fp8":
+        loaded = fp8.dequantize_entries(loaded, dt, config.quantization_block)
     state = _match_keys(model, loaded, model_dir)
     for name, tensor in state.items():
         if not tensor.is_floating_point():

@@ -64,7 +64,8 @@ class ReasoningParser:
         if reasoning is None:
             return None, text
         if content is None and not finished and self.end not in text:
-            reasoning = reasoning[:len(reasoning) - partial_marker_length(reasoning, (self.end,))]  # "</think>" may come
+            # ("</think>" may come)
+            reasoning = reasoning[:len(reasoning) - partial_marker_length(reasoning, (self.end,))]
         return reasoning, content or ""
 
     def marker_ids(self, tokenizer) -> tuple[int, int] | None:

@@ -25,11 +25,11 @@ SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
     "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "mellum", "olmoe", "granitemoe",
     "granitemoeshared", "gpt_oss", "glm4_moe", "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "mistral4", "youtu",
-    "minicpm3", "dots1", "iquestcoder", "vaultgemma", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe", "phi3",
-    "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax",
-    "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron", "starcoder2",
-    "cohere", "cohere2", "olmo", "olmo2", "olmo3", "flex_olmo", "exaone4", "exaone4_5", "glm", "glm4", "falcon", "gptj",
-    "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
+    "minicpm3", "dots1", "iquestcoder", "vaultgemma", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe",
+    "phi3", "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm",
+    "hyperclovax", "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron",
+    "starcoder2", "cohere", "cohere2", "olmo", "olmo2", "olmo3", "flex_olmo", "exaone4", "exaone4_5", "glm", "glm4",
+    "falcon", "gptj", "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -527,6 +527,39 @@ def quantize_checkpoint_mxfp4(model_dir: str | Path, out_dir: str | Path) -> Pat
     save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((out_dir / "config.json").read_text())
     config["quantization_config"] = GPT_OSS_MXFP4_CONFIG
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return out_dir
+
+
+def quantize_checkpoint_fp8(model_dir: str | Path, out_dir: str | Path, block: tuple[int, int] = (128, 128)) -> Path:
+    """A copy of a checkpoint with its decoder layers' projection weights in block-wise FP8, as DeepSeek-V3's and the
+    Qwen3 / GLM FP8 releases ship them: `<name>.weight` in float8_e4m3fn beside `<name>.weight_scale_inv`, and
+    `quantization_config` {"quant_method": "fp8", "weight_block_size": block}. Norms, routers, embeddings and the
+    LM head stay as they are."""
+    import json
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from .fp8 import quantize_fp8
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    shutil.copytree(model_dir, out_dir)
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    state = {}
+    for key, tensor in tensors.items():
+        projection = (".layers." in key and key.endswith("proj.weight") and tensor.dim() == 2
+                      and "norm" not in key)
+        if projection:
+            state[key], state[key + "_scale_inv"] = quantize_fp8(tensor, block)
+        else:
+            state[key] = tensor
+    save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                                     "weight_block_size": list(block)}
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     return out_dir
 

@@ -82,7 +82,7 @@ def test_unsupported_architecture(tmp_path, model_dir_for):
         load_model(d, "cpu")
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes", "fp8"])
+@pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes", "fbgemm_fp8", "compressed-tensors"])
 def test_quantized_checkpoints_are_refused_naming_the_method(method, tmp_path, model_dir_for):
     d = tmp_path / "m"
     shutil.copytree(model_dir_for("llama"), d)

@@ -143,7 +143,7 @@ WEATHER_CALL = '<|channel|>commentary to=functions.get_weather <|constrain|>json
     (f"{ANALYSIS}a<|end|>{NEXT}<|channel|>commentary<|message|>Let me look.<|end|>{NEXT}<|channel|>final<|message|>"
      "Done.", ("a", "Let me look.Done.")),  # a preamble (commentary to no one) is answer
     ("Plain text, no harmony.", (None, "Plain text, no harmony.")),
-    (f"{ANALYSIS}a<|end|>{NEXT}{WEATHER_CALL}", ("a", f"<|start|>{WEATHER_CALL.replace('<|channel|>', 'assistant<|channel|>', 1)}")),
+    (f"{ANALYSIS}a<|end|>{NEXT}{WEATHER_CALL}", ("a", f"{NEXT}{WEATHER_CALL}")),  # (the call kept whole)
 ])
 def test_harmony_messages(text, want):
     """gpt-oss's analysis channel is the thought, final (and commentary preambles) the answer; a tool-call message
@@ -159,8 +159,8 @@ def test_harmony_tool_calls_are_read_from_the_answer(stream_it):
     no tag ever sent."""
     text = (f"{ANALYSIS}Need the weather.<|end|>{NEXT}<|channel|>commentary<|message|>Checking.<|end|>{NEXT}"
             f"{WEATHER_CALL}")
-    fmt = ChatFormat("id", 0, "base", TokenStrings(None), tools=ToolChoice("auto", parser=TOOL_CALL_PARSERS["openai"]),
-                     reasoning=HARMONY)
+    tools = ToolChoice("auto", parser=TOOL_CALL_PARSERS["openai"])
+    fmt = ChatFormat("id", 0, "base", TokenStrings(None), tools=tools, reasoning=HARMONY)
     if not stream_it:
         [choice] = fmt.response([output(text, "stop")])["choices"]
         message, reason = choice["message"], choice["finish_reason"]
@@ -183,9 +183,8 @@ def test_harmony_tool_calls_are_read_from_the_answer(stream_it):
         reason = reasons[-1]
     assert (thought, content, reason) == ("Need the weather.", "Checking.", "tool_calls")
     assert calls == [("get_weather", {"city": "Oslo"})]
-    plain = ChatFormat("id", 0, "base", TokenStrings(None), tools=ToolChoice("auto", parser=TOOL_CALL_PARSERS["openai"]),
-                       reasoning=HARMONY).response([output(f"{ANALYSIS}x<|end|>{NEXT}<|channel|>final<|message|>Hi",
-                                                           "stop")])
+    plain = ChatFormat("id", 0, "base", TokenStrings(None), tools=tools, reasoning=HARMONY).response(
+        [output(f"{ANALYSIS}x<|end|>{NEXT}<|channel|>final<|message|>Hi", "stop")])
     assert plain["choices"][0]["message"]["content"] == "Hi" and plain["choices"][0]["finish_reason"] == "stop"
 
 
