@@ -25,7 +25,7 @@ ARCH_FAMILIES = {
     "mistral4": "deepseek", "youtu": "deepseek", "minicpm3": "deepseek", "dots1": "llama",
     "iquestcoder": "llama", "vaultgemma": "gemma", "hunyuan_v1_dense": "llama", "hunyuan_v1_moe": "llama",
     "solar_open": "llama", "exaone_moe": "llama", "granitemoeshared": "llama",
-    "flex_olmo": "olmo2", "mellum": "llama", "gpt_oss": "gpt_oss",
+    "flex_olmo": "olmo2", "mellum": "llama", "gpt_oss": "gpt_oss", "minimax_m2": "llama",
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
@@ -69,6 +69,7 @@ class MoEConfig:
     router_in_model_dtype: bool = False  # Mistral 4: the router's logits and softmax in the model dtype
     group_by_best: bool = False  # DeepSeek-V2's group_limited_greedy: a group ranked by its best expert's probability
     router_bias: bool = False  # gpt-oss: the router has a bias
+    correction_bias_in_model_dtype: bool = False  # MiniMax-M2: its correction bias cast as the model (else kept fp32)
     expert_bias: bool = False  # gpt-oss: every expert projection has a bias
     # gpt-oss's clamped SwiGLU: gate clamped above and up on both sides at swiglu_limit, then
     # (up + 1) * gate * sigmoid(swiglu_alpha * gate); 0: plain SwiGLU
@@ -420,7 +421,7 @@ def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> Mo
     if rope.get("rope_type") == "longrope":  # short factors up to here, as HF uses them below this length
         original = rope.get("original_max_position_embeddings") or hf.original_max_position_embeddings
         max_positions = min(max_positions, int(original))
-    partial = model_type in ("phi3", "glm4_moe")  # RoPE over the first partial_rotary_factor of each head
+    partial = model_type in ("phi3", "glm4_moe", "minimax_m2")  # RoPE over the first partial_rotary_factor of heads
     rotary_dim = int(head_dim * rope.get("partial_rotary_factor", 1.0)) if partial else head_dim
     nope_layers: tuple[int, ...] = ()
     if model_type == "smollm3":  # the layers its no_rope_layers marks 0
@@ -447,7 +448,7 @@ def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> Mo
         qk_norm=model_type in ("qwen3", "qwen3_moe", "apertus", "dots1", "exaone_moe", "mellum", *HUNYUAN)
         or (model_type == "glm4_moe" and hf.use_qk_norm),
         qk_norm_after_rope=model_type in HUNYUAN,
-        qk_norm_over_heads=model_type == "olmoe",
+        qk_norm_over_heads=model_type in ("olmoe", "minimax_m2"),
         clip_qkv=float(getattr(hf, "clip_qkv", None) or 0.0),
         rotary_dim=rotary_dim,
         interleaved_rope=ernie or helium,
@@ -573,6 +574,11 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
                          weights_in_model_dtype=False, sparse_layers=sparse,
                          sigmoid_scores=True, fp32_router=True, num_groups=hf.n_group, top_groups=hf.topk_group,
                          routed_scaling=float(hf.routed_scaling_factor), ungated_shared_intermediate_size=shared)
+    if model_type == "minimax_m2":  # every layer sparse: sigmoid scores of the logits (in the model dtype, then
+        # fp32), experts chosen by score + the correction bias (cast as the model is), the chosen scores renormalised
+        return MoEConfig(num_experts=hf.num_local_experts, top_k=hf.num_experts_per_tok,
+                         intermediate_size=hf.intermediate_size, norm_topk_prob=True, weights_in_model_dtype=False,
+                         sparse_layers=tuple(layers), sigmoid_scores=True, correction_bias_in_model_dtype=True)
     if model_type == "mellum":  # Qwen3-MoE's router in the layers mlp_layer_types names sparse
         return MoEConfig(num_experts=hf.num_experts, top_k=hf.num_experts_per_tok,
                          intermediate_size=hf.moe_intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),

@@ -257,6 +257,9 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # gpt-oss: q/k/v/o biases, attention sinks, a sliding layer then a full one, YaRN; every layer 4 experts (2 a
     # token) behind a biased router, with biases and a clamped SwiGLU (the limit lowered so that the clamp bites)
     "gpt_oss": ("gpt_oss", {"swiglu_limit": 1.0}),
+    # MiniMax-M2: q and k each normed over all heads at once, RoPE over half of each head; every layer 4 experts (2 a
+    # token) chosen by sigmoid score + a correction bias (on the MoE block, cast as the model is), renormalised
+    "minimax_m2": ("minimax_m2", {}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

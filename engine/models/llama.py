@@ -156,6 +156,8 @@ class LlamaForCausalLM(RotaryCausalLM):
         self.mtp_layers = int(getattr(config.hf_config, "num_nextn_predict_layers", 0) or 0)
         if config.moe is not None and config.moe.fp32_router_weight:  # (ERNIE 4.5's routers)
             self.fp32_key_suffixes = (*self.fp32_key_suffixes, "mlp.gate.weight")
+        if config.moe is not None and config.moe.correction_bias_in_model_dtype:  # (MiniMax-M2's)
+            self.fp32_key_suffixes = tuple(s for s in self.fp32_key_suffixes if s != "e_score_correction_bias")
 
     @property
     def word_embeddings(self) -> nn.Embedding:

@@ -141,9 +141,10 @@ def moe_checkpoint_tensors(key: str, tensor: Tensor) -> list[tuple[str, Tensor]]
     if match := _MIXTRAL_EXPERT.fullmatch(key):
         stem, expert, w = match.groups()
         return [(f"{stem}.mlp.experts.{expert}.{_MIXTRAL_NAMES[w]}.weight", tensor)]
-    if key.endswith((".moe_statics.e_score_correction_bias", ".mlp.e_score_correction_bias")):  # ERNIE 4.5's, [1, E],
-        # under `mlp.` or `mlp.gate.`; EXAONE-MoE's on the MoE block
-        stem = key.split(".mlp.", 1)[0]
+    if key.endswith((".moe_statics.e_score_correction_bias", ".mlp.e_score_correction_bias",
+                     ".block_sparse_moe.e_score_correction_bias")):  # ERNIE 4.5's, [1, E], under `mlp.` or
+        # `mlp.gate.`; EXAONE-MoE's and MiniMax-M2's on the MoE block
+        stem = key.split(".mlp.", 1)[0].split(".block_sparse_moe.", 1)[0]
         return [(f"{stem}.mlp.gate.e_score_correction_bias", tensor.reshape(-1))]
     if ".shared_mlp.input_linear." in key:  # GraniteMoeShared's shared MLP, [gate | up] fused, beside the MoE block
         stem = key.split(".shared_mlp.", 1)[0]
