@@ -25,7 +25,8 @@ ARCH_FAMILIES = {
     "mistral4": "deepseek", "youtu": "deepseek", "minicpm3": "deepseek", "dots1": "llama",
     "iquestcoder": "llama", "vaultgemma": "gemma", "hunyuan_v1_dense": "llama", "hunyuan_v1_moe": "llama",
     "solar_open": "llama", "exaone_moe": "llama", "granitemoeshared": "llama",
-    "flex_olmo": "olmo2", "mellum": "llama", "gpt_oss": "gpt_oss", "minimax_m2": "llama",
+    "flex_olmo": "olmo2", "mellum": "llama", "gpt_oss": "gpt_oss", "minimax_m2": "llama", "llama4_text": "llama4",
+    "llama4": "llama4",
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
@@ -70,6 +71,10 @@ class MoEConfig:
     group_by_best: bool = False  # DeepSeek-V2's group_limited_greedy: a group ranked by its best expert's probability
     router_bias: bool = False  # gpt-oss: the router has a bias
     correction_bias_in_model_dtype: bool = False  # MiniMax-M2: its correction bias cast as the model (else kept fp32)
+    # Llama 4: each token's experts by its top-k logits, weighted by their sigmoids, which scale the expert's input
+    # (not its output); an ungated shared expert beside
+    sigmoid_over_topk: bool = False
+    weights_scale_input: bool = False
     expert_bias: bool = False  # gpt-oss: every expert projection has a bias
     # gpt-oss's clamped SwiGLU: gate clamped above and up on both sides at swiglu_limit, then
     # (up + 1) * gate * sigmoid(swiglu_alpha * gate); 0: plain SwiGLU
@@ -104,7 +109,7 @@ class ModelConfig:
 
     family: str  # "llama" | "olmo" | "stablelm" | "starcoder2" | "cohere" | "olmo2" | "glm" | "gemma" | "gpt_neox"
     # | "phi" | "gptj" | "falcon" | "opt" | "xglm" | "biogpt" | "gpt2" | "gpt_bigcode" | "gpt_neo" | "bloom"
-    # | "nemotron" | "deepseek" | "gpt_oss"
+    # | "nemotron" | "deepseek" | "gpt_oss" | "llama4"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -135,6 +140,10 @@ class ModelConfig:
     # Ministral 3's query scale by position: 1 + beta * log(1 + floor(position / original_max)); beta 0: none
     query_scale_beta: float = 0.0
     query_scale_period: int = 1
+    # Llama 4's attention temperature tuning: the queries of its NoPE layers scaled by
+    # 1 + scale * log(1 + floor((position + 1) / floor)), as (scale, floor); None: none
+    nope_query_scale: tuple[float, int] | None = None
+    qk_l2_norm: bool = False  # Llama 4: q and k L2-normed per head (no gain) after RoPE, on the RoPE layers
     # Granite's multipliers: input embeddings (soft-prompt rows too) x embedding_multiplier, each sublayer's output
     # x residual_multiplier before its residual add, logits / logits_divisor
     embedding_multiplier: float = 1.0
@@ -472,6 +481,27 @@ def _gpt_oss_config(hf: Any, model_type: str) -> ModelConfig:
     return replace(_llama_config(hf, model_type), family="gpt_oss", attention_sinks=True)
 
 
+def _llama4_config(hf: Any, model_type: str) -> ModelConfig:
+    """Llama 4 (Scout, Maverick; `llama4_text`, or the multimodal `llama4` checkpoint's language model): Llama's
+    fields, RoPE in interleaved pairs (in fp32, as complex numbers) on the layers `no_rope_layers` marks 1, q/k
+    L2-normed after it there (`use_qk_norm`), the NoPE layers' queries temperature-tuned; dense MLPs
+    `intermediate_size_mlp` wide, the `moe_layers` sparse (`_moe_config`). Its RoPE layers attend within chunks of
+    `attention_chunk_size` tokens, which equals full causal attention below that length: sequences are capped
+    there."""
+    if model_type == "llama4":
+        return _language_model_config(hf, model_type, lambda text: _llama4_config(text, "llama4_text"))
+    _check_rope_types(hf, model_type)
+    config = _llama_config(hf, model_type)
+    chunk = getattr(hf, "attention_chunk_size", None)
+    chunked = "chunked_attention" in (getattr(hf, "layer_types", None) or [])
+    return replace(config, family="llama4", intermediate_size=hf.intermediate_size_mlp, interleaved_rope=True,
+                   nope_layers=tuple(i for i, rotary in enumerate(hf.no_rope_layers) if not rotary),
+                   qk_l2_norm=bool(hf.use_qk_norm), layer_windows=(),
+                   max_positions=min(config.max_positions, chunk) if chunked and chunk else config.max_positions,
+                   nope_query_scale=(float(hf.attn_scale), int(hf.floor_scale)) if hf.attn_temperature_tuning
+                   else None)
+
+
 def _olmo_config(hf: Any, model_type: str) -> ModelConfig:
     """OLMo: Llama's fields (its LayerNorms have a fixed eps of 1e-5 and no weights) and `clip_qkv`."""
     return replace(_llama_config(hf, model_type, norm_eps=1e-5), family="olmo")
@@ -574,6 +604,12 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
                          weights_in_model_dtype=False, sparse_layers=sparse,
                          sigmoid_scores=True, fp32_router=True, num_groups=hf.n_group, top_groups=hf.topk_group,
                          routed_scaling=float(hf.routed_scaling_factor), ungated_shared_intermediate_size=shared)
+    if model_type == "llama4_text":  # the moe_layers sparse: the top-k logits' sigmoids scale the experts' inputs,
+        # plus an ungated shared expert as wide as the experts
+        return MoEConfig(num_experts=hf.num_local_experts, top_k=hf.num_experts_per_tok,
+                         intermediate_size=hf.intermediate_size, norm_topk_prob=False, weights_in_model_dtype=True,
+                         sparse_layers=tuple(hf.moe_layers), router_in_model_dtype=True, sigmoid_over_topk=True,
+                         weights_scale_input=True, ungated_shared_intermediate_size=hf.intermediate_size)
     if model_type == "minimax_m2":  # every layer sparse: sigmoid scores of the logits (in the model dtype, then
         # fp32), experts chosen by score + the correction bias (cast as the model is), the chosen scores renormalised
         return MoEConfig(num_experts=hf.num_local_experts, top_k=hf.num_experts_per_tok,
@@ -986,5 +1022,5 @@ FAMILY_CONFIGS = {
     "falcon": _falcon_config, "gptj": _gptj_config, "gemma": _gemma_config, "gpt_neox": _gpt_neox_config,
     "phi": _phi_config, "opt": _opt_config, "xglm": _fairseq_lm_config, "biogpt": _fairseq_lm_config,
     "gpt2": _gpt2_config, "gpt_bigcode": _gpt2_config, "gpt_neo": _gpt_neo_config, "bloom": _bloom_config,
-    "deepseek": _deepseek_config, "gpt_oss": _gpt_oss_config,
+    "deepseek": _deepseek_config, "gpt_oss": _gpt_oss_config, "llama4": _llama4_config,
 }

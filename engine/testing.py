@@ -24,12 +24,13 @@ __all__ = [
 SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
     "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "mellum", "olmoe", "granitemoe",
-    "granitemoeshared", "gpt_oss", "minimax_m2", "glm4_moe", "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "mistral4",
-    "youtu", "minicpm3", "dots1", "iquestcoder", "vaultgemma", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open",
-    "exaone_moe", "phi3", "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus",
-    "cwm", "hyperclovax", "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm",
-    "nemotron", "starcoder2", "cohere", "cohere2", "olmo", "olmo2", "olmo3", "flex_olmo", "exaone4", "exaone4_5", "glm",
-    "glm4", "falcon", "gptj", "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
+    "granitemoeshared", "gpt_oss", "minimax_m2", "llama4_text", "llama4", "glm4_moe", "deepseek_v2", "deepseek_v3",
+    "glm4_moe_lite", "mistral4", "youtu", "minicpm3", "dots1", "iquestcoder", "vaultgemma", "hunyuan_v1_dense",
+    "hunyuan_v1_moe", "solar_open", "exaone_moe", "phi3", "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss",
+    "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "gemma", "gemma2", "gemma3_text",
+    "gemma3", "gpt_neox", "phi", "stablelm", "nemotron", "starcoder2", "cohere", "cohere2", "olmo", "olmo2", "olmo3",
+    "flex_olmo", "exaone4", "exaone4_5", "glm", "glm4", "falcon", "gptj", "codegen", "opt", "xglm", "biogpt", "gpt2",
+    "gpt_bigcode", "gpt_neo", "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -131,7 +132,7 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
               "olmo2", "olmo3", "exaone4", "exaone4_5", "glm", "glm4", "gptj", "codegen", "internlm3", "helium",
               "arcee", "nemotron", "cwm", "hyperclovax", "jais2", "apertus", "glm4_moe", "deepseek_v2", "deepseek_v3",
               "glm4_moe_lite", "mistral4", "minicpm3", "dots1", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open",
-              "exaone_moe", "gpt_oss", "minimax_m2")
+              "exaone_moe", "gpt_oss", "minimax_m2", "llama4_text", "llama4")
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "ministral", "ministral3", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3",
@@ -203,6 +204,17 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                     "iquestcoder", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe", "mellum",
                     "minimax_m2"):
             kw["head_dim"] = hidden_size // num_heads
+    elif arch == "llama4_text":
+        # a RoPE layer, a NoPE one (its queries temperature-tuned: floor_scale 4 so the test's positions reach it),
+        # a RoPE one; the middle layer sparse (4 experts 1.5x the hidden size, 1 a token, and a shared one); RoPE
+        # layers attend in chunks of half the context, so sequences are capped there
+        cls = transformers.Llama4TextConfig
+        kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                  num_key_value_heads=num_kv_heads or max(1, num_heads // 2), head_dim=hidden_size // num_heads,
+                  intermediate_size=hidden_size * 3 // 2, intermediate_size_mlp=inter, num_local_experts=4,
+                  num_experts_per_tok=1, max_position_embeddings=max_positions, no_rope_layer_interval=2,
+                  interleave_moe_layer_step=2, attention_chunk_size=max_positions // 2, floor_scale=4,
+                  attn_scale=0.5)
     elif arch == "gpt_oss":
         # 4 experts of half the width (2 a token) in every layer, a sliding layer then a full one (window 6), YaRN
         # scaled to the tiny context; attention sinks; gpt-oss's q/k/v/o biases
@@ -254,6 +266,15 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                       patch_size=14, head_dim=16)
         return transformers.Mistral3Config(text_config=text.to_dict(), vision_config=vision,
                                            image_token_index=vocab_size - 1, tie_word_embeddings=tie, **ids)
+    elif arch == "llama4":  # multimodal: Llama 4 text + a tiny vision model the engine leaves out
+        text = _hf_config("llama4_text", vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
+                          num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
+                          max_positions=max_positions, tie_word_embeddings=tie, **overrides)
+        vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                      vision_output_dim=64, image_size=28, patch_size=14, projector_input_dim=64,
+                      projector_output_dim=hidden_size)
+        return transformers.Llama4Config(text_config=text.to_dict(), vision_config=vision,
+                                         image_token_index=vocab_size - 1, tie_word_embeddings=tie, **ids)
     elif arch == "exaone4_5":  # multimodal: EXAONE 4 text + a tiny vision tower the engine leaves out
         text = _hf_config("exaone4", vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
                           num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
@@ -439,9 +460,10 @@ def _reinit_(model: torch.nn.Module, seed: int, logit_std: float = 2.0) -> None:
             draw(buffer, 0.1)
 
 
-def _uninitialised_model(config: Any) -> torch.nn.Module:
+def _uninitialised_model(config: Any, multimodal: bool = False) -> torch.nn.Module:
     """The model with its parameters left as allocated, tied as `config` says: `_reinit_` draws every one of them,
-    and HF's own init (half a minute for a 1B model on a CPU) would only be overwritten."""
+    and HF's own init (half a minute for a 1B model on a CPU) would only be overwritten. `multimodal`: the image-text
+    model, where transformers also registers a causal LM for the config (Llama 4's, saved as the Hub holds it)."""
     from .hf_auto import hf_causal_lm_class
 
     try:
@@ -449,7 +471,12 @@ def _uninitialised_model(config: Any) -> torch.nn.Module:
     except ImportError:  # transformers 4.x
         from transformers.modeling_utils import no_init_weights
     with torch.random.fork_rng(devices=[]), no_init_weights():  # nor may HF touch the caller's global RNG
-        model = hf_causal_lm_class(config).from_config(config, dtype=torch.float32)
+        if multimodal:
+            from transformers import AutoModelForImageTextToText
+
+            model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+        else:
+            model = hf_causal_lm_class(config).from_config(config, dtype=torch.float32)
     model.tie_weights()  # skipped with the init
     if getattr(config, "tie_word_embeddings", False):
         head, embed = model.get_output_embeddings(), model.get_input_embeddings()
@@ -469,7 +496,7 @@ def build_tiny_checkpoint(arch: str, out_dir: str | Path, *, dtype: torch.dtype 
     config = _hf_config(arch, vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
                         num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
                         max_positions=max_positions, tie_word_embeddings=tie_word_embeddings, **config_overrides)
-    model = _uninitialised_model(config)
+    model = _uninitialised_model(config, multimodal=arch == "llama4")
     _reinit_(model, seed)
     if arch == "youtu":  # transformers zeroes Youtu's padding row whenever it loads one (its _init_weights)
         with torch.no_grad():

@@ -260,6 +260,15 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # MiniMax-M2: q and k each normed over all heads at once, RoPE over half of each head; every layer 4 experts (2 a
     # token) chosen by sigmoid score + a correction bias (on the MoE block, cast as the model is), renormalised
     "minimax_m2": ("minimax_m2", {}),
+    # Llama 4 (text): RoPE in interleaved pairs rotated in fp32, q/k L2-normed after it, on the RoPE layers; a NoPE
+    # layer whose queries are temperature-tuned by position; a sparse layer whose router's top-1 sigmoid scales the
+    # expert's input, with a shared expert; chunked attention capping sequences at the chunk (half the context)
+    "llama4_text": ("llama4_text", {"num_layers": 3}),
+    # the same without experts, for the half-precision logit tests
+    "llama4_text_dense": ("llama4_text", {"num_layers": 3, "interleave_moe_layer_step": 4}),
+    # a multimodal Llama 4 checkpoint as the Hub holds Scout and Maverick (language_model.*, vision_model.*): its
+    # language model, text in and text out
+    "llama4": ("llama4", {"num_layers": 3}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -12,6 +12,7 @@ from .gpt_neo import GPTNeoForCausalLM
 from .gpt_neox import GPTNeoXForCausalLM
 from .gpt_oss import GptOssForCausalLM
 from .llama import LlamaForCausalLM
+from .llama4 import Llama4ForCausalLM
 from .olmo import OlmoForCausalLM
 from .olmo2 import Olmo2ForCausalLM
 from .opt import BioGptForCausalLM, OPTForCausalLM, XGLMForCausalLM
@@ -21,6 +22,7 @@ from .stablelm import NemotronForCausalLM, StableLmForCausalLM, Starcoder2ForCau
 MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "llama": LlamaForCausalLM,
     "gpt_oss": GptOssForCausalLM,
+    "llama4": Llama4ForCausalLM,
     "olmo": OlmoForCausalLM,
     "gemma": GemmaForCausalLM,
     "gpt_neox": GPTNeoXForCausalLM,
@@ -45,6 +47,6 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
 
 __all__ = ["Attention", "CausalLM", "MODEL_CLASSES", "BioGptForCausalLM", "BloomForCausalLM", "CohereForCausalLM",
            "DeepseekForCausalLM", "FalconForCausalLM", "GPT2LMHeadModel", "GPTBigCodeForCausalLM", "GPTJForCausalLM",
-           "GPTNeoForCausalLM", "GemmaForCausalLM", "GPTNeoXForCausalLM", "GptOssForCausalLM", "LlamaForCausalLM",
-           "NemotronForCausalLM", "OPTForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM", "PhiForCausalLM",
-           "StableLmForCausalLM", "Starcoder2ForCausalLM", "XGLMForCausalLM"]
+           "GPTNeoForCausalLM", "GemmaForCausalLM", "GPTNeoXForCausalLM", "GptOssForCausalLM", "Llama4ForCausalLM",
+           "LlamaForCausalLM", "NemotronForCausalLM", "OPTForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM",
+           "PhiForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM", "XGLMForCausalLM"]

@@ -56,7 +56,8 @@ def language_model_tensors(key: str, tensor: Tensor) -> list[tuple[str, Tensor]]
     if key.startswith("language_model.lm_head."):
         return [(key.removeprefix("language_model."), tensor)]
     if key.startswith(("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
-                       "model.multi_modal_projector.", "visual.", "model.visual.")):  # (Qwen-VL's: `visual`)
+                       "model.multi_modal_projector.", "visual.", "model.visual.", "vision_model.",
+                       "model.vision_model.")):  # (Qwen-VL's: `visual`; Llama 4's: `vision_model`)
         return []
     return None
 
@@ -185,7 +186,8 @@ class RotaryCausalLM(CausalLM):
         partial rotary, layers without RoPE, a RoPE per layer type or norms after RoPE: the model rotates q/k
         itself)."""
         c = self.config
-        if self.rope_cos.shape[-1] != c.head_dim or c.nope_layers or self.rope_by_layer or c.qk_norm_after_rope:
+        if (self.rope_cos.shape[-1] != c.head_dim or c.nope_layers or self.rope_by_layer or c.qk_norm_after_rope
+                or c.qk_l2_norm):
             return None
         return self.rope_cos, self.rope_sin
 

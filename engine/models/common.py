@@ -167,6 +167,13 @@ def norm_heads(qk: Tensor, num_heads: int, q_norm: nn.Module, k_norm: nn.Module)
     return torch.cat((q_norm(qk[:, :num_heads]), k_norm(qk[:, num_heads:])), dim=1)
 
 
+def l2_norm(x: Tensor, eps: float) -> Tensor:
+    """Each row of the last dim divided by its root mean square, without a gain, in fp32 and cast back (Llama 4's
+    q/k norm)."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x [T, H, D] rotated with cos/sin [T, R] (rotate-half convention): `x * cos + rotate_half(x) * sin` over the
     first R channels of each head (R < D: partial rotary, Phi-3's; the other channels pass as they are).

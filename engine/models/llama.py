@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .base import Layer0Input, Layer0Norms, RotaryCausalLM, language_model_tensors
-from .common import XIELU, Attention, RMSNorm, activation, apply_rotary, norm_heads, permute_head_channels
+from .common import XIELU, Attention, RMSNorm, activation, apply_rotary, l2_norm, norm_heads, permute_head_channels
 from .linear import Linear, linear, transposed_storage
 from .moe import SparseMoE, moe_checkpoint_tensors
 
@@ -225,6 +225,10 @@ class LlamaForCausalLM(RotaryCausalLM):
         return Layer0Norms(None, None, (norm.weight, getattr(norm, "bias", None), norm.eps, kind),
                            (attn.qkv_weight, attn.qkv_bias))
 
+    def rotate(self, qk: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """q and k [T, heads, head_dim] rotated by RoPE (Llama 4 rotates in fp32)."""
+        return apply_rotary(qk, cos, sin)
+
     def forward(
         self, embeds: Tensor | None, positions: Tensor, attention: Attention, layer0: Layer0Input | None = None
     ) -> Tensor:
@@ -239,6 +243,9 @@ class LlamaForCausalLM(RotaryCausalLM):
         if c.query_scale_beta:  # Ministral 3: queries scaled by position (1 below the first period)
             q_scale = 1 + c.query_scale_beta * torch.log(1 + torch.floor(positions / c.query_scale_period))
             q_scale = q_scale.to(h.dtype)[:, None, None]
+        if c.nope_query_scale:  # Llama 4's NoPE layers: queries scaled by position, in fp32
+            scale, floor = c.nope_query_scale
+            nope_q_scale = (torch.log1p(torch.floor((positions.float() + 1.0) / floor)) * scale + 1.0)[:, None, None]
         for i, layer in enumerate(self.model.layers):
             a = layer.self_attn
             if i == 0 and layer0 is not None and layer0.qkv is not None:
@@ -258,12 +265,16 @@ class LlamaForCausalLM(RotaryCausalLM):
             if c.qk_norm and not c.qk_norm_after_rope:
                 qk = norm_heads(qk, c.num_heads, a.q_norm, a.k_norm)
             if ropes[i] is not None and i not in c.nope_layers:
-                qk = apply_rotary(qk, *ropes[i])
+                qk = self.rotate(qk, *ropes[i])
+                if c.qk_l2_norm:  # Llama 4: on its RoPE layers, after RoPE
+                    qk = l2_norm(qk, c.norm_eps)
             if c.qk_norm_after_rope:  # Hunyuan
                 qk = norm_heads(qk, c.num_heads, a.q_norm, a.k_norm)
             q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
             if c.query_scale_beta:
                 q = q * q_scale
+            if c.nope_query_scale and i in c.nope_layers:
+                q = (q * nope_q_scale).to(qk.dtype)
             v = qkv[:, qk_width:].view(t, c.num_kv_heads, c.head_dim)
             # residual sums land in the projections' fresh outputs (o + h == h + o, bit for bit)
             out = a.o_proj(attention(i, q, k, v).reshape(t, c.num_heads * c.head_dim))

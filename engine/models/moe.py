@@ -53,7 +53,7 @@ class SparseMoE(nn.Module):
         renormalised over the chosen ones where the config says so; GraniteMoE: the top-k logits' softmax; ERNIE
         4.5: chosen by probability + correction bias; DeepSeek-V2, Mistral 4: from the best groups, scaled, Mistral
         4's in the model dtype; GLM-4.5, DeepSeek-V3: `_sigmoid_route`; gpt-oss: the top-k of biased logits in the
-        model dtype, their softmax)."""
+        model dtype, their softmax; Llama 4: their sigmoids)."""
         moe = self.moe
         if moe.fp32_router:
             logits = F.linear(x.float(), self.gate.weight.float())
@@ -61,6 +61,9 @@ class SparseMoE(nn.Module):
             logits = self.gate(x) if moe.router_in_model_dtype else self.gate(x).float()
         if moe.sigmoid_scores:
             return self._sigmoid_route(logits)
+        if moe.sigmoid_over_topk:  # Llama 4: the top-k logits' sigmoids, in fp32, cast back
+            top, experts = torch.topk(logits, moe.top_k, dim=-1)
+            return experts, torch.sigmoid(top.float()).to(x.dtype)
         if moe.softmax_over_topk:
             top, experts = torch.topk(logits, moe.top_k, dim=-1)
             weights = torch.softmax(top, dim=-1)
@@ -107,6 +110,8 @@ class SparseMoE(nn.Module):
         order = flat.argsort(stable=True)  # the (token, slot) pairs grouped by expert
         counts = torch.bincount(flat, minlength=self.moe.num_experts).tolist()
         rows = x[order // k]
+        if self.moe.weights_scale_input:  # Llama 4: the weights scale each expert's input, not its output
+            rows = rows * weights.flatten()[order, None]
         outputs = torch.empty_like(rows)
         start = 0
         for e, n in enumerate(counts):
@@ -115,7 +120,7 @@ class SparseMoE(nn.Module):
                 start += n
         weighted = torch.empty((t * k, x.shape[1]), dtype=torch.promote_types(x.dtype, weights.dtype),
                                device=x.device)
-        weighted[order] = outputs * weights.flatten()[order, None]
+        weighted[order] = outputs if self.moe.weights_scale_input else outputs * weights.flatten()[order, None]
         # each token's k outputs summed at once (in fp32 where the weights are): deterministic, as HF sums them
         out = weighted.view(t, k, -1).sum(dim=1).to(x.dtype)
         if self.moe.shared_expert_intermediate_size:
