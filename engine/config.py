@@ -26,7 +26,7 @@ ARCH_FAMILIES = {
     "iquestcoder": "llama", "vaultgemma": "gemma", "hunyuan_v1_dense": "llama", "hunyuan_v1_moe": "llama",
     "solar_open": "llama", "exaone_moe": "llama", "granitemoeshared": "llama",
     "flex_olmo": "olmo2", "mellum": "llama", "gpt_oss": "gpt_oss", "minimax_m2": "llama", "llama4_text": "llama4",
-    "llama4": "llama4",
+    "llama4": "llama4", "phimoe": "phimoe",
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
@@ -75,6 +75,9 @@ class MoEConfig:
     # (not its output); an ungated shared expert beside
     sigmoid_over_topk: bool = False
     weights_scale_input: bool = False
+    # Phi-3.5-MoE's sparsemixer (as at inference): the best expert, then the best other one, each weighted by its
+    # softmax over the logits within this relative distance (x 2) of it; 0: not it
+    sparsemixer_eps: float = 0.0
     expert_bias: bool = False  # gpt-oss: every expert projection has a bias
     # gpt-oss's clamped SwiGLU: gate clamped above and up on both sides at swiglu_limit, then
     # (up + 1) * gate * sigmoid(swiglu_alpha * gate); 0: plain SwiGLU
@@ -109,7 +112,7 @@ class ModelConfig:
 
     family: str  # "llama" | "olmo" | "stablelm" | "starcoder2" | "cohere" | "olmo2" | "glm" | "gemma" | "gpt_neox"
     # | "phi" | "gptj" | "falcon" | "opt" | "xglm" | "biogpt" | "gpt2" | "gpt_bigcode" | "gpt_neo" | "bloom"
-    # | "nemotron" | "deepseek" | "gpt_oss" | "llama4"
+    # | "nemotron" | "deepseek" | "gpt_oss" | "llama4" | "phimoe"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -502,6 +505,13 @@ def _llama4_config(hf: Any, model_type: str) -> ModelConfig:
                    else None)
 
 
+def _phimoe_config(hf: Any, model_type: str) -> ModelConfig:
+    """Phi-3.5-MoE: Mixtral's layout with LayerNorms (weights and biases), q/k/v/o biases where `attention_bias`
+    says, the LM head's by `lm_head_bias`, sparsemixer routing; longrope capped at its original length, as Phi-3's,
+    its cos/sin scaled by `short_mscale` there (`rope_inv_freq`)."""
+    return replace(_llama_config(hf, model_type), family="phimoe", lm_head_bias=bool(hf.lm_head_bias))
+
+
 def _olmo_config(hf: Any, model_type: str) -> ModelConfig:
     """OLMo: Llama's fields (its LayerNorms have a fixed eps of 1e-5 and no weights) and `clip_qkv`."""
     return replace(_llama_config(hf, model_type, norm_eps=1e-5), family="olmo")
@@ -610,6 +620,13 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
                          intermediate_size=hf.intermediate_size, norm_topk_prob=False, weights_in_model_dtype=True,
                          sparse_layers=tuple(hf.moe_layers), router_in_model_dtype=True, sigmoid_over_topk=True,
                          weights_scale_input=True, ungated_shared_intermediate_size=hf.intermediate_size)
+    if model_type == "phimoe":  # every layer sparse: sparsemixer's two experts, in the model dtype
+        if hf.num_experts_per_tok != 2:
+            raise UnsupportedModelError(f"phimoe with num_experts_per_tok={hf.num_experts_per_tok} (sparsemixer "
+                                        "picks 2)")
+        return MoEConfig(num_experts=hf.num_local_experts, top_k=2, intermediate_size=hf.intermediate_size,
+                         norm_topk_prob=False, weights_in_model_dtype=True, sparse_layers=tuple(layers),
+                         router_in_model_dtype=True, sparsemixer_eps=float(hf.router_jitter_noise))
     if model_type == "minimax_m2":  # every layer sparse: sigmoid scores of the logits (in the model dtype, then
         # fp32), experts chosen by score + the correction bias (cast as the model is), the chosen scores renormalised
         return MoEConfig(num_experts=hf.num_local_experts, top_k=hf.num_experts_per_tok,
@@ -1022,5 +1039,5 @@ FAMILY_CONFIGS = {
     "falcon": _falcon_config, "gptj": _gptj_config, "gemma": _gemma_config, "gpt_neox": _gpt_neox_config,
     "phi": _phi_config, "opt": _opt_config, "xglm": _fairseq_lm_config, "biogpt": _fairseq_lm_config,
     "gpt2": _gpt2_config, "gpt_bigcode": _gpt2_config, "gpt_neo": _gpt_neo_config, "bloom": _bloom_config,
-    "deepseek": _deepseek_config, "gpt_oss": _gpt_oss_config, "llama4": _llama4_config,
+    "deepseek": _deepseek_config, "gpt_oss": _gpt_oss_config, "llama4": _llama4_config, "phimoe": _phimoe_config,
 }

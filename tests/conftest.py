@@ -269,6 +269,15 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # a multimodal Llama 4 checkpoint as the Hub holds Scout and Maverick (language_model.*, vision_model.*): its
     # language model, text in and text out
     "llama4": ("llama4", {"num_layers": 3}),
+    # Phi-3.5-MoE: LayerNorms with biases, q/k/v/o and LM-head biases, sparsemixer routing (a near-tie band wide
+    # enough to mask some logits), longrope scaled by short_mscale below its original length
+    "phimoe": ("phimoe", {"attention_bias": True, "lm_head_bias": True, "router_jitter_noise": 0.2,
+                          "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                                              "short_factor": [1.0, 1.1, 1.3, 1.7, 2.0, 2.5, 3.0, 3.5],
+                                              "long_factor": [1.0, 2.0, 4.0, 8.0, 9.0, 12.0, 14.0, 16.0],
+                                              "short_mscale": 1.2, "long_mscale": 1.3,
+                                              "original_max_position_embeddings": 128},
+                          "original_max_position_embeddings": 128}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -94,7 +94,7 @@ def requests(tasks, seed: int = 0, max_new_tokens: int = 6) -> list[Request]:
                                      "glm4", "ernie4_5", "olmo", "gpt_neo", "helium", "nemotron",
                                      "hyperclovax", "jais2", "apertus", "codegen",
                                      "xglm", "biogpt", "qwen2_5_vl", "glm4_moe",
-                                     "ernie4_5_moe", "gpt_oss", "minimax_m2", "llama4_text",
+                                     "ernie4_5_moe", "gpt_oss", "minimax_m2", "llama4_text", "phimoe",
                                      *KV_UNSERVABLE])
 def test_prompt_learning_adapters_match_hf_peft(variant, backend, adapters, model_dir_for):
     tasks = adapters(variant)

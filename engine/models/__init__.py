@@ -17,12 +17,14 @@ from .olmo import OlmoForCausalLM
 from .olmo2 import Olmo2ForCausalLM
 from .opt import BioGptForCausalLM, OPTForCausalLM, XGLMForCausalLM
 from .phi import GPTJForCausalLM, PhiForCausalLM
+from .phimoe import PhimoeForCausalLM
 from .stablelm import NemotronForCausalLM, StableLmForCausalLM, Starcoder2ForCausalLM
 
 MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "llama": LlamaForCausalLM,
     "gpt_oss": GptOssForCausalLM,
     "llama4": Llama4ForCausalLM,
+    "phimoe": PhimoeForCausalLM,
     "olmo": OlmoForCausalLM,
     "gemma": GemmaForCausalLM,
     "gpt_neox": GPTNeoXForCausalLM,
@@ -49,4 +51,4 @@ __all__ = ["Attention", "CausalLM", "MODEL_CLASSES", "BioGptForCausalLM", "Bloom
            "DeepseekForCausalLM", "FalconForCausalLM", "GPT2LMHeadModel", "GPTBigCodeForCausalLM", "GPTJForCausalLM",
            "GPTNeoForCausalLM", "GemmaForCausalLM", "GPTNeoXForCausalLM", "GptOssForCausalLM", "Llama4ForCausalLM",
            "LlamaForCausalLM", "NemotronForCausalLM", "OPTForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM",
-           "PhiForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM", "XGLMForCausalLM"]
+           "PhiForCausalLM", "PhimoeForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM", "XGLMForCausalLM"]

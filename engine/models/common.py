@@ -90,6 +90,8 @@ def rope_inv_freq(config: ModelConfig, device: torch.device | str) -> tuple[Tens
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, device)
+    if config.model_type == "phimoe" and params.get("short_mscale"):  # (its own cos/sin scale, below the original
+        scaling = params["short_mscale"]  # length, where sequences are capped)
     return inv_freq.float().to(device), float(scaling)
 
 

@@ -61,6 +61,8 @@ class SparseMoE(nn.Module):
             logits = self.gate(x) if moe.router_in_model_dtype else self.gate(x).float()
         if moe.sigmoid_scores:
             return self._sigmoid_route(logits)
+        if moe.sparsemixer_eps:
+            return self._sparsemixer_route(logits)
         if moe.sigmoid_over_topk:  # Llama 4: the top-k logits' sigmoids, in fp32, cast back
             top, experts = torch.topk(logits, moe.top_k, dim=-1)
             return experts, torch.sigmoid(top.float()).to(x.dtype)
@@ -91,6 +93,20 @@ class SparseMoE(nn.Module):
         best = torch.topk(rank, moe.top_groups, dim=-1, sorted=False).indices
         allowed = torch.zeros_like(rank, dtype=torch.bool).scatter_(1, best, True)
         return grouped.masked_fill(~allowed[..., None], float("-inf")).view(-1, moe.num_experts)
+
+    def _sparsemixer_route(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Phi-3.5-MoE's sparsemixer at inference, in the logits' dtype as HF computes it: the best expert, weighted
+        by its softmax over the logits not more than 2 eps (relative) below it; then the best of the others, by its
+        softmax over the others within 2 eps of it."""
+        eps2 = 2 * self.moe.sparsemixer_eps
+        top, first = logits.max(dim=-1, keepdim=True)
+        far = (top - logits) / logits.abs().clamp(min=top) > eps2
+        weight = torch.softmax(logits.masked_fill(far, float("-inf")), dim=-1).gather(-1, first)
+        others = logits.scatter(-1, first, float("-inf"))
+        top2, second = others.max(dim=-1, keepdim=True)
+        far2 = (top2 - logits) / logits.abs().clamp(min=top2) > eps2
+        weight2 = torch.softmax(others.masked_fill(far2, float("-inf")), dim=-1).gather(-1, second)
+        return torch.cat([first, second], dim=-1), torch.cat([weight, weight2], dim=-1)
 
     def _sigmoid_route(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         """GLM-4.5's (DeepSeek-V3's) routing of fp32 router logits, as HF computes it (weights stay fp32)."""
