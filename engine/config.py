@@ -26,7 +26,7 @@ ARCH_FAMILIES = {
     "iquestcoder": "llama", "vaultgemma": "gemma", "hunyuan_v1_dense": "llama", "hunyuan_v1_moe": "llama",
     "solar_open": "llama", "exaone_moe": "llama", "granitemoeshared": "llama",
     "flex_olmo": "olmo2", "mellum": "llama", "gpt_oss": "gpt_oss", "minimax_m2": "llama", "llama4_text": "llama4",
-    "llama4": "llama4", "phimoe": "phimoe",
+    "llama4": "llama4", "phimoe": "phimoe", "afmoe": "afmoe",
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
@@ -112,7 +112,7 @@ class ModelConfig:
 
     family: str  # "llama" | "olmo" | "stablelm" | "starcoder2" | "cohere" | "olmo2" | "glm" | "gemma" | "gpt_neox"
     # | "phi" | "gptj" | "falcon" | "opt" | "xglm" | "biogpt" | "gpt2" | "gpt_bigcode" | "gpt_neo" | "bloom"
-    # | "nemotron" | "deepseek" | "gpt_oss" | "llama4" | "phimoe"
+    # | "nemotron" | "deepseek" | "gpt_oss" | "llama4" | "phimoe" | "afmoe"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -147,6 +147,7 @@ class ModelConfig:
     # 1 + scale * log(1 + floor((position + 1) / floor)), as (scale, floor); None: none
     nope_query_scale: tuple[float, int] | None = None
     qk_l2_norm: bool = False  # Llama 4: q and k L2-normed per head (no gain) after RoPE, on the RoPE layers
+    attention_output_gate: bool = False  # AFMoE: the heads' outputs times sigmoid(gate_proj(x)) before o_proj
     # Granite's multipliers: input embeddings (soft-prompt rows too) x embedding_multiplier, each sublayer's output
     # x residual_multiplier before its residual add, logits / logits_divisor
     embedding_multiplier: float = 1.0
@@ -505,6 +506,18 @@ def _llama4_config(hf: Any, model_type: str) -> ModelConfig:
                    else None)
 
 
+def _afmoe_config(hf: Any, model_type: str) -> ModelConfig:
+    """AFMoE (Arcee's Trinity): Llama's fields with per-head q/k norms, RoPE on the sliding-window layers only (the
+    full-attention ones NoPE), the heads' outputs gated, norms before and after attention and the MLP, input
+    embeddings (soft-prompt rows too) times sqrt(hidden) where `mup_enabled`, and its mixture of experts."""
+    _check_rope_types(hf, model_type)
+    layer_types = hf.layer_types or []
+    return replace(_llama_config(hf, model_type), family="afmoe", qk_norm=True, sandwich_norms=True,
+                   attention_output_gate=True,
+                   nope_layers=tuple(i for i, kind in enumerate(layer_types) if kind == "full_attention"),
+                   embedding_multiplier=hf.hidden_size**0.5 if hf.mup_enabled else 1.0)
+
+
 def _phimoe_config(hf: Any, model_type: str) -> ModelConfig:
     """Phi-3.5-MoE: Mixtral's layout with LayerNorms (weights and biases), q/k/v/o biases where `attention_bias`
     says, the LM head's by `lm_head_bias`, sparsemixer routing; longrope capped at its original length, as Phi-3's,
@@ -620,6 +633,13 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
                          intermediate_size=hf.intermediate_size, norm_topk_prob=False, weights_in_model_dtype=True,
                          sparse_layers=tuple(hf.moe_layers), router_in_model_dtype=True, sigmoid_over_topk=True,
                          weights_scale_input=True, ungated_shared_intermediate_size=hf.intermediate_size)
+    if model_type == "afmoe":  # dense first num_dense_layers, then sigmoid-routed experts (GLM-4.5's router in one
+        # group, its correction bias `expert_bias` cast as the model is), scaled by route_scale, and shared experts
+        return MoEConfig(num_experts=hf.num_experts, top_k=hf.num_experts_per_tok,
+                         intermediate_size=hf.moe_intermediate_size, norm_topk_prob=True, weights_in_model_dtype=False,
+                         sparse_layers=tuple(layers)[hf.num_dense_layers or 0:], sigmoid_scores=True,
+                         routed_scaling=float(hf.route_scale), correction_bias_in_model_dtype=True,
+                         ungated_shared_intermediate_size=hf.moe_intermediate_size * (hf.num_shared_experts or 0))
     if model_type == "phimoe":  # every layer sparse: sparsemixer's two experts, in the model dtype
         if hf.num_experts_per_tok != 2:
             raise UnsupportedModelError(f"phimoe with num_experts_per_tok={hf.num_experts_per_tok} (sparsemixer "
@@ -1040,4 +1060,5 @@ FAMILY_CONFIGS = {
     "phi": _phi_config, "opt": _opt_config, "xglm": _fairseq_lm_config, "biogpt": _fairseq_lm_config,
     "gpt2": _gpt2_config, "gpt_bigcode": _gpt2_config, "gpt_neo": _gpt_neo_config, "bloom": _bloom_config,
     "deepseek": _deepseek_config, "gpt_oss": _gpt_oss_config, "llama4": _llama4_config, "phimoe": _phimoe_config,
+    "afmoe": _afmoe_config,
 }

@@ -278,6 +278,10 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
                                               "short_mscale": 1.2, "long_mscale": 1.3,
                                               "original_max_position_embeddings": 128},
                           "original_max_position_embeddings": 128}),
+    # AFMoE (Arcee's Trinity): per-head q/k norms, RoPE on the sliding layers only, gated attention outputs, norms
+    # around both sublayers, muP's input scale (soft-prompt rows too); a dense first layer, then sigmoid-routed
+    # experts (scaled) with a shared one
+    "afmoe": ("afmoe", {"num_layers": 3, "mup_enabled": True}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

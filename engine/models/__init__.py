@@ -1,5 +1,6 @@
 """Our own PyTorch implementations of the supported model families, loaded from HF weights."""
 
+from .afmoe import AfmoeForCausalLM
 from .base import CausalLM
 from .bloom import BloomForCausalLM
 from .cohere import CohereForCausalLM
@@ -25,6 +26,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "gpt_oss": GptOssForCausalLM,
     "llama4": Llama4ForCausalLM,
     "phimoe": PhimoeForCausalLM,
+    "afmoe": AfmoeForCausalLM,
     "olmo": OlmoForCausalLM,
     "gemma": GemmaForCausalLM,
     "gpt_neox": GPTNeoXForCausalLM,
@@ -47,8 +49,9 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "bloom": BloomForCausalLM,
 }
 
-__all__ = ["Attention", "CausalLM", "MODEL_CLASSES", "BioGptForCausalLM", "BloomForCausalLM", "CohereForCausalLM",
-           "DeepseekForCausalLM", "FalconForCausalLM", "GPT2LMHeadModel", "GPTBigCodeForCausalLM", "GPTJForCausalLM",
-           "GPTNeoForCausalLM", "GemmaForCausalLM", "GPTNeoXForCausalLM", "GptOssForCausalLM", "Llama4ForCausalLM",
-           "LlamaForCausalLM", "NemotronForCausalLM", "OPTForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM",
-           "PhiForCausalLM", "PhimoeForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM", "XGLMForCausalLM"]
+__all__ = ["AfmoeForCausalLM", "Attention", "CausalLM", "MODEL_CLASSES", "BioGptForCausalLM", "BloomForCausalLM",
+           "CohereForCausalLM", "DeepseekForCausalLM", "FalconForCausalLM", "GPT2LMHeadModel", "GPTBigCodeForCausalLM",
+           "GPTJForCausalLM", "GPTNeoForCausalLM", "GemmaForCausalLM", "GPTNeoXForCausalLM", "GptOssForCausalLM",
+           "Llama4ForCausalLM", "LlamaForCausalLM", "NemotronForCausalLM", "OPTForCausalLM", "OlmoForCausalLM",
+           "Olmo2ForCausalLM", "PhiForCausalLM", "PhimoeForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM",
+           "XGLMForCausalLM"]

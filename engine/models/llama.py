@@ -276,8 +276,11 @@ class LlamaForCausalLM(RotaryCausalLM):
             if c.nope_query_scale and i in c.nope_layers:
                 q = (q * nope_q_scale).to(qk.dtype)
             v = qkv[:, qk_width:].view(t, c.num_kv_heads, c.head_dim)
+            heads = attention(i, q, k, v).reshape(t, c.num_heads * c.head_dim)
+            if c.attention_output_gate:  # AFMoE: gated by its normed input
+                heads = heads * torch.sigmoid(a.gate_proj(x))
             # residual sums land in the projections' fresh outputs (o + h == h + o, bit for bit)
-            out = a.o_proj(attention(i, q, k, v).reshape(t, c.num_heads * c.head_dim))
+            out = a.o_proj(heads)
             if c.parallel_residual:  # StableLM: h + attn(ln(h)) + mlp(ln(h)), summed in HF's order
                 h = (h + out).add_(layer.mlp(x))
                 continue

@@ -1,0 +1,52 @@
+"""AFMoE (Arcee's Trinity models, `afmoe`): Llama's layout with per-head q/k norms, RoPE on the sliding-window layers
+only, the heads' outputs gated by sigmoid(gate_proj(x)) before o_proj (`ModelConfig.attention_output_gate`), RMSNorms
+scaled in fp32 (gpt-oss's) before and after attention and the MLP, and sigmoid-routed experts with shared ones. Its
+checkpoints call the norm after attention `post_attention_layernorm` and the one before the MLP `pre_mlp_layernorm`
+(GLM-4's `post_self_attn_layernorm` and `post_attention_layernorm` here), the router `router.gate` and the
+correction bias `expert_bias`."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .gpt_oss import GptOssRMSNorm
+from .linear import Linear
+from .llama import LlamaAttention, LlamaBackbone, LlamaForCausalLM, LlamaLayer
+
+# in this order: the norm after attention takes GLM-4's name before the norm before the MLP takes its old one
+_NAMES = ((".post_attention_layernorm.", ".post_self_attn_layernorm."),
+          (".pre_mlp_layernorm.", ".post_attention_layernorm."), (".mlp.router.gate.", ".mlp.gate."),
+          (".mlp.expert_bias", ".mlp.gate.e_score_correction_bias"))
+
+
+class AfmoeAttention(LlamaAttention):
+    def __init__(self, c: ModelConfig):
+        super().__init__(c, norm=GptOssRMSNorm)
+        self.gate_proj = Linear(c.hidden_size, c.num_heads * c.head_dim, bias=False)
+
+
+class AfmoeLayer(LlamaLayer):
+    attention_class = AfmoeAttention
+    norm_class = GptOssRMSNorm
+
+
+class AfmoeBackbone(LlamaBackbone):
+    layer_class = AfmoeLayer
+
+    @staticmethod
+    def final_norm(c: ModelConfig) -> nn.Module:
+        return GptOssRMSNorm(c.hidden_size, c.norm_eps)
+
+
+class AfmoeForCausalLM(LlamaForCausalLM):
+    backbone_class = AfmoeBackbone
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.fused_layer0 = False  # (its attention gate reads layer 0's normed input, which the QKV kernel never writes)
+
+    def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
+        for theirs, ours in _NAMES:
+            key = key.replace(theirs, ours)
+        return super().checkpoint_tensors(key, tensor)
