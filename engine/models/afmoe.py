@@ -44,7 +44,7 @@ class AfmoeForCausalLM(LlamaForCausalLM):
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
-        self.fused_layer0 = False  # (its attention gate reads layer 0's normed input, which the QKV kernel never writes)
+        self.fused_layer0 = False  # (its attention gate reads layer 0's normed input, never written by the QKV kernel)
 
     def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
         for theirs, ours in _NAMES:
