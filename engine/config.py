@@ -26,7 +26,7 @@ ARCH_FAMILIES = {
     "iquestcoder": "llama", "vaultgemma": "gemma", "hunyuan_v1_dense": "llama", "hunyuan_v1_moe": "llama",
     "solar_open": "llama", "exaone_moe": "llama", "granitemoeshared": "llama",
     "flex_olmo": "olmo2", "mellum": "llama", "gpt_oss": "gpt_oss", "minimax_m2": "llama", "llama4_text": "llama4",
-    "llama4": "llama4", "phimoe": "phimoe", "afmoe": "afmoe",
+    "llama4": "llama4", "phimoe": "phimoe", "afmoe": "afmoe", "granite_swa": "llama", "granitemoe_swa": "llama",
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
@@ -148,6 +148,7 @@ class ModelConfig:
     nope_query_scale: tuple[float, int] | None = None
     qk_l2_norm: bool = False  # Llama 4: q and k L2-normed per head (no gain) after RoPE, on the RoPE layers
     attention_output_gate: bool = False  # AFMoE: the heads' outputs times sigmoid(gate_proj(x)) before o_proj
+    layer_rope_thetas: tuple[float, ...] = ()  # GraniteSWA: each layer's RoPE base (0: that layer has none)
     # Granite's multipliers: input embeddings (soft-prompt rows too) x embedding_multiplier, each sublayer's output
     # x residual_multiplier before its residual add, logits / logits_divisor
     embedding_multiplier: float = 1.0
@@ -411,6 +412,7 @@ def _text_model_config(text: Any, model_type: str) -> ModelConfig:
 
 
 HUNYUAN = ("hunyuan_v1_dense", "hunyuan_v1_moe")
+GRANITE_SWA = ("granite_swa", "granitemoe_swa")
 
 
 def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> ModelConfig:
@@ -441,10 +443,12 @@ def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> Mo
         nope_layers = tuple(i for i, rotary in enumerate(getattr(hf, "no_rope_layers", None) or []) if not rotary)
     elif model_type == "exaone_moe":
         nope_layers = _exaone_nope_layers(hf)
+    elif model_type in GRANITE_SWA:  # a RoPE base per layer, 0 for none
+        nope_layers = tuple(i for i, theta in enumerate(hf.layer_rope_theta) if not theta)
     ernie = model_type in ("ernie4_5", "ernie4_5_moe")  # biases on all projections or none (use_bias), interleaved RoPE
     helium = model_type == "helium"  # interleaved RoPE, no bias on the output projection
     no_o_bias = model_type in ("helium", "glm4_moe", "solar_open")  # q/k/v biases by attention_bias, none on o_proj
-    granite = model_type in ("granite", "granitemoe", "granitemoeshared", "hyperclovax")  # its multipliers
+    granite = model_type in ("granite", "granitemoe", "granitemoeshared", "hyperclovax", *GRANITE_SWA)  # multipliers
     hyperclovax = model_type == "hyperclovax"  # Granite's, logits times logits_scaling, norms after each sublayer
     attention_bias = bool(getattr(hf, "use_bias" if ernie else "attention_bias", False))
     return ModelConfig(
@@ -476,7 +480,17 @@ def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> Mo
         logits_divisor=(1.0 / float(hf.logits_scaling) if hyperclovax else float(getattr(hf, "logits_scaling", 1.0)))
         if granite else 1.0,
         sandwich_norms=hyperclovax and bool(getattr(hf, "use_post_norm", True)),
+        attention_sinks=model_type in GRANITE_SWA,
+        layer_rope_thetas=_layer_rope_thetas(hf) if model_type in GRANITE_SWA else (),
     )
+
+
+def _layer_rope_thetas(hf: Any) -> tuple[float, ...]:
+    """GraniteSWA's RoPE base per layer (`layer_rope_theta`; 0: a NoPE layer), for plain RoPE only."""
+    rope = hf.rope_parameters or {}
+    if rope.get("rope_type", "default") != "default":
+        raise UnsupportedModelError(f"{hf.model_type} with layer_rope_theta and rope_type {rope['rope_type']!r}")
+    return tuple(float(t) for t in hf.layer_rope_theta)
 
 
 def _gpt_oss_config(hf: Any, model_type: str) -> ModelConfig:
@@ -567,8 +581,9 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
         return MoEConfig(num_experts=hf.num_local_experts, top_k=hf.num_experts_per_tok,
                          intermediate_size=hf.intermediate_size, norm_topk_prob=True, weights_in_model_dtype=False,
                          sparse_layers=tuple(layers))
-    if model_type in ("granitemoe", "granitemoeshared"):  # every layer sparse, the top-k logits' softmax, weights in
-        # the model dtype (GraniteMoeShared: plus an ungated shared MLP)
+    if model_type in ("granitemoe", "granitemoeshared", "granitemoe_swa"):  # every layer sparse, the top-k logits'
+        # softmax, weights in
+        # the model dtype (GraniteMoeShared, GraniteMoeSWA: plus an ungated shared MLP, where it has one)
         return MoEConfig(num_experts=hf.num_local_experts, top_k=hf.num_experts_per_tok,
                          intermediate_size=hf.intermediate_size, norm_topk_prob=False, weights_in_model_dtype=True,
                          sparse_layers=tuple(layers), softmax_over_topk=True,

@@ -24,13 +24,13 @@ __all__ = [
 SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
     "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "mellum", "olmoe", "granitemoe",
-    "granitemoeshared", "gpt_oss", "minimax_m2", "llama4_text", "llama4", "phimoe", "afmoe", "glm4_moe", "deepseek_v2",
-    "deepseek_v3", "glm4_moe_lite", "mistral4", "youtu", "minicpm3", "dots1", "iquestcoder", "vaultgemma",
-    "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe", "phi3", "smollm3", "ernie4_5", "ernie4_5_moe",
-    "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "gemma", "gemma2",
-    "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron", "starcoder2", "cohere", "cohere2", "olmo",
-    "olmo2", "olmo3", "flex_olmo", "exaone4", "exaone4_5", "glm", "glm4", "falcon", "gptj", "codegen", "opt", "xglm",
-    "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
+    "granitemoeshared", "gpt_oss", "minimax_m2", "llama4_text", "llama4", "phimoe", "afmoe", "granite_swa",
+    "granitemoe_swa", "glm4_moe", "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "mistral4", "youtu", "minicpm3",
+    "dots1", "iquestcoder", "vaultgemma", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe", "phi3",
+    "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax",
+    "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron", "starcoder2",
+    "cohere", "cohere2", "olmo", "olmo2", "olmo3", "flex_olmo", "exaone4", "exaone4_5", "glm", "glm4", "falcon", "gptj",
+    "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -132,14 +132,15 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
               "olmo2", "olmo3", "exaone4", "exaone4_5", "glm", "glm4", "gptj", "codegen", "internlm3", "helium",
               "arcee", "nemotron", "cwm", "hyperclovax", "jais2", "apertus", "glm4_moe", "deepseek_v2", "deepseek_v3",
               "glm4_moe_lite", "mistral4", "minicpm3", "dots1", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open",
-              "exaone_moe", "gpt_oss", "minimax_m2", "llama4_text", "llama4", "phimoe", "afmoe")
+              "exaone_moe", "gpt_oss", "minimax_m2", "llama4_text", "llama4", "phimoe", "afmoe",
+              "granite_swa", "granitemoe_swa")
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "ministral", "ministral3", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3",
                 "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "phi3", "smollm3", "ernie4_5", "ernie4_5_moe",
                 "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "glm4_moe",
                 "dots1", "iquestcoder", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe", "mellum",
-                "minimax_m2", "phimoe", "afmoe"):
+                "minimax_m2", "phimoe", "afmoe", "granite_swa", "granitemoe_swa"):
         cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                "ministral": transformers.MinistralConfig, "ministral3": transformers.Ministral3Config,
                "granite": transformers.GraniteConfig,
@@ -160,7 +161,8 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                "hunyuan_v1_moe": transformers.HunYuanMoEV1Config, "solar_open": transformers.SolarOpenConfig,
                "exaone_moe": transformers.ExaoneMoeConfig, "mellum": transformers.MellumConfig,
                "minimax_m2": transformers.MiniMaxM2Config, "phimoe": transformers.PhimoeConfig,
-               "afmoe": transformers.AfmoeConfig}[arch]
+               "afmoe": transformers.AfmoeConfig, "granite_swa": transformers.GraniteSWAConfig,
+               "granitemoe_swa": transformers.GraniteMoeSWAConfig}[arch]
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                   num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,
                   max_position_embeddings=max_positions)
@@ -188,6 +190,13 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
         if arch == "olmoe":
             kw.update(num_experts=4, num_experts_per_tok=2, intermediate_size=inter // 2)
         if arch in ("granitemoe", "granitemoeshared"):
+            kw.update(num_local_experts=4, num_experts_per_tok=2, intermediate_size=inter // 2)
+        if arch in ("granite_swa", "granitemoe_swa"):  # a full-attention layer, then sliding ones (window 6), each
+            # layer's RoPE base its own, the last none (NoPE); attention sinks
+            layer_types = (["full_attention"] + ["sliding_attention"] * num_layers)[:num_layers]
+            thetas = ([10000.0, 500000.0] * num_layers)[:num_layers - 1] + [0]
+            kw.update(sliding_window=6, layer_types=layer_types, layer_rope_theta=thetas)
+        if arch == "granitemoe_swa":
             kw.update(num_local_experts=4, num_experts_per_tok=2, intermediate_size=inter // 2)
         if arch == "granitemoeshared":  # (and a shared MLP as wide as the experts)
             kw.update(shared_intermediate_size=inter // 2)
@@ -453,7 +462,7 @@ def _reinit_(model: torch.nn.Module, seed: int, logit_std: float = 2.0) -> None:
                     p.sub_(p.mean() + gain_offset(module))
             elif any(module is m for m in norms):
                 draw(p, 0.1, 1.0 - gain_offset(module) if name == "weight" else 0.0)
-            elif name == "sinks":  # gpt-oss's attention sinks: large enough to matter
+            elif name == "sinks":  # gpt-oss's and GraniteSWA's attention sinks: large enough to matter
                 draw(p, 1.0)
             elif p.dim() == 1 or name.endswith("_bias"):  # (gpt-oss's stacked expert biases are [E, out])
                 draw(p, 0.02)

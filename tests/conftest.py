@@ -282,6 +282,13 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # around both sublayers, muP's input scale (soft-prompt rows too); a dense first layer, then sigmoid-routed
     # experts (scaled) with a shared one
     "afmoe": ("afmoe", {"num_layers": 3, "mup_enabled": True}),
+    # GraniteSWA and GraniteMoeSWA (IBM's Granite "swash"): Granite's multipliers, attention sinks, a full-attention
+    # layer then sliding ones, a RoPE base per layer (the last layer none)
+    "granite_swa": ("granite_swa", {"num_layers": 3, "embedding_multiplier": 3.0, "residual_multiplier": 0.5,
+                                    "logits_scaling": 2.0, "attention_multiplier": 0.2}),
+    "granitemoe_swa": ("granitemoe_swa", {"num_layers": 3, "embedding_multiplier": 3.0, "residual_multiplier": 0.5,
+                                          "logits_scaling": 2.0, "attention_multiplier": 0.2,
+                                          "shared_intermediate_size": 64}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

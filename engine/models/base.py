@@ -10,7 +10,15 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..errors import UnsupportedModelError
-from .common import Attention, gather_rope_rows, rope_inv_freq, rope_layer_types, rope_tables_by_layer, rotary_cos_sin
+from .common import (
+    Attention,
+    gather_rope_rows,
+    rope_inv_freq,
+    rope_layer_types,
+    rope_tables_by_layer,
+    rope_tables_by_theta,
+    rotary_cos_sin,
+)
 from .linear import transposed_storage
 
 
@@ -216,7 +224,13 @@ class RotaryCausalLM(CausalLM):
         positions = torch.arange(c.max_positions, device=device)
         dtype = self.rope_dtype
         layer_types = rope_layer_types(c)
-        if layer_types is None:
+        if c.layer_rope_thetas:  # GraniteSWA: a RoPE base per layer
+            if not self.per_layer_rope:
+                raise UnsupportedModelError(f"{c.model_type} with a RoPE base per layer is not supported")
+            self.rope_by_layer = rope_tables_by_theta(c.layer_rope_thetas, c.rotary_dim or c.head_dim, positions,
+                                                      dtype)
+            cos, sin = self.rope_by_layer[0]
+        elif layer_types is None:
             inv_freq, self.rope_scaling = rope_inv_freq(c, device)
             self.register_buffer("inv_freq", inv_freq, persistent=False)
             cos, sin = rotary_cos_sin(inv_freq, self.rope_scaling, positions, dtype)

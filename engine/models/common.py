@@ -138,6 +138,18 @@ def rope_tables_by_layer(config: ModelConfig, layer_types: list[str] | None, dim
     return [tables[layer_types[i] if layer_types else None] for i in range(config.num_layers)]
 
 
+def rope_tables_by_theta(thetas: tuple[float, ...], dim: int, positions: Tensor,
+                         dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
+    """cos/sin of `positions` for each layer from its plain-RoPE base (one table per distinct base; a layer whose base
+    is 0 has no RoPE and gets any table, never read)."""
+    tables: dict[float, tuple[Tensor, Tensor]] = {}
+    for theta in dict.fromkeys(t for t in thetas if t) or [10000.0]:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        tables[theta] = rotary_cos_sin(inv_freq.to(positions.device), 1.0, positions, dtype)
+    first = next(iter(tables.values()))
+    return [tables.get(t, first) for t in thetas]
+
+
 def gather_rope_rows(tables: list[tuple[Tensor, Tensor]], positions: Tensor) -> list[tuple[Tensor, Tensor]]:
     """Each layer's cos/sin rows of `positions` from its table in `tables`, gathered once per distinct table."""
     rows: dict[int, tuple[Tensor, Tensor]] = {}

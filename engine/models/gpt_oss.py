@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from .common import RMSNorm
 from .linear import linear
-from .llama import LlamaAttention, LlamaBackbone, LlamaForCausalLM, LlamaLayer, LlamaMLP
+from .llama import LlamaBackbone, LlamaForCausalLM, LlamaLayer, LlamaMLP
 
 _EXPERTS = re.compile(r"(.*\.mlp\.experts)\.(gate_up_proj|down_proj)(_bias)?")
 
@@ -24,12 +24,6 @@ class GptOssRMSNorm(RMSNorm):
     def forward(self, x: Tensor) -> Tensor:
         x32 = x.float()
         return (self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps))).to(x.dtype)
-
-
-class GptOssAttention(LlamaAttention):
-    def __init__(self, c: ModelConfig):
-        super().__init__(c)
-        self.sinks = nn.Parameter(torch.zeros(c.num_heads))
 
 
 class GptOssExpert(LlamaMLP):
@@ -50,7 +44,6 @@ class GptOssExpert(LlamaMLP):
 
 
 class GptOssLayer(LlamaLayer):
-    attention_class = GptOssAttention
     expert_class = GptOssExpert
     norm_class = GptOssRMSNorm
 
@@ -83,16 +76,6 @@ def expert_tensors(key: str, tensor: Tensor) -> list[tuple[str, Tensor]] | None:
 
 class GptOssForCausalLM(LlamaForCausalLM):
     backbone_class = GptOssBackbone
-
-    def __init__(self, config: ModelConfig):
-        super().__init__(config)
-        self._sinks: Tensor | None = None
-
-    @property
-    def attention_sinks(self) -> Tensor:
-        if self._sinks is None:  # (once, after loading: CUDA graphs keep reading the same tensor)
-            self._sinks = torch.stack([layer.self_attn.sinks for layer in self.model.layers]).float().contiguous()
-        return self._sinks
 
     def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
         mapped = expert_tensors(key, tensor)

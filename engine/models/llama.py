@@ -72,6 +72,8 @@ class LlamaAttention(nn.Module):
         elif c.qk_norm_over_heads:  # OLMoE: over all heads at once
             self.q_norm = norm(c.num_heads * c.head_dim, c.norm_eps)
             self.k_norm = norm(c.num_kv_heads * c.head_dim, c.norm_eps)
+        if c.attention_sinks:  # gpt-oss, GraniteSWA: a logit per head in each query's softmax denominator
+            self.sinks = nn.Parameter(torch.zeros(c.num_heads))
         self.qkv_weight: Tensor | None = None
         self.qkv_bias: Tensor | None = None
 
@@ -158,6 +160,15 @@ class LlamaForCausalLM(RotaryCausalLM):
             self.fp32_key_suffixes = (*self.fp32_key_suffixes, "mlp.gate.weight")
         if config.moe is not None and config.moe.correction_bias_in_model_dtype:  # (MiniMax-M2's)
             self.fp32_key_suffixes = tuple(s for s in self.fp32_key_suffixes if s != "e_score_correction_bias")
+        self._sinks: Tensor | None = None
+
+    @property
+    def attention_sinks(self) -> Tensor | None:
+        if not self.config.attention_sinks:
+            return None
+        if self._sinks is None:  # (once, after loading: CUDA graphs keep reading the same tensor)
+            self._sinks = torch.stack([layer.self_attn.sinks for layer in self.model.layers]).float().contiguous()
+        return self._sinks
 
     @property
     def word_embeddings(self) -> nn.Embedding:
