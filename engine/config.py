@@ -70,7 +70,8 @@ class MoEConfig:
     router_in_model_dtype: bool = False  # Mistral 4: the router's logits and softmax in the model dtype
     group_by_best: bool = False  # DeepSeek-V2's group_limited_greedy: a group ranked by its best expert's probability
     router_bias: bool = False  # gpt-oss: the router has a bias
-    correction_bias_in_model_dtype: bool = False  # MiniMax-M2: its correction bias cast as the model (else kept fp32)
+    # MiniMax-M2, AFMoE: the correction bias cast as the model is (as transformers holds theirs; else kept in fp32)
+    correction_bias_in_model_dtype: bool = False
     # Llama 4: each token's experts by its top-k logits, weighted by their sigmoids, which scale the expert's input
     # (not its output); an ungated shared expert beside
     sigmoid_over_topk: bool = False

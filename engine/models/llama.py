@@ -1,5 +1,5 @@
 """Llama family: Llama 2/3, Mistral, Ministral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, ERNIE 4.5, Seed-OSS, GLM and
-GLM-4, and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE (RoPE, GQA, RMSNorm, SwiGLU;
+GLM-4, and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE, ... (RoPE, GQA, RMSNorm, SwiGLU;
 Qwen3 norms q and k per head, OLMoE over all heads at once and clips q/k/v; Phi-3 and GLM store q/k/v or gate/up
 fused and may rotate part of each head; SmolLM3 leaves RoPE out of some layers; Granite scales embeddings, residual
 branches and logits; ERNIE 4.5 and GLM rotate interleaved pairs, GLM-4 norms each sublayer's output)."""
@@ -158,7 +158,7 @@ class LlamaForCausalLM(RotaryCausalLM):
         self.mtp_layers = int(getattr(config.hf_config, "num_nextn_predict_layers", 0) or 0)
         if config.moe is not None and config.moe.fp32_router_weight:  # (ERNIE 4.5's routers)
             self.fp32_key_suffixes = (*self.fp32_key_suffixes, "mlp.gate.weight")
-        if config.moe is not None and config.moe.correction_bias_in_model_dtype:  # (MiniMax-M2's)
+        if config.moe is not None and config.moe.correction_bias_in_model_dtype:  # (MiniMax-M2's, AFMoE's)
             self.fp32_key_suffixes = tuple(s for s in self.fp32_key_suffixes if s != "e_score_correction_bias")
         self._sinks: Tensor | None = None
 

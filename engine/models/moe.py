@@ -1,7 +1,8 @@
 """Sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE, GLM-4.5, ERNIE 4.5, DeepSeek-V2
-/ V3, gpt-oss): a router picks each token's top-k experts, each a SwiGLU MLP (gpt-oss's clamped), and their outputs
-are summed with the router's weights (Qwen2-MoE adds a gated shared expert, GLM-4.5, ERNIE 4.5 and DeepSeek ungated
-ones).
+/ V3, gpt-oss, MiniMax-M2, Llama 4, Phi-3.5-MoE, AFMoE, ...): a router picks each token's top-k experts, each a
+SwiGLU MLP (gpt-oss's clamped), and their outputs are summed with the router's weights (Llama 4's weights scale the
+experts' inputs instead; Qwen2-MoE adds a gated shared expert, GLM-4.5, ERNIE 4.5, DeepSeek, Llama 4 and AFMoE
+ungated ones).
 
 Tokens are grouped by expert and each expert runs once over its tokens; each token's k weighted outputs are then
 summed in one reduction (no scattered atomic adds: deterministic on CUDA), as transformers' grouped-GEMM experts do.
@@ -53,7 +54,8 @@ class SparseMoE(nn.Module):
         renormalised over the chosen ones where the config says so; GraniteMoE: the top-k logits' softmax; ERNIE
         4.5: chosen by probability + correction bias; DeepSeek-V2, Mistral 4: from the best groups, scaled, Mistral
         4's in the model dtype; GLM-4.5, DeepSeek-V3: `_sigmoid_route`; gpt-oss: the top-k of biased logits in the
-        model dtype, their softmax; Llama 4: their sigmoids)."""
+        model dtype, their softmax; Llama 4: their sigmoids; Phi-3.5-MoE: `_sparsemixer_route`; MiniMax-M2, AFMoE:
+        `_sigmoid_route` in one group)."""
         moe = self.moe
         if moe.fp32_router:
             logits = F.linear(x.float(), self.gate.weight.float())
