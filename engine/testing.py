@@ -551,33 +551,43 @@ GPT_OSS_MXFP4_CONFIG = {"quant_method": "mxfp4", "modules_to_not_convert": [
     "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
 
 
-def quantize_checkpoint_mxfp4(model_dir: str | Path, out_dir: str | Path) -> Path:
-    """A copy of a gpt-oss checkpoint (`build_tiny_checkpoint("gpt_oss", ...)`) with its experts' weights in MXFP4,
-    as openai/gpt-oss-20b / 120b ship them: `*.experts.gate_up_proj_blocks` / `_scales` and `down_proj_blocks` /
-    `_scales` in place of the stacked weights (biases kept), and the config's `quantization_config`."""
+def _rewrite_weights(model_dir: str | Path, out_dir: str | Path, rewrite: Any,
+                     quantization_config: dict[str, Any]) -> Path:
+    """A copy of a single-file checkpoint whose entries `rewrite(key, tensor)` maps to new entries (a dict; None:
+    kept as they are), with `quantization_config` in its config."""
     import json
     import shutil
 
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from .mxfp4 import quantize_mxfp4
-
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     shutil.copytree(model_dir, out_dir)
-    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
     state = {}
-    for key, tensor in tensors.items():
-        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            state[key + "_blocks"], state[key + "_scales"] = quantize_mxfp4(tensor)
-        else:
-            state[key] = tensor
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+        for key in f.keys():
+            tensor = f.get_tensor(key)
+            state.update(rewrite(key, tensor) or {key: tensor})
     save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((out_dir / "config.json").read_text())
-    config["quantization_config"] = GPT_OSS_MXFP4_CONFIG
+    config["quantization_config"] = quantization_config
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     return out_dir
+
+
+def quantize_checkpoint_mxfp4(model_dir: str | Path, out_dir: str | Path) -> Path:
+    """A copy of a gpt-oss checkpoint (`build_tiny_checkpoint("gpt_oss", ...)`) with its experts' weights in MXFP4,
+    as openai/gpt-oss-20b / 120b ship them: `*.experts.gate_up_proj_blocks` / `_scales` and `down_proj_blocks` /
+    `_scales` in place of the stacked weights (biases kept), and the config's `quantization_config`."""
+    from .mxfp4 import quantize_mxfp4
+
+    def rewrite(key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        if not key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            return None
+        blocks, scales = quantize_mxfp4(tensor)
+        return {key + "_blocks": blocks, key + "_scales": scales}
+
+    return _rewrite_weights(model_dir, out_dir, rewrite, GPT_OSS_MXFP4_CONFIG)
 
 
 def quantize_checkpoint_fp8(model_dir: str | Path, out_dir: str | Path, block: tuple[int, int] = (128, 128)) -> Path:
@@ -585,32 +595,16 @@ def quantize_checkpoint_fp8(model_dir: str | Path, out_dir: str | Path, block: t
     Qwen3 / GLM FP8 releases ship them: `<name>.weight` in float8_e4m3fn beside `<name>.weight_scale_inv`, and
     `quantization_config` {"quant_method": "fp8", "weight_block_size": block}. Norms, routers, embeddings and the
     LM head stay as they are."""
-    import json
-    import shutil
-
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     from .fp8 import quantize_fp8
 
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    shutil.copytree(model_dir, out_dir)
-    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-    state = {}
-    for key, tensor in tensors.items():
-        projection = (".layers." in key and key.endswith("proj.weight") and tensor.dim() == 2
-                      and "norm" not in key)
-        if projection:
-            state[key], state[key + "_scale_inv"] = quantize_fp8(tensor, block)
-        else:
-            state[key] = tensor
-    save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((out_dir / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
-                                     "weight_block_size": list(block)}
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    return out_dir
+    def rewrite(key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        if not (".layers." in key and key.endswith("proj.weight") and tensor.dim() == 2 and "norm" not in key):
+            return None
+        weight, scale_inv = quantize_fp8(tensor, block)
+        return {key: weight, key + "_scale_inv": scale_inv}
+
+    return _rewrite_weights(model_dir, out_dir, rewrite, {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                                          "fmt": "e4m3", "weight_block_size": list(block)})
 
 
 def build_prompt_tuning_adapter(model_dir: str | Path, out_dir: str | Path, *, num_virtual_tokens: int = 8,

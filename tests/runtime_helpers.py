@@ -45,3 +45,19 @@ def assert_no_leaks(engine: Engine) -> None:
     assert not engine.has_unfinished_requests()
     assert engine.kv_is_idle()
     assert len(set(engine.pool._free)) == len(engine.pool._free)  # no block freed twice
+
+
+def assert_quantized_logits_match_hf_peft(checkpoint, unquantized, adapter, hf) -> None:
+    """A quantized checkpoint's fp32 reference logits with `adapter` equal HF + PEFT's (`hf`, loaded from it) within
+    1e-4 at 23 tokens, and move more than 1e-2 from the unquantized checkpoint's (the test can fail)."""
+    import peft
+
+    engine = Engine(checkpoint, device="cpu", dtype="float32", backend="reference")
+    prompt = engine.add_prompt("task", adapter)
+    ids = torch.randint(4, 512, (23,), generator=torch.Generator().manual_seed(2)).tolist()
+    with torch.no_grad():
+        expected = peft.PeftModel.from_pretrained(hf, adapter).eval()(input_ids=torch.tensor([ids])).logits
+    got = engine.reference.logits(prompt.embeds, ids)
+    torch.testing.assert_close(got, expected[0, -len(ids):].float(), atol=1e-4, rtol=0)
+    plain = Engine(unquantized, device="cpu", dtype="float32", backend="reference")
+    assert (plain.reference.logits(plain.add_prompt("task", adapter).embeds, ids) - got).abs().max() > 1e-2

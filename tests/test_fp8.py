@@ -17,6 +17,8 @@ from softprompt.engine.errors import CheckpointError
 from softprompt.engine.fp8 import dequantize_fp8, quantize_fp8
 from softprompt.engine.testing import quantize_checkpoint_fp8
 
+from .runtime_helpers import assert_quantized_logits_match_hf_peft
+
 
 def test_known_values_and_ragged_blocks():
     """Each 2 x 2 block times its scale; with a block size from the config, the last block of a dim that is not a
@@ -68,7 +70,7 @@ def quantized(model_dir_for, tmp_path_factory):
 def test_fp8_checkpoint_matches_hf_peft(variant, quantized, model_dir_for, adapter_for):
     """Our dequantized weights are transformers' bit for bit, and fp32 logits with a prompt-tuning adapter are HF +
     PEFT's within 1e-4 (the quantization moves them by far more: the test can fail)."""
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     from softprompt.engine.hf_auto import load_hf_causal_lm
 
     checkpoint, adapter = quantized(variant), adapter_for(variant)
@@ -78,15 +80,7 @@ def test_fp8_checkpoint_matches_hf_peft(variant, quantized, model_dir_for, adapt
     ours, theirs = engine.model.model.layers[0].self_attn, hf.model.layers[0].self_attn
     name = "q_a_proj" if variant == "deepseek_v3" else "q_proj"
     assert torch.equal(getattr(ours, name).weight, getattr(theirs, name).weight)
-    hf = peft.PeftModel.from_pretrained(hf, adapter).eval()
-    prompt = engine.add_prompt("task", adapter)
-    ids = torch.randint(4, 512, (23,), generator=torch.Generator().manual_seed(2)).tolist()
-    with torch.no_grad():
-        expected = hf(input_ids=torch.tensor([ids])).logits[0, -len(ids):].float()
-    got = engine.reference.logits(prompt.embeds, ids)
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
-    plain = Engine(model_dir_for(variant), device="cpu", dtype="float32", backend="reference")
-    assert (plain.reference.logits(plain.add_prompt("task", adapter).embeds, ids) - got).abs().max() > 1e-2
+    assert_quantized_logits_match_hf_peft(checkpoint, model_dir_for(variant), adapter, hf)
 
 
 def test_fp8_weights_without_scales_are_refused(quantized, tmp_path):

@@ -16,6 +16,8 @@ from softprompt.engine.errors import CheckpointError, UnsupportedModelError
 from softprompt.engine.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 from softprompt.engine.testing import quantize_checkpoint_mxfp4
 
+from .runtime_helpers import assert_quantized_logits_match_hf_peft
+
 
 def test_known_codes_dequantize_to_their_values():
     """Byte 0x21: low nibble 1 (0.5) first, then 2 (1.0); 0xF8: -0.0, then -6.0; the group's scale 2^(s - 127)."""
@@ -55,8 +57,8 @@ def quantized(model_dir_for, tmp_path_factory):
 def test_mxfp4_checkpoint_matches_hf_peft(quantized, model_dir_for, adapter_for):
     """Our dequantized experts are transformers' (which dequantizes where it has no MXFP4 kernels), bit for bit, and
     the model's fp32 logits with a prompt-tuning adapter are HF + PEFT's within 1e-4 (the quantization moves them
-    by more than 1: the test can fail)."""
-    peft = pytest.importorskip("peft")
+    by more than 1e-2: the test can fail)."""
+    pytest.importorskip("peft")
     from softprompt.engine.hf_auto import load_hf_causal_lm
 
     adapter = adapter_for("gpt_oss")
@@ -67,15 +69,7 @@ def test_mxfp4_checkpoint_matches_hf_peft(quantized, model_dir_for, adapter_for)
         assert torch.equal(expert.gate_proj.weight, theirs.gate_up_proj[e][:, ::2].t())
         assert torch.equal(expert.up_proj.weight, theirs.gate_up_proj[e][:, 1::2].t())
         assert torch.equal(expert.down_proj.weight, theirs.down_proj[e].t())
-    hf = peft.PeftModel.from_pretrained(hf, adapter).eval()
-    prompt = engine.add_prompt("task", adapter)
-    ids = torch.randint(4, 512, (23,), generator=torch.Generator().manual_seed(2)).tolist()
-    with torch.no_grad():
-        expected = hf(input_ids=torch.tensor([ids])).logits[0, -len(ids):].float()
-    got = engine.reference.logits(prompt.embeds, ids)
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
-    unquantized = Engine(model_dir_for("gpt_oss"), device="cpu", dtype="float32", backend="reference")
-    assert (unquantized.reference.logits(unquantized.add_prompt("task", adapter).embeds, ids) - got).abs().max() > 0.1
+    assert_quantized_logits_match_hf_peft(quantized, model_dir_for("gpt_oss"), adapter, hf)
 
 
 def test_mxfp4_checkpoint_serves_on_the_torch_backend(quantized, adapter_for):

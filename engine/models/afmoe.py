@@ -7,7 +7,7 @@ correction bias `expert_bias`."""
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..config import ModelConfig
 from .gpt_oss import GptOssRMSNorm
@@ -33,10 +33,6 @@ class AfmoeLayer(LlamaLayer):
 
 class AfmoeBackbone(LlamaBackbone):
     layer_class = AfmoeLayer
-
-    @staticmethod
-    def final_norm(c: ModelConfig) -> nn.Module:
-        return GptOssRMSNorm(c.hidden_size, c.norm_eps)
 
 
 class AfmoeForCausalLM(LlamaForCausalLM):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..config import ModelConfig
 from .common import RMSNorm
@@ -50,10 +50,6 @@ class GptOssLayer(LlamaLayer):
 
 class GptOssBackbone(LlamaBackbone):
     layer_class = GptOssLayer
-
-    @staticmethod
-    def final_norm(c: ModelConfig) -> nn.Module:
-        return GptOssRMSNorm(c.hidden_size, c.norm_eps)
 
 
 def expert_tensors(key: str, tensor: Tensor) -> list[tuple[str, Tensor]] | None:

@@ -140,9 +140,10 @@ class LlamaBackbone(nn.Module):
         self.layers = nn.ModuleList(self.layer_class(c, i) for i in range(c.num_layers))
         self.norm = self.final_norm(c)
 
-    @staticmethod
-    def final_norm(c: ModelConfig) -> nn.Module:
-        return RMSNorm(c.hidden_size, c.norm_eps)
+    @classmethod
+    def final_norm(cls, c: ModelConfig) -> nn.Module:
+        """The norm after the last layer: the layers' kind (`LlamaLayer.norm_class`)."""
+        return cls.layer_class.norm_class(c.hidden_size, c.norm_eps)
 
 
 class LlamaForCausalLM(RotaryCausalLM):

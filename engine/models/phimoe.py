@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..config import ModelConfig
 from .llama import LlamaBackbone, LlamaForCausalLM, LlamaLayer
 
 
@@ -15,10 +14,6 @@ class PhimoeLayer(LlamaLayer):
 
 class PhimoeBackbone(LlamaBackbone):
     layer_class = PhimoeLayer
-
-    @staticmethod
-    def final_norm(c: ModelConfig) -> nn.Module:
-        return nn.LayerNorm(c.hidden_size, c.norm_eps)
 
 
 class PhimoeForCausalLM(LlamaForCausalLM):
