@@ -30,7 +30,8 @@ ARCH_FAMILIES = {
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
-    "cohere": "cohere", "cohere2": "cohere", "glm": "glm", "glm4": "glm", "falcon": "falcon", "gptj": "gptj",
+    "cohere": "cohere", "cohere2": "cohere", "cohere2_moe": "cohere", "glm": "glm", "glm4": "glm", "falcon": "falcon",
+    "gptj": "gptj",
     "codegen": "gptj", "opt": "opt", "xglm": "xglm", "biogpt": "biogpt", "gpt2": "gpt2", "gpt_bigcode": "gpt_bigcode",
     "gpt_neo": "gpt_neo", "bloom": "bloom",
 }
@@ -79,6 +80,7 @@ class MoEConfig:
     # Phi-3.5-MoE's sparsemixer (as at inference): the best expert, then the best other one, each weighted by its
     # softmax over the logits within this relative distance (x 2) of it; 0: not it
     sparsemixer_eps: float = 0.0
+    shared_average: bool = False  # Cohere2-MoE's "average": (routed + shared experts' outputs) / 2, not their sum
     expert_bias: bool = False  # gpt-oss: every expert projection has a bias
     # gpt-oss's clamped SwiGLU: gate clamped above and up on both sides at swiglu_limit, then
     # (up + 1) * gate * sigmoid(swiglu_alpha * gate); 0: plain SwiGLU
@@ -150,6 +152,7 @@ class ModelConfig:
     qk_l2_norm: bool = False  # Llama 4: q and k L2-normed per head (no gain) after RoPE, on the RoPE layers
     attention_output_gate: bool = False  # AFMoE: the heads' outputs times sigmoid(gate_proj(x)) before o_proj
     layer_rope_thetas: tuple[float, ...] = ()  # GraniteSWA: each layer's RoPE base (0: that layer has none)
+    rms_norm: bool = False  # Cohere2-MoE with rms_norm_eps: RMSNorms in place of Cohere's LayerNorms
     # Granite's multipliers: input embeddings (soft-prompt rows too) x embedding_multiplier, each sublayer's output
     # x residual_multiplier before its residual add, logits / logits_divisor
     embedding_multiplier: float = 1.0
@@ -813,17 +816,25 @@ def _starcoder2_config(hf: Any, model_type: str) -> ModelConfig:
 
 def _cohere_config(hf: Any, model_type: str) -> ModelConfig:
     """Cohere, and Cohere 2 (Command R7B, Command A): sliding-window layers with RoPE, full-attention layers without
-    (NoPE)."""
+    (NoPE). Cohere2-MoE: the same (its dense prefix layers rotate where `prefix_dense_sliding_window_pattern` is 1)
+    with experts in the `mlp_layer_types` sparse layers (`_cohere_moe`), and RMSNorms where it sets rms_norm_eps."""
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     bias = bool(getattr(hf, "attention_bias", False))
     windows: tuple[int, ...] = ()
     nope_layers: tuple[int, ...] = ()
-    if model_type == "cohere2":
+    moe = _cohere_moe(hf) if model_type == "cohere2_moe" else None
+    if model_type in ("cohere2", "cohere2_moe"):
         nope_layers = _full_attention_layers(hf.layer_types)
         windows = _windows_by_layer_type(hf.sliding_window, hf.layer_types, hf.max_position_embeddings)
+    if moe is not None and hf.prefix_dense_sliding_window_pattern == 1:  # (its dense layers all rotate)
+        nope_layers = tuple(i for i in nope_layers if hf.mlp_layer_types[i] != "dense")
+    rms = moe is not None and hf.rms_norm_eps is not None
     return ModelConfig(
         family="cohere",
-        **_decoder_fields(hf, model_type, head_dim, norm_eps=hf.layer_norm_eps),
+        **{**_decoder_fields(hf, model_type, head_dim, norm_eps=hf.rms_norm_eps if rms else hf.layer_norm_eps),
+           **({"intermediate_size": hf.prefix_dense_intermediate_size or hf.intermediate_size} if moe else {})},
+        moe=moe,
+        rms_norm=rms,
         max_positions=hf.max_position_embeddings,
         hidden_act=hf.hidden_act,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
@@ -837,6 +848,19 @@ def _cohere_config(hf: Any, model_type: str) -> ModelConfig:
         attention_scale=head_dim**-0.5,
         logits_divisor=1.0 / float(getattr(hf, "logit_scale", 1.0)),
     )
+
+
+def _cohere_moe(hf: Any) -> MoEConfig:
+    """Cohere2-MoE's experts: the softmax (fp32) of the top-k router logits, cast back; shared experts summed with the
+    routed ones or averaged with them (`shared_expert_combination_strategy`)."""
+    if hf.expert_selection_fn != "softmax":
+        raise UnsupportedModelError(f"cohere2_moe with expert_selection_fn={hf.expert_selection_fn!r} (the engine "
+                                    "computes 'softmax')")
+    return MoEConfig(num_experts=hf.num_experts, top_k=hf.num_experts_per_tok, intermediate_size=hf.intermediate_size,
+                     norm_topk_prob=False, weights_in_model_dtype=True, softmax_over_topk=True,
+                     sparse_layers=tuple(i for i, kind in enumerate(hf.mlp_layer_types) if kind == "sparse"),
+                     ungated_shared_intermediate_size=hf.intermediate_size * (hf.num_shared_experts or 0),
+                     shared_average=hf.shared_expert_combination_strategy == "average")
 
 
 def _olmo2_config(hf: Any, model_type: str) -> ModelConfig:

@@ -25,12 +25,12 @@ SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
     "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "mellum", "olmoe", "granitemoe",
     "granitemoeshared", "gpt_oss", "minimax_m2", "llama4_text", "llama4", "phimoe", "afmoe", "granite_swa",
-    "granitemoe_swa", "glm4_moe", "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "mistral4", "youtu", "minicpm3",
-    "dots1", "iquestcoder", "vaultgemma", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe", "phi3",
-    "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax",
-    "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron", "starcoder2",
-    "cohere", "cohere2", "olmo", "olmo2", "olmo3", "flex_olmo", "exaone4", "exaone4_5", "glm", "glm4", "falcon", "gptj",
-    "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
+    "granitemoe_swa", "cohere2_moe", "glm4_moe", "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "mistral4", "youtu",
+    "minicpm3", "dots1", "iquestcoder", "vaultgemma", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe",
+    "phi3", "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm",
+    "hyperclovax", "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron",
+    "starcoder2", "cohere", "cohere2", "olmo", "olmo2", "olmo3", "flex_olmo", "exaone4", "exaone4_5", "glm", "glm4",
+    "falcon", "gptj", "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -366,11 +366,17 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                   num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,
                   max_position_embeddings=max_positions, residual_dropout=0.0, embedding_dropout=0.0,
                   attention_dropout=0.0)
-    elif arch in ("cohere", "cohere2"):
-        cls = transformers.CohereConfig if arch == "cohere" else transformers.Cohere2Config
+    elif arch in ("cohere", "cohere2", "cohere2_moe"):
+        cls = {"cohere": transformers.CohereConfig, "cohere2": transformers.Cohere2Config,
+               "cohere2_moe": transformers.Cohere2MoeConfig}[arch]
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                   num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,
                   max_position_embeddings=max_positions, logit_scale=0.5)
+        if arch == "cohere2_moe":  # a dense first layer (full attention, rotated), then a sliding and a full (NoPE)
+            # layer with 4 experts (2 a token) and a shared one
+            kw.update(head_dim=hidden_size // num_heads, intermediate_size=inter // 4,
+                      prefix_dense_intermediate_size=inter, num_experts=4, num_experts_per_tok=2, num_shared_experts=1,
+                      sliding_window=6, sliding_window_pattern=2, first_k_dense_replace=1)
     elif arch in ("olmo", "olmo2", "olmo3", "exaone4", "flex_olmo"):
         cls = {"olmo": transformers.OlmoConfig, "olmo2": transformers.Olmo2Config, "olmo3": transformers.Olmo3Config,
                "exaone4": transformers.Exaone4Config, "flex_olmo": transformers.FlexOlmoConfig}[arch]

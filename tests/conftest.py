@@ -289,6 +289,12 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "granitemoe_swa": ("granitemoe_swa", {"num_layers": 3, "embedding_multiplier": 3.0, "residual_multiplier": 0.5,
                                           "logits_scaling": 2.0, "attention_multiplier": 0.2,
                                           "shared_intermediate_size": 64}),
+    # Cohere2-MoE: Cohere 2's parallel layers (a rotated dense full-attention layer, a sliding layer, a NoPE one)
+    # with experts (the softmax of the top-2 logits) and a shared expert, summed with them; and with RMSNorms and
+    # the shared expert averaged in
+    "cohere2_moe": ("cohere2_moe", {"num_layers": 3, "shared_expert_combination_strategy": "sum"}),
+    "cohere2_moe_rms": ("cohere2_moe", {"num_layers": 3, "rms_norm_eps": 1e-5,
+                                        "shared_expert_combination_strategy": "average"}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -23,7 +23,8 @@ ARCHS = ["llama", "qwen2", "qwen3", "phi3_longrope", "mistral_window", "ministra
          "mistral3_mistral4", "youtu", "minicpm3", "dots1", "iquestcoder",
          "vaultgemma", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open",
          "exaone_moe", "granitemoeshared", "flex_olmo", "mellum", "gpt_oss", "minimax_m2", "llama4_text", "llama4",
-         "phimoe", "afmoe", "granite_swa", "granitemoe_swa", "bloom"]
+         "phimoe", "afmoe", "granite_swa", "granitemoe_swa", "cohere2_moe",
+         "cohere2_moe_rms", "bloom"]
 LOGIT_ATOL = 1e-4  # fp32: only summation order differs (batched SDPA over packed items vs per-request matmul)
 
 

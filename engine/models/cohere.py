@@ -1,6 +1,7 @@
 """Cohere (`cohere`: Command R, Command R+, Aya 23, Aya Expanse): the Llama layout with attention and MLP in
 parallel on one bias-free LayerNorm (computed in fp32), RoPE in interleaved pairs (2i, 2i+1), optional per-head
-q/k LayerNorm (Command R+), logits times `logit_scale`.
+q/k LayerNorm (Command R+), logits times `logit_scale`. Cohere 2 and Cohere2-MoE (`engine/config.py`) add sliding
+layers and NoPE ones; Cohere2-MoE's sparse layers are mixtures of experts (`moe.py`), its norms maybe RMSNorms.
 
 As for GPT-J, each head's q/k channels are permuted at load (`ModelConfig.key_channel_order`) so that rotate-half
 RoPE turns the interleaved pairs; the q/k biases and q/k norm gains are permuted alike."""
@@ -13,7 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from .common import RMSNorm
 from .llama import LlamaAttention, LlamaBackbone, LlamaForCausalLM, LlamaMLP
+from .moe import SparseMoE
 
 
 class CohereLayerNorm(nn.LayerNorm):
@@ -52,8 +55,14 @@ class CohereLayer(nn.Module):
         if c.qk_norm:
             self.self_attn.q_norm = CohereHeadNorm(c.num_heads, c.head_dim, c.norm_eps)
             self.self_attn.k_norm = CohereHeadNorm(c.num_kv_heads, c.head_dim, c.norm_eps)
-        self.mlp = LlamaMLP(c)
-        self.input_layernorm = CohereLayerNorm(c.hidden_size, c.norm_eps)
+        sparse = c.moe is not None and index in c.moe.sparse_layers  # (Cohere2-MoE)
+        self.mlp = SparseMoE(c, LlamaMLP) if sparse else LlamaMLP(c)
+        self.input_layernorm = _norm(c)
+
+
+def _norm(c: ModelConfig) -> nn.Module:
+    """Cohere's LayerNorm (Cohere2-MoE's RMSNorm where it says so), before each layer and after the last."""
+    return RMSNorm(c.hidden_size, c.norm_eps) if c.rms_norm else CohereLayerNorm(c.hidden_size, c.norm_eps)
 
 
 class CohereBackbone(LlamaBackbone):
@@ -61,7 +70,7 @@ class CohereBackbone(LlamaBackbone):
 
     @staticmethod
     def final_norm(c: ModelConfig) -> nn.Module:
-        return CohereLayerNorm(c.hidden_size, c.norm_eps)
+        return _norm(c)
 
 
 class CohereForCausalLM(LlamaForCausalLM):

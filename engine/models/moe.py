@@ -145,6 +145,8 @@ class SparseMoE(nn.Module):
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         if self.moe.ungated_shared_intermediate_size:
             out = out + self.shared_experts(x)
+            if self.moe.shared_average:  # Cohere2-MoE's "average"
+                out = out / 2
         return out
 
 
