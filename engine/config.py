@@ -27,6 +27,7 @@ ARCH_FAMILIES = {
     "solar_open": "llama", "exaone_moe": "llama", "granitemoeshared": "llama",
     "flex_olmo": "olmo2", "mellum": "llama", "gpt_oss": "gpt_oss", "minimax_m2": "llama", "llama4_text": "llama4",
     "llama4": "llama4", "phimoe": "phimoe", "afmoe": "afmoe", "granite_swa": "llama", "granitemoe_swa": "llama",
+    "kolibri1": "llama",
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
@@ -81,6 +82,7 @@ class MoEConfig:
     # softmax over the logits within this relative distance (x 2) of it; 0: not it
     sparsemixer_eps: float = 0.0
     shared_average: bool = False  # Cohere2-MoE's "average": (routed + shared experts' outputs) / 2, not their sum
+    correction_bias_on_logits: bool = False  # Kolibri-1: experts chosen by logit + bias (not by sigmoid score + bias)
     expert_bias: bool = False  # gpt-oss: every expert projection has a bias
     # gpt-oss's clamped SwiGLU: gate clamped above and up on both sides at swiglu_limit, then
     # (up + 1) * gate * sigmoid(swiglu_alpha * gate); 0: plain SwiGLU
@@ -445,7 +447,7 @@ def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> Mo
     nope_layers: tuple[int, ...] = ()
     if model_type == "smollm3":  # the layers its no_rope_layers marks 0
         nope_layers = tuple(i for i, rotary in enumerate(getattr(hf, "no_rope_layers", None) or []) if not rotary)
-    elif model_type == "exaone_moe":
+    elif model_type in ("exaone_moe", "kolibri1"):
         nope_layers = _exaone_nope_layers(hf)
     elif model_type in GRANITE_SWA:  # a RoPE base per layer, 0 for none
         nope_layers = tuple(i for i, theta in enumerate(hf.layer_rope_theta) if not theta)
@@ -466,7 +468,7 @@ def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> Mo
         mlp_bias=attention_bias if ernie else bool(getattr(hf, "mlp_bias", False)),
         lm_head_bias=model_type == "ernie4_5_moe" and attention_bias,
         gated_mlp=model_type not in ("arcee", "apertus"),
-        qk_norm=model_type in ("qwen3", "qwen3_moe", "apertus", "dots1", "exaone_moe", "mellum", *HUNYUAN)
+        qk_norm=model_type in ("qwen3", "qwen3_moe", "apertus", "dots1", "exaone_moe", "mellum", "kolibri1", *HUNYUAN)
         or (model_type == "glm4_moe" and hf.use_qk_norm),
         qk_norm_after_rope=model_type in HUNYUAN,
         qk_norm_over_heads=model_type in ("olmoe", "minimax_m2"),
@@ -483,7 +485,7 @@ def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> Mo
         residual_multiplier=float(getattr(hf, "residual_multiplier", 1.0)) if granite else 1.0,
         logits_divisor=(1.0 / float(hf.logits_scaling) if hyperclovax else float(getattr(hf, "logits_scaling", 1.0)))
         if granite else 1.0,
-        sandwich_norms=hyperclovax and bool(getattr(hf, "use_post_norm", True)),
+        sandwich_norms=(hyperclovax and bool(getattr(hf, "use_post_norm", True))) or model_type == "kolibri1",
         attention_sinks=model_type in GRANITE_SWA,
         layer_rope_thetas=_layer_rope_thetas(hf) if model_type in GRANITE_SWA else (),
     )
@@ -652,6 +654,13 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
                          intermediate_size=hf.intermediate_size, norm_topk_prob=False, weights_in_model_dtype=True,
                          sparse_layers=tuple(hf.moe_layers), router_in_model_dtype=True, sigmoid_over_topk=True,
                          weights_scale_input=True, ungated_shared_intermediate_size=hf.intermediate_size)
+    if model_type == "kolibri1":  # every layer sparse: experts chosen by fp32 logit + correction bias, weighted by
+        # their sigmoids (renormalised where norm_topk_prob says), beside an ungated shared expert
+        return MoEConfig(num_experts=hf.num_experts, top_k=hf.num_experts_per_tok,
+                         intermediate_size=hf.moe_intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),
+                         weights_in_model_dtype=False, sparse_layers=tuple(layers), sigmoid_scores=True,
+                         fp32_router=True, correction_bias_on_logits=True,
+                         ungated_shared_intermediate_size=hf.shared_expert_intermediate_size)
     if model_type == "afmoe":  # dense first num_dense_layers, then sigmoid-routed experts (GLM-4.5's router in one
         # group, its correction bias `expert_bias` cast as the model is), scaled by route_scale, and shared experts
         return MoEConfig(num_experts=hf.num_experts, top_k=hf.num_experts_per_tok,

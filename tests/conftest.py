@@ -295,6 +295,10 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "cohere2_moe": ("cohere2_moe", {"num_layers": 3, "shared_expert_combination_strategy": "sum"}),
     "cohere2_moe_rms": ("cohere2_moe", {"num_layers": 3, "rms_norm_eps": 1e-5,
                                         "shared_expert_combination_strategy": "average"}),
+    # Kolibri-1 (Aleph Alpha): EXAONE 4's attention (per-head q/k norms, RoPE on the sliding layers only) in GLM-4's
+    # sandwich-normed layers; experts chosen by logit + correction bias, weighted by renormalised sigmoids, and a
+    # shared expert
+    "kolibri1": ("kolibri1", {"num_layers": 3, "norm_topk_prob": True}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

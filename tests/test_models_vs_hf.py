@@ -138,7 +138,7 @@ def test_half_precision_close_to_hf(variant, dtype, model_dir_for, adapter_for):
                                      "mistral4", "dots1", "hunyuan_v1_moe", "solar_open",
                                      "exaone_moe", "granitemoeshared", "flex_olmo", "mellum", "gpt_oss",
                                      "minimax_m2", "llama4_text", "phimoe", "afmoe", "granitemoe_swa",
-                                     "cohere2_moe", "cohere2_moe_rms"])
+                                     "cohere2_moe", "cohere2_moe_rms", "kolibri1"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_moe_layer_matches_hf(variant, dtype, model_dir_for):
     """A mixture-of-experts model's half-precision logits cannot be held to HF's fp32 ones as above: where two
@@ -253,7 +253,7 @@ def test_apply_rotary_is_hf_rotate_half_bit_for_bit(dtype):
     assert torch.equal(apply_rotary(x, cos, sin), want[0].transpose(0, 1))
 
 
-@pytest.mark.parametrize("variant", ["glm4_moe", "minimax_m2", "afmoe"])
+@pytest.mark.parametrize("variant", ["glm4_moe", "minimax_m2", "afmoe", "kolibri1"])
 def test_router_correction_bias_is_held_in_hfs_dtype(variant, model_dir_for):
     """GLM-4.5's (DeepSeek-V3's) score-correction bias stays fp32 in a bf16 model, MiniMax-M2's and AFMoE's are cast
     to bf16, as transformers holds each: a bias rounded otherwise can pick other experts where two nearly tie."""
@@ -264,5 +264,5 @@ def test_router_correction_bias_is_held_in_hfs_dtype(variant, model_dir_for):
     layer = hf_peft_model(model_dir, None, dtype=torch.bfloat16).model.layers[1].mlp
     theirs = getattr(layer, "e_score_correction_bias", getattr(layer, "expert_bias", None))  # (AFMoE's name)
     theirs = layer.gate.e_score_correction_bias if theirs is None else theirs
-    assert ours.dtype == theirs.dtype == (torch.float32 if variant == "glm4_moe" else torch.bfloat16)
+    assert ours.dtype == theirs.dtype == (torch.float32 if variant in ("glm4_moe", "kolibri1") else torch.bfloat16)
     assert torch.equal(ours, theirs)

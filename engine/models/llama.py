@@ -18,11 +18,13 @@ from .linear import Linear, linear, transposed_storage
 from .moe import SparseMoE, moe_checkpoint_tensors
 
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
-# checkpoints that name Llama's modules otherwise: Apertus's norms, HyperCLOVAX's post-norms (GLM-4's, as we name
-# them), Hunyuan's q/k norms and its MoE's router and shared MLP
+# checkpoints that name Llama's modules otherwise: Apertus's norms, HyperCLOVAX's and Kolibri-1's post-norms (GLM-4's,
+# as we name them), Hunyuan's q/k norms and its MoE's router and shared MLP, Kolibri-1's correction bias
 CHECKPOINT_NAMES = ((".attention_layernorm.", ".input_layernorm."),
                     (".feedforward_layernorm.", ".post_attention_layernorm."),
                     (".post_norm1.", ".post_self_attn_layernorm."), (".post_norm2.", ".post_mlp_layernorm."),
+                    (".post_attn_norm.", ".post_self_attn_layernorm."), (".post_ffn_norm.", ".post_mlp_layernorm."),
+                    (".moe.router.expert_bias", ".mlp.gate.e_score_correction_bias"),
                     (".query_layernorm.", ".q_norm."), (".key_layernorm.", ".k_norm."),
                     (".mlp.gate.wg.", ".mlp.gate."), (".mlp.shared_mlp.", ".mlp.shared_experts."))
 

@@ -111,10 +111,12 @@ class SparseMoE(nn.Module):
         return torch.cat([first, second], dim=-1), torch.cat([weight, weight2], dim=-1)
 
     def _sigmoid_route(self, logits: Tensor) -> tuple[Tensor, Tensor]:
-        """GLM-4.5's (DeepSeek-V3's) routing of fp32 router logits, as HF computes it (weights stay fp32)."""
+        """GLM-4.5's (DeepSeek-V3's) routing of fp32 router logits, as HF computes it (weights stay fp32); Kolibri-1
+        adds the correction bias to the logits rather than to their sigmoids."""
         moe = self.moe
         scores = logits.sigmoid()
-        choice = self._in_best_groups(scores + self.gate.e_score_correction_bias)
+        chosen_by = logits if moe.correction_bias_on_logits else scores  # (Kolibri-1's: the logits)
+        choice = self._in_best_groups(chosen_by + self.gate.e_score_correction_bias)
         experts = torch.topk(choice, moe.top_k, dim=-1, sorted=False).indices
         weights = scores.gather(1, experts)
         if moe.norm_topk_prob:
