@@ -27,7 +27,7 @@ ARCH_FAMILIES = {
     "solar_open": "llama", "exaone_moe": "llama", "granitemoeshared": "llama",
     "flex_olmo": "olmo2", "mellum": "llama", "gpt_oss": "gpt_oss", "minimax_m2": "llama", "llama4_text": "llama4",
     "llama4": "llama4", "phimoe": "phimoe", "afmoe": "afmoe", "granite_swa": "llama", "granitemoe_swa": "llama",
-    "kolibri1": "llama",
+    "kolibri1": "llama", "flint": "flint",
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
@@ -83,6 +83,7 @@ class MoEConfig:
     sparsemixer_eps: float = 0.0
     shared_average: bool = False  # Cohere2-MoE's "average": (routed + shared experts' outputs) / 2, not their sum
     correction_bias_on_logits: bool = False  # Kolibri-1: experts chosen by logit + bias (not by sigmoid score + bias)
+    score_bias: bool = True  # a sigmoid router's correction bias (False: Flint's, which chooses by score alone)
     expert_bias: bool = False  # gpt-oss: every expert projection has a bias
     # gpt-oss's clamped SwiGLU: gate clamped above and up on both sides at swiglu_limit, then
     # (up + 1) * gate * sigmoid(swiglu_alpha * gate); 0: plain SwiGLU
@@ -117,7 +118,7 @@ class ModelConfig:
 
     family: str  # "llama" | "olmo" | "stablelm" | "starcoder2" | "cohere" | "olmo2" | "glm" | "gemma" | "gpt_neox"
     # | "phi" | "gptj" | "falcon" | "opt" | "xglm" | "biogpt" | "gpt2" | "gpt_bigcode" | "gpt_neo" | "bloom"
-    # | "nemotron" | "deepseek" | "gpt_oss" | "llama4" | "phimoe" | "afmoe"
+    # | "nemotron" | "deepseek" | "gpt_oss" | "llama4" | "phimoe" | "afmoe" | "flint"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -538,6 +539,14 @@ def _afmoe_config(hf: Any, model_type: str) -> ModelConfig:
                    embedding_multiplier=hf.hidden_size**0.5 if hf.mup_enabled else 1.0)
 
 
+def _flint_config(hf: Any, model_type: str) -> ModelConfig:
+    """Flint: Qwen3-MoE's attention (per-head q/k norms) with attention sinks, RoPE on the sliding-window layers
+    only, gpt-oss's RMSNorms, and its mixture of experts."""
+    return replace(_llama_config(hf, model_type), family="flint", qk_norm=True, attention_sinks=True,
+                   nope_layers=_full_attention_layers(hf.layer_types) if "sliding_attention" in hf.layer_types
+                   else ())
+
+
 def _phimoe_config(hf: Any, model_type: str) -> ModelConfig:
     """Phi-3.5-MoE: Mixtral's layout with LayerNorms (weights and biases), q/k/v/o biases where `attention_bias`
     says, the LM head's by `lm_head_bias`, sparsemixer routing; longrope capped at its original length, as Phi-3's,
@@ -654,6 +663,16 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
                          intermediate_size=hf.intermediate_size, norm_topk_prob=False, weights_in_model_dtype=True,
                          sparse_layers=tuple(hf.moe_layers), router_in_model_dtype=True, sigmoid_over_topk=True,
                          weights_scale_input=True, ungated_shared_intermediate_size=hf.intermediate_size)
+    if model_type == "flint":  # Qwen2-MoE's dense mlp_only_layers, then experts chosen by the sigmoid of fp32
+        # logits (the router weight kept fp32) alone, renormalised, beside an ungated shared expert
+        dense = set(hf.mlp_only_layers or [])
+        step = getattr(hf, "decoder_sparse_step", 1) or 1
+        return MoEConfig(num_experts=hf.num_experts, top_k=hf.num_experts_per_tok,
+                         intermediate_size=hf.moe_intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),
+                         weights_in_model_dtype=False, sigmoid_scores=True, score_bias=False, fp32_router=True,
+                         fp32_router_weight=True,
+                         sparse_layers=tuple(i for i in layers if i not in dense and (i + 1) % step == 0),
+                         ungated_shared_intermediate_size=hf.shared_expert_intermediate_size)
     if model_type == "kolibri1":  # every layer sparse: experts chosen by fp32 logit + correction bias, weighted by
         # their sigmoids (renormalised where norm_topk_prob says), beside an ungated shared expert
         return MoEConfig(num_experts=hf.num_experts, top_k=hf.num_experts_per_tok,
@@ -1109,5 +1128,5 @@ FAMILY_CONFIGS = {
     "phi": _phi_config, "opt": _opt_config, "xglm": _fairseq_lm_config, "biogpt": _fairseq_lm_config,
     "gpt2": _gpt2_config, "gpt_bigcode": _gpt2_config, "gpt_neo": _gpt_neo_config, "bloom": _bloom_config,
     "deepseek": _deepseek_config, "gpt_oss": _gpt_oss_config, "llama4": _llama4_config, "phimoe": _phimoe_config,
-    "afmoe": _afmoe_config,
+    "afmoe": _afmoe_config, "flint": _flint_config,
 }

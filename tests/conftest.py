@@ -299,6 +299,9 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # sandwich-normed layers; experts chosen by logit + correction bias, weighted by renormalised sigmoids, and a
     # shared expert
     "kolibri1": ("kolibri1", {"num_layers": 3, "norm_topk_prob": True}),
+    # Flint: Qwen3-MoE's attention with attention sinks (fp32), RoPE on its sliding layer only, gpt-oss's norms; a
+    # dense first layer, then experts by the sigmoid of fp32 logits alone and an ungated shared expert
+    "flint": ("flint", {"num_layers": 3}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -138,7 +138,7 @@ def test_half_precision_close_to_hf(variant, dtype, model_dir_for, adapter_for):
                                      "mistral4", "dots1", "hunyuan_v1_moe", "solar_open",
                                      "exaone_moe", "granitemoeshared", "flex_olmo", "mellum", "gpt_oss",
                                      "minimax_m2", "llama4_text", "phimoe", "afmoe", "granitemoe_swa",
-                                     "cohere2_moe", "cohere2_moe_rms", "kolibri1"])
+                                     "cohere2_moe", "cohere2_moe_rms", "kolibri1", "flint"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_moe_layer_matches_hf(variant, dtype, model_dir_for):
     """A mixture-of-experts model's half-precision logits cannot be held to HF's fp32 ones as above: where two
@@ -266,3 +266,16 @@ def test_router_correction_bias_is_held_in_hfs_dtype(variant, model_dir_for):
     theirs = layer.gate.e_score_correction_bias if theirs is None else theirs
     assert ours.dtype == theirs.dtype == (torch.float32 if variant in ("glm4_moe", "kolibri1") else torch.bfloat16)
     assert torch.equal(ours, theirs)
+
+
+def test_flint_keeps_its_sinks_and_router_in_fp32(model_dir_for):
+    """Flint's attention sinks (`softmax_offset`) and router weights stay fp32 in a bf16 model, as transformers keeps
+    them (`_keep_in_fp32_modules_strict`), equal to HF's."""
+    from softprompt.engine.loader import load_model
+
+    model_dir = model_dir_for("flint")
+    ours = load_model(model_dir, "cpu", torch.bfloat16).model.layers[1]
+    theirs = hf_peft_model(model_dir, None, dtype=torch.bfloat16).model.layers[1]
+    assert ours.self_attn.sinks.dtype == ours.mlp.gate.weight.dtype == torch.float32
+    assert torch.equal(ours.self_attn.sinks, theirs.self_attn.sinks)
+    assert torch.equal(ours.mlp.gate.weight, theirs.mlp.gate.weight)

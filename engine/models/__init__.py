@@ -7,6 +7,7 @@ from .cohere import CohereForCausalLM
 from .common import Attention
 from .deepseek import DeepseekForCausalLM
 from .falcon import FalconForCausalLM
+from .flint import FlintForCausalLM
 from .gemma import GemmaForCausalLM
 from .gpt2 import GPT2LMHeadModel, GPTBigCodeForCausalLM
 from .gpt_neo import GPTNeoForCausalLM
@@ -27,6 +28,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "llama4": Llama4ForCausalLM,
     "phimoe": PhimoeForCausalLM,
     "afmoe": AfmoeForCausalLM,
+    "flint": FlintForCausalLM,
     "olmo": OlmoForCausalLM,
     "gemma": GemmaForCausalLM,
     "gpt_neox": GPTNeoXForCausalLM,
@@ -50,8 +52,8 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
 }
 
 __all__ = ["AfmoeForCausalLM", "Attention", "CausalLM", "MODEL_CLASSES", "BioGptForCausalLM", "BloomForCausalLM",
-           "CohereForCausalLM", "DeepseekForCausalLM", "FalconForCausalLM", "GPT2LMHeadModel", "GPTBigCodeForCausalLM",
-           "GPTJForCausalLM", "GPTNeoForCausalLM", "GemmaForCausalLM", "GPTNeoXForCausalLM", "GptOssForCausalLM",
-           "Llama4ForCausalLM", "LlamaForCausalLM", "NemotronForCausalLM", "OPTForCausalLM", "OlmoForCausalLM",
-           "Olmo2ForCausalLM", "PhiForCausalLM", "PhimoeForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM",
-           "XGLMForCausalLM"]
+           "CohereForCausalLM", "DeepseekForCausalLM", "FalconForCausalLM", "FlintForCausalLM", "GPT2LMHeadModel",
+           "GPTBigCodeForCausalLM", "GPTJForCausalLM", "GPTNeoForCausalLM", "GemmaForCausalLM", "GPTNeoXForCausalLM",
+           "GptOssForCausalLM", "Llama4ForCausalLM", "LlamaForCausalLM", "NemotronForCausalLM", "OPTForCausalLM",
+           "OlmoForCausalLM", "Olmo2ForCausalLM", "PhiForCausalLM", "PhimoeForCausalLM", "StableLmForCausalLM",
+           "Starcoder2ForCausalLM", "XGLMForCausalLM"]

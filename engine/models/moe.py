@@ -38,7 +38,8 @@ class SparseMoE(nn.Module):
             self.shared_expert_gate = Linear(c.hidden_size, 1, bias=False)
         if moe.ungated_shared_intermediate_size:
             self.shared_experts = mlp(c, moe.ungated_shared_intermediate_size)
-        if moe.sigmoid_scores or moe.correction_bias:  # (kept in fp32 by the loader: CausalLM.fp32_key_suffixes)
+        if (moe.sigmoid_scores and moe.score_bias) or moe.correction_bias:  # (kept in fp32 by the loader:
+            # CausalLM.fp32_key_suffixes)
             self.gate.e_score_correction_bias = nn.Parameter(torch.zeros(moe.num_experts))
 
     def fuse(self, transposed: bool) -> None:
@@ -116,7 +117,7 @@ class SparseMoE(nn.Module):
         moe = self.moe
         scores = logits.sigmoid()
         chosen_by = logits if moe.correction_bias_on_logits else scores  # (Kolibri-1's: the logits)
-        choice = self._in_best_groups(chosen_by + self.gate.e_score_correction_bias)
+        choice = self._in_best_groups(chosen_by + self.gate.e_score_correction_bias if moe.score_bias else chosen_by)
         experts = torch.topk(choice, moe.top_k, dim=-1, sorted=False).indices
         weights = scores.gather(1, experts)
         if moe.norm_topk_prob:
