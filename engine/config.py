@@ -22,6 +22,7 @@ ARCH_FAMILIES = {
     "apertus": "llama", "cwm": "llama", "hyperclovax": "llama", "glm4_moe": "llama", "qwen2_vl": "llama",
     "qwen2_5_vl": "llama", "qwen3_vl": "llama",
     "qwen3_vl_moe": "llama", "deepseek_v2": "deepseek", "deepseek_v3": "deepseek", "glm4_moe_lite": "deepseek",
+    "deepseek_v32": "deepseek", "glm_moe_dsa": "deepseek",
     "mistral4": "deepseek", "youtu": "deepseek", "minicpm3": "deepseek", "dots1": "llama",
     "iquestcoder": "llama", "vaultgemma": "gemma", "hunyuan_v1_dense": "llama", "hunyuan_v1_moe": "llama",
     "solar_open": "llama", "exaone_moe": "llama", "granitemoeshared": "llama",
@@ -559,6 +560,10 @@ def _olmo_config(hf: Any, model_type: str) -> ModelConfig:
     return replace(_llama_config(hf, model_type, norm_eps=1e-5), family="olmo")
 
 
+# DeepSeek sparse attention (DSA): DeepSeek-V3.2, GLM-5
+SPARSE_ATTENTION = ("deepseek_v32", "glm_moe_dsa")
+
+
 def _deepseek_config(hf: Any, model_type: str) -> ModelConfig:
     """DeepSeek-V2 / V3, GLM-4.7-Flash (glm4_moe_lite), Mistral 4, Youtu-LLM and MiniCPM3: Llama's layout with latent
     attention (`MLAConfig`); every head has its own K/V, scores scaled by qk_head_dim^-0.5 (times YaRN's
@@ -570,17 +575,22 @@ def _deepseek_config(hf: Any, model_type: str) -> ModelConfig:
     mla = MLAConfig(q_lora_rank=hf.q_lora_rank or 0, kv_lora_rank=hf.kv_lora_rank,
                     qk_nope_head_dim=hf.qk_nope_head_dim, qk_rope_head_dim=hf.qk_rope_head_dim,
                     v_head_dim=hf.v_head_dim,
-                    interleaved_rope=model_type == "deepseek_v2" or (not minicpm
-                                                                     and bool(getattr(hf, "rope_interleave", True))),
+                    # (V2, V3.2 and GLM-5 always interleave; V3's rope_interleave says)
+                    interleaved_rope=model_type in ("deepseek_v2", *SPARSE_ATTENTION) or (
+                        not minicpm and bool(getattr(hf, "rope_interleave", True))),
                     fp32_rope=model_type == "deepseek_v2")
     scale = mla.qk_head_dim**-0.5
     rope = hf.rope_parameters or {}
     if rope.get("rope_type", "default") != "default" and rope.get("mscale_all_dim") and rope["factor"] > 1:
         scale *= (0.1 * rope["mscale_all_dim"] * math.log(rope["factor"]) + 1.0) ** 2
-    return replace(_llama_config(hf, model_type), family="deepseek", num_kv_heads=hf.num_attention_heads,
-                   head_dim=max(mla.qk_head_dim, mla.v_head_dim), rotary_dim=mla.qk_rope_head_dim,
-                   attention_scale=scale, mla=mla,
-                   residual_multiplier=hf.scale_depth / math.sqrt(hf.num_hidden_layers) if minicpm else 1.0)
+    config = replace(_llama_config(hf, model_type), family="deepseek", num_kv_heads=hf.num_attention_heads,
+                     head_dim=max(mla.qk_head_dim, mla.v_head_dim), rotary_dim=mla.qk_rope_head_dim,
+                     attention_scale=scale, mla=mla,
+                     residual_multiplier=hf.scale_depth / math.sqrt(hf.num_hidden_layers) if minicpm else 1.0)
+    if model_type in SPARSE_ATTENTION:  # its indexer keeps the best index_topk keys of each query: all of them up
+        # to that many tokens, where its sparse attention is the dense one (so sequences are capped there)
+        config = replace(config, max_positions=min(config.max_positions, int(hf.index_topk)))
+    return config
 
 
 def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
@@ -616,7 +626,7 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
                          correction_bias=True, fp32_router=True, fp32_router_weight=True,
                          norm_min=float(hf.moe_norm_min))
     if model_type in ("deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "mistral4", "dots1", "solar_open",
-                      "exaone_moe"):  # (ungated shared experts)
+                      "exaone_moe", *SPARSE_ATTENTION):  # (ungated shared experts)
         shared = hf.moe_intermediate_size * ((hf.num_shared_experts if model_type == "exaone_moe"
                                               else hf.n_shared_experts) or 0)
     if model_type == "deepseek_v2":  # dense first_k_dense_replace layers, then softmax-routed ones, scaled
@@ -645,7 +655,8 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
                          weights_in_model_dtype=True, sparse_layers=tuple(layers)[hf.first_k_dense_replace:],
                          router_in_model_dtype=True, num_groups=hf.n_group or 1, top_groups=hf.topk_group or 1,
                          routed_scaling=float(hf.routed_scaling_factor), ungated_shared_intermediate_size=shared)
-    if model_type in ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "dots1", "solar_open", "exaone_moe"):  # dense
+    if model_type in ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "dots1", "solar_open", "exaone_moe",
+                      *SPARSE_ATTENTION):  # dense
         # layers, then sigmoid-routed ones (GLM-4.7-Flash and EXAONE-MoE name them, Solar Open has none, the others
         # count the dense ones)
         kinds = getattr(hf, "mlp_layer_types", None)

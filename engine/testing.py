@@ -25,13 +25,13 @@ SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
     "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "mellum", "olmoe", "granitemoe",
     "granitemoeshared", "gpt_oss", "minimax_m2", "llama4_text", "llama4", "phimoe", "afmoe", "granite_swa",
-    "granitemoe_swa", "cohere2_moe", "kolibri1", "flint", "glm4_moe", "deepseek_v2", "deepseek_v3", "glm4_moe_lite",
-    "mistral4", "youtu", "minicpm3", "dots1", "iquestcoder", "vaultgemma", "hunyuan_v1_dense", "hunyuan_v1_moe",
-    "solar_open", "exaone_moe", "phi3", "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium",
-    "arcee", "apertus", "cwm", "hyperclovax", "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gpt_neox", "phi",
-    "stablelm", "nemotron", "starcoder2", "cohere", "cohere2", "olmo", "olmo2", "olmo3", "flex_olmo", "exaone4",
-    "exaone4_5", "glm", "glm4", "falcon", "gptj", "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo",
-    "bloom")
+    "granitemoe_swa", "cohere2_moe", "kolibri1", "flint", "glm4_moe", "deepseek_v2", "deepseek_v3", "deepseek_v32",
+    "glm_moe_dsa", "glm4_moe_lite", "mistral4", "youtu", "minicpm3", "dots1", "iquestcoder", "vaultgemma",
+    "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe", "phi3", "smollm3", "ernie4_5", "ernie4_5_moe",
+    "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "gemma", "gemma2",
+    "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron", "starcoder2", "cohere", "cohere2", "olmo",
+    "olmo2", "olmo3", "flex_olmo", "exaone4", "exaone4_5", "glm", "glm4", "falcon", "gptj", "codegen", "opt", "xglm",
+    "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -132,9 +132,9 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
               "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "phi3", "gpt_neox", "phi", "stablelm", "olmo",
               "olmo2", "olmo3", "exaone4", "exaone4_5", "glm", "glm4", "gptj", "codegen", "internlm3", "helium",
               "arcee", "nemotron", "cwm", "hyperclovax", "jais2", "apertus", "glm4_moe", "deepseek_v2", "deepseek_v3",
-              "glm4_moe_lite", "mistral4", "minicpm3", "dots1", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open",
-              "exaone_moe", "gpt_oss", "minimax_m2", "llama4_text", "llama4", "phimoe", "afmoe",
-              "granite_swa", "granitemoe_swa", "kolibri1", "flint")
+              "glm4_moe_lite", "mistral4", "minicpm3", "deepseek_v32", "glm_moe_dsa", "dots1", "hunyuan_v1_dense",
+              "hunyuan_v1_moe", "solar_open", "exaone_moe", "gpt_oss", "minimax_m2", "llama4_text", "llama4",
+              "phimoe", "afmoe", "granite_swa", "granitemoe_swa", "kolibri1", "flint")
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "ministral", "ministral3", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3",
@@ -255,12 +255,14 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                   rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
                                    "beta_slow": 1.0, "truncate": False,
                                    "original_max_position_embeddings": max_positions // 4})
-    elif arch in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "mistral4", "youtu", "minicpm3"):
+    elif arch in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "glm4_moe_lite", "mistral4", "youtu",
+                  "minicpm3"):
         # latent attention at a tiny scale: queries through a rank-32 projection, keys/values from a rank-16 latent;
         # 16 key channels per head not rotated, 8 rotated (shared), values 12 wide; a dense first layer, then 8
         # experts (2 a token) in 2 groups (1 a token: V2's group_limited_greedy, V3's) and a shared expert
         cls = {"deepseek_v2": transformers.DeepseekV2Config, "deepseek_v3": transformers.DeepseekV3Config,
                "glm4_moe_lite": transformers.Glm4MoeLiteConfig, "mistral4": transformers.Mistral4Config,
+               "deepseek_v32": transformers.DeepseekV32Config, "glm_moe_dsa": transformers.GlmMoeDsaConfig,
                "youtu": transformers.YoutuConfig, "minicpm3": transformers.MiniCPM3Config}[arch]
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                   num_key_value_heads=num_heads, intermediate_size=inter, max_position_embeddings=max_positions,
@@ -269,6 +271,10 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                   first_k_dense_replace=1, routed_scaling_factor=2.5, n_group=2, topk_group=1)
         if arch == "deepseek_v2":
             kw["topk_method"] = "group_limited_greedy"
+        if arch in ("deepseek_v32", "glm_moe_dsa"):  # (a tiny indexer that keeps the best 64 keys: every key up to
+            # 64 tokens, where sequences are capped; GLM-5's later layers reuse the first's choice)
+            kw.update(index_topk=64, index_n_heads=2, index_head_dim=16,
+                      mlp_layer_types=["dense"] + ["sparse"] * (num_layers - 1))
         if arch == "glm4_moe_lite":  # (one group: GLM-4.7-Flash's)
             kw.update(n_group=1, mlp_layer_types=["dense"] + ["sparse"] * (num_layers - 1))
         if arch in ("youtu", "minicpm3"):  # (dense models)

@@ -302,6 +302,13 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # Flint: Qwen3-MoE's attention with attention sinks (fp32), RoPE on its sliding layer only, gpt-oss's norms; a
     # dense first layer, then experts by the sigmoid of fp32 logits alone and an ungated shared expert
     "flint": ("flint", {"num_layers": 3}),
+    # DeepSeek-V3.2: V3's latent attention and experts with a sparse-attention indexer that keeps every key up to its
+    # index_topk (64 here), where sequences are capped; YaRN as V3's
+    "deepseek_v32": ("deepseek_v32", {"num_layers": 3, "rope_parameters": {
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+        "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}}),
+    # GLM-5 (glm_moe_dsa): the same sparse attention, its later layers reusing the first's indexer choice
+    "glm_moe_dsa": ("glm_moe_dsa", {"num_layers": 3}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -132,6 +132,8 @@ class DeepseekForCausalLM(LlamaForCausalLM):
     def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
         """Llama's mapping (experts, multi-token-prediction layers left out); with interleaved RoPE, each head's
         rotary query rows and the shared rotary key rows permuted to rotate-half's order."""
+        if ".self_attn.indexer." in key:  # (DeepSeek-V3.2's: all keys are kept up to its index_topk, where sequences
+            return []  # end)
         mapped = super().checkpoint_tensors(key, tensor)
         m = self.config.mla
         if not m.interleaved_rope:
