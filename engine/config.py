@@ -28,7 +28,7 @@ ARCH_FAMILIES = {
     "solar_open": "llama", "exaone_moe": "llama", "granitemoeshared": "llama",
     "flex_olmo": "olmo2", "mellum": "llama", "gpt_oss": "gpt_oss", "minimax_m2": "llama", "llama4_text": "llama4",
     "llama4": "llama4", "phimoe": "phimoe", "afmoe": "afmoe", "granite_swa": "llama", "granitemoe_swa": "llama",
-    "kolibri1": "llama", "flint": "flint",
+    "kolibri1": "llama", "flint": "flint", "mpt": "mpt",
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
@@ -119,7 +119,7 @@ class ModelConfig:
 
     family: str  # "llama" | "olmo" | "stablelm" | "starcoder2" | "cohere" | "olmo2" | "glm" | "gemma" | "gpt_neox"
     # | "phi" | "gptj" | "falcon" | "opt" | "xglm" | "biogpt" | "gpt2" | "gpt_bigcode" | "gpt_neo" | "bloom"
-    # | "nemotron" | "deepseek" | "gpt_oss" | "llama4" | "phimoe" | "afmoe" | "flint"
+    # | "nemotron" | "deepseek" | "gpt_oss" | "llama4" | "phimoe" | "afmoe" | "flint" | "mpt"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -1131,6 +1131,34 @@ def _bloom_config(hf: Any, model_type: str) -> ModelConfig:
     )
 
 
+def _mpt_config(hf: Any, model_type: str) -> ModelConfig:
+    """MPT: ALiBi (transformers applies it whatever attn_config.alibi says, with MPT's slopes), q/k/v clamped to
+    attn_config.clip_qkv, scores scaled by attn_config.softmax_scale (default head_dim^-0.5), an MLP 4x wide."""
+    attn = hf.attn_config
+    head_dim = hf.d_model // hf.n_heads
+    return ModelConfig(
+        family="mpt",
+        model_type=model_type,
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.d_model,
+        num_layers=hf.n_layers,
+        num_heads=hf.n_heads,
+        num_kv_heads=hf.n_heads,
+        head_dim=head_dim,
+        intermediate_size=4 * hf.d_model,  # (transformers' MPT ignores expansion_ratio)
+        max_positions=int(hf.max_seq_len),
+        norm_eps=hf.layer_norm_epsilon,
+        hidden_act="gelu",
+        position_encoding="alibi",
+        tie_word_embeddings=True,
+        attention_scale=float(attn.softmax_scale or head_dim**-0.5),
+        clip_qkv=float(attn.clip_qkv or 0.0),
+        bos_token_id=hf.bos_token_id,
+        eos_token_ids=_eos_ids(hf.eos_token_id),
+        hf_config=hf,
+    )
+
+
 # family -> its config reader
 FAMILY_CONFIGS = {
     "llama": _llama_config, "olmo": _olmo_config, "stablelm": _stablelm_config, "nemotron": _ungated_layernorm_config,
@@ -1140,4 +1168,5 @@ FAMILY_CONFIGS = {
     "gpt2": _gpt2_config, "gpt_bigcode": _gpt2_config, "gpt_neo": _gpt_neo_config, "bloom": _bloom_config,
     "deepseek": _deepseek_config, "gpt_oss": _gpt_oss_config, "llama4": _llama4_config, "phimoe": _phimoe_config,
     "afmoe": _afmoe_config, "flint": _flint_config,
+    "mpt": _mpt_config,
 }

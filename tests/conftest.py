@@ -309,6 +309,8 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
         "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}}),
     # GLM-5 (glm_moe_dsa): the same sparse attention, its later layers reusing the first's indexer choice
     "glm_moe_dsa": ("glm_moe_dsa", {"num_layers": 3}),
+    # MPT: ALiBi with MPT's slopes (6 heads: not a power of two), q/k/v clamped, a tied head
+    "mpt": ("mpt", {"hidden_size": 96, "num_heads": 6, "attn_config": {"clip_qkv": 0.5}}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

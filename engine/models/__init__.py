@@ -15,6 +15,7 @@ from .gpt_neox import GPTNeoXForCausalLM
 from .gpt_oss import GptOssForCausalLM
 from .llama import LlamaForCausalLM
 from .llama4 import Llama4ForCausalLM
+from .mpt import MptForCausalLM
 from .olmo import OlmoForCausalLM
 from .olmo2 import Olmo2ForCausalLM
 from .opt import BioGptForCausalLM, OPTForCausalLM, XGLMForCausalLM
@@ -29,6 +30,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "phimoe": PhimoeForCausalLM,
     "afmoe": AfmoeForCausalLM,
     "flint": FlintForCausalLM,
+    "mpt": MptForCausalLM,
     "olmo": OlmoForCausalLM,
     "gemma": GemmaForCausalLM,
     "gpt_neox": GPTNeoXForCausalLM,
@@ -54,6 +56,6 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
 __all__ = ["AfmoeForCausalLM", "Attention", "CausalLM", "MODEL_CLASSES", "BioGptForCausalLM", "BloomForCausalLM",
            "CohereForCausalLM", "DeepseekForCausalLM", "FalconForCausalLM", "FlintForCausalLM", "GPT2LMHeadModel",
            "GPTBigCodeForCausalLM", "GPTJForCausalLM", "GPTNeoForCausalLM", "GemmaForCausalLM", "GPTNeoXForCausalLM",
-           "GptOssForCausalLM", "Llama4ForCausalLM", "LlamaForCausalLM", "NemotronForCausalLM", "OPTForCausalLM",
-           "OlmoForCausalLM", "Olmo2ForCausalLM", "PhiForCausalLM", "PhimoeForCausalLM", "StableLmForCausalLM",
-           "Starcoder2ForCausalLM", "XGLMForCausalLM"]
+           "GptOssForCausalLM", "Llama4ForCausalLM", "LlamaForCausalLM", "MptForCausalLM", "NemotronForCausalLM",
+           "OPTForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM", "PhiForCausalLM", "PhimoeForCausalLM",
+           "StableLmForCausalLM", "Starcoder2ForCausalLM", "XGLMForCausalLM"]
