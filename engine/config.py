@@ -28,7 +28,7 @@ ARCH_FAMILIES = {
     "solar_open": "llama", "exaone_moe": "llama", "granitemoeshared": "llama",
     "flex_olmo": "olmo2", "mellum": "llama", "gpt_oss": "gpt_oss", "minimax_m2": "llama", "llama4_text": "llama4",
     "llama4": "llama4", "phimoe": "phimoe", "afmoe": "afmoe", "granite_swa": "llama", "granitemoe_swa": "llama",
-    "kolibri1": "llama", "flint": "flint", "mpt": "mpt",
+    "kolibri1": "llama", "flint": "flint", "mpt": "mpt", "persimmon": "persimmon",
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
@@ -119,7 +119,7 @@ class ModelConfig:
 
     family: str  # "llama" | "olmo" | "stablelm" | "starcoder2" | "cohere" | "olmo2" | "glm" | "gemma" | "gpt_neox"
     # | "phi" | "gptj" | "falcon" | "opt" | "xglm" | "biogpt" | "gpt2" | "gpt_bigcode" | "gpt_neo" | "bloom"
-    # | "nemotron" | "deepseek" | "gpt_oss" | "llama4" | "phimoe" | "afmoe" | "flint" | "mpt"
+    # | "nemotron" | "deepseek" | "gpt_oss" | "llama4" | "phimoe" | "afmoe" | "flint" | "mpt" | "persimmon"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -1131,6 +1131,25 @@ def _bloom_config(hf: Any, model_type: str) -> ModelConfig:
     )
 
 
+def _persimmon_config(hf: Any, model_type: str) -> ModelConfig:
+    """Persimmon: StableLM's serial layout with biases everywhere, an ungated MLP (squared ReLU), RoPE over
+    `partial_rotary_factor` of each head, q/k LayerNorms where `qk_layernorm` says."""
+    head_dim = hf.hidden_size // hf.num_attention_heads
+    rope = hf.rope_parameters or {}
+    _check_rope_types(hf, model_type)
+    return ModelConfig(
+        family="persimmon",
+        **_decoder_fields(hf, model_type, head_dim, norm_eps=hf.layer_norm_eps),
+        max_positions=hf.max_position_embeddings,
+        hidden_act=hf.hidden_act,
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        qkv_bias=True, o_bias=True, mlp_bias=True, gated_mlp=False,
+        qk_norm=bool(hf.qk_layernorm),
+        rotary_dim=int(head_dim * rope.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", 1.0))),
+        attention_scale=head_dim**-0.5,
+    )
+
+
 def _mpt_config(hf: Any, model_type: str) -> ModelConfig:
     """MPT: ALiBi (transformers applies it whatever attn_config.alibi says, with MPT's slopes), q/k/v clamped to
     attn_config.clip_qkv, scores scaled by attn_config.softmax_scale (default head_dim^-0.5), an MLP 4x wide."""
@@ -1168,5 +1187,5 @@ FAMILY_CONFIGS = {
     "gpt2": _gpt2_config, "gpt_bigcode": _gpt2_config, "gpt_neo": _gpt_neo_config, "bloom": _bloom_config,
     "deepseek": _deepseek_config, "gpt_oss": _gpt_oss_config, "llama4": _llama4_config, "phimoe": _phimoe_config,
     "afmoe": _afmoe_config, "flint": _flint_config,
-    "mpt": _mpt_config,
+    "mpt": _mpt_config, "persimmon": _persimmon_config,
 }

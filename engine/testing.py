@@ -25,7 +25,7 @@ SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
     "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "mellum", "olmoe", "granitemoe",
     "granitemoeshared", "gpt_oss", "minimax_m2", "llama4_text", "llama4", "phimoe", "afmoe", "granite_swa",
-    "granitemoe_swa", "cohere2_moe", "kolibri1", "flint", "mpt", "glm4_moe", "deepseek_v2", "deepseek_v3",
+    "granitemoe_swa", "cohere2_moe", "kolibri1", "flint", "mpt", "persimmon", "glm4_moe", "deepseek_v2", "deepseek_v3",
     "deepseek_v32", "glm_moe_dsa", "glm4_moe_lite", "mistral4", "youtu", "minicpm3", "dots1", "iquestcoder",
     "vaultgemma", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe", "phi3", "smollm3", "ernie4_5",
     "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "gemma",
@@ -445,6 +445,10 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
     elif arch == "bloom":
         cls = transformers.BloomConfig
         kw = dict(hidden_size=hidden_size, n_layer=num_layers, n_head=num_heads)
+    elif arch == "persimmon":  # (RoPE over half of each head, q/k LayerNorms, squared ReLU)
+        cls = transformers.PersimmonConfig
+        kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                  intermediate_size=inter, max_position_embeddings=max_positions, qk_layernorm=True)
     elif arch == "mpt":  # (ALiBi positions; max_seq_len the context)
         cls = transformers.MptConfig
         kw = dict(d_model=hidden_size, n_layers=num_layers, n_heads=num_heads, max_seq_len=max_positions)

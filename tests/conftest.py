@@ -311,6 +311,9 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "glm_moe_dsa": ("glm_moe_dsa", {"num_layers": 3}),
     # MPT: ALiBi with MPT's slopes (6 heads: not a power of two), q/k/v clamped, a tied head
     "mpt": ("mpt", {"hidden_size": 96, "num_heads": 6, "attn_config": {"clip_qkv": 0.5}}),
+    # Persimmon: StableLM's serial layout, biases everywhere, fused per-head q/k/v, q/k LayerNorms, RoPE over half of
+    # each head, squared ReLU
+    "persimmon": ("persimmon", {}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -21,7 +21,7 @@ from .olmo2 import Olmo2ForCausalLM
 from .opt import BioGptForCausalLM, OPTForCausalLM, XGLMForCausalLM
 from .phi import GPTJForCausalLM, PhiForCausalLM
 from .phimoe import PhimoeForCausalLM
-from .stablelm import NemotronForCausalLM, StableLmForCausalLM, Starcoder2ForCausalLM
+from .stablelm import NemotronForCausalLM, PersimmonForCausalLM, StableLmForCausalLM, Starcoder2ForCausalLM
 
 MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "llama": LlamaForCausalLM,
@@ -31,6 +31,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "afmoe": AfmoeForCausalLM,
     "flint": FlintForCausalLM,
     "mpt": MptForCausalLM,
+    "persimmon": PersimmonForCausalLM,
     "olmo": OlmoForCausalLM,
     "gemma": GemmaForCausalLM,
     "gpt_neox": GPTNeoXForCausalLM,
@@ -57,5 +58,5 @@ __all__ = ["AfmoeForCausalLM", "Attention", "CausalLM", "MODEL_CLASSES", "BioGpt
            "CohereForCausalLM", "DeepseekForCausalLM", "FalconForCausalLM", "FlintForCausalLM", "GPT2LMHeadModel",
            "GPTBigCodeForCausalLM", "GPTJForCausalLM", "GPTNeoForCausalLM", "GemmaForCausalLM", "GPTNeoXForCausalLM",
            "GptOssForCausalLM", "Llama4ForCausalLM", "LlamaForCausalLM", "MptForCausalLM", "NemotronForCausalLM",
-           "OPTForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM", "PhiForCausalLM", "PhimoeForCausalLM",
-           "StableLmForCausalLM", "Starcoder2ForCausalLM", "XGLMForCausalLM"]
+           "OPTForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM", "PersimmonForCausalLM", "PhiForCausalLM",
+           "PhimoeForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM", "XGLMForCausalLM"]

@@ -1,7 +1,8 @@
 """The Llama layout with LayerNorm (with bias): StableLM (`stablelm`: StableLM-3B-4E1T, StableLM 2; RoPE over part
 of each head, optional q/k/v bias, optional parallel residual (attention and MLP on one normed input), optional
-per-head q/k LayerNorm, each head its own gain), Nemotron (`nemotron`: StableLM's serial layout with (1 + w)
-LayerNorm gains and an ungated MLP) and StarCoder2 (`starcoder2`: biases, a GELU MLP, sliding window)."""
+per-head q/k LayerNorm, each head its own gain), Persimmon (`persimmon`), Nemotron (`nemotron`: StableLM's serial
+layout with (1 + w) LayerNorm gains and an ungated MLP) and StarCoder2 (`starcoder2`: biases, a GELU MLP, sliding
+window)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from .common import fused_qkv_to_blocks
 from .gpt2 import GPT2MLP
 from .llama import LlamaAttention, LlamaBackbone, LlamaForCausalLM, LlamaMLP
 
@@ -55,6 +57,40 @@ class StableLmForCausalLM(LlamaForCausalLM):
 
     def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
         return [(key.replace(".q_layernorm.", ".q_norm.").replace(".k_layernorm.", ".k_norm."), tensor)]
+
+
+class PersimmonLayer(StableLmLayer):
+    """Persimmon's q/k LayerNorms: one over each head's channels, shared by the heads, with a bias."""
+
+    def __init__(self, c: ModelConfig, index: int):
+        super().__init__(c, index)
+        if c.qk_norm:
+            self.self_attn.q_norm = nn.LayerNorm(c.head_dim, eps=c.norm_eps)
+            self.self_attn.k_norm = nn.LayerNorm(c.head_dim, eps=c.norm_eps)
+
+
+class PersimmonBackbone(StableLmBackbone):
+    layer_class = PersimmonLayer
+
+
+class PersimmonForCausalLM(StableLmForCausalLM):
+    """Persimmon (`persimmon`: Adept's Persimmon-8B, Fuyu's language model): StableLM's serial layout with biases
+    everywhere, an ungated squared-ReLU MLP, RoPE over half of each head and q/k LayerNorms; its fused
+    `query_key_value` rows are per head [q, k, v], split at load."""
+
+    backbone_class = PersimmonBackbone
+    _NAMES = ((".self_attn.dense.", ".self_attn.o_proj."), (".mlp.dense_h_to_4h.", ".mlp.up_proj."),
+              (".mlp.dense_4h_to_h.", ".mlp.down_proj."), ("model.final_layernorm.", "model.norm."))
+
+    def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
+        for theirs, ours in self._NAMES:
+            key = key.replace(theirs, ours)
+        if key.endswith(("self_attn.query_key_value.weight", "self_attn.query_key_value.bias")):
+            c = self.config
+            stem, part = key.rsplit(".query_key_value.", 1)
+            q, k, v = fused_qkv_to_blocks(tensor, c.num_heads, c.num_kv_heads, c.head_dim).chunk(3)
+            return [(f"{stem}.{name}.{part}", t) for name, t in (("q_proj", q), ("k_proj", k), ("v_proj", v))]
+        return super().checkpoint_tensors(key, tensor)
 
 
 class NemotronForCausalLM(StableLmForCausalLM):
