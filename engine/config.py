@@ -29,6 +29,7 @@ ARCH_FAMILIES = {
     "flex_olmo": "olmo2", "mellum": "llama", "gpt_oss": "gpt_oss", "minimax_m2": "llama", "llama4_text": "llama4",
     "llama4": "llama4", "phimoe": "phimoe", "afmoe": "afmoe", "granite_swa": "llama", "granitemoe_swa": "llama",
     "kolibri1": "llama", "flint": "flint", "mpt": "mpt", "persimmon": "persimmon",
+    "dbrx": "dbrx",
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
@@ -119,7 +120,7 @@ class ModelConfig:
 
     family: str  # "llama" | "olmo" | "stablelm" | "starcoder2" | "cohere" | "olmo2" | "glm" | "gemma" | "gpt_neox"
     # | "phi" | "gptj" | "falcon" | "opt" | "xglm" | "biogpt" | "gpt2" | "gpt_bigcode" | "gpt_neo" | "bloom"
-    # | "nemotron" | "deepseek" | "gpt_oss" | "llama4" | "phimoe" | "afmoe" | "flint" | "mpt" | "persimmon"
+    # | "nemotron" | "deepseek" | "gpt_oss" | "llama4" | "phimoe" | "afmoe" | "flint" | "mpt" | "persimmon" | "dbrx"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -1150,6 +1151,46 @@ def _persimmon_config(hf: Any, model_type: str) -> ModelConfig:
     )
 
 
+def _dbrx_config(hf: Any, model_type: str) -> ModelConfig:
+    """DBRX: Llama's fields under its own names (d_model, n_heads, attn_config.kv_n_heads, ...), LayerNorms of eps
+    1e-5 (nn.LayerNorm's default, which transformers uses), q/k/v clamped to attn_config.clip_qkv, experts in every
+    layer weighted by the router's softmax (model dtype) over the top-k, renormalised (moe_normalize_expert_weights
+    1: their sum; another p-norm is refused)."""
+    attn, ffn = hf.attn_config, hf.ffn_config
+    p = ffn.moe_normalize_expert_weights
+    if p not in (None, 1, 1.0):
+        raise UnsupportedModelError(f"dbrx with moe_normalize_expert_weights={p!r} (the engine renormalises by sum)")
+    if (ffn.ffn_act_fn or {}).get("name", "silu") != "silu":
+        raise UnsupportedModelError(f"dbrx with ffn_act_fn={ffn.ffn_act_fn!r} (the engine computes silu)")
+    _check_rope_types(hf, model_type)
+    head_dim = hf.d_model // hf.n_heads
+    layers = tuple(range(hf.n_layers))
+    return ModelConfig(
+        family="dbrx",
+        model_type=model_type,
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.d_model,
+        num_layers=hf.n_layers,
+        num_heads=hf.n_heads,
+        num_kv_heads=attn.kv_n_heads,
+        head_dim=head_dim,
+        intermediate_size=ffn.ffn_hidden_size,
+        max_positions=int(hf.max_seq_len),
+        norm_eps=1e-5,
+        hidden_act="silu",
+        position_encoding="rope",
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        attention_scale=head_dim**-0.5,
+        clip_qkv=float(attn.clip_qkv or 0.0),
+        moe=MoEConfig(num_experts=ffn.moe_num_experts, top_k=ffn.moe_top_k, intermediate_size=ffn.ffn_hidden_size,
+                      norm_topk_prob=p is not None, weights_in_model_dtype=True, sparse_layers=layers,
+                      router_in_model_dtype=True),
+        bos_token_id=hf.bos_token_id,
+        eos_token_ids=_eos_ids(hf.eos_token_id),
+        hf_config=hf,
+    )
+
+
 def _mpt_config(hf: Any, model_type: str) -> ModelConfig:
     """MPT: ALiBi (transformers applies it whatever attn_config.alibi says, with MPT's slopes), q/k/v clamped to
     attn_config.clip_qkv, scores scaled by attn_config.softmax_scale (default head_dim^-0.5), an MLP 4x wide."""
@@ -1187,5 +1228,5 @@ FAMILY_CONFIGS = {
     "gpt2": _gpt2_config, "gpt_bigcode": _gpt2_config, "gpt_neo": _gpt_neo_config, "bloom": _bloom_config,
     "deepseek": _deepseek_config, "gpt_oss": _gpt_oss_config, "llama4": _llama4_config, "phimoe": _phimoe_config,
     "afmoe": _afmoe_config, "flint": _flint_config,
-    "mpt": _mpt_config, "persimmon": _persimmon_config,
+    "mpt": _mpt_config, "persimmon": _persimmon_config, "dbrx": _dbrx_config,
 }

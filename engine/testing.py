@@ -25,13 +25,13 @@ SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
     "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "mellum", "olmoe", "granitemoe",
     "granitemoeshared", "gpt_oss", "minimax_m2", "llama4_text", "llama4", "phimoe", "afmoe", "granite_swa",
-    "granitemoe_swa", "cohere2_moe", "kolibri1", "flint", "mpt", "persimmon", "glm4_moe", "deepseek_v2", "deepseek_v3",
-    "deepseek_v32", "glm_moe_dsa", "glm4_moe_lite", "mistral4", "youtu", "minicpm3", "dots1", "iquestcoder",
-    "vaultgemma", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe", "phi3", "smollm3", "ernie4_5",
-    "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "gemma",
-    "gemma2", "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron", "starcoder2", "cohere", "cohere2",
-    "olmo", "olmo2", "olmo3", "flex_olmo", "exaone4", "exaone4_5", "glm", "glm4", "falcon", "gptj", "codegen", "opt",
-    "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
+    "granitemoe_swa", "cohere2_moe", "kolibri1", "flint", "mpt", "persimmon", "dbrx", "glm4_moe", "deepseek_v2",
+    "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "glm4_moe_lite", "mistral4", "youtu", "minicpm3", "dots1",
+    "iquestcoder", "vaultgemma", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe", "phi3", "smollm3",
+    "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2",
+    "gemma", "gemma2", "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron", "starcoder2", "cohere",
+    "cohere2", "olmo", "olmo2", "olmo3", "flex_olmo", "exaone4", "exaone4_5", "glm", "glm4", "falcon", "gptj",
+    "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -134,7 +134,7 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
               "arcee", "nemotron", "cwm", "hyperclovax", "jais2", "apertus", "glm4_moe", "deepseek_v2", "deepseek_v3",
               "glm4_moe_lite", "mistral4", "minicpm3", "deepseek_v32", "glm_moe_dsa", "dots1", "hunyuan_v1_dense",
               "hunyuan_v1_moe", "solar_open", "exaone_moe", "gpt_oss", "minimax_m2", "llama4_text", "llama4",
-              "phimoe", "afmoe", "granite_swa", "granitemoe_swa", "kolibri1", "flint")
+              "phimoe", "afmoe", "granite_swa", "granitemoe_swa", "kolibri1", "flint", "dbrx")
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "ministral", "ministral3", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3",
@@ -449,6 +449,12 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
         cls = transformers.PersimmonConfig
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                   intermediate_size=inter, max_position_embeddings=max_positions, qk_layernorm=True)
+    elif arch == "dbrx":  # 4 experts (2 a token) in every layer, GQA, q/k/v clamped
+        cls = transformers.DbrxConfig
+        kw = dict(d_model=hidden_size, n_heads=num_heads, n_layers=num_layers, max_seq_len=max_positions,
+                  attn_config={"kv_n_heads": num_kv_heads or max(1, num_heads // 2), "clip_qkv": 0.5,
+                               "rope_theta": 10000.0},
+                  ffn_config={"ffn_hidden_size": inter // 2, "moe_num_experts": 4, "moe_top_k": 2})
     elif arch == "mpt":  # (ALiBi positions; max_seq_len the context)
         cls = transformers.MptConfig
         kw = dict(d_model=hidden_size, n_layers=num_layers, n_heads=num_heads, max_seq_len=max_positions)

@@ -314,6 +314,8 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # Persimmon: StableLM's serial layout, biases everywhere, fused per-head q/k/v, q/k LayerNorms, RoPE over half of
     # each head, squared ReLU
     "persimmon": ("persimmon", {}),
+    # DBRX: bias-free LayerNorms, fused Wqkv clamped, GQA; 4 experts (2 a token) in every layer, stored w1/v1/w2
+    "dbrx": ("dbrx", {}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

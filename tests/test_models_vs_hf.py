@@ -140,7 +140,7 @@ def test_half_precision_close_to_hf(variant, dtype, model_dir_for, adapter_for):
                                      "exaone_moe", "granitemoeshared", "flex_olmo", "mellum", "gpt_oss",
                                      "minimax_m2", "llama4_text", "phimoe", "afmoe", "granitemoe_swa",
                                      "cohere2_moe", "cohere2_moe_rms", "kolibri1", "flint", "deepseek_v32",
-                                     "glm_moe_dsa"])
+                                     "glm_moe_dsa", "dbrx"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_moe_layer_matches_hf(variant, dtype, model_dir_for):
     """A mixture-of-experts model's half-precision logits cannot be held to HF's fp32 ones as above: where two
@@ -154,9 +154,10 @@ def test_half_precision_moe_layer_matches_hf(variant, dtype, model_dir_for):
 
     model_dir = model_dir_for(variant)
     ours = load_model(model_dir, "cpu", dtype).model.layers[1].mlp
-    layer = hf_peft_model(model_dir, None, dtype=dtype).model.layers[1]
-    # (GraniteMoE's name, Llama 4's)
-    theirs = getattr(layer, "block_sparse_moe", None) or getattr(layer, "feed_forward", None) or layer.mlp
+    hf = hf_peft_model(model_dir, None, dtype=dtype)
+    layer = hf.model.layers[1] if hasattr(hf, "model") else hf.transformer.blocks[1]  # (DBRX's names)
+    theirs = next(getattr(layer, name) for name in ("block_sparse_moe", "feed_forward", "ffn", "mlp")  # (GraniteMoE's,
+                  if hasattr(layer, name))  # Llama 4's, DBRX's names)
     x = torch.randn(256, ours.gate.in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
     with torch.no_grad():
         expected = theirs(x[None])

@@ -42,7 +42,7 @@ from .runtime_helpers import assert_no_leaks
 pytest.importorskip("peft")
 
 _built: dict[str, dict] = {}
-CPT_UNBUILDABLE = ("xglm", "mpt")  # PEFT's CPTConfig resets the head count it cannot read off their configs
+CPT_UNBUILDABLE = ("xglm", "mpt", "dbrx")  # PEFT's CPTConfig resets the head count it cannot read off their configs
 # latent attention: no per-head K/V for prefix tuning or cartridges (HF + PEFT fail on them)
 KV_UNSERVABLE = ("deepseek_v3", "deepseek_v2", "minicpm3")
 KV_TASKS = ("kv", "kv_proj", "cart")
@@ -96,7 +96,7 @@ def requests(tasks, seed: int = 0, max_new_tokens: int = 6) -> list[Request]:
                                      "xglm", "biogpt", "qwen2_5_vl", "glm4_moe",
                                      "ernie4_5_moe", "gpt_oss", "minimax_m2", "llama4_text", "phimoe",
                                      "afmoe", "granite_swa", "cohere2_moe", "kolibri1",
-                                     "flint", "mpt", "persimmon",
+                                     "flint", "mpt", "persimmon", "dbrx",
                                      *KV_UNSERVABLE])
 def test_prompt_learning_adapters_match_hf_peft(variant, backend, adapters, model_dir_for):
     tasks = adapters(variant)

@@ -5,6 +5,7 @@ from .base import CausalLM
 from .bloom import BloomForCausalLM
 from .cohere import CohereForCausalLM
 from .common import Attention
+from .dbrx import DbrxForCausalLM
 from .deepseek import DeepseekForCausalLM
 from .falcon import FalconForCausalLM
 from .flint import FlintForCausalLM
@@ -32,6 +33,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "flint": FlintForCausalLM,
     "mpt": MptForCausalLM,
     "persimmon": PersimmonForCausalLM,
+    "dbrx": DbrxForCausalLM,
     "olmo": OlmoForCausalLM,
     "gemma": GemmaForCausalLM,
     "gpt_neox": GPTNeoXForCausalLM,
@@ -55,8 +57,8 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
 }
 
 __all__ = ["AfmoeForCausalLM", "Attention", "CausalLM", "MODEL_CLASSES", "BioGptForCausalLM", "BloomForCausalLM",
-           "CohereForCausalLM", "DeepseekForCausalLM", "FalconForCausalLM", "FlintForCausalLM", "GPT2LMHeadModel",
-           "GPTBigCodeForCausalLM", "GPTJForCausalLM", "GPTNeoForCausalLM", "GemmaForCausalLM", "GPTNeoXForCausalLM",
-           "GptOssForCausalLM", "Llama4ForCausalLM", "LlamaForCausalLM", "MptForCausalLM", "NemotronForCausalLM",
-           "OPTForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM", "PersimmonForCausalLM", "PhiForCausalLM",
-           "PhimoeForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM", "XGLMForCausalLM"]
+           "CohereForCausalLM", "DbrxForCausalLM", "DeepseekForCausalLM", "FalconForCausalLM", "FlintForCausalLM",
+           "GPT2LMHeadModel", "GPTBigCodeForCausalLM", "GPTJForCausalLM", "GPTNeoForCausalLM", "GemmaForCausalLM",
+           "GPTNeoXForCausalLM", "GptOssForCausalLM", "Llama4ForCausalLM", "LlamaForCausalLM", "MptForCausalLM",
+           "NemotronForCausalLM", "OPTForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM", "PersimmonForCausalLM",
+           "PhiForCausalLM", "PhimoeForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM", "XGLMForCausalLM"]
