@@ -168,7 +168,8 @@ class ModelConfig:
     sandwich_norms: bool = False  # Gemma 2/3: a norm after attention, norms before and after the MLP; GLM-4: after each
     final_logit_softcap: float = 0.0  # logits -> cap * tanh(logits / cap) (Gemma); 0: none
     attention_softcap: float = 0.0  # attention scores (after the scale) -> cap * tanh(score / cap) (Gemma 2); 0: none
-    attention_sinks: bool = False  # gpt-oss: a learned logit per layer and head in each query's softmax denominator
+    # gpt-oss, GraniteSWA, Flint: a learned logit per layer and head in each query's softmax denominator
+    attention_sinks: bool = False
     # a quantized checkpoint the loader dequantizes (see DEQUANTIZED_AT_LOAD): "mxfp4" (gpt-oss's experts) or "fp8"
     # (block-wise, with its weight_block_size); "": unquantized
     quantization: str = ""

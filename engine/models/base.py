@@ -112,8 +112,8 @@ class CausalLM(nn.Module):
 
     @property
     def attention_sinks(self) -> Tensor | None:
-        """Each layer's per-head attention-sink logits [layers, Hq] in fp32 (gpt-oss), which every attention
-        implementation adds to each query's softmax denominator; None for a model without them."""
+        """Each layer's per-head attention-sink logits [layers, Hq] in fp32 (gpt-oss, GraniteSWA, Flint), which every
+        attention implementation adds to each query's softmax denominator; None for a model without them."""
         return None
 
     @property
