@@ -29,7 +29,7 @@ ARCH_FAMILIES = {
     "flex_olmo": "olmo2", "mellum": "llama", "gpt_oss": "gpt_oss", "minimax_m2": "llama", "llama4_text": "llama4",
     "llama4": "llama4", "phimoe": "phimoe", "afmoe": "afmoe", "granite_swa": "llama", "granitemoe_swa": "llama",
     "kolibri1": "llama", "flint": "flint", "mpt": "mpt", "persimmon": "persimmon",
-    "dbrx": "dbrx",
+    "dbrx": "dbrx", "nanochat": "nanochat", "gpt-sw3": "gpt2",
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
@@ -121,6 +121,7 @@ class ModelConfig:
     family: str  # "llama" | "olmo" | "stablelm" | "starcoder2" | "cohere" | "olmo2" | "glm" | "gemma" | "gpt_neox"
     # | "phi" | "gptj" | "falcon" | "opt" | "xglm" | "biogpt" | "gpt2" | "gpt_bigcode" | "gpt_neo" | "bloom"
     # | "nemotron" | "deepseek" | "gpt_oss" | "llama4" | "phimoe" | "afmoe" | "flint" | "mpt" | "persimmon" | "dbrx"
+    # | "nanochat"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -1192,6 +1193,13 @@ def _dbrx_config(hf: Any, model_type: str) -> ModelConfig:
     )
 
 
+def _nanochat_config(hf: Any, model_type: str) -> ModelConfig:
+    """nanochat: Llama's fields with gainless norms, q/k L2-normed after RoPE, an ungated MLP, soft-capped logits."""
+    _check_rope_types(hf, model_type)
+    return replace(_llama_config(hf, model_type), family="nanochat", gated_mlp=False, qk_l2_norm=True,
+                   final_logit_softcap=float(hf.final_logit_softcapping or 0.0))
+
+
 def _mpt_config(hf: Any, model_type: str) -> ModelConfig:
     """MPT: ALiBi (transformers applies it whatever attn_config.alibi says, with MPT's slopes), q/k/v clamped to
     attn_config.clip_qkv, scores scaled by attn_config.softmax_scale (default head_dim^-0.5), an MLP 4x wide."""
@@ -1230,4 +1238,5 @@ FAMILY_CONFIGS = {
     "deepseek": _deepseek_config, "gpt_oss": _gpt_oss_config, "llama4": _llama4_config, "phimoe": _phimoe_config,
     "afmoe": _afmoe_config, "flint": _flint_config,
     "mpt": _mpt_config, "persimmon": _persimmon_config, "dbrx": _dbrx_config,
+    "nanochat": _nanochat_config,
 }

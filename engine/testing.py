@@ -25,12 +25,12 @@ SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
     "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "mellum", "olmoe", "granitemoe",
     "granitemoeshared", "gpt_oss", "minimax_m2", "llama4_text", "llama4", "phimoe", "afmoe", "granite_swa",
-    "granitemoe_swa", "cohere2_moe", "kolibri1", "flint", "mpt", "persimmon", "dbrx", "glm4_moe", "deepseek_v2",
-    "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "glm4_moe_lite", "mistral4", "youtu", "minicpm3", "dots1",
-    "iquestcoder", "vaultgemma", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe", "phi3", "smollm3",
-    "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2",
-    "gemma", "gemma2", "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron", "starcoder2", "cohere",
-    "cohere2", "olmo", "olmo2", "olmo3", "flex_olmo", "exaone4", "exaone4_5", "glm", "glm4", "falcon", "gptj",
+    "granitemoe_swa", "cohere2_moe", "kolibri1", "flint", "mpt", "persimmon", "dbrx", "nanochat", "gpt-sw3", "glm4_moe",
+    "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "glm4_moe_lite", "mistral4", "youtu", "minicpm3",
+    "dots1", "iquestcoder", "vaultgemma", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe", "phi3",
+    "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax",
+    "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron", "starcoder2",
+    "cohere", "cohere2", "olmo", "olmo2", "olmo3", "flex_olmo", "exaone4", "exaone4_5", "glm", "glm4", "falcon", "gptj",
     "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
@@ -134,7 +134,7 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
               "arcee", "nemotron", "cwm", "hyperclovax", "jais2", "apertus", "glm4_moe", "deepseek_v2", "deepseek_v3",
               "glm4_moe_lite", "mistral4", "minicpm3", "deepseek_v32", "glm_moe_dsa", "dots1", "hunyuan_v1_dense",
               "hunyuan_v1_moe", "solar_open", "exaone_moe", "gpt_oss", "minimax_m2", "llama4_text", "llama4",
-              "phimoe", "afmoe", "granite_swa", "granitemoe_swa", "kolibri1", "flint", "dbrx")
+              "phimoe", "afmoe", "granite_swa", "granitemoe_swa", "kolibri1", "flint", "dbrx", "nanochat")
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "ministral", "ministral3", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3",
@@ -433,8 +433,8 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                   intermediate_size=inter, max_position_embeddings=max_positions, hidden_dropout_prob=0.0,
                   attention_probs_dropout_prob=0.0, activation_dropout=0.0, layerdrop=0.0)
-    elif arch in ("gpt2", "gpt_bigcode"):
-        cls = transformers.GPT2Config if arch == "gpt2" else transformers.GPTBigCodeConfig
+    elif arch in ("gpt2", "gpt-sw3", "gpt_bigcode"):  # (GPT-SW3 is GPT-2's model under its own type)
+        cls = transformers.GPTBigCodeConfig if arch == "gpt_bigcode" else transformers.GPT2Config
         kw = dict(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=max_positions, n_inner=inter,
                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0)
     elif arch == "gpt_neo":  # global and local layers in turn (the window as GPT-Neo's 256, unless overridden)
@@ -455,6 +455,11 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                   attn_config={"kv_n_heads": num_kv_heads or max(1, num_heads // 2), "clip_qkv": 0.5,
                                "rope_theta": 10000.0},
                   ffn_config={"ffn_hidden_size": inter // 2, "moe_num_experts": 4, "moe_top_k": 2})
+    elif arch == "nanochat":  # (gainless norms, q/k L2 norms after RoPE, squared ReLU, soft-capped logits)
+        cls = transformers.NanoChatConfig
+        kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                  num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,
+                  max_position_embeddings=max_positions, final_logit_softcapping=5.0)
     elif arch == "mpt":  # (ALiBi positions; max_seq_len the context)
         cls = transformers.MptConfig
         kw = dict(d_model=hidden_size, n_layers=num_layers, n_heads=num_heads, max_seq_len=max_positions)
@@ -564,6 +569,11 @@ def build_tiny_checkpoint(arch: str, out_dir: str | Path, *, dtype: torch.dtype 
             model.save_pretrained(out_dir, max_shard_size=shard_size)
         else:
             model.save_pretrained(out_dir)
+    if arch == "gpt-sw3":  # (transformers reads it with GPT-2's config and model classes)
+        import json
+
+        saved = json.loads((out_dir / "config.json").read_text())
+        (out_dir / "config.json").write_text(json.dumps({**saved, "model_type": "gpt-sw3"}, indent=2))
     if with_tokenizer:
         build_tokenizer(out_dir, vocab_size)
     return out_dir

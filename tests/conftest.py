@@ -316,6 +316,11 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "persimmon": ("persimmon", {}),
     # DBRX: bias-free LayerNorms, fused Wqkv clamped, GQA; 4 experts (2 a token) in every layer, stored w1/v1/w2
     "dbrx": ("dbrx", {}),
+    # nanochat: gainless norms (one on the input embeddings too), RoPE turning the other way, q/k L2 norms after
+    # it, squared ReLU, soft-capped logits (the cap lowered so that it bites)
+    "nanochat": ("nanochat", {}),
+    # GPT-SW3 (AI Sweden): GPT-2's model under its own model_type
+    "gpt-sw3": ("gpt-sw3", {}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -17,6 +17,7 @@ from .gpt_oss import GptOssForCausalLM
 from .llama import LlamaForCausalLM
 from .llama4 import Llama4ForCausalLM
 from .mpt import MptForCausalLM
+from .nanochat import NanoChatForCausalLM
 from .olmo import OlmoForCausalLM
 from .olmo2 import Olmo2ForCausalLM
 from .opt import BioGptForCausalLM, OPTForCausalLM, XGLMForCausalLM
@@ -34,6 +35,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "mpt": MptForCausalLM,
     "persimmon": PersimmonForCausalLM,
     "dbrx": DbrxForCausalLM,
+    "nanochat": NanoChatForCausalLM,
     "olmo": OlmoForCausalLM,
     "gemma": GemmaForCausalLM,
     "gpt_neox": GPTNeoXForCausalLM,
@@ -60,5 +62,6 @@ __all__ = ["AfmoeForCausalLM", "Attention", "CausalLM", "MODEL_CLASSES", "BioGpt
            "CohereForCausalLM", "DbrxForCausalLM", "DeepseekForCausalLM", "FalconForCausalLM", "FlintForCausalLM",
            "GPT2LMHeadModel", "GPTBigCodeForCausalLM", "GPTJForCausalLM", "GPTNeoForCausalLM", "GemmaForCausalLM",
            "GPTNeoXForCausalLM", "GptOssForCausalLM", "Llama4ForCausalLM", "LlamaForCausalLM", "MptForCausalLM",
-           "NemotronForCausalLM", "OPTForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM", "PersimmonForCausalLM",
-           "PhiForCausalLM", "PhimoeForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM", "XGLMForCausalLM"]
+           "NanoChatForCausalLM", "NemotronForCausalLM", "OPTForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM",
+           "PersimmonForCausalLM", "PhiForCausalLM", "PhimoeForCausalLM", "StableLmForCausalLM",
+           "Starcoder2ForCausalLM", "XGLMForCausalLM"]
