@@ -29,7 +29,7 @@ ARCH_FAMILIES = {
     "flex_olmo": "olmo2", "mellum": "llama", "gpt_oss": "gpt_oss", "minimax_m2": "llama", "llama4_text": "llama4",
     "llama4": "llama4", "phimoe": "phimoe", "afmoe": "afmoe", "granite_swa": "llama", "granitemoe_swa": "llama",
     "kolibri1": "llama", "flint": "flint", "mpt": "mpt", "persimmon": "persimmon",
-    "dbrx": "dbrx", "nanochat": "nanochat", "gpt-sw3": "gpt2",
+    "dbrx": "dbrx", "nanochat": "nanochat", "gpt-sw3": "gpt2", "hy_v3": "llama",
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
@@ -473,7 +473,8 @@ def _llama_config(hf: Any, model_type: str, norm_eps: float | None = None) -> Mo
         mlp_bias=attention_bias if ernie else bool(getattr(hf, "mlp_bias", False)),
         lm_head_bias=model_type == "ernie4_5_moe" and attention_bias,
         gated_mlp=model_type not in ("arcee", "apertus"),
-        qk_norm=model_type in ("qwen3", "qwen3_moe", "apertus", "dots1", "exaone_moe", "mellum", "kolibri1", *HUNYUAN)
+        qk_norm=model_type in ("qwen3", "qwen3_moe", "apertus", "dots1", "exaone_moe", "mellum", "kolibri1", "hy_v3",
+                               *HUNYUAN)
         or (model_type == "glm4_moe" and hf.use_qk_norm),
         qk_norm_after_rope=model_type in HUNYUAN,
         qk_norm_over_heads=model_type in ("olmoe", "minimax_m2"),
@@ -677,6 +678,13 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
                          intermediate_size=hf.intermediate_size, norm_topk_prob=False, weights_in_model_dtype=True,
                          sparse_layers=tuple(hf.moe_layers), router_in_model_dtype=True, sigmoid_over_topk=True,
                          weights_scale_input=True, ungated_shared_intermediate_size=hf.intermediate_size)
+    if model_type == "hy_v3":  # dense layers by mlp_layer_types, then GLM-4.5's router in one group (its bias on the
+        # MoE block), scaled by router_scaling_factor, and ungated shared experts
+        return MoEConfig(num_experts=hf.num_experts, top_k=hf.num_experts_per_tok,
+                         intermediate_size=hf.moe_intermediate_size, norm_topk_prob=True, weights_in_model_dtype=False,
+                         sparse_layers=tuple(i for i in layers if hf.mlp_layer_types[i] == "sparse"),
+                         sigmoid_scores=True, fp32_router=True, routed_scaling=float(hf.router_scaling_factor),
+                         ungated_shared_intermediate_size=hf.moe_intermediate_size * (hf.num_shared_experts or 0))
     if model_type == "flint":  # Qwen2-MoE's dense mlp_only_layers, then experts chosen by the sigmoid of fp32
         # logits (the router weight kept fp32) alone, renormalised, beside an ungated shared expert
         dense = set(hf.mlp_only_layers or [])

@@ -25,13 +25,13 @@ SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
     "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "mellum", "olmoe", "granitemoe",
     "granitemoeshared", "gpt_oss", "minimax_m2", "llama4_text", "llama4", "phimoe", "afmoe", "granite_swa",
-    "granitemoe_swa", "cohere2_moe", "kolibri1", "flint", "mpt", "persimmon", "dbrx", "nanochat", "gpt-sw3", "glm4_moe",
-    "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "glm4_moe_lite", "mistral4", "youtu", "minicpm3",
-    "dots1", "iquestcoder", "vaultgemma", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe", "phi3",
-    "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax",
-    "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron", "starcoder2",
-    "cohere", "cohere2", "olmo", "olmo2", "olmo3", "flex_olmo", "exaone4", "exaone4_5", "glm", "glm4", "falcon", "gptj",
-    "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
+    "granitemoe_swa", "cohere2_moe", "kolibri1", "flint", "mpt", "persimmon", "dbrx", "nanochat", "gpt-sw3", "hy_v3",
+    "glm4_moe", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "glm4_moe_lite", "mistral4", "youtu",
+    "minicpm3", "dots1", "iquestcoder", "vaultgemma", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe",
+    "phi3", "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm",
+    "hyperclovax", "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron",
+    "starcoder2", "cohere", "cohere2", "olmo", "olmo2", "olmo3", "flex_olmo", "exaone4", "exaone4_5", "glm", "glm4",
+    "falcon", "gptj", "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -134,14 +134,14 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
               "arcee", "nemotron", "cwm", "hyperclovax", "jais2", "apertus", "glm4_moe", "deepseek_v2", "deepseek_v3",
               "glm4_moe_lite", "mistral4", "minicpm3", "deepseek_v32", "glm_moe_dsa", "dots1", "hunyuan_v1_dense",
               "hunyuan_v1_moe", "solar_open", "exaone_moe", "gpt_oss", "minimax_m2", "llama4_text", "llama4",
-              "phimoe", "afmoe", "granite_swa", "granitemoe_swa", "kolibri1", "flint", "dbrx", "nanochat")
+              "phimoe", "afmoe", "granite_swa", "granitemoe_swa", "kolibri1", "flint", "dbrx", "nanochat", "hy_v3")
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "ministral", "ministral3", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3",
                 "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "phi3", "smollm3", "ernie4_5", "ernie4_5_moe",
                 "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "glm4_moe",
                 "dots1", "iquestcoder", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe", "mellum",
-                "minimax_m2", "phimoe", "afmoe", "granite_swa", "granitemoe_swa", "kolibri1", "flint"):
+                "minimax_m2", "phimoe", "afmoe", "granite_swa", "granitemoe_swa", "kolibri1", "flint", "hy_v3"):
         cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                "ministral": transformers.MinistralConfig, "ministral3": transformers.Ministral3Config,
                "granite": transformers.GraniteConfig,
@@ -164,7 +164,7 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                "minimax_m2": transformers.MiniMaxM2Config, "phimoe": transformers.PhimoeConfig,
                "afmoe": transformers.AfmoeConfig, "granite_swa": transformers.GraniteSWAConfig,
                "granitemoe_swa": transformers.GraniteMoeSWAConfig, "kolibri1": transformers.Kolibri1Config,
-               "flint": transformers.FlintConfig}[arch]
+               "flint": transformers.FlintConfig, "hy_v3": transformers.HYV3Config}[arch]
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                   num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,
                   max_position_embeddings=max_positions)
@@ -193,6 +193,9 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
             kw.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=inter // 8,
                       shared_expert_intermediate_size=inter // 8, mlp_only_layers=[0], sliding_window=6,
                       layer_types=(["full_attention", "sliding_attention"] * num_layers)[:num_layers])
+        if arch == "hy_v3":  # a dense first layer, then 4 experts (2 a token, scaled) and a shared one
+            kw.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=inter // 8, num_shared_experts=1,
+                      router_scaling_factor=2.5)
         if arch == "phimoe":  # (sparsemixer's two experts a token)
             kw.update(num_local_experts=4, num_experts_per_tok=2, intermediate_size=inter // 2)
         if arch == "minimax_m2":  # (and RoPE over half of each head)
@@ -231,7 +234,7 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
         if arch in ("qwen3", "qwen3_moe", "ministral", "ministral3", "ernie4_5", "ernie4_5_moe", "seed_oss",
                     "internlm3", "helium", "arcee", "apertus", "cwm", "hyperclovax", "jais2", "glm4_moe", "dots1",
                     "iquestcoder", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe", "mellum",
-                    "minimax_m2", "phimoe", "afmoe", "kolibri1", "flint"):
+                    "minimax_m2", "phimoe", "afmoe", "kolibri1", "flint", "hy_v3"):
             kw["head_dim"] = hidden_size // num_heads
     elif arch == "llama4_text":
         # a RoPE layer, a NoPE one (its queries temperature-tuned: floor_scale 4 so the test's positions reach it),

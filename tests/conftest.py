@@ -321,6 +321,9 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "nanochat": ("nanochat", {}),
     # GPT-SW3 (AI Sweden): GPT-2's model under its own model_type
     "gpt-sw3": ("gpt-sw3", {}),
+    # Hy3 (Tencent, hy_v3): per-head q/k norms, a dense first layer, then GLM-4.5's sigmoid router (one group,
+    # scaled) and a shared expert
+    "hy_v3": ("hy_v3", {"num_layers": 3}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -14,10 +14,10 @@ from .gpt_oss import GptOssRMSNorm
 from .linear import Linear
 from .llama import LlamaAttention, LlamaBackbone, LlamaForCausalLM, LlamaLayer
 
-# in this order: the norm after attention takes GLM-4's name before the norm before the MLP takes its old one
+# in this order: the norm after attention takes GLM-4's name before the norm before the MLP takes its old one (the
+# router's names are Llama's CHECKPOINT_NAMES)
 _NAMES = ((".post_attention_layernorm.", ".post_self_attn_layernorm."),
-          (".pre_mlp_layernorm.", ".post_attention_layernorm."), (".mlp.router.gate.", ".mlp.gate."),
-          (".mlp.expert_bias", ".mlp.gate.e_score_correction_bias"))
+          (".pre_mlp_layernorm.", ".post_attention_layernorm."))
 
 
 class AfmoeAttention(LlamaAttention):

@@ -19,12 +19,14 @@ from .moe import SparseMoE, moe_checkpoint_tensors
 
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
 # checkpoints that name Llama's modules otherwise: Apertus's norms, HyperCLOVAX's and Kolibri-1's post-norms (GLM-4's,
-# as we name them), Hunyuan's q/k norms and its MoE's router and shared MLP, Kolibri-1's correction bias
+# as we name them), Hunyuan's q/k norms and its MoE's router and shared MLP, the routers and correction biases of
+# Kolibri-1, AFMoE and Hy3
 CHECKPOINT_NAMES = ((".attention_layernorm.", ".input_layernorm."),
                     (".feedforward_layernorm.", ".post_attention_layernorm."),
                     (".post_norm1.", ".post_self_attn_layernorm."), (".post_norm2.", ".post_mlp_layernorm."),
                     (".post_attn_norm.", ".post_self_attn_layernorm."), (".post_ffn_norm.", ".post_mlp_layernorm."),
                     (".moe.router.expert_bias", ".mlp.gate.e_score_correction_bias"),
+                    (".mlp.router.gate.", ".mlp.gate."), (".mlp.expert_bias", ".mlp.gate.e_score_correction_bias"),
                     (".query_layernorm.", ".q_norm."), (".key_layernorm.", ".k_norm."),
                     (".mlp.gate.wg.", ".mlp.gate."), (".mlp.shared_mlp.", ".mlp.shared_experts."))
 
@@ -159,6 +161,8 @@ class LlamaForCausalLM(RotaryCausalLM):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
         self.fused_layer0 = config.embedding_multiplier == 1.0  # (the fused input kernels do not scale)
         self.mtp_layers = int(getattr(config.hf_config, "num_nextn_predict_layers", 0) or 0)
+        if config.model_type == "hy_v3":  # (Hy3's multi-token-prediction layer after the last, which transformers
+            self.mtp_layers = 1  # leaves out too)
         if config.moe is not None and config.moe.fp32_router_weight:  # (ERNIE 4.5's routers)
             self.fp32_key_suffixes = (*self.fp32_key_suffixes, "mlp.gate.weight")
         if config.moe is not None and config.moe.correction_bias_in_model_dtype:  # (MiniMax-M2's, AFMoE's)

@@ -74,7 +74,8 @@ def test_triton_backend_scores_continuations_after_shared_context_blocks(variant
                                      "mellum", "gpt_oss", "minimax_m2", "llama4_text", "phimoe",
                                      "afmoe", "granite_swa", "granitemoe_swa", "cohere2_moe_rms",
                                      "kolibri1", "flint", "deepseek_v32", "mpt",
-                                     "persimmon", "dbrx", "nanochat"])
+                                     "persimmon", "dbrx", "nanochat",
+                                     "hy_v3"])
 def test_triton_backend_matches_reference(variant, model_dir_for):
     d = model_dir_for(variant)
     ref = Engine(d, device=DEVICE, dtype="float32", backend="reference")
