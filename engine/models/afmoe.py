@@ -7,8 +7,6 @@ correction bias `expert_bias`."""
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from ..config import ModelConfig
 from .gpt_oss import GptOssRMSNorm
 from .linear import Linear
@@ -37,12 +35,8 @@ class AfmoeBackbone(LlamaBackbone):
 
 class AfmoeForCausalLM(LlamaForCausalLM):
     backbone_class = AfmoeBackbone
+    checkpoint_renames = _NAMES
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         self.fused_layer0 = False  # (its attention gate reads layer 0's normed input, never written by the QKV kernel)
-
-    def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
-        for theirs, ours in _NAMES:
-            key = key.replace(theirs, ours)
-        return super().checkpoint_tensors(key, tensor)

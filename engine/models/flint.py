@@ -5,8 +5,6 @@ chosen by the sigmoid of fp32 router logits (the router weight kept in fp32) bes
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from ..config import ModelConfig
 from .gpt_oss import GptOssRMSNorm
 from .llama import LlamaAttention, LlamaBackbone, LlamaForCausalLM, LlamaLayer
@@ -30,12 +28,8 @@ class FlintBackbone(LlamaBackbone):
 
 class FlintForCausalLM(LlamaForCausalLM):
     backbone_class = FlintBackbone
+    checkpoint_renames = _NAMES
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         self.fp32_key_suffixes = (*self.fp32_key_suffixes, "self_attn.sinks")
-
-    def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
-        for theirs, ours in _NAMES:
-            key = key.replace(theirs, ours)
-        return super().checkpoint_tensors(key, tensor)

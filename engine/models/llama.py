@@ -153,6 +153,8 @@ class LlamaBackbone(nn.Module):
 class LlamaForCausalLM(RotaryCausalLM):
     key_prefix = "model."
     backbone_class: type[nn.Module] = LlamaBackbone
+    # a family's own checkpoint names -> ours, replaced in this order before the CHECKPOINT_NAMES every one shares
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
     per_layer_rope = True  # (Mellum's sliding and full-attention layers rotate with RoPEs of their own)
 
     def __init__(self, config: ModelConfig):
@@ -192,7 +194,7 @@ class LlamaForCausalLM(RotaryCausalLM):
             if not mapped:
                 return []
             [(key, tensor)] = mapped
-        for theirs, ours in CHECKPOINT_NAMES:
+        for theirs, ours in (*self.checkpoint_renames, *CHECKPOINT_NAMES):
             key = key.replace(theirs, ours)
         if (match := _LAYER_KEY.match(key)) and c.num_layers <= int(match[1]) < c.num_layers + self.mtp_layers:
             return []  # GLM-4.5's multi-token-prediction layers after the last one (speculative decoding only)

@@ -37,6 +37,7 @@ class NanoChatBackbone(LlamaBackbone):
 
 class NanoChatForCausalLM(LlamaForCausalLM):
     backbone_class = NanoChatBackbone
+    checkpoint_renames = _NAMES
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
@@ -45,11 +46,6 @@ class NanoChatForCausalLM(LlamaForCausalLM):
     def init_buffers(self, device: torch.device) -> None:
         super().init_buffers(device)
         self.rope_sin = -self.rope_sin  # (its RoPE turns the other way)
-
-    def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
-        for theirs, ours in _NAMES:
-            key = key.replace(theirs, ours)
-        return super().checkpoint_tensors(key, tensor)
 
     def forward(
         self, embeds: Tensor | None, positions: Tensor, attention: Attention, layer0: Layer0Input | None = None
