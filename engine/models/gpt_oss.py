@@ -72,9 +72,8 @@ def expert_tensors(key: str, tensor: Tensor) -> list[tuple[str, Tensor]] | None:
 
 class GptOssForCausalLM(LlamaForCausalLM):
     backbone_class = GptOssBackbone
+    checkpoint_renames = ((".mlp.router.", ".mlp.gate."),)
 
     def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
         mapped = expert_tensors(key, tensor)
-        if mapped is not None:
-            return mapped
-        return super().checkpoint_tensors(key.replace(".mlp.router.", ".mlp.gate."), tensor)
+        return super().checkpoint_tensors(key, tensor) if mapped is None else mapped
