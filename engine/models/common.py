@@ -72,6 +72,11 @@ def activation(name: str, x: Tensor) -> Tensor:
     raise ValueError(f"unsupported activation {name!r}")
 
 
+def default_rope_inv_freq(base: float, dim: int) -> Tensor:
+    """Plain RoPE's inverse frequencies base^(-2i/dim), computed as HF's default init does (fp32, on the CPU)."""
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
 def rope_inv_freq(config: ModelConfig, device: torch.device | str) -> tuple[Tensor, float]:
     """Inverse frequencies and cos/sin scaling, as HF computes them (llama3, linear, yarn via transformers)."""
     hf = config.hf_config
@@ -81,12 +86,11 @@ def rope_inv_freq(config: ModelConfig, device: torch.device | str) -> tuple[Tens
         # Hunyuan's NTK scaling by a fixed alpha: a stretched base, the same frequencies at every length
         dim = config.rotary_dim or config.head_dim
         base = params["rope_theta"] * params["alpha"] ** (dim / (dim - 2))
-        return (1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))).to(device), 1.0
+        return default_rope_inv_freq(base, dim).to(device), 1.0
     if rope_type == "default":
         base = params.get("rope_theta", 10000.0)  # (GPT-J's config has none)
         dim = config.rotary_dim or config.head_dim
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-        return inv_freq.to(device), 1.0
+        return default_rope_inv_freq(base, dim).to(device), 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, device)
@@ -111,8 +115,7 @@ def layer_type_rope_inv_freq(hf: Any, layer_type: str | None, head_dim: int,
     params = hf.rope_parameters if layer_type is None else hf.rope_parameters[layer_type]
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
-        inv = 1.0 / (params["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        return inv.to(device), 1.0
+        return default_rope_inv_freq(params["rope_theta"], head_dim).to(device), 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     kwargs = {} if layer_type is None else {"layer_type": layer_type}
@@ -144,8 +147,7 @@ def rope_tables_by_theta(thetas: tuple[float, ...], dim: int, positions: Tensor,
     is 0 has no RoPE and gets any table, never read)."""
     tables: dict[float, tuple[Tensor, Tensor]] = {}
     for theta in dict.fromkeys(t for t in thetas if t) or [10000.0]:
-        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-        tables[theta] = rotary_cos_sin(inv_freq.to(positions.device), 1.0, positions, dtype)
+        tables[theta] = rotary_cos_sin(default_rope_inv_freq(theta, dim).to(positions.device), 1.0, positions, dtype)
     first = next(iter(tables.values()))
     return [tables.get(t, first) for t in thetas]
 
