@@ -35,6 +35,7 @@ class DbrxBackbone(LlamaBackbone):
 
 class DbrxForCausalLM(LlamaForCausalLM):
     backbone_class = DbrxBackbone
+    checkpoint_renames = _NAMES
 
     def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
         c = self.config
@@ -44,11 +45,4 @@ class DbrxForCausalLM(LlamaForCausalLM):
             experts = tensor.view(c.moe.num_experts, c.moe.intermediate_size, c.hidden_size)
             return [(f"{stem}.mlp.experts.{e}.{_EXPERT_NAMES[name]}.weight", t.t() if name == "w2" else t)
                     for e, t in enumerate(experts)]
-        for theirs, ours in _NAMES:
-            key = key.replace(theirs, ours)
-        if key.endswith(".self_attn.qkv_proj.weight"):
-            stem = key.removesuffix("qkv_proj.weight")
-            kv = c.num_kv_heads * c.head_dim
-            return list(zip((stem + "q_proj.weight", stem + "k_proj.weight", stem + "v_proj.weight"),
-                            tensor.split([c.num_heads * c.head_dim, kv, kv])))
         return super().checkpoint_tensors(key, tensor)

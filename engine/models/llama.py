@@ -184,8 +184,8 @@ class LlamaForCausalLM(RotaryCausalLM):
         return self.model.embed_tokens
 
     def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
-        """Phi-3's (and GLM's) fused qkv_proj / gate_up_proj weights as our separate projections (fused again, in
-        our layout, by prepare_for_inference); Mixtral's experts under our names; a multimodal Mistral 3
+        """Phi-3's, GLM's and DBRX's fused qkv_proj (and gate_up_proj) weights as our separate projections (fused
+        again, in our layout, by prepare_for_inference); Mixtral's experts under our names; a multimodal Mistral 3
         checkpoint's language model. With RoPE in interleaved pairs (Cohere, GLM, ERNIE 4.5), each head's q/k rows,
         biases and norm gains are permuted (`ModelConfig.key_channel_order`) so that rotate-half RoPE turns the
         pairs."""
@@ -203,12 +203,12 @@ class LlamaForCausalLM(RotaryCausalLM):
                                                                   and key.startswith(("mtp.", "model.mtp."))):
             return []
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        if c.moe is not None:
-            mapped = moe_checkpoint_tensors(key, self._experts_as_transformers_holds_them(key, tensor))
-        elif key.endswith("self_attn.qkv_proj.weight") and tensor.shape[0] == q + 2 * kv:
+        if key.endswith("self_attn.qkv_proj.weight") and tensor.shape[0] == q + 2 * kv:
             stem = key.removesuffix("qkv_proj.weight")
             mapped = list(zip((stem + "q_proj.weight", stem + "k_proj.weight", stem + "v_proj.weight"),
                               tensor.split([q, kv, kv])))
+        elif c.moe is not None:
+            mapped = moe_checkpoint_tensors(key, self._experts_as_transformers_holds_them(key, tensor))
         elif key.endswith("mlp.gate_up_proj.weight") and tensor.shape[0] == 2 * c.intermediate_size:
             stem = key.removesuffix("gate_up_proj.weight")
             mapped = list(zip((stem + "gate_proj.weight", stem + "up_proj.weight"),
