@@ -537,10 +537,8 @@ def _afmoe_config(hf: Any, model_type: str) -> ModelConfig:
     full-attention ones NoPE), the heads' outputs gated, norms before and after attention and the MLP, input
     embeddings (soft-prompt rows too) times sqrt(hidden) where `mup_enabled`, and its mixture of experts."""
     _check_rope_types(hf, model_type)
-    layer_types = hf.layer_types or []
     return replace(_llama_config(hf, model_type), family="afmoe", qk_norm=True, sandwich_norms=True,
-                   attention_output_gate=True,
-                   nope_layers=tuple(i for i, kind in enumerate(layer_types) if kind == "full_attention"),
+                   attention_output_gate=True, nope_layers=_full_attention_layers(hf.layer_types or []),
                    embedding_multiplier=hf.hidden_size**0.5 if hf.mup_enabled else 1.0)
 
 
@@ -611,8 +609,8 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
                          intermediate_size=hf.intermediate_size, norm_topk_prob=True, weights_in_model_dtype=False,
                          sparse_layers=tuple(layers))
     if model_type in ("granitemoe", "granitemoeshared", "granitemoe_swa"):  # every layer sparse, the top-k logits'
-        # softmax, weights in
-        # the model dtype (GraniteMoeShared, GraniteMoeSWA: plus an ungated shared MLP, where it has one)
+        # softmax, weights in the model dtype (GraniteMoeShared, GraniteMoeSWA: plus an ungated shared MLP, where it
+        # has one)
         return MoEConfig(num_experts=hf.num_local_experts, top_k=hf.num_experts_per_tok,
                          intermediate_size=hf.intermediate_size, norm_topk_prob=False, weights_in_model_dtype=True,
                          sparse_layers=tuple(layers), softmax_over_topk=True,
