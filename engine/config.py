@@ -31,7 +31,8 @@ ARCH_FAMILIES = {
     "kolibri1": "llama", "flint": "flint", "mpt": "mpt", "persimmon": "persimmon",
     "dbrx": "dbrx", "nanochat": "nanochat", "gpt-sw3": "gpt2", "hy_v3": "llama",
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
-    "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gpt_neox": "gpt_neox",
+    "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gemma4_text": "gemma4",
+    "gemma4": "gemma4", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
     "cohere": "cohere", "cohere2": "cohere", "cohere2_moe": "cohere", "glm": "glm", "glm4": "glm", "falcon": "falcon",
     "gptj": "gptj",
@@ -121,7 +122,7 @@ class ModelConfig:
     family: str  # "llama" | "olmo" | "stablelm" | "starcoder2" | "cohere" | "olmo2" | "glm" | "gemma" | "gpt_neox"
     # | "phi" | "gptj" | "falcon" | "opt" | "xglm" | "biogpt" | "gpt2" | "gpt_bigcode" | "gpt_neo" | "bloom"
     # | "nemotron" | "deepseek" | "gpt_oss" | "llama4" | "phimoe" | "afmoe" | "flint" | "mpt" | "persimmon" | "dbrx"
-    # | "nanochat"
+    # | "nanochat" | "gemma4"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -156,6 +157,14 @@ class ModelConfig:
     # 1 + scale * log(1 + floor((position + 1) / floor)), as (scale, floor); None: none
     nope_query_scale: tuple[float, int] | None = None
     qk_l2_norm: bool = False  # Llama 4: q and k L2-normed per head (no gain) after RoPE, on the RoPE layers
+    # Gemma 4: each layer's own head width and K/V head count where the layers differ (empty: all are head_dim and
+    # num_kv_heads). The pool holds the widest heads (head_dim) and the lcm of the counts (num_kv_heads): a narrower
+    # layer's q/k/v are zero-padded to head_dim (the same scores and outputs), one with fewer K/V heads repeats each
+    # of them (as GQA shares it)
+    layer_head_dims: tuple[int, ...] = ()
+    layer_kv_heads: tuple[int, ...] = ()
+    # Gemma 4's attention_k_eq_v: these layers' values are their key projection (before the key norm and RoPE)
+    value_from_key_layers: tuple[int, ...] = ()
     attention_output_gate: bool = False  # AFMoE: the heads' outputs times sigmoid(gate_proj(x)) before o_proj
     layer_rope_thetas: tuple[float, ...] = ()  # GraniteSWA: each layer's RoPE base (0: that layer has none)
     rms_norm: bool = False  # Cohere2-MoE with rms_norm_eps: RMSNorms in place of Cohere's LayerNorms
@@ -201,6 +210,10 @@ class ModelConfig:
     @property
     def kv_prefix_refusal(self) -> str | None:
         """Why this model cannot take a prefix-tuning (K/V) adapter; None where it can."""
+        if self.layer_head_dims or self.layer_kv_heads:
+            return (f"{self.model_type}'s layers differ in K/V head width and count; PEFT provisions a prefix-tuning "
+                    "adapter for the widest layers and skips or slices it elsewhere, which the engine does not "
+                    "reproduce: use prompt tuning, P-tuning or CPT")
         if self.mla is not None:
             return (f"{self.model_type}'s latent attention caches a compressed latent per token, not per-head keys "
                     "and values, so PEFT's prefix tuning does not apply to it (transformers + PEFT fail on it too); "
@@ -343,10 +356,11 @@ def _check(cfg: ModelConfig) -> None:
         )
 
 
-def _decoder_fields(hf: Any, model_type: str, head_dim: int, norm_eps: float | None = None) -> dict[str, Any]:
+def _decoder_fields(hf: Any, model_type: str, head_dim: int, norm_eps: float | None = None,
+                    num_kv_heads: int | None = None) -> dict[str, Any]:
     """The fields the RoPE decoder families (Llama's, Gemma's, GPT-NeoX's) read from their configs alike (`norm_eps`:
-    where the config does not call it rms_norm_eps); others whose configs map these names (GPT-Neo's, XGLM's) take
-    them too, with their own position encoding."""
+    where the config does not call it rms_norm_eps; `num_kv_heads`: where the config's differs by layer); others
+    whose configs map these names (GPT-Neo's, XGLM's) take them too, with their own position encoding."""
     heads = hf.num_attention_heads
     return dict(
         model_type=model_type,
@@ -354,7 +368,7 @@ def _decoder_fields(hf: Any, model_type: str, head_dim: int, norm_eps: float | N
         hidden_size=hf.hidden_size,
         num_layers=hf.num_hidden_layers,
         num_heads=heads,
-        num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
+        num_kv_heads=num_kv_heads or getattr(hf, "num_key_value_heads", None) or heads,
         head_dim=head_dim,
         intermediate_size=getattr(hf, "intermediate_size", None),
         norm_eps=hf.rms_norm_eps if norm_eps is None else norm_eps,
@@ -762,6 +776,70 @@ def _gemma_config(hf: Any, model_type: str) -> ModelConfig:
         sandwich_norms=later and model_type != "vaultgemma",  # (VaultGemma: Gemma 2 without the post-norms)
         final_logit_softcap=float(getattr(hf, "final_logit_softcapping", None) or 0.0),
         attention_softcap=float(getattr(hf, "attn_logit_softcapping", None) or 0.0),
+    )
+
+
+def _gemma4_config(hf: Any, model_type: str) -> ModelConfig:
+    """Gemma 4 (`gemma4_text`; `gemma4`: the multimodal checkpoints' language model): Gemma 3's layers with wider
+    K/V heads (and fewer, their values their keys where attention_k_eq_v) on the full-attention layers, per
+    `per_layer_config`, an attention scale of 1 and gainless value norms; the 26B-A4B's experts beside each dense
+    MLP."""
+    if model_type == "gemma4":
+        return _language_model_config(hf, model_type, lambda text: _gemma4_config(text, "gemma4_text"))
+    if getattr(hf, "use_bidirectional_attention", None) == "all":
+        raise UnsupportedModelError(f"{model_type} with use_bidirectional_attention='all' is not a causal LM")
+    if getattr(hf, "hidden_size_per_layer_input", 0):
+        raise UnsupportedModelError(
+            f"{model_type} with per-layer input embeddings (hidden_size_per_layer_input: Gemma 4 E2B / E4B) is not "
+            "supported: they look up each input row's token id, which a soft prompt's rows do not have "
+            "(transformers + PEFT fail on them too)")
+    if getattr(hf, "num_kv_shared_layers", 0):
+        raise UnsupportedModelError(f"{model_type} with num_kv_shared_layers (layers reusing earlier layers' K/V) is "
+                                    "not supported")
+    per_layer = getattr(hf, "per_layer_attributes", None) or set()
+    if per_layer - {"head_dim", "num_key_value_heads"}:
+        raise UnsupportedModelError(f"{model_type}'s per_layer_config overrides {sorted(per_layer)}; supported: "
+                                    "head_dim, num_key_value_heads")
+    layers = range(hf.num_hidden_layers)
+    if per_layer:
+        layer_configs = hf.per_layer_config
+        head_dims = tuple(int(layer_configs[i].head_dim) for i in layers)
+        kv_heads = tuple(int(layer_configs[i].num_key_value_heads) for i in layers)
+        if any(layer_configs[i].skip for i in layers):
+            raise UnsupportedModelError(f"{model_type} with layers that skip sublayers (per_layer_config skip) is "
+                                        "not supported")
+    else:
+        head_dims = (int(hf.head_dim),) * hf.num_hidden_layers
+        kv_heads = (int(hf.num_key_value_heads),) * hf.num_hidden_layers
+    for count in kv_heads:
+        if hf.num_attention_heads % count:
+            raise CheckpointError(f"num_attention_heads={hf.num_attention_heads} is not a multiple of a layer's "
+                                  f"num_key_value_heads={count}")
+    _check_rope_types(hf, model_type)
+    uniform = len(set(head_dims)) == 1 and len(set(kv_heads)) == 1
+    fields = _decoder_fields(hf, model_type, max(head_dims), num_kv_heads=math.lcm(*kv_heads))
+    moe = None
+    if getattr(hf, "enable_moe_block", False):
+        moe = MoEConfig(num_experts=hf.num_experts, top_k=hf.top_k_experts, intermediate_size=hf.moe_intermediate_size,
+                        norm_topk_prob=True, weights_in_model_dtype=False, sparse_layers=tuple(layers))
+    full = tuple(i for i, t in enumerate(hf.layer_types) if t != "sliding_attention")
+    return ModelConfig(
+        family="gemma4",
+        **fields,
+        max_positions=hf.max_position_embeddings,
+        hidden_act=hf.hidden_activation,
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
+        qkv_bias=bool(hf.attention_bias),
+        o_bias=bool(hf.attention_bias),
+        qk_norm=True,
+        attention_scale=1.0,
+        layer_windows=_windows_by_layer_type(hf.sliding_window, hf.layer_types),
+        sandwich_norms=True,
+        final_logit_softcap=float(getattr(hf, "final_logit_softcapping", None) or 0.0),
+        layer_head_dims=() if uniform else head_dims,
+        layer_kv_heads=() if uniform else kv_heads,
+        value_from_key_layers=full if getattr(hf, "attention_k_eq_v", False) else (),
+        moe=moe,
     )
 
 
@@ -1244,5 +1322,5 @@ FAMILY_CONFIGS = {
     "deepseek": _deepseek_config, "gpt_oss": _gpt_oss_config, "llama4": _llama4_config, "phimoe": _phimoe_config,
     "afmoe": _afmoe_config, "flint": _flint_config,
     "mpt": _mpt_config, "persimmon": _persimmon_config, "dbrx": _dbrx_config,
-    "nanochat": _nanochat_config,
+    "nanochat": _nanochat_config, "gemma4": _gemma4_config,
 }

@@ -29,7 +29,8 @@ SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "glm4_moe", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "glm4_moe_lite", "mistral4", "youtu",
     "minicpm3", "dots1", "iquestcoder", "vaultgemma", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe",
     "phi3", "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm",
-    "hyperclovax", "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gpt_neox", "phi", "stablelm", "nemotron",
+    "hyperclovax", "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4", "gpt_neox", "phi",
+    "stablelm", "nemotron",
     "starcoder2", "cohere", "cohere2", "olmo", "olmo2", "olmo3", "flex_olmo", "exaone4", "exaone4_5", "glm", "glm4",
     "falcon", "gptj", "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
 
@@ -350,6 +351,28 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                                                  **media, **ids)
         return transformers.Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **media,
                                           **ids)
+    elif arch == "gemma4":  # multimodal: Gemma 4 text + a tiny vision tower the engine leaves out
+        text = _hf_config("gemma4_text", vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
+                          num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
+                          max_positions=max_positions, tie_word_embeddings=True, **overrides)
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, head_dim=16, patch_size=4, position_embedding_size=64)
+        return transformers.Gemma4Config(text_config=text.to_dict(), vision_config=vision, audio_config=None,
+                                         image_token_id=vocab_size - 1, boi_token_id=vocab_size - 2,
+                                         eoi_token_id=vocab_size - 3, video_token_id=vocab_size - 4,
+                                         audio_token_id=vocab_size - 5, **ids)
+    elif arch == "gemma4_text":  # sliding and full-attention layers in turn (the last full), the full ones with
+        # twice the head width, half the K/V heads and their values their keys; the per-layer input embeddings of
+        # E2B / E4B off (hidden_size_per_layer_input 0), as in the 31B and 26B-A4B
+        cls = transformers.Gemma4TextConfig
+        head_dim = hidden_size // num_heads
+        kv_heads = num_kv_heads or max(1, num_heads // 2)
+        kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                  num_key_value_heads=kv_heads, intermediate_size=inter, max_position_embeddings=max_positions,
+                  head_dim=head_dim, global_head_dim=2 * head_dim, num_global_key_value_heads=max(1, kv_heads // 2),
+                  attention_k_eq_v=True, hidden_size_per_layer_input=0, sliding_window=6,
+                  layer_types=(["sliding_attention", "full_attention"] * num_layers)[:num_layers - 1]
+                  + ["full_attention"])
     elif arch in ("gemma", "gemma2", "gemma3_text", "vaultgemma"):
         cls = {"gemma": transformers.GemmaConfig, "gemma2": transformers.Gemma2Config,
                "gemma3_text": transformers.Gemma3TextConfig, "vaultgemma": transformers.VaultGemmaConfig}[arch]
@@ -474,7 +497,7 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
 def gain_offset(norm: torch.nn.Module) -> float:
     """What a norm adds to its weight to get its gain: 1 for Gemma's and Nemotron's (1 + w), else 0."""
     name = type(norm).__name__.lower()
-    return 1.0 if "gemma" in name or name.endswith("layernorm1p") else 0.0
+    return 1.0 if ("gemma" in name and not name.startswith("gemma4")) or name.endswith("layernorm1p") else 0.0
 
 
 @torch.no_grad()
@@ -511,6 +534,8 @@ def _reinit_(model: torch.nn.Module, seed: int, logit_std: float = 2.0) -> None:
             elif name in ("sinks", "softmax_offset"):  # attention sinks (gpt-oss's, Flint's, ...): large enough to
                 # matter
                 draw(p, 1.0)
+            elif type(module).__name__ == "Gemma4TextRouter":  # its input's and its experts' scales, about 1
+                draw(p, 0.1, 1.0)
             elif p.dim() == 1 or name.endswith("_bias"):  # (gpt-oss's stacked expert biases are [E, out])
                 draw(p, 0.02)
             else:
@@ -518,9 +543,11 @@ def _reinit_(model: torch.nn.Module, seed: int, logit_std: float = 2.0) -> None:
                 if type(module).__name__ == "GptOssExperts":  # stacked [E, in, out]
                     fan_in = p.shape[1]
                 draw(p, 1.0 / math.sqrt(fan_in))
-    for name, buffer in model.named_buffers():  # a sigmoid router's stored score-correction bias (GLM-4.5's)
-        if name.endswith("e_score_correction_bias"):
+    for name, buffer in model.named_buffers():  # a sigmoid router's stored score-correction bias (GLM-4.5's),
+        if name.endswith("e_score_correction_bias"):  # Gemma 4's per-layer output scales
             draw(buffer, 0.1)
+        elif name.endswith("layer_scalar"):
+            draw(buffer, 0.2, 1.0)
 
 
 def _uninitialised_model(config: Any, multimodal: bool = False) -> torch.nn.Module:

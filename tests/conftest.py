@@ -324,6 +324,15 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # Hy3 (Tencent, hy_v3): per-head q/k norms, a dense first layer, then GLM-4.5's sigmoid router (one group,
     # scaled) and a shared expert
     "hy_v3": ("hy_v3", {"num_layers": 3}),
+    # Gemma 4 (31B's layout): sliding and full-attention layers in turn, the full ones with twice the head width,
+    # half the K/V heads, values from the keys' projection and proportional RoPE; gainless value norms, attention
+    # scale 1, per-layer output scales, soft-capped logits
+    "gemma4": ("gemma4_text", {"num_layers": 4, "final_logit_softcapping": 30.0}),
+    # 26B-A4B's: 4 experts (2 a token) beside each layer's dense MLP, routed on the un-normed input
+    "gemma4_moe": ("gemma4_text", {"num_layers": 3, "enable_moe_block": True, "num_experts": 4, "top_k_experts": 2,
+                                   "moe_intermediate_size": 32}),
+    # a multimodal Gemma 4 checkpoint (model.language_model.*, a vision tower): its language model
+    "gemma4_multimodal": ("gemma4", {"num_layers": 3}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

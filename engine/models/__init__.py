@@ -10,6 +10,7 @@ from .deepseek import DeepseekForCausalLM
 from .falcon import FalconForCausalLM
 from .flint import FlintForCausalLM
 from .gemma import GemmaForCausalLM
+from .gemma4 import Gemma4ForCausalLM
 from .gpt2 import GPT2LMHeadModel, GPTBigCodeForCausalLM
 from .gpt_neo import GPTNeoForCausalLM
 from .gpt_neox import GPTNeoXForCausalLM
@@ -38,6 +39,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "nanochat": NanoChatForCausalLM,
     "olmo": OlmoForCausalLM,
     "gemma": GemmaForCausalLM,
+    "gemma4": Gemma4ForCausalLM,
     "gpt_neox": GPTNeoXForCausalLM,
     "phi": PhiForCausalLM,
     "gptj": GPTJForCausalLM,

@@ -125,7 +125,11 @@ class SparseMoE(nn.Module):
         return experts, weights * moe.routed_scaling
 
     def forward(self, x: Tensor) -> Tensor:
-        experts, weights = self.route(x)
+        return self.mix(x, *self.route(x))
+
+    def mix(self, x: Tensor, experts: Tensor, weights: Tensor) -> Tensor:
+        """Each token of x through its chosen experts [T, k], their outputs summed with the weights [T, k] (Gemma 4
+        routes on another input than the one its experts take)."""
         t, k = experts.shape
         flat = experts.flatten()
         order = flat.argsort(stable=True)  # the (token, slot) pairs grouped by expert
