@@ -32,7 +32,7 @@ ARCH_FAMILIES = {
     "dbrx": "dbrx", "nanochat": "nanochat", "gpt-sw3": "gpt2", "hy_v3": "llama",
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gemma4_text": "gemma4",
-    "gemma4": "gemma4", "gpt_neox": "gpt_neox",
+    "gemma4": "gemma4", "gemma4_unified_text": "gemma4", "gemma4_unified": "gemma4", "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
     "cohere": "cohere", "cohere2": "cohere", "cohere2_moe": "cohere", "glm": "glm", "glm4": "glm", "falcon": "falcon",
     "gptj": "gptj",
@@ -165,6 +165,10 @@ class ModelConfig:
     layer_kv_heads: tuple[int, ...] = ()
     # Gemma 4's attention_k_eq_v: these layers' values are their key projection (before the key norm and RoPE)
     value_from_key_layers: tuple[int, ...] = ()
+    # Gemma 4's num_kv_shared_layers: the layer whose keys and values each layer attends with (itself, or an earlier
+    # layer of its type, whose new K/V it then writes to its own pool slots too); empty: every layer its own
+    kv_source_layers: tuple[int, ...] = ()
+    layer_intermediate_sizes: tuple[int, ...] = ()  # each layer's MLP width where they differ (Gemma 4's double-wide)
     attention_output_gate: bool = False  # AFMoE: the heads' outputs times sigmoid(gate_proj(x)) before o_proj
     layer_rope_thetas: tuple[float, ...] = ()  # GraniteSWA: each layer's RoPE base (0: that layer has none)
     rms_norm: bool = False  # Cohere2-MoE with rms_norm_eps: RMSNorms in place of Cohere's LayerNorms
@@ -780,12 +784,13 @@ def _gemma_config(hf: Any, model_type: str) -> ModelConfig:
 
 
 def _gemma4_config(hf: Any, model_type: str) -> ModelConfig:
-    """Gemma 4 (`gemma4_text`; `gemma4`: the multimodal checkpoints' language model): Gemma 3's layers with wider
-    K/V heads (and fewer, their values their keys where attention_k_eq_v) on the full-attention layers, per
-    `per_layer_config`, an attention scale of 1 and gainless value norms; the 26B-A4B's experts beside each dense
-    MLP."""
-    if model_type == "gemma4":
-        return _language_model_config(hf, model_type, lambda text: _gemma4_config(text, "gemma4_text"))
+    """Gemma 4 (`gemma4_text`, `gemma4_unified_text`; `gemma4`, `gemma4_unified`: the multimodal checkpoints'
+    language model): Gemma 3's layers with wider K/V heads (and fewer, their values their keys where
+    attention_k_eq_v) on the full-attention layers, per `per_layer_config`, an attention scale of 1 and gainless
+    value norms; the 26B-A4B's experts beside each dense MLP; the last layers may attend with earlier layers'
+    K/V."""
+    if model_type in ("gemma4", "gemma4_unified"):
+        return _language_model_config(hf, model_type, lambda text: _gemma4_config(text, text.model_type))
     if getattr(hf, "use_bidirectional_attention", None) == "all":
         raise UnsupportedModelError(f"{model_type} with use_bidirectional_attention='all' is not a causal LM")
     if getattr(hf, "hidden_size_per_layer_input", 0):
@@ -793,9 +798,6 @@ def _gemma4_config(hf: Any, model_type: str) -> ModelConfig:
             f"{model_type} with per-layer input embeddings (hidden_size_per_layer_input: Gemma 4 E2B / E4B) is not "
             "supported: they look up each input row's token id, which a soft prompt's rows do not have "
             "(transformers + PEFT fail on them too)")
-    if getattr(hf, "num_kv_shared_layers", 0):
-        raise UnsupportedModelError(f"{model_type} with num_kv_shared_layers (layers reusing earlier layers' K/V) is "
-                                    "not supported")
     per_layer = getattr(hf, "per_layer_attributes", None) or set()
     if per_layer - {"head_dim", "num_key_value_heads"}:
         raise UnsupportedModelError(f"{model_type}'s per_layer_config overrides {sorted(per_layer)}; supported: "
@@ -823,6 +825,13 @@ def _gemma4_config(hf: Any, model_type: str) -> ModelConfig:
         moe = MoEConfig(num_experts=hf.num_experts, top_k=hf.top_k_experts, intermediate_size=hf.moe_intermediate_size,
                         norm_topk_prob=True, weights_in_model_dtype=False, sparse_layers=tuple(layers))
     full = tuple(i for i, t in enumerate(hf.layer_types) if t != "sliding_attention")
+    sources, widths = (), ()
+    if getattr(hf, "num_kv_shared_layers", 0):  # the last layers attend with the last earlier layer of their type's K/V
+        modes = hf.kv_sharing_modes
+        producers = {hf.layer_types[i]: i for i in layers if modes[i] != "reuse"}
+        sources = tuple(producers[hf.layer_types[i]] if modes[i] == "reuse" else i for i in layers)
+        if getattr(hf, "use_double_wide_mlp", False):  # (the sharing layers' MLPs twice as wide)
+            widths = tuple(hf.intermediate_size * (2 if modes[i] == "reuse" else 1) for i in layers)
     return ModelConfig(
         family="gemma4",
         **fields,
@@ -839,6 +848,8 @@ def _gemma4_config(hf: Any, model_type: str) -> ModelConfig:
         layer_head_dims=() if uniform else head_dims,
         layer_kv_heads=() if uniform else kv_heads,
         value_from_key_layers=full if getattr(hf, "attention_k_eq_v", False) else (),
+        kv_source_layers=sources,
+        layer_intermediate_sizes=widths,
         moe=moe,
     )
 

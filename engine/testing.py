@@ -29,8 +29,8 @@ SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "glm4_moe", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "glm4_moe_lite", "mistral4", "youtu",
     "minicpm3", "dots1", "iquestcoder", "vaultgemma", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe",
     "phi3", "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm",
-    "hyperclovax", "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4", "gpt_neox", "phi",
-    "stablelm", "nemotron",
+    "hyperclovax", "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4", "gemma4_unified_text",
+    "gemma4_unified", "gpt_neox", "phi", "stablelm", "nemotron",
     "starcoder2", "cohere", "cohere2", "olmo", "olmo2", "olmo3", "flex_olmo", "exaone4", "exaone4_5", "glm", "glm4",
     "falcon", "gptj", "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
 
@@ -361,18 +361,32 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                                          image_token_id=vocab_size - 1, boi_token_id=vocab_size - 2,
                                          eoi_token_id=vocab_size - 3, video_token_id=vocab_size - 4,
                                          audio_token_id=vocab_size - 5, **ids)
-    elif arch == "gemma4_text":  # sliding and full-attention layers in turn (the last full), the full ones with
-        # twice the head width, half the K/V heads and their values their keys; the per-layer input embeddings of
-        # E2B / E4B off (hidden_size_per_layer_input 0), as in the 31B and 26B-A4B
-        cls = transformers.Gemma4TextConfig
+    elif arch == "gemma4_unified":  # multimodal: Gemma 4 "unified" text + its tiny vision embedder, left out
+        text = _hf_config("gemma4_unified_text", vocab_size=vocab_size, hidden_size=hidden_size,
+                          num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                          intermediate_size=intermediate_size, max_positions=max_positions, tie_word_embeddings=True,
+                          **overrides)
+        vision = dict(patch_size=4, pooling_kernel_size=2, mm_embed_dim=32, mm_posemb_size=16, output_proj_dims=32)
+        return transformers.Gemma4UnifiedConfig(text_config=text.to_dict(), vision_config=vision, audio_config=None,
+                                                image_token_id=vocab_size - 1, boi_token_id=vocab_size - 2,
+                                                eoi_token_id=vocab_size - 3, video_token_id=vocab_size - 4,
+                                                audio_token_id=vocab_size - 5, **ids)
+    elif arch in ("gemma4_text", "gemma4_unified_text"):  # sliding and full-attention layers in turn (the last
+        # full), the full ones with twice the head width, half the K/V heads and their values their keys; the
+        # per-layer input embeddings of E2B / E4B off (hidden_size_per_layer_input 0), as in the 31B and 26B-A4B
         head_dim = hidden_size // num_heads
         kv_heads = num_kv_heads or max(1, num_heads // 2)
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                   num_key_value_heads=kv_heads, intermediate_size=inter, max_position_embeddings=max_positions,
                   head_dim=head_dim, global_head_dim=2 * head_dim, num_global_key_value_heads=max(1, kv_heads // 2),
-                  attention_k_eq_v=True, hidden_size_per_layer_input=0, sliding_window=6,
+                  attention_k_eq_v=True, sliding_window=6,
                   layer_types=(["sliding_attention", "full_attention"] * num_layers)[:num_layers - 1]
                   + ["full_attention"])
+        if arch == "gemma4_text":
+            cls = transformers.Gemma4TextConfig
+            kw.update(hidden_size_per_layer_input=0)
+        else:
+            cls = transformers.Gemma4UnifiedTextConfig
     elif arch in ("gemma", "gemma2", "gemma3_text", "vaultgemma"):
         cls = {"gemma": transformers.GemmaConfig, "gemma2": transformers.Gemma2Config,
                "gemma3_text": transformers.Gemma3TextConfig, "vaultgemma": transformers.VaultGemmaConfig}[arch]

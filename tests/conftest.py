@@ -333,6 +333,11 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
                                    "moe_intermediate_size": 32}),
     # a multimodal Gemma 4 checkpoint (model.language_model.*, a vision tower): its language model
     "gemma4_multimodal": ("gemma4", {"num_layers": 3}),
+    # Gemma 4 "unified" (gemma4_unified_text, the 12B's): the same layers, the last two attending with the K/V of the
+    # last earlier layer of their type, their MLPs twice as wide; and as the multimodal checkpoint
+    "gemma4_unified": ("gemma4_unified_text", {"num_layers": 6, "num_kv_shared_layers": 2,
+                                               "use_double_wide_mlp": True, "final_logit_softcapping": 30.0}),
+    "gemma4_unified_multimodal": ("gemma4_unified", {"num_layers": 3}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

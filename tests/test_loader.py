@@ -103,6 +103,37 @@ def test_falcon_with_alibi_is_refused_naming_it(tmp_path, model_dir_for):
         load_model(d, "cpu")
 
 
+@pytest.mark.parametrize("field, value, match", [
+    ("hidden_size_per_layer_input", 16, "per-layer input embeddings"),  # Gemma 4 E2B / E4B
+    ("use_bidirectional_attention", "all", "not a causal LM")])
+def test_gemma4_options_we_do_not_serve_are_refused_by_name(field, value, match, tmp_path, model_dir_for):
+    d = tmp_path / "m"
+    shutil.copytree(model_dir_for("gemma4"), d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg[field] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match=match):
+        load_model(d, "cpu")
+
+
+def test_gemma4_layers_sharing_kv_leave_their_own_kv_weights_unread(tmp_path, model_dir_for):
+    """A Gemma 4 layer that attends with an earlier layer's K/V has no K/V projections of its own; a checkpoint that
+    still holds them (transformers ignores them on load) loads, and they are not read."""
+    from safetensors.torch import load_file
+
+    source = model_dir_for("gemma4_unified")
+    d = tmp_path / "m"
+    shutil.copytree(source, d)
+    weights = load_file(d / "model.safetensors")
+    extra = {f"model.layers.5.self_attn.{name}.weight": torch.full_like(weights[f"model.layers.3.self_attn.{name}.weight"],
+                                                                        7.0) for name in ("k_proj", "k_norm")}
+    save_file({**weights, **extra}, d / "model.safetensors", metadata={"format": "pt"})
+    ids = list(range(5, 17))
+    want = Engine(source, device="cpu", dtype="float32", backend="reference").reference.logits(None, ids)
+    got = Engine(d, device="cpu", dtype="float32", backend="reference").reference.logits(None, ids)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 def test_a_rope_per_layer_type_needs_a_family_that_rotates_by_layer(monkeypatch, model_dir_for):
     """A family whose forward rotates with one RoPE for all layers refuses a checkpoint with a RoPE per layer type,
     rather than rotating every layer with the first type's."""

@@ -109,7 +109,8 @@ def test_greedy_tokens_match_peft_generate(variant, model_dir_for, adapter_for):
                                      "nemotron", "hyperclovax", "jais2", "apertus",
                                      "codegen", "xglm", "biogpt", "deepseek_v3_dense", "deepseek_v2_dense",
                                      "youtu", "minicpm3", "vaultgemma", "hunyuan_v1_dense", "llama4_text_dense",
-                                     "persimmon", "mpt", "nanochat", "gemma4"])
+                                     "persimmon", "mpt", "nanochat", "gemma4",
+                                     "gemma4_unified"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_close_to_hf(variant, dtype, model_dir_for, adapter_for):
     """In half precision, we must be about as close to HF-half as HF-half is to the fp32 truth."""
@@ -171,6 +172,28 @@ def test_half_precision_moe_layer_matches_hf(variant, dtype, model_dir_for):
     tolerance = {torch.bfloat16: 1e-3, torch.float16: 1.2e-4}[dtype]
     if variant in ("gpt_oss", "llama4_text") and dtype == torch.float16:  # the CPU's fp16 GEMM rounds HF's x @ W
         tolerance = 1e-3  # over its stacked [E, in, out] experts and our F.linear over [out, in] an ulp apart
+    torch.testing.assert_close(got, expected, atol=tolerance * expected.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_gemma4_experts_match_hf(dtype, model_dir_for):
+    """Gemma 4's experts (26B-A4B), checked alone in half precision as the MoE layers above: routed on the layer's
+    un-normed input, run on its `pre_feedforward_layernorm_2` norm, the same experts chosen and the output equal to
+    HF's within a fraction of an ulp at its scale."""
+    from softprompt.engine.loader import load_model
+
+    model_dir = model_dir_for("gemma4_moe")
+    ours = load_model(model_dir, "cpu", dtype).model.layers[1]
+    theirs = hf_peft_model(model_dir, None, dtype=dtype).model.layers[1]
+    x = torch.randn(256, ours.moe.gate.in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
+    with torch.no_grad():
+        _, weights, experts = theirs.router(x)
+        expected = theirs.experts(theirs.pre_feedforward_layernorm_2(x), experts, weights).float()
+        chosen, ours_weights = ours.moe.route(x)
+        got = ours.moe.mix(ours.pre_feedforward_layernorm_2(x), chosen, ours_weights).float()
+    assert torch.equal(chosen.sort(dim=-1).values, experts.sort(dim=-1).values)
+    assert len(set(chosen.flatten().tolist())) == ours.moe.moe.num_experts  # every expert takes tokens
+    tolerance = {torch.bfloat16: 1e-3, torch.float16: 1.2e-4}[dtype]
     torch.testing.assert_close(got, expected, atol=tolerance * expected.abs().max().item(), rtol=0)
 
 

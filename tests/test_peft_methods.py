@@ -43,8 +43,9 @@ pytest.importorskip("peft")
 
 _built: dict[str, dict] = {}
 CPT_UNBUILDABLE = ("xglm", "mpt", "dbrx")  # PEFT's CPTConfig resets the head count it cannot read off their configs
-# latent attention: no per-head K/V for prefix tuning or cartridges (HF + PEFT fail on them)
-KV_UNSERVABLE = ("deepseek_v3", "deepseek_v2", "minicpm3")
+# latent attention: no per-head K/V for prefix tuning or cartridges (HF + PEFT fail on them); Gemma 4: K/V shapes
+# that differ by layer, which PEFT's prefix fits to some layers and skips in others
+KV_UNSERVABLE = ("deepseek_v3", "deepseek_v2", "minicpm3", "gemma4", "gemma4_moe", "gemma4_unified")
 KV_TASKS = ("kv", "kv_proj", "cart")
 
 
@@ -276,6 +277,20 @@ def test_prefix_adapter_of_another_model_is_refused(tmp_path, model_dir_for):
     with pytest.raises(PromptError, match="3 layers; this model has 2"):
         engine.add_prompt("t", adapter)
     assert "t" not in engine.prompts
+
+
+def test_prefix_tuning_on_gemma4_is_refused_naming_why(tmp_path, model_dir_for, adapter_for):
+    """Gemma 4's full-attention layers have other K/V shapes than its sliding ones; PEFT provisions a prefix for the
+    widest and skips the layers it does not fit, which the engine does not reproduce: refused by name, before any
+    state changes, the other prompts served on."""
+    d = model_dir_for("gemma4")
+    adapter = build_prefix_tuning_adapter(d, tmp_path / "kv", num_virtual_tokens=4)
+    engine = Engine(d, device="cpu", dtype="float32")
+    engine.add_prompt("soft", adapter_for("gemma4"))
+    with pytest.raises(PromptError, match="differ in K/V head width and count.* prompt tuning, P-tuning or CPT"):
+        engine.add_prompt("kv", adapter)
+    assert "kv" not in engine.prompts
+    assert engine.generate([Request(prompt="soft", input_ids=[5, 6, 7], sampling=SamplingParams(max_new_tokens=3))])
 
 
 def test_prefix_tuning_on_latent_attention_is_refused_naming_why(tmp_path, model_dir_for, adapter_for):

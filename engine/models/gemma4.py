@@ -15,20 +15,24 @@ GQA would share it; the padding costs memory, never exactness.
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .base import CausalLM, Layer0Input
+from .base import CausalLM, Layer0Input, language_model_tensors
 from .common import Attention, apply_rotary, default_rope_inv_freq, gather_rope_rows, rotary_cos_sin
 from .gemma import GemmaForCausalLM
 from .linear import Linear, linear
 from .llama import LlamaMLP, _fuse
 from .moe import SparseMoE, moe_checkpoint_tensors
 
-# the multimodal checkpoints' other towers (the vision tower is left out by `language_model_tensors`)
-_OTHER_TOWERS = ("model.embed_vision.", "model.audio_tower.", "model.embed_audio.")
+_LAYER_KV_KEY = re.compile(r".*layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\..*")
+# a layer's router and experts (HF's, beside its `mlp`) under our `moe`
+_MOE_NAMES = ((".router.proj.", ".moe.gate."), (".router.scale", ".moe.router_scale"),
+              (".router.per_expert_scale", ".moe.per_expert_scale"), (".experts.", ".moe.experts."))
 
 
 class Gemma4RMSNorm(nn.Module):
@@ -55,39 +59,56 @@ class Gemma4Attention(nn.Module):
         self.head_dim = c.layer_head_dims[index] if c.layer_head_dims else c.head_dim
         self.kv_heads = c.layer_kv_heads[index] if c.layer_kv_heads else c.num_kv_heads
         self.value_from_key = index in c.value_from_key_layers
+        self.kv_source = c.kv_source_layers[index] if c.kv_source_layers else index
         d = self.head_dim
         self.q_proj = Linear(c.hidden_size, c.num_heads * d, bias=c.qkv_bias)
-        self.k_proj = Linear(c.hidden_size, self.kv_heads * d, bias=c.qkv_bias)
-        if not self.value_from_key:
-            self.v_proj = Linear(c.hidden_size, self.kv_heads * d, bias=c.qkv_bias)
-        self.o_proj = Linear(c.num_heads * d, c.hidden_size, bias=c.o_bias)
         self.q_norm = Gemma4RMSNorm(d, c.norm_eps)
-        self.k_norm = Gemma4RMSNorm(d, c.norm_eps)
-        self.v_norm = Gemma4RMSNorm(d, c.norm_eps, with_scale=False)
+        self.o_proj = Linear(c.num_heads * d, c.hidden_size, bias=c.o_bias)
+        if self.kv_source == index:  # (a layer attending with an earlier one's K/V has no projections for them)
+            self.k_proj = Linear(c.hidden_size, self.kv_heads * d, bias=c.qkv_bias)
+            if not self.value_from_key:
+                self.v_proj = Linear(c.hidden_size, self.kv_heads * d, bias=c.qkv_bias)
+            self.k_norm = Gemma4RMSNorm(d, c.norm_eps)
+            self.v_norm = Gemma4RMSNorm(d, c.norm_eps, with_scale=False)
         self.qkv_weight: Tensor | None = None
         self.qkv_bias: Tensor | None = None
 
     def fuse(self, transposed: bool) -> None:
-        projections = [self.q_proj, self.k_proj] + ([] if self.value_from_key else [self.v_proj])
+        projections = [self.q_proj]
+        if hasattr(self, "k_proj"):
+            projections += [self.k_proj] + ([] if self.value_from_key else [self.v_proj])
         self.qkv_weight, self.qkv_bias = _fuse(projections, transposed)
 
     def forward(self, layer: int, x: Tensor, rope: tuple[Tensor, Tensor], attention: Attention,
-                pool_shape: tuple[int, int]) -> Tensor:
-        """q/k/v of the normed input x [T, hidden], through `attention` in the pool's (K/V heads, head width)."""
+                pool_shape: tuple[int, int], kv_by_layer: dict[int, tuple[Tensor, Tensor]]) -> Tensor:
+        """q/k/v of the normed input x [T, hidden], through `attention` in the pool's (K/V heads, head width).
+        The new tokens' K/V go into `kv_by_layer` under this layer, or are taken from there under the earlier layer
+        this one attends with (and written to this layer's pool slots alike, so its history is that layer's)."""
         t, d, hq, hkv = x.shape[0], self.head_dim, self.num_heads, self.kv_heads
         qkv = linear(x, self.qkv_weight, self.qkv_bias)
         q = qkv[:, :hq * d].view(t, hq, d)
-        k = qkv[:, hq * d:(hq + hkv) * d].view(t, hkv, d)
-        v = k if self.value_from_key else qkv[:, (hq + hkv) * d:].view(t, hkv, d)
-        qk = apply_rotary(torch.cat((self.q_norm(q), self.k_norm(k)), dim=1), *rope)
-        q, k, v = qk[:, :hq], qk[:, hq:], self.v_norm(v)
-        pool_heads, pool_width = pool_shape
-        if hkv != pool_heads:
-            k, v = k.repeat_interleave(pool_heads // hkv, dim=1), v.repeat_interleave(pool_heads // hkv, dim=1)
-        if d != pool_width:
-            q, k, v = (F.pad(y, (0, pool_width - d)) for y in (q, k, v))
+        if self.kv_source != layer:
+            q = apply_rotary(self.q_norm(q), *rope)
+            k, v = kv_by_layer[self.kv_source]
+        else:
+            k = qkv[:, hq * d:(hq + hkv) * d].view(t, hkv, d)
+            v = k if self.value_from_key else qkv[:, (hq + hkv) * d:].view(t, hkv, d)
+            qk = apply_rotary(torch.cat((self.q_norm(q), self.k_norm(k)), dim=1), *rope)
+            q, k, v = qk[:, :hq], _to_pool(qk[:, hq:], pool_shape), _to_pool(self.v_norm(v), pool_shape)
+            kv_by_layer[layer] = k, v
+        if d != pool_shape[1]:
+            q = F.pad(q, (0, pool_shape[1] - d))
         out = attention(layer, q, k, v)
         return self.o_proj(out[..., :d].reshape(t, hq * d))
+
+
+def _to_pool(x: Tensor, pool_shape: tuple[int, int]) -> Tensor:
+    """K or V [T, heads, width] in the pool's shape: each head repeated (as GQA shares it) up to the pool's head count,
+    zero-padded to its width."""
+    heads, width = pool_shape
+    if x.shape[1] != heads:
+        x = x.repeat_interleave(heads // x.shape[1], dim=1)
+    return x if x.shape[2] == width else F.pad(x, (0, width - x.shape[2]))
 
 
 class Gemma4MoE(SparseMoE):
@@ -113,7 +134,7 @@ class Gemma4Layer(nn.Module):
     def __init__(self, c: ModelConfig, index: int):
         super().__init__()
         self.self_attn = Gemma4Attention(c, index)
-        self.mlp = LlamaMLP(c)
+        self.mlp = LlamaMLP(c, c.layer_intermediate_sizes[index] if c.layer_intermediate_sizes else None)
         for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                      "post_feedforward_layernorm"):
             setattr(self, name, Gemma4RMSNorm(c.hidden_size, c.norm_eps))
@@ -149,14 +170,18 @@ class Gemma4ForCausalLM(GemmaForCausalLM):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
-        """The language model's entries under the text model's names (the multimodal checkpoints' other towers left
+        """The language model's entries under the text model's names (the multimodal checkpoints' other parts left
         out); each layer's `router.*` and `experts.*` under its `moe.`, the stacked experts split per expert."""
-        if key.startswith(_OTHER_TOWERS):
-            return []
+        if self.config.model_type in ("gemma4", "gemma4_unified") and not key.startswith("lm_head.") \
+                and language_model_tensors(key, tensor) is None:
+            return []  # (a multimodal checkpoint's vision and audio towers and embedders)
+        if (match := _LAYER_KV_KEY.fullmatch(key)) and self.config.kv_source_layers:
+            if self.config.kv_source_layers[int(match.group(1))] != int(match.group(1)):
+                return []  # (a layer attending with an earlier one's K/V: HF ignores its own, where saved)
         pairs = []
         for name, value in super().checkpoint_tensors(key, tensor):
-            name = name.replace(".router.proj.", ".moe.gate.").replace(".router.scale", ".moe.router_scale")
-            name = name.replace(".router.per_expert_scale", ".moe.per_expert_scale").replace(".experts.", ".moe.experts.")
+            for old, new in _MOE_NAMES:
+                name = name.replace(old, new)
             pairs += moe_checkpoint_tensors(name, value)
         return pairs
 
@@ -191,9 +216,10 @@ class Gemma4ForCausalLM(GemmaForCausalLM):
         """No fused kernel computes Gemma's layer-0 input (`fused_layer0` is False): `layer0` is never given."""
         c = self.config
         pool_shape = (c.num_kv_heads, c.head_dim)
+        kv_by_layer: dict[int, tuple[Tensor, Tensor]] = {}
         h = embeds
         for i, (layer, rope) in enumerate(zip(self.model.layers, gather_rope_rows(self.rope_by_layer, positions))):
-            out = layer.self_attn(i, layer.input_layernorm(h), rope, attention, pool_shape)
+            out = layer.self_attn(i, layer.input_layernorm(h), rope, attention, pool_shape, kv_by_layer)
             h = h + layer.post_attention_layernorm(out)
             h = h + layer.post_feedforward_layernorm(layer.feed_forward(h))
             h = h * layer.layer_scalar
