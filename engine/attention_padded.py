@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention_torch import SeqSlice, block_slots, new_token_slots, pad_block_tables, write_new_kv
+from .errors import SoftPromptError
 from .kv_pool import KVPool
 
 
@@ -123,7 +124,9 @@ class _PaddedGroup:
         self.pool = pool
         self.meta = meta
         self.scale = scale
-        hkv = pool.kv.shape[4]
+        if len({layer_kv.shape for layer_kv in pool.kv}) != 1:
+            raise SoftPromptError("the padded gather+SDPA baseline takes a pool whose layers have one K/V shape")
+        hkv = pool.kv[0].shape[3]
         self.rep = num_heads // hkv
         b, _, max_q, max_k = meta.mask.shape
         t = meta.slot_mapping.shape[0]

@@ -158,11 +158,11 @@ def _calls(items: list[_Item], block_size: int) -> list[list[_Item]]:
 class _PaddedCall:
     """One SDPA call over items padded to the most rows and the most keys among them."""
 
-    def __init__(self, items: list[_Item], block_size: int, num_rows: int, rep: int, slopes: Tensor | None,
+    def __init__(self, items: list[_Item], block_size: int, num_rows: int, slopes: Tensor | None,
                  dtype: torch.dtype, device: torch.device):
         n, m = len(items), max(len(it.rows) for it in items)
         width = max(len(it.blocks) for it in items)
-        self.shape, self.rep = (n, m), rep
+        self.shape = (n, m)
         # one host-to-tensor copy of all the call's indices, cut into views. Padding rows read row num_rows (zeros)
         # and see key 0 at least (a prefix key, or the first member's first).
         flat: list[int] = []
@@ -185,8 +185,8 @@ class _PaddedCall:
         self._visible = (key < prefix) | ((own >= 0) & (own <= limit))  # [N, M, L]
         self._parts = key, prefix, own, limit, counts  # for the query - key distances, built when first needed
         self._back: Tensor | None = None
-        self._slopes, self._rep, self._dtype = slopes, rep, dtype
-        self._biases: dict[int, Tensor] = {}
+        self._slopes, self._dtype = slopes, dtype
+        self._biases: dict[tuple[int, int], Tensor] = {}
         self.rows = [r for it in items for r in it.rows]
         self.valid = (None if all(len(it.rows) == m for it in items) else
                       index_tensor([i * m + j for i, it in enumerate(items) for j in range(len(it.rows))], device))
@@ -199,10 +199,11 @@ class _PaddedCall:
             self._back = limit - torch.where(key < prefix, key - prefix, own)
         return self._back
 
-    def bias_for(self, window: int) -> Tensor:
-        """The SDPA mask (+ ALiBi) [N, Hkv or 1, rep * M, L], for a layer with this sliding window (0: none)."""
-        if window not in self._biases:
-            (n, m), rep = self.shape, self._rep
+    def bias_for(self, window: int, rep: int) -> Tensor:
+        """The SDPA mask (+ ALiBi) [N, Hkv or 1, rep * M, L], for a layer with this sliding window (0: none) and
+        this many query heads per K/V head (a layer's own, where the layers differ: Gemma 4)."""
+        if (window, rep) not in self._biases:
+            n, m = self.shape
             visible = self._visible
             if window:  # a padding row keeps key 0 in sight, so that no row is empty
                 key, _, _, _, counts = self._parts
@@ -213,8 +214,8 @@ class _PaddedCall:
                 bias = bias[:, None, None].expand(-1, 1, rep, -1, -1)
             else:  # slope * (key position - query position): softmax ignores the per-row shift
                 bias = self._slopes[None, :, :, None, None] * -self.back()[:, None, None].float() + bias[:, None, None]
-            self._biases[window] = bias.reshape(n, -1, rep * m, bias.shape[-1]).to(self._dtype)
-        return self._biases[window]
+            self._biases[window, rep] = bias.reshape(n, -1, rep * m, bias.shape[-1]).to(self._dtype)
+        return self._biases[window, rep]
 
     def __call__(self, k_cache: Tensor, v_cache: Tensor, q_padded: Tensor, scale: float, window: int = 0,
                  softcap: float = 0.0, sinks: Tensor | None = None) -> Tensor:
@@ -222,8 +223,9 @@ class _PaddedCall:
         window, 0 for none; `softcap` > 0: scores become softcap * tanh(score / softcap) before the mask; `sinks`
         [Hq] (gpt-oss): each head's sink logit joins every row's softmax denominator. SDPA can do neither, so those
         layers attend in plain ops as HF's eager attention does)."""
-        (n, m), rep = self.shape, self.rep
+        n, m = self.shape
         hkv, d = k_cache.shape[2:]
+        rep = q_padded.shape[1] // hkv
         q = q_padded.index_select(0, self.query_rows).view(n, m, hkv, rep, d).permute(0, 2, 3, 1, 4)
         keys = k_cache.index_select(0, self.block_table).view(n, -1, hkv, d).transpose(1, 2)
         values = v_cache.index_select(0, self.block_table).view(n, -1, hkv, d).transpose(1, 2)
@@ -231,7 +233,7 @@ class _PaddedCall:
         if softcap or sinks is not None:
             scores = q @ keys.transpose(-1, -2)
             scores = (torch.tanh(scores * (scale / softcap)) * softcap if softcap else scores * scale) \
-                + self.bias_for(window)
+                + self.bias_for(window, rep)
             if sinks is None:
                 probs = scores.softmax(-1, dtype=torch.float32)
             else:  # a last column of each head's sink logit (its rows ordered (rep, M) within a KV head), dropped
@@ -239,7 +241,7 @@ class _PaddedCall:
                 probs = torch.cat([scores.float(), column], dim=-1).softmax(-1)[..., :-1]
             out = probs.to(q.dtype) @ values
         else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.bias_for(window), scale=scale)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.bias_for(window, rep), scale=scale)
         out = out.view(n, hkv, rep, m, d).permute(0, 3, 1, 2, 4).reshape(n * m, hkv * rep, d)
         return out if self.valid is None else out.index_select(0, self.valid)
 
@@ -265,12 +267,12 @@ class TorchPagedAttention:
         self.windows = windows
         self.softcap = softcap
         self.sinks = sinks
-        bs, hkv = pool.block_size, pool.kv.shape[4]
+        bs, hkv = pool.block_size, pool.kv[0].shape[3]  # (ALiBi's slopes by K/V head: its models' layers are alike)
         rep = num_heads // hkv
         slopes = None if alibi_slopes is None else alibi_slopes.float().to(device).view(hkv, rep)
         num_rows = sum(s.num_queries for s in seqs)
         self.slot_mapping = new_token_slots(seqs, bs).to(device)
-        self.calls = [_PaddedCall(items, bs, num_rows, rep, slopes, pool.kv.dtype, device)
+        self.calls = [_PaddedCall(items, bs, num_rows, slopes, pool.kv[0].dtype, device)
                       for items in _calls(_items(seqs, bs), bs)]
         produced = [r for call in self.calls for r in call.rows]
         self.order = None

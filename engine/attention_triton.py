@@ -107,7 +107,7 @@ class TritonPagedAttention:
         return self
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        k_cache, v_cache = self.pool.kv[layer, 0], self.pool.kv[layer, 1]
+        k_cache, v_cache = self.pool.kv[layer][0], self.pool.kv[layer][1]
         q = self.rope_mod.rope_kv_write(q, k, v, self.positions, self.rope_tables, k_cache, v_cache,
                                         self.slot_mapping)
         window = self.windows[layer] if layer < len(self.windows) else 0

@@ -158,9 +158,7 @@ class ModelConfig:
     nope_query_scale: tuple[float, int] | None = None
     qk_l2_norm: bool = False  # Llama 4: q and k L2-normed per head (no gain) after RoPE, on the RoPE layers
     # Gemma 4: each layer's own head width and K/V head count where the layers differ (empty: all are head_dim and
-    # num_kv_heads). The pool holds the widest heads (head_dim) and the lcm of the counts (num_kv_heads): a narrower
-    # layer's q/k/v are zero-padded to head_dim (the same scores and outputs), one with fewer K/V heads repeats each
-    # of them (as GQA shares it)
+    # num_kv_heads; else those are the widest and the lcm of the counts), which the KV pool holds per layer
     layer_head_dims: tuple[int, ...] = ()
     layer_kv_heads: tuple[int, ...] = ()
     # Gemma 4's attention_k_eq_v: these layers' values are their key projection (before the key norm and RoPE)

@@ -24,22 +24,40 @@ def available_memory_bytes(device: torch.device) -> int:
         return 1 << 30
 
 
+def layer_kv_shapes(config: ModelConfig) -> list[tuple[int, int]]:
+    """Each layer's (K/V heads, head width) in the pool: the config's, or each layer's own where they differ (Gemma
+    4's full-attention layers)."""
+    heads = config.layer_kv_heads or (config.num_kv_heads,) * config.num_layers
+    widths = config.layer_head_dims or (config.head_dim,) * config.num_layers
+    return list(zip(heads, widths))
+
+
 class KVPool:
-    """K and V of all layers: [layers, 2, num_blocks, block_size, kv_heads, head_dim]. Block ids index dim 2."""
+    """K and V of all layers. `kv[layer]` is that layer's [2, num_blocks, block_size, kv_heads, head_dim]; block ids
+    index its dim 1. Where every layer has the same shape, `kv` is one tensor [layers, 2, num_blocks, ...]; where
+    they differ, a list of each layer's own (no layer padded to another's shape)."""
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
         if num_blocks < 1:
             raise SoftPromptError("the KV pool needs at least one block: raise kv_cache_bytes")
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
-        self.kv = torch.zeros(shape, dtype=dtype, device=device)
+        self.dtype = dtype
+        self.layer_shapes = layer_kv_shapes(config)
+        self.kv: torch.Tensor | list[torch.Tensor]
+        if len(set(self.layer_shapes)) == 1:
+            heads, width = self.layer_shapes[0]
+            self.kv = torch.zeros((config.num_layers, 2, num_blocks, block_size, heads, width), dtype=dtype,
+                                  device=device)
+        else:
+            self.kv = [torch.zeros((2, num_blocks, block_size, heads, width), dtype=dtype, device=device)
+                       for heads, width in self.layer_shapes]
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return config.num_layers * 2 * block_size * config.num_kv_heads * config.head_dim * itemsize
+        return sum(2 * block_size * heads * width * itemsize for heads, width in layer_kv_shapes(config))
 
     @classmethod
     def sized(

@@ -97,7 +97,8 @@ class ModelRunner:
         padded = kv.new_zeros(layers, 2, len(blocks) * size, heads, head_dim)
         padded[:, :, :p] = kv
         ids = index_tensor(blocks, self.device)
-        self.pool.kv.index_copy_(2, ids, padded.view(layers, 2, len(blocks), size, heads, head_dim))
+        for layer in range(layers):
+            self.pool.kv[layer].index_copy_(1, ids, padded[layer].view(2, len(blocks), size, heads, head_dim))
 
     def _run_prefixes(self, items: list[tuple[SoftPrompt, list[int]]]) -> None:
         slices = [SeqSlice(prompt.length, [], 0, blocks, 0) for prompt, blocks in items]

@@ -62,6 +62,18 @@ def test_mixed_batch_of_many_tasks(variant, model_dir_for):
     assert_no_leaks(eng)
 
 
+def test_the_pool_holds_each_layers_own_kv_shape(model_dir_for):
+    """Gemma 4's full-attention layers have wider and fewer K/V heads than its sliding ones: the pool holds each
+    layer's own shape (no layer padded to another's), and a block's bytes are their sum."""
+    from softprompt.engine.kv_pool import KVPool
+
+    eng = Engine(model_dir_for("gemma4"), device="cpu", dtype="float32", backend="torch", kv_cache_bytes=4 << 20)
+    c = eng.config
+    shapes = [tuple(layer_kv.shape[3:]) for layer_kv in eng.pool.kv]
+    assert shapes == list(zip(c.layer_kv_heads, c.layer_head_dims)) and len(set(shapes)) == 2
+    assert KVPool.bytes_per_block(c, 16, torch.float32) == sum(2 * 16 * h * d * 4 for h, d in shapes)
+
+
 @pytest.mark.parametrize("variant", ["llama", "bloom"])
 def test_alone_equals_in_batch_of_32_other_tasks(variant, model_dir_for):
     d = model_dir_for(variant)

@@ -129,7 +129,8 @@ def tight_engine(model_dir, blocks: int = 48) -> dict:
 
 
 @pytest.mark.parametrize("variant, seed",
-                         [("llama", 0), ("bloom", 1), ("gpt2", 2), ("qwen2", 3), ("mistral_window", 4), ("gemma3", 5)])
+                         [("llama", 0), ("bloom", 1), ("gpt2", 2), ("qwen2", 3), ("mistral_window", 4), ("gemma3", 5),
+                          ("gemma4_unified", 6)])
 def test_random_traffic_equals_the_reference(variant, seed, model_dir_for):
     d = model_dir_for(variant)
     eng = soak(d, seed, steps=140, **tight_engine(d))

@@ -7,10 +7,8 @@ with attention_k_eq_v, values from the key projection; their RoPE is "proportion
 each half rotate); each layer's output is scaled by its `layer_scalar`; the 26B-A4B adds a routed mixture of
 experts beside each layer's dense MLP.
 
-The KV pool has one head width and count for every layer: the widest heads and the lcm of the K/V head counts
-(`ModelConfig.layer_head_dims`, `layer_kv_heads`). A layer with narrower heads zero-pads its q, k and v to the
-pool's width (the scores and the outputs' first channels are the same), one with fewer K/V heads repeats each as
-GQA would share it; the padding costs memory, never exactness.
+Each layer attends in its own head width and K/V head count (`ModelConfig.layer_head_dims`, `layer_kv_heads`),
+which the KV pool holds per layer (`KVPool.layer_shapes`).
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ from __future__ import annotations
 import re
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
@@ -80,10 +77,11 @@ class Gemma4Attention(nn.Module):
         self.qkv_weight, self.qkv_bias = _fuse(projections, transposed)
 
     def forward(self, layer: int, x: Tensor, rope: tuple[Tensor, Tensor], attention: Attention,
-                pool_shape: tuple[int, int], kv_by_layer: dict[int, tuple[Tensor, Tensor]]) -> Tensor:
-        """q/k/v of the normed input x [T, hidden], through `attention` in the pool's (K/V heads, head width).
-        The new tokens' K/V go into `kv_by_layer` under this layer, or are taken from there under the earlier layer
-        this one attends with (and written to this layer's pool slots alike, so its history is that layer's)."""
+                kv_by_layer: dict[int, tuple[Tensor, Tensor]]) -> Tensor:
+        """q/k/v of the normed input x [T, hidden], in this layer's head width and K/V head count, through
+        `attention`. The new tokens' K/V go into `kv_by_layer` under this layer, or are taken from there under the
+        earlier layer this one attends with (and written to this layer's pool slots alike, so its history is that
+        layer's)."""
         t, d, hq, hkv = x.shape[0], self.head_dim, self.num_heads, self.kv_heads
         qkv = linear(x, self.qkv_weight, self.qkv_bias)
         q = qkv[:, :hq * d].view(t, hq, d)
@@ -94,21 +92,9 @@ class Gemma4Attention(nn.Module):
             k = qkv[:, hq * d:(hq + hkv) * d].view(t, hkv, d)
             v = k if self.value_from_key else qkv[:, (hq + hkv) * d:].view(t, hkv, d)
             qk = apply_rotary(torch.cat((self.q_norm(q), self.k_norm(k)), dim=1), *rope)
-            q, k, v = qk[:, :hq], _to_pool(qk[:, hq:], pool_shape), _to_pool(self.v_norm(v), pool_shape)
+            q, k, v = qk[:, :hq], qk[:, hq:], self.v_norm(v)
             kv_by_layer[layer] = k, v
-        if d != pool_shape[1]:
-            q = F.pad(q, (0, pool_shape[1] - d))
-        out = attention(layer, q, k, v)
-        return self.o_proj(out[..., :d].reshape(t, hq * d))
-
-
-def _to_pool(x: Tensor, pool_shape: tuple[int, int]) -> Tensor:
-    """K or V [T, heads, width] in the pool's shape: each head repeated (as GQA shares it) up to the pool's head count,
-    zero-padded to its width."""
-    heads, width = pool_shape
-    if x.shape[1] != heads:
-        x = x.repeat_interleave(heads // x.shape[1], dim=1)
-    return x if x.shape[2] == width else F.pad(x, (0, width - x.shape[2]))
+        return self.o_proj(attention(layer, q, k, v).reshape(t, hq * d))
 
 
 class Gemma4MoE(SparseMoE):
@@ -214,12 +200,10 @@ class Gemma4ForCausalLM(GemmaForCausalLM):
         self, embeds: Tensor | None, positions: Tensor, attention: Attention, layer0: Layer0Input | None = None
     ) -> Tensor:
         """No fused kernel computes Gemma's layer-0 input (`fused_layer0` is False): `layer0` is never given."""
-        c = self.config
-        pool_shape = (c.num_kv_heads, c.head_dim)
         kv_by_layer: dict[int, tuple[Tensor, Tensor]] = {}
         h = embeds
         for i, (layer, rope) in enumerate(zip(self.model.layers, gather_rope_rows(self.rope_by_layer, positions))):
-            out = layer.self_attn(i, layer.input_layernorm(h), rope, attention, pool_shape, kv_by_layer)
+            out = layer.self_attn(i, layer.input_layernorm(h), rope, attention, kv_by_layer)
             h = h + layer.post_attention_layernorm(out)
             h = h + layer.post_feedforward_layernorm(layer.feed_forward(h))
             h = h * layer.layer_scalar

@@ -21,10 +21,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.mark.parametrize("variant, seed, cuda_graphs",
                          [("llama", 10, False), ("bloom", 11, True), ("mistral_window", 12, True),
-                          ("gemma3", 13, True), ("qwen2_moe", 14, True), ("opt_post_norm", 15, True)],
+                          ("gemma3", 13, True), ("qwen2_moe", 14, True), ("opt_post_norm", 15, True),
+                          ("gemma4_unified", 16, True)],
                          ids=["llama-eager", "bloom-padded-decode", "sliding-window-padded-decode",
                               "gemma3-unfused-input-padded-decode", "moe-padded-decode",
-                              "opt-post-norm-unfused-input-padded-decode"])
+                              "opt-post-norm-unfused-input-padded-decode", "kv-shape-per-layer-padded-decode"])
 def test_triton_backend_under_random_traffic(variant, seed, cuda_graphs, model_dir_for):
     """tests/test_soak.py's random traffic (arrivals, aborts, tasks added and removed, chunked prefill, prefix
     eviction, preemption) on the Triton kernels; cuda_graphs=True on the CPU runs the padded decode steps."""
