@@ -164,7 +164,7 @@ class ModelConfig:
     # Gemma 4's attention_k_eq_v: these layers' values are their key projection (before the key norm and RoPE)
     value_from_key_layers: tuple[int, ...] = ()
     # Gemma 4's num_kv_shared_layers: the layer whose keys and values each layer attends with (itself, or an earlier
-    # layer of its type, whose new K/V it then writes to its own pool slots too); empty: every layer its own
+    # layer of its type, whose pool tensor it shares); empty: every layer its own
     kv_source_layers: tuple[int, ...] = ()
     layer_intermediate_sizes: tuple[int, ...] = ()  # each layer's MLP width where they differ (Gemma 4's double-wide)
     attention_output_gate: bool = False  # AFMoE: the heads' outputs times sigmoid(gate_proj(x)) before o_proj

@@ -26,16 +26,23 @@ def available_memory_bytes(device: torch.device) -> int:
 
 def layer_kv_shapes(config: ModelConfig) -> list[tuple[int, int]]:
     """Each layer's (K/V heads, head width) in the pool: the config's, or each layer's own where they differ (Gemma
-    4's full-attention layers)."""
-    heads = config.layer_kv_heads or (config.num_kv_heads,) * config.num_layers
-    widths = config.layer_head_dims or (config.head_dim,) * config.num_layers
+    4's full-attention layers). (A stand-in config without the per-layer fields has one shape.)"""
+    heads = getattr(config, "layer_kv_heads", ()) or (config.num_kv_heads,) * config.num_layers
+    widths = getattr(config, "layer_head_dims", ()) or (config.head_dim,) * config.num_layers
     return list(zip(heads, widths))
+
+
+def kv_sources(config: ModelConfig) -> list[int]:
+    """The layer whose K/V each layer's pool slots are: itself, or the earlier layer it attends with (Gemma 4's
+    num_kv_shared_layers), whose tensor it shares."""
+    return list(getattr(config, "kv_source_layers", ()) or range(config.num_layers))
 
 
 class KVPool:
     """K and V of all layers. `kv[layer]` is that layer's [2, num_blocks, block_size, kv_heads, head_dim]; block ids
     index its dim 1. Where every layer has the same shape, `kv` is one tensor [layers, 2, num_blocks, ...]; where
-    they differ, a list of each layer's own (no layer padded to another's shape)."""
+    they differ, a list of each layer's own (no layer padded to another's shape), in which a layer that attends
+    with an earlier layer's K/V has that layer's tensor (it writes the same values there)."""
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
         if num_blocks < 1:
@@ -45,19 +52,24 @@ class KVPool:
         self.dtype = dtype
         self.layer_shapes = layer_kv_shapes(config)
         self.kv: torch.Tensor | list[torch.Tensor]
-        if len(set(self.layer_shapes)) == 1:
+        sources = kv_sources(config)
+        if len(set(self.layer_shapes)) == 1 and sources == list(range(config.num_layers)):
             heads, width = self.layer_shapes[0]
             self.kv = torch.zeros((config.num_layers, 2, num_blocks, block_size, heads, width), dtype=dtype,
                                   device=device)
         else:
-            self.kv = [torch.zeros((2, num_blocks, block_size, heads, width), dtype=dtype, device=device)
-                       for heads, width in self.layer_shapes]
+            self.kv = []
+            for layer, (source, (heads, width)) in enumerate(zip(sources, self.layer_shapes)):
+                self.kv.append(self.kv[source] if source != layer else
+                               torch.zeros((2, num_blocks, block_size, heads, width), dtype=dtype, device=device))
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return sum(2 * block_size * heads * width * itemsize for heads, width in layer_kv_shapes(config))
+        return sum(2 * block_size * heads * width * itemsize
+                   for layer, (source, (heads, width)) in enumerate(zip(kv_sources(config), layer_kv_shapes(config)))
+                   if source == layer)
 
     @classmethod
     def sized(

@@ -64,7 +64,8 @@ def test_mixed_batch_of_many_tasks(variant, model_dir_for):
 
 def test_the_pool_holds_each_layers_own_kv_shape(model_dir_for):
     """Gemma 4's full-attention layers have wider and fewer K/V heads than its sliding ones: the pool holds each
-    layer's own shape (no layer padded to another's), and a block's bytes are their sum."""
+    layer's own shape (no layer padded to another's), and a block's bytes are their sum; a layer attending with an
+    earlier layer's K/V shares that layer's tensor and costs nothing more."""
     from softprompt.engine.kv_pool import KVPool
 
     eng = Engine(model_dir_for("gemma4"), device="cpu", dtype="float32", backend="torch", kv_cache_bytes=4 << 20)
@@ -72,6 +73,12 @@ def test_the_pool_holds_each_layers_own_kv_shape(model_dir_for):
     shapes = [tuple(layer_kv.shape[3:]) for layer_kv in eng.pool.kv]
     assert shapes == list(zip(c.layer_kv_heads, c.layer_head_dims)) and len(set(shapes)) == 2
     assert KVPool.bytes_per_block(c, 16, torch.float32) == sum(2 * 16 * h * d * 4 for h, d in shapes)
+    shared = Engine(model_dir_for("gemma4_unified"), device="cpu", dtype="float32", backend="torch",
+                    kv_cache_bytes=4 << 20)  # its last two layers attend with layers 2's and 3's K/V: share them
+    assert shared.config.kv_source_layers == (0, 1, 2, 3, 2, 3)
+    assert shared.pool.kv[4] is shared.pool.kv[2] and shared.pool.kv[5] is shared.pool.kv[3]
+    owned = [tuple(layer_kv.shape[3:]) for layer_kv in shared.pool.kv[:4]]
+    assert KVPool.bytes_per_block(shared.config, 16, torch.float32) == sum(2 * 16 * h * d * 4 for h, d in owned)
 
 
 @pytest.mark.parametrize("variant", ["llama", "bloom"])

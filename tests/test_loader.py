@@ -125,8 +125,9 @@ def test_gemma4_layers_sharing_kv_leave_their_own_kv_weights_unread(tmp_path, mo
     d = tmp_path / "m"
     shutil.copytree(source, d)
     weights = load_file(d / "model.safetensors")
-    extra = {f"model.layers.5.self_attn.{name}.weight": torch.full_like(weights[f"model.layers.3.self_attn.{name}.weight"],
-                                                                        7.0) for name in ("k_proj", "k_norm")}
+    extra = {f"model.layers.5.self_attn.{name}.weight": torch.full_like(weights[f"model.layers.3.self_attn.{name}."
+                                                                                "weight"], 7.0)
+             for name in ("k_proj", "k_norm")}
     save_file({**weights, **extra}, d / "model.safetensors", metadata={"format": "pt"})
     ids = list(range(5, 17))
     want = Engine(source, device="cpu", dtype="float32", backend="reference").reference.logits(None, ids)

@@ -80,8 +80,8 @@ class Gemma4Attention(nn.Module):
                 kv_by_layer: dict[int, tuple[Tensor, Tensor]]) -> Tensor:
         """q/k/v of the normed input x [T, hidden], in this layer's head width and K/V head count, through
         `attention`. The new tokens' K/V go into `kv_by_layer` under this layer, or are taken from there under the
-        earlier layer this one attends with (and written to this layer's pool slots alike, so its history is that
-        layer's)."""
+        earlier layer this one attends with (whose pool tensor this layer shares: it writes the same values
+        there)."""
         t, d, hq, hkv = x.shape[0], self.head_dim, self.num_heads, self.kv_heads
         qkv = linear(x, self.qkv_weight, self.qkv_bias)
         q = qkv[:, :hq * d].view(t, hq, d)
