@@ -279,36 +279,27 @@ def test_prefix_adapter_of_another_model_is_refused(tmp_path, model_dir_for):
     assert "t" not in engine.prompts
 
 
-def test_prefix_tuning_on_gemma4_is_refused_naming_why(tmp_path, model_dir_for, adapter_for):
-    """Gemma 4's full-attention layers have other K/V shapes than its sliding ones; PEFT provisions a prefix for the
-    widest and skips the layers it does not fit, which the engine does not reproduce: refused by name, before any
-    state changes, the other prompts served on."""
-    d = model_dir_for("gemma4")
-    adapter = build_prefix_tuning_adapter(d, tmp_path / "kv", num_virtual_tokens=4)
-    engine = Engine(d, device="cpu", dtype="float32")
-    engine.add_prompt("soft", adapter_for("gemma4"))
-    with pytest.raises(PromptError, match="differ in K/V head width and count.* prompt tuning, P-tuning or CPT"):
-        engine.add_prompt("kv", adapter)
-    assert "kv" not in engine.prompts
-    assert engine.generate([Request(prompt="soft", input_ids=[5, 6, 7], sampling=SamplingParams(max_new_tokens=3))])
-
-
-def test_prefix_tuning_on_latent_attention_is_refused_naming_why(tmp_path, model_dir_for, adapter_for):
-    """DeepSeek's latent attention keeps no per-head K/V for a prefix adapter to replace (HF + PEFT fail on one):
-    the engine refuses it naming that, serves its other prompts on, and `softprompt train` refuses the method."""
+@pytest.mark.parametrize("variant, why", [("deepseek_v3", "latent attention"),
+                                          ("gemma4", "layers differ in K/V head width and count")])
+def test_prefix_tuning_where_it_cannot_apply_is_refused_naming_why(variant, why, tmp_path, model_dir_for,
+                                                                   adapter_for):
+    """DeepSeek's latent attention keeps no per-head K/V for a prefix adapter to replace (HF + PEFT fail on one);
+    Gemma 4's full-attention layers have other K/V shapes than its sliding ones, and PEFT provisions a prefix for the
+    widest and skips the layers it does not fit, which the engine does not reproduce. The engine refuses it naming
+    that, before any state changes, serves its other prompts on, and `softprompt train` refuses the method."""
     from softprompt.engine.datasets import Example
     from softprompt.engine.errors import SoftPromptError
     from softprompt.engine.train import TrainConfig, train_prompt
 
-    d = model_dir_for("deepseek_v3")
+    d = model_dir_for(variant)
     adapter = build_prefix_tuning_adapter(d, tmp_path / "kv", num_virtual_tokens=4)
     engine = Engine(d, device="cpu", dtype="float32")
-    engine.add_prompt("soft", adapter_for("deepseek_v3"))
-    with pytest.raises(PromptError, match="latent attention .* prompt tuning, P-tuning or CPT"):
+    engine.add_prompt("soft", adapter_for(variant))
+    with pytest.raises(PromptError, match=f"{why}.* prompt tuning, P-tuning or CPT"):
         engine.add_prompt("kv", adapter)
     assert "kv" not in engine.prompts
     assert engine.generate([Request(prompt="soft", input_ids=[5, 6, 7], sampling=SamplingParams(max_new_tokens=3))])
-    with pytest.raises(SoftPromptError, match="prefix_tuning: deepseek_v3's latent attention"):
+    with pytest.raises(SoftPromptError, match=f"prefix_tuning: {engine.config.model_type}'s {why}"):
         train_prompt(d, [Example("a cat", "sat")], None, tmp_path / "out", TrainConfig(method="prefix_tuning"))
 
 
