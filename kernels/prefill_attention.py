@@ -207,6 +207,8 @@ def _launch_config(head_dim: int, dtype: torch.dtype, on_gpu: bool) -> tuple[int
         return 32, 32, 4, 2
     if head_dim <= 64:
         return 128, 64, 4, 3
+    if head_dim > 256:  # (Gemma 4's 512-wide heads: 128 x 64 tiles would need 256 KiB of shared memory)
+        return 64, 32, 8, 2
     return 128, 64, 8, 2
 
 

@@ -1,10 +1,10 @@
 """Every kernel launch the triton backend makes, compiled for Hopper (sm_90) with the installed triton, no GPU.
 
-Engines on test models with the head dims of real ones (64, 80, 128 and DeepSeek's 192; GQA, ALiBi, GPT-2 positions,
-BLOOM's embedding LayerNorm) run a few requests under the interpreter with the GPU's tile choices forced
-(kernels/tiles.py), in fp32 and fp16, with and without the CUDA-graph decode path. Each distinct launch is recorded,
-fp16 ones also as bf16 (the tile choices do not depend on which half type), and compiled in a subprocess without the
-interpreter (tests/kernels/hopper_compile.py). On a GPU the other tests compile the kernels for real, so this one is
+Engines on test models with the head dims of real ones (64, 80, 128, DeepSeek's 192, Gemma 4's 256 and 512; GQA,
+ALiBi, GPT-2 positions, BLOOM's embedding LayerNorm) run a few requests under the interpreter with the GPU's tile
+choices forced (kernels/tiles.py), in fp32 and fp16, with and without the CUDA-graph decode path. Each distinct
+launch is recorded, fp16 ones also as bf16 (the tile choices do not depend on which half type), and compiled in a
+subprocess without the interpreter (tests/kernels/hopper_compile.py). On a GPU the other tests compile the kernels for real, so this one is
 skipped.
 """
 
@@ -47,7 +47,9 @@ MODELS = {"llama": (64, dict(hidden_size=256, num_heads=4, num_kv_heads=2)),
           "deepseek_v3": (192, dict(hidden_size=256, num_heads=2, qk_nope_head_dim=128, qk_rope_head_dim=64,
                                     v_head_dim=128, kv_lora_rank=64, q_lora_rank=64)),
           # gpt-oss's attention sinks (head dim 64, a sliding layer and a full one)
-          "gpt_oss": (64, dict(hidden_size=256, num_heads=4, num_kv_heads=1))}
+          "gpt_oss": (64, dict(hidden_size=256, num_heads=4, num_kv_heads=1)),
+          # Gemma 4's heads: 256 wide on its sliding layer, 512 on its full one (prefill tiles of 64 x 32 there)
+          "gemma4_text": (512, dict(hidden_size=512, num_heads=2, num_kv_heads=2))}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernel tests compile and run the kernels")
@@ -70,7 +72,7 @@ def test_every_launch_compiles_for_hopper(tmp_path):
                                    norms.pos_table, norms.embed_norm, norms.input_norm)
     recorded = unique(launches)
     assert {launch["kernel"] for launch in recorded} >= KERNELS, "a kernel the backend uses was not launched"
-    assert {launch["constexprs"].get("BLOCK_D") for launch in recorded} >= {64, 128, 256}
+    assert {launch["constexprs"].get("BLOCK_D") for launch in recorded} >= {64, 128, 256, 512}
     assert {launch["constexprs"].get("HAS_WINDOW") for launch in recorded} >= {True, False}
     assert {launch["constexprs"].get("SOFTCAP") for launch in recorded} >= {True, False}
     assert {launch["constexprs"].get("HAS_SINKS") for launch in recorded} >= {True, False}
