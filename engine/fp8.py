@@ -9,6 +9,8 @@ transformers dequantizes them where it has no FP8 kernels.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 import torch
 from torch import Tensor
 
@@ -43,23 +45,22 @@ def dequantize_fp8(weight: Tensor, scale_inv: Tensor, dtype: torch.dtype,
     return (weight.float() * full).to(dtype)
 
 
-def dequantize_entries(tensors: dict[str, Tensor], dtype: torch.dtype,
-                       block: tuple[int, int] | None = None) -> dict[str, Tensor]:
+def dequantize_entries(tensors: Mapping[str, Tensor], dtype: torch.dtype,
+                       block: tuple[int, int] | None = None) -> Iterator[tuple[str, Tensor]]:
     """A checkpoint's entries with each float8 weight multiplied out by its `weight_scale_inv` (dropped), and static
-    activation scales dropped. `block`: the config's `weight_block_size`."""
-    out: dict[str, Tensor] = {}
-    for key, tensor in tensors.items():
+    activation scales dropped, one at a time. `block`: the config's `weight_block_size`."""
+    for key in tensors:
         if key.endswith(SCALE_SUFFIX) or key.endswith(ACTIVATION_SUFFIXES):
             if key.endswith(SCALE_SUFFIX) and key.removesuffix(SCALE_SUFFIX) not in tensors:
                 raise CheckpointError(f"FP8 scales {key} belong to no weight of the checkpoint")
             continue
+        tensor = tensors[key]
         if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             if key + SCALE_SUFFIX not in tensors:
                 raise CheckpointError(f"FP8 weight {key} has no {key}{SCALE_SUFFIX} beside it")
-            out[key] = dequantize_fp8(tensor, tensors[key + SCALE_SUFFIX], dtype, block)
+            yield key, dequantize_fp8(tensor, tensors[key + SCALE_SUFFIX], dtype, block)
         else:
-            out[key] = tensor
-    return out
+            yield key, tensor
 
 
 def quantize_fp8(weight: Tensor, block: tuple[int, int] = (128, 128)) -> tuple[Tensor, Tensor]:

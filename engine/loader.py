@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch import nn
 
 from . import fp8, mxfp4
 from .config import ModelConfig, load_model_config
@@ -77,33 +81,72 @@ def weight_files(model_dir: Path) -> list[Path]:
     raise CheckpointError(f"{model_dir} has no model.safetensors or model.safetensors.index.json")
 
 
-def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for path in weight_files(model_dir):
+class CheckpointTensors(Mapping[str, torch.Tensor]):
+    """A checkpoint's tensors by key, each read from its safetensors file only when asked for (so a loader that
+    takes them one at a time holds one in host memory, not the whole checkpoint). Use as a context manager: the
+    files stay open inside it."""
+
+    def __init__(self, model_dir: Path):
+        self._files = weight_files(model_dir)
+        self._stack = contextlib.ExitStack()
+        self._handles: dict[Path, Any] = {}
+        self._where: dict[str, Path] = {}
+
+    def __enter__(self) -> CheckpointTensors:
         try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    tensors[key] = f.get_tensor(key)
+            for path in self._files:
+                self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+                self._where.update(dict.fromkeys(self._handles[path].keys(), path))
         except (SafetensorError, OSError, RuntimeError) as exc:
+            self._stack.close()
             raise CheckpointError(f"cannot read weights file {path}: {exc}") from exc
-    return tensors
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._stack.close()
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        path = self._where[key]
+        try:
+            return self._handles[path].get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise CheckpointError(f"cannot read {key} from weights file {path}: {exc}") from exc
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
 
 
-def _match_keys(model: CausalLM, loaded: dict[str, torch.Tensor], model_dir: Path) -> dict[str, torch.Tensor]:
-    """Map checkpoint keys onto our parameter names (with or without the family's prefix)."""
+def _load_entries(model: CausalLM, entries: Iterable[tuple[str, torch.Tensor]], model_dir: Path,
+                  device: torch.device, dtype: torch.dtype) -> None:
+    """Each checkpoint entry under our parameter names (with or without the family's prefix), checked (a float,
+    finite, of the shape the config implies), cast and moved to the device and put in the model, one at a time."""
     expected = dict(model.named_parameters(remove_duplicate=False))
-    state: dict[str, torch.Tensor] = {}
+    loaded: set[str] = set()
     unexpected = []
-    for key, tensor in (pair for entry in loaded.items() for pair in model.checkpoint_tensors(*entry)):
+    for key, tensor in (pair for entry in entries for pair in model.checkpoint_tensors(*entry)):
         name = key if key in expected else model.key_prefix + key
         if name not in expected:
-            if key.endswith(model.ignored_key_suffixes):
-                continue
-            unexpected.append(key)
+            if not key.endswith(model.ignored_key_suffixes):
+                unexpected.append(key)
             continue
         if key.endswith(model.transposed_weight_suffixes):
             tensor = tensor.t()
-        state[name] = tensor
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(
+                f"{model_dir}: weight {name} has shape {tuple(tensor.shape)}, config implies {tuple(expected[name].shape)}"
+            )
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{model_dir}: weight {name} has non-float dtype {tensor.dtype}")
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{model_dir}: weight {name} contains NaN or Inf")
+        cast = torch.float32 if name.endswith(model.fp32_key_suffixes) else dtype
+        module_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(module_name), attr,
+                nn.Parameter(tensor.to(device=device, dtype=cast), requires_grad=False))
+        loaded.add(name)
     if unexpected:
         raise CheckpointError(
             f"{model_dir}: weights {unexpected[:5]}{'...' if len(unexpected) > 5 else ''} do not belong to a "
@@ -111,15 +154,9 @@ def _match_keys(model: CausalLM, loaded: dict[str, torch.Tensor], model_dir: Pat
         )
     head = next(name for name, module in model.named_modules() if module is model.lm_head_module)
     tied = f"{head}.weight" if model.config.tie_word_embeddings else None
-    missing = [n for n in expected if n not in state and n != tied]
+    missing = [n for n in expected if n not in loaded and n != tied]
     if missing:
         raise CheckpointError(f"{model_dir}: checkpoint is missing weights {missing[:5]}")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(
-                f"{model_dir}: weight {name} has shape {tuple(tensor.shape)}, config implies {tuple(expected[name].shape)}"
-            )
-    return state
 
 
 def load_model(
@@ -132,20 +169,13 @@ def load_model(
     dt = resolve_dtype(dtype, config, dev)
     with torch.device("meta"):
         model = MODEL_CLASSES[config.family](config)
-    loaded = read_state_dict(model_dir)
-    if config.quantization == "mxfp4":  # (gpt-oss's experts)
-        loaded = mxfp4.dequantize_entries(loaded, dt)
-    elif config.quantization == "fp8":
-        loaded = fp8.dequantize_entries(loaded, dt, config.quantization_block)
-    state = _match_keys(model, loaded, model_dir)
-    for name, tensor in state.items():
-        if not tensor.is_floating_point():
-            raise CheckpointError(f"{model_dir}: weight {name} has non-float dtype {tensor.dtype}")
-        if not torch.isfinite(tensor).all():
-            raise CheckpointError(f"{model_dir}: weight {name} contains NaN or Inf")
-    kept = model.fp32_key_suffixes
-    model.load_state_dict({k: v.to(device=dev, dtype=torch.float32 if k.endswith(kept) else dt)
-                           for k, v in state.items()}, strict=False, assign=True)
+    with CheckpointTensors(model_dir) as tensors:  # one tensor at a time from disk into the model
+        entries: Iterable[tuple[str, torch.Tensor]] = tensors.items()
+        if config.quantization == "mxfp4":  # (gpt-oss's experts)
+            entries = mxfp4.dequantize_entries(tensors, dt)
+        elif config.quantization == "fp8":
+            entries = fp8.dequantize_entries(tensors, dt, config.quantization_block)
+        _load_entries(model, entries, model_dir, dev, dt)
     model.requires_grad_(False)
     model.tie_weights()
     with torch.no_grad():

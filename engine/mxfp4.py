@@ -8,6 +8,8 @@ weight transposed ([..., cols, rows]): gpt-oss's experts as its model holds them
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 import torch
 from torch import Tensor
 
@@ -31,20 +33,20 @@ def dequantize_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tens
     return out.flatten(-2).transpose(-1, -2)
 
 
-def dequantize_entries(tensors: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
-    """A checkpoint's entries with each `<name>_blocks` / `<name>_scales` pair replaced by `<name>` dequantized."""
-    out: dict[str, Tensor] = {}
-    for key, tensor in tensors.items():
+def dequantize_entries(tensors: Mapping[str, Tensor], dtype: torch.dtype) -> Iterator[tuple[str, Tensor]]:
+    """A checkpoint's entries with each `<name>_blocks` / `<name>_scales` pair replaced by `<name>` dequantized, one at
+    a time."""
+    for key in tensors:
         if key.endswith("_scales") and key.removesuffix("_scales") + "_blocks" in tensors:
             continue
+        tensor = tensors[key]
         if key.endswith("_blocks"):
             stem = key.removesuffix("_blocks")
             if stem + "_scales" not in tensors:
                 raise CheckpointError(f"MXFP4 weight {key} has no {stem}_scales beside it")
-            out[stem] = dequantize_mxfp4(tensor, tensors[stem + "_scales"], dtype)
+            yield stem, dequantize_mxfp4(tensor, tensors[stem + "_scales"], dtype)
         else:
-            out[key] = tensor
-    return out
+            yield key, tensor
 
 
 def quantize_mxfp4(weight: Tensor) -> tuple[Tensor, Tensor]:

@@ -82,6 +82,33 @@ def test_unsupported_architecture(tmp_path, model_dir_for):
         load_model(d, "cpu")
 
 
+def test_weights_go_from_disk_into_the_model_one_at_a_time(tmp_path, monkeypatch):
+    """The loader holds one checkpoint tensor in host memory at a time (each read when its turn comes, cast, put in
+    the model and dropped), not the whole checkpoint: every tensor read is gone before the next two are read."""
+    import gc
+    import weakref
+
+    from softprompt.engine import loader
+    from softprompt.testing import build_tiny_checkpoint
+
+    d = build_tiny_checkpoint("llama", tmp_path / "m", dtype=torch.bfloat16, num_layers=3, with_tokenizer=False)
+    read: list[weakref.ref] = []
+    most_alive = 0
+    real = loader.CheckpointTensors.__getitem__
+
+    def tracked(self, key):
+        nonlocal most_alive
+        gc.collect()
+        most_alive = max(most_alive, sum(ref() is not None for ref in read))
+        tensor = real(self, key)
+        read.append(weakref.ref(tensor))
+        return tensor
+
+    monkeypatch.setattr(loader.CheckpointTensors, "__getitem__", tracked)
+    model = load_model(d, "cpu", torch.float32)  # (bf16 on disk: every tensor read is cast, so none is kept)
+    assert len(read) == len(list(model.named_parameters())) >= 20 and most_alive <= 1
+
+
 @pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes", "fbgemm_fp8", "compressed-tensors"])
 def test_quantized_checkpoints_are_refused_naming_the_method(method, tmp_path, model_dir_for):
     d = tmp_path / "m"
