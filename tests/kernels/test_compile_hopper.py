@@ -4,8 +4,8 @@ Engines on test models with the head dims of real ones (64, 80, 128, DeepSeek's 
 ALiBi, GPT-2 positions, BLOOM's embedding LayerNorm) run a few requests under the interpreter with the GPU's tile
 choices forced (kernels/tiles.py), in fp32 and fp16, with and without the CUDA-graph decode path. Each distinct
 launch is recorded, fp16 ones also as bf16 (the tile choices do not depend on which half type), and compiled in a
-subprocess without the interpreter (tests/kernels/hopper_compile.py). On a GPU the other tests compile the kernels for real, so this one is
-skipped.
+subprocess without the interpreter (tests/kernels/hopper_compile.py). On a GPU the other tests compile the kernels
+for real, so this one is skipped.
 """
 
 from __future__ import annotations
