@@ -32,7 +32,8 @@ ARCH_FAMILIES = {
     "dbrx": "dbrx", "nanochat": "nanochat", "gpt-sw3": "gpt2", "hy_v3": "llama",
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gemma4_text": "gemma4",
-    "gemma4": "gemma4", "gemma4_unified_text": "gemma4", "gemma4_unified": "gemma4", "gpt_neox": "gpt_neox",
+    "gemma4": "gemma4", "gemma4_unified_text": "gemma4", "gemma4_unified": "gemma4", "laguna": "laguna",
+    "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
     "cohere": "cohere", "cohere2": "cohere", "cohere2_moe": "cohere", "glm": "glm", "glm4": "glm", "falcon": "falcon",
     "gptj": "gptj",
@@ -86,6 +87,7 @@ class MoEConfig:
     sparsemixer_eps: float = 0.0
     shared_average: bool = False  # Cohere2-MoE's "average": (routed + shared experts' outputs) / 2, not their sum
     correction_bias_on_logits: bool = False  # Kolibri-1: experts chosen by logit + bias (not by sigmoid score + bias)
+    router_logit_softcap: float = 0.0  # Laguna: router logits -> cap * tanh(logits / cap) before the sigmoid; 0: none
     score_bias: bool = True  # a sigmoid router's correction bias (False: Flint's, which chooses by score alone)
     expert_bias: bool = False  # gpt-oss: every expert projection has a bias
     # gpt-oss's clamped SwiGLU: gate clamped above and up on both sides at swiglu_limit, then
@@ -122,7 +124,7 @@ class ModelConfig:
     family: str  # "llama" | "olmo" | "stablelm" | "starcoder2" | "cohere" | "olmo2" | "glm" | "gemma" | "gpt_neox"
     # | "phi" | "gptj" | "falcon" | "opt" | "xglm" | "biogpt" | "gpt2" | "gpt_bigcode" | "gpt_neo" | "bloom"
     # | "nemotron" | "deepseek" | "gpt_oss" | "llama4" | "phimoe" | "afmoe" | "flint" | "mpt" | "persimmon" | "dbrx"
-    # | "nanochat" | "gemma4"
+    # | "nanochat" | "gemma4" | "laguna"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -167,6 +169,9 @@ class ModelConfig:
     # layer of its type, whose pool tensor it shares); empty: every layer its own
     kv_source_layers: tuple[int, ...] = ()
     layer_intermediate_sizes: tuple[int, ...] = ()  # each layer's MLP width where they differ (Gemma 4's double-wide)
+    layer_num_heads: tuple[int, ...] = ()  # Laguna: each layer's query head count where they differ (empty: num_heads)
+    # Laguna: the heads' outputs times softplus(g_proj(x)) before o_proj, one gate per "head" or per "element"; "": none
+    softplus_output_gate: str = ""
     attention_output_gate: bool = False  # AFMoE: the heads' outputs times sigmoid(gate_proj(x)) before o_proj
     layer_rope_thetas: tuple[float, ...] = ()  # GraniteSWA: each layer's RoPE base (0: that layer has none)
     rms_norm: bool = False  # Cohere2-MoE with rms_norm_eps: RMSNorms in place of Cohere's LayerNorms
@@ -852,6 +857,48 @@ def _gemma4_config(hf: Any, model_type: str) -> ModelConfig:
     )
 
 
+def _laguna_config(hf: Any, model_type: str) -> ModelConfig:
+    """Laguna (poolside): Llama's pre-norm layers with per-head q/k norms, a query head count per layer, the heads'
+    outputs gated by softplus, sliding and full-attention layers each with a RoPE (and rotary share) of its own; a
+    dense first layer, then sigmoid-routed experts (soft-capped router logits, a correction bias, scaled) beside a
+    shared expert."""
+    if getattr(hf, "moe_apply_router_weight_on_input", False):
+        raise UnsupportedModelError(f"{model_type} with moe_apply_router_weight_on_input=True is not supported "
+                                    "(transformers does not run it either)")
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    heads = tuple(int(h) for h in hf.num_attention_heads_per_layer)
+    for count in heads:
+        if count % hf.num_key_value_heads:
+            raise CheckpointError(f"a layer's {count} query heads are not a multiple of num_key_value_heads="
+                                  f"{hf.num_key_value_heads}")
+    _check_rope_types(hf, model_type)
+    sparse = tuple(i for i, t in enumerate(hf.mlp_layer_types) if t == "sparse")
+    moe = MoEConfig(num_experts=hf.num_experts, top_k=hf.num_experts_per_tok,
+                    intermediate_size=hf.moe_intermediate_size, norm_topk_prob=True, weights_in_model_dtype=True,
+                    sparse_layers=sparse, sigmoid_scores=True,
+                    routed_scaling=float(hf.moe_routed_scaling_factor), correction_bias_in_model_dtype=True,
+                    ungated_shared_intermediate_size=hf.shared_expert_intermediate_size,
+                    router_logit_softcap=float(hf.moe_router_logit_softcapping or 0.0)) if sparse else None
+    fields = _decoder_fields(hf, model_type, head_dim)
+    if len(set(heads)) == 1:  # (one count for every layer: num_heads is it)
+        fields["num_heads"] = heads[0]
+    return ModelConfig(
+        family="laguna",
+        **fields,
+        max_positions=hf.max_position_embeddings,
+        hidden_act=hf.hidden_act,
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        qkv_bias=bool(hf.attention_bias),
+        o_bias=bool(hf.attention_bias),
+        qk_norm=True,
+        attention_scale=head_dim**-0.5,
+        layer_windows=_windows_by_layer_type(hf.sliding_window, hf.layer_types, hf.max_position_embeddings),
+        layer_num_heads=heads if len(set(heads)) > 1 else (),
+        softplus_output_gate="head" if hf.gating is True or hf.gating == "per-head" else "element",
+        moe=moe,
+    )
+
+
 def _gpt_neox_config(hf: Any, model_type: str) -> ModelConfig:
     head_dim = hf.hidden_size // hf.num_attention_heads
     rope = hf.rope_parameters or {}
@@ -1331,5 +1378,5 @@ FAMILY_CONFIGS = {
     "deepseek": _deepseek_config, "gpt_oss": _gpt_oss_config, "llama4": _llama4_config, "phimoe": _phimoe_config,
     "afmoe": _afmoe_config, "flint": _flint_config,
     "mpt": _mpt_config, "persimmon": _persimmon_config, "dbrx": _dbrx_config,
-    "nanochat": _nanochat_config, "gemma4": _gemma4_config,
+    "nanochat": _nanochat_config, "gemma4": _gemma4_config, "laguna": _laguna_config,
 }

@@ -30,7 +30,7 @@ SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "minicpm3", "dots1", "iquestcoder", "vaultgemma", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe",
     "phi3", "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm",
     "hyperclovax", "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4", "gemma4_unified_text",
-    "gemma4_unified", "gpt_neox", "phi", "stablelm", "nemotron",
+    "gemma4_unified", "laguna", "gpt_neox", "phi", "stablelm", "nemotron",
     "starcoder2", "cohere", "cohere2", "olmo", "olmo2", "olmo3", "flex_olmo", "exaone4", "exaone4_5", "glm", "glm4",
     "falcon", "gptj", "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
 
@@ -135,7 +135,8 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
               "arcee", "nemotron", "cwm", "hyperclovax", "jais2", "apertus", "glm4_moe", "deepseek_v2", "deepseek_v3",
               "glm4_moe_lite", "mistral4", "minicpm3", "deepseek_v32", "glm_moe_dsa", "dots1", "hunyuan_v1_dense",
               "hunyuan_v1_moe", "solar_open", "exaone_moe", "gpt_oss", "minimax_m2", "llama4_text", "llama4",
-              "phimoe", "afmoe", "granite_swa", "granitemoe_swa", "kolibri1", "flint", "dbrx", "nanochat", "hy_v3")
+              "phimoe", "afmoe", "granite_swa", "granitemoe_swa", "kolibri1", "flint", "dbrx", "nanochat", "hy_v3",
+              "laguna")
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "ministral", "ministral3", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3",
@@ -485,6 +486,16 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
     elif arch == "bloom":
         cls = transformers.BloomConfig
         kw = dict(hidden_size=hidden_size, n_layer=num_layers, n_head=num_heads)
+    elif arch == "laguna":  # a query head count per layer, softplus-gated heads, a sliding layer (full RoPE) and full
+        # ones (RoPE over half of each head); a dense first layer, then 4 experts (2 a token) and a shared one
+        cls = transformers.LagunaConfig
+        kv_heads = num_kv_heads or max(1, num_heads // 2)
+        kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                  num_key_value_heads=kv_heads, head_dim=hidden_size // num_heads, intermediate_size=inter,
+                  max_position_embeddings=max_positions, sliding_window=6, num_experts=4, num_experts_per_tok=2,
+                  moe_intermediate_size=inter // 8, shared_expert_intermediate_size=inter // 8,
+                  num_attention_heads_per_layer=[num_heads if i % 2 else num_heads // 2 for i in range(num_layers)],
+                  layer_types=["full_attention" if i % 2 else "sliding_attention" for i in range(num_layers)])
     elif arch == "persimmon":  # (RoPE over half of each head, q/k LayerNorms, squared ReLU)
         cls = transformers.PersimmonConfig
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,

@@ -338,6 +338,11 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "gemma4_unified": ("gemma4_unified_text", {"num_layers": 6, "num_kv_shared_layers": 2,
                                                "use_double_wide_mlp": True, "final_logit_softcapping": 30.0}),
     "gemma4_unified_multimodal": ("gemma4_unified", {"num_layers": 3}),
+    # Laguna (poolside): a query head count per layer, per-head q/k norms, heads gated by softplus, a sliding layer
+    # with full RoPE and full-attention layers with RoPE over half of each head; a dense first layer, then experts by
+    # soft-capped sigmoid scores + a correction bias, scaled, and a shared expert; and with a gate per channel
+    "laguna": ("laguna", {"num_layers": 4, "moe_router_logit_softcapping": 3.0, "moe_routed_scaling_factor": 2.0}),
+    "laguna_element_gate": ("laguna", {"num_layers": 3, "gating": "per-element"}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

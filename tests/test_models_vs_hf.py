@@ -140,7 +140,7 @@ def test_half_precision_close_to_hf(variant, dtype, model_dir_for, adapter_for):
                                      "exaone_moe", "granitemoeshared", "flex_olmo", "mellum", "gpt_oss",
                                      "minimax_m2", "llama4_text", "phimoe", "afmoe", "granitemoe_swa",
                                      "cohere2_moe", "cohere2_moe_rms", "kolibri1", "flint", "deepseek_v32",
-                                     "glm_moe_dsa", "dbrx", "hy_v3"])
+                                     "glm_moe_dsa", "dbrx", "hy_v3", "laguna"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_moe_layer_matches_hf(variant, dtype, model_dir_for):
     """A mixture-of-experts model's half-precision logits cannot be held to HF's fp32 ones as above: where two

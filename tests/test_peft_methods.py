@@ -98,7 +98,7 @@ def requests(tasks, seed: int = 0, max_new_tokens: int = 6) -> list[Request]:
                                      "ernie4_5_moe", "gpt_oss", "minimax_m2", "llama4_text", "phimoe",
                                      "afmoe", "granite_swa", "cohere2_moe", "kolibri1",
                                      "flint", "mpt", "persimmon", "dbrx",
-                                     "nanochat", "hy_v3",
+                                     "nanochat", "hy_v3", "laguna",
                                      *KV_UNSERVABLE])
 def test_prompt_learning_adapters_match_hf_peft(variant, backend, adapters, model_dir_for):
     tasks = adapters(variant)

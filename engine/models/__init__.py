@@ -15,6 +15,7 @@ from .gpt2 import GPT2LMHeadModel, GPTBigCodeForCausalLM
 from .gpt_neo import GPTNeoForCausalLM
 from .gpt_neox import GPTNeoXForCausalLM
 from .gpt_oss import GptOssForCausalLM
+from .laguna import LagunaForCausalLM
 from .llama import LlamaForCausalLM
 from .llama4 import Llama4ForCausalLM
 from .mpt import MptForCausalLM
@@ -40,6 +41,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "olmo": OlmoForCausalLM,
     "gemma": GemmaForCausalLM,
     "gemma4": Gemma4ForCausalLM,
+    "laguna": LagunaForCausalLM,
     "gpt_neox": GPTNeoXForCausalLM,
     "phi": PhiForCausalLM,
     "gptj": GPTJForCausalLM,

@@ -125,11 +125,19 @@ class SparseMoE(nn.Module):
         return experts, weights * moe.routed_scaling
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.mix(x, *self.route(x))
+        """The routed experts' output with the shared experts' added."""
+        out = self.mix(x, *self.route(x))
+        if self.moe.shared_expert_intermediate_size:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if self.moe.ungated_shared_intermediate_size:
+            out = out + self.shared_experts(x)
+            if self.moe.shared_average:  # Cohere2-MoE's "average"
+                out = out / 2
+        return out
 
     def mix(self, x: Tensor, experts: Tensor, weights: Tensor) -> Tensor:
-        """Each token of x through its chosen experts [T, k], their outputs summed with the weights [T, k] (Gemma 4
-        routes on another input than the one its experts take)."""
+        """Each token of x through its chosen experts [T, k], their outputs summed with the weights [T, k] (no shared
+        expert; Gemma 4 routes on another input than the one its experts take)."""
         t, k = experts.shape
         flat = experts.flatten()
         order = flat.argsort(stable=True)  # the (token, slot) pairs grouped by expert
@@ -147,14 +155,7 @@ class SparseMoE(nn.Module):
                                device=x.device)
         weighted[order] = outputs if self.moe.weights_scale_input else outputs * weights.flatten()[order, None]
         # each token's k outputs summed at once (in fp32 where the weights are): deterministic, as HF sums them
-        out = weighted.view(t, k, -1).sum(dim=1).to(x.dtype)
-        if self.moe.shared_expert_intermediate_size:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        if self.moe.ungated_shared_intermediate_size:
-            out = out + self.shared_experts(x)
-            if self.moe.shared_average:  # Cohere2-MoE's "average"
-                out = out / 2
-        return out
+        return weighted.view(t, k, -1).sum(dim=1).to(x.dtype)
 
 
 _MIXTRAL_EXPERT = re.compile(r"(.*)\.block_sparse_moe\.experts\.(\d+)\.w([123])\.weight")
