@@ -1,11 +1,13 @@
-"""Gemma 4 (`gemma4_text`, and the multimodal `gemma4` checkpoints' language model: 31B, 26B-A4B).
+"""Gemma 4 (`gemma4_text`, `gemma4_unified_text`, and the multimodal `gemma4` / `gemma4_unified` checkpoints'
+language model: the dense models, the 26B-A4B, the unified 12B).
 
 Gemma 3's layout (scaled token embeddings, sandwich norms, q/k norms, sliding and full-attention layers with a
 RoPE each, soft-capped logits) with Gemma 4's differences: norms scale by w (not 1 + w); values get a gainless
 RMSNorm; the attention scale is 1; full-attention layers have wider heads (`global_head_dim`), fewer K/V heads and,
 with attention_k_eq_v, values from the key projection; their RoPE is "proportional" (only the first channels of
 each half rotate); each layer's output is scaled by its `layer_scalar`; the 26B-A4B adds a routed mixture of
-experts beside each layer's dense MLP.
+experts beside each layer's dense MLP; with `num_kv_shared_layers`, the last layers attend with the K/V of the last
+earlier layer of their type.
 
 Each layer attends in its own head width and K/V head count (`ModelConfig.layer_head_dims`, `layer_kv_heads`),
 which the KV pool holds per layer (`KVPool.layer_shapes`).
