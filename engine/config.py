@@ -813,6 +813,9 @@ def _gemma4_config(hf: Any, model_type: str) -> ModelConfig:
         if any(layer_configs[i].skip for i in layers):
             raise UnsupportedModelError(f"{model_type} with layers that skip sublayers (per_layer_config skip) is "
                                         "not supported")
+    elif getattr(hf, "global_head_dim", None) is not None:  # (transformers before 5.15 kept it beside head_dim)
+        raise UnsupportedModelError(f"{model_type} needs transformers >= 5.15 (its per_layer_config) to read its "
+                                    "full-attention layers' head width")
     else:
         head_dims = (int(hf.head_dim),) * hf.num_hidden_layers
         kv_heads = (int(hf.num_key_value_heads),) * hf.num_hidden_layers
