@@ -830,7 +830,6 @@ def _gemma4_config(hf: Any, model_type: str) -> ModelConfig:
     if getattr(hf, "enable_moe_block", False):
         moe = MoEConfig(num_experts=hf.num_experts, top_k=hf.top_k_experts, intermediate_size=hf.moe_intermediate_size,
                         norm_topk_prob=True, weights_in_model_dtype=False, sparse_layers=tuple(layers))
-    full = tuple(i for i, t in enumerate(hf.layer_types) if t != "sliding_attention")
     sources, widths = (), ()
     if getattr(hf, "num_kv_shared_layers", 0):  # the last layers attend with the last earlier layer of their type's K/V
         modes = hf.kv_sharing_modes
@@ -853,7 +852,7 @@ def _gemma4_config(hf: Any, model_type: str) -> ModelConfig:
         final_logit_softcap=float(getattr(hf, "final_logit_softcapping", None) or 0.0),
         layer_head_dims=() if uniform else head_dims,
         layer_kv_heads=() if uniform else kv_heads,
-        value_from_key_layers=full if getattr(hf, "attention_k_eq_v", False) else (),
+        value_from_key_layers=_full_attention_layers(hf.layer_types) if getattr(hf, "attention_k_eq_v", False) else (),
         kv_source_layers=sources,
         layer_intermediate_sizes=widths,
         moe=moe,

@@ -49,7 +49,6 @@ class KVPool:
             raise SoftPromptError("the KV pool needs at least one block: raise kv_cache_bytes")
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.dtype = dtype
         self.layer_shapes = layer_kv_shapes(config)
         self.kv: torch.Tensor | list[torch.Tensor]
         sources = kv_sources(config)

@@ -108,10 +108,11 @@ def rope_layer_types(config: ModelConfig) -> list[str] | None:
     return list(hf.layer_types)
 
 
-def layer_type_rope_inv_freq(hf: Any, layer_type: str | None, head_dim: int,
-                             device: torch.device | str) -> tuple[Tensor, float]:
+def layer_type_rope_inv_freq(hf: Any, layer_type: str | None, head_dim: int, device: torch.device | str,
+                             init_config: Any = None) -> tuple[Tensor, float]:
     """One layer type's inverse frequencies and cos/sin scaling, as HF computes them (`layer_type` None: the
-    config's one RoPE)."""
+    config's one RoPE): the default RoPE over `head_dim` channels, other types by transformers' init function, which
+    reads `init_config` (default `hf`; Gemma 4's: the layer type's own config, with its head width)."""
     params = hf.rope_parameters if layer_type is None else hf.rope_parameters[layer_type]
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
@@ -119,7 +120,7 @@ def layer_type_rope_inv_freq(hf: Any, layer_type: str | None, head_dim: int,
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     kwargs = {} if layer_type is None else {"layer_type": layer_type}
-    inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, device, **kwargs)
+    inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf if init_config is None else init_config, device, **kwargs)
     return inv.float().to(device), float(scaling)
 
 

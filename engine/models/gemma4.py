@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .base import CausalLM, Layer0Input, language_model_tensors
-from .common import Attention, apply_rotary, default_rope_inv_freq, gather_rope_rows, rotary_cos_sin
+from .common import Attention, apply_rotary, gather_rope_rows, layer_type_rope_inv_freq, rotary_cos_sin
 from .gemma import GemmaForCausalLM
 from .linear import Linear, linear
 from .llama import LlamaMLP, _fuse
@@ -184,19 +184,20 @@ class Gemma4ForCausalLM(GemmaForCausalLM):
         self.rope_by_layer = []
         for layer, layer_type in zip(self.model.layers, c.hf_config.layer_types):
             key = (layer_type, layer.self_attn.head_dim)
-            if key not in tables:
-                inv_freq, scaling = _layer_type_inv_freq(c.hf_config, layer_type, key[1], device)
+            if key not in tables:  # (transformers' init reads the layer type's own config, with its head width)
+                hf = c.hf_config
+                inv_freq, scaling = layer_type_rope_inv_freq(
+                    hf, layer_type, key[1], device, hf.per_layer_config[layer_type] if hf.is_heterogeneous else hf)
                 tables[key] = rotary_cos_sin(inv_freq, scaling, positions, dtype)
             self.rope_by_layer.append(tables[key])
 
     def prepare_for_inference(self, device: torch.device) -> None:
+        """The experts fused too, where the layers have them (Gemma's fuses the attention and the dense MLP)."""
         transposed = self.fp32_on_cpu(device)
         for layer in self.model.layers:
-            layer.self_attn.fuse(transposed)
-            layer.mlp.fuse(transposed)
             if hasattr(layer, "moe"):
                 layer.moe.fuse(transposed)
-        CausalLM.prepare_for_inference(self, device)
+        super().prepare_for_inference(device)
 
     def forward(
         self, embeds: Tensor | None, positions: Tensor, attention: Attention, layer0: Layer0Input | None = None
@@ -211,16 +212,3 @@ class Gemma4ForCausalLM(GemmaForCausalLM):
             h = h * layer.layer_scalar
         return self.model.norm(h)
 
-
-def _layer_type_inv_freq(hf, layer_type: str, head_dim: int, device: torch.device) -> tuple[Tensor, float]:
-    """One layer type's inverse frequencies and cos/sin scaling, as HF's Gemma 4 computes them: from that layer
-    type's own config (its head width), by the rope_type its `rope_parameters` entry names."""
-    params = hf.rope_parameters[layer_type]
-    rope_type = params.get("rope_type", "default")
-    if rope_type == "default":
-        return default_rope_inv_freq(params["rope_theta"], head_dim).to(device), 1.0
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    layer_config = hf.per_layer_config[layer_type] if hf.is_heterogeneous else hf
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](layer_config, device, layer_type=layer_type)
-    return inv_freq.float().to(device), float(scaling)

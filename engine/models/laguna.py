@@ -18,8 +18,8 @@ from .common import (
     Attention,
     RMSNorm,
     apply_rotary,
-    default_rope_inv_freq,
     gather_rope_rows,
+    layer_type_rope_inv_freq,
     norm_heads,
     rotary_cos_sin,
 )
@@ -127,8 +127,9 @@ class LagunaForCausalLM(CausalLM):
         dtype = self.model.embed_tokens.weight.dtype
         positions = torch.arange(c.max_positions, device=device)
         tables: dict[str, tuple[Tensor, Tensor]] = {}
-        for layer_type in dict.fromkeys(c.hf_config.layer_types):
-            inv_freq, scaling = _layer_type_inv_freq(c.hf_config, layer_type, c.head_dim, device)
+        for layer_type in dict.fromkeys(c.hf_config.layer_types):  # (the default RoPE over the type's share)
+            rotary = int(c.head_dim * c.hf_config.rope_parameters[layer_type].get("partial_rotary_factor", 1.0))
+            inv_freq, scaling = layer_type_rope_inv_freq(c.hf_config, layer_type, rotary, device)
             tables[layer_type] = rotary_cos_sin(inv_freq, scaling, positions, dtype)
         self.rope_by_layer = [tables[t] for t in c.hf_config.layer_types]
 
@@ -149,16 +150,3 @@ class LagunaForCausalLM(CausalLM):
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.model.norm(h)
 
-
-def _layer_type_inv_freq(hf, layer_type: str, head_dim: int, device: torch.device) -> tuple[Tensor, float]:
-    """One layer type's inverse frequencies and cos/sin scaling, as HF's Laguna computes them: the default RoPE over
-    `partial_rotary_factor` of each head, other types by transformers (which read the factor themselves)."""
-    params = hf.rope_parameters[layer_type]
-    rope_type = params.get("rope_type", "default")
-    if rope_type == "default":
-        dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
-        return default_rope_inv_freq(params["rope_theta"], dim).to(device), 1.0
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, device, layer_type=layer_type)
-    return inv_freq.float().to(device), float(scaling)
