@@ -352,29 +352,25 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                                                  **media, **ids)
         return transformers.Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **media,
                                           **ids)
-    elif arch == "gemma4":  # multimodal: Gemma 4 text + a tiny vision tower the engine leaves out
-        text = _hf_config("gemma4_text", vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
+    elif arch in ("gemma4", "gemma4_unified"):  # multimodal: Gemma 4's (or the unified one's) text + a tiny vision
+        # tower the engine leaves out
+        text = _hf_config(arch + "_text", vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
                           num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
                           max_positions=max_positions, tie_word_embeddings=True, **overrides)
-        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=2, head_dim=16, patch_size=4, position_embedding_size=64)
-        return transformers.Gemma4Config(text_config=text.to_dict(), vision_config=vision, audio_config=None,
-                                         image_token_id=vocab_size - 1, boi_token_id=vocab_size - 2,
-                                         eoi_token_id=vocab_size - 3, video_token_id=vocab_size - 4,
-                                         audio_token_id=vocab_size - 5, **ids)
-    elif arch == "gemma4_unified":  # multimodal: Gemma 4 "unified" text + its tiny vision embedder, left out
-        text = _hf_config("gemma4_unified_text", vocab_size=vocab_size, hidden_size=hidden_size,
-                          num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                          intermediate_size=intermediate_size, max_positions=max_positions, tie_word_embeddings=True,
-                          **overrides)
-        vision = dict(patch_size=4, pooling_kernel_size=2, mm_embed_dim=32, mm_posemb_size=16, output_proj_dims=32)
-        return transformers.Gemma4UnifiedConfig(text_config=text.to_dict(), vision_config=vision, audio_config=None,
-                                                image_token_id=vocab_size - 1, boi_token_id=vocab_size - 2,
-                                                eoi_token_id=vocab_size - 3, video_token_id=vocab_size - 4,
-                                                audio_token_id=vocab_size - 5, **ids)
+        if arch == "gemma4":
+            cls = transformers.Gemma4Config
+            vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                          num_key_value_heads=2, head_dim=16, patch_size=4, position_embedding_size=64)
+        else:
+            cls = transformers.Gemma4UnifiedConfig
+            vision = dict(patch_size=4, pooling_kernel_size=2, mm_embed_dim=32, mm_posemb_size=16, output_proj_dims=32)
+        return cls(text_config=text.to_dict(), vision_config=vision, audio_config=None, image_token_id=vocab_size - 1,
+                   boi_token_id=vocab_size - 2, eoi_token_id=vocab_size - 3, video_token_id=vocab_size - 4,
+                   audio_token_id=vocab_size - 5, **ids)
     elif arch in ("gemma4_text", "gemma4_unified_text"):  # sliding and full-attention layers in turn (the last
         # full), the full ones with twice the head width, half the K/V heads and their values their keys; the
-        # per-layer input embeddings of E2B / E4B off (hidden_size_per_layer_input 0), as in the 31B and 26B-A4B
+        # per-layer input embeddings of E2B / E4B off (hidden_size_per_layer_input 0), as in the dense and 26B-A4B
+        # models
         head_dim = hidden_size // num_heads
         kv_heads = num_kv_heads or max(1, num_heads // 2)
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
