@@ -86,12 +86,15 @@ class Engine:
     cuda_graphs (triton backend only; None: on where the device is CUDA): decode steps run at padded static
     shapes, replayed from one CUDA graph per batch-size bucket (engine/decode_graphs.py). True on the CPU runs the
     same padded steps without capture (that is how the tests check them). Not for mixture-of-experts models on
-    CUDA (their experts group tokens on the host): their default is off.
+    CUDA (their experts group tokens on the host): their default is off. Never for models with linear-attention
+    layers (Qwen3.5).
 
     enable_prefix_caching (vLLM's automatic prefix caching; torch and triton backends): the K/V of full blocks of
     request tokens stay cached after their request, and a later request of the same task that begins with the
     same tokens (a shared instruction or few-shot examples, the n samples of one input, a preempted request)
-    computes only the rest. A task's soft-prompt K/V are cached whatever this says.
+    computes only the rest. A task's soft-prompt K/V are cached whatever this says. Off for models with
+    linear-attention layers (Qwen3.5), whose recurrent state cached blocks cannot restore (a task's prompt state is
+    still computed once).
 
     reasoning_parser ("deepseek_r1", "qwen3", "seed_oss" or "mistral", as the server's --reasoning-parser): a
     thinking model's structured outputs and guided_choice hold on its answer after the `<think> ... </think>`
@@ -166,6 +169,9 @@ class Engine:
         self.pool = KVPool.sized(self.config, block_size, self.dtype, self.device, kv_cache_bytes, kv_cache_fraction)
         if cuda_graphs and self.backend != "triton":
             raise SoftPromptError(f"cuda_graphs=True needs backend='triton', not {self.backend!r}")
+        if cuda_graphs and self.pool.states is not None:
+            raise SoftPromptError(f"cuda_graphs=True: a {self.config.model_type} model's decode steps cannot be "
+                                  "captured (its linear-attention layers look up each sequence's state on the host)")
         if cuda_graphs and self.device.type == "cuda" and not self.model.graph_capturable:
             raise SoftPromptError(f"cuda_graphs=True: a {self.config.model_type} model's decode steps cannot be "
                                   "captured (its experts group their tokens on the host)")
@@ -173,7 +179,9 @@ class Engine:
             cuda_graphs = self.backend == "triton" and self.device.type == "cuda" and self.model.graph_capturable
         self.runner = ModelRunner(self.model, self.pool, self.backend,
                                   decode_graphs_for=max_num_seqs if cuda_graphs else None)
-        self.block_cache = BlockCache(self.pool) if enable_prefix_caching and self.backend != "reference" else None
+        # (not with linear-attention layers: a cached block's K/V would not bring back the recurrent state after it)
+        self.block_cache = (BlockCache(self.pool) if enable_prefix_caching and self.backend != "reference"
+                            and self.pool.states is None else None)
         self.prefix_cache = PrefixCache(self.pool, self.runner.compute_prefixes,
                                         reclaim=None if self.block_cache is None else self.block_cache.evict_one)
         self.scheduler = Scheduler(self.prefix_cache, scheduler_config, self.block_cache)

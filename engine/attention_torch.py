@@ -267,9 +267,11 @@ class TorchPagedAttention:
         self.windows = windows
         self.softcap = softcap
         self.sinks = sinks
-        bs, hkv = pool.block_size, pool.kv[0].shape[3]  # (ALiBi's slopes by K/V head: its models' layers are alike)
-        rep = num_heads // hkv
-        slopes = None if alibi_slopes is None else alibi_slopes.float().to(device).view(hkv, rep)
+        bs = pool.block_size
+        slopes = None
+        if alibi_slopes is not None:  # by K/V head (ALiBi's models' layers are alike)
+            hkv = pool.kv[0].shape[3]
+            slopes = alibi_slopes.float().to(device).view(hkv, num_heads // hkv)
         num_rows = sum(s.num_queries for s in seqs)
         self.slot_mapping = new_token_slots(seqs, bs).to(device)
         self.calls = [_PaddedCall(items, bs, num_rows, slopes, pool.kv[0].dtype, device)

@@ -33,6 +33,7 @@ ARCH_FAMILIES = {
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gemma4_text": "gemma4",
     "gemma4": "gemma4", "gemma4_unified_text": "gemma4", "gemma4_unified": "gemma4", "laguna": "laguna",
+    "qwen3_5_text": "qwen3_5", "qwen3_5": "qwen3_5",
     "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
     "cohere": "cohere", "cohere2": "cohere", "cohere2_moe": "cohere", "glm": "glm", "glm4": "glm", "falcon": "falcon",
@@ -97,6 +98,25 @@ class MoEConfig:
 
 
 @dataclass(frozen=True)
+class LinearAttentionConfig:
+    """Qwen3.5's Gated DeltaNet layers: a causal depthwise convolution (`conv_kernel` wide) over the projected q/k/v
+    channels, then the gated delta rule, whose state (a [key_head_dim, value_head_dim] matrix per value head) carries
+    a sequence's past in place of K/V; `layers`: the layers that have it (the others attend)."""
+
+    layers: tuple[int, ...]
+    num_key_heads: int
+    num_value_heads: int
+    key_head_dim: int
+    value_head_dim: int
+    conv_kernel: int
+
+    @property
+    def conv_channels(self) -> int:
+        """The convolution's channels: q, k (each num_key_heads x key_head_dim wide) and v."""
+        return 2 * self.num_key_heads * self.key_head_dim + self.num_value_heads * self.value_head_dim
+
+
+@dataclass(frozen=True)
 class MLAConfig:
     """DeepSeek's multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash, Mistral 4, Youtu-LLM, MiniCPM3):
     queries from a low-rank projection (q_a, its norm, q_b; a plain q_proj where q_lora_rank is 0); keys and values
@@ -124,7 +144,7 @@ class ModelConfig:
     family: str  # "llama" | "olmo" | "stablelm" | "starcoder2" | "cohere" | "olmo2" | "glm" | "gemma" | "gpt_neox"
     # | "phi" | "gptj" | "falcon" | "opt" | "xglm" | "biogpt" | "gpt2" | "gpt_bigcode" | "gpt_neo" | "bloom"
     # | "nemotron" | "deepseek" | "gpt_oss" | "llama4" | "phimoe" | "afmoe" | "flint" | "mpt" | "persimmon" | "dbrx"
-    # | "nanochat" | "gemma4" | "laguna"
+    # | "nanochat" | "gemma4" | "laguna" | "qwen3_5"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -152,6 +172,8 @@ class ModelConfig:
     interleaved_rope: bool = False
     moe: MoEConfig | None = None  # a sparse mixture-of-experts MLP in (some) layers
     mla: MLAConfig | None = None  # DeepSeek's latent attention (head_dim: the widest of its key and value heads)
+    # Qwen3.5's linear-attention layers (a recurrent state per sequence, no K/V: their pool shape has 0 K/V heads)
+    linear_attention: LinearAttentionConfig | None = None
     # Ministral 3's query scale by position: 1 + beta * log(1 + floor(position / original_max)); beta 0: none
     query_scale_beta: float = 0.0
     query_scale_period: int = 1
@@ -217,6 +239,9 @@ class ModelConfig:
     @property
     def kv_prefix_refusal(self) -> str | None:
         """Why this model cannot take a prefix-tuning (K/V) adapter; None where it can."""
+        if self.linear_attention is not None:
+            return (f"{self.model_type}'s linear-attention layers keep a recurrent state, not keys and values, so a "
+                    "prefix-tuning adapter's K/V do not apply to them: use prompt tuning, P-tuning or CPT")
         if self.layer_head_dims or self.layer_kv_heads:
             return (f"{self.model_type}'s layers differ in K/V head width and count; PEFT provisions a prefix-tuning "
                     "adapter for the widest layers and skips or slices it elsewhere, which the engine does not "
@@ -1370,6 +1395,48 @@ def _mpt_config(hf: Any, model_type: str) -> ModelConfig:
     )
 
 
+def _qwen3_5_config(hf: Any, model_type: str) -> ModelConfig:
+    """Qwen3.5: Gated DeltaNet (linear-attention) layers and, every few layers, gated full attention (q_proj gives
+    each head's query and an output gate; per-head (1 + w) q/k RMSNorms; RoPE over the first partial_rotary_factor
+    of each head), all with (1 + w) RMSNorms and SwiGLU MLPs. The multimodal checkpoint (`qwen3_5`): its language
+    model. Text positions only (the M-RoPE sections coincide for text)."""
+    if model_type == "qwen3_5":
+        return _language_model_config(hf, model_type, lambda text: _qwen3_5_config(text, text.model_type))
+    _check_rope_types(hf, model_type)
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    kinds = set(hf.layer_types)
+    if not kinds <= {"linear_attention", "full_attention"}:
+        raise UnsupportedModelError(f"{model_type} with layer types {sorted(kinds)}: the engine runs "
+                                    "linear_attention and full_attention layers")
+    linear = tuple(i for i, t in enumerate(hf.layer_types) if t == "linear_attention")
+    if len(linear) == hf.num_hidden_layers:
+        raise UnsupportedModelError(f"{model_type} without a full_attention layer (the engine's KV pool is sized by "
+                                    "its attention layers)")
+    if hf.linear_num_value_heads % hf.linear_num_key_heads:
+        raise CheckpointError(f"linear_num_value_heads={hf.linear_num_value_heads} is not a multiple of "
+                              f"linear_num_key_heads={hf.linear_num_key_heads}")
+    rope = hf.rope_parameters or {}
+    kv_heads = hf.num_key_value_heads
+    return ModelConfig(
+        family="qwen3_5",
+        **_decoder_fields(hf, model_type, head_dim),
+        max_positions=hf.max_position_embeddings,
+        hidden_act=hf.hidden_act,
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        qkv_bias=bool(hf.attention_bias),
+        o_bias=bool(hf.attention_bias),
+        qk_norm=True,
+        rotary_dim=int(head_dim * rope.get("partial_rotary_factor", 1.0)),
+        attention_scale=head_dim**-0.5,
+        layer_kv_heads=tuple(0 if i in linear else kv_heads for i in range(hf.num_hidden_layers)),
+        layer_head_dims=(head_dim,) * hf.num_hidden_layers,
+        linear_attention=LinearAttentionConfig(
+            layers=linear, num_key_heads=hf.linear_num_key_heads, num_value_heads=hf.linear_num_value_heads,
+            key_head_dim=hf.linear_key_head_dim, value_head_dim=hf.linear_value_head_dim,
+            conv_kernel=hf.linear_conv_kernel_dim),
+    )
+
+
 # family -> its config reader
 FAMILY_CONFIGS = {
     "llama": _llama_config, "olmo": _olmo_config, "stablelm": _stablelm_config, "nemotron": _ungated_layernorm_config,
@@ -1380,5 +1447,5 @@ FAMILY_CONFIGS = {
     "deepseek": _deepseek_config, "gpt_oss": _gpt_oss_config, "llama4": _llama4_config, "phimoe": _phimoe_config,
     "afmoe": _afmoe_config, "flint": _flint_config,
     "mpt": _mpt_config, "persimmon": _persimmon_config, "dbrx": _dbrx_config,
-    "nanochat": _nanochat_config, "gemma4": _gemma4_config, "laguna": _laguna_config,
+    "nanochat": _nanochat_config, "gemma4": _gemma4_config, "laguna": _laguna_config, "qwen3_5": _qwen3_5_config,
 }

@@ -8,6 +8,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import SoftPromptError
+from .recurrent_state import RecurrentStates
 
 
 class OutOfBlocks(Exception):
@@ -42,7 +43,9 @@ class KVPool:
     """K and V of all layers. `kv[layer]` is that layer's [2, num_blocks, block_size, kv_heads, head_dim]; block ids
     index its dim 1. Where every layer has the same shape, `kv` is one tensor [layers, 2, num_blocks, ...]; where
     they differ, a list of each layer's own (no layer padded to another's shape), in which a layer that attends
-    with an earlier layer's K/V has that layer's tensor (it writes the same values there)."""
+    with an earlier layer's K/V has that layer's tensor (it writes the same values there). `states`: the recurrent
+    states of a model with linear-attention layers (Qwen3.5's; their K/V tensors are empty), kept with blocks and
+    freed with them; None for others."""
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
         if num_blocks < 1:
@@ -62,6 +65,8 @@ class KVPool:
                 self.kv.append(self.kv[source] if source != layer else
                                torch.zeros((2, num_blocks, block_size, heads, width), dtype=dtype, device=device))
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        linear = getattr(config, "linear_attention", None)
+        self.states = None if linear is None else RecurrentStates(linear, dtype, device)
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -110,6 +115,8 @@ class KVPool:
         return [self._free.pop() for _ in range(n)]
 
     def free(self, blocks: list[int]) -> None:
+        if self.states is not None:
+            self.states.release(blocks)
         self._free.extend(reversed(blocks))
 
     def blocks_for(self, num_tokens: int) -> int:

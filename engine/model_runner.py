@@ -14,6 +14,7 @@ from .kv_pool import KVPool
 from .models import Attention, CausalLM
 from .models.base import Layer0Input
 from .prompts import SoftPrompt
+from .recurrent_state import RecurrentBatch
 from .sampling import SamplingParams, TokenLogprob, sample_next
 from .sequence import Sequence
 
@@ -46,13 +47,22 @@ class ModelRunner:
             self.decode_graphs.capture_all()
 
     def _attention(self, slices: list[SeqSlice], positions: Tensor) -> Attention:
+        """The step's attention implementation; with linear-attention layers it also carries the sequences'
+        recurrent states (`recurrent`)."""
         c = self.model.config
+        attention: Attention
         if self.backend == "triton":
             rope = getattr(self.model, "rope_tables", None)
-            return TritonPagedAttention(self.pool, slices, c.attention_scale, self.alibi, positions, rope, self.device,
-                                        c.layer_windows, c.attention_softcap, self.model.attention_sinks)
-        return TorchPagedAttention(self.pool, slices, c.attention_scale, self.alibi, c.num_heads, self.device,
-                                   c.layer_windows, c.attention_softcap, self.model.attention_sinks)
+            attention = TritonPagedAttention(self.pool, slices, c.attention_scale, self.alibi, positions, rope,
+                                             self.device, c.layer_windows, c.attention_softcap,
+                                             self.model.attention_sinks)
+        else:
+            attention = TorchPagedAttention(self.pool, slices, c.attention_scale, self.alibi, c.num_heads,
+                                            self.device, c.layer_windows, c.attention_softcap,
+                                            self.model.attention_sinks)
+        if self.pool.states is not None:
+            attention.recurrent = RecurrentBatch.of_slices(slices, self.pool.states)
+        return attention
 
     def _fused_layer0(self, token_ids: Tensor | None, prompt_rows: Tensor | None, positions: Tensor) -> Layer0Input:
         """Layer 0's residual and QKV projection in one kernel whose GEMM prologue gathers the token-embedding or

@@ -70,7 +70,9 @@ def _score(engine, items: list[ScoreItem]) -> list[list[float]]:
         # 1. each context's full blocks before its last token (K/V only)
         contexts, shared = [], []
         for prompt, ctx, _ in items:
-            full = (len(ctx) - 1) // size * size
+            # (a model with linear-attention layers computes each continuation whole: its recurrent state after
+            # the context cannot be shared by several continuations' blocks)
+            full = (len(ctx) - 1) // size * size if pool.states is None else 0
             seq = new_sequence(prompt, ctx[:full], []) if full else None
             shared.append([] if seq is None else seq.blocks)
             if seq is not None:

@@ -343,6 +343,11 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # soft-capped sigmoid scores + a correction bias, scaled, and a shared expert; and with a gate per channel
     "laguna": ("laguna", {"num_layers": 4, "moe_router_logit_softcapping": 3.0, "moe_routed_scaling_factor": 2.0}),
     "laguna_element_gate": ("laguna", {"num_layers": 3, "gating": "per-element"}),
+    # Qwen3.5: Gated DeltaNet (linear-attention) layers, whose recurrent state the engine keeps per sequence and per
+    # task prompt, with a gated full-attention layer every second layer (RoPE over half of each head); the long
+    # inputs of the tests cross the delta rule's 64-token chunks; and the multimodal checkpoint's language model
+    "qwen3_5": ("qwen3_5_text", {"num_layers": 4, "full_attention_interval": 2}),
+    "qwen3_5_multimodal": ("qwen3_5", {"num_layers": 3, "full_attention_interval": 3}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -45,6 +45,8 @@ def assert_no_leaks(engine: Engine) -> None:
     assert not engine.has_unfinished_requests()
     assert engine.kv_is_idle()
     assert len(set(engine.pool._free)) == len(engine.pool._free)  # no block freed twice
+    if engine.pool.states is not None:  # recurrent states: only the cached prompts' are kept
+        assert engine.pool.states.num_held == len(engine.prefix_cache.entries)
 
 
 def assert_quantized_logits_match_hf_peft(checkpoint, unquantized, adapter, hf) -> None:

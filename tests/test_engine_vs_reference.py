@@ -26,7 +26,8 @@ ARCHS = ["llama", "qwen2", "qwen3", "phi3_longrope", "mistral_window", "ministra
          "phimoe", "afmoe", "granite_swa", "granitemoe_swa", "cohere2_moe",
          "cohere2_moe_rms", "kolibri1", "flint", "deepseek_v32", "glm_moe_dsa", "mpt",
          "persimmon", "dbrx", "nanochat", "gpt-sw3", "hy_v3", "gemma4", "gemma4_moe", "gemma4_multimodal",
-         "gemma4_unified", "gemma4_unified_multimodal", "laguna", "laguna_element_gate", "bloom"]
+         "gemma4_unified", "gemma4_unified_multimodal", "laguna", "laguna_element_gate", "qwen3_5",
+         "qwen3_5_multimodal", "bloom"]
 LOGIT_ATOL = 1e-4  # fp32: only summation order differs (batched SDPA over packed items vs per-request matmul)
 
 

@@ -25,6 +25,7 @@ from .olmo2 import Olmo2ForCausalLM
 from .opt import BioGptForCausalLM, OPTForCausalLM, XGLMForCausalLM
 from .phi import GPTJForCausalLM, PhiForCausalLM
 from .phimoe import PhimoeForCausalLM
+from .qwen3_5 import Qwen3_5ForCausalLM
 from .stablelm import NemotronForCausalLM, PersimmonForCausalLM, StableLmForCausalLM, Starcoder2ForCausalLM
 
 MODEL_CLASSES: dict[str, type[CausalLM]] = {
@@ -42,6 +43,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "gemma": GemmaForCausalLM,
     "gemma4": Gemma4ForCausalLM,
     "laguna": LagunaForCausalLM,
+    "qwen3_5": Qwen3_5ForCausalLM,
     "gpt_neox": GPTNeoXForCausalLM,
     "phi": PhiForCausalLM,
     "gptj": GPTJForCausalLM,

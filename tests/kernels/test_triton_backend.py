@@ -76,7 +76,7 @@ def test_triton_backend_scores_continuations_after_shared_context_blocks(variant
                                      "afmoe", "granite_swa", "granitemoe_swa", "cohere2_moe_rms",
                                      "kolibri1", "flint", "deepseek_v32", "mpt",
                                      "persimmon", "dbrx", "nanochat",
-                                     "hy_v3", "gemma4", "gemma4_moe", "gemma4_unified", "laguna"])
+                                     "hy_v3", "gemma4", "gemma4_moe", "gemma4_unified", "laguna", "qwen3_5"])
 def test_triton_backend_matches_reference(variant, model_dir_for):
     d = model_dir_for(variant)
     ref = Engine(d, device=DEVICE, dtype="float32", backend="reference")
@@ -109,3 +109,12 @@ def test_triton_backend_serves_p_tuning_and_prefix_tuning_adapters(variant, mode
 def test_triton_backend_needs_power_of_two_blocks(model_dir_for):
     with pytest.raises(SoftPromptError, match="power-of-two"):
         Engine(model_dir_for("llama"), device=DEVICE, backend="triton", block_size=12)
+
+
+def test_no_decode_graphs_with_linear_attention_layers(model_dir_for):
+    """Qwen3.5's linear-attention layers look up each sequence's recurrent state on the host: cuda_graphs=True is
+    refused naming them, and the default leaves decode graphs off."""
+    d = model_dir_for("qwen3_5")
+    with pytest.raises(SoftPromptError, match="linear-attention"):
+        Engine(d, device=DEVICE, dtype="float32", backend="triton", cuda_graphs=True)
+    assert Engine(d, device=DEVICE, dtype="float32", backend="triton").runner.decode_graphs is None

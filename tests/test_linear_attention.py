@@ -1,0 +1,118 @@
+"""Qwen3.5's linear-attention (Gated DeltaNet) layers: the chunked delta rule against its token-by-token form, and the
+engine's recurrent states (one per sequence and per task prompt, kept with blocks) against the reference path,
+across delta-rule chunks, prefill chunks, preemption, aborts and prompt eviction. (HF + PEFT against the reference:
+tests/test_models_vs_hf.py's `qwen3_5` variants.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from softprompt import Engine, Request, SamplingParams
+from softprompt.engine.errors import SoftPromptError
+from softprompt.engine.kv_pool import KVPool
+from softprompt.engine.models.qwen3_5 import delta_rule_chunked, delta_rule_step, l2_normalize
+from softprompt.testing import build_prefix_tuning_adapter, build_prompt_tensor
+
+from .runtime_helpers import assert_no_leaks, make_requests, register_tasks, run
+
+
+@pytest.mark.parametrize("n", [1, 5, 64, 150])
+def test_chunked_delta_rule_equals_token_by_token(n):
+    g = torch.Generator().manual_seed(n)
+    h, dk, dv = 3, 8, 5
+    q = l2_normalize(torch.randn(n, h, dk, generator=g)) * dk**-0.5
+    k = l2_normalize(torch.randn(n, h, dk, generator=g))
+    v = torch.randn(n, h, dv, generator=g)
+    decay = -torch.rand(n, h, generator=g)  # log decays (< 0)
+    beta = torch.rand(n, h, generator=g)
+    state0 = torch.randn(h, dk, dv, generator=g)
+    out, state = delta_rule_chunked(q, k, v, decay, beta, state0, chunk=16)
+    s = state0[None]
+    for t in range(n):
+        o, s = delta_rule_step(q[t:t + 1], k[t:t + 1], v[t:t + 1], decay[t:t + 1], beta[t:t + 1], s)
+        torch.testing.assert_close(out[t], o[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state, s[0], atol=1e-5, rtol=1e-5)
+
+
+def _engines(model_dir, **kwargs):
+    ref = Engine(model_dir, device="cpu", dtype="float32", backend="reference")
+    return ref, Engine(model_dir, device="cpu", dtype="float32", backend="torch", **kwargs)
+
+
+def _long_requests(names: list[str | None], seed: int) -> list[dict]:
+    """Inputs longer than a delta-rule chunk (64 tokens), with short ones beside them."""
+    g = torch.Generator().manual_seed(seed)
+    specs = []
+    for i, length in enumerate([150, 3, 70, 1, 90, 20]):
+        ids = torch.randint(4, 512, (length,), generator=g).tolist()
+        specs.append({"prompt": names[i % len(names)], "input_ids": ids,
+                      "sampling": SamplingParams(max_new_tokens=6, ignore_eos=True)})
+    return specs
+
+
+def test_long_prompts_and_inputs_across_chunks_equal_the_reference(model_dir_for):
+    """Prompts of 70 rows and inputs up to 150 tokens (several delta-rule chunks), prefill split into chunks of 50
+    tokens across steps: the same tokens as the reference, and prompt logprobs within fp32 noise of it."""
+    ref, eng = _engines(model_dir_for("qwen3_5"), max_batched_tokens=50)
+    width = eng.config.embedding_width
+    for e in (ref, eng):
+        e.add_prompt("long", build_prompt_tensor(width, 70, seed=1))
+        e.add_prompt("short", build_prompt_tensor(width, 5, seed=2))
+    specs = _long_requests(["long", "short", None], seed=3)
+    assert run(eng, specs) == run(ref, specs)
+    ids = specs[0]["input_ids"]
+    got = eng.prompt_logprobs("long", ids)
+    want = ref.prompt_logprobs("long", ids)
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(got[1:], want[1:])) < 1e-4
+    assert eng.pool.states.num_held == len(eng.prefix_cache.entries)  # the prompts' states alone
+    assert_no_leaks(eng)
+
+
+def test_preemption_restarts_from_the_prompt_state(model_dir_for):
+    d = model_dir_for("qwen3_5")
+    bytes_per_block = KVPool.bytes_per_block(Engine(d, device="cpu", dtype="float32",
+                                                    backend="reference").config, 4, torch.float32)
+    ref, eng = _engines(d, block_size=4, kv_cache_bytes=40 * bytes_per_block)
+    names = register_tasks([ref, eng], 2)
+    specs = make_requests(names, 10, seed=7, max_new_tokens=12)
+    assert run(eng, specs) == run(ref, specs)
+    assert eng.scheduler.num_preemptions > 0
+    assert eng.pool.states.num_held == len(eng.prefix_cache.entries)
+    assert_no_leaks(eng)
+
+
+def test_states_go_with_their_blocks(model_dir_for):
+    """An aborted request's state is freed with its blocks, a removed prompt's with its prefix; the other requests
+    go on unchanged."""
+    ref, eng = _engines(model_dir_for("qwen3_5"))
+    names = register_tasks([ref, eng], 3)
+    specs = make_requests(names, 6, seed=11, max_new_tokens=10)
+    expected = run(ref, specs)
+    ids = [eng.add_request(Request(**s)) for s in specs]
+    outs = {}
+    for _ in range(3):
+        for o in eng.step():
+            outs[o.request_id] = o
+    assert eng.pool.states.num_held == 6 + 3  # each running request's, each prompt's
+    eng.abort(ids[2])
+    assert eng.pool.states.num_held == 5 + 3
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            outs[o.request_id] = o
+    assert [outs[r].token_ids for i, r in enumerate(ids) if i != 2] == [e for i, e in enumerate(expected) if i != 2]
+    assert eng.pool.states.num_held == 3
+    eng.remove_prompt("task0")
+    assert eng.pool.states.num_held == 2
+    assert_no_leaks(eng)
+
+
+def test_what_a_recurrent_state_rules_out(model_dir_for, tmp_path):
+    """No block cache (cached K/V cannot restore a state), no prefix-tuning adapter: off, or refused by name. (No
+    CUDA-graph decode either: tests/kernels/test_triton_backend.py.)"""
+    d = model_dir_for("qwen3_5")
+    eng = Engine(d, device="cpu", dtype="float32", backend="torch")
+    assert eng.block_cache is None
+    adapter = build_prefix_tuning_adapter(d, tmp_path / "prefix", num_virtual_tokens=4)
+    with pytest.raises(SoftPromptError, match="recurrent state"):
+        eng.add_prompt("kv", adapter)
