@@ -539,7 +539,9 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
 def gain_offset(norm: torch.nn.Module) -> float:
     """What a norm adds to its weight to get its gain: 1 for Gemma's and Nemotron's (1 + w), else 0."""
     name = type(norm).__name__.lower()
-    return 1.0 if ("gemma" in name and not name.startswith("gemma4")) or name.endswith("layernorm1p") else 0.0
+    zero_centered = ("qwen3_5rmsnorm", "qwen3_5moermsnorm", "qwen3nextrmsnorm")  # (1 + w), not their gated norms
+    return 1.0 if (("gemma" in name and not name.startswith("gemma4")) or name.endswith("layernorm1p")
+                   or name in zero_centered) else 0.0
 
 
 @torch.no_grad()
