@@ -33,7 +33,8 @@ ARCH_FAMILIES = {
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gemma4_text": "gemma4",
     "gemma4": "gemma4", "gemma4_unified_text": "gemma4", "gemma4_unified": "gemma4", "laguna": "laguna",
-    "qwen3_5_text": "qwen3_5", "qwen3_5": "qwen3_5",
+    "qwen3_5_text": "qwen3_5", "qwen3_5": "qwen3_5", "qwen3_5_moe_text": "qwen3_5", "qwen3_5_moe": "qwen3_5",
+    "qwen3_next": "qwen3_5",
     "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
     "cohere": "cohere", "cohere2": "cohere", "cohere2_moe": "cohere", "glm": "glm", "glm4": "glm", "falcon": "falcon",
@@ -1396,11 +1397,13 @@ def _mpt_config(hf: Any, model_type: str) -> ModelConfig:
 
 
 def _qwen3_5_config(hf: Any, model_type: str) -> ModelConfig:
-    """Qwen3.5: Gated DeltaNet (linear-attention) layers and, every few layers, gated full attention (q_proj gives
-    each head's query and an output gate; per-head (1 + w) q/k RMSNorms; RoPE over the first partial_rotary_factor
-    of each head), all with (1 + w) RMSNorms and SwiGLU MLPs. The multimodal checkpoint (`qwen3_5`): its language
-    model. Text positions only (the M-RoPE sections coincide for text)."""
-    if model_type == "qwen3_5":
+    """Qwen3.5 (and Qwen3-Next, its forerunner): Gated DeltaNet (linear-attention) layers and, every few layers,
+    gated full attention (q_proj gives each head's query and an output gate; per-head (1 + w) q/k RMSNorms; RoPE
+    over the first partial_rotary_factor of each head), all with (1 + w) RMSNorms; SwiGLU MLPs, or Qwen2-MoE's
+    experts beside a sigmoid-gated shared expert (Qwen3.5-MoE: every layer; Qwen3-Next: by decoder_sparse_step and
+    mlp_only_layers). The multimodal checkpoints (`qwen3_5`, `qwen3_5_moe`): their language model. Text positions
+    only (the M-RoPE sections coincide for text)."""
+    if model_type in ("qwen3_5", "qwen3_5_moe"):
         return _language_model_config(hf, model_type, lambda text: _qwen3_5_config(text, text.model_type))
     _check_rope_types(hf, model_type)
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
@@ -1417,6 +1420,16 @@ def _qwen3_5_config(hf: Any, model_type: str) -> ModelConfig:
                               f"linear_num_key_heads={hf.linear_num_key_heads}")
     rope = hf.rope_parameters or {}
     kv_heads = hf.num_key_value_heads
+    moe = None
+    if model_type in ("qwen3_5_moe_text", "qwen3_next") and hf.num_experts:
+        dense = set(getattr(hf, "mlp_only_layers", None) or [])
+        step = getattr(hf, "decoder_sparse_step", 1) or 1
+        moe = MoEConfig(num_experts=hf.num_experts, top_k=hf.num_experts_per_tok,
+                        intermediate_size=hf.moe_intermediate_size,
+                        norm_topk_prob=bool(getattr(hf, "norm_topk_prob", True)), weights_in_model_dtype=True,
+                        sparse_layers=tuple(i for i in range(hf.num_hidden_layers)
+                                            if i not in dense and (i + 1) % step == 0),
+                        shared_expert_intermediate_size=hf.shared_expert_intermediate_size or 0)
     return ModelConfig(
         family="qwen3_5",
         **_decoder_fields(hf, model_type, head_dim),
@@ -1434,6 +1447,7 @@ def _qwen3_5_config(hf: Any, model_type: str) -> ModelConfig:
             layers=linear, num_key_heads=hf.linear_num_key_heads, num_value_heads=hf.linear_num_value_heads,
             key_head_dim=hf.linear_key_head_dim, value_head_dim=hf.linear_value_head_dim,
             conv_kernel=hf.linear_conv_kernel_dim),
+        moe=moe,
     )
 
 

@@ -30,7 +30,8 @@ SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "minicpm3", "dots1", "iquestcoder", "vaultgemma", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe",
     "phi3", "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm",
     "hyperclovax", "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4", "gemma4_unified_text",
-    "gemma4_unified", "laguna", "qwen3_5_text", "qwen3_5", "gpt_neox", "phi", "stablelm", "nemotron",
+    "gemma4_unified", "laguna", "qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next",
+    "gpt_neox", "phi", "stablelm", "nemotron",
     "starcoder2", "cohere", "cohere2", "olmo", "olmo2", "olmo3", "flex_olmo", "exaone4", "exaone4_5", "glm", "glm4",
     "falcon", "gptj", "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
 
@@ -136,7 +137,7 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
               "glm4_moe_lite", "mistral4", "minicpm3", "deepseek_v32", "glm_moe_dsa", "dots1", "hunyuan_v1_dense",
               "hunyuan_v1_moe", "solar_open", "exaone_moe", "gpt_oss", "minimax_m2", "llama4_text", "llama4",
               "phimoe", "afmoe", "granite_swa", "granitemoe_swa", "kolibri1", "flint", "dbrx", "nanochat", "hy_v3",
-              "laguna", "qwen3_5_text", "qwen3_5")
+              "laguna", "qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next")
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "ministral", "ministral3", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3",
@@ -482,10 +483,16 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
     elif arch == "bloom":
         cls = transformers.BloomConfig
         kw = dict(hidden_size=hidden_size, n_layer=num_layers, n_head=num_heads)
-    elif arch == "qwen3_5_text":  # Gated DeltaNet layers (value heads twice the key heads), a gated attention layer
-        # every full_attention_interval-th (default 4), RoPE over half of each head (the M-RoPE sections of text)
-        cls = transformers.Qwen3_5TextConfig
+    elif arch in ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next"):  # Gated DeltaNet layers (value heads twice
+        # the key heads), a gated attention layer every full_attention_interval-th (default 4), RoPE over half of
+        # each head (the M-RoPE sections of text); Qwen3.5-MoE, Qwen3-Next: 4 experts (2 a token) and a gated shared
+        # expert (Qwen3-Next's linear layers in its fused per-key-head projections)
+        cls = {"qwen3_5_text": transformers.Qwen3_5TextConfig, "qwen3_next": transformers.Qwen3NextConfig,
+               "qwen3_5_moe_text": transformers.Qwen3_5MoeTextConfig}[arch]
         head_dim = hidden_size // num_heads
+        if arch != "qwen3_5_text":
+            overrides = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=inter // 8,
+                             shared_expert_intermediate_size=inter // 8, **overrides)
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                   num_key_value_heads=num_kv_heads or max(1, num_heads // 2), head_dim=head_dim,
                   intermediate_size=inter, max_position_embeddings=max_positions, linear_num_key_heads=2,
@@ -493,16 +500,17 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
                                    "mrope_section": [head_dim // 4 - 2 * (head_dim // 12), head_dim // 12,
                                                      head_dim // 12], "mrope_interleaved": True})
-    elif arch == "qwen3_5":  # the multimodal checkpoint: qwen3_5_text's language model + a tiny vision tower
-        text = _hf_config("qwen3_5_text", vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
+    elif arch in ("qwen3_5", "qwen3_5_moe"):  # the multimodal checkpoint: the text model + a tiny vision tower
+        text = _hf_config(f"{arch}_text", vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
                           num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
                           max_positions=max_positions, tie_word_embeddings=tie, **overrides)
         vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden_size,
                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
-        return transformers.Qwen3_5Config(text_config=text.to_dict(), vision_config=vision,
-                                          image_token_id=vocab_size - 1, video_token_id=vocab_size - 2,
-                                          vision_start_token_id=vocab_size - 3, vision_end_token_id=vocab_size - 4,
-                                          tie_word_embeddings=tie, **ids)
+        cls = transformers.Qwen3_5MoeConfig if arch == "qwen3_5_moe" else transformers.Qwen3_5Config
+        return cls(text_config=text.to_dict(), vision_config=vision,
+                   image_token_id=vocab_size - 1, video_token_id=vocab_size - 2,
+                   vision_start_token_id=vocab_size - 3, vision_end_token_id=vocab_size - 4, tie_word_embeddings=tie,
+                   **ids)
     elif arch == "laguna":  # a query head count per layer, softplus-gated heads, a sliding layer (full RoPE) and full
         # ones (RoPE over half of each head); a dense first layer, then 4 experts (2 a token) and a shared one
         cls = transformers.LagunaConfig

@@ -348,6 +348,11 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # inputs of the tests cross the delta rule's 64-token chunks; and the multimodal checkpoint's language model
     "qwen3_5": ("qwen3_5_text", {"num_layers": 4, "full_attention_interval": 2}),
     "qwen3_5_multimodal": ("qwen3_5", {"num_layers": 3, "full_attention_interval": 3}),
+    # Qwen3.5-MoE: experts (a softmax router) beside a sigmoid-gated shared expert in every layer; and multimodal
+    "qwen3_5_moe": ("qwen3_5_moe_text", {"num_layers": 3, "full_attention_interval": 3}),
+    "qwen3_5_moe_multimodal": ("qwen3_5_moe", {"num_layers": 3, "full_attention_interval": 3}),
+    # Qwen3-Next: the same layers, its linear layers' projections fused per key head; a dense MLP in mlp_only_layers
+    "qwen3_next": ("qwen3_next", {"num_layers": 4, "full_attention_interval": 2, "mlp_only_layers": [0]}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

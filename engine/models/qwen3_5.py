@@ -26,6 +26,7 @@ from .common import Attention, apply_rotary
 from .gemma import GemmaRMSNorm
 from .linear import Linear, linear
 from .llama import LlamaMLP, _fuse
+from .moe import SparseMoE, moe_checkpoint_tensors
 
 DELTA_RULE_CHUNK = 64  # tokens a prefill chunk of the delta rule takes (transformers': 64)
 
@@ -216,7 +217,7 @@ class Qwen3_5Layer(nn.Module):
             self.linear_attn = GatedDeltaNet(c)
         else:
             self.self_attn = Qwen3_5Attention(c)
-        self.mlp = LlamaMLP(c)
+        self.mlp = SparseMoE(c, LlamaMLP) if c.moe is not None and index in c.moe.sparse_layers else LlamaMLP(c)
         self.input_layernorm = GemmaRMSNorm(c.hidden_size, c.norm_eps)
         self.post_attention_layernorm = GemmaRMSNorm(c.hidden_size, c.norm_eps)
 
@@ -247,10 +248,33 @@ class Qwen3_5ForCausalLM(RotaryCausalLM):
         return False  # (each step's states are looked up by slot on the host)
 
     def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
-        """The multi-token-prediction block (`mtp.`, for speculative decoding) left out, as transformers does."""
+        """The multi-token-prediction block (`mtp.`, for speculative decoding) left out, as transformers does;
+        Qwen3-Next's fused projections split into Qwen3.5's; stacked experts split per expert (moe.py's names)."""
         if key.startswith(("mtp.", "model.mtp.")):
             return []
-        return super().checkpoint_tensors(key, tensor)
+        pairs = []
+        for name, value in super().checkpoint_tensors(key, tensor):
+            if name.endswith((".in_proj_qkvz.weight", ".in_proj_ba.weight")):
+                pairs += self._split_qwen3_next_projection(name, value)
+            else:
+                pairs += moe_checkpoint_tensors(name, value)
+        return pairs
+
+    def _split_qwen3_next_projection(self, key: str, weight: Tensor) -> list[tuple[str, Tensor]]:
+        """Qwen3-Next's in_proj_qkvz rows come per key head: its q, k, then its value heads' v and z; in_proj_ba's
+        per key head: its value heads' b, then their a. Qwen3.5's in_proj_qkv holds all q, all k, all v."""
+        la = self.config.linear_attention
+        assert la is not None
+        stem = key.rsplit(".", 2)[0]
+        group = la.num_value_heads // la.num_key_heads
+        per_head = weight.view(la.num_key_heads, -1, weight.shape[-1])
+        if key.endswith(".in_proj_ba.weight"):
+            b, a = per_head.split([group, group], dim=1)
+            return [(f"{stem}.in_proj_b.weight", b.reshape(-1, weight.shape[-1])),
+                    (f"{stem}.in_proj_a.weight", a.reshape(-1, weight.shape[-1]))]
+        dk, dv = la.key_head_dim, group * la.value_head_dim
+        q, k, v, z = (part.reshape(-1, weight.shape[-1]) for part in per_head.split([dk, dk, dv, dv], dim=1))
+        return [(f"{stem}.in_proj_qkv.weight", torch.cat([q, k, v])), (f"{stem}.in_proj_z.weight", z)]
 
     def prepare_for_inference(self, device: torch.device) -> None:
         transposed = self.fp32_on_cpu(device)
