@@ -166,7 +166,11 @@ class Engine:
         self.reference = ReferencePath(self.model)
         if self.backend == "reference":  # no KV cache: the pool only exists to keep one code path (one block)
             kv_cache_bytes = KVPool.bytes_per_block(self.config, block_size, self.dtype)
-        self.pool = KVPool.sized(self.config, block_size, self.dtype, self.device, kv_cache_bytes, kv_cache_fraction)
+        # (a model with linear-attention layers: on CUDA, the running sequences' recurrent states and a few prompts'
+        # are taken out of the memory fraction up front; on the CPU they grow as needed)
+        state_slots = max_num_seqs + 16 if self.device.type == "cuda" and self.backend != "reference" else 8
+        self.pool = KVPool.sized(self.config, block_size, self.dtype, self.device, kv_cache_bytes, kv_cache_fraction,
+                                 state_slots=state_slots)
         if cuda_graphs and self.backend != "triton":
             raise SoftPromptError(f"cuda_graphs=True needs backend='triton', not {self.backend!r}")
         if cuda_graphs and self.pool.states is not None:

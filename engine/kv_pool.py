@@ -47,7 +47,9 @@ class KVPool:
     states of a model with linear-attention layers (Qwen3.5's; their K/V tensors are empty), kept with blocks and
     freed with them; None for others."""
 
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
+                 state_slots: int = 8):
+        """`state_slots`: the recurrent states allocated up front (more are added as sequences need them)."""
         if num_blocks < 1:
             raise SoftPromptError("the KV pool needs at least one block: raise kv_cache_bytes")
         self.block_size = block_size
@@ -66,7 +68,7 @@ class KVPool:
                                torch.zeros((2, num_blocks, block_size, heads, width), dtype=dtype, device=device))
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
         linear = getattr(config, "linear_attention", None)
-        self.states = None if linear is None else RecurrentStates(linear, dtype, device)
+        self.states = None if linear is None else RecurrentStates(linear, dtype, device, state_slots)
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -84,18 +86,29 @@ class KVPool:
         device: torch.device,
         kv_cache_bytes: int | None,
         kv_cache_fraction: float | None,
+        state_slots: int = 8,
     ) -> KVPool:
-        """A pool of `kv_cache_bytes`, or of `kv_cache_fraction` of the device's free memory."""
+        """A pool of `kv_cache_bytes`, or of `kv_cache_fraction` of the device's free memory. A model with
+        linear-attention layers gets `state_slots` recurrent states up front, taken out of the fraction (not out of
+        an explicit kv_cache_bytes, which is the K/V's alone)."""
+        linear = getattr(config, "linear_attention", None)
+        state_bytes = 0 if linear is None else state_slots * RecurrentStates.bytes_per_state(linear, dtype)
         if kv_cache_bytes is None:
             fraction = 0.5 if kv_cache_fraction is None else kv_cache_fraction
             if not 0 < fraction <= 1:
                 raise SoftPromptError(f"kv_cache_fraction must be in (0, 1], got {fraction}")
-            kv_cache_bytes = int(available_memory_bytes(device) * fraction)
+            budget = int(available_memory_bytes(device) * fraction)
             if device.type == "cpu":  # a CPU pool never needs more than a few thousand blocks for tiny models
-                kv_cache_bytes = min(kv_cache_bytes, 1 << 30)
+                budget = min(budget, 1 << 30)
+            kv_cache_bytes = budget - state_bytes
+            if kv_cache_bytes <= 0:
+                raise SoftPromptError(f"kv_cache_fraction={fraction} leaves {budget} bytes, less than the recurrent "
+                                      f"states of {state_slots} sequences need ({state_bytes} bytes): raise it or "
+                                      "lower max_num_seqs")
         if kv_cache_bytes <= 0:
             raise SoftPromptError(f"kv_cache_bytes must be positive, got {kv_cache_bytes}")
-        return cls(config, kv_cache_bytes // cls.bytes_per_block(config, block_size, dtype), block_size, dtype, device)
+        return cls(config, kv_cache_bytes // cls.bytes_per_block(config, block_size, dtype), block_size, dtype, device,
+                   state_slots)
 
     def reserve_scratch_block(self) -> int:
         """Take one block out of use for good (`num_blocks` counts the usable ones): the padding rows of a

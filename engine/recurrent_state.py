@@ -48,12 +48,11 @@ class RecurrentStates:
         self._free.extend(range(capacity - 1, self.capacity - 1, -1))  # pop() hands out low slots first
         self.capacity = capacity
 
-    @property
-    def bytes_per_state(self) -> int:
-        """One sequence's state over all layers."""
-        c = self.config
-        conv = c.conv_channels * (c.conv_kernel - 1) * torch.empty((), dtype=self.dtype).element_size()
-        return len(c.layers) * (conv + 4 * c.num_value_heads * c.key_head_dim * c.value_head_dim)
+    @staticmethod
+    def bytes_per_state(config: LinearAttentionConfig, dtype: torch.dtype) -> int:
+        """One sequence's state over all layers (the conv states in `dtype`, the delta-rule states in fp32)."""
+        conv = config.conv_channels * (config.conv_kernel - 1) * torch.empty((), dtype=dtype).element_size()
+        return len(config.layers) * (conv + 4 * config.num_value_heads * config.key_head_dim * config.value_head_dim)
 
     @property
     def num_held(self) -> int:
