@@ -588,6 +588,9 @@ def _reinit_(model: torch.nn.Module, seed: int, logit_std: float = 2.0) -> None:
                 draw(p, 1.0)
             elif type(module).__name__ == "Gemma4TextRouter":  # its input's and its experts' scales, about 1
                 draw(p, 0.1, 1.0)
+            elif name in ("A_log", "dt_bias"):  # a Gated DeltaNet's decay exp(-exp(A_log) softplus(a + dt_bias)):
+                # ~0.99 a token, so its state remembers tokens far back (a lost or stale state shows)
+                draw(p, 0.3, -3.0 if name == "A_log" else -2.0)
             elif p.dim() == 1 or name.endswith("_bias"):  # (gpt-oss's stacked expert biases are [E, out])
                 draw(p, 0.02)
             else:
