@@ -99,6 +99,18 @@ class MoEConfig:
 
 
 @dataclass(frozen=True)
+class RecurrentStateConfig:
+    """What a sequence's past is in the layers that keep a recurrent state instead of K/V (Qwen3.5's Gated DeltaNet,
+    LFM2's short convolutions): a causal depthwise convolution's last `conv_kernel - 1` inputs (`conv_channels`
+    of them), and a state of `ssm_shape` in fp32 where the layer has one (() where it has none)."""
+
+    layers: tuple[int, ...]
+    conv_channels: int
+    conv_kernel: int
+    ssm_shape: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class LinearAttentionConfig:
     """Qwen3.5's Gated DeltaNet layers: a causal depthwise convolution (`conv_kernel` wide) over the projected q/k/v
     channels, then the gated delta rule, whose state (a [key_head_dim, value_head_dim] matrix per value head) carries
@@ -115,6 +127,12 @@ class LinearAttentionConfig:
     def conv_channels(self) -> int:
         """The convolution's channels: q, k (each num_key_heads x key_head_dim wide) and v."""
         return 2 * self.num_key_heads * self.key_head_dim + self.num_value_heads * self.value_head_dim
+
+    @property
+    def state(self) -> RecurrentStateConfig:
+        """Its layers' recurrent state: the convolution's, and a [key_head_dim, value_head_dim] matrix a value head."""
+        return RecurrentStateConfig(self.layers, self.conv_channels, self.conv_kernel,
+                                    (self.num_value_heads, self.key_head_dim, self.value_head_dim))
 
 
 @dataclass(frozen=True)
@@ -175,6 +193,8 @@ class ModelConfig:
     mla: MLAConfig | None = None  # DeepSeek's latent attention (head_dim: the widest of its key and value heads)
     # Qwen3.5's linear-attention layers (a recurrent state per sequence, no K/V: their pool shape has 0 K/V heads)
     linear_attention: LinearAttentionConfig | None = None
+    # the state of the layers that keep one in place of K/V (Qwen3.5's linear attention, LFM2's convolutions)
+    recurrent_state: RecurrentStateConfig | None = None
     # Ministral 3's query scale by position: 1 + beta * log(1 + floor(position / original_max)); beta 0: none
     query_scale_beta: float = 0.0
     query_scale_period: int = 1
@@ -240,9 +260,10 @@ class ModelConfig:
     @property
     def kv_prefix_refusal(self) -> str | None:
         """Why this model cannot take a prefix-tuning (K/V) adapter; None where it can."""
-        if self.linear_attention is not None:
-            return (f"{self.model_type}'s linear-attention layers keep a recurrent state, not keys and values, so a "
-                    "prefix-tuning adapter's K/V do not apply to them: use prompt tuning, P-tuning or CPT")
+        if self.recurrent_state is not None:
+            return (f"{self.model_type}'s {'linear-attention' if self.linear_attention else 'convolution'} layers "
+                    "keep a recurrent state, not keys and values, so a prefix-tuning adapter's K/V do not apply to "
+                    "them: use prompt tuning, P-tuning or CPT")
         if self.layer_head_dims or self.layer_kv_heads:
             return (f"{self.model_type}'s layers differ in K/V head width and count; PEFT provisions a prefix-tuning "
                     "adapter for the widest layers and skips or slices it elsewhere, which the engine does not "
@@ -1430,6 +1451,10 @@ def _qwen3_5_config(hf: Any, model_type: str) -> ModelConfig:
                         sparse_layers=tuple(i for i in range(hf.num_hidden_layers)
                                             if i not in dense and (i + 1) % step == 0),
                         shared_expert_intermediate_size=hf.shared_expert_intermediate_size or 0)
+    linear_attention = LinearAttentionConfig(
+        layers=linear, num_key_heads=hf.linear_num_key_heads, num_value_heads=hf.linear_num_value_heads,
+        key_head_dim=hf.linear_key_head_dim, value_head_dim=hf.linear_value_head_dim,
+        conv_kernel=hf.linear_conv_kernel_dim)
     return ModelConfig(
         family="qwen3_5",
         **_decoder_fields(hf, model_type, head_dim),
@@ -1443,10 +1468,8 @@ def _qwen3_5_config(hf: Any, model_type: str) -> ModelConfig:
         attention_scale=head_dim**-0.5,
         layer_kv_heads=tuple(0 if i in linear else kv_heads for i in range(hf.num_hidden_layers)),
         layer_head_dims=(head_dim,) * hf.num_hidden_layers,
-        linear_attention=LinearAttentionConfig(
-            layers=linear, num_key_heads=hf.linear_num_key_heads, num_value_heads=hf.linear_num_value_heads,
-            key_head_dim=hf.linear_key_head_dim, value_head_dim=hf.linear_value_head_dim,
-            conv_kernel=hf.linear_conv_kernel_dim),
+        linear_attention=linear_attention,
+        recurrent_state=linear_attention.state,
         moe=moe,
     )
 

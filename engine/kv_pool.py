@@ -44,8 +44,8 @@ class KVPool:
     index its dim 1. Where every layer has the same shape, `kv` is one tensor [layers, 2, num_blocks, ...]; where
     they differ, a list of each layer's own (no layer padded to another's shape), in which a layer that attends
     with an earlier layer's K/V has that layer's tensor (it writes the same values there). `states`: the recurrent
-    states of a model with linear-attention layers (Qwen3.5's; their K/V tensors are empty), kept with blocks and
-    freed with them; None for others."""
+    states of a model whose layers keep one instead of K/V (Qwen3.5's linear attention, LFM2's convolutions; their
+    K/V tensors are empty), kept with blocks and freed with them; None for others."""
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
                  state_slots: int = 8):
@@ -67,8 +67,8 @@ class KVPool:
                 self.kv.append(self.kv[source] if source != layer else
                                torch.zeros((2, num_blocks, block_size, heads, width), dtype=dtype, device=device))
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
-        linear = getattr(config, "linear_attention", None)
-        self.states = None if linear is None else RecurrentStates(linear, dtype, device, state_slots)
+        recurrent = getattr(config, "recurrent_state", None)
+        self.states = None if recurrent is None else RecurrentStates(recurrent, dtype, device, state_slots)
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -89,10 +89,10 @@ class KVPool:
         state_slots: int = 8,
     ) -> KVPool:
         """A pool of `kv_cache_bytes`, or of `kv_cache_fraction` of the device's free memory. A model with
-        linear-attention layers gets `state_slots` recurrent states up front, taken out of the fraction (not out of
+        recurrent states gets `state_slots` of them up front, taken out of the fraction (not out of
         an explicit kv_cache_bytes, which is the K/V's alone)."""
-        linear = getattr(config, "linear_attention", None)
-        state_bytes = 0 if linear is None else state_slots * RecurrentStates.bytes_per_state(linear, dtype)
+        recurrent = getattr(config, "recurrent_state", None)
+        state_bytes = 0 if recurrent is None else state_slots * RecurrentStates.bytes_per_state(recurrent, dtype)
         if kv_cache_bytes is None:
             fraction = 0.5 if kv_cache_fraction is None else kv_cache_fraction
             if not 0 < fraction <= 1:

@@ -1,8 +1,10 @@
-"""The recurrent state of linear-attention layers (Qwen3.5's Gated DeltaNet): one per sequence, not one per token.
+"""The recurrent state of layers that keep one instead of K/V (Qwen3.5's Gated DeltaNet, LFM2's short convolutions):
+one per sequence, not one per token.
 
-For each such layer a sequence's past is its convolution's last `conv_kernel - 1` inputs and the delta rule's state
-matrices. As a prompt's K/V are, a prompt's state after its rows is computed once and kept with its prefix; each
-request of the task starts from a copy of it, so a request still pays only for its own tokens.
+For each such layer a sequence's past is its convolution's last `conv_kernel - 1` inputs and, where the layer has
+one, a state of fixed shape (the delta rule's matrices). As a prompt's K/V are, a prompt's state after its rows is
+computed once and kept with its prefix; each request of the task starts from a copy of it, so a request still pays
+only for its own tokens.
 
 A state lives with a block of the KV pool: a prefix's with its first block, a sequence's with its first own block
 (the block cache, which shares own blocks between sequences, is off for these models). Freeing the block frees
@@ -11,20 +13,21 @@ the state (`KVPool.free`), so preemption, aborts and prefix eviction need no boo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .config import LinearAttentionConfig
+from .config import RecurrentStateConfig
 
 
 class RecurrentStates:
-    """Every linear-attention layer's states in slots: `conv[layer]` [slots, channels, kernel - 1] in the model
-    dtype (as transformers caches it), `ssm[layer]` [slots, value heads, key width, value width] in fp32. A block id
-    maps to a slot while the block holds a state; the slots grow (doubling) as sequences need them."""
+    """Every stateful layer's states in slots: `conv[layer]` [slots, channels, kernel - 1] in the model dtype (as
+    transformers caches it), `ssm[layer]` [slots, *ssm_shape] in fp32 (none where the layers have no such state). A
+    block id maps to a slot while the block holds a state; the slots grow (doubling) as sequences need them."""
 
-    def __init__(self, config: LinearAttentionConfig, dtype: torch.dtype, device: torch.device, capacity: int = 8):
+    def __init__(self, config: RecurrentStateConfig, dtype: torch.dtype, device: torch.device, capacity: int = 8):
         self.config = config
         self.dtype = dtype
         self.device = device
@@ -33,26 +36,29 @@ class RecurrentStates:
         self.capacity = 0
         self._slot_of: dict[int, int] = {}
         self._free: list[int] = []
-        self._grow(capacity)
+        self._grow(max(1, capacity))
 
     def _grow(self, capacity: int) -> None:
         c = self.config
         for layer in c.layers:
             conv = torch.zeros((capacity, c.conv_channels, c.conv_kernel - 1), dtype=self.dtype, device=self.device)
-            ssm = torch.zeros((capacity, c.num_value_heads, c.key_head_dim, c.value_head_dim), dtype=torch.float32,
-                              device=self.device)
             if self.capacity:
                 conv[:self.capacity] = self.conv[layer]
-                ssm[:self.capacity] = self.ssm[layer]
-            self.conv[layer], self.ssm[layer] = conv, ssm
+            self.conv[layer] = conv
+            if c.ssm_shape:
+                ssm = torch.zeros((capacity, *c.ssm_shape), dtype=torch.float32, device=self.device)
+                if self.capacity:
+                    ssm[:self.capacity] = self.ssm[layer]
+                self.ssm[layer] = ssm
         self._free.extend(range(capacity - 1, self.capacity - 1, -1))  # pop() hands out low slots first
         self.capacity = capacity
 
     @staticmethod
-    def bytes_per_state(config: LinearAttentionConfig, dtype: torch.dtype) -> int:
-        """One sequence's state over all layers (the conv states in `dtype`, the delta-rule states in fp32)."""
+    def bytes_per_state(config: RecurrentStateConfig, dtype: torch.dtype) -> int:
+        """One sequence's state over all layers (the conv states in `dtype`, the others in fp32)."""
         conv = config.conv_channels * (config.conv_kernel - 1) * torch.empty((), dtype=dtype).element_size()
-        return len(config.layers) * (conv + 4 * config.num_value_heads * config.key_head_dim * config.value_head_dim)
+        ssm = 4 * math.prod(config.ssm_shape) if config.ssm_shape else 0
+        return len(config.layers) * (conv + ssm)
 
     @property
     def num_held(self) -> int:
@@ -130,22 +136,25 @@ class RecurrentBatch:
         return cls(segments, states)
 
     def initial(self, layer: int, conv_shape: tuple[int, ...], ssm_shape: tuple[int, ...], dtype: torch.dtype,
-                device: torch.device) -> tuple[Tensor, Tensor]:
-        """Each sequence's starting conv state [B, channels, kernel - 1] and delta-rule state [B, H, Dk, Dv]."""
+                device: torch.device) -> tuple[Tensor, Tensor | None]:
+        """Each sequence's starting conv state [B, channels, kernel - 1] and other state [B, *ssm_shape] (None where
+        `ssm_shape` is ())."""
         b = len(self.segments)
         if self.states is None:
             return (torch.zeros((b, *conv_shape), dtype=dtype, device=device),
-                    torch.zeros((b, *ssm_shape), dtype=torch.float32, device=device))
+                    torch.zeros((b, *ssm_shape), dtype=torch.float32, device=device) if ssm_shape else None)
         rows = self._sources.clamp(min=0)
         conv = self.states.conv[layer].index_select(0, rows)
-        ssm = self.states.ssm[layer].index_select(0, rows)
+        ssm = self.states.ssm[layer].index_select(0, rows) if ssm_shape else None
         if self._any_fresh:
             conv[self._fresh] = 0
-            ssm[self._fresh] = 0
+            if ssm is not None:
+                ssm[self._fresh] = 0
         return conv, ssm
 
-    def store(self, layer: int, conv: Tensor, ssm: Tensor) -> None:
+    def store(self, layer: int, conv: Tensor, ssm: Tensor | None = None) -> None:
         """Keep each sequence's final states (nothing on the reference path)."""
         if self.states is not None:
             self.states.conv[layer].index_copy_(0, self._targets, conv.to(self.states.dtype))
-            self.states.ssm[layer].index_copy_(0, self._targets, ssm.float())
+            if ssm is not None:
+                self.states.ssm[layer].index_copy_(0, self._targets, ssm.float())

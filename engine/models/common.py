@@ -210,6 +210,25 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out
 
 
+def causal_conv_packed(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor, lengths: list[int],
+                       all_single: bool) -> tuple[Tensor, Tensor]:
+    """A causal depthwise convolution over each sequence of a packed batch x [T, C] (`lengths` its sequences'
+    token counts), each continuing after its conv state [B, C, kernel - 1] (its last inputs; zeros for a fresh
+    sequence); weight [C, 1, kernel]. Returns the outputs [T, C] and the new conv states. `all_single`: one token a
+    sequence (a decode step: one batched call)."""
+    channels, keep = x.shape[1], weight.shape[-1] - 1
+    if all_single:
+        window = torch.cat([state, x[:, :, None].to(state.dtype)], dim=-1)  # [B, C, kernel]
+        out = F.conv1d(window, weight, bias, groups=channels)[..., -1]
+        return out, window[..., window.shape[-1] - keep:]
+    outs, states = [], []
+    for i, part in enumerate(x.split(lengths)):
+        window = torch.cat([state[i], part.t().to(state.dtype)], dim=-1)  # [C, kernel - 1 + n]
+        outs.append(F.conv1d(window[None], weight, bias, groups=channels)[0].t())
+        states.append(window[:, window.shape[-1] - keep:])
+    return torch.cat(outs), torch.stack(states)
+
+
 def alibi_slopes(num_heads: int) -> Tensor:
     """BLOOM's ALiBi slopes (also for head counts that are not powers of two)."""
     closest = 2 ** math.floor(math.log2(num_heads))

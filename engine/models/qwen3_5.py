@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..recurrent_state import RecurrentBatch
 from .base import Layer0Input, RotaryCausalLM
-from .common import Attention, apply_rotary
+from .common import Attention, apply_rotary, causal_conv_packed
 from .gemma import GemmaRMSNorm
 from .linear import Linear, linear
 from .llama import LlamaMLP, _fuse
@@ -116,28 +116,6 @@ class GatedDeltaNet(nn.Module):
     def fuse(self, transposed: bool) -> None:
         self.in_weight, _ = _fuse([self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a], transposed)
 
-    def _convolve(self, layer: int, mixed: Tensor, batch: RecurrentBatch) -> tuple[Tensor, Tensor, Tensor]:
-        """The causal depthwise convolution (silu) of each sequence's channels [T, C] after its conv state; the new
-        conv states [B, C, kernel - 1]; the sequences' starting delta-rule states [B, H, Dk, Dv]."""
-        la = self.config
-        keep = la.conv_kernel - 1
-        conv_state, ssm_state = batch.initial(layer, (la.conv_channels, keep),
-                                              (la.num_value_heads, la.key_head_dim, la.value_head_dim), mixed.dtype,
-                                              mixed.device)
-        weight = self.conv1d.weight
-        if batch.all_single:  # decode: each sequence's window is its state and its one new input
-            window = torch.cat([conv_state, mixed[:, :, None]], dim=-1)  # [B, C, kernel]
-            out = F.conv1d(window, weight, groups=la.conv_channels)[..., -1]
-            new_conv = window[..., window.shape[-1] - keep:]
-        else:
-            outs, states = [], []
-            for i, part in enumerate(mixed.split(batch.lengths)):
-                window = torch.cat([conv_state[i], part.t()], dim=-1)  # [C, kernel - 1 + n]
-                outs.append(F.conv1d(window[None], weight, groups=la.conv_channels)[0].t())
-                states.append(window[:, window.shape[-1] - keep:])
-            out, new_conv = torch.cat(outs), torch.stack(states)
-        return F.silu(out), new_conv, ssm_state
-
     def forward(self, layer: int, x: Tensor, batch: RecurrentBatch) -> Tensor:
         la = self.config
         t = x.shape[0]
@@ -146,7 +124,12 @@ class GatedDeltaNet(nn.Module):
                 [la.conv_channels, self.value_width, la.num_value_heads, la.num_value_heads], dim=-1)
         else:
             mixed, z, b, a = self.in_proj_qkv(x), self.in_proj_z(x), self.in_proj_b(x), self.in_proj_a(x)
-        conv, new_conv, ssm = self._convolve(layer, mixed, batch)
+        conv_state, ssm = batch.initial(layer, (la.conv_channels, la.conv_kernel - 1),
+                                        (la.num_value_heads, la.key_head_dim, la.value_head_dim), mixed.dtype,
+                                        mixed.device)
+        conv, new_conv = causal_conv_packed(mixed, self.conv1d.weight, None, conv_state, batch.lengths,
+                                            batch.all_single)
+        conv = F.silu(conv)
         q, k, v = conv.split([self.key_width, self.key_width, self.value_width], dim=-1)
         repeat = la.num_value_heads // la.num_key_heads
         q = l2_normalize(q.float().view(t, la.num_key_heads, -1)).repeat_interleave(repeat, dim=1)
