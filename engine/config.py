@@ -34,7 +34,7 @@ ARCH_FAMILIES = {
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gemma4_text": "gemma4",
     "gemma4": "gemma4", "gemma4_unified_text": "gemma4", "gemma4_unified": "gemma4", "laguna": "laguna",
     "qwen3_5_text": "qwen3_5", "qwen3_5": "qwen3_5", "qwen3_5_moe_text": "qwen3_5", "qwen3_5_moe": "qwen3_5",
-    "qwen3_next": "qwen3_5",
+    "qwen3_next": "qwen3_5", "lfm2": "lfm2",
     "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
     "cohere": "cohere", "cohere2": "cohere", "cohere2_moe": "cohere", "glm": "glm", "glm4": "glm", "falcon": "falcon",
@@ -163,7 +163,7 @@ class ModelConfig:
     family: str  # "llama" | "olmo" | "stablelm" | "starcoder2" | "cohere" | "olmo2" | "glm" | "gemma" | "gpt_neox"
     # | "phi" | "gptj" | "falcon" | "opt" | "xglm" | "biogpt" | "gpt2" | "gpt_bigcode" | "gpt_neo" | "bloom"
     # | "nemotron" | "deepseek" | "gpt_oss" | "llama4" | "phimoe" | "afmoe" | "flint" | "mpt" | "persimmon" | "dbrx"
-    # | "nanochat" | "gemma4" | "laguna" | "qwen3_5"
+    # | "nanochat" | "gemma4" | "laguna" | "qwen3_5" | "lfm2"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -1474,6 +1474,40 @@ def _qwen3_5_config(hf: Any, model_type: str) -> ModelConfig:
     )
 
 
+def _lfm2_config(hf: Any, model_type: str) -> ModelConfig:
+    """LFM2 (Liquid AI): gated short-convolution layers (`conv`) and grouped-query attention layers (per-head q/k
+    RMSNorms, RoPE), RMSNorms, SwiGLU MLPs whose width `block_auto_adjust_ff_dim` adjusts as transformers does."""
+    _check_rope_types(hf, model_type)
+    head_dim = hf.hidden_size // hf.num_attention_heads
+    kinds = set(hf.layer_types)
+    if not kinds <= {"conv", "full_attention"}:
+        raise UnsupportedModelError(f"{model_type} with layer types {sorted(kinds)}: the engine runs conv and "
+                                    "full_attention layers")
+    conv = tuple(i for i, t in enumerate(hf.layer_types) if t == "conv")
+    if len(conv) == hf.num_hidden_layers:
+        raise UnsupportedModelError(f"{model_type} without a full_attention layer (the engine's KV pool is sized by "
+                                    "its attention layers)")
+    width = hf.intermediate_size
+    if hf.block_auto_adjust_ff_dim:
+        width = int(2 * width / 3)
+        if hf.block_ffn_dim_multiplier is not None:
+            width = int(hf.block_ffn_dim_multiplier * width)
+            width = hf.block_multiple_of * ((width + hf.block_multiple_of - 1) // hf.block_multiple_of)
+    kv_heads = hf.num_key_value_heads
+    return ModelConfig(
+        family="lfm2",
+        **{**_decoder_fields(hf, model_type, head_dim, norm_eps=hf.norm_eps), "intermediate_size": width},
+        max_positions=hf.max_position_embeddings,
+        hidden_act="silu",
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
+        qk_norm=True,
+        attention_scale=head_dim**-0.5,
+        layer_kv_heads=tuple(0 if i in conv else kv_heads for i in range(hf.num_hidden_layers)),
+        layer_head_dims=(head_dim,) * hf.num_hidden_layers,
+        recurrent_state=RecurrentStateConfig(conv, hf.hidden_size, hf.conv_L_cache),
+    )
+
+
 # family -> its config reader
 FAMILY_CONFIGS = {
     "llama": _llama_config, "olmo": _olmo_config, "stablelm": _stablelm_config, "nemotron": _ungated_layernorm_config,
@@ -1485,4 +1519,5 @@ FAMILY_CONFIGS = {
     "afmoe": _afmoe_config, "flint": _flint_config,
     "mpt": _mpt_config, "persimmon": _persimmon_config, "dbrx": _dbrx_config,
     "nanochat": _nanochat_config, "gemma4": _gemma4_config, "laguna": _laguna_config, "qwen3_5": _qwen3_5_config,
+    "lfm2": _lfm2_config,
 }

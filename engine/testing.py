@@ -31,7 +31,7 @@ SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "phi3", "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm",
     "hyperclovax", "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4", "gemma4_unified_text",
     "gemma4_unified", "laguna", "qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next",
-    "gpt_neox", "phi", "stablelm", "nemotron",
+    "lfm2", "gpt_neox", "phi", "stablelm", "nemotron",
     "starcoder2", "cohere", "cohere2", "olmo", "olmo2", "olmo3", "flex_olmo", "exaone4", "exaone4_5", "glm", "glm4",
     "falcon", "gptj", "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
 
@@ -511,6 +511,13 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                    image_token_id=vocab_size - 1, video_token_id=vocab_size - 2,
                    vision_start_token_id=vocab_size - 3, vision_end_token_id=vocab_size - 4, tie_word_embeddings=tie,
                    **ids)
+    elif arch == "lfm2":  # gated short-convolution layers, attention layers at full_attn_idxs (default: the odd
+        # ones), its MLP width adjusted to 2/3 and rounded up to a multiple of 32
+        cls = transformers.Lfm2Config
+        kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                  num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,
+                  max_position_embeddings=max_positions, block_multiple_of=32,
+                  full_attn_idxs=[i for i in range(num_layers) if i % 2])
     elif arch == "laguna":  # a query head count per layer, softplus-gated heads, a sliding layer (full RoPE) and full
         # ones (RoPE over half of each head); a dense first layer, then 4 experts (2 a token) and a shared one
         cls = transformers.LagunaConfig

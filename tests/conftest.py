@@ -353,6 +353,10 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "qwen3_5_moe_multimodal": ("qwen3_5_moe", {"num_layers": 3, "full_attention_interval": 3}),
     # Qwen3-Next: the same layers, its linear layers' projections fused per key head; a dense MLP in mlp_only_layers
     "qwen3_next": ("qwen3_next", {"num_layers": 4, "full_attention_interval": 2, "mlp_only_layers": [0]}),
+    # LFM2 (Liquid AI): gated short convolutions (a recurrent conv state per sequence) and GQA attention layers with
+    # per-head q/k norms; and with biases on its convolution layers
+    "lfm2": ("lfm2", {"num_layers": 4}),
+    "lfm2_conv_bias": ("lfm2", {"num_layers": 3, "conv_bias": True, "tie_word_embeddings": False}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -1,7 +1,8 @@
-"""Qwen3.5's linear-attention (Gated DeltaNet) layers: the chunked delta rule against its token-by-token form, and the
-engine's recurrent states (one per sequence and per task prompt, kept with blocks) against the reference path,
-across delta-rule chunks, prefill chunks, preemption, aborts and prompt eviction. (HF + PEFT against the reference:
-tests/test_models_vs_hf.py's `qwen3_5` variants.)"""
+"""Layers with a recurrent state instead of K/V: Qwen3.5's linear attention (Gated DeltaNet) and LFM2's short
+convolutions. The chunked delta rule against its token-by-token form, and the engine's recurrent states (one per
+sequence and per task prompt, kept with blocks) against the reference path, across delta-rule chunks, prefill
+chunks, preemption, aborts and prompt eviction. (HF + PEFT against the reference: tests/test_models_vs_hf.py's
+`qwen3_5*`, `qwen3_next` and `lfm2*` variants.)"""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from softprompt.engine.models.qwen3_5 import delta_rule_chunked, delta_rule_step
 from softprompt.testing import build_prefix_tuning_adapter, build_prompt_tensor
 
 from .runtime_helpers import assert_no_leaks, make_requests, register_tasks, run
+
+STATEFUL = ["qwen3_5", "lfm2"]
 
 
 @pytest.mark.parametrize("n", [1, 5, 64, 150])
@@ -51,10 +54,11 @@ def _long_requests(names: list[str | None], seed: int) -> list[dict]:
     return specs
 
 
-def test_long_prompts_and_inputs_across_chunks_equal_the_reference(model_dir_for):
+@pytest.mark.parametrize("variant", STATEFUL)
+def test_long_prompts_and_inputs_across_chunks_equal_the_reference(variant, model_dir_for):
     """Prompts of 70 rows and inputs up to 150 tokens (several delta-rule chunks), prefill split into chunks of 50
     tokens across steps: the same tokens as the reference, and prompt logprobs within fp32 noise of it."""
-    ref, eng = _engines(model_dir_for("qwen3_5"), max_batched_tokens=50)
+    ref, eng = _engines(model_dir_for(variant), max_batched_tokens=50)
     width = eng.config.embedding_width
     for e in (ref, eng):
         e.add_prompt("long", build_prompt_tensor(width, 70, seed=1))
@@ -71,8 +75,9 @@ def test_long_prompts_and_inputs_across_chunks_equal_the_reference(model_dir_for
     assert_no_leaks(eng)
 
 
-def test_preemption_restarts_from_the_prompt_state(model_dir_for):
-    d = model_dir_for("qwen3_5")
+@pytest.mark.parametrize("variant", STATEFUL)
+def test_preemption_restarts_from_the_prompt_state(variant, model_dir_for):
+    d = model_dir_for(variant)
     bytes_per_block = KVPool.bytes_per_block(Engine(d, device="cpu", dtype="float32",
                                                     backend="reference").config, 4, torch.float32)
     ref, eng = _engines(d, block_size=4, kv_cache_bytes=40 * bytes_per_block)
@@ -84,10 +89,11 @@ def test_preemption_restarts_from_the_prompt_state(model_dir_for):
     assert_no_leaks(eng)
 
 
-def test_states_go_with_their_blocks(model_dir_for):
+@pytest.mark.parametrize("variant", STATEFUL)
+def test_states_go_with_their_blocks(variant, model_dir_for):
     """An aborted request's state is freed with its blocks, a removed prompt's with its prefix; the other requests
     go on unchanged."""
-    ref, eng = _engines(model_dir_for("qwen3_5"))
+    ref, eng = _engines(model_dir_for(variant))
     names = register_tasks([ref, eng], 3)
     specs = make_requests(names, 6, seed=11, max_new_tokens=10)
     expected = run(ref, specs)
@@ -109,10 +115,11 @@ def test_states_go_with_their_blocks(model_dir_for):
     assert_no_leaks(eng)
 
 
-def test_what_a_recurrent_state_rules_out(model_dir_for, tmp_path):
+@pytest.mark.parametrize("variant", STATEFUL)
+def test_what_a_recurrent_state_rules_out(variant, model_dir_for, tmp_path):
     """No block cache (cached K/V cannot restore a state), no prefix-tuning adapter: off, or refused by name. (No
     CUDA-graph decode either: tests/kernels/test_triton_backend.py.)"""
-    d = model_dir_for("qwen3_5")
+    d = model_dir_for(variant)
     eng = Engine(d, device="cpu", dtype="float32", backend="torch")
     assert eng.block_cache is None
     adapter = build_prefix_tuning_adapter(d, tmp_path / "prefix", num_virtual_tokens=4)
@@ -120,13 +127,14 @@ def test_what_a_recurrent_state_rules_out(model_dir_for, tmp_path):
         eng.add_prompt("kv", adapter)
 
 
-def test_random_traffic_equals_the_reference(model_dir_for):
+@pytest.mark.parametrize("variant", STATEFUL)
+def test_random_traffic_equals_the_reference(variant, model_dir_for):
     """test_soak's random traffic (tasks added and replaced mid-run, aborts, sampling, stop strings) through chunked
     prefill, prompt eviction and preemption, every finished request checked against the reference path."""
     from .test_soak import soak, tight_engine
 
-    d = model_dir_for("qwen3_5")
-    eng = soak(d, 7, steps=140, **tight_engine(d))
+    d = model_dir_for(variant)
+    eng = soak(d, 7 + STATEFUL.index(variant), steps=140, **tight_engine(d))
     assert eng.scheduler.num_preemptions > 0
     assert eng.prefix_cache.stats.evictions > 0
     assert eng.block_cache is None

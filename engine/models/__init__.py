@@ -16,6 +16,7 @@ from .gpt_neo import GPTNeoForCausalLM
 from .gpt_neox import GPTNeoXForCausalLM
 from .gpt_oss import GptOssForCausalLM
 from .laguna import LagunaForCausalLM
+from .lfm2 import Lfm2ForCausalLM
 from .llama import LlamaForCausalLM
 from .llama4 import Llama4ForCausalLM
 from .mpt import MptForCausalLM
@@ -44,6 +45,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "gemma4": Gemma4ForCausalLM,
     "laguna": LagunaForCausalLM,
     "qwen3_5": Qwen3_5ForCausalLM,
+    "lfm2": Lfm2ForCausalLM,
     "gpt_neox": GPTNeoXForCausalLM,
     "phi": PhiForCausalLM,
     "gptj": GPTJForCausalLM,

@@ -1,0 +1,148 @@
+"""LFM2 (Liquid AI, `lfm2`): gated short-convolution layers with, among them, grouped-query attention layers (per-head
+q/k RMSNorms, RoPE); RMSNorms, SwiGLU MLPs, the final norm named `embedding_norm`.
+
+A convolution layer projects its input to B, C and x, convolves B * x causally over the last `conv_L_cache` tokens
+(per channel, no activation) and gates the result with C. A sequence's past in it is the last `conv_L_cache - 1`
+values of B * x: its recurrent state (engine/recurrent_state.py), which the attention implementation hands the layer
+as `attention.recurrent`; the reference path runs each sequence from zero.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from ..recurrent_state import RecurrentBatch
+from .base import Layer0Input, RotaryCausalLM
+from .common import Attention, RMSNorm, apply_rotary, causal_conv_packed, norm_heads
+from .linear import Linear, linear
+from .llama import _fuse
+
+
+class Lfm2ShortConv(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        state = c.recurrent_state
+        assert state is not None
+        h, bias = c.hidden_size, bool(getattr(c.hf_config, "conv_bias", False))
+        self.in_proj = Linear(h, 3 * h, bias=bias)
+        self.conv = nn.Conv1d(h, h, state.conv_kernel, groups=h, bias=bias)
+        self.out_proj = Linear(h, h, bias=bias)
+
+    def forward(self, layer: int, x: Tensor, batch: RecurrentBatch) -> Tensor:
+        b, c, v = self.in_proj(x).chunk(3, dim=-1)
+        h, kernel = x.shape[1], self.conv.weight.shape[-1]
+        state, _ = batch.initial(layer, (h, kernel - 1), (), x.dtype, x.device)
+        out, new_state = causal_conv_packed(b * v, self.conv.weight, self.conv.bias, state, batch.lengths,
+                                            batch.all_single)
+        batch.store(layer, new_state)
+        return self.out_proj(c * out.to(x.dtype))
+
+
+class Lfm2Attention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        d = c.head_dim
+        self.q_proj = Linear(c.hidden_size, c.num_heads * d, bias=False)
+        self.k_proj = Linear(c.hidden_size, c.num_kv_heads * d, bias=False)
+        self.v_proj = Linear(c.hidden_size, c.num_kv_heads * d, bias=False)
+        self.out_proj = Linear(c.num_heads * d, c.hidden_size, bias=False)
+        self.q_layernorm = RMSNorm(d, c.norm_eps)
+        self.k_layernorm = RMSNorm(d, c.norm_eps)
+        self.qkv_weight: Tensor | None = None
+
+    def fuse(self, transposed: bool) -> None:
+        self.qkv_weight, _ = _fuse([self.q_proj, self.k_proj, self.v_proj], transposed)
+
+    def forward(self, layer: int, x: Tensor, rope: tuple[Tensor, Tensor] | None, attention: Attention) -> Tensor:
+        t, hq, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = linear(x, self.qkv_weight) if self.qkv_weight is not None else torch.cat(
+            [self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        qk = norm_heads(qkv[:, :(hq + hkv) * d].view(t, hq + hkv, d), hq, self.q_layernorm, self.k_layernorm)
+        if rope is not None:
+            qk = apply_rotary(qk, *rope)
+        out = attention(layer, qk[:, :hq], qk[:, hq:], qkv[:, (hq + hkv) * d:].view(t, hkv, d))
+        return self.out_proj(out.reshape(t, hq * d))
+
+
+class Lfm2MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.w1 = Linear(c.hidden_size, c.intermediate_size, bias=False)  # gate
+        self.w3 = Linear(c.hidden_size, c.intermediate_size, bias=False)  # up
+        self.w2 = Linear(c.intermediate_size, c.hidden_size, bias=False)  # down
+        self.gate_up_weight: Tensor | None = None
+
+    def fuse(self, transposed: bool) -> None:
+        self.gate_up_weight, _ = _fuse([self.w1, self.w3], transposed)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gate_up_weight is None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Lfm2Layer(nn.Module):
+    def __init__(self, c: ModelConfig, index: int):
+        super().__init__()
+        assert c.recurrent_state is not None
+        if index in c.recurrent_state.layers:
+            self.conv = Lfm2ShortConv(c)
+        else:
+            self.self_attn = Lfm2Attention(c)
+        self.feed_forward = Lfm2MLP(c)
+        self.operator_norm = RMSNorm(c.hidden_size, c.norm_eps)
+        self.ffn_norm = RMSNorm(c.hidden_size, c.norm_eps)
+
+
+class Lfm2Backbone(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Lfm2Layer(c, i) for i in range(c.num_layers))
+        self.embedding_norm = RMSNorm(c.hidden_size, c.norm_eps)  # (the final norm, despite its name)
+
+
+class Lfm2ForCausalLM(RotaryCausalLM):
+    key_prefix = "model."
+    fused_layer0 = False  # (the QKV kernel computes no convolution layer)
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.model = Lfm2Backbone(config)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    @property
+    def graph_capturable(self) -> bool:
+        return False  # (each step's states are looked up by slot on the host)
+
+    def prepare_for_inference(self, device: torch.device) -> None:
+        transposed = self.fp32_on_cpu(device)
+        for layer in self.model.layers:
+            if hasattr(layer, "self_attn"):
+                layer.self_attn.fuse(transposed)
+            layer.feed_forward.fuse(transposed)
+        super().prepare_for_inference(device)
+
+    def forward(
+        self, embeds: Tensor | None, positions: Tensor, attention: Attention, layer0: Layer0Input | None = None
+    ) -> Tensor:
+        """No fused kernel computes LFM2's layer-0 input (`fused_layer0` is False): `layer0` is never given.
+        `attention.recurrent` (a RecurrentBatch) carries the sequences' convolution states; without it, the batch is
+        one sequence from zero (the reference path)."""
+        h = embeds
+        batch = getattr(attention, "recurrent", None) or RecurrentBatch.single(h.shape[0])
+        rope = self.rope_rows(attention, positions)
+        for i, layer in enumerate(self.model.layers):
+            x = layer.operator_norm(h)
+            h = h + (layer.conv(i, x, batch) if hasattr(layer, "conv") else layer.self_attn(i, x, rope, attention))
+            h = h + layer.feed_forward(layer.ffn_norm(h))
+        return self.model.embedding_norm(h)
