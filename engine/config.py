@@ -34,7 +34,7 @@ ARCH_FAMILIES = {
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gemma4_text": "gemma4",
     "gemma4": "gemma4", "gemma4_unified_text": "gemma4", "gemma4_unified": "gemma4", "laguna": "laguna",
     "qwen3_5_text": "qwen3_5", "qwen3_5": "qwen3_5", "qwen3_5_moe_text": "qwen3_5", "qwen3_5_moe": "qwen3_5",
-    "qwen3_next": "qwen3_5", "lfm2": "lfm2",
+    "qwen3_next": "qwen3_5", "lfm2": "lfm2", "granitemoehybrid": "granite_hybrid",
     "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
     "cohere": "cohere", "cohere2": "cohere", "cohere2_moe": "cohere", "glm": "glm", "glm4": "glm", "falcon": "falcon",
@@ -136,6 +136,33 @@ class LinearAttentionConfig:
 
 
 @dataclass(frozen=True)
+class Mamba2Config:
+    """Mamba-2 mixer layers (Granite 4.0's hybrids): `num_heads` heads of `head_dim` channels, B and C of
+    `state_size` per group of heads, a causal depthwise convolution `conv_kernel` wide over x|B|C; the scan's state
+    [head_dim, state_size] per head is a sequence's past (with the convolution's)."""
+
+    layers: tuple[int, ...]
+    num_heads: int
+    head_dim: int
+    num_groups: int
+    state_size: int
+    conv_kernel: int
+    chunk_size: int
+    conv_bias: bool
+    proj_bias: bool
+    time_step_limit: tuple[float, float] = (0.0, float("inf"))
+
+    @property
+    def conv_channels(self) -> int:
+        return self.num_heads * self.head_dim + 2 * self.num_groups * self.state_size
+
+    @property
+    def state(self) -> RecurrentStateConfig:
+        return RecurrentStateConfig(self.layers, self.conv_channels, self.conv_kernel,
+                                    (self.num_heads, self.head_dim, self.state_size))
+
+
+@dataclass(frozen=True)
 class MLAConfig:
     """DeepSeek's multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash, Mistral 4, Youtu-LLM, MiniCPM3):
     queries from a low-rank projection (q_a, its norm, q_b; a plain q_proj where q_lora_rank is 0); keys and values
@@ -163,7 +190,7 @@ class ModelConfig:
     family: str  # "llama" | "olmo" | "stablelm" | "starcoder2" | "cohere" | "olmo2" | "glm" | "gemma" | "gpt_neox"
     # | "phi" | "gptj" | "falcon" | "opt" | "xglm" | "biogpt" | "gpt2" | "gpt_bigcode" | "gpt_neo" | "bloom"
     # | "nemotron" | "deepseek" | "gpt_oss" | "llama4" | "phimoe" | "afmoe" | "flint" | "mpt" | "persimmon" | "dbrx"
-    # | "nanochat" | "gemma4" | "laguna" | "qwen3_5" | "lfm2"
+    # | "nanochat" | "gemma4" | "laguna" | "qwen3_5" | "lfm2" | "granite_hybrid"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -193,7 +220,8 @@ class ModelConfig:
     mla: MLAConfig | None = None  # DeepSeek's latent attention (head_dim: the widest of its key and value heads)
     # Qwen3.5's linear-attention layers (a recurrent state per sequence, no K/V: their pool shape has 0 K/V heads)
     linear_attention: LinearAttentionConfig | None = None
-    # the state of the layers that keep one in place of K/V (Qwen3.5's linear attention, LFM2's convolutions)
+    mamba2: Mamba2Config | None = None  # Granite 4.0's Mamba-2 layers
+    # the state of the layers that keep one in place of K/V (Qwen3.5's linear attention, LFM2's convolutions, Mamba-2)
     recurrent_state: RecurrentStateConfig | None = None
     # Ministral 3's query scale by position: 1 + beta * log(1 + floor(position / original_max)); beta 0: none
     query_scale_beta: float = 0.0
@@ -261,7 +289,8 @@ class ModelConfig:
     def kv_prefix_refusal(self) -> str | None:
         """Why this model cannot take a prefix-tuning (K/V) adapter; None where it can."""
         if self.recurrent_state is not None:
-            return (f"{self.model_type}'s {'linear-attention' if self.linear_attention else 'convolution'} layers "
+            kind = "linear-attention" if self.linear_attention else "Mamba-2" if self.mamba2 else "convolution"
+            return (f"{self.model_type}'s {kind} layers "
                     "keep a recurrent state, not keys and values, so a prefix-tuning adapter's K/V do not apply to "
                     "them: use prompt tuning, P-tuning or CPT")
         if self.layer_head_dims or self.layer_kv_heads:
@@ -1508,6 +1537,48 @@ def _lfm2_config(hf: Any, model_type: str) -> ModelConfig:
     )
 
 
+def _granite_hybrid_config(hf: Any, model_type: str) -> ModelConfig:
+    """Granite 4.0's hybrids (`granitemoehybrid`): GraniteMoeShared's layers (multipliers, the top-k logits' softmax
+    router, an ungated shared MLP; or the shared MLP alone without experts) whose mixer is Mamba-2 in most layers and
+    attention in the others (RoPE or, with position_embedding_type other than "rope", none)."""
+    _check_rope_types(hf, model_type)
+    head_dim = hf.hidden_size // hf.num_attention_heads
+    kinds = {"mamba": "mamba", "linear_attention": "mamba", "attention": "attention", "full_attention": "attention"}
+    types = [kinds.get(t, t) for t in hf.layer_types]
+    if not set(types) <= {"mamba", "attention"}:
+        raise UnsupportedModelError(f"{model_type} with layer types {sorted(set(hf.layer_types))}")
+    mamba = tuple(i for i, t in enumerate(types) if t == "mamba")
+    if len(mamba) == hf.num_hidden_layers:
+        raise UnsupportedModelError(f"{model_type} without an attention layer (the engine's KV pool is sized by its "
+                                    "attention layers)")
+    m = Mamba2Config(layers=mamba, num_heads=hf.mamba_n_heads, head_dim=hf.mamba_d_head, num_groups=hf.mamba_n_groups,
+                     state_size=hf.mamba_d_state, conv_kernel=hf.mamba_d_conv, chunk_size=hf.mamba_chunk_size,
+                     conv_bias=bool(hf.mamba_conv_bias), proj_bias=bool(hf.mamba_proj_bias),
+                     time_step_limit=tuple(float(v) for v in (hf.time_step_limit or (0.0, float("inf")))))
+    moe = _moe_config(hf, "granitemoeshared") if hf.num_local_experts else None
+    kv_heads = hf.num_key_value_heads
+    layers = range(hf.num_hidden_layers)
+    return ModelConfig(
+        family="granite_hybrid",
+        **{**_decoder_fields(hf, model_type, head_dim), "intermediate_size": hf.shared_intermediate_size},
+        max_positions=hf.max_position_embeddings,
+        hidden_act=hf.hidden_act,
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        qkv_bias=bool(hf.attention_bias),
+        o_bias=bool(hf.attention_bias),
+        nope_layers=() if hf.position_embedding_type == "rope" else tuple(layers),
+        attention_scale=float(hf.attention_multiplier),
+        embedding_multiplier=float(hf.embedding_multiplier),
+        residual_multiplier=float(hf.residual_multiplier),
+        logits_divisor=float(hf.logits_scaling),
+        layer_kv_heads=tuple(0 if i in mamba else kv_heads for i in layers),
+        layer_head_dims=(head_dim,) * hf.num_hidden_layers,
+        moe=moe,
+        mamba2=m,
+        recurrent_state=m.state,
+    )
+
+
 # family -> its config reader
 FAMILY_CONFIGS = {
     "llama": _llama_config, "olmo": _olmo_config, "stablelm": _stablelm_config, "nemotron": _ungated_layernorm_config,
@@ -1519,5 +1590,5 @@ FAMILY_CONFIGS = {
     "afmoe": _afmoe_config, "flint": _flint_config,
     "mpt": _mpt_config, "persimmon": _persimmon_config, "dbrx": _dbrx_config,
     "nanochat": _nanochat_config, "gemma4": _gemma4_config, "laguna": _laguna_config, "qwen3_5": _qwen3_5_config,
-    "lfm2": _lfm2_config,
+    "lfm2": _lfm2_config, "granite_hybrid": _granite_hybrid_config,
 }

@@ -31,7 +31,7 @@ SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "phi3", "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm",
     "hyperclovax", "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4", "gemma4_unified_text",
     "gemma4_unified", "laguna", "qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next",
-    "lfm2", "gpt_neox", "phi", "stablelm", "nemotron",
+    "lfm2", "granitemoehybrid", "gpt_neox", "phi", "stablelm", "nemotron",
     "starcoder2", "cohere", "cohere2", "olmo", "olmo2", "olmo3", "flex_olmo", "exaone4", "exaone4_5", "glm", "glm4",
     "falcon", "gptj", "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
 
@@ -137,7 +137,8 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
               "glm4_moe_lite", "mistral4", "minicpm3", "deepseek_v32", "glm_moe_dsa", "dots1", "hunyuan_v1_dense",
               "hunyuan_v1_moe", "solar_open", "exaone_moe", "gpt_oss", "minimax_m2", "llama4_text", "llama4",
               "phimoe", "afmoe", "granite_swa", "granitemoe_swa", "kolibri1", "flint", "dbrx", "nanochat", "hy_v3",
-              "laguna", "qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next")
+              "laguna", "qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next",
+              "granitemoehybrid")
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "ministral", "ministral3", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3",
@@ -518,6 +519,17 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                   num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,
                   max_position_embeddings=max_positions, block_multiple_of=32,
                   full_attn_idxs=[i for i in range(num_layers) if i % 2])
+    elif arch == "granitemoehybrid":  # Mamba-2 layers (8 heads of 16, 2 groups, 16 states; 16-token scan chunks)
+        # with an attention layer every second layer (RoPE), Granite's multipliers, 4 experts (2 a token) beside a
+        # shared MLP
+        cls = transformers.GraniteMoeHybridConfig
+        kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                  num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter // 4,
+                  shared_intermediate_size=inter // 4, num_local_experts=4, num_experts_per_tok=2,
+                  max_position_embeddings=max_positions, position_embedding_type="rope",
+                  layer_types=["attention" if i % 2 else "mamba" for i in range(num_layers)], mamba_n_heads=8,
+                  mamba_n_groups=2, mamba_d_state=16, mamba_d_conv=4, mamba_chunk_size=16, mamba_expand=2,
+                  embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=2.0)
     elif arch == "laguna":  # a query head count per layer, softplus-gated heads, a sliding layer (full RoPE) and full
         # ones (RoPE over half of each head); a dense first layer, then 4 experts (2 a token) and a shared one
         cls = transformers.LagunaConfig

@@ -1,8 +1,9 @@
-"""Layers with a recurrent state instead of K/V: Qwen3.5's linear attention (Gated DeltaNet) and LFM2's short
-convolutions. The chunked delta rule against its token-by-token form, and the engine's recurrent states (one per
+"""Layers with a recurrent state instead of K/V: Qwen3.5's linear attention (Gated DeltaNet), LFM2's short
+convolutions and Granite 4.0's Mamba-2 layers. The chunked delta rule and Mamba-2 scan against their token-by-token
+forms, and the engine's recurrent states (one per
 sequence and per task prompt, kept with blocks) against the reference path, across delta-rule chunks, prefill
 chunks, preemption, aborts and prompt eviction. (HF + PEFT against the reference: tests/test_models_vs_hf.py's
-`qwen3_5*`, `qwen3_next` and `lfm2*` variants.)"""
+`qwen3_5*`, `qwen3_next`, `lfm2*` and `granite_hybrid*` variants.)"""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ import torch
 from softprompt import Engine, Request, SamplingParams
 from softprompt.engine.errors import SoftPromptError
 from softprompt.engine.kv_pool import KVPool
+from softprompt.engine.models.mamba2 import ssd_chunked, ssd_step
 from softprompt.engine.models.qwen3_5 import delta_rule_chunked, delta_rule_step, l2_normalize
 from softprompt.testing import build_prefix_tuning_adapter, build_prompt_tensor
 
 from .runtime_helpers import assert_no_leaks, make_requests, register_tasks, run
 
-STATEFUL = ["qwen3_5", "lfm2"]
+STATEFUL = ["qwen3_5", "lfm2", "granite_hybrid"]
 
 
 @pytest.mark.parametrize("n", [1, 5, 64, 150])
@@ -36,6 +38,22 @@ def test_chunked_delta_rule_equals_token_by_token(n):
         o, s = delta_rule_step(q[t:t + 1], k[t:t + 1], v[t:t + 1], decay[t:t + 1], beta[t:t + 1], s)
         torch.testing.assert_close(out[t], o[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(state, s[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 7, 16, 50])
+def test_chunked_mamba2_scan_equals_token_by_token(n):
+    g = torch.Generator().manual_seed(100 + n)
+    h, p, s = 3, 4, 5
+    x, b, c = torch.randn(n, h, p, generator=g), torch.randn(n, h, s, generator=g), torch.randn(n, h, s, generator=g)
+    dt = torch.rand(n, h, generator=g)
+    a = -torch.rand(h, generator=g) * 2
+    state0 = torch.randn(h, p, s, generator=g)
+    out, state = ssd_chunked(x, dt, a, b, c, state0, chunk=8)
+    st = state0[None]
+    for t in range(n):
+        o, st = ssd_step(x[t:t + 1], dt[t:t + 1], a, b[t:t + 1], c[t:t + 1], st)
+        torch.testing.assert_close(out[t], o[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state, st[0], atol=1e-5, rtol=1e-5)
 
 
 def _engines(model_dir, **kwargs):

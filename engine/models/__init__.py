@@ -15,6 +15,7 @@ from .gpt2 import GPT2LMHeadModel, GPTBigCodeForCausalLM
 from .gpt_neo import GPTNeoForCausalLM
 from .gpt_neox import GPTNeoXForCausalLM
 from .gpt_oss import GptOssForCausalLM
+from .granite_hybrid import GraniteHybridForCausalLM
 from .laguna import LagunaForCausalLM
 from .lfm2 import Lfm2ForCausalLM
 from .llama import LlamaForCausalLM
@@ -46,6 +47,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "laguna": LagunaForCausalLM,
     "qwen3_5": Qwen3_5ForCausalLM,
     "lfm2": Lfm2ForCausalLM,
+    "granite_hybrid": GraniteHybridForCausalLM,
     "gpt_neox": GPTNeoXForCausalLM,
     "phi": PhiForCausalLM,
     "gptj": GPTJForCausalLM,

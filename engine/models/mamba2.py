@@ -1,0 +1,118 @@
+"""The Mamba-2 mixer (state-space duality), as the hybrid families use it (Granite 4.0's `granitemoehybrid`).
+
+in_proj gives a gate z, the channels x|B|C and a time step per head. x|B|C go through a causal depthwise convolution
+(silu); then each head's state h [head_dim, d_state] decays by exp(dt_t A) and takes dt_t x_t B_t^T at each token,
+and reads y_t = h_t C_t + D x_t (B and C shared by the heads of a group). y is gated by silu(z), RMS-normed per group
+and projected out. A sequence's past is its conv state and its h (engine/recurrent_state.py). Prefill runs the
+scan chunk-wise (within a chunk, a masked (C B^T) x product; between chunks, through h), decode one step at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import Mamba2Config
+from ..recurrent_state import RecurrentBatch
+from .common import causal_conv_packed
+from .linear import Linear
+
+
+def ssd_step(x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+    """One token of each of B sequences (fp32): x [B, H, P], dt [B, H], a [H] (< 0), b/c [B, H, N], state
+    [B, H, P, N] -> y [B, H, P] (without the D term) and the new states."""
+    state = state * torch.exp(dt * a)[..., None, None] + (dt[..., None] * x)[..., None] * b[:, :, None, :]
+    return (state @ c[..., None])[..., 0], state
+
+
+def ssd_chunked(x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, state: Tensor,
+                chunk: int) -> tuple[Tensor, Tensor]:
+    """n tokens of one sequence (fp32): x [n, H, P], dt [n, H], a [H], b/c [n, H, N], state [H, P, N] -> y [n, H, P]
+    (without the D term) and the final state."""
+    n = x.shape[0]
+    pad = -n % chunk
+
+    def chunked(t: Tensor) -> Tensor:  # [n, H, ...] -> [H, chunks, chunk, ...], zero-padded (dt = 0: no effect)
+        t = t.movedim(0, 1)
+        t = F.pad(t, (0, 0, 0, pad)) if t.dim() == 3 else F.pad(t, (0, pad))
+        return t.reshape(t.shape[0], -1, chunk, *t.shape[2:])
+
+    xdt = chunked(x * dt[..., None])
+    b, c = chunked(b), chunked(c)
+    decay = chunked(dt * a).cumsum(-1)  # [H, C, chunk]: log decay from the chunk's start through each token
+    lower = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
+    pair_decay = (decay[..., :, None] - decay[..., None, :]).masked_fill(~lower, float("-inf")).exp()
+    within = ((c @ b.transpose(-1, -2)) * pair_decay) @ xdt  # [H, C, chunk, P]
+    to_end = (decay[..., -1:] - decay).exp()[..., None]
+    out = torch.empty_like(within)
+    for i in range(within.shape[1]):
+        out[:, i] = within[:, i] + decay[:, i].exp()[..., None] * (c[:, i] @ state.transpose(-1, -2))
+        state = state * decay[:, i, -1].exp()[:, None, None] + (xdt[:, i] * to_end[:, i]).transpose(-1, -2) @ b[:, i]
+    return out.reshape(out.shape[0], -1, out.shape[-1])[:, :n].movedim(0, 1), state
+
+
+class GroupedGatedRMSNorm(nn.Module):
+    """y * silu(z) in fp32, RMS-normed over each group of channels, cast back, scaled."""
+
+    def __init__(self, dim: int, groups: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.groups = groups
+        self.eps = eps
+
+    def forward(self, y: Tensor, gate: Tensor) -> Tensor:
+        h = y.float() * F.silu(gate.float())
+        grouped = h.view(*h.shape[:-1], self.groups, -1)
+        normed = (grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)).view(h.shape)
+        return self.weight * normed.to(y.dtype)
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, m: Mamba2Config, hidden_size: int, eps: float):
+        super().__init__()
+        self.config = m
+        inner, heads = m.num_heads * m.head_dim, m.num_heads
+        self.inner = inner
+        self.in_proj = Linear(hidden_size, inner + m.conv_channels + heads, bias=m.proj_bias)
+        self.conv1d = nn.Conv1d(m.conv_channels, m.conv_channels, m.conv_kernel, groups=m.conv_channels,
+                                bias=m.conv_bias)
+        self.dt_bias = nn.Parameter(torch.ones(heads))
+        self.A_log = nn.Parameter(torch.zeros(heads))
+        self.D = nn.Parameter(torch.ones(heads))
+        self.norm = GroupedGatedRMSNorm(inner, m.num_groups, eps)
+        self.out_proj = Linear(inner, hidden_size, bias=m.proj_bias)
+
+    def forward(self, layer: int, x: Tensor, batch: RecurrentBatch) -> Tensor:
+        m = self.config
+        t, heads, groups = x.shape[0], m.num_heads, m.num_groups
+        gate, xbc, dt = self.in_proj(x).split([self.inner, m.conv_channels, heads], dim=-1)
+        conv_state, ssm = batch.initial(layer, (m.conv_channels, m.conv_kernel - 1),
+                                        (heads, m.head_dim, m.state_size), x.dtype, x.device)
+        xbc, new_conv = causal_conv_packed(xbc, self.conv1d.weight, self.conv1d.bias, conv_state, batch.lengths,
+                                           batch.all_single)
+        xs, b, c = F.silu(xbc).split([self.inner, groups * m.state_size, groups * m.state_size], dim=-1)
+        xs = xs.float().view(t, heads, m.head_dim)
+        b = b.float().view(t, groups, m.state_size).repeat_interleave(heads // groups, dim=1)
+        c = c.float().view(t, groups, m.state_size).repeat_interleave(heads // groups, dim=1)
+        dt = F.softplus(dt + self.dt_bias.to(dt.dtype)).float().clamp(*m.time_step_limit)
+        a = -torch.exp(self.A_log.float())
+        if batch.all_single:
+            y, new_ssm = ssd_step(xs, dt, a, b, c, ssm)
+        else:
+            outs, states, start = [], [], 0
+            for i, n in enumerate(batch.lengths):
+                end = start + n
+                if n == 1:
+                    o, s = ssd_step(xs[start:end], dt[start:end], a, b[start:end], c[start:end], ssm[i:i + 1])
+                    s = s[0]
+                else:
+                    o, s = ssd_chunked(xs[start:end], dt[start:end], a, b[start:end], c[start:end], ssm[i],
+                                       m.chunk_size)
+                outs.append(o)
+                states.append(s)
+                start = end
+            y, new_ssm = torch.cat(outs), torch.stack(states)
+        batch.store(layer, new_conv, new_ssm)
+        y = y + xs * self.D.float()[:, None]
+        return self.out_proj(self.norm(y.reshape(t, self.inner), gate).to(x.dtype))
