@@ -35,6 +35,7 @@ ARCH_FAMILIES = {
     "gemma4": "gemma4", "gemma4_unified_text": "gemma4", "gemma4_unified": "gemma4", "laguna": "laguna",
     "qwen3_5_text": "qwen3_5", "qwen3_5": "qwen3_5", "qwen3_5_moe_text": "qwen3_5", "qwen3_5_moe": "qwen3_5",
     "qwen3_next": "qwen3_5", "lfm2": "lfm2", "granitemoehybrid": "granite_hybrid",
+    "nemotron_h": "nemotron_h",
     "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
     "cohere": "cohere", "cohere2": "cohere", "cohere2_moe": "cohere", "glm": "glm", "glm4": "glm", "falcon": "falcon",
@@ -190,7 +191,7 @@ class ModelConfig:
     family: str  # "llama" | "olmo" | "stablelm" | "starcoder2" | "cohere" | "olmo2" | "glm" | "gemma" | "gpt_neox"
     # | "phi" | "gptj" | "falcon" | "opt" | "xglm" | "biogpt" | "gpt2" | "gpt_bigcode" | "gpt_neo" | "bloom"
     # | "nemotron" | "deepseek" | "gpt_oss" | "llama4" | "phimoe" | "afmoe" | "flint" | "mpt" | "persimmon" | "dbrx"
-    # | "nanochat" | "gemma4" | "laguna" | "qwen3_5" | "lfm2" | "granite_hybrid"
+    # | "nanochat" | "gemma4" | "laguna" | "qwen3_5" | "lfm2" | "granite_hybrid" | "nemotron_h"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -220,7 +221,7 @@ class ModelConfig:
     mla: MLAConfig | None = None  # DeepSeek's latent attention (head_dim: the widest of its key and value heads)
     # Qwen3.5's linear-attention layers (a recurrent state per sequence, no K/V: their pool shape has 0 K/V heads)
     linear_attention: LinearAttentionConfig | None = None
-    mamba2: Mamba2Config | None = None  # Granite 4.0's Mamba-2 layers
+    mamba2: Mamba2Config | None = None  # Granite 4.0's and Nemotron-H's Mamba-2 layers
     # the state of the layers that keep one in place of K/V (Qwen3.5's linear attention, LFM2's convolutions, Mamba-2)
     recurrent_state: RecurrentStateConfig | None = None
     # Ministral 3's query scale by position: 1 + beta * log(1 + floor(position / original_max)); beta 0: none
@@ -1579,6 +1580,57 @@ def _granite_hybrid_config(hf: Any, model_type: str) -> ModelConfig:
     )
 
 
+NEMOTRON_H_KINDS = {"mamba": "mamba", "linear_attention": "mamba", "attention": "attention",
+                    "full_attention": "attention", "mlp": "mlp", "moe": "moe"}
+
+
+def _nemotron_h_config(hf: Any, model_type: str) -> ModelConfig:
+    """Nemotron-H (Nemotron-H, Nemotron Nano 2 / 3): one mixer a layer, each after its own RMSNorm (gain in fp32):
+    Mamba-2, attention without positions (NoPE), a squared-ReLU MLP, or ungated squared-ReLU experts chosen by
+    grouped sigmoid routing with a correction bias, scaled, beside a shared expert."""
+    kinds = [NEMOTRON_H_KINDS.get(t, t) for t in hf.layers_block_type]
+    if not set(kinds) <= {"mamba", "attention", "mlp", "moe"}:
+        raise UnsupportedModelError(f"{model_type} with layer types {sorted(set(hf.layers_block_type))}")
+    if "attention" not in kinds:
+        raise UnsupportedModelError(f"{model_type} without an attention layer (the engine's KV pool is sized by its "
+                                    "attention layers)")
+    if getattr(hf, "moe_latent_size", None):
+        raise UnsupportedModelError(f"{model_type} with moe_latent_size (experts in a latent space) is not supported")
+    if hf.mamba_hidden_act != "silu":
+        raise UnsupportedModelError(f"{model_type} with mamba_hidden_act={hf.mamba_hidden_act!r} (the engine runs silu)")
+    layers = range(hf.num_hidden_layers)
+    mamba = tuple(i for i in layers if kinds[i] == "mamba")
+    sparse = tuple(i for i in layers if kinds[i] == "moe")
+    m = Mamba2Config(layers=mamba, num_heads=hf.mamba_num_heads, head_dim=hf.mamba_head_dim, num_groups=hf.n_groups,
+                     state_size=hf.ssm_state_size, conv_kernel=hf.conv_kernel, chunk_size=hf.chunk_size,
+                     conv_bias=bool(hf.use_conv_bias), proj_bias=bool(hf.use_bias),
+                     time_step_limit=(float(hf.time_step_min), float("inf")))
+    moe = MoEConfig(num_experts=hf.n_routed_experts, top_k=hf.num_experts_per_tok,
+                    intermediate_size=hf.moe_intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),
+                    weights_in_model_dtype=False, sparse_layers=sparse, sigmoid_scores=True, num_groups=hf.n_group,
+                    top_groups=hf.topk_group, routed_scaling=float(hf.routed_scaling_factor), fp32_router=True,
+                    ungated_shared_intermediate_size=hf.moe_shared_expert_intermediate_size) if sparse else None
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    return ModelConfig(
+        family="nemotron_h",
+        **_decoder_fields(hf, model_type, head_dim, norm_eps=hf.layer_norm_epsilon),
+        max_positions=hf.max_position_embeddings,
+        hidden_act=hf.mlp_hidden_act,
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        qkv_bias=bool(hf.attention_bias),
+        o_bias=bool(hf.attention_bias),
+        mlp_bias=bool(hf.mlp_bias),
+        gated_mlp=False,
+        nope_layers=tuple(layers),
+        attention_scale=head_dim**-0.5,
+        layer_kv_heads=tuple(hf.num_key_value_heads if kinds[i] == "attention" else 0 for i in layers),
+        layer_head_dims=(head_dim,) * hf.num_hidden_layers,
+        moe=moe,
+        mamba2=m if mamba else None,
+        recurrent_state=m.state if mamba else None,
+    )
+
+
 # family -> its config reader
 FAMILY_CONFIGS = {
     "llama": _llama_config, "olmo": _olmo_config, "stablelm": _stablelm_config, "nemotron": _ungated_layernorm_config,
@@ -1590,5 +1642,5 @@ FAMILY_CONFIGS = {
     "afmoe": _afmoe_config, "flint": _flint_config,
     "mpt": _mpt_config, "persimmon": _persimmon_config, "dbrx": _dbrx_config,
     "nanochat": _nanochat_config, "gemma4": _gemma4_config, "laguna": _laguna_config, "qwen3_5": _qwen3_5_config,
-    "lfm2": _lfm2_config, "granite_hybrid": _granite_hybrid_config,
+    "lfm2": _lfm2_config, "granite_hybrid": _granite_hybrid_config, "nemotron_h": _nemotron_h_config,
 }

@@ -362,6 +362,8 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "granite_hybrid": ("granitemoehybrid", {"num_layers": 4}),
     "granite_hybrid_dense": ("granitemoehybrid", {"num_layers": 3, "num_local_experts": 0,
                                                   "position_embedding_type": "nope"}),
+    # Nemotron-H: one mixer a layer (Mamba-2, NoPE attention, squared-ReLU MLP, grouped sigmoid-routed experts)
+    "nemotron_h": ("nemotron_h", {"num_layers": 5}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

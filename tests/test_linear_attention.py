@@ -1,9 +1,9 @@
 """Layers with a recurrent state instead of K/V: Qwen3.5's linear attention (Gated DeltaNet), LFM2's short
-convolutions and Granite 4.0's Mamba-2 layers. The chunked delta rule and Mamba-2 scan against their token-by-token
-forms, and the engine's recurrent states (one per
-sequence and per task prompt, kept with blocks) against the reference path, across delta-rule chunks, prefill
-chunks, preemption, aborts and prompt eviction. (HF + PEFT against the reference: tests/test_models_vs_hf.py's
-`qwen3_5*`, `qwen3_next`, `lfm2*` and `granite_hybrid*` variants.)"""
+convolutions and Mamba-2 layers (Granite 4.0, Nemotron-H). The chunked delta rule and Mamba-2 scan against their
+token-by-token forms, and the engine's recurrent states (one per sequence and per task prompt, kept with blocks)
+against the reference path, across delta-rule and scan chunks, prefill chunks, preemption, aborts and prompt
+eviction. (HF + PEFT against the reference: tests/test_models_vs_hf.py's `qwen3_5*`, `qwen3_next`, `lfm2*`,
+`granite_hybrid*` and `nemotron_h` variants.)"""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from softprompt.testing import build_prefix_tuning_adapter, build_prompt_tensor
 
 from .runtime_helpers import assert_no_leaks, make_requests, register_tasks, run
 
-STATEFUL = ["qwen3_5", "lfm2", "granite_hybrid"]
+STATEFUL = ["qwen3_5", "lfm2", "granite_hybrid", "nemotron_h"]
 
 
 @pytest.mark.parametrize("n", [1, 5, 64, 150])

@@ -110,7 +110,7 @@ def test_greedy_tokens_match_peft_generate(variant, model_dir_for, adapter_for):
                                      "codegen", "xglm", "biogpt", "deepseek_v3_dense", "deepseek_v2_dense",
                                      "youtu", "minicpm3", "vaultgemma", "hunyuan_v1_dense", "llama4_text_dense",
                                      "persimmon", "mpt", "nanochat", "gemma4", "lfm2",
-                                     "granite_hybrid_dense"])
+                                     "granite_hybrid_dense", "nemotron_h"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_close_to_hf(variant, dtype, model_dir_for, adapter_for):
     """In half precision, we must be about as close to HF-half as HF-half is to the fp32 truth."""

@@ -22,6 +22,7 @@ from .llama import LlamaForCausalLM
 from .llama4 import Llama4ForCausalLM
 from .mpt import MptForCausalLM
 from .nanochat import NanoChatForCausalLM
+from .nemotron_h import NemotronHForCausalLM
 from .olmo import OlmoForCausalLM
 from .olmo2 import Olmo2ForCausalLM
 from .opt import BioGptForCausalLM, OPTForCausalLM, XGLMForCausalLM
@@ -48,6 +49,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "qwen3_5": Qwen3_5ForCausalLM,
     "lfm2": Lfm2ForCausalLM,
     "granite_hybrid": GraniteHybridForCausalLM,
+    "nemotron_h": NemotronHForCausalLM,
     "gpt_neox": GPTNeoXForCausalLM,
     "phi": PhiForCausalLM,
     "gptj": GPTJForCausalLM,
