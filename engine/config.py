@@ -1597,7 +1597,8 @@ def _nemotron_h_config(hf: Any, model_type: str) -> ModelConfig:
     if getattr(hf, "moe_latent_size", None):
         raise UnsupportedModelError(f"{model_type} with moe_latent_size (experts in a latent space) is not supported")
     if hf.mamba_hidden_act != "silu":
-        raise UnsupportedModelError(f"{model_type} with mamba_hidden_act={hf.mamba_hidden_act!r} (the engine runs silu)")
+        raise UnsupportedModelError(f"{model_type} with mamba_hidden_act={hf.mamba_hidden_act!r} (the engine runs "
+                                    "silu)")
     layers = range(hf.num_hidden_layers)
     mamba = tuple(i for i in layers if kinds[i] == "mamba")
     sparse = tuple(i for i in layers if kinds[i] == "moe")
