@@ -35,7 +35,7 @@ ARCH_FAMILIES = {
     "gemma4": "gemma4", "gemma4_unified_text": "gemma4", "gemma4_unified": "gemma4", "laguna": "laguna",
     "qwen3_5_text": "qwen3_5", "qwen3_5": "qwen3_5", "qwen3_5_moe_text": "qwen3_5", "qwen3_5_moe": "qwen3_5",
     "qwen3_next": "qwen3_5", "lfm2": "lfm2", "granitemoehybrid": "granite_hybrid",
-    "nemotron_h": "nemotron_h",
+    "nemotron_h": "nemotron_h", "bamba": "granite_hybrid",
     "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
     "cohere": "cohere", "cohere2": "cohere", "cohere2_moe": "cohere", "glm": "glm", "glm4": "glm", "falcon": "falcon",
@@ -1541,13 +1541,16 @@ def _lfm2_config(hf: Any, model_type: str) -> ModelConfig:
 def _granite_hybrid_config(hf: Any, model_type: str) -> ModelConfig:
     """Granite 4.0's hybrids (`granitemoehybrid`): GraniteMoeShared's layers (multipliers, the top-k logits' softmax
     router, an ungated shared MLP; or the shared MLP alone without experts) whose mixer is Mamba-2 in most layers and
-    attention in the others (RoPE or, with position_embedding_type other than "rope", none)."""
+    attention in the others (RoPE or, with position_embedding_type other than "rope", none). Bamba (`bamba`): the
+    same layers without multipliers or experts, a SwiGLU MLP, RoPE over half of each head."""
     _check_rope_types(hf, model_type)
     head_dim = hf.hidden_size // hf.num_attention_heads
+    bamba = model_type == "bamba"
     kinds = {"mamba": "mamba", "linear_attention": "mamba", "attention": "attention", "full_attention": "attention"}
-    types = [kinds.get(t, t) for t in hf.layer_types]
+    block_types = hf.layers_block_type if bamba else hf.layer_types
+    types = [kinds.get(t, t) for t in block_types]
     if not set(types) <= {"mamba", "attention"}:
-        raise UnsupportedModelError(f"{model_type} with layer types {sorted(set(hf.layer_types))}")
+        raise UnsupportedModelError(f"{model_type} with layer types {sorted(set(block_types))}")
     mamba = tuple(i for i, t in enumerate(types) if t == "mamba")
     if len(mamba) == hf.num_hidden_layers:
         raise UnsupportedModelError(f"{model_type} without an attention layer (the engine's KV pool is sized by its "
@@ -1556,22 +1559,27 @@ def _granite_hybrid_config(hf: Any, model_type: str) -> ModelConfig:
                      state_size=hf.mamba_d_state, conv_kernel=hf.mamba_d_conv, chunk_size=hf.mamba_chunk_size,
                      conv_bias=bool(hf.mamba_conv_bias), proj_bias=bool(hf.mamba_proj_bias),
                      time_step_limit=tuple(float(v) for v in (hf.time_step_limit or (0.0, float("inf")))))
-    moe = _moe_config(hf, "granitemoeshared") if hf.num_local_experts else None
+    moe = _moe_config(hf, "granitemoeshared") if not bamba and hf.num_local_experts else None
     kv_heads = hf.num_key_value_heads
     layers = range(hf.num_hidden_layers)
+    rope = hf.rope_parameters or {}
+    partial = float(rope.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", 1.0)) or 1.0)
     return ModelConfig(
         family="granite_hybrid",
-        **{**_decoder_fields(hf, model_type, head_dim), "intermediate_size": hf.shared_intermediate_size},
+        **{**_decoder_fields(hf, model_type, head_dim),
+           "intermediate_size": hf.intermediate_size if bamba else hf.shared_intermediate_size},
         max_positions=hf.max_position_embeddings,
         hidden_act=hf.hidden_act,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         qkv_bias=bool(hf.attention_bias),
         o_bias=bool(hf.attention_bias),
-        nope_layers=() if hf.position_embedding_type == "rope" else tuple(layers),
-        attention_scale=float(hf.attention_multiplier),
-        embedding_multiplier=float(hf.embedding_multiplier),
-        residual_multiplier=float(hf.residual_multiplier),
-        logits_divisor=float(hf.logits_scaling),
+        mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+        rotary_dim=int(head_dim * partial),
+        nope_layers=() if bamba or hf.position_embedding_type == "rope" else tuple(layers),
+        attention_scale=head_dim**-0.5 if bamba else float(hf.attention_multiplier),
+        embedding_multiplier=1.0 if bamba else float(hf.embedding_multiplier),
+        residual_multiplier=1.0 if bamba else float(hf.residual_multiplier),
+        logits_divisor=1.0 if bamba else float(hf.logits_scaling),
         layer_kv_heads=tuple(0 if i in mamba else kv_heads for i in layers),
         layer_head_dims=(head_dim,) * hf.num_hidden_layers,
         moe=moe,

@@ -31,7 +31,7 @@ SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "phi3", "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm",
     "hyperclovax", "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4", "gemma4_unified_text",
     "gemma4_unified", "laguna", "qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next",
-    "lfm2", "granitemoehybrid", "nemotron_h", "gpt_neox", "phi", "stablelm", "nemotron",
+    "lfm2", "granitemoehybrid", "bamba", "nemotron_h", "gpt_neox", "phi", "stablelm", "nemotron",
     "starcoder2", "cohere", "cohere2", "olmo", "olmo2", "olmo3", "flex_olmo", "exaone4", "exaone4_5", "glm", "glm4",
     "falcon", "gptj", "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
 
@@ -138,7 +138,7 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
               "hunyuan_v1_moe", "solar_open", "exaone_moe", "gpt_oss", "minimax_m2", "llama4_text", "llama4",
               "phimoe", "afmoe", "granite_swa", "granitemoe_swa", "kolibri1", "flint", "dbrx", "nanochat", "hy_v3",
               "laguna", "qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next",
-              "granitemoehybrid", "nemotron_h")
+              "granitemoehybrid", "bamba", "nemotron_h")
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "ministral", "ministral3", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3",
@@ -530,6 +530,14 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                   layer_types=["attention" if i % 2 else "mamba" for i in range(num_layers)], mamba_n_heads=8,
                   mamba_n_groups=2, mamba_d_state=16, mamba_d_conv=4, mamba_chunk_size=16, mamba_expand=2,
                   embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=2.0)
+    elif arch == "bamba":  # Granite 4.0's Mamba-2 layers with attention layers (RoPE over half of each head) at
+        # attn_layer_indices (the odd ones), a SwiGLU MLP
+        cls = transformers.BambaConfig
+        kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                  num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,
+                  max_position_embeddings=max_positions, attn_layer_indices=[i for i in range(num_layers) if i % 2],
+                  mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=16, mamba_d_conv=4, mamba_chunk_size=16,
+                  mamba_expand=2)
     elif arch == "nemotron_h":  # one mixer a layer: Mamba-2 (8 heads of 16, 2 groups, 16 states, 16-token chunks),
         # NoPE attention, squared-ReLU MLP, squared-ReLU experts (4, 2 a token, 2 groups) beside a shared expert; the
         # pattern cycles M * - E (hybrid_override_pattern's letters)

@@ -364,6 +364,8 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
                                                   "position_embedding_type": "nope"}),
     # Nemotron-H: one mixer a layer (Mamba-2, NoPE attention, squared-ReLU MLP, grouped sigmoid-routed experts)
     "nemotron_h": ("nemotron_h", {"num_layers": 5}),
+    # Bamba: Mamba-2 and attention layers (RoPE over half of each head), SwiGLU MLPs, Llama's names of its own
+    "bamba": ("bamba", {"num_layers": 3}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -19,6 +19,9 @@ peft = pytest.importorskip("peft")
 from softprompt.engine.hf_auto import load_hf_causal_lm, reference_load_kwargs  # noqa: E402
 
 FP32_ATOL = 1e-4
+# transformers 5.23's Bamba with a cache: its decode steps' logits are up to 1.6 off its own full forward's (Granite
+# 4.0's hybrid, the same Mamba-2 mixer, agrees to 2e-6), so greedy tokens are checked against the full forward's
+HF_CACHE_DIVERGES = ("bamba",)
 HALF_ATOL = {torch.bfloat16: 0.05, torch.float16: 0.01}  # relative to the logit scale
 
 
@@ -94,9 +97,15 @@ def test_greedy_tokens_match_peft_generate(variant, model_dir_for, adapter_for):
         engine.add_prompt(f"task{seed}", adapter)
         ids = random_ids(9, seed + 10)
         with torch.no_grad():
-            out = hf.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                              max_new_tokens=12, do_sample=False, pad_token_id=3)
-        expected = out[0, len(ids):].tolist()
+            if variant in HF_CACHE_DIVERGES:  # HF's greedy tokens from its full forward, step by step
+                expected = []
+                for _ in range(12):
+                    expected.append(int(hf(input_ids=torch.tensor([ids + expected])).logits[0, -1].argmax()))
+            else:
+                out = hf.generate(input_ids=torch.tensor([ids]),
+                                  attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=12,
+                                  do_sample=False, pad_token_id=3)
+                expected = out[0, len(ids):].tolist()
         got = engine.generate([Request(prompt=f"task{seed}", input_ids=ids,
                                        sampling=SamplingParams(max_new_tokens=12))])[0]
         assert got.token_ids == expected

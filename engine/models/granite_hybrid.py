@@ -1,7 +1,8 @@
 """Granite 4.0's hybrids (`granitemoehybrid`): GraniteMoeShared's layers (embedding, residual and attention
 multipliers, logits divided by logits_scaling; experts routed by the softmax of their top-k logits beside an ungated
 shared MLP, or the shared MLP alone) whose mixer is Mamba-2 (engine/models/mamba2.py) in most layers and attention
-(RoPE or none) in the others. A Mamba-2 layer's past is a recurrent state (engine/recurrent_state.py), which the
+(RoPE or none) in the others. Bamba (`bamba`): the same layers without multipliers or experts, a SwiGLU MLP
+(`feed_forward`, after `pre_ff_layernorm`), RoPE over half of each head, the final norm `final_layernorm`. A Mamba-2 layer's past is a recurrent state (engine/recurrent_state.py), which the
 attention implementation hands the layer as `attention.recurrent`; the reference path runs each sequence from zero.
 """
 
@@ -90,6 +91,10 @@ class GraniteHybridForCausalLM(RotaryCausalLM):
     def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
         """The experts (`block_sparse_moe`) and shared MLP (`shared_mlp`, [gate | up] fused) under moe.py's names;
         without experts, the shared MLP is the layer's MLP."""
+        if self.config.model_type == "bamba":  # (its own names for the MLP and the norms around it)
+            for theirs, ours in (("feed_forward.", "mlp."), ("pre_ff_layernorm.", "post_attention_layernorm."),
+                                 ("model.final_layernorm.", "model.norm.")):
+                key = key.replace(theirs, ours)
         pairs = []
         for name, value in super().checkpoint_tensors(key, tensor):
             if self.config.moe is None and ".shared_mlp." in name:
