@@ -2,8 +2,9 @@
 multipliers, logits divided by logits_scaling; experts routed by the softmax of their top-k logits beside an ungated
 shared MLP, or the shared MLP alone) whose mixer is Mamba-2 (engine/models/mamba2.py) in most layers and attention
 (RoPE or none) in the others. Bamba (`bamba`): the same layers without multipliers or experts, a SwiGLU MLP
-(`feed_forward`, after `pre_ff_layernorm`), RoPE over half of each head, the final norm `final_layernorm`. A Mamba-2 layer's past is a recurrent state (engine/recurrent_state.py), which the
-attention implementation hands the layer as `attention.recurrent`; the reference path runs each sequence from zero.
+(`feed_forward`, after `pre_ff_layernorm`), RoPE over half of each head, the final norm `final_layernorm`. A Mamba-2
+layer's past is a recurrent state (engine/recurrent_state.py), which the attention implementation hands the layer as
+`attention.recurrent`; the reference path runs each sequence from zero.
 """
 
 from __future__ import annotations
