@@ -13,9 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from ..recurrent_state import RecurrentBatch
-from .base import Layer0Input, RotaryCausalLM
+from .base import Layer0Input
 from .common import Attention, RMSNorm, apply_rotary
+from .hybrid import HybridCausalLM, recurrent_batch
 from .linear import Linear, linear
 from .llama import LlamaMLP, _fuse
 from .mamba2 import Mamba2Mixer
@@ -72,22 +72,8 @@ class GraniteHybridBackbone(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.norm_eps)
 
 
-class GraniteHybridForCausalLM(RotaryCausalLM):
-    key_prefix = "model."
-    fused_layer0 = False  # (the QKV kernel computes no Mamba-2 layer, nor scales the embeddings)
-
-    def __init__(self, config: ModelConfig):
-        super().__init__(config)
-        self.model = GraniteHybridBackbone(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-
-    @property
-    def word_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    @property
-    def graph_capturable(self) -> bool:
-        return False  # (each step's states are looked up by slot on the host; the experts group tokens there too)
+class GraniteHybridForCausalLM(HybridCausalLM):
+    backbone_class = GraniteHybridBackbone
 
     def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
         """The experts (`block_sparse_moe`) and shared MLP (`shared_mlp`, [gate | up] fused) under moe.py's names;
@@ -125,7 +111,7 @@ class GraniteHybridForCausalLM(RotaryCausalLM):
         c = self.config
         h = embeds * c.embedding_multiplier
         r = c.residual_multiplier
-        batch = getattr(attention, "recurrent", None) or RecurrentBatch.single(h.shape[0])
+        batch = recurrent_batch(attention, h)
         rope = None if c.nope_layers else self.rope_rows(attention, positions)
         for i, layer in enumerate(self.model.layers):
             x = layer.input_layernorm(h)

@@ -15,8 +15,9 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..recurrent_state import RecurrentBatch
-from .base import Layer0Input, RotaryCausalLM
+from .base import Layer0Input
 from .common import Attention, RMSNorm, apply_rotary, causal_conv_packed, norm_heads
+from .hybrid import HybridCausalLM, recurrent_batch
 from .linear import Linear, linear
 from .llama import _fuse
 
@@ -107,22 +108,8 @@ class Lfm2Backbone(nn.Module):
         self.embedding_norm = RMSNorm(c.hidden_size, c.norm_eps)  # (the final norm, despite its name)
 
 
-class Lfm2ForCausalLM(RotaryCausalLM):
-    key_prefix = "model."
-    fused_layer0 = False  # (the QKV kernel computes no convolution layer)
-
-    def __init__(self, config: ModelConfig):
-        super().__init__(config)
-        self.model = Lfm2Backbone(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-
-    @property
-    def word_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    @property
-    def graph_capturable(self) -> bool:
-        return False  # (each step's states are looked up by slot on the host)
+class Lfm2ForCausalLM(HybridCausalLM):
+    backbone_class = Lfm2Backbone
 
     def prepare_for_inference(self, device: torch.device) -> None:
         transposed = self.fp32_on_cpu(device)
@@ -139,7 +126,7 @@ class Lfm2ForCausalLM(RotaryCausalLM):
         `attention.recurrent` (a RecurrentBatch) carries the sequences' convolution states; without it, the batch is
         one sequence from zero (the reference path)."""
         h = embeds
-        batch = getattr(attention, "recurrent", None) or RecurrentBatch.single(h.shape[0])
+        batch = recurrent_batch(attention, h)
         rope = self.rope_rows(attention, positions)
         for i, layer in enumerate(self.model.layers):
             x = layer.operator_norm(h)

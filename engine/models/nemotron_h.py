@@ -10,11 +10,11 @@ import torch
 from torch import Tensor, nn
 
 from ..config import NEMOTRON_H_KINDS, ModelConfig
-from ..recurrent_state import RecurrentBatch
 from .base import CausalLM, Layer0Input
 from .common import Attention
 from .gpt_oss import GptOssRMSNorm
 from .granite_hybrid import GraniteHybridAttention
+from .hybrid import recurrent_batch
 from .linear import Linear
 from .llama import LlamaMLP
 from .mamba2 import Mamba2Mixer
@@ -90,7 +90,7 @@ class NemotronHForCausalLM(CausalLM):
         `attention.recurrent` (a RecurrentBatch) carries the sequences' states; without it, the batch is one
         sequence from zero (the reference path)."""
         h = embeds
-        batch = getattr(attention, "recurrent", None) or RecurrentBatch.single(h.shape[0])
+        batch = recurrent_batch(attention, h)
         for i, layer in enumerate(self.backbone.layers):
             x = layer.norm(h)
             if layer.kind == "mamba":

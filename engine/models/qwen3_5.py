@@ -21,9 +21,10 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..recurrent_state import RecurrentBatch
-from .base import Layer0Input, RotaryCausalLM
+from .base import Layer0Input
 from .common import Attention, apply_rotary, causal_conv_packed
 from .gemma import GemmaRMSNorm
+from .hybrid import HybridCausalLM, recurrent_batch
 from .linear import Linear, linear
 from .llama import LlamaMLP, _fuse
 from .moe import SparseMoE, moe_checkpoint_tensors
@@ -213,22 +214,8 @@ class Qwen3_5Backbone(nn.Module):
         self.norm = GemmaRMSNorm(c.hidden_size, c.norm_eps)
 
 
-class Qwen3_5ForCausalLM(RotaryCausalLM):
-    key_prefix = "model."
-    fused_layer0 = False  # (layer 0 is a linear-attention layer, which the QKV kernel does not compute)
-
-    def __init__(self, config: ModelConfig):
-        super().__init__(config)
-        self.model = Qwen3_5Backbone(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-
-    @property
-    def word_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    @property
-    def graph_capturable(self) -> bool:
-        return False  # (each step's states are looked up by slot on the host)
+class Qwen3_5ForCausalLM(HybridCausalLM):
+    backbone_class = Qwen3_5Backbone
 
     def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
         """The multi-token-prediction block (`mtp.`, for speculative decoding) left out, as transformers does;
@@ -273,7 +260,7 @@ class Qwen3_5ForCausalLM(RotaryCausalLM):
         `attention.recurrent` (a RecurrentBatch) carries the sequences' states; without it, the batch is one
         sequence from zero (the reference path)."""
         h = embeds
-        batch = getattr(attention, "recurrent", None) or RecurrentBatch.single(h.shape[0])
+        batch = recurrent_batch(attention, h)
         rope = self.rope_rows(attention, positions)
         for i, layer in enumerate(self.model.layers):
             x = layer.input_layernorm(h)
