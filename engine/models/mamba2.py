@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..config import Mamba2Config
 from ..recurrent_state import RecurrentBatch
 from .common import causal_conv_packed
+from .hybrid import scan_packed
 from .linear import Linear
 
 
@@ -97,22 +98,9 @@ class Mamba2Mixer(nn.Module):
         c = c.float().view(t, groups, m.state_size).repeat_interleave(heads // groups, dim=1)
         dt = F.softplus(dt + self.dt_bias.to(dt.dtype)).float().clamp(*m.time_step_limit)
         a = -torch.exp(self.A_log.float())
-        if batch.all_single:
-            y, new_ssm = ssd_step(xs, dt, a, b, c, ssm)
-        else:
-            outs, states, start = [], [], 0
-            for i, n in enumerate(batch.lengths):
-                end = start + n
-                if n == 1:
-                    o, s = ssd_step(xs[start:end], dt[start:end], a, b[start:end], c[start:end], ssm[i:i + 1])
-                    s = s[0]
-                else:
-                    o, s = ssd_chunked(xs[start:end], dt[start:end], a, b[start:end], c[start:end], ssm[i],
-                                       m.chunk_size)
-                outs.append(o)
-                states.append(s)
-                start = end
-            y, new_ssm = torch.cat(outs), torch.stack(states)
+        y, new_ssm = scan_packed(batch, (xs, dt, b, c), ssm,
+                                 lambda x_, dt_, b_, c_, s_: ssd_step(x_, dt_, a, b_, c_, s_),
+                                 lambda x_, dt_, b_, c_, s_: ssd_chunked(x_, dt_, a, b_, c_, s_, m.chunk_size))
         batch.store(layer, new_conv, new_ssm)
         y = y + xs * self.D.float()[:, None]
         return self.out_proj(self.norm(y.reshape(t, self.inner), gate).to(x.dtype))

@@ -24,7 +24,7 @@ from ..recurrent_state import RecurrentBatch
 from .base import Layer0Input
 from .common import Attention, apply_rotary, causal_conv_packed
 from .gemma import GemmaRMSNorm
-from .hybrid import HybridCausalLM, recurrent_batch
+from .hybrid import HybridCausalLM, recurrent_batch, scan_packed
 from .linear import Linear, linear
 from .llama import LlamaMLP, _fuse
 from .moe import SparseMoE, moe_checkpoint_tensors
@@ -139,23 +139,7 @@ class GatedDeltaNet(nn.Module):
         v = v.float().view(t, la.num_value_heads, -1)
         beta = b.sigmoid().float()
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
-        if batch.all_single:
-            out, new_ssm = delta_rule_step(q, k, v, g, beta, ssm)
-        else:
-            outs, states, start = [], [], 0
-            for i, n in enumerate(batch.lengths):
-                end = start + n
-                if n == 1:
-                    o, s = delta_rule_step(q[start:end], k[start:end], v[start:end], g[start:end], beta[start:end],
-                                           ssm[i:i + 1])
-                    s = s[0]
-                else:
-                    o, s = delta_rule_chunked(q[start:end], k[start:end], v[start:end], g[start:end],
-                                              beta[start:end], ssm[i])
-                outs.append(o)
-                states.append(s)
-                start = end
-            out, new_ssm = torch.cat(outs), torch.stack(states)
+        out, new_ssm = scan_packed(batch, (q, k, v, g, beta), ssm, delta_rule_step, delta_rule_chunked)
         batch.store(layer, new_conv, new_ssm)
         out = self.norm(out.to(x.dtype), z.view(t, la.num_value_heads, -1))
         return self.out_proj(out.reshape(t, self.value_width))
