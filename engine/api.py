@@ -86,15 +86,15 @@ class Engine:
     cuda_graphs (triton backend only; None: on where the device is CUDA): decode steps run at padded static
     shapes, replayed from one CUDA graph per batch-size bucket (engine/decode_graphs.py). True on the CPU runs the
     same padded steps without capture (that is how the tests check them). Not for mixture-of-experts models on
-    CUDA (their experts group tokens on the host): their default is off. Never for models with linear-attention
-    layers (Qwen3.5).
+    CUDA (their experts group tokens on the host): their default is off. Never for models with layers that keep a
+    recurrent state (Qwen3.5, LFM2, the Mamba-2 hybrids).
 
     enable_prefix_caching (vLLM's automatic prefix caching; torch and triton backends): the K/V of full blocks of
     request tokens stay cached after their request, and a later request of the same task that begins with the
     same tokens (a shared instruction or few-shot examples, the n samples of one input, a preempted request)
-    computes only the rest. A task's soft-prompt K/V are cached whatever this says. Off for models with
-    linear-attention layers (Qwen3.5), whose recurrent state cached blocks cannot restore (a task's prompt state is
-    still computed once).
+    computes only the rest. A task's soft-prompt K/V are cached whatever this says. Off for models with layers that
+    keep a recurrent state (Qwen3.5, LFM2, the Mamba-2 hybrids), which cached blocks cannot restore (a task's prompt
+    state is still computed once).
 
     reasoning_parser ("deepseek_r1", "qwen3", "seed_oss" or "mistral", as the server's --reasoning-parser): a
     thinking model's structured outputs and guided_choice hold on its answer after the `<think> ... </think>`
@@ -166,8 +166,8 @@ class Engine:
         self.reference = ReferencePath(self.model)
         if self.backend == "reference":  # no KV cache: the pool only exists to keep one code path (one block)
             kv_cache_bytes = KVPool.bytes_per_block(self.config, block_size, self.dtype)
-        # (a model with linear-attention layers: on CUDA, the running sequences' recurrent states and a few prompts'
-        # are taken out of the memory fraction up front; on the CPU they grow as needed)
+        # (a model with recurrent states: on CUDA, the running sequences' states and a few prompts' are taken out of
+        # the memory fraction up front; on the CPU they grow as needed)
         state_slots = max_num_seqs + 16 if self.device.type == "cuda" and self.backend != "reference" else 8
         self.pool = KVPool.sized(self.config, block_size, self.dtype, self.device, kv_cache_bytes, kv_cache_fraction,
                                  state_slots=state_slots)
@@ -175,7 +175,8 @@ class Engine:
             raise SoftPromptError(f"cuda_graphs=True needs backend='triton', not {self.backend!r}")
         if cuda_graphs and self.pool.states is not None:
             raise SoftPromptError(f"cuda_graphs=True: a {self.config.model_type} model's decode steps cannot be "
-                                  "captured (its linear-attention layers look up each sequence's state on the host)")
+                                  f"captured (its {self.config.recurrent_layer_kind} layers look up each sequence's "
+                                  "state on the host)")
         if cuda_graphs and self.device.type == "cuda" and not self.model.graph_capturable:
             raise SoftPromptError(f"cuda_graphs=True: a {self.config.model_type} model's decode steps cannot be "
                                   "captured (its experts group their tokens on the host)")
@@ -183,7 +184,7 @@ class Engine:
             cuda_graphs = self.backend == "triton" and self.device.type == "cuda" and self.model.graph_capturable
         self.runner = ModelRunner(self.model, self.pool, self.backend,
                                   decode_graphs_for=max_num_seqs if cuda_graphs else None)
-        # (not with linear-attention layers: a cached block's K/V would not bring back the recurrent state after it)
+        # (not with recurrent states: a cached block's K/V would not bring back the state after it)
         self.block_cache = (BlockCache(self.pool) if enable_prefix_caching and self.backend != "reference"
                             and self.pool.states is None else None)
         self.prefix_cache = PrefixCache(self.pool, self.runner.compute_prefixes,

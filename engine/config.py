@@ -219,11 +219,11 @@ class ModelConfig:
     interleaved_rope: bool = False
     moe: MoEConfig | None = None  # a sparse mixture-of-experts MLP in (some) layers
     mla: MLAConfig | None = None  # DeepSeek's latent attention (head_dim: the widest of its key and value heads)
-    # Qwen3.5's linear-attention layers (a recurrent state per sequence, no K/V: their pool shape has 0 K/V heads)
+    # layers that keep a recurrent state per sequence instead of K/V (their pool shape has 0 K/V heads): Qwen3.5's
+    # linear attention, Granite 4.0's and Nemotron-H's Mamba-2, LFM2's short convolutions (a conv state alone)
     linear_attention: LinearAttentionConfig | None = None
-    mamba2: Mamba2Config | None = None  # Granite 4.0's and Nemotron-H's Mamba-2 layers
-    # the state of the layers that keep one in place of K/V (Qwen3.5's linear attention, LFM2's convolutions, Mamba-2)
-    recurrent_state: RecurrentStateConfig | None = None
+    mamba2: Mamba2Config | None = None
+    short_conv: RecurrentStateConfig | None = None
     # Ministral 3's query scale by position: 1 + beta * log(1 + floor(position / original_max)); beta 0: none
     query_scale_beta: float = 0.0
     query_scale_period: int = 1
@@ -287,13 +287,27 @@ class ModelConfig:
         return [*range(0, r, 2), *range(1, r, 2), *range(r, self.head_dim)]
 
     @property
+    def recurrent_state(self) -> RecurrentStateConfig | None:
+        """The state of the layers that keep one in place of K/V (None: every layer attends, or computes no
+        attention and no state)."""
+        if self.linear_attention is not None:
+            return self.linear_attention.state
+        if self.mamba2 is not None:
+            return self.mamba2.state
+        return self.short_conv
+
+    @property
+    def recurrent_layer_kind(self) -> str:
+        """What the layers with a recurrent state are, for messages."""
+        return "linear-attention" if self.linear_attention else "Mamba-2" if self.mamba2 else "convolution"
+
+    @property
     def kv_prefix_refusal(self) -> str | None:
         """Why this model cannot take a prefix-tuning (K/V) adapter; None where it can."""
         if self.recurrent_state is not None:
-            kind = "linear-attention" if self.linear_attention else "Mamba-2" if self.mamba2 else "convolution"
-            return (f"{self.model_type}'s {kind} layers "
-                    "keep a recurrent state, not keys and values, so a prefix-tuning adapter's K/V do not apply to "
-                    "them: use prompt tuning, P-tuning or CPT")
+            return (f"{self.model_type}'s {self.recurrent_layer_kind} layers keep a recurrent state, not keys and "
+                    "values, so a prefix-tuning adapter's K/V do not apply to them: use prompt tuning, P-tuning or "
+                    "CPT")
         if self.layer_head_dims or self.layer_kv_heads:
             return (f"{self.model_type}'s layers differ in K/V head width and count; PEFT provisions a prefix-tuning "
                     "adapter for the widest layers and skips or slices it elsewhere, which the engine does not "
@@ -431,6 +445,9 @@ def _check(cfg: ModelConfig) -> None:
         raise UnsupportedModelError(f"unsupported activation {cfg.hidden_act!r}; supported: {SUPPORTED_ACTIVATIONS}")
     if cfg.hidden_act == "xielu" and (cfg.family != "llama" or cfg.gated_mlp or cfg.moe is not None):
         raise UnsupportedModelError(f"{cfg.model_type} with hidden_act='xielu': only Apertus's ungated MLP has it")
+    if cfg.layer_kv_heads and not any(cfg.layer_kv_heads):
+        raise UnsupportedModelError(f"{cfg.model_type} without an attention layer (the engine's KV pool is sized by "
+                                    "its attention layers)")
     if cfg.num_heads % cfg.num_kv_heads:
         raise CheckpointError(f"num_heads={cfg.num_heads} is not a multiple of num_kv_heads={cfg.num_kv_heads}")
     if cfg.position_encoding == "rope" and cfg.rope_type not in STATIC_ROPE_TYPES:
@@ -1463,9 +1480,6 @@ def _qwen3_5_config(hf: Any, model_type: str) -> ModelConfig:
         raise UnsupportedModelError(f"{model_type} with layer types {sorted(kinds)}: the engine runs "
                                     "linear_attention and full_attention layers")
     linear = tuple(i for i, t in enumerate(hf.layer_types) if t == "linear_attention")
-    if len(linear) == hf.num_hidden_layers:
-        raise UnsupportedModelError(f"{model_type} without a full_attention layer (the engine's KV pool is sized by "
-                                    "its attention layers)")
     if hf.linear_num_value_heads % hf.linear_num_key_heads:
         raise CheckpointError(f"linear_num_value_heads={hf.linear_num_value_heads} is not a multiple of "
                               f"linear_num_key_heads={hf.linear_num_key_heads}")
@@ -1497,9 +1511,7 @@ def _qwen3_5_config(hf: Any, model_type: str) -> ModelConfig:
         rotary_dim=int(head_dim * rope.get("partial_rotary_factor", 1.0)),
         attention_scale=head_dim**-0.5,
         layer_kv_heads=tuple(0 if i in linear else kv_heads for i in range(hf.num_hidden_layers)),
-        layer_head_dims=(head_dim,) * hf.num_hidden_layers,
         linear_attention=linear_attention,
-        recurrent_state=linear_attention.state,
         moe=moe,
     )
 
@@ -1514,9 +1526,6 @@ def _lfm2_config(hf: Any, model_type: str) -> ModelConfig:
         raise UnsupportedModelError(f"{model_type} with layer types {sorted(kinds)}: the engine runs conv and "
                                     "full_attention layers")
     conv = tuple(i for i, t in enumerate(hf.layer_types) if t == "conv")
-    if len(conv) == hf.num_hidden_layers:
-        raise UnsupportedModelError(f"{model_type} without a full_attention layer (the engine's KV pool is sized by "
-                                    "its attention layers)")
     width = hf.intermediate_size
     if hf.block_auto_adjust_ff_dim:
         width = int(2 * width / 3)
@@ -1533,9 +1542,13 @@ def _lfm2_config(hf: Any, model_type: str) -> ModelConfig:
         qk_norm=True,
         attention_scale=head_dim**-0.5,
         layer_kv_heads=tuple(0 if i in conv else kv_heads for i in range(hf.num_hidden_layers)),
-        layer_head_dims=(head_dim,) * hf.num_hidden_layers,
-        recurrent_state=RecurrentStateConfig(conv, hf.hidden_size, hf.conv_L_cache),
+        short_conv=RecurrentStateConfig(conv, hf.hidden_size, hf.conv_L_cache),
     )
+
+
+# the Mamba-2 hybrids' layer types, as their configs name them (the older names and transformers 5's) -> ours
+HYBRID_LAYER_KINDS = {"mamba": "mamba", "linear_attention": "mamba", "attention": "attention",
+                      "full_attention": "attention", "mlp": "mlp", "moe": "moe"}
 
 
 def _granite_hybrid_config(hf: Any, model_type: str) -> ModelConfig:
@@ -1546,15 +1559,11 @@ def _granite_hybrid_config(hf: Any, model_type: str) -> ModelConfig:
     _check_rope_types(hf, model_type)
     head_dim = hf.hidden_size // hf.num_attention_heads
     bamba = model_type == "bamba"
-    kinds = {"mamba": "mamba", "linear_attention": "mamba", "attention": "attention", "full_attention": "attention"}
     block_types = hf.layers_block_type if bamba else hf.layer_types
-    types = [kinds.get(t, t) for t in block_types]
+    types = [HYBRID_LAYER_KINDS.get(t, t) for t in block_types]
     if not set(types) <= {"mamba", "attention"}:
         raise UnsupportedModelError(f"{model_type} with layer types {sorted(set(block_types))}")
     mamba = tuple(i for i, t in enumerate(types) if t == "mamba")
-    if len(mamba) == hf.num_hidden_layers:
-        raise UnsupportedModelError(f"{model_type} without an attention layer (the engine's KV pool is sized by its "
-                                    "attention layers)")
     m = Mamba2Config(layers=mamba, num_heads=hf.mamba_n_heads, head_dim=hf.mamba_d_head, num_groups=hf.mamba_n_groups,
                      state_size=hf.mamba_d_state, conv_kernel=hf.mamba_d_conv, chunk_size=hf.mamba_chunk_size,
                      conv_bias=bool(hf.mamba_conv_bias), proj_bias=bool(hf.mamba_proj_bias),
@@ -1581,27 +1590,18 @@ def _granite_hybrid_config(hf: Any, model_type: str) -> ModelConfig:
         residual_multiplier=1.0 if bamba else float(hf.residual_multiplier),
         logits_divisor=1.0 if bamba else float(hf.logits_scaling),
         layer_kv_heads=tuple(0 if i in mamba else kv_heads for i in layers),
-        layer_head_dims=(head_dim,) * hf.num_hidden_layers,
         moe=moe,
         mamba2=m,
-        recurrent_state=m.state,
     )
-
-
-NEMOTRON_H_KINDS = {"mamba": "mamba", "linear_attention": "mamba", "attention": "attention",
-                    "full_attention": "attention", "mlp": "mlp", "moe": "moe"}
 
 
 def _nemotron_h_config(hf: Any, model_type: str) -> ModelConfig:
     """Nemotron-H (Nemotron-H, Nemotron Nano 2 / 3): one mixer a layer, each after its own RMSNorm (gain in fp32):
     Mamba-2, attention without positions (NoPE), a squared-ReLU MLP, or ungated squared-ReLU experts chosen by
     grouped sigmoid routing with a correction bias, scaled, beside a shared expert."""
-    kinds = [NEMOTRON_H_KINDS.get(t, t) for t in hf.layers_block_type]
+    kinds = [HYBRID_LAYER_KINDS.get(t, t) for t in hf.layers_block_type]
     if not set(kinds) <= {"mamba", "attention", "mlp", "moe"}:
         raise UnsupportedModelError(f"{model_type} with layer types {sorted(set(hf.layers_block_type))}")
-    if "attention" not in kinds:
-        raise UnsupportedModelError(f"{model_type} without an attention layer (the engine's KV pool is sized by its "
-                                    "attention layers)")
     if getattr(hf, "moe_latent_size", None):
         raise UnsupportedModelError(f"{model_type} with moe_latent_size (experts in a latent space) is not supported")
     if hf.mamba_hidden_act != "silu":
@@ -1633,10 +1633,8 @@ def _nemotron_h_config(hf: Any, model_type: str) -> ModelConfig:
         nope_layers=tuple(layers),
         attention_scale=head_dim**-0.5,
         layer_kv_heads=tuple(hf.num_key_value_heads if kinds[i] == "attention" else 0 for i in layers),
-        layer_head_dims=(head_dim,) * hf.num_hidden_layers,
         moe=moe,
         mamba2=m if mamba else None,
-        recurrent_state=m.state if mamba else None,
     )
 
 

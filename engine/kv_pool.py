@@ -44,8 +44,8 @@ class KVPool:
     index its dim 1. Where every layer has the same shape, `kv` is one tensor [layers, 2, num_blocks, ...]; where
     they differ, a list of each layer's own (no layer padded to another's shape), in which a layer that attends
     with an earlier layer's K/V has that layer's tensor (it writes the same values there). `states`: the recurrent
-    states of a model whose layers keep one instead of K/V (Qwen3.5's linear attention, LFM2's convolutions; their
-    K/V tensors are empty), kept with blocks and freed with them; None for others."""
+    states of a model whose layers keep one instead of K/V (Qwen3.5's linear attention, Mamba-2, LFM2's convolutions;
+    their K/V tensors are empty), kept with blocks and freed with them; None for others."""
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
                  state_slots: int = 8):

@@ -47,8 +47,8 @@ class ModelRunner:
             self.decode_graphs.capture_all()
 
     def _attention(self, slices: list[SeqSlice], positions: Tensor) -> Attention:
-        """The step's attention implementation; with linear-attention layers it also carries the sequences'
-        recurrent states (`recurrent`)."""
+        """The step's attention implementation; where layers keep a recurrent state, it also carries the sequences'
+        states (`recurrent`)."""
         c = self.model.config
         attention: Attention
         if self.backend == "triton":

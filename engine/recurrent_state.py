@@ -90,7 +90,7 @@ class RecurrentStates:
 
 @dataclass(frozen=True)
 class RecurrentSegment:
-    """One sequence's part of a packed batch for the linear-attention layers."""
+    """One sequence's part of a packed batch for the layers that keep a recurrent state."""
 
     num_tokens: int
     source: int | None  # the slot its state starts from; None: a zero state (no prompt, or a prompt's own rows)
@@ -98,7 +98,7 @@ class RecurrentSegment:
 
 
 class RecurrentBatch:
-    """What a linear-attention layer reads and writes for one packed batch: the sequences' token counts, their
+    """What a stateful layer reads and writes for one packed batch: the sequences' token counts, their
     starting states (`initial`) and where their final states go (`store`)."""
 
     def __init__(self, segments: list[RecurrentSegment], states: RecurrentStates | None = None):
@@ -110,7 +110,7 @@ class RecurrentBatch:
             device = states.device
             self._sources = torch.tensor([-1 if s.source is None else s.source for s in segments], device=device)
             self._targets = torch.tensor([s.target for s in segments], device=device)
-            self._fresh = torch.tensor([s.source is None for s in segments], device=device)
+            self._fresh = self._sources < 0
             self._any_fresh = any(s.source is None for s in segments)
 
     @classmethod

@@ -107,8 +107,9 @@ class CausalLM(nn.Module):
     @property
     def graph_capturable(self) -> bool:
         """Whether a decode step's forward can be captured in a CUDA graph (no host reads of device values): not
-        with a mixture of experts, whose experts group their tokens on the host."""
-        return self.config.moe is None
+        with a mixture of experts, whose experts group their tokens on the host, nor with layers that keep a
+        recurrent state, whose states are looked up by slot on the host."""
+        return self.config.moe is None and self.config.recurrent_state is None
 
     @property
     def attention_sinks(self) -> Tensor | None:

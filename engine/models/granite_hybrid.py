@@ -14,40 +14,11 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .base import Layer0Input
-from .common import Attention, RMSNorm, apply_rotary
-from .hybrid import HybridCausalLM, recurrent_batch
-from .linear import Linear, linear
-from .llama import LlamaMLP, _fuse
+from .common import Attention, RMSNorm
+from .hybrid import HybridAttention, HybridCausalLM, recurrent_batch
+from .llama import LlamaMLP
 from .mamba2 import Mamba2Mixer
 from .moe import SparseMoE, moe_checkpoint_tensors
-
-
-class GraniteHybridAttention(nn.Module):
-    def __init__(self, c: ModelConfig):
-        super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
-        d = c.head_dim
-        self.q_proj = Linear(c.hidden_size, c.num_heads * d, bias=c.qkv_bias)
-        self.k_proj = Linear(c.hidden_size, c.num_kv_heads * d, bias=c.qkv_bias)
-        self.v_proj = Linear(c.hidden_size, c.num_kv_heads * d, bias=c.qkv_bias)
-        self.o_proj = Linear(c.num_heads * d, c.hidden_size, bias=c.o_bias)
-        self.qkv_weight: Tensor | None = None
-        self.qkv_bias: Tensor | None = None
-
-    def fuse(self, transposed: bool) -> None:
-        self.qkv_weight, self.qkv_bias = _fuse([self.q_proj, self.k_proj, self.v_proj], transposed)
-
-    def forward(self, layer: int, x: Tensor, rope: tuple[Tensor, Tensor] | None, attention: Attention) -> Tensor:
-        t, hq, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        if self.qkv_weight is not None:
-            qkv = linear(x, self.qkv_weight, self.qkv_bias)
-        else:
-            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-        qk = qkv[:, :(hq + hkv) * d].view(t, hq + hkv, d)
-        if rope is not None:
-            qk = apply_rotary(qk, *rope)
-        out = attention(layer, qk[:, :hq], qk[:, hq:], qkv[:, (hq + hkv) * d:].view(t, hkv, d))
-        return self.o_proj(out.reshape(t, hq * d))
 
 
 class GraniteHybridLayer(nn.Module):
@@ -57,7 +28,7 @@ class GraniteHybridLayer(nn.Module):
         if index in c.mamba2.layers:
             self.mamba = Mamba2Mixer(c.mamba2, c.hidden_size, c.norm_eps)
         else:
-            self.self_attn = GraniteHybridAttention(c)
+            self.self_attn = HybridAttention(c)
         # (the shared MLP alone is the config's intermediate_size wide)
         self.mlp = SparseMoE(c, LlamaMLP) if c.moe is not None else LlamaMLP(c)
         self.input_layernorm = RMSNorm(c.hidden_size, c.norm_eps)

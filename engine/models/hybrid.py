@@ -1,5 +1,6 @@
 """What the families whose layers keep a recurrent state beside attention layers share (Qwen3.5, LFM2, Granite 4.0's
-hybrids): the state's batch for a step, and a causal LM over a backbone of `model.embed_tokens`, `model.layers`."""
+hybrids, Nemotron-H): the state's batch for a step, the packed scan, their plain attention, and a causal LM over a
+backbone of `model.embed_tokens`, `model.layers`."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..recurrent_state import RecurrentBatch
 from .base import RotaryCausalLM
-from .common import Attention
-from .linear import Linear
+from .common import Attention, RMSNorm, apply_rotary, norm_heads
+from .linear import Linear, linear
+from .llama import _fuse
 
 
 def recurrent_batch(attention: Attention, h: Tensor) -> RecurrentBatch:
@@ -46,10 +48,47 @@ def scan_packed(batch: RecurrentBatch, inputs: tuple[Tensor, ...], state: Tensor
     return torch.cat(outs), torch.stack(states)
 
 
+class HybridAttention(nn.Module):
+    """q/k/v/o projections (fused at inference), per-head q/k RMSNorms where `qk_norm` (LFM2's), RoPE where the
+    model hands rows (none: NoPE), grouped-query attention through the engine's `attention`."""
+
+    def __init__(self, c: ModelConfig, qk_norm: bool = False):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        d = c.head_dim
+        self.q_proj = Linear(c.hidden_size, c.num_heads * d, bias=c.qkv_bias)
+        self.k_proj = Linear(c.hidden_size, c.num_kv_heads * d, bias=c.qkv_bias)
+        self.v_proj = Linear(c.hidden_size, c.num_kv_heads * d, bias=c.qkv_bias)
+        self.o_proj = Linear(c.num_heads * d, c.hidden_size, bias=c.o_bias)
+        if qk_norm:
+            self.q_norm = RMSNorm(d, c.norm_eps)
+            self.k_norm = RMSNorm(d, c.norm_eps)
+        self.qk_norm = qk_norm
+        self.qkv_weight: Tensor | None = None
+        self.qkv_bias: Tensor | None = None
+
+    def fuse(self, transposed: bool) -> None:
+        self.qkv_weight, self.qkv_bias = _fuse([self.q_proj, self.k_proj, self.v_proj], transposed)
+
+    def forward(self, layer: int, x: Tensor, rope: tuple[Tensor, Tensor] | None, attention: Attention) -> Tensor:
+        t, hq, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv_weight is not None:
+            qkv = linear(x, self.qkv_weight, self.qkv_bias)
+        else:
+            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        qk = qkv[:, :(hq + hkv) * d].view(t, hq + hkv, d)
+        if self.qk_norm:
+            qk = norm_heads(qk, hq, self.q_norm, self.k_norm)
+        if rope is not None:
+            qk = apply_rotary(qk, *rope)
+        out = attention(layer, qk[:, :hq], qk[:, hq:], qkv[:, (hq + hkv) * d:].view(t, hkv, d))
+        return self.o_proj(out.reshape(t, hq * d))
+
+
 class HybridCausalLM(RotaryCausalLM):
     """A model over `backbone_class(config)` (its `embed_tokens`, layers and final norm), an untied or tied LM head;
-    no fused layer-0 input (the QKV kernel computes no stateful layer), no CUDA-graph decode (each step's states are
-    looked up by slot on the host)."""
+    no fused layer-0 input (the QKV kernel computes no stateful layer). (No CUDA-graph decode either:
+    `CausalLM.graph_capturable`.)"""
 
     key_prefix = "model."
     fused_layer0 = False
@@ -63,7 +102,3 @@ class HybridCausalLM(RotaryCausalLM):
     @property
     def word_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
-
-    @property
-    def graph_capturable(self) -> bool:
-        return False

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..recurrent_state import RecurrentBatch
 from .base import Layer0Input
-from .common import Attention, RMSNorm, apply_rotary, causal_conv_packed, norm_heads
-from .hybrid import HybridCausalLM, recurrent_batch
+from .common import Attention, RMSNorm, causal_conv_packed
+from .hybrid import HybridAttention, HybridCausalLM, recurrent_batch
 from .linear import Linear, linear
 from .llama import _fuse
 
@@ -25,7 +25,7 @@ from .llama import _fuse
 class Lfm2ShortConv(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
-        state = c.recurrent_state
+        state = c.short_conv
         assert state is not None
         h, bias = c.hidden_size, bool(getattr(c.hf_config, "conv_bias", False))
         self.in_proj = Linear(h, 3 * h, bias=bias)
@@ -40,33 +40,6 @@ class Lfm2ShortConv(nn.Module):
                                             batch.all_single)
         batch.store(layer, new_state)
         return self.out_proj(c * out.to(x.dtype))
-
-
-class Lfm2Attention(nn.Module):
-    def __init__(self, c: ModelConfig):
-        super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
-        d = c.head_dim
-        self.q_proj = Linear(c.hidden_size, c.num_heads * d, bias=False)
-        self.k_proj = Linear(c.hidden_size, c.num_kv_heads * d, bias=False)
-        self.v_proj = Linear(c.hidden_size, c.num_kv_heads * d, bias=False)
-        self.out_proj = Linear(c.num_heads * d, c.hidden_size, bias=False)
-        self.q_layernorm = RMSNorm(d, c.norm_eps)
-        self.k_layernorm = RMSNorm(d, c.norm_eps)
-        self.qkv_weight: Tensor | None = None
-
-    def fuse(self, transposed: bool) -> None:
-        self.qkv_weight, _ = _fuse([self.q_proj, self.k_proj, self.v_proj], transposed)
-
-    def forward(self, layer: int, x: Tensor, rope: tuple[Tensor, Tensor] | None, attention: Attention) -> Tensor:
-        t, hq, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = linear(x, self.qkv_weight) if self.qkv_weight is not None else torch.cat(
-            [self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-        qk = norm_heads(qkv[:, :(hq + hkv) * d].view(t, hq + hkv, d), hq, self.q_layernorm, self.k_layernorm)
-        if rope is not None:
-            qk = apply_rotary(qk, *rope)
-        out = attention(layer, qk[:, :hq], qk[:, hq:], qkv[:, (hq + hkv) * d:].view(t, hkv, d))
-        return self.out_proj(out.reshape(t, hq * d))
 
 
 class Lfm2MLP(nn.Module):
@@ -90,11 +63,11 @@ class Lfm2MLP(nn.Module):
 class Lfm2Layer(nn.Module):
     def __init__(self, c: ModelConfig, index: int):
         super().__init__()
-        assert c.recurrent_state is not None
-        if index in c.recurrent_state.layers:
+        assert c.short_conv is not None
+        if index in c.short_conv.layers:
             self.conv = Lfm2ShortConv(c)
         else:
-            self.self_attn = Lfm2Attention(c)
+            self.self_attn = HybridAttention(c, qk_norm=True)
         self.feed_forward = Lfm2MLP(c)
         self.operator_norm = RMSNorm(c.hidden_size, c.norm_eps)
         self.ffn_norm = RMSNorm(c.hidden_size, c.norm_eps)
@@ -110,6 +83,14 @@ class Lfm2Backbone(nn.Module):
 
 class Lfm2ForCausalLM(HybridCausalLM):
     backbone_class = Lfm2Backbone
+
+    def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
+        """The attention's own names for its output projection and q/k norms under the shared attention's."""
+        for theirs, ours in (("self_attn.out_proj.", "self_attn.o_proj."),
+                             ("self_attn.q_layernorm.", "self_attn.q_norm."),
+                             ("self_attn.k_layernorm.", "self_attn.k_norm.")):
+            key = key.replace(theirs, ours)
+        return super().checkpoint_tensors(key, tensor)
 
     def prepare_for_inference(self, device: torch.device) -> None:
         transposed = self.fp32_on_cpu(device)

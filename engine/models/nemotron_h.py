@@ -9,12 +9,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..config import NEMOTRON_H_KINDS, ModelConfig
+from ..config import HYBRID_LAYER_KINDS, ModelConfig
 from .base import CausalLM, Layer0Input
 from .common import Attention
 from .gpt_oss import GptOssRMSNorm
-from .granite_hybrid import GraniteHybridAttention
-from .hybrid import recurrent_batch
+from .hybrid import HybridAttention, recurrent_batch
 from .linear import Linear
 from .llama import LlamaMLP
 from .mamba2 import Mamba2Mixer
@@ -30,7 +29,7 @@ class NemotronHLayer(nn.Module):
             assert c.mamba2 is not None
             self.mixer = Mamba2Mixer(c.mamba2, c.hidden_size, c.norm_eps)
         elif kind == "attention":
-            self.mixer = GraniteHybridAttention(c)  # (q/k/v/o projections; no RoPE: rope is None)
+            self.mixer = HybridAttention(c)  # (no RoPE: the model hands it none)
         elif kind == "moe":
             self.mixer = SparseMoE(c, LlamaMLP)
         else:
@@ -40,7 +39,7 @@ class NemotronHLayer(nn.Module):
 class NemotronHBackbone(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
-        kinds = [NEMOTRON_H_KINDS[t] for t in c.hf_config.layers_block_type]
+        kinds = [HYBRID_LAYER_KINDS[t] for t in c.hf_config.layers_block_type]
         self.embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(NemotronHLayer(c, kind) for kind in kinds)
         self.norm_f = GptOssRMSNorm(c.hidden_size, c.norm_eps)
@@ -58,10 +57,6 @@ class NemotronHForCausalLM(CausalLM):
     @property
     def word_embeddings(self) -> nn.Embedding:
         return self.backbone.embeddings
-
-    @property
-    def graph_capturable(self) -> bool:
-        return False  # (each step's states are looked up by slot on the host; the experts group tokens there too)
 
     def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
         """The Hub's `backbone.` names, or transformers' `model.` ones; the experts under moe.py's names (one entry
