@@ -165,7 +165,7 @@ class Engine:
                 raise SoftPromptError(f"backend='triton' needs a power-of-two block_size, got {block_size}")
         self.reference = ReferencePath(self.model)
         if self.backend == "reference":  # no KV cache: the pool only exists to keep one code path (one block)
-            kv_cache_bytes = KVPool.bytes_per_block(self.config, block_size, self.dtype)
+            kv_cache_bytes = KVPool.unit_bytes(self.config, block_size, self.dtype)
         # (a model with recurrent states: on CUDA, the running sequences' states and a few prompts' are taken out of
         # the memory fraction up front; on the CPU they grow as needed)
         state_slots = max_num_seqs + 16 if self.device.type == "cuda" and self.backend != "reference" else 8

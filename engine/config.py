@@ -35,7 +35,8 @@ ARCH_FAMILIES = {
     "gemma4": "gemma4", "gemma4_unified_text": "gemma4", "gemma4_unified": "gemma4", "laguna": "laguna",
     "qwen3_5_text": "qwen3_5", "qwen3_5": "qwen3_5", "qwen3_5_moe_text": "qwen3_5", "qwen3_5_moe": "qwen3_5",
     "qwen3_next": "qwen3_5", "lfm2": "lfm2", "granitemoehybrid": "granite_hybrid",
-    "nemotron_h": "nemotron_h", "bamba": "granite_hybrid",
+    "nemotron_h": "nemotron_h", "bamba": "granite_hybrid", "mamba": "mamba", "falcon_mamba": "mamba",
+    "mamba2": "mamba",
     "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
     "cohere": "cohere", "cohere2": "cohere", "cohere2_moe": "cohere", "glm": "glm", "glm4": "glm", "falcon": "falcon",
@@ -164,6 +165,27 @@ class Mamba2Config:
 
 
 @dataclass(frozen=True)
+class SelectiveScanConfig:
+    """Mamba-1 mixer layers (Mamba, Falcon-Mamba): in_proj gives x and a gate, each `inner` wide; x goes through a
+    causal depthwise convolution `conv_kernel` wide; x_proj gives a time-step rank `dt_rank` input and B, C of
+    `state_size`; each channel's state [state_size] decays by exp(dt A) a token. `bcdt_norm`: Falcon-Mamba's
+    RMSNorms without gains on dt, B and C (with eps `bcdt_norm_eps`); "": none."""
+
+    layers: tuple[int, ...]
+    inner: int
+    state_size: int
+    dt_rank: int
+    conv_kernel: int
+    conv_bias: bool
+    proj_bias: bool
+    bcdt_norm_eps: float = 0.0  # > 0: Falcon-Mamba's gainless RMSNorms on dt, B and C
+
+    @property
+    def state(self) -> RecurrentStateConfig:
+        return RecurrentStateConfig(self.layers, self.inner, self.conv_kernel, (self.inner, self.state_size))
+
+
+@dataclass(frozen=True)
 class MLAConfig:
     """DeepSeek's multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash, Mistral 4, Youtu-LLM, MiniCPM3):
     queries from a low-rank projection (q_a, its norm, q_b; a plain q_proj where q_lora_rank is 0); keys and values
@@ -191,7 +213,7 @@ class ModelConfig:
     family: str  # "llama" | "olmo" | "stablelm" | "starcoder2" | "cohere" | "olmo2" | "glm" | "gemma" | "gpt_neox"
     # | "phi" | "gptj" | "falcon" | "opt" | "xglm" | "biogpt" | "gpt2" | "gpt_bigcode" | "gpt_neo" | "bloom"
     # | "nemotron" | "deepseek" | "gpt_oss" | "llama4" | "phimoe" | "afmoe" | "flint" | "mpt" | "persimmon" | "dbrx"
-    # | "nanochat" | "gemma4" | "laguna" | "qwen3_5" | "lfm2" | "granite_hybrid" | "nemotron_h"
+    # | "nanochat" | "gemma4" | "laguna" | "qwen3_5" | "lfm2" | "granite_hybrid" | "nemotron_h" | "mamba"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -203,7 +225,7 @@ class ModelConfig:
     max_positions: int
     norm_eps: float
     hidden_act: str
-    position_encoding: str  # "rope" | "learned" | "alibi"
+    position_encoding: str  # "rope" | "learned" | "alibi" | "none"
     tie_word_embeddings: bool
     qkv_bias: bool = False
     o_bias: bool = False
@@ -224,6 +246,8 @@ class ModelConfig:
     linear_attention: LinearAttentionConfig | None = None
     mamba2: Mamba2Config | None = None
     short_conv: RecurrentStateConfig | None = None
+    mamba: SelectiveScanConfig | None = None  # Mamba-1 (Mamba, Falcon-Mamba: every layer, no attention)
+    residual_in_fp32: bool = False  # Mamba's: the residual stream kept in fp32 in half precision
     # Ministral 3's query scale by position: 1 + beta * log(1 + floor(position / original_max)); beta 0: none
     query_scale_beta: float = 0.0
     query_scale_period: int = 1
@@ -294,12 +318,20 @@ class ModelConfig:
             return self.linear_attention.state
         if self.mamba2 is not None:
             return self.mamba2.state
+        if self.mamba is not None:
+            return self.mamba.state
         return self.short_conv
+
+    @property
+    def attention_free(self) -> bool:
+        """No layer attends (Mamba, Mamba-2): every layer keeps a recurrent state and the KV pool holds no K/V."""
+        return bool(self.layer_kv_heads) and not any(self.layer_kv_heads)
 
     @property
     def recurrent_layer_kind(self) -> str:
         """What the layers with a recurrent state are, for messages."""
-        return "linear-attention" if self.linear_attention else "Mamba-2" if self.mamba2 else "convolution"
+        return ("linear-attention" if self.linear_attention else "Mamba-2" if self.mamba2 else "Mamba" if self.mamba
+                else "convolution")
 
     @property
     def kv_prefix_refusal(self) -> str | None:
@@ -445,9 +477,11 @@ def _check(cfg: ModelConfig) -> None:
         raise UnsupportedModelError(f"unsupported activation {cfg.hidden_act!r}; supported: {SUPPORTED_ACTIVATIONS}")
     if cfg.hidden_act == "xielu" and (cfg.family != "llama" or cfg.gated_mlp or cfg.moe is not None):
         raise UnsupportedModelError(f"{cfg.model_type} with hidden_act='xielu': only Apertus's ungated MLP has it")
-    if cfg.layer_kv_heads and not any(cfg.layer_kv_heads):
-        raise UnsupportedModelError(f"{cfg.model_type} without an attention layer (the engine's KV pool is sized by "
-                                    "its attention layers)")
+    if cfg.attention_free and cfg.recurrent_state is None:
+        raise UnsupportedModelError(f"{cfg.model_type} without an attention layer or a recurrent state")
+    if cfg.attention_free and cfg.recurrent_state.layers != tuple(range(cfg.num_layers)):
+        raise UnsupportedModelError(f"{cfg.model_type}: a model without an attention layer needs a recurrent state in "
+                                    "every layer (layers that keep neither would see no past)")
     if cfg.num_heads % cfg.num_kv_heads:
         raise CheckpointError(f"num_heads={cfg.num_heads} is not a multiple of num_kv_heads={cfg.num_kv_heads}")
     if cfg.position_encoding == "rope" and cfg.rope_type not in STATIC_ROPE_TYPES:
@@ -1638,6 +1672,57 @@ def _nemotron_h_config(hf: Any, model_type: str) -> ModelConfig:
     )
 
 
+# a model without attention has no limit of positions; where its config names none, the engine takes this many
+ATTENTION_FREE_MAX_POSITIONS = 1 << 20
+
+
+def _mamba_config(hf: Any, model_type: str) -> ModelConfig:
+    """Mamba (`mamba`), Falcon-Mamba (`falcon_mamba`: gainless RMSNorms on dt, B and C) and Mamba-2 (`mamba2`, e.g.
+    Codestral Mamba): every layer a mixer after an RMSNorm, added to the residual (fp32 with residual_in_fp32); no
+    attention and no positions, so a sequence's whole past is its recurrent state."""
+    if hf.hidden_act != "silu":
+        raise UnsupportedModelError(f"{model_type} with hidden_act={hf.hidden_act!r} (the engine runs silu)")
+    layers = tuple(range(hf.num_hidden_layers))
+    scan = ssd = None
+    if model_type == "mamba2":
+        inner = int(hf.expand * hf.hidden_size)
+        if inner != hf.num_heads * hf.head_dim:
+            raise CheckpointError(f"mamba2: expand x hidden_size = {inner} is not num_heads x head_dim = "
+                                  f"{hf.num_heads * hf.head_dim}")
+        ssd = Mamba2Config(layers=layers, num_heads=hf.num_heads, head_dim=hf.head_dim, num_groups=hf.n_groups,
+                           state_size=hf.state_size, conv_kernel=hf.conv_kernel, chunk_size=hf.chunk_size,
+                           conv_bias=bool(hf.use_conv_bias), proj_bias=bool(hf.use_bias),
+                           time_step_limit=tuple(float(v) for v in (hf.time_step_limit or (0.0, float("inf")))))
+    else:
+        scan = SelectiveScanConfig(layers=layers, inner=int(hf.intermediate_size), state_size=hf.state_size,
+                                   dt_rank=int(hf.time_step_rank), conv_kernel=hf.conv_kernel,
+                                   conv_bias=bool(hf.use_conv_bias), proj_bias=bool(hf.use_bias),
+                                   bcdt_norm_eps=float(hf.mixer_rms_eps) if model_type == "falcon_mamba" else 0.0)
+    return ModelConfig(
+        family="mamba",
+        model_type=model_type,
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        num_layers=hf.num_hidden_layers,
+        num_heads=1,
+        num_kv_heads=1,
+        head_dim=hf.hidden_size,
+        intermediate_size=int(hf.expand * hf.hidden_size),
+        max_positions=int(getattr(hf, "max_position_embeddings", None) or ATTENTION_FREE_MAX_POSITIONS),
+        norm_eps=hf.layer_norm_epsilon,
+        hidden_act="silu",
+        position_encoding="none",
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
+        layer_kv_heads=(0,) * hf.num_hidden_layers,
+        mamba=scan,
+        mamba2=ssd,
+        residual_in_fp32=bool(getattr(hf, "residual_in_fp32", True)),
+        bos_token_id=hf.bos_token_id,
+        eos_token_ids=_eos_ids(hf.eos_token_id),
+        hf_config=hf,
+    )
+
+
 # family -> its config reader
 FAMILY_CONFIGS = {
     "llama": _llama_config, "olmo": _olmo_config, "stablelm": _stablelm_config, "nemotron": _ungated_layernorm_config,
@@ -1650,4 +1735,5 @@ FAMILY_CONFIGS = {
     "mpt": _mpt_config, "persimmon": _persimmon_config, "dbrx": _dbrx_config,
     "nanochat": _nanochat_config, "gemma4": _gemma4_config, "laguna": _laguna_config, "qwen3_5": _qwen3_5_config,
     "lfm2": _lfm2_config, "granite_hybrid": _granite_hybrid_config, "nemotron_h": _nemotron_h_config,
+    "mamba": _mamba_config,
 }

@@ -64,14 +64,16 @@ PEFT_LAYER_KEYS = ("num_hidden_layers", "num_layers", "n_layer")
 def peft_shape_fields(model: Any) -> dict[str, int]:
     """The prompt-learning config fields PEFT cannot read off `model`'s config (a transformers model), which must
     then be given: `num_attention_heads` / `num_layers` where the config calls them otherwise (XGLM's
-    `attention_heads`). Empty for most models, and for multimodal ones (PEFT reads their `text_config`)."""
+    `attention_heads`; 1 for a model without attention). Empty for most models, and for multimodal ones (PEFT
+    reads their `text_config`)."""
     config = model.config
     if getattr(config, "text_config", None) is not None:
         return {}
     fields = config.to_dict()
     out = {}
     if not any(key in fields for key in PEFT_HEAD_KEYS):
-        out["num_attention_heads"] = config.num_attention_heads
+        # (a model without attention, Mamba, has none: PEFT only sizes prefix K/V by it)
+        out["num_attention_heads"] = getattr(config, "num_attention_heads", None) or 1
     if not hasattr(config, "num_hidden_layers") and not any(key in fields for key in PEFT_LAYER_KEYS):
         out["num_layers"] = config.num_hidden_layers
     return out

@@ -45,14 +45,19 @@ class KVPool:
     they differ, a list of each layer's own (no layer padded to another's shape), in which a layer that attends
     with an earlier layer's K/V has that layer's tensor (it writes the same values there). `states`: the recurrent
     states of a model whose layers keep one instead of K/V (Qwen3.5's linear attention, Mamba-2, LFM2's convolutions;
-    their K/V tensors are empty), kept with blocks and freed with them; None for others."""
+    their K/V tensors are empty), kept with blocks and freed with them; None for others.
+
+    A model without attention (Mamba, Mamba-2) keeps no K/V at all: its blocks only account for sequences, each
+    holding one block as long as the model's positions (its state lives with it), so `num_blocks` is the number
+    of states (a running sequence's or a cached prompt's) the memory holds."""
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
                  state_slots: int = 8):
         """`state_slots`: the recurrent states allocated up front (more are added as sequences need them)."""
         if num_blocks < 1:
             raise SoftPromptError("the KV pool needs at least one block: raise kv_cache_bytes")
-        self.block_size = block_size
+        self.attention_free = bool(getattr(config, "attention_free", False))
+        self.block_size = config.max_positions if self.attention_free else block_size
         self.num_blocks = num_blocks
         self.layer_shapes = layer_kv_shapes(config)
         self.kv: torch.Tensor | list[torch.Tensor]
@@ -68,7 +73,8 @@ class KVPool:
                                torch.zeros((2, num_blocks, block_size, heads, width), dtype=dtype, device=device))
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
         recurrent = getattr(config, "recurrent_state", None)
-        self.states = None if recurrent is None else RecurrentStates(recurrent, dtype, device, state_slots)
+        self.states = None if recurrent is None else RecurrentStates(recurrent, dtype, device,
+                                                                     min(state_slots, num_blocks))
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -76,6 +82,13 @@ class KVPool:
         return sum(2 * block_size * heads * width * itemsize
                    for layer, (source, (heads, width)) in enumerate(zip(kv_sources(config), layer_kv_shapes(config)))
                    if source == layer)
+
+    @classmethod
+    def unit_bytes(cls, config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        """What one block costs: its K/V, or for a model without attention one recurrent state."""
+        if getattr(config, "attention_free", False):
+            return RecurrentStates.bytes_per_state(config.recurrent_state, dtype)
+        return cls.bytes_per_block(config, block_size, dtype)
 
     @classmethod
     def sized(
@@ -90,9 +103,12 @@ class KVPool:
     ) -> KVPool:
         """A pool of `kv_cache_bytes`, or of `kv_cache_fraction` of the device's free memory. A model with
         recurrent states gets `state_slots` of them up front, taken out of the fraction (not out of
-        an explicit kv_cache_bytes, which is the K/V's alone)."""
+        an explicit kv_cache_bytes, which is the K/V's alone). A model without attention: the states are all there is,
+        as many as the bytes hold (allocated as sequences need them)."""
         recurrent = getattr(config, "recurrent_state", None)
         state_bytes = 0 if recurrent is None else state_slots * RecurrentStates.bytes_per_state(recurrent, dtype)
+        if getattr(config, "attention_free", False):
+            state_bytes = 0
         if kv_cache_bytes is None:
             fraction = 0.5 if kv_cache_fraction is None else kv_cache_fraction
             if not 0 < fraction <= 1:
@@ -107,7 +123,7 @@ class KVPool:
                                       "lower max_num_seqs")
         if kv_cache_bytes <= 0:
             raise SoftPromptError(f"kv_cache_bytes must be positive, got {kv_cache_bytes}")
-        return cls(config, kv_cache_bytes // cls.bytes_per_block(config, block_size, dtype), block_size, dtype, device,
+        return cls(config, kv_cache_bytes // cls.unit_bytes(config, block_size, dtype), block_size, dtype, device,
                    state_slots)
 
     def reserve_scratch_block(self) -> int:

@@ -19,6 +19,16 @@ from .sampling import SamplingParams, TokenLogprob, sample_next
 from .sequence import Sequence
 
 
+class NoAttention:
+    """The step's "attention" for a model without attention layers (Mamba): nothing to attend with, only the
+    sequences' recurrent states to carry (`recurrent`)."""
+
+    recurrent: RecurrentBatch
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        raise RuntimeError(f"layer {layer} attends, but the model was configured without attention layers")
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, pool: KVPool, backend: str = "torch", decode_graphs_for: int | None = None):
         """decode_graphs_for: the most sequences a step holds, to run decode steps from CUDA graphs (triton)."""
@@ -51,7 +61,9 @@ class ModelRunner:
         states (`recurrent`)."""
         c = self.model.config
         attention: Attention
-        if self.backend == "triton":
+        if self.pool.attention_free:
+            attention = NoAttention()
+        elif self.backend == "triton":
             rope = getattr(self.model, "rope_tables", None)
             attention = TritonPagedAttention(self.pool, slices, c.attention_scale, self.alibi, positions, rope,
                                              self.device, c.layer_windows, c.attention_softcap,

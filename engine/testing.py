@@ -31,7 +31,8 @@ SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "phi3", "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm",
     "hyperclovax", "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4", "gemma4_unified_text",
     "gemma4_unified", "laguna", "qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next",
-    "lfm2", "granitemoehybrid", "bamba", "nemotron_h", "gpt_neox", "phi", "stablelm", "nemotron",
+    "lfm2", "granitemoehybrid", "bamba", "nemotron_h", "mamba", "falcon_mamba", "mamba2", "gpt_neox", "phi",
+    "stablelm", "nemotron",
     "starcoder2", "cohere", "cohere2", "olmo", "olmo2", "olmo3", "flex_olmo", "exaone4", "exaone4_5", "glm", "glm4",
     "falcon", "gptj", "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
 
@@ -138,7 +139,7 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
               "hunyuan_v1_moe", "solar_open", "exaone_moe", "gpt_oss", "minimax_m2", "llama4_text", "llama4",
               "phimoe", "afmoe", "granite_swa", "granitemoe_swa", "kolibri1", "flint", "dbrx", "nanochat", "hy_v3",
               "laguna", "qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next",
-              "granitemoehybrid", "bamba", "nemotron_h")
+              "granitemoehybrid", "bamba", "nemotron_h", "mamba2")
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "ministral", "ministral3", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3",
@@ -550,6 +551,14 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                   n_groups=2, ssm_state_size=16, conv_kernel=4, chunk_size=16, n_routed_experts=4,
                   num_experts_per_tok=2, n_group=2, topk_group=1, moe_intermediate_size=inter // 8,
                   moe_shared_expert_intermediate_size=inter // 8, routed_scaling_factor=2.0)
+    elif arch in ("mamba", "falcon_mamba"):  # Mamba-1 mixers (inner width 2 x hidden, 16 states, rank-4 time steps)
+        # in every layer, no attention (Falcon-Mamba: gainless RMSNorms on dt, B and C)
+        cls = transformers.MambaConfig if arch == "mamba" else transformers.FalconMambaConfig
+        kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, state_size=16, expand=2, conv_kernel=4)
+    elif arch == "mamba2":  # Mamba-2 mixers (8 heads of 16, 2 groups, 16 states, 16-token chunks) in every layer
+        cls = transformers.Mamba2Config
+        kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_heads=8, head_dim=2 * hidden_size // 8,
+                  n_groups=2, state_size=16, conv_kernel=4, chunk_size=16, expand=2)
     elif arch == "laguna":  # a query head count per layer, softplus-gated heads, a sliding layer (full RoPE) and full
         # ones (RoPE over half of each head); a dense first layer, then 4 experts (2 a token) and a shared one
         cls = transformers.LagunaConfig

@@ -366,6 +366,11 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "nemotron_h": ("nemotron_h", {"num_layers": 5}),
     # Bamba: Mamba-2 and attention layers (RoPE over half of each head), SwiGLU MLPs, Llama's names of its own
     "bamba": ("bamba", {"num_layers": 3}),
+    # models without attention, whose whole past is a recurrent state (the soft prompt's computed once per task):
+    # Mamba (Mamba-1 selective scans), Falcon-Mamba (gainless norms on dt, B, C), Mamba-2 (Codestral Mamba's layout)
+    "mamba": ("mamba", {"num_layers": 3}),
+    "falcon_mamba": ("falcon_mamba", {"num_layers": 2}),
+    "mamba2": ("mamba2", {"num_layers": 3}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -13,13 +13,17 @@ import torch
 from softprompt import Engine, Request, SamplingParams
 from softprompt.engine.errors import SoftPromptError
 from softprompt.engine.kv_pool import KVPool
+from softprompt.engine.models import mamba
+from softprompt.engine.models.mamba import selective_chunked, selective_step
 from softprompt.engine.models.mamba2 import ssd_chunked, ssd_step
 from softprompt.engine.models.qwen3_5 import delta_rule_chunked, delta_rule_step, l2_normalize
 from softprompt.testing import build_prefix_tuning_adapter, build_prompt_tensor
 
 from .runtime_helpers import assert_no_leaks, make_requests, register_tasks, run
 
-STATEFUL = ["qwen3_5", "lfm2", "granite_hybrid", "nemotron_h"]
+HYBRID = ["qwen3_5", "lfm2", "granite_hybrid", "nemotron_h"]
+ATTENTION_FREE = ["mamba", "mamba2"]
+STATEFUL = HYBRID + ATTENTION_FREE
 
 
 @pytest.mark.parametrize("n", [1, 5, 64, 150])
@@ -52,6 +56,24 @@ def test_chunked_mamba2_scan_equals_token_by_token(n):
     st = state0[None]
     for t in range(n):
         o, st = ssd_step(x[t:t + 1], dt[t:t + 1], a, b[t:t + 1], c[t:t + 1], st)
+        torch.testing.assert_close(out[t], o[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state, st[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 7, 16, 50])
+def test_chunked_selective_scan_equals_token_by_token(n, monkeypatch):
+    """Mamba-1's scan in chunks of 7 tokens (its pairwise decays capped at 7 x 7 x 3 x 4 elements)."""
+    monkeypatch.setattr(mamba, "PAIRWISE_ELEMENTS", 7 * 7 * 3 * 4)
+    g = torch.Generator().manual_seed(200 + n)
+    d, s = 3, 4
+    x, dt = torch.randn(n, d, generator=g), torch.rand(n, d, generator=g)
+    b, c = torch.randn(n, s, generator=g), torch.randn(n, s, generator=g)
+    a = -torch.rand(d, s, generator=g) * 2
+    state0 = torch.randn(d, s, generator=g)
+    out, state = selective_chunked(x, dt, a, b, c, state0)
+    st = state0[None]
+    for t in range(n):
+        o, st = selective_step(x[t:t + 1], dt[t:t + 1], a, b[t:t + 1], c[t:t + 1], st)
         torch.testing.assert_close(out[t], o[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(state, st[0], atol=1e-5, rtol=1e-5)
 
@@ -93,7 +115,7 @@ def test_long_prompts_and_inputs_across_chunks_equal_the_reference(variant, mode
     assert_no_leaks(eng)
 
 
-@pytest.mark.parametrize("variant", STATEFUL)
+@pytest.mark.parametrize("variant", HYBRID)
 def test_preemption_restarts_from_the_prompt_state(variant, model_dir_for):
     d = model_dir_for(variant)
     bytes_per_block = KVPool.bytes_per_block(Engine(d, device="cpu", dtype="float32",
@@ -153,6 +175,38 @@ def test_random_traffic_equals_the_reference(variant, model_dir_for):
 
     d = model_dir_for(variant)
     eng = soak(d, 7 + STATEFUL.index(variant), steps=140, **tight_engine(d))
-    assert eng.scheduler.num_preemptions > 0
+    assert eng.scheduler.num_preemptions > 0 or variant in ATTENTION_FREE  # (a block a sequence: none to grow)
     assert eng.prefix_cache.stats.evictions > 0
     assert eng.block_cache is None
+
+
+@pytest.mark.parametrize("variant", ATTENTION_FREE)
+def test_a_model_without_attention_keeps_states_alone(variant, model_dir_for):
+    """Mamba / Mamba-2: no K/V at all; a block is one state (a running sequence's or a cached prompt's) as long as the
+    model's positions, and the pool holds as many as kv_cache_bytes buys. With room for 5, twelve requests of four
+    tasks wait their turn and evict prompts, and still give the reference path's tokens."""
+    d = model_dir_for(variant)
+    ref = Engine(d, device="cpu", dtype="float32", backend="reference")
+    config = ref.config
+    state_bytes = KVPool.unit_bytes(config, 4, torch.float32)
+    assert config.attention_free and KVPool.bytes_per_block(config, 4, torch.float32) == 0
+    assert state_bytes == sum(ref.pool.states.conv[layer][0].numel() * 4 + ref.pool.states.ssm[layer][0].numel() * 4
+                              for layer in config.recurrent_state.layers)
+    eng = Engine(d, device="cpu", dtype="float32", backend="torch", block_size=4, kv_cache_bytes=5 * state_bytes + 7,
+                 max_model_len=4096)
+    assert (eng.pool.num_blocks, eng.pool.block_size) == (5, 4096)
+    assert eng.pool.kv.numel() == 0
+    names = register_tasks([ref, eng], 4)
+    specs = make_requests(names, 12, seed=21, max_new_tokens=9)
+    ids = [eng.add_request(Request(**s)) for s in specs]
+    outs, peak = {}, 0
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            outs[o.request_id] = o
+        peak = max(peak, eng.pool.states.num_held)
+        assert eng.pool.num_free + eng.pool.states.num_held == 5  # a state for every block in use
+    assert peak == 5 and eng.prefix_cache.stats.evictions > 0
+    assert [outs[i].token_ids for i in ids] == run(ref, specs)
+    assert_no_leaks(eng)
+    with pytest.raises(SoftPromptError, match="max_model_len"):
+        Engine(d, device="cpu", dtype="float32", max_model_len=config.max_positions + 1)

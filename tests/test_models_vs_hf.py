@@ -20,8 +20,11 @@ from softprompt.engine.hf_auto import load_hf_causal_lm, reference_load_kwargs  
 
 FP32_ATOL = 1e-4
 # transformers 5.23's Bamba with a cache: its decode steps' logits are up to 1.6 off its own full forward's (Granite
-# 4.0's hybrid, the same Mamba-2 mixer, agrees to 2e-6), so greedy tokens are checked against the full forward's
-HF_CACHE_DIVERGES = ("bamba",)
+# 4.0's hybrid, the same Mamba-2 mixer, agrees to 2e-6); PEFT 0.21's generate on Mamba, Falcon-Mamba and Mamba-2
+# prepends the soft prompt again at every step (it looks for the cache under past_key_values; these models keep it in
+# cache_params; their own cached generate agrees with the full forward). So greedy tokens are checked against the
+# full forward's
+HF_CACHE_DIVERGES = ("bamba", "mamba", "falcon_mamba", "mamba2")
 HALF_ATOL = {torch.bfloat16: 0.05, torch.float16: 0.01}  # relative to the logit scale
 
 
@@ -144,12 +147,14 @@ def test_half_precision_close_to_hf(variant, dtype, model_dir_for, adapter_for):
     assert torch.equal(got.argmax(-1)[decisive], truth.argmax(-1)[decisive])
 
 
+@pytest.mark.parametrize("variant", ["qwen3_5", "mamba", "mamba2"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_linear_attention_in_half_precision(dtype, model_dir_for, adapter_for):
-    """Qwen3.5 in half precision: as close to the fp32 truth as HF's own half-precision run (its tiny model's top-2
-    logit margins are small, median ~0.24, too small for test_half_precision_close_to_hf's greedy check at twice
-    HF's error: bf16 errors are ~0.25 here), and HF's greedy token wherever the fp32 margin exceeds twice our error."""
-    model_dir, adapter = model_dir_for("qwen3_5"), adapter_for("qwen3_5")
+def test_linear_attention_in_half_precision(variant, dtype, model_dir_for, adapter_for):
+    """Qwen3.5, Mamba and Mamba-2 in half precision: as close to the fp32 truth as HF's own half-precision run (their
+    tiny models' top-2 logit margins are small, Qwen3.5's median ~0.24, too small for
+    test_half_precision_close_to_hf's greedy check at twice HF's error: bf16 errors are ~0.2-0.4 here), and HF's
+    greedy token wherever the fp32 margin exceeds twice our error."""
+    model_dir, adapter = model_dir_for(variant), adapter_for(variant)
     engine = Engine(model_dir, device="cpu", dtype=dtype, backend="reference")
     prompt = engine.add_prompt("task", adapter)
     ids = random_ids(48, 3)
@@ -158,7 +163,8 @@ def test_linear_attention_in_half_precision(dtype, model_dir_for, adapter_for):
         truth = hf_peft_model(model_dir, adapter)(input_ids=torch.tensor([ids])).logits[0, -48:].float()
     got = engine.reference.logits(prompt.embeds, ids)
     hf_error, ours = (hf_half - truth).abs().max().item(), (got - truth).abs().max().item()
-    assert 0 < hf_error < HALF_ATOL[dtype] * truth.abs().max().item()
+    # (the state carries each token's rounding to the next: HF's bf16 Mamba-2 run is 5.6% of the scale off here)
+    assert 0 < hf_error < 1.5 * HALF_ATOL[dtype] * truth.abs().max().item()
     assert ours < 1.5 * hf_error
     torch.testing.assert_close(got, hf_half, atol=2 * hf_error + 1e-2, rtol=0)
     top2 = truth.topk(2, dim=-1).values

@@ -123,9 +123,14 @@ def soak(model_dir, seed: int, steps: int, backend: str = "torch", device: str =
 
 
 def tight_engine(model_dir, blocks: int = 48) -> dict:
-    """Engine options under which the traffic goes through chunked prefill, prefix eviction and preemption."""
-    bpb = KVPool.bytes_per_block(load_model_config(model_dir), 4, torch.float32)
-    return {"block_size": 4, "kv_cache_bytes": blocks * bpb, "max_num_seqs": 6, "max_batched_tokens": 24}
+    """Engine options under which the traffic goes through chunked prefill, prefix eviction and preemption. (A
+    model without attention: room for 8 states, a block each, never preempted: a sequence takes its one block when
+    admitted.)"""
+    config = load_model_config(model_dir)
+    if config.attention_free:
+        blocks = 8
+    return {"block_size": 4, "kv_cache_bytes": blocks * KVPool.unit_bytes(config, 4, torch.float32), "max_num_seqs": 6,
+            "max_batched_tokens": 24}
 
 
 @pytest.mark.parametrize("variant, seed",

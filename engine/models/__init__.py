@@ -20,6 +20,7 @@ from .laguna import LagunaForCausalLM
 from .lfm2 import Lfm2ForCausalLM
 from .llama import LlamaForCausalLM
 from .llama4 import Llama4ForCausalLM
+from .mamba import MambaForCausalLM
 from .mpt import MptForCausalLM
 from .nanochat import NanoChatForCausalLM
 from .nemotron_h import NemotronHForCausalLM
@@ -50,6 +51,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "lfm2": Lfm2ForCausalLM,
     "granite_hybrid": GraniteHybridForCausalLM,
     "nemotron_h": NemotronHForCausalLM,
+    "mamba": MambaForCausalLM,
     "gpt_neox": GPTNeoXForCausalLM,
     "phi": PhiForCausalLM,
     "gptj": GPTJForCausalLM,
@@ -73,7 +75,8 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
 __all__ = ["AfmoeForCausalLM", "Attention", "CausalLM", "MODEL_CLASSES", "BioGptForCausalLM", "BloomForCausalLM",
            "CohereForCausalLM", "DbrxForCausalLM", "DeepseekForCausalLM", "FalconForCausalLM", "FlintForCausalLM",
            "GPT2LMHeadModel", "GPTBigCodeForCausalLM", "GPTJForCausalLM", "GPTNeoForCausalLM", "GemmaForCausalLM",
-           "GPTNeoXForCausalLM", "GptOssForCausalLM", "Llama4ForCausalLM", "LlamaForCausalLM", "MptForCausalLM",
+           "GPTNeoXForCausalLM", "GptOssForCausalLM", "Llama4ForCausalLM", "LlamaForCausalLM",
+           "MambaForCausalLM", "MptForCausalLM",
            "NanoChatForCausalLM", "NemotronForCausalLM", "OPTForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM",
            "PersimmonForCausalLM", "PhiForCausalLM", "PhimoeForCausalLM", "StableLmForCausalLM",
            "Starcoder2ForCausalLM", "XGLMForCausalLM"]
