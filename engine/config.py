@@ -36,7 +36,7 @@ ARCH_FAMILIES = {
     "qwen3_5_text": "qwen3_5", "qwen3_5": "qwen3_5", "qwen3_5_moe_text": "qwen3_5", "qwen3_5_moe": "qwen3_5",
     "qwen3_next": "qwen3_5", "lfm2": "lfm2", "granitemoehybrid": "granite_hybrid",
     "nemotron_h": "nemotron_h", "bamba": "granite_hybrid", "mamba": "mamba", "falcon_mamba": "mamba",
-    "mamba2": "mamba",
+    "mamba2": "mamba", "jamba": "jamba",
     "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
     "cohere": "cohere", "cohere2": "cohere", "cohere2_moe": "cohere", "glm": "glm", "glm4": "glm", "falcon": "falcon",
@@ -166,10 +166,10 @@ class Mamba2Config:
 
 @dataclass(frozen=True)
 class SelectiveScanConfig:
-    """Mamba-1 mixer layers (Mamba, Falcon-Mamba): in_proj gives x and a gate, each `inner` wide; x goes through a
-    causal depthwise convolution `conv_kernel` wide; x_proj gives a time-step rank `dt_rank` input and B, C of
-    `state_size`; each channel's state [state_size] decays by exp(dt A) a token. `bcdt_norm`: Falcon-Mamba's
-    RMSNorms without gains on dt, B and C (with eps `bcdt_norm_eps`); "": none."""
+    """Mamba-1 mixer layers (Mamba, Falcon-Mamba, Jamba): in_proj gives x and a gate, each `inner` wide; x goes
+    through a causal depthwise convolution `conv_kernel` wide; x_proj gives a time-step rank `dt_rank` input and B, C
+    of `state_size`; each channel's state [state_size] decays by exp(dt A) a token. RMSNorms on dt, B and C where
+    `bcdt_norm_eps` > 0: with gains (`bcdt_norm_weights`: Jamba's) or without (Falcon-Mamba's)."""
 
     layers: tuple[int, ...]
     inner: int
@@ -178,7 +178,8 @@ class SelectiveScanConfig:
     conv_kernel: int
     conv_bias: bool
     proj_bias: bool
-    bcdt_norm_eps: float = 0.0  # > 0: Falcon-Mamba's gainless RMSNorms on dt, B and C
+    bcdt_norm_eps: float = 0.0  # > 0: RMSNorms on dt, B and C
+    bcdt_norm_weights: bool = False
 
     @property
     def state(self) -> RecurrentStateConfig:
@@ -213,7 +214,7 @@ class ModelConfig:
     family: str  # "llama" | "olmo" | "stablelm" | "starcoder2" | "cohere" | "olmo2" | "glm" | "gemma" | "gpt_neox"
     # | "phi" | "gptj" | "falcon" | "opt" | "xglm" | "biogpt" | "gpt2" | "gpt_bigcode" | "gpt_neo" | "bloom"
     # | "nemotron" | "deepseek" | "gpt_oss" | "llama4" | "phimoe" | "afmoe" | "flint" | "mpt" | "persimmon" | "dbrx"
-    # | "nanochat" | "gemma4" | "laguna" | "qwen3_5" | "lfm2" | "granite_hybrid" | "nemotron_h" | "mamba"
+    # | "nanochat" | "gemma4" | "laguna" | "qwen3_5" | "lfm2" | "granite_hybrid" | "nemotron_h" | "mamba" | "jamba"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -246,7 +247,7 @@ class ModelConfig:
     linear_attention: LinearAttentionConfig | None = None
     mamba2: Mamba2Config | None = None
     short_conv: RecurrentStateConfig | None = None
-    mamba: SelectiveScanConfig | None = None  # Mamba-1 (Mamba, Falcon-Mamba: every layer, no attention)
+    mamba: SelectiveScanConfig | None = None  # Mamba-1 (Mamba, Falcon-Mamba: every layer, no attention; Jamba)
     residual_in_fp32: bool = False  # Mamba's: the residual stream kept in fp32 in half precision
     # Ministral 3's query scale by position: 1 + beta * log(1 + floor(position / original_max)); beta 0: none
     query_scale_beta: float = 0.0
@@ -1723,6 +1724,37 @@ def _mamba_config(hf: Any, model_type: str) -> ModelConfig:
     )
 
 
+def _jamba_config(hf: Any, model_type: str) -> ModelConfig:
+    """Jamba (AI21's Jamba, Jamba 1.5 / 1.6 / 1.7, Jamba Reasoning): Llama's layers (RMSNorms, SwiGLU MLPs) whose
+    mixer is Mamba-1 (with gained RMSNorms on dt, B and C) in most layers and attention without positions in every
+    `attn_layer_period`-th; experts (the softmax's top-k, not renormalised) in every `expert_layer_period`-th."""
+    if hf.hidden_act != "silu":
+        raise UnsupportedModelError(f"{model_type} with hidden_act={hf.hidden_act!r} (the engine runs silu)")
+    layers = range(hf.num_hidden_layers)
+    kinds = hf.layers_block_type
+    mamba = tuple(i for i in layers if kinds[i] == "mamba")
+    sparse = tuple(i for i, n in enumerate(hf.layers_num_experts) if n > 1)
+    scan = SelectiveScanConfig(layers=mamba, inner=hf.mamba_expand * hf.hidden_size, state_size=hf.mamba_d_state,
+                               dt_rank=int(hf.mamba_dt_rank), conv_kernel=hf.mamba_d_conv,
+                               conv_bias=bool(hf.mamba_conv_bias), proj_bias=bool(hf.mamba_proj_bias),
+                               bcdt_norm_eps=float(hf.rms_norm_eps), bcdt_norm_weights=True)
+    moe = MoEConfig(num_experts=hf.num_experts, top_k=hf.num_experts_per_tok, intermediate_size=hf.intermediate_size,
+                    norm_topk_prob=False, weights_in_model_dtype=True, sparse_layers=sparse) if sparse else None
+    head_dim = hf.hidden_size // hf.num_attention_heads
+    return ModelConfig(
+        family="jamba",
+        **{**_decoder_fields(hf, model_type, head_dim), "position_encoding": "none"},
+        max_positions=hf.max_position_embeddings,
+        hidden_act="silu",
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        nope_layers=tuple(layers),
+        attention_scale=head_dim**-0.5,
+        layer_kv_heads=tuple(0 if i in mamba else hf.num_key_value_heads for i in layers),
+        moe=moe,
+        mamba=scan if mamba else None,
+    )
+
+
 # family -> its config reader
 FAMILY_CONFIGS = {
     "llama": _llama_config, "olmo": _olmo_config, "stablelm": _stablelm_config, "nemotron": _ungated_layernorm_config,
@@ -1735,5 +1767,5 @@ FAMILY_CONFIGS = {
     "mpt": _mpt_config, "persimmon": _persimmon_config, "dbrx": _dbrx_config,
     "nanochat": _nanochat_config, "gemma4": _gemma4_config, "laguna": _laguna_config, "qwen3_5": _qwen3_5_config,
     "lfm2": _lfm2_config, "granite_hybrid": _granite_hybrid_config, "nemotron_h": _nemotron_h_config,
-    "mamba": _mamba_config,
+    "mamba": _mamba_config, "jamba": _jamba_config,
 }

@@ -31,8 +31,8 @@ SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "phi3", "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm",
     "hyperclovax", "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4", "gemma4_unified_text",
     "gemma4_unified", "laguna", "qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next",
-    "lfm2", "granitemoehybrid", "bamba", "nemotron_h", "mamba", "falcon_mamba", "mamba2", "gpt_neox", "phi",
-    "stablelm", "nemotron",
+    "lfm2", "granitemoehybrid", "bamba", "nemotron_h", "mamba", "falcon_mamba", "mamba2", "jamba", "gpt_neox",
+    "phi", "stablelm", "nemotron",
     "starcoder2", "cohere", "cohere2", "olmo", "olmo2", "olmo3", "flex_olmo", "exaone4", "exaone4_5", "glm", "glm4",
     "falcon", "gptj", "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
 
@@ -139,7 +139,7 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
               "hunyuan_v1_moe", "solar_open", "exaone_moe", "gpt_oss", "minimax_m2", "llama4_text", "llama4",
               "phimoe", "afmoe", "granite_swa", "granitemoe_swa", "kolibri1", "flint", "dbrx", "nanochat", "hy_v3",
               "laguna", "qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next",
-              "granitemoehybrid", "bamba", "nemotron_h", "mamba2")
+              "granitemoehybrid", "bamba", "nemotron_h", "mamba2", "jamba")
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "ministral", "ministral3", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3",
@@ -559,6 +559,14 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
         cls = transformers.Mamba2Config
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_heads=8, head_dim=2 * hidden_size // 8,
                   n_groups=2, state_size=16, conv_kernel=4, chunk_size=16, expand=2)
+    elif arch == "jamba":  # Mamba-1 layers (16 states) with NoPE attention every third layer (from the second),
+        # SwiGLU MLPs and 4 experts (2 a token) in every second layer (from the second)
+        cls = transformers.JambaConfig
+        kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                  num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter // 2,
+                  max_position_embeddings=max_positions, attn_layer_period=3, attn_layer_offset=1,
+                  expert_layer_period=2, expert_layer_offset=1, num_experts=4, num_experts_per_tok=2,
+                  mamba_d_state=16, mamba_d_conv=4, mamba_expand=2)
     elif arch == "laguna":  # a query head count per layer, softplus-gated heads, a sliding layer (full RoPE) and full
         # ones (RoPE over half of each head); a dense first layer, then 4 experts (2 a token) and a shared one
         cls = transformers.LagunaConfig

@@ -371,6 +371,8 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "mamba": ("mamba", {"num_layers": 3}),
     "falcon_mamba": ("falcon_mamba", {"num_layers": 2}),
     "mamba2": ("mamba2", {"num_layers": 3}),
+    # Jamba: Mamba-1 layers (gained norms on dt, B, C) and a NoPE attention layer, SwiGLU MLPs and experts in turn
+    "jamba": ("jamba", {"num_layers": 4}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

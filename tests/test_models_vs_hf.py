@@ -179,7 +179,7 @@ def test_linear_attention_in_half_precision(variant, dtype, model_dir_for, adapt
                                      "exaone_moe", "granitemoeshared", "flex_olmo", "mellum", "gpt_oss",
                                      "minimax_m2", "llama4_text", "phimoe", "afmoe", "granitemoe_swa",
                                      "cohere2_moe", "cohere2_moe_rms", "kolibri1", "flint", "deepseek_v32",
-                                     "glm_moe_dsa", "dbrx", "hy_v3", "laguna"])
+                                     "glm_moe_dsa", "dbrx", "hy_v3", "laguna", "jamba"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_moe_layer_matches_hf(variant, dtype, model_dir_for):
     """A mixture-of-experts model's half-precision logits cannot be held to HF's fp32 ones as above: where two

@@ -16,6 +16,7 @@ from .gpt_neo import GPTNeoForCausalLM
 from .gpt_neox import GPTNeoXForCausalLM
 from .gpt_oss import GptOssForCausalLM
 from .granite_hybrid import GraniteHybridForCausalLM
+from .jamba import JambaForCausalLM
 from .laguna import LagunaForCausalLM
 from .lfm2 import Lfm2ForCausalLM
 from .llama import LlamaForCausalLM
@@ -52,6 +53,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "granite_hybrid": GraniteHybridForCausalLM,
     "nemotron_h": NemotronHForCausalLM,
     "mamba": MambaForCausalLM,
+    "jamba": JambaForCausalLM,
     "gpt_neox": GPTNeoXForCausalLM,
     "phi": PhiForCausalLM,
     "gptj": GPTJForCausalLM,

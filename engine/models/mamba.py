@@ -3,11 +3,11 @@ residual (kept in fp32 with residual_in_fp32); a Mamba-1 selective scan (below) 
 
 Mamba-1's mixer: in_proj gives x and a gate z; x goes through a causal depthwise convolution (silu); x_proj gives a
 low-rank time-step input (dt_proj lifts it to a step per channel, softplus) and B, C (Falcon-Mamba RMS-normalises
-the three, without gains); each channel's state h [state_size] decays by exp(dt A) and takes dt x B a token, and
-reads y = h C + D x; y is gated by silu(z) and projected out. A sequence's whole past is its conv state and its h
-(engine/recurrent_state.py): a task's state after its soft prompt is computed once and every request starts from
-a copy. Prefill runs the scan chunk-wise (within a chunk, pairwise decays; between chunks, through h), decode one
-step at a time."""
+the three without gains, Jamba with); each channel's state h [state_size] decays by exp(dt A) and takes dt x B a
+token, and reads y = h C + D x; y is gated by silu(z) and projected out. A sequence's whole past is its conv state
+and its h (engine/recurrent_state.py): a task's state after its soft prompt is computed once and every request
+starts from a copy. Prefill runs the scan chunk-wise (within a chunk, pairwise decays; between chunks, through h),
+decode one step at a time."""
 
 from __future__ import annotations
 
@@ -72,6 +72,10 @@ class MambaMixer(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(m.inner, m.state_size))
         self.D = nn.Parameter(torch.ones(m.inner))
         self.out_proj = Linear(m.inner, hidden_size, bias=m.proj_bias)
+        if m.bcdt_norm_weights:  # (Jamba's)
+            self.dt_layernorm = RMSNorm(m.dt_rank, m.bcdt_norm_eps)
+            self.b_layernorm = RMSNorm(m.state_size, m.bcdt_norm_eps)
+            self.c_layernorm = RMSNorm(m.state_size, m.bcdt_norm_eps)
 
     def forward(self, layer: int, x: Tensor, batch: RecurrentBatch) -> Tensor:
         m = self.config
@@ -82,7 +86,9 @@ class MambaMixer(nn.Module):
                                           batch.all_single)
         xs = F.silu(xs)
         dt, b, c = self.x_proj(xs).split([m.dt_rank, m.state_size, m.state_size], dim=-1)
-        if m.bcdt_norm_eps:
+        if m.bcdt_norm_weights:
+            dt, b, c = self.dt_layernorm(dt), self.b_layernorm(b), self.c_layernorm(c)
+        elif m.bcdt_norm_eps:
             dt, b, c = (gainless_rms(t, m.bcdt_norm_eps) for t in (dt, b, c))
         dt = F.softplus(self.dt_proj(dt)).float()  # (in the model dtype, as transformers' scan adds the bias)
         a = -torch.exp(self.A_log.float())
