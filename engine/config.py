@@ -34,7 +34,7 @@ ARCH_FAMILIES = {
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gemma4_text": "gemma4",
     "gemma4": "gemma4", "gemma4_unified_text": "gemma4", "gemma4_unified": "gemma4", "laguna": "laguna",
     "qwen3_5_text": "qwen3_5", "qwen3_5": "qwen3_5", "qwen3_5_moe_text": "qwen3_5", "qwen3_5_moe": "qwen3_5",
-    "qwen3_next": "qwen3_5", "lfm2": "lfm2", "granitemoehybrid": "granite_hybrid",
+    "qwen3_next": "qwen3_5", "lfm2": "lfm2", "lfm2_moe": "lfm2", "granitemoehybrid": "granite_hybrid",
     "nemotron_h": "nemotron_h", "bamba": "granite_hybrid", "mamba": "mamba", "falcon_mamba": "mamba",
     "mamba2": "mamba", "jamba": "jamba",
     "gpt_neox": "gpt_neox",
@@ -93,6 +93,7 @@ class MoEConfig:
     correction_bias_on_logits: bool = False  # Kolibri-1: experts chosen by logit + bias (not by sigmoid score + bias)
     router_logit_softcap: float = 0.0  # Laguna: router logits -> cap * tanh(logits / cap) before the sigmoid; 0: none
     score_bias: bool = True  # a sigmoid router's correction bias (False: Flint's, which chooses by score alone)
+    topk_norm_eps: float = 1e-20  # a sigmoid router's renormalised weights: w / (sum + this) (LFM2-MoE's: 1e-6)
     expert_bias: bool = False  # gpt-oss: every expert projection has a bias
     # gpt-oss's clamped SwiGLU: gate clamped above and up on both sides at swiglu_limit, then
     # (up + 1) * gate * sigmoid(swiglu_alpha * gate); 0: plain SwiGLU
@@ -1553,7 +1554,9 @@ def _qwen3_5_config(hf: Any, model_type: str) -> ModelConfig:
 
 def _lfm2_config(hf: Any, model_type: str) -> ModelConfig:
     """LFM2 (Liquid AI): gated short-convolution layers (`conv`) and grouped-query attention layers (per-head q/k
-    RMSNorms, RoPE), RMSNorms, SwiGLU MLPs whose width `block_auto_adjust_ff_dim` adjusts as transformers does."""
+    RMSNorms, RoPE), RMSNorms, SwiGLU MLPs whose width `block_auto_adjust_ff_dim` adjusts as transformers does.
+    LFM2-MoE (`lfm2_moe`): the same layers, the MLP after the first `num_dense_layers` experts chosen by their
+    sigmoid scores (in the model dtype) plus a correction bias, weighted by the scores (renormalised, scaled)."""
     _check_rope_types(hf, model_type)
     head_dim = hf.hidden_size // hf.num_attention_heads
     kinds = set(hf.layer_types)
@@ -1562,12 +1565,21 @@ def _lfm2_config(hf: Any, model_type: str) -> ModelConfig:
                                     "full_attention layers")
     conv = tuple(i for i, t in enumerate(hf.layer_types) if t == "conv")
     width = hf.intermediate_size
-    if hf.block_auto_adjust_ff_dim:
+    if getattr(hf, "block_auto_adjust_ff_dim", False):
         width = int(2 * width / 3)
         if hf.block_ffn_dim_multiplier is not None:
             width = int(hf.block_ffn_dim_multiplier * width)
             width = hf.block_multiple_of * ((width + hf.block_multiple_of - 1) // hf.block_multiple_of)
     kv_heads = hf.num_key_value_heads
+    moe = None
+    if model_type == "lfm2_moe" and hf.num_dense_layers < hf.num_hidden_layers:
+        moe = MoEConfig(num_experts=hf.num_experts, top_k=hf.num_experts_per_tok,
+                        intermediate_size=hf.moe_intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),
+                        weights_in_model_dtype=True, sparse_layers=tuple(range(hf.num_dense_layers,
+                                                                                hf.num_hidden_layers)),
+                        sigmoid_scores=True, score_bias=bool(hf.use_expert_bias),
+                        routed_scaling=float(hf.routed_scaling_factor), router_in_model_dtype=True,
+                        topk_norm_eps=1e-6)
     return ModelConfig(
         family="lfm2",
         **{**_decoder_fields(hf, model_type, head_dim, norm_eps=hf.norm_eps), "intermediate_size": width},
@@ -1578,6 +1590,7 @@ def _lfm2_config(hf: Any, model_type: str) -> ModelConfig:
         attention_scale=head_dim**-0.5,
         layer_kv_heads=tuple(0 if i in conv else kv_heads for i in range(hf.num_hidden_layers)),
         short_conv=RecurrentStateConfig(conv, hf.hidden_size, hf.conv_L_cache),
+        moe=moe,
     )
 
 

@@ -31,7 +31,8 @@ SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "phi3", "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm",
     "hyperclovax", "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4", "gemma4_unified_text",
     "gemma4_unified", "laguna", "qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next",
-    "lfm2", "granitemoehybrid", "bamba", "nemotron_h", "mamba", "falcon_mamba", "mamba2", "jamba", "gpt_neox",
+    "lfm2", "granitemoehybrid", "bamba", "nemotron_h", "mamba", "falcon_mamba", "mamba2", "jamba", "lfm2_moe",
+    "gpt_neox",
     "phi", "stablelm", "nemotron",
     "starcoder2", "cohere", "cohere2", "olmo", "olmo2", "olmo3", "flex_olmo", "exaone4", "exaone4_5", "glm", "glm4",
     "falcon", "gptj", "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
@@ -520,6 +521,14 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                   num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,
                   max_position_embeddings=max_positions, block_multiple_of=32,
                   full_attn_idxs=[i for i in range(num_layers) if i % 2])
+    elif arch == "lfm2_moe":  # LFM2's layers, a dense first layer, then 4 experts (2 a token) by sigmoid score +
+        # correction bias, renormalised and scaled
+        cls = transformers.Lfm2MoeConfig
+        kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                  num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,
+                  moe_intermediate_size=inter // 8, num_dense_layers=1, num_experts=4, num_experts_per_tok=2,
+                  routed_scaling_factor=2.0, max_position_embeddings=max_positions,
+                  layer_types=["full_attention" if i % 2 else "conv" for i in range(num_layers)])
     elif arch == "granitemoehybrid":  # Mamba-2 layers (8 heads of 16, 2 groups, 16 states; 16-token scan chunks)
         # with an attention layer every second layer (RoPE), Granite's multipliers, 4 experts (2 a token) beside a
         # shared MLP
@@ -655,7 +664,8 @@ def _reinit_(model: torch.nn.Module, seed: int, logit_std: float = 2.0) -> None:
                     fan_in = p.shape[1]
                 draw(p, 1.0 / math.sqrt(fan_in))
     for name, buffer in model.named_buffers():  # a sigmoid router's stored score-correction bias (GLM-4.5's),
-        if name.endswith("e_score_correction_bias"):  # Gemma 4's per-layer output scales
+        if name.endswith(("e_score_correction_bias", "feed_forward.expert_bias")):  # (and LFM2-MoE's); Gemma 4's
+            # per-layer output scales
             draw(buffer, 0.1)
         elif name.endswith("layer_scalar"):
             draw(buffer, 0.2, 1.0)

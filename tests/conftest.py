@@ -357,6 +357,8 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # per-head q/k norms; and with biases on its convolution layers
     "lfm2": ("lfm2", {"num_layers": 4}),
     "lfm2_conv_bias": ("lfm2", {"num_layers": 3, "conv_bias": True, "tie_word_embeddings": False}),
+    # LFM2-MoE: the same layers, a dense first one, then experts by sigmoid score + correction bias
+    "lfm2_moe": ("lfm2_moe", {"num_layers": 3}),
     # Granite 4.0's hybrids: Mamba-2 layers (a conv and scan state per sequence) with attention layers, Granite's
     # multipliers and experts beside a shared MLP; and the dense NoPE layout (the shared MLP alone, no RoPE)
     "granite_hybrid": ("granitemoehybrid", {"num_layers": 4}),

@@ -76,9 +76,9 @@ def test_unsupported_architecture(tmp_path, model_dir_for):
     d = tmp_path / "m"
     shutil.copytree(model_dir_for("llama"), d)
     cfg = json.loads((d / "config.json").read_text())
-    cfg["model_type"], cfg["architectures"] = "mamba", ["MambaForCausalLM"]
+    cfg["model_type"], cfg["architectures"] = "rwkv", ["RwkvForCausalLM"]
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedModelError, match="mamba"):
+    with pytest.raises(UnsupportedModelError, match="rwkv"):
         load_model(d, "cpu")
 
 

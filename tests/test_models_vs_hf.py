@@ -179,7 +179,7 @@ def test_linear_attention_in_half_precision(variant, dtype, model_dir_for, adapt
                                      "exaone_moe", "granitemoeshared", "flex_olmo", "mellum", "gpt_oss",
                                      "minimax_m2", "llama4_text", "phimoe", "afmoe", "granitemoe_swa",
                                      "cohere2_moe", "cohere2_moe_rms", "kolibri1", "flint", "deepseek_v32",
-                                     "glm_moe_dsa", "dbrx", "hy_v3", "laguna", "jamba"])
+                                     "glm_moe_dsa", "dbrx", "hy_v3", "laguna", "jamba", "lfm2_moe"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_moe_layer_matches_hf(variant, dtype, model_dir_for):
     """A mixture-of-experts model's half-precision logits cannot be held to HF's fp32 ones as above: where two
@@ -192,7 +192,8 @@ def test_half_precision_moe_layer_matches_hf(variant, dtype, model_dir_for):
     from softprompt.engine.loader import load_model
 
     model_dir = model_dir_for(variant)
-    ours = load_model(model_dir, "cpu", dtype).model.layers[1].mlp
+    ours_layer = load_model(model_dir, "cpu", dtype).model.layers[1]
+    ours = getattr(ours_layer, "mlp", None) or ours_layer.feed_forward  # (LFM2-MoE's name)
     hf = hf_peft_model(model_dir, None, dtype=dtype)
     layer = hf.model.layers[1] if hasattr(hf, "model") else hf.transformer.blocks[1]  # (DBRX's names)
     theirs = next(getattr(layer, name) for name in ("block_sparse_moe", "feed_forward", "ffn", "mlp")  # (GraniteMoE's,

@@ -1,5 +1,6 @@
 """LFM2 (Liquid AI, `lfm2`): gated short-convolution layers with, among them, grouped-query attention layers (per-head
-q/k RMSNorms, RoPE); RMSNorms, SwiGLU MLPs, the final norm named `embedding_norm`.
+q/k RMSNorms, RoPE); RMSNorms, SwiGLU MLPs, the final norm named `embedding_norm`. LFM2-MoE (`lfm2_moe`): the same
+layers, experts in place of the MLP after the first `num_dense_layers` (moe.py's sigmoid router).
 
 A convolution layer projects its input to B, C and x, convolves B * x causally over the last `conv_L_cache` tokens
 (per channel, no activation) and gates the result with C. A sequence's past in it is the last `conv_L_cache - 1`
@@ -19,7 +20,11 @@ from .base import Layer0Input
 from .common import Attention, RMSNorm, causal_conv_packed
 from .hybrid import HybridAttention, HybridCausalLM, recurrent_batch
 from .linear import Linear, linear
-from .llama import _fuse
+from .llama import LlamaMLP, _fuse
+from .moe import SparseMoE, moe_checkpoint_tensors
+
+# LFM2-MoE's per-expert projections (the Hub's names) -> the experts' (LlamaMLP's)
+_EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
 class Lfm2ShortConv(nn.Module):
@@ -68,7 +73,8 @@ class Lfm2Layer(nn.Module):
             self.conv = Lfm2ShortConv(c)
         else:
             self.self_attn = HybridAttention(c, qk_norm=True)
-        self.feed_forward = Lfm2MLP(c)
+        self.feed_forward: nn.Module = (SparseMoE(c, LlamaMLP) if c.moe is not None and index in c.moe.sparse_layers
+                                        else Lfm2MLP(c))
         self.operator_norm = RMSNorm(c.hidden_size, c.norm_eps)
         self.ffn_norm = RMSNorm(c.hidden_size, c.norm_eps)
 
@@ -85,12 +91,19 @@ class Lfm2ForCausalLM(HybridCausalLM):
     backbone_class = Lfm2Backbone
 
     def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
-        """The attention's own names for its output projection and q/k norms under the shared attention's."""
+        """The attention's own names for its output projection and q/k norms under the shared attention's;
+        LFM2-MoE's experts (stacked by transformers, or per expert with the dense MLP's w1 / w3 / w2 names) and the
+        router's correction bias (`expert_bias`, on the block) under moe.py's names."""
         for theirs, ours in (("self_attn.out_proj.", "self_attn.o_proj."),
                              ("self_attn.q_layernorm.", "self_attn.q_norm."),
-                             ("self_attn.k_layernorm.", "self_attn.k_norm.")):
+                             ("self_attn.k_layernorm.", "self_attn.k_norm."),
+                             (".feed_forward.expert_bias", ".feed_forward.gate.e_score_correction_bias")):
             key = key.replace(theirs, ours)
-        return super().checkpoint_tensors(key, tensor)
+        if ".feed_forward.experts." in key and key.endswith(".weight"):
+            stem, name, suffix = key.rsplit(".", 2)
+            key = f"{stem}.{_EXPERT_NAMES.get(name, name)}.{suffix}"
+        return [pair for name, value in super().checkpoint_tensors(key, tensor)
+                for pair in moe_checkpoint_tensors(name, value)]
 
     def prepare_for_inference(self, device: torch.device) -> None:
         transposed = self.fp32_on_cpu(device)

@@ -121,7 +121,7 @@ class SparseMoE(nn.Module):
         experts = torch.topk(choice, moe.top_k, dim=-1, sorted=False).indices
         weights = scores.gather(1, experts)
         if moe.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + moe.topk_norm_eps)
         return experts, weights * moe.routed_scaling
 
     def forward(self, x: Tensor) -> Tensor:
