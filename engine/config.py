@@ -36,7 +36,7 @@ ARCH_FAMILIES = {
     "qwen3_5_text": "qwen3_5", "qwen3_5": "qwen3_5", "qwen3_5_moe_text": "qwen3_5", "qwen3_5_moe": "qwen3_5",
     "qwen3_next": "qwen3_5", "lfm2": "lfm2", "lfm2_moe": "lfm2", "granitemoehybrid": "granite_hybrid",
     "nemotron_h": "nemotron_h", "bamba": "granite_hybrid", "mamba": "mamba", "falcon_mamba": "mamba",
-    "mamba2": "mamba", "jamba": "jamba",
+    "mamba2": "mamba", "jamba": "jamba", "olmo_hybrid": "olmo_hybrid",
     "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
     "cohere": "cohere", "cohere2": "cohere", "cohere2_moe": "cohere", "glm": "glm", "glm4": "glm", "falcon": "falcon",
@@ -125,6 +125,8 @@ class LinearAttentionConfig:
     key_head_dim: int
     value_head_dim: int
     conv_kernel: int
+    beta_scale: float = 1.0  # OLMo Hybrid's allow_neg_eigval: beta = 2 sigmoid(b), in (0, 2)
+    norm_eps: float = 0.0  # the gated output norm's eps where it is not the model's (OLMo Hybrid's 1e-5)
 
     @property
     def conv_channels(self) -> int:
@@ -216,6 +218,7 @@ class ModelConfig:
     # | "phi" | "gptj" | "falcon" | "opt" | "xglm" | "biogpt" | "gpt2" | "gpt_bigcode" | "gpt_neo" | "bloom"
     # | "nemotron" | "deepseek" | "gpt_oss" | "llama4" | "phimoe" | "afmoe" | "flint" | "mpt" | "persimmon" | "dbrx"
     # | "nanochat" | "gemma4" | "laguna" | "qwen3_5" | "lfm2" | "granite_hybrid" | "nemotron_h" | "mamba" | "jamba"
+    # | "olmo_hybrid"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -1768,6 +1771,44 @@ def _jamba_config(hf: Any, model_type: str) -> ModelConfig:
     )
 
 
+def _olmo_hybrid_config(hf: Any, model_type: str) -> ModelConfig:
+    """OLMo Hybrid: Gated DeltaNet layers (q, k, v, gate, a, b projected separately; beta in (0, 2) with
+    allow_neg_eigval; output norm eps 1e-5) in Llama's pre-norm layout, and OLMo 3's attention layers (post-norms, q/k
+    norms over all heads) with RoPE where rope_parameters name a rope_theta, else none (the released checkpoints)."""
+    kinds = set(hf.layer_types)
+    if not kinds <= {"linear_attention", "full_attention"}:
+        raise UnsupportedModelError(f"{model_type} with layer types {sorted(kinds)}: the engine runs "
+                                    "linear_attention and full_attention layers")
+    if hf.hidden_act != "silu":
+        raise UnsupportedModelError(f"{model_type} with hidden_act={hf.hidden_act!r} (the engine runs silu)")
+    if hf.linear_num_value_heads % hf.linear_num_key_heads:
+        raise CheckpointError(f"linear_num_value_heads={hf.linear_num_value_heads} is not a multiple of "
+                              f"linear_num_key_heads={hf.linear_num_key_heads}")
+    layers = range(hf.num_hidden_layers)
+    linear = tuple(i for i in layers if hf.layer_types[i] == "linear_attention")
+    rope = getattr(hf, "rope_parameters", None) or {}
+    if rope.get("rope_theta") is not None:
+        _check_rope_types(hf, model_type)
+    head_dim = hf.hidden_size // hf.num_attention_heads
+    linear_attention = LinearAttentionConfig(
+        layers=linear, num_key_heads=hf.linear_num_key_heads, num_value_heads=hf.linear_num_value_heads,
+        key_head_dim=hf.linear_key_head_dim, value_head_dim=hf.linear_value_head_dim,
+        conv_kernel=hf.linear_conv_kernel_dim, beta_scale=2.0 if hf.linear_allow_neg_eigval else 1.0, norm_eps=1e-5)
+    return ModelConfig(
+        family="olmo_hybrid",
+        **_decoder_fields(hf, model_type, head_dim),
+        max_positions=hf.max_position_embeddings,
+        hidden_act="silu",
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        qkv_bias=bool(hf.attention_bias),
+        o_bias=bool(hf.attention_bias),
+        nope_layers=() if rope.get("rope_theta") is not None else tuple(layers),
+        attention_scale=head_dim**-0.5,
+        layer_kv_heads=tuple(0 if i in linear else hf.num_key_value_heads for i in layers),
+        linear_attention=linear_attention,
+    )
+
+
 # family -> its config reader
 FAMILY_CONFIGS = {
     "llama": _llama_config, "olmo": _olmo_config, "stablelm": _stablelm_config, "nemotron": _ungated_layernorm_config,
@@ -1780,5 +1821,5 @@ FAMILY_CONFIGS = {
     "mpt": _mpt_config, "persimmon": _persimmon_config, "dbrx": _dbrx_config,
     "nanochat": _nanochat_config, "gemma4": _gemma4_config, "laguna": _laguna_config, "qwen3_5": _qwen3_5_config,
     "lfm2": _lfm2_config, "granite_hybrid": _granite_hybrid_config, "nemotron_h": _nemotron_h_config,
-    "mamba": _mamba_config, "jamba": _jamba_config,
+    "mamba": _mamba_config, "jamba": _jamba_config, "olmo_hybrid": _olmo_hybrid_config,
 }

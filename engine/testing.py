@@ -32,7 +32,7 @@ SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "hyperclovax", "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4", "gemma4_unified_text",
     "gemma4_unified", "laguna", "qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next",
     "lfm2", "granitemoehybrid", "bamba", "nemotron_h", "mamba", "falcon_mamba", "mamba2", "jamba", "lfm2_moe",
-    "gpt_neox",
+    "olmo_hybrid", "gpt_neox",
     "phi", "stablelm", "nemotron",
     "starcoder2", "cohere", "cohere2", "olmo", "olmo2", "olmo3", "flex_olmo", "exaone4", "exaone4_5", "glm", "glm4",
     "falcon", "gptj", "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
@@ -140,7 +140,7 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
               "hunyuan_v1_moe", "solar_open", "exaone_moe", "gpt_oss", "minimax_m2", "llama4_text", "llama4",
               "phimoe", "afmoe", "granite_swa", "granitemoe_swa", "kolibri1", "flint", "dbrx", "nanochat", "hy_v3",
               "laguna", "qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next",
-              "granitemoehybrid", "bamba", "nemotron_h", "mamba2", "jamba")
+              "granitemoehybrid", "bamba", "nemotron_h", "mamba2", "jamba", "olmo_hybrid")
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "ministral", "ministral3", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3",
@@ -521,6 +521,14 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                   num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,
                   max_position_embeddings=max_positions, block_multiple_of=32,
                   full_attn_idxs=[i for i in range(num_layers) if i % 2])
+    elif arch == "olmo_hybrid":  # Gated DeltaNet layers (2 key heads of 16, 4 value heads of 16) with an OLMo 3
+        # attention layer every second layer (RoPE unless the overrides drop rope_parameters)
+        cls = transformers.OlmoHybridConfig
+        kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                  num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,
+                  max_position_embeddings=max_positions, linear_num_key_heads=2, linear_num_value_heads=4,
+                  linear_key_head_dim=16, linear_value_head_dim=16,
+                  layer_types=["full_attention" if i % 2 else "linear_attention" for i in range(num_layers)])
     elif arch == "lfm2_moe":  # LFM2's layers, a dense first layer, then 4 experts (2 a token) by sigmoid score +
         # correction bias, renormalised and scaled
         cls = transformers.Lfm2MoeConfig

@@ -375,6 +375,9 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "mamba2": ("mamba2", {"num_layers": 3}),
     # Jamba: Mamba-1 layers (gained norms on dt, B, C) and a NoPE attention layer, SwiGLU MLPs and experts in turn
     "jamba": ("jamba", {"num_layers": 4}),
+    # OLMo Hybrid: Gated DeltaNet layers (q, k, v projected and convolved apart, beta in (0, 2)) in a pre-norm layout
+    # with OLMo 3's post-norm attention layers
+    "olmo_hybrid": ("olmo_hybrid", {"num_layers": 4}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -147,7 +147,7 @@ def test_half_precision_close_to_hf(variant, dtype, model_dir_for, adapter_for):
     assert torch.equal(got.argmax(-1)[decisive], truth.argmax(-1)[decisive])
 
 
-@pytest.mark.parametrize("variant", ["qwen3_5", "mamba", "mamba2"])
+@pytest.mark.parametrize("variant", ["qwen3_5", "mamba", "mamba2", "olmo_hybrid"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_linear_attention_in_half_precision(variant, dtype, model_dir_for, adapter_for):
     """Qwen3.5, Mamba and Mamba-2 in half precision: as close to the fp32 truth as HF's own half-precision run (their

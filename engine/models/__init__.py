@@ -27,6 +27,7 @@ from .nanochat import NanoChatForCausalLM
 from .nemotron_h import NemotronHForCausalLM
 from .olmo import OlmoForCausalLM
 from .olmo2 import Olmo2ForCausalLM
+from .olmo_hybrid import OlmoHybridForCausalLM
 from .opt import BioGptForCausalLM, OPTForCausalLM, XGLMForCausalLM
 from .phi import GPTJForCausalLM, PhiForCausalLM
 from .phimoe import PhimoeForCausalLM
@@ -54,6 +55,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "nemotron_h": NemotronHForCausalLM,
     "mamba": MambaForCausalLM,
     "jamba": JambaForCausalLM,
+    "olmo_hybrid": OlmoHybridForCausalLM,
     "gpt_neox": GPTNeoXForCausalLM,
     "phi": PhiForCausalLM,
     "gptj": GPTJForCausalLM,

@@ -86,25 +86,30 @@ class Olmo2ForCausalLM(RotaryCausalLM):
     def forward(
         self, embeds: Tensor | None, positions: Tensor, attention: Attention, layer0: Layer0Input | None = None
     ) -> Tensor:
-        c = self.config
-        t = positions.shape[0]
-        rope_by_layer = self.rope_rows_by_layer(attention, positions)
-        q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         h = embeds
-        for i, (layer, rope) in enumerate(zip(self.model.layers, rope_by_layer)):
-            a = layer.self_attn
-            qkv = linear(h, a.qkv_weight, a.qkv_bias)
-            if c.qk_norm:  # per head
-                q = a.q_norm(qkv[:, :q_width].view(t, c.num_heads, c.head_dim))
-                k = a.k_norm(qkv[:, q_width:q_width + kv_width].view(t, c.num_kv_heads, c.head_dim))
-            else:
-                q = a.q_norm(qkv[:, :q_width]).view(t, c.num_heads, c.head_dim)
-                k = a.k_norm(qkv[:, q_width:q_width + kv_width]).view(t, c.num_kv_heads, c.head_dim)
-            if rope is not None and i not in c.nope_layers:
-                qk = apply_rotary(torch.cat((q, k), dim=1), *rope)
-                q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
-            v = qkv[:, q_width + kv_width:].view(t, c.num_kv_heads, c.head_dim)
-            out = a.o_proj(attention(i, q, k, v).reshape(t, q_width))
-            h = layer.post_attention_layernorm(out) + h
-            h = layer.post_feedforward_layernorm(layer.mlp(h)) + h
+        for i, (layer, rope) in enumerate(zip(self.model.layers, self.rope_rows_by_layer(attention, positions))):
+            h = olmo2_layer(self.config, i, layer, h, rope, attention)
         return self.model.norm(h)
+
+
+def olmo2_layer(c: ModelConfig, i: int, layer: Olmo2Layer, h: Tensor, rope: tuple[Tensor, Tensor] | None,
+                attention: Attention) -> Tensor:
+    """One OLMo 2 layer (post-norms, q/k norms over all heads or per head) on the residual h; also OLMo Hybrid's
+    attention layers."""
+    t = h.shape[0]
+    q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    a = layer.self_attn
+    qkv = linear(h, a.qkv_weight, a.qkv_bias)
+    if c.qk_norm:  # per head
+        q = a.q_norm(qkv[:, :q_width].view(t, c.num_heads, c.head_dim))
+        k = a.k_norm(qkv[:, q_width:q_width + kv_width].view(t, c.num_kv_heads, c.head_dim))
+    else:
+        q = a.q_norm(qkv[:, :q_width]).view(t, c.num_heads, c.head_dim)
+        k = a.k_norm(qkv[:, q_width:q_width + kv_width]).view(t, c.num_kv_heads, c.head_dim)
+    if rope is not None and i not in c.nope_layers:
+        qk = apply_rotary(torch.cat((q, k), dim=1), *rope)
+        q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
+    v = qkv[:, q_width + kv_width:].view(t, c.num_kv_heads, c.head_dim)
+    out = a.o_proj(attention(i, q, k, v).reshape(t, q_width))
+    h = layer.post_attention_layernorm(out) + h
+    return layer.post_feedforward_layernorm(layer.mlp(h)) + h

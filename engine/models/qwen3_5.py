@@ -95,7 +95,9 @@ class GatedRMSNorm(nn.Module):
 
 
 class GatedDeltaNet(nn.Module):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: ModelConfig, split_qkv: bool = False):
+        """`split_qkv`: q, k and v projected by modules of their own (OLMo Hybrid's q_proj, k_proj, v_proj), not one
+        in_proj_qkv (fused into one GEMM at inference either way)."""
         super().__init__()
         la = c.linear_attention
         assert la is not None
@@ -103,19 +105,28 @@ class GatedDeltaNet(nn.Module):
         self.key_width = la.num_key_heads * la.key_head_dim
         self.value_width = la.num_value_heads * la.value_head_dim
         channels = la.conv_channels
-        self.in_proj_qkv = Linear(c.hidden_size, channels, bias=False)
+        self.split_qkv = split_qkv
+        if split_qkv:
+            self.q_proj = Linear(c.hidden_size, self.key_width, bias=False)
+            self.k_proj = Linear(c.hidden_size, self.key_width, bias=False)
+            self.v_proj = Linear(c.hidden_size, self.value_width, bias=False)
+        else:
+            self.in_proj_qkv = Linear(c.hidden_size, channels, bias=False)
         self.in_proj_z = Linear(c.hidden_size, self.value_width, bias=False)
         self.in_proj_b = Linear(c.hidden_size, la.num_value_heads, bias=False)
         self.in_proj_a = Linear(c.hidden_size, la.num_value_heads, bias=False)
         self.conv1d = nn.Conv1d(channels, channels, la.conv_kernel, groups=channels, bias=False)
         self.dt_bias = nn.Parameter(torch.ones(la.num_value_heads))
         self.A_log = nn.Parameter(torch.zeros(la.num_value_heads))
-        self.norm = GatedRMSNorm(la.value_head_dim, c.norm_eps)
+        self.norm = GatedRMSNorm(la.value_head_dim, la.norm_eps or c.norm_eps)
         self.out_proj = Linear(self.value_width, c.hidden_size, bias=False)
         self.in_weight: Tensor | None = None
 
+    def _qkv_modules(self) -> list[Linear]:
+        return [self.q_proj, self.k_proj, self.v_proj] if self.split_qkv else [self.in_proj_qkv]
+
     def fuse(self, transposed: bool) -> None:
-        self.in_weight, _ = _fuse([self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a], transposed)
+        self.in_weight, _ = _fuse([*self._qkv_modules(), self.in_proj_z, self.in_proj_b, self.in_proj_a], transposed)
 
     def forward(self, layer: int, x: Tensor, batch: RecurrentBatch) -> Tensor:
         la = self.config
@@ -124,7 +135,8 @@ class GatedDeltaNet(nn.Module):
             mixed, z, b, a = linear(x, self.in_weight).split(
                 [la.conv_channels, self.value_width, la.num_value_heads, la.num_value_heads], dim=-1)
         else:
-            mixed, z, b, a = self.in_proj_qkv(x), self.in_proj_z(x), self.in_proj_b(x), self.in_proj_a(x)
+            mixed = torch.cat([proj(x) for proj in self._qkv_modules()], dim=-1)
+            z, b, a = self.in_proj_z(x), self.in_proj_b(x), self.in_proj_a(x)
         conv_state, ssm = batch.initial(layer, (la.conv_channels, la.conv_kernel - 1),
                                         (la.num_value_heads, la.key_head_dim, la.value_head_dim), mixed.dtype,
                                         mixed.device)
@@ -137,7 +149,7 @@ class GatedDeltaNet(nn.Module):
         q = q * la.key_head_dim**-0.5
         k = l2_normalize(k.float().view(t, la.num_key_heads, -1)).repeat_interleave(repeat, dim=1)
         v = v.float().view(t, la.num_value_heads, -1)
-        beta = b.sigmoid().float()
+        beta = b.sigmoid().float() * la.beta_scale
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
         out, new_ssm = scan_packed(batch, (q, k, v, g, beta), ssm, delta_rule_step, delta_rule_chunked)
         batch.store(layer, new_conv, new_ssm)
