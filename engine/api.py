@@ -21,7 +21,7 @@ from .kv_pool import KVPool, OutOfBlocks
 from .loader import load_model
 from .model_runner import ModelRunner
 from .prefix_cache import PrefixCache
-from .prompts import PromptStore, SoftPrompt
+from .prompts import PromptStore, SoftPrompt, tokens_as_input_ids
 from .reasoning import ReasoningParser, ThoughtGate, reasoning_parser
 from .reference import ReferencePath
 from .request import PendingText, Request, RequestOutput, RequestTiming
@@ -151,7 +151,9 @@ class Engine:
             device=self.device,
             max_length=self.config.max_positions,
             vocab_size=self.config.vocab_size,
-            embed_tokens=self.model.embed_tokens,
+            # (a text prompt's rows are its tokens' embeddings as the model takes input ids: scaled where it scales)
+            embed_tokens=(self.model.embed_tokens if self.config.token_embedding_multiplier == 1.0 else
+                          lambda ids: self.model.embed_tokens(ids) * self.config.token_embedding_multiplier),
             tokenize=(lambda text: self.tokenizer.encode(text, add_special_tokens=False)) if self.tokenizer else None,
             kv_layout=None if self.config.kv_prefix_refusal else (self.config.num_layers, self.config.num_kv_heads,
                                                                   self.config.head_dim),
@@ -515,12 +517,13 @@ class Engine:
         seq = self.scheduler.waiting.popleft()
         decode = None if seq.text is None else seq.text.exact
         prefix = None if seq.prompt is None else seq.prompt.reference_input
+        as_ids = tokens_as_input_ids(seq.prompt)
         tokens, logprobs, finish = self.reference.generate(prefix, seq.input_ids, seq.params, self.eos_token_ids,
-                                                           decode, seq.guide, seq.gate)
+                                                           decode, seq.guide, seq.gate, as_ids)
         seq.generated.extend(tokens)  # the list seq.text reads
         seq.logprobs = logprobs or []
         if seq.params.prompt_logprobs is not None:
-            logits = self.reference.logits(prefix, seq.input_ids)[:-1]
+            logits = self.reference.logits(prefix, seq.input_ids, as_ids)[:-1]
             seq.prompt_logprobs = [None, *token_logprobs(logits, seq.input_ids[1:], seq.params.prompt_logprobs)]
         seq.finish_reason, seq.stop_reason, seq.text_end = finish.reason, finish.stop_reason, finish.text_end
         seq.timing.first_token = seq.timing.finished = time.perf_counter()
@@ -675,7 +678,7 @@ class Engine:
         the reference backend: one request at a time, no cache)."""
         prompts = [None if name is None else self.prompts.get(name) for name, _ in items]
         if self.backend == "reference":
-            return [self.reference.logits(None if p is None else p.reference_input, ids)
+            return [self.reference.logits(None if p is None else p.reference_input, ids, tokens_as_input_ids(p))
                     for p, (_, ids) in zip(prompts, items)]
         seqs = [Sequence.of_tokens(p, ids) for p, (_, ids) in zip(prompts, items)]
         held = []

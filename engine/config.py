@@ -36,7 +36,7 @@ ARCH_FAMILIES = {
     "qwen3_5_text": "qwen3_5", "qwen3_5": "qwen3_5", "qwen3_5_moe_text": "qwen3_5", "qwen3_5_moe": "qwen3_5",
     "qwen3_next": "qwen3_5", "lfm2": "lfm2", "lfm2_moe": "lfm2", "granitemoehybrid": "granite_hybrid",
     "nemotron_h": "nemotron_h", "bamba": "granite_hybrid", "mamba": "mamba", "falcon_mamba": "mamba",
-    "mamba2": "mamba", "jamba": "jamba", "olmo_hybrid": "olmo_hybrid",
+    "mamba2": "mamba", "jamba": "jamba", "olmo_hybrid": "olmo_hybrid", "falcon_h1": "falcon_h1",
     "gpt_neox": "gpt_neox",
     "phi": "phi", "stablelm": "stablelm", "jais2": "stablelm", "nemotron": "nemotron", "starcoder2": "starcoder2",
     "cohere": "cohere", "cohere2": "cohere", "cohere2_moe": "cohere", "glm": "glm", "glm4": "glm", "falcon": "falcon",
@@ -156,6 +156,13 @@ class Mamba2Config:
     conv_bias: bool
     proj_bias: bool
     time_step_limit: tuple[float, float] = (0.0, float("inf"))
+    # Falcon-H1's: out_proj's bias where it differs from in_proj's (None: the same); the output's gated RMSNorm:
+    # "gate_then_norm" (y silu(z), normed per group), "norm_then_gate", or "" (none: y silu(z)); the input times
+    # input_multiplier before in_proj, and in_proj's z, x, B, C and dt outputs each times its multiplier
+    out_bias: bool | None = None
+    gated_norm: str = "gate_then_norm"
+    input_multiplier: float = 1.0
+    zxbcdt_multipliers: tuple[float, ...] = ()
 
     @property
     def conv_channels(self) -> int:
@@ -218,7 +225,7 @@ class ModelConfig:
     # | "phi" | "gptj" | "falcon" | "opt" | "xglm" | "biogpt" | "gpt2" | "gpt_bigcode" | "gpt_neo" | "bloom"
     # | "nemotron" | "deepseek" | "gpt_oss" | "llama4" | "phimoe" | "afmoe" | "flint" | "mpt" | "persimmon" | "dbrx"
     # | "nanochat" | "gemma4" | "laguna" | "qwen3_5" | "lfm2" | "granite_hybrid" | "nemotron_h" | "mamba" | "jamba"
-    # | "olmo_hybrid"
+    # | "olmo_hybrid" | "falcon_h1"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -253,6 +260,9 @@ class ModelConfig:
     short_conv: RecurrentStateConfig | None = None
     mamba: SelectiveScanConfig | None = None  # Mamba-1 (Mamba, Falcon-Mamba: every layer, no attention; Jamba)
     residual_in_fp32: bool = False  # Mamba's: the residual stream kept in fp32 in half precision
+    # Falcon-H1: the model scales the embeddings of the input ids it is given, not inputs_embeds, so not the token
+    # embeddings PEFT's prompt learning passes after its rows (engine/prompts.py's tokens_as_input_ids)
+    token_embedding_multiplier: float = 1.0
     # Ministral 3's query scale by position: 1 + beta * log(1 + floor(position / original_max)); beta 0: none
     query_scale_beta: float = 0.0
     query_scale_period: int = 1
@@ -1809,6 +1819,43 @@ def _olmo_hybrid_config(hf: Any, model_type: str) -> ModelConfig:
     )
 
 
+def _falcon_h1_config(hf: Any, model_type: str) -> ModelConfig:
+    """Falcon-H1 (TII): every layer runs a Mamba-2 mixer and grouped-query attention (RoPE) side by side on the same
+    normed input and adds both, then a SwiGLU MLP; muP multipliers throughout (on the token embeddings of input ids,
+    attention's input, keys and output, the mixer's input, its in_proj outputs and output, the MLP's gate and output,
+    the logits); the mixer's output RMSNorm optional (`mamba_rms_norm`), before or after its gate."""
+    _check_rope_types(hf, model_type)
+    if hf.hidden_act != "silu":
+        raise UnsupportedModelError(f"{model_type} with hidden_act={hf.hidden_act!r} (the engine runs silu)")
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    layers = tuple(range(hf.num_hidden_layers))
+    inner = hf.mamba_d_ssm or int(hf.mamba_expand * hf.hidden_size)
+    if inner != hf.mamba_n_heads * hf.mamba_d_head:
+        raise CheckpointError(f"{model_type}: the mixer's width {inner} is not mamba_n_heads x mamba_d_head")
+    norm = ("norm_then_gate" if hf.mamba_norm_before_gate else "gate_then_norm") if hf.mamba_rms_norm else ""
+    m = Mamba2Config(layers=layers, num_heads=hf.mamba_n_heads, head_dim=hf.mamba_d_head,
+                     num_groups=hf.mamba_n_groups, state_size=hf.mamba_d_state, conv_kernel=hf.mamba_d_conv,
+                     chunk_size=hf.mamba_chunk_size, conv_bias=bool(hf.mamba_conv_bias),
+                     proj_bias=bool(hf.mamba_proj_bias),
+                     time_step_limit=tuple(float(v) for v in (hf.time_step_limit or (0.0, float("inf")))),
+                     out_bias=bool(hf.projectors_bias), gated_norm=norm, input_multiplier=float(hf.ssm_in_multiplier),
+                     zxbcdt_multipliers=tuple(float(v) for v in hf.ssm_multipliers))
+    return ModelConfig(
+        family="falcon_h1",
+        **_decoder_fields(hf, model_type, head_dim),
+        max_positions=hf.max_position_embeddings,
+        hidden_act="silu",
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        qkv_bias=bool(hf.attention_bias),
+        o_bias=bool(hf.attention_bias),
+        mlp_bias=bool(hf.mlp_bias),
+        attention_scale=head_dim**-0.5,
+        logits_divisor=1.0 / float(hf.lm_head_multiplier),
+        token_embedding_multiplier=float(hf.embedding_multiplier),
+        mamba2=m,
+    )
+
+
 # family -> its config reader
 FAMILY_CONFIGS = {
     "llama": _llama_config, "olmo": _olmo_config, "stablelm": _stablelm_config, "nemotron": _ungated_layernorm_config,
@@ -1822,4 +1869,5 @@ FAMILY_CONFIGS = {
     "nanochat": _nanochat_config, "gemma4": _gemma4_config, "laguna": _laguna_config, "qwen3_5": _qwen3_5_config,
     "lfm2": _lfm2_config, "granite_hybrid": _granite_hybrid_config, "nemotron_h": _nemotron_h_config,
     "mamba": _mamba_config, "jamba": _jamba_config, "olmo_hybrid": _olmo_hybrid_config,
+    "falcon_h1": _falcon_h1_config,
 }

@@ -13,7 +13,7 @@ from .indices import index_tensor
 from .kv_pool import KVPool
 from .models import Attention, CausalLM
 from .models.base import Layer0Input
-from .prompts import SoftPrompt
+from .prompts import SoftPrompt, tokens_as_input_ids
 from .recurrent_state import RecurrentBatch
 from .sampling import SamplingParams, TokenLogprob, sample_next
 from .sequence import Sequence
@@ -195,13 +195,24 @@ class ModelRunner:
         if self.fuse_layer0:
             hidden = self.model(None, pos_t, attention, self._fused_layer0(ids_t, None, pos_t))
         else:
-            hidden = self.model(self.model.embed_tokens(ids_t), pos_t, attention)
+            hidden = self.model(self._token_embeddings(ids_t, seqs, num_tokens), pos_t, attention)
         if not all_rows:
             last = index_tensor(num_tokens, self.device).cumsum(0) - 1
             if rows_for is not None:
                 last = last[index_tensor(rows_for, self.device)]
             hidden = hidden.index_select(0, last)
         return hidden
+
+    def _token_embeddings(self, ids: Tensor, seqs: list[Sequence], num_tokens: list[int]) -> Tensor:
+        """The packed tokens' embeddings; where the model scales the embeddings of its input ids (Falcon-H1), those
+        of the sequences whose tokens are input ids (no prompt, a text prompt), not those after PEFT's rows."""
+        embeds = self.model.embed_tokens(ids)
+        scale = self.model.config.token_embedding_multiplier
+        if scale == 1.0:
+            return embeds
+        scaled = torch.repeat_interleave(torch.tensor([tokens_as_input_ids(seq.prompt) for seq in seqs]),
+                                         torch.tensor(num_tokens)).to(embeds.device)
+        return torch.where(scaled[:, None], embeds * scale, embeds)  # (times the float, as transformers rounds it)
 
     @staticmethod
     def pack(seqs: list[Sequence], num_tokens: list[int]) -> tuple[list[int], list[int], list[SeqSlice]]:

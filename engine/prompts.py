@@ -57,6 +57,13 @@ class SoftPrompt:
         return f"{self.name}@{self.version}"
 
 
+def tokens_as_input_ids(prompt: SoftPrompt | None) -> bool:
+    """Whether a request's tokens reach the model as input ids (no prompt, or a text prompt, whose tokens are input
+    too) rather than as inputs_embeds after PEFT's prompt rows: a model that scales the embeddings of its input ids
+    (Falcon-H1's token_embedding_multiplier) scales only the former, as transformers + PEFT do."""
+    return prompt is None or prompt.kind == "text"
+
+
 def content_version(embeds: torch.Tensor) -> str:
     data = embeds.detach().to("cpu").contiguous()
     h = hashlib.sha256(f"{data.dtype}:{tuple(data.shape)}:".encode())

@@ -91,10 +91,16 @@ class ReferencePath:
         self.alibi = model.alibi
 
     @torch.no_grad()
-    def hidden(self, prefix: Tensor | None, ids: list[int]) -> Tensor:
-        """Final hidden states [P + n, hidden] of the prefix rows followed by the tokens ([n, hidden] after K/V)."""
+    def hidden(self, prefix: Tensor | None, ids: list[int], tokens_as_input_ids: bool | None = None) -> Tensor:
+        """Final hidden states [P + n, hidden] of the prefix rows followed by the tokens ([n, hidden] after K/V).
+        `tokens_as_input_ids`: whether the tokens reach the model as input ids, whose embeddings a model may scale
+        (Falcon-H1's token_embedding_multiplier), not as PEFT's inputs_embeds; default: without a prefix (a text
+        prompt's are too: prompts.tokens_as_input_ids)."""
         device = self.model.word_embeddings.weight.device
         embeds = self.model.embed_tokens(torch.tensor(ids, dtype=torch.long, device=device))
+        scale = self.model.config.token_embedding_multiplier
+        if scale != 1.0 and (prefix is None if tokens_as_input_ids is None else tokens_as_input_ids):
+            embeds = embeds * scale
         prefix_kv = prefix if is_prefix_kv(prefix) else None
         if prefix is not None and prefix_kv is None:
             embeds = torch.cat([prefix.to(embeds.dtype), embeds], dim=0)
@@ -105,10 +111,10 @@ class ReferencePath:
                                          c.attention_softcap, self.model.attention_sinks)
         return self.model(embeds, positions, attention)
 
-    def logits(self, prefix: Tensor | None, ids: list[int]) -> Tensor:
+    def logits(self, prefix: Tensor | None, ids: list[int], tokens_as_input_ids: bool | None = None) -> Tensor:
         """fp32 logits [n, vocab] at the token positions (the prefix rows are dropped)."""
         p = 0 if prefix is None or is_prefix_kv(prefix) else prefix.shape[0]
-        return self.model.compute_logits(self.hidden(prefix, ids)[p:])
+        return self.model.compute_logits(self.hidden(prefix, ids, tokens_as_input_ids)[p:])
 
     def generate(
         self,
@@ -119,13 +125,14 @@ class ReferencePath:
         decode: Callable[[list[int]], str] | None = None,
         guide: GrammarGuide | None = None,
         gate: ThoughtGate | None = None,
+        tokens_as_input_ids: bool | None = None,
     ) -> tuple[list[int], list[TokenLogprob] | None, Finish]:
         generator = make_generator(params)
         generated: list[int] = []
         logprobs: list[TokenLogprob] = []
         text = None if decode is None else FullText(decode, generated)
         while True:
-            last = self.model.compute_logits(self.hidden(prefix, ids + generated)[-1:])
+            last = self.model.compute_logits(self.hidden(prefix, ids + generated, tokens_as_input_ids)[-1:])
             tokens, lps = sample_next(last, [params], [generator], [(ids, generated)], eos_token_ids,
                                       guides=[guide], gates=[gate])
             generated.append(tokens[0])

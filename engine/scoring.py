@@ -14,7 +14,7 @@ import torch
 
 from .errors import RequestError
 from .kv_pool import OutOfBlocks
-from .prompts import SoftPrompt
+from .prompts import SoftPrompt, tokens_as_input_ids
 from .sampling import token_logprobs
 from .sequence import Sequence
 
@@ -35,8 +35,9 @@ def score_continuations(engine, items: list[ScoreItem]) -> list[list[float]]:
     if not items:
         return []
     if engine.backend == "reference":
-        return [[_summed(engine.reference.logits(None if prompt is None else prompt.reference_input, ctx + c)
-                         [len(ctx) - 1:-1], c) for c in conts] for prompt, ctx, conts in items]
+        return [[_summed(engine.reference.logits(None if prompt is None else prompt.reference_input, ctx + c,
+                                                 tokens_as_input_ids(prompt))[len(ctx) - 1:-1], c)
+                 for c in conts] for prompt, ctx, conts in items]
     try:
         return _score(engine, items)
     except OutOfBlocks:

@@ -32,7 +32,7 @@ SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "hyperclovax", "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4", "gemma4_unified_text",
     "gemma4_unified", "laguna", "qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next",
     "lfm2", "granitemoehybrid", "bamba", "nemotron_h", "mamba", "falcon_mamba", "mamba2", "jamba", "lfm2_moe",
-    "olmo_hybrid", "gpt_neox",
+    "olmo_hybrid", "falcon_h1", "gpt_neox",
     "phi", "stablelm", "nemotron",
     "starcoder2", "cohere", "cohere2", "olmo", "olmo2", "olmo3", "flex_olmo", "exaone4", "exaone4_5", "glm", "glm4",
     "falcon", "gptj", "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
@@ -140,7 +140,8 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
               "hunyuan_v1_moe", "solar_open", "exaone_moe", "gpt_oss", "minimax_m2", "llama4_text", "llama4",
               "phimoe", "afmoe", "granite_swa", "granitemoe_swa", "kolibri1", "flint", "dbrx", "nanochat", "hy_v3",
               "laguna", "qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next",
-              "granitemoehybrid", "bamba", "nemotron_h", "mamba2", "jamba", "olmo_hybrid")
+              "granitemoehybrid", "bamba", "nemotron_h", "mamba2", "jamba", "olmo_hybrid",
+              "falcon_h1")
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "ministral", "ministral3", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3",
@@ -521,6 +522,17 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                   num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,
                   max_position_embeddings=max_positions, block_multiple_of=32,
                   full_attn_idxs=[i for i in range(num_layers) if i % 2])
+    elif arch == "falcon_h1":  # every layer a Mamba-2 mixer (8 heads of 16, 2 groups, 16 states, 16-token chunks, the
+        # output norm after the gate) beside GQA attention; muP multipliers everywhere, none of them 1
+        cls = transformers.FalconH1Config
+        kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                  num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter,
+                  max_position_embeddings=max_positions, mamba_d_ssm=128, mamba_n_heads=8, mamba_d_head=16,
+                  mamba_n_groups=2, mamba_d_state=16, mamba_d_conv=4, mamba_chunk_size=16, mamba_rms_norm=True,
+                  mamba_norm_before_gate=False, embedding_multiplier=3.0, lm_head_multiplier=0.5,
+                  mlp_multipliers=[0.8, 1.3], key_multiplier=0.7, attention_in_multiplier=1.2,
+                  attention_out_multiplier=0.9, ssm_multipliers=[0.9, 1.1, 0.8, 1.2, 0.7], ssm_in_multiplier=1.4,
+                  ssm_out_multiplier=0.6)
     elif arch == "olmo_hybrid":  # Gated DeltaNet layers (2 key heads of 16, 4 value heads of 16) with an OLMo 3
         # attention layer every second layer (RoPE unless the overrides drop rope_parameters)
         cls = transformers.OlmoHybridConfig

@@ -378,6 +378,11 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # OLMo Hybrid: Gated DeltaNet layers (q, k, v projected and convolved apart, beta in (0, 2)) in a pre-norm layout
     # with OLMo 3's post-norm attention layers
     "olmo_hybrid": ("olmo_hybrid", {"num_layers": 4}),
+    # Falcon-H1: a Mamba-2 mixer beside attention in every layer, muP multipliers everywhere (the token embeddings'
+    # only on input ids, not under PEFT); the mixer's output norm after its gate, before it, or none
+    "falcon_h1": ("falcon_h1", {"num_layers": 3}),
+    "falcon_h1_norm_first": ("falcon_h1", {"num_layers": 2, "mamba_norm_before_gate": True}),
+    "falcon_h1_no_norm": ("falcon_h1", {"num_layers": 2, "mamba_rms_norm": False, "tie_word_embeddings": True}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -22,9 +22,11 @@ FP32_ATOL = 1e-4
 # transformers 5.23's Bamba with a cache: its decode steps' logits are up to 1.6 off its own full forward's (Granite
 # 4.0's hybrid, the same Mamba-2 mixer, agrees to 2e-6); PEFT 0.21's generate on Mamba, Falcon-Mamba and Mamba-2
 # prepends the soft prompt again at every step (it looks for the cache under past_key_values; these models keep it in
-# cache_params; their own cached generate agrees with the full forward). So greedy tokens are checked against the
-# full forward's
-HF_CACHE_DIVERGES = ("bamba", "mamba", "falcon_mamba", "mamba2")
+# cache_params; their own cached generate agrees with the full forward); PEFT's generate on Falcon-H1 with its cache
+# strays from the third token (with use_cache=False it gives the full forward's tokens, as does the bare model's
+# cached generate). So greedy tokens are checked against the full forward's
+HF_CACHE_DIVERGES = ("bamba", "mamba", "falcon_mamba", "mamba2", "falcon_h1", "falcon_h1_norm_first",
+                     "falcon_h1_no_norm")
 HALF_ATOL = {torch.bfloat16: 0.05, torch.float16: 0.01}  # relative to the logit scale
 
 
@@ -147,7 +149,7 @@ def test_half_precision_close_to_hf(variant, dtype, model_dir_for, adapter_for):
     assert torch.equal(got.argmax(-1)[decisive], truth.argmax(-1)[decisive])
 
 
-@pytest.mark.parametrize("variant", ["qwen3_5", "mamba", "mamba2", "olmo_hybrid"])
+@pytest.mark.parametrize("variant", ["qwen3_5", "mamba", "mamba2", "olmo_hybrid", "falcon_h1"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_linear_attention_in_half_precision(variant, dtype, model_dir_for, adapter_for):
     """Qwen3.5, Mamba and Mamba-2 in half precision: as close to the fp32 truth as HF's own half-precision run (their
@@ -344,3 +346,29 @@ def test_flint_keeps_its_sinks_and_router_in_fp32(model_dir_for):
     assert ours.self_attn.sinks.dtype == ours.mlp.gate.weight.dtype == torch.float32
     assert torch.equal(ours.self_attn.sinks, theirs.self_attn.sinks)
     assert torch.equal(ours.mlp.gate.weight, theirs.mlp.gate.weight)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_falcon_h1_scales_input_ids_not_peft_rows(backend, model_dir_for, adapter_for):
+    """Falcon-H1 scales the embeddings of the input ids it is given (embedding_multiplier), not inputs_embeds: under
+    PEFT's prompt learning its tokens come unscaled after the prompt's rows. So the engine scales the tokens of a
+    request without a prompt or with a text prompt (transformers' input ids: the text's tokens, then the input's),
+    and not those after a soft prompt; all three in one batch, each equal to its transformers / PEFT counterpart."""
+    from softprompt.engine.tokenizer import load_tokenizer
+
+    model_dir, adapter = model_dir_for("falcon_h1"), adapter_for("falcon_h1")
+    engine = Engine(model_dir, device="cpu", dtype="float32", backend=backend)
+    engine.add_prompt("soft", adapter)
+    text_ids = load_tokenizer(model_dir).encode("the cat sat on", add_special_tokens=False)
+    engine.add_prompt("text", text="the cat sat on")
+    ids = random_ids(11, 8)
+    base, peft_model = hf_peft_model(model_dir, None), hf_peft_model(model_dir, adapter)
+    with torch.no_grad():
+        bare = base(input_ids=torch.tensor([ids])).logits[0].float()
+        soft = peft_model(input_ids=torch.tensor([ids])).logits[0, -len(ids):].float()
+        text = base(input_ids=torch.tensor([text_ids + ids])).logits[0, -len(ids):].float()
+        unscaled = base(inputs_embeds=base.get_input_embeddings()(torch.tensor([ids]))).logits[0].float()
+    assert (unscaled - bare).abs().max() > 0.1  # the multiplier matters: scaling the wrong rows fails below
+    got = engine.sequence_logits([(None, ids), ("soft", ids), ("text", ids)])
+    for g, expected in zip(got, (bare, soft, text)):
+        torch.testing.assert_close(g, expected, atol=FP32_ATOL, rtol=0)

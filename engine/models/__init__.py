@@ -8,6 +8,7 @@ from .common import Attention
 from .dbrx import DbrxForCausalLM
 from .deepseek import DeepseekForCausalLM
 from .falcon import FalconForCausalLM
+from .falcon_h1 import FalconH1ForCausalLM
 from .flint import FlintForCausalLM
 from .gemma import GemmaForCausalLM
 from .gemma4 import Gemma4ForCausalLM
@@ -56,6 +57,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "mamba": MambaForCausalLM,
     "jamba": JambaForCausalLM,
     "olmo_hybrid": OlmoHybridForCausalLM,
+    "falcon_h1": FalconH1ForCausalLM,
     "gpt_neox": GPTNeoXForCausalLM,
     "phi": PhiForCausalLM,
     "gptj": GPTJForCausalLM,

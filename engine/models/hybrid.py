@@ -52,8 +52,10 @@ class HybridAttention(nn.Module):
     """q/k/v/o projections (fused at inference), per-head q/k RMSNorms where `qk_norm` (LFM2's), RoPE where the
     model hands rows (none: NoPE), grouped-query attention through the engine's `attention`."""
 
-    def __init__(self, c: ModelConfig, qk_norm: bool = False):
+    def __init__(self, c: ModelConfig, qk_norm: bool = False, key_multiplier: float = 1.0):
+        """`key_multiplier`: the keys scaled after their projection (Falcon-H1's)."""
         super().__init__()
+        self.key_multiplier = key_multiplier
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         d = c.head_dim
         self.q_proj = Linear(c.hidden_size, c.num_heads * d, bias=c.qkv_bias)
@@ -79,6 +81,8 @@ class HybridAttention(nn.Module):
         qk = qkv[:, :(hq + hkv) * d].view(t, hq + hkv, d)
         if self.qk_norm:
             qk = norm_heads(qk, hq, self.q_norm, self.k_norm)
+        if self.key_multiplier != 1.0:
+            qk = torch.cat([qk[:, :hq], qk[:, hq:] * self.key_multiplier], dim=1)
         if rope is not None:
             qk = apply_rotary(qk, *rope)
         out = attention(layer, qk[:, :hq], qk[:, hq:], qkv[:, (hq + hkv) * d:].view(t, hkv, d))

@@ -54,19 +54,24 @@ def ssd_chunked(x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, state: T
 
 
 class GroupedGatedRMSNorm(nn.Module):
-    """y * silu(z) in fp32, RMS-normed over each group of channels, cast back, scaled."""
+    """y * silu(z) in fp32, RMS-normed over each group of channels, cast back, scaled. `norm_first` (Falcon-H1's
+    norm_before_gate): y RMS-normed per group and scaled, then times silu(z), all in fp32, cast back."""
 
-    def __init__(self, dim: int, groups: int, eps: float):
+    def __init__(self, dim: int, groups: int, eps: float, norm_first: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.groups = groups
         self.eps = eps
+        self.norm_first = norm_first
+
+    def _normed(self, h: Tensor) -> Tensor:
+        grouped = h.view(*h.shape[:-1], self.groups, -1)
+        return (grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)).view(h.shape)
 
     def forward(self, y: Tensor, gate: Tensor) -> Tensor:
-        h = y.float() * F.silu(gate.float())
-        grouped = h.view(*h.shape[:-1], self.groups, -1)
-        normed = (grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)).view(h.shape)
-        return self.weight * normed.to(y.dtype)
+        if self.norm_first:
+            return (self.weight * self._normed(y.float()) * F.silu(gate.float())).to(y.dtype)
+        return self.weight * self._normed(y.float() * F.silu(gate.float())).to(y.dtype)
 
 
 class Mamba2Mixer(nn.Module):
@@ -81,13 +86,18 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(torch.ones(heads))
         self.A_log = nn.Parameter(torch.zeros(heads))
         self.D = nn.Parameter(torch.ones(heads))
-        self.norm = GroupedGatedRMSNorm(inner, m.num_groups, eps)
-        self.out_proj = Linear(inner, hidden_size, bias=m.proj_bias)
+        if m.gated_norm:
+            self.norm = GroupedGatedRMSNorm(inner, m.num_groups, eps, norm_first=m.gated_norm == "norm_then_gate")
+        self.out_proj = Linear(inner, hidden_size, bias=m.proj_bias if m.out_bias is None else m.out_bias)
+        self._zxbcdt_scale: Tensor | None = None  # Falcon-H1's in_proj output multipliers, made on first use
 
     def forward(self, layer: int, x: Tensor, batch: RecurrentBatch) -> Tensor:
         m = self.config
         t, heads, groups = x.shape[0], m.num_heads, m.num_groups
-        gate, xbc, dt = self.in_proj(x).split([self.inner, m.conv_channels, heads], dim=-1)
+        projected = self.in_proj(x * m.input_multiplier if m.input_multiplier != 1.0 else x)
+        if m.zxbcdt_multipliers:
+            projected = projected * self._in_proj_scale(projected)
+        gate, xbc, dt = projected.split([self.inner, m.conv_channels, heads], dim=-1)
         conv_state, ssm = batch.initial(layer, (m.conv_channels, m.conv_kernel - 1),
                                         (heads, m.head_dim, m.state_size), x.dtype, x.device)
         xbc, new_conv = causal_conv_packed(xbc, self.conv1d.weight, self.conv1d.bias, conv_state, batch.lengths,
@@ -102,5 +112,17 @@ class Mamba2Mixer(nn.Module):
                                  lambda x_, dt_, b_, c_, s_: ssd_step(x_, dt_, a, b_, c_, s_),
                                  lambda x_, dt_, b_, c_, s_: ssd_chunked(x_, dt_, a, b_, c_, s_, m.chunk_size))
         batch.store(layer, new_conv, new_ssm)
-        y = y + xs * self.D.float()[:, None]
-        return self.out_proj(self.norm(y.reshape(t, self.inner), gate).to(x.dtype))
+        y = (y + xs * self.D.float()[:, None]).reshape(t, self.inner)
+        if not m.gated_norm:  # (Falcon-H1 without mamba_rms_norm)
+            return self.out_proj((y * F.silu(gate.float())).to(x.dtype))
+        return self.out_proj(self.norm(y, gate).to(x.dtype))
+
+    def _in_proj_scale(self, like: Tensor) -> Tensor:
+        """in_proj's output multipliers as one row: z and x `inner` wide each, B and C groups x state_size each, dt
+        one per head (Falcon-H1's muP vector, in the model dtype as transformers holds it)."""
+        if self._zxbcdt_scale is None or self._zxbcdt_scale.device != like.device:
+            m = self.config
+            widths = [self.inner, self.inner, m.num_groups * m.state_size, m.num_groups * m.state_size, m.num_heads]
+            self._zxbcdt_scale = torch.repeat_interleave(torch.tensor(m.zxbcdt_multipliers, dtype=torch.float32),
+                                                         torch.tensor(widths)).to(like.device, like.dtype)
+        return self._zxbcdt_scale
