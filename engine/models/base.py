@@ -108,8 +108,10 @@ class CausalLM(nn.Module):
     def graph_capturable(self) -> bool:
         """Whether a decode step's forward can be captured in a CUDA graph (no host reads of device values): not
         with a mixture of experts, whose experts group their tokens on the host, nor with layers that keep a
-        recurrent state, whose states are looked up by slot on the host."""
-        return self.config.moe is None and self.config.recurrent_state is None
+        recurrent state, whose states are looked up by slot on the host, nor where token embeddings are scaled per
+        sequence (Falcon-H1's, which the captured embedding step does not do)."""
+        return (self.config.moe is None and self.config.recurrent_state is None
+                and self.config.token_embedding_multiplier == 1.0)
 
     @property
     def attention_sinks(self) -> Tensor | None:
