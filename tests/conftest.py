@@ -357,8 +357,6 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # per-head q/k norms; and with biases on its convolution layers
     "lfm2": ("lfm2", {"num_layers": 4}),
     "lfm2_conv_bias": ("lfm2", {"num_layers": 3, "conv_bias": True, "tie_word_embeddings": False}),
-    # LFM2-MoE: the same layers, a dense first one, then experts by sigmoid score + correction bias
-    "lfm2_moe": ("lfm2_moe", {"num_layers": 3}),
     # Granite 4.0's hybrids: Mamba-2 layers (a conv and scan state per sequence) with attention layers, Granite's
     # multipliers and experts beside a shared MLP; and the dense NoPE layout (the shared MLP alone, no RoPE)
     "granite_hybrid": ("granitemoehybrid", {"num_layers": 4}),
@@ -383,6 +381,9 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "falcon_h1": ("falcon_h1", {"num_layers": 3}),
     "falcon_h1_norm_first": ("falcon_h1", {"num_layers": 2, "mamba_norm_before_gate": True}),
     "falcon_h1_no_norm": ("falcon_h1", {"num_layers": 2, "mamba_rms_norm": False, "tie_word_embeddings": True}),
+    # LFM2-MoE: LFM2's layers, a dense first one, then experts by sigmoid score + correction bias (new variants go
+    # last: a variant's weights are drawn from its index here)
+    "lfm2_moe": ("lfm2_moe", {"num_layers": 3}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -8,7 +8,6 @@ recurrent state (engine/recurrent_state.py), which the attention implementation 
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -58,12 +57,6 @@ class FalconH1Backbone(nn.Module):
 class FalconH1ForCausalLM(HybridCausalLM):
     backbone_class = FalconH1Backbone
 
-    def prepare_for_inference(self, device: torch.device) -> None:
-        transposed = self.fp32_on_cpu(device)
-        for layer in self.model.layers:
-            layer.self_attn.fuse(transposed)
-            layer.feed_forward.fuse(transposed)
-        super().prepare_for_inference(device)
 
     def forward(
         self, embeds: Tensor | None, positions: Tensor, attention: Attention, layer0: Layer0Input | None = None

@@ -9,7 +9,6 @@ layer's past is a recurrent state (engine/recurrent_state.py), which the attenti
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
@@ -65,13 +64,6 @@ class GraniteHybridForCausalLM(HybridCausalLM):
                 pairs += moe_checkpoint_tensors(name, value)
         return pairs
 
-    def prepare_for_inference(self, device: torch.device) -> None:
-        transposed = self.fp32_on_cpu(device)
-        for layer in self.model.layers:
-            if hasattr(layer, "self_attn"):
-                layer.self_attn.fuse(transposed)
-            layer.mlp.fuse(transposed)
-        super().prepare_for_inference(device)
 
     def forward(
         self, embeds: Tensor | None, positions: Tensor, attention: Attention, layer0: Layer0Input | None = None

@@ -106,3 +106,14 @@ class HybridCausalLM(RotaryCausalLM):
     @property
     def word_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
+
+    def prepare_for_inference(self, device: torch.device) -> None:
+        """Every layer's projections fused: each of its parts that can (attention, linear attention, the MLP or
+        the experts: their `fuse`)."""
+        transposed = self.fp32_on_cpu(device)
+        for layer in self.model.layers:
+            for part in layer.children():
+                fuse = getattr(part, "fuse", None)
+                if fuse is not None:
+                    fuse(transposed)
+        super().prepare_for_inference(device)

@@ -6,7 +6,6 @@ not renormalised) in every `expert_layer_period`-th layer. A Mamba layer's past 
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
@@ -52,13 +51,6 @@ class JambaForCausalLM(HybridCausalLM):
         return [pair for name, value in super().checkpoint_tensors(key, tensor)
                 for pair in moe_checkpoint_tensors(name, value)]
 
-    def prepare_for_inference(self, device: torch.device) -> None:
-        transposed = self.fp32_on_cpu(device)
-        for layer in self.model.layers:
-            if hasattr(layer, "self_attn"):
-                layer.self_attn.fuse(transposed)
-            layer.mlp.fuse(transposed)
-        super().prepare_for_inference(device)
 
     def forward(
         self, embeds: Tensor | None, positions: Tensor, attention: Attention, layer0: Layer0Input | None = None

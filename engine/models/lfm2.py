@@ -10,7 +10,6 @@ as `attention.recurrent`; the reference path runs each sequence from zero.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -105,13 +104,6 @@ class Lfm2ForCausalLM(HybridCausalLM):
         return [pair for name, value in super().checkpoint_tensors(key, tensor)
                 for pair in moe_checkpoint_tensors(name, value)]
 
-    def prepare_for_inference(self, device: torch.device) -> None:
-        transposed = self.fp32_on_cpu(device)
-        for layer in self.model.layers:
-            if hasattr(layer, "self_attn"):
-                layer.self_attn.fuse(transposed)
-            layer.feed_forward.fuse(transposed)
-        super().prepare_for_inference(device)
 
     def forward(
         self, embeds: Tensor | None, positions: Tensor, attention: Attention, layer0: Layer0Input | None = None

@@ -69,12 +69,6 @@ class OlmoHybridForCausalLM(HybridCausalLM):
             key = f"{stem}.linear_attn.{_LINEAR_NAMES.get(name, name)}" + (f".{suffix}" if suffix else "")
         return super().checkpoint_tensors(key, tensor)
 
-    def prepare_for_inference(self, device: torch.device) -> None:
-        transposed = self.fp32_on_cpu(device)
-        for layer in self.model.layers:
-            (layer.linear_attn if hasattr(layer, "linear_attn") else layer.self_attn).fuse(transposed)
-            layer.mlp.fuse(transposed)
-        super().prepare_for_inference(device)
 
     def forward(
         self, embeds: Tensor | None, positions: Tensor, attention: Attention, layer0: Layer0Input | None = None

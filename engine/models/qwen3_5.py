@@ -242,12 +242,6 @@ class Qwen3_5ForCausalLM(HybridCausalLM):
         q, k, v, z = (part.reshape(-1, weight.shape[-1]) for part in per_head.split([dk, dk, dv, dv], dim=1))
         return [(f"{stem}.in_proj_qkv.weight", torch.cat([q, k, v])), (f"{stem}.in_proj_z.weight", z)]
 
-    def prepare_for_inference(self, device: torch.device) -> None:
-        transposed = self.fp32_on_cpu(device)
-        for layer in self.model.layers:
-            (layer.linear_attn if hasattr(layer, "linear_attn") else layer.self_attn).fuse(transposed)
-            layer.mlp.fuse(transposed)
-        super().prepare_for_inference(device)
 
     def forward(
         self, embeds: Tensor | None, positions: Tensor, attention: Attention, layer0: Layer0Input | None = None
