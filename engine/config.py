@@ -1513,6 +1513,34 @@ def _mpt_config(hf: Any, model_type: str) -> ModelConfig:
     )
 
 
+def _require_silu(model_type: str, field: str, value: str) -> None:
+    """The recurrent mixers (Mamba's, Gated DeltaNet's) are written for silu."""
+    if value != "silu":
+        raise UnsupportedModelError(f"{model_type} with {field}={value!r} (the engine runs silu)")
+
+
+def _time_step_limit(value: Any) -> tuple[float, float]:
+    """A Mamba-2 config's time_step_limit ((0, inf) where unset)."""
+    return tuple(float(v) for v in (value or (0.0, float("inf"))))
+
+
+def _gated_deltanet_config(hf: Any, model_type: str, **options: Any) -> LinearAttentionConfig:
+    """The Gated DeltaNet layers of a config with `layer_types` (linear_attention / full_attention) and the
+    linear_* head fields (Qwen3.5's, Qwen3-Next's, OLMo Hybrid's); `options`: LinearAttentionConfig's others."""
+    kinds = set(hf.layer_types)
+    if not kinds <= {"linear_attention", "full_attention"}:
+        raise UnsupportedModelError(f"{model_type} with layer types {sorted(kinds)}: the engine runs "
+                                    "linear_attention and full_attention layers")
+    if hf.linear_num_value_heads % hf.linear_num_key_heads:
+        raise CheckpointError(f"linear_num_value_heads={hf.linear_num_value_heads} is not a multiple of "
+                              f"linear_num_key_heads={hf.linear_num_key_heads}")
+    return LinearAttentionConfig(
+        layers=tuple(i for i, t in enumerate(hf.layer_types) if t == "linear_attention"),
+        num_key_heads=hf.linear_num_key_heads, num_value_heads=hf.linear_num_value_heads,
+        key_head_dim=hf.linear_key_head_dim, value_head_dim=hf.linear_value_head_dim,
+        conv_kernel=hf.linear_conv_kernel_dim, **options)
+
+
 def _qwen3_5_config(hf: Any, model_type: str) -> ModelConfig:
     """Qwen3.5 (and Qwen3-Next, its forerunner): Gated DeltaNet (linear-attention) layers and, every few layers,
     gated full attention (q_proj gives each head's query and an output gate; per-head (1 + w) q/k RMSNorms; RoPE
@@ -1524,14 +1552,8 @@ def _qwen3_5_config(hf: Any, model_type: str) -> ModelConfig:
         return _language_model_config(hf, model_type, lambda text: _qwen3_5_config(text, text.model_type))
     _check_rope_types(hf, model_type)
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-    kinds = set(hf.layer_types)
-    if not kinds <= {"linear_attention", "full_attention"}:
-        raise UnsupportedModelError(f"{model_type} with layer types {sorted(kinds)}: the engine runs "
-                                    "linear_attention and full_attention layers")
-    linear = tuple(i for i, t in enumerate(hf.layer_types) if t == "linear_attention")
-    if hf.linear_num_value_heads % hf.linear_num_key_heads:
-        raise CheckpointError(f"linear_num_value_heads={hf.linear_num_value_heads} is not a multiple of "
-                              f"linear_num_key_heads={hf.linear_num_key_heads}")
+    linear_attention = _gated_deltanet_config(hf, model_type)
+    linear = linear_attention.layers
     rope = hf.rope_parameters or {}
     kv_heads = hf.num_key_value_heads
     moe = None
@@ -1544,10 +1566,6 @@ def _qwen3_5_config(hf: Any, model_type: str) -> ModelConfig:
                         sparse_layers=tuple(i for i in range(hf.num_hidden_layers)
                                             if i not in dense and (i + 1) % step == 0),
                         shared_expert_intermediate_size=hf.shared_expert_intermediate_size or 0)
-    linear_attention = LinearAttentionConfig(
-        layers=linear, num_key_heads=hf.linear_num_key_heads, num_value_heads=hf.linear_num_value_heads,
-        key_head_dim=hf.linear_key_head_dim, value_head_dim=hf.linear_value_head_dim,
-        conv_kernel=hf.linear_conv_kernel_dim)
     return ModelConfig(
         family="qwen3_5",
         **_decoder_fields(hf, model_type, head_dim),
@@ -1628,7 +1646,7 @@ def _granite_hybrid_config(hf: Any, model_type: str) -> ModelConfig:
     m = Mamba2Config(layers=mamba, num_heads=hf.mamba_n_heads, head_dim=hf.mamba_d_head, num_groups=hf.mamba_n_groups,
                      state_size=hf.mamba_d_state, conv_kernel=hf.mamba_d_conv, chunk_size=hf.mamba_chunk_size,
                      conv_bias=bool(hf.mamba_conv_bias), proj_bias=bool(hf.mamba_proj_bias),
-                     time_step_limit=tuple(float(v) for v in (hf.time_step_limit or (0.0, float("inf")))))
+                     time_step_limit=_time_step_limit(hf.time_step_limit))
     moe = _moe_config(hf, "granitemoeshared") if not bamba and hf.num_local_experts else None
     kv_heads = hf.num_key_value_heads
     layers = range(hf.num_hidden_layers)
@@ -1665,9 +1683,7 @@ def _nemotron_h_config(hf: Any, model_type: str) -> ModelConfig:
         raise UnsupportedModelError(f"{model_type} with layer types {sorted(set(hf.layers_block_type))}")
     if getattr(hf, "moe_latent_size", None):
         raise UnsupportedModelError(f"{model_type} with moe_latent_size (experts in a latent space) is not supported")
-    if hf.mamba_hidden_act != "silu":
-        raise UnsupportedModelError(f"{model_type} with mamba_hidden_act={hf.mamba_hidden_act!r} (the engine runs "
-                                    "silu)")
+    _require_silu(model_type, "mamba_hidden_act", hf.mamba_hidden_act)
     layers = range(hf.num_hidden_layers)
     mamba = tuple(i for i in layers if kinds[i] == "mamba")
     sparse = tuple(i for i in layers if kinds[i] == "moe")
@@ -1707,8 +1723,7 @@ def _mamba_config(hf: Any, model_type: str) -> ModelConfig:
     """Mamba (`mamba`), Falcon-Mamba (`falcon_mamba`: gainless RMSNorms on dt, B and C) and Mamba-2 (`mamba2`, e.g.
     Codestral Mamba): every layer a mixer after an RMSNorm, added to the residual (fp32 with residual_in_fp32); no
     attention and no positions, so a sequence's whole past is its recurrent state."""
-    if hf.hidden_act != "silu":
-        raise UnsupportedModelError(f"{model_type} with hidden_act={hf.hidden_act!r} (the engine runs silu)")
+    _require_silu(model_type, "hidden_act", hf.hidden_act)
     layers = tuple(range(hf.num_hidden_layers))
     scan = ssd = None
     if model_type == "mamba2":
@@ -1719,7 +1734,7 @@ def _mamba_config(hf: Any, model_type: str) -> ModelConfig:
         ssd = Mamba2Config(layers=layers, num_heads=hf.num_heads, head_dim=hf.head_dim, num_groups=hf.n_groups,
                            state_size=hf.state_size, conv_kernel=hf.conv_kernel, chunk_size=hf.chunk_size,
                            conv_bias=bool(hf.use_conv_bias), proj_bias=bool(hf.use_bias),
-                           time_step_limit=tuple(float(v) for v in (hf.time_step_limit or (0.0, float("inf")))))
+                           time_step_limit=_time_step_limit(hf.time_step_limit))
     else:
         scan = SelectiveScanConfig(layers=layers, inner=int(hf.intermediate_size), state_size=hf.state_size,
                                    dt_rank=int(hf.time_step_rank), conv_kernel=hf.conv_kernel,
@@ -1754,8 +1769,7 @@ def _jamba_config(hf: Any, model_type: str) -> ModelConfig:
     """Jamba (AI21's Jamba, Jamba 1.5 / 1.6 / 1.7, Jamba Reasoning): Llama's layers (RMSNorms, SwiGLU MLPs) whose
     mixer is Mamba-1 (with gained RMSNorms on dt, B and C) in most layers and attention without positions in every
     `attn_layer_period`-th; experts (the softmax's top-k, not renormalised) in every `expert_layer_period`-th."""
-    if hf.hidden_act != "silu":
-        raise UnsupportedModelError(f"{model_type} with hidden_act={hf.hidden_act!r} (the engine runs silu)")
+    _require_silu(model_type, "hidden_act", hf.hidden_act)
     layers = range(hf.num_hidden_layers)
     kinds = hf.layers_block_type
     mamba = tuple(i for i in layers if kinds[i] == "mamba")
@@ -1785,25 +1799,15 @@ def _olmo_hybrid_config(hf: Any, model_type: str) -> ModelConfig:
     """OLMo Hybrid: Gated DeltaNet layers (q, k, v, gate, a, b projected separately; beta in (0, 2) with
     allow_neg_eigval; output norm eps 1e-5) in Llama's pre-norm layout, and OLMo 3's attention layers (post-norms, q/k
     norms over all heads) with RoPE where rope_parameters name a rope_theta, else none (the released checkpoints)."""
-    kinds = set(hf.layer_types)
-    if not kinds <= {"linear_attention", "full_attention"}:
-        raise UnsupportedModelError(f"{model_type} with layer types {sorted(kinds)}: the engine runs "
-                                    "linear_attention and full_attention layers")
-    if hf.hidden_act != "silu":
-        raise UnsupportedModelError(f"{model_type} with hidden_act={hf.hidden_act!r} (the engine runs silu)")
-    if hf.linear_num_value_heads % hf.linear_num_key_heads:
-        raise CheckpointError(f"linear_num_value_heads={hf.linear_num_value_heads} is not a multiple of "
-                              f"linear_num_key_heads={hf.linear_num_key_heads}")
+    _require_silu(model_type, "hidden_act", hf.hidden_act)
+    linear_attention = _gated_deltanet_config(hf, model_type, beta_scale=2.0 if hf.linear_allow_neg_eigval else 1.0,
+                                              norm_eps=1e-5)
     layers = range(hf.num_hidden_layers)
-    linear = tuple(i for i in layers if hf.layer_types[i] == "linear_attention")
+    linear = linear_attention.layers
     rope = getattr(hf, "rope_parameters", None) or {}
     if rope.get("rope_theta") is not None:
         _check_rope_types(hf, model_type)
     head_dim = hf.hidden_size // hf.num_attention_heads
-    linear_attention = LinearAttentionConfig(
-        layers=linear, num_key_heads=hf.linear_num_key_heads, num_value_heads=hf.linear_num_value_heads,
-        key_head_dim=hf.linear_key_head_dim, value_head_dim=hf.linear_value_head_dim,
-        conv_kernel=hf.linear_conv_kernel_dim, beta_scale=2.0 if hf.linear_allow_neg_eigval else 1.0, norm_eps=1e-5)
     return ModelConfig(
         family="olmo_hybrid",
         **_decoder_fields(hf, model_type, head_dim),
@@ -1825,8 +1829,7 @@ def _falcon_h1_config(hf: Any, model_type: str) -> ModelConfig:
     attention's input, keys and output, the mixer's input, its in_proj outputs and output, the MLP's gate and output,
     the logits); the mixer's output RMSNorm optional (`mamba_rms_norm`), before or after its gate."""
     _check_rope_types(hf, model_type)
-    if hf.hidden_act != "silu":
-        raise UnsupportedModelError(f"{model_type} with hidden_act={hf.hidden_act!r} (the engine runs silu)")
+    _require_silu(model_type, "hidden_act", hf.hidden_act)
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     layers = tuple(range(hf.num_hidden_layers))
     inner = hf.mamba_d_ssm or int(hf.mamba_expand * hf.hidden_size)
@@ -1837,7 +1840,7 @@ def _falcon_h1_config(hf: Any, model_type: str) -> ModelConfig:
                      num_groups=hf.mamba_n_groups, state_size=hf.mamba_d_state, conv_kernel=hf.mamba_d_conv,
                      chunk_size=hf.mamba_chunk_size, conv_bias=bool(hf.mamba_conv_bias),
                      proj_bias=bool(hf.mamba_proj_bias),
-                     time_step_limit=tuple(float(v) for v in (hf.time_step_limit or (0.0, float("inf")))),
+                     time_step_limit=_time_step_limit(hf.time_step_limit),
                      out_bias=bool(hf.projectors_bias), gated_norm=norm, input_multiplier=float(hf.ssm_in_multiplier),
                      zxbcdt_multipliers=tuple(float(v) for v in hf.ssm_multipliers))
     return ModelConfig(

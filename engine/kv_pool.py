@@ -106,9 +106,8 @@ class KVPool:
         an explicit kv_cache_bytes, which is the K/V's alone). A model without attention: the states are all there is,
         as many as the bytes hold (allocated as sequences need them)."""
         recurrent = getattr(config, "recurrent_state", None)
-        state_bytes = 0 if recurrent is None else state_slots * RecurrentStates.bytes_per_state(recurrent, dtype)
-        if getattr(config, "attention_free", False):
-            state_bytes = 0
+        state_bytes = (0 if recurrent is None or getattr(config, "attention_free", False)
+                       else state_slots * RecurrentStates.bytes_per_state(recurrent, dtype))
         if kv_cache_bytes is None:
             fraction = 0.5 if kv_cache_fraction is None else kv_cache_fraction
             if not 0 < fraction <= 1:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig, SelectiveScanConfig
 from ..recurrent_state import RecurrentBatch
 from .base import CausalLM, Layer0Input
-from .common import Attention, RMSNorm, causal_conv_packed
+from .common import Attention, RMSNorm, causal_conv_packed, l2_norm
 from .hybrid import recurrent_batch, scan_packed
 from .linear import Linear
 from .mamba2 import Mamba2Mixer
@@ -55,12 +55,6 @@ def selective_chunked(x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, st
     return torch.cat(outs), state
 
 
-def gainless_rms(x: Tensor, eps: float) -> Tensor:
-    """Falcon-Mamba's RMSNorm without a gain (in fp32, cast back)."""
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
-
-
 class MambaMixer(nn.Module):
     def __init__(self, m: SelectiveScanConfig, hidden_size: int):
         super().__init__()
@@ -89,7 +83,7 @@ class MambaMixer(nn.Module):
         if m.bcdt_norm_weights:
             dt, b, c = self.dt_layernorm(dt), self.b_layernorm(b), self.c_layernorm(c)
         elif m.bcdt_norm_eps:
-            dt, b, c = (gainless_rms(t, m.bcdt_norm_eps) for t in (dt, b, c))
+            dt, b, c = (l2_norm(t, m.bcdt_norm_eps) for t in (dt, b, c))  # (Falcon-Mamba's: no gains)
         dt = F.softplus(self.dt_proj(dt)).float()  # (in the model dtype, as transformers' scan adds the bias)
         a = -torch.exp(self.A_log.float())
         x32 = xs.float()
