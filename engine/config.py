@@ -34,7 +34,7 @@ ARCH_FAMILIES = {
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gemma4_text": "gemma4",
     "gemma4": "gemma4", "gemma4_unified_text": "gemma4", "gemma4_unified": "gemma4", "laguna": "laguna",
     "qwen3_5_text": "qwen3_5", "qwen3_5": "qwen3_5", "qwen3_5_moe_text": "qwen3_5", "qwen3_5_moe": "qwen3_5",
-    "qwen3_next": "qwen3_5", "lfm2": "lfm2", "lfm2_moe": "lfm2", "granitemoehybrid": "granite_hybrid",
+    "qwen3_next": "qwen3_5", "lfm2": "lfm2", "lfm2_moe": "lfm2", "lfm3": "lfm2", "granitemoehybrid": "granite_hybrid",
     "nemotron_h": "nemotron_h", "bamba": "granite_hybrid", "mamba": "mamba", "falcon_mamba": "mamba",
     "mamba2": "mamba", "jamba": "jamba", "olmo_hybrid": "olmo_hybrid", "falcon_h1": "falcon_h1",
     "gpt_neox": "gpt_neox",
@@ -284,6 +284,7 @@ class ModelConfig:
     # Laguna: the heads' outputs times softplus(g_proj(x)) before o_proj, one gate per "head" or per "element"; "": none
     softplus_output_gate: str = ""
     attention_output_gate: bool = False  # AFMoE: the heads' outputs times sigmoid(gate_proj(x)) before o_proj
+    head_gate: bool = False  # LFM3: each head's output times one sigmoid(g_proj(x)) per head before o_proj
     layer_rope_thetas: tuple[float, ...] = ()  # GraniteSWA: each layer's RoPE base (0: that layer has none)
     rms_norm: bool = False  # Cohere2-MoE with rms_norm_eps: RMSNorms in place of Cohere's LayerNorms
     # Granite's multipliers: input embeddings (soft-prompt rows too) x embedding_multiplier, each sublayer's output
@@ -759,6 +760,22 @@ def _deepseek_config(hf: Any, model_type: str) -> ModelConfig:
     return config
 
 
+def hf_router_weights_in_fp32() -> bool:
+    """Whether the installed transformers keeps the router weights of DeepSeek-V2/V3's routers and their kin (GLM-4.5,
+    dots.llm1, Solar Open, EXAONE-MoE, Hy3, Nemotron-H's experts) and AFMoE's correction bias in fp32 whatever the
+    model dtype: from 5.24 on (`_keep_in_fp32_modules_strict`); before, they were cast as the model is. The two
+    differ only for checkpoints whose router weights are stored finer than the dtype served (an fp32 checkpoint run
+    in bf16), where a rounded router weight can pick other experts at a near-tie; the engine follows the transformers
+    it runs beside, so that `softprompt verify` compares like with like."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("transformers").split(".")
+        return (int(release[0]), int("".join(ch for ch in release[1] if ch.isdigit()) or 0)) >= (5, 24)
+    except (PackageNotFoundError, ValueError, IndexError):
+        return True
+
+
 def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
     layers = range(hf.num_hidden_layers)
     if model_type == "gpt_oss":  # every layer sparse: a biased router, the softmax of its top-k logits in the model
@@ -803,7 +820,8 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
         return MoEConfig(num_experts=hf.n_routed_experts, top_k=hf.num_experts_per_tok,
                          intermediate_size=hf.moe_intermediate_size, norm_topk_prob=False,
                          weights_in_model_dtype=False, sparse_layers=tuple(layers)[hf.first_k_dense_replace:],
-                         fp32_router=True, num_groups=hf.n_group if grouped else 1,
+                         fp32_router=True, fp32_router_weight=hf_router_weights_in_fp32(),
+                         num_groups=hf.n_group if grouped else 1,
                          top_groups=hf.topk_group if grouped else 1, group_by_best=True,
                          routed_scaling=float(hf.routed_scaling_factor), ungated_shared_intermediate_size=shared)
     if model_type == "hunyuan_v1_moe":  # every layer: a softmax router (its weight kept in fp32), renormalised top-k,
@@ -832,7 +850,8 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
         return MoEConfig(num_experts=experts, top_k=hf.num_experts_per_tok,
                          intermediate_size=hf.moe_intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),
                          weights_in_model_dtype=False, sparse_layers=sparse,
-                         sigmoid_scores=True, fp32_router=True, num_groups=hf.n_group, top_groups=hf.topk_group,
+                         sigmoid_scores=True, fp32_router=True, fp32_router_weight=hf_router_weights_in_fp32(),
+                         num_groups=hf.n_group, top_groups=hf.topk_group,
                          routed_scaling=float(hf.routed_scaling_factor), ungated_shared_intermediate_size=shared)
     if model_type == "llama4_text":  # the moe_layers sparse: the top-k logits' sigmoids scale the experts' inputs,
         # plus an ungated shared expert as wide as the experts
@@ -845,7 +864,8 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
         return MoEConfig(num_experts=hf.num_experts, top_k=hf.num_experts_per_tok,
                          intermediate_size=hf.moe_intermediate_size, norm_topk_prob=True, weights_in_model_dtype=False,
                          sparse_layers=tuple(i for i in layers if hf.mlp_layer_types[i] == "sparse"),
-                         sigmoid_scores=True, fp32_router=True, routed_scaling=float(hf.router_scaling_factor),
+                         sigmoid_scores=True, fp32_router=True, fp32_router_weight=hf_router_weights_in_fp32(),
+                         routed_scaling=float(hf.router_scaling_factor),
                          ungated_shared_intermediate_size=hf.moe_intermediate_size * (hf.num_shared_experts or 0))
     if model_type == "flint":  # Qwen2-MoE's dense mlp_only_layers, then experts chosen by the sigmoid of fp32
         # logits (the router weight kept fp32) alone, renormalised, beside an ungated shared expert
@@ -865,11 +885,13 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
                          fp32_router=True, correction_bias_on_logits=True,
                          ungated_shared_intermediate_size=hf.shared_expert_intermediate_size)
     if model_type == "afmoe":  # dense first num_dense_layers, then sigmoid-routed experts (GLM-4.5's router in one
-        # group, its correction bias `expert_bias` cast as the model is), scaled by route_scale, and shared experts
+        # group, its correction bias `expert_bias` cast as the model is before transformers 5.24, fp32 since), scaled
+        # by route_scale, and shared experts
         return MoEConfig(num_experts=hf.num_experts, top_k=hf.num_experts_per_tok,
                          intermediate_size=hf.moe_intermediate_size, norm_topk_prob=True, weights_in_model_dtype=False,
                          sparse_layers=tuple(layers)[hf.num_dense_layers or 0:], sigmoid_scores=True,
-                         routed_scaling=float(hf.route_scale), correction_bias_in_model_dtype=True,
+                         routed_scaling=float(hf.route_scale),
+                         correction_bias_in_model_dtype=not hf_router_weights_in_fp32(),
                          ungated_shared_intermediate_size=hf.moe_intermediate_size * (hf.num_shared_experts or 0))
     if model_type == "phimoe":  # every layer sparse: sparsemixer's two experts, in the model dtype
         if hf.num_experts_per_tok != 2:
@@ -1587,13 +1609,23 @@ def _lfm2_config(hf: Any, model_type: str) -> ModelConfig:
     """LFM2 (Liquid AI): gated short-convolution layers (`conv`) and grouped-query attention layers (per-head q/k
     RMSNorms, RoPE), RMSNorms, SwiGLU MLPs whose width `block_auto_adjust_ff_dim` adjusts as transformers does.
     LFM2-MoE (`lfm2_moe`): the same layers, the MLP after the first `num_dense_layers` experts chosen by their
-    sigmoid scores (in the model dtype) plus a correction bias, weighted by the scores (renormalised, scaled)."""
+    sigmoid scores (in the model dtype) plus a correction bias, weighted by the scores (renormalised, scaled).
+    LFM3 (`lfm3`): sliding-window and full-attention layers among the convolutions, each type with a RoPE of its own,
+    each head's output gated by a sigmoid where `use_attention_gate`, each sublayer's output normed before its
+    residual add where `use_sandwich_norm`."""
     _check_rope_types(hf, model_type)
-    head_dim = hf.hidden_size // hf.num_attention_heads
+    lfm3 = model_type == "lfm3"
+    head_dim = getattr(hf, "head_dim", None) if lfm3 else None
+    head_dim = head_dim or hf.hidden_size // hf.num_attention_heads
     kinds = set(hf.layer_types)
-    if not kinds <= {"conv", "full_attention"}:
-        raise UnsupportedModelError(f"{model_type} with layer types {sorted(kinds)}: the engine runs conv and "
-                                    "full_attention layers")
+    allowed = {"conv", "full_attention", "sliding_attention"} if lfm3 else {"conv", "full_attention"}
+    if not kinds <= allowed:
+        raise UnsupportedModelError(f"{model_type} with layer types {sorted(kinds)}: the engine runs "
+                                    f"{', '.join(sorted(allowed))} layers")
+    rope = hf.rope_parameters or {}
+    if "full_attention" in rope and not all(t in rope for t in kinds - {"conv"}):
+        raise UnsupportedModelError(f"{model_type}: rope_parameters keyed by layer type give none for "
+                                    f"{sorted(kinds - {'conv'} - set(rope))}")
     conv = tuple(i for i, t in enumerate(hf.layer_types) if t == "conv")
     width = hf.intermediate_size
     if getattr(hf, "block_auto_adjust_ff_dim", False):
@@ -1611,6 +1643,13 @@ def _lfm2_config(hf: Any, model_type: str) -> ModelConfig:
                         sigmoid_scores=True, score_bias=bool(hf.use_expert_bias),
                         routed_scaling=float(hf.routed_scaling_factor), router_in_model_dtype=True,
                         topk_norm_eps=1e-6)
+    lfm3_fields: dict[str, Any] = {}
+    if lfm3:
+        bias = bool(getattr(hf, "attention_bias", False))
+        lfm3_fields = dict(qkv_bias=bias, o_bias=bias, head_gate=bool(hf.use_attention_gate),
+                           sandwich_norms=bool(hf.use_sandwich_norm),
+                           layer_windows=_windows_by_layer_type(hf.sliding_window, hf.layer_types,
+                                                                hf.max_position_embeddings))
     return ModelConfig(
         family="lfm2",
         **{**_decoder_fields(hf, model_type, head_dim, norm_eps=hf.norm_eps), "intermediate_size": width},
@@ -1622,6 +1661,7 @@ def _lfm2_config(hf: Any, model_type: str) -> ModelConfig:
         layer_kv_heads=tuple(0 if i in conv else kv_heads for i in range(hf.num_hidden_layers)),
         short_conv=RecurrentStateConfig(conv, hf.hidden_size, hf.conv_L_cache),
         moe=moe,
+        **lfm3_fields,
     )
 
 
@@ -1695,6 +1735,7 @@ def _nemotron_h_config(hf: Any, model_type: str) -> ModelConfig:
                     intermediate_size=hf.moe_intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),
                     weights_in_model_dtype=False, sparse_layers=sparse, sigmoid_scores=True, num_groups=hf.n_group,
                     top_groups=hf.topk_group, routed_scaling=float(hf.routed_scaling_factor), fp32_router=True,
+                    fp32_router_weight=hf_router_weights_in_fp32(),
                     ungated_shared_intermediate_size=hf.moe_shared_expert_intermediate_size) if sparse else None
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     return ModelConfig(

@@ -32,7 +32,7 @@ SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "hyperclovax", "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4", "gemma4_unified_text",
     "gemma4_unified", "laguna", "qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next",
     "lfm2", "granitemoehybrid", "bamba", "nemotron_h", "mamba", "falcon_mamba", "mamba2", "jamba", "lfm2_moe",
-    "olmo_hybrid", "falcon_h1", "gpt_neox",
+    "olmo_hybrid", "falcon_h1", "lfm3", "gpt_neox",
     "phi", "stablelm", "nemotron",
     "starcoder2", "cohere", "cohere2", "olmo", "olmo2", "olmo3", "flex_olmo", "exaone4", "exaone4_5", "glm", "glm4",
     "falcon", "gptj", "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
@@ -549,6 +549,15 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                   moe_intermediate_size=inter // 8, num_dense_layers=1, num_experts=4, num_experts_per_tok=2,
                   routed_scaling_factor=2.0, max_position_embeddings=max_positions,
                   layer_types=["full_attention" if i % 2 else "conv" for i in range(num_layers)])
+    elif arch == "lfm3":  # LFM2's convolutions (7 taps) with sliding-window (6 tokens) and full-attention layers in
+        # turn, heads 24 wide (not hidden / heads), the full-attention RoPE proportional over half of each head, gated
+        # heads, sandwich norms
+        cls = transformers.Lfm3Config
+        kinds = ("conv", "sliding_attention", "full_attention")
+        kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                  num_key_value_heads=num_kv_heads or max(1, num_heads // 2), intermediate_size=inter, head_dim=24,
+                  max_position_embeddings=max_positions, sliding_window=6,
+                  layer_types=[kinds[i % 3] for i in range(num_layers)])
     elif arch == "granitemoehybrid":  # Mamba-2 layers (8 heads of 16, 2 groups, 16 states; 16-token scan chunks)
         # with an attention layer every second layer (RoPE), Granite's multipliers, 4 experts (2 a token) beside a
         # shared MLP

@@ -384,6 +384,12 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # LFM2-MoE: LFM2's layers, a dense first one, then experts by sigmoid score + correction bias (new variants go
     # last: a variant's weights are drawn from its index here)
     "lfm2_moe": ("lfm2_moe", {"num_layers": 3}),
+    # LFM3: convolutions, sliding-window (6 tokens) and full-attention layers in turn, each attention type with a RoPE
+    # of its own (the full one proportional over half of each 24-wide head), gated heads, sandwich norms; and without
+    # the gate and the sandwich norms, with biases, untied
+    "lfm3": ("lfm3", {"num_layers": 5}),
+    "lfm3_plain": ("lfm3", {"num_layers": 3, "use_sandwich_norm": False, "use_attention_gate": False,
+                            "attention_bias": True, "conv_bias": True, "tie_word_embeddings": False}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -21,7 +21,7 @@ from softprompt.testing import build_prefix_tuning_adapter, build_prompt_tensor
 
 from .runtime_helpers import assert_no_leaks, make_requests, register_tasks, run
 
-HYBRID = ["qwen3_5", "lfm2", "granite_hybrid", "nemotron_h", "jamba", "olmo_hybrid", "falcon_h1"]
+HYBRID = ["qwen3_5", "lfm2", "granite_hybrid", "nemotron_h", "jamba", "olmo_hybrid", "falcon_h1", "lfm3"]
 ATTENTION_FREE = ["mamba", "mamba2"]
 STATEFUL = HYBRID + ATTENTION_FREE
 

@@ -149,11 +149,11 @@ def test_half_precision_close_to_hf(variant, dtype, model_dir_for, adapter_for):
     assert torch.equal(got.argmax(-1)[decisive], truth.argmax(-1)[decisive])
 
 
-@pytest.mark.parametrize("variant", ["qwen3_5", "mamba", "mamba2", "olmo_hybrid", "falcon_h1"])
+@pytest.mark.parametrize("variant", ["qwen3_5", "mamba", "mamba2", "olmo_hybrid", "falcon_h1", "lfm3"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_linear_attention_in_half_precision(variant, dtype, model_dir_for, adapter_for):
-    """Qwen3.5, Mamba and Mamba-2 in half precision: as close to the fp32 truth as HF's own half-precision run (their
-    tiny models' top-2 logit margins are small, Qwen3.5's median ~0.24, too small for
+    """Qwen3.5, Mamba, Mamba-2, OLMo Hybrid, Falcon-H1 and LFM3 in half precision: as close to the fp32 truth as HF's
+    own half-precision run (their tiny models' top-2 logit margins are small, Qwen3.5's median ~0.24, too small for
     test_half_precision_close_to_hf's greedy check at twice HF's error: bf16 errors are ~0.2-0.4 here), and HF's
     greedy token wherever the fp32 margin exceeds twice our error."""
     model_dir, adapter = model_dir_for(variant), adapter_for(variant)
@@ -322,8 +322,10 @@ def test_apply_rotary_is_hf_rotate_half_bit_for_bit(dtype):
 
 @pytest.mark.parametrize("variant", ["glm4_moe", "minimax_m2", "afmoe", "kolibri1"])
 def test_router_correction_bias_is_held_in_hfs_dtype(variant, model_dir_for):
-    """GLM-4.5's (DeepSeek-V3's) score-correction bias stays fp32 in a bf16 model, MiniMax-M2's and AFMoE's are cast
-    to bf16, as transformers holds each: a bias rounded otherwise can pick other experts where two nearly tie."""
+    """GLM-4.5's (DeepSeek-V3's) score-correction bias stays fp32 in a bf16 model, MiniMax-M2's is cast to bf16, and
+    AFMoE's is cast before transformers 5.24 and fp32 since, as transformers holds each: a bias rounded otherwise can
+    pick other experts where two nearly tie."""
+    from softprompt.engine.config import hf_router_weights_in_fp32
     from softprompt.engine.loader import load_model
 
     model_dir = model_dir_for(variant)
@@ -331,8 +333,34 @@ def test_router_correction_bias_is_held_in_hfs_dtype(variant, model_dir_for):
     layer = hf_peft_model(model_dir, None, dtype=torch.bfloat16).model.layers[1].mlp
     theirs = getattr(layer, "e_score_correction_bias", getattr(layer, "expert_bias", None))  # (AFMoE's name)
     theirs = layer.gate.e_score_correction_bias if theirs is None else theirs
-    assert ours.dtype == theirs.dtype == (torch.float32 if variant in ("glm4_moe", "kolibri1") else torch.bfloat16)
+    in_fp32 = variant in ("glm4_moe", "kolibri1") or (variant == "afmoe" and hf_router_weights_in_fp32())
+    assert ours.dtype == theirs.dtype == (torch.float32 if in_fp32 else torch.bfloat16)
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("variant", ["deepseek_v3", "deepseek_v2", "glm4_moe", "dots1", "solar_open", "exaone_moe",
+                                     "hy_v3", "ernie4_5_moe", "flint", "hunyuan_v1_moe", "mistral4", "qwen3_moe",
+                                     "nemotron_h"])
+def test_router_weight_is_held_in_hfs_dtype(variant, model_dir_for):
+    """Each router's weight in a bf16 model is held in the dtype the installed transformers holds it in (fp32 for
+    ERNIE 4.5's, Flint's and Hunyuan's; for DeepSeek-V2/V3's kin and Nemotron-H's from transformers 5.24 on; bf16
+    otherwise), with HF's values: an fp32 checkpoint's router rounded otherwise picks other experts at near-ties."""
+    from softprompt.engine.loader import load_model
+
+    model_dir = model_dir_for(variant)
+    ours_model = load_model(model_dir, "cpu", torch.bfloat16)
+    hf = hf_peft_model(model_dir, None, dtype=torch.bfloat16)
+    layer = ours_model.config.moe.sparse_layers[0]
+    if variant == "nemotron_h":
+        ours, hf_layer = ours_model.backbone.layers[layer].mixer.gate.weight, hf.model.layers[layer].mixer
+    else:
+        ours, hf_layer = ours_model.model.layers[layer].mlp.gate.weight, hf.model.layers[layer].mlp
+    theirs = [p for name, p in hf_layer.named_parameters()
+              if name.endswith(("gate.weight", "gate.wg.weight", "router.weight")) and p.shape == ours.shape
+              and "expert" not in name]
+    assert len(theirs) == 1, [name for name, _ in hf_layer.named_parameters()]
+    assert ours.dtype == theirs[0].dtype
+    assert torch.equal(ours, theirs[0])
 
 
 def test_flint_keeps_its_sinks_and_router_in_fp32(model_dir_for):

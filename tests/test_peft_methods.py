@@ -46,10 +46,11 @@ _built: dict[str, dict] = {}
 CPT_UNBUILDABLE = ("xglm", "mpt", "dbrx", "mamba")
 # latent attention: no per-head K/V for prefix tuning or cartridges (HF + PEFT fail on them); Gemma 4: K/V shapes
 # that differ by layer, which PEFT's prefix fits to some layers and skips in others; Qwen3.5, LFM2, Granite 4.0's
-# hybrids, Bamba, Nemotron-H, Mamba, Jamba, LFM2-MoE, OLMo Hybrid, Falcon-H1: layers with a recurrent state, no K/V
+# hybrids, Bamba, Nemotron-H, Mamba, Jamba, LFM2-MoE, OLMo Hybrid, Falcon-H1, LFM3: layers with a recurrent state,
+# no K/V
 KV_UNSERVABLE = ("deepseek_v3", "deepseek_v2", "minicpm3", "gemma4", "gemma4_moe", "gemma4_unified", "qwen3_5",
                  "lfm2", "granite_hybrid", "nemotron_h", "bamba", "mamba", "mamba2", "jamba", "lfm2_moe", "olmo_hybrid",
-                 "falcon_h1")
+                 "falcon_h1", "lfm3")
 KV_TASKS = ("kv", "kv_proj", "cart")
 
 

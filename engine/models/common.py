@@ -134,12 +134,17 @@ def rotary_cos_sin(inv_freq: Tensor, scaling: float, positions: Tensor, dtype: t
 def rope_tables_by_layer(config: ModelConfig, layer_types: list[str] | None, dim: int, positions: Tensor,
                          dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
     """cos/sin of `positions` for each layer: one table per layer type, each as HF builds it (`layer_types` None:
-    the config's one RoPE, for every layer)."""
+    the config's one RoPE, for every layer). A layer type without RoPE parameters (LFM3's `conv` layers, which
+    attend to nothing) gets any table, never read."""
     tables: dict[str | None, tuple[Tensor, Tensor]] = {}
+    keyed = config.hf_config.rope_parameters if layer_types else {}
     for layer_type in dict.fromkeys(layer_types or [None]):
+        if layer_type is not None and layer_type not in keyed:
+            continue
         inv_freq, scaling = layer_type_rope_inv_freq(config.hf_config, layer_type, dim, positions.device)
         tables[layer_type] = rotary_cos_sin(inv_freq, scaling, positions, dtype)
-    return [tables[layer_types[i] if layer_types else None] for i in range(config.num_layers)]
+    first = next(iter(tables.values()))
+    return [tables.get(layer_types[i] if layer_types else None, first) for i in range(config.num_layers)]
 
 
 def rope_tables_by_theta(thetas: tuple[float, ...], dim: int, positions: Tensor,

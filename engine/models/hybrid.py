@@ -53,7 +53,8 @@ class HybridAttention(nn.Module):
     model hands rows (none: NoPE), grouped-query attention through the engine's `attention`."""
 
     def __init__(self, c: ModelConfig, qk_norm: bool = False, key_multiplier: float = 1.0):
-        """`key_multiplier`: the keys scaled after their projection (Falcon-H1's)."""
+        """`key_multiplier`: the keys scaled after their projection (Falcon-H1's). `c.head_gate`: each head's output
+        times sigmoid(g_proj(x)), one gate per head (LFM3's)."""
         super().__init__()
         self.key_multiplier = key_multiplier
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
@@ -66,6 +67,7 @@ class HybridAttention(nn.Module):
             self.q_norm = RMSNorm(d, c.norm_eps)
             self.k_norm = RMSNorm(d, c.norm_eps)
         self.qk_norm = qk_norm
+        self.g_proj = Linear(c.hidden_size, c.num_heads, bias=False) if c.head_gate else None
         self.qkv_weight: Tensor | None = None
         self.qkv_bias: Tensor | None = None
 
@@ -86,6 +88,8 @@ class HybridAttention(nn.Module):
         if rope is not None:
             qk = apply_rotary(qk, *rope)
         out = attention(layer, qk[:, :hq], qk[:, hq:], qkv[:, (hq + hkv) * d:].view(t, hkv, d))
+        if self.g_proj is not None:
+            out = out.view(t, hq, d) * torch.sigmoid(self.g_proj(x))[:, :, None]
         return self.o_proj(out.reshape(t, hq * d))
 
 

@@ -1,6 +1,9 @@
 """LFM2 (Liquid AI, `lfm2`): gated short-convolution layers with, among them, grouped-query attention layers (per-head
 q/k RMSNorms, RoPE); RMSNorms, SwiGLU MLPs, the final norm named `embedding_norm`. LFM2-MoE (`lfm2_moe`): the same
-layers, experts in place of the MLP after the first `num_dense_layers` (moe.py's sigmoid router).
+layers, experts in place of the MLP after the first `num_dense_layers` (moe.py's sigmoid router). LFM3 (`lfm3`):
+sliding-window and full-attention layers, each type with a RoPE of its own (the full-attention one proportional, over
+part of each head), each head's output gated (`ModelConfig.head_gate`), and an RMSNorm on each sublayer's output
+before its residual add (`sandwich_norms`).
 
 A convolution layer projects its input to B, C and x, convolves B * x causally over the last `conv_L_cache` tokens
 (per channel, no activation) and gates the result with C. A sequence's past in it is the last `conv_L_cache - 1`
@@ -76,6 +79,9 @@ class Lfm2Layer(nn.Module):
                                         else Lfm2MLP(c))
         self.operator_norm = RMSNorm(c.hidden_size, c.norm_eps)
         self.ffn_norm = RMSNorm(c.hidden_size, c.norm_eps)
+        if c.sandwich_norms:  # LFM3's use_sandwich_norm
+            self.post_operator_norm = RMSNorm(c.hidden_size, c.norm_eps)
+            self.post_ffn_norm = RMSNorm(c.hidden_size, c.norm_eps)
 
 
 class Lfm2Backbone(nn.Module):
@@ -88,14 +94,17 @@ class Lfm2Backbone(nn.Module):
 
 class Lfm2ForCausalLM(HybridCausalLM):
     backbone_class = Lfm2Backbone
+    per_layer_rope = True  # (LFM3's sliding and full-attention layers rotate with RoPEs of their own)
 
     def checkpoint_tensors(self, key: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
-        """The attention's own names for its output projection and q/k norms under the shared attention's;
+        """The attention's own names for its output projection and q/k norms under the shared attention's (LFM3's
+        head gate: `g_proj`, as transformers names it, or the Hub's `gate_proj`);
         LFM2-MoE's experts (stacked by transformers, or per expert with the dense MLP's w1 / w3 / w2 names) and the
         router's correction bias (`expert_bias`, on the block) under moe.py's names."""
         for theirs, ours in (("self_attn.out_proj.", "self_attn.o_proj."),
                              ("self_attn.q_layernorm.", "self_attn.q_norm."),
                              ("self_attn.k_layernorm.", "self_attn.k_norm."),
+                             ("self_attn.gate_proj.", "self_attn.g_proj."),
                              (".feed_forward.expert_bias", ".feed_forward.gate.e_score_correction_bias")):
             key = key.replace(theirs, ours)
         if ".feed_forward.experts." in key and key.endswith(".weight"):
@@ -113,9 +122,12 @@ class Lfm2ForCausalLM(HybridCausalLM):
         one sequence from zero (the reference path)."""
         h = embeds
         batch = recurrent_batch(attention, h)
-        rope = self.rope_rows(attention, positions)
+        ropes = self.rope_rows_by_layer(attention, positions)
+        sandwich = self.config.sandwich_norms
         for i, layer in enumerate(self.model.layers):
             x = layer.operator_norm(h)
-            h = h + (layer.conv(i, x, batch) if hasattr(layer, "conv") else layer.self_attn(i, x, rope, attention))
-            h = h + layer.feed_forward(layer.ffn_norm(h))
+            out = layer.conv(i, x, batch) if hasattr(layer, "conv") else layer.self_attn(i, x, ropes[i], attention)
+            h = h + (layer.post_operator_norm(out) if sandwich else out)
+            out = layer.feed_forward(layer.ffn_norm(h))
+            h = h + (layer.post_ffn_norm(out) if sandwich else out)
         return self.model.embedding_norm(h)

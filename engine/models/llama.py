@@ -165,7 +165,8 @@ class LlamaForCausalLM(RotaryCausalLM):
         self.mtp_layers = int(getattr(config.hf_config, "num_nextn_predict_layers", 0) or 0)
         if config.model_type == "hy_v3":  # (Hy3's multi-token-prediction layer after the last, which transformers
             self.mtp_layers = 1  # leaves out too)
-        if config.moe is not None and config.moe.fp32_router_weight:  # (ERNIE 4.5's routers)
+        if config.moe is not None and config.moe.fp32_router_weight:  # (ERNIE 4.5's routers; DeepSeek's since
+            # transformers 5.24)
             self.fp32_key_suffixes = (*self.fp32_key_suffixes, "mlp.gate.weight")
         if config.moe is not None and config.moe.correction_bias_in_model_dtype:  # (MiniMax-M2's, AFMoE's)
             self.fp32_key_suffixes = tuple(s for s in self.fp32_key_suffixes if s != "e_score_correction_bias")

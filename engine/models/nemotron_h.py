@@ -53,6 +53,8 @@ class NemotronHForCausalLM(CausalLM):
         super().__init__(config)
         self.backbone = NemotronHBackbone(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.moe is not None and config.moe.fp32_router_weight:  # (transformers >= 5.24 keeps it in fp32)
+            self.fp32_key_suffixes = (*self.fp32_key_suffixes, "mixer.gate.weight")
 
     @property
     def word_embeddings(self) -> nn.Embedding:
