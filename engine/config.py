@@ -34,7 +34,8 @@ ARCH_FAMILIES = {
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gemma4_text": "gemma4",
     "gemma4": "gemma4", "gemma4_unified_text": "gemma4", "gemma4_unified": "gemma4", "laguna": "laguna",
     "qwen3_5_text": "qwen3_5", "qwen3_5": "qwen3_5", "qwen3_5_moe_text": "qwen3_5", "qwen3_5_moe": "qwen3_5",
-    "qwen3_next": "qwen3_5", "lfm2": "lfm2", "lfm2_moe": "lfm2", "lfm3": "lfm2", "granitemoehybrid": "granite_hybrid",
+    "qwen3_next": "qwen3_5", "lfm2": "lfm2", "lfm2_moe": "lfm2", "lfm3": "lfm2", "lfm2_vl": "lfm2",
+    "lfm3_vl": "lfm2", "granitemoehybrid": "granite_hybrid",
     "nemotron_h": "nemotron_h", "bamba": "granite_hybrid", "mamba": "mamba", "falcon_mamba": "mamba",
     "mamba2": "mamba", "jamba": "jamba", "olmo_hybrid": "olmo_hybrid", "falcon_h1": "falcon_h1",
     "gpt_neox": "gpt_neox",
@@ -1612,7 +1613,10 @@ def _lfm2_config(hf: Any, model_type: str) -> ModelConfig:
     sigmoid scores (in the model dtype) plus a correction bias, weighted by the scores (renormalised, scaled).
     LFM3 (`lfm3`): sliding-window and full-attention layers among the convolutions, each type with a RoPE of its own,
     each head's output gated by a sigmoid where `use_attention_gate`, each sublayer's output normed before its
-    residual add where `use_sandwich_norm`."""
+    residual add where `use_sandwich_norm`. LFM2-VL and LFM3-VL (`lfm2_vl`, `lfm3_vl`): the multimodal checkpoints'
+    language model, text in and text out."""
+    if model_type in ("lfm2_vl", "lfm3_vl"):
+        return _language_model_config(hf, model_type, lambda text: _lfm2_config(text, text.model_type))
     _check_rope_types(hf, model_type)
     lfm3 = model_type == "lfm3"
     head_dim = getattr(hf, "head_dim", None) if lfm3 else None

@@ -32,7 +32,7 @@ SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "hyperclovax", "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4", "gemma4_unified_text",
     "gemma4_unified", "laguna", "qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next",
     "lfm2", "granitemoehybrid", "bamba", "nemotron_h", "mamba", "falcon_mamba", "mamba2", "jamba", "lfm2_moe",
-    "olmo_hybrid", "falcon_h1", "lfm3", "gpt_neox",
+    "olmo_hybrid", "falcon_h1", "lfm3", "lfm2_vl", "lfm3_vl", "gpt_neox",
     "phi", "stablelm", "nemotron",
     "starcoder2", "cohere", "cohere2", "olmo", "olmo2", "olmo3", "flex_olmo", "exaone4", "exaone4_5", "glm", "glm4",
     "falcon", "gptj", "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
@@ -549,6 +549,23 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                   moe_intermediate_size=inter // 8, num_dense_layers=1, num_experts=4, num_experts_per_tok=2,
                   routed_scaling_factor=2.0, max_position_embeddings=max_positions,
                   layer_types=["full_attention" if i % 2 else "conv" for i in range(num_layers)])
+    elif arch in ("lfm2_vl", "lfm3_vl"):  # multimodal: LFM2's (LFM3's) text + a tiny vision tower the engine leaves out
+        text = _hf_config(arch.removesuffix("_vl"), vocab_size=vocab_size, hidden_size=hidden_size,
+                          num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                          intermediate_size=intermediate_size, max_positions=max_positions, tie_word_embeddings=tie,
+                          **overrides)
+        if arch == "lfm2_vl":
+            vision = dict(model_type="siglip2_vision_model", hidden_size=32, intermediate_size=64,
+                          num_hidden_layers=1, num_attention_heads=2, num_patches=16, patch_size=4)
+            return transformers.Lfm2VlConfig(text_config=text.to_dict(), vision_config=vision,
+                                             image_token_id=vocab_size - 1, projector_hidden_size=32,
+                                             tie_word_embeddings=tie, **ids)
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, patch_size=4)
+        return transformers.Lfm3VlConfig(text_config=text.to_dict(), vision_config=vision,
+                                         image_token_id=vocab_size - 1, video_token_id=vocab_size - 2,
+                                         vision_start_token_id=vocab_size - 3, vision_end_token_id=vocab_size - 4,
+                                         projector_hidden_size=32, tie_word_embeddings=tie, **ids)
     elif arch == "lfm3":  # LFM2's convolutions (7 taps) with sliding-window (6 tokens) and full-attention layers in
         # turn, heads 24 wide (not hidden / heads), the full-attention RoPE proportional over half of each head, gated
         # heads, sandwich norms

@@ -390,6 +390,9 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "lfm3": ("lfm3", {"num_layers": 5}),
     "lfm3_plain": ("lfm3", {"num_layers": 3, "use_sandwich_norm": False, "use_attention_gate": False,
                             "attention_bias": True, "conv_bias": True, "tie_word_embeddings": False}),
+    # the multimodal LFM2-VL and LFM3-VL checkpoints: their language model, the vision tower left out
+    "lfm2_vl": ("lfm2_vl", {"num_layers": 3}),
+    "lfm3_vl": ("lfm3_vl", {"num_layers": 4}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 
