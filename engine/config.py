@@ -770,10 +770,11 @@ def hf_router_weights_in_fp32() -> bool:
     it runs beside, so that `softprompt verify` compares like with like."""
     from importlib.metadata import PackageNotFoundError, version
 
+    from packaging.version import InvalidVersion, Version  # (a dependency of transformers)
+
     try:
-        release = version("transformers").split(".")
-        return (int(release[0]), int("".join(ch for ch in release[1] if ch.isdigit()) or 0)) >= (5, 24)
-    except (PackageNotFoundError, ValueError, IndexError):
+        return Version(version("transformers")).release >= (5, 24)
+    except (PackageNotFoundError, InvalidVersion):
         return True
 
 
