@@ -33,6 +33,7 @@ ARCH_FAMILIES = {
     "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo2", "exaone4": "olmo2", "exaone4_5": "olmo2",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma", "gemma4_text": "gemma4",
     "gemma4": "gemma4", "gemma4_unified_text": "gemma4", "gemma4_unified": "gemma4", "laguna": "laguna",
+    "mimo_v2_flash": "mimo_v2",
     "qwen3_5_text": "qwen3_5", "qwen3_5": "qwen3_5", "qwen3_5_moe_text": "qwen3_5", "qwen3_5_moe": "qwen3_5",
     "qwen3_next": "qwen3_5", "lfm2": "lfm2", "lfm2_moe": "lfm2", "lfm3": "lfm2", "lfm2_vl": "lfm2",
     "lfm3_vl": "lfm2", "granitemoehybrid": "granite_hybrid",
@@ -226,7 +227,7 @@ class ModelConfig:
     # | "phi" | "gptj" | "falcon" | "opt" | "xglm" | "biogpt" | "gpt2" | "gpt_bigcode" | "gpt_neo" | "bloom"
     # | "nemotron" | "deepseek" | "gpt_oss" | "llama4" | "phimoe" | "afmoe" | "flint" | "mpt" | "persimmon" | "dbrx"
     # | "nanochat" | "gemma4" | "laguna" | "qwen3_5" | "lfm2" | "granite_hybrid" | "nemotron_h" | "mamba" | "jamba"
-    # | "olmo_hybrid" | "falcon_h1"
+    # | "olmo_hybrid" | "falcon_h1" | "mimo_v2"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -300,6 +301,11 @@ class ModelConfig:
     attention_softcap: float = 0.0  # attention scores (after the scale) -> cap * tanh(score / cap) (Gemma 2); 0: none
     # gpt-oss, GraniteSWA, Flint: a learned logit per layer and head in each query's softmax denominator
     attention_sinks: bool = False
+    sink_layers: tuple[int, ...] = ()  # MiMo-V2-Flash: the only layers with attention sinks (empty: all, where any)
+    # MiMo-V2-Flash: value heads narrower than the query/key heads (0: head_dim; the pool holds them zero-padded),
+    # and the values times value_scale before attention
+    v_head_dim: int = 0
+    value_scale: float = 1.0
     # a quantized checkpoint the loader dequantizes (see DEQUANTIZED_AT_LOAD): "mxfp4" (gpt-oss's experts) or "fp8"
     # (block-wise, with its weight_block_size); "": unquantized
     quantization: str = ""
@@ -357,10 +363,10 @@ class ModelConfig:
             return (f"{self.model_type}'s {self.recurrent_layer_kind} layers keep a recurrent state, not keys and "
                     "values, so a prefix-tuning adapter's K/V do not apply to them: use prompt tuning, P-tuning or "
                     "CPT")
-        if self.layer_head_dims or self.layer_kv_heads:
-            return (f"{self.model_type}'s layers differ in K/V head width and count; PEFT provisions a prefix-tuning "
-                    "adapter for the widest layers and skips or slices it elsewhere, which the engine does not "
-                    "reproduce: use prompt tuning, P-tuning or CPT")
+        if self.layer_head_dims or self.layer_kv_heads or self.v_head_dim not in (0, self.head_dim):
+            return (f"{self.model_type}'s layers differ in K/V head width or count, or its values are narrower "
+                    "than its keys; PEFT provisions a prefix-tuning adapter of one shape for all layers and skips or "
+                    "slices it elsewhere, which the engine does not reproduce: use prompt tuning, P-tuning or CPT")
         if self.mla is not None:
             return (f"{self.model_type}'s latent attention caches a compressed latent per token, not per-head keys "
                     "and values, so PEFT's prefix tuning does not apply to it (transformers + PEFT fail on it too); "
@@ -763,11 +769,11 @@ def _deepseek_config(hf: Any, model_type: str) -> ModelConfig:
 
 def hf_router_weights_in_fp32() -> bool:
     """Whether the installed transformers keeps the router weights of DeepSeek-V2/V3's routers and their kin (GLM-4.5,
-    dots.llm1, Solar Open, EXAONE-MoE, Hy3, Nemotron-H's experts) and AFMoE's correction bias in fp32 whatever the
-    model dtype: from 5.24 on (`_keep_in_fp32_modules_strict`); before, they were cast as the model is. The two
-    differ only for checkpoints whose router weights are stored finer than the dtype served (an fp32 checkpoint run
-    in bf16), where a rounded router weight can pick other experts at a near-tie; the engine follows the transformers
-    it runs beside, so that `softprompt verify` compares like with like."""
+    dots.llm1, Solar Open, EXAONE-MoE, Hy3, MiMo-V2-Flash, Nemotron-H's experts) and AFMoE's correction bias in fp32
+    whatever the model dtype: from 5.24 on (`_keep_in_fp32_modules_strict`); before, they were cast as the model is.
+    The two differ only for checkpoints whose router weights are stored finer than the dtype served (an fp32
+    checkpoint run in bf16), where a rounded router weight can pick other experts at a near-tie; the engine follows
+    the transformers it runs beside, so that `softprompt verify` compares like with like."""
     from importlib.metadata import PackageNotFoundError, version
 
     from packaging.version import InvalidVersion, Version  # (a dependency of transformers)
@@ -855,6 +861,15 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
                          sigmoid_scores=True, fp32_router=True, fp32_router_weight=hf_router_weights_in_fp32(),
                          num_groups=hf.n_group, top_groups=hf.topk_group,
                          routed_scaling=float(hf.routed_scaling_factor), ungated_shared_intermediate_size=shared)
+    if model_type == "mimo_v2_flash":  # the layers mlp_layer_types names sparse: DeepSeek-V3's router (its weight
+        # as transformers holds it), no shared expert
+        sparse = tuple(i for i in layers if hf.mlp_layer_types[i] == "sparse")
+        return MoEConfig(num_experts=hf.n_routed_experts, top_k=hf.num_experts_per_tok,
+                         intermediate_size=hf.moe_intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),
+                         weights_in_model_dtype=False, sparse_layers=sparse, sigmoid_scores=True, fp32_router=True,
+                         fp32_router_weight=hf_router_weights_in_fp32(), num_groups=hf.n_group or 1,
+                         top_groups=hf.topk_group or 1,
+                         routed_scaling=float(hf.routed_scaling_factor or 1.0)) if sparse else None
     if model_type == "llama4_text":  # the moe_layers sparse: the top-k logits' sigmoids scale the experts' inputs,
         # plus an ungated shared expert as wide as the experts
         return MoEConfig(num_experts=hf.num_local_experts, top_k=hf.num_experts_per_tok,
@@ -1065,6 +1080,41 @@ def _laguna_config(hf: Any, model_type: str) -> ModelConfig:
         layer_num_heads=heads if len(set(heads)) > 1 else (),
         softplus_output_gate="head" if hf.gating is True or hf.gating == "per-head" else "element",
         moe=moe,
+    )
+
+
+def _mimo_v2_flash_config(hf: Any, model_type: str) -> ModelConfig:
+    """MiMo-V2-Flash (Xiaomi): Llama's pre-norm layers with sliding-window and full-attention layers, each type with a
+    RoPE of its own over a third of each head; the sliding layers with twice the K/V heads and attention sinks; value
+    heads narrower than the query/key heads, times attention_value_scale; a dense first layer (mlp_layer_types), then
+    DeepSeek-V3's sigmoid router over the best groups, with no shared expert."""
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    sliding = tuple(i for i, t in enumerate(hf.layer_types) if t == "sliding_attention")
+    kv_heads = tuple(hf.num_key_value_heads * (2 if i in sliding else 1) for i in range(hf.num_hidden_layers))
+    for count in set(kv_heads):
+        if hf.num_attention_heads % count:
+            raise CheckpointError(f"num_attention_heads={hf.num_attention_heads} is not a multiple of a layer's "
+                                  f"{count} K/V heads")
+    if not 0 < hf.v_head_dim <= head_dim:
+        raise UnsupportedModelError(f"{model_type} with v_head_dim={hf.v_head_dim} wider than head_dim={head_dim}")
+    _check_rope_types(hf, model_type)
+    uniform = len(set(kv_heads)) == 1
+    scale = hf.attention_value_scale
+    return ModelConfig(
+        family="mimo_v2",
+        **_decoder_fields(hf, model_type, head_dim, num_kv_heads=math.lcm(*kv_heads)),
+        max_positions=hf.max_position_embeddings,
+        hidden_act=hf.hidden_act,
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        qkv_bias=bool(hf.attention_bias),
+        attention_scale=head_dim**-0.5,
+        layer_windows=_windows_by_layer_type(hf.sliding_window, hf.layer_types, hf.max_position_embeddings),
+        layer_kv_heads=() if uniform else kv_heads,
+        attention_sinks=bool(sliding),
+        sink_layers=sliding if len(sliding) < hf.num_hidden_layers else (),
+        v_head_dim=int(hf.v_head_dim),
+        value_scale=1.0 if scale is None else float(scale),
+        moe=_moe_config(hf, model_type),
     )
 
 
@@ -1918,5 +1968,5 @@ FAMILY_CONFIGS = {
     "nanochat": _nanochat_config, "gemma4": _gemma4_config, "laguna": _laguna_config, "qwen3_5": _qwen3_5_config,
     "lfm2": _lfm2_config, "granite_hybrid": _granite_hybrid_config, "nemotron_h": _nemotron_h_config,
     "mamba": _mamba_config, "jamba": _jamba_config, "olmo_hybrid": _olmo_hybrid_config,
-    "falcon_h1": _falcon_h1_config,
+    "falcon_h1": _falcon_h1_config, "mimo_v2": _mimo_v2_flash_config,
 }

@@ -32,7 +32,7 @@ SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "hyperclovax", "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4", "gemma4_unified_text",
     "gemma4_unified", "laguna", "qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next",
     "lfm2", "granitemoehybrid", "bamba", "nemotron_h", "mamba", "falcon_mamba", "mamba2", "jamba", "lfm2_moe",
-    "olmo_hybrid", "falcon_h1", "lfm3", "lfm2_vl", "lfm3_vl", "gpt_neox",
+    "olmo_hybrid", "falcon_h1", "lfm3", "lfm2_vl", "lfm3_vl", "mimo_v2_flash", "gpt_neox",
     "phi", "stablelm", "nemotron",
     "starcoder2", "cohere", "cohere2", "olmo", "olmo2", "olmo3", "flex_olmo", "exaone4", "exaone4_5", "glm", "glm4",
     "falcon", "gptj", "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
@@ -141,7 +141,7 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
               "phimoe", "afmoe", "granite_swa", "granitemoe_swa", "kolibri1", "flint", "dbrx", "nanochat", "hy_v3",
               "laguna", "qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next",
               "granitemoehybrid", "bamba", "nemotron_h", "mamba2", "jamba", "olmo_hybrid",
-              "falcon_h1")
+              "falcon_h1", "mimo_v2_flash")
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "ministral", "ministral3", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3",
@@ -632,6 +632,16 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                   moe_intermediate_size=inter // 8, shared_expert_intermediate_size=inter // 8,
                   num_attention_heads_per_layer=[num_heads if i % 2 else num_heads // 2 for i in range(num_layers)],
                   layer_types=["full_attention" if i % 2 else "sliding_attention" for i in range(num_layers)])
+    elif arch == "mimo_v2_flash":  # full-attention and sliding-window (6 tokens) layers in turn, the sliding ones
+        # with twice the K/V heads and attention sinks; heads 24 wide (RoPE over a third), values 16 wide and scaled;
+        # a dense first layer, then 4 experts (2 a token, from the best of 2 groups), scaled, no shared expert
+        cls = transformers.MiMoV2FlashConfig
+        kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                  num_key_value_heads=num_kv_heads or max(1, num_heads // 4), head_dim=24, v_head_dim=16,
+                  intermediate_size=inter, max_position_embeddings=max_positions, sliding_window=6,
+                  layer_types=["full_attention" if i % 2 == 0 else "sliding_attention" for i in range(num_layers)],
+                  n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1, moe_intermediate_size=inter // 8,
+                  routed_scaling_factor=2.0)
     elif arch == "persimmon":  # (RoPE over half of each head, q/k LayerNorms, squared ReLU)
         cls = transformers.PersimmonConfig
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,

@@ -393,6 +393,18 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     # the multimodal LFM2-VL and LFM3-VL checkpoints: their language model, the vision tower left out
     "lfm2_vl": ("lfm2_vl", {"num_layers": 3}),
     "lfm3_vl": ("lfm3_vl", {"num_layers": 4}),
+    # MiMo-V2-Flash: full-attention and sliding-window (6 tokens) layers in turn, the sliding ones with twice the K/V
+    # heads and attention sinks; heads 24 wide with RoPE over a third, values 16 wide times 0.707; a dense first
+    # layer, then experts from the best of 2 groups. And one with every head's values as wide as its keys, unscaled,
+    # q/k/v biases, tied embeddings, yarn on the full layers and every layer sparse; and one without experts
+    "mimo_v2_flash": ("mimo_v2_flash", {"num_layers": 4}),
+    "mimo_v2_flash_plain": ("mimo_v2_flash", {
+        "num_layers": 3, "v_head_dim": 24, "attention_value_scale": None, "attention_bias": True,
+        "tie_word_embeddings": True, "mlp_layer_types": ["sparse"] * 3, "rope_parameters": {
+            "full_attention": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                               "original_max_position_embeddings": 64, "partial_rotary_factor": 0.5},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}),
+    "mimo_v2_flash_dense": ("mimo_v2_flash", {"num_layers": 4, "mlp_layer_types": ["dense"] * 4}),  # (half precision)
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -30,7 +30,8 @@ ARCHS = ["llama", "qwen2", "qwen3", "phi3_longrope", "mistral_window", "ministra
          "qwen3_5_multimodal", "qwen3_5_moe", "qwen3_5_moe_multimodal", "qwen3_next", "lfm2",
          "lfm2_conv_bias", "granite_hybrid", "granite_hybrid_dense",
          "nemotron_h", "bamba", "mamba", "falcon_mamba", "mamba2", "jamba", "lfm2_moe", "olmo_hybrid", "falcon_h1",
-         "falcon_h1_no_norm", "lfm3", "lfm3_plain", "lfm2_vl", "lfm3_vl",
+         "falcon_h1_no_norm", "lfm3", "lfm3_plain", "lfm2_vl", "lfm3_vl", "mimo_v2_flash",
+         "mimo_v2_flash_plain",
          "bloom"]
 LOGIT_ATOL = 1e-4  # fp32: only summation order differs (batched SDPA over packed items vs per-request matmul)
 

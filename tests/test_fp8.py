@@ -56,7 +56,7 @@ def test_quantize_rounds_within_e4m3():
 
 # blocks that divide every weight: where one does not, transformers reads the scale grid as even blocks (block =
 # rows // grid rows), not as the config's blocks with a ragged last one (DeepSeek's own dequantization, ours)
-BLOCKS = {"llama": (32, 32), "qwen3_moe": (32, 32), "deepseek_v3": (8, 8)}
+BLOCKS = {"llama": (32, 32), "qwen3_moe": (32, 32), "deepseek_v3": (8, 8), "mimo_v2_flash": (8, 8)}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def quantized(model_dir_for, tmp_path_factory):
                             quantize_checkpoint_fp8(model_dir_for(variant), root / variant, block=BLOCKS[variant]))
 
 
-@pytest.mark.parametrize("variant", ["llama", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("variant", ["llama", "qwen3_moe", "deepseek_v3", "mimo_v2_flash"])
 def test_fp8_checkpoint_matches_hf_peft(variant, quantized, model_dir_for, adapter_for):
     """Our dequantized weights are transformers' bit for bit, and fp32 logits with a prompt-tuning adapter are HF +
     PEFT's within 1e-4 (the quantization moves them by far more: the test can fail)."""

@@ -124,7 +124,7 @@ def test_greedy_tokens_match_peft_generate(variant, model_dir_for, adapter_for):
                                      "codegen", "xglm", "biogpt", "deepseek_v3_dense", "deepseek_v2_dense",
                                      "youtu", "minicpm3", "vaultgemma", "hunyuan_v1_dense", "llama4_text_dense",
                                      "persimmon", "mpt", "nanochat", "gemma4", "lfm2",
-                                     "granite_hybrid_dense", "nemotron_h"])
+                                     "granite_hybrid_dense", "nemotron_h", "mimo_v2_flash_dense"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_close_to_hf(variant, dtype, model_dir_for, adapter_for):
     """In half precision, we must be about as close to HF-half as HF-half is to the fp32 truth."""
@@ -181,7 +181,8 @@ def test_linear_attention_in_half_precision(variant, dtype, model_dir_for, adapt
                                      "exaone_moe", "granitemoeshared", "flex_olmo", "mellum", "gpt_oss",
                                      "minimax_m2", "llama4_text", "phimoe", "afmoe", "granitemoe_swa",
                                      "cohere2_moe", "cohere2_moe_rms", "kolibri1", "flint", "deepseek_v32",
-                                     "glm_moe_dsa", "dbrx", "hy_v3", "laguna", "jamba", "lfm2_moe"])
+                                     "glm_moe_dsa", "dbrx", "hy_v3", "laguna", "jamba", "lfm2_moe",
+                                     "mimo_v2_flash"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_moe_layer_matches_hf(variant, dtype, model_dir_for):
     """A mixture-of-experts model's half-precision logits cannot be held to HF's fp32 ones as above: where two
@@ -340,7 +341,7 @@ def test_router_correction_bias_is_held_in_hfs_dtype(variant, model_dir_for):
 
 @pytest.mark.parametrize("variant", ["deepseek_v3", "deepseek_v2", "glm4_moe", "dots1", "solar_open", "exaone_moe",
                                      "hy_v3", "ernie4_5_moe", "flint", "hunyuan_v1_moe", "mistral4", "qwen3_moe",
-                                     "nemotron_h"])
+                                     "nemotron_h", "mimo_v2_flash"])
 def test_router_weight_is_held_in_hfs_dtype(variant, model_dir_for):
     """Each router's weight in a bf16 model is held in the dtype the installed transformers holds it in (fp32 for
     ERNIE 4.5's, Flint's and Hunyuan's; for DeepSeek-V2/V3's kin and Nemotron-H's from transformers 5.24 on; bf16

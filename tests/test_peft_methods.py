@@ -50,7 +50,7 @@ CPT_UNBUILDABLE = ("xglm", "mpt", "dbrx", "mamba")
 # no K/V
 KV_UNSERVABLE = ("deepseek_v3", "deepseek_v2", "minicpm3", "gemma4", "gemma4_moe", "gemma4_unified", "qwen3_5",
                  "lfm2", "granite_hybrid", "nemotron_h", "bamba", "mamba", "mamba2", "jamba", "lfm2_moe", "olmo_hybrid",
-                 "falcon_h1", "lfm3")
+                 "falcon_h1", "lfm3", "mimo_v2_flash")
 KV_TASKS = ("kv", "kv_proj", "cart")
 
 
@@ -285,12 +285,15 @@ def test_prefix_adapter_of_another_model_is_refused(tmp_path, model_dir_for):
 
 
 @pytest.mark.parametrize("variant, why", [("deepseek_v3", "latent attention"),
-                                          ("gemma4", "layers differ in K/V head width and count")])
+                                          ("gemma4", "layers differ in K/V head width or count"),
+                                          ("mimo_v2_flash", "layers differ in K/V head width or count, or its "
+                                                            "values are narrower than its keys")])
 def test_prefix_tuning_where_it_cannot_apply_is_refused_naming_why(variant, why, tmp_path, model_dir_for,
                                                                    adapter_for):
     """DeepSeek's latent attention keeps no per-head K/V for a prefix adapter to replace (HF + PEFT fail on one);
     Gemma 4's full-attention layers have other K/V shapes than its sliding ones, and PEFT provisions a prefix for the
-    widest and skips the layers it does not fit, which the engine does not reproduce. The engine refuses it naming
+    widest and skips the layers it does not fit, which the engine does not reproduce (MiMo-V2-Flash's sliding layers
+    have twice the K/V heads, and its values are narrower than its keys). The engine refuses it naming
     that, before any state changes, serves its other prompts on, and `softprompt train` refuses the method."""
     from softprompt.engine.datasets import Example
     from softprompt.engine.errors import SoftPromptError
