@@ -22,7 +22,7 @@ ARCH_FAMILIES = {
     "apertus": "llama", "cwm": "llama", "hyperclovax": "llama", "glm4_moe": "llama", "qwen2_vl": "llama",
     "qwen2_5_vl": "llama", "qwen3_vl": "llama",
     "qwen3_vl_moe": "llama", "deepseek_v2": "deepseek", "deepseek_v3": "deepseek", "glm4_moe_lite": "deepseek",
-    "deepseek_v32": "deepseek", "glm_moe_dsa": "deepseek",
+    "deepseek_v32": "deepseek", "glm_moe_dsa": "deepseek", "axk1": "deepseek",
     "mistral4": "deepseek", "youtu": "deepseek", "minicpm3": "deepseek", "dots1": "llama",
     "iquestcoder": "llama", "vaultgemma": "gemma", "hunyuan_v1_dense": "llama", "hunyuan_v1_moe": "llama",
     "solar_open": "llama", "exaone_moe": "llama", "granitemoeshared": "llama",
@@ -101,6 +101,7 @@ class MoEConfig:
     # (up + 1) * gate * sigmoid(swiglu_alpha * gate); 0: plain SwiGLU
     swiglu_limit: float = 0.0
     swiglu_alpha: float = 1.0
+    output_norm: bool = False  # A.X K1: an RMSNorm over the block's output (routed + shared experts)
 
 
 @dataclass(frozen=True)
@@ -817,7 +818,7 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
                          correction_bias=True, fp32_router=True, fp32_router_weight=True,
                          norm_min=float(hf.moe_norm_min))
     if model_type in ("deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "mistral4", "dots1", "solar_open",
-                      "exaone_moe", *SPARSE_ATTENTION):  # (ungated shared experts)
+                      "exaone_moe", "axk1", *SPARSE_ATTENTION):  # (ungated shared experts)
         shared = hf.moe_intermediate_size * ((hf.num_shared_experts if model_type == "exaone_moe"
                                               else hf.n_shared_experts) or 0)
     if model_type == "deepseek_v2":  # dense first_k_dense_replace layers, then softmax-routed ones, scaled
@@ -847,20 +848,23 @@ def _moe_config(hf: Any, model_type: str) -> MoEConfig | None:
                          weights_in_model_dtype=True, sparse_layers=tuple(layers)[hf.first_k_dense_replace:],
                          router_in_model_dtype=True, num_groups=hf.n_group or 1, top_groups=hf.topk_group or 1,
                          routed_scaling=float(hf.routed_scaling_factor), ungated_shared_intermediate_size=shared)
-    if model_type in ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "dots1", "solar_open", "exaone_moe",
+    if model_type in ("glm4_moe", "deepseek_v3", "glm4_moe_lite", "dots1", "solar_open", "exaone_moe", "axk1",
                       *SPARSE_ATTENTION):  # dense
-        # layers, then sigmoid-routed ones (GLM-4.7-Flash and EXAONE-MoE name them, Solar Open has none, the others
-        # count the dense ones)
+        # layers, then sigmoid-routed ones (GLM-4.7-Flash, EXAONE-MoE and A.X K1 name them, Solar Open has none, the
+        # others count the dense ones); A.X K1 norms the MoE block's output
         kinds = getattr(hf, "mlp_layer_types", None)
-        dense = 0 if model_type == "solar_open" else hf.first_k_dense_replace
-        sparse = tuple(i for i in layers if kinds[i] == "sparse") if kinds else tuple(layers)[dense:]
+        if kinds:
+            sparse = tuple(i for i in layers if kinds[i] == "sparse")
+        else:
+            sparse = tuple(layers)[0 if model_type == "solar_open" else hf.first_k_dense_replace:]
         experts = hf.num_experts if model_type == "exaone_moe" else hf.n_routed_experts
         return MoEConfig(num_experts=experts, top_k=hf.num_experts_per_tok,
                          intermediate_size=hf.moe_intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),
                          weights_in_model_dtype=False, sparse_layers=sparse,
                          sigmoid_scores=True, fp32_router=True, fp32_router_weight=hf_router_weights_in_fp32(),
                          num_groups=hf.n_group, top_groups=hf.topk_group,
-                         routed_scaling=float(hf.routed_scaling_factor), ungated_shared_intermediate_size=shared)
+                         routed_scaling=float(hf.routed_scaling_factor), ungated_shared_intermediate_size=shared,
+                         output_norm=model_type == "axk1")
     if model_type == "mimo_v2_flash":  # the layers mlp_layer_types names sparse: DeepSeek-V3's router (its weight
         # as transformers holds it), no shared expert
         sparse = tuple(i for i in layers if hf.mlp_layer_types[i] == "sparse")

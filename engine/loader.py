@@ -155,6 +155,12 @@ def _load_entries(model: CausalLM, entries: Iterable[tuple[str, torch.Tensor]], 
     head = next(name for name, module in model.named_modules() if module is model.lm_head_module)
     tied = f"{head}.weight" if model.config.tie_word_embeddings else None
     missing = [n for n in expected if n not in loaded and n != tied]
+    for name in [n for n in missing if n.endswith(model.optional_key_suffixes)]:
+        module_name, _, attr = name.rpartition(".")
+        cast = torch.float32 if name.endswith(model.fp32_key_suffixes) else dtype
+        setattr(model.get_submodule(module_name), attr,
+                nn.Parameter(torch.zeros(expected[name].shape, device=device, dtype=cast), requires_grad=False))
+        missing.remove(name)
     if missing:
         raise CheckpointError(f"{model_dir}: checkpoint is missing weights {missing[:5]}")
 

@@ -27,7 +27,7 @@ SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "granitemoeshared", "gpt_oss", "minimax_m2", "llama4_text", "llama4", "phimoe", "afmoe", "granite_swa",
     "granitemoe_swa", "cohere2_moe", "kolibri1", "flint", "mpt", "persimmon", "dbrx", "nanochat", "gpt-sw3", "hy_v3",
     "glm4_moe", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "glm4_moe_lite", "mistral4", "youtu",
-    "minicpm3", "dots1", "iquestcoder", "vaultgemma", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe",
+    "axk1", "minicpm3", "dots1", "iquestcoder", "vaultgemma", "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe",
     "phi3", "smollm3", "ernie4_5", "ernie4_5_moe", "seed_oss", "internlm3", "helium", "arcee", "apertus", "cwm",
     "hyperclovax", "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4", "gemma4_unified_text",
     "gemma4_unified", "laguna", "qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next",
@@ -136,8 +136,8 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
               "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "phi3", "gpt_neox", "phi", "stablelm", "olmo",
               "olmo2", "olmo3", "exaone4", "exaone4_5", "glm", "glm4", "gptj", "codegen", "internlm3", "helium",
               "arcee", "nemotron", "cwm", "hyperclovax", "jais2", "apertus", "glm4_moe", "deepseek_v2", "deepseek_v3",
-              "glm4_moe_lite", "mistral4", "minicpm3", "deepseek_v32", "glm_moe_dsa", "dots1", "hunyuan_v1_dense",
-              "hunyuan_v1_moe", "solar_open", "exaone_moe", "gpt_oss", "minimax_m2", "llama4_text", "llama4",
+              "glm4_moe_lite", "mistral4", "minicpm3", "deepseek_v32", "glm_moe_dsa", "axk1", "dots1",
+              "hunyuan_v1_dense", "hunyuan_v1_moe", "solar_open", "exaone_moe", "gpt_oss", "minimax_m2", "llama4_text", "llama4",
               "phimoe", "afmoe", "granite_swa", "granitemoe_swa", "kolibri1", "flint", "dbrx", "nanochat", "hy_v3",
               "laguna", "qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next",
               "granitemoehybrid", "bamba", "nemotron_h", "mamba2", "jamba", "olmo_hybrid",
@@ -266,14 +266,15 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                                    "beta_slow": 1.0, "truncate": False,
                                    "original_max_position_embeddings": max_positions // 4})
     elif arch in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "glm4_moe_lite", "mistral4", "youtu",
-                  "minicpm3"):
+                  "minicpm3", "axk1"):
         # latent attention at a tiny scale: queries through a rank-32 projection, keys/values from a rank-16 latent;
         # 16 key channels per head not rotated, 8 rotated (shared), values 12 wide; a dense first layer, then 8
         # experts (2 a token) in 2 groups (1 a token: V2's group_limited_greedy, V3's) and a shared expert
         cls = {"deepseek_v2": transformers.DeepseekV2Config, "deepseek_v3": transformers.DeepseekV3Config,
                "glm4_moe_lite": transformers.Glm4MoeLiteConfig, "mistral4": transformers.Mistral4Config,
                "deepseek_v32": transformers.DeepseekV32Config, "glm_moe_dsa": transformers.GlmMoeDsaConfig,
-               "youtu": transformers.YoutuConfig, "minicpm3": transformers.MiniCPM3Config}[arch]
+               "youtu": transformers.YoutuConfig, "minicpm3": transformers.MiniCPM3Config,
+               "axk1": transformers.AXK1Config}[arch]
         kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                   num_key_value_heads=num_heads, intermediate_size=inter, max_position_embeddings=max_positions,
                   q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
@@ -285,6 +286,9 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
             # 64 tokens, where sequences are capped; GLM-5's later layers reuse the first's choice)
             kw.update(index_topk=64, index_n_heads=2, index_head_dim=16,
                       mlp_layer_types=["dense"] + ["sparse"] * (num_layers - 1))
+        if arch == "axk1":  # (its layers named by type; the MoE blocks' outputs normed)
+            del kw["first_k_dense_replace"]
+            kw["mlp_layer_types"] = ["dense"] + ["sparse"] * (num_layers - 1)
         if arch == "glm4_moe_lite":  # (one group: GLM-4.7-Flash's)
             kw.update(n_group=1, mlp_layer_types=["dense"] + ["sparse"] * (num_layers - 1))
         if arch in ("youtu", "minicpm3"):  # (dense models)

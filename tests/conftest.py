@@ -405,6 +405,11 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
                                "original_max_position_embeddings": 64, "partial_rotary_factor": 0.5},
             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}),
     "mimo_v2_flash_dense": ("mimo_v2_flash", {"num_layers": 4, "mlp_layer_types": ["dense"] * 4}),  # (half precision)
+    # A.X K1: DeepSeek-V3 (latent attention, YaRN, grouped sigmoid routing, a shared expert) with an RMSNorm over each
+    # MoE block's output
+    "axk1": ("axk1", {"num_layers": 3, "rope_parameters": {
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+        "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -182,7 +182,7 @@ def test_linear_attention_in_half_precision(variant, dtype, model_dir_for, adapt
                                      "minimax_m2", "llama4_text", "phimoe", "afmoe", "granitemoe_swa",
                                      "cohere2_moe", "cohere2_moe_rms", "kolibri1", "flint", "deepseek_v32",
                                      "glm_moe_dsa", "dbrx", "hy_v3", "laguna", "jamba", "lfm2_moe",
-                                     "mimo_v2_flash"])
+                                     "mimo_v2_flash", "axk1"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_moe_layer_matches_hf(variant, dtype, model_dir_for):
     """A mixture-of-experts model's half-precision logits cannot be held to HF's fp32 ones as above: where two
@@ -341,7 +341,7 @@ def test_router_correction_bias_is_held_in_hfs_dtype(variant, model_dir_for):
 
 @pytest.mark.parametrize("variant", ["deepseek_v3", "deepseek_v2", "glm4_moe", "dots1", "solar_open", "exaone_moe",
                                      "hy_v3", "ernie4_5_moe", "flint", "hunyuan_v1_moe", "mistral4", "qwen3_moe",
-                                     "nemotron_h", "mimo_v2_flash"])
+                                     "nemotron_h", "mimo_v2_flash", "axk1"])
 def test_router_weight_is_held_in_hfs_dtype(variant, model_dir_for):
     """Each router's weight in a bf16 model is held in the dtype the installed transformers holds it in (fp32 for
     ERNIE 4.5's, Flint's and Hunyuan's; for DeepSeek-V2/V3's kin and Nemotron-H's from transformers 5.24 on; bf16
@@ -362,6 +362,36 @@ def test_router_weight_is_held_in_hfs_dtype(variant, model_dir_for):
     assert len(theirs) == 1, [name for name, _ in hf_layer.named_parameters()]
     assert ours.dtype == theirs[0].dtype
     assert torch.equal(ours, theirs[0])
+
+
+def test_axk1_checkpoint_as_released_matches_hf(model_dir_for, adapter_for, tmp_path):
+    """A.X K1's releases route without a correction bias (transformers leaves it zero) and store the MoE output norm
+    on every layer, the dense ones too (where it goes unused): such a checkpoint loads, and its fp32 logits with a
+    prompt-tuning adapter are HF + PEFT's; without the bias they move well past the tolerance (the test can fail)."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    source = model_dir_for("axk1")
+    released = tmp_path / "released"
+    shutil.copytree(source, released)
+    with safe_open(str(source / "model.safetensors"), framework="pt") as f:
+        state = {key: f.get_tensor(key) for key in f.keys() if not key.endswith("e_score_correction_bias")}
+    assert len(state) < len(list(safe_open(str(source / "model.safetensors"), framework="pt").keys()))
+    state["model.layers.0.post_mlp_layernorm.weight"] = torch.full((64,), 3.0)  # (a dense layer's: unused)
+    save_file(state, released / "model.safetensors", metadata={"format": "pt"})
+    ids = random_ids(24, 5)
+    adapter = adapter_for("axk1")
+    results = {}
+    for name, d in (("source", source), ("released", released)):
+        engine = Engine(d, device="cpu", dtype="float32", backend="reference")
+        prompt = engine.add_prompt("task", adapter)
+        with torch.no_grad():
+            hf = hf_peft_model(d, adapter)(input_ids=torch.tensor([ids])).logits[0, -24:]
+        results[name] = engine.reference.logits(prompt.embeds, ids)
+        torch.testing.assert_close(results[name], hf, atol=FP32_ATOL, rtol=0)
+    assert (results["source"] - results["released"]).abs().max() > 100 * FP32_ATOL
 
 
 def test_flint_keeps_its_sinks_and_router_in_fp32(model_dir_for):

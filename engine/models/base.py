@@ -88,6 +88,9 @@ class CausalLM(nn.Module):
     # checkpoint entries kept in fp32 whatever the model dtype, as transformers keeps them (a MoE router's
     # score-correction bias)
     fp32_key_suffixes: tuple[str, ...] = ("e_score_correction_bias",)
+    # weights a checkpoint may leave out, which are zeros then, as transformers leaves them (A.X K1's routers'
+    # correction biases)
+    optional_key_suffixes: tuple[str, ...] = ()
     # whether the fused first-layer-input kernels (kernels/input_qkv.py) compute this family's embedding step and
     # layer 0's input (else the triton backend embeds as the torch backend does and the model takes it from there)
     fused_layer0: bool = True

@@ -1,5 +1,6 @@
-"""DeepSeek-V2 / V3, GLM-4.7-Flash (glm4_moe_lite), Mistral 4, Youtu-LLM and MiniCPM3: Llama's layers (and
-DeepSeek's mixtures of experts) with multi-head latent attention (MLA, `MLAConfig`).
+"""DeepSeek-V2 / V3, GLM-4.7-Flash (glm4_moe_lite), Mistral 4, Youtu-LLM, MiniCPM3 and A.X K1 (V3 with its MoE
+blocks' outputs normed): Llama's layers (and DeepSeek's mixtures of experts) with multi-head latent attention (MLA,
+`MLAConfig`).
 
 A token's queries come from a low-rank projection (q_a, RMSNorm, q_b; V2-Lite: one q_proj), its keys and values
 from one compressed latent (kv_a, RMSNorm, kv_b) plus qk_rope rotated key channels shared by every head. Layer 0's
@@ -11,6 +12,8 @@ every attention backend serves MLA unchanged; a prefix's K/V are computed once p
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -21,6 +24,8 @@ from .common import Attention, RMSNorm, apply_rotary, permute_head_channels
 from .linear import Linear, linear
 from .llama import LlamaBackbone, LlamaForCausalLM, LlamaLayer, _fuse
 
+# A.X K1's MoE output norm, on the layer in its checkpoints, on the MoE block in transformers' (and ours)
+_OUTPUT_NORM = re.compile(r"(model\.layers\.(\d+))\.(?:mlp\.)?post_mlp_layernorm\.weight")
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm's and kv_a_layernorm's (HF builds them with the default eps)
 
 
@@ -109,6 +114,8 @@ class DeepseekForCausalLM(LlamaForCausalLM):
         self.hidden_divisor = float(hf.hidden_size / hf.dim_model_base) if minicpm else 1.0  # before the LM head
         # token rows are scaled and prompt rows not: the fused input kernels do not do that
         self.fused_layer0 = self.embed_scale_value == 1.0
+        if config.model_type == "axk1":  # (A.X K1's releases route without a correction bias)
+            self.optional_key_suffixes = ("e_score_correction_bias",)
 
     @property
     def rope_tables(self) -> tuple[Tensor, Tensor] | None:
@@ -134,6 +141,11 @@ class DeepseekForCausalLM(LlamaForCausalLM):
         rotary query rows and the shared rotary key rows permuted to rotate-half's order."""
         if ".self_attn.indexer." in key:  # (DeepSeek-V3.2's: all keys are kept up to its index_topk, where sequences
             return []  # end)
+        if self.config.model_type == "axk1" and (match := _OUTPUT_NORM.fullmatch(key)):  # its MoE output norm
+            moe = self.config.moe
+            if moe is None or int(match[2]) not in moe.sparse_layers:  # (the dense layers' go unused, as in HF)
+                return []
+            key = f"{match[1]}.mlp.post_mlp_layernorm.weight"
         mapped = super().checkpoint_tensors(key, tensor)
         m = self.config.mla
         if not m.interleaved_rope:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig, MoEConfig
+from .common import RMSNorm
 from .linear import Linear
 
 
@@ -41,6 +42,8 @@ class SparseMoE(nn.Module):
         if (moe.sigmoid_scores and moe.score_bias) or moe.correction_bias:  # (kept in fp32 by the loader:
             # CausalLM.fp32_key_suffixes)
             self.gate.e_score_correction_bias = nn.Parameter(torch.zeros(moe.num_experts))
+        if moe.output_norm:
+            self.post_mlp_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
 
     def fuse(self, transposed: bool) -> None:
         for expert in self.experts:
@@ -125,7 +128,7 @@ class SparseMoE(nn.Module):
         return experts, weights * moe.routed_scaling
 
     def forward(self, x: Tensor) -> Tensor:
-        """The routed experts' output with the shared experts' added."""
+        """The routed experts' output with the shared experts' added (A.X K1: then normed)."""
         out = self.mix(x, *self.route(x))
         if self.moe.shared_expert_intermediate_size:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
@@ -133,7 +136,7 @@ class SparseMoE(nn.Module):
             out = out + self.shared_experts(x)
             if self.moe.shared_average:  # Cohere2-MoE's "average"
                 out = out / 2
-        return out
+        return self.post_mlp_layernorm(out) if self.moe.output_norm else out
 
     def mix(self, x: Tensor, experts: Tensor, weights: Tensor) -> Tensor:
         """Each token of x through its chosen experts [T, k], their outputs summed with the weights [T, k] (no shared
