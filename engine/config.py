@@ -22,7 +22,7 @@ ARCH_FAMILIES = {
     "apertus": "llama", "cwm": "llama", "hyperclovax": "llama", "glm4_moe": "llama", "qwen2_vl": "llama",
     "qwen2_5_vl": "llama", "qwen3_vl": "llama",
     "qwen3_vl_moe": "llama", "deepseek_v2": "deepseek", "deepseek_v3": "deepseek", "glm4_moe_lite": "deepseek",
-    "deepseek_v32": "deepseek", "glm_moe_dsa": "deepseek", "axk1": "deepseek",
+    "deepseek_v32": "deepseek", "glm_moe_dsa": "deepseek", "axk1": "deepseek", "longcat_flash": "longcat",
     "mistral4": "deepseek", "youtu": "deepseek", "minicpm3": "deepseek", "dots1": "llama",
     "iquestcoder": "llama", "vaultgemma": "gemma", "hunyuan_v1_dense": "llama", "hunyuan_v1_moe": "llama",
     "solar_open": "llama", "exaone_moe": "llama", "granitemoeshared": "llama",
@@ -102,6 +102,12 @@ class MoEConfig:
     swiglu_limit: float = 0.0
     swiglu_alpha: float = 1.0
     output_norm: bool = False  # A.X K1: an RMSNorm over the block's output (routed + shared experts)
+    # LongCat-Flash: the last identity_experts of num_experts are zero-computation experts (each returns its input,
+    # times its weight); with accumulate_by_expert, each expert's weighted rows rounded to the model dtype and summed
+    # expert by expert in the model dtype (transformers' index_add_ loop before 5.25), else the computed experts'
+    # outputs summed at once and the input times the identity experts' summed weights added (5.25's)
+    identity_experts: int = 0
+    accumulate_by_expert: bool = False
 
 
 @dataclass(frozen=True)
@@ -214,6 +220,9 @@ class MLAConfig:
     v_head_dim: int
     interleaved_rope: bool  # the rotary channels come in interleaved pairs (each head's permuted at load)
     fp32_rope: bool  # DeepSeek-V2 rotates in fp32 (as complex numbers) and casts back
+    # LongCat-Flash's LoRA scales: the queries times q_scale, the normed latent times latent_scale (before kv_b)
+    q_scale: float = 1.0
+    latent_scale: float = 1.0
 
     @property
     def qk_head_dim(self) -> int:
@@ -228,7 +237,7 @@ class ModelConfig:
     # | "phi" | "gptj" | "falcon" | "opt" | "xglm" | "biogpt" | "gpt2" | "gpt_bigcode" | "gpt_neo" | "bloom"
     # | "nemotron" | "deepseek" | "gpt_oss" | "llama4" | "phimoe" | "afmoe" | "flint" | "mpt" | "persimmon" | "dbrx"
     # | "nanochat" | "gemma4" | "laguna" | "qwen3_5" | "lfm2" | "granite_hybrid" | "nemotron_h" | "mamba" | "jamba"
-    # | "olmo_hybrid" | "falcon_h1" | "mimo_v2"
+    # | "olmo_hybrid" | "falcon_h1" | "mimo_v2" | "longcat"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -768,6 +777,34 @@ def _deepseek_config(hf: Any, model_type: str) -> ModelConfig:
     return config
 
 
+def _longcat_flash_config(hf: Any, model_type: str) -> ModelConfig:
+    """LongCat-Flash (Meituan): each of its `num_layers` layers is two sublayers of DeepSeek-V3's latent attention
+    (queries and the normed latent scaled by their LoRA ranks, RoPE in interleaved pairs) each followed by a dense
+    MLP, and one mixture of experts fed the first sublayer's normed input whose output joins the residual after the
+    second; the experts include zero-computation (identity) ones, chosen by the softmax of fp32 router logits plus a
+    correction bias, weighted by those probabilities times routed_scaling_factor. Its attention layers, the KV pool's,
+    are `num_hidden_layers` (twice `num_layers`). The experts' outputs are summed as the installed transformers sums
+    them: before 5.25 expert by expert in the model dtype, the identity experts among them; from 5.25 on, each
+    token's computed experts at once, then its input times its identity experts' summed weights added."""
+    if hf.head_dim != hf.qk_rope_head_dim or hf.qk_head_dim != hf.qk_nope_head_dim + hf.qk_rope_head_dim:
+        raise UnsupportedModelError(f"{model_type} with head_dim={hf.head_dim} or qk_head_dim={hf.qk_head_dim} other "
+                                    "than qk_rope_head_dim and qk_nope_head_dim + qk_rope_head_dim (transformers "
+                                    "rotates head_dim channels of each query and key)")
+    if not hf.q_lora_rank:
+        raise UnsupportedModelError(f"{model_type} without a q_lora_rank (its queries always take the LoRA path)")
+    config = _deepseek_config(hf, model_type)
+    mla = replace(config.mla, interleaved_rope=True, q_scale=(hf.hidden_size / hf.q_lora_rank) ** 0.5,
+                  latent_scale=(hf.hidden_size / hf.kv_lora_rank) ** 0.5)
+    zero = int(hf.zero_expert_num or 0)
+    moe = MoEConfig(num_experts=hf.n_routed_experts + zero, top_k=hf.moe_topk,
+                    intermediate_size=hf.expert_ffn_hidden_size, norm_topk_prob=False, weights_in_model_dtype=False,
+                    sparse_layers=tuple(range(hf.num_layers)), correction_bias=True, fp32_router=True,
+                    routed_scaling=float(hf.routed_scaling_factor), router_bias=bool(getattr(hf, "router_bias", False)),
+                    correction_bias_in_model_dtype=True, identity_experts=zero,
+                    accumulate_by_expert=not _transformers_at_least(5, 25))
+    return replace(config, family="longcat", mla=mla, moe=moe)
+
+
 def hf_router_weights_in_fp32() -> bool:
     """Whether the installed transformers keeps the router weights of DeepSeek-V2/V3's routers and their kin (GLM-4.5,
     dots.llm1, Solar Open, EXAONE-MoE, Hy3, MiMo-V2-Flash, Nemotron-H's experts) and AFMoE's correction bias in fp32
@@ -775,12 +812,17 @@ def hf_router_weights_in_fp32() -> bool:
     The two differ only for checkpoints whose router weights are stored finer than the dtype served (an fp32
     checkpoint run in bf16), where a rounded router weight can pick other experts at a near-tie; the engine follows
     the transformers it runs beside, so that `softprompt verify` compares like with like."""
+    return _transformers_at_least(5, 24)
+
+
+def _transformers_at_least(major: int, minor: int) -> bool:
+    """Whether the installed transformers is major.minor or later (True where it cannot tell)."""
     from importlib.metadata import PackageNotFoundError, version
 
     from packaging.version import InvalidVersion, Version  # (a dependency of transformers)
 
     try:
-        return Version(version("transformers")).release >= (5, 24)
+        return Version(version("transformers")).release >= (major, minor)
     except (PackageNotFoundError, InvalidVersion):
         return True
 
@@ -1972,5 +2014,5 @@ FAMILY_CONFIGS = {
     "nanochat": _nanochat_config, "gemma4": _gemma4_config, "laguna": _laguna_config, "qwen3_5": _qwen3_5_config,
     "lfm2": _lfm2_config, "granite_hybrid": _granite_hybrid_config, "nemotron_h": _nemotron_h_config,
     "mamba": _mamba_config, "jamba": _jamba_config, "olmo_hybrid": _olmo_hybrid_config,
-    "falcon_h1": _falcon_h1_config, "mimo_v2": _mimo_v2_flash_config,
+    "falcon_h1": _falcon_h1_config, "mimo_v2": _mimo_v2_flash_config, "longcat": _longcat_flash_config,
 }

@@ -142,7 +142,9 @@ def _load_entries(model: CausalLM, entries: Iterable[tuple[str, torch.Tensor]], 
             raise CheckpointError(f"{model_dir}: weight {name} has non-float dtype {tensor.dtype}")
         if not torch.isfinite(tensor).all():
             raise CheckpointError(f"{model_dir}: weight {name} contains NaN or Inf")
-        cast = torch.float32 if name.endswith(model.fp32_key_suffixes) else dtype
+        fp32 = name.endswith(model.fp32_key_suffixes) or (
+            dtype == torch.float16 and name.endswith(model.fp32_in_fp16_key_suffixes))
+        cast = torch.float32 if fp32 else dtype
         module_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(module_name), attr,
                 nn.Parameter(tensor.to(device=device, dtype=cast), requires_grad=False))

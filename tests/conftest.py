@@ -410,6 +410,11 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "axk1": ("axk1", {"num_layers": 3, "rope_parameters": {
         "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
         "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}}),
+    # LongCat-Flash: 2 layers of two latent-attention sublayers (4 in the pool) with dense MLPs, a shortcut MoE with
+    # zero-computation experts (3 of the 6 a token); YaRN
+    "longcat_flash": ("longcat_flash", {"num_layers": 2, "moe_topk": 3, "rope_parameters": {
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+        "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

@@ -182,7 +182,7 @@ def test_linear_attention_in_half_precision(variant, dtype, model_dir_for, adapt
                                      "minimax_m2", "llama4_text", "phimoe", "afmoe", "granitemoe_swa",
                                      "cohere2_moe", "cohere2_moe_rms", "kolibri1", "flint", "deepseek_v32",
                                      "glm_moe_dsa", "dbrx", "hy_v3", "laguna", "jamba", "lfm2_moe",
-                                     "mimo_v2_flash", "axk1"])
+                                     "mimo_v2_flash", "axk1", "longcat_flash"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_moe_layer_matches_hf(variant, dtype, model_dir_for):
     """A mixture-of-experts model's half-precision logits cannot be held to HF's fp32 ones as above: where two
@@ -392,6 +392,22 @@ def test_axk1_checkpoint_as_released_matches_hf(model_dir_for, adapter_for, tmp_
         results[name] = engine.reference.logits(prompt.embeds, ids)
         torch.testing.assert_close(results[name], hf, atol=FP32_ATOL, rtol=0)
     assert (results["source"] - results["released"]).abs().max() > 100 * FP32_ATOL
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_longcat_router_is_held_as_hf_holds_it(dtype, model_dir_for):
+    """LongCat-Flash's router weight is kept in fp32 in an fp16 model only (transformers' `_keep_in_fp32_modules`),
+    and its correction bias is cast as the model is: ours are HF's, dtype and values, in both half precisions."""
+    from softprompt.engine.loader import load_model
+
+    model_dir = model_dir_for("longcat_flash")
+    ours = load_model(model_dir, "cpu", dtype).model.layers[1].mlp.gate
+    theirs = hf_peft_model(model_dir, None, dtype=dtype).model.layers[1].mlp.router
+    assert ours.weight.dtype == (torch.float32 if dtype == torch.float16 else dtype)
+    for mine, hf in ((ours.weight, theirs.classifier.weight),
+                     (ours.e_score_correction_bias, theirs.e_score_correction_bias)):
+        assert mine.dtype == hf.dtype
+        assert torch.equal(mine, hf)
 
 
 def test_flint_keeps_its_sinks_and_router_in_fp32(model_dir_for):

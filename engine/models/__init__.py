@@ -22,6 +22,7 @@ from .laguna import LagunaForCausalLM
 from .lfm2 import Lfm2ForCausalLM
 from .llama import LlamaForCausalLM
 from .llama4 import Llama4ForCausalLM
+from .longcat import LongcatFlashForCausalLM
 from .mamba import MambaForCausalLM
 from .mimo_v2 import MiMoV2ForCausalLM
 from .mpt import MptForCausalLM
@@ -52,6 +53,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "gemma4": Gemma4ForCausalLM,
     "laguna": LagunaForCausalLM,
     "mimo_v2": MiMoV2ForCausalLM,
+    "longcat": LongcatFlashForCausalLM,
     "qwen3_5": Qwen3_5ForCausalLM,
     "lfm2": Lfm2ForCausalLM,
     "granite_hybrid": GraniteHybridForCausalLM,
@@ -84,7 +86,7 @@ __all__ = ["AfmoeForCausalLM", "Attention", "CausalLM", "MODEL_CLASSES", "BioGpt
            "CohereForCausalLM", "DbrxForCausalLM", "DeepseekForCausalLM", "FalconForCausalLM", "FlintForCausalLM",
            "GPT2LMHeadModel", "GPTBigCodeForCausalLM", "GPTJForCausalLM", "GPTNeoForCausalLM", "GemmaForCausalLM",
            "GPTNeoXForCausalLM", "GptOssForCausalLM", "Llama4ForCausalLM", "LlamaForCausalLM",
-           "MambaForCausalLM", "MiMoV2ForCausalLM", "MptForCausalLM",
+           "LongcatFlashForCausalLM", "MambaForCausalLM", "MiMoV2ForCausalLM", "MptForCausalLM",
            "NanoChatForCausalLM", "NemotronForCausalLM", "OPTForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM",
            "PersimmonForCausalLM", "PhiForCausalLM", "PhimoeForCausalLM", "StableLmForCausalLM",
            "Starcoder2ForCausalLM", "XGLMForCausalLM"]

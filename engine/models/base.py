@@ -88,6 +88,9 @@ class CausalLM(nn.Module):
     # checkpoint entries kept in fp32 whatever the model dtype, as transformers keeps them (a MoE router's
     # score-correction bias)
     fp32_key_suffixes: tuple[str, ...] = ("e_score_correction_bias",)
+    # checkpoint entries kept in fp32 where the model is fp16 only, as transformers keeps them (`_keep_in_fp32_modules`:
+    # LongCat-Flash's router weight)
+    fp32_in_fp16_key_suffixes: tuple[str, ...] = ()
     # weights a checkpoint may leave out, which are zeros then, as transformers leaves them (A.X K1's routers'
     # correction biases)
     optional_key_suffixes: tuple[str, ...] = ()

@@ -26,6 +26,7 @@ from .llama import LlamaBackbone, LlamaForCausalLM, LlamaLayer, _fuse
 
 # A.X K1's MoE output norm, on the layer in its checkpoints, on the MoE block in transformers' (and ours)
 _OUTPUT_NORM = re.compile(r"(model\.layers\.(\d+))\.(?:mlp\.)?post_mlp_layernorm\.weight")
+_PROJECTION = re.compile(r"self_attn(?:\.\d+)?\.((?:q_b_proj|q_proj|kv_a_proj_with_mqa)\.(?:weight|bias))$")
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm's and kv_a_layernorm's (HF builds them with the default eps)
 
 
@@ -69,7 +70,12 @@ class LatentAttention(nn.Module):
         if m.q_lora_rank:
             q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(t, heads, m.qk_head_dim)
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(t, heads, m.qk_nope_head_dim + m.v_head_dim)
+        latent = self.kv_a_layernorm(latent)
+        if m.q_scale != 1.0:  # LongCat-Flash's LoRA scales (in the model dtype, before RoPE and kv_b, as HF)
+            q = q * m.q_scale
+        if m.latent_scale != 1.0:
+            latent = latent * m.latent_scale
+        kv = self.kv_b_proj(latent).view(t, heads, m.qk_nope_head_dim + m.v_head_dim)
         q_rot, k_rot = self._rotate(q[..., m.qk_nope_head_dim:], k_rot.view(t, 1, m.qk_rope_head_dim), *rope)
         q = torch.cat((q[..., :m.qk_nope_head_dim], q_rot), dim=-1)
         if q_scale is not None:
@@ -152,9 +158,10 @@ class DeepseekForCausalLM(LlamaForCausalLM):
             return mapped
         out = []
         for name, t in mapped:
-            if name.endswith(("self_attn.q_b_proj.weight", "self_attn.q_proj.weight")):
+            projection = _PROJECTION.search(name)  # (LongCat-Flash's two attention sublayers: `self_attn.{0,1}.`)
+            if projection and projection[1] in ("q_b_proj.weight", "q_proj.weight"):
                 t = permute_head_channels(t, m.qk_head_dim, _halves_order(m.qk_nope_head_dim, m.qk_rope_head_dim))
-            elif name.endswith(("self_attn.kv_a_proj_with_mqa.weight", "self_attn.kv_a_proj_with_mqa.bias")):
+            elif projection and projection[1].startswith("kv_a_proj_with_mqa."):
                 width = m.kv_lora_rank + m.qk_rope_head_dim
                 t = permute_head_channels(t, width, _halves_order(m.kv_lora_rank, m.qk_rope_head_dim))
             out.append((name, t))

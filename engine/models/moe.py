@@ -33,7 +33,9 @@ class SparseMoE(nn.Module):
         self.gate = Linear(c.hidden_size, moe.num_experts, bias=moe.router_bias)  # the router
         # experts have biases only where the MoE config says (gpt-oss), even where the dense MLPs do (ERNIE 4.5)
         expert_config = replace(c, mlp_bias=moe.expert_bias)
-        self.experts = nn.ModuleList(mlp(expert_config, moe.intermediate_size) for _ in range(moe.num_experts))
+        computed = moe.num_experts - moe.identity_experts  # (LongCat-Flash's last ones return their input)
+        self.experts = nn.ModuleList([*(mlp(expert_config, moe.intermediate_size) for _ in range(computed)),
+                                      *(nn.Identity() for _ in range(moe.identity_experts))])
         if moe.shared_expert_intermediate_size:
             self.shared_expert = mlp(c, moe.shared_expert_intermediate_size)
             self.shared_expert_gate = Linear(c.hidden_size, 1, bias=False)
@@ -47,7 +49,8 @@ class SparseMoE(nn.Module):
 
     def fuse(self, transposed: bool) -> None:
         for expert in self.experts:
-            expert.fuse(transposed)
+            if not isinstance(expert, nn.Identity):
+                expert.fuse(transposed)
         if self.moe.shared_expert_intermediate_size:
             self.shared_expert.fuse(transposed)
         if self.moe.ungated_shared_intermediate_size:
@@ -141,6 +144,15 @@ class SparseMoE(nn.Module):
     def mix(self, x: Tensor, experts: Tensor, weights: Tensor) -> Tensor:
         """Each token of x through its chosen experts [T, k], their outputs summed with the weights [T, k] (no shared
         expert; Gemma 4 routes on another input than the one its experts take)."""
+        moe = self.moe
+        if moe.identity_experts and not moe.accumulate_by_expert:  # LongCat-Flash as transformers >= 5.25 mixes:
+            # the identity slots weigh nothing among the experts, and the input times their summed weights is added
+            identity = experts >= moe.num_experts - moe.identity_experts
+            apart = weights.masked_fill(~identity, 0.0).sum(dim=-1, keepdim=True)
+            return self._mix(x, experts, weights.masked_fill(identity, 0.0)) + (x * apart).to(x.dtype)
+        return self._mix(x, experts, weights)
+
+    def _mix(self, x: Tensor, experts: Tensor, weights: Tensor) -> Tensor:
         t, k = experts.shape
         flat = experts.flatten()
         order = flat.argsort(stable=True)  # the (token, slot) pairs grouped by expert
@@ -154,6 +166,16 @@ class SparseMoE(nn.Module):
             if n:
                 outputs[start:start + n] = self.experts[e](rows[start:start + n])
                 start += n
+        if self.moe.accumulate_by_expert:  # LongCat-Flash: expert by expert, in the model dtype (HF's loop; a token
+            # meets each expert at most once, so the order within one does not matter)
+            out = torch.zeros_like(x)
+            tokens, scaled = order // k, (outputs * weights.flatten()[order, None]).to(x.dtype)
+            start = 0
+            for n in counts:
+                if n:
+                    out.index_add_(0, tokens[start:start + n], scaled[start:start + n])
+                    start += n
+            return out
         weighted = torch.empty((t * k, x.shape[1]), dtype=torch.promote_types(x.dtype, weights.dtype),
                                device=x.device)
         weighted[order] = outputs if self.moe.weights_scale_input else outputs * weights.flatten()[order, None]
