@@ -23,6 +23,7 @@ ARCH_FAMILIES = {
     "qwen2_5_vl": "llama", "qwen3_vl": "llama",
     "qwen3_vl_moe": "llama", "deepseek_v2": "deepseek", "deepseek_v3": "deepseek", "glm4_moe_lite": "deepseek",
     "deepseek_v32": "deepseek", "glm_moe_dsa": "deepseek", "axk1": "deepseek", "longcat_flash": "longcat",
+    "kimi_linear": "kimi_linear",
     "mistral4": "deepseek", "youtu": "deepseek", "minicpm3": "deepseek", "dots1": "llama",
     "iquestcoder": "llama", "vaultgemma": "gemma", "hunyuan_v1_dense": "llama", "hunyuan_v1_moe": "llama",
     "solar_open": "llama", "exaone_moe": "llama", "granitemoeshared": "llama",
@@ -237,7 +238,7 @@ class ModelConfig:
     # | "phi" | "gptj" | "falcon" | "opt" | "xglm" | "biogpt" | "gpt2" | "gpt_bigcode" | "gpt_neo" | "bloom"
     # | "nemotron" | "deepseek" | "gpt_oss" | "llama4" | "phimoe" | "afmoe" | "flint" | "mpt" | "persimmon" | "dbrx"
     # | "nanochat" | "gemma4" | "laguna" | "qwen3_5" | "lfm2" | "granite_hybrid" | "nemotron_h" | "mamba" | "jamba"
-    # | "olmo_hybrid" | "falcon_h1" | "mimo_v2" | "longcat"
+    # | "olmo_hybrid" | "falcon_h1" | "mimo_v2" | "longcat" | "kimi_linear"
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -805,9 +806,58 @@ def _longcat_flash_config(hf: Any, model_type: str) -> ModelConfig:
     return replace(config, family="longcat", mla=mla, moe=moe)
 
 
+def _kimi_linear_config(hf: Any, model_type: str) -> ModelConfig:
+    """Kimi Linear (Moonshot AI): Kimi Delta Attention layers (`linear_attention`: the gated delta rule with a decay
+    per key channel, a short convolution over q/k/v, a low-rank forget gate and output gate) and, every few layers,
+    DeepSeek's latent attention without RoPE (its rotary channels shared by the heads, not rotated); Llama's RMSNorms;
+    dense layers by `mlp_layer_types`, then DeepSeek-V3's router and shared experts. The router weight, its correction
+    bias and the forget gates' dt_bias are held as the installed transformers holds them: in the model dtype before
+    5.24, in fp32 from 5.24 on."""
+    if hf.num_key_value_heads != hf.num_attention_heads:
+        raise UnsupportedModelError(f"{model_type} with num_key_value_heads={hf.num_key_value_heads} other than "
+                                    f"num_attention_heads={hf.num_attention_heads} (its latent attention expands "
+                                    "every head's keys and values)")
+    kinds = set(hf.layer_types)
+    if not kinds <= {"linear_attention", "full_attention"}:
+        raise UnsupportedModelError(f"{model_type} with layer types {sorted(kinds)}")
+    linear = tuple(i for i, t in enumerate(hf.layer_types) if t == "linear_attention")
+    mla = MLAConfig(q_lora_rank=hf.q_lora_rank or 0, kv_lora_rank=hf.kv_lora_rank,
+                    qk_nope_head_dim=hf.qk_nope_head_dim, qk_rope_head_dim=hf.qk_rope_head_dim,
+                    v_head_dim=hf.v_head_dim, interleaved_rope=False, fp32_rope=False)
+    heads = hf.linear_num_heads
+    linear_attention = LinearAttentionConfig(layers=linear, num_key_heads=heads, num_value_heads=heads,
+                                             key_head_dim=hf.linear_head_dim, value_head_dim=hf.linear_head_dim,
+                                             conv_kernel=hf.linear_conv_kernel_dim)
+    sparse = tuple(i for i, t in enumerate(hf.mlp_layer_types) if t == "sparse")
+    moe = MoEConfig(num_experts=hf.num_local_experts, top_k=hf.num_experts_per_tok,
+                    intermediate_size=hf.moe_intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),
+                    weights_in_model_dtype=False, sparse_layers=sparse, sigmoid_scores=True, fp32_router=True,
+                    fp32_router_weight=hf_router_weights_in_fp32(),
+                    correction_bias_in_model_dtype=not hf_router_weights_in_fp32(), num_groups=hf.n_group or 1,
+                    top_groups=hf.topk_group or 1, routed_scaling=float(hf.routed_scaling_factor),
+                    ungated_shared_intermediate_size=hf.moe_intermediate_size * (hf.n_shared_experts or 0)
+                    ) if sparse else None
+    fields = {**_decoder_fields(hf, model_type, max(mla.qk_head_dim, mla.v_head_dim)), "position_encoding": "none"}
+    return ModelConfig(
+        family="kimi_linear",
+        **fields,
+        max_positions=hf.max_position_embeddings,
+        hidden_act=hf.hidden_act,
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        qkv_bias=bool(hf.attention_bias),
+        o_bias=bool(hf.attention_bias),
+        attention_scale=mla.qk_head_dim**-0.5,
+        layer_kv_heads=tuple(0 if i in linear else hf.num_attention_heads for i in range(hf.num_hidden_layers)),
+        mla=mla,
+        linear_attention=linear_attention,
+        moe=moe,
+    )
+
+
 def hf_router_weights_in_fp32() -> bool:
     """Whether the installed transformers keeps the router weights of DeepSeek-V2/V3's routers and their kin (GLM-4.5,
-    dots.llm1, Solar Open, EXAONE-MoE, Hy3, MiMo-V2-Flash, Nemotron-H's experts) and AFMoE's correction bias in fp32
+    dots.llm1, Solar Open, EXAONE-MoE, Hy3, MiMo-V2-Flash, A.X K1, Kimi Linear, Nemotron-H's experts) and AFMoE's
+    and Kimi Linear's correction biases in fp32
     whatever the model dtype: from 5.24 on (`_keep_in_fp32_modules_strict`); before, they were cast as the model is.
     The two differ only for checkpoints whose router weights are stored finer than the dtype served (an fp32
     checkpoint run in bf16), where a rounded router weight can pick other experts at a near-tie; the engine follows
@@ -2015,4 +2065,5 @@ FAMILY_CONFIGS = {
     "lfm2": _lfm2_config, "granite_hybrid": _granite_hybrid_config, "nemotron_h": _nemotron_h_config,
     "mamba": _mamba_config, "jamba": _jamba_config, "olmo_hybrid": _olmo_hybrid_config,
     "falcon_h1": _falcon_h1_config, "mimo_v2": _mimo_v2_flash_config, "longcat": _longcat_flash_config,
+    "kimi_linear": _kimi_linear_config,
 }

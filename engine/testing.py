@@ -32,10 +32,10 @@ SUPPORTED_TINY_ARCHS: tuple[str, ...] = (
     "cwm", "hyperclovax", "jais2", "gemma", "gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4",
     "gemma4_unified_text", "gemma4_unified", "laguna", "qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe",
     "qwen3_next", "lfm2", "granitemoehybrid", "bamba", "nemotron_h", "mamba", "falcon_mamba", "mamba2", "jamba",
-    "lfm2_moe", "olmo_hybrid", "falcon_h1", "lfm3", "lfm2_vl", "lfm3_vl", "mimo_v2_flash", "longcat_flash", "gpt_neox",
-    "phi", "stablelm", "nemotron", "starcoder2", "cohere", "cohere2", "olmo", "olmo2", "olmo3", "flex_olmo", "exaone4",
-    "exaone4_5", "glm", "glm4", "falcon", "gptj", "codegen", "opt", "xglm", "biogpt", "gpt2", "gpt_bigcode", "gpt_neo",
-    "bloom")
+    "lfm2_moe", "olmo_hybrid", "falcon_h1", "lfm3", "lfm2_vl", "lfm3_vl", "mimo_v2_flash", "longcat_flash",
+    "kimi_linear", "gpt_neox", "phi", "stablelm", "nemotron", "starcoder2", "cohere", "cohere2", "olmo", "olmo2",
+    "olmo3", "flex_olmo", "exaone4", "exaone4_5", "glm", "glm4", "falcon", "gptj", "codegen", "opt", "xglm", "biogpt",
+    "gpt2", "gpt_bigcode", "gpt_neo", "bloom")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -141,7 +141,7 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
               "llama4", "phimoe", "afmoe", "granite_swa", "granitemoe_swa", "kolibri1", "flint", "dbrx", "nanochat",
               "hy_v3", "laguna", "qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next",
               "granitemoehybrid", "bamba", "nemotron_h", "mamba2", "jamba", "olmo_hybrid", "falcon_h1", "mimo_v2_flash",
-              "longcat_flash")
+              "longcat_flash", "kimi_linear")
     tie = arch not in untied if tie_word_embeddings is None else tie_word_embeddings
     inter = intermediate_size or 4 * hidden_size
     if arch in ("llama", "mistral", "ministral", "ministral3", "granite", "mixtral", "qwen2", "qwen2_moe", "qwen3",
@@ -646,6 +646,18 @@ def _hf_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int,
                   layer_types=["full_attention" if i % 2 == 0 else "sliding_attention" for i in range(num_layers)],
                   n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1, moe_intermediate_size=inter // 8,
                   routed_scaling_factor=2.0)
+    elif arch == "kimi_linear":  # Kimi Delta Attention layers (2 heads of 16, 4-tap convolutions) around a latent-
+        # attention layer without RoPE (DeepSeek-V3's tiny shapes, a plain q_proj); a dense first layer, then 8
+        # experts (2 a token, from the best of 2 groups) and a shared one
+        cls = transformers.KimiLinearConfig
+        kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                  num_key_value_heads=num_heads, intermediate_size=inter, max_position_embeddings=max_positions,
+                  q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+                  linear_num_heads=2, linear_head_dim=16, linear_conv_kernel_dim=4, num_local_experts=8,
+                  num_experts_per_tok=2, n_group=2, topk_group=1, moe_intermediate_size=inter // 8,
+                  n_shared_experts=1, routed_scaling_factor=2.0,
+                  layer_types=["full_attention" if i % 3 == 1 else "linear_attention" for i in range(num_layers)],
+                  mlp_layer_types=["dense"] + ["sparse"] * (num_layers - 1))
     elif arch == "longcat_flash":  # layers of two latent-attention sublayers (DeepSeek-V3's tiny shapes above, the
         # LoRA scales), each with a dense MLP, and a shortcut MoE: 4 experts and 2 zero-computation ones (2 a token)
         cls = transformers.LongcatFlashConfig

@@ -415,6 +415,12 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "longcat_flash": ("longcat_flash", {"num_layers": 2, "moe_topk": 3, "rope_parameters": {
         "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
         "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}}),
+    # Kimi Linear: Kimi Delta Attention layers (a decay per key channel) around a latent-attention layer without RoPE
+    # (a plain q_proj), a dense first layer, then grouped sigmoid routing with a shared expert; and with a query LoRA
+    # and q/k/v/o biases, one layer of each kind, both dense
+    "kimi_linear": ("kimi_linear", {"num_layers": 4}),
+    "kimi_linear_dense": ("kimi_linear", {"num_layers": 2, "q_lora_rank": 32, "attention_bias": True,
+                                          "mlp_layer_types": ["dense", "dense"]}),
 }
 ARCH_VARIANTS = ("llama", "qwen2", "qwen3", "gemma3", "pythia", "gpt2", "bloom")  # one per family (+ Qwen2/3)
 

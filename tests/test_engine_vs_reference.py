@@ -31,7 +31,7 @@ ARCHS = ["llama", "qwen2", "qwen3", "phi3_longrope", "mistral_window", "ministra
          "lfm2_conv_bias", "granite_hybrid", "granite_hybrid_dense",
          "nemotron_h", "bamba", "mamba", "falcon_mamba", "mamba2", "jamba", "lfm2_moe", "olmo_hybrid", "falcon_h1",
          "falcon_h1_no_norm", "lfm3", "lfm3_plain", "lfm2_vl", "lfm3_vl", "mimo_v2_flash",
-         "mimo_v2_flash_plain", "axk1", "longcat_flash",
+         "mimo_v2_flash_plain", "axk1", "longcat_flash", "kimi_linear", "kimi_linear_dense",
          "bloom"]
 LOGIT_ATOL = 1e-4  # fp32: only summation order differs (batched SDPA over packed items vs per-request matmul)
 

@@ -1,9 +1,9 @@
 """Layers with a recurrent state instead of K/V: Qwen3.5's linear attention (Gated DeltaNet), LFM2's short
-convolutions and Mamba-2 layers (Granite 4.0, Nemotron-H). The chunked delta rule and Mamba-2 scan against their
-token-by-token forms, and the engine's recurrent states (one per sequence and per task prompt, kept with blocks)
-against the reference path, across delta-rule and scan chunks, prefill chunks, preemption, aborts and prompt
-eviction. (HF + PEFT against the reference: tests/test_models_vs_hf.py's `qwen3_5*`, `qwen3_next`, `lfm2*`,
-`granite_hybrid*` and `nemotron_h` variants.)"""
+convolutions, Mamba-2 layers (Granite 4.0, Nemotron-H) and Kimi Linear's KDA. The chunked delta rules and Mamba-2
+scan against their token-by-token forms, and the engine's recurrent states (one per sequence and per task prompt,
+kept with blocks) against the reference path, across delta-rule and scan chunks, prefill chunks, preemption, aborts
+and prompt eviction. (HF + PEFT against the reference: tests/test_models_vs_hf.py's `qwen3_5*`, `qwen3_next`,
+`lfm2*`, `granite_hybrid*`, `nemotron_h` and `kimi_linear*` variants.)"""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from softprompt import Engine, Request, SamplingParams
 from softprompt.engine.errors import SoftPromptError
 from softprompt.engine.kv_pool import KVPool
 from softprompt.engine.models import mamba
+from softprompt.engine.models.kimi_linear import kda_chunked, kda_step
 from softprompt.engine.models.mamba import selective_chunked, selective_step
 from softprompt.engine.models.mamba2 import ssd_chunked, ssd_step
 from softprompt.engine.models.qwen3_5 import delta_rule_chunked, delta_rule_step, l2_normalize
@@ -21,7 +22,7 @@ from softprompt.testing import build_prefix_tuning_adapter, build_prompt_tensor
 
 from .runtime_helpers import assert_no_leaks, make_requests, register_tasks, run
 
-HYBRID = ["qwen3_5", "lfm2", "granite_hybrid", "nemotron_h", "jamba", "olmo_hybrid", "falcon_h1", "lfm3"]
+HYBRID = ["qwen3_5", "lfm2", "granite_hybrid", "nemotron_h", "jamba", "olmo_hybrid", "falcon_h1", "lfm3", "kimi_linear"]
 ATTENTION_FREE = ["mamba", "mamba2"]
 STATEFUL = HYBRID + ATTENTION_FREE
 
@@ -42,6 +43,27 @@ def test_chunked_delta_rule_equals_token_by_token(n):
         o, s = delta_rule_step(q[t:t + 1], k[t:t + 1], v[t:t + 1], decay[t:t + 1], beta[t:t + 1], s)
         torch.testing.assert_close(out[t], o[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(state, s[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 5, 64, 150])
+def test_chunked_kimi_delta_rule_equals_token_by_token(n):
+    """Kimi Delta Attention: the delta rule with a decay per key channel, chunk-wise against token by token."""
+    g = torch.Generator().manual_seed(n)
+    h, dk, dv = 3, 8, 5
+    q = l2_normalize(torch.randn(n, h, dk, generator=g)) * dk**-0.5
+    k = l2_normalize(torch.randn(n, h, dk, generator=g))
+    v = torch.randn(n, h, dv, generator=g)
+    decay = -torch.rand(n, h, dk, generator=g)  # log decays (< 0), one per key channel
+    beta = torch.rand(n, h, generator=g)
+    state0 = torch.randn(h, dk, dv, generator=g)
+    out, state = kda_chunked(q, k, v, decay, beta, state0, chunk=16)
+    s = state0[None]
+    for t in range(n):
+        o, s = kda_step(q[t:t + 1], k[t:t + 1], v[t:t + 1], decay[t:t + 1], beta[t:t + 1], s)
+        torch.testing.assert_close(out[t], o[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state, s[0], atol=1e-5, rtol=1e-5)
+    per_head = kda_chunked(q, k, v, decay.mean(-1, keepdim=True).expand_as(decay), beta, state0, chunk=16)[0]
+    assert n == 1 or (per_head - out).abs().max() > 1e-3  # (the channels' decays matter)
 
 
 @pytest.mark.parametrize("n", [1, 7, 16, 50])

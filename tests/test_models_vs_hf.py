@@ -149,7 +149,8 @@ def test_half_precision_close_to_hf(variant, dtype, model_dir_for, adapter_for):
     assert torch.equal(got.argmax(-1)[decisive], truth.argmax(-1)[decisive])
 
 
-@pytest.mark.parametrize("variant", ["qwen3_5", "mamba", "mamba2", "olmo_hybrid", "falcon_h1", "lfm3"])
+@pytest.mark.parametrize("variant", ["qwen3_5", "mamba", "mamba2", "olmo_hybrid", "falcon_h1", "lfm3",
+                                     "kimi_linear_dense"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_linear_attention_in_half_precision(variant, dtype, model_dir_for, adapter_for):
     """Qwen3.5, Mamba, Mamba-2, OLMo Hybrid, Falcon-H1 and LFM3 in half precision: as close to the fp32 truth as HF's
@@ -182,7 +183,8 @@ def test_linear_attention_in_half_precision(variant, dtype, model_dir_for, adapt
                                      "minimax_m2", "llama4_text", "phimoe", "afmoe", "granitemoe_swa",
                                      "cohere2_moe", "cohere2_moe_rms", "kolibri1", "flint", "deepseek_v32",
                                      "glm_moe_dsa", "dbrx", "hy_v3", "laguna", "jamba", "lfm2_moe",
-                                     "mimo_v2_flash", "axk1", "longcat_flash"])
+                                     "mimo_v2_flash", "axk1", "longcat_flash",
+                                     "kimi_linear"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_moe_layer_matches_hf(variant, dtype, model_dir_for):
     """A mixture-of-experts model's half-precision logits cannot be held to HF's fp32 ones as above: where two
@@ -321,11 +323,11 @@ def test_apply_rotary_is_hf_rotate_half_bit_for_bit(dtype):
     assert torch.equal(apply_rotary(x, cos, sin), want[0].transpose(0, 1))
 
 
-@pytest.mark.parametrize("variant", ["glm4_moe", "minimax_m2", "afmoe", "kolibri1"])
+@pytest.mark.parametrize("variant", ["glm4_moe", "minimax_m2", "afmoe", "kolibri1", "kimi_linear"])
 def test_router_correction_bias_is_held_in_hfs_dtype(variant, model_dir_for):
     """GLM-4.5's (DeepSeek-V3's) score-correction bias stays fp32 in a bf16 model, MiniMax-M2's is cast to bf16, and
-    AFMoE's is cast before transformers 5.24 and fp32 since, as transformers holds each: a bias rounded otherwise can
-    pick other experts where two nearly tie."""
+    AFMoE's and Kimi Linear's are cast before transformers 5.24 and fp32 since, as transformers holds each: a bias
+    rounded otherwise can pick other experts where two nearly tie."""
     from softprompt.engine.config import hf_router_weights_in_fp32
     from softprompt.engine.loader import load_model
 
@@ -334,14 +336,15 @@ def test_router_correction_bias_is_held_in_hfs_dtype(variant, model_dir_for):
     layer = hf_peft_model(model_dir, None, dtype=torch.bfloat16).model.layers[1].mlp
     theirs = getattr(layer, "e_score_correction_bias", getattr(layer, "expert_bias", None))  # (AFMoE's name)
     theirs = layer.gate.e_score_correction_bias if theirs is None else theirs
-    in_fp32 = variant in ("glm4_moe", "kolibri1") or (variant == "afmoe" and hf_router_weights_in_fp32())
+    in_fp32 = variant in ("glm4_moe", "kolibri1") or (
+        variant in ("afmoe", "kimi_linear") and hf_router_weights_in_fp32())
     assert ours.dtype == theirs.dtype == (torch.float32 if in_fp32 else torch.bfloat16)
     assert torch.equal(ours, theirs)
 
 
 @pytest.mark.parametrize("variant", ["deepseek_v3", "deepseek_v2", "glm4_moe", "dots1", "solar_open", "exaone_moe",
                                      "hy_v3", "ernie4_5_moe", "flint", "hunyuan_v1_moe", "mistral4", "qwen3_moe",
-                                     "nemotron_h", "mimo_v2_flash", "axk1"])
+                                     "nemotron_h", "mimo_v2_flash", "axk1", "kimi_linear"])
 def test_router_weight_is_held_in_hfs_dtype(variant, model_dir_for):
     """Each router's weight in a bf16 model is held in the dtype the installed transformers holds it in (fp32 for
     ERNIE 4.5's, Flint's and Hunyuan's; for DeepSeek-V2/V3's kin and Nemotron-H's from transformers 5.24 on; bf16
@@ -408,6 +411,19 @@ def test_longcat_router_is_held_as_hf_holds_it(dtype, model_dir_for):
                      (ours.e_score_correction_bias, theirs.e_score_correction_bias)):
         assert mine.dtype == hf.dtype
         assert torch.equal(mine, hf)
+
+
+def test_kimi_linear_dt_bias_is_held_in_hfs_dtype(model_dir_for):
+    """Kimi Linear's forget-gate dt_bias in a bf16 model: cast before transformers 5.24, fp32 since, as transformers
+    holds it (its values then HF's)."""
+    from softprompt.engine.config import hf_router_weights_in_fp32
+    from softprompt.engine.loader import load_model
+
+    model_dir = model_dir_for("kimi_linear")
+    ours = load_model(model_dir, "cpu", torch.bfloat16).model.layers[0].self_attn.dt_bias
+    theirs = hf_peft_model(model_dir, None, dtype=torch.bfloat16).model.layers[0].self_attn.forget_gate.dt_bias
+    assert ours.dtype == theirs.dtype == (torch.float32 if hf_router_weights_in_fp32() else torch.bfloat16)
+    assert torch.equal(ours, theirs)
 
 
 def test_flint_keeps_its_sinks_and_router_in_fp32(model_dir_for):

@@ -50,7 +50,8 @@ CPT_UNBUILDABLE = ("xglm", "mpt", "dbrx", "mamba")
 # no K/V
 KV_UNSERVABLE = ("deepseek_v3", "deepseek_v2", "minicpm3", "gemma4", "gemma4_moe", "gemma4_unified", "qwen3_5",
                  "lfm2", "granite_hybrid", "nemotron_h", "bamba", "mamba", "mamba2", "jamba", "lfm2_moe", "olmo_hybrid",
-                 "falcon_h1", "lfm3", "mimo_v2_flash", "axk1", "longcat_flash")
+                 "falcon_h1", "lfm3", "mimo_v2_flash", "axk1", "longcat_flash",
+                 "kimi_linear")
 KV_TASKS = ("kv", "kv_proj", "cart")
 
 

@@ -18,6 +18,7 @@ from .gpt_neox import GPTNeoXForCausalLM
 from .gpt_oss import GptOssForCausalLM
 from .granite_hybrid import GraniteHybridForCausalLM
 from .jamba import JambaForCausalLM
+from .kimi_linear import KimiLinearForCausalLM
 from .laguna import LagunaForCausalLM
 from .lfm2 import Lfm2ForCausalLM
 from .llama import LlamaForCausalLM
@@ -54,6 +55,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "laguna": LagunaForCausalLM,
     "mimo_v2": MiMoV2ForCausalLM,
     "longcat": LongcatFlashForCausalLM,
+    "kimi_linear": KimiLinearForCausalLM,
     "qwen3_5": Qwen3_5ForCausalLM,
     "lfm2": Lfm2ForCausalLM,
     "granite_hybrid": GraniteHybridForCausalLM,
@@ -85,7 +87,7 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
 __all__ = ["AfmoeForCausalLM", "Attention", "CausalLM", "MODEL_CLASSES", "BioGptForCausalLM", "BloomForCausalLM",
            "CohereForCausalLM", "DbrxForCausalLM", "DeepseekForCausalLM", "FalconForCausalLM", "FlintForCausalLM",
            "GPT2LMHeadModel", "GPTBigCodeForCausalLM", "GPTJForCausalLM", "GPTNeoForCausalLM", "GemmaForCausalLM",
-           "GPTNeoXForCausalLM", "GptOssForCausalLM", "Llama4ForCausalLM", "LlamaForCausalLM",
+           "GPTNeoXForCausalLM", "GptOssForCausalLM", "KimiLinearForCausalLM", "Llama4ForCausalLM", "LlamaForCausalLM",
            "LongcatFlashForCausalLM", "MambaForCausalLM", "MiMoV2ForCausalLM", "MptForCausalLM",
            "NanoChatForCausalLM", "NemotronForCausalLM", "OPTForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM",
            "PersimmonForCausalLM", "PhiForCausalLM", "PhimoeForCausalLM", "StableLmForCausalLM",

@@ -60,7 +60,7 @@ class LatentAttention(nn.Module):
         """The fused first projections of the normed input (q_a or q_proj, and kv_a)."""
         return linear(x, self.qkv_weight, self.qkv_bias)
 
-    def forward(self, layer: int, first: Tensor, rope: tuple[Tensor, Tensor], attention: Attention,
+    def forward(self, layer: int, first: Tensor, rope: tuple[Tensor, Tensor] | None, attention: Attention,
                 q_scale: Tensor | None = None) -> Tensor:
         """`first`: the fused first projections of the normed input [T, q width + kv_lora_rank + qk_rope];
         `q_scale` [T, 1, 1]: Mistral 4's query scale by position."""
@@ -76,7 +76,9 @@ class LatentAttention(nn.Module):
         if m.latent_scale != 1.0:
             latent = latent * m.latent_scale
         kv = self.kv_b_proj(latent).view(t, heads, m.qk_nope_head_dim + m.v_head_dim)
-        q_rot, k_rot = self._rotate(q[..., m.qk_nope_head_dim:], k_rot.view(t, 1, m.qk_rope_head_dim), *rope)
+        q_rot, k_rot = q[..., m.qk_nope_head_dim:], k_rot.view(t, 1, m.qk_rope_head_dim)
+        if rope is not None:  # (Kimi Linear's latent attention has no RoPE: its rotary channels are not rotated)
+            q_rot, k_rot = self._rotate(q_rot, k_rot, *rope)
         q = torch.cat((q[..., :m.qk_nope_head_dim], q_rot), dim=-1)
         if q_scale is not None:
             q = q * q_scale

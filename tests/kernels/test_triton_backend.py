@@ -79,7 +79,8 @@ def test_triton_backend_scores_continuations_after_shared_context_blocks(variant
                                      "hy_v3", "gemma4", "gemma4_moe", "gemma4_unified", "laguna", "qwen3_5",
                                      "lfm2", "granite_hybrid", "nemotron_h",
                                      "bamba", "mamba", "mamba2", "jamba", "lfm2_moe", "olmo_hybrid", "falcon_h1",
-                                     "lfm3", "mimo_v2_flash", "axk1", "longcat_flash"])
+                                     "lfm3", "mimo_v2_flash", "axk1", "longcat_flash",
+                                     "kimi_linear"])
 def test_triton_backend_matches_reference(variant, model_dir_for):
     d = model_dir_for(variant)
     ref = Engine(d, device=DEVICE, dtype="float32", backend="reference")
