@@ -147,6 +147,21 @@ def rope_tables_by_layer(config: ModelConfig, layer_types: list[str] | None, dim
     return [tables.get(layer_types[i] if layer_types else None, first) for i in range(config.num_layers)]
 
 
+def partial_rope_tables_by_type(config: ModelConfig, default_share: float, device: torch.device,
+                                dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
+    """cos/sin of every position for each layer, one table per layer type (`hf_config.layer_types`), each over that
+    type's own rotary share of each head (its `partial_rotary_factor`; `default_share` where it names none), as HF
+    builds them (Laguna's, MiMo-V2-Flash's)."""
+    hf = config.hf_config
+    positions = torch.arange(config.max_positions, device=device)
+    tables: dict[str, tuple[Tensor, Tensor]] = {}
+    for layer_type in dict.fromkeys(hf.layer_types):
+        rotary = int(config.head_dim * hf.rope_parameters[layer_type].get("partial_rotary_factor", default_share))
+        inv_freq, scaling = layer_type_rope_inv_freq(hf, layer_type, rotary, device)
+        tables[layer_type] = rotary_cos_sin(inv_freq, scaling, positions, dtype)
+    return [tables[t] for t in hf.layer_types]
+
+
 def rope_tables_by_theta(thetas: tuple[float, ...], dim: int, positions: Tensor,
                          dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
     """cos/sin of `positions` for each layer from its plain-RoPE base (one table per distinct base; a layer whose base

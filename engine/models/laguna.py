@@ -14,15 +14,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .base import CausalLM, Layer0Input
-from .common import (
-    Attention,
-    RMSNorm,
-    apply_rotary,
-    gather_rope_rows,
-    layer_type_rope_inv_freq,
-    norm_heads,
-    rotary_cos_sin,
-)
+from .common import Attention, RMSNorm, apply_rotary, gather_rope_rows, norm_heads, partial_rope_tables_by_type
 from .linear import Linear, linear
 from .llama import LlamaMLP, _fuse
 from .moe import SparseMoE, moe_checkpoint_tensors
@@ -123,15 +115,7 @@ class LagunaForCausalLM(CausalLM):
 
     def init_buffers(self, device: torch.device) -> None:
         """cos/sin of every position for each layer type, over that type's rotary share of each head."""
-        c = self.config
-        dtype = self.model.embed_tokens.weight.dtype
-        positions = torch.arange(c.max_positions, device=device)
-        tables: dict[str, tuple[Tensor, Tensor]] = {}
-        for layer_type in dict.fromkeys(c.hf_config.layer_types):  # (the default RoPE over the type's share)
-            rotary = int(c.head_dim * c.hf_config.rope_parameters[layer_type].get("partial_rotary_factor", 1.0))
-            inv_freq, scaling = layer_type_rope_inv_freq(c.hf_config, layer_type, rotary, device)
-            tables[layer_type] = rotary_cos_sin(inv_freq, scaling, positions, dtype)
-        self.rope_by_layer = [tables[t] for t in c.hf_config.layer_types]
+        self.rope_by_layer = partial_rope_tables_by_type(self.config, 1.0, device, self.model.embed_tokens.weight.dtype)
 
     def prepare_for_inference(self, device: torch.device) -> None:
         transposed = self.fp32_on_cpu(device)
